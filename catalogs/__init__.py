@@ -1,0 +1,1 @@
+"""Catalog schema, merging, de-duplication, HEALPix partitioning and exports (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""PyTorch networks of the science stages, their training code, registry and shipped weights."""

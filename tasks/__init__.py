@@ -1,0 +1,1 @@
+"""The work the flows call: FITS I/O, geometry, detection, measurement, the simulator."""
