@@ -1,0 +1,1 @@
+"""Survey simulator: GalSim galaxies and PSFs, lenstronomy lenses, clusters, anomalies, truth."""
