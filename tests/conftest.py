@@ -1,0 +1,37 @@
+"""Shared fixtures: one small simulated survey per test session (about 30 s on 2 cores)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.sim.config import SimConfig
+from tasks.sim.survey import simulate_survey
+
+# Two overlapping 1024 x 1024 fields in g, r, i, z. More stars than the default sky so that the
+# photometry test has enough bright unsaturated ones; clusters at intermediate redshift so that
+# their cores fit in a field.
+SURVEY_CONFIG = dict(
+    seed=7, size=1024, fields=2, overlap=20.0, bands=["g", "r", "i", "z"],
+    population=dict(star_density_i24=6.0, cluster_z=(0.3, 0.6), clusters_per_field=1.0,
+                    lenses_per_field=3),
+)
+
+
+@pytest.fixture(scope="session")
+def survey_cfg() -> SimConfig:
+    return SimConfig.model_validate(SURVEY_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def survey(tmp_path_factory, survey_cfg) -> Path:
+    """Directory of the session's simulated survey (manifest.yaml inside)."""
+    out = tmp_path_factory.mktemp("survey")
+    simulate_survey(survey_cfg, out, workers=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def manifest(survey) -> dict:
+    return yaml.safe_load((survey / "manifest.yaml").read_text())
