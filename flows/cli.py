@@ -29,15 +29,15 @@ def _progress() -> Progress:
 @app.command()
 def simulate(
     out: Path = typer.Option(..., "--out", "-o", help="output directory (created)"),
-    seed: Optional[int] = typer.Option(None, help="random seed [default: 0]"),
-    size: Optional[int] = typer.Option(None, help="field width and height in pixels [default: 2048]"),
-    fields: Optional[int] = typer.Option(None, help="number of fields on a grid [default: 1]"),
-    bands: Optional[str] = typer.Option(None, help="comma-separated bands from u,g,r,i,z,y [default: g,r,i,z]"),
-    overlap: Optional[float] = typer.Option(None, help="sky overlap of neighbouring fields, arcsec [default: 20]"),
-    pixel_scale: Optional[float] = typer.Option(None, help="arcsec per pixel [default: 0.2]"),
+    seed: Optional[int] = typer.Option(None, help="random seed (default: 0)"),
+    size: Optional[int] = typer.Option(None, help="field width and height in pixels (default: 2048)"),
+    fields: Optional[int] = typer.Option(None, help="number of fields on a grid (default: 1)"),
+    bands: Optional[str] = typer.Option(None, help="comma-separated bands from u,g,r,i,z,y (default: g,r,i,z)"),
+    overlap: Optional[float] = typer.Option(None, help="sky overlap of neighbouring fields, arcsec (default: 20)"),
+    pixel_scale: Optional[float] = typer.Option(None, help="arcsec per pixel (default: 0.2)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML simulator configuration; "
                                           "options given on the command line override it"),
-    workers: Optional[int] = typer.Option(None, help="worker processes [default: number of cores]"),
+    workers: Optional[int] = typer.Option(None, help="worker processes (default: number of cores)"),
     overwrite: bool = typer.Option(False, help="replace a simulation made with another configuration"),
 ) -> None:
     """Simulate a multi-band survey with known truth: FITS images, inverse variance, masks, truth
@@ -69,7 +69,13 @@ def simulate(
             manifest = simulate_survey(cfg, out, workers=workers, progress=report, overwrite=overwrite)
         except SimulationError as exc:
             fail(str(exc))
+        except OSError as exc:
+            fail(f"{out}: {exc}")
     dt = time.perf_counter() - t0
+    if prog.tasks[0].total is None:  # nothing was rendered
+        console.print(f"{out} already holds this simulation; nothing to do")
+        typer.echo(str(manifest))
+        return
     mpix = cfg.fields * len(cfg.bands) * cfg.size**2 / 1e6
     console.print(f"done in {dt:.1f} s ({mpix / dt:.2f} Mpix/s); manifest: {manifest}")
     typer.echo(str(manifest))
@@ -79,17 +85,20 @@ def simulate(
 def preview(
     field: Path = typer.Argument(..., help="a field directory, e.g. OUT/fields/field000"),
     out: Path = typer.Option(..., "--out", "-o", help="PNG file to write"),
-    bands: Optional[str] = typer.Option(None, help="three bands red,green,blue [default: the three reddest]"),
-    stretch: Optional[float] = typer.Option(None, help="asinh stretch in ADU [default: 5 sky sigma]"),
+    bands: Optional[str] = typer.Option(None, help="three bands as red,green,blue (default: i,r,g, or the "
+                                        "three reddest bands when the field lacks one of them)"),
+    stretch: Optional[float] = typer.Option(None, help="asinh stretch in ADU (default: 5 sky sigma)"),
     q: float = typer.Option(8.0, help="Lupton asinh softening Q"),
     binning: int = typer.Option(1, "--bin", min=1, help="average NxN pixel blocks"),
+    colors: Optional[int] = typer.Option(None, min=2, max=256,
+                                         help="quantise to a palette of N colours (smaller PNG)"),
 ) -> None:
     """Write a Lupton RGB picture of a field."""
     from tasks.preview import PreviewError, write_preview
 
     try:
         path = write_preview(field, out, tuple(b.strip() for b in bands.split(",")) if bands else None,
-                             stretch=stretch, q=q, binning=binning)
+                             stretch=stretch, q=q, binning=binning, colors=colors)
     except PreviewError as exc:
         fail(str(exc))
     except OSError as exc:
@@ -108,11 +117,15 @@ def demo(
     from tasks.sim.survey import simulate_survey
     from tasks.preview import write_preview
 
-    cfg = SimConfig(seed=seed, size=size, fields=1)
+    try:
+        cfg = SimConfig(seed=seed, size=size, fields=1)
+    except ValidationError as exc:
+        fail(f"invalid demo options:\n{exc}")
     t0 = time.perf_counter()
     with _progress() as prog:
         task = prog.add_task("simulating", total=None)
-        manifest = simulate_survey(cfg, out / "sim", progress=lambda d, t, m: prog.update(
+        # the demo directory is the demo's own: a demo with other options replaces it
+        manifest = simulate_survey(cfg, out / "sim", overwrite=True, progress=lambda d, t, m: prog.update(
             task, completed=d, total=t, description=f"simulating {m}"))
     png = write_preview(out / "sim" / "fields" / "field000", out / "field000.png")
     import pandas as pd

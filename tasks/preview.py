@@ -49,18 +49,21 @@ def lupton_rgb(images: tuple[np.ndarray, np.ndarray, np.ndarray], zeropoints: tu
 
 def write_preview(field_dir: str | Path, out_png: str | Path, bands: tuple[str, str, str] | None = None,
                   stretch: float | None = None, q: float = 8.0, binning: int = 1,
-                  crop: tuple[int, int, int, int] | None = None) -> Path:
-    """Write a Lupton RGB PNG of a field; bands in (red, green, blue) order, reddest first by default.
+                  crop: tuple[int, int, int, int] | None = None, colors: int | None = None) -> Path:
+    """Write a Lupton RGB PNG of a field; bands in (red, green, blue) order, i, r, g by default.
 
     stretch defaults to 5x the median absolute deviation of the red band's sky; crop is
-    (x0, y0, x1, y1) in pixels before binning.
+    (x0, y0, x1, y1) in pixels before binning; colors, if given, quantises the picture to a palette
+    of that many colours (a much smaller PNG, for documentation).
     """
     files = field_band_files(field_dir)
-    order = [b for b in "yzirgu" if b in files]
-    bands = tuple(bands) if bands else (tuple(order[-3:][::-1]) if len(order) >= 3 else None)
-    if bands is None or len(bands) != 3:
-        raise PreviewError(f"{field_dir}: a colour preview needs three bands, field has {sorted(files)}")
-    rgb_bands = sorted(bands, key=lambda b: "yzirgu".index(b) if b in "yzirgu" else 9)
+    if not bands:
+        reddest = [b for b in "yzirgu" if b in files]
+        bands = ("i", "r", "g") if {"i", "r", "g"} <= set(files) else tuple(reddest[:3])
+    if len(bands) != 3:
+        raise PreviewError(f"{field_dir}: a colour preview needs three bands, got {list(bands)} "
+                           f"(field has {sorted(files)})")
+    rgb_bands = list(bands)
     missing = [b for b in rgb_bands if b not in files]
     if missing:
         raise PreviewError(f"{field_dir}: bands {missing} not in field (has {sorted(files)})")
@@ -80,9 +83,10 @@ def write_preview(field_dir: str | Path, out_png: str | Path, bands: tuple[str, 
         stretch = 5.0 * 1.4826 * float(np.median(np.abs(sky - np.median(sky)))) * max(binning, 1) ** -1
     rgb = lupton_rgb(tuple(ims), tuple(zps), stretch=stretch, q=q, binning=binning)
     out_png = Path(out_png)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from PIL import Image
+    picture = Image.fromarray(np.ascontiguousarray(rgb[::-1]))  # row 0 of the FITS image is the south edge
+    if colors:
+        picture = picture.quantize(colors=int(colors), method=Image.Quantize.MEDIANCUT)
     with atomic_path(out_png) as tmp:
-        plt.imsave(tmp, rgb[::-1], format="png")  # row 0 of the FITS image is the south edge
+        picture.save(tmp, format="PNG", optimize=True)
     return out_png

@@ -14,7 +14,7 @@ from tasks.sim.survey import simulate_survey
 # their cores fit in a field.
 SURVEY_CONFIG = dict(
     seed=7, size=1024, fields=2, overlap=20.0, bands=["g", "r", "i", "z"],
-    population=dict(star_density_i24=6.0, cluster_z=(0.3, 0.6), clusters_per_field=1.0,
+    population=dict(star_density_i24=6.0, star_count_slope=0.12, cluster_z=(0.3, 0.6), clusters_per_field=1.0,
                     lenses_per_field=3),
 )
 

@@ -111,7 +111,7 @@ def test_config_rejects_bad_input():
     with pytest.raises(ValidationError, match="band_specs"):
         SimConfig(bands=["g", "q"])
     with pytest.raises(ValidationError, match="overlap"):
-        SimConfig(size=100, overlap=15.0)
+        SimConfig(size=100, fields=2, overlap=15.0)
     with pytest.raises(ValidationError):
         SimConfig(population={"not_a_key": 1})
 

@@ -9,7 +9,7 @@ import numpy as np
 from . import anomalies, lensing
 from .clusters import ClusterParams, sample_cluster
 from .config import SimConfig
-from .layout import sampling_box, survey_plane
+from .layout import field_centre_uv, sampling_box, survey_plane
 from .population import add_close_pairs, sample_field_galaxies, sample_stars
 
 # random-number streams: (seed, stream, ...) keeps each part reproducible on its own
@@ -45,7 +45,17 @@ def build_survey_catalog(cfg: SimConfig) -> SurveyCatalog:
     n_f = cfg.fields
 
     def positions(n: int) -> tuple[np.ndarray, np.ndarray]:
+        """n uniform positions over the sampling box (fields plus a margin)."""
         sky = plane.pixel_to_world(rng.uniform(u0, u1, n), rng.uniform(v0, v1, n))
+        return np.atleast_1d(sky.ra.deg), np.atleast_1d(sky.dec.deg)
+
+    def inside(n: int) -> tuple[np.ndarray, np.ndarray]:
+        """n positions inside a random field each (2 pixels from its edges), for the rare objects
+        (clusters, lenses, ring galaxies, mergers) that tests and training sets count on."""
+        k = rng.integers(0, n_f, n)
+        uc, vc = field_centre_uv(cfg, k)
+        half = cfg.field_width_arcsec / 2 - 2 * cfg.pixel_scale
+        sky = plane.pixel_to_world(uc + rng.uniform(-half, half, n), vc + rng.uniform(-half, half, n))
         return np.atleast_1d(sky.ra.deg), np.atleast_1d(sky.dec.deg)
 
     cat = SurveyCatalog()
@@ -61,7 +71,7 @@ def build_survey_catalog(cfg: SimConfig) -> SurveyCatalog:
     mean_clusters = p.clusters_per_field * n_f
     n_clusters = int(mean_clusters) + int(rng.uniform() < mean_clusters - int(mean_clusters))
     for cid in range(1, n_clusters + 1):
-        ra, dec = positions(1)
+        ra, dec = inside(1)
         z = rng.uniform(*p.cluster_z)
         lam = float(np.exp(rng.uniform(np.log(p.cluster_richness[0]), np.log(p.cluster_richness[1]))))
         params, members = sample_cluster(rng, cid, float(ra[0]), float(dec[0]), float(z), lam, next_id,
@@ -71,7 +81,7 @@ def build_survey_catalog(cfg: SimConfig) -> SurveyCatalog:
         cat.sources += members
 
     for lid in range(1, p.lenses_per_field * n_f + 1):
-        ra, dec = positions(1)
+        ra, dec = inside(1)
         params = lensing.sample_lens(rng, lid, float(ra[0]), float(dec[0]), p.theta_e, bps, ref)
         system = lensing.LensSystem(id=next_id, params=params, pixel_scale=cfg.pixel_scale)
         next_id += 1
@@ -79,7 +89,7 @@ def build_survey_catalog(cfg: SimConfig) -> SurveyCatalog:
         cat.sources.append(system)
 
     for k in range(p.ring_galaxies_per_field * n_f + p.mergers_per_field * n_f):
-        ra, dec = positions(1)
+        ra, dec = inside(1)
         sampler = anomalies.sample_ring_galaxy if k < p.ring_galaxies_per_field * n_f else anomalies.sample_merger
         obj = sampler(rng, next_id, float(ra[0]), float(dec[0]), bps, ref)
         next_id += 1

@@ -24,10 +24,11 @@ class BandSpec(BaseModel):
 
 
 # Depths: HSC-SSP Wide 5-sigma point-source limits (Aihara et al. 2018, PASJ 70, S4, table 1).
-# Seeing: HSC-Wide median seeing per band (same paper), u from Rubin's design value.
+# Seeing: HSC-Wide median seeing per band (same paper). HSC has no u band: u depth and seeing are
+# assumptions close to CFHTLS-Wide u (~25.2) and Rubin's u-band seeing.
 # Sky: Rubin dark-sky brightness (Ivezic et al. 2019, ApJ 873, 111, table 2).
 DEFAULT_BANDS: dict[str, BandSpec] = {
-    "u": BandSpec(m5=25.3, psf_fwhm=0.92, sky_mag=22.96, bandpass="LSST_u.dat"),
+    "u": BandSpec(m5=25.3, psf_fwhm=0.92, sky_mag=22.99, bandpass="LSST_u.dat"),
     "g": BandSpec(m5=26.5, psf_fwhm=0.77, sky_mag=22.26, bandpass="LSST_g.dat"),
     "r": BandSpec(m5=26.1, psf_fwhm=0.76, sky_mag=21.20, bandpass="LSST_r.dat"),
     "i": BandSpec(m5=25.9, psf_fwhm=0.58, sky_mag=20.48, bandpass="LSST_i.dat"),
@@ -48,7 +49,7 @@ class PopulationConfig(BaseModel):
     galaxy_mag_faint: float = Field(26.5, description="faintest field galaxy drawn, i mag")
     star_density_i24: float = Field(
         1.5, ge=0, description="stars per arcmin^2 brighter than i=24 (high Galactic latitude)")
-    star_count_slope: float = Field(0.12, ge=0, description="d log10 N / d m of the star counts")
+    star_count_slope: float = Field(0.2, ge=0, description="d log10 N / d m of the star counts")
     star_mag_bright: float = Field(14.0, description="brightest star, i mag")
     close_pairs_per_field: int = Field(20, ge=0, description="deliberately placed close galaxy pairs")
     close_pair_sep: tuple[float, float] = Field((0.6, 2.0), description="pair separation range, arcsec")
@@ -59,7 +60,7 @@ class PopulationConfig(BaseModel):
         (15.0, 120.0), description="richness range (members brighter than 0.2 L*), log-uniform")
     lenses_per_field: int = Field(3, ge=0, description="strong galaxy-galaxy lenses per field")
     theta_e: tuple[float, float] = Field((0.8, 3.0), description="Einstein radius range, arcsec")
-    ring_galaxies_per_field: int = Field(2, ge=0)
+    ring_galaxies_per_field: int = Field(2, ge=0, description="collisional ring galaxies")
     mergers_per_field: int = Field(2, ge=0, description="disturbed mergers with tidal tails")
 
 
@@ -82,11 +83,12 @@ class SimConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="random seed: same seed, same files")
     size: int = Field(2048, ge=64, le=16384, description="field width and height, pixels")
     fields: int = Field(1, ge=1, le=10000, description="number of fields, laid out on a grid")
-    bands: list[str] = Field(default_factory=lambda: ["g", "r", "i", "z"])
-    band_specs: dict[str, BandSpec] = Field(default_factory=lambda: dict(DEFAULT_BANDS))
+    bands: list[str] = Field(default_factory=lambda: ["g", "r", "i", "z"], description="bands to simulate")
+    band_specs: dict[str, BandSpec] = Field(default_factory=lambda: dict(DEFAULT_BANDS),
+                                            description="depth, seeing, sky and bandpass per band name")
     reference_band: str = Field("i", description="band of the count normalisation and size relation")
     pixel_scale: float = Field(0.2, gt=0, description="arcsec per pixel")
     overlap: float = Field(20.0, ge=0, description="sky overlap of neighbouring fields, arcsec")
@@ -99,8 +101,8 @@ class SimConfig(BaseModel):
     saturation_mag: float = Field(17.5, description="point-source magnitude whose peak reaches saturation")
     depth_variation: float = Field(0.1, ge=0, lt=0.5, description="fractional exposure-map variation")
     background_residual: float = Field(0.15, ge=0, description="amplitude of the smooth residual sky, in sky sigma")
-    population: PopulationConfig = Field(default_factory=PopulationConfig)
-    artefacts: ArtefactConfig = Field(default_factory=ArtefactConfig)
+    population: PopulationConfig = Field(default_factory=PopulationConfig, description="astrophysical populations")
+    artefacts: ArtefactConfig = Field(default_factory=ArtefactConfig, description="artefacts and defects")
 
     @field_validator("bands")
     @classmethod
@@ -118,7 +120,7 @@ class SimConfig(BaseModel):
             raise ValueError(f"bands {unknown} have no entry in band_specs (known: {sorted(self.band_specs)})")
         if self.reference_band not in self.band_specs:
             raise ValueError(f"reference_band {self.reference_band!r} has no entry in band_specs")
-        if self.overlap >= self.size * self.pixel_scale / 2:
+        if self.fields > 1 and self.overlap >= self.size * self.pixel_scale / 2:
             raise ValueError(f"overlap {self.overlap} arcsec must be under half the field width")
         return self
 

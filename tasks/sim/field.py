@@ -11,7 +11,7 @@ from astropy.io import fits
 
 from .. import maskbits
 from ..version import __version__
-from . import anomalies
+from . import artefacts
 from .config import SimConfig
 from .layout import FieldLayout
 from .noise import NoiseSpec, add_noise, detector_defects, exposure_map, finalize, noise_spec, saturate, smooth_field
@@ -65,9 +65,9 @@ def plan_field(cfg: SimConfig, layout: FieldLayout, sources: list, ra: np.ndarra
         if p.source.kind == "star" and layout.contains(np.array(p.x), np.array(p.y)):
             flux = mag_to_flux(p.source.mag[ref], cfg.zeropoint)
             if point_source_peak(flux, psf[ref], cfg.pixel_scale) >= sat[ref]:
-                bright.append((p.x, p.y, flux))
+                bright.append((p.x, p.y, {b: mag_to_flux(p.source.mag[b], cfg.zeropoint) for b in cfg.bands}))
     rng = np.random.default_rng([cfg.seed, STREAM_ARTEFACTS, layout.index])
-    arte = anomalies.sample_field_artefacts(
+    arte = artefacts.sample_field_artefacts(
         rng, cfg.artefacts, (cfg.size, cfg.size), list(cfg.bands), {b: noise[b].sigma for b in cfg.bands},
         {b: psf[b].fwhm / cfg.pixel_scale / 2.3548 for b in cfg.bands}, bright, layout.index)
     return FieldPlan(cfg, layout, placed, psf, noise, sat, arte)
@@ -110,7 +110,7 @@ def render_band(plan: FieldPlan, band: str, out_dir: str) -> dict:
     blend = {sid: blendedness(st, model) for sid, st in stamps.items()}  # sources only
     sat, bleed = saturate(model, plan.saturation[band])
     rng = np.random.default_rng([cfg.seed, STREAM_NOISE, lay.index, band_key(band)])
-    anomalies.apply_artefacts(model, band, plan.artefacts, rng)
+    artefacts.apply_artefacts(model, band, plan.artefacts, rng)
     model += cfg.background_residual * nspec.sigma * smooth_field(shape, rng)
     exp_rng = np.random.default_rng([cfg.seed, STREAM_EXPMAP, lay.index])  # shared by all bands
     expmap = exposure_map(shape, exp_rng, cfg.depth_variation)

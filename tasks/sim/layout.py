@@ -70,21 +70,32 @@ def grid_shape(n_fields: int) -> tuple[int, int]:
     return math.ceil(n_fields / cols), cols
 
 
+def field_centre_uv(cfg: SimConfig, index: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+    """(u, v) arcsec on the survey plane of the centre of field number `index`."""
+    _, cols = grid_shape(cfg.fields)
+    row, col = np.divmod(np.asarray(index), cols)
+    step = cfg.field_width_arcsec - cfg.overlap
+    return col * step, row * step
+
+
 def survey_layout(cfg: SimConfig) -> list[FieldLayout]:
     plane = survey_plane(cfg)
     _, cols = grid_shape(cfg.fields)
-    step = cfg.field_width_arcsec - cfg.overlap
     out = []
     for k in range(cfg.fields):
         row, col = divmod(k, cols)
-        sky = plane.pixel_to_world(col * step, row * step)
+        u, v = field_centre_uv(cfg, k)
+        sky = plane.pixel_to_world(float(u), float(v))
         out.append(FieldLayout(name=f"field{k:03d}", index=k, row=row, col=col,
                                ra=float(sky.ra.deg), dec=float(sky.dec.deg), size=cfg.size,
                                pixel_scale=cfg.pixel_scale))
     return out
 
 
-def sampling_box(cfg: SimConfig, margin_arcsec: float = 10.0) -> tuple[float, float, float, float]:
+SAMPLING_MARGIN = 10.0  # arcsec around the fields where sources are drawn (they spill into the edges)
+
+
+def sampling_box(cfg: SimConfig, margin_arcsec: float = SAMPLING_MARGIN) -> tuple[float, float, float, float]:
     """(u_min, u_max, v_min, v_max) arcsec on the survey plane covering every field plus a margin."""
     rows, cols = grid_shape(cfg.fields)
     step = cfg.field_width_arcsec - cfg.overlap

@@ -120,9 +120,10 @@ def finalize(image: np.ndarray, invvar: np.ndarray, sat: np.ndarray, bleed: np.n
     """Apply saturation, bleed and defects in place; return the uint16 mask.
 
     Saturated and bleed pixels read the saturation level; bad pixels read garbage (dead or hot);
-    all of them get zero inverse variance and their mask bits.
+    all of them get zero inverse variance, their mask bits and ZERO_WEIGHT.
     """
     mask = np.zeros(image.shape, np.uint16)
+    sat = sat | (image >= level)  # cosmic rays and hot pixels can saturate too
     image[sat | bleed] = level
     mask[sat | bleed] |= maskbits.SAT
     mask[bleed] |= maskbits.BLEED
@@ -131,4 +132,5 @@ def finalize(image: np.ndarray, invvar: np.ndarray, sat: np.ndarray, bleed: np.n
                           rng.uniform(5, 50, n_bad) * spec.sigma).astype(np.float32)
     mask[bad] |= maskbits.BAD
     invvar[sat | bleed | bad] = 0.0
+    mask[invvar <= 0] |= maskbits.ZERO_WEIGHT
     return mask

@@ -6,7 +6,7 @@ Assumptions (documented in the README, "Simulator assumptions"):
   counts); n25 = 45 arcmin^-2.
 - redshift given magnitude: p(z|m) ~ z^2 exp(-z/z0), z0 = 0.0417 m - 0.744 (LSST Science Book
   eq. 3.8, after Coil et al. 2004), floored at 0.04 for bright galaxies.
-- red fraction falls from 0.55 at i < 20 to 0.1 at i = 25.6; red galaxies are bulge dominated.
+- red fraction falls from 0.55 at i < 20 to 0.1 at i > 24.5; red galaxies are bulge dominated.
 - size-magnitude relation log10(hlr/") = log10(0.8) - 0.1 (i - 20), 0.2 dex scatter (HST/COSMOS
   trend); disks are thin oblate spheroids seen at random inclination (intrinsic q0 = 0.15).
 - stars: N(<i) = n24 * 10**(0.2 (i - 24)), colours on linear fits to the SDSS stellar locus.

@@ -81,7 +81,8 @@ class Galaxy:
 
     @property
     def size(self) -> float:
-        """Flux-weighted half-light radius in the first band, arcsec (for stamps and blends)."""
+        """Approximate half-light radius, arcsec: the component radii weighted by the bulge fraction
+        averaged over bands (used for stamp sizes and blend footprints)."""
         fb = float(np.mean(list(self.bulge_frac.values())))
         return fb * self.hlr_bulge + (1 - fb) * self.hlr_disk
 

@@ -5,6 +5,7 @@ Output layout (all paths in the manifest are relative to OUT):
   OUT/manifest.yaml                       written last: its presence means the simulation is complete
   OUT/fields/<field>/<field>-<band>-{image,invvar,mask}.fits
   OUT/fields/<field>/field.json           per-field completion record (config hash, files)
+  OUT/fields/<field>/truth-*.parquet      the field's share of the truth tables
   OUT/truth/{objects,clusters,lenses,anomalies}.parquet
 
 Every file is written under a temporary name and renamed; a field directory appears only once all
@@ -31,7 +32,6 @@ from .catalog import build_survey_catalog
 from .config import SimConfig
 from .field import FieldPlan, file_names, plan_field, render_band
 from .layout import FieldLayout, nearest_field, survey_layout
-from .sources import mag_to_flux
 from .truth import anomaly_row, object_rows
 
 MANIFEST = "manifest.yaml"
@@ -134,6 +134,8 @@ def simulate_survey(cfg: SimConfig, out: str | os.PathLike, workers: int | None 
                                   f"(config_hash {old.get('config_hash')} != {chash}); choose another --out "
                                   f"or pass --overwrite")
         (out / MANIFEST).unlink()
+        shutil.rmtree(out / "fields", ignore_errors=True)
+        shutil.rmtree(out / "truth", ignore_errors=True)
     (out / "fields").mkdir(parents=True, exist_ok=True)
     for d in (out, out / "fields", out / "truth"):
         clean_stale_temporaries(d)
