@@ -107,6 +107,50 @@ def preview(
 
 
 @app.command()
+def ingest(
+    config: Path = typer.Argument(..., help="ingest configuration (YAML) or a `deepfield simulate` manifest.yaml"),
+    store: Path = typer.Option(..., "--store", "-s", help="Zarr store directory (created if missing)"),
+    tile: Optional[int] = typer.Option(None, help="tile core size in pixels, one shard per core (default: 512)"),
+    chunk: Optional[int] = typer.Option(None, help="chunk size in pixels (default: 128)"),
+) -> None:
+    """Validate survey FITS images and write them, tiled, into a Zarr store."""
+    from flows import prefect_env
+    from tasks.ingest_config import ConfigError, StoreSpec, load_ingest_config
+
+    try:
+        cfg = load_ingest_config(config)
+        if tile is not None or chunk is not None:
+            spec = cfg.store.model_dump()
+            spec.update({k: v for k, v in (("tile", tile), ("chunk", chunk)) if v is not None})
+            cfg = cfg.model_copy(update={"store": StoreSpec.model_validate(spec)})
+    except ConfigError as exc:
+        fail(str(exc))
+    except ValidationError as exc:
+        fail(f"invalid store options:\n{exc}")
+    prefect_env.configure(store.resolve().parent / ".deepfield-prefect")
+    from flows.ingest import ingest_flow
+
+    t0 = time.perf_counter()
+    console.print(f"ingesting {len(cfg.fields)} field(s) from {config} into {store} "
+                  f"(tiles {cfg.store.tile} px, chunks {cfg.store.chunk} px, blosc-{cfg.store.codec.cname})")
+    results = ingest_flow(cfg, str(store))
+    failed = [r for r in results if r["status"] == "failed"]
+    for r in results:
+        for note in r.get("notes", []):
+            console.print(f"  {r['field']}: {note}")
+    raw = sum(r.get("raw_bytes", 0) for r in results)
+    stored = sum(sum(r.get("stored_bytes", {}).values()) for r in results)
+    n = {s: sum(r["status"] == s for r in results) for s in ("ingested", "skipped", "failed")}
+    console.print(f"{n['ingested']} ingested, {n['skipped']} skipped (unchanged), {n['failed']} failed "
+                  f"in {time.perf_counter() - t0:.1f} s" + (f"; stored {stored / max(raw, 1):.2f} of raw size" if raw else ""))
+    for r in failed:
+        console.print(f"[bold red]failed:[/] {r['error']}")
+    typer.echo(str(store))
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo"), "--out", "-o", help="demo directory"),
     size: int = typer.Option(1024, help="field size in pixels"),

@@ -35,3 +35,13 @@ def survey(tmp_path_factory, survey_cfg) -> Path:
 @pytest.fixture(scope="session")
 def manifest(survey) -> dict:
     return yaml.safe_load((survey / "manifest.yaml").read_text())
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect API for the whole session (it takes 10-25 s to start)."""
+    from flows import prefect_env
+    prefect_env.configure(tmp_path_factory.mktemp("prefect"))
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,441 @@
+"""Read and validate one field's FITS inputs (per-band files or one multi-extension file) into
+(band, y, x) float32 image / float32 inverse variance / uint16 mask cubes on one pixel grid.
+
+Every problem with the inputs is an InputError naming the file and the problem in one line.
+Bands on another WCS grid than the reference band are resampled onto it with reproject_interp.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+from astropy.wcs.utils import proj_plane_pixel_area, proj_plane_pixel_scales
+
+from . import maskbits
+from .ingest_config import FieldSpec
+
+ZP_KEYS = ("MAGZERO", "ZEROPNT", "MAGZPT")
+FWHM_KEYS = ("PSF_FWHM", "SEEING", "FWHM")
+MEF_KINDS = {"IMAGE": "image", "INVVAR": "invvar", "WEIGHT": "invvar", "VARIANCE": "variance", "MASK": "mask"}
+MASK_THRESHOLD = 1e-3  # a resampled pixel gets a mask bit when its neighbours with it weigh more than this
+GRID_TOLERANCE = 1e-3  # pixels: bands whose grids agree to this are not resampled
+IMAGE_HDUS = (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)
+
+
+class InputError(Exception):
+    """A field's input is unusable: `path` is the offending file, `problem` says why."""
+
+    def __init__(self, path, problem: str):
+        self.path, self.problem = path, problem
+        super().__init__(f"{path}: {problem}")
+
+
+@dataclass
+class FieldImages:
+    name: str
+    bands: list[str]
+    image: np.ndarray  # float32 (nband, ny, nx)
+    invvar: np.ndarray  # float32 (nband, ny, nx)
+    mask: np.ndarray  # uint16 (nband, ny, nx)
+    wcs_header: fits.Header  # the reference band's celestial WCS
+    zeropoints: list[float]
+    psf_fwhm: list[float | None]  # arcsec
+    pixel_scale: float  # arcsec / pixel
+    checksums: dict[str, str] = field(default_factory=dict)  # absolute path -> sha256
+    resampled: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _data_nbytes(header: fits.Header) -> int:
+    """Bytes of data (without padding) the header announces."""
+    naxis = int(header.get("NAXIS", 0))
+    if naxis == 0:
+        return 0
+    n = math.prod(int(header.get(f"NAXIS{k}", 0)) for k in range(1, naxis + 1))
+    return abs(int(header.get("BITPIX", 8))) // 8 * int(header.get("GCOUNT", 1)) * (int(header.get("PCOUNT", 0)) + n)
+
+
+class _Files:
+    """Opened, size-checked FITS files of one field, each opened once."""
+
+    def __init__(self):
+        self.open: dict[Path, fits.HDUList] = {}
+
+    def hdul(self, path: Path) -> fits.HDUList:
+        path = Path(path)
+        if path in self.open:
+            return self.open[path]
+        if not path.exists():
+            raise InputError(path, "no such file")
+        if not path.is_file():
+            raise InputError(path, "not a regular file")
+        with open(path, "rb") as f:
+            head = f.read(80)
+        gz = head[:2] == b"\x1f\x8b"
+        if not gz and not head.startswith(b"SIMPLE  ="):
+            raise InputError(path, "not a FITS file (does not start with a SIMPLE card)")
+        try:
+            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+        except Exception as exc:
+            raise InputError(path, f"truncated or corrupt FITS file ({type(exc).__name__}: {exc})") from None
+        self.open[path] = hdul
+        if not gz:
+            size = path.stat().st_size
+            for i, hdu in enumerate(hdul):
+                if isinstance(hdu, fits.CompImageHDU):
+                    continue  # its header describes the uncompressed image; reading the data checks it
+                need = hdul.fileinfo(i)["datLoc"] + _data_nbytes(hdu.header)
+                if need > size:
+                    raise InputError(path, f"truncated FITS file: {size} bytes, HDU {i} needs {need}")
+        return hdul
+
+    def close(self):
+        for h in self.open.values():
+            h.close()
+
+    def select(self, path: Path, hdu) -> int:
+        """Index of the HDU `hdu` (index, EXTNAME or None: the first with 2-d data)."""
+        hdul = self.hdul(path)
+        if isinstance(hdu, int):
+            if not 0 <= hdu < len(hdul):
+                raise InputError(path, f"no HDU {hdu} (the file has {len(hdul)})")
+            return hdu
+        if isinstance(hdu, str):
+            for i, h in enumerate(hdul):
+                if str(h.header.get("EXTNAME", "")).strip().upper() == hdu.strip().upper():
+                    return i
+            raise InputError(path, f"no HDU named {hdu!r}")
+        for i, h in enumerate(hdul):
+            if isinstance(h, IMAGE_HDUS) and h.header.get("NAXIS") == 2:
+                return i
+        found = ", ".join(f"HDU {i} NAXIS={h.header.get('NAXIS')}" for i, h in enumerate(hdul))
+        raise InputError(path, f"empty image: no HDU with 2-d image data ({found})")
+
+    def read(self, path: Path, index: int, what: str) -> tuple[fits.Header, np.ndarray]:
+        """Header and 2-d data of HDU `index`; `what` names it in messages."""
+        h = self.hdul(path)[index]
+        if not isinstance(h, IMAGE_HDUS):
+            raise InputError(path, f"{what} (HDU {index}) is not an image HDU")
+        naxis = h.header.get("NAXIS", 0)
+        dims = [h.header.get(f"NAXIS{k}", 0) for k in range(1, naxis + 1)]
+        if naxis != 2 or 0 in dims:
+            raise InputError(path, f"empty image: {what} (HDU {index}) has NAXIS={naxis}, shape {dims[::-1]}")
+        try:
+            data = h.data
+        except Exception as exc:
+            raise InputError(path, f"truncated or corrupt FITS data in {what} (HDU {index}): {exc}") from None
+        if data is None or data.ndim != 2 or data.size == 0:
+            raise InputError(path, f"empty image: {what} (HDU {index}) has no 2-d data")
+        return h.header, data
+
+
+@dataclass
+class _Band:
+    name: str
+    path: Path
+    image: np.ndarray
+    invvar: np.ndarray
+    mask: np.ndarray
+    wcs: WCS | None
+    zeropoint: float
+    psf_fwhm: float | None
+
+
+def _celestial_wcs(path, header: fits.Header, where: str) -> WCS | None:
+    """The image's celestial WCS; None when it has none at all (no CTYPE); InputError when invalid."""
+    if "CTYPE1" not in header and "CTYPE2" not in header:
+        return None
+    try:
+        w = WCS(header, naxis=2)
+    except Exception as exc:
+        raise InputError(path, f"invalid WCS{where}: {exc}") from None
+    if not w.has_celestial:
+        raise InputError(path, f"no celestial WCS{where} (CTYPE {header.get('CTYPE1')!r}, {header.get('CTYPE2')!r})")
+    if "CRVAL1" not in header or "CRVAL2" not in header:
+        raise InputError(path, f"invalid celestial WCS{where}: CRVAL1/CRVAL2 missing")
+    c = w.celestial
+    try:
+        m = c.pixel_scale_matrix
+        scale = float(np.max(np.abs(m))) if np.all(np.isfinite(m)) else 0.0
+        if scale == 0 or abs(np.linalg.det(m)) <= 1e-10 * scale * scale:
+            raise ValueError("singular CD/PC matrix")
+        world = c.all_pix2world([[0.0, 0.0], [10.0, 10.0]], 0)
+        if not np.all(np.isfinite(world)):
+            raise ValueError("pixel to sky transform gives non-finite coordinates")
+    except Exception as exc:
+        raise InputError(path, f"invalid celestial WCS{where}: {exc}") from None
+    return c
+
+
+def _header_value(headers, keys, path, what):
+    for h in headers:
+        for k in keys:
+            if k in h and h[k] is not None and str(h[k]).strip() != "":
+                try:
+                    v = float(h[k])
+                except (TypeError, ValueError):
+                    raise InputError(path, f"invalid {what} {k} = {h[k]!r}") from None
+                if not math.isfinite(v):
+                    raise InputError(path, f"invalid {what} {k} = {h[k]!r}")
+                return v
+    return None
+
+
+def _mask_bits(raw: np.ndarray, header: fits.Header, path, band: str, notes: list[str]) -> np.ndarray:
+    """Our bits from an input integer mask: planes declared by MP<NAME> keywords keep their meaning,
+    any other nonzero bit (or any nonzero pixel of a mask without MP keywords) becomes BAD."""
+    planes = {}
+    for key, val in header.items():
+        if key.startswith("MP") and key[2:] in maskbits.PLANES and isinstance(val, int) and 0 <= val < 63:
+            planes[key[2:]] = val
+    m = raw
+    out = np.zeros(m.shape, np.uint16)
+    if not planes:
+        nz = m != 0
+        out[nz] = maskbits.BAD
+        notes.append(f"band {band}: mask {Path(path).name} has no MP<NAME> keywords (foreign bit meanings): "
+                     f"{int(nz.sum())} nonzero pixels set BAD")
+        return out
+    known = 0
+    for bit in planes.values():
+        known |= 1 << bit
+    other = (m.astype(np.int64, copy=False) & ~known) != 0 if m.dtype.itemsize > 2 or m.dtype.kind == "i" \
+        else (m & np.array(~known & 0xFFFF, m.dtype)) != 0
+    same = all(maskbits.PLANES[n] == 1 << b for n, b in planes.items())
+    if same:  # our own planes at our own bits (the common case): copy, no per-plane pass
+        out[:] = m & known
+    else:
+        for name, bit in planes.items():
+            out[(m >> bit) & 1 == 1] |= maskbits.PLANES[name]
+    out[other] |= maskbits.BAD
+    notes.append(f"band {band}: mask bits of {Path(path).name} " + ("kept (our MP keywords)" if same else
+                 "translated by their MP keywords") + (f"; {int(other.sum())} pixels with undeclared bits set BAD"
+                                                       if other.any() else ""))
+    return out
+
+
+def _load_band(files: _Files, band: str, img: tuple, inv: tuple | None, var: tuple | None, msk: tuple | None,
+               zp: float | None, fwhm: float | None, notes: list[str]) -> _Band:
+    """One band on its own grid; the file arguments are (path, hdu) with hdu an index, EXTNAME or None."""
+    path, hdu = img
+    idx = files.select(path, hdu)
+    where = "" if hdu is None else f" in HDU {hdu!r}"
+    header, raw = files.read(path, idx, f"image of band {band}")
+    headers = [header] + ([files.hdul(path)[0].header] if idx else [])
+    image = np.array(raw, dtype=np.float32)  # native byte order; exact for float32 input
+    if raw.dtype.kind == "f" and raw.dtype.itemsize > 4:
+        notes.append(f"band {band}: {raw.dtype} image converted to float32")
+    shape = image.shape
+    wcs = _celestial_wcs(path, header, where)
+    if zp is None:
+        zp = _header_value(headers, ZP_KEYS, path, "zero point")
+        if zp is None:
+            raise InputError(path, f"no zero point (MAGZERO) in header{where} and none configured")
+    if fwhm is None:
+        fwhm = _header_value(headers, FWHM_KEYS, path, "PSF FWHM")
+        if fwhm is not None and fwhm <= 0:
+            notes.append(f"band {band}: ignored non-positive PSF FWHM {fwhm}")
+            fwhm = None
+
+    def aux(src: tuple, what: str) -> tuple[fits.Header, np.ndarray]:
+        h, d = files.read(src[0], files.select(*src), f"{what} of band {band}")
+        if d.shape != shape:
+            raise InputError(src[0], f"{what} shape {d.shape} differs from the image shape {shape} of band {band}")
+        return h, d
+
+    mask = np.zeros(shape, np.uint16)
+    if msk is not None:
+        mh, mraw = aux(msk, "mask")
+        if mraw.dtype.kind not in "iu":
+            raise InputError(msk[0], f"mask of band {band} is not an integer image (dtype {mraw.dtype})")
+        mask = _mask_bits(mraw, mh, msk[0], band, notes)
+    nodata = ~np.isfinite(image)
+    if nodata.any():
+        image[nodata] = 0
+        mask[nodata] |= maskbits.NO_DATA
+        notes.append(f"band {band}: {int(nodata.sum())} NaN/inf pixels masked NO_DATA")
+    if inv is not None:
+        invvar = np.array(aux(inv, "invvar")[1], dtype=np.float32)
+    elif var is not None:
+        v = np.asarray(aux(var, "variance")[1], dtype=np.float64)
+        good = np.isfinite(v) & (v > 0)
+        invvar = np.zeros(shape, np.float32)
+        invvar[good] = (1.0 / v[good]).astype(np.float32)
+        notes.append(f"band {band}: invvar = 1 / variance")
+    else:
+        sky = image[(mask == 0)]
+        if sky.size > 2_000_000:
+            sky = sky[:: sky.size // 1_000_000]
+        sigma = 1.4826 * float(np.median(np.abs(sky - np.median(sky)))) if sky.size else 0.0
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise InputError(path, f"no invvar or variance given and the sky noise of band {band} cannot be "
+                                   f"estimated (robust sigma {sigma}); all pixels masked or constant")
+        invvar = np.full(shape, 1.0 / sigma ** 2, np.float32)
+        notes.append(f"band {band}: no invvar/variance file, constant invvar from robust sky noise "
+                     f"1.4826*MAD = {sigma:.6g}")
+    zero = ~(np.isfinite(invvar) & (invvar > 0))
+    if zero.any():
+        mask[zero] |= maskbits.ZERO_WEIGHT
+        notes.append(f"band {band}: {int(zero.sum())} pixels with non-positive or non-finite invvar masked ZERO_WEIGHT")
+    invvar[zero | nodata] = 0
+    return _Band(band, path, image, invvar, mask, wcs, float(zp), fwhm)
+
+
+def _same_grid(w: WCS, shape, wref: WCS, shape_ref) -> bool:
+    if tuple(shape) != tuple(shape_ref):
+        return False
+    ny, nx = shape
+    y, x = (a.ravel() for a in np.meshgrid(np.linspace(0, ny - 1, 5), np.linspace(0, nx - 1, 5), indexing="ij"))
+    try:
+        ra, dec = w.all_pix2world(x, y, 0)
+        x2, y2 = wref.all_world2pix(ra, dec, 0)
+    except Exception:
+        return False
+    return bool(np.all(np.hypot(x2 - x, y2 - y) < GRID_TOLERANCE))
+
+
+def _resample(b: _Band, wref: WCS, shape_ref, ref: str, notes: list[str]) -> None:
+    """Resample band b onto the reference grid in place: bilinear image and invvar; a mask bit is set
+    where input pixels carrying it contribute; pixels without coverage become NO_DATA."""
+    from reproject import reproject_interp
+
+    bits = [k for k in range(16) if np.any(b.mask & (1 << k))]
+    stack = np.empty((2 + len(bits),) + b.image.shape, np.float64)
+    stack[0], stack[1] = b.image, b.invvar
+    for j, k in enumerate(bits):
+        stack[2 + j] = (b.mask >> k) & 1
+    out, foot = reproject_interp((stack, b.wcs), wref, shape_out=tuple(shape_ref), order="bilinear",
+                                 roundtrip_coords=False)
+    cover = (foot[0] > 0) & np.isfinite(out[0]) & np.isfinite(out[1])
+    mask = np.zeros(shape_ref, np.uint16)
+    for j, k in enumerate(bits):
+        mask[out[2 + j] > MASK_THRESHOLD] |= 1 << k
+    mask[~cover] |= maskbits.NO_DATA
+    area = proj_plane_pixel_area(wref) / proj_plane_pixel_area(b.wcs)  # flux per pixel scales with area
+    if abs(area - 1) < 1e-6:
+        area = 1.0
+    b.image = np.where(cover, out[0] * area, 0).astype(np.float32)
+    b.invvar = np.where(cover, out[1] / area ** 2, 0).astype(np.float32)
+    b.invvar[(mask & (maskbits.NO_DATA | maskbits.ZERO_WEIGHT)) != 0] = 0
+    b.mask = mask
+    notes.append(f"band {b.name} resampled onto the {ref} grid with reproject_interp (bilinear)"
+                 + (f", flux scaled by pixel area ratio {area:.6g}" if area != 1 else "")
+                 + f"; {int((~cover).sum())} pixels without coverage masked NO_DATA")
+
+
+def _sources(spec: FieldSpec, files: _Files, notes: list[str]) -> list[tuple]:
+    """(band, image, invvar, variance, mask, zeropoint, psf_fwhm) for each band, in order."""
+    if spec.mef is None:
+        out, seen = [], {}
+        for band, f in spec.bands.items():
+            if band.lower() in seen:
+                raise InputError(f.image, f"duplicate band {band!r} (same as {seen[band.lower()]!r} but for case)")
+            seen[band.lower()] = band
+            src = lambda p, h: None if p is None else (p, h)  # noqa: E731
+            out.append((band, (f.image, f.hdu), src(f.invvar, f.invvar_hdu), src(f.variance, f.variance_hdu),
+                        src(f.mask, f.mask_hdu), f.zeropoint, f.psf_fwhm))
+        return out
+    path = spec.mef
+    hdul = files.hdul(path)
+    found: dict[str, dict] = {}
+    for i, h in enumerate(hdul):
+        name = str(h.header.get("EXTNAME", "")).strip()
+        if not name or (i == 0 and name.upper() == "PRIMARY"):
+            continue
+        band, kind = name, "image"
+        for suffix, k in MEF_KINDS.items():
+            if name.upper().endswith("_" + suffix) and len(name) > len(suffix) + 1:
+                band, kind = name[: -len(suffix) - 1], k
+                break
+        else:
+            if not isinstance(h, IMAGE_HDUS) or not h.header.get("NAXIS"):
+                notes.append(f"{path.name}: HDU {i} ({name}) is not a band image, ignored")
+                continue
+        entry = found.setdefault(band.lower(), {})
+        if kind in entry:
+            raise InputError(path, f"duplicate band {band!r}: HDUs {entry[kind][0]} ({entry[kind][1]}) "
+                                   f"and {i} ({name}) both hold its {kind}")
+        entry[kind] = (i, name, band)
+    bands = []
+    for key, entry in found.items():
+        if "image" not in entry:
+            i, name, band = next(iter(entry.values()))
+            raise InputError(path, f"HDU {i} ({name}) has no image HDU {band} or {band}_IMAGE")
+        if "invvar" in entry and "variance" in entry:
+            raise InputError(path, f"band {entry['image'][2]!r} has both invvar and variance HDUs")
+        bands.append(entry)
+    if not bands:
+        raise InputError(path, "no band image HDUs (named <band> or <band>_IMAGE)")
+    bands.sort(key=lambda e: e["image"][0])
+    src = lambda e, k: (path, e[k][0]) if k in e else None  # noqa: E731
+    return [(e["image"][2], src(e, "image"), src(e, "invvar"), src(e, "variance"), src(e, "mask"), None, None)
+            for e in bands]
+
+
+def _reference(spec: FieldSpec, names: list[str], first_path) -> str:
+    want = spec.reference_band or ("i" if "i" in [n.lower() for n in names] else names[0])
+    match = [n for n in names if n == want] or [n for n in names if n.lower() == want.lower()]
+    if len(match) != 1:
+        raise InputError(first_path, f"reference band {want!r} is not among the bands {names}")
+    return match[0]
+
+
+def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> FieldImages:
+    """Read, validate and align one field's bands; raises InputError naming the offending file.
+
+    checksums: sha256 of input files already computed by the caller (path -> hex), reused."""
+    files, notes = _Files(), []
+    try:
+        srcs = _sources(spec, files, notes)
+        names = [s[0] for s in srcs]
+        ref = _reference(spec, names, srcs[0][1][0])
+        bands = [_load_band(files, *s, notes) for s in srcs]
+        paths = list(files.open)
+    finally:
+        files.close()
+    rb = bands[names.index(ref)]
+    if rb.wcs is None:
+        raise InputError(rb.path, f"no celestial WCS (CTYPE/CRVAL) in the image of reference band {ref}")
+    shape = rb.image.shape
+    resampled = []
+    for b in bands:
+        if b is rb:
+            continue
+        if b.wcs is None:
+            if b.image.shape != shape:
+                raise InputError(b.path, f"shape {b.image.shape} of band {b.name} differs from {shape} of reference "
+                                         f"band {ref} and the image has no celestial WCS to align it")
+            notes.append(f"band {b.name} has no WCS: assumed on the {ref} grid (same shape)")
+        elif not _same_grid(b.wcs, b.image.shape, rb.wcs, shape):
+            _resample(b, rb.wcs, shape, ref, notes)
+            resampled.append(b.name)
+    for b in bands:
+        if not np.any((b.mask == 0) & (b.invvar > 0)):
+            raise InputError(b.path, f"all pixels masked in band {b.name}"
+                                     + (f" (after resampling onto the {ref} grid)" if b.name in resampled else ""))
+    nb = len(bands)
+    image = np.empty((nb,) + shape, np.float32)
+    invvar = np.empty((nb,) + shape, np.float32)
+    mask = np.empty((nb,) + shape, np.uint16)
+    for k, b in enumerate(bands):
+        image[k], invvar[k], mask[k] = b.image, b.invvar, b.mask
+    scales = proj_plane_pixel_scales(rb.wcs) * 3600.0
+    return FieldImages(
+        name=spec.name, bands=names, image=image, invvar=invvar, mask=mask,
+        wcs_header=rb.wcs.to_header(relax=True), zeropoints=[b.zeropoint for b in bands],
+        psf_fwhm=[b.psf_fwhm for b in bands], pixel_scale=float(np.mean(scales)),
+        checksums={str(p): (checksums or {}).get(str(p)) or sha256_file(p) for p in paths},
+        resampled=resampled, notes=notes)

@@ -1,0 +1,187 @@
+"""The tiled Zarr store: one group per field with `image`, `invvar` (float32) and `mask` (uint16)
+arrays of shape (band, y, x).
+
+Layout (zarr v3):
+  STORE.zarr/                          root attrs: {"deepfield_store": 1}
+  STORE.zarr/fields/<field>/           attrs: WCS header, bands, zero points, pixel scale, PSF FWHM,
+                                       input sha256, deepfield version, tile, chunk, codec, and last
+                                       of all the completion marker "deepfield_complete"
+  STORE.zarr/fields/<field>/{image,invvar,mask}
+
+Chunks are (1, C, C) so that a halo read touches few bytes; shards are (nband, T, T), one per tile
+core, so the writer that writes a tile core is the only writer of that shard (zarr loses data
+when two writers share a shard). A field counts as complete only when its completion marker is
+present, and the marker is written after every array; re-ingesting a field first deletes its
+group, marker included.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import zarr
+from astropy.io import fits
+from astropy.wcs import WCS
+from zarr.codecs import BloscCodec
+
+from .ingest_config import CodecSpec, StoreSpec
+from .tiling import Box, TileGrid, TileId
+from .version import __version__
+
+STORE_FORMAT = 1
+_CREATE_LOCK = threading.Lock()  # field tasks run in threads and may all find the store missing
+COMPLETE = "deepfield_complete"
+ARRAYS = {"image": "float32", "invvar": "float32", "mask": "uint16"}
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def codec(spec: CodecSpec) -> BloscCodec:
+    return BloscCodec(cname=spec.cname, clevel=spec.clevel, shuffle=spec.shuffle)
+
+
+def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
+    """Open (mode "r") or create/open for writing (mode "a") a deepfield store."""
+    path = Path(path)
+    if mode == "r":
+        if not path.exists():
+            raise StoreError(f"{path}: no such store")
+        try:
+            root = zarr.open_group(str(path), mode="r")
+        except Exception as exc:  # zarr raises several types for a non-store directory
+            raise StoreError(f"{path}: not a Zarr store ({exc})") from exc
+        if root.attrs.get("deepfield_store") != STORE_FORMAT:
+            raise StoreError(f"{path}: not a deepfield store (no deepfield_store attribute)")
+        return root
+    with _CREATE_LOCK:
+        root = zarr.open_group(str(path), mode="a")
+        if root.attrs.get("deepfield_store") is None:
+            if list(root.keys()):
+                raise StoreError(f"{path}: a Zarr group that is not a deepfield store; refusing to write into it")
+            root.attrs["deepfield_store"] = STORE_FORMAT
+        root.require_group("fields")
+    return root
+
+
+def field_record(root: zarr.Group, name: str) -> dict | None:
+    """The completion record of a field, or None when the field is absent or incomplete."""
+    try:
+        g = root["fields"][name]
+        return dict(g.attrs[COMPLETE])
+    except (KeyError, ValueError, OSError):
+        return None
+
+
+def complete_fields(root: zarr.Group) -> list[str]:
+    if "fields" not in root:
+        return []
+    return sorted(n for n in root["fields"].group_keys() if field_record(root, n) is not None)
+
+
+def header_to_attrs(header: fits.Header) -> list[list]:
+    """A FITS header as JSON-friendly [keyword, value, comment] cards."""
+    return [[c.keyword, c.value, c.comment] for c in header.cards if c.keyword not in ("", "COMMENT", "HISTORY")]
+
+
+def attrs_to_header(cards: list[list]) -> fits.Header:
+    h = fits.Header()
+    for key, value, comment in cards:
+        h[key] = (value, comment)
+    return h
+
+
+def write_field(root: zarr.Group, fimg, spec: StoreSpec, record: dict,
+                progress: Callable[[int, int], None] | None = None) -> dict:
+    """Write one field (a tasks.fits_input.FieldImages) tile core by tile core, then its attributes,
+    then the completion marker `record` (which should hold the input checksums). Returns byte and
+    timing statistics."""
+    fields = root.require_group("fields")
+    if fimg.name in fields:
+        del fields[fimg.name]  # the old marker goes first: a crash now leaves the field absent
+    g = fields.create_group(fimg.name)
+    nb, ny, nx = fimg.image.shape
+    grid = TileGrid(ny, nx, spec.tile, 0)
+    arrays = {}
+    for name, dtype in ARRAYS.items():
+        arrays[name] = g.create_array(
+            name, shape=(nb, ny, nx), dtype=dtype, chunks=(1, spec.chunk, spec.chunk),
+            shards=(nb, spec.tile, spec.tile), compressors=codec(spec.codec), fill_value=0,
+            dimension_names=("band", "y", "x"))
+    data = {"image": fimg.image, "invvar": fimg.invvar, "mask": fimg.mask}
+    t0 = time.perf_counter()
+    tiles = grid.tiles(fimg.name)
+
+    def write_tile(t: TileId) -> None:  # a tile core is whole shards: no other writer touches them
+        box = grid.core(t.ty, t.tx)
+        for name, arr in arrays.items():
+            arr[(slice(None),) + box.slices] = data[name][(slice(None),) + box.slices]
+
+    with ThreadPoolExecutor(max_workers=spec.write_threads) as pool:
+        for k, _ in enumerate(pool.map(write_tile, tiles)):
+            if progress:
+                progress(k + 1, len(tiles))
+    g.attrs.update({
+        "bands": list(fimg.bands), "zeropoints": [float(z) for z in fimg.zeropoints],
+        "psf_fwhm": [None if f is None else float(f) for f in fimg.psf_fwhm],
+        "pixel_scale": float(fimg.pixel_scale), "wcs_header": header_to_attrs(fimg.wcs_header),
+        "shape": [int(nb), int(ny), int(nx)], "tile": spec.tile, "chunk": spec.chunk,
+        "codec": spec.codec.model_dump(), "resampled": list(fimg.resampled), "notes": list(fimg.notes),
+        "deepfield_version": __version__,
+    })
+    g.attrs[COMPLETE] = dict(record, completed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    raw = sum(a.nbytes for a in data.values())
+    return dict(seconds=time.perf_counter() - t0, raw_bytes=int(raw),
+                stored_bytes={n: int(a.nbytes_stored()) for n, a in arrays.items()},
+                raw_by_array={n: int(a.nbytes) for n, a in data.items()})
+
+
+@dataclass
+class Tile:
+    """A tile's pixels with halo. image/invvar/mask are (band, y, x) over `box` (the halo box);
+    `core` is the tile core inside the field; `wcs` maps pixel (0, 0) of the arrays."""
+
+    id: TileId
+    bands: list[str]
+    image: np.ndarray
+    invvar: np.ndarray
+    mask: np.ndarray
+    box: Box
+    core: Box
+    wcs: WCS
+    zeropoints: list[float]
+    psf_fwhm: list[float | None]
+    pixel_scale: float
+
+    @property
+    def core_in_box(self) -> tuple[slice, slice]:
+        """Slices of the core inside the halo arrays."""
+        return self.box.offset_of(self.core)
+
+
+def field_grid(root: zarr.Group, field: str, halo: int) -> TileGrid:
+    g = root["fields"][field]
+    _, ny, nx = g.attrs["shape"]
+    return TileGrid(ny, nx, int(g.attrs["tile"]), halo)
+
+
+def read_tile(root: zarr.Group, tile: TileId, halo: int) -> Tile:
+    """Read one tile with `halo` pixels around its core (clipped to the field) and its WCS."""
+    if field_record(root, tile.field) is None:
+        raise StoreError(f"field {tile.field!r} is not complete in the store")
+    g = root["fields"][tile.field]
+    grid = field_grid(root, tile.field, halo)
+    if not (0 <= tile.ty < grid.n_ty and 0 <= tile.tx < grid.n_tx):
+        raise StoreError(f"tile {tile} outside the field's {grid.n_ty} x {grid.n_tx} tiles")
+    box, core = grid.halo_box(tile.ty, tile.tx), grid.core(tile.ty, tile.tx)
+    sl = (slice(None),) + box.slices
+    wcs = WCS(attrs_to_header(g.attrs["wcs_header"])).slice(box.slices)
+    return Tile(id=tile, bands=list(g.attrs["bands"]), image=g["image"][sl], invvar=g["invvar"][sl],
+                mask=g["mask"][sl], box=box, core=core, wcs=wcs, zeropoints=list(g.attrs["zeropoints"]),
+                psf_fwhm=list(g.attrs["psf_fwhm"]), pixel_scale=float(g.attrs["pixel_scale"]))

@@ -1,0 +1,350 @@
+"""tasks.fits_input: reading and validating one field's FITS inputs (tiny hand-made files)."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from tasks import maskbits
+from tasks.fits_input import InputError, load_field, sha256_file
+from tasks.ingest_config import FieldSpec
+
+NY, NX = 64, 80
+SCALE = 0.2  # arcsec
+
+
+def make_wcs(crpix=(40.5, 32.5), rot_deg=0.0, scale=SCALE, shape=(NY, NX)) -> WCS:
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, 2.0]
+    w.wcs.crpix = list(crpix)
+    c, s = np.cos(np.radians(rot_deg)), np.sin(np.radians(rot_deg))
+    w.wcs.cd = scale / 3600 * np.array([[-c, s], [s, c]])
+    w.pixel_shape = shape[::-1]
+    return w
+
+
+def header(w: WCS | None = None, **cards) -> fits.Header:
+    h = w.to_header() if w is not None else fits.Header()
+    for k, v in cards.items():
+        h[k] = v
+    return h
+
+
+def smooth_sky(w: WCS, shape) -> np.ndarray:
+    """A smooth blob defined on the sky, sampled at the pixel centres of `w`."""
+    y, x = np.mgrid[: shape[0], : shape[1]]
+    ra, dec = w.all_pix2world(x, y, 0)
+    du = (ra - 150.0) * np.cos(np.radians(2.0)) * 3600
+    dv = (dec - 2.0) * 3600
+    return (100.0 + 50.0 * np.exp(-(du ** 2 + dv ** 2) / (2 * 4.0 ** 2))).astype(np.float32)
+
+
+def write_band(d, band, image, w=None, invvar=None, mask=None, mask_cards=True, zp=27.0, fwhm=0.8):
+    cards = {"BAND": band}
+    if zp is not None:
+        cards["MAGZERO"] = zp
+    if fwhm is not None:
+        cards["PSF_FWHM"] = fwhm
+    out = {"image": d / f"f-{band}-image.fits"}
+    fits.PrimaryHDU(image, header(w, **cards)).writeto(out["image"])
+    if invvar is not None:
+        out["invvar"] = d / f"f-{band}-invvar.fits"
+        fits.PrimaryHDU(invvar, header(w)).writeto(out["invvar"])
+    if mask is not None:
+        out["mask"] = d / f"f-{band}-mask.fits"
+        mh = header(w)
+        if mask_cards:
+            for key, bit, comment in maskbits.header_cards():
+                mh[key] = (bit, comment)
+        fits.PrimaryHDU(mask, mh).writeto(out["mask"])
+    return {k: str(v) for k, v in out.items()}
+
+
+@pytest.fixture
+def field(tmp_path):
+    """A 64 x 80 field in g, r, i on one TAN grid with image, invvar and (our) mask files."""
+    rng = np.random.default_rng(1)
+    w = make_wcs()
+    data = {}
+    for k, b in enumerate("gri"):
+        img = rng.normal(0, 1 + k, (NY, NX)).astype(np.float32)
+        iv = np.full((NY, NX), 1 / (1 + k) ** 2, np.float32)
+        m = np.zeros((NY, NX), np.int16)
+        m[5, 7] = maskbits.SAT | maskbits.BLEED
+        m[:, 3] = maskbits.BAD
+        data[b] = dict(image=img, invvar=iv, mask=m)
+    files = {b: write_band(tmp_path, b, **data[b], w=w, zp=27.0 + k / 10, fwhm=0.7 + k / 10)
+             for k, b in enumerate("gri")}
+    return tmp_path, files, data
+
+
+def spec(files, **kw) -> FieldSpec:
+    return FieldSpec.model_validate(dict(name="f1", bands=files, **kw))
+
+
+def raises(s: FieldSpec, path, phrase: str) -> InputError:
+    with pytest.raises(InputError) as e:
+        load_field(s)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and phrase in msg, msg
+    assert str(e.value.path) == str(path) and phrase in e.value.problem
+    return e.value
+
+
+def test_happy_path(field):
+    d, files, data = field
+    files["g"]["zeropoint"] = 30.5
+    f = load_field(spec(files))
+    assert f.name == "f1" and f.bands == ["g", "r", "i"]
+    for arr, dt in ((f.image, np.float32), (f.invvar, np.float32), (f.mask, np.uint16)):
+        assert arr.shape == (3, NY, NX) and arr.dtype == dt and arr.dtype.isnative
+    for k, b in enumerate("gri"):
+        assert np.array_equal(f.image[k].view(np.uint32), data[b]["image"].view(np.uint32))
+        assert np.array_equal(f.invvar[k], data[b]["invvar"])
+        assert np.array_equal(f.mask[k], data[b]["mask"].astype(np.uint16))  # our MP keywords: bits kept
+    assert f.zeropoints == [30.5, 27.1, 27.2]
+    assert f.psf_fwhm == pytest.approx([0.7, 0.8, 0.9])
+    assert f.pixel_scale == pytest.approx(SCALE)
+    assert f.resampled == []
+    assert WCS(f.wcs_header).has_celestial and f.wcs_header["CTYPE1"] == "RA---TAN"
+    read = [p for b in "gri" for p in files[b].values() if isinstance(p, str)]
+    assert set(f.checksums) == set(read)
+    for p in read:
+        assert f.checksums[p] == hashlib.sha256(open(p, "rb").read()).hexdigest() == sha256_file(p)
+
+
+def test_hdu_selection_and_defaults(tmp_path):
+    img = np.arange(NY * NX, dtype=np.float32).reshape(NY, NX) % 7 - 3
+    p = tmp_path / "multi.fits"
+    fits.HDUList([fits.PrimaryHDU(header=header(MAGZERO=25.0)),
+                  fits.ImageHDU(img, header(make_wcs(), EXTNAME="SCI")),
+                  fits.ImageHDU(img * 2, header(make_wcs(), EXTNAME="OTHER"))]).writeto(p)
+    f = load_field(spec({"r": {"image": str(p)}}))  # first HDU with 2-d data; MAGZERO from the primary
+    assert np.array_equal(f.image[0], img) and f.zeropoints == [25.0] and f.psf_fwhm == [None]
+    assert np.all(f.mask == 0) and np.all(f.invvar == f.invvar[0, 0, 0]) and f.invvar[0, 0, 0] > 0
+    assert any("1.4826" in n for n in f.notes)
+    assert np.array_equal(load_field(spec({"r": {"image": str(p), "hdu": "other"}})).image[0], img * 2)
+    assert np.array_equal(load_field(spec({"r": {"image": str(p), "hdu": 2}})).image[0], img * 2)
+    raises(spec({"r": {"image": str(p), "hdu": 5}}), p, "no HDU 5")
+    raises(spec({"r": {"image": str(p), "hdu": "nope"}}), p, "no HDU named")
+
+
+def test_noise_estimate_and_variance(tmp_path):
+    rng = np.random.default_rng(3)
+    img = rng.normal(0, 2.0, (NY, NX)).astype(np.float32)
+    files = {"i": write_band(tmp_path, "i", img, make_wcs())}
+    f = load_field(spec(files))
+    assert f.invvar[0, 0, 0] == pytest.approx(1 / 4.0, rel=0.1)
+    var = np.full((NY, NX), 4.0, np.float32)
+    var[0, :5] = 0
+    fits.PrimaryHDU(var).writeto(tmp_path / "var.fits")
+    files["i"]["variance"] = str(tmp_path / "var.fits")
+    f = load_field(spec(files))
+    assert f.invvar[0, 1, 1] == 0.25 and np.all(f.invvar[0, 0, :5] == 0)
+    assert np.all(f.mask[0, 0, :5] == maskbits.ZERO_WEIGHT)
+
+
+def test_missing_file(field):
+    d, files, _ = field
+    files["r"]["invvar"] = str(d / "nope.fits")
+    raises(spec(files), d / "nope.fits", "no such file")
+
+
+def test_not_fits(field):
+    d, files, _ = field
+    (d / "text.fits").write_text("hello, I am not a FITS file\n" * 200)
+    files["g"]["mask"] = str(d / "text.fits")
+    raises(spec(files), d / "text.fits", "not a FITS file")
+
+
+@pytest.mark.parametrize("cut", [100, 3000, 2880 * 2])
+@pytest.mark.filterwarnings("ignore:File may have been truncated")
+def test_truncated(field, cut):
+    d, files, _ = field
+    p = files["r"]["image"]
+    raw = open(p, "rb").read()
+    open(p, "wb").write(raw[: len(raw) - cut] if cut != 100 else raw[:2880 + 100])
+    raises(spec(files), p, "truncated")
+
+
+def test_empty_image(tmp_path):
+    p = tmp_path / "empty.fits"
+    fits.PrimaryHDU(header=header(make_wcs(), MAGZERO=27.0)).writeto(p)
+    raises(spec({"i": {"image": str(p)}}), p, "empty image")
+    p3 = tmp_path / "cube.fits"
+    fits.PrimaryHDU(np.zeros((2, NY, NX), np.float32)).writeto(p3)
+    raises(spec({"i": {"image": str(p3)}}), p3, "empty image")
+    raises(spec({"i": {"image": str(p3), "hdu": 0}}), p3, "empty image")
+
+
+@pytest.mark.parametrize("case,phrase", [
+    ("none", "no celestial WCS"), ("linear", "no celestial WCS"), ("singular", "singular CD/PC matrix"),
+    ("nocrval", "CRVAL1/CRVAL2 missing")])
+def test_bad_wcs(tmp_path, case, phrase):
+    w = make_wcs()
+    h = header(None if case == "none" else w, MAGZERO=27.0)
+    if case == "linear":
+        h["CTYPE1"], h["CTYPE2"] = "LINEAR", "LINEAR"
+    if case == "singular":
+        h["CD1_1"], h["CD1_2"], h["CD2_1"], h["CD2_2"] = 1e-5, 2e-5, 1e-5, 2e-5
+        for k in ("PC1_1", "PC1_2", "PC2_1", "PC2_2"):
+            h.remove(k, ignore_missing=True)
+    if case == "nocrval":
+        del h["CRVAL1"], h["CRVAL2"]
+    p = tmp_path / "i.fits"
+    fits.PrimaryHDU(np.random.default_rng(0).normal(size=(NY, NX)).astype(np.float32), h).writeto(p)
+    raises(spec({"i": {"image": str(p), "invvar": None}}), p, phrase)
+
+
+def test_shape_mismatch_without_wcs(tmp_path):
+    files = {"i": write_band(tmp_path, "i", np.ones((NY, NX), np.float32), make_wcs(), invvar=np.ones((NY, NX)))}
+    files["g"] = write_band(tmp_path, "g", np.ones((NY, NX - 2), np.float32), None, invvar=np.ones((NY, NX - 2)))
+    raises(spec(files), files["g"]["image"], "no celestial WCS to align it")
+    same = {"i": files["i"], "r": write_band(tmp_path, "r", np.ones((NY, NX), np.float32), None,
+                                             invvar=np.ones((NY, NX)))}
+    f = load_field(spec(same))  # no WCS but the same shape: taken to be on the reference grid
+    assert f.resampled == [] and any("no WCS" in n for n in f.notes)
+
+
+def test_duplicate_band_case(field):
+    d, files, _ = field
+    files["G"] = dict(files["g"])
+    raises(spec(files), files["G"]["image"], "duplicate band")
+
+
+def test_all_pixels_masked(field):
+    d, files, data = field
+    p = files["r"]["invvar"]
+    fits.PrimaryHDU(np.zeros((NY, NX), np.float32)).writeto(p, overwrite=True)
+    raises(spec(files), files["r"]["image"], "all pixels masked")
+    m = np.full((NY, NX), maskbits.BAD, np.int16)
+    fits.PrimaryHDU(data["r"]["invvar"]).writeto(p, overwrite=True)
+    fits.PrimaryHDU(m).writeto(files["r"]["mask"], overwrite=True)
+    raises(spec(files), files["r"]["image"], "all pixels masked")
+
+
+@pytest.mark.parametrize("kind", ["invvar", "variance", "mask"])
+def test_aux_shape_mismatch(field, kind):
+    d, files, _ = field
+    p = d / f"small-{kind}.fits"
+    fits.PrimaryHDU(np.ones((NY, NX - 1), np.int16 if kind == "mask" else np.float32)).writeto(p)
+    if kind == "variance":
+        del files["g"]["invvar"]
+    files["g"][kind] = str(p)
+    raises(spec(files), p, "differs from the image shape")
+
+
+def test_float_mask(field):
+    d, files, _ = field
+    fits.PrimaryHDU(np.zeros((NY, NX), np.float32)).writeto(files["i"]["mask"], overwrite=True)
+    raises(spec(files), files["i"]["mask"], "not an integer image")
+
+
+def test_zero_point(tmp_path):
+    files = {"i": write_band(tmp_path, "i", np.random.default_rng(0).normal(size=(NY, NX)).astype(np.float32),
+                             make_wcs(), zp=None, fwhm=None)}
+    raises(spec(files), files["i"]["image"], "no zero point (MAGZERO) in header and none configured")
+    files["i"]["zeropoint"] = 28.0
+    f = load_field(spec(files))
+    assert f.zeropoints == [28.0] and f.psf_fwhm == [None]
+
+
+def test_reference_band(field):
+    d, files, _ = field
+    raises(spec(files, reference_band="z"), files["g"]["image"], "reference band 'z'")
+    assert load_field(spec(files, reference_band="r")).bands == ["g", "r", "i"]
+
+
+def test_nan_and_zero_weight_are_masked(field):
+    d, files, data = field
+    img, iv = data["g"]["image"].copy(), data["g"]["invvar"].copy()
+    img[10, 10], img[11, 12], img[12, 13] = np.nan, np.inf, -np.inf
+    iv[20, 20], iv[21, 21], iv[22, 22], iv[10, 10] = 0, -1, np.nan, 0
+    fits.PrimaryHDU(img, header(make_wcs(), MAGZERO=27.0)).writeto(files["g"]["image"], overwrite=True)
+    fits.PrimaryHDU(iv).writeto(files["g"]["invvar"], overwrite=True)
+    f = load_field(spec(files))
+    for y, x in ((10, 10), (11, 12), (12, 13)):
+        assert f.image[0, y, x] == 0 and f.invvar[0, y, x] == 0 and f.mask[0, y, x] & maskbits.NO_DATA
+    for y, x in ((20, 20), (21, 21), (22, 22), (10, 10)):
+        assert f.invvar[0, y, x] == 0 and f.mask[0, y, x] == maskbits.ZERO_WEIGHT | (
+            maskbits.NO_DATA if (y, x) == (10, 10) else 0)
+    assert f.mask[0, 11, 12] == maskbits.NO_DATA and np.isfinite(f.image).all()
+    assert any("3 NaN/inf pixels masked NO_DATA" in n for n in f.notes)
+
+
+def test_foreign_mask_becomes_bad(tmp_path):
+    m = np.zeros((NY, NX), np.int32)
+    m[1, 1], m[2, 2], m[3, 3] = 1, 4096, 1 << 20
+    files = {"i": write_band(tmp_path, "i", np.random.default_rng(0).normal(size=(NY, NX)).astype(np.float32),
+                             make_wcs(), invvar=np.ones((NY, NX), np.float32), mask=m, mask_cards=False)}
+    f = load_field(spec(files))
+    assert set(np.flatnonzero(f.mask[0])) == {1 * NX + 1, 2 * NX + 2, 3 * NX + 3}
+    assert np.all(f.mask[0][m != 0] == maskbits.BAD)
+    assert any("no MP<NAME> keywords" in n and "3 nonzero pixels set BAD" in n for n in f.notes)
+
+
+def test_resampled_band(tmp_path):
+    wi = make_wcs()
+    wg = make_wcs(crpix=(38.2, 35.7), rot_deg=17.0)
+    files = {
+        "i": write_band(tmp_path, "i", smooth_sky(wi, (NY, NX)), wi, invvar=np.ones((NY, NX), np.float32)),
+        "g": write_band(tmp_path, "g", smooth_sky(wg, (NY, NX)), wg, invvar=np.full((NY, NX), 4, np.float32),
+                        mask=np.where(np.arange(NX) == 40, maskbits.BAD, 0).astype(np.int16) * np.ones((NY, 1),
+                                                                                                   np.int16)),
+    }
+    f = load_field(spec(files))
+    assert f.bands == ["i", "g"] and f.resampled == ["g"]
+    assert any("band g resampled onto the i grid with reproject_interp" in n for n in f.notes)
+    k = f.bands.index("g")
+    inner = (slice(15, NY - 15), slice(15, NX - 15))
+    ok = f.mask[k][inner] == 0
+    ratio = f.image[k][inner][ok] / f.image[0][inner][ok]
+    assert np.all(np.abs(ratio - 1) < 0.01)
+    assert f.image[k][inner][ok].sum() == pytest.approx(f.image[0][inner][ok].sum(), rel=1e-3)
+    nodata = (f.mask[k] & maskbits.NO_DATA) != 0
+    assert nodata.any() and not nodata[inner].any()  # rotated corners fall outside the g image
+    assert np.all(f.invvar[k][nodata] == 0) and np.all(f.image[k][nodata] == 0)
+    assert ((f.mask[k] & maskbits.BAD) != 0).sum() > NY  # the bad column follows, rotated
+    assert np.allclose(f.invvar[k][inner][ok], 4)
+    assert np.array_equal(f.image[0], smooth_sky(wi, (NY, NX)))  # the reference band is untouched
+
+
+def mef(path, hdus):
+    fits.HDUList([fits.PrimaryHDU(header=header(MAGZERO=26.5))] + hdus).writeto(path)
+
+
+def test_mef(tmp_path):
+    rng = np.random.default_rng(5)
+    w = make_wcs()
+    hdus, imgs = [], {}
+    for b in ("g", "r", "i"):
+        imgs[b] = rng.normal(size=(NY, NX)).astype(np.float32)
+        name = b if b == "r" else f"{b.upper()}_IMAGE"
+        hdus.append(fits.ImageHDU(imgs[b], header(w, EXTNAME=name, PSF_FWHM=0.9)))
+        hdus.append(fits.ImageHDU(np.ones((NY, NX), np.float32), header(EXTNAME=f"{b}_WEIGHT")))
+        hdus.append(fits.ImageHDU(np.zeros((NY, NX), np.int16), header(EXTNAME=f"{b}_MASK")))
+    hdus.append(fits.BinTableHDU.from_columns([fits.Column("a", "E", array=np.zeros(3))], name="CATALOG"))
+    p = tmp_path / "field.fits"
+    mef(p, hdus)
+    f = load_field(FieldSpec(name="m", mef=p))
+    assert f.bands == ["G", "r", "I"] and f.image.shape == (3, NY, NX)  # EXTNAME spelling kept
+    for k, b in enumerate("gri"):
+        assert np.array_equal(f.image[k], imgs[b])
+    assert f.zeropoints == [26.5] * 3 and f.psf_fwhm == [0.9] * 3 and list(f.checksums) == [str(p)]
+    assert np.all(f.invvar == 1) and np.all(f.mask == 0)
+
+
+def test_mef_duplicate_band(tmp_path):
+    w = make_wcs()
+    img = np.ones((NY, NX), np.float32)
+    p = tmp_path / "dup.fits"
+    mef(p, [fits.ImageHDU(img, header(w, EXTNAME="g")), fits.ImageHDU(img, header(w, EXTNAME="i")),
+            fits.ImageHDU(img, header(w, EXTNAME="G_IMAGE"))])
+    raises(FieldSpec(name="m", mef=p), p, "duplicate band")
+    p2 = tmp_path / "orphan.fits"
+    mef(p2, [fits.ImageHDU(img, header(w, EXTNAME="i")), fits.ImageHDU(img, header(EXTNAME="z_MASK"))])
+    raises(FieldSpec(name="m", mef=p2), p2, "no image HDU")
