@@ -1,0 +1,81 @@
+"""Pixel helpers shared by the SEP-based stages (background, detect, measure).
+
+All arrays are 2-d (y, x) over a tile's halo box unless stated otherwise; SEP wants C-contiguous,
+native-byte-order arrays, which these helpers return (float64).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import sep
+
+# SEP keeps a fixed-size pixel stack and a per-parent limit on deblended children; survey tiles with
+# halo hold a million pixels or more, so raise both above SEP's defaults (300000 and 1024).
+_MIN_PIXSTACK = 300_000
+_SUB_OBJECT_LIMIT = 4096
+
+
+def configure_sep(npix: int) -> None:
+    """Size SEP's global buffers for an image of `npix` pixels (process-wide setting)."""
+    need = max(_MIN_PIXSTACK, int(npix))
+    if sep.get_extract_pixstack() < need:
+        sep.set_extract_pixstack(need)
+    if sep.get_sub_object_limit() < _SUB_OBJECT_LIMIT:
+        sep.set_sub_object_limit(_SUB_OBJECT_LIMIT)
+
+
+def band_pixels(tile, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data, err, bad) of band index `b`.
+
+    data: image with non-finite values set to 0 (image units); err: 1-sigma noise per pixel,
+    1/sqrt(invvar), 0 where invvar <= 0; bad: True where the pixel carries any mask bit, has
+    invvar <= 0 or a non-finite value (these pixels never enter a sum)."""
+    img = np.asarray(tile.image[b], dtype=np.float64)
+    iv = np.asarray(tile.invvar[b], dtype=np.float64)
+    finite = np.isfinite(img) & np.isfinite(iv)
+    bad = (np.asarray(tile.mask[b]) != 0) | ~finite | ~(iv > 0)
+    data = np.ascontiguousarray(np.where(finite, img, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        err = np.ascontiguousarray(np.where(bad, 0.0, 1.0 / np.sqrt(np.where(bad, 1.0, iv))))
+    return data, err, np.ascontiguousarray(bad)
+
+
+def detection_image(tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse-variance weighted mean of the bands: (det, noise, bad), each (y, x) float64/bool.
+
+    det = sum_b w_b img_b / sum_b w_b with w_b = invvar_b on unmasked pixels (0 on masked ones), so
+    a pixel masked in one band is detected from the others; noise = 1 / sqrt(sum_b w_b) is its
+    1-sigma error; bad marks pixels with no usable band (det and noise are 0 there)."""
+    num = np.zeros(tile.image.shape[1:], dtype=np.float64)
+    wsum = np.zeros_like(num)
+    for b in range(tile.image.shape[0]):
+        data, err, bad = band_pixels(tile, b)
+        w = np.where(bad, 0.0, np.asarray(tile.invvar[b], dtype=np.float64))
+        num += w * data
+        wsum += w
+    bad = ~(wsum > 0)
+    safe = np.where(bad, 1.0, wsum)
+    det = np.ascontiguousarray(np.where(bad, 0.0, num / safe))
+    noise = np.ascontiguousarray(np.where(bad, 0.0, 1.0 / np.sqrt(safe)))
+    return det, noise, np.ascontiguousarray(bad)
+
+
+def fwhm_pixels(tile, default_px: float) -> float:
+    """The tile's reference PSF FWHM in pixels: the largest known band FWHM (arcsec) over the pixel
+    scale (arcsec/pixel), so that apertures and filters suit the worst-seeing band;
+    `default_px` where no band has a FWHM."""
+    known = [float(f) for f in (tile.psf_fwhm or []) if f is not None and np.isfinite(f) and f > 0]
+    if not known or not tile.pixel_scale or tile.pixel_scale <= 0:
+        return float(default_px)
+    return max(known) / float(tile.pixel_scale)
+
+
+def gaussian_kernel(fwhm_px: float) -> np.ndarray:
+    """A normalised 2-d Gaussian of FWHM `fwhm_px` pixels on a (2h+1, 2h+1) grid, h = ceil(1.5 FWHM)
+    (3.5 sigma), for SEP's detection filter."""
+    sigma = max(float(fwhm_px), 0.5) / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    h = max(1, int(math.ceil(1.5 * max(float(fwhm_px), 0.5))))
+    yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
+    k = np.exp(-0.5 * (xx ** 2 + yy ** 2) / sigma ** 2)
+    return np.ascontiguousarray(k / k.sum())
