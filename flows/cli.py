@@ -150,36 +150,134 @@ def ingest(
         raise typer.Exit(1)
 
 
+def _run(cfg) -> dict:
+    from flows import prefect_env
+    prefect_env.configure(cfg.run_dir / ".deepfield-prefect")
+    from flows.run import run_flow
+    return run_flow(cfg)
+
+
+def _print_run(summary: dict, cfg) -> None:
+    ing, proc, mer, sec = summary["ingest"], summary["process"], summary["merge"], summary["seconds"]
+    n = {s: sum(r["status"] == s for r in ing) for s in ("ingested", "skipped", "failed")}
+    console.print(f"ingest:  {n['ingested']} field(s) ingested, {n['skipped']} unchanged, {n['failed']} failed "
+                  f"({sec['ingest']:.1f} s)")
+    console.print(f"process: {proc['done']} tile(s) processed, {proc['skipped']} already done, {proc['failed']} failed, "
+                  f"{proc['retries']} retried, on {proc['actors']} actor(s) ({sec['process']:.1f} s)")
+    if proc.get("stage_seconds"):
+        tot = sum(proc["stage_seconds"].values()) or 1.0
+        console.print("         stage time: " + ", ".join(f"{k} {v:.1f} s ({100 * v / tot:.0f}%)"
+                                                         for k, v in proc["stage_seconds"].items()))
+    console.print(f"merge:   {mer.get('rows_out', mer.get('n_sources', '?'))} sources in the catalog ({sec['merge']:.1f} s)")
+    for r in ing:
+        if r["status"] == "failed":
+            console.print(f"[bold red]failed field:[/] {r['error']}")
+    from tasks.ledger import summarise
+    for tile, err in summarise(cfg.run_dir)["failed"]:
+        console.print(f"[bold red]failed tile:[/] {tile}: {err}")
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="run configuration (YAML); see the README, 'Run configuration'"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="override run_dir of the configuration"),
+) -> None:
+    """Run a survey end to end: ingest -> process tiles on Ray -> merge catalogs with Dask."""
+    from flows.run_config import RunConfigError, load_run_config
+
+    try:
+        cfg = load_run_config(config, run_dir=str(run_dir.resolve()) if run_dir else None)
+    except RunConfigError as exc:
+        fail(str(exc))
+    summary = _run(cfg)
+    _print_run(summary, cfg)
+    typer.echo(str(cfg.run_dir))
+    if summary["failed_fields"] or summary["failed_tiles"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
+    """Summarise a run's ledger: tiles done and failed, retries, sources, time per stage."""
+    from tasks.ledger import summarise
+
+    if not (run_dir / "ledger").is_dir():
+        fail(f"{run_dir}: no ledger/ here; not a run directory")
+    s = summarise(run_dir)
+    typer.echo(f"tiles: {s['tiles']}  " + "  ".join(f"{k}: {v}" for k, v in sorted(s["status"].items()))
+               + f"  retried: {s['retried']}")
+    typer.echo(f"sources: {s['sources']} detected, {s['primary']} primary in their tile")
+    typer.echo("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in s["stage_seconds"].items()))
+    typer.echo(f"configuration hashes: {', '.join(s['config_hashes'])}")
+    for tile, err in s["failed"]:
+        typer.echo(f"failed {tile}: {err}")
+    if s["failed"]:
+        raise typer.Exit(1)
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo"), "--out", "-o", help="demo directory"),
     size: int = typer.Option(1024, help="field size in pixels"),
+    fields: int = typer.Option(2, help="number of overlapping fields"),
     seed: int = typer.Option(1, help="random seed"),
 ) -> None:
-    """Simulate a small field, write its preview and print where everything is."""
+    """Simulate a small two-field survey, run it end to end, and print what was found and where."""
+    import yaml
+
+    from flows.run_config import RunConfig
+    from tasks.preview import write_preview
     from tasks.sim.config import SimConfig
     from tasks.sim.survey import simulate_survey
-    from tasks.preview import write_preview
 
     try:
-        cfg = SimConfig(seed=seed, size=size, fields=1)
+        sim_cfg = SimConfig(seed=seed, size=size, fields=fields)
     except ValidationError as exc:
         fail(f"invalid demo options:\n{exc}")
+    out = out.resolve()
     t0 = time.perf_counter()
     with _progress() as prog:
         task = prog.add_task("simulating", total=None)
         # the demo directory is the demo's own: a demo with other options replaces it
-        manifest = simulate_survey(cfg, out / "sim", overwrite=True, progress=lambda d, t, m: prog.update(
+        manifest = simulate_survey(sim_cfg, out / "sim", overwrite=True, progress=lambda d, t, m: prog.update(
             task, completed=d, total=t, description=f"simulating {m}"))
-    png = write_preview(out / "sim" / "fields" / "field000", out / "field000.png")
+    t_sim = time.perf_counter() - t0
+    run_yaml = out / "survey.yaml"
+    run_yaml.write_text(yaml.safe_dump({"inputs": "sim/manifest.yaml", "run_dir": "run"}))
+    cfg = RunConfig(inputs=manifest, run_dir=out / "run")
+    summary = _run(cfg)
+    png = write_preview(out / "sim" / "fields" / "field000", out / "field000.png", binning=2)
+    _print_run(summary, cfg)
+    comp = demo_completeness(out / "sim" / "truth" / "objects.parquet", summary["merge"])
+    typer.echo(f"simulated {fields} field(s) of {size}x{size} px in {t_sim:.1f} s; "
+               f"ran them in {summary['seconds']['total']:.1f} s; total {time.perf_counter() - t0:.1f} s")
+    typer.echo(f"  completeness at i < 24 (primary truth galaxies and stars matched within 1\"): "
+               f"{comp['matched']}/{comp['n']} = {comp['fraction']:.1%}")
+    typer.echo(f"  run configuration: {run_yaml}")
+    typer.echo(f"  source catalog:    {summary['merge']['paths']['hats']} (HATS; also {summary['merge']['paths'].get('fits')})")
+    typer.echo(f"  ledger:            {cfg.run_dir / 'ledger'}  (deepfield status {cfg.run_dir})")
+    typer.echo(f"  truth tables:      {out / 'sim' / 'truth'}")
+    typer.echo(f"  preview:           {png}")
+    if summary["failed_fields"] or summary["failed_tiles"]:
+        raise typer.Exit(1)
+
+
+def demo_completeness(truth_path: Path, merge: dict, mag_limit: float = 24.0) -> dict:
+    """Fraction of primary truth galaxies and stars brighter than mag_limit in i with a catalog
+    source within 1 arcsec."""
+    import numpy as np
     import pandas as pd
-    truth = pd.read_parquet(out / "sim" / "truth" / "objects.parquet")
-    kinds = truth["kind"].value_counts().to_dict()
-    typer.echo(f"simulated 1 field of {size}x{size} px in {time.perf_counter() - t0:.1f} s")
-    typer.echo(f"  truth objects: {len(truth)} ({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))})")
-    typer.echo(f"  manifest:      {manifest}")
-    typer.echo(f"  truth tables:  {out / 'sim' / 'truth'}")
-    typer.echo(f"  preview:       {png}")
+    from astropy.coordinates import SkyCoord
+
+    truth = pd.read_parquet(truth_path)
+    t = truth[truth.is_primary & truth.kind.isin(["galaxy", "star", "bcg"]) & (truth.mag_i < mag_limit)]
+    cat = pd.read_parquet(merge["paths"]["parquet"], columns=["ra", "dec"])
+    if len(t) == 0 or len(cat) == 0:
+        return dict(n=len(t), matched=0, fraction=0.0)
+    _, sep, _ = SkyCoord(t.ra.values, t.dec.values, unit="deg").match_to_catalog_sky(
+        SkyCoord(cat.ra.values, cat.dec.values, unit="deg"))
+    matched = int(np.sum(sep.arcsec < 1.0))
+    return dict(n=len(t), matched=matched, fraction=matched / len(t))
 
 
 def main() -> None:  # pragma: no cover - console script entry point

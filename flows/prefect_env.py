@@ -11,8 +11,10 @@ from pathlib import Path
 
 def configure(state_dir: str | Path, quiet: bool = True) -> None:
     """Point Prefect's home (database, logs) at state_dir unless PREFECT_HOME or an API URL is set."""
-    if "PREFECT_API_URL" not in os.environ:
-        os.environ.setdefault("PREFECT_HOME", str(Path(state_dir).resolve()))
+    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
+        home = Path(state_dir).resolve()
+        home.mkdir(parents=True, exist_ok=True)  # the ephemeral server does not start without it
+        os.environ["PREFECT_HOME"] = str(home)
     # the ephemeral server takes 10-25 s to start on a loaded 2-core machine; Prefect's default is 20 s
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

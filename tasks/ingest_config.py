@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-import yaml
+from .yaml_io import read_mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 HDU = Union[int, str]
@@ -132,14 +132,7 @@ def _resolve(spec: FieldSpec, base: Path) -> FieldSpec:
 def load_ingest_config(path: str | Path, store: StoreSpec | None = None) -> IngestConfig:
     """Read an ingest configuration or a `deepfield simulate` manifest; paths made absolute."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with `fields`, got {type(data).__name__}")
+    data = read_mapping(path, ConfigError, "ingest configuration")
     if data.get("kind") == "deepfield-simulation":  # a simulate manifest: keep the keys ingest needs
         keep = {"image", "invvar", "mask", "zeropoint", "psf_fwhm"}
         data = {"fields": [{"name": f["name"],

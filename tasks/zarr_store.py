@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -158,6 +158,8 @@ class Tile:
     zeropoints: list[float]
     psf_fwhm: list[float | None]
     pixel_scale: float
+    field_shape: tuple[int, int] = (0, 0)  # (ny, nx) of the whole field
+    meta: dict = field(default_factory=dict)  # per-tile results stages share (e.g. background rms)
 
     @property
     def core_in_box(self) -> tuple[slice, slice]:
@@ -184,4 +186,16 @@ def read_tile(root: zarr.Group, tile: TileId, halo: int) -> Tile:
     wcs = WCS(attrs_to_header(g.attrs["wcs_header"])).slice(box.slices)
     return Tile(id=tile, bands=list(g.attrs["bands"]), image=g["image"][sl], invvar=g["invvar"][sl],
                 mask=g["mask"][sl], box=box, core=core, wcs=wcs, zeropoints=list(g.attrs["zeropoints"]),
-                psf_fwhm=list(g.attrs["psf_fwhm"]), pixel_scale=float(g.attrs["pixel_scale"]))
+                psf_fwhm=list(g.attrs["psf_fwhm"]), pixel_scale=float(g.attrs["pixel_scale"]),
+                field_shape=(grid.ny, grid.nx))
+
+
+def sky_fields(root: zarr.Group) -> list:
+    """tasks.tiling.SkyField of every complete field (for sky ownership where fields overlap)."""
+    from .tiling import SkyField
+    out = []
+    for name in complete_fields(root):
+        g = root["fields"][name]
+        _, ny, nx = g.attrs["shape"]
+        out.append(SkyField(name=name, wcs=WCS(attrs_to_header(g.attrs["wcs_header"])), ny=int(ny), nx=int(nx)))
+    return out

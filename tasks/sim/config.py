@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
+from ..yaml_io import read_mapping
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -131,12 +131,6 @@ class SimConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "SimConfig":
         """Read a YAML file, then apply non-None keyword overrides (the command-line options)."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ValueError(f"{path}: cannot read simulator config: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: simulator config must be a mapping, got {type(data).__name__}")
+        data = read_mapping(path, ValueError, "simulator configuration")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(data)

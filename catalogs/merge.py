@@ -1,0 +1,236 @@
+"""Merge the per-tile source tables of a run into the survey source catalog (DESIGN.md, flows/merge).
+
+Input: `RUN/tiles/<field>/<ty>_<tx>.parquet`, one table per tile (tasks' tile runner). Steps, on Dask:
+
+1. read every tile table (`dask.dataframe.read_parquet`, files in sorted order) and keep the rows with
+   `is_primary` (centroid in the tile core): tile-level de-duplication of the halos;
+2. field-level de-duplication: add `is_primary_field` (`catalogs.dedup.FieldOwnership`, i.e.
+   `tasks.tiling.owner`: the field whose centre is nearest among those containing the position owns
+   it) and keep only those rows, unless `keep_field_duplicates=True` (then the overlap duplicates stay,
+   flagged False, for QA);
+3. `source_id` (int64, first column): BLAKE2b of (field, tile, tile_index) masked to 63 bits, stable
+   across re-runs; uniqueness is checked over the whole catalog (ValueError naming the rows otherwise);
+4. `_healpix_29` (the HATS spatial index, `hats.pixel_math.spatial_index.compute_spatial_index`);
+5. the HATS catalog is written by hats-import (`ImportArguments` + `pipeline_with_client`), rows sorted
+   by `_healpix_29` within each HEALPix partition;
+6. exports of the same rows: FITS binary table (astropy; ra/dec in deg, x/y/a/b in pix, theta in rad,
+   fluxes in adu i.e. image units with the band's AB zero point, magnitudes in mag) and flat Parquet.
+
+Outputs in `out_dir` (default `RUN/catalogs`): `sources/` (HATS catalog), `sources_flat/` (Parquet parts),
+`sources.fits`, `sources.summary.json`. Everything is built under `out_dir/.sources.tmp-XXXX/` and then
+renamed into place, an old output removed just before; a crash leaves the old or the new outputs, never
+partial ones. One merge at a time per `out_dir` (a merge removes temporaries left by killed ones).
+
+Dask: without a `client`, a threads-only `LocalCluster(processes=False)` is started for the merge (no
+`__main__` guard needed, no pickling of the SkyFields; the work is mostly Arrow/NumPy, which releases
+the GIL). Pass a `distributed.Client` to run on a real cluster.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from astropy import units as u
+from astropy.table import Table
+
+from tasks.atomic import write_text
+from tasks.tiling import SkyField
+
+from .dedup import FieldOwnership, source_ids
+
+__all__ = ["merge_catalog", "open_catalog", "export_fits", "HEALPIX_COLUMN"]
+
+HEALPIX_COLUMN = "_healpix_29"  # hats.pixel_math.spatial_index.SPATIAL_INDEX_COLUMN
+CATALOG_NAME = "sources"
+FILES_PER_PARTITION = 16  # tile tables per Dask partition (and per hats-import input file)
+
+
+def _prepare(df: pd.DataFrame, ownership: FieldOwnership, keep_duplicates: bool) -> pd.DataFrame:
+    """One partition: field ownership, ids and spatial index (rows already tile-primary)."""
+    from hats.pixel_math.spatial_index import compute_spatial_index
+
+    df = ownership.flag(df)
+    if not keep_duplicates:
+        df = df[df["is_primary_field"].to_numpy(bool)]
+    df.insert(0, "source_id", source_ids(df))
+    ra, dec = df["ra"].to_numpy(np.float64), df["dec"].to_numpy(np.float64)
+    df[HEALPIX_COLUMN] = compute_spatial_index(ra, dec) if len(df) else np.zeros(0, np.int64)
+    return df.reset_index(drop=True)
+
+
+def _check_unique_ids(flat_dir: Path) -> None:
+    ids = dd.read_parquet(str(flat_dir), columns=["source_id"])["source_id"]
+    counts = ids.value_counts(split_out=max(1, ids.npartitions // 64))
+    dup = counts[counts > 1].compute()
+    if len(dup) == 0:
+        return
+    rows = pq.read_table(flat_dir, columns=["source_id", "field", "tile", "tile_index"],
+                         filters=[("source_id", "in", [int(i) for i in dup.index[:20]])]).to_pandas()
+    keys = rows.drop_duplicates(["field", "tile", "tile_index"])
+    what = ("the same (field, tile, tile_index) appears twice in the tile tables"
+            if len(keys) < len(rows) else "a 63-bit source_id hash collision")
+    raise ValueError(f"source_id not unique ({len(dup)} ids repeated: {what}); rows:\n"
+                     f"{rows.sort_values('source_id').to_string(index=False)}")
+
+
+def _pixel_threshold(flat_dir: Path, n_rows: int, order: int) -> int:
+    """Rows per HEALPix partition: about n_rows / 8 (a handful of partitions for small runs), between
+    100 and 1e6, and never below the fullest pixel at `order` (hats-import cannot split those)."""
+    hp = dd.read_parquet(str(flat_dir), columns=[HEALPIX_COLUMN])[HEALPIX_COLUMN]
+    fullest = int((hp // 4 ** (29 - order)).value_counts(split_out=1).max().compute())
+    return int(max(fullest, min(1_000_000, max(100, -(-n_rows // 8)))))
+
+
+def _write_hats(flat_dir: Path, staging: Path, client, highest_order: int, threshold: int) -> Path:
+    from hats.pixel_math.spatial_index import SPATIAL_INDEX_COLUMN, SPATIAL_INDEX_ORDER
+    from hats_import.catalog.arguments import ImportArguments
+    from hats_import.pipeline import pipeline_with_client
+
+    assert SPATIAL_INDEX_COLUMN == HEALPIX_COLUMN
+    args = ImportArguments(
+        output_path=staging, output_artifact_name=CATALOG_NAME, catalog_type="object",
+        input_file_list=sorted(flat_dir.glob("*.parquet")), file_reader="parquet",
+        ra_column="ra", dec_column="dec", use_healpix_29=True,
+        addl_hats_properties={"hats_col_healpix": SPATIAL_INDEX_COLUMN,
+                              "hats_col_healpix_order": SPATIAL_INDEX_ORDER,
+                              "hats_cols_survey_id": "source_id"},
+        highest_healpix_order=highest_order, pixel_threshold=threshold,
+        should_write_skymap=False, tmp_dir=staging / "hats_tmp", resume=False, progress_bar=False)
+    pipeline_with_client(args, client)
+    return staging / CATALOG_NAME
+
+
+_UNITS = {"ra": u.deg, "dec": u.deg, "x": u.pix, "y": u.pix, "a": u.pix, "b": u.pix, "theta": u.rad}
+
+
+def export_fits(table: pd.DataFrame, path: Path) -> None:
+    """Write `table` as a FITS binary table with units (see module docstring), atomically."""
+    t = Table.from_pandas(table)
+    for name in t.colnames:
+        if name in _UNITS:
+            t[name].unit = _UNITS[name]
+        elif name.startswith(("flux_", "fluxerr_")):
+            t[name].unit = u.adu
+        elif name.startswith(("mag_", "magerr_")):
+            t[name].unit = u.mag
+    t.meta["EXTNAME"] = "SOURCES"
+    t.meta["COMMENT"] = ["deepfield source catalog; fluxes in image units (adu), AB mags",
+                         "ra, dec: ICRS degrees; source_id stable across re-runs"]
+    tmp = path.with_name(f".{path.name}.tmp")
+    t.write(tmp, format="fits", overwrite=True)
+    os.replace(tmp, path)
+
+
+def _replace(src: Path, dst: Path) -> None:
+    """Move `src` onto `dst`, removing an old `dst` just before (directories) or atomically (files)."""
+    if src.is_dir():
+        if dst.exists():
+            shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
+        os.rename(src, dst)
+    else:
+        os.replace(src, dst)
+
+
+def _local_client(n_threads: int | None):
+    from dask.distributed import Client, LocalCluster
+
+    cluster = LocalCluster(processes=False, n_workers=1, threads_per_worker=n_threads or os.cpu_count() or 1,
+                           dashboard_address=None)
+    return Client(cluster), cluster
+
+
+def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = None, *,
+                  highest_healpix_order: int = 8, pixel_threshold: int | None = None,
+                  keep_field_duplicates: bool = False, client=None, n_threads: int | None = None,
+                  write_fits: bool = True) -> dict:
+    """Merge `run_dir/tiles/*/*.parquet` into the source catalog under `out_dir` (default run_dir/catalogs).
+
+    fields: the SkyFields of the run (every field named in the tile tables must be among them).
+    highest_healpix_order: finest HEALPix order of a partition (8: ~14 arcmin pixels). hats-import's
+        partitioning is dense in 12 * 4**order pixels: on 2 cores order 8 costs ~1 s, 9 ~15 s, 10 ~60 s
+        and 11 ~5 min / 8 GB whatever the row count, so raise it only for very dense catalogs.
+    pixel_threshold: most rows per partition; default about n_rows / 8, between 100 and 1e6.
+    keep_field_duplicates: keep rows of overlapping fields that do not own their position (flagged
+        `is_primary_field` False) instead of dropping them.
+    client: a dask.distributed Client to use; default: a local threads-only cluster for this call.
+    Returns a summary dict (also written to out_dir/sources.summary.json).
+    """
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "catalogs"
+    files = sorted((run_dir / "tiles").glob("*/*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no tile tables matching {run_dir / 'tiles' / '*' / '*.parquet'}")
+    ownership = FieldOwnership(fields)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f".{CATALOG_NAME}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{CATALOG_NAME}.tmp-", dir=out_dir))
+    own_client = client is None
+    cluster = None
+    if own_client:
+        client, cluster = _local_client(n_threads)
+    try:
+        tiles = dd.read_parquet([str(f) for f in files])
+        tiles = tiles.repartition(npartitions=max(1, -(-tiles.npartitions // FILES_PER_PARTITION)))
+        primary = tiles[tiles["is_primary"]]
+        meta = _prepare(primary._meta, ownership, keep_field_duplicates)
+        merged = primary.map_partitions(_prepare, ownership, keep_field_duplicates, meta=meta)
+        flat_dir = staging / "flat"
+        write = merged.to_parquet(str(flat_dir), write_index=False, compute=False,
+                                  name_function=lambda i: f"part.{i:05d}.parquet")
+        n_in, n_primary, _ = client.compute(
+            [tiles.map_partitions(len).sum(), primary.map_partitions(len).sum(), write], sync=True)
+        n_kept = pads.dataset(flat_dir, format="parquet").count_rows()
+        n_owned = pads.dataset(flat_dir, format="parquet").count_rows(
+            filter=pads.field("is_primary_field"))
+        if n_kept == 0:
+            raise ValueError(f"no primary rows to merge in the {len(files)} tile tables under {run_dir / 'tiles'}")
+        _check_unique_ids(flat_dir)
+        threshold = pixel_threshold or _pixel_threshold(flat_dir, n_kept, highest_healpix_order)
+        hats_dir = _write_hats(flat_dir, staging, client, highest_healpix_order, threshold)
+        if write_fits:
+            export_fits(pq.read_table(flat_dir).to_pandas(), staging / f"{CATALOG_NAME}.fits")
+        shutil.rmtree(staging / "hats_tmp", ignore_errors=True)
+
+        import hats
+
+        n_partitions = len(hats.read_hats(hats_dir).get_healpix_pixels())
+        paths = {"hats": out_dir / CATALOG_NAME, "parquet": out_dir / f"{CATALOG_NAME}_flat"}
+        if write_fits:
+            paths["fits"] = out_dir / f"{CATALOG_NAME}.fits"
+            _replace(staging / f"{CATALOG_NAME}.fits", paths["fits"])
+        _replace(flat_dir, paths["parquet"])
+        _replace(hats_dir, paths["hats"])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if own_client:
+            client.close()
+            cluster.close()
+    summary = {
+        "n_tiles": len(files), "rows_in": int(n_in), "primary_rows": int(n_primary),
+        "field_duplicates": int(n_primary - n_owned), "field_duplicates_dropped": int(n_primary - n_kept),
+        "rows_out": int(n_kept),
+        "n_partitions": n_partitions, "highest_healpix_order": highest_healpix_order,
+        "pixel_threshold": threshold, "paths": {k: str(v) for k, v in paths.items()},
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    write_text(out_dir / f"{CATALOG_NAME}.summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def open_catalog(path: Path | str, **kwargs):
+    """The lsdb Catalog at `path` (a merge's out_dir/sources); kwargs go to lsdb (columns, search_filter)."""
+    import lsdb
+
+    reader = getattr(lsdb, "open_catalog", None) or lsdb.read_hats
+    return reader(Path(path), **kwargs)

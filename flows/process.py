@@ -1,0 +1,136 @@
+"""Processing: a Ray actor pool runs the tile runner over every tile of every complete field.
+
+One actor per GPU when the Ray cluster has GPUs (num_gpus=1: Ray gives each actor its own
+CUDA_VISIBLE_DEVICES), otherwise N CPU actors. Work in flight is bounded (a few tiles per actor).
+An actor that dies is replaced and its tiles retried; a tile that fails `max_attempts` times is
+marked failed in the ledger and the run goes on. The driver writes the ledger; actors write the
+tile outputs.
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections import deque
+from typing import Callable
+
+from tasks.ledger import Ledger, TileRecord
+from tasks.stages.registry import STAGES
+from tasks.tile_runner import TileRunner
+from tasks.tiling import TileId
+from tasks.zarr_store import complete_fields, field_grid, open_store
+
+Progress = Callable[[int, int, str], None]
+
+
+def all_tiles(store: str, halo: int) -> list[TileId]:
+    root = open_store(store)
+    out = []
+    for name in complete_fields(root):
+        out += field_grid(root, name, halo).tiles(name)
+    return out
+
+
+def stage_versions(stages: list[tuple[str, dict]]) -> dict[str, str]:
+    return {name: str(STAGES[name].version) for name, _ in stages}
+
+
+def start_ray(address: str | None, num_cpus: int | None):
+    """Connect to a Ray cluster at `address`, or start (or reuse) a local one."""
+    import ray
+    if ray.is_initialized():
+        return ray
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    return ray
+
+
+def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: int, config_hash: str,
+              address: str | None = None, num_actors: int | None = None, use_gpus: bool = True,
+              in_flight_per_actor: int = 2, max_attempts: int = 3, progress: Progress | None = None,
+              actor_env: dict[str, str] | None = None) -> dict:
+    """Process every tile not yet done under `config_hash`; returns a summary of the run.
+
+    actor_env: environment variables for the actors (e.g. DEEPFIELD_FAULT in fault drills)."""
+    ledger = Ledger(run_dir)
+    versions = stage_versions(stages)
+    tiles = all_tiles(store, halo)
+    todo = [t for t in tiles if not ledger.is_done(t, config_hash, versions, output_root=ledger.root.parent)]
+    summary = dict(tiles=len(tiles), skipped=len(tiles) - len(todo), done=0, failed=0, retries=0,
+                   actors=0, seconds=0.0, stage_seconds={})
+    if progress:
+        progress(0, len(todo), f"{summary['skipped']} of {len(tiles)} tiles already done")
+    if not todo:
+        return summary
+    t_start = time.perf_counter()
+    ray = start_ray(address, num_actors)
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if use_gpus else 0
+    if gpus:
+        n_actors, opts = gpus, dict(num_gpus=1, num_cpus=1)
+    else:
+        n_actors = num_actors or int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        opts = dict(num_cpus=1)
+    n_actors = max(1, min(n_actors, len(todo)))
+    if actor_env:
+        opts["runtime_env"] = {"env_vars": dict(actor_env)}
+    Actor = ray.remote(max_restarts=0, **opts)(TileRunner)
+
+    def new_actor():
+        return Actor.remote(store, run_dir, stages, halo)
+
+    actors = [new_actor() for _ in range(n_actors)]
+    load = [0] * n_actors
+    queue = deque((t, 1) for t in todo)
+    inflight: dict = {}  # ObjectRef -> (actor index, actor handle, tile, attempt)
+    done = 0
+    stage_time: dict[str, float] = {}
+    while queue or inflight:
+        for k in range(n_actors):
+            while queue and load[k] < in_flight_per_actor:
+                tile, attempt = queue.popleft()
+                ref = actors[k].process.remote(str(tile), attempt)
+                inflight[ref] = (k, actors[k], tile, attempt)
+                load[k] += 1
+        ready, _ = ray.wait(list(inflight), num_returns=1)
+        ref = ready[0]
+        k, handle, tile, attempt = inflight.pop(ref)
+        if actors[k] is handle:
+            load[k] -= 1
+        try:
+            res = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+            if actors[k] is handle:  # replace the dead actor once; its other tiles fail the same way
+                actors[k] = new_actor()
+                load[k] = 0
+            error = f"actor died: {type(exc).__name__}"
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            error = "".join(traceback.format_exception_only(type(cause), cause)).strip()
+        else:
+            ledger.put(TileRecord(tile=str(tile), status="done", attempts=attempt, config_hash=config_hash,
+                                  stage_versions=versions, timings=res["timings"], counts=res["counts"],
+                                  output=res["output"]))
+            for name, sec in res["timings"].items():
+                stage_time[name] = stage_time.get(name, 0.0) + sec
+            done += 1
+            summary["done"] += 1
+            if progress:
+                progress(done, len(todo), str(tile))
+            continue
+        if attempt < max_attempts:
+            summary["retries"] += 1
+            queue.append((tile, attempt + 1))
+        else:
+            ledger.put(TileRecord(tile=str(tile), status="failed", attempts=attempt, config_hash=config_hash,
+                                  stage_versions=versions, error=error))
+            summary["failed"] += 1
+            done += 1
+            if progress:
+                progress(done, len(todo), f"{tile} FAILED")
+    for a in actors:
+        ray.kill(a)
+    summary.update(actors=n_actors, seconds=time.perf_counter() - t_start, stage_seconds=stage_time)
+    return summary

@@ -1,0 +1,90 @@
+"""`deepfield run survey.yaml`: the validated configuration of a whole run (ingest -> process ->
+merge). Every key is documented in the README ("Run configuration")."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.ingest_config import StoreSpec
+from tasks.yaml_io import read_mapping
+from tasks.stages.registry import DEFAULT_STAGES, STAGES
+
+
+class StageSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="stage name from the registry")
+    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the stage")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in STAGES:
+            raise ValueError(f"unknown stage {v!r}; known stages: {', '.join(sorted(STAGES))}")
+        return v
+
+
+class RaySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    address: Optional[str] = Field(None, description="Ray cluster address ('auto', 'ray://host:10001'); "
+                                                     "none: start a local Ray")
+    num_actors: Optional[int] = Field(None, ge=1, description="CPU actors when there is no GPU (default: cores)")
+    use_gpus: bool = Field(True, description="one actor per GPU when the cluster has GPUs")
+    in_flight_per_actor: int = Field(2, ge=1, le=64, description="tiles queued per actor at most")
+    max_attempts: int = Field(3, ge=1, le=10, description="attempts before a tile is marked failed")
+
+
+class MergeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fits_export: bool = Field(True, description="also write the source catalog as a FITS table")
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: Path = Field(description="ingest configuration or `deepfield simulate` manifest.yaml")
+    run_dir: Path = Field(description="where the store, tile outputs, ledger and catalogs go")
+    store: Optional[Path] = Field(None, description="Zarr store (default: RUN_DIR/store.zarr)")
+    store_layout: StoreSpec = Field(default_factory=StoreSpec)
+    halo: int = Field(64, ge=0, le=2048, description="pixels read around each tile core")
+    stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec(name=n) for n in DEFAULT_STAGES])
+    ray: RaySpec = Field(default_factory=RaySpec)
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+
+    @property
+    def store_path(self) -> Path:
+        return self.store or (self.run_dir / "store.zarr")
+
+    def stage_list(self) -> list[tuple[str, dict]]:
+        return [(s.name, dict(s.params)) for s in self.stages]
+
+    def processing_hash(self) -> str:
+        """Hash of everything that changes a tile's output: stages and their parameters, halo, layout."""
+        blob = json.dumps(dict(stages=self.stage_list(), halo=self.halo,
+                               tile=self.store_layout.tile), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class RunConfigError(ValueError):
+    pass
+
+
+def load_run_config(path: str | Path, **overrides) -> RunConfig:
+    """Read a run configuration; relative paths are relative to the file."""
+    path = Path(path)
+    data = read_mapping(path, RunConfigError, "run configuration")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise RunConfigError(f"{path}: invalid run configuration:\n{exc}") from None
+    base = path.parent
+    fix = {k: (base / getattr(cfg, k)) for k in ("inputs", "run_dir", "store")
+           if getattr(cfg, k) is not None and not getattr(cfg, k).is_absolute()}
+    return cfg.model_copy(update=fix)

@@ -1,0 +1,90 @@
+"""The tile runner: what one Ray actor (or a plain loop) does with one tile.
+
+It loads its stages once, then for each tile reads the tile with its halo straight from the Zarr
+store (no pixels pass through the driver), runs the stages in order, writes the tile's source table
+to `RUN/tiles/<field>/<ty>_<tx>.parquet` atomically and returns a small summary.
+
+Fault injection for tests and drills: DEEPFIELD_FAULT="kill:<tile>" makes the process exit on the
+first attempt at that tile (an actor killed mid-tile); "raise:<tile>" makes every attempt fail.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from .atomic import atomic_path
+from .stages.registry import make_stage
+from .tiling import TileId
+from .zarr_store import open_store, read_tile
+
+
+def pick_device() -> str:
+    """"cuda:0" when this process was given a GPU (Ray sets CUDA_VISIBLE_DEVICES to the actor's own
+    GPU, so its first visible device is the one it owns), else "cpu"."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if visible and visible != "-1":
+        import torch  # only when a GPU is offered: importing torch costs seconds
+        if torch.cuda.is_available():
+            return "cuda:0"
+    return "cpu"
+
+
+def tile_output(run_dir: str | Path, tile: TileId) -> Path:
+    return Path(run_dir) / "tiles" / tile.field / f"{tile.ty}_{tile.tx}.parquet"
+
+
+def _fault(tile: str, attempt: int) -> None:
+    spec = os.environ.get("DEEPFIELD_FAULT", "")
+    for item in filter(None, spec.split(",")):
+        kind, _, target = item.partition(":")
+        if target == tile and kind == "kill" and attempt == 1:
+            os._exit(17)  # like an OOM kill or a node loss: no exception, no cleanup
+        if target == tile and kind == "raise":
+            raise RuntimeError(f"injected failure on tile {tile} (DEEPFIELD_FAULT)")
+
+
+class TileRunner:
+    """Runs the configured stages over tiles. stages: [(name, params)] in order; halo in pixels."""
+
+    def __init__(self, store: str, run_dir: str, stages: list[tuple[str, dict]], halo: int,
+                 device: str | None = None):
+        self.store, self.run_dir, self.halo = store, Path(run_dir), int(halo)
+        self.root = open_store(store)
+        self.stages = [make_stage(name, **params) for name, params in stages]
+        self.device = device or pick_device()
+        for s in self.stages:
+            s.setup(self.device)
+
+    def info(self) -> dict:
+        return dict(pid=os.getpid(), device=self.device,
+                    cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+    def process(self, tile: str, attempt: int = 1) -> dict:
+        """Process one tile ("field/ty_tx"); returns {tile, timings, counts, output}."""
+        _fault(tile, attempt)
+        tid = TileId.parse(tile)
+        timings = {}
+        t0 = time.perf_counter()
+        data = read_tile(self.root, tid, self.halo)
+        timings["read"] = time.perf_counter() - t0
+        sources = pd.DataFrame()
+        for stage in self.stages:
+            t = time.perf_counter()
+            sources = stage.run(data, sources)
+            timings[stage.name] = time.perf_counter() - t
+        t = time.perf_counter()
+        if len(sources):
+            sources = sources.sort_values(["y", "x"], kind="stable").reset_index(drop=True)
+        sources.insert(0, "tile_index", range(len(sources)))
+        sources.insert(0, "tile", str(tid))
+        sources.insert(0, "field", tid.field)
+        out = tile_output(self.run_dir, tid)
+        with atomic_path(out) as tmp:
+            sources.to_parquet(tmp, index=False)
+        timings["write"] = time.perf_counter() - t
+        primary = int(sources["is_primary"].sum()) if "is_primary" in sources else 0
+        return dict(tile=str(tid), timings=timings, counts=dict(sources=len(sources), primary=primary),
+                    output=str(out.relative_to(self.run_dir)), pid=os.getpid())

@@ -1,0 +1,160 @@
+"""catalogs.merge on a synthetic run: two overlapping fields, 256-px tiles with 32-px halos, ~500 sources."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from astropy.coordinates import SkyCoord
+from astropy.table import Table
+
+from catalogs.dedup import source_id
+from catalogs.merge import merge_catalog, open_catalog
+from tasks.sim.config import SimConfig
+from tasks.sim.layout import field_wcs, sampling_box, survey_layout, survey_plane
+from tasks.tiling import SkyField, TileGrid, pixel_index
+
+N_TRUTH = 500
+BANDS = ("g", "r")
+HIGHEST_ORDER = 8  # ~14' pixels; with 1"/px fields the ~17' x 8.5' footprint spans a few
+
+
+def _truth(cfg: SimConfig, rng: np.random.Generator) -> pd.DataFrame:
+    u0, u1, v0, v1 = sampling_box(cfg, margin_arcsec=-1.0)  # just inside the fields
+    uv = np.empty((0, 2))
+    while len(uv) < N_TRUTH:  # keep sources > 1" apart so that a 0.1" match is unambiguous
+        cand = rng.uniform([u0, v0], [u1, v1])
+        if len(uv) == 0 or np.min(np.hypot(*(uv - cand).T)) > 1.0:
+            uv = np.vstack([uv, cand])
+    sky = survey_plane(cfg).pixel_to_world(uv[:, 0], uv[:, 1])
+    return pd.DataFrame({"truth_id": np.arange(N_TRUTH), "ra": sky.ra.deg, "dec": sky.dec.deg,
+                         "flux": rng.uniform(10.0, 1000.0, N_TRUTH)})
+
+
+def _tile_table(field: str, tile: str, sel: pd.DataFrame, x, y, primary) -> pd.DataFrame:
+    n = len(sel)
+    df = pd.DataFrame({"field": field, "tile": tile, "x": x, "y": y, "ra": sel["ra"].to_numpy(),
+                       "dec": sel["dec"].to_numpy(), "is_primary": primary,
+                       "a": np.full(n, 2.0), "b": np.full(n, 1.5), "theta": np.zeros(n),
+                       "blend_id": np.arange(n, dtype=np.int64), "n_blend": np.ones(n, np.int64),
+                       "is_blended": np.zeros(n, bool)})
+    for flag in ("flag_edge", "flag_masked", "flag_saturated", "flag_blended"):
+        df[flag] = False
+    for b in BANDS:
+        f = sel["flux"].to_numpy()
+        df[f"flux_auto_{b}"], df[f"fluxerr_auto_{b}"] = f, np.sqrt(f)
+        df[f"mag_auto_{b}"], df[f"magerr_auto_{b}"] = 27.0 - 2.5 * np.log10(f), 1.0857 / np.sqrt(f)
+        df[f"flux_aper_{b}"], df[f"fluxerr_aper_{b}"] = 0.8 * f, np.sqrt(f)
+        df[f"mag_aper_{b}"] = 27.0 - 2.5 * np.log10(0.8 * f)
+    df = df.sort_values(["y", "x"], kind="stable").reset_index(drop=True)
+    df.insert(2, "tile_index", np.arange(n, dtype=np.int64))
+    return df
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    cfg = SimConfig(size=512, fields=2, overlap=20, pixel_scale=1.0)
+    run = tmp_path_factory.mktemp("merge_run")
+    truth = _truth(cfg, np.random.default_rng(42))
+    grid = TileGrid(cfg.size, cfg.size, tile=256, halo=32)
+    fields, n_rows = [], 0
+    for lay in survey_layout(cfg):
+        wcs = field_wcs(lay.ra, lay.dec, lay.size, lay.pixel_scale)
+        fields.append(SkyField(lay.name, wcs, cfg.size, cfg.size))
+        x, y = wcs.world_to_pixel_values(truth["ra"].to_numpy(), truth["dec"].to_numpy())
+        ix, iy = pixel_index(x), pixel_index(y)
+        for t in grid.tiles(lay.name):
+            inside = grid.halo_box(t.ty, t.tx).contains(iy, ix)
+            prim = grid.is_primary(t.ty, t.tx, x[inside], y[inside])
+            df = _tile_table(lay.name, str(t), truth[inside], x[inside], y[inside], prim)
+            path = run / "tiles" / lay.name / f"{t.ty}_{t.tx}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            df.to_parquet(path, index=False)
+            n_rows += len(df)
+    return run, fields, truth, n_rows
+
+
+@pytest.fixture(scope="module")
+def merged(synthetic_run):
+    run, fields, truth, n_rows = synthetic_run
+    summary = merge_catalog(run, fields, highest_healpix_order=HIGHEST_ORDER)
+    ids = pd.read_parquet(run / "catalogs" / "sources_flat")["source_id"]
+    return summary, ids
+
+
+def test_every_truth_source_once(synthetic_run, merged):
+    run, fields, truth, n_rows = synthetic_run
+    summary, _ = merged
+    assert summary["rows_in"] == n_rows
+    assert summary["rows_out"] == N_TRUTH
+    assert summary["field_duplicates_dropped"] > 0  # the overlap strip holds sources of both fields
+    assert 2 <= summary["n_partitions"] <= 20
+    cat = pd.read_parquet(summary["paths"]["parquet"])
+    assert len(cat) == N_TRUTH and cat["is_primary"].all() and cat["is_primary_field"].all()
+    t = SkyCoord(truth["ra"], truth["dec"], unit="deg")
+    c = SkyCoord(cat["ra"], cat["dec"], unit="deg")
+    idx, sep, _ = t.match_to_catalog_sky(c)
+    assert np.all(sep.arcsec < 1e-3)
+    assert len(np.unique(idx)) == N_TRUTH
+    assert cat["source_id"].is_unique and (cat["source_id"] >= 0).all()
+    assert cat["_healpix_29"].dtype == np.int64
+
+
+def test_source_id_recipe_is_fixed():
+    # the id of a row must never change between releases: pin the recipe
+    key = source_id("field000", "field000/0_1", 7)
+    assert key == source_id("field000", "field000/0_1", 7)
+    assert 0 <= key < 2**63
+    assert key != source_id("field000", "field000/0_1", 8)
+    assert key == 252174359490966253  # blake2b(b"field000\x1ffield000/0_1\x1f7", digest_size=8) & (2**63-1)
+
+
+def test_lsdb_opens_and_crossmatches(synthetic_run, merged):
+    import lsdb
+
+    run, fields, truth, _ = synthetic_run
+    summary, _ = merged
+    cat = open_catalog(summary["paths"]["hats"])
+    assert len(cat.get_healpix_pixels()) == summary["n_partitions"]
+    truth_cat = lsdb.from_dataframe(truth, ra_column="ra", dec_column="dec", highest_order=HIGHEST_ORDER)
+    xm = cat.crossmatch(truth_cat, radius_arcsec=0.1, n_neighbors=1, suffixes=("", "_truth"),
+                         suffix_method="all_columns").compute()
+    assert len(xm) == N_TRUTH
+    assert xm["truth_id_truth"].nunique() == N_TRUTH
+    assert xm["source_id"].is_unique
+    assert (xm["_dist_arcsec"] < 0.1).all()
+
+
+def test_fits_export(merged):
+    summary, ids = merged
+    t = Table.read(summary["paths"]["fits"], format="fits")
+    assert len(t) == N_TRUTH == summary["rows_out"]
+    assert t["ra"].unit == "deg" and t["dec"].unit == "deg"
+    assert t["flux_auto_g"].unit == "adu" and t["mag_auto_r"].unit == "mag"
+    assert sorted(t["source_id"]) == sorted(ids)
+
+
+def test_rerun_replaces_atomically_with_same_ids(synthetic_run, merged):
+    run, fields, _, _ = synthetic_run
+    summary, ids = merged
+    marker = Path(summary["paths"]["hats"]) / "OLD_MARKER"
+    marker.write_text("from the first merge")
+    again = merge_catalog(run, fields, highest_healpix_order=HIGHEST_ORDER)
+    assert not marker.exists()  # the old catalog directory was replaced, not written into
+    ids2 = pd.read_parquet(run / "catalogs" / "sources_flat")["source_id"]
+    assert ids2.is_unique and sorted(ids2) == sorted(ids)
+    assert again["rows_out"] == summary["rows_out"] and again["n_partitions"] == summary["n_partitions"]
+    assert not list((run / "catalogs").glob(".*tmp*"))  # no temporaries left behind
+    xs = open_catalog(again["paths"]["hats"]).compute()
+    assert sorted(xs["source_id"]) == sorted(ids)
+
+
+def test_id_collision_is_an_error(synthetic_run, tmp_path, monkeypatch):
+    import catalogs.merge as merge_mod
+
+    run, fields, _, _ = synthetic_run
+    monkeypatch.setattr(merge_mod, "source_ids", lambda df: np.zeros(len(df), dtype=np.int64))
+    with pytest.raises(ValueError, match="source_id not unique"):
+        merge_catalog(run, fields, out_dir=tmp_path / "cat")
+    assert not (tmp_path / "cat" / "sources").exists()

@@ -1,0 +1,155 @@
+"""The end-to-end run on the session's simulated two-field survey (4 tiles per field): detection
+against the truth catalog, no duplicates across tile and field boundaries, re-run no-op, an actor
+killed mid-tile, a tile that keeps failing, and the merged catalog opened with lsdb."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from astropy.coordinates import SkyCoord
+
+from flows.run_config import RunConfig
+from tasks.ingest_config import StoreSpec
+from tasks.ledger import summarise
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+
+
+def make_cfg(survey, run_dir) -> RunConfig:
+    return RunConfig(inputs=survey / "manifest.yaml", run_dir=run_dir,
+                     store_layout=StoreSpec(tile=512, chunk=128), halo=48)
+
+
+@pytest.fixture(scope="module")
+def run(survey, tmp_path_factory, prefect_harness, ray_session):
+    from flows.run import run_flow
+    cfg = make_cfg(survey, tmp_path_factory.mktemp("run"))
+    summary = run_flow(cfg)
+    cat = pd.read_parquet(summary["merge"]["paths"]["parquet"])
+    return cfg, summary, cat
+
+
+@pytest.fixture(scope="module")
+def truth(survey):
+    return pd.read_parquet(survey / "truth" / "objects.parquet")
+
+
+def match(truth_rows: pd.DataFrame, cat: pd.DataFrame, radius_arcsec: float):
+    """For each truth row: number of catalog sources within radius, nearest index and separation."""
+    t = SkyCoord(truth_rows.ra.values, truth_rows.dec.values, unit="deg")
+    c = SkyCoord(cat.ra.values, cat.dec.values, unit="deg")
+    idx, sep, _ = t.match_to_catalog_sky(c)
+    ti, ci, _, _ = c.search_around_sky(t, radius_arcsec / 3600 * __import__("astropy.units", fromlist=["deg"]).deg)
+    counts = np.bincount(ti, minlength=len(truth_rows))
+    return counts, idx, sep.arcsec
+
+
+def test_every_tile_processed(run):
+    cfg, summary, _ = run
+    assert summary["process"]["tiles"] == 8  # 2 fields x 4 tiles of 512 px
+    assert summary["process"]["failed"] == 0
+    assert summarise(cfg.run_dir)["status"] == {"done": 8}
+
+
+def test_no_duplicates_across_tile_and_field_boundaries(run, truth):
+    _, _, cat = run
+    stars = truth[truth.is_primary & (truth.kind == "star") & (truth.mag_i < 22)
+                  & (truth.mag_i > 17.5)]  # saturated stars are masked and may split
+    counts, _, _ = match(stars, cat, 1.0)
+    assert len(stars) >= 10
+    assert np.all(counts == 1), stars[counts != 1][["id", "field", "x", "y", "mag_i"]]
+    assert cat.source_id.is_unique
+
+
+def test_completeness_of_isolated_sources(run, truth):
+    _, _, cat = run
+    iso = truth[truth.is_primary & truth.kind.isin(["galaxy", "star"]) & (truth.mag_i < 23)
+                & (truth.n_blend == 1) & (truth.mag_i > 17.5)]
+    counts, _, _ = match(iso, cat, 1.0)
+    completeness = np.mean(counts >= 1)
+    assert completeness >= 0.95, completeness
+
+
+def test_astrometry_and_photometry_of_bright_stars(run, truth):
+    _, _, cat = run
+    inside = truth.x.between(10, 1013) & truth.y.between(10, 1013)  # PSF not cut by the field edge
+    stars = truth[truth.is_primary & (truth.kind == "star") & (truth.mag_i < 21) & (truth.mag_i > 18.5)
+                  & (truth.n_blend == 1) & (truth.blendedness < 0.01) & inside]
+    # isolated: no other simulated object brighter than i = 25.5 within 4"
+    others = truth[(truth.mag_i < 25.5)]
+    near, _, _ = match(stars, others, 4.0)
+    stars = stars[near == 1]  # the star itself
+    _, idx, sep = match(stars, cat, 1.0)
+    assert len(stars) >= 5
+    assert np.all(sep < 0.05), sep
+    clean = ~(cat.flag_masked | cat.flag_saturated | cat.flag_edge).to_numpy()[idx]  # isolated and unmasked
+    assert clean.sum() >= 5
+    idx, stars = idx[clean], stars[clean]
+    for b in ("g", "r", "i", "z"):
+        bright = (stars[f"mag_{b}"] < 21.5).to_numpy()  # bright in this band too (M dwarfs are faint in g)
+        assert bright.sum() >= 3, b
+        flux = cat[f"flux_auto_{b}"].to_numpy()[idx][bright]
+        ratio = flux / stars[f"flux_{b}"].to_numpy()[bright]
+        assert np.all(np.abs(ratio - 1) < 0.05), (b, ratio)
+
+
+def test_rerun_is_a_no_op(run, survey):
+    from flows.run import run_flow
+    cfg, first, cat = run
+    again = run_flow(cfg)
+    assert again["process"]["done"] == 0 and again["process"]["skipped"] == 8
+    assert {r["status"] for r in again["ingest"]} == {"skipped"}
+    cat2 = pd.read_parquet(again["merge"]["paths"]["parquet"])
+    assert sorted(cat2.source_id) == sorted(cat.source_id)
+
+
+def test_lsdb_opens_and_crossmatches(run, truth):
+    import lsdb
+    from catalogs.merge import open_catalog
+    _, summary, cat = run
+    catalog = open_catalog(summary["merge"]["paths"]["hats"])
+    t = truth[truth.is_primary & (truth.mag_i < 22)][["id", "ra", "dec", "mag_i"]]
+    truth_cat = lsdb.from_dataframe(t, ra_column="ra", dec_column="dec")
+    xm = truth_cat.crossmatch(catalog, radius_arcsec=1.0, n_neighbors=1).compute()
+    assert len(xm) >= 0.9 * len(t)
+    assert len(catalog.compute()) == len(cat)
+
+
+def test_killed_actor_is_replaced_and_the_catalog_is_unchanged(run, survey, tmp_path):
+    """An actor process that dies mid-tile is replaced, the tile retried, and the catalog equals
+    the clean run's."""
+    from flows.process import run_tiles
+    cfg, _, cat = run
+    run_dir = tmp_path / "run"
+    shutil.copytree(cfg.run_dir / "store.zarr", run_dir / "store.zarr")
+    cfg2 = cfg.model_copy(update={"run_dir": run_dir})
+    s = run_tiles(str(cfg2.store_path), str(run_dir), cfg2.stage_list(), cfg2.halo, cfg2.processing_hash(),
+                  actor_env={"DEEPFIELD_FAULT": "kill:field000/0_1"})
+    assert s["done"] == 8 and s["failed"] == 0 and s["retries"] >= 1
+    rec = {r.tile: r for r in __import__("tasks.ledger", fromlist=["Ledger"]).Ledger(run_dir).records()}
+    assert rec["field000/0_1"].attempts >= 2
+    for t in rec:
+        field, _, name = t.partition("/")
+        a = pd.read_parquet(cfg.run_dir / "tiles" / field / f"{name}.parquet")
+        b = pd.read_parquet(run_dir / "tiles" / field / f"{name}.parquet")
+        pd.testing.assert_frame_equal(a, b)
+
+
+def test_tile_failing_three_times_is_marked_failed(run, tmp_path):
+    from flows.process import run_tiles
+    cfg, _, _ = run
+    run_dir = tmp_path / "run"
+    shutil.copytree(cfg.run_dir / "store.zarr", run_dir / "store.zarr")
+    s = run_tiles(str(run_dir / "store.zarr"), str(run_dir), cfg.stage_list(), cfg.halo, cfg.processing_hash(),
+                  actor_env={"DEEPFIELD_FAULT": "raise:field001/1_0"})
+    assert s["failed"] == 1 and s["done"] == 7
+    failed = summarise(run_dir)["failed"]
+    assert failed[0][0] == "field001/1_0" and "injected failure" in failed[0][1]
