@@ -153,3 +153,26 @@ def test_tile_failing_three_times_is_marked_failed(run, tmp_path):
     assert s["failed"] == 1 and s["done"] == 7
     failed = summarise(run_dir)["failed"]
     assert failed[0][0] == "field001/1_0" and "injected failure" in failed[0][1]
+
+
+def test_status_command_summarises_the_ledger(run):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    cfg, _, _ = run
+    r = CliRunner().invoke(app, ["status", str(cfg.run_dir)])
+    assert r.exit_code == 0, r.output
+    assert "tiles: 8" in r.output and "done: 8" in r.output
+    r = CliRunner().invoke(app, ["status", str(cfg.run_dir / "nowhere")])
+    assert r.exit_code == 2 and "not a run directory" in " ".join(r.output.split())  # rich wraps lines
+
+
+def test_bad_run_configuration_names_the_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    bad = tmp_path / "survey.yaml"
+    bad.write_text("inputs: x.yaml\nrun_dir: r\nstages: [{name: sharpen}]\n")
+    r = CliRunner().invoke(app, ["run", str(bad)])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and "survey.yaml" in out and "unknown stage" in out
