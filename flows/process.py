@@ -48,6 +48,16 @@ def start_ray(address: str | None, num_cpus: int | None):
     return ray
 
 
+def actor_plan(resources: dict, use_gpus: bool, num_actors: int | None) -> tuple[int, dict]:
+    """(number of actors, Ray actor options) for a cluster's resources: one actor per GPU, each
+    reserving exactly one (so no two share a GPU and Ray sets each one's CUDA_VISIBLE_DEVICES), or
+    `num_actors` (default: every CPU) single-CPU actors when there is no GPU."""
+    gpus = int(resources.get("GPU", 0)) if use_gpus else 0
+    if gpus:
+        return gpus, dict(num_gpus=1, num_cpus=1)
+    return num_actors or int(resources.get("CPU", os.cpu_count() or 1)), dict(num_cpus=1)
+
+
 def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: int, config_hash: str,
               address: str | None = None, num_actors: int | None = None, use_gpus: bool = True,
               in_flight_per_actor: int = 2, max_attempts: int = 3, progress: Progress | None = None,
@@ -67,12 +77,7 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
         return summary
     t_start = time.perf_counter()
     ray = start_ray(address, num_actors)
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if use_gpus else 0
-    if gpus:
-        n_actors, opts = gpus, dict(num_gpus=1, num_cpus=1)
-    else:
-        n_actors = num_actors or int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-        opts = dict(num_cpus=1)
+    n_actors, opts = actor_plan(ray.cluster_resources(), use_gpus, num_actors)
     n_actors = max(1, min(n_actors, len(todo)))
     if actor_env:
         opts["runtime_env"] = {"env_vars": dict(actor_env)}

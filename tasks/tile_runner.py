@@ -21,15 +21,21 @@ from .tiling import TileId
 from .zarr_store import open_store, read_tile
 
 
-def pick_device() -> str:
-    """"cuda:0" when this process was given a GPU (Ray sets CUDA_VISIBLE_DEVICES to the actor's own
-    GPU, so its first visible device is the one it owns), else "cpu"."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    if visible and visible != "-1":
-        import torch  # only when a GPU is offered: importing torch costs seconds
-        if torch.cuda.is_available():
-            return "cuda:0"
+def device_for(visible: str | None, cuda_available: bool) -> str:
+    """The torch device of a process whose CUDA_VISIBLE_DEVICES is `visible`: Ray sets it to the
+    actor's own GPU, so the first visible device, cuda:0, is the one the actor owns."""
+    if visible and visible != "-1" and cuda_available:
+        return "cuda:0"
     return "cpu"
+
+
+def pick_device() -> str:
+    """"cuda:0" when this process was given a GPU, else "cpu"."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if not visible or visible == "-1":
+        return "cpu"
+    import torch  # only when a GPU is offered: importing torch costs seconds
+    return device_for(visible, torch.cuda.is_available())
 
 
 def tile_output(run_dir: str | Path, tile: TileId) -> Path:
