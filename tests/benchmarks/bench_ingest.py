@@ -9,10 +9,14 @@ one thread per field, and prints:
   simulated float32 images);
 - the candidate codecs measured on one image and one inverse-variance map: fraction and speed, the
   measurement behind the default codec.
+
+With --cold (Linux, as root) the page cache is dropped before each contender, so both read their FITS
+files from the disk, as a survey reprocessing does; without it both read page-cached files.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -59,12 +63,22 @@ def baseline(files: list[Path], out: Path) -> tuple[float, int]:
     return time.perf_counter() - t0, nbytes
 
 
+def drop_page_cache() -> None:
+    """Empty Linux's page cache (needs root), so the next reads come from the disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as exc:
+        raise SystemExit(f"--cold: cannot drop the page cache ({exc}); run as root or without --cold")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sim", type=Path, help="existing `deepfield simulate` output to ingest")
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--fields", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each contender (root)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="deepfield-bench-ingest-"))
     try:
@@ -76,16 +90,22 @@ def main() -> None:
         cfg = load_ingest_config(sim / "manifest.yaml")
         spec: StoreSpec = cfg.store
         files = [p for f in cfg.fields for b in f.bands.values() for p in (b.image, b.invvar, b.mask)]
-        for p in files:  # warm the page cache for both contenders alike
+        for p in files:  # warm the page cache for both contenders alike (unless --cold)
             p.read_bytes()
         (work / "npy").mkdir()
+        if args.cold:
+            drop_page_cache()
         t_base, nbytes = baseline(files, work / "npy")
         from tasks.fits_input import sha256_file
+        if args.cold:
+            drop_page_cache()
         t0 = time.perf_counter()
         for p in files:
             sha256_file(p)
         t_sha = time.perf_counter() - t0
         store = work / "bench.zarr"
+        if args.cold:
+            drop_page_cache()
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.threads) as pool:
             results = list(pool.map(lambda f: ingest_one(f, str(store), spec), cfg.fields))
@@ -95,6 +115,7 @@ def main() -> None:
         stored = {k: sum(r["stored_bytes"][k] for r in results) for k in raw}
         mb = nbytes / 1e6
         print(f"ingest of {len(cfg.fields)} field(s), {mb:.0f} MB of FITS pixel data, {args.threads} thread(s), "
+              f"{'cold (page cache dropped)' if args.cold else 'page-cached'} inputs, "
               f"store layout tile {spec.tile} / chunk {spec.chunk} / blosc-{spec.codec.cname}-{spec.codec.clevel}-"
               f"{spec.codec.shuffle}")
         print(f"  ingest (validate, checksum, compress, write)  {mb / t_ing:8.1f} MB/s  ({t_ing:.2f} s)")
