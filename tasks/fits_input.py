@@ -14,16 +14,15 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
-from astropy.wcs.utils import proj_plane_pixel_area, proj_plane_pixel_scales
+from astropy.wcs.utils import proj_plane_pixel_scales
 
 from . import maskbits
+from .fits_align import resample_band, same_grid
 from .ingest_config import FieldSpec
 
 ZP_KEYS = ("MAGZERO", "ZEROPNT", "MAGZPT")
 FWHM_KEYS = ("PSF_FWHM", "SEEING", "FWHM")
 MEF_KINDS = {"IMAGE": "image", "INVVAR": "invvar", "WEIGHT": "invvar", "VARIANCE": "variance", "MASK": "mask"}
-MASK_THRESHOLD = 1e-3  # a resampled pixel gets a mask bit when its neighbours with it weigh more than this
-GRID_TOLERANCE = 1e-3  # pixels: bands whose grids agree to this are not resampled
 IMAGE_HDUS = (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)
 
 
@@ -294,48 +293,6 @@ def _load_band(files: _Files, band: str, img: tuple, inv: tuple | None, var: tup
     return _Band(band, path, image, invvar, mask, wcs, float(zp), fwhm)
 
 
-def _same_grid(w: WCS, shape, wref: WCS, shape_ref) -> bool:
-    if tuple(shape) != tuple(shape_ref):
-        return False
-    ny, nx = shape
-    y, x = (a.ravel() for a in np.meshgrid(np.linspace(0, ny - 1, 5), np.linspace(0, nx - 1, 5), indexing="ij"))
-    try:
-        ra, dec = w.all_pix2world(x, y, 0)
-        x2, y2 = wref.all_world2pix(ra, dec, 0)
-    except Exception:
-        return False
-    return bool(np.all(np.hypot(x2 - x, y2 - y) < GRID_TOLERANCE))
-
-
-def _resample(b: _Band, wref: WCS, shape_ref, ref: str, notes: list[str]) -> None:
-    """Resample band b onto the reference grid in place: bilinear image and invvar; a mask bit is set
-    where input pixels carrying it contribute; pixels without coverage become NO_DATA."""
-    from reproject import reproject_interp
-
-    bits = [k for k in range(16) if np.any(b.mask & (1 << k))]
-    stack = np.empty((2 + len(bits),) + b.image.shape, np.float64)
-    stack[0], stack[1] = b.image, b.invvar
-    for j, k in enumerate(bits):
-        stack[2 + j] = (b.mask >> k) & 1
-    out, foot = reproject_interp((stack, b.wcs), wref, shape_out=tuple(shape_ref), order="bilinear",
-                                 roundtrip_coords=False)
-    cover = (foot[0] > 0) & np.isfinite(out[0]) & np.isfinite(out[1])
-    mask = np.zeros(shape_ref, np.uint16)
-    for j, k in enumerate(bits):
-        mask[out[2 + j] > MASK_THRESHOLD] |= 1 << k
-    mask[~cover] |= maskbits.NO_DATA
-    area = proj_plane_pixel_area(wref) / proj_plane_pixel_area(b.wcs)  # flux per pixel scales with area
-    if abs(area - 1) < 1e-6:
-        area = 1.0
-    b.image = np.where(cover, out[0] * area, 0).astype(np.float32)
-    b.invvar = np.where(cover, out[1] / area ** 2, 0).astype(np.float32)
-    b.invvar[(mask & (maskbits.NO_DATA | maskbits.ZERO_WEIGHT)) != 0] = 0
-    b.mask = mask
-    notes.append(f"band {b.name} resampled onto the {ref} grid with reproject_interp (bilinear)"
-                 + (f", flux scaled by pixel area ratio {area:.6g}" if area != 1 else "")
-                 + f"; {int((~cover).sum())} pixels without coverage masked NO_DATA")
-
-
 def _sources(spec: FieldSpec, files: _Files, notes: list[str]) -> list[tuple]:
     """(band, image, invvar, variance, mask, zeropoint, psf_fwhm) for each band, in order."""
     if spec.mef is None:
@@ -419,8 +376,8 @@ def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> Fiel
                 raise InputError(b.path, f"shape {b.image.shape} of band {b.name} differs from {shape} of reference "
                                          f"band {ref} and the image has no celestial WCS to align it")
             notes.append(f"band {b.name} has no WCS: assumed on the {ref} grid (same shape)")
-        elif not _same_grid(b.wcs, b.image.shape, rb.wcs, shape):
-            _resample(b, rb.wcs, shape, ref, notes)
+        elif not same_grid(b.wcs, b.image.shape, rb.wcs, shape):
+            resample_band(b, rb.wcs, shape, ref, notes)
             resampled.append(b.name)
     for b in bands:
         if not np.any((b.mask == 0) & (b.invvar > 0)):
