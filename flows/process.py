@@ -18,7 +18,7 @@ from tasks.ledger import Ledger, TileRecord
 from tasks.stages.registry import STAGES
 from tasks.tile_runner import TileRunner
 from tasks.tiling import TileId
-from tasks.zarr_store import complete_fields, field_grid, open_store
+from tasks.zarr_store import complete_fields, field_grid, input_fingerprint, open_store
 
 Progress = Callable[[int, int, str], None]
 
@@ -68,7 +68,10 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
     ledger = Ledger(run_dir)
     versions = stage_versions(stages)
     tiles = all_tiles(store, halo)
-    todo = [t for t in tiles if not ledger.is_done(t, config_hash, versions, output_root=ledger.root.parent)]
+    root = open_store(store)
+    inputs = {f: input_fingerprint(root, f) for f in {t.field for t in tiles}}
+    todo = [t for t in tiles if not ledger.is_done(t, config_hash, versions, output_root=ledger.root.parent,
+                                                   input_hash=inputs[t.field])]
     summary = dict(tiles=len(tiles), skipped=len(tiles) - len(todo), done=0, failed=0, retries=0,
                    actors=0, seconds=0.0, stage_seconds={})
     if progress:
@@ -117,7 +120,7 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
         else:
             ledger.put(TileRecord(tile=str(tile), status="done", attempts=attempt, config_hash=config_hash,
                                   stage_versions=versions, timings=res["timings"], counts=res["counts"],
-                                  output=res["output"]))
+                                  output=res["output"], input_hash=inputs[tile.field]))
             for name, sec in res["timings"].items():
                 stage_time[name] = stage_time.get(name, 0.0) + sec
             done += 1
@@ -130,7 +133,7 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
             queue.append((tile, attempt + 1))
         else:
             ledger.put(TileRecord(tile=str(tile), status="failed", attempts=attempt, config_hash=config_hash,
-                                  stage_versions=versions, error=error))
+                                  stage_versions=versions, error=error, input_hash=inputs[tile.field]))
             summary["failed"] += 1
             done += 1
             if progress:

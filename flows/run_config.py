@@ -84,7 +84,7 @@ def load_run_config(path: str | Path, **overrides) -> RunConfig:
         cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
         raise RunConfigError(f"{path}: invalid run configuration:\n{exc}") from None
-    base = path.parent
+    base = path.resolve().parent
     fix = {k: (base / getattr(cfg, k)) for k in ("inputs", "run_dir", "store")
            if getattr(cfg, k) is not None and not getattr(cfg, k).is_absolute()}
     return cfg.model_copy(update=fix)

@@ -142,7 +142,7 @@ def load_ingest_config(path: str | Path, store: StoreSpec | None = None) -> Inge
         cfg = IngestConfig.model_validate(dict(data, source=str(path)))
     except ValidationError as exc:
         raise ConfigError(f"{path}: invalid ingest configuration:\n{exc}") from None
-    base = path.parent
+    base = path.resolve().parent  # absolute: the same inputs are the same whatever the working directory
     update = {"fields": [_resolve(f, base) for f in cfg.fields]}
     if store is not None:
         update["store"] = store

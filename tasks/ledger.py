@@ -26,6 +26,7 @@ class TileRecord:
     config_hash: str
     stage_versions: dict[str, str]
     model_versions: dict[str, str] = field(default_factory=dict)
+    input_hash: str = ""  # fingerprint of the field's ingested inputs: a re-ingested field is redone
     timings: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     output: str | None = None
@@ -51,9 +52,10 @@ class Ledger:
         write_text(self.path(TileId.parse(rec.tile)), json.dumps(asdict(rec), indent=1, sort_keys=True))
 
     def is_done(self, tile: TileId, config_hash: str, stage_versions: dict[str, str],
-                model_versions: dict[str, str] | None = None, output_root: Path | None = None) -> bool:
+                model_versions: dict[str, str] | None = None, output_root: Path | None = None,
+                input_hash: str = "") -> bool:
         rec = self.get(tile)
-        if rec is None or rec.status != "done" or rec.config_hash != config_hash:
+        if rec is None or rec.status != "done" or rec.config_hash != config_hash or rec.input_hash != input_hash:
             return False
         if rec.stage_versions != stage_versions or rec.model_versions != (model_versions or {}):
             return False

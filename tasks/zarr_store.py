@@ -79,6 +79,16 @@ def field_record(root: zarr.Group, name: str) -> dict | None:
         return None
 
 
+def input_fingerprint(root: zarr.Group, name: str) -> str:
+    """A hash of what a complete field was ingested from (input checksums, field spec, store layout);
+    it changes when the field is re-ingested from changed inputs."""
+    import hashlib
+    import json
+    rec = field_record(root, name) or {}
+    rec = {k: v for k, v in rec.items() if k != "completed_at"}
+    return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def complete_fields(root: zarr.Group) -> list[str]:
     if "fields" not in root:
         return []

@@ -176,3 +176,19 @@ def test_bad_run_configuration_names_the_file(tmp_path):
     r = CliRunner().invoke(app, ["run", str(bad)])
     out = " ".join(r.output.split())
     assert r.exit_code == 2 and "survey.yaml" in out and "unknown stage" in out
+
+
+def test_changed_input_redoes_only_that_fields_tiles(survey, tmp_path, prefect_harness, ray_session):
+    from astropy.io import fits
+
+    from flows.run import run_flow
+    copy = tmp_path / "sim"
+    shutil.copytree(survey, copy)
+    cfg = make_cfg(copy, tmp_path / "run")
+    first = run_flow(cfg)
+    assert first["process"]["done"] == 8
+    with fits.open(copy / "fields" / "field001" / "field001-i-image.fits", mode="update") as hdul:
+        hdul[0].data[100, 100] += 50.0
+    second = run_flow(cfg)
+    assert {r["field"]: r["status"] for r in second["ingest"]} == {"field000": "skipped", "field001": "ingested"}
+    assert second["process"]["done"] == 4 and second["process"]["skipped"] == 4
