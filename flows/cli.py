@@ -135,9 +135,10 @@ def ingest(
                   f"(tiles {cfg.store.tile} px, chunks {cfg.store.chunk} px, blosc-{cfg.store.codec.cname})")
     results = ingest_flow(cfg, str(store))
     failed = [r for r in results if r["status"] == "failed"]
-    for r in results:
+    for r in results:  # what changed the pixels is worth a line; routine notes stay in the store's attrs
         for note in r.get("notes", []):
-            console.print(f"  {r['field']}: {note}")
+            if "kept (our MP keywords)" not in note:
+                console.print(f"  {r['field']}: {note}")
     raw = sum(r.get("raw_bytes", 0) for r in results)
     stored = sum(sum(r.get("stored_bytes", {}).values()) for r in results)
     n = {s: sum(r["status"] == s for r in results) for s in ("ingested", "skipped", "failed")}
