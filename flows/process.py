@@ -23,8 +23,8 @@ from tasks.zarr_store import complete_fields, field_grid, input_fingerprint, ope
 Progress = Callable[[int, int, str], None]
 
 
-def all_tiles(store: str, halo: int) -> list[TileId]:
-    root = open_store(store)
+def all_tiles(root, halo: int) -> list[TileId]:
+    """Every tile of every complete field of an open store (tasks.zarr_store.open_store)."""
     out = []
     for name in complete_fields(root):
         out += field_grid(root, name, halo).tiles(name)
@@ -67,8 +67,8 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
     actor_env: environment variables for the actors (e.g. DEEPFIELD_FAULT in fault drills)."""
     ledger = Ledger(run_dir)
     versions = stage_versions(stages)
-    tiles = all_tiles(store, halo)
     root = open_store(store)
+    tiles = all_tiles(root, halo)
     inputs = {f: input_fingerprint(root, f) for f in {t.field for t in tiles}}
     todo = [t for t in tiles if not ledger.is_done(t, config_hash, versions, output_root=ledger.root.parent,
                                                    input_hash=inputs[t.field])]

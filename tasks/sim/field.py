@@ -60,11 +60,10 @@ def plan_field(cfg: SimConfig, layout: FieldLayout, sources: list, ra: np.ndarra
         noise[b] = noise_spec(spec.m5, spec.sky_mag, cfg.zeropoint, cfg.pixel_scale, nea)
         sat[b] = point_source_peak(mag_to_flux(cfg.saturation_mag, cfg.zeropoint), psf[b], cfg.pixel_scale)
     ref = cfg.reference_band if cfg.reference_band in cfg.bands else cfg.bands[0]
-    bright = []
+    bright = []  # saturated stars: the peak scales with flux, so brighter than saturation_mag in ref
     for p in placed:
         if p.source.kind == "star" and layout.contains(np.array(p.x), np.array(p.y)):
-            flux = mag_to_flux(p.source.mag[ref], cfg.zeropoint)
-            if point_source_peak(flux, psf[ref], cfg.pixel_scale) >= sat[ref]:
+            if p.source.mag[ref] <= cfg.saturation_mag:
                 bright.append((p.x, p.y, {b: mag_to_flux(p.source.mag[b], cfg.zeropoint) for b in cfg.bands}))
     rng = np.random.default_rng([cfg.seed, STREAM_ARTEFACTS, layout.index])
     arte = artefacts.sample_field_artefacts(

@@ -203,13 +203,15 @@ def _write_outputs(cfg: SimConfig, out: Path, layout: list[FieldLayout], cat, ow
         parts = [p for p in parts if not p.empty]
         tables[name] = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     rows = []
+    bcgs = {c.bcg_id: None for c in cat.clusters}
+    bcgs.update({s.id: s for s in cat.sources if s.id in bcgs})
     for c in cat.clusters:
         row = c.truth()
         k = owner[c.bcg_id]
         lay = layout[k]
         x, y = lay.wcs().all_world2pix(c.ra, c.dec, 0)
         row.update(field=lay.name, x=float(x), y=float(y),
-                   **{f"mag_bcg_{b}": next(s.mag[b] for s in cat.sources if s.id == c.bcg_id) for b in cfg.bands})
+                   **{f"mag_bcg_{b}": bcgs[c.bcg_id].mag[b] for b in cfg.bands})
         rows.append(row)
     tables["clusters"] = pd.DataFrame(rows)
     truth_paths = {}

@@ -55,7 +55,8 @@ def main() -> None:
         for f in cfg.fields:
             ingest_one(f, store, cfg.store)
         stages = [("background", {}), ("detect", {}), ("measure", {})]
-        tiles = all_tiles(store, args.halo)
+        from tasks.zarr_store import open_store
+        tiles = all_tiles(open_store(store), args.halo)
         nbands = len(manifest["fields"][0]["bands"])
         mpix = sum(1 for _ in tiles) * args.tile**2 * nbands / 1e6
 
