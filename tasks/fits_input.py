@@ -72,6 +72,8 @@ class _Files:
 
     def __init__(self):
         self.open: dict[Path, fits.HDUList] = {}
+        self.unmapped: dict[Path, fits.HDUList] = {}  # for scaled (BZERO/BSCALE/BLANK) data
+        self.mapped: set[Path] = set()
 
     def hdul(self, path: Path) -> fits.HDUList:
         path = Path(path)
@@ -87,11 +89,14 @@ class _Files:
         if not gz and not head.startswith(b"SIMPLE  ="):
             raise InputError(path, "not a FITS file (does not start with a SIMPLE card)")
         try:
-            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+            # memory-mapped (not gzip): the float32 conversion then reads the page cache directly,
+            # one pass instead of a read into a buffer and a copy out of it
+            hdul = fits.open(path, memmap=not gz, lazy_load_hdus=False)
         except Exception as exc:
             raise InputError(path, f"truncated or corrupt FITS file ({type(exc).__name__}: {exc})") from None
         self.open[path] = hdul
         if not gz:
+            self.mapped.add(path)
             size = path.stat().st_size
             for i, hdu in enumerate(hdul):
                 if isinstance(hdu, fits.CompImageHDU):
@@ -102,7 +107,7 @@ class _Files:
         return hdul
 
     def close(self):
-        for h in self.open.values():
+        for h in list(self.open.values()) + list(self.unmapped.values()):
             h.close()
 
     def select(self, path: Path, hdu) -> int:
@@ -132,6 +137,13 @@ class _Files:
         dims = [h.header.get(f"NAXIS{k}", 0) for k in range(1, naxis + 1)]
         if naxis != 2 or 0 in dims:
             raise InputError(path, f"empty image: {what} (HDU {index}) has NAXIS={naxis}, shape {dims[::-1]}")
+        path = Path(path)
+        if path in self.mapped and not isinstance(h, fits.CompImageHDU) \
+                and any(k in h.header for k in ("BZERO", "BSCALE", "BLANK")):
+            # astropy cannot memory-map scaled data (e.g. uint16 stored as int16 + BZERO): read it
+            if path not in self.unmapped:
+                self.unmapped[path] = fits.open(path, memmap=False, lazy_load_hdus=False)
+            h = self.unmapped[path][index]
         try:
             data = h.data
         except Exception as exc:
@@ -193,15 +205,20 @@ def _header_value(headers, keys, path, what):
     return None
 
 
-def _mask_bits(raw: np.ndarray, header: fits.Header, path, band: str, notes: list[str]) -> np.ndarray:
+def _mask_bits(raw: np.ndarray, header: fits.Header, path, band: str, notes: list[str],
+               out: np.ndarray | None = None) -> np.ndarray:
     """Our bits from an input integer mask: planes declared by MP<NAME> keywords keep their meaning,
-    any other nonzero bit (or any nonzero pixel of a mask without MP keywords) becomes BAD."""
+    any other nonzero bit (or any nonzero pixel of a mask without MP keywords) becomes BAD.
+    Written into `out` (uint16, the mask's shape) when given."""
     planes = {}
     for key, val in header.items():
         if key.startswith("MP") and key[2:] in maskbits.PLANES and isinstance(val, int) and 0 <= val < 63:
             planes[key[2:]] = val
     m = raw
-    out = np.zeros(m.shape, np.uint16)
+    if out is None:
+        out = np.zeros(m.shape, np.uint16)
+    else:
+        out[:] = 0
     if not planes:
         nz = m != 0
         out[nz] = maskbits.BAD
@@ -215,7 +232,7 @@ def _mask_bits(raw: np.ndarray, header: fits.Header, path, band: str, notes: lis
         else (m & np.array(~known & 0xFFFF, m.dtype)) != 0
     same = all(maskbits.PLANES[n] == 1 << b for n, b in planes.items())
     if same:  # our own planes at our own bits (the common case): copy, no per-plane pass
-        out[:] = m & known
+        np.bitwise_and(m, known, out=out, casting="unsafe")
     else:
         for name, bit in planes.items():
             out[(m >> bit) & 1 == 1] |= maskbits.PLANES[name]
@@ -227,14 +244,21 @@ def _mask_bits(raw: np.ndarray, header: fits.Header, path, band: str, notes: lis
 
 
 def _load_band(files: _Files, band: str, img: tuple, inv: tuple | None, var: tuple | None, msk: tuple | None,
-               zp: float | None, fwhm: float | None, notes: list[str]) -> _Band:
-    """One band on its own grid; the file arguments are (path, hdu) with hdu an index, EXTNAME or None."""
+               zp: float | None, fwhm: float | None, notes: list[str], dest=None) -> _Band:
+    """One band on its own grid; the file arguments are (path, hdu) with hdu an index, EXTNAME or None.
+
+    dest: a function of the image shape returning (image, invvar, mask) arrays of that shape to fill
+    (views into the field's cubes, so that no second copy is made), or None for new arrays."""
     path, hdu = img
     idx = files.select(path, hdu)
     where = "" if hdu is None else f" in HDU {hdu!r}"
     header, raw = files.read(path, idx, f"image of band {band}")
     headers = [header] + ([files.hdul(path)[0].header] if idx else [])
-    image = np.array(raw, dtype=np.float32)  # native byte order; exact for float32 input
+    slots = dest(raw.shape) if dest is not None else None
+    if slots is None:
+        slots = (np.empty(raw.shape, np.float32), np.empty(raw.shape, np.float32), np.empty(raw.shape, np.uint16))
+    image = slots[0]
+    np.copyto(image, raw, casting="unsafe")  # native byte order, one pass; exact for float32 input
     if raw.dtype.kind == "f" and raw.dtype.itemsize > 4:
         notes.append(f"band {band}: {raw.dtype} image converted to float32")
     shape = image.shape
@@ -255,23 +279,26 @@ def _load_band(files: _Files, band: str, img: tuple, inv: tuple | None, var: tup
             raise InputError(src[0], f"{what} shape {d.shape} differs from the image shape {shape} of band {band}")
         return h, d
 
-    mask = np.zeros(shape, np.uint16)
+    mask = slots[2]
     if msk is not None:
         mh, mraw = aux(msk, "mask")
         if mraw.dtype.kind not in "iu":
             raise InputError(msk[0], f"mask of band {band} is not an integer image (dtype {mraw.dtype})")
-        mask = _mask_bits(mraw, mh, msk[0], band, notes)
+        _mask_bits(mraw, mh, msk[0], band, notes, out=mask)
+    else:
+        mask[:] = 0
     nodata = ~np.isfinite(image)
     if nodata.any():
         image[nodata] = 0
         mask[nodata] |= maskbits.NO_DATA
         notes.append(f"band {band}: {int(nodata.sum())} NaN/inf pixels masked NO_DATA")
+    invvar = slots[1]
     if inv is not None:
-        invvar = np.array(aux(inv, "invvar")[1], dtype=np.float32)
+        np.copyto(invvar, aux(inv, "invvar")[1], casting="unsafe")
     elif var is not None:
         v = np.asarray(aux(var, "variance")[1], dtype=np.float64)
         good = np.isfinite(v) & (v > 0)
-        invvar = np.zeros(shape, np.float32)
+        invvar[:] = 0
         invvar[good] = (1.0 / v[good]).astype(np.float32)
         notes.append(f"band {band}: invvar = 1 / variance")
     else:
@@ -282,10 +309,10 @@ def _load_band(files: _Files, band: str, img: tuple, inv: tuple | None, var: tup
         if not (math.isfinite(sigma) and sigma > 0):
             raise InputError(path, f"no invvar or variance given and the sky noise of band {band} cannot be "
                                    f"estimated (robust sigma {sigma}); all pixels masked or constant")
-        invvar = np.full(shape, 1.0 / sigma ** 2, np.float32)
+        invvar[:] = np.float32(1.0 / sigma ** 2)
         notes.append(f"band {band}: no invvar/variance file, constant invvar from robust sky noise "
                      f"1.4826*MAD = {sigma:.6g}")
-    zero = ~(np.isfinite(invvar) & (invvar > 0))
+    zero = ~((invvar > 0) & (invvar < np.inf))  # NaN compares False: also caught
     if zero.any():
         mask[zero] |= maskbits.ZERO_WEIGHT
         notes.append(f"band {band}: {int(zero.sum())} pixels with non-positive or non-finite invvar masked ZERO_WEIGHT")
@@ -350,6 +377,14 @@ def _reference(spec: FieldSpec, names: list[str], first_path) -> str:
     return match[0]
 
 
+def _any_usable(mask: np.ndarray, invvar: np.ndarray, rows: int = 64) -> bool:
+    """Whether any pixel is unmasked with positive invvar; scans blocks of rows and stops at the first."""
+    for y in range(0, mask.shape[0], rows):
+        if np.any((mask[y:y + rows] == 0) & (invvar[y:y + rows] > 0)):
+            return True
+    return False
+
+
 def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> FieldImages:
     """Read, validate and align one field's bands; raises InputError naming the offending file.
 
@@ -359,7 +394,19 @@ def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> Fiel
         srcs = _sources(spec, files, notes)
         names = [s[0] for s in srcs]
         ref = _reference(spec, names, srcs[0][1][0])
-        bands = [_load_band(files, *s, notes) for s in srcs]
+        nb = len(srcs)
+        rpath, rhdu = srcs[names.index(ref)][1]
+        rh = files.hdul(rpath)[files.select(rpath, rhdu)].header
+        shape0 = (int(rh.get("NAXIS2", 0)), int(rh.get("NAXIS1", 0)))
+        # the field's cubes, filled band by band in place; a band on another grid gets its own arrays
+        # and is copied in after resampling
+        image = np.empty((nb,) + shape0, np.float32)
+        invvar = np.empty((nb,) + shape0, np.float32)
+        mask = np.empty((nb,) + shape0, np.uint16)
+
+        def slot(k):
+            return lambda shp: (image[k], invvar[k], mask[k]) if tuple(shp) == shape0 else None
+        bands = [_load_band(files, *s, notes, dest=slot(k)) for k, s in enumerate(srcs)]
         paths = list(files.open)
     finally:
         files.close()
@@ -380,15 +427,12 @@ def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> Fiel
             resample_band(b, rb.wcs, shape, ref, notes)
             resampled.append(b.name)
     for b in bands:
-        if not np.any((b.mask == 0) & (b.invvar > 0)):
+        if not _any_usable(b.mask, b.invvar):
             raise InputError(b.path, f"all pixels masked in band {b.name}"
                                      + (f" (after resampling onto the {ref} grid)" if b.name in resampled else ""))
-    nb = len(bands)
-    image = np.empty((nb,) + shape, np.float32)
-    invvar = np.empty((nb,) + shape, np.float32)
-    mask = np.empty((nb,) + shape, np.uint16)
     for k, b in enumerate(bands):
-        image[k], invvar[k], mask[k] = b.image, b.invvar, b.mask
+        if not np.shares_memory(b.image, image[k]):  # resampled or on another grid: copy in
+            image[k], invvar[k], mask[k] = b.image, b.invvar, b.mask
     scales = proj_plane_pixel_scales(rb.wcs) * 3600.0
     return FieldImages(
         name=spec.name, bands=names, image=image, invvar=invvar, mask=mask,
