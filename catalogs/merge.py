@@ -17,7 +17,8 @@ Input: `RUN/tiles/<field>/<ty>_<tx>.parquet`, one table per tile (tasks' tile ru
    fluxes in adu i.e. image units with the band's AB zero point, magnitudes in mag) and flat Parquet.
 
 Outputs in `out_dir` (default `RUN/catalogs`): `sources/` (HATS catalog), `sources_flat/` (Parquet parts),
-`sources.fits`, `sources.summary.json`. Everything is built under `out_dir/.sources.tmp-XXXX/` and then
+`sources.fits`, `sources.summary.json`, and where the lens stage ran `lens_candidates.parquet` (rows
+scoring above `lens_threshold`, ranked, with `lens_rank` 1 for the highest score). Everything is built under `out_dir/.sources.tmp-XXXX/` and then
 renamed into place, an old output removed just before; a crash leaves the old or the new outputs, never
 partial ones. One merge at a time per `out_dir` (a merge removes temporaries left by killed ones).
 
@@ -42,7 +43,7 @@ import pyarrow.parquet as pq
 from astropy import units as u
 from astropy.table import Table
 
-from tasks.atomic import write_text
+from tasks.atomic import atomic_path, write_text
 from tasks.tiling import SkyField
 
 from .dedup import FieldOwnership, source_ids
@@ -51,6 +52,8 @@ __all__ = ["merge_catalog", "open_catalog", "export_fits", "HEALPIX_COLUMN"]
 
 HEALPIX_COLUMN = "_healpix_29"  # hats.pixel_math.spatial_index.SPATIAL_INDEX_COLUMN
 CATALOG_NAME = "sources"
+LENS_TABLE = "lens_candidates.parquet"
+LENS_COLUMNS = ("source_id", "field", "tile", "ra", "dec", "x", "y", "a", "b", "theta", "lens_score")
 FILES_PER_PARTITION = 16  # tile tables per Dask partition (and per hats-import input file)
 
 
@@ -112,6 +115,21 @@ def _write_hats(flat_dir: Path, staging: Path, client, highest_order: int, thres
 _UNITS = {"ra": u.deg, "dec": u.deg, "x": u.pix, "y": u.pix, "a": u.pix, "b": u.pix, "theta": u.rad}
 
 
+def _lens_candidates(flat_dir: Path, path: Path, threshold: float) -> int | None:
+    """Write the ranked lens-candidate table; None when the catalog has no lens_score column."""
+    ds = pads.dataset(flat_dir, format="parquet")
+    if "lens_score" not in ds.schema.names:
+        return None
+    keep = [c for c in ds.schema.names if c in LENS_COLUMNS or c.startswith("mag_auto_")]
+    table = ds.to_table(columns=keep, filter=(pads.field("lens_score") > threshold)
+                        & pads.field("is_primary_field")).to_pandas()
+    table = table.sort_values(["lens_score", "source_id"], ascending=[False, True]).reset_index(drop=True)
+    table.insert(0, "lens_rank", np.arange(1, len(table) + 1))
+    with atomic_path(path) as tmp:
+        table.to_parquet(tmp, index=False)
+    return int(len(table))
+
+
 def export_fits(table: pd.DataFrame, path: Path) -> None:
     """Write `table` as a FITS binary table with units (see module docstring), atomically."""
     t = Table.from_pandas(table)
@@ -151,7 +169,7 @@ def _local_client(n_threads: int | None):
 def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = None, *,
                   highest_healpix_order: int = 8, pixel_threshold: int | None = None,
                   keep_field_duplicates: bool = False, client=None, n_threads: int | None = None,
-                  write_fits: bool = True) -> dict:
+                  write_fits: bool = True, lens_threshold: float = 0.5) -> dict:
     """Merge `run_dir/tiles/*/*.parquet` into the source catalog under `out_dir` (default run_dir/catalogs).
 
     fields: the SkyFields of the run (every field named in the tile tables must be among them).
@@ -162,6 +180,8 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
     keep_field_duplicates: keep rows of overlapping fields that do not own their position (flagged
         `is_primary_field` False) instead of dropping them.
     client: a dask.distributed Client to use; default: a local threads-only cluster for this call.
+    lens_threshold: where the rows carry `lens_score` (the lens stage ran), those of the field that owns
+        them scoring above it go to out_dir/lens_candidates.parquet, highest score first.
     Returns a summary dict (also written to out_dir/sources.summary.json).
     """
     t0 = time.perf_counter()
@@ -198,6 +218,7 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
         _check_unique_ids(flat_dir)
         threshold = pixel_threshold or _pixel_threshold(flat_dir, n_kept, highest_healpix_order)
         hats_dir = _write_hats(flat_dir, staging, client, highest_healpix_order, threshold)
+        n_lens = _lens_candidates(flat_dir, staging / LENS_TABLE, lens_threshold)
         if write_fits:
             export_fits(pq.read_table(flat_dir).to_pandas(), staging / f"{CATALOG_NAME}.fits")
         shutil.rmtree(staging / "hats_tmp", ignore_errors=True)
@@ -209,6 +230,9 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
         if write_fits:
             paths["fits"] = out_dir / f"{CATALOG_NAME}.fits"
             _replace(staging / f"{CATALOG_NAME}.fits", paths["fits"])
+        if n_lens is not None:
+            paths["lens_candidates"] = out_dir / LENS_TABLE
+            _replace(staging / LENS_TABLE, paths["lens_candidates"])
         _replace(flat_dir, paths["parquet"])
         _replace(hats_dir, paths["hats"])
     finally:
@@ -219,7 +243,7 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
     summary = {
         "n_tiles": len(files), "rows_in": int(n_in), "primary_rows": int(n_primary),
         "field_duplicates": int(n_primary - n_owned), "field_duplicates_dropped": int(n_primary - n_kept),
-        "rows_out": int(n_kept),
+        "rows_out": int(n_kept), "lens_candidates": n_lens,
         "n_partitions": n_partitions, "highest_healpix_order": highest_healpix_order,
         "pixel_threshold": threshold, "paths": {k: str(v) for k, v in paths.items()},
         "seconds": round(time.perf_counter() - t0, 3),

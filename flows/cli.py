@@ -170,6 +170,9 @@ def _print_run(summary: dict, cfg) -> None:
         console.print("         stage time: " + ", ".join(f"{k} {v:.1f} s ({100 * v / tot:.0f}%)"
                                                          for k, v in proc["stage_seconds"].items()))
     console.print(f"merge:   {mer.get('rows_out', mer.get('n_sources', '?'))} sources in the catalog ({sec['merge']:.1f} s)")
+    if mer.get("lens_candidates") is not None:
+        console.print(f"lenses:  {mer['lens_candidates']} lens candidate(s) above lens_score "
+                      f"{cfg.merge.lens_threshold}: {mer['paths']['lens_candidates']}")
     for r in ing:
         if r["status"] == "failed":
             console.print(f"[bold red]failed field:[/] {r['error']}")
@@ -279,6 +282,67 @@ def demo_completeness(truth_path: Path, merge: dict, mag_limit: float = 24.0) ->
         SkyCoord(cat.ra.values, cat.dec.values, unit="deg"))
     matched = int(np.sum(sep.arcsec < 1.0))
     return dict(n=len(t), matched=matched, fraction=matched / len(t))
+
+
+train_app = typer.Typer(no_args_is_help=True, help="Train a model on simulated data; writes weights and a record.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a model on held-out simulated data.")
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
+
+
+@train_app.command("lens")
+def train_lens(
+    out: Path = typer.Option(None, "--out", "-o", help="weights file (default: the shipped models/weights/lens_resnet.pt)"),
+    n_train: int = typer.Option(16000, "--n-train", min=64, help="training stamps (half lenses)"),
+    n_val: int = typer.Option(2000, "--n-val", min=64, help="validation stamps (half lenses)"),
+    epochs: int = typer.Option(10, min=1, help="passes over the training stamps"),
+    batch: int = typer.Option(128, min=1, help="stamps per optimisation step"),
+    lr: float = typer.Option(2e-3, help="peak learning rate (one-cycle schedule)"),
+    seed: int = typer.Option(0, min=0, help="seed of the stamps, initialisation and batch order"),
+    workers: int = typer.Option(2, min=1, help="processes simulating stamps"),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0"),
+) -> None:
+    """Train the strong-lens CNN (models/lens_cnn.py) on simulated lenses and hard negatives."""
+    from models.registry import entry
+    from models.train_lens import MODEL, save_json, train
+    out = out or entry(MODEL).weights
+    cmd = "deepfield train lens " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "deepfield train lens"
+    rec = train(out, n_train=n_train, n_val=n_val, epochs=epochs, batch=batch, lr=lr, seed=seed, workers=workers,
+                device=device, command=cmd)
+    save_json(rec, out.with_suffix(".train.json"))
+    last = rec["history"][-1]
+    console.print(f"weights: {out}\nrecord: {out.with_suffix('.train.json')}\n"
+                  f"final val loss {last['val_loss']:.4f}, val AUROC {last['val_auroc']:.4f}")
+
+
+@eval_app.command("lens")
+def eval_lens(
+    weights: Path = typer.Option(None, help="weights file (default: the shipped weights)"),
+    n: int = typer.Option(10000, min=100, help="stamps per evaluation set"),
+    lens_fraction: float = typer.Option(0.02, min=0.001, max=0.5, help="fraction of lenses in each set"),
+    seed: int = typer.Option(20261123, min=0, help="seed of the held-out sets (training uses seed*1000+1, +2)"),
+    shifted: bool = typer.Option(True, "--shifted/--no-shifted", help="also evaluate the shifted configuration "
+                                 "(PSF 30% wider, 0.7 mag shallower)"),
+    workers: int = typer.Option(2, min=1, help="processes simulating stamps"),
+    device: str = typer.Option("cpu", help="torch device"),
+    batch: int = typer.Option(256, min=1, help="stamps per inference batch"),
+    out: Path = typer.Option(None, help="write the figures as JSON here"),
+) -> None:
+    """AUROC, TPR0, TPR10 (Metcalf et al. 2019), completeness and throughput of the lens CNN."""
+    from models.train_lens import evaluate, format_report, save_json
+    if weights is not None and not weights.exists():
+        fail(f"{weights}: no such weights file")
+    try:
+        results = [evaluate(weights, n, lens_fraction, seed, False, workers, device, batch)]
+        if shifted:
+            results.append(evaluate(weights, n, lens_fraction, seed, True, workers, device, batch))
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    for r in results:
+        print(format_report(r))
+    if out:
+        save_json(results, out)
+        console.print(f"figures: {out}")
 
 
 def main() -> None:  # pragma: no cover - console script entry point

@@ -8,10 +8,12 @@ tile outputs.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import traceback
 from collections import deque
+from pathlib import Path
 from typing import Callable
 
 from tasks.ledger import Ledger, TileRecord
@@ -33,6 +35,21 @@ def all_tiles(root, halo: int) -> list[TileId]:
 
 def stage_versions(stages: list[tuple[str, dict]]) -> dict[str, str]:
     return {name: str(STAGES[name].version) for name, _ in stages}
+
+
+def model_versions(stages: list[tuple[str, dict]]) -> dict[str, str]:
+    """Version (weights sha256 prefix) of every model the configured stages use: a stage class lists
+    them in `models` (a tuple of registry names), or an instance's `weights` parameter names a file."""
+    from models.registry import model_version
+    out = {}
+    for name, params in stages:
+        for m in getattr(STAGES[name], "models", ()):
+            w = params.get("weights")
+            if w:
+                out[m] = "file:" + hashlib.sha256(Path(w).read_bytes()).hexdigest()[:12]
+            else:
+                out[m] = model_version(m)
+    return out
 
 
 def start_ray(address: str | None, num_cpus: int | None):
@@ -67,11 +84,12 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
     actor_env: environment variables for the actors (e.g. DEEPFIELD_FAULT in fault drills)."""
     ledger = Ledger(run_dir)
     versions = stage_versions(stages)
+    mversions = model_versions(stages)
     root = open_store(store)
     tiles = all_tiles(root, halo)
     inputs = {f: input_fingerprint(root, f) for f in {t.field for t in tiles}}
-    todo = [t for t in tiles if not ledger.is_done(t, config_hash, versions, output_root=ledger.root.parent,
-                                                   input_hash=inputs[t.field])]
+    todo = [t for t in tiles if not ledger.is_done(t, config_hash, versions, mversions,
+                                                   output_root=ledger.root.parent, input_hash=inputs[t.field])]
     summary = dict(tiles=len(tiles), skipped=len(tiles) - len(todo), done=0, failed=0, retries=0,
                    actors=0, seconds=0.0, stage_seconds={})
     if progress:
@@ -119,7 +137,8 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
             error = "".join(traceback.format_exception_only(type(cause), cause)).strip()
         else:
             ledger.put(TileRecord(tile=str(tile), status="done", attempts=attempt, config_hash=config_hash,
-                                  stage_versions=versions, timings=res["timings"], counts=res["counts"],
+                                  stage_versions=versions, model_versions=mversions, timings=res["timings"],
+                                  counts=res["counts"],
                                   output=res["output"], input_hash=inputs[tile.field]))
             for name, sec in res["timings"].items():
                 stage_time[name] = stage_time.get(name, 0.0) + sec
@@ -133,7 +152,8 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
             queue.append((tile, attempt + 1))
         else:
             ledger.put(TileRecord(tile=str(tile), status="failed", attempts=attempt, config_hash=config_hash,
-                                  stage_versions=versions, error=error, input_hash=inputs[tile.field]))
+                                  stage_versions=versions, model_versions=mversions, error=error,
+                                  input_hash=inputs[tile.field]))
             summary["failed"] += 1
             done += 1
             if progress:

@@ -53,7 +53,8 @@ def merge_task(cfg: RunConfig) -> dict:
     for name in ("distributed", "hats_import", "hats", "lsdb"):  # their INFO lines drown the progress
         logging.getLogger(name).setLevel(logging.WARNING)
     fields = sky_fields(open_store(cfg.store_path))
-    return merge_catalog(cfg.run_dir, fields, cfg.run_dir / "catalogs", write_fits=cfg.merge.fits_export)
+    return merge_catalog(cfg.run_dir, fields, cfg.run_dir / "catalogs", write_fits=cfg.merge.fits_export,
+                        lens_threshold=cfg.merge.lens_threshold)
 
 
 @flow(name="deepfield-run")

@@ -43,6 +43,8 @@ class MergeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     fits_export: bool = Field(True, description="also write the source catalog as a FITS table")
+    lens_threshold: float = Field(0.5, ge=0, le=1, description="lens_score above which a source enters "
+                                  "the lens-candidate table")
 
 
 class RunConfig(BaseModel):

@@ -123,6 +123,24 @@ def test_lsdb_opens_and_crossmatches(run, truth):
     assert len(catalog.compute()) == len(cat)
 
 
+def test_lens_candidate_table_holds_the_visible_lenses(run, survey):
+    """Every simulated lens whose arcs are clearly visible (matched-filter S/N > 20 in some band) and
+    whose deflector the field owns is in the lens-candidate table, within 1 arcsec."""
+    _, summary, cat = run
+    lenses = pd.read_parquet(survey / "truth" / "lenses.parquet")
+    snr = lenses.filter(like="arc_snr_").max(axis=1)
+    visible = lenses[(snr > 20) & lenses.is_primary]
+    assert len(visible) >= 3
+    cand = pd.read_parquet(summary["merge"]["paths"]["lens_candidates"])
+    assert list(cand.lens_rank) == list(range(1, len(cand) + 1))
+    assert (np.diff(cand.lens_score.to_numpy()) <= 0).all() and (cand.lens_score > 0.5).all()
+    counts, _, _ = match(visible, cand, 1.0)
+    assert (counts >= 1).all(), visible.assign(found=counts)[["lens_id", "theta_e", "mag_defl_i", "found"]]
+    scored = cat[cat.lens_candidate]
+    assert len(scored) > len(cand)  # the cuts leave more candidates than the CNN keeps
+    assert cat.loc[~cat.lens_candidate, "lens_score"].isna().all()
+
+
 def test_killed_actor_is_replaced_and_the_catalog_is_unchanged(run, survey, tmp_path):
     """An actor process that dies mid-tile is replaced, the tile retried, and the catalog equals
     the clean run's."""

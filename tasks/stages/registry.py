@@ -9,14 +9,15 @@ from typing import Any
 
 from .background import BackgroundStage
 from .detect import DetectStage
+from .lens import LensStage
 from .measure import MeasureStage
 
 __all__ = ["STAGES", "DEFAULT_STAGES", "make_stage"]
 
-STAGES: dict[str, type] = {cls.name: cls for cls in (BackgroundStage, DetectStage, MeasureStage)}
+STAGES: dict[str, type] = {cls.name: cls for cls in (BackgroundStage, DetectStage, MeasureStage, LensStage)}
 
 # the order the runner uses when the configuration names no stages
-DEFAULT_STAGES: list[str] = ["background", "detect", "measure"]
+DEFAULT_STAGES: list[str] = ["background", "detect", "measure", "lens"]
 
 
 def make_stage(name: str, **params: Any):

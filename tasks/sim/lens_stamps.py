@@ -1,0 +1,300 @@
+"""Multi-band stamps of strong lenses and of look-alike non-lenses, for training and evaluating the lens
+finder (`deepfield train lens`, `deepfield eval lens`).
+
+Every stamp is `size` x `size` pixels in each band, centred (to within half a pixel) on a galaxy that
+the lens stage would take for a candidate deflector, with Gaussian sky noise of the configured depth.
+Kinds (label 1 for "lens", 0 for the rest):
+
+- lens: an SIE + external shear deflector (the simulator's lens population, tasks.sim.lensing:
+  Faber-Jackson red ellipticals, z_d 0.2-0.8) lensing a compact blue Sersic source; Einstein radius in
+  `theta_e`, unlensed source magnitude in `src_mag` (reference band), source colours from the Im/Scd
+  templates at z_s 1-3.
+- lone_red: the same deflector population with no source (the hardest negative: everything but arcs).
+- red_blue_companion: such a red galaxy with 1-3 compact blue galaxies 1-4" away (mimics multiple images).
+- spiral: a red bulge in a disk with 2-3 blue logarithmic spiral arms (mimics arcs).
+- ring: a ring galaxy (tasks.sim.anomalies.sample_ring_galaxy: blue knotted ring round a red nucleus).
+- merger: two merging galaxies with tidal tails (tasks.sim.anomalies.sample_merger).
+- field: a field galaxy of either type (tasks.sim.population.make_galaxy), i 18-22.
+
+Any stamp may also hold an unrelated field galaxy somewhere in it (`neighbour_rate`).
+
+Rendering: analytic profiles are drawn by GalSim convolved with a Moffat PSF; the lensed source and
+the spiral arms are pixel maps (lenstronomy ray tracing on a 6x sub-sampled grid, or a formula),
+convolved with the same PSF by FFT. This is about 20x faster than drawing the traced source as a GalSim
+InterpolatedImage, which the field simulator does, and agrees with it to within the sub-sampling.
+
+The PSF FWHM of each stamp and band is the band's median (tasks.sim.config.DEFAULT_BANDS) times
+`psf_scale` times a log-normal scatter; the noise sigma follows from the band's 5-sigma depth m5 +
+`depth_offset` (tasks.sim.noise.noise_spec). A shifted configuration (other PSF and depth) is made by
+changing `psf_scale` and `depth_offset`.
+
+Reproducible: stamp k of a set depends only on (seed, k // CHUNK) and the configuration, whatever the
+number of worker processes.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable
+
+import galsim
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.signal import fftconvolve
+
+from . import seds
+from .anomalies import sample_merger, sample_ring_galaxy
+from .config import DEFAULT_BANDS, SimConfig
+from .lensing import LensParams, LensSystem, lenstronomy_models, sample_lens, unlensed_source_sum
+from .noise import noise_spec
+from .population import make_galaxy
+from .psf import PSFSpec, noise_equivalent_area
+from .sources import mag_to_flux, pa_to_beta
+
+CHUNK = 64  # stamps per random stream: the unit of reproducibility and of work per process
+KINDS = ("lens", "lone_red", "red_blue_companion", "spiral", "ring", "merger", "field")
+_OVERSAMPLE = 6
+
+
+class StampConfig(BaseModel):
+    """What a set of lens-finder stamps looks like (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bands: list[str] = Field(default_factory=lambda: ["g", "r", "i", "z"], description="bands, in channel order")
+    reference_band: str = Field("i", description="band of the deflector and source magnitudes")
+    size: int = Field(48, ge=16, le=256, description="stamp width and height, pixels")
+    pixel_scale: float = Field(0.2, gt=0, description="arcsec per pixel")
+    zeropoint: float = Field(27.0, description="AB magnitude of 1 image unit")
+    psf_scale: float = Field(1.0, gt=0, description="multiplies every band's median PSF FWHM")
+    seeing_scatter: float = Field(0.1, ge=0, description="log-normal scatter of the FWHM per stamp")
+    psf_beta: float = Field(3.5, gt=1.5, description="Moffat beta")
+    depth_offset: float = Field(0.0, description="added to every band's 5-sigma depth m5 (negative: shallower)")
+    theta_e: tuple[float, float] = Field((0.8, 3.0), description="Einstein radius range, arcsec")
+    src_mag: tuple[float, float] = Field((22.0, 25.5), description="unlensed source magnitude range (reference band)")
+    negatives: dict[str, float] = Field(
+        default_factory=lambda: {"lone_red": 0.35, "red_blue_companion": 0.2, "spiral": 0.15, "ring": 0.1,
+                                 "merger": 0.05, "field": 0.15},
+        description="relative frequency of each non-lens kind")
+    neighbour_rate: float = Field(0.3, ge=0, le=1, description="probability of an unrelated galaxy in a stamp")
+
+    def shifted(self) -> "StampConfig":
+        """The evaluation's shifted configuration: 30% wider PSF and 0.7 mag shallower."""
+        return self.model_copy(update={"psf_scale": self.psf_scale * 1.3, "depth_offset": self.depth_offset - 0.7})
+
+
+def _bandpasses(cfg: StampConfig) -> dict[str, str]:
+    return {b: DEFAULT_BANDS[b].bandpass for b in cfg.bands}
+
+
+def _noise_sigma(cfg: StampConfig, band: str, fwhm: float) -> float:
+    spec = DEFAULT_BANDS[band]
+    nea = noise_equivalent_area(PSFSpec(fwhm=fwhm, beta=cfg.psf_beta), cfg.pixel_scale)
+    return noise_spec(spec.m5 + cfg.depth_offset, spec.sky_mag, cfg.zeropoint, cfg.pixel_scale, nea).sigma
+
+
+def arc_map(p: LensParams, n: int, scale: float, dx: float = 0.0, dy: float = 0.0) -> tuple[np.ndarray, float]:
+    """Lensed source of unit unlensed flux on an n x n pixel grid of `scale` arcsec whose centre is at
+    (-dx, -dy) arcsec from the deflector (so the deflector sits at (dx, dy) from the centre); each pixel
+    is the mean of 6 x 6 ray-traced sub-samples. Returns (map, magnification inside the grid)."""
+    lens, kw_lens, light, kw_src = lenstronomy_models(p)
+    m = n * _OVERSAMPLE
+    c = (np.arange(m) - (m - 1) / 2.0) * (scale / _OVERSAMPLE)
+    x, y = np.meshgrid(c - dx, c - dy)
+    bx, by = lens.ray_shooting(x.ravel(), y.ravel(), kw_lens)
+    sb = light.surface_brightness(bx, by, kw_src).reshape(n, _OVERSAMPLE, n, _OVERSAMPLE).mean(axis=(1, 3))
+    norm = unlensed_source_sum(p, scale)
+    return sb / norm, float(sb.sum() / norm)
+
+
+def spiral_arms_map(n: int, scale: float, hlr: float, q: float, pa: float, n_arms: int, pitch_deg: float,
+                    phase: float, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
+    """Unit-flux map of logarithmic spiral arms on an exponential disk (n x n pixels of `scale` arcsec,
+    galaxy centre at (dx, dy) arcsec from the grid centre): I = exp(-r/h) (1 + cos(m (phi - ln r / tan p)))^2,
+    sampled 3x3 per pixel. A formula: GalSim has no spiral profile."""
+    s = 3
+    m = n * s
+    c = (np.arange(m) - (m - 1) / 2.0) * (scale / s)
+    x, y = np.meshgrid(c - dx, c - dy)
+    t = math.radians(90.0 + pa)  # major axis angle from +x
+    u = x * math.cos(t) + y * math.sin(t)
+    v = (-x * math.sin(t) + y * math.cos(t)) / q
+    r = np.hypot(u, v) + 1e-3
+    phi = np.arctan2(v, u)
+    h = hlr / 1.678
+    arms = (1.0 + np.cos(n_arms * (phi - np.log(r / h) / math.tan(math.radians(pitch_deg))) + phase)) ** 2
+    img = (np.exp(-r / h) * arms * (r > 0.3 * h)).reshape(n, s, n, s).mean(axis=(1, 3))
+    return img / img.sum()
+
+
+class _Renderer:
+    """Draws the parts of one stamp in every band and adds them up (noiseless, image units)."""
+
+    def __init__(self, cfg: StampConfig, rng: np.random.Generator):
+        self.cfg, self.rng = cfg, rng
+        self.n = cfg.size
+        self.fwhm = {b: DEFAULT_BANDS[b].psf_fwhm * cfg.psf_scale * float(np.exp(rng.normal(0, cfg.seeing_scatter)))
+                     for b in cfg.bands}
+        self.psf = {b: galsim.Moffat(beta=cfg.psf_beta, fwhm=self.fwhm[b]) for b in cfg.bands}
+        k = 2 * int(3 * max(self.fwhm.values()) / cfg.pixel_scale) + 1
+        self.psf_img = {b: self.psf[b].drawImage(nx=k, ny=k, scale=cfg.pixel_scale, method="no_pixel").array
+                        for b in cfg.bands}
+        self.image = np.zeros((len(cfg.bands), self.n, self.n))
+
+    def analytic(self, profile: Callable[[str], galsim.GSObject], x: float, y: float) -> None:
+        """Add a GalSim profile (function of the band, centred at 0) at (x, y) arcsec from the centre."""
+        s = self.cfg.pixel_scale
+        for j, b in enumerate(self.cfg.bands):
+            obj = galsim.Convolve(profile(b), self.psf[b])
+            self.image[j] += obj.drawImage(nx=self.n, ny=self.n, scale=s, offset=(x / s, y / s)).array
+
+    def pixel_map(self, unit_map: np.ndarray, flux: dict[str, float]) -> dict[str, np.ndarray]:
+        """Add a unit-flux pixel map (before the PSF) with per-band flux; returns the PSF-convolved
+        unit map of each band."""
+        out = {}
+        for j, b in enumerate(self.cfg.bands):
+            out[b] = fftconvolve(unit_map, self.psf_img[b], mode="same")
+            self.image[j] += out[b] * flux[b]
+        return out
+
+    def nopsf(self, profile: Callable[[str], galsim.GSObject], x: float, y: float) -> None:
+        """Add a GalSim profile drawn without PSF and convolved by FFT (for interpolated-image profiles)."""
+        s = self.cfg.pixel_scale
+        for j, b in enumerate(self.cfg.bands):
+            arr = profile(b).drawImage(nx=self.n, ny=self.n, scale=s, offset=(x / s, y / s), method="no_pixel").array
+            self.image[j] += fftconvolve(arr, self.psf_img[b], mode="same")
+
+
+def _deflector(rng, cfg, bp) -> LensParams:
+    p = sample_lens(rng, 0, 0.0, 0.0, cfg.theta_e, bp, cfg.reference_band)
+    src_ref = float(rng.uniform(*cfg.src_mag))
+    p.src_mag = seds.band_mags(src_ref, p.src_sed, p.z_s, bp, bp[cfg.reference_band])
+    return p
+
+
+def _blue_galaxy(rng, cfg, bp, mag_range, hlr_range):
+    sim = SimConfig(bands=cfg.bands, reference_band=cfg.reference_band)
+    g = make_galaxy(rng, 0, 0.0, 0.0, float(rng.uniform(*mag_range)), float(rng.uniform(0.5, 2.0)), False, sim, bp)
+    g.hlr_disk = float(rng.uniform(*hlr_range))
+    g.hlr_bulge = 0.5 * g.hlr_disk
+    return g
+
+
+def _one_stamp(kind: str, cfg: StampConfig, rng: np.random.Generator, bp: dict[str, str]) -> tuple[np.ndarray, np.ndarray, dict]:
+    r = _Renderer(cfg, rng)
+    zp, s = cfg.zeropoint, cfg.pixel_scale
+    dx, dy = (float(v) for v in rng.uniform(-0.5, 0.5, 2) * s)  # the candidate centre is the nearest pixel
+    meta = dict(kind=kind, label=int(kind == "lens"), theta_e=np.nan, arc_snr=np.nan, src_mag=np.nan,
+                magnification=np.nan, defl_mag=np.nan)
+    if kind in ("lens", "lone_red", "red_blue_companion"):
+        p = _deflector(rng, cfg, bp)
+        system = LensSystem(id=0, params=p, pixel_scale=s)
+        r.analytic(lambda b: system.deflector_profile(b, zp), dx, dy)
+        meta["defl_mag"] = p.defl_mag[cfg.reference_band]
+        if kind == "lens":
+            amap, mu = arc_map(p, r.n, s, dx, dy)
+            flux = {b: mag_to_flux(p.src_mag[b], zp) for b in cfg.bands}
+            convolved = r.pixel_map(amap, flux)
+            snr = max(float(np.sqrt(np.sum((convolved[b] * flux[b]) ** 2))) / _noise_sigma(cfg, b, r.fwhm[b])
+                      for b in cfg.bands)  # matched-filter S/N of the arcs alone, as the field truth's
+            meta.update(theta_e=p.theta_e, arc_snr=snr, src_mag=p.src_mag[cfg.reference_band], magnification=mu)
+        elif kind == "red_blue_companion":
+            for _ in range(int(rng.integers(1, 4))):
+                g = _blue_galaxy(rng, cfg, bp, (22.0, 25.0), (0.1, 0.4))
+                rad, ang = rng.uniform(1.0, 4.0), rng.uniform(0, 2 * np.pi)
+                r.analytic(lambda b, g=g: g.profile(b, zp), dx + rad * np.cos(ang), dy + rad * np.sin(ang))
+    elif kind == "spiral":
+        ref = float(rng.uniform(18.5, 21.5))
+        z = float(rng.uniform(0.05, 0.4))
+        hlr = float(rng.uniform(1.0, 2.5))
+        q = float(rng.uniform(0.5, 1.0))
+        pa = float(rng.uniform(0, 180))
+        f_bulge = float(rng.uniform(0.2, 0.5))
+        bulge = seds.band_mags(ref - 2.5 * np.log10(f_bulge), "E", z, bp, bp[cfg.reference_band])
+        arms = seds.band_mags(ref - 2.5 * np.log10(1 - f_bulge), str(rng.choice(["Sbc", "Scd"])), z, bp,
+                              bp[cfg.reference_band])
+        bhlr = float(rng.uniform(0.2, 0.5))
+        r.analytic(lambda b: galsim.DeVaucouleurs(half_light_radius=bhlr, flux=mag_to_flux(bulge[b], zp))
+                   .shear(q=min(1.0, q + 0.2), beta=pa_to_beta(pa)), dx, dy)
+        amap = spiral_arms_map(r.n, s, hlr, q, pa, int(rng.integers(2, 4)), float(rng.uniform(12, 30)),
+                               float(rng.uniform(0, 2 * np.pi)), dx, dy)
+        r.pixel_map(amap, {b: mag_to_flux(arms[b], zp) for b in cfg.bands})
+    elif kind == "ring":
+        g = sample_ring_galaxy(rng, 0, 0.0, 0.0, bp, cfg.reference_band)
+        r.nopsf(lambda b: g.profile(b, zp), dx, dy)
+    elif kind == "merger":
+        g = sample_merger(rng, 0, 0.0, 0.0, bp, cfg.reference_band)
+        r.nopsf(lambda b: g.profile(b, zp), dx, dy)
+    elif kind == "field":
+        sim = SimConfig(bands=cfg.bands, reference_band=cfg.reference_band)
+        red = bool(rng.uniform() < 0.5)
+        g = make_galaxy(rng, 0, 0.0, 0.0, float(rng.uniform(18.0, 22.0)), float(rng.uniform(0.1, 0.8)), red, sim, bp)
+        r.analytic(lambda b: g.profile(b, zp), dx, dy)
+    else:
+        raise ValueError(f"unknown stamp kind {kind!r}; known: {', '.join(KINDS)}")
+    if rng.uniform() < cfg.neighbour_rate:
+        sim = SimConfig(bands=cfg.bands, reference_band=cfg.reference_band)
+        g = make_galaxy(rng, 0, 0.0, 0.0, float(rng.uniform(19.0, 24.5)), float(rng.uniform(0.1, 1.5)),
+                        bool(rng.uniform() < 0.4), sim, bp)
+        half = r.n * s / 2
+        pos = rng.uniform(-half, half, 2)
+        if np.hypot(*pos) > 3.5:  # outside the region where arcs live
+            r.analytic(lambda b: g.profile(b, zp), float(pos[0]), float(pos[1]))
+    sigma = np.array([_noise_sigma(cfg, b, r.fwhm[b]) for b in cfg.bands])
+    noisy = r.image + rng.normal(size=r.image.shape) * sigma[:, None, None]
+    return noisy.astype(np.float32), sigma.astype(np.float32), meta
+
+
+def _kinds(n: int, lens_fraction: float, cfg: StampConfig, rng: np.random.Generator) -> list[str]:
+    names = list(cfg.negatives)
+    w = np.array([cfg.negatives[k] for k in names], float)
+    out = []
+    for _ in range(n):
+        out.append("lens" if rng.uniform() < lens_fraction else str(names[rng.choice(len(names), p=w / w.sum())]))
+    return out
+
+
+def _chunk(args) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    seed, index, count, lens_fraction, cfg_json = args
+    cfg = StampConfig.model_validate_json(cfg_json)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
+    bp = _bandpasses(cfg)
+    imgs, sigs, metas = [], [], []
+    for kind in _kinds(count, lens_fraction, cfg, rng):
+        im, sg, meta = _one_stamp(kind, cfg, rng, bp)
+        imgs.append(im)
+        sigs.append(sg)
+        metas.append(meta)
+    return np.stack(imgs), np.stack(sigs), metas
+
+
+def simulate_stamps(n: int, lens_fraction: float, seed: int, cfg: StampConfig | None = None,
+                    workers: int = 1, progress: Callable[[int, int], None] | None = None) -> dict:
+    """`n` stamps, each a lens with probability `lens_fraction`. Returns dict(images float32 (n, bands,
+    size, size), sigma float32 (n, bands) sky noise per band, label int8 (n,), meta DataFrame with kind,
+    theta_e, arc_snr (matched-filter S/N of the arcs alone in their best band), src_mag, magnification,
+    defl_mag)."""
+    if n < 1 or not 0 <= lens_fraction <= 1:
+        raise ValueError(f"need n >= 1 and 0 <= lens_fraction <= 1, got {n}, {lens_fraction}")
+    cfg = cfg or StampConfig()
+    unknown = [b for b in cfg.bands if b not in DEFAULT_BANDS]
+    if unknown:
+        raise ValueError(f"bands {unknown} unknown; known: {sorted(DEFAULT_BANDS)}")
+    jobs = [(seed, k, min(CHUNK, n - k * CHUNK), lens_fraction, cfg.model_dump_json())
+            for k in range((n + CHUNK - 1) // CHUNK)]
+    parts = []
+    if workers <= 1:
+        for j in jobs:
+            parts.append(_chunk(j))
+            if progress:
+                progress(sum(len(p[2]) for p in parts), n)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            for part in pool.map(_chunk, jobs):
+                parts.append(part)
+                if progress:
+                    progress(sum(len(p[2]) for p in parts), n)
+    meta = pd.DataFrame([m for p in parts for m in p[2]])
+    return dict(images=np.concatenate([p[0] for p in parts]), sigma=np.concatenate([p[1] for p in parts]),
+                label=meta["label"].to_numpy(np.int8), meta=meta)

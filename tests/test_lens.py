@@ -1,0 +1,92 @@
+"""The strong-lens finder: network shapes and determinism, the challenge metrics on hand-made scores, a
+short training run, the shipped weights on lens / non-lens pairs, and the stage on tile pixels."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.lens_cnn import LensResNet, preprocess, score
+from models.registry import create_model, list_models, model_version
+from models.train_lens import metrics, tpr_at_fp, train
+from tasks.sim.lens_stamps import StampConfig, _bandpasses, _one_stamp, simulate_stamps
+
+
+def test_forward_shapes_and_determinism():
+    torch.manual_seed(0)
+    m = LensResNet(in_bands=4).eval()
+    x = torch.randn(5, 4, 48, 48)
+    out = m(x)
+    assert out.shape == (5,)
+    assert torch.equal(out, m(x))
+    torch.manual_seed(0)
+    m2 = LensResNet(in_bands=4).eval()
+    assert torch.equal(out, m2(x))  # same seed, same initial weights
+    assert m(torch.randn(2, 4, 64, 64)).shape == (2,)  # any stamp size (global pooling)
+
+
+def test_registry_and_shipped_weights_are_small():
+    assert "lens_resnet" in list_models()
+    model = create_model("lens_resnet")
+    from models.registry import entry
+    assert entry("lens_resnet").weights.stat().st_size < 10e6
+    assert model_version("lens_resnet") != "untrained"
+    assert model.training_info["stamp_config"]["size"] == 48
+    with pytest.raises(KeyError, match="unknown model"):
+        create_model("no_such_model")
+
+
+def test_tpr_definitions_on_hand_made_scores():
+    # 12 negatives scored 0.0 .. 0.55; lenses at 0.95, 0.6, 0.5, 0.2
+    neg = np.linspace(0.0, 0.55, 12)
+    pos = np.array([0.95, 0.6, 0.5, 0.2])
+    s = np.concatenate([neg, pos])
+    y = np.r_[np.zeros(12, int), np.ones(4, int)]
+    assert tpr_at_fp(s, y, 0) == 0.5  # above the best negative (0.55): 0.95 and 0.6
+    # fewer than ten false positives: above the 10th highest negative, 0.1 -> 0.95, 0.6, 0.5, 0.2
+    assert tpr_at_fp(s, y, 9) == 1.0
+    m = metrics(s, y)
+    assert m["n"] == 16 and m["n_lens"] == 4
+    assert 0.5 < m["auroc"] < 1.0
+
+
+def test_stamps_are_reproducible_and_labelled():
+    a = simulate_stamps(70, 0.5, seed=3)
+    b = simulate_stamps(70, 0.5, seed=3, workers=2)
+    assert np.array_equal(a["images"], b["images"])  # same stamps whatever the number of workers
+    assert a["images"].shape == (70, 4, 48, 48) and a["sigma"].shape == (70, 4)
+    lenses = a["meta"][a["meta"].label == 1]
+    assert set(a["meta"].kind[a["label"] == 1]) == {"lens"}
+    assert lenses.theta_e.between(0.8, 3.0).all() and (lenses.magnification > 1).all()
+    assert not np.array_equal(a["images"], simulate_stamps(70, 0.5, seed=4)["images"])
+
+
+def test_short_training_lowers_the_loss(tmp_path):
+    rec = train(tmp_path / "w.pt", n_train=384, n_val=128, epochs=4, batch=64, lr=3e-3, seed=1, workers=1)
+    h = rec["history"]
+    assert h[-1]["train_loss"] < h[0]["train_loss"]
+    assert (tmp_path / "w.pt").exists()
+    m = create_model("lens_resnet", weights=tmp_path / "w.pt")
+    assert m.training_info["n_train"] == 384
+
+
+def test_shipped_weights_score_lenses_above_their_deflectors_alone():
+    """The same deflector, noise and PSF with and without a lensed source: the lens scores higher."""
+    model = create_model("lens_resnet")
+    cfg = StampConfig(src_mag=(22.0, 23.0), neighbour_rate=0.0)
+    bp = _bandpasses(cfg)
+    wins = 0
+    for k in range(8):
+        lens = _one_stamp("lens", cfg, np.random.default_rng(100 + k), bp)
+        plain = _one_stamp("lone_red", cfg, np.random.default_rng(100 + k), bp)
+        s = score(model, np.stack([lens[0], plain[0]]), np.stack([lens[1], plain[1]]))
+        wins += s[0] > s[1]
+        assert lens[2]["defl_mag"] == plain[2]["defl_mag"]  # same deflector drawn
+    assert wins == 8
+
+
+def test_preprocess_scales_by_noise():
+    x = np.full((1, 2, 4, 4), 6.0, np.float32)
+    out = preprocess(x, np.array([[2.0, 3.0]], np.float32))
+    assert torch.allclose(out[0, 0], torch.asinh(torch.tensor(3.0)))
+    assert torch.allclose(out[0, 1], torch.asinh(torch.tensor(2.0)))
