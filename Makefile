@@ -19,7 +19,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml Makefile
 	$(PY) -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,eval]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -345,6 +345,63 @@ def eval_lens(
         console.print(f"figures: {out}")
 
 
+@train_app.command("deblend")
+def train_deblend(
+    out: Path = typer.Option(None, "--out", "-o", help="weights file (default: the shipped models/weights/deblend_unet.pt)"),
+    n_train: int = typer.Option(3000, "--n-train", min=16, help="training blends (every member is an example)"),
+    n_val: int = typer.Option(300, "--n-val", min=16, help="validation blends"),
+    epochs: int = typer.Option(12, min=1, help="passes over the training examples"),
+    batch: int = typer.Option(64, min=1, help="examples per optimisation step"),
+    lr: float = typer.Option(3e-3, help="peak learning rate (one-cycle schedule)"),
+    seed: int = typer.Option(0, min=0, help="seed of the blends, initialisation and batch order"),
+    workers: int = typer.Option(2, min=1, help="processes simulating blends"),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0"),
+    threads: int = typer.Option(1, min=1, help="torch CPU threads (1: no OpenMP spinning when other processes "
+                                "share the cores)"),
+    widths: str = typer.Option("8,16,32,64", help="U-Net channel widths, one per level, comma-separated"),
+) -> None:
+    """Train the learned deblender (models/deblend_unet.py) on simulated blends of 2-4 galaxies."""
+    from models.registry import entry
+    from models.train_deblend import MODEL, train
+    from models.train_lens import save_json
+    out = out or entry(MODEL).weights
+    cmd = "deepfield train deblend " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "deepfield train deblend"
+    rec = train(out, n_train=n_train, n_val=n_val, epochs=epochs, batch=batch, lr=lr, seed=seed, workers=workers,
+                device=device, command=cmd, threads=threads, widths=tuple(int(w) for w in widths.split(",")))
+    save_json(rec, out.with_suffix(".train.json"))
+    last = rec["history"][-1]
+    console.print(f"weights: {out}\nrecord: {out.with_suffix('.train.json')}\n"
+                  f"final val flux loss {last['val_flux']:.4f}")
+
+
+@eval_app.command("deblend")
+def eval_deblend(
+    weights: Path = typer.Option(None, help="weights file (default: the shipped weights)"),
+    n: int = typer.Option(300, min=10, help="held-out blends"),
+    seed: int = typer.Option(20261124, min=0, help="seed of the held-out blends"),
+    scarlet: bool = typer.Option(True, "--scarlet2/--no-scarlet2", help="also run scarlet2 on the same blends"),
+    mag_limit: float = typer.Option(23.5, help="figures for members brighter than this (reference band)"),
+    out: Path = typer.Option(None, help="write the figures as JSON here"),
+) -> None:
+    """Flux, colour and close-pair figures of the learned deblender beside SEP and scarlet2, and time per blend."""
+    from models.eval_deblend import evaluate, format_report
+    from models.train_lens import save_json
+    if weights is not None and not weights.exists():
+        fail(f"{weights}: no such weights file")
+    if scarlet:
+        import importlib.util
+        if importlib.util.find_spec("scarlet2") is None:  # not imported here: jax must not load before the fork
+            fail("scarlet2 is not installed (pip install scarlet2), or pass --no-scarlet2")
+    try:
+        r = evaluate(n=n, seed=seed, weights=weights, scarlet=scarlet, mag_limit=mag_limit)
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    print(format_report(r))
+    if out:
+        save_json(r, out)
+        console.print(f"figures: {out}")
+
+
 def main() -> None:  # pragma: no cover - console script entry point
     app()
 

@@ -123,6 +123,22 @@ def test_lsdb_opens_and_crossmatches(run, truth):
     assert len(catalog.compute()) == len(cat)
 
 
+def test_deblend_stage_ran_in_the_run(run):
+    """Blended sources went through the learned deblender, isolated ones passed through unchanged."""
+    _, _, cat = run
+    blended = cat.n_blend >= 2
+    assert blended.sum() > 10
+    assert set(cat.deblend_method[blended]) <= {"unet", "auto_fallback"}
+    assert (cat.deblend_method[blended] == "unet").mean() > 0.8
+    assert (cat.deblend_method[~blended] == "isolated").all()
+    iso = cat[~blended]
+    assert np.allclose(iso.flux_deblend_i, iso.flux_auto_i, equal_nan=True)
+    unet = cat[cat.deblend_method == "unet"]
+    assert unet.blendedness.between(0, 1).all()
+    # the members of a blend share its light: their deblended fluxes are positive for real members
+    assert (unet.flux_deblend_i > 0).mean() > 0.9
+
+
 def test_lens_candidate_table_holds_the_visible_lenses(run, survey):
     """Every simulated lens whose arcs are clearly visible (matched-filter S/N > 20 in some band) and
     whose deflector the field owns is in the lens-candidate table, within 1 arcsec."""

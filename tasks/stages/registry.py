@@ -8,16 +8,17 @@ from __future__ import annotations
 from typing import Any
 
 from .background import BackgroundStage
+from .deblend import DeblendStage
 from .detect import DetectStage
 from .lens import LensStage
 from .measure import MeasureStage
 
 __all__ = ["STAGES", "DEFAULT_STAGES", "make_stage"]
 
-STAGES: dict[str, type] = {cls.name: cls for cls in (BackgroundStage, DetectStage, MeasureStage, LensStage)}
+STAGES: dict[str, type] = {cls.name: cls for cls in (BackgroundStage, DetectStage, MeasureStage, DeblendStage, LensStage)}
 
 # the order the runner uses when the configuration names no stages
-DEFAULT_STAGES: list[str] = ["background", "detect", "measure", "lens"]
+DEFAULT_STAGES: list[str] = ["background", "detect", "measure", "deblend", "lens"]
 
 
 def make_stage(name: str, **params: Any):

@@ -1,0 +1,100 @@
+"""Learned deblender: a U-Net conditioned on the target's position predicts, for every pixel and band,
+the fraction of the blend's light that belongs to the target; its flux is the sum of that fraction times
+the observed pixels.
+
+The approach follows Boucaud et al. 2020 (MNRAS 491, 2481): a U-Net (Ronneberger et al. 2015) sees the
+blended multi-band stamp and is told which galaxy to isolate, and its output gives the target's flux. Here
+the output is a per-band flux-fraction map (the "mask" of their blend2mask2flux, made continuous) rather than
+the isolated image itself, so that the fractions of all members add up to at most one by construction of
+the training target, and the measured flux inherits the observed pixels' noise as aperture photometry does.
+
+Input channels: asinh(image / sigma) per band; a unit-height Gaussian (sigma 1.5 px) at the target's
+detected centre; the same at every other detected member of the blend. Output: sigmoid fractions,
+(N, bands, S, S). Widths (8, 16, 32, 64) at strides 1, 2, 4, 8 by default (0.12 M parameters): small
+enough to train on a 2-core CPU in minutes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .registry import register_model
+
+POSITION_SIGMA = 1.5  # px, width of the position channels
+
+
+def position_map(centres: np.ndarray, size: int, sigma: float = POSITION_SIGMA) -> np.ndarray:
+    """(size, size) float32: the maximum over `centres` ((k, 2) as (y, x) px) of unit Gaussians."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    out = np.zeros((size, size), np.float32)
+    for y, x in np.asarray(centres, np.float32).reshape(-1, 2):
+        out = np.maximum(out, np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * sigma ** 2)))
+    return out
+
+
+def network_input(image: np.ndarray, sigma: np.ndarray, target: tuple[float, float],
+                  others: np.ndarray) -> np.ndarray:
+    """(B + 2, S, S) float32 input for one target: scaled bands, target position, other members."""
+    s = image.shape[-1]
+    x = np.arcsinh(image / np.maximum(sigma, 1e-12)[:, None, None]).astype(np.float32)
+    return np.concatenate([x, position_map(np.array([target]), s)[None],
+                           position_map(np.asarray(others).reshape(-1, 2), s)[None]])
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class DeblendUNet(nn.Module):
+    def __init__(self, in_bands: int = 4, widths=(8, 16, 32, 64)):
+        super().__init__()
+        self.in_bands = in_bands
+        self.down = nn.ModuleList()
+        cin = in_bands + 2
+        for w in widths:
+            self.down.append(_block(cin, w))
+            cin = w
+        self.up = nn.ModuleList()
+        self.merge = nn.ModuleList()
+        for w in reversed(widths[:-1]):
+            self.up.append(nn.ConvTranspose2d(cin, w, 2, stride=2))
+            self.merge.append(_block(2 * w, w))
+            cin = w
+        self.out = nn.Conv2d(cin, in_bands, 1)
+
+    def forward(self, x):
+        skips = []
+        for k, blk in enumerate(self.down):
+            x = blk(x)
+            if k < len(self.down) - 1:
+                skips.append(x)
+                x = nn.functional.max_pool2d(x, 2)
+        for up, merge in zip(self.up, self.merge):
+            x = up(x)
+            x = merge(torch.cat([x, skips.pop()], dim=1))
+        return torch.sigmoid(self.out(x))
+
+
+@register_model("deblend_unet", description="position-conditioned U-Net flux-fraction deblender, g r i z 48x48 stamps")
+def deblend_unet(**kwargs) -> DeblendUNet:
+    return DeblendUNet(**kwargs)
+
+
+def share(frac: np.ndarray, floor: float = 0.05) -> np.ndarray:
+    """Fractions of the members of ONE blend ((members, B, S, S), each member's map on its own stamp
+    geometry only when all share one stamp) renormalised to add up to one wherever they add up to more
+    than `floor`: the light of a blend's pixels goes to its members and none is lost or counted twice."""
+    tot = frac.sum(axis=0, keepdims=True)
+    return np.where(tot > floor, frac / np.maximum(tot, 1e-12), frac)
+
+
+@torch.no_grad()
+def fractions(model: nn.Module, inputs: np.ndarray, batch: int = 128, device=None) -> np.ndarray:
+    """Fraction maps (N, B, S, S) for network inputs (N, B + 2, S, S), in batches on the model's device."""
+    device = device or next(model.parameters()).device
+    out = []
+    for k in range(0, len(inputs), batch):
+        out.append(model(torch.as_tensor(inputs[k:k + batch]).to(device)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0,) + inputs.shape[1:], np.float32)

@@ -1,0 +1,145 @@
+"""Blends of 2-4 simulated galaxies with the image of every member alone, for training and evaluating the
+learned deblender (`deepfield train deblend`, `deepfield eval deblend`).
+
+Each blend is a `size` x `size` stamp in every band (Gaussian sky noise of the configured depth, HSC-Wide
+depths and seeing by default) holding `members` galaxies drawn with the field simulator's population model
+(tasks.sim.population.make_galaxy: bulge + disk, red or blue types, colours from templates, size-magnitude
+relation):
+- the first member lies within half a pixel of the stamp centre; the others within `max_offset` arcsec of
+  it, uniform in area but at least `min_offset` away (closer pairs are one object at this seeing);
+- reference-band magnitudes follow galaxy number counts, dN/dm ~ 10^(0.3 m), between `mag_range`, so flux
+  ratios are as in a survey: most companions are fainter;
+- each member's noiseless PSF-convolved image is kept (`truth`, float32), with its total flux per band.
+
+Reproducible: blend k depends only on (seed, k // CHUNK) and the configuration.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable
+
+import galsim
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from .config import DEFAULT_BANDS, SimConfig
+from .noise import noise_spec
+from .population import make_galaxy, sample_redshift, red_fraction
+from .psf import PSFSpec, noise_equivalent_area
+from .sources import mag_to_flux
+
+CHUNK = 64
+
+
+class BlendConfig(BaseModel):
+    """What a set of blends looks like (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bands: list[str] = Field(default_factory=lambda: ["g", "r", "i", "z"], description="bands, in channel order")
+    reference_band: str = Field("i", description="band of the magnitudes")
+    size: int = Field(48, ge=16, le=256, description="stamp width and height, pixels")
+    pixel_scale: float = Field(0.2, gt=0, description="arcsec per pixel")
+    zeropoint: float = Field(27.0, description="AB magnitude of 1 image unit")
+    psf_scale: float = Field(1.0, gt=0, description="multiplies every band's median PSF FWHM")
+    seeing_scatter: float = Field(0.1, ge=0, description="log-normal scatter of the FWHM per blend")
+    psf_beta: float = Field(3.5, gt=1.5, description="Moffat beta")
+    depth_offset: float = Field(0.0, description="added to every band's 5-sigma depth (negative: shallower)")
+    members: tuple[int, int] = Field((2, 4), description="fewest and most galaxies per blend")
+    mag_range: tuple[float, float] = Field((19.0, 25.0), description="reference-band magnitude range of members")
+    min_offset: float = Field(0.5, ge=0, description="least distance of a companion from the first member, arcsec")
+    max_offset: float = Field(3.0, gt=0, description="largest distance of a companion from the first member, arcsec")
+    psf_size: int = Field(25, ge=5, description="side of the PSF images returned, pixels (odd)")
+
+
+def _noise_sigma(cfg: BlendConfig, band: str, fwhm: float) -> float:
+    spec = DEFAULT_BANDS[band]
+    nea = noise_equivalent_area(PSFSpec(fwhm=fwhm, beta=cfg.psf_beta), cfg.pixel_scale)
+    return noise_spec(spec.m5 + cfg.depth_offset, spec.sky_mag, cfg.zeropoint, cfg.pixel_scale, nea).sigma
+
+
+def _mag(rng: np.random.Generator, lo: float, hi: float) -> float:
+    """A magnitude from dN/dm ~ 10^(0.3 m) on [lo, hi] (inverse transform)."""
+    a = 0.3 * np.log(10.0)
+    u = rng.uniform()
+    return float(np.log(np.exp(a * lo) + u * (np.exp(a * hi) - np.exp(a * lo))) / a)
+
+
+def _one_blend(cfg: BlendConfig, sim: SimConfig, rng: np.random.Generator, bp: dict[str, str]) -> tuple:
+    n, s = cfg.size, cfg.pixel_scale
+    fwhm = {b: DEFAULT_BANDS[b].psf_fwhm * cfg.psf_scale * float(np.exp(rng.normal(0, cfg.seeing_scatter)))
+            for b in cfg.bands}
+    psf = {b: galsim.Moffat(beta=cfg.psf_beta, fwhm=fwhm[b]) for b in cfg.bands}
+    k = int(rng.integers(cfg.members[0], cfg.members[1] + 1))
+    first = rng.uniform(-0.5, 0.5, 2) * s
+    pos = [first]
+    for _ in range(k - 1):
+        r = np.sqrt(rng.uniform(cfg.min_offset ** 2, cfg.max_offset ** 2))
+        a = rng.uniform(0, 2 * np.pi)
+        pos.append(first + r * np.array([np.cos(a), np.sin(a)]))
+    truth = np.zeros((k, len(cfg.bands), n, n), np.float32)
+    rows = []
+    for m in range(k):
+        mag = _mag(rng, *cfg.mag_range)
+        z = float(sample_redshift(rng, np.array([mag]))[0])
+        red = bool(rng.uniform() < red_fraction(np.array([mag]))[0])
+        g = make_galaxy(rng, m, 0.0, 0.0, mag, z, red, sim, bp)
+        x, y = float(pos[m][0]), float(pos[m][1])
+        for j, b in enumerate(cfg.bands):
+            img = galsim.Convolve(g.profile(b, cfg.zeropoint), psf[b]).drawImage(
+                nx=n, ny=n, scale=s, offset=(x / s, y / s))
+            truth[m, j] = img.array
+        # pixel coordinates (row y, column x) of the centre: GalSim's true centre of an even stamp is
+        # between pixels n/2 - 1 and n/2 (0-based)
+        row = dict(member=m, x=(n - 1) / 2.0 + x / s, y=(n - 1) / 2.0 + y / s, red=red, z=z,
+                   hlr=max(g.hlr_disk, g.hlr_bulge) if not red else g.hlr_bulge)
+        for b in cfg.bands:
+            row[f"mag_{b}"] = g.mag[b]
+            row[f"flux_{b}"] = mag_to_flux(g.mag[b], cfg.zeropoint)
+        rows.append(row)
+    sigma = np.array([_noise_sigma(cfg, b, fwhm[b]) for b in cfg.bands], np.float32)
+    image = truth.sum(axis=0) + (rng.normal(size=(len(cfg.bands), n, n)) * sigma[:, None, None]).astype(np.float32)
+    q = cfg.psf_size
+    psf_img = np.stack([psf[b].drawImage(nx=q, ny=q, scale=s).array for b in cfg.bands]).astype(np.float32)
+    psf_img /= psf_img.sum(axis=(1, 2), keepdims=True)
+    return image.astype(np.float32), sigma, psf_img, truth, rows, [fwhm[b] for b in cfg.bands]
+
+
+def _chunk(args) -> list[tuple]:
+    seed, index, count, cfg_json = args
+    cfg = BlendConfig.model_validate_json(cfg_json)
+    sim = SimConfig(bands=cfg.bands, reference_band=cfg.reference_band)
+    bp = {b: DEFAULT_BANDS[b].bandpass for b in cfg.bands}
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index, 7]))
+    return [_one_blend(cfg, sim, rng, bp) for _ in range(count)]
+
+
+def simulate_blends(n: int, seed: int, cfg: BlendConfig | None = None, workers: int = 1,
+                    progress: Callable[[int, int], None] | None = None) -> dict:
+    """`n` blends. Returns dict(images float32 (n, B, S, S), sigma float32 (n, B), psf float32 (n, B, q, q),
+    fwhm (n, B) arcsec, truth: list of float32 (members, B, S, S) noiseless images of each member alone,
+    members DataFrame: blend, member, x, y (pixel centre in the stamp), red, z, hlr, mag_<b>, flux_<b>)."""
+    if n < 1:
+        raise ValueError(f"need n >= 1 blends, got {n}")
+    cfg = cfg or BlendConfig()
+    unknown = [b for b in cfg.bands if b not in DEFAULT_BANDS]
+    if unknown:
+        raise ValueError(f"bands {unknown} unknown; known: {sorted(DEFAULT_BANDS)}")
+    jobs = [(seed, k, min(CHUNK, n - k * CHUNK), cfg.model_dump_json()) for k in range((n + CHUNK - 1) // CHUNK)]
+    out: list[tuple] = []
+    if workers <= 1:
+        for j in jobs:
+            out += _chunk(j)
+            if progress:
+                progress(len(out), n)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            for part in pool.map(_chunk, jobs):
+                out += part
+                if progress:
+                    progress(len(out), n)
+    rows = [dict(r, blend=i) for i, o in enumerate(out) for r in o[4]]
+    return dict(images=np.stack([o[0] for o in out]), sigma=np.stack([o[1] for o in out]),
+                psf=np.stack([o[2] for o in out]), truth=[o[3] for o in out],
+                fwhm=np.array([o[5] for o in out], np.float32), members=pd.DataFrame(rows))

@@ -1,0 +1,151 @@
+"""Learned deblending of blend groups: the U-Net deblender (models/deblend_unet.py) measures every member of
+every blend group found by `detect`, as if it were alone.
+
+For each blend group (`n_blend` >= 2 from the detect stage), the stage cuts one stamp of the model's size
+(48 x 48 px) from the background-subtracted tile with halo, centred on the group's mean centroid (masked
+pixels set to 0), and for each member gives the network the stamp, the member's centroid and the other
+members' centroids. The network returns, per band, the fraction of each pixel's light that is the member's;
+the members' fractions are renormalised to add up to one wherever they add up to more than 0.05
+(models.deblend_unet.share), so each pixel's light goes to the members once. Then:
+- `flux_deblend_<b>` = sum(fraction x pixels), `fluxerr_deblend_<b>` = sqrt(sum(fraction^2 / invvar)),
+  `mag_deblend_<b>`, `magerr_deblend_<b>` (AB, the band's zero point);
+- `deblend_a`, `deblend_b`, `deblend_theta`: second-moment shape (pixels, radians as `theta`) of the
+  deblended reference-band image (fraction x pixels, negative pixels clipped);
+- `blendedness` in the reference band (Bosch et al. 2018): 1 - sum(c^2) / sum(c t), c the deblended image and
+  t the blend (both clipped at 0): 0 for an isolated source, towards 1 for one buried in a neighbour;
+- `deblend_method`: "unet" for those, "isolated" for sources alone in their footprint, whose
+  `flux_deblend_<b>` is their Kron (`flux_auto`) flux and blendedness 0 (they pass through unchanged), and
+  "auto_fallback" (Kron flux kept) for members of groups larger than `max_members` (6), groups whose
+  members do not fit in one stamp (6 px margin), or groups centred within a quarter stamp of the edge of
+  the tile arrays.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+
+from .. import maskbits
+from .measure import magnitudes
+
+__all__ = ["DeblendStage"]
+
+
+def _moments(img: np.ndarray) -> tuple[float, float, float]:
+    """Second-moment semi-axes and angle (a, b, theta) of a non-negative image, SExtractor's formulas."""
+    tot = img.sum()
+    if tot <= 0:
+        return np.nan, np.nan, np.nan
+    yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]]
+    x0, y0 = (img * xx).sum() / tot, (img * yy).sum() / tot
+    xx2 = (img * (xx - x0) ** 2).sum() / tot
+    yy2 = (img * (yy - y0) ** 2).sum() / tot
+    xy = (img * (xx - x0) * (yy - y0)).sum() / tot
+    half, root = (xx2 + yy2) / 2, np.sqrt(((xx2 - yy2) / 2) ** 2 + xy ** 2)
+    return float(np.sqrt(half + root)), float(np.sqrt(max(half - root, 0.0))), float(0.5 * np.arctan2(2 * xy, xx2 - yy2))
+
+
+class DeblendStage:
+    name: ClassVar[str] = "deblend"
+    version: ClassVar[str] = "1"
+    models: ClassVar[tuple[str, ...]] = ("deblend_unet",)
+
+    def __init__(self, ref_band: str = "i", max_members: int = 6, batch: int = 128, weights: str | None = None):
+        self.ref_band, self.max_members, self.batch = ref_band, int(max_members), int(batch)
+        self.weights = weights
+        self.model = None
+        self.device = "cpu"
+
+    def setup(self, device: str) -> None:
+        from models.registry import create_model
+        self.device = device
+        self.model = create_model("deblend_unet", device=device, weights=Path(self.weights) if self.weights else None)
+        cfg = self.model.training_info.get("blend_config", {})
+        self.size = int(cfg.get("size", 48))
+        self.bands = list(cfg.get("bands", ["g", "r", "i", "z"]))
+
+    def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
+        if self.model is None:
+            self.setup(self.device)
+        from models.deblend_unet import fractions, network_input, share
+        out = sources.copy()
+        n = len(out)
+        need = [c for c in ("x_tile", "y_tile", "blend_id", "n_blend") if c not in out.columns]
+        if need:
+            raise ValueError(f"deblend stage needs the detect and measure stages' columns; missing {need}")
+        idx = [tile.bands.index(b) for b in self.bands]
+        ref = self.bands.index(self.ref_band)
+        s, c = self.size, (self.size - 1) / 2.0
+        ny, nx = tile.image.shape[1:]
+        image = tile.image[idx].astype(np.float32)
+        bad = (tile.mask[idx] & (maskbits.NO_DATA | maskbits.BAD | maskbits.SAT | maskbits.BLEED)) != 0
+        image = np.where(bad, 0.0, image).astype(np.float32)
+        var = np.where(tile.invvar[idx] > 0, 1.0 / np.maximum(tile.invvar[idx], 1e-30), 0.0)
+        sigma = np.array([1.0 / np.sqrt(np.median(v[v > 0])) if np.any(v > 0) else 1.0
+                          for v in tile.invvar[idx]], np.float32)
+        method = np.full(n, "isolated", object)
+        flux = np.full((n, len(idx)), np.nan)
+        ferr = np.full((n, len(idx)), np.nan)
+        shape = np.full((n, 3), np.nan)
+        blended = np.zeros(n)
+        for j, b in enumerate(self.bands):
+            if f"flux_auto_{b}" in out.columns:
+                flux[:, j] = out[f"flux_auto_{b}"].to_numpy(float)
+                ferr[:, j] = out[f"fluxerr_auto_{b}"].to_numpy(float)
+        x, y = out["x_tile"].to_numpy(float), out["y_tile"].to_numpy(float)
+        jobs = []  # (rows of one stamp, stamp, variance stamp, fraction maps filled below)
+        inputs = []
+        groups = out.index[out["n_blend"].to_numpy() >= 2]
+        half = s / 2 - 6  # members must lie this far inside a shared stamp
+        for bid, members in out.loc[groups].groupby("blend_id").groups.items():
+            rows = [out.index.get_loc(r) for r in members]
+            if len(rows) > self.max_members:
+                method[rows] = "auto_fallback"
+                continue
+            cx, cy = float(np.mean(x[rows])), float(np.mean(y[rows]))
+            if np.max(np.abs(x[rows] - cx)) > half or np.max(np.abs(y[rows] - cy)) > half \
+                    or cx < s / 4 or cy < s / 4 or cx > nx - s / 4 or cy > ny - s / 4:
+                method[rows] = "auto_fallback"  # too spread out for one stamp, or at the tile arrays' edge
+                continue
+            x0, y0 = int(np.rint(cx - c)), int(np.rint(cy - c))
+            ys, xs = slice(max(y0, 0), min(y0 + s, ny)), slice(max(x0, 0), min(x0 + s, nx))
+            dst = (slice(None), slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
+            stamp = np.zeros((len(idx), s, s), np.float32)
+            stamp[dst] = image[:, ys, xs]
+            vstamp = np.zeros((len(idx), s, s))
+            vstamp[dst] = var[:, ys, xs]
+            centres = np.c_[y[rows] - y0, x[rows] - x0]
+            for k in range(len(rows)):
+                inputs.append(network_input(stamp, sigma, tuple(centres[k]), np.delete(centres, k, axis=0)))
+            jobs.append((rows, stamp, vstamp))
+            method[rows] = "unet"
+        if jobs:
+            frac_all = fractions(self.model, np.stack(inputs), batch=self.batch, device=self.device)
+            k0 = 0
+            for rows, stamp, vstamp in jobs:
+                frac = share(frac_all[k0:k0 + len(rows)])  # each pixel's light goes to the members, once
+                k0 += len(rows)
+                for k, r in enumerate(rows):
+                    child = frac[k] * stamp
+                    flux[r] = child.sum(axis=(1, 2))
+                    ferr[r] = np.sqrt((frac[k] ** 2 * vstamp).sum(axis=(1, 2)))
+                    cpos, tpos = np.clip(child[ref], 0, None), np.clip(stamp[ref], 0, None)
+                    denom = (cpos * tpos).sum()
+                    blended[r] = 1.0 - (cpos ** 2).sum() / denom if denom > 0 else np.nan
+                    shape[r] = _moments(cpos)
+        for j, b in enumerate(self.bands):
+            zp = tile.zeropoints[tile.bands.index(b)]
+            out[f"flux_deblend_{b}"] = flux[:, j]
+            out[f"fluxerr_deblend_{b}"] = ferr[:, j]
+            mag, magerr = magnitudes(flux[:, j], ferr[:, j], zp)
+            out[f"mag_deblend_{b}"] = mag
+            out[f"magerr_deblend_{b}"] = magerr
+        iso = method != "unet"
+        shape[iso] = np.c_[out["a"].to_numpy(float), out["b"].to_numpy(float), out["theta"].to_numpy(float)][iso] \
+            if {"a", "b", "theta"} <= set(out.columns) else np.nan
+        out["deblend_a"], out["deblend_b"], out["deblend_theta"] = shape[:, 0], shape[:, 1], shape[:, 2]
+        out["blendedness"] = np.where(method == "isolated", 0.0, np.where(method == "unet", blended, np.nan))
+        out["deblend_method"] = pd.array(method.astype(str), dtype="string")
+        return out

@@ -1,0 +1,126 @@
+"""The learned deblender: shapes and determinism, the training targets, a short training run, the shipped
+weights on a synthetic two-galaxy blend, and the stage on a blend laid out as a tile."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from models.deblend_unet import DeblendUNet, network_input, position_map
+from models.eval_deblend import blend_tile, detect, match, sep_fluxes, unet_fluxes
+from models.registry import create_model
+from models.train_deblend import examples, train
+from tasks.sim.blend_stamps import BlendConfig, simulate_blends
+
+
+@pytest.fixture(scope="module")
+def blends():
+    return simulate_blends(24, seed=11)
+
+
+def test_shapes_and_determinism():
+    torch.manual_seed(0)
+    m = DeblendUNet(in_bands=4).eval()
+    x = torch.randn(3, 6, 48, 48)
+    out = m(x)
+    assert out.shape == (3, 4, 48, 48) and float(out.min()) >= 0 and float(out.max()) <= 1
+    assert torch.equal(out, m(x))
+    torch.manual_seed(0)
+    assert torch.equal(out, DeblendUNet(in_bands=4).eval()(x))
+
+
+def test_position_map_peaks_at_the_centres():
+    p = position_map(np.array([[10.0, 20.0], [30.0, 5.0]]), 48)
+    assert p[10, 20] == pytest.approx(1.0) and p[30, 5] == pytest.approx(1.0)
+    assert p[40, 40] < 1e-6
+
+
+def test_blends_and_training_targets(blends):
+    mem = blends["members"]
+    assert blends["images"].shape == (24, 4, 48, 48)
+    assert mem.groupby("blend").size().between(2, 4).all()
+    # each member's noiseless image holds its catalogue flux (up to the light outside the stamp)
+    ratio = [blends["truth"][b][m, 2].sum() / mem[(mem.blend == b) & (mem.member == m)].flux_i.iloc[0]
+             for b in range(24) for m in range(2)]
+    assert np.median(ratio) > 0.97
+    ex = examples(blends, np.random.default_rng(0))
+    assert len(ex["x"]) == len(mem)
+    # the target fractions of a blend's members add up to at most one
+    first = ex["f"][: int((mem.blend == 0).sum())].sum(axis=0)
+    assert first.max() <= 1.0 + 1e-5
+    assert ex["x"].shape[1] == 6
+
+
+def test_short_training_lowers_the_loss(tmp_path):
+    rec = train(tmp_path / "w.pt", n_train=96, n_val=24, epochs=3, batch=32, lr=3e-3, seed=1, workers=1)
+    h = rec["history"]
+    assert h[-1]["train_flux"] < h[0]["train_flux"]
+    assert create_model("deblend_unet", weights=tmp_path / "w.pt").training_info["n_train"] == 96
+
+
+def test_shipped_weights_recover_a_two_galaxy_blend():
+    """Two galaxies (i = 20.5 and 21.5, 1.2 arcsec apart), fluxes shared among them as the stage does:
+    the brighter within 10% in every band, the fainter within 30% (the shipped model under-recovers
+    faint companions; see its model card), their sum within 10%."""
+    import galsim
+    model = create_model("deblend_unet")
+    n, s, zp = 48, 0.2, 27.0
+    psf = galsim.Moffat(beta=3.5, fwhm=0.7)
+    from tasks.sim.blend_stamps import _noise_sigma
+    sigma = np.array([_noise_sigma(BlendConfig(), b, 0.7) for b in "griz"], np.float32)  # survey depth
+    gals = [(galsim.Exponential(half_light_radius=0.6), (0.0, 0.0), [0.5, 0.8, 1.0, 1.1], 10 ** (-0.4 * (20.5 - zp))),
+            (galsim.Sersic(n=3, half_light_radius=0.4).shear(q=0.6, beta=30 * galsim.degrees), (1.0, 0.66),
+             [0.3, 0.7, 1.0, 1.2], 10 ** (-0.4 * (21.5 - zp)))]
+    image = np.zeros((4, n, n), np.float32)
+    truth, centres = [], []
+    for prof, (dx, dy), colour, f in gals:
+        fl = np.array(colour) * f
+        for j in range(4):
+            image[j] += galsim.Convolve(prof.withFlux(fl[j]), psf).drawImage(
+                nx=n, ny=n, scale=s, offset=(dx / s, dy / s)).array
+        truth.append(fl)
+        centres.append(((n - 1) / 2 + dy / s, (n - 1) / 2 + dx / s))
+    image += np.random.default_rng(5).normal(size=image.shape).astype(np.float32) * sigma[:, None, None]
+    got = unet_fluxes(model, image, sigma, np.array(centres))
+    err = got / np.array(truth) - 1
+    assert np.abs(err[0]).max() < 0.10, err
+    assert np.abs(err[1]).max() < 0.30, err
+    assert np.abs(got.sum(axis=0) / np.array(truth).sum(axis=0) - 1).max() < 0.10
+
+
+def test_pipeline_detection_match_and_sep_baseline(blends):
+    cfg = BlendConfig()
+    tile = blend_tile(blends["images"][0], blends["sigma"][0], blends["fwhm"][0], cfg)
+    table, segmap = detect(tile)
+    members = blends["members"][blends["members"].blend == 0].reset_index(drop=True)
+    m2d = match(table, members)
+    assert len(m2d) >= 1 and len(set(m2d.values())) == len(m2d)
+    f = sep_fluxes(tile, table, segmap)
+    assert f.shape == (len(table), 4)
+
+
+def test_stage_on_a_blend_tile(blends):
+    from tasks.stages.registry import make_stage
+    cfg = BlendConfig()
+    k = int(np.argmax([blends["members"][blends["members"].blend == b].mag_i.min() for b in range(24)] == np.min(
+        [blends["members"][blends["members"].blend == b].mag_i.min() for b in range(24)])))
+    tile = blend_tile(blends["images"][k], blends["sigma"][k], blends["fwhm"][k], cfg)
+    big = np.zeros((4, 160, 160), np.float32)  # room around the blend: the stage leaves edge sources alone
+    big[:, 56:104, 56:104] = tile.image
+    from tasks.tiling import Box
+    tile.image, tile.invvar = big, np.broadcast_to(tile.invvar[:, :1, :1], big.shape).copy()
+    tile.mask = np.zeros(big.shape, np.uint16)
+    tile.box = tile.core = Box(0, 160, 0, 160)
+    st = make_stage("deblend")
+    st.setup("cpu")
+    table = detect(tile)[0]
+    out = st.run(tile, table)
+    assert set(out.deblend_method) <= {"unet", "isolated", "auto_fallback"}
+    grouped = out.n_blend >= 2
+    assert (out.deblend_method[grouped] == "unet").all()
+    assert (out.deblend_method[~grouped] == "isolated").all()
+    assert np.allclose(out.flux_deblend_i[~grouped], out.flux_auto_i[~grouped], equal_nan=True)
+    assert (out.blendedness[~grouped] == 0).all()
+    assert out.loc[grouped, "blendedness"].between(0, 1).all()
+    assert isinstance(out, pd.DataFrame) and len(out) == len(table)
