@@ -8,17 +8,15 @@ from typing import Optional
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .cli_common import console, fail
+from .cli_models import eval_app, train_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="deepfield: survey-scale processing of astronomical imaging.")
-console = Console(stderr=True)
-
-
-def fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
 
 
 def _progress() -> Progress:
@@ -282,124 +280,6 @@ def demo_completeness(truth_path: Path, merge: dict, mag_limit: float = 24.0) ->
         SkyCoord(cat.ra.values, cat.dec.values, unit="deg"))
     matched = int(np.sum(sep.arcsec < 1.0))
     return dict(n=len(t), matched=matched, fraction=matched / len(t))
-
-
-train_app = typer.Typer(no_args_is_help=True, help="Train a model on simulated data; writes weights and a record.")
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a model on held-out simulated data.")
-app.add_typer(train_app, name="train")
-app.add_typer(eval_app, name="eval")
-
-
-@train_app.command("lens")
-def train_lens(
-    out: Path = typer.Option(None, "--out", "-o", help="weights file (default: the shipped models/weights/lens_resnet.pt)"),
-    n_train: int = typer.Option(16000, "--n-train", min=64, help="training stamps (half lenses)"),
-    n_val: int = typer.Option(2000, "--n-val", min=64, help="validation stamps (half lenses)"),
-    epochs: int = typer.Option(10, min=1, help="passes over the training stamps"),
-    batch: int = typer.Option(128, min=1, help="stamps per optimisation step"),
-    lr: float = typer.Option(2e-3, help="peak learning rate (one-cycle schedule)"),
-    seed: int = typer.Option(0, min=0, help="seed of the stamps, initialisation and batch order"),
-    workers: int = typer.Option(2, min=1, help="processes simulating stamps"),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0"),
-) -> None:
-    """Train the strong-lens CNN (models/lens_cnn.py) on simulated lenses and hard negatives."""
-    from models.registry import entry
-    from models.train_lens import MODEL, save_json, train
-    out = out or entry(MODEL).weights
-    cmd = "deepfield train lens " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "deepfield train lens"
-    rec = train(out, n_train=n_train, n_val=n_val, epochs=epochs, batch=batch, lr=lr, seed=seed, workers=workers,
-                device=device, command=cmd)
-    save_json(rec, out.with_suffix(".train.json"))
-    last = rec["history"][-1]
-    console.print(f"weights: {out}\nrecord: {out.with_suffix('.train.json')}\n"
-                  f"final val loss {last['val_loss']:.4f}, val AUROC {last['val_auroc']:.4f}")
-
-
-@eval_app.command("lens")
-def eval_lens(
-    weights: Path = typer.Option(None, help="weights file (default: the shipped weights)"),
-    n: int = typer.Option(10000, min=100, help="stamps per evaluation set"),
-    lens_fraction: float = typer.Option(0.02, min=0.001, max=0.5, help="fraction of lenses in each set"),
-    seed: int = typer.Option(20261123, min=0, help="seed of the held-out sets (training uses seed*1000+1, +2)"),
-    shifted: bool = typer.Option(True, "--shifted/--no-shifted", help="also evaluate the shifted configuration "
-                                 "(PSF 30% wider, 0.7 mag shallower)"),
-    workers: int = typer.Option(2, min=1, help="processes simulating stamps"),
-    device: str = typer.Option("cpu", help="torch device"),
-    batch: int = typer.Option(256, min=1, help="stamps per inference batch"),
-    out: Path = typer.Option(None, help="write the figures as JSON here"),
-) -> None:
-    """AUROC, TPR0, TPR10 (Metcalf et al. 2019), completeness and throughput of the lens CNN."""
-    from models.train_lens import evaluate, format_report, save_json
-    if weights is not None and not weights.exists():
-        fail(f"{weights}: no such weights file")
-    try:
-        results = [evaluate(weights, n, lens_fraction, seed, False, workers, device, batch)]
-        if shifted:
-            results.append(evaluate(weights, n, lens_fraction, seed, True, workers, device, batch))
-    except FileNotFoundError as exc:
-        fail(str(exc))
-    for r in results:
-        print(format_report(r))
-    if out:
-        save_json(results, out)
-        console.print(f"figures: {out}")
-
-
-@train_app.command("deblend")
-def train_deblend(
-    out: Path = typer.Option(None, "--out", "-o", help="weights file (default: the shipped models/weights/deblend_unet.pt)"),
-    n_train: int = typer.Option(3000, "--n-train", min=16, help="training blends (every member is an example)"),
-    n_val: int = typer.Option(300, "--n-val", min=16, help="validation blends"),
-    epochs: int = typer.Option(12, min=1, help="passes over the training examples"),
-    batch: int = typer.Option(64, min=1, help="examples per optimisation step"),
-    lr: float = typer.Option(3e-3, help="peak learning rate (one-cycle schedule)"),
-    seed: int = typer.Option(0, min=0, help="seed of the blends, initialisation and batch order"),
-    workers: int = typer.Option(2, min=1, help="processes simulating blends"),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0"),
-    threads: int = typer.Option(1, min=1, help="torch CPU threads (1: no OpenMP spinning when other processes "
-                                "share the cores)"),
-    widths: str = typer.Option("8,16,32,64", help="U-Net channel widths, one per level, comma-separated"),
-) -> None:
-    """Train the learned deblender (models/deblend_unet.py) on simulated blends of 2-4 galaxies."""
-    from models.registry import entry
-    from models.train_deblend import MODEL, train
-    from models.train_lens import save_json
-    out = out or entry(MODEL).weights
-    cmd = "deepfield train deblend " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "deepfield train deblend"
-    rec = train(out, n_train=n_train, n_val=n_val, epochs=epochs, batch=batch, lr=lr, seed=seed, workers=workers,
-                device=device, command=cmd, threads=threads, widths=tuple(int(w) for w in widths.split(",")))
-    save_json(rec, out.with_suffix(".train.json"))
-    last = rec["history"][-1]
-    console.print(f"weights: {out}\nrecord: {out.with_suffix('.train.json')}\n"
-                  f"final val flux loss {last['val_flux']:.4f}")
-
-
-@eval_app.command("deblend")
-def eval_deblend(
-    weights: Path = typer.Option(None, help="weights file (default: the shipped weights)"),
-    n: int = typer.Option(300, min=10, help="held-out blends"),
-    seed: int = typer.Option(20261124, min=0, help="seed of the held-out blends"),
-    scarlet: bool = typer.Option(True, "--scarlet2/--no-scarlet2", help="also run scarlet2 on the same blends"),
-    mag_limit: float = typer.Option(23.5, help="figures for members brighter than this (reference band)"),
-    out: Path = typer.Option(None, help="write the figures as JSON here"),
-) -> None:
-    """Flux, colour and close-pair figures of the learned deblender beside SEP and scarlet2, and time per blend."""
-    from models.eval_deblend import evaluate, format_report
-    from models.train_lens import save_json
-    if weights is not None and not weights.exists():
-        fail(f"{weights}: no such weights file")
-    if scarlet:
-        import importlib.util
-        if importlib.util.find_spec("scarlet2") is None:  # not imported here: jax must not load before the fork
-            fail("scarlet2 is not installed (pip install scarlet2), or pass --no-scarlet2")
-    try:
-        r = evaluate(n=n, seed=seed, weights=weights, scarlet=scarlet, mag_limit=mag_limit)
-    except FileNotFoundError as exc:
-        fail(str(exc))
-    print(format_report(r))
-    if out:
-        save_json(r, out)
-        console.print(f"figures: {out}")
 
 
 def main() -> None:  # pragma: no cover - console script entry point

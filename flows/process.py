@@ -8,12 +8,10 @@ tile outputs.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import traceback
 from collections import deque
-from pathlib import Path
 from typing import Callable
 
 from tasks.ledger import Ledger, TileRecord
@@ -40,13 +38,13 @@ def stage_versions(stages: list[tuple[str, dict]]) -> dict[str, str]:
 def model_versions(stages: list[tuple[str, dict]]) -> dict[str, str]:
     """Version (weights sha256 prefix) of every model the configured stages use: a stage class lists
     them in `models` (a tuple of registry names), or an instance's `weights` parameter names a file."""
-    from models.registry import model_version
+    from models.registry import model_version, weights_version
     out = {}
     for name, params in stages:
         for m in getattr(STAGES[name], "models", ()):
             w = params.get("weights")
             if w:
-                out[m] = "file:" + hashlib.sha256(Path(w).read_bytes()).hexdigest()[:12]
+                out[m] = "file:" + weights_version(w)
             else:
                 out[m] = model_version(m)
     return out

@@ -16,7 +16,6 @@ of close pairs (members closer than `close_pair` arcsec, 1.0) with both members 
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -32,13 +31,11 @@ from tasks.tiling import Box, TileId
 from tasks.zarr_store import Tile
 
 from .deblend_unet import fractions, network_input, share
+from .records import say
 from .registry import create_model
 
 EVAL_SEED = 20261124
 
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def blend_tile(image: np.ndarray, sigma: np.ndarray, fwhm: np.ndarray, cfg: BlendConfig) -> Tile:
@@ -115,7 +112,7 @@ def evaluate(n: int = 300, seed: int = EVAL_SEED, weights: Path | None = None, s
     torch.set_num_threads(1)  # times per blend are single-core for every method (SEP and scarlet2's fits too)
     model = create_model("deblend_unet", weights=weights)
     cfg = BlendConfig.model_validate(model.training_info.get("blend_config", {}))
-    _say(f"simulating {n} held-out blends (seed {seed}) ...")
+    say(f"simulating {n} held-out blends (seed {seed}) ...")
     d = simulate_blends(n, seed, cfg, workers=2)
     if scarlet:
         from tasks.deblend_baselines import scarlet2_fluxes
@@ -141,7 +138,7 @@ def evaluate(n: int = 300, seed: int = EVAL_SEED, weights: Path | None = None, s
                 try:
                     est["scarlet2"] = scarlet2_fluxes(d["images"][b], d["sigma"][b], d["psf"][b], centres)
                 except Exception as exc:  # a failed fit counts as a miss, not as a crash of the evaluation
-                    _say(f"  scarlet2 failed on blend {b}: {type(exc).__name__}: {exc}")
+                    say(f"  scarlet2 failed on blend {b}: {type(exc).__name__}: {exc}")
                     est["scarlet2"] = np.full((len(table), len(cfg.bands)), np.nan)
                 dt = time.perf_counter() - t
                 if t_first is None:
@@ -162,7 +159,7 @@ def evaluate(n: int = 300, seed: int = EVAL_SEED, weights: Path | None = None, s
                 if np.hypot(*(xy[i] - xy[k])) < close_pair:
                     pairs.append((b, i, k))
         if (b + 1) % 50 == 0 or b + 1 == n:
-            _say(f"  {b + 1}/{n} blends")
+            say(f"  {b + 1}/{n} blends")
     res = pd.DataFrame(rows)
     methods = ["sep", "unet"] + (["scarlet2"] if scarlet else [])
     bright = res[(res.mag_ref < mag_limit) & res.detected]

@@ -64,12 +64,15 @@ def entry(name: str) -> ModelEntry:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}") from None
 
 
+def weights_version(path: str | Path) -> str:
+    """sha256 (12 hex digits) of a weights file."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
 def model_version(name: str) -> str:
-    """sha256 (12 hex digits) of the shipped weights, or 'untrained' when there are none."""
+    """Version of the shipped weights of `name`, or 'untrained' when there are none."""
     w = entry(name).weights
-    if not w.exists():
-        return "untrained"
-    return hashlib.sha256(w.read_bytes()).hexdigest()[:12]
+    return weights_version(w) if w.exists() else "untrained"
 
 
 def create_model(name: str, pretrained: bool = True, device: str = "cpu", weights: str | Path | None = None,

@@ -12,7 +12,6 @@ same seed, same software: same weights on a CPU.
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -22,12 +21,10 @@ import torch
 from tasks.sim.blend_stamps import BlendConfig, simulate_blends
 
 from .deblend_unet import DeblendUNet, network_input
+from .records import save_weights, say
 
 MODEL = "deblend_unet"
 
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def examples(d: dict, rng: np.random.Generator, jitter: float = 0.5) -> dict:
@@ -84,7 +81,7 @@ def train(out: Path, n_train: int = 3000, n_val: int = 300, epochs: int = 12, ba
     # fallbacks are 5x slower, and the CPU kernels used here give the same result run to run anyway)
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    _say(f"simulating {n_train} training and {n_val} validation blends ...")
+    say(f"simulating {n_train} training and {n_val} validation blends ...")
     tr = examples(simulate_blends(n_train, seed * 1000 + 1, cfg, workers), rng)
     va = examples(simulate_blends(n_val, seed * 1000 + 2, cfg, workers), rng)
     t_data = time.perf_counter() - t0
@@ -100,7 +97,7 @@ def train(out: Path, n_train: int = 3000, n_val: int = 300, epochs: int = 12, ba
     ri = cfg.bands.index(cfg.reference_band)
     history = []
     t1 = time.perf_counter()
-    _say(f"training on {n} members of {n_train} blends for {epochs} epochs ...")
+    say(f"training on {n} members of {n_train} blends for {epochs} epochs ...")
     for ep in range(epochs):
         model.train()
         perm = torch.randperm(n, generator=g)
@@ -134,14 +131,11 @@ def train(out: Path, n_train: int = 3000, n_val: int = 300, epochs: int = 12, ba
             med = float(torch.cat(errs).median())
         history.append(dict(epoch=ep + 1, train_pix=tot_pix / n, train_flux=tot_fl / n, val_pix=vp / m,
                             val_flux=vf / m, val_median_abs_flux_err_noiseless_i_lt_23p5=med))
-        _say(f"epoch {ep + 1}/{epochs}: train pixel {tot_pix / n:.4f} flux {tot_fl / n:.4f}  "
+        say(f"epoch {ep + 1}/{epochs}: train pixel {tot_pix / n:.4f} flux {tot_fl / n:.4f}  "
              f"val pixel {vp / m:.4f} flux {vf / m:.4f} (median |dF|/F {med:.4f})  ({time.perf_counter() - t1:.0f} s)")
     record = dict(model=MODEL, arch=arch, blend_config=cfg.model_dump(mode="json"), seed=seed, n_train=n_train,
                   n_val=n_val, n_examples=n, epochs=epochs, batch=batch, lr=lr, history=history, command=command,
                   data_seconds=round(t_data, 1), train_seconds=round(time.perf_counter() - t1, 1),
                   torch=torch.__version__, device=device, threads=threads)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(dict(record, state_dict=model.state_dict()), tmp)
-    tmp.replace(out)
+    save_weights(out, record, model.state_dict())  # atomic: a killed run leaves the old weights or the new
     return record

@@ -13,8 +13,6 @@ plus completeness at the stage's threshold against Einstein radius and arc S/N, 
 """
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,6 +24,7 @@ from torch import nn
 from tasks.sim.lens_stamps import StampConfig, simulate_stamps
 
 from .lens_cnn import LensResNet, preprocess, score
+from .records import save_weights, say
 from .registry import create_model, entry
 
 MODEL = "lens_resnet"
@@ -33,9 +32,6 @@ THRESHOLD = 0.5  # the lens stage's default: candidates scoring above it enter t
 TRAIN_SEED_OFFSET, VAL_SEED_OFFSET = 1, 2
 EVAL_SEED = 20261123  # held-out evaluation sets: a seed no training run uses by default
 
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _progress(what: str) -> Callable[[int, int], None]:
@@ -45,7 +41,7 @@ def _progress(what: str) -> Callable[[int, int], None]:
         now = time.perf_counter()
         if done == total or now - last[0] > 10:
             last[0] = now
-            _say(f"  {what}: {done}/{total} stamps")
+            say(f"  {what}: {done}/{total} stamps")
     return cb
 
 
@@ -84,12 +80,12 @@ def train(out: Path, n_train: int = 16000, n_val: int = 2000, epochs: int = 10, 
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     t0 = time.perf_counter()
-    _say(f"simulating {n_train} training and {n_val} validation stamps (half lenses) ...")
+    say(f"simulating {n_train} training and {n_val} validation stamps (half lenses) ...")
     tr = simulate_stamps(n_train, 0.5, seed * 1000 + TRAIN_SEED_OFFSET, cfg, workers, _progress("training"))
     va = simulate_stamps(n_val, 0.5, seed * 1000 + VAL_SEED_OFFSET, cfg, workers, _progress("validation"))
     t_data = time.perf_counter() - t0
     x_tr, y_tr = preprocess(tr["images"], tr["sigma"]), torch.as_tensor(tr["label"], dtype=torch.float32)
-    x_va, y_va = preprocess(va["images"], va["sigma"]), va["label"]
+    y_va = va["label"]  # validation stamps are preprocessed by score()
     arch = dict(in_bands=len(cfg.bands))
     model = LensResNet(**arch).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -118,16 +114,13 @@ def train(out: Path, n_train: int = 16000, n_val: int = 2000, epochs: int = 10, 
             vl = float(lossf(torch.logit(torch.as_tensor(s).clamp(1e-6, 1 - 1e-6)), torch.as_tensor(y_va, dtype=torch.float32)))
         m = metrics(s, y_va)
         history.append(dict(epoch=ep + 1, train_loss=total / n_train, val_loss=vl, val_auroc=m["auroc"]))
-        _say(f"epoch {ep + 1}/{epochs}: train loss {total / n_train:.4f}  val loss {vl:.4f}  "
+        say(f"epoch {ep + 1}/{epochs}: train loss {total / n_train:.4f}  val loss {vl:.4f}  "
              f"val AUROC {m['auroc']:.4f}  ({time.perf_counter() - t1:.0f} s)")
     record = dict(model=MODEL, arch=arch, stamp_config=cfg.model_dump(mode="json"), seed=seed, n_train=n_train,
                   n_val=n_val, epochs=epochs, batch=batch, lr=lr, history=history, command=command,
                   data_seconds=round(t_data, 1), train_seconds=round(time.perf_counter() - t1, 1),
                   torch=torch.__version__, device=device)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(dict(record, state_dict=model.state_dict()), tmp)
-    tmp.replace(out)  # atomic: a killed run leaves the old weights or the new ones
+    save_weights(out, record, model.state_dict())  # atomic: a killed run leaves the old weights or the new
     return record
 
 
@@ -148,7 +141,7 @@ def evaluate(weights: Path | None = None, n: int = 10000, lens_fraction: float =
     cfg = StampConfig.model_validate(info.get("stamp_config", {}))
     if shifted:
         cfg = cfg.shifted()
-    _say(f"simulating {n} {'shifted-configuration ' if shifted else ''}evaluation stamps "
+    say(f"simulating {n} {'shifted-configuration ' if shifted else ''}evaluation stamps "
          f"({lens_fraction:.0%} lenses, seed {seed}) ...")
     d = simulate_stamps(n, lens_fraction, seed + (1 if shifted else 0), cfg, workers, _progress("evaluation"))
     score(model, d["images"][:batch], d["sigma"][:batch], batch=batch, device=device)  # warm-up
@@ -189,9 +182,3 @@ def format_report(r: dict) -> str:
              f"{r['torch_threads']} threads)"]
     return "\n".join(lines)
 
-
-def save_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    tmp.replace(path)

@@ -6,7 +6,6 @@ Bands on another WCS grid than the reference band are resampled onto it with rep
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,20 +17,12 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 
 from . import maskbits
 from .fits_align import resample_band, same_grid
+from .fits_files import IMAGE_HDUS, FitsFiles, InputError, sha256_file  # noqa: F401  (InputError, sha256_file re-exported)
 from .ingest_config import FieldSpec
 
 ZP_KEYS = ("MAGZERO", "ZEROPNT", "MAGZPT")
 FWHM_KEYS = ("PSF_FWHM", "SEEING", "FWHM")
 MEF_KINDS = {"IMAGE": "image", "INVVAR": "invvar", "WEIGHT": "invvar", "VARIANCE": "variance", "MASK": "mask"}
-IMAGE_HDUS = (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)
-
-
-class InputError(Exception):
-    """A field's input is unusable: `path` is the offending file, `problem` says why."""
-
-    def __init__(self, path, problem: str):
-        self.path, self.problem = path, problem
-        super().__init__(f"{path}: {problem}")
 
 
 @dataclass
@@ -48,109 +39,6 @@ class FieldImages:
     checksums: dict[str, str] = field(default_factory=dict)  # absolute path -> sha256
     resampled: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _data_nbytes(header: fits.Header) -> int:
-    """Bytes of data (without padding) the header announces."""
-    naxis = int(header.get("NAXIS", 0))
-    if naxis == 0:
-        return 0
-    n = math.prod(int(header.get(f"NAXIS{k}", 0)) for k in range(1, naxis + 1))
-    return abs(int(header.get("BITPIX", 8))) // 8 * int(header.get("GCOUNT", 1)) * (int(header.get("PCOUNT", 0)) + n)
-
-
-class _Files:
-    """Opened, size-checked FITS files of one field, each opened once."""
-
-    def __init__(self):
-        self.open: dict[Path, fits.HDUList] = {}
-        self.unmapped: dict[Path, fits.HDUList] = {}  # for scaled (BZERO/BSCALE/BLANK) data
-        self.mapped: set[Path] = set()
-
-    def hdul(self, path: Path) -> fits.HDUList:
-        path = Path(path)
-        if path in self.open:
-            return self.open[path]
-        if not path.exists():
-            raise InputError(path, "no such file")
-        if not path.is_file():
-            raise InputError(path, "not a regular file")
-        with open(path, "rb") as f:
-            head = f.read(80)
-        gz = head[:2] == b"\x1f\x8b"
-        if not gz and not head.startswith(b"SIMPLE  ="):
-            raise InputError(path, "not a FITS file (does not start with a SIMPLE card)")
-        try:
-            # memory-mapped (not gzip): the float32 conversion then reads the page cache directly,
-            # one pass instead of a read into a buffer and a copy out of it
-            hdul = fits.open(path, memmap=not gz, lazy_load_hdus=False)
-        except Exception as exc:
-            raise InputError(path, f"truncated or corrupt FITS file ({type(exc).__name__}: {exc})") from None
-        self.open[path] = hdul
-        if not gz:
-            self.mapped.add(path)
-            size = path.stat().st_size
-            for i, hdu in enumerate(hdul):
-                if isinstance(hdu, fits.CompImageHDU):
-                    continue  # its header describes the uncompressed image; reading the data checks it
-                need = hdul.fileinfo(i)["datLoc"] + _data_nbytes(hdu.header)
-                if need > size:
-                    raise InputError(path, f"truncated FITS file: {size} bytes, HDU {i} needs {need}")
-        return hdul
-
-    def close(self):
-        for h in list(self.open.values()) + list(self.unmapped.values()):
-            h.close()
-
-    def select(self, path: Path, hdu) -> int:
-        """Index of the HDU `hdu` (index, EXTNAME or None: the first with 2-d data)."""
-        hdul = self.hdul(path)
-        if isinstance(hdu, int):
-            if not 0 <= hdu < len(hdul):
-                raise InputError(path, f"no HDU {hdu} (the file has {len(hdul)})")
-            return hdu
-        if isinstance(hdu, str):
-            for i, h in enumerate(hdul):
-                if str(h.header.get("EXTNAME", "")).strip().upper() == hdu.strip().upper():
-                    return i
-            raise InputError(path, f"no HDU named {hdu!r}")
-        for i, h in enumerate(hdul):
-            if isinstance(h, IMAGE_HDUS) and h.header.get("NAXIS") == 2:
-                return i
-        found = ", ".join(f"HDU {i} NAXIS={h.header.get('NAXIS')}" for i, h in enumerate(hdul))
-        raise InputError(path, f"empty image: no HDU with 2-d image data ({found})")
-
-    def read(self, path: Path, index: int, what: str) -> tuple[fits.Header, np.ndarray]:
-        """Header and 2-d data of HDU `index`; `what` names it in messages."""
-        h = self.hdul(path)[index]
-        if not isinstance(h, IMAGE_HDUS):
-            raise InputError(path, f"{what} (HDU {index}) is not an image HDU")
-        naxis = h.header.get("NAXIS", 0)
-        dims = [h.header.get(f"NAXIS{k}", 0) for k in range(1, naxis + 1)]
-        if naxis != 2 or 0 in dims:
-            raise InputError(path, f"empty image: {what} (HDU {index}) has NAXIS={naxis}, shape {dims[::-1]}")
-        path = Path(path)
-        if path in self.mapped and not isinstance(h, fits.CompImageHDU) \
-                and any(k in h.header for k in ("BZERO", "BSCALE", "BLANK")):
-            # astropy cannot memory-map scaled data (e.g. uint16 stored as int16 + BZERO): read it
-            if path not in self.unmapped:
-                self.unmapped[path] = fits.open(path, memmap=False, lazy_load_hdus=False)
-            h = self.unmapped[path][index]
-        try:
-            data = h.data
-        except Exception as exc:
-            raise InputError(path, f"truncated or corrupt FITS data in {what} (HDU {index}): {exc}") from None
-        if data is None or data.ndim != 2 or data.size == 0:
-            raise InputError(path, f"empty image: {what} (HDU {index}) has no 2-d data")
-        return h.header, data
 
 
 @dataclass
@@ -243,7 +131,7 @@ def _mask_bits(raw: np.ndarray, header: fits.Header, path, band: str, notes: lis
     return out
 
 
-def _load_band(files: _Files, band: str, img: tuple, inv: tuple | None, var: tuple | None, msk: tuple | None,
+def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: tuple | None, msk: tuple | None,
                zp: float | None, fwhm: float | None, notes: list[str], dest=None) -> _Band:
     """One band on its own grid; the file arguments are (path, hdu) with hdu an index, EXTNAME or None.
 
@@ -320,7 +208,7 @@ def _load_band(files: _Files, band: str, img: tuple, inv: tuple | None, var: tup
     return _Band(band, path, image, invvar, mask, wcs, float(zp), fwhm)
 
 
-def _sources(spec: FieldSpec, files: _Files, notes: list[str]) -> list[tuple]:
+def _sources(spec: FieldSpec, files: FitsFiles, notes: list[str]) -> list[tuple]:
     """(band, image, invvar, variance, mask, zeropoint, psf_fwhm) for each band, in order."""
     if spec.mef is None:
         out, seen = [], {}
@@ -389,7 +277,7 @@ def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> Fiel
     """Read, validate and align one field's bands; raises InputError naming the offending file.
 
     checksums: sha256 of input files already computed by the caller (path -> hex), reused."""
-    files, notes = _Files(), []
+    files, notes = FitsFiles(), []
     try:
         srcs = _sources(spec, files, notes)
         names = [s[0] for s in srcs]

@@ -67,8 +67,7 @@ def test_shipped_weights_recover_a_two_galaxy_blend():
     model = create_model("deblend_unet")
     n, s, zp = 48, 0.2, 27.0
     psf = galsim.Moffat(beta=3.5, fwhm=0.7)
-    from tasks.sim.blend_stamps import _noise_sigma
-    sigma = np.array([_noise_sigma(BlendConfig(), b, 0.7) for b in "griz"], np.float32)  # survey depth
+    sigma = np.array([BlendConfig().noise_sigma(b, 0.7) for b in "griz"], np.float32)  # survey depth
     gals = [(galsim.Exponential(half_light_radius=0.6), (0.0, 0.0), [0.5, 0.8, 1.0, 1.1], 10 ** (-0.4 * (20.5 - zp))),
             (galsim.Sersic(n=3, half_light_radius=0.4).shear(q=0.6, beta=30 * galsim.degrees), (1.0, 0.66),
              [0.3, 0.7, 1.0, 1.2], 10 ** (-0.4 * (21.5 - zp)))]

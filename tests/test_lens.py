@@ -9,7 +9,7 @@ import torch
 from models.lens_cnn import LensResNet, preprocess, score
 from models.registry import create_model, list_models, model_version
 from models.train_lens import metrics, tpr_at_fp, train
-from tasks.sim.lens_stamps import StampConfig, _bandpasses, _one_stamp, simulate_stamps
+from tasks.sim.lens_stamps import StampConfig, _one_stamp, simulate_stamps
 
 
 def test_forward_shapes_and_determinism():
@@ -74,7 +74,7 @@ def test_shipped_weights_score_lenses_above_their_deflectors_alone():
     """The same deflector, noise and PSF with and without a lensed source: the lens scores higher."""
     model = create_model("lens_resnet")
     cfg = StampConfig(src_mag=(22.0, 23.0), neighbour_rate=0.0)
-    bp = _bandpasses(cfg)
+    bp = cfg.bandpasses()
     wins = 0
     for k in range(8):
         lens = _one_stamp("lens", cfg, np.random.default_rng(100 + k), bp)

@@ -21,42 +21,24 @@ from typing import Callable
 import galsim
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from .config import DEFAULT_BANDS, SimConfig
-from .noise import noise_spec
+from .config import SimConfig
 from .population import make_galaxy, sample_redshift, red_fraction
-from .psf import PSFSpec, noise_equivalent_area
 from .sources import mag_to_flux
+from .stamp_survey import StampSurvey
 
 CHUNK = 64
 
 
-class BlendConfig(BaseModel):
+class BlendConfig(StampSurvey):
     """What a set of blends looks like (see the module docstring)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    bands: list[str] = Field(default_factory=lambda: ["g", "r", "i", "z"], description="bands, in channel order")
-    reference_band: str = Field("i", description="band of the magnitudes")
-    size: int = Field(48, ge=16, le=256, description="stamp width and height, pixels")
-    pixel_scale: float = Field(0.2, gt=0, description="arcsec per pixel")
-    zeropoint: float = Field(27.0, description="AB magnitude of 1 image unit")
-    psf_scale: float = Field(1.0, gt=0, description="multiplies every band's median PSF FWHM")
-    seeing_scatter: float = Field(0.1, ge=0, description="log-normal scatter of the FWHM per blend")
-    psf_beta: float = Field(3.5, gt=1.5, description="Moffat beta")
-    depth_offset: float = Field(0.0, description="added to every band's 5-sigma depth (negative: shallower)")
     members: tuple[int, int] = Field((2, 4), description="fewest and most galaxies per blend")
     mag_range: tuple[float, float] = Field((19.0, 25.0), description="reference-band magnitude range of members")
     min_offset: float = Field(0.5, ge=0, description="least distance of a companion from the first member, arcsec")
     max_offset: float = Field(3.0, gt=0, description="largest distance of a companion from the first member, arcsec")
     psf_size: int = Field(25, ge=5, description="side of the PSF images returned, pixels (odd)")
-
-
-def _noise_sigma(cfg: BlendConfig, band: str, fwhm: float) -> float:
-    spec = DEFAULT_BANDS[band]
-    nea = noise_equivalent_area(PSFSpec(fwhm=fwhm, beta=cfg.psf_beta), cfg.pixel_scale)
-    return noise_spec(spec.m5 + cfg.depth_offset, spec.sky_mag, cfg.zeropoint, cfg.pixel_scale, nea).sigma
 
 
 def _mag(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -68,8 +50,7 @@ def _mag(rng: np.random.Generator, lo: float, hi: float) -> float:
 
 def _one_blend(cfg: BlendConfig, sim: SimConfig, rng: np.random.Generator, bp: dict[str, str]) -> tuple:
     n, s = cfg.size, cfg.pixel_scale
-    fwhm = {b: DEFAULT_BANDS[b].psf_fwhm * cfg.psf_scale * float(np.exp(rng.normal(0, cfg.seeing_scatter)))
-            for b in cfg.bands}
+    fwhm = cfg.draw_fwhm(rng)
     psf = {b: galsim.Moffat(beta=cfg.psf_beta, fwhm=fwhm[b]) for b in cfg.bands}
     k = int(rng.integers(cfg.members[0], cfg.members[1] + 1))
     first = rng.uniform(-0.5, 0.5, 2) * s
@@ -98,7 +79,7 @@ def _one_blend(cfg: BlendConfig, sim: SimConfig, rng: np.random.Generator, bp: d
             row[f"mag_{b}"] = g.mag[b]
             row[f"flux_{b}"] = mag_to_flux(g.mag[b], cfg.zeropoint)
         rows.append(row)
-    sigma = np.array([_noise_sigma(cfg, b, fwhm[b]) for b in cfg.bands], np.float32)
+    sigma = np.array([cfg.noise_sigma(b, fwhm[b]) for b in cfg.bands], np.float32)
     image = truth.sum(axis=0) + (rng.normal(size=(len(cfg.bands), n, n)) * sigma[:, None, None]).astype(np.float32)
     q = cfg.psf_size
     psf_img = np.stack([psf[b].drawImage(nx=q, ny=q, scale=s).array for b in cfg.bands]).astype(np.float32)
@@ -110,7 +91,7 @@ def _chunk(args) -> list[tuple]:
     seed, index, count, cfg_json = args
     cfg = BlendConfig.model_validate_json(cfg_json)
     sim = SimConfig(bands=cfg.bands, reference_band=cfg.reference_band)
-    bp = {b: DEFAULT_BANDS[b].bandpass for b in cfg.bands}
+    bp = cfg.bandpasses()
     rng = np.random.default_rng(np.random.SeedSequence([seed, index, 7]))
     return [_one_blend(cfg, sim, rng, bp) for _ in range(count)]
 
@@ -123,9 +104,7 @@ def simulate_blends(n: int, seed: int, cfg: BlendConfig | None = None, workers: 
     if n < 1:
         raise ValueError(f"need n >= 1 blends, got {n}")
     cfg = cfg or BlendConfig()
-    unknown = [b for b in cfg.bands if b not in DEFAULT_BANDS]
-    if unknown:
-        raise ValueError(f"bands {unknown} unknown; known: {sorted(DEFAULT_BANDS)}")
+    cfg.check_bands()
     jobs = [(seed, k, min(CHUNK, n - k * CHUNK), cfg.model_dump_json()) for k in range((n + CHUNK - 1) // CHUNK)]
     out: list[tuple] = []
     if workers <= 1:

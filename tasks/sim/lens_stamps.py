@@ -40,37 +40,25 @@ from typing import Callable
 import galsim
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from scipy.signal import fftconvolve
 
 from . import seds
 from .anomalies import sample_merger, sample_ring_galaxy
-from .config import DEFAULT_BANDS, SimConfig
+from .config import SimConfig
 from .lensing import LensParams, LensSystem, lenstronomy_models, sample_lens, unlensed_source_sum
-from .noise import noise_spec
 from .population import make_galaxy
-from .psf import PSFSpec, noise_equivalent_area
 from .sources import mag_to_flux, pa_to_beta
+from .stamp_survey import StampSurvey
 
 CHUNK = 64  # stamps per random stream: the unit of reproducibility and of work per process
 KINDS = ("lens", "lone_red", "red_blue_companion", "spiral", "ring", "merger", "field")
 _OVERSAMPLE = 6
 
 
-class StampConfig(BaseModel):
+class StampConfig(StampSurvey):
     """What a set of lens-finder stamps looks like (see the module docstring)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    bands: list[str] = Field(default_factory=lambda: ["g", "r", "i", "z"], description="bands, in channel order")
-    reference_band: str = Field("i", description="band of the deflector and source magnitudes")
-    size: int = Field(48, ge=16, le=256, description="stamp width and height, pixels")
-    pixel_scale: float = Field(0.2, gt=0, description="arcsec per pixel")
-    zeropoint: float = Field(27.0, description="AB magnitude of 1 image unit")
-    psf_scale: float = Field(1.0, gt=0, description="multiplies every band's median PSF FWHM")
-    seeing_scatter: float = Field(0.1, ge=0, description="log-normal scatter of the FWHM per stamp")
-    psf_beta: float = Field(3.5, gt=1.5, description="Moffat beta")
-    depth_offset: float = Field(0.0, description="added to every band's 5-sigma depth m5 (negative: shallower)")
     theta_e: tuple[float, float] = Field((0.8, 3.0), description="Einstein radius range, arcsec")
     src_mag: tuple[float, float] = Field((22.0, 25.5), description="unlensed source magnitude range (reference band)")
     negatives: dict[str, float] = Field(
@@ -82,16 +70,6 @@ class StampConfig(BaseModel):
     def shifted(self) -> "StampConfig":
         """The evaluation's shifted configuration: 30% wider PSF and 0.7 mag shallower."""
         return self.model_copy(update={"psf_scale": self.psf_scale * 1.3, "depth_offset": self.depth_offset - 0.7})
-
-
-def _bandpasses(cfg: StampConfig) -> dict[str, str]:
-    return {b: DEFAULT_BANDS[b].bandpass for b in cfg.bands}
-
-
-def _noise_sigma(cfg: StampConfig, band: str, fwhm: float) -> float:
-    spec = DEFAULT_BANDS[band]
-    nea = noise_equivalent_area(PSFSpec(fwhm=fwhm, beta=cfg.psf_beta), cfg.pixel_scale)
-    return noise_spec(spec.m5 + cfg.depth_offset, spec.sky_mag, cfg.zeropoint, cfg.pixel_scale, nea).sigma
 
 
 def arc_map(p: LensParams, n: int, scale: float, dx: float = 0.0, dy: float = 0.0) -> tuple[np.ndarray, float]:
@@ -134,8 +112,7 @@ class _Renderer:
     def __init__(self, cfg: StampConfig, rng: np.random.Generator):
         self.cfg, self.rng = cfg, rng
         self.n = cfg.size
-        self.fwhm = {b: DEFAULT_BANDS[b].psf_fwhm * cfg.psf_scale * float(np.exp(rng.normal(0, cfg.seeing_scatter)))
-                     for b in cfg.bands}
+        self.fwhm = cfg.draw_fwhm(rng)
         self.psf = {b: galsim.Moffat(beta=cfg.psf_beta, fwhm=self.fwhm[b]) for b in cfg.bands}
         k = 2 * int(3 * max(self.fwhm.values()) / cfg.pixel_scale) + 1
         self.psf_img = {b: self.psf[b].drawImage(nx=k, ny=k, scale=cfg.pixel_scale, method="no_pixel").array
@@ -196,7 +173,7 @@ def _one_stamp(kind: str, cfg: StampConfig, rng: np.random.Generator, bp: dict[s
             amap, mu = arc_map(p, r.n, s, dx, dy)
             flux = {b: mag_to_flux(p.src_mag[b], zp) for b in cfg.bands}
             convolved = r.pixel_map(amap, flux)
-            snr = max(float(np.sqrt(np.sum((convolved[b] * flux[b]) ** 2))) / _noise_sigma(cfg, b, r.fwhm[b])
+            snr = max(float(np.sqrt(np.sum((convolved[b] * flux[b]) ** 2))) / cfg.noise_sigma(b, r.fwhm[b])
                       for b in cfg.bands)  # matched-filter S/N of the arcs alone, as the field truth's
             meta.update(theta_e=p.theta_e, arc_snr=snr, src_mag=p.src_mag[cfg.reference_band], magnification=mu)
         elif kind == "red_blue_companion":
@@ -241,7 +218,7 @@ def _one_stamp(kind: str, cfg: StampConfig, rng: np.random.Generator, bp: dict[s
         pos = rng.uniform(-half, half, 2)
         if np.hypot(*pos) > 3.5:  # outside the region where arcs live
             r.analytic(lambda b: g.profile(b, zp), float(pos[0]), float(pos[1]))
-    sigma = np.array([_noise_sigma(cfg, b, r.fwhm[b]) for b in cfg.bands])
+    sigma = np.array([cfg.noise_sigma(b, r.fwhm[b]) for b in cfg.bands])
     noisy = r.image + rng.normal(size=r.image.shape) * sigma[:, None, None]
     return noisy.astype(np.float32), sigma.astype(np.float32), meta
 
@@ -259,7 +236,7 @@ def _chunk(args) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     seed, index, count, lens_fraction, cfg_json = args
     cfg = StampConfig.model_validate_json(cfg_json)
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
-    bp = _bandpasses(cfg)
+    bp = cfg.bandpasses()
     imgs, sigs, metas = [], [], []
     for kind in _kinds(count, lens_fraction, cfg, rng):
         im, sg, meta = _one_stamp(kind, cfg, rng, bp)
@@ -278,9 +255,7 @@ def simulate_stamps(n: int, lens_fraction: float, seed: int, cfg: StampConfig | 
     if n < 1 or not 0 <= lens_fraction <= 1:
         raise ValueError(f"need n >= 1 and 0 <= lens_fraction <= 1, got {n}, {lens_fraction}")
     cfg = cfg or StampConfig()
-    unknown = [b for b in cfg.bands if b not in DEFAULT_BANDS]
-    if unknown:
-        raise ValueError(f"bands {unknown} unknown; known: {sorted(DEFAULT_BANDS)}")
+    cfg.check_bands()
     jobs = [(seed, k, min(CHUNK, n - k * CHUNK), lens_fraction, cfg.model_dump_json())
             for k in range((n + CHUNK - 1) // CHUNK)]
     parts = []

@@ -1,4 +1,4 @@
-"""Pixel helpers shared by the SEP-based stages (background, detect, measure).
+"""Pixel helpers shared by the stages (background, detect, measure; stamps for lens and deblend).
 
 All arrays are 2-d (y, x) over a tile's halo box unless stated otherwise; SEP wants C-contiguous,
 native-byte-order arrays, which these helpers return (float64).
@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 import sep
+
+from .. import maskbits
 
 # SEP keeps a fixed-size pixel stack and a per-parent limit on deblended children; survey tiles with
 # halo hold a million pixels or more, so raise both above SEP's defaults (300000 and 1024).
@@ -79,3 +81,19 @@ def gaussian_kernel(fwhm_px: float) -> np.ndarray:
     yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
     k = np.exp(-0.5 * (xx ** 2 + yy ** 2) / sigma ** 2)
     return np.ascontiguousarray(k / k.sum())
+
+
+# mask bits whose pixels carry no usable light for the learned stages (set to 0 in their stamps)
+UNUSABLE = maskbits.NO_DATA | maskbits.BAD | maskbits.SAT | maskbits.BLEED
+
+
+def cut_stamp(arr: np.ndarray, y0: int, x0: int, size: int, fill=0) -> np.ndarray:
+    """The (..., size, size) window of `arr` (..., ny, nx) whose first pixel is (y0, x0); the part outside
+    the array is `fill`."""
+    ny, nx = arr.shape[-2:]
+    out = np.full(arr.shape[:-2] + (size, size), fill, dtype=arr.dtype)
+    ys, xs = slice(max(y0, 0), min(y0 + size, ny)), slice(max(x0, 0), min(x0 + size, nx))
+    if ys.start < ys.stop and xs.start < xs.stop:
+        out[..., ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0] = arr[..., ys, xs]
+    return out
+

@@ -27,7 +27,7 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from .. import maskbits
+from ._pixels import UNUSABLE, cut_stamp
 from .measure import magnitudes
 
 __all__ = ["DeblendStage"]
@@ -80,7 +80,7 @@ class DeblendStage:
         s, c = self.size, (self.size - 1) / 2.0
         ny, nx = tile.image.shape[1:]
         image = tile.image[idx].astype(np.float32)
-        bad = (tile.mask[idx] & (maskbits.NO_DATA | maskbits.BAD | maskbits.SAT | maskbits.BLEED)) != 0
+        bad = (tile.mask[idx] & UNUSABLE) != 0
         image = np.where(bad, 0.0, image).astype(np.float32)
         var = np.where(tile.invvar[idx] > 0, 1.0 / np.maximum(tile.invvar[idx], 1e-30), 0.0)
         sigma = np.array([1.0 / np.sqrt(np.median(v[v > 0])) if np.any(v > 0) else 1.0
@@ -110,12 +110,7 @@ class DeblendStage:
                 method[rows] = "auto_fallback"  # too spread out for one stamp, or at the tile arrays' edge
                 continue
             x0, y0 = int(np.rint(cx - c)), int(np.rint(cy - c))
-            ys, xs = slice(max(y0, 0), min(y0 + s, ny)), slice(max(x0, 0), min(x0 + s, nx))
-            dst = (slice(None), slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
-            stamp = np.zeros((len(idx), s, s), np.float32)
-            stamp[dst] = image[:, ys, xs]
-            vstamp = np.zeros((len(idx), s, s))
-            vstamp[dst] = var[:, ys, xs]
+            stamp, vstamp = cut_stamp(image, y0, x0, s), cut_stamp(var, y0, x0, s)
             centres = np.c_[y[rows] - y0, x[rows] - x0]
             for k in range(len(rows)):
                 inputs.append(network_input(stamp, sigma, tuple(centres[k]), np.delete(centres, k, axis=0)))

@@ -25,8 +25,7 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from .. import maskbits
-from ._pixels import fwhm_pixels
+from ._pixels import UNUSABLE, cut_stamp, fwhm_pixels
 
 __all__ = ["LensStage"]
 
@@ -77,21 +76,16 @@ class LensStage:
         """(N, bands, S, S) stamps centred on the nearest pixels to (x, y) (tile-array pixel coordinates)
         and (N, bands) noise sigmas."""
         idx = [tile.bands.index(b) for b in self.bands]
-        nb, ny, nx = len(idx), tile.image.shape[1], tile.image.shape[2]
-        s = self.size
+        nb, s = len(idx), self.size
         out = np.zeros((len(x), nb, s, s), np.float32)
         sig = np.ones((len(x), nb), np.float32)
         image, invvar = tile.image[idx], tile.invvar[idx]
-        good = (tile.mask[idx] & (maskbits.NO_DATA | maskbits.BAD | maskbits.SAT | maskbits.BLEED)) == 0
+        good = (tile.mask[idx] & UNUSABLE) == 0
         c = (s - 1) / 2.0  # training stamps put the galaxy within half a pixel of the stamp centre
         for k, (x0, y0) in enumerate(zip(np.rint(x - c).astype(int), np.rint(y - c).astype(int))):
-            ys, xs = slice(max(y0, 0), min(y0 + s, ny)), slice(max(x0, 0), min(x0 + s, nx))
-            if ys.start >= ys.stop or xs.start >= xs.stop:
-                continue
-            dst = (slice(None), slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
-            ok = good[:, ys, xs]
-            out[k][dst] = np.where(ok, image[:, ys, xs], 0.0)
-            inv = invvar[:, ys, xs]
+            ok = cut_stamp(good, y0, x0, s, fill=False)
+            out[k] = np.where(ok, cut_stamp(image, y0, x0, s), 0.0)
+            inv = cut_stamp(invvar, y0, x0, s)
             for j in range(nb):
                 v = inv[j][ok[j] & (inv[j] > 0)]
                 sig[k, j] = 1.0 / np.sqrt(np.median(v)) if v.size else 1.0
