@@ -17,8 +17,10 @@ Input: `RUN/tiles/<field>/<ty>_<tx>.parquet`, one table per tile (tasks' tile ru
    fluxes in adu i.e. image units with the band's AB zero point, magnitudes in mag) and flat Parquet.
 
 Outputs in `out_dir` (default `RUN/catalogs`): `sources/` (HATS catalog), `sources_flat/` (Parquet parts),
-`sources.fits`, `sources.summary.json`, and where the lens stage ran `lens_candidates.parquet` (rows
-scoring above `lens_threshold`, ranked, with `lens_rank` 1 for the highest score). Everything is built under `out_dir/.sources.tmp-XXXX/` and then
+`sources.fits`, `sources.summary.json`, where the lens stage ran `lens_candidates.parquet` (rows
+scoring above `lens_threshold`, ranked, with `lens_rank` 1 for the highest score), and where the anomaly
+stage ran the `anomaly_sigma` column and `anomalies.parquet` + `anomaly_stamps.fits` (the `anomaly_top`
+most anomalous rows and their cutouts from the store; catalogs/anomalies.py). Everything is built under `out_dir/.sources.tmp-XXXX/` and then
 renamed into place, an old output removed just before; a crash leaves the old or the new outputs, never
 partial ones. One merge at a time per `out_dir` (a merge removes temporaries left by killed ones).
 
@@ -46,6 +48,7 @@ from astropy.table import Table
 from tasks.atomic import atomic_path, write_text
 from tasks.tiling import SkyField
 
+from .anomalies import ANOMALY_STAMPS, ANOMALY_TABLE, add_sigma, score_stats, write_anomaly_list
 from .dedup import FieldOwnership, source_ids
 
 __all__ = ["merge_catalog", "open_catalog", "export_fits", "HEALPIX_COLUMN"]
@@ -57,8 +60,9 @@ LENS_COLUMNS = ("source_id", "field", "tile", "ra", "dec", "x", "y", "a", "b", "
 FILES_PER_PARTITION = 16  # tile tables per Dask partition (and per hats-import input file)
 
 
-def _prepare(df: pd.DataFrame, ownership: FieldOwnership, keep_duplicates: bool) -> pd.DataFrame:
-    """One partition: field ownership, ids and spatial index (rows already tile-primary)."""
+def _prepare(df: pd.DataFrame, ownership: FieldOwnership, keep_duplicates: bool, stats: dict | None = None
+             ) -> pd.DataFrame:
+    """One partition: field ownership, ids, spatial index and anomaly sigma (rows already tile-primary)."""
     from hats.pixel_math.spatial_index import compute_spatial_index
 
     df = ownership.flag(df)
@@ -67,7 +71,7 @@ def _prepare(df: pd.DataFrame, ownership: FieldOwnership, keep_duplicates: bool)
     df.insert(0, "source_id", source_ids(df))
     ra, dec = df["ra"].to_numpy(np.float64), df["dec"].to_numpy(np.float64)
     df[HEALPIX_COLUMN] = compute_spatial_index(ra, dec) if len(df) else np.zeros(0, np.int64)
-    return df.reset_index(drop=True)
+    return add_sigma(df, stats).reset_index(drop=True)
 
 
 def _check_unique_ids(flat_dir: Path) -> None:
@@ -169,7 +173,8 @@ def _local_client(n_threads: int | None):
 def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = None, *,
                   highest_healpix_order: int = 8, pixel_threshold: int | None = None,
                   keep_field_duplicates: bool = False, client=None, n_threads: int | None = None,
-                  write_fits: bool = True, lens_threshold: float = 0.5) -> dict:
+                  write_fits: bool = True, lens_threshold: float = 0.5, store_path: Path | None = None,
+                  anomaly_top: int = 100, anomaly_stamp: int = 64) -> dict:
     """Merge `run_dir/tiles/*/*.parquet` into the source catalog under `out_dir` (default run_dir/catalogs).
 
     fields: the SkyFields of the run (every field named in the tile tables must be among them).
@@ -182,6 +187,10 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
     client: a dask.distributed Client to use; default: a local threads-only cluster for this call.
     lens_threshold: where the rows carry `lens_score` (the lens stage ran), those of the field that owns
         them scoring above it go to out_dir/lens_candidates.parquet, highest score first.
+    store_path, anomaly_top, anomaly_stamp: where the rows carry `anomaly_score` (the anomaly stage ran),
+        the `anomaly_top` rows with the highest anomaly_sigma go to out_dir/anomalies.parquet and their
+        `anomaly_stamp`-pixel cutouts from the Zarr store at `store_path` to out_dir/anomaly_stamps.fits
+        (no stamps without a store).
     Returns a summary dict (also written to out_dir/sources.summary.json).
     """
     t0 = time.perf_counter()
@@ -203,8 +212,9 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
         tiles = dd.read_parquet([str(f) for f in files])
         tiles = tiles.repartition(npartitions=max(1, -(-tiles.npartitions // FILES_PER_PARTITION)))
         primary = tiles[tiles["is_primary"]]
-        meta = _prepare(primary._meta, ownership, keep_field_duplicates)
-        merged = primary.map_partitions(_prepare, ownership, keep_field_duplicates, meta=meta)
+        stats = score_stats(files)
+        meta = _prepare(primary._meta, ownership, keep_field_duplicates, stats)
+        merged = primary.map_partitions(_prepare, ownership, keep_field_duplicates, stats, meta=meta)
         flat_dir = staging / "flat"
         write = merged.to_parquet(str(flat_dir), write_index=False, compute=False,
                                   name_function=lambda i: f"part.{i:05d}.parquet")
@@ -219,6 +229,8 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
         threshold = pixel_threshold or _pixel_threshold(flat_dir, n_kept, highest_healpix_order)
         hats_dir = _write_hats(flat_dir, staging, client, highest_healpix_order, threshold)
         n_lens = _lens_candidates(flat_dir, staging / LENS_TABLE, lens_threshold)
+        n_anom = write_anomaly_list(flat_dir, store_path, staging / ANOMALY_TABLE, staging / ANOMALY_STAMPS,
+                                    anomaly_top, anomaly_stamp)
         if write_fits:
             export_fits(pq.read_table(flat_dir).to_pandas(), staging / f"{CATALOG_NAME}.fits")
         shutil.rmtree(staging / "hats_tmp", ignore_errors=True)
@@ -233,6 +245,12 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
         if n_lens is not None:
             paths["lens_candidates"] = out_dir / LENS_TABLE
             _replace(staging / LENS_TABLE, paths["lens_candidates"])
+        if n_anom is not None:
+            paths["anomalies"] = out_dir / ANOMALY_TABLE
+            _replace(staging / ANOMALY_TABLE, paths["anomalies"])
+            if store_path is not None:
+                paths["anomaly_stamps"] = out_dir / ANOMALY_STAMPS
+                _replace(staging / ANOMALY_STAMPS, paths["anomaly_stamps"])
         _replace(flat_dir, paths["parquet"])
         _replace(hats_dir, paths["hats"])
     finally:
@@ -243,7 +261,7 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
     summary = {
         "n_tiles": len(files), "rows_in": int(n_in), "primary_rows": int(n_primary),
         "field_duplicates": int(n_primary - n_owned), "field_duplicates_dropped": int(n_primary - n_kept),
-        "rows_out": int(n_kept), "lens_candidates": n_lens,
+        "rows_out": int(n_kept), "lens_candidates": n_lens, "anomalies": n_anom, "anomaly_score_stats": stats,
         "n_partitions": n_partitions, "highest_healpix_order": highest_healpix_order,
         "pixel_threshold": threshold, "paths": {k: str(v) for k, v in paths.items()},
         "seconds": round(time.perf_counter() - t0, 3),

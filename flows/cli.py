@@ -171,6 +171,11 @@ def _print_run(summary: dict, cfg) -> None:
     if mer.get("lens_candidates") is not None:
         console.print(f"lenses:  {mer['lens_candidates']} lens candidate(s) above lens_score "
                       f"{cfg.merge.lens_threshold}: {mer['paths']['lens_candidates']}")
+    if mer.get("anomalies") is not None:
+        st = mer.get("anomaly_score_stats") or {}
+        console.print(f"anomaly: {st.get('n', '?')} source(s) scored; the {mer['anomalies']} most anomalous, ranked: "
+                      f"{mer['paths']['anomalies']}" + (f" (stamps: {mer['paths']['anomaly_stamps']})"
+                                                         if "anomaly_stamps" in mer["paths"] else ""))
     for r in ing:
         if r["status"] == "failed":
             console.print(f"[bold red]failed field:[/] {r['error']}")

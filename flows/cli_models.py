@@ -27,6 +27,21 @@ def _train(name: str, model: str, train, out: Path | None, **options) -> dict:
     return rec
 
 
+def _evaluate(evaluate, format_report, weights: Path | None, out: Path | None, **options) -> None:
+    """Run one model's `evaluate(weights=..., **options)`, print its report and write the figures to `out`."""
+    from models.records import save_json
+    if weights is not None and not weights.exists():
+        fail(f"{weights}: no such weights file")
+    try:
+        r = evaluate(weights=weights, **options)
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    print(format_report(r))
+    if out:
+        save_json(r, out)
+        console.print(f"figures: {out}")
+
+
 @train_app.command("lens")
 def train_lens(
     out: Path = typer.Option(None, "--out", "-o", help="weights file (default: the shipped models/weights/lens_resnet.pt)"),
@@ -112,18 +127,48 @@ def eval_deblend(
 ) -> None:
     """Flux, colour and close-pair figures of the learned deblender beside SEP and scarlet2, and time per blend."""
     from models.eval_deblend import evaluate, format_report
-    from models.records import save_json
-    if weights is not None and not weights.exists():
-        fail(f"{weights}: no such weights file")
     if scarlet:
         import importlib.util
         if importlib.util.find_spec("scarlet2") is None:  # not imported here: jax must not load before the fork
             fail("scarlet2 is not installed (pip install scarlet2), or pass --no-scarlet2")
-    try:
-        r = evaluate(n=n, seed=seed, weights=weights, scarlet=scarlet, mag_limit=mag_limit)
-    except FileNotFoundError as exc:
-        fail(str(exc))
-    print(format_report(r))
-    if out:
-        save_json(r, out)
-        console.print(f"figures: {out}")
+    _evaluate(evaluate, format_report, weights, out, n=n, seed=seed, scarlet=scarlet, mag_limit=mag_limit)
+
+
+@train_app.command("anomaly")
+def train_anomaly(
+    out: Path = typer.Option(None, "--out", "-o", help="weights file (default: the shipped models/weights/anomaly_wgan.pt)"),
+    fields: int = typer.Option(8, min=1, help="simulated fields of normal sources to cut training stamps from"),
+    field_size: int = typer.Option(2048, min=256, help="side of each simulated field, pixels"),
+    iters: int = typer.Option(3000, min=1, help="WGAN-GP generator steps (5 critic steps each)"),
+    enc_iters: int = typer.Option(3000, min=1, help="encoder training steps"),
+    batch: int = typer.Option(64, min=2, help="stamps per step"),
+    seed: int = typer.Option(0, min=0, help="seed of the fields (seed*1000+1), initialisation and batches"),
+    workers: int = typer.Option(2, min=1, help="processes simulating the fields"),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0"),
+    threads: int = typer.Option(1, min=1, help="torch CPU threads"),
+    cache: Path = typer.Option(None, help="keep the training stamps in this .npz and reuse them next time"),
+) -> None:
+    """Train the WGAN-GP anomaly scorer and its encoder (models/anomaly_gan.py) on simulated normal sources."""
+    from models.train_anomaly import MODEL, train_from_fields
+    rec = _train("anomaly", MODEL, train_from_fields, out, fields=fields, field_size=field_size, iters=iters,
+                 enc_iters=enc_iters, batch=batch, seed=seed, workers=workers, device=device, threads=threads,
+                 cache=cache)
+    console.print(f"final Wasserstein estimate {rec['gan_log'][-1]['w']:.3f}; validation score (full mode) "
+                  f"{rec['val_score']['full']['mean']:.1f} +- {rec['val_score']['full']['std']:.1f}")
+
+
+@eval_app.command("anomaly")
+def eval_anomaly(
+    weights: Path = typer.Option(None, help="weights file (default: the shipped weights)"),
+    fields: int = typer.Option(8, min=1, help="held-out simulated fields with injected anomalies"),
+    field_size: int = typer.Option(1024, min=256, help="side of each field, pixels"),
+    seed: int = typer.Option(20261125, min=0, help="seed of the held-out fields"),
+    steps: int = typer.Option(20, min=1, help="Adam steps on the latent vector in the full mode"),
+    workers: int = typer.Option(2, min=1, help="processes simulating the fields"),
+    device: str = typer.Option("cpu", help="torch device"),
+    out: Path = typer.Option(None, help="write the figures as JSON here"),
+) -> None:
+    """AUROC, top-1% and top-0.1% precision, recovery by anomaly type and throughput of the full and fast modes."""
+    from models.eval_anomaly import evaluate, format_report
+    _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=field_size, seed=seed, steps=steps,
+              workers=workers, device=device)

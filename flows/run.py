@@ -54,7 +54,8 @@ def merge_task(cfg: RunConfig) -> dict:
         logging.getLogger(name).setLevel(logging.WARNING)
     fields = sky_fields(open_store(cfg.store_path))
     return merge_catalog(cfg.run_dir, fields, cfg.run_dir / "catalogs", write_fits=cfg.merge.fits_export,
-                        lens_threshold=cfg.merge.lens_threshold)
+                        lens_threshold=cfg.merge.lens_threshold, store_path=cfg.store_path,
+                        anomaly_top=cfg.merge.anomaly_top, anomaly_stamp=cfg.merge.anomaly_stamp)
 
 
 @flow(name="deepfield-run")

@@ -45,6 +45,9 @@ class MergeSpec(BaseModel):
     fits_export: bool = Field(True, description="also write the source catalog as a FITS table")
     lens_threshold: float = Field(0.5, ge=0, le=1, description="lens_score above which a source enters "
                                   "the lens-candidate table")
+    anomaly_top: int = Field(100, ge=1, description="most anomalous sources (highest anomaly_sigma) kept in "
+                             "anomalies.parquet with their stamps")
+    anomaly_stamp: int = Field(64, ge=8, le=512, description="side of the anomaly stamps, pixels")
 
 
 class RunConfig(BaseModel):

@@ -97,3 +97,23 @@ def cut_stamp(arr: np.ndarray, y0: int, x0: int, size: int, fill=0) -> np.ndarra
         out[..., ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0] = arr[..., ys, xs]
     return out
 
+
+
+def centred_stamps(image: np.ndarray, invvar: np.ndarray, usable: np.ndarray, x: np.ndarray, y: np.ndarray,
+                   size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, bands, size, size) float32 stamps of `image` (bands, ny, nx) centred on the nearest pixels to
+    (x, y) (array pixel coordinates, as training stamps put the source within half a pixel of the centre),
+    0 where `usable` is False or outside the array, and (N, bands) sky sigmas 1 / sqrt(median invvar) over
+    each stamp's usable pixels (1 where it has none)."""
+    nb = image.shape[0]
+    out = np.zeros((len(x), nb, size, size), np.float32)
+    sig = np.ones((len(x), nb), np.float32)
+    c = (size - 1) / 2.0
+    for k, (x0, y0) in enumerate(zip(np.rint(np.asarray(x) - c).astype(int), np.rint(np.asarray(y) - c).astype(int))):
+        ok = cut_stamp(usable, y0, x0, size, fill=False)
+        out[k] = np.where(ok, cut_stamp(image, y0, x0, size), 0.0)
+        inv = cut_stamp(invvar, y0, x0, size)
+        for j in range(nb):
+            v = inv[j][ok[j] & (inv[j] > 0)]
+            sig[k, j] = 1.0 / np.sqrt(np.median(v)) if v.size else 1.0
+    return out, sig

@@ -25,7 +25,7 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from ._pixels import UNUSABLE, cut_stamp, fwhm_pixels
+from ._pixels import UNUSABLE, centred_stamps, fwhm_pixels
 
 __all__ = ["LensStage"]
 
@@ -76,20 +76,8 @@ class LensStage:
         """(N, bands, S, S) stamps centred on the nearest pixels to (x, y) (tile-array pixel coordinates)
         and (N, bands) noise sigmas."""
         idx = [tile.bands.index(b) for b in self.bands]
-        nb, s = len(idx), self.size
-        out = np.zeros((len(x), nb, s, s), np.float32)
-        sig = np.ones((len(x), nb), np.float32)
-        image, invvar = tile.image[idx], tile.invvar[idx]
         good = (tile.mask[idx] & UNUSABLE) == 0
-        c = (s - 1) / 2.0  # training stamps put the galaxy within half a pixel of the stamp centre
-        for k, (x0, y0) in enumerate(zip(np.rint(x - c).astype(int), np.rint(y - c).astype(int))):
-            ok = cut_stamp(good, y0, x0, s, fill=False)
-            out[k] = np.where(ok, cut_stamp(image, y0, x0, s), 0.0)
-            inv = cut_stamp(invvar, y0, x0, s)
-            for j in range(nb):
-                v = inv[j][ok[j] & (inv[j] > 0)]
-                sig[k, j] = 1.0 / np.sqrt(np.median(v)) if v.size else 1.0
-        return out, sig
+        return centred_stamps(tile.image[idx], tile.invvar[idx], good, x, y, self.size)
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
         if self.model is None:

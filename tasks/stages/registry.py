@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .anomaly import AnomalyStage
 from .background import BackgroundStage
 from .deblend import DeblendStage
 from .detect import DetectStage
@@ -15,10 +16,11 @@ from .measure import MeasureStage
 
 __all__ = ["STAGES", "DEFAULT_STAGES", "make_stage"]
 
-STAGES: dict[str, type] = {cls.name: cls for cls in (BackgroundStage, DetectStage, MeasureStage, DeblendStage, LensStage)}
+STAGES: dict[str, type] = {cls.name: cls for cls in (BackgroundStage, DetectStage, MeasureStage, DeblendStage, LensStage,
+                                                       AnomalyStage)}
 
 # the order the runner uses when the configuration names no stages
-DEFAULT_STAGES: list[str] = ["background", "detect", "measure", "deblend", "lens"]
+DEFAULT_STAGES: list[str] = ["background", "detect", "measure", "deblend", "lens", "anomaly"]
 
 
 def make_stage(name: str, **params: Any):

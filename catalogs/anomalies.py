@@ -1,0 +1,108 @@
+"""Anomaly scores over a whole run, and the ranked anomaly list with its stamps (used by catalogs.merge).
+
+- `anomaly_sigma` = (anomaly_score - mean) / std, the mean and standard deviation taken over every scored
+  tile-primary row of the run (`score_stats`), as the sigma-scores of Storey-Fisher et al. 2021: a score's
+  meaning depends on the survey's depth and seeing, its rank within the run does not. (Rows of overlapping
+  fields that another field owns are still in the statistics: a fraction of a per cent of the rows.)
+- `anomalies.parquet`: the `top` rows with the highest `anomaly_sigma` that their field owns, ranked
+  (`anomaly_rank` 1 the most anomalous), with positions, magnitudes, shape and the score components.
+- `anomaly_stamps.fits`: their cutouts from the Zarr store, one image HDU of shape (rank, band, y, x),
+  `stamp` x `stamp` px (64) centred on the nearest pixel to the centroid, every band with the cutout's
+  median subtracted as a local sky; the primary header lists the bands (BAND1, BAND2 ...) and every row's
+  source_id is in a second, binary-table HDU, so a stamp is never separated from its object. Pixels outside
+  the field are NaN.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from tasks.atomic import atomic_path
+
+__all__ = ["score_stats", "add_sigma", "write_anomaly_list", "ANOMALY_TABLE", "ANOMALY_STAMPS"]
+
+ANOMALY_TABLE = "anomalies.parquet"
+ANOMALY_STAMPS = "anomaly_stamps.fits"
+COLUMNS = ("source_id", "field", "tile", "ra", "dec", "x", "y", "a", "b", "theta", "anomaly_score",
+           "anomaly_sigma", "anomaly_pixel", "anomaly_feature", "lens_score")
+
+
+def score_stats(files: list[Path]) -> dict | None:
+    """Mean, standard deviation and count of the finite `anomaly_score` of the tile-primary rows of the
+    tile tables `files`; None when they carry no anomaly_score (the stage did not run)."""
+    ds = pads.dataset([str(f) for f in files], format="parquet")
+    if "anomaly_score" not in ds.schema.names:
+        return None
+    col = ds.to_table(columns=["anomaly_score"], filter=pads.field("is_primary")).column("anomaly_score")
+    v = pc.drop_null(col).to_numpy(zero_copy_only=False).astype(np.float64)
+    v = v[np.isfinite(v)]
+    if v.size < 2:
+        return dict(mean=float(v.mean()) if v.size else 0.0, std=1.0, n=int(v.size))
+    return dict(mean=float(v.mean()), std=float(v.std()) or 1.0, n=int(v.size))
+
+
+def add_sigma(df: pd.DataFrame, stats: dict | None) -> pd.DataFrame:
+    """Add `anomaly_sigma` to a partition (rows without a score get NaN)."""
+    if stats is not None and "anomaly_score" in df.columns:
+        df["anomaly_sigma"] = ((df["anomaly_score"].astype(np.float64) - stats["mean"]) / stats["std"]).astype(np.float32)
+    return df
+
+
+def _cutouts(store_path: Path, rows: pd.DataFrame, size: int) -> tuple[np.ndarray, list[str]]:
+    from tasks.zarr_store import open_store
+    root = open_store(store_path)
+    bands = None
+    out = None
+    for k, r in enumerate(rows.itertuples()):
+        g = root["fields"][r.field]
+        fb = list(g.attrs["bands"])
+        if bands is None:
+            bands = fb
+            out = np.full((len(rows), len(bands), size, size), np.nan, np.float32)
+        _, ny, nx = g["image"].shape
+        c = (size - 1) / 2.0
+        y0, x0 = int(np.rint(r.y - c)), int(np.rint(r.x - c))
+        ys, xs = slice(max(0, y0), min(ny, y0 + size)), slice(max(0, x0), min(nx, x0 + size))
+        if ys.start >= ys.stop or xs.start >= xs.stop:
+            continue
+        cut = g["image"][:, ys, xs]
+        for j, b in enumerate(bands):
+            if b in fb:
+                img = cut[fb.index(b)].astype(np.float32)
+                out[k, j, ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0] = img - np.nanmedian(img)
+    return (out if out is not None else np.zeros((0, 0, size, size), np.float32)), (bands or [])
+
+
+def write_anomaly_list(flat_dir: Path, store_path: Path | None, table_path: Path, stamps_path: Path,
+                       top: int = 100, stamp: int = 64) -> int | None:
+    """Write the ranked anomaly table and, when `store_path` is given, its stamps; returns the number of
+    rows, or None when the catalog has no anomaly_sigma column."""
+    from astropy.io import fits
+    ds = pads.dataset(flat_dir, format="parquet")
+    if "anomaly_sigma" not in ds.schema.names:
+        return None
+    keep = [c for c in ds.schema.names if c in COLUMNS or c.startswith("mag_auto_")]
+    table = ds.to_table(columns=keep, filter=pads.field("anomaly_sigma").is_valid()
+                        & pads.field("is_primary_field")).to_pandas()
+    table = table[np.isfinite(table["anomaly_sigma"])]
+    table = table.sort_values(["anomaly_sigma", "source_id"], ascending=[False, True]).head(top).reset_index(drop=True)
+    table.insert(0, "anomaly_rank", np.arange(1, len(table) + 1))
+    with atomic_path(table_path) as tmp:
+        table.to_parquet(tmp, index=False)
+    if store_path is not None:
+        cube, bands = _cutouts(Path(store_path), table, stamp)
+        primary = fits.PrimaryHDU(cube)
+        primary.header["EXTNAME"] = "STAMPS"
+        primary.header["COMMENT"] = "anomaly stamps (rank, band, y, x), local median subtracted, image units"
+        for j, b in enumerate(bands):
+            primary.header[f"BAND{j + 1}"] = b
+        ids = fits.BinTableHDU.from_columns([
+            fits.Column(name="anomaly_rank", format="J", array=table["anomaly_rank"].to_numpy()),
+            fits.Column(name="source_id", format="K", array=table["source_id"].to_numpy())], name="ROWS")
+        with atomic_path(stamps_path) as tmp:
+            fits.HDUList([primary, ids]).writeto(tmp)
+    return int(len(table))

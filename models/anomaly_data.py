@@ -1,0 +1,170 @@
+"""Stamps of detected sources in simulated fields, labelled against the simulator's anomaly truth, for
+training and evaluating the GAN anomaly scorer (`deepfield train anomaly`, `deepfield eval anomaly`).
+
+The stamps come out of the pipeline itself, so that training, evaluation and the `anomaly` stage see the
+same thing: `deepfield simulate`'s field simulator writes the fields, the ingest writes them to a Zarr
+store, and per tile the `background`, `detect` and `measure` stages run before the anomaly stage's own
+selection and stamp cutting (tasks/stages/anomaly.py).
+
+Labels, by the distance d (px) from a source's centroid to each anomaly of its field in the truth tables
+(`truth/anomalies.parquet`, `truth/lenses.parquet`):
+- anomalous (`label` = the anomaly type) when the anomaly reaches the stamp's centre: ring galaxies,
+  mergers, strong lenses, cosmic rays and hot-pixel clusters with d <= `core` (8 px, 1.6"); a satellite
+  trail passing within `core` of the centroid; a ghost whose annulus covers the centroid;
+- `contaminated` when an anomaly lies in the stamp but off its centre (point anomalies within the stamp's
+  half-diagonal, trails within half a stamp, ghosts whose annulus reaches the stamp): these are neither
+  normal nor anomalous and are left out of training and of the figures;
+- `normal` otherwise. Amplifier offsets (a pedestal of 0.5-3 sky sigma over a quarter of a band's image)
+  are not counted as anomalies: inside a stamp they are a near-invisible step.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from tasks.sim.config import SimConfig
+
+POINT_TYPES = ("ring_galaxy", "merger", "lens", "cosmic_ray", "hot_pixels")
+CORE = 8.0  # px (1.6"): an anomaly this close to the centroid is the stamp's subject
+
+
+def _segment_distance(x: np.ndarray, y: np.ndarray, e: dict) -> np.ndarray:
+    x0, y0, x1, y1 = e["x0"], e["y0"], e["x1"], e["y1"]
+    dx, dy = x1 - x0, y1 - y0
+    t = np.clip(((x - x0) * dx + (y - y0) * dy) / (dx * dx + dy * dy), 0, 1)
+    return np.hypot(x - x0 - t * dx, y - y0 - t * dy)
+
+
+def label_sources(src: pd.DataFrame, anomalies: pd.DataFrame, lenses: pd.DataFrame, stamp: int,
+                  bands: list[str], core: float = CORE) -> np.ndarray:
+    """Label of every row of `src` (columns x, y: field pixels) from one field's anomaly and lens truth:
+    an anomaly type, "contaminated" or "normal" (module docstring). Artefacts of a band not in `bands` (the
+    scorer's) are invisible in its stamps and ignored."""
+    if len(anomalies):
+        anomalies = anomalies[anomalies["band"].isin([*bands, "all"])]
+    x, y = src["x"].to_numpy(float), src["y"].to_numpy(float)
+    label = np.full(len(src), "normal", dtype=object)
+    best = np.full(len(src), np.inf)  # distance of the labelling anomaly: the nearest one wins
+    near = np.zeros(len(src), bool)
+    reach = stamp / np.sqrt(2.0)
+    rows = [(r.type, r.x, r.y, json.loads(r.params) if isinstance(r.params, str) else {}) for r in
+            anomalies.itertuples()] + [("lens", r.x, r.y, {}) for r in lenses.itertuples()]
+    for kind, ax, ay, p in rows:
+        if kind == "amp_offset":
+            continue
+        if kind == "satellite_trail":
+            d = _segment_distance(x, y, p)
+            hit, off = d <= core, d <= stamp / 2
+        elif kind == "ghost":
+            r = np.hypot(x - ax, y - ay)
+            half = p["width_pix"] / 2
+            d = np.abs(r - p["radius_pix"])
+            hit, off = d <= half, d <= half + reach
+        else:
+            d = np.hypot(x - ax, y - ay)
+            hit, off = d <= core, d <= reach
+        take = hit & (d < best)
+        label[take] = kind
+        best[take] = d[take]
+        near |= off
+    label[(label == "normal") & near] = "contaminated"
+    return label
+
+
+def _of_field(truth: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Rows of one field (a truth table without rows has no columns either)."""
+    return truth[truth["field"] == name] if "field" in truth.columns else truth
+
+
+def simulate_fields(cfg: SimConfig, out: Path, workers: int = 2, progress: Callable[[str], None] | None = None
+                    ) -> Path:
+    """Simulate `cfg`'s fields under `out`/sim and ingest them into `out`/store.zarr; returns the store."""
+    from flows.ingest import ingest_one
+    from tasks.ingest_config import StoreSpec, load_ingest_config
+    from tasks.sim.survey import simulate_survey
+
+    sim = out / "sim"
+    simulate_survey(cfg, sim, workers=workers)
+    store = out / "store.zarr"
+    spec = StoreSpec()
+    for f in load_ingest_config(sim / "manifest.yaml").fields:
+        r = ingest_one(f, str(store), spec)
+        if r["status"] == "failed":
+            raise RuntimeError(f"ingest of simulated field {f.name} failed: {r['error']}")
+        if progress:
+            progress(f"ingested {f.name}")
+    return store
+
+
+def field_stamps(cfg: SimConfig, stage, workers: int = 2, halo: int = 64, keep: Path | None = None,
+                 progress: Callable[[str], None] | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+    """Scaled stamps (N, bands, S, S) of the sources `stage` (an AnomalyStage) selects in `cfg`'s simulated
+    fields, and their table (field, x, y, mag, snr, label). keep: work directory to keep (default: a
+    temporary one, removed)."""
+    from tasks.stages.background import BackgroundStage
+    from tasks.stages.detect import DetectStage
+    from tasks.stages.measure import MeasureStage
+    from tasks.tiling import TileId
+    from tasks.zarr_store import complete_fields, field_grid, open_store, read_tile
+
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="deepfield-anomaly-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        store = simulate_fields(cfg, work, workers, progress)
+        root = open_store(store)
+        truth = work / "sim" / "truth"
+        anomalies, lenses = pd.read_parquet(truth / "anomalies.parquet"), pd.read_parquet(truth / "lenses.parquet")
+        pre = [BackgroundStage(), DetectStage(), MeasureStage()]
+        stamps, tables = [], []
+        for name in complete_fields(root):
+            grid = field_grid(root, name, halo)
+            for ty in range(grid.n_ty):
+                for tx in range(grid.n_tx):
+                    tile = read_tile(root, TileId(name, ty, tx), halo)
+                    src = pd.DataFrame()
+                    for s in pre:
+                        src = s.run(tile, src)
+                    sel = stage.select(tile, src)
+                    if not sel.any():
+                        continue
+                    rows = src[sel].reset_index(drop=True)
+                    stamps.append(stage.scaled_stamps(tile, rows))
+                    t = pd.DataFrame(dict(field=name, x=rows.x.to_numpy(float), y=rows.y.to_numpy(float),
+                                          mag=rows[f"mag_auto_{stage.ref_band}"].to_numpy(float),
+                                          snr=stage.snr(rows)))
+                    t["label"] = label_sources(t, _of_field(anomalies, name), _of_field(lenses, name),
+                                               stage.size, stage.bands)
+                    tables.append(t)
+            if progress:
+                progress(f"stamps of {name}: {sum(len(t) for t in tables)} so far")
+        if not tables:
+            raise RuntimeError("no source passed the anomaly stage's selection in the simulated fields")
+        return np.concatenate(stamps), pd.concat(tables, ignore_index=True)
+    finally:
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def training_fields(seed: int, n_fields: int, size: int = 2048) -> SimConfig:
+    """Fields of normal sources only: the simulator's galaxies, stars, clusters and detector defects (masked
+    bad columns and pixels), without its anomalies (lenses, ring galaxies, mergers) and artefacts (trails,
+    cosmic rays, ghosts, hot pixels, amplifier offsets)."""
+    return SimConfig(seed=seed, size=size, fields=n_fields,
+                     population=dict(lenses_per_field=0, ring_galaxies_per_field=0, mergers_per_field=0),
+                     artefacts=dict(satellite_trails=0, cosmic_rays=0, ghosts_per_bright_star=0,
+                                    hot_pixel_clusters=0, amp_artefact_prob=0))
+
+
+def evaluation_fields(seed: int, n_fields: int, size: int = 1024) -> SimConfig:
+    """Held-out fields with the simulator's anomalies and artefacts at its default rates, except three times
+    the ring galaxies, mergers and lenses (6 of each per field) and four times the satellite trails (2 per
+    field), so that every type has enough members to measure."""
+    return SimConfig(seed=seed, size=size, fields=n_fields,
+                     population=dict(lenses_per_field=6, ring_galaxies_per_field=6, mergers_per_field=6),
+                     artefacts=dict(satellite_trails=2.0))

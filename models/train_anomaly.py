@@ -1,0 +1,188 @@
+"""Training of the GAN anomaly scorer (`deepfield train anomaly`).
+
+Data: stamps of the sources the `anomaly` stage selects in simulated fields of normal sources only
+(models.anomaly_data.training_fields: galaxies, stars, clusters, masked detector defects; no anomalies
+and no artefacts), cut and scaled as the stage does. 5% of them are kept back for validation.
+
+1. WGAN-GP (Gulrajani et al. 2017), as Storey-Fisher et al. 2021: five critic steps per generator step,
+   gradient-penalty weight 10, Adam (lr 1e-4, betas 0.0 and 0.9) for both; the real stamps are turned by
+   a random quarter turn and flip. The critic's Wasserstein estimate W = E[D(real)] - E[D(G(z))] is logged.
+2. Encoder (f-AnoGAN's izi_f, Schlegl et al. 2019): with G and D frozen, E is trained to minimise the
+   anomaly score itself at z = E(x), (1 - lambda) mean|x - G(E(x))| + lambda mean|f(x) - f(G(E(x)))|, on
+   the same real stamps.
+
+Same command, same seed, same software: same weights on a CPU.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .anomaly_gan import LAMBDA, AnomalyGAN, anomaly_scores, gradient_penalty, residuals
+from .records import save_weights, say
+
+MODEL = "anomaly_wgan"
+GP_WEIGHT = 10.0
+N_CRITIC = 5
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    k = int(torch.randint(0, 4, (1,), generator=g))
+    x = torch.rot90(x, k, dims=(2, 3))
+    return torch.flip(x, dims=(3,)) if bool(torch.randint(0, 2, (1,), generator=g)) else x
+
+
+def critic_step(model: AnomalyGAN, opt_d, real: torch.Tensor, g: torch.Generator) -> dict:
+    """One critic update; returns the Wasserstein estimate W and the gradient penalty."""
+    z = torch.randn(real.shape[0], model.z_dim, generator=g).to(real.device)
+    with torch.no_grad():
+        fake = model.generator(z)
+    d_real, d_fake = model.critic(real).mean(), model.critic(fake).mean()
+    eps = torch.rand(real.shape[0], 1, 1, 1, generator=g).to(real.device)
+    gp = gradient_penalty(model.critic, real, fake, eps)
+    loss = d_fake - d_real + GP_WEIGHT * gp
+    opt_d.zero_grad()
+    loss.backward()
+    opt_d.step()
+    return dict(w=(d_real - d_fake).item(), gp=gp.item())
+
+
+def generator_step(model: AnomalyGAN, opt_g, n: int, g: torch.Generator, device) -> float:
+    z = torch.randn(n, model.z_dim, generator=g).to(device)
+    for p in model.critic.parameters():
+        p.requires_grad_(False)
+    loss = -model.critic(model.generator(z)).mean()
+    opt_g.zero_grad()
+    loss.backward()
+    opt_g.step()
+    for p in model.critic.parameters():
+        p.requires_grad_(True)
+    return loss.item()
+
+
+def train_gan(model: AnomalyGAN, x: torch.Tensor, iters: int, batch: int, seed: int, device, log_every: int = 100,
+              lr: float = 1e-4) -> list[dict]:
+    """`iters` generator steps (each after N_CRITIC critic steps) on scaled stamps x; returns the log."""
+    g = torch.Generator().manual_seed(seed)
+    opt_d = torch.optim.Adam(model.critic.parameters(), lr=lr, betas=(0.0, 0.9))
+    opt_g = torch.optim.Adam(model.generator.parameters(), lr=lr, betas=(0.0, 0.9))
+    model.generator.train()
+    model.critic.train()
+    log, acc, t0 = [], [], time.perf_counter()
+    for it in range(1, iters + 1):
+        for _ in range(N_CRITIC):
+            idx = torch.randint(0, len(x), (batch,), generator=g)
+            acc.append(critic_step(model, opt_d, _augment(x[idx], g).to(device), g))
+        g_loss = generator_step(model, opt_g, batch, g, device)
+        if it % log_every == 0 or it == iters:
+            rec = dict(iter=it, w=float(np.mean([a["w"] for a in acc])), gp=float(np.mean([a["gp"] for a in acc])),
+                       g_loss=g_loss, seconds=round(time.perf_counter() - t0, 1))
+            log.append(rec)
+            acc = []
+            say(f"GAN step {it}/{iters}: Wasserstein estimate {rec['w']:.3f}, gradient penalty {rec['gp']:.3f} "
+                f"({rec['seconds']:.0f} s)")
+    return log
+
+
+def train_encoder(model: AnomalyGAN, x: torch.Tensor, iters: int, batch: int, seed: int, device,
+                  log_every: int = 200, lr: float = 1e-3) -> list[dict]:
+    """Train the encoder with G and D frozen (module docstring, step 2); returns the log."""
+    g = torch.Generator().manual_seed(seed + 1)
+    model.generator.eval()
+    model.critic.eval()
+    frozen = [p for m in (model.generator, model.critic) for p in m.parameters()]
+    for p in frozen:
+        p.requires_grad_(False)
+    model.encoder.train()
+    opt = torch.optim.Adam(model.encoder.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
+    log, acc, t0 = [], [], time.perf_counter()
+    npix = x[0].numel()
+    for it in range(1, iters + 1):
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        xb = _augment(x[idx], g).to(device)
+        pix, feat = residuals(model, xb, model.encoder(xb))
+        loss = ((1 - LAMBDA) * pix / npix + LAMBDA * feat / model.critic.n_features).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        acc.append(loss.item())
+        if it % log_every == 0 or it == iters:
+            log.append(dict(iter=it, loss=float(np.mean(acc)), seconds=round(time.perf_counter() - t0, 1)))
+            acc = []
+            say(f"encoder step {it}/{iters}: loss {log[-1]['loss']:.4f} ({log[-1]['seconds']:.0f} s)")
+    for p in frozen:
+        p.requires_grad_(True)
+    model.encoder.eval()
+    return log
+
+
+def train(out: Path, stamps: np.ndarray, iters: int = 3000, enc_iters: int = 3000, batch: int = 64,
+          seed: int = 0, device: str = "cpu", threads: int = 1, command: str = "", data: dict | None = None,
+          arch: dict | None = None) -> dict:
+    """Train on scaled `stamps` (N, 3, S, S) of normal sources; save weights + record to `out`; return the
+    record. data: how the stamps were made (recorded)."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(stamps))
+    n_val = max(1, len(stamps) // 20)
+    x_va, x_tr = torch.as_tensor(stamps[order[:n_val]]), torch.as_tensor(stamps[order[n_val:]])
+    arch = dict(dict(bands=["g", "r", "i"], size=int(stamps.shape[-1])), **(arch or {}))
+    model = AnomalyGAN(**arch).to(device)
+    say(f"training the WGAN-GP on {len(x_tr)} stamps ({n_val} kept for validation) for {iters} generator steps ...")
+    t0 = time.perf_counter()
+    gan_log = train_gan(model, x_tr, iters, batch, seed, device)
+    t_gan = time.perf_counter() - t0
+    say(f"training the encoder for {enc_iters} steps ...")
+    enc_log = train_encoder(model, x_tr, enc_iters, batch, seed, device)
+    t_enc = time.perf_counter() - t0 - t_gan
+    model.eval()
+    val = {mode: anomaly_scores(model, x_va.numpy(), steps=steps, device=device)["score"]
+           for mode, steps in (("fast", 0), ("full", 20))}
+    record = dict(model=MODEL, arch=arch, seed=seed, n_stamps=int(len(stamps)), n_val=int(n_val), iters=iters,
+                  enc_iters=enc_iters, batch=batch, n_critic=N_CRITIC, gp_weight=GP_WEIGHT, lam=LAMBDA,
+                  gan_log=gan_log, encoder_log=enc_log, command=command, data=data or {},
+                  val_score=dict({m: dict(mean=float(v.mean()), std=float(v.std())) for m, v in val.items()}),
+                  gan_seconds=round(t_gan, 1), encoder_seconds=round(t_enc, 1), torch=torch.__version__,
+                  device=device, threads=threads)
+    save_weights(out, record, model.state_dict())  # atomic: a killed run leaves the old weights or the new
+    return record
+
+
+def training_stamps(fields: int = 8, field_size: int = 2048, seed: int = 0, workers: int = 2,
+                    cache: Path | None = None) -> tuple[np.ndarray, dict]:
+    """Scaled stamps of the anomaly stage's selection in `fields` simulated fields of normal sources (field
+    seed seed * 1000 + 1), and a description of them. cache: an .npz file reused when it was made with the
+    same fields, size and seed, written otherwise."""
+    from tasks.stages.anomaly import AnomalyStage
+
+    from .anomaly_data import field_stamps, training_fields
+    data = dict(fields=fields, field_size=field_size, field_seed=seed * 1000 + 1, selection="AnomalyStage defaults")
+    if cache is not None and Path(cache).exists():
+        z = np.load(cache, allow_pickle=False)
+        if {k: z[k].item() for k in ("fields", "field_size", "field_seed")} == {k: data[k] for k in ("fields", "field_size", "field_seed")}:
+            say(f"stamps from {cache}")
+            return z["x"], dict(data, n=int(len(z["x"])))
+        say(f"{cache} was made from other fields; simulating again")
+    say(f"simulating {fields} fields of {field_size}^2 px of normal sources and cutting stamps ...")
+    x, table = field_stamps(training_fields(data["field_seed"], fields, field_size), AnomalyStage(), workers=workers,
+                            progress=say)
+    x = x[(table.label == "normal").to_numpy()]
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(cache).with_name(Path(cache).name + ".tmp.npz")
+        np.savez(tmp, x=x, fields=fields, field_size=field_size, field_seed=data["field_seed"])
+        tmp.replace(cache)
+    return x, dict(data, n=int(len(x)))
+
+
+def train_from_fields(out: Path, fields: int = 8, field_size: int = 2048, seed: int = 0, workers: int = 2,
+                      cache: Path | None = None, **options) -> dict:
+    """`deepfield train anomaly`: make (or reuse) the training stamps, then train (see `train`)."""
+    x, data = training_stamps(fields, field_size, seed, workers, cache)
+    return train(out, x, seed=seed, data=data, **options)
