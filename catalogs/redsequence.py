@@ -62,23 +62,16 @@ def red_sequence_model(bands: list[str], ref_band: str = "i", z: np.ndarray | No
     return RedSequenceModel(z, np.array(cols), np.array(ms), list(bands), ref_band)
 
 
-def _tangent(ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
-    """Gnomonic projection (arcsec) about (ra0, dec0); small fields, so plain spherical trigonometry."""
-    a, d, a0, d0 = np.radians(ra), np.radians(dec), np.radians(ra0), np.radians(dec0)
-    cosc = np.sin(d0) * np.sin(d) + np.cos(d0) * np.cos(d) * np.cos(a - a0)
-    x = np.cos(d) * np.sin(a - a0) / cosc
-    y = (np.cos(d0) * np.sin(d) - np.sin(d0) * np.cos(d) * np.cos(a - a0)) / cosc
-    return np.degrees(x) * 3600, np.degrees(y) * 3600
-
-
-def _untangent(x: np.ndarray, y: np.ndarray, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
-    xr, yr, a0, d0 = np.radians(x / 3600), np.radians(y / 3600), np.radians(ra0), np.radians(dec0)
-    rho = np.hypot(xr, yr)
-    c = np.arctan(rho)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dec = np.arcsin(np.cos(c) * np.sin(d0) + np.where(rho > 0, yr * np.sin(c) * np.cos(d0) / rho, 0))
-        ra = a0 + np.arctan2(xr * np.sin(c), rho * np.cos(d0) * np.cos(c) - yr * np.sin(d0) * np.sin(c))
-    return np.degrees(ra) % 360, np.degrees(dec)
+def _tangent_plane(ra0: float, dec0: float):
+    """An astropy WCS of the gnomonic (TAN) projection about (ra0, dec0) in arcsec, 0-based pixel (0, 0)
+    there, x increasing with RA."""
+    from astropy.wcs import WCS
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [ra0, dec0]
+    w.wcs.crpix = [1.0, 1.0]
+    w.wcs.cdelt = [1 / 3600, 1 / 3600]
+    return w
 
 
 def membership(cat: pd.DataFrame, model: RedSequenceModel, k: int) -> np.ndarray:
@@ -100,8 +93,8 @@ def find_clusters(cat: pd.DataFrame, bands: list[str] | None = None, ref_band: s
     from tasks.sim.clusters import arcsec_per_mpc
     bands = bands or ["g", "r", "i", "z"]
     model = model or red_sequence_model(bands, ref_band)
-    ra0, dec0 = float(np.median(cat.ra)), float(np.median(cat.dec))
-    x, y = _tangent(cat.ra.to_numpy(float), cat.dec.to_numpy(float), ra0, dec0)
+    plane = _tangent_plane(float(np.median(cat.ra)), float(np.median(cat.dec)))
+    x, y = plane.wcs_world2pix(cat.ra.to_numpy(float), cat.dec.to_numpy(float), 0)
     x0, y0 = x.min(), y.min()
     nx, ny = int((x.max() - x0) // GRID_ARCSEC) + 1, int((y.max() - y0) // GRID_ARCSEC) + 1
     ix, iy = ((x - x0) // GRID_ARCSEC).astype(int), ((y - y0) // GRID_ARCSEC).astype(int)
@@ -148,6 +141,6 @@ def find_clusters(cat: pd.DataFrame, bands: list[str] | None = None, ref_band: s
             den = s[0] - 2 * s[1] + s[2]
             if den < 0:
                 z = float(r.z + 0.5 * (s[0] - s[2]) / den * (model.z[1] - model.z[0]))
-        ra, dec = _untangent(np.array([r.x]), np.array([r.y]), ra0, dec0)
-        out.append(dict(ra=float(ra[0]), dec=float(dec[0]), z=z, significance=r.significance, richness=r.richness))
+        ra, dec = plane.wcs_pix2world(r.x, r.y, 0)
+        out.append(dict(ra=float(ra) % 360, dec=float(dec), z=z, significance=r.significance, richness=r.richness))
     return pd.DataFrame(out)

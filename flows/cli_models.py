@@ -76,21 +76,11 @@ def eval_lens(
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """AUROC, TPR0, TPR10 (Metcalf et al. 2019), completeness and throughput of the lens CNN."""
-    from models.records import save_json
     from models.train_lens import evaluate, format_report
-    if weights is not None and not weights.exists():
-        fail(f"{weights}: no such weights file")
-    try:
-        results = [evaluate(weights, n, lens_fraction, seed, False, workers, device, batch)]
-        if shifted:
-            results.append(evaluate(weights, n, lens_fraction, seed, True, workers, device, batch))
-    except FileNotFoundError as exc:
-        fail(str(exc))
-    for r in results:
-        print(format_report(r))
-    if out:
-        save_json(results, out)
-        console.print(f"figures: {out}")
+
+    def both(weights):  # the same configuration, then the shifted one
+        return [evaluate(weights, n, lens_fraction, seed, s, workers, device, batch) for s in (False, True)[:1 + shifted]]
+    _evaluate(both, lambda results: "\n".join(format_report(r) for r in results), weights, out)
 
 
 @train_app.command("deblend")

@@ -30,6 +30,8 @@ too (`pixel`, `feature`).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from torch import nn
@@ -121,6 +123,21 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, 
     return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
+@contextmanager
+def frozen(*modules: nn.Module):
+    """Within the block, the parameters of `modules` take no gradient (they are restored after), so that a
+    backward pass reaches only what is being fitted: z when scoring, G or E when training."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
 def residuals(model: AnomalyGAN, x: torch.Tensor, z: torch.Tensor, fx: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example pixel residual sum|x - G(z)| and feature residual sum|f(x) - f(G(z))|."""
@@ -136,14 +153,10 @@ def anomaly_scores(model: AnomalyGAN, x: np.ndarray, steps: int = 20, lr: float 
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():  # gradients flow to z only
-        p.requires_grad_(False)
     try:
-        return _scores(model, x, steps, lr, lam, batch, device)
+        with frozen(model):  # gradients flow to z only
+            return _scores(model, x, steps, lr, lam, batch, device)
     finally:
-        for p, f in zip(model.parameters(), flags):
-            p.requires_grad_(f)
         model.train(was_training)
 
 

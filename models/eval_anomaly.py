@@ -25,7 +25,6 @@ import numpy as np
 from .anomaly_data import evaluation_fields, field_stamps
 from .anomaly_gan import anomaly_scores
 from .records import say
-from .registry import create_model
 
 EVAL_SEED = 20261125
 
@@ -62,9 +61,9 @@ def evaluate(weights: Path | None = None, n_fields: int = 8, size: int = 1024, s
 
     from tasks.stages.anomaly import AnomalyStage
     torch.set_num_threads(1)
-    model = create_model("anomaly_wgan", weights=weights, device=device)
-    stage = AnomalyStage(steps=steps)
-    stage.model, stage.size, stage.bands, stage.ref_band = model, model.size, list(model.bands), model.bands[-1]
+    stage = AnomalyStage(steps=steps, weights=str(weights) if weights else None)
+    stage.setup(device)  # the stage's own model, stamp size and bands
+    model = stage.model
     say(f"simulating and processing {n_fields} held-out {size}x{size} fields (seed {seed}) ...")
     x, table = field_stamps(evaluation_fields(seed, n_fields, size), stage, workers=workers, progress=say)
     keep = (table.label != "contaminated").to_numpy()

@@ -121,6 +121,7 @@ def evaluate(n: int = 300, seed: int = EVAL_SEED, weights: Path | None = None, s
     d = simulate_blends(n, seed, cfg, workers=2)
     if scarlet:
         from tasks.deblend_baselines import scarlet2_fluxes
+    ri = cfg.bands.index(cfg.reference_band)
     rows, pairs = [], []
     times = {"sep": 0.0, "unet": 0.0, "scarlet2": 0.0}
     t_first = None
@@ -150,7 +151,6 @@ def evaluate(n: int = 300, seed: int = EVAL_SEED, weights: Path | None = None, s
                     t_first = dt  # includes jax compilation; left out of the mean
                 else:
                     times["scarlet2"] += dt
-        ri = cfg.bands.index(cfg.reference_band)
         for m, mem in members.iterrows():
             in_stamp = d["truth"][b][m].sum(axis=(1, 2), dtype=np.float64)
             row = dict(blend=b, member=m, mag_ref=mem[f"mag_{cfg.reference_band}"], detected=m in m2d,

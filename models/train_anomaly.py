@@ -21,18 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .anomaly_gan import LAMBDA, AnomalyGAN, anomaly_scores, gradient_penalty, residuals
+from .anomaly_gan import LAMBDA, AnomalyGAN, anomaly_scores, frozen, gradient_penalty, residuals
+from .augment import dihedral
 from .records import save_weights, say
 
 MODEL = "anomaly_wgan"
 GP_WEIGHT = 10.0
 N_CRITIC = 5
-
-
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    k = int(torch.randint(0, 4, (1,), generator=g))
-    x = torch.rot90(x, k, dims=(2, 3))
-    return torch.flip(x, dims=(3,)) if bool(torch.randint(0, 2, (1,), generator=g)) else x
 
 
 def critic_step(model: AnomalyGAN, opt_d, real: torch.Tensor, g: torch.Generator) -> dict:
@@ -52,14 +47,11 @@ def critic_step(model: AnomalyGAN, opt_d, real: torch.Tensor, g: torch.Generator
 
 def generator_step(model: AnomalyGAN, opt_g, n: int, g: torch.Generator, device) -> float:
     z = torch.randn(n, model.z_dim, generator=g).to(device)
-    for p in model.critic.parameters():
-        p.requires_grad_(False)
-    loss = -model.critic(model.generator(z)).mean()
-    opt_g.zero_grad()
-    loss.backward()
+    with frozen(model.critic):
+        loss = -model.critic(model.generator(z)).mean()
+        opt_g.zero_grad()
+        loss.backward()
     opt_g.step()
-    for p in model.critic.parameters():
-        p.requires_grad_(True)
     return loss.item()
 
 
@@ -75,7 +67,7 @@ def train_gan(model: AnomalyGAN, x: torch.Tensor, iters: int, batch: int, seed: 
     for it in range(1, iters + 1):
         for _ in range(N_CRITIC):
             idx = torch.randint(0, len(x), (batch,), generator=g)
-            acc.append(critic_step(model, opt_d, _augment(x[idx], g).to(device), g))
+            acc.append(critic_step(model, opt_d, dihedral([x[idx]], g)[0].to(device), g))
         g_loss = generator_step(model, opt_g, batch, g, device)
         if it % log_every == 0 or it == iters:
             rec = dict(iter=it, w=float(np.mean([a["w"] for a in acc])), gp=float(np.mean([a["gp"] for a in acc])),
@@ -93,30 +85,26 @@ def train_encoder(model: AnomalyGAN, x: torch.Tensor, iters: int, batch: int, se
     g = torch.Generator().manual_seed(seed + 1)
     model.generator.eval()
     model.critic.eval()
-    frozen = [p for m in (model.generator, model.critic) for p in m.parameters()]
-    for p in frozen:
-        p.requires_grad_(False)
     model.encoder.train()
     opt = torch.optim.Adam(model.encoder.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
     log, acc, t0 = [], [], time.perf_counter()
     npix = x[0].numel()
-    for it in range(1, iters + 1):
-        idx = torch.randint(0, len(x), (batch,), generator=g)
-        xb = _augment(x[idx], g).to(device)
-        pix, feat = residuals(model, xb, model.encoder(xb))
-        loss = ((1 - LAMBDA) * pix / npix + LAMBDA * feat / model.critic.n_features).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        acc.append(loss.item())
-        if it % log_every == 0 or it == iters:
-            log.append(dict(iter=it, loss=float(np.mean(acc)), seconds=round(time.perf_counter() - t0, 1)))
-            acc = []
-            say(f"encoder step {it}/{iters}: loss {log[-1]['loss']:.4f} ({log[-1]['seconds']:.0f} s)")
-    for p in frozen:
-        p.requires_grad_(True)
+    with frozen(model.generator, model.critic):
+        for it in range(1, iters + 1):
+            idx = torch.randint(0, len(x), (batch,), generator=g)
+            xb = dihedral([x[idx]], g)[0].to(device)
+            pix, feat = residuals(model, xb, model.encoder(xb))
+            loss = ((1 - LAMBDA) * pix / npix + LAMBDA * feat / model.critic.n_features).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            acc.append(loss.item())
+            if it % log_every == 0 or it == iters:
+                log.append(dict(iter=it, loss=float(np.mean(acc)), seconds=round(time.perf_counter() - t0, 1)))
+                acc = []
+                say(f"encoder step {it}/{iters}: loss {log[-1]['loss']:.4f} ({log[-1]['seconds']:.0f} s)")
     model.encoder.eval()
     return log
 

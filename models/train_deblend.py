@@ -20,6 +20,7 @@ import torch
 
 from tasks.sim.blend_stamps import BlendConfig, simulate_blends
 
+from .augment import dihedral
 from .deblend_unet import DeblendUNet, network_input
 from .records import save_weights, say
 
@@ -60,16 +61,6 @@ def loss_terms(pred: torch.Tensor, f: torch.Tensor, w: torch.Tensor, total: torc
     return pix, fl
 
 
-def _augment(ts: list[torch.Tensor], g: torch.Generator) -> list[torch.Tensor]:
-    k = int(torch.randint(0, 4, (1,), generator=g))
-    flip = bool(torch.randint(0, 2, (1,), generator=g))
-    out = []
-    for t in ts:
-        t = torch.rot90(t, k, dims=(2, 3))
-        out.append(torch.flip(t, dims=(3,)) if flip else t)
-    return out
-
-
 def train(out: Path, n_train: int = 3000, n_val: int = 300, epochs: int = 12, batch: int = 64, lr: float = 3e-3,
           seed: int = 0, workers: int = 2, device: str = "cpu", cfg: BlendConfig | None = None,
           command: str = "", widths=(8, 16, 32, 64), threads: int = 1) -> dict:
@@ -104,7 +95,7 @@ def train(out: Path, n_train: int = 3000, n_val: int = 300, epochs: int = 12, ba
         tot_pix = tot_fl = 0.0
         for k in range(0, n, batch):
             idx = perm[k:k + batch]
-            x, f, w, total = _augment([tr["x"][idx], tr["f"][idx], tr["w"][idx], tr["total"][idx]], g)
+            x, f, w, total = dihedral([tr["x"][idx], tr["f"][idx], tr["w"][idx], tr["total"][idx]], g)
             pix, fl = loss_terms(model(x.to(device)), f.to(device), w.to(device), total.to(device),
                                  tr["flux"][idx].to(device), tr["floor"][idx].to(device))
             loss = pix + fl

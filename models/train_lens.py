@@ -23,6 +23,7 @@ from torch import nn
 
 from tasks.sim.lens_stamps import StampConfig, simulate_stamps
 
+from .augment import dihedral
 from .lens_cnn import LensResNet, preprocess, score
 from .records import save_weights, say
 from .registry import create_model, entry
@@ -64,14 +65,6 @@ def metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
                 lens_fraction=float(labels.mean()))
 
 
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    k = int(torch.randint(0, 4, (1,), generator=g))
-    x = torch.rot90(x, k, dims=(2, 3))
-    if int(torch.randint(0, 2, (1,), generator=g)):
-        x = torch.flip(x, dims=(3,))
-    return x
-
-
 def train(out: Path, n_train: int = 16000, n_val: int = 2000, epochs: int = 10, batch: int = 128,
           lr: float = 2e-3, seed: int = 0, workers: int = 2, device: str = "cpu",
           cfg: StampConfig | None = None, command: str = "") -> dict:
@@ -101,7 +94,7 @@ def train(out: Path, n_train: int = 16000, n_val: int = 2000, epochs: int = 10, 
         total = 0.0
         for k in range(0, n_train, batch):
             idx = perm[k:k + batch]
-            xb = _augment(x_tr[idx], g).to(device)
+            xb = dihedral([x_tr[idx]], g)[0].to(device)
             loss = lossf(model(xb), y_tr[idx].to(device))
             opt.zero_grad()
             loss.backward()
