@@ -21,13 +21,13 @@ into `anomaly_sigma` over the whole run and writes the ranked top list with stam
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 
 from .. import maskbits
+from .base import load_model
 from ._pixels import centred_stamps, fwhm_pixels
 
 __all__ = ["AnomalyStage"]
@@ -55,9 +55,7 @@ class AnomalyStage:
         self.ref_band = self.bands[-1]
 
     def setup(self, device: str) -> None:
-        from models.registry import create_model
-        self.device = device
-        self.model = create_model("anomaly_wgan", device=device, weights=Path(self.weights) if self.weights else None)
+        load_model(self, device)
         self.size, self.bands = self.model.size, list(self.model.bands)
         self.ref_band = self.bands[-1]
 

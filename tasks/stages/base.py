@@ -23,3 +23,14 @@ class Stage(Protocol):
 
     def run(self, tile: Any, sources: pd.DataFrame) -> pd.DataFrame:
         """Return `sources` with this stage's columns (or rows) added."""
+
+
+def load_model(stage, device: str):
+    """Build the stage's model (the first name of its `models`) on `device` with the shipped weights, or
+    with the file its `weights` parameter names; sets `stage.device` and `stage.model` and returns it."""
+    from pathlib import Path
+
+    from models.registry import create_model
+    stage.device = device
+    stage.model = create_model(stage.models[0], device=device, weights=Path(stage.weights) if stage.weights else None)
+    return stage.model

@@ -21,12 +21,12 @@ the members' fractions are renormalised to add up to one wherever they add up to
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 
+from .base import load_model
 from ._pixels import UNUSABLE, cut_stamp
 from .measure import magnitudes
 
@@ -59,9 +59,7 @@ class DeblendStage:
         self.device = "cpu"
 
     def setup(self, device: str) -> None:
-        from models.registry import create_model
-        self.device = device
-        self.model = create_model("deblend_unet", device=device, weights=Path(self.weights) if self.weights else None)
+        load_model(self, device)
         cfg = self.model.training_info.get("blend_config", {})
         self.size = int(cfg.get("size", 48))
         self.bands = list(cfg.get("bands", ["g", "r", "i", "z"]))

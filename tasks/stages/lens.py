@@ -19,12 +19,12 @@ lens-candidate table, ranked by score.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 
+from .base import load_model
 from ._pixels import UNUSABLE, centred_stamps, fwhm_pixels
 
 __all__ = ["LensStage"]
@@ -46,9 +46,7 @@ class LensStage:
         self.device = "cpu"
 
     def setup(self, device: str) -> None:
-        from models.registry import create_model
-        self.device = device
-        self.model = create_model("lens_resnet", device=device, weights=Path(self.weights) if self.weights else None)
+        load_model(self, device)
         cfg = self.model.training_info.get("stamp_config", {})
         self.size = int(cfg.get("size", 48))
         self.bands = list(cfg.get("bands", ["g", "r", "i", "z"]))
