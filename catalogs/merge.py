@@ -20,7 +20,8 @@ Outputs in `out_dir` (default `RUN/catalogs`): `sources/` (HATS catalog), `sourc
 `sources.fits`, `sources.summary.json`, where the lens stage ran `lens_candidates.parquet` (rows
 scoring above `lens_threshold`, ranked, with `lens_rank` 1 for the highest score), and where the anomaly
 stage ran the `anomaly_sigma` column and `anomalies.parquet` + `anomaly_stamps.fits` (the `anomaly_top`
-most anomalous rows and their cutouts from the store; catalogs/anomalies.py). Everything is built under `out_dir/.sources.tmp-XXXX/` and then
+most anomalous rows and their cutouts from the store; catalogs/anomalies.py), and where the cluster stage
+ran the `cluster_id` column and `clusters.parquet` (catalogs/clusters.py). Everything is built under `out_dir/.sources.tmp-XXXX/` and then
 renamed into place, an old output removed just before; a crash leaves the old or the new outputs, never
 partial ones. One merge at a time per `out_dir` (a merge removes temporaries left by killed ones).
 
@@ -49,6 +50,8 @@ from tasks.atomic import atomic_path, write_text
 from tasks.tiling import SkyField
 
 from .anomalies import ANOMALY_STAMPS, ANOMALY_TABLE, add_sigma, score_stats, write_anomaly_list
+from .clusters import (CLUSTER_TABLE, assign_members, field_sources, read_candidates, refine_redshifts, suppress,
+                       write_cluster_table)
 from .dedup import FieldOwnership, source_ids
 
 __all__ = ["merge_catalog", "open_catalog", "export_fits", "HEALPIX_COLUMN"]
@@ -60,9 +63,15 @@ LENS_COLUMNS = ("source_id", "field", "tile", "ra", "dec", "x", "y", "a", "b", "
 FILES_PER_PARTITION = 16  # tile tables per Dask partition (and per hats-import input file)
 
 
-def _prepare(df: pd.DataFrame, ownership: FieldOwnership, keep_duplicates: bool, stats: dict | None = None
-             ) -> pd.DataFrame:
-    """One partition: field ownership, ids, spatial index and anomaly sigma (rows already tile-primary)."""
+def _member_bands(columns) -> list[str]:
+    """The bands of the catalog's AUTO photometry, in wavelength order (for cluster membership)."""
+    return [b for b in "ugrizy" if f"mag_auto_{b}" in columns and f"magerr_auto_{b}" in columns]
+
+
+def _prepare(df: pd.DataFrame, ownership: FieldOwnership, keep_duplicates: bool, stats: dict | None = None,
+             clusters: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One partition: field ownership, ids, spatial index, anomaly sigma and, where the cluster stage ran,
+    cluster membership (rows already tile-primary)."""
     from hats.pixel_math.spatial_index import compute_spatial_index
 
     df = ownership.flag(df)
@@ -71,6 +80,8 @@ def _prepare(df: pd.DataFrame, ownership: FieldOwnership, keep_duplicates: bool,
     df.insert(0, "source_id", source_ids(df))
     ra, dec = df["ra"].to_numpy(np.float64), df["dec"].to_numpy(np.float64)
     df[HEALPIX_COLUMN] = compute_spatial_index(ra, dec) if len(df) else np.zeros(0, np.int64)
+    if clusters is not None:
+        df["cluster_id"] = assign_members(df, clusters, _member_bands(df.columns))
     return add_sigma(df, stats).reset_index(drop=True)
 
 
@@ -174,8 +185,9 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
                   highest_healpix_order: int = 8, pixel_threshold: int | None = None,
                   keep_field_duplicates: bool = False, client=None, n_threads: int | None = None,
                   write_fits: bool = True, lens_threshold: float = 0.5, store_path: Path | None = None,
-                  anomaly_top: int = 100, anomaly_stamp: int = 64) -> dict:
-    """Merge `run_dir/tiles/*/*.parquet` into the source catalog under `out_dir` (default run_dir/catalogs).
+                  anomaly_top: int = 100, anomaly_stamp: int = 64, cluster_nms_mpc: float = 0.5) -> dict:
+    """Merge `run_dir/tiles/*/<ty>_<tx>.parquet` into the source catalog under `out_dir` (default
+    run_dir/catalogs).
 
     fields: the SkyFields of the run (every field named in the tile tables must be among them).
     highest_healpix_order: finest HEALPix order of a partition (8: ~14 arcmin pixels). hats-import's
@@ -191,12 +203,15 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
         the `anomaly_top` rows with the highest anomaly_sigma go to out_dir/anomalies.parquet and their
         `anomaly_stamp`-pixel cutouts from the Zarr store at `store_path` to out_dir/anomaly_stamps.fits
         (no stamps without a store).
+    cluster_nms_mpc: where the cluster stage wrote candidates (`<ty>_<tx>.clusters.parquet`), they are
+        de-duplicated on the sky within this physical radius and written to out_dir/clusters.parquet,
+        and the rows get `cluster_id` (catalogs/clusters.py).
     Returns a summary dict (also written to out_dir/sources.summary.json).
     """
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "catalogs"
-    files = sorted((run_dir / "tiles").glob("*/*.parquet"))
+    files = sorted(f for f in (run_dir / "tiles").glob("*/*.parquet") if "." not in f.stem)  # not side tables
     if not files:
         raise FileNotFoundError(f"no tile tables matching {run_dir / 'tiles' / '*' / '*.parquet'}")
     ownership = FieldOwnership(fields)
@@ -213,8 +228,15 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
         tiles = tiles.repartition(npartitions=max(1, -(-tiles.npartitions // FILES_PER_PARTITION)))
         primary = tiles[tiles["is_primary"]]
         stats = score_stats(files)
-        meta = _prepare(primary._meta, ownership, keep_field_duplicates, stats)
-        merged = primary.map_partitions(_prepare, ownership, keep_field_duplicates, stats, meta=meta)
+        candidates = read_candidates(files)
+        clusters = None
+        if candidates is not None:
+            clusters = suppress(candidates, cluster_nms_mpc)
+            bands = _member_bands(primary.columns)
+            clusters = refine_redshifts(clusters, field_sources(files, set(clusters.field), bands), bands)
+        n_clusters = None
+        meta = _prepare(primary._meta, ownership, keep_field_duplicates, stats, clusters)
+        merged = primary.map_partitions(_prepare, ownership, keep_field_duplicates, stats, clusters, meta=meta)
         flat_dir = staging / "flat"
         write = merged.to_parquet(str(flat_dir), write_index=False, compute=False,
                                   name_function=lambda i: f"part.{i:05d}.parquet")
@@ -231,6 +253,9 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
         n_lens = _lens_candidates(flat_dir, staging / LENS_TABLE, lens_threshold)
         n_anom = write_anomaly_list(flat_dir, store_path, staging / ANOMALY_TABLE, staging / ANOMALY_STAMPS,
                                     anomaly_top, anomaly_stamp)
+        if clusters is not None:
+            members = pq.read_table(flat_dir, columns=["cluster_id"])["cluster_id"].to_numpy()
+            n_clusters = write_cluster_table(clusters, members, staging / CLUSTER_TABLE)
         if write_fits:
             export_fits(pq.read_table(flat_dir).to_pandas(), staging / f"{CATALOG_NAME}.fits")
         shutil.rmtree(staging / "hats_tmp", ignore_errors=True)
@@ -251,6 +276,9 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
             if store_path is not None:
                 paths["anomaly_stamps"] = out_dir / ANOMALY_STAMPS
                 _replace(staging / ANOMALY_STAMPS, paths["anomaly_stamps"])
+        if clusters is not None:
+            paths["clusters"] = out_dir / CLUSTER_TABLE
+            _replace(staging / CLUSTER_TABLE, paths["clusters"])
         _replace(flat_dir, paths["parquet"])
         _replace(hats_dir, paths["hats"])
     finally:
@@ -262,6 +290,7 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
         "n_tiles": len(files), "rows_in": int(n_in), "primary_rows": int(n_primary),
         "field_duplicates": int(n_primary - n_owned), "field_duplicates_dropped": int(n_primary - n_kept),
         "rows_out": int(n_kept), "lens_candidates": n_lens, "anomalies": n_anom, "anomaly_score_stats": stats,
+        "clusters": n_clusters,
         "n_partitions": n_partitions, "highest_healpix_order": highest_healpix_order,
         "pixel_threshold": threshold, "paths": {k: str(v) for k, v in paths.items()},
         "seconds": round(time.perf_counter() - t0, 3),

@@ -144,3 +144,36 @@ def find_clusters(cat: pd.DataFrame, bands: list[str] | None = None, ref_band: s
         ra, dec = plane.wcs_pix2world(r.x, r.y, 0)
         out.append(dict(ra=float(ra) % 360, dec=float(dec), z=z, significance=r.significance, richness=r.richness))
     return pd.DataFrame(out)
+
+
+def refine_redshift(cat: pd.DataFrame, ra: float, dec: float, z0: float, bands: list[str], ref_band: str = "i",
+                    radius_mpc: float = 0.3, half_width: float = 0.15, step: float = 0.01,
+                    min_excess: float = 3.0) -> tuple[float, float]:
+    """The red-sequence redshift of a cluster centred at (ra, dec) whose redshift is roughly z0: on a grid
+    of z0 +- half_width, the excess red-sequence weight (`membership`) of the catalog's galaxies within
+    radius_mpc of the centre over the weight density in an annulus of 2-4 times that radius (the local
+    background), maximised over z and refined by a parabola through the neighbouring grid points.
+    Returns (z, excess at z); z0 itself when no grid point has an excess of min_excess galaxies (too
+    few members, or a catalog without the photometry), with the best excess found."""
+    from tasks.sim.clusters import arcsec_per_mpc
+    from .clusters import separation_arcsec
+    z = np.round(np.arange(max(0.05, z0 - half_width), min(1.3, z0 + half_width) + 1e-9, step), 4)
+    if len(cat) == 0 or len(z) < 3:
+        return float(z0), 0.0
+    model = red_sequence_model(bands, ref_band, z=z)
+    sep = separation_arcsec(ra, dec, cat.ra.to_numpy(float), cat.dec.to_numpy(float))
+    excess = np.zeros(len(z))
+    for k, zz in enumerate(z):
+        r = radius_mpc * arcsec_per_mpc(float(zz))
+        w = membership(cat, model, k)
+        inner, ring = sep < r, (sep >= 2 * r) & (sep < 4 * r)
+        excess[k] = w[inner].sum() - w[ring].sum() / 12.0  # the annulus has 12 times the inner area
+    k = int(np.argmax(excess))
+    if excess[k] < min_excess:
+        return float(z0), float(excess[k])
+    best = float(z[k])
+    if 0 < k < len(z) - 1:
+        den = excess[k - 1] - 2 * excess[k] + excess[k + 1]
+        if den < 0:
+            best += 0.5 * (excess[k - 1] - excess[k + 1]) / den * step
+    return best, float(excess[k])

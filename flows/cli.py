@@ -176,6 +176,13 @@ def _print_run(summary: dict, cfg) -> None:
         console.print(f"anomaly: {st.get('n', '?')} source(s) scored; the {mer['anomalies']} most anomalous, ranked: "
                       f"{mer['paths']['anomalies']}" + (f" (stamps: {mer['paths']['anomaly_stamps']})"
                                                          if "anomaly_stamps" in mer["paths"] else ""))
+    if mer.get("clusters") is not None:
+        console.print(f"cluster: {mer['clusters']} galaxy cluster(s) (members carry cluster_id in the catalog): "
+                      f"{mer['paths']['clusters']}")
+        import pandas as pd
+        for c in pd.read_parquet(mer["paths"]["clusters"]).head(10).itertuples():
+            console.print(f"         cluster {c.cluster_id}: ra {c.ra:.4f} dec {c.dec:+.4f} z {c.z:.2f} richness "
+                          f"{c.richness:.0f} score {c.score:.2f}, {c.n_members} member(s)")
     for r in ing:
         if r["status"] == "failed":
             console.print(f"[bold red]failed field:[/] {r['error']}")

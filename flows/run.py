@@ -55,7 +55,8 @@ def merge_task(cfg: RunConfig) -> dict:
     fields = sky_fields(open_store(cfg.store_path))
     return merge_catalog(cfg.run_dir, fields, cfg.run_dir / "catalogs", write_fits=cfg.merge.fits_export,
                         lens_threshold=cfg.merge.lens_threshold, store_path=cfg.store_path,
-                        anomaly_top=cfg.merge.anomaly_top, anomaly_stamp=cfg.merge.anomaly_stamp)
+                        anomaly_top=cfg.merge.anomaly_top, anomaly_stamp=cfg.merge.anomaly_stamp,
+                        cluster_nms_mpc=cfg.merge.cluster_nms_mpc)
 
 
 @flow(name="deepfield-run")

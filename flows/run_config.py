@@ -48,6 +48,8 @@ class MergeSpec(BaseModel):
     anomaly_top: int = Field(100, ge=1, description="most anomalous sources (highest anomaly_sigma) kept in "
                              "anomalies.parquet with their stamps")
     anomaly_stamp: int = Field(64, ge=8, le=512, description="side of the anomaly stamps, pixels")
+    cluster_nms_mpc: float = Field(0.5, gt=0, le=5, description="cluster candidates closer than this (physical "
+                                   "Mpc at the stronger one's redshift) are one cluster")
 
 
 class RunConfig(BaseModel):

@@ -48,7 +48,7 @@ def register_model(name: str, description: str = ""):
 
 
 def _load_all() -> None:
-    from . import anomaly_gan, deblend_unet, lens_cnn  # noqa: F401  (register their models)
+    from . import anomaly_gan, cluster_net, deblend_unet, lens_cnn  # noqa: F401  (register their models)
 
 
 def list_models() -> list[str]:

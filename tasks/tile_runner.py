@@ -2,7 +2,9 @@
 
 It loads its stages once, then for each tile reads the tile with its halo straight from the Zarr
 store (no pixels pass through the driver), runs the stages in order, writes the tile's source table
-to `RUN/tiles/<field>/<ty>_<tx>.parquet` atomically and returns a small summary.
+to `RUN/tiles/<field>/<ty>_<tx>.parquet` atomically and returns a small summary. A stage that finds
+objects other than sources (the cluster finder's candidates) leaves them in `tile.tables[name]`; each is
+written to `RUN/tiles/<field>/<ty>_<tx>.<name>.parquet`, atomically and before the source table.
 
 Fault injection for tests and drills: DEEPFIELD_FAULT="kill:<tile>" makes the process exit on the
 first attempt at that tile (an actor killed mid-tile); "raise:<tile>" makes every attempt fail.
@@ -38,8 +40,10 @@ def pick_device() -> str:
     return device_for(visible, torch.cuda.is_available())
 
 
-def tile_output(run_dir: str | Path, tile: TileId) -> Path:
-    return Path(run_dir) / "tiles" / tile.field / f"{tile.ty}_{tile.tx}.parquet"
+def tile_output(run_dir: str | Path, tile: TileId, table: str | None = None) -> Path:
+    """The tile's source table, or its extra table `table` (e.g. "clusters")."""
+    suffix = f".{table}" if table else ""
+    return Path(run_dir) / "tiles" / tile.field / f"{tile.ty}_{tile.tx}{suffix}.parquet"
 
 
 def _fault(tile: str, attempt: int) -> None:
@@ -87,6 +91,9 @@ class TileRunner:
         sources.insert(0, "tile_index", range(len(sources)))
         sources.insert(0, "tile", str(tid))
         sources.insert(0, "field", tid.field)
+        for name, table in data.tables.items():
+            with atomic_path(tile_output(self.run_dir, tid, name)) as tmp:
+                table.to_parquet(tmp, index=False)
         out = tile_output(self.run_dir, tid)
         with atomic_path(out) as tmp:
             sources.to_parquet(tmp, index=False)

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import tensorstore
@@ -191,6 +191,8 @@ class Tile:
     pixel_scale: float
     field_shape: tuple[int, int] = (0, 0)  # (ny, nx) of the whole field
     meta: dict = field(default_factory=dict)  # per-tile results stages share (e.g. background rms)
+    group: Any = None  # the field's Zarr group, for stages that read more than the halo (the cluster stage)
+    tables: dict = field(default_factory=dict)  # name -> DataFrame: extra per-tile outputs of the stages
 
     @property
     def core_in_box(self) -> tuple[slice, slice]:
@@ -218,7 +220,7 @@ def read_tile(root: zarr.Group, tile: TileId, halo: int) -> Tile:
     return Tile(id=tile, bands=list(g.attrs["bands"]), image=g["image"][sl], invvar=g["invvar"][sl],
                 mask=g["mask"][sl], box=box, core=core, wcs=wcs, zeropoints=list(g.attrs["zeropoints"]),
                 psf_fwhm=list(g.attrs["psf_fwhm"]), pixel_scale=float(g.attrs["pixel_scale"]),
-                field_shape=(grid.ny, grid.nx))
+                field_shape=(grid.ny, grid.nx), group=g)
 
 
 def sky_fields(root: zarr.Group) -> list:

@@ -129,9 +129,9 @@ def test_protocol_and_registry():
         st = make_stage(name)
         assert isinstance(st, Stage) and st.name == name and isinstance(st.version, str)
         st.setup("cpu")
-    assert set(STAGES) == {"anomaly", "background", "deblend", "detect", "lens", "measure"}
+    assert set(STAGES) == {"anomaly", "background", "cluster", "deblend", "detect", "lens", "measure"}
     assert make_stage("detect", thresh=3.0).thresh == 3.0
-    with pytest.raises(ValueError, match="known stages: anomaly, background, deblend, detect, lens, measure"):
+    with pytest.raises(ValueError, match="known stages: anomaly, background, cluster, deblend, detect, lens, measure"):
         make_stage("no-such-stage")
     with pytest.raises(ValueError, match="bad parameters"):
         make_stage("detect", nonsense=1)

@@ -9,6 +9,7 @@ from typing import Any
 
 from .anomaly import AnomalyStage
 from .background import BackgroundStage
+from .cluster import ClusterStage
 from .deblend import DeblendStage
 from .detect import DetectStage
 from .lens import LensStage
@@ -17,10 +18,10 @@ from .measure import MeasureStage
 __all__ = ["STAGES", "DEFAULT_STAGES", "make_stage"]
 
 STAGES: dict[str, type] = {cls.name: cls for cls in (BackgroundStage, DetectStage, MeasureStage, DeblendStage, LensStage,
-                                                       AnomalyStage)}
+                                                       AnomalyStage, ClusterStage)}
 
 # the order the runner uses when the configuration names no stages
-DEFAULT_STAGES: list[str] = ["background", "detect", "measure", "deblend", "lens", "anomaly"]
+DEFAULT_STAGES: list[str] = ["background", "detect", "measure", "deblend", "lens", "anomaly", "cluster"]
 
 
 def make_stage(name: str, **params: Any):

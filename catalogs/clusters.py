@@ -1,0 +1,140 @@
+"""The cluster catalog of a run: the `cluster` stage's per-tile candidates merged over tiles and fields, and
+member galaxies assigned in the source catalog.
+
+1. Candidates: every `RUN/tiles/<field>/<ty>_<tx>.clusters.parquet` beside a merged tile table. A tile
+   keeps only the peaks in its core, but a cluster near a tile or field edge can still peak in two cores
+   (each tile sees a different part of it), and overlapping fields see the same clusters.
+2. Non-maximum suppression on the sky: candidates in descending `score`; one within `nms_mpc` (0.5 Mpc,
+   physical, at the stronger one's redshift) of a kept one is the same cluster and is dropped. 0.5 Mpc is
+   about half of R_lambda for the richness range of interest, and two clusters closer than that are one
+   system at this resolution. `cluster_id` is the rank by score (1 = highest).
+3. Redshift (`refine_redshifts`): the network's redshift is kept as `z_net`; `z` is the red-sequence
+   redshift of the source catalog's galaxies around the centre, searched within +-0.15 of z_net
+   (catalogs/redsequence.py, `refine_redshift`): the colours of a few bright members pin z far better than
+   the binned images do. Where fewer than 3 red-sequence galaxies stand above the background, z = z_net.
+4. Members (`assign_members`): a source is a member when it lies within R_lambda (redMaPPer's radius,
+   1.0/h Mpc (lambda/100)^0.2, from the estimated richness) of the centre and is on the red sequence at
+   the cluster's redshift (the baseline's colour model, catalogs/redsequence.py: weight exp(-chi^2/2)
+   above `MEMBER_WEIGHT`, brighter than m* + 1.75, i.e. 0.2 L*). A source within reach of two clusters
+   goes to the one with the higher score. Non-members have cluster_id -1.
+
+Columns of `clusters.parquet`: cluster_id, ra, dec (deg), z (red-sequence), z_net and richness (the
+network's estimates), z_excess, score, field, tile, x, y (pixels of that field), r_lambda_arcsec and
+n_members (sources assigned).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks.atomic import atomic_path
+
+__all__ = ["CLUSTER_TABLE", "read_candidates", "suppress", "assign_members", "write_cluster_table", "separation_arcsec"]
+
+CLUSTER_TABLE = "clusters.parquet"
+MEMBER_WEIGHT = 0.1  # exp(-chi^2 / 2) > 0.1: chi^2 < 4.6 over the colours
+CANDIDATE_COLUMNS = ["field", "tile", "x", "y", "ra", "dec", "score", "z", "richness"]
+
+
+def candidate_file(tile_table: Path) -> Path:
+    return tile_table.with_name(f"{tile_table.stem}.clusters.parquet")
+
+
+def read_candidates(tile_tables: list[Path]) -> pd.DataFrame | None:
+    """All candidates beside the given tile tables; None when the cluster stage wrote none of them."""
+    found = [candidate_file(f) for f in tile_tables if candidate_file(f).exists()]
+    if not found:
+        return None
+    parts = [pd.read_parquet(f) for f in found]
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=CANDIDATE_COLUMNS)
+
+
+def separation_arcsec(ra0, dec0, ra, dec) -> np.ndarray:
+    """Angular separation (arcsec) of (ra, dec) arrays from one point (haversine)."""
+    r0, d0, r, d = (np.radians(np.asarray(v, float)) for v in (ra0, dec0, ra, dec))
+    h = np.sin((d - d0) / 2) ** 2 + np.cos(d0) * np.cos(d) * np.sin((r - r0) / 2) ** 2
+    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(h, 0, 1)))) * 3600.0
+
+
+def suppress(cand: pd.DataFrame, nms_mpc: float = 0.5) -> pd.DataFrame:
+    """Non-maximum suppression on the sky (module docstring, step 2); the kept rows get cluster_id."""
+    from tasks.sim.clusters import arcsec_per_mpc
+    cand = cand.sort_values(["score", "field", "tile"], ascending=[False, True, True], kind="stable").reset_index(drop=True)
+    keep: list[int] = []
+    for i in range(len(cand)):
+        if keep:
+            radius = nms_mpc * np.array([arcsec_per_mpc(max(float(cand.z.iat[k]), 0.05)) for k in keep])
+            sep = separation_arcsec(cand.ra.iat[i], cand.dec.iat[i], cand.ra.to_numpy()[keep], cand.dec.to_numpy()[keep])
+            if np.any(sep < radius):
+                continue
+        keep.append(i)
+    out = cand.iloc[keep].reset_index(drop=True)
+    out.insert(0, "cluster_id", np.arange(1, len(out) + 1, dtype=np.int64))
+    return out
+
+
+def field_sources(tile_tables: list[Path], fields: set[str], bands: list[str]) -> pd.DataFrame:
+    """The primary rows (ra, dec and the AUTO photometry in `bands`) of the tile tables of `fields`."""
+    cols = ["ra", "dec", "is_primary", *[f"{k}_auto_{b}" for b in bands for k in ("mag", "magerr")]]
+    parts = [pd.read_parquet(f, columns=cols) for f in tile_tables if f.parent.name in fields]
+    parts = [p[p.is_primary.to_numpy(bool)] for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
+
+
+def refine_redshifts(clusters: pd.DataFrame, sources: pd.DataFrame, bands: list[str], ref_band: str = "i"
+                     ) -> pd.DataFrame:
+    """`clusters` with the network's redshift kept as `z_net` and `z` replaced by the red-sequence redshift of
+    the galaxies around each centre (catalogs.redsequence.refine_redshift; z_net where it finds too few),
+    and `z_excess`, the red-sequence galaxies in excess of the background within 0.3 Mpc."""
+    from .redsequence import refine_redshift
+    out = clusters.copy()
+    out["z_net"] = out["z"]
+    found = [refine_redshift(sources, c.ra, c.dec, float(c.z), bands, ref_band) if bands else (float(c.z), 0.0)
+             for c in out.itertuples()]
+    out["z"] = np.array([f[0] for f in found], float)
+    out["z_excess"] = np.array([f[1] for f in found], float)
+    return out
+
+
+def r_lambda_arcsec(richness: np.ndarray, z: np.ndarray) -> np.ndarray:
+    from tasks.sim.clusters import arcsec_per_mpc, r_lambda_mpc
+    return np.array([r_lambda_mpc(max(float(lam), 1.0)) * arcsec_per_mpc(max(float(zz), 0.05))
+                     for lam, zz in zip(richness, z)])
+
+
+def assign_members(sources: pd.DataFrame, clusters: pd.DataFrame, bands: list[str], ref_band: str = "i") -> np.ndarray:
+    """cluster_id of every row of `sources` (ra, dec, mag_auto_<b>, magerr_auto_<b>), -1 for non-members
+    (module docstring, step 3); `clusters` in descending score with cluster_id, ra, dec, z, richness."""
+    from .redsequence import membership, red_sequence_model
+    out = np.full(len(sources), -1, np.int64)
+    if len(sources) == 0 or len(clusters) == 0:
+        return out
+    need = [f"{k}_auto_{b}" for b in bands for k in ("mag", "magerr")]
+    if any(c not in sources.columns for c in need):
+        return out
+    radius = r_lambda_arcsec(clusters.richness.to_numpy(), clusters.z.to_numpy())
+    for c, r in zip(clusters.itertuples(), radius):
+        sep = separation_arcsec(c.ra, c.dec, sources.ra.to_numpy(), sources.dec.to_numpy())
+        near = (sep <= r) & (out < 0)
+        if not near.any():
+            continue
+        model = red_sequence_model(bands, ref_band, z=[float(np.clip(c.z, 0.05, 1.5))])
+        w = membership(sources[near], model, 0)
+        idx = np.nonzero(near)[0][w > MEMBER_WEIGHT]
+        out[idx] = c.cluster_id
+    return out
+
+
+def write_cluster_table(clusters: pd.DataFrame, member_ids: np.ndarray, path: Path) -> int:
+    """Write clusters.parquet with n_members counted from the catalog's cluster_id column; returns rows."""
+    ids, counts = np.unique(member_ids[member_ids > 0], return_counts=True)
+    n = dict(zip(ids.tolist(), counts.tolist()))
+    table = clusters.copy()
+    table["r_lambda_arcsec"] = r_lambda_arcsec(table.richness.to_numpy(), table.z.to_numpy())
+    table["n_members"] = np.array([n.get(int(i), 0) for i in table.cluster_id], np.int64)
+    with atomic_path(path) as tmp:
+        table.to_parquet(tmp, index=False)
+    return int(len(table))
