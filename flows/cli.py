@@ -223,6 +223,39 @@ def run(
 
 
 @app.command()
+def serve(
+    config: Path = typer.Argument(..., help="run configuration (YAML) to reprocess on the schedule"),
+    cron: str = typer.Option("0 2 * * *", "--cron", help="cron schedule of the runs (default: nightly at 02:00)"),
+    timezone: str = typer.Option("UTC", "--timezone", help="time zone of the cron schedule (IANA name)"),
+    name: Optional[str] = typer.Option(None, "--name", help="deployment name (default: the configuration's "
+                                       "file name without .yaml)"),
+    limit: int = typer.Option(1, "--limit", min=1, help="flow runs at a time"),
+) -> None:
+    """Serve scheduled reprocessing of CONFIG: register the Prefect deployment
+    deepfield-reprocess/NAME on a cron schedule and run its flow runs until interrupted (no work pool).
+    Each run redoes only what changed since the last one."""
+    from flows import prefect_env
+    from flows.run_config import RunConfigError, load_run_config
+
+    try:
+        cfg = load_run_config(config)
+    except RunConfigError as exc:
+        fail(str(exc))
+    prefect_env.configure(cfg.run_dir / ".deepfield-prefect", quiet=False)  # before prefect is imported
+    from prefect.client.schemas.schedules import CronSchedule
+    try:
+        CronSchedule(cron=cron, timezone=timezone)
+    except ValidationError as exc:
+        fail(f"--cron {cron!r} --timezone {timezone!r}: invalid schedule: "
+             + "; ".join(e["msg"] for e in exc.errors()))
+    from flows.schedule import DEPLOYMENT_FLOW, serve_reprocessing
+
+    name = name or config.stem
+    console.print(f"serving {DEPLOYMENT_FLOW}/{name}: {config} on {cron!r} ({timezone}); Ctrl-C stops")
+    serve_reprocessing(config, cron, name, timezone=timezone, limit=limit)
+
+
+@app.command()
 def status(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
     """Summarise a run's ledger: tiles done and failed, retries, sources, time per stage."""
     from tasks.ledger import summarise

@@ -67,7 +67,9 @@ def merge_task(cfg: RunConfig) -> dict:
             client.close()
 
 
-@flow(name="deepfield-run")
+# its arguments are validated pydantic objects already; Prefect's re-validation fails in a flow run
+# started by `deepfield serve` ("..._FlowModel is not fully defined")
+@flow(name="deepfield-run", validate_parameters=False)
 def run_flow(cfg: RunConfig) -> dict:
     """Ingest the inputs, process every tile, merge the catalogs; returns a summary of each step.
 
