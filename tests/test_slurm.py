@@ -100,7 +100,7 @@ def test_stopped_and_cancelled_jobs_resume_to_the_same_catalog(job_a, survey, tm
     _, cat_a, _, _ = job_a
     cfg = make_survey(survey, tmp_path)
     run_dir = cfg.parent / "run"
-    env = job_env(DEEPFIELD_GPUS_PER_NODE="2", DEEPFIELD_FAULT="delay:4")  # every tile takes 4 s more
+    env = job_env(DEEPFIELD_GPUS_PER_NODE="2", DEEPFIELD_FAULT="delay:2")  # every tile takes 2 s more
 
     job = submit(cfg, tmp_path / "stopped.out", env)
     wait_for(lambda: len(ledger(run_dir)) >= 1, 240, "a first tile in the ledger")
