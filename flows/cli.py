@@ -167,7 +167,12 @@ def _print_run(summary: dict, cfg) -> None:
         tot = sum(proc["stage_seconds"].values()) or 1.0
         console.print("         stage time: " + ", ".join(f"{k} {v:.1f} s ({100 * v / tot:.0f}%)"
                                                          for k, v in proc["stage_seconds"].items()))
-    console.print(f"merge:   {mer.get('rows_out', mer.get('n_sources', '?'))} sources in the catalog ({sec['merge']:.1f} s)")
+    if summary.get("stopped"):
+        console.print(f"stopped: {proc['tiles'] - proc['skipped'] - proc['done'] - proc['failed']} tile(s) left "
+                      f"({proc['released']} released in flight); merge skipped; run again to resume from the ledger")
+    else:
+        console.print(f"merge:   {mer.get('rows_out', mer.get('n_sources', '?'))} sources in the catalog "
+                      f"({sec['merge']:.1f} s)")
     if mer.get("lens_candidates") is not None:
         console.print(f"lenses:  {mer['lens_candidates']} lens candidate(s) above lens_score "
                       f"{cfg.merge.lens_threshold}: {mer['paths']['lens_candidates']}")
@@ -195,19 +200,66 @@ def _print_run(summary: dict, cfg) -> None:
 def run(
     config: Path = typer.Argument(..., help="run configuration (YAML); see the README, 'Run configuration'"),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="override run_dir of the configuration"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to process on "
+                                              "(overrides ray.address), e.g. 10.0.0.1:6379"),
+    dask_address: Optional[str] = typer.Option(None, "--dask-address", help="Dask scheduler for the merge "
+                                               "(overrides dask.address), e.g. tcp://10.0.0.1:8786"),
 ) -> None:
-    """Run a survey end to end: ingest -> process tiles on Ray -> merge catalogs with Dask."""
+    """Run a survey end to end: ingest -> process tiles on Ray -> merge catalogs with Dask.
+
+    SIGUSR1 (a Slurm job's walltime warning) stops dispatching tiles: the tiles in flight finish (a
+    second SIGUSR1 releases them), the merge is skipped and the exit status is 3; run again to resume."""
+    import signal
+
+    from flows.process import request_stop
     from flows.run_config import RunConfigError, load_run_config
 
     try:
         cfg = load_run_config(config, run_dir=str(run_dir.resolve()) if run_dir else None)
     except RunConfigError as exc:
         fail(str(exc))
+    cfg = cfg.with_addresses(ray_address, dask_address)
+    signal.signal(signal.SIGUSR1, lambda *_: request_stop())
     summary = _run(cfg)
     _print_run(summary, cfg)
     typer.echo(str(cfg.run_dir))
     if summary["failed_fields"] or summary["failed_tiles"]:
         raise typer.Exit(1)
+    if summary["stopped"]:
+        raise typer.Exit(3)
+
+
+@app.command()
+def serve(
+    config: Path = typer.Argument(..., help="run configuration (YAML) to reprocess on the schedule"),
+    cron: str = typer.Option("0 2 * * *", "--cron", help="cron schedule of the runs (default: nightly at 02:00)"),
+    timezone: str = typer.Option("UTC", "--timezone", help="time zone of the cron schedule (IANA name)"),
+    name: Optional[str] = typer.Option(None, "--name", help="deployment name (default: the configuration's "
+                                       "file name without .yaml)"),
+    limit: int = typer.Option(1, "--limit", min=1, help="flow runs at a time"),
+) -> None:
+    """Serve scheduled reprocessing of CONFIG: register the Prefect deployment
+    deepfield-reprocess/NAME on a cron schedule and run its flow runs until interrupted (no work pool).
+    Each run redoes only what changed since the last one."""
+    from flows import prefect_env
+    from flows.run_config import RunConfigError, load_run_config
+
+    try:
+        cfg = load_run_config(config)
+    except RunConfigError as exc:
+        fail(str(exc))
+    prefect_env.configure(cfg.run_dir / ".deepfield-prefect", quiet=False)  # before prefect is imported
+    from prefect.client.schemas.schedules import CronSchedule
+    try:
+        CronSchedule(cron=cron, timezone=timezone)
+    except ValidationError as exc:
+        fail(f"--cron {cron!r} --timezone {timezone!r}: invalid schedule: "
+             + "; ".join(e["msg"] for e in exc.errors()))
+    from flows.schedule import DEPLOYMENT_FLOW, serve_reprocessing
+
+    name = name or config.stem
+    console.print(f"serving {DEPLOYMENT_FLOW}/{name}: {config} on {cron!r} ({timezone}); Ctrl-C stops")
+    serve_reprocessing(config, cron, name, timezone=timezone, limit=limit)
 
 
 @app.command()

@@ -72,7 +72,9 @@ def ingest_field_task(spec: FieldSpec, store: str, store_spec: StoreSpec) -> dic
     return result
 
 
-@flow(name="deepfield-ingest", log_prints=True)
+# its arguments are validated pydantic objects already; Prefect's re-validation fails in a flow run
+# started by `deepfield serve` ("..._FlowModel is not fully defined")
+@flow(name="deepfield-ingest", validate_parameters=False, log_prints=True)
 def ingest_flow(config: IngestConfig, store: str) -> list[dict]:
     """Ingest every field of `config` into `store` in parallel; returns one summary per field."""
     futures = ingest_field_task.map(config.fields, unmapped(str(store)), unmapped(config.store))

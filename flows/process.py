@@ -5,10 +5,16 @@ CUDA_VISIBLE_DEVICES), otherwise N CPU actors. Work in flight is bounded (a few 
 An actor that dies is replaced and its tiles retried; a tile that fails `max_attempts` times is
 marked failed in the ledger and the run goes on. The driver writes the ledger; actors write the
 tile outputs.
+
+A stop request (`request_stop`, e.g. from the SIGUSR1 a Slurm job receives before its walltime) makes
+the driver dispatch nothing more and wait for the tiles in flight; a second request, or `stop_grace`
+seconds, releases those too (they are not in the ledger, so the next run does them). The run then
+returns with `stopped` set and the ledger holds every tile that finished.
 """
 from __future__ import annotations
 
 import os
+import threading
 import time
 import traceback
 from collections import deque
@@ -21,6 +27,26 @@ from tasks.tiling import TileId
 from tasks.zarr_store import complete_fields, field_grid, input_fingerprint, open_store
 
 Progress = Callable[[int, int, str], None]
+
+_stop = threading.Event()
+_release = threading.Event()
+
+
+def request_stop() -> None:
+    """Stop dispatching tiles (safe to call from a signal handler); a second call releases the tiles
+    in flight without waiting for them."""
+    if _stop.is_set():
+        _release.set()
+    _stop.set()
+
+
+def clear_stop() -> None:
+    _stop.clear()
+    _release.clear()
+
+
+def stop_requested() -> bool:
+    return _stop.is_set()
 
 
 def all_tiles(root, halo: int) -> list[TileId]:
@@ -76,10 +102,11 @@ def actor_plan(resources: dict, use_gpus: bool, num_actors: int | None) -> tuple
 def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: int, config_hash: str,
               address: str | None = None, num_actors: int | None = None, use_gpus: bool = True,
               in_flight_per_actor: int = 2, max_attempts: int = 3, progress: Progress | None = None,
-              actor_env: dict[str, str] | None = None) -> dict:
+              actor_env: dict[str, str] | None = None, stop_grace: float = 600.0) -> dict:
     """Process every tile not yet done under `config_hash`; returns a summary of the run.
 
-    actor_env: environment variables for the actors (e.g. DEEPFIELD_FAULT in fault drills)."""
+    actor_env: environment variables for the actors (e.g. DEEPFIELD_FAULT in fault drills).
+    stop_grace: after a stop request, seconds to wait for the tiles in flight before releasing them."""
     ledger = Ledger(run_dir)
     versions = stage_versions(stages)
     mversions = model_versions(stages)
@@ -89,10 +116,11 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
     todo = [t for t in tiles if not ledger.is_done(t, config_hash, versions, mversions,
                                                    output_root=ledger.root.parent, input_hash=inputs[t.field])]
     summary = dict(tiles=len(tiles), skipped=len(tiles) - len(todo), done=0, failed=0, retries=0,
-                   actors=0, seconds=0.0, stage_seconds={})
+                   actors=0, seconds=0.0, stage_seconds={}, stopped=False, released=0)
     if progress:
         progress(0, len(todo), f"{summary['skipped']} of {len(tiles)} tiles already done")
-    if not todo:
+    if not todo or stop_requested():
+        summary["stopped"] = bool(todo)
         return summary
     t_start = time.perf_counter()
     ray = start_ray(address, num_actors)
@@ -111,14 +139,25 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
     inflight: dict = {}  # ObjectRef -> (actor index, actor handle, tile, attempt)
     done = 0
     stage_time: dict[str, float] = {}
+    stop_at = None
     while queue or inflight:
+        if stop_requested():
+            stop_at = stop_at or time.monotonic()
+            queue.clear()  # dispatch nothing more; the next run does these
+            if _release.is_set() or time.monotonic() - stop_at > stop_grace:
+                summary["released"] = len(inflight)
+                break
         for k in range(n_actors):
             while queue and load[k] < in_flight_per_actor:
                 tile, attempt = queue.popleft()
                 ref = actors[k].process.remote(str(tile), attempt)
                 inflight[ref] = (k, actors[k], tile, attempt)
                 load[k] += 1
-        ready, _ = ray.wait(list(inflight), num_returns=1)
+        if not inflight:
+            break
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+        if not ready:
+            continue
         ref = ready[0]
         k, handle, tile, attempt = inflight.pop(ref)
         if actors[k] is handle:
@@ -137,7 +176,7 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
             ledger.put(TileRecord(tile=str(tile), status="done", attempts=attempt, config_hash=config_hash,
                                   stage_versions=versions, model_versions=mversions, timings=res["timings"],
                                   counts=res["counts"],
-                                  output=res["output"], input_hash=inputs[tile.field]))
+                                  output=res["output"], input_hash=inputs[tile.field], worker=res.get("worker", {})))
             for name, sec in res["timings"].items():
                 stage_time[name] = stage_time.get(name, 0.0) + sec
             done += 1
@@ -158,5 +197,6 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
                 progress(done, len(todo), f"{tile} FAILED")
     for a in actors:
         ray.kill(a)
-    summary.update(actors=n_actors, seconds=time.perf_counter() - t_start, stage_seconds=stage_time)
+    summary.update(actors=n_actors, seconds=time.perf_counter() - t_start, stage_seconds=stage_time,
+                   stopped=stop_at is not None and summary["done"] + summary["failed"] < len(todo))
     return summary

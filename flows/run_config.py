@@ -37,6 +37,15 @@ class RaySpec(BaseModel):
     use_gpus: bool = Field(True, description="one actor per GPU when the cluster has GPUs")
     in_flight_per_actor: int = Field(2, ge=1, le=64, description="tiles queued per actor at most")
     max_attempts: int = Field(3, ge=1, le=10, description="attempts before a tile is marked failed")
+    stop_grace: float = Field(600.0, ge=0, description="after a stop request (SIGUSR1), seconds to wait for "
+                              "the tiles in flight before releasing them to the next run")
+
+
+class DaskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    address: Optional[str] = Field(None, description="Dask scheduler address for the merge "
+                                                     "('tcp://host:8786'); none: a local threads-only cluster")
 
 
 class MergeSpec(BaseModel):
@@ -62,6 +71,7 @@ class RunConfig(BaseModel):
     halo: int = Field(64, ge=0, le=2048, description="pixels read around each tile core")
     stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec(name=n) for n in DEFAULT_STAGES])
     ray: RaySpec = Field(default_factory=RaySpec)
+    dask: DaskSpec = Field(default_factory=DaskSpec)
     merge: MergeSpec = Field(default_factory=MergeSpec)
 
     @property
@@ -70,6 +80,12 @@ class RunConfig(BaseModel):
 
     def stage_list(self) -> list[tuple[str, dict]]:
         return [(s.name, dict(s.params)) for s in self.stages]
+
+    def with_addresses(self, ray_address: str | None = None, dask_address: str | None = None) -> "RunConfig":
+        """A copy that reaches the given Ray cluster and Dask scheduler (None: keep the configured one)."""
+        ray = self.ray.model_copy(update={"address": ray_address}) if ray_address else self.ray
+        dask = self.dask.model_copy(update={"address": dask_address}) if dask_address else self.dask
+        return self.model_copy(update={"ray": ray, "dask": dask})
 
     def processing_hash(self) -> str:
         """Hash of everything that changes a tile's output: stages and their parameters, halo, layout."""

@@ -32,6 +32,7 @@ class TileRecord:
     output: str | None = None
     error: str | None = None
     finished_at: str = ""
+    worker: dict = field(default_factory=dict)  # where it ran: host, pid, device, CUDA_VISIBLE_DEVICES
 
 
 class Ledger:

@@ -7,11 +7,14 @@ objects other than sources (the cluster finder's candidates) leaves them in `til
 written to `RUN/tiles/<field>/<ty>_<tx>.<name>.parquet`, atomically and before the source table.
 
 Fault injection for tests and drills: DEEPFIELD_FAULT="kill:<tile>" makes the process exit on the
-first attempt at that tile (an actor killed mid-tile); "raise:<tile>" makes every attempt fail.
+first attempt at that tile (an actor killed mid-tile); "raise:<tile>" makes every attempt fail;
+"delay:<seconds>" makes every tile take that much longer (a slow survey, to cancel or stop a job
+mid-run). Items are separated by commas.
 """
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -50,6 +53,8 @@ def _fault(tile: str, attempt: int) -> None:
     spec = os.environ.get("DEEPFIELD_FAULT", "")
     for item in filter(None, spec.split(",")):
         kind, _, target = item.partition(":")
+        if kind == "delay":
+            time.sleep(float(target))
         if target == tile and kind == "kill" and attempt == 1:
             os._exit(17)  # like an OOM kill or a node loss: no exception, no cleanup
         if target == tile and kind == "raise":
@@ -69,7 +74,7 @@ class TileRunner:
             s.setup(self.device)
 
     def info(self) -> dict:
-        return dict(pid=os.getpid(), device=self.device,
+        return dict(host=socket.gethostname(), pid=os.getpid(), device=self.device,
                     cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     def process(self, tile: str, attempt: int = 1) -> dict:
@@ -100,4 +105,4 @@ class TileRunner:
         timings["write"] = time.perf_counter() - t
         primary = int(sources["is_primary"].sum()) if "is_primary" in sources else 0
         return dict(tile=str(tid), timings=timings, counts=dict(sources=len(sources), primary=primary),
-                    output=str(out.relative_to(self.run_dir)), pid=os.getpid())
+                    output=str(out.relative_to(self.run_dir)), pid=os.getpid(), worker=self.info())

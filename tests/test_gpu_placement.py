@@ -20,6 +20,8 @@ def test_one_actor_per_gpu_each_with_its_own_device():
     assert sorted(visible) == ["0", "1"]  # one GPU each, no two actors share one
     assert len({s["pid"] for s in res["seen"]}) == 2
     assert all(s["device"] == "cuda:0" for s in res["seen"])
+    # the one device each sees is the GPU Ray assigned to it
+    assert all([str(int(g)) for g in s["ray_gpu_ids"]] == [s["visible"]] for s in res["seen"])
 
 
 def test_cpu_plan_without_gpus():
