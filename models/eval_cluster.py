@@ -234,7 +234,7 @@ def format_report(r: dict) -> str:
     lines += ["", f"completeness by richness (z <= 0.8):{'':4s}network  red sequence"]
     for a, c in zip(n["completeness_by_richness"], b["completeness_by_richness"]):
         lines.append(f"  {a['lo']:>4}-{a['hi']:<4} ({a['n']:3d}){'':22s}{_fmt(a['completeness']):>6s}{_fmt(c['completeness']):>10s}")
-    lines += [f"completeness by redshift (richness >= 30):"]
+    lines += ["completeness by redshift (richness >= 30):"]
     for a, c in zip(n["completeness_by_z"], b["completeness_by_z"]):
         lines.append(f"  {a['lo']:.2f}-{a['hi']:<4.2f} ({a['n']:3d}){'':20s}{_fmt(a['completeness']):>6s}{_fmt(c['completeness']):>10s}")
     lines += ["", "network by heat-map threshold: threshold, detections, completeness (target), purity"]

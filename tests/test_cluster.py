@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from catalogs.clusters import assign_members, separation_arcsec, suppress
-from models.cluster_net import STRIDE, ClusterNet, detect, from_output, predict, targets, to_output
+from models.cluster_net import ClusterNet, from_output, predict, targets, to_output
 from tasks import maskbits
 from tasks.stages.cluster import SOFTENING, binned_planes
 
