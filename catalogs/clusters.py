@@ -24,6 +24,7 @@ n_members (sources assigned).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,20 +32,18 @@ import pandas as pd
 
 from tasks.atomic import atomic_path
 
-__all__ = ["CLUSTER_TABLE", "read_candidates", "suppress", "assign_members", "write_cluster_table", "separation_arcsec"]
+__all__ = ["CLUSTER_TABLE", "read_candidates", "suppress", "refine_redshifts", "member_rule", "assign_members",
+           "write_cluster_table", "separation_arcsec"]
 
 CLUSTER_TABLE = "clusters.parquet"
 MEMBER_WEIGHT = 0.1  # exp(-chi^2 / 2) > 0.1: chi^2 < 4.6 over the colours
 CANDIDATE_COLUMNS = ["field", "tile", "x", "y", "ra", "dec", "score", "z", "richness"]
 
 
-def candidate_file(tile_table: Path) -> Path:
-    return tile_table.with_name(f"{tile_table.stem}.clusters.parquet")
-
-
 def read_candidates(tile_tables: list[Path]) -> pd.DataFrame | None:
     """All candidates beside the given tile tables; None when the cluster stage wrote none of them."""
-    found = [candidate_file(f) for f in tile_tables if candidate_file(f).exists()]
+    from tasks.tile_runner import side_table
+    found = [side_table(f, "clusters") for f in tile_tables if side_table(f, "clusters").exists()]
     if not found:
         return None
     parts = [pd.read_parquet(f) for f in found]
@@ -105,35 +104,54 @@ def r_lambda_arcsec(richness: np.ndarray, z: np.ndarray) -> np.ndarray:
                      for lam, zz in zip(richness, z)])
 
 
-def assign_members(sources: pd.DataFrame, clusters: pd.DataFrame, bands: list[str], ref_band: str = "i") -> np.ndarray:
+@dataclass
+class MemberRule:
+    """What membership needs per cluster, computed once for a catalog: R_lambda (arcsec) and the red-sequence
+    model at each cluster's z (row k of `clusters` is model index k; None without photometry bands)."""
+
+    radius_arcsec: np.ndarray
+    model: object | None
+
+
+def member_rule(clusters: pd.DataFrame, bands: list[str], ref_band: str = "i") -> MemberRule:
+    from .redsequence import red_sequence_model
+    radius = r_lambda_arcsec(clusters.richness.to_numpy(), clusters.z.to_numpy())
+    model = (red_sequence_model(bands, ref_band, z=np.clip(clusters.z.to_numpy(float), 0.05, 1.5))
+             if bands and len(clusters) else None)
+    return MemberRule(radius, model)
+
+
+def assign_members(sources: pd.DataFrame, clusters: pd.DataFrame, bands: list[str], ref_band: str = "i",
+                   rule: MemberRule | None = None) -> np.ndarray:
     """cluster_id of every row of `sources` (ra, dec, mag_auto_<b>, magerr_auto_<b>), -1 for non-members
-    (module docstring, step 3); `clusters` in descending score with cluster_id, ra, dec, z, richness."""
-    from .redsequence import membership, red_sequence_model
+    (module docstring, step 4); `clusters` in descending score with cluster_id, ra, dec, z, richness.
+    rule: `member_rule(clusters, bands, ref_band)`, made here when not given (the merge makes it once for
+    all its partitions)."""
+    from .redsequence import membership
     out = np.full(len(sources), -1, np.int64)
     if len(sources) == 0 or len(clusters) == 0:
         return out
     need = [f"{k}_auto_{b}" for b in bands for k in ("mag", "magerr")]
-    if any(c not in sources.columns for c in need):
+    if not bands or any(c not in sources.columns for c in need):
         return out
-    radius = r_lambda_arcsec(clusters.richness.to_numpy(), clusters.z.to_numpy())
-    for c, r in zip(clusters.itertuples(), radius):
+    rule = rule or member_rule(clusters, bands, ref_band)
+    for k, (c, r) in enumerate(zip(clusters.itertuples(), rule.radius_arcsec)):
         sep = separation_arcsec(c.ra, c.dec, sources.ra.to_numpy(), sources.dec.to_numpy())
         near = (sep <= r) & (out < 0)
         if not near.any():
             continue
-        model = red_sequence_model(bands, ref_band, z=[float(np.clip(c.z, 0.05, 1.5))])
-        w = membership(sources[near], model, 0)
-        idx = np.nonzero(near)[0][w > MEMBER_WEIGHT]
-        out[idx] = c.cluster_id
+        w = membership(sources[near], rule.model, k)
+        out[np.nonzero(near)[0][w > MEMBER_WEIGHT]] = c.cluster_id
     return out
 
 
-def write_cluster_table(clusters: pd.DataFrame, member_ids: np.ndarray, path: Path) -> int:
-    """Write clusters.parquet with n_members counted from the catalog's cluster_id column; returns rows."""
+def write_cluster_table(clusters: pd.DataFrame, rule: MemberRule, member_ids: np.ndarray, path: Path) -> int:
+    """Write clusters.parquet with R_lambda and n_members counted from the catalog's cluster_id column;
+    returns rows."""
     ids, counts = np.unique(member_ids[member_ids > 0], return_counts=True)
     n = dict(zip(ids.tolist(), counts.tolist()))
     table = clusters.copy()
-    table["r_lambda_arcsec"] = r_lambda_arcsec(table.richness.to_numpy(), table.z.to_numpy())
+    table["r_lambda_arcsec"] = rule.radius_arcsec
     table["n_members"] = np.array([n.get(int(i), 0) for i in table.cluster_id], np.int64)
     with atomic_path(path) as tmp:
         table.to_parquet(tmp, index=False)

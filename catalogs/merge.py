@@ -47,11 +47,12 @@ from astropy import units as u
 from astropy.table import Table
 
 from tasks.atomic import atomic_path, write_text
+from tasks.tile_runner import source_tables
 from tasks.tiling import SkyField
 
 from .anomalies import ANOMALY_STAMPS, ANOMALY_TABLE, add_sigma, score_stats, write_anomaly_list
-from .clusters import (CLUSTER_TABLE, assign_members, field_sources, read_candidates, refine_redshifts, suppress,
-                       write_cluster_table)
+from .clusters import (CLUSTER_TABLE, MemberRule, assign_members, field_sources, member_rule, read_candidates,
+                       refine_redshifts, suppress, write_cluster_table)
 from .dedup import FieldOwnership, source_ids
 
 __all__ = ["merge_catalog", "open_catalog", "export_fits", "HEALPIX_COLUMN"]
@@ -69,7 +70,7 @@ def _member_bands(columns) -> list[str]:
 
 
 def _prepare(df: pd.DataFrame, ownership: FieldOwnership, keep_duplicates: bool, stats: dict | None = None,
-             clusters: pd.DataFrame | None = None) -> pd.DataFrame:
+             clusters: pd.DataFrame | None = None, rule: MemberRule | None = None) -> pd.DataFrame:
     """One partition: field ownership, ids, spatial index, anomaly sigma and, where the cluster stage ran,
     cluster membership (rows already tile-primary)."""
     from hats.pixel_math.spatial_index import compute_spatial_index
@@ -81,7 +82,7 @@ def _prepare(df: pd.DataFrame, ownership: FieldOwnership, keep_duplicates: bool,
     ra, dec = df["ra"].to_numpy(np.float64), df["dec"].to_numpy(np.float64)
     df[HEALPIX_COLUMN] = compute_spatial_index(ra, dec) if len(df) else np.zeros(0, np.int64)
     if clusters is not None:
-        df["cluster_id"] = assign_members(df, clusters, _member_bands(df.columns))
+        df["cluster_id"] = assign_members(df, clusters, _member_bands(df.columns), rule=rule)
     return add_sigma(df, stats).reset_index(drop=True)
 
 
@@ -211,7 +212,7 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "catalogs"
-    files = sorted(f for f in (run_dir / "tiles").glob("*/*.parquet") if "." not in f.stem)  # not side tables
+    files = source_tables(run_dir)
     if not files:
         raise FileNotFoundError(f"no tile tables matching {run_dir / 'tiles' / '*' / '*.parquet'}")
     ownership = FieldOwnership(fields)
@@ -229,14 +230,15 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
         primary = tiles[tiles["is_primary"]]
         stats = score_stats(files)
         candidates = read_candidates(files)
-        clusters = None
+        clusters = rule = None
         if candidates is not None:
             clusters = suppress(candidates, cluster_nms_mpc)
             bands = _member_bands(primary.columns)
             clusters = refine_redshifts(clusters, field_sources(files, set(clusters.field), bands), bands)
+            rule = member_rule(clusters, bands)  # once, not per partition
         n_clusters = None
-        meta = _prepare(primary._meta, ownership, keep_field_duplicates, stats, clusters)
-        merged = primary.map_partitions(_prepare, ownership, keep_field_duplicates, stats, clusters, meta=meta)
+        meta = _prepare(primary._meta, ownership, keep_field_duplicates, stats, clusters, rule)
+        merged = primary.map_partitions(_prepare, ownership, keep_field_duplicates, stats, clusters, rule, meta=meta)
         flat_dir = staging / "flat"
         write = merged.to_parquet(str(flat_dir), write_index=False, compute=False,
                                   name_function=lambda i: f"part.{i:05d}.parquet")
@@ -255,7 +257,7 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
                                     anomaly_top, anomaly_stamp)
         if clusters is not None:
             members = pq.read_table(flat_dir, columns=["cluster_id"])["cluster_id"].to_numpy()
-            n_clusters = write_cluster_table(clusters, members, staging / CLUSTER_TABLE)
+            n_clusters = write_cluster_table(clusters, rule, members, staging / CLUSTER_TABLE)
         if write_fits:
             export_fits(pq.read_table(flat_dir).to_pandas(), staging / f"{CATALOG_NAME}.fits")
         shutil.rmtree(staging / "hats_tmp", ignore_errors=True)
@@ -264,21 +266,14 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
 
         n_partitions = len(hats.read_hats(hats_dir).get_healpix_pixels())
         paths = {"hats": out_dir / CATALOG_NAME, "parquet": out_dir / f"{CATALOG_NAME}_flat"}
-        if write_fits:
-            paths["fits"] = out_dir / f"{CATALOG_NAME}.fits"
-            _replace(staging / f"{CATALOG_NAME}.fits", paths["fits"])
-        if n_lens is not None:
-            paths["lens_candidates"] = out_dir / LENS_TABLE
-            _replace(staging / LENS_TABLE, paths["lens_candidates"])
-        if n_anom is not None:
-            paths["anomalies"] = out_dir / ANOMALY_TABLE
-            _replace(staging / ANOMALY_TABLE, paths["anomalies"])
-            if store_path is not None:
-                paths["anomaly_stamps"] = out_dir / ANOMALY_STAMPS
-                _replace(staging / ANOMALY_STAMPS, paths["anomaly_stamps"])
-        if clusters is not None:
-            paths["clusters"] = out_dir / CLUSTER_TABLE
-            _replace(staging / CLUSTER_TABLE, paths["clusters"])
+        extras = {"fits": (write_fits, f"{CATALOG_NAME}.fits"), "lens_candidates": (n_lens is not None, LENS_TABLE),
+                  "anomalies": (n_anom is not None, ANOMALY_TABLE),
+                  "anomaly_stamps": (n_anom is not None and store_path is not None, ANOMALY_STAMPS),
+                  "clusters": (clusters is not None, CLUSTER_TABLE)}
+        for key, (made, name) in extras.items():  # the optional outputs, in this order
+            if made:
+                paths[key] = out_dir / name
+                _replace(staging / name, paths[key])
         _replace(flat_dir, paths["parquet"])
         _replace(hats_dir, paths["hats"])
     finally:

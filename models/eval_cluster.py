@@ -117,39 +117,38 @@ def figures(det: pd.DataFrame, score: str, truth: pd.DataFrame, est_richness: bo
     return r
 
 
+def _run_tiles(store: Path, run_dir: Path, stages: list[tuple[str, dict]], halo: int, device: str, label: str,
+               every: int) -> float:
+    """The tile runner with `stages` over every tile of the store, with a progress line every `every` tiles;
+    returns the mean seconds per tile."""
+    from flows.process import all_tiles
+    from tasks.tile_runner import TileRunner
+    from tasks.zarr_store import open_store
+
+    runner = TileRunner(str(store), str(run_dir), stages, halo=halo, device=device)
+    tiles = all_tiles(open_store(store), halo)
+    t0 = time.perf_counter()
+    for n, tile in enumerate(tiles, 1):
+        runner.process(str(tile))
+        if n % every == 0 or n == len(tiles):
+            say(f"{label}: {n}/{len(tiles)} tiles")
+    return (time.perf_counter() - t0) / len(tiles)
+
+
 def _classical(store: Path, run_dir: Path, device: str) -> None:
     """The tile runner with EVAL_STAGES over every tile, then the merge: the baseline's source catalog."""
     from catalogs.merge import merge_catalog
-    from flows.process import all_tiles
-    from tasks.tile_runner import TileRunner
     from tasks.zarr_store import open_store, sky_fields
 
-    runner = TileRunner(str(store), str(run_dir), [(s, {}) for s in EVAL_STAGES], halo=64, device=device)
-    root = open_store(store)
-    tiles = all_tiles(root, 64)
-    for n, tile in enumerate(tiles, 1):
-        runner.process(str(tile))
-        if n % 16 == 0 or n == len(tiles):
-            say(f"background, detect, measure: {n}/{len(tiles)} tiles")
-    merge_catalog(run_dir, sky_fields(root), run_dir / "catalogs", write_fits=False)
+    _run_tiles(store, run_dir, [(s, {}) for s in EVAL_STAGES], 64, device, ", ".join(EVAL_STAGES), 16)
+    merge_catalog(run_dir, sky_fields(open_store(store)), run_dir / "catalogs", write_fits=False)
 
 
 def _clusters(store: Path, run_dir: Path, weights: Path | None, device: str) -> float:
     """The cluster stage alone (it reads its own pixels) over every tile at threshold SCAN[0]; returns the
     mean seconds per tile."""
-    from flows.process import all_tiles
-    from tasks.tile_runner import TileRunner
-    from tasks.zarr_store import open_store
-
     stage = dict(threshold=SCAN[0], weights=str(weights) if weights else None)
-    runner = TileRunner(str(store), str(run_dir), [("cluster", stage)], halo=0, device=device)
-    tiles = all_tiles(open_store(store), 0)
-    t0 = time.perf_counter()
-    for n, tile in enumerate(tiles, 1):
-        runner.process(str(tile))
-        if n % 64 == 0 or n == len(tiles):
-            say(f"cluster: {n}/{len(tiles)} tiles")
-    return (time.perf_counter() - t0) / len(tiles)
+    return _run_tiles(store, run_dir, [("cluster", stage)], 0, device, "cluster", 64)
 
 
 def evaluate(weights: Path | None = None, n_fields: int = 16, size: int = 2048, clusters_per_field: float = 3.0,
@@ -160,6 +159,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 16, size: int = 2048, 
 
     from catalogs.clusters import read_candidates, refine_redshifts, suppress
     from catalogs.redsequence import find_clusters
+    from tasks.tile_runner import source_tables
     from models.registry import model_version, weights_version
 
     from .anomaly_data import simulate_fields
@@ -185,7 +185,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 16, size: int = 2048, 
             seconds = _clusters(store, run_dir, weights, device)
             stamp.write_text(json.dumps(dict(seconds_per_tile=seconds)))
         truth = pd.read_parquet(work / "sim" / "truth" / "clusters.parquet")
-        tiles = sorted(f for f in (run_dir / "tiles").glob("*/*.parquet") if "." not in f.stem)
+        tiles = source_tables(run_dir)
         cand = read_candidates(tiles)
         sources = pd.read_parquet(sources_dir / "catalogs" / "sources_flat")
         sources = sources[sources.is_primary_field.to_numpy(bool)]

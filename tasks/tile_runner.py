@@ -45,8 +45,17 @@ def pick_device() -> str:
 
 def tile_output(run_dir: str | Path, tile: TileId, table: str | None = None) -> Path:
     """The tile's source table, or its extra table `table` (e.g. "clusters")."""
-    suffix = f".{table}" if table else ""
-    return Path(run_dir) / "tiles" / tile.field / f"{tile.ty}_{tile.tx}{suffix}.parquet"
+    return side_table(Path(run_dir) / "tiles" / tile.field / f"{tile.ty}_{tile.tx}.parquet", table)
+
+
+def side_table(source_table: Path, table: str | None) -> Path:
+    """The extra table `table` written beside a tile's source table (the source table itself for None)."""
+    return source_table.with_name(f"{source_table.stem}.{table}.parquet") if table else source_table
+
+
+def source_tables(run_dir: str | Path) -> list[Path]:
+    """The tile source tables of a run, sorted (not the extra tables beside them)."""
+    return sorted(f for f in (Path(run_dir) / "tiles").glob("*/*.parquet") if "." not in f.stem)
 
 
 def _fault(tile: str, attempt: int) -> None:

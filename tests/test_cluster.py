@@ -167,11 +167,12 @@ def boundary_cluster_run(tmp_path_factory):
 def test_shipped_weights_find_a_rich_cluster_on_a_tile_boundary_once(boundary_cluster_run):
     from catalogs.clusters import read_candidates
     from tasks.sim.clusters import arcsec_per_mpc
+    from tasks.tile_runner import source_tables
 
     work = boundary_cluster_run
     truth = pd.read_parquet(work / "sim" / "truth" / "clusters.parquet").iloc[0]
     assert truth.richness >= 50 and abs(truth.x - 512) < 5  # the field is the one described above
-    tables = sorted(f for f in (work / "run" / "tiles" / "field000").glob("*.parquet") if "." not in f.stem)
+    tables = source_tables(work / "run")
     assert len(tables) == 16
     cand = read_candidates(tables)
     merged = suppress(cand, 0.5)
