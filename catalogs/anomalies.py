@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from tasks.atomic import atomic_path
+from deepfield.tasks.atomic import atomic_path
 
 __all__ = ["score_stats", "add_sigma", "write_anomaly_list", "ANOMALY_TABLE", "ANOMALY_STAMPS"]
 
@@ -53,7 +53,7 @@ def add_sigma(df: pd.DataFrame, stats: dict | None) -> pd.DataFrame:
 
 
 def _cutouts(store_path: Path, rows: pd.DataFrame, size: int) -> tuple[np.ndarray, list[str]]:
-    from tasks.zarr_store import open_store
+    from deepfield.tasks.zarr_store import open_store
     root = open_store(store_path)
     bands = None
     out = None

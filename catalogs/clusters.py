@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.atomic import atomic_path
+from deepfield.tasks.atomic import atomic_path
 
 __all__ = ["CLUSTER_TABLE", "read_candidates", "suppress", "refine_redshifts", "member_rule", "assign_members",
            "write_cluster_table", "separation_arcsec"]
@@ -42,7 +42,7 @@ CANDIDATE_COLUMNS = ["field", "tile", "x", "y", "ra", "dec", "score", "z", "rich
 
 def read_candidates(tile_tables: list[Path]) -> pd.DataFrame | None:
     """All candidates beside the given tile tables; None when the cluster stage wrote none of them."""
-    from tasks.tile_runner import side_table
+    from deepfield.tasks.tile_runner import side_table
     found = [side_table(f, "clusters") for f in tile_tables if side_table(f, "clusters").exists()]
     if not found:
         return None
@@ -60,7 +60,7 @@ def separation_arcsec(ra0, dec0, ra, dec) -> np.ndarray:
 
 def suppress(cand: pd.DataFrame, nms_mpc: float = 0.5) -> pd.DataFrame:
     """Non-maximum suppression on the sky (module docstring, step 2); the kept rows get cluster_id."""
-    from tasks.sim.clusters import arcsec_per_mpc
+    from deepfield.tasks.sim.clusters import arcsec_per_mpc
     cand = cand.sort_values(["score", "field", "tile"], ascending=[False, True, True], kind="stable").reset_index(drop=True)
     keep: list[int] = []
     for i in range(len(cand)):
@@ -99,7 +99,7 @@ def refine_redshifts(clusters: pd.DataFrame, sources: pd.DataFrame, bands: list[
 
 
 def r_lambda_arcsec(richness: np.ndarray, z: np.ndarray) -> np.ndarray:
-    from tasks.sim.clusters import arcsec_per_mpc, r_lambda_mpc
+    from deepfield.tasks.sim.clusters import arcsec_per_mpc, r_lambda_mpc
     return np.array([r_lambda_mpc(max(float(lam), 1.0)) * arcsec_per_mpc(max(float(zz), 0.05))
                      for lam, zz in zip(richness, z)])
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from astropy.coordinates import SkyCoord
 
-from tasks.tiling import SkyField, owner
+from deepfield.tasks.tiling import SkyField, owner
 
 __all__ = ["source_id", "source_ids", "FieldOwnership", "ID_MASK"]
 

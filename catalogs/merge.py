@@ -46,9 +46,9 @@ import pyarrow.parquet as pq
 from astropy import units as u
 from astropy.table import Table
 
-from tasks.atomic import atomic_path, write_text
-from tasks.tile_runner import source_tables
-from tasks.tiling import SkyField
+from deepfield.tasks.atomic import atomic_path, write_text
+from deepfield.tasks.tile_runner import source_tables
+from deepfield.tasks.tiling import SkyField
 
 from .anomalies import ANOMALY_STAMPS, ANOMALY_TABLE, add_sigma, score_stats, write_anomaly_list
 from .clusters import (CLUSTER_TABLE, MemberRule, assign_members, field_sources, member_rule, read_candidates,

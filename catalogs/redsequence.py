@@ -49,9 +49,9 @@ class RedSequenceModel:
 
 def red_sequence_model(bands: list[str], ref_band: str = "i", z: np.ndarray | None = None) -> RedSequenceModel:
     """The model on a redshift grid (default 0.1-1.0, step 0.02) for the simulator's bandpasses."""
-    from tasks.sim.clusters import m_star
-    from tasks.sim.config import DEFAULT_BANDS
-    from tasks.sim.seds import band_mags
+    from deepfield.tasks.sim.clusters import m_star
+    from deepfield.tasks.sim.config import DEFAULT_BANDS
+    from deepfield.tasks.sim.seds import band_mags
     z = np.round(np.arange(0.1, 1.0001, 0.02), 3) if z is None else np.asarray(z, float)
     bp = {b: DEFAULT_BANDS[b].bandpass for b in bands}
     cols, ms = [], []
@@ -90,7 +90,7 @@ def find_clusters(cat: pd.DataFrame, bands: list[str] | None = None, ref_band: s
     """Clusters in a source catalog (columns ra, dec, mag_auto_<b>, magerr_auto_<b>; stars included are
     harmless, they are not red-sequence coloured at most redshifts). Returns ra, dec, z, significance,
     richness (background-subtracted red-sequence weight within 0.5 Mpc), most significant first."""
-    from tasks.sim.clusters import arcsec_per_mpc
+    from deepfield.tasks.sim.clusters import arcsec_per_mpc
     bands = bands or ["g", "r", "i", "z"]
     model = model or red_sequence_model(bands, ref_band)
     plane = _tangent_plane(float(np.median(cat.ra)), float(np.median(cat.dec)))
@@ -155,7 +155,7 @@ def refine_redshift(cat: pd.DataFrame, ra: float, dec: float, z0: float, bands: 
     background), maximised over z and refined by a parabola through the neighbouring grid points.
     Returns (z, excess at z); z0 itself when no grid point has an excess of min_excess galaxies (too
     few members, or a catalog without the photometry), with the best excess found."""
-    from tasks.sim.clusters import arcsec_per_mpc
+    from deepfield.tasks.sim.clusters import arcsec_per_mpc
     from .clusters import separation_arcsec
     z = np.round(np.arange(max(0.05, z0 - half_width), min(1.3, z0 + half_width) + 1e-9, step), 4)
     if len(cat) == 0 or len(z) < 3:

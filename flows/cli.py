@@ -40,8 +40,8 @@ def simulate(
 ) -> None:
     """Simulate a multi-band survey with known truth: FITS images, inverse variance, masks, truth
     catalogs (Parquet) and a manifest."""
-    from tasks.sim.config import SimConfig
-    from tasks.sim.survey import SimulationError, simulate_survey
+    from deepfield.tasks.sim.config import SimConfig
+    from deepfield.tasks.sim.survey import SimulationError, simulate_survey
 
     overrides = dict(seed=seed, size=size, fields=fields, overlap=overlap, pixel_scale=pixel_scale,
                      bands=[b.strip() for b in bands.split(",") if b.strip()] if bands else None)
@@ -92,7 +92,7 @@ def preview(
                                          help="quantise to a palette of N colours (smaller PNG)"),
 ) -> None:
     """Write a Lupton RGB picture of a field."""
-    from tasks.preview import PreviewError, write_preview
+    from deepfield.tasks.preview import PreviewError, write_preview
 
     try:
         path = write_preview(field, out, tuple(b.strip() for b in bands.split(",")) if bands else None,
@@ -112,8 +112,8 @@ def ingest(
     chunk: Optional[int] = typer.Option(None, help="chunk size in pixels (default: 128)"),
 ) -> None:
     """Validate survey FITS images and write them, tiled, into a Zarr store."""
-    from flows import prefect_env
-    from tasks.ingest_config import ConfigError, StoreSpec, load_ingest_config
+    from deepfield.flows import prefect_env
+    from deepfield.tasks.ingest_config import ConfigError, StoreSpec, load_ingest_config
 
     try:
         cfg = load_ingest_config(config)
@@ -126,7 +126,7 @@ def ingest(
     except ValidationError as exc:
         fail(f"invalid store options:\n{exc}")
     prefect_env.configure(store.resolve().parent / ".deepfield-prefect")
-    from flows.ingest import ingest_flow
+    from deepfield.flows.ingest import ingest_flow
 
     t0 = time.perf_counter()
     console.print(f"ingesting {len(cfg.fields)} field(s) from {config} into {store} "
@@ -150,9 +150,9 @@ def ingest(
 
 
 def _run(cfg) -> dict:
-    from flows import prefect_env
+    from deepfield.flows import prefect_env
     prefect_env.configure(cfg.run_dir / ".deepfield-prefect")
-    from flows.run import run_flow
+    from deepfield.flows.run import run_flow
     return run_flow(cfg)
 
 
@@ -191,7 +191,7 @@ def _print_run(summary: dict, cfg) -> None:
     for r in ing:
         if r["status"] == "failed":
             console.print(f"[bold red]failed field:[/] {r['error']}")
-    from tasks.ledger import summarise
+    from deepfield.tasks.ledger import summarise
     for tile, err in summarise(cfg.run_dir)["failed"]:
         console.print(f"[bold red]failed tile:[/] {tile}: {err}")
 
@@ -211,8 +211,8 @@ def run(
     second SIGUSR1 releases them), the merge is skipped and the exit status is 3; run again to resume."""
     import signal
 
-    from flows.process import request_stop
-    from flows.run_config import RunConfigError, load_run_config
+    from deepfield.flows.process import request_stop
+    from deepfield.flows.run_config import RunConfigError, load_run_config
 
     try:
         cfg = load_run_config(config, run_dir=str(run_dir.resolve()) if run_dir else None)
@@ -241,8 +241,8 @@ def serve(
     """Serve scheduled reprocessing of CONFIG: register the Prefect deployment
     deepfield-reprocess/NAME on a cron schedule and run its flow runs until interrupted (no work pool).
     Each run redoes only what changed since the last one."""
-    from flows import prefect_env
-    from flows.run_config import RunConfigError, load_run_config
+    from deepfield.flows import prefect_env
+    from deepfield.flows.run_config import RunConfigError, load_run_config
 
     try:
         cfg = load_run_config(config)
@@ -255,7 +255,7 @@ def serve(
     except ValidationError as exc:
         fail(f"--cron {cron!r} --timezone {timezone!r}: invalid schedule: "
              + "; ".join(e["msg"] for e in exc.errors()))
-    from flows.schedule import DEPLOYMENT_FLOW, serve_reprocessing
+    from deepfield.flows.schedule import DEPLOYMENT_FLOW, serve_reprocessing
 
     name = name or config.stem
     console.print(f"serving {DEPLOYMENT_FLOW}/{name}: {config} on {cron!r} ({timezone}); Ctrl-C stops")
@@ -265,7 +265,7 @@ def serve(
 @app.command()
 def status(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
     """Summarise a run's ledger: tiles done and failed, retries, sources, time per stage."""
-    from tasks.ledger import summarise
+    from deepfield.tasks.ledger import summarise
 
     if not (run_dir / "ledger").is_dir():
         fail(f"{run_dir}: no ledger/ here; not a run directory")
@@ -291,10 +291,10 @@ def demo(
     """Simulate a small two-field survey, run it end to end, and print what was found and where."""
     import yaml
 
-    from flows.run_config import RunConfig
-    from tasks.preview import write_preview
-    from tasks.sim.config import SimConfig
-    from tasks.sim.survey import simulate_survey
+    from deepfield.flows.run_config import RunConfig
+    from deepfield.tasks.preview import write_preview
+    from deepfield.tasks.sim.config import SimConfig
+    from deepfield.tasks.sim.survey import simulate_survey
 
     try:
         sim_cfg = SimConfig(seed=seed, size=size, fields=fields)

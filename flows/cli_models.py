@@ -17,8 +17,8 @@ eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a model on held-out 
 def _train(name: str, model: str, train, out: Path | None, **options) -> dict:
     """Run one model's `train(out, command=..., **options)`, write its record beside the weights and print
     where both are. The record keeps the exact command line, so the weights can be reproduced."""
-    from models.records import save_json
-    from models.registry import entry
+    from deepfield.models.records import save_json
+    from deepfield.models.registry import entry
     out = out or entry(model).weights
     command = " ".join([f"deepfield train {name}", *sys.argv[3:]])
     rec = train(out, command=command, **options)
@@ -29,7 +29,7 @@ def _train(name: str, model: str, train, out: Path | None, **options) -> dict:
 
 def _evaluate(evaluate, format_report, weights: Path | None, out: Path | None, **options) -> None:
     """Run one model's `evaluate(weights=..., **options)`, print its report and write the figures to `out`."""
-    from models.records import save_json
+    from deepfield.models.records import save_json
     if weights is not None and not weights.exists():
         fail(f"{weights}: no such weights file")
     try:
@@ -55,7 +55,7 @@ def train_lens(
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0"),
 ) -> None:
     """Train the strong-lens CNN (models/lens_cnn.py) on simulated lenses and hard negatives."""
-    from models.train_lens import MODEL, train
+    from deepfield.models.train_lens import MODEL, train
     rec = _train("lens", MODEL, train, out, n_train=n_train, n_val=n_val, epochs=epochs, batch=batch, lr=lr,
                  seed=seed, workers=workers, device=device)
     last = rec["history"][-1]
@@ -76,7 +76,7 @@ def eval_lens(
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """AUROC, TPR0, TPR10 (Metcalf et al. 2019), completeness and throughput of the lens CNN."""
-    from models.train_lens import evaluate, format_report
+    from deepfield.models.train_lens import evaluate, format_report
 
     def both(weights):  # the same configuration, then the shifted one
         return [evaluate(weights, n, lens_fraction, seed, s, workers, device, batch) for s in (False, True)[:1 + shifted]]
@@ -99,7 +99,7 @@ def train_deblend(
     widths: str = typer.Option("8,16,32,64", help="U-Net channel widths, one per level, comma-separated"),
 ) -> None:
     """Train the learned deblender (models/deblend_unet.py) on simulated blends of 2-4 galaxies."""
-    from models.train_deblend import MODEL, train
+    from deepfield.models.train_deblend import MODEL, train
     rec = _train("deblend", MODEL, train, out, n_train=n_train, n_val=n_val, epochs=epochs, batch=batch, lr=lr,
                  seed=seed, workers=workers, device=device, threads=threads,
                  widths=tuple(int(w) for w in widths.split(",")))
@@ -116,7 +116,7 @@ def eval_deblend(
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """Flux, colour and close-pair figures of the learned deblender beside SEP and scarlet2, and time per blend."""
-    from models.eval_deblend import evaluate, format_report
+    from deepfield.models.eval_deblend import evaluate, format_report
     if scarlet:
         import importlib.util
         if importlib.util.find_spec("scarlet2") is None:  # not imported here: jax must not load before the fork
@@ -139,7 +139,7 @@ def train_anomaly(
     cache: Path = typer.Option(None, help="keep the training stamps in this .npz and reuse them next time"),
 ) -> None:
     """Train the WGAN-GP anomaly scorer and its encoder (models/anomaly_gan.py) on simulated normal sources."""
-    from models.train_anomaly import MODEL, train_from_fields
+    from deepfield.models.train_anomaly import MODEL, train_from_fields
     rec = _train("anomaly", MODEL, train_from_fields, out, fields=fields, field_size=field_size, iters=iters,
                  enc_iters=enc_iters, batch=batch, seed=seed, workers=workers, device=device, threads=threads,
                  cache=cache)
@@ -159,7 +159,7 @@ def eval_anomaly(
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """AUROC, top-1% and top-0.1% precision, recovery by anomaly type and throughput of the full and fast modes."""
-    from models.eval_anomaly import evaluate, format_report
+    from deepfield.models.eval_anomaly import evaluate, format_report
     _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=field_size, seed=seed, steps=steps,
               workers=workers, device=device)
 
@@ -181,7 +181,7 @@ def train_cluster(
     threads: int = typer.Option(2, min=1, help="torch CPU threads"),
 ) -> None:
     """Train the cluster finder (models/cluster_net.py) on binned simulated fields with clusters."""
-    from models.train_cluster import MODEL, train_from_fields
+    from deepfield.models.train_cluster import MODEL, train_from_fields
     if crop % 32:
         fail(f"--crop {crop}: must be a multiple of 32")
     rec = _train("cluster", MODEL, train_from_fields, out, fields=fields, field_size=field_size, iters=iters,
@@ -206,7 +206,7 @@ def eval_cluster(
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """Completeness, purity, centre offset and redshift error of the cluster finder beside the red-sequence baseline."""
-    from models.eval_cluster import evaluate, format_report
+    from deepfield.models.eval_cluster import evaluate, format_report
     _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=field_size,
               clusters_per_field=clusters_per_field, seed=seed, threshold=threshold, workers=workers, work=work,
               device=device)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from prefect import flow, task, unmapped
 
-from tasks.fits_input import InputError, load_field, sha256_file
-from tasks.ingest_config import FieldSpec, IngestConfig, StoreSpec
-from tasks.zarr_store import field_record, open_store, write_field
+from deepfield.tasks.fits_input import InputError, load_field, sha256_file
+from deepfield.tasks.ingest_config import FieldSpec, IngestConfig, StoreSpec
+from deepfield.tasks.zarr_store import field_record, open_store, write_field
 
 log = logging.getLogger("deepfield.ingest")
 

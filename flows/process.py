@@ -20,11 +20,11 @@ import traceback
 from collections import deque
 from typing import Callable
 
-from tasks.ledger import Ledger, TileRecord
-from tasks.stages.registry import STAGES
-from tasks.tile_runner import TileRunner
-from tasks.tiling import TileId
-from tasks.zarr_store import complete_fields, field_grid, input_fingerprint, open_store
+from deepfield.tasks.ledger import Ledger, TileRecord
+from deepfield.tasks.stages.registry import STAGES
+from deepfield.tasks.tile_runner import TileRunner
+from deepfield.tasks.tiling import TileId
+from deepfield.tasks.zarr_store import complete_fields, field_grid, input_fingerprint, open_store
 
 Progress = Callable[[int, int, str], None]
 
@@ -64,7 +64,7 @@ def stage_versions(stages: list[tuple[str, dict]]) -> dict[str, str]:
 def model_versions(stages: list[tuple[str, dict]]) -> dict[str, str]:
     """Version (weights sha256 prefix) of every model the configured stages use: a stage class lists
     them in `models` (a tuple of registry names), or an instance's `weights` parameter names a file."""
-    from models.registry import model_version, weights_version
+    from deepfield.models.registry import model_version, weights_version
     out = {}
     for name, params in stages:
         for m in getattr(STAGES[name], "models", ()):

@@ -7,12 +7,12 @@ import time
 
 from prefect import flow, task
 
-from flows.ingest import ingest_flow
-from flows.process import run_tiles
-from flows.run_config import RunConfig
-from tasks.atomic import write_text
-from tasks.ingest_config import load_ingest_config
-from tasks.zarr_store import open_store, sky_fields
+from deepfield.flows.ingest import ingest_flow
+from deepfield.flows.process import run_tiles
+from deepfield.flows.run_config import RunConfig
+from deepfield.tasks.atomic import write_text
+from deepfield.tasks.ingest_config import load_ingest_config
+from deepfield.tasks.zarr_store import open_store, sky_fields
 
 
 def _progress_printer(label: str):
@@ -49,7 +49,7 @@ def process_task(cfg: RunConfig) -> dict:
 def merge_task(cfg: RunConfig) -> dict:
     import logging
 
-    from catalogs.merge import merge_catalog
+    from deepfield.catalogs.merge import merge_catalog
     for name in ("distributed", "hats_import", "hats", "lsdb"):  # their INFO lines drown the progress
         logging.getLogger(name).setLevel(logging.WARNING)
     fields = sky_fields(open_store(cfg.store_path))

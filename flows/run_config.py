@@ -9,9 +9,9 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks.ingest_config import StoreSpec
-from tasks.yaml_io import read_mapping
-from tasks.stages.registry import DEFAULT_STAGES, STAGES
+from deepfield.tasks.ingest_config import StoreSpec
+from deepfield.tasks.yaml_io import read_mapping
+from deepfield.tasks.stages.registry import DEFAULT_STAGES, STAGES
 
 
 class StageSpec(BaseModel):

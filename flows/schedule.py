@@ -16,8 +16,8 @@ from typing import Optional
 
 from prefect import flow
 
-from flows.run import run_flow
-from flows.run_config import load_run_config
+from deepfield.flows.run import run_flow
+from deepfield.flows.run_config import load_run_config
 
 DEPLOYMENT_FLOW = "deepfield-reprocess"
 

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from tasks.sim.config import SimConfig
+from deepfield.tasks.sim.config import SimConfig
 
 POINT_TYPES = ("ring_galaxy", "merger", "lens", "cosmic_ray", "hot_pixels")
 CORE = 8.0  # px (1.6"): an anomaly this close to the centroid is the stamp's subject
@@ -85,9 +85,9 @@ def _of_field(truth: pd.DataFrame, name: str) -> pd.DataFrame:
 def simulate_fields(cfg: SimConfig, out: Path, workers: int = 2, progress: Callable[[str], None] | None = None
                     ) -> Path:
     """Simulate `cfg`'s fields under `out`/sim and ingest them into `out`/store.zarr; returns the store."""
-    from flows.ingest import ingest_one
-    from tasks.ingest_config import StoreSpec, load_ingest_config
-    from tasks.sim.survey import simulate_survey
+    from deepfield.flows.ingest import ingest_one
+    from deepfield.tasks.ingest_config import StoreSpec, load_ingest_config
+    from deepfield.tasks.sim.survey import simulate_survey
 
     sim = out / "sim"
     simulate_survey(cfg, sim, workers=workers)
@@ -107,11 +107,11 @@ def field_stamps(cfg: SimConfig, stage, workers: int = 2, halo: int = 64, keep: 
     """Scaled stamps (N, bands, S, S) of the sources `stage` (an AnomalyStage) selects in `cfg`'s simulated
     fields, and their table (field, x, y, mag, snr, label). keep: work directory to keep (default: a
     temporary one, removed)."""
-    from tasks.stages.background import BackgroundStage
-    from tasks.stages.detect import DetectStage
-    from tasks.stages.measure import MeasureStage
-    from tasks.tiling import TileId
-    from tasks.zarr_store import complete_fields, field_grid, open_store, read_tile
+    from deepfield.tasks.stages.background import BackgroundStage
+    from deepfield.tasks.stages.detect import DetectStage
+    from deepfield.tasks.stages.measure import MeasureStage
+    from deepfield.tasks.tiling import TileId
+    from deepfield.tasks.zarr_store import complete_fields, field_grid, open_store, read_tile
 
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="deepfield-anomaly-"))
     work.mkdir(parents=True, exist_ok=True)

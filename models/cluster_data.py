@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from tasks.sim.config import SimConfig
+from deepfield.tasks.sim.config import SimConfig
 
 FIELD_SEED = 8100  # training fields: seed FIELD_SEED + 1000 * seed; evaluation uses other seeds
 
@@ -31,8 +31,8 @@ def field_images(store: Path, clusters: pd.DataFrame, bin: int, bands: list[str]
     every field whose area holds its centre)."""
     from astropy.wcs import WCS
 
-    from tasks.stages.cluster import field_planes
-    from tasks.zarr_store import attrs_to_header, complete_fields, open_store
+    from deepfield.tasks.stages.cluster import field_planes
+    from deepfield.tasks.zarr_store import attrs_to_header, complete_fields, open_store
 
     root = open_store(store)
     planes, rows = [], []

@@ -59,7 +59,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 8, size: int = 1024, s
              steps: int = 20, workers: int = 2, batch: int = 256, device: str = "cpu") -> dict:
     import torch
 
-    from tasks.stages.anomaly import AnomalyStage
+    from deepfield.tasks.stages.anomaly import AnomalyStage
     torch.set_num_threads(1)
     stage = AnomalyStage(steps=steps, weights=str(weights) if weights else None)
     stage.setup(device)  # the stage's own model, stamp size and bands

@@ -29,11 +29,11 @@ import pandas as pd
 import sep
 from astropy.wcs import WCS
 
-from tasks.sim.blend_stamps import BlendConfig, simulate_blends
-from tasks.stages.detect import DetectStage
-from tasks.stages.measure import MeasureStage
-from tasks.tiling import Box, TileId
-from tasks.zarr_store import Tile
+from deepfield.tasks.sim.blend_stamps import BlendConfig, simulate_blends
+from deepfield.tasks.stages.detect import DetectStage
+from deepfield.tasks.stages.measure import MeasureStage
+from deepfield.tasks.tiling import Box, TileId
+from deepfield.tasks.zarr_store import Tile
 
 from .deblend_unet import fractions, network_input, share
 from .records import say
@@ -120,7 +120,7 @@ def evaluate(n: int = 300, seed: int = EVAL_SEED, weights: Path | None = None, s
     say(f"simulating {n} held-out blends (seed {seed}) ...")
     d = simulate_blends(n, seed, cfg, workers=2)
     if scarlet:
-        from tasks.deblend_baselines import scarlet2_fluxes
+        from deepfield.tasks.deblend_baselines import scarlet2_fluxes
     ri = cfg.bands.index(cfg.reference_band)
     rows, pairs = [], []
     times = {"sep": 0.0, "unet": 0.0, "scarlet2": 0.0}

@@ -147,7 +147,7 @@ def training_stamps(fields: int = 8, field_size: int = 2048, seed: int = 0, work
     """Scaled stamps of the anomaly stage's selection in `fields` simulated fields of normal sources (field
     seed seed * 1000 + 1), and a description of them. cache: an .npz file reused when it was made with the
     same fields, size and seed, written otherwise."""
-    from tasks.stages.anomaly import AnomalyStage
+    from deepfield.tasks.stages.anomaly import AnomalyStage
 
     from .anomaly_data import field_stamps, training_fields
     data = dict(fields=fields, field_size=field_size, field_seed=seed * 1000 + 1, selection="AnomalyStage defaults")

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tasks.stages.cluster import window
+from deepfield.tasks.stages.cluster import window
 
 from .augment import dihedral
 from .cluster_net import STRIDE, ClusterNet, detect, loss_terms, targets

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.sim.blend_stamps import BlendConfig, simulate_blends
+from deepfield.tasks.sim.blend_stamps import BlendConfig, simulate_blends
 
 from .augment import dihedral
 from .deblend_unet import DeblendUNet, network_input

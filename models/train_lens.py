@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.sim.lens_stamps import StampConfig, simulate_stamps
+from deepfield.tasks.sim.lens_stamps import StampConfig, simulate_stamps
 
 from .augment import dihedral
 from .lens_cnn import LensResNet, preprocess, score

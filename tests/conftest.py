@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.sim.config import SimConfig
-from tasks.sim.survey import simulate_survey
+from deepfield.tasks.sim.config import SimConfig
+from deepfield.tasks.sim.survey import simulate_survey
 
 # Two overlapping 1024 x 1024 fields in g, r, i, z. More stars than the default sky so that the
 # photometry test has enough bright unsaturated ones; clusters at intermediate redshift so that
@@ -40,7 +40,7 @@ def manifest(survey) -> dict:
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     """One temporary Prefect API for the whole session (it takes 10-25 s to start)."""
-    from flows import prefect_env
+    from deepfield.flows import prefect_env
     prefect_env.configure(tmp_path_factory.mktemp("prefect"))
     from prefect.testing.utilities import prefect_test_harness
     with prefect_test_harness(server_startup_timeout=120):

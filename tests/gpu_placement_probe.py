@@ -5,8 +5,8 @@ import os
 
 import ray
 
-from flows.process import actor_plan
-from tasks.tile_runner import device_for
+from deepfield.flows.process import actor_plan
+from deepfield.tasks.tile_runner import device_for
 
 if __name__ == "__main__":
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
+from deepfield.flows.cli import app
 
 runner = CliRunner()
 

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from catalogs.clusters import assign_members, separation_arcsec, suppress
-from models.cluster_net import ClusterNet, from_output, predict, targets, to_output
-from tasks import maskbits
-from tasks.stages.cluster import SOFTENING, binned_planes
+from deepfield.catalogs.clusters import assign_members, separation_arcsec, suppress
+from deepfield.models.cluster_net import ClusterNet, from_output, predict, targets, to_output
+from deepfield.tasks import maskbits
+from deepfield.tasks.stages.cluster import SOFTENING, binned_planes
 
 
 def test_forward_shapes_padding_and_determinism():
@@ -58,7 +58,7 @@ def test_binned_planes_mean_noise_units_and_coverage():
 
 
 def test_short_training_lowers_the_loss(tmp_path):
-    from models.train_cluster import train, validate
+    from deepfield.models.train_cluster import train, validate
 
     rng = np.random.default_rng(3)
     planes = rng.normal(0, 0.3, (3, 5, 128, 128)).astype(np.float32)
@@ -96,7 +96,7 @@ def test_suppress_keeps_the_strongest_of_one_cluster():
 def _red_sequence_catalog(z: float, colour_shift: np.ndarray, r_arcsec: np.ndarray, rng) -> pd.DataFrame:
     """Galaxies at radius r_arcsec (random angles) around (150, 2) with the red-sequence colours of z (g-r,
     r-i, i-z) plus colour_shift (N, 3), and i within m* - 1 to m* + 1.5; errors 0.02 mag."""
-    from catalogs.redsequence import red_sequence_model
+    from deepfield.catalogs.redsequence import red_sequence_model
     m = red_sequence_model(["g", "r", "i", "z"], "i", z=[z])
     n = len(r_arcsec)
     col = m.colours[0] + colour_shift
@@ -126,7 +126,7 @@ def test_members_are_red_sequence_galaxies_within_r_lambda():
 
 
 def test_red_sequence_redshift_of_a_cluster_over_a_background():
-    from catalogs.redsequence import refine_redshift
+    from deepfield.catalogs.redsequence import refine_redshift
     rng = np.random.default_rng(9)
     members = _red_sequence_catalog(0.45, rng.normal(0, 0.03, (25, 3)), rng.uniform(0, 60, 25), rng)
     # field galaxies over 0-500": colours of the red sequence anywhere between z 0.1 and 1, or bluer
@@ -142,12 +142,12 @@ def test_red_sequence_redshift_of_a_cluster_over_a_background():
 def boundary_cluster_run(tmp_path_factory):
     """One simulated 1024^2 field whose one rich cluster (richness 55, z 0.44) is centred 2 px from the
     boundary x = 512 between tile cores (tiles of 256 px), run through the cluster stage on every tile."""
-    from flows.ingest import ingest_one
-    from tasks.ingest_config import StoreSpec, load_ingest_config
-    from tasks.sim.config import SimConfig
-    from tasks.sim.survey import simulate_survey
-    from tasks.tile_runner import TileRunner
-    from tasks.zarr_store import field_grid, open_store
+    from deepfield.flows.ingest import ingest_one
+    from deepfield.tasks.ingest_config import StoreSpec, load_ingest_config
+    from deepfield.tasks.sim.config import SimConfig
+    from deepfield.tasks.sim.survey import simulate_survey
+    from deepfield.tasks.tile_runner import TileRunner
+    from deepfield.tasks.zarr_store import field_grid, open_store
 
     work = tmp_path_factory.mktemp("cluster-boundary")
     cfg = SimConfig(seed=7, size=1024, fields=1, population=dict(
@@ -165,9 +165,9 @@ def boundary_cluster_run(tmp_path_factory):
 
 
 def test_shipped_weights_find_a_rich_cluster_on_a_tile_boundary_once(boundary_cluster_run):
-    from catalogs.clusters import read_candidates
-    from tasks.sim.clusters import arcsec_per_mpc
-    from tasks.tile_runner import source_tables
+    from deepfield.catalogs.clusters import read_candidates
+    from deepfield.tasks.sim.clusters import arcsec_per_mpc
+    from deepfield.tasks.tile_runner import source_tables
 
     work = boundary_cluster_run
     truth = pd.read_parquet(work / "sim" / "truth" / "clusters.parquet").iloc[0]

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from models.deblend_unet import DeblendUNet, network_input, position_map
-from models.eval_deblend import blend_tile, detect, match, sep_fluxes, unet_fluxes
-from models.registry import create_model
-from models.train_deblend import examples, train
-from tasks.sim.blend_stamps import BlendConfig, simulate_blends
+from deepfield.models.deblend_unet import DeblendUNet, network_input, position_map
+from deepfield.models.eval_deblend import blend_tile, detect, match, sep_fluxes, unet_fluxes
+from deepfield.models.registry import create_model
+from deepfield.models.train_deblend import examples, train
+from deepfield.tasks.sim.blend_stamps import BlendConfig, simulate_blends
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +100,14 @@ def test_pipeline_detection_match_and_sep_baseline(blends):
 
 
 def test_stage_on_a_blend_tile(blends):
-    from tasks.stages.registry import make_stage
+    from deepfield.tasks.stages.registry import make_stage
     cfg = BlendConfig()
     k = int(np.argmax([blends["members"][blends["members"].blend == b].mag_i.min() for b in range(24)] == np.min(
         [blends["members"][blends["members"].blend == b].mag_i.min() for b in range(24)])))
     tile = blend_tile(blends["images"][k], blends["sigma"][k], blends["fwhm"][k], cfg)
     big = np.zeros((4, 160, 160), np.float32)  # room around the blend: the stage leaves edge sources alone
     big[:, 56:104, 56:104] = tile.image
-    from tasks.tiling import Box
+    from deepfield.tasks.tiling import Box
     tile.image, tile.invvar = big, np.broadcast_to(tile.invvar[:, :1, :1], big.shape).copy()
     tile.mask = np.zeros(big.shape, np.uint16)
     tile.box = tile.core = Box(0, 160, 0, 160)

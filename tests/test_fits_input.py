@@ -8,9 +8,9 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from tasks import maskbits
-from tasks.fits_input import InputError, load_field, sha256_file
-from tasks.ingest_config import FieldSpec
+from deepfield.tasks import maskbits
+from deepfield.tasks.fits_input import InputError, load_field, sha256_file
+from deepfield.tasks.ingest_config import FieldSpec
 
 NY, NX = 64, 80
 SCALE = 0.2  # arcsec

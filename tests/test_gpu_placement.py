@@ -25,14 +25,14 @@ def test_one_actor_per_gpu_each_with_its_own_device():
 
 
 def test_cpu_plan_without_gpus():
-    from flows.process import actor_plan
+    from deepfield.flows.process import actor_plan
     assert actor_plan({"CPU": 2.0}, use_gpus=True, num_actors=None) == (2, {"num_cpus": 1})
     assert actor_plan({"CPU": 8.0, "GPU": 4.0}, use_gpus=False, num_actors=3) == (3, {"num_cpus": 1})
     assert actor_plan({"CPU": 8.0, "GPU": 4.0}, use_gpus=True, num_actors=3) == (4, {"num_gpus": 1, "num_cpus": 1})
 
 
 def test_device_choice():
-    from tasks.tile_runner import device_for, pick_device
+    from deepfield.tasks.tile_runner import device_for, pick_device
     assert device_for("3", cuda_available=True) == "cuda:0"
     assert device_for("", cuda_available=True) == "cpu"
     assert device_for("1", cuda_available=False) == "cpu"

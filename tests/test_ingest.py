@@ -11,16 +11,16 @@ import yaml
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from tasks.ingest_config import StoreSpec, load_ingest_config
-from tasks.tiling import TileId
-from tasks.zarr_store import complete_fields, field_record, open_store, read_tile
+from deepfield.tasks.ingest_config import StoreSpec, load_ingest_config
+from deepfield.tasks.tiling import TileId
+from deepfield.tasks.zarr_store import complete_fields, field_record, open_store, read_tile
 
 SPEC = StoreSpec(tile=256, chunk=64)
 
 
 @pytest.fixture(scope="module")
 def ingested(survey, tmp_path_factory, prefect_harness):
-    from flows.ingest import ingest_flow
+    from deepfield.flows.ingest import ingest_flow
     store = tmp_path_factory.mktemp("store") / "survey.zarr"
     cfg = load_ingest_config(survey / "manifest.yaml", store=SPEC)
     results = ingest_flow(cfg, str(store))
@@ -63,7 +63,7 @@ def test_store_attributes(ingested, manifest):
 
 
 def test_rerun_skips_and_changed_input_is_reingested(ingested, survey, tmp_path):
-    from flows.ingest import ingest_flow
+    from deepfield.flows.ingest import ingest_flow
     store, cfg, _ = ingested
     again = ingest_flow(cfg, str(store))
     assert [r["status"] for r in again] == ["skipped"] * len(cfg.fields)
@@ -83,7 +83,7 @@ def test_rerun_skips_and_changed_input_is_reingested(ingested, survey, tmp_path)
 
 
 def test_bad_field_is_reported_and_others_proceed(survey, tmp_path, prefect_harness):
-    from flows.ingest import ingest_flow
+    from deepfield.flows.ingest import ingest_flow
     m = yaml.safe_load((survey / "manifest.yaml").read_text())
     bad = tmp_path / "broken.fits"
     bad.write_text("this is not a FITS file\n")
@@ -104,8 +104,8 @@ def test_bad_field_is_reported_and_others_proceed(survey, tmp_path, prefect_harn
 
 def test_writer_exception_leaves_no_complete_field(survey, tmp_path, monkeypatch):
     """A failure in the middle of writing a field's arrays leaves it incomplete, and a re-run finishes it."""
-    import tasks.zarr_store as zs
-    from flows.ingest import ingest_one
+    import deepfield.tasks.zarr_store as zs
+    from deepfield.flows.ingest import ingest_one
     cfg = load_ingest_config(survey / "manifest.yaml", store=SPEC)
     spec = cfg.fields[0]
     store = tmp_path / "s.zarr"
@@ -133,7 +133,7 @@ def test_writer_exception_leaves_no_complete_field(survey, tmp_path, monkeypatch
 def test_ingest_command_exit_code_and_messages(survey, tmp_path, prefect_harness):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from deepfield.flows.cli import app
     cfg = {"fields": [{"name": "bad", "bands": {"g": {"image": str(tmp_path / "nope.fits")}}}]}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     r = CliRunner().invoke(app, ["ingest", str(tmp_path / "c.yaml"), "--store", str(tmp_path / "s.zarr")])

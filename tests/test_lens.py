@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.lens_cnn import LensResNet, preprocess, score
-from models.registry import create_model, list_models, model_version
-from models.train_lens import metrics, tpr_at_fp, train
-from tasks.sim.lens_stamps import StampConfig, _one_stamp, simulate_stamps
+from deepfield.models.lens_cnn import LensResNet, preprocess, score
+from deepfield.models.registry import create_model, list_models, model_version
+from deepfield.models.train_lens import metrics, tpr_at_fp, train
+from deepfield.tasks.sim.lens_stamps import StampConfig, _one_stamp, simulate_stamps
 
 
 def test_forward_shapes_and_determinism():
@@ -28,7 +28,7 @@ def test_forward_shapes_and_determinism():
 def test_registry_and_shipped_weights_are_small():
     assert "lens_resnet" in list_models()
     model = create_model("lens_resnet")
-    from models.registry import entry
+    from deepfield.models.registry import entry
     assert entry("lens_resnet").weights.stat().st_size < 10e6
     assert model_version("lens_resnet") != "untrained"
     assert model.training_info["stamp_config"]["size"] == 48

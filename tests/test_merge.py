@@ -9,11 +9,11 @@ import pytest
 from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
-from catalogs.dedup import source_id
-from catalogs.merge import merge_catalog, open_catalog
-from tasks.sim.config import SimConfig
-from tasks.sim.layout import field_wcs, sampling_box, survey_layout, survey_plane
-from tasks.tiling import SkyField, TileGrid, pixel_index
+from deepfield.catalogs.dedup import source_id
+from deepfield.catalogs.merge import merge_catalog, open_catalog
+from deepfield.tasks.sim.config import SimConfig
+from deepfield.tasks.sim.layout import field_wcs, sampling_box, survey_layout, survey_plane
+from deepfield.tasks.tiling import SkyField, TileGrid, pixel_index
 
 N_TRUTH = 500
 BANDS = ("g", "r")
@@ -151,7 +151,7 @@ def test_rerun_replaces_atomically_with_same_ids(synthetic_run, merged):
 
 
 def test_id_collision_is_an_error(synthetic_run, tmp_path, monkeypatch):
-    import catalogs.merge as merge_mod
+    import deepfield.catalogs.merge as merge_mod
 
     run, fields, _, _ = synthetic_run
     monkeypatch.setattr(merge_mod, "source_ids", lambda df: np.zeros(len(df), dtype=np.int64))

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from astropy.coordinates import SkyCoord
 
-from catalogs.redsequence import find_clusters, red_sequence_model
-from tasks.sim.clusters import arcsec_per_mpc, sample_cluster
-from tasks.sim.config import DEFAULT_BANDS, SimConfig
-from tasks.sim.population import sample_field_galaxies
+from deepfield.catalogs.redsequence import find_clusters, red_sequence_model
+from deepfield.tasks.sim.clusters import arcsec_per_mpc, sample_cluster
+from deepfield.tasks.sim.config import DEFAULT_BANDS, SimConfig
+from deepfield.tasks.sim.population import sample_field_galaxies
 
 BANDS = ["g", "r", "i", "z"]
 

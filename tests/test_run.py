@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from astropy.coordinates import SkyCoord
 
-from flows.run_config import RunConfig
-from tasks.ingest_config import StoreSpec
-from tasks.ledger import summarise
+from deepfield.flows.run_config import RunConfig
+from deepfield.tasks.ingest_config import StoreSpec
+from deepfield.tasks.ledger import summarise
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def make_cfg(survey, run_dir) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def run(survey, tmp_path_factory, prefect_harness, ray_session):
-    from flows.run import run_flow
+    from deepfield.flows.run import run_flow
     cfg = make_cfg(survey, tmp_path_factory.mktemp("run"))
     summary = run_flow(cfg)
     cat = pd.read_parquet(summary["merge"]["paths"]["parquet"])
@@ -102,7 +102,7 @@ def test_astrometry_and_photometry_of_bright_stars(run, truth):
 
 
 def test_rerun_is_a_no_op(run, survey):
-    from flows.run import run_flow
+    from deepfield.flows.run import run_flow
     cfg, first, cat = run
     again = run_flow(cfg)
     assert again["process"]["done"] == 0 and again["process"]["skipped"] == 8
@@ -113,7 +113,7 @@ def test_rerun_is_a_no_op(run, survey):
 
 def test_lsdb_opens_and_crossmatches(run, truth):
     import lsdb
-    from catalogs.merge import open_catalog
+    from deepfield.catalogs.merge import open_catalog
     _, summary, cat = run
     catalog = open_catalog(summary["merge"]["paths"]["hats"])
     t = truth[truth.is_primary & (truth.mag_i < 22)][["id", "ra", "dec", "mag_i"]]
@@ -160,7 +160,7 @@ def test_lens_candidate_table_holds_the_visible_lenses(run, survey):
 def test_killed_actor_is_replaced_and_the_catalog_is_unchanged(run, survey, tmp_path):
     """An actor process that dies mid-tile is replaced, the tile retried, and the catalog equals
     the clean run's."""
-    from flows.process import run_tiles
+    from deepfield.flows.process import run_tiles
     cfg, _, cat = run
     run_dir = tmp_path / "run"
     shutil.copytree(cfg.run_dir / "store.zarr", run_dir / "store.zarr")
@@ -168,7 +168,7 @@ def test_killed_actor_is_replaced_and_the_catalog_is_unchanged(run, survey, tmp_
     s = run_tiles(str(cfg2.store_path), str(run_dir), cfg2.stage_list(), cfg2.halo, cfg2.processing_hash(),
                   actor_env={"DEEPFIELD_FAULT": "kill:field000/0_1"})
     assert s["done"] == 8 and s["failed"] == 0 and s["retries"] >= 1
-    rec = {r.tile: r for r in __import__("tasks.ledger", fromlist=["Ledger"]).Ledger(run_dir).records()}
+    rec = {r.tile: r for r in __import__("deepfield.tasks.ledger", fromlist=["Ledger"]).Ledger(run_dir).records()}
     assert rec["field000/0_1"].attempts >= 2
     for t in rec:
         field, _, name = t.partition("/")
@@ -178,7 +178,7 @@ def test_killed_actor_is_replaced_and_the_catalog_is_unchanged(run, survey, tmp_
 
 
 def test_tile_failing_three_times_is_marked_failed(run, tmp_path):
-    from flows.process import run_tiles
+    from deepfield.flows.process import run_tiles
     cfg, _, _ = run
     run_dir = tmp_path / "run"
     shutil.copytree(cfg.run_dir / "store.zarr", run_dir / "store.zarr")
@@ -192,7 +192,7 @@ def test_tile_failing_three_times_is_marked_failed(run, tmp_path):
 def test_status_command_summarises_the_ledger(run):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from deepfield.flows.cli import app
     cfg, _, _ = run
     r = CliRunner().invoke(app, ["status", str(cfg.run_dir)])
     assert r.exit_code == 0, r.output
@@ -204,7 +204,7 @@ def test_status_command_summarises_the_ledger(run):
 def test_bad_run_configuration_names_the_file(tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from deepfield.flows.cli import app
     bad = tmp_path / "survey.yaml"
     bad.write_text("inputs: x.yaml\nrun_dir: r\nstages: [{name: sharpen}]\n")
     r = CliRunner().invoke(app, ["run", str(bad)])
@@ -215,7 +215,7 @@ def test_bad_run_configuration_names_the_file(tmp_path):
 def test_changed_input_redoes_only_that_fields_tiles(survey, tmp_path, prefect_harness, ray_session):
     from astropy.io import fits
 
-    from flows.run import run_flow
+    from deepfield.flows.run import run_flow
     copy = tmp_path / "sim"
     shutil.copytree(survey, copy)
     cfg = make_cfg(copy, tmp_path / "run")
@@ -236,7 +236,7 @@ def test_anomaly_scores_and_ranked_list(run, survey):
     from astropy.io import fits
     from sklearn.metrics import roc_auc_score
 
-    from models.anomaly_data import label_sources
+    from deepfield.models.anomaly_data import label_sources
     _, summary, cat = run
     sel = cat[cat.anomaly_selected]
     assert len(sel) > 200 and sel.anomaly_score.notna().all()
@@ -271,8 +271,8 @@ def test_cluster_catalog_and_members(run, survey, truth):
     (no two within the suppression radius), numbered by score, with n_members equal to the catalog's
     cluster_id counts; the survey's rich cluster (richness 106, z 0.39, 136 px from field001's edge) comes out
     once, near its BCG, at its redshift, and the galaxies assigned to it are mostly its true members."""
-    from catalogs.clusters import separation_arcsec
-    from tasks.sim.clusters import arcsec_per_mpc
+    from deepfield.catalogs.clusters import separation_arcsec
+    from deepfield.tasks.sim.clusters import arcsec_per_mpc
     cfg, summary, cat = run
     assert len(list((cfg.run_dir / "tiles").glob("*/*.clusters.parquet"))) == 8
     cl = pd.read_parquet(summary["merge"]["paths"]["clusters"])

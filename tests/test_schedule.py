@@ -124,7 +124,7 @@ def test_prefect_yaml_deployment_on_a_cron_schedule_reprocesses_only_what_change
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     dep = read_deployment(url, "deepfield-reprocess/nightly")
     assert dep is not None and dep["parameters"] == {"config": str(survey_config)}
-    assert dep["entrypoint"] == "flows.schedule:reprocess_flow" and dep["work_pool_name"] == "deepfield"
+    assert dep["entrypoint"] == "deepfield.flows.schedule:reprocess_flow" and dep["work_pool_name"] == "deepfield"
     assert not dep["pull_steps"]  # nothing tied to this checkout: the worker imports the installed package
     (sched,) = dep["schedules"]
     assert sched["active"] and sched["schedule"]["cron"] == "0 2 * * *" and sched["schedule"]["timezone"] == "UTC"

@@ -5,8 +5,8 @@ import galsim
 import numpy as np
 import pytest
 
-from tasks.sim import anomalies as A
-from tasks.sim.sources import Galaxy
+from deepfield.tasks.sim import anomalies as A
+from deepfield.tasks.sim.sources import Galaxy
 
 BANDPASSES = {"g": "LSST_g.dat", "r": "LSST_r.dat", "i": "LSST_i.dat"}
 TRUTH_KEYS = set(Galaxy(id=0, ra=0, dec=0, mag={"i": 20}, bulge_frac={"i": 0.3}, hlr_disk=1,

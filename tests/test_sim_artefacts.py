@@ -7,8 +7,8 @@ import galsim
 import numpy as np
 import pytest
 
-from tasks.sim import artefacts as A
-from tasks.sim.config import ArtefactConfig
+from deepfield.tasks.sim import artefacts as A
+from deepfield.tasks.sim.config import ArtefactConfig
 
 PIX = 0.2
 

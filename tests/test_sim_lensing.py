@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from astropy.cosmology import Planck18
 
-from tasks.sim import lensing
-from tasks.sim.sources import mag_to_flux
+from deepfield.tasks.sim import lensing
+from deepfield.tasks.sim.sources import mag_to_flux
 
 BANDS = {"g": "LSST_g.dat", "i": "LSST_i.dat"}
 ZP = 27.0

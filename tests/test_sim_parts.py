@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from tasks.sim import clusters, seds
-from tasks.sim.config import SimConfig
-from tasks.sim.layout import survey_layout
-from tasks.sim.noise import add_noise, noise_spec, saturate
-from tasks.sim.population import sample_power_law_mags
-from tasks.sim.psf import PSFSpec, noise_equivalent_area
-from tasks.sim.truth import blend_groups
+from deepfield.tasks.sim import clusters, seds
+from deepfield.tasks.sim.config import SimConfig
+from deepfield.tasks.sim.layout import survey_layout
+from deepfield.tasks.sim.noise import add_noise, noise_spec, saturate
+from deepfield.tasks.sim.population import sample_power_law_mags
+from deepfield.tasks.sim.psf import PSFSpec, noise_equivalent_area
+from deepfield.tasks.sim.truth import blend_groups
 
 
 def test_red_sequence_reddens_with_redshift():
@@ -117,8 +117,8 @@ def test_config_rejects_bad_input():
 
 
 def test_render_stamp_matches_galsim_flux():
-    from tasks.sim.render import Placed, render_sources
-    from tasks.sim.sources import Galaxy
+    from deepfield.tasks.sim.render import Placed, render_sources
+    from deepfield.tasks.sim.sources import Galaxy
     g = Galaxy(id=1, ra=0, dec=0, mag={"i": 20.0}, bulge_frac={"i": 0.3}, hlr_disk=0.8, hlr_bulge=0.3,
                q_disk=0.5, q_bulge=0.8, pa=30.0, z=0.3, sed="Sbc")
     img, stamps = render_sources([Placed(g, 64.3, 60.7)], "i", 27.0, (128, 128),

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.sim.config import SimConfig
-from tasks.sim.survey import SimulationError, simulate_survey
+from deepfield.tasks.sim.config import SimConfig
+from deepfield.tasks.sim.survey import SimulationError, simulate_survey
 
 SMALL = dict(size=256, fields=3, bands=["g", "i"], overlap=10.0,
              population=dict(lenses_per_field=1, clusters_per_field=0.5))
@@ -57,7 +57,7 @@ def test_killed_simulation_leaves_complete_fields_and_a_rerun_finishes(reference
     import yaml
     cfg.write_text(yaml.safe_dump(dict(seed=11, **SMALL)))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "flows.cli", "simulate", "--out", str(out), "--config", str(cfg), "--workers", "1"]
+    cmd = [sys.executable, "-m", "deepfield.flows.cli", "simulate", "--out", str(out), "--config", str(cfg), "--workers", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "fields" / "field000").exists():

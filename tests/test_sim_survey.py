@@ -9,7 +9,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from photutils.aperture import CircularAnnulus, CircularAperture, ApertureStats, aperture_photometry
 
-from tasks import maskbits
+from deepfield.tasks import maskbits
 
 
 def _open(survey, rel):

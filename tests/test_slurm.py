@@ -21,7 +21,7 @@ import pytest
 import yaml
 from astropy.coordinates import SkyCoord
 
-from tasks.ledger import Ledger
+from deepfield.tasks.ledger import Ledger
 from slurm_jobs import job_env, require_slurm, submit, wait_for, wait_job
 
 # the classical stages only: the learned ones would triple the time and are tested elsewhere

@@ -10,14 +10,14 @@ import pytest
 from astropy.coordinates import SkyCoord
 from astropy.wcs import WCS
 
-from tasks import maskbits
-from tasks.stages import DEFAULT_STAGES, STAGES, make_stage
-from tasks.stages.background import BackgroundStage
-from tasks.stages.base import Stage
-from tasks.stages.detect import DetectStage
-from tasks.stages.measure import MeasureStage
-from tasks.tiling import Box, TileId
-from tasks.zarr_store import Tile
+from deepfield.tasks import maskbits
+from deepfield.tasks.stages import DEFAULT_STAGES, STAGES, make_stage
+from deepfield.tasks.stages.background import BackgroundStage
+from deepfield.tasks.stages.base import Stage
+from deepfield.tasks.stages.detect import DetectStage
+from deepfield.tasks.stages.measure import MeasureStage
+from deepfield.tasks.tiling import Box, TileId
+from deepfield.tasks.zarr_store import Tile
 
 SCALE = 0.25  # arcsec / pixel
 FWHM = 1.0  # arcsec, every band -> 4 px

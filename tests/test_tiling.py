@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from tasks.sim.config import SimConfig
-from tasks.sim.layout import field_wcs, nearest_field, survey_layout, survey_plane
-from tasks.tiling import Box, SkyField, TileGrid, TileId, is_primary_field, owner, pixel_index
+from deepfield.tasks.sim.config import SimConfig
+from deepfield.tasks.sim.layout import field_wcs, nearest_field, survey_layout, survey_plane
+from deepfield.tasks.tiling import Box, SkyField, TileGrid, TileId, is_primary_field, owner, pixel_index
 
 grids = st.builds(TileGrid, ny=st.integers(1, 60), nx=st.integers(1, 60), tile=st.integers(1, 25),
                   halo=st.integers(0, 12))

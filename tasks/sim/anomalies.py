@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, fields
 import galsim
 import numpy as np
 
-from tasks.sim import seds
-from tasks.sim.sources import Galaxy, array_profile, mag_to_flux
+from deepfield.tasks.sim import seds
+from deepfield.tasks.sim.sources import Galaxy, array_profile, mag_to_flux
 
 SAMPLE_SCALE = 0.2 / 3.0  # arcsec; sampling of the array profiles (a third of a 0.2" pixel)
 

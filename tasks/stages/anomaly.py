@@ -87,7 +87,7 @@ class AnomalyStage:
 
     def scaled_stamps(self, tile, sources: pd.DataFrame) -> np.ndarray:
         """(N, bands, S, S) network inputs of the rows of `sources` (background-subtracted tile)."""
-        from models.anomaly_gan import scale_stamps
+        from deepfield.models.anomaly_gan import scale_stamps
         idx = [tile.bands.index(b) for b in self.bands]
         image = tile.image[idx]
         usable = ((tile.mask[idx] & NO_PIXEL) == 0) & np.isfinite(image)
@@ -98,7 +98,7 @@ class AnomalyStage:
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
         if self.model is None:
             self.setup(self.device)
-        from models.anomaly_gan import anomaly_scores
+        from deepfield.models.anomaly_gan import anomaly_scores
         out = sources.copy()
         sel = self.select(tile, sources)
         cols = {k: np.full(len(sources), np.nan, np.float32) for k in ("score", "pixel", "feature")}

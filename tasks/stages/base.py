@@ -30,7 +30,7 @@ def load_model(stage, device: str):
     with the file its `weights` parameter names; sets `stage.device` and `stage.model` and returns it."""
     from pathlib import Path
 
-    from models.registry import create_model
+    from deepfield.models.registry import create_model
     stage.device = device
     stage.model = create_model(stage.models[0], device=device, weights=Path(stage.weights) if stage.weights else None)
     return stage.model

@@ -161,7 +161,7 @@ class ClusterStage:
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
         if self.model is None:
             self.setup(self.device)
-        from models.cluster_net import detect
+        from deepfield.models.cluster_net import detect
         y0, x0, h, w = self.window(tile)
         found = detect(self.model, window(self.field_planes(tile), y0, x0, h, w), self.threshold, device=self.device)
         b = self.bin

@@ -67,7 +67,7 @@ class DeblendStage:
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
         if self.model is None:
             self.setup(self.device)
-        from models.deblend_unet import fractions, network_input, share
+        from deepfield.models.deblend_unet import fractions, network_input, share
         out = sources.copy()
         n = len(out)
         need = [c for c in ("x_tile", "y_tile", "blend_id", "n_blend") if c not in out.columns]

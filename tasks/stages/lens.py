@@ -80,7 +80,7 @@ class LensStage:
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
         if self.model is None:
             self.setup(self.device)
-        from models.lens_cnn import score
+        from deepfield.models.lens_cnn import score
         out = sources.copy()
         cand = self.candidates(tile, sources)
         scores = np.full(len(sources), np.nan, np.float32)

@@ -27,10 +27,10 @@ import numpy as np
 from astropy.io import fits
 from numcodecs import Blosc
 
-from flows.ingest import ingest_one
-from tasks.ingest_config import StoreSpec, load_ingest_config
-from tasks.sim.config import SimConfig
-from tasks.sim.survey import simulate_survey
+from deepfield.flows.ingest import ingest_one
+from deepfield.tasks.ingest_config import StoreSpec, load_ingest_config
+from deepfield.tasks.sim.config import SimConfig
+from deepfield.tasks.sim.survey import simulate_survey
 
 CANDIDATES = [("zstd", 1, "bitshuffle"), ("zstd", 3, "bitshuffle"), ("zstd", 5, "bitshuffle"),
               ("zstd", 9, "bitshuffle"), ("zstd", 3, "shuffle"), ("lz4", 5, "bitshuffle")]
@@ -96,7 +96,7 @@ def main() -> None:
         if args.cold:
             drop_page_cache()
         t_base, nbytes = baseline(files, work / "npy")
-        from tasks.fits_input import sha256_file
+        from deepfield.tasks.fits_input import sha256_file
         if args.cold:
             drop_page_cache()
         t0 = time.perf_counter()

@@ -30,18 +30,18 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=2, help="times each simulated field is ingested")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="deepfield-bench-process-"))
-    from flows import prefect_env
+    from deepfield.flows import prefect_env
     prefect_env.configure(work / "prefect")
     try:
-        from flows.ingest import ingest_one
-        from flows.process import all_tiles, run_tiles
-        from tasks.ingest_config import StoreSpec, load_ingest_config
-        from tasks.tile_runner import TileRunner
+        from deepfield.flows.ingest import ingest_one
+        from deepfield.flows.process import all_tiles, run_tiles
+        from deepfield.tasks.ingest_config import StoreSpec, load_ingest_config
+        from deepfield.tasks.tile_runner import TileRunner
 
         sim = args.sim
         if sim is None:
-            from tasks.sim.config import SimConfig
-            from tasks.sim.survey import simulate_survey
+            from deepfield.tasks.sim.config import SimConfig
+            from deepfield.tasks.sim.survey import simulate_survey
             sim = work / "sim"
             print("simulating 2 fields of 2048^2 px in g,r,i,z ...", flush=True)
             simulate_survey(SimConfig(seed=0, size=2048, fields=2), sim)
@@ -55,7 +55,7 @@ def main() -> None:
         for f in cfg.fields:
             ingest_one(f, store, cfg.store)
         stages = [("background", {}), ("detect", {}), ("measure", {})]
-        from tasks.zarr_store import open_store
+        from deepfield.tasks.zarr_store import open_store
         tiles = all_tiles(open_store(store), args.halo)
         nbands = len(manifest["fields"][0]["bands"])
         mpix = sum(1 for _ in tiles) * args.tile**2 * nbands / 1e6

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from tasks.sim.config import SimConfig
-from tasks.sim.survey import simulate_survey
+from deepfield.tasks.sim.config import SimConfig
+from deepfield.tasks.sim.survey import simulate_survey
 
 
 def baseline(n_images: int, size: int, out: Path) -> float:

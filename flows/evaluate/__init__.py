@@ -1,0 +1,1 @@
+"""Evaluation flows: each model scored on held-out simulated data beside its classical baseline."""

@@ -1,0 +1,1 @@
+"""Training-set builders: simulated data made into the arrays the trainers in deepfield.models take."""
