@@ -1,1 +1,1 @@
-"""Catalog schema, merging, de-duplication, HEALPix partitioning and exports (see DESIGN.md)."""
+"""Catalog merging, de-duplication, HEALPix partitioning, exports and the stages' merge steps (docs/design.md)."""

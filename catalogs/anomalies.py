@@ -1,4 +1,4 @@
-"""Anomaly scores over a whole run, and the ranked anomaly list with its stamps (used by catalogs.merge).
+"""The anomaly stage's merge step: anomaly scores over a whole run, and the ranked anomaly list with its stamps.
 
 - `anomaly_sigma` = (anomaly_score - mean) / std, the mean and standard deviation taken over every scored
   tile-primary row of the run (`score_stats`), as the sigma-scores of Storey-Fisher et al. 2021: a score's
@@ -15,15 +15,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+from pydantic import Field
 
 from deepfield.tasks.atomic import atomic_path
+from deepfield.tasks.zarr_store import open_store
 
-__all__ = ["score_stats", "add_sigma", "write_anomaly_list", "ANOMALY_TABLE", "ANOMALY_STAMPS"]
+from .steps import MergeContext, MergeStep, MergeStepConfig, StepResult
+
+__all__ = ["AnomalyMerge", "score_stats", "add_sigma", "write_anomaly_list", "ANOMALY_TABLE", "ANOMALY_STAMPS"]
 
 ANOMALY_TABLE = "anomalies.parquet"
 ANOMALY_STAMPS = "anomaly_stamps.fits"
@@ -53,7 +58,6 @@ def add_sigma(df: pd.DataFrame, stats: dict | None) -> pd.DataFrame:
 
 
 def _cutouts(store_path: Path, rows: pd.DataFrame, size: int) -> tuple[np.ndarray, list[str]]:
-    from deepfield.tasks.zarr_store import open_store
     root = open_store(store_path)
     bands = None
     out = None
@@ -106,3 +110,40 @@ def write_anomaly_list(flat_dir: Path, store_path: Path | None, table_path: Path
         with atomic_path(stamps_path) as tmp:
             fits.HDUList([primary, ids]).writeto(tmp)
     return int(len(table))
+
+
+class AnomalyMergeConfig(MergeStepConfig):
+    top: int = Field(100, ge=1, description="most anomalous sources (highest anomaly_sigma) kept in "
+                     "anomalies.parquet with their stamps")
+    stamp: int = Field(64, ge=8, le=512, description="side of the anomaly stamps, pixels")
+
+
+class AnomalyMerge(MergeStep):
+    stage: ClassVar[str] = "anomaly"
+    Config: ClassVar[type[MergeStepConfig]] = AnomalyMergeConfig
+
+    stats: dict | None = None
+
+    def prepare(self, ctx: MergeContext) -> None:
+        self.stats = score_stats(ctx.tile_tables)
+
+    def partition(self, df: pd.DataFrame) -> pd.DataFrame:
+        return add_sigma(df, self.stats)
+
+    def write(self, ctx: MergeContext, flat_dir: Path, staging: Path) -> StepResult:
+        n = write_anomaly_list(flat_dir, ctx.store_path, staging / ANOMALY_TABLE, staging / ANOMALY_STAMPS,
+                               self.config.top, self.config.stamp)
+        files = {}
+        if n is not None:
+            files["anomalies"] = ANOMALY_TABLE
+            if ctx.store_path is not None:
+                files["anomaly_stamps"] = ANOMALY_STAMPS
+        return StepResult(summary=dict(anomalies=n, anomaly_score_stats=self.stats), files=files)
+
+    def report(self, summary: dict, paths: dict[str, str]) -> list[str]:
+        if summary.get("anomalies") is None:
+            return []
+        st = summary.get("anomaly_score_stats") or {}
+        return [f"anomaly: {st.get('n', '?')} source(s) scored; the {summary['anomalies']} most anomalous, ranked: "
+                f"{paths['anomalies']}" + (f" (stamps: {paths['anomaly_stamps']})" if "anomaly_stamps" in paths
+                                           else "")]

@@ -1,5 +1,5 @@
-"""The cluster catalog of a run: the `cluster` stage's per-tile candidates merged over tiles and fields, and
-member galaxies assigned in the source catalog.
+"""The cluster stage's merge step (`ClusterMerge`): the cluster catalog of a run, the stage's per-tile
+candidates merged over tiles and fields, and member galaxies assigned in the source catalog.
 
 1. Candidates: every `RUN/tiles/<field>/<ty>_<tx>.clusters.parquet` beside a merged tile table. A tile
    keeps only the peaks in its core, but a cluster near a tile or field edge can still peak in two cores
@@ -14,7 +14,7 @@ member galaxies assigned in the source catalog.
    the binned images do. Where fewer than 3 red-sequence galaxies stand above the background, z = z_net.
 4. Members (`assign_members`): a source is a member when it lies within R_lambda (redMaPPer's radius,
    1.0/h Mpc (lambda/100)^0.2, from the estimated richness) of the centre and is on the red sequence at
-   the cluster's redshift (the baseline's colour model, catalogs/redsequence.py: weight exp(-chi^2/2)
+   the cluster's redshift (the red-sequence model of tasks/astro.py, catalogs/redsequence.py: weight exp(-chi^2/2)
    above `MEMBER_WEIGHT`, brighter than m* + 1.75, i.e. 0.2 L*). A source within reach of two clusters
    goes to the one with the higher score. Non-members have cluster_id -1.
 
@@ -26,14 +26,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
+from pydantic import Field
 
+from deepfield.tasks.astro import (WAVELENGTH_ORDER, arcsec_per_mpc, r_lambda_mpc, red_sequence_model,
+                                   separation_arcsec)
 from deepfield.tasks.atomic import atomic_path
+from deepfield.tasks.tile_runner import side_table
 
-__all__ = ["CLUSTER_TABLE", "read_candidates", "suppress", "refine_redshifts", "member_rule", "assign_members",
-           "write_cluster_table", "separation_arcsec"]
+from .redsequence import membership, refine_redshift
+from .steps import MergeContext, MergeStep, MergeStepConfig, StepResult
+
+__all__ = ["ClusterMerge", "CLUSTER_TABLE", "read_candidates", "suppress", "refine_redshifts", "member_rule",
+           "assign_members", "write_cluster_table", "member_bands"]
 
 CLUSTER_TABLE = "clusters.parquet"
 MEMBER_WEIGHT = 0.1  # exp(-chi^2 / 2) > 0.1: chi^2 < 4.6 over the colours
@@ -42,7 +51,6 @@ CANDIDATE_COLUMNS = ["field", "tile", "x", "y", "ra", "dec", "score", "z", "rich
 
 def read_candidates(tile_tables: list[Path]) -> pd.DataFrame | None:
     """All candidates beside the given tile tables; None when the cluster stage wrote none of them."""
-    from deepfield.tasks.tile_runner import side_table
     found = [side_table(f, "clusters") for f in tile_tables if side_table(f, "clusters").exists()]
     if not found:
         return None
@@ -51,16 +59,8 @@ def read_candidates(tile_tables: list[Path]) -> pd.DataFrame | None:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=CANDIDATE_COLUMNS)
 
 
-def separation_arcsec(ra0, dec0, ra, dec) -> np.ndarray:
-    """Angular separation (arcsec) of (ra, dec) arrays from one point (haversine)."""
-    r0, d0, r, d = (np.radians(np.asarray(v, float)) for v in (ra0, dec0, ra, dec))
-    h = np.sin((d - d0) / 2) ** 2 + np.cos(d0) * np.cos(d) * np.sin((r - r0) / 2) ** 2
-    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(h, 0, 1)))) * 3600.0
-
-
 def suppress(cand: pd.DataFrame, nms_mpc: float = 0.5) -> pd.DataFrame:
     """Non-maximum suppression on the sky (module docstring, step 2); the kept rows get cluster_id."""
-    from deepfield.tasks.sim.clusters import arcsec_per_mpc
     cand = cand.sort_values(["score", "field", "tile"], ascending=[False, True, True], kind="stable").reset_index(drop=True)
     keep: list[int] = []
     for i in range(len(cand)):
@@ -88,7 +88,6 @@ def refine_redshifts(clusters: pd.DataFrame, sources: pd.DataFrame, bands: list[
     """`clusters` with the network's redshift kept as `z_net` and `z` replaced by the red-sequence redshift of
     the galaxies around each centre (catalogs.redsequence.refine_redshift; z_net where it finds too few),
     and `z_excess`, the red-sequence galaxies in excess of the background within 0.3 Mpc."""
-    from .redsequence import refine_redshift
     out = clusters.copy()
     out["z_net"] = out["z"]
     found = [refine_redshift(sources, c.ra, c.dec, float(c.z), bands, ref_band) if bands else (float(c.z), 0.0)
@@ -99,7 +98,6 @@ def refine_redshifts(clusters: pd.DataFrame, sources: pd.DataFrame, bands: list[
 
 
 def r_lambda_arcsec(richness: np.ndarray, z: np.ndarray) -> np.ndarray:
-    from deepfield.tasks.sim.clusters import arcsec_per_mpc, r_lambda_mpc
     return np.array([r_lambda_mpc(max(float(lam), 1.0)) * arcsec_per_mpc(max(float(zz), 0.05))
                      for lam, zz in zip(richness, z)])
 
@@ -114,7 +112,6 @@ class MemberRule:
 
 
 def member_rule(clusters: pd.DataFrame, bands: list[str], ref_band: str = "i") -> MemberRule:
-    from .redsequence import red_sequence_model
     radius = r_lambda_arcsec(clusters.richness.to_numpy(), clusters.z.to_numpy())
     model = (red_sequence_model(bands, ref_band, z=np.clip(clusters.z.to_numpy(float), 0.05, 1.5))
              if bands and len(clusters) else None)
@@ -127,7 +124,6 @@ def assign_members(sources: pd.DataFrame, clusters: pd.DataFrame, bands: list[st
     (module docstring, step 4); `clusters` in descending score with cluster_id, ra, dec, z, richness.
     rule: `member_rule(clusters, bands, ref_band)`, made here when not given (the merge makes it once for
     all its partitions)."""
-    from .redsequence import membership
     out = np.full(len(sources), -1, np.int64)
     if len(sources) == 0 or len(clusters) == 0:
         return out
@@ -156,3 +152,54 @@ def write_cluster_table(clusters: pd.DataFrame, rule: MemberRule, member_ids: np
     with atomic_path(path) as tmp:
         table.to_parquet(tmp, index=False)
     return int(len(table))
+
+
+def member_bands(columns) -> list[str]:
+    """The bands of a catalog's AUTO photometry, in wavelength order (for cluster membership)."""
+    return [b for b in WAVELENGTH_ORDER if f"mag_auto_{b}" in columns and f"magerr_auto_{b}" in columns]
+
+
+class ClusterMergeConfig(MergeStepConfig):
+    nms_mpc: float = Field(0.5, gt=0, le=5, description="cluster candidates closer than this (physical Mpc at "
+                           "the stronger one's redshift) are one cluster")
+
+
+class ClusterMerge(MergeStep):
+    """Steps 1-3 of the module docstring in `prepare`, step 4 in `partition`, clusters.parquet in `write`."""
+
+    stage: ClassVar[str] = "cluster"
+    Config: ClassVar[type[MergeStepConfig]] = ClusterMergeConfig
+
+    clusters: pd.DataFrame | None = None
+    rule: MemberRule | None = None
+
+    def prepare(self, ctx: MergeContext) -> None:
+        candidates = read_candidates(ctx.tile_tables)
+        if candidates is None:
+            return
+        clusters = suppress(candidates, self.config.nms_mpc)
+        bands = member_bands(ctx.columns)
+        self.clusters = refine_redshifts(clusters, field_sources(ctx.tile_tables, set(clusters.field), bands), bands)
+        self.rule = member_rule(self.clusters, bands)  # once, not per partition
+
+    def partition(self, df: pd.DataFrame) -> pd.DataFrame:
+        if self.clusters is not None:
+            df["cluster_id"] = assign_members(df, self.clusters, member_bands(df.columns), rule=self.rule)
+        return df
+
+    def write(self, ctx: MergeContext, flat_dir: Path, staging: Path) -> StepResult:
+        if self.clusters is None:
+            return StepResult(summary=dict(clusters=None))
+        members = pq.read_table(flat_dir, columns=["cluster_id"])["cluster_id"].to_numpy()
+        n = write_cluster_table(self.clusters, self.rule, members, staging / CLUSTER_TABLE)
+        return StepResult(summary=dict(clusters=n), files=dict(clusters=CLUSTER_TABLE))
+
+    def report(self, summary: dict, paths: dict[str, str]) -> list[str]:
+        if summary.get("clusters") is None:
+            return []
+        lines = [f"cluster: {summary['clusters']} galaxy cluster(s) (members carry cluster_id in the catalog): "
+                 f"{paths['clusters']}"]
+        for c in pd.read_parquet(paths["clusters"]).head(10).itertuples():
+            lines.append(f"         cluster {c.cluster_id}: ra {c.ra:.4f} dec {c.dec:+.4f} z {c.z:.2f} richness "
+                         f"{c.richness:.0f} score {c.score:.2f}, {c.n_members} member(s)")
+        return lines

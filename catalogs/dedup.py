@@ -1,5 +1,5 @@
 """Row-level pieces of the merge, as plain functions over pandas DataFrames (one Dask partition):
-stable source ids and field-level de-duplication (DESIGN.md, "Contracts": Tile and Catalog rows).
+stable source ids and field-level de-duplication (docs/design.md, "Contracts": Tile and Catalog rows).
 
 - `source_ids`: a deterministic 63-bit id from (field, tile, tile_index): the first 8 bytes of the
   BLAKE2b digest of "field\\x1ftile\\x1ftile_index", big-endian, masked to 63 bits so that it is a

@@ -1,4 +1,4 @@
-"""Merge the per-tile source tables of a run into the survey source catalog (DESIGN.md, flows/merge).
+"""Merge the per-tile source tables of a run into the survey source catalog (docs/design.md, "The way data flows").
 
 Input: `RUN/tiles/<field>/<ty>_<tx>.parquet`, one table per tile (tasks' tile runner). Steps, on Dask:
 
@@ -17,13 +17,14 @@ Input: `RUN/tiles/<field>/<ty>_<tx>.parquet`, one table per tile (tasks' tile ru
    fluxes in adu i.e. image units with the band's AB zero point, magnitudes in mag) and flat Parquet.
 
 Outputs in `out_dir` (default `RUN/catalogs`): `sources/` (HATS catalog), `sources_flat/` (Parquet parts),
-`sources.fits`, `sources.summary.json`, where the lens stage ran `lens_candidates.parquet` (rows
-scoring above `lens_threshold`, ranked, with `lens_rank` 1 for the highest score), and where the anomaly
-stage ran the `anomaly_sigma` column and `anomalies.parquet` + `anomaly_stamps.fits` (the `anomaly_top`
-most anomalous rows and their cutouts from the store; catalogs/anomalies.py), and where the cluster stage
-ran the `cluster_id` column and `clusters.parquet` (catalogs/clusters.py). Everything is built under `out_dir/.sources.tmp-XXXX/` and then
-renamed into place, an old output removed just before; a crash leaves the old or the new outputs, never
-partial ones. One merge at a time per `out_dir` (a merge removes temporaries left by killed ones).
+`sources.fits`, `sources.summary.json`, and what the stages' merge steps add (catalogs/steps.py): the lens
+step's `lens_candidates.parquet` (catalogs/lenses.py), the anomaly step's `anomaly_sigma` column with
+`anomalies.parquet` and `anomaly_stamps.fits` (catalogs/anomalies.py), the cluster step's `cluster_id`
+column with `clusters.parquet` (catalogs/clusters.py). The steps run in the run's stage order: each
+`prepare`s before the rows are merged, adds its columns to every partition after the ids and the spatial
+index, and writes its outputs after the rows. Everything is built under `out_dir/.sources.tmp-XXXX/` and
+then renamed into place, an old output removed just before; a crash leaves the old or the new outputs,
+never partial ones. One merge at a time per `out_dir` (a merge removes temporaries left by killed ones).
 
 Dask: without a `client`, a threads-only `LocalCluster(processes=False)` is started for the merge (no
 `__main__` guard needed, no pickling of the SkyFields; the work is mostly Arrow/NumPy, which releases
@@ -45,34 +46,27 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from astropy import units as u
 from astropy.table import Table
+from distributed.diagnostics.plugin import WorkerPlugin
 
-from deepfield.tasks.atomic import atomic_path, write_text
+from deepfield.tasks.atomic import atomic_path, publish, write_text
+from deepfield.tasks.stages.registry import load_plugins
 from deepfield.tasks.tile_runner import source_tables
 from deepfield.tasks.tiling import SkyField
 
-from .anomalies import ANOMALY_STAMPS, ANOMALY_TABLE, add_sigma, score_stats, write_anomaly_list
-from .clusters import (CLUSTER_TABLE, MemberRule, assign_members, field_sources, member_rule, read_candidates,
-                       refine_redshifts, suppress, write_cluster_table)
 from .dedup import FieldOwnership, source_ids
+from .steps import MergeContext, MergeStep
 
 __all__ = ["merge_catalog", "open_catalog", "export_fits", "HEALPIX_COLUMN"]
 
 HEALPIX_COLUMN = "_healpix_29"  # hats.pixel_math.spatial_index.SPATIAL_INDEX_COLUMN
 CATALOG_NAME = "sources"
-LENS_TABLE = "lens_candidates.parquet"
-LENS_COLUMNS = ("source_id", "field", "tile", "ra", "dec", "x", "y", "a", "b", "theta", "lens_score")
 FILES_PER_PARTITION = 16  # tile tables per Dask partition (and per hats-import input file)
 
 
-def _member_bands(columns) -> list[str]:
-    """The bands of the catalog's AUTO photometry, in wavelength order (for cluster membership)."""
-    return [b for b in "ugrizy" if f"mag_auto_{b}" in columns and f"magerr_auto_{b}" in columns]
-
-
-def _prepare(df: pd.DataFrame, ownership: FieldOwnership, keep_duplicates: bool, stats: dict | None = None,
-             clusters: pd.DataFrame | None = None, rule: MemberRule | None = None) -> pd.DataFrame:
-    """One partition: field ownership, ids, spatial index, anomaly sigma and, where the cluster stage ran,
-    cluster membership (rows already tile-primary)."""
+def _prepare(df: pd.DataFrame, ownership: FieldOwnership, keep_duplicates: bool,
+             steps: tuple[MergeStep, ...] = ()) -> pd.DataFrame:
+    """One partition: field ownership, ids, spatial index, then each merge step's columns (rows already
+    tile-primary)."""
     from hats.pixel_math.spatial_index import compute_spatial_index
 
     df = ownership.flag(df)
@@ -81,9 +75,9 @@ def _prepare(df: pd.DataFrame, ownership: FieldOwnership, keep_duplicates: bool,
     df.insert(0, "source_id", source_ids(df))
     ra, dec = df["ra"].to_numpy(np.float64), df["dec"].to_numpy(np.float64)
     df[HEALPIX_COLUMN] = compute_spatial_index(ra, dec) if len(df) else np.zeros(0, np.int64)
-    if clusters is not None:
-        df["cluster_id"] = assign_members(df, clusters, _member_bands(df.columns), rule=rule)
-    return add_sigma(df, stats).reset_index(drop=True)
+    for step in steps:
+        df = step.partition(df)
+    return df.reset_index(drop=True)
 
 
 def _check_unique_ids(flat_dir: Path) -> None:
@@ -131,21 +125,6 @@ def _write_hats(flat_dir: Path, staging: Path, client, highest_order: int, thres
 _UNITS = {"ra": u.deg, "dec": u.deg, "x": u.pix, "y": u.pix, "a": u.pix, "b": u.pix, "theta": u.rad}
 
 
-def _lens_candidates(flat_dir: Path, path: Path, threshold: float) -> int | None:
-    """Write the ranked lens-candidate table; None when the catalog has no lens_score column."""
-    ds = pads.dataset(flat_dir, format="parquet")
-    if "lens_score" not in ds.schema.names:
-        return None
-    keep = [c for c in ds.schema.names if c in LENS_COLUMNS or c.startswith("mag_auto_")]
-    table = ds.to_table(columns=keep, filter=(pads.field("lens_score") > threshold)
-                        & pads.field("is_primary_field")).to_pandas()
-    table = table.sort_values(["lens_score", "source_id"], ascending=[False, True]).reset_index(drop=True)
-    table.insert(0, "lens_rank", np.arange(1, len(table) + 1))
-    with atomic_path(path) as tmp:
-        table.to_parquet(tmp, index=False)
-    return int(len(table))
-
-
 def export_fits(table: pd.DataFrame, path: Path) -> None:
     """Write `table` as a FITS binary table with units (see module docstring), atomically."""
     t = Table.from_pandas(table)
@@ -159,19 +138,21 @@ def export_fits(table: pd.DataFrame, path: Path) -> None:
     t.meta["EXTNAME"] = "SOURCES"
     t.meta["COMMENT"] = ["deepfield source catalog; fluxes in image units (adu), AB mags",
                          "ra, dec: ICRS degrees; source_id stable across re-runs"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    t.write(tmp, format="fits", overwrite=True)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        t.write(tmp, format="fits", overwrite=True)
 
 
-def _replace(src: Path, dst: Path) -> None:
-    """Move `src` onto `dst`, removing an old `dst` just before (directories) or atomically (files)."""
-    if src.is_dir():
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
-        os.rename(src, dst)
-    else:
-        os.replace(src, dst)
+class LoadPlugins(WorkerPlugin):
+    """A Dask worker plugin importing the run's plugin modules on every worker, present and future, so that
+    the merge steps of plugin stages unpickle there (tasks.stages.registry.load_plugins)."""
+
+    idempotent = True
+
+    def __init__(self, plugins: list[str] | tuple[str, ...]):
+        self.plugins = tuple(plugins)
+
+    def setup(self, worker) -> None:
+        load_plugins(self.plugins)
 
 
 def _local_client(n_threads: int | None):
@@ -183,14 +164,16 @@ def _local_client(n_threads: int | None):
 
 
 def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = None, *,
+                  steps: list[MergeStep] | tuple[MergeStep, ...] = (), store_path: Path | None = None,
                   highest_healpix_order: int = 8, pixel_threshold: int | None = None,
                   keep_field_duplicates: bool = False, client=None, n_threads: int | None = None,
-                  write_fits: bool = True, lens_threshold: float = 0.5, store_path: Path | None = None,
-                  anomaly_top: int = 100, anomaly_stamp: int = 64, cluster_nms_mpc: float = 0.5) -> dict:
+                  write_fits: bool = True, plugins: list[str] | tuple[str, ...] = ()) -> dict:
     """Merge `run_dir/tiles/*/<ty>_<tx>.parquet` into the source catalog under `out_dir` (default
     run_dir/catalogs).
 
     fields: the SkyFields of the run (every field named in the tile tables must be among them).
+    steps: the merge steps of the run's stages, in stage order (catalogs.steps.build_steps).
+    store_path: the run's Zarr store, for steps that cut stamps from it (none: no stamps).
     highest_healpix_order: finest HEALPix order of a partition (8: ~14 arcmin pixels). hats-import's
         partitioning is dense in 12 * 4**order pixels: on 2 cores order 8 costs ~1 s, 9 ~15 s, 10 ~60 s
         and 11 ~5 min / 8 GB whatever the row count, so raise it only for very dense catalogs.
@@ -198,20 +181,15 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
     keep_field_duplicates: keep rows of overlapping fields that do not own their position (flagged
         `is_primary_field` False) instead of dropping them.
     client: a dask.distributed Client to use; default: a local threads-only cluster for this call.
-    lens_threshold: where the rows carry `lens_score` (the lens stage ran), those of the field that owns
-        them scoring above it go to out_dir/lens_candidates.parquet, highest score first.
-    store_path, anomaly_top, anomaly_stamp: where the rows carry `anomaly_score` (the anomaly stage ran),
-        the `anomaly_top` rows with the highest anomaly_sigma go to out_dir/anomalies.parquet and their
-        `anomaly_stamp`-pixel cutouts from the Zarr store at `store_path` to out_dir/anomaly_stamps.fits
-        (no stamps without a store).
-    cluster_nms_mpc: where the cluster stage wrote candidates (`<ty>_<tx>.clusters.parquet`), they are
-        de-duplicated on the sky within this physical radius and written to out_dir/clusters.parquet,
-        and the rows get `cluster_id` (catalogs/clusters.py).
-    Returns a summary dict (also written to out_dir/sources.summary.json).
+    plugins: the run's plugin modules, imported on every worker of `client` (the steps of plugin stages
+        travel to the workers by reference to their module).
+    Returns a summary dict (also written to out_dir/sources.summary.json, without `report`: the lines the
+    steps give about their outputs).
     """
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "catalogs"
+    steps = tuple(steps)
     files = source_tables(run_dir)
     if not files:
         raise FileNotFoundError(f"no tile tables matching {run_dir / 'tiles' / '*' / '*.parquet'}")
@@ -224,21 +202,18 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
     cluster = None
     if own_client:
         client, cluster = _local_client(n_threads)
+    elif plugins:
+        client.register_plugin(LoadPlugins(plugins), name="deepfield-plugins")
     try:
         tiles = dd.read_parquet([str(f) for f in files])
         tiles = tiles.repartition(npartitions=max(1, -(-tiles.npartitions // FILES_PER_PARTITION)))
         primary = tiles[tiles["is_primary"]]
-        stats = score_stats(files)
-        candidates = read_candidates(files)
-        clusters = rule = None
-        if candidates is not None:
-            clusters = suppress(candidates, cluster_nms_mpc)
-            bands = _member_bands(primary.columns)
-            clusters = refine_redshifts(clusters, field_sources(files, set(clusters.field), bands), bands)
-            rule = member_rule(clusters, bands)  # once, not per partition
-        n_clusters = None
-        meta = _prepare(primary._meta, ownership, keep_field_duplicates, stats, clusters, rule)
-        merged = primary.map_partitions(_prepare, ownership, keep_field_duplicates, stats, clusters, rule, meta=meta)
+        ctx = MergeContext(run_dir=run_dir, tile_tables=files, columns=list(primary.columns),
+                           store_path=Path(store_path) if store_path is not None else None)
+        for step in steps:
+            step.prepare(ctx)
+        meta = _prepare(primary._meta, ownership, keep_field_duplicates, steps)
+        merged = primary.map_partitions(_prepare, ownership, keep_field_duplicates, steps, meta=meta)
         flat_dir = staging / "flat"
         write = merged.to_parquet(str(flat_dir), write_index=False, compute=False,
                                   name_function=lambda i: f"part.{i:05d}.parquet")
@@ -252,12 +227,7 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
         _check_unique_ids(flat_dir)
         threshold = pixel_threshold or _pixel_threshold(flat_dir, n_kept, highest_healpix_order)
         hats_dir = _write_hats(flat_dir, staging, client, highest_healpix_order, threshold)
-        n_lens = _lens_candidates(flat_dir, staging / LENS_TABLE, lens_threshold)
-        n_anom = write_anomaly_list(flat_dir, store_path, staging / ANOMALY_TABLE, staging / ANOMALY_STAMPS,
-                                    anomaly_top, anomaly_stamp)
-        if clusters is not None:
-            members = pq.read_table(flat_dir, columns=["cluster_id"])["cluster_id"].to_numpy()
-            n_clusters = write_cluster_table(clusters, rule, members, staging / CLUSTER_TABLE)
+        results = [step.write(ctx, flat_dir, staging) for step in steps]
         if write_fits:
             export_fits(pq.read_table(flat_dir).to_pandas(), staging / f"{CATALOG_NAME}.fits")
         shutil.rmtree(staging / "hats_tmp", ignore_errors=True)
@@ -266,16 +236,14 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
 
         n_partitions = len(hats.read_hats(hats_dir).get_healpix_pixels())
         paths = {"hats": out_dir / CATALOG_NAME, "parquet": out_dir / f"{CATALOG_NAME}_flat"}
-        extras = {"fits": (write_fits, f"{CATALOG_NAME}.fits"), "lens_candidates": (n_lens is not None, LENS_TABLE),
-                  "anomalies": (n_anom is not None, ANOMALY_TABLE),
-                  "anomaly_stamps": (n_anom is not None and store_path is not None, ANOMALY_STAMPS),
-                  "clusters": (clusters is not None, CLUSTER_TABLE)}
-        for key, (made, name) in extras.items():  # the optional outputs, in this order
-            if made:
-                paths[key] = out_dir / name
-                _replace(staging / name, paths[key])
-        _replace(flat_dir, paths["parquet"])
-        _replace(hats_dir, paths["hats"])
+        published = {"fits": f"{CATALOG_NAME}.fits"} if write_fits else {}
+        for r in results:
+            published.update(r.files)
+        for key, name in published.items():  # the optional outputs
+            paths[key] = out_dir / name
+            publish(staging / name, paths[key])
+        publish(flat_dir, paths["parquet"])
+        publish(hats_dir, paths["hats"])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if own_client:
@@ -284,13 +252,17 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
     summary = {
         "n_tiles": len(files), "rows_in": int(n_in), "primary_rows": int(n_primary),
         "field_duplicates": int(n_primary - n_owned), "field_duplicates_dropped": int(n_primary - n_kept),
-        "rows_out": int(n_kept), "lens_candidates": n_lens, "anomalies": n_anom, "anomaly_score_stats": stats,
-        "clusters": n_clusters,
+        "rows_out": int(n_kept),
+    }
+    for r in results:
+        summary.update(r.summary)
+    summary.update({
         "n_partitions": n_partitions, "highest_healpix_order": highest_healpix_order,
         "pixel_threshold": threshold, "paths": {k: str(v) for k, v in paths.items()},
         "seconds": round(time.perf_counter() - t0, 3),
-    }
+    })
     write_text(out_dir / f"{CATALOG_NAME}.summary.json", json.dumps(summary, indent=2) + "\n")
+    summary["report"] = [line for step in steps for line in step.report(summary, summary["paths"])]
     return summary
 
 

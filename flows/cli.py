@@ -153,7 +153,11 @@ def _run(cfg) -> dict:
     from deepfield.flows import prefect_env
     prefect_env.configure(cfg.run_dir / ".deepfield-prefect")
     from deepfield.flows.run import run_flow
-    return run_flow(cfg)
+    from deepfield.tasks.stages.registry import BandError
+    try:
+        return run_flow(cfg)
+    except BandError as exc:  # the survey's fields lack bands a stage needs: nothing was processed
+        fail(f"{cfg.inputs}: {exc}")
 
 
 def _print_run(summary: dict, cfg) -> None:
@@ -173,21 +177,8 @@ def _print_run(summary: dict, cfg) -> None:
     else:
         console.print(f"merge:   {mer.get('rows_out', mer.get('n_sources', '?'))} sources in the catalog "
                       f"({sec['merge']:.1f} s)")
-    if mer.get("lens_candidates") is not None:
-        console.print(f"lenses:  {mer['lens_candidates']} lens candidate(s) above lens_score "
-                      f"{cfg.merge.lens_threshold}: {mer['paths']['lens_candidates']}")
-    if mer.get("anomalies") is not None:
-        st = mer.get("anomaly_score_stats") or {}
-        console.print(f"anomaly: {st.get('n', '?')} source(s) scored; the {mer['anomalies']} most anomalous, ranked: "
-                      f"{mer['paths']['anomalies']}" + (f" (stamps: {mer['paths']['anomaly_stamps']})"
-                                                         if "anomaly_stamps" in mer["paths"] else ""))
-    if mer.get("clusters") is not None:
-        console.print(f"cluster: {mer['clusters']} galaxy cluster(s) (members carry cluster_id in the catalog): "
-                      f"{mer['paths']['clusters']}")
-        import pandas as pd
-        for c in pd.read_parquet(mer["paths"]["clusters"]).head(10).itertuples():
-            console.print(f"         cluster {c.cluster_id}: ra {c.ra:.4f} dec {c.dec:+.4f} z {c.z:.2f} richness "
-                          f"{c.richness:.0f} score {c.score:.2f}, {c.n_members} member(s)")
+    for line in mer.get("report", []):  # what the stages' merge steps wrote
+        console.print(line, markup=False)
     for r in ing:
         if r["status"] == "failed":
             console.print(f"[bold red]failed field:[/] {r['error']}")
@@ -211,8 +202,8 @@ def run(
     second SIGUSR1 releases them), the merge is skipped and the exit status is 3; run again to resume."""
     import signal
 
-    from deepfield.flows.process import request_stop
     from deepfield.flows.run_config import RunConfigError, load_run_config
+    from deepfield.tasks.actor_pool import request_stop
 
     try:
         cfg = load_run_config(config, run_dir=str(run_dir.resolve()) if run_dir else None)
@@ -291,6 +282,7 @@ def demo(
     """Simulate a small two-field survey, run it end to end, and print what was found and where."""
     import yaml
 
+    from deepfield.flows.evaluate.demo import demo_completeness
     from deepfield.flows.run_config import RunConfig
     from deepfield.tasks.preview import write_preview
     from deepfield.tasks.sim.config import SimConfig
@@ -326,24 +318,6 @@ def demo(
     typer.echo(f"  preview:           {png}")
     if summary["failed_fields"] or summary["failed_tiles"]:
         raise typer.Exit(1)
-
-
-def demo_completeness(truth_path: Path, merge: dict, mag_limit: float = 24.0) -> dict:
-    """Fraction of primary truth galaxies and stars brighter than mag_limit in i with a catalog
-    source within 1 arcsec."""
-    import numpy as np
-    import pandas as pd
-    from astropy.coordinates import SkyCoord
-
-    truth = pd.read_parquet(truth_path)
-    t = truth[truth.is_primary & truth.kind.isin(["galaxy", "star", "bcg"]) & (truth.mag_i < mag_limit)]
-    cat = pd.read_parquet(merge["paths"]["parquet"], columns=["ra", "dec"])
-    if len(t) == 0 or len(cat) == 0:
-        return dict(n=len(t), matched=0, fraction=0.0)
-    _, sep, _ = SkyCoord(t.ra.values, t.dec.values, unit="deg").match_to_catalog_sky(
-        SkyCoord(cat.ra.values, cat.dec.values, unit="deg"))
-    matched = int(np.sum(sep.arcsec < 1.0))
-    return dict(n=len(t), matched=matched, fraction=matched / len(t))
 
 
 def main() -> None:  # pragma: no cover - console script entry point

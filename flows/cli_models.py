@@ -1,12 +1,19 @@
 """`deepfield train ...` and `deepfield eval ...`: training and evaluation of the models in `models/` on
-simulated data. Registered on the main command line by flows/cli.py; the README's command reference
+simulated data. A `train` command makes its data with a training-set builder (tasks/trainsets/) and hands
+the arrays to the model's training loop (models/train_*.py); an `eval` command runs an evaluation flow
+(flows/evaluate/). Registered on the main command line by flows/cli.py; the README's command reference
 mirrors every option."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import typer
+
+from deepfield.models.progress import say
+from deepfield.tasks.atomic import atomic_path, write_text
 
 from .cli_common import console, fail
 
@@ -14,22 +21,29 @@ train_app = typer.Typer(no_args_is_help=True, help="Train a model on simulated d
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a model on held-out simulated data.")
 
 
-def _train(name: str, model: str, train, out: Path | None, **options) -> dict:
-    """Run one model's `train(out, command=..., **options)`, write its record beside the weights and print
+def _save_json(obj, path: Path) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=float))
+
+
+def _train(name: str, model: str, fit: Callable[[str], tuple[dict, dict]], out: Path | None) -> dict:
+    """Run one model's `fit(command) -> (record, weights)`, write the weights with the record inside and the
+    record beside them as JSON (both atomically: a killed run leaves the old files or the new), and print
     where both are. The record keeps the exact command line, so the weights can be reproduced."""
-    from deepfield.models.records import save_json
+    import torch
+
     from deepfield.models.registry import entry
     out = out or entry(model).weights
     command = " ".join([f"deepfield train {name}", *sys.argv[3:]])
-    rec = train(out, command=command, **options)
-    save_json(rec, out.with_suffix(".train.json"))
+    rec, state = fit(command)
+    with atomic_path(out) as tmp:
+        torch.save(dict(rec, state_dict=state), tmp)
+    _save_json(rec, out.with_suffix(".train.json"))
     console.print(f"weights: {out}\nrecord: {out.with_suffix('.train.json')}")
     return rec
 
 
 def _evaluate(evaluate, format_report, weights: Path | None, out: Path | None, **options) -> None:
     """Run one model's `evaluate(weights=..., **options)`, print its report and write the figures to `out`."""
-    from deepfield.models.records import save_json
     if weights is not None and not weights.exists():
         fail(f"{weights}: no such weights file")
     try:
@@ -38,7 +52,7 @@ def _evaluate(evaluate, format_report, weights: Path | None, out: Path | None, *
         fail(str(exc))
     print(format_report(r))
     if out:
-        save_json(r, out)
+        _save_json(r, out)
         console.print(f"figures: {out}")
 
 
@@ -56,8 +70,15 @@ def train_lens(
 ) -> None:
     """Train the strong-lens CNN (models/lens_cnn.py) on simulated lenses and hard negatives."""
     from deepfield.models.train_lens import MODEL, train
-    rec = _train("lens", MODEL, train, out, n_train=n_train, n_val=n_val, epochs=epochs, batch=batch, lr=lr,
-                 seed=seed, workers=workers, device=device)
+    from deepfield.tasks.trainsets.lens_stamps import StampConfig, training_sets
+
+    def fit(command: str):
+        cfg = StampConfig()
+        tr, va, seconds = training_sets(n_train, n_val, seed, cfg, workers, say)
+        return train(tr, va, epochs=epochs, batch=batch, lr=lr, seed=seed, device=device,
+                     record=dict(stamp_config=cfg.model_dump(mode="json"), n_train=n_train, n_val=n_val,
+                                 command=command, data_seconds=round(seconds, 1)))
+    rec = _train("lens", MODEL, fit, out)
     last = rec["history"][-1]
     console.print(f"final val loss {last['val_loss']:.4f}, val AUROC {last['val_auroc']:.4f}")
 
@@ -76,7 +97,7 @@ def eval_lens(
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """AUROC, TPR0, TPR10 (Metcalf et al. 2019), completeness and throughput of the lens CNN."""
-    from deepfield.models.train_lens import evaluate, format_report
+    from deepfield.flows.evaluate.lens import evaluate, format_report
 
     def both(weights):  # the same configuration, then the shifted one
         return [evaluate(weights, n, lens_fraction, seed, s, workers, device, batch) for s in (False, True)[:1 + shifted]]
@@ -100,9 +121,17 @@ def train_deblend(
 ) -> None:
     """Train the learned deblender (models/deblend_unet.py) on simulated blends of 2-4 galaxies."""
     from deepfield.models.train_deblend import MODEL, train
-    rec = _train("deblend", MODEL, train, out, n_train=n_train, n_val=n_val, epochs=epochs, batch=batch, lr=lr,
-                 seed=seed, workers=workers, device=device, threads=threads,
-                 widths=tuple(int(w) for w in widths.split(",")))
+    from deepfield.tasks.trainsets.blend_stamps import BlendConfig, training_examples
+
+    def fit(command: str):
+        cfg = BlendConfig()
+        tr, va, seconds = training_examples(n_train, n_val, seed, cfg, workers, say)
+        return train(tr, va, ref_index=cfg.bands.index(cfg.reference_band), zeropoint=cfg.zeropoint, epochs=epochs,
+                     batch=batch, lr=lr, seed=seed, device=device, threads=threads,
+                     widths=tuple(int(w) for w in widths.split(",")),
+                     record=dict(blend_config=cfg.model_dump(mode="json"), n_train=n_train, n_val=n_val,
+                                 command=command, data_seconds=round(seconds, 1)))
+    rec = _train("deblend", MODEL, fit, out)
     console.print(f"final val flux loss {rec['history'][-1]['val_flux']:.4f}")
 
 
@@ -116,7 +145,7 @@ def eval_deblend(
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """Flux, colour and close-pair figures of the learned deblender beside SEP and scarlet2, and time per blend."""
-    from deepfield.models.eval_deblend import evaluate, format_report
+    from deepfield.flows.evaluate.deblend import evaluate, format_report
     if scarlet:
         import importlib.util
         if importlib.util.find_spec("scarlet2") is None:  # not imported here: jax must not load before the fork
@@ -139,10 +168,14 @@ def train_anomaly(
     cache: Path = typer.Option(None, help="keep the training stamps in this .npz and reuse them next time"),
 ) -> None:
     """Train the WGAN-GP anomaly scorer and its encoder (models/anomaly_gan.py) on simulated normal sources."""
-    from deepfield.models.train_anomaly import MODEL, train_from_fields
-    rec = _train("anomaly", MODEL, train_from_fields, out, fields=fields, field_size=field_size, iters=iters,
-                 enc_iters=enc_iters, batch=batch, seed=seed, workers=workers, device=device, threads=threads,
-                 cache=cache)
+    from deepfield.models.train_anomaly import MODEL, train
+    from deepfield.tasks.trainsets.anomaly import training_stamps
+
+    def fit(command: str):
+        x, data = training_stamps(fields, field_size, seed, workers, cache, progress=say)
+        return train(x, iters=iters, enc_iters=enc_iters, batch=batch, seed=seed, device=device, threads=threads,
+                     command=command, data=data)
+    rec = _train("anomaly", MODEL, fit, out)
     console.print(f"final Wasserstein estimate {rec['gan_log'][-1]['w']:.3f}; validation score (full mode) "
                   f"{rec['val_score']['full']['mean']:.1f} +- {rec['val_score']['full']['std']:.1f}")
 
@@ -159,7 +192,7 @@ def eval_anomaly(
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """AUROC, top-1% and top-0.1% precision, recovery by anomaly type and throughput of the full and fast modes."""
-    from deepfield.models.eval_anomaly import evaluate, format_report
+    from deepfield.flows.evaluate.anomaly import evaluate, format_report
     _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=field_size, seed=seed, steps=steps,
               workers=workers, device=device)
 
@@ -181,12 +214,17 @@ def train_cluster(
     threads: int = typer.Option(2, min=1, help="torch CPU threads"),
 ) -> None:
     """Train the cluster finder (models/cluster_net.py) on binned simulated fields with clusters."""
-    from deepfield.models.train_cluster import MODEL, train_from_fields
+    from deepfield.models.train_cluster import MODEL, train
+    from deepfield.tasks.trainsets.cluster import training_images
     if crop % 32:
         fail(f"--crop {crop}: must be a multiple of 32")
-    rec = _train("cluster", MODEL, train_from_fields, out, fields=fields, field_size=field_size, iters=iters,
-                 batch=batch, crop_size=crop, lr=lr, val_fields=val_fields, seed=seed, workers=workers, work=work,
-                 device=device, threads=threads)
+
+    def fit(command: str):
+        arch = dict(bands=["g", "r", "i", "z"], bin=8)
+        planes, truth, data = training_images(fields, field_size, seed, workers, work, arch["bands"], arch["bin"], say)
+        return train(planes, truth, iters=iters, batch=batch, crop_size=crop, lr=lr, val_fields=val_fields, seed=seed,
+                     device=device, threads=threads, command=command, data=data, arch=arch)
+    rec = _train("cluster", MODEL, fit, out)
     v = rec["final_val"]
     console.print(f"validation: completeness {v['completeness_rich']:.2f} (richness >= 30, z <= 0.8), purity "
                   f"{v['purity']:.2f}, sigma_z/(1+z) {v['sigma_z']:.3f}")
@@ -206,7 +244,7 @@ def eval_cluster(
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """Completeness, purity, centre offset and redshift error of the cluster finder beside the red-sequence baseline."""
-    from deepfield.models.eval_cluster import evaluate, format_report
+    from deepfield.flows.evaluate.cluster import evaluate, format_report
     _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=field_size,
               clusters_per_field=clusters_per_field, seed=seed, threshold=threshold, workers=workers, work=work,
               device=device)

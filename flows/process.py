@@ -1,202 +1,39 @@
-"""Processing: a Ray actor pool runs the tile runner over every tile of every complete field.
-
-One actor per GPU when the Ray cluster has GPUs (num_gpus=1: Ray gives each actor its own
-CUDA_VISIBLE_DEVICES), otherwise N CPU actors. Work in flight is bounded (a few tiles per actor).
-An actor that dies is replaced and its tiles retried; a tile that fails `max_attempts` times is
-marked failed in the ledger and the run goes on. The driver writes the ledger; actors write the
-tile outputs.
-
-A stop request (`request_stop`, e.g. from the SIGUSR1 a Slurm job receives before its walltime) makes
-the driver dispatch nothing more and wait for the tiles in flight; a second request, or `stop_grace`
-seconds, releases those too (they are not in the ledger, so the next run does them). The run then
-returns with `stopped` set and the ledger holds every tile that finished.
-"""
+"""The run flow's processing task: every tile not yet done is processed on the Ray actor pool
+(tasks/actor_pool.py), with a progress bar on standard error."""
 from __future__ import annotations
 
-import os
-import threading
-import time
-import traceback
-from collections import deque
-from typing import Callable
+from prefect import task
 
-from deepfield.tasks.ledger import Ledger, TileRecord
-from deepfield.tasks.stages.registry import STAGES
-from deepfield.tasks.tile_runner import TileRunner
-from deepfield.tasks.tiling import TileId
-from deepfield.tasks.zarr_store import complete_fields, field_grid, input_fingerprint, open_store
+from deepfield.tasks.actor_pool import run_tiles
 
-Progress = Callable[[int, int, str], None]
-
-_stop = threading.Event()
-_release = threading.Event()
+from .run_config import RunConfig
 
 
-def request_stop() -> None:
-    """Stop dispatching tiles (safe to call from a signal handler); a second call releases the tiles
-    in flight without waiting for them."""
-    if _stop.is_set():
-        _release.set()
-    _stop.set()
+def _progress_printer(label: str):
+    """A progress line on stderr (Prefect tasks run in this process; a bar needs a terminal)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.description}"), console=Console(stderr=True), transient=False)
+    task_id = prog.add_task("", total=None)
+
+    def update(done: int, total: int, msg: str) -> None:
+        if not prog.live.is_started:
+            prog.start()
+        prog.update(task_id, completed=done, total=total, description=msg)
+        if total and done >= total:
+            prog.stop()
+    return update, prog
 
 
-def clear_stop() -> None:
-    _stop.clear()
-    _release.clear()
-
-
-def stop_requested() -> bool:
-    return _stop.is_set()
-
-
-def all_tiles(root, halo: int) -> list[TileId]:
-    """Every tile of every complete field of an open store (tasks.zarr_store.open_store)."""
-    out = []
-    for name in complete_fields(root):
-        out += field_grid(root, name, halo).tiles(name)
-    return out
-
-
-def stage_versions(stages: list[tuple[str, dict]]) -> dict[str, str]:
-    return {name: str(STAGES[name].version) for name, _ in stages}
-
-
-def model_versions(stages: list[tuple[str, dict]]) -> dict[str, str]:
-    """Version (weights sha256 prefix) of every model the configured stages use: a stage class lists
-    them in `models` (a tuple of registry names), or an instance's `weights` parameter names a file."""
-    from deepfield.models.registry import model_version, weights_version
-    out = {}
-    for name, params in stages:
-        for m in getattr(STAGES[name], "models", ()):
-            w = params.get("weights")
-            if w:
-                out[m] = "file:" + weights_version(w)
-            else:
-                out[m] = model_version(m)
-    return out
-
-
-def start_ray(address: str | None, num_cpus: int | None):
-    """Connect to a Ray cluster at `address`, or start (or reuse) a local one."""
-    import ray
-    if ray.is_initialized():
-        return ray
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    return ray
-
-
-def actor_plan(resources: dict, use_gpus: bool, num_actors: int | None) -> tuple[int, dict]:
-    """(number of actors, Ray actor options) for a cluster's resources: one actor per GPU, each
-    reserving exactly one (so no two share a GPU and Ray sets each one's CUDA_VISIBLE_DEVICES), or
-    `num_actors` (default: every CPU) single-CPU actors when there is no GPU."""
-    gpus = int(resources.get("GPU", 0)) if use_gpus else 0
-    if gpus:
-        return gpus, dict(num_gpus=1, num_cpus=1)
-    return num_actors or int(resources.get("CPU", os.cpu_count() or 1)), dict(num_cpus=1)
-
-
-def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: int, config_hash: str,
-              address: str | None = None, num_actors: int | None = None, use_gpus: bool = True,
-              in_flight_per_actor: int = 2, max_attempts: int = 3, progress: Progress | None = None,
-              actor_env: dict[str, str] | None = None, stop_grace: float = 600.0) -> dict:
-    """Process every tile not yet done under `config_hash`; returns a summary of the run.
-
-    actor_env: environment variables for the actors (e.g. DEEPFIELD_FAULT in fault drills).
-    stop_grace: after a stop request, seconds to wait for the tiles in flight before releasing them."""
-    ledger = Ledger(run_dir)
-    versions = stage_versions(stages)
-    mversions = model_versions(stages)
-    root = open_store(store)
-    tiles = all_tiles(root, halo)
-    inputs = {f: input_fingerprint(root, f) for f in {t.field for t in tiles}}
-    todo = [t for t in tiles if not ledger.is_done(t, config_hash, versions, mversions,
-                                                   output_root=ledger.root.parent, input_hash=inputs[t.field])]
-    summary = dict(tiles=len(tiles), skipped=len(tiles) - len(todo), done=0, failed=0, retries=0,
-                   actors=0, seconds=0.0, stage_seconds={}, stopped=False, released=0)
-    if progress:
-        progress(0, len(todo), f"{summary['skipped']} of {len(tiles)} tiles already done")
-    if not todo or stop_requested():
-        summary["stopped"] = bool(todo)
-        return summary
-    t_start = time.perf_counter()
-    ray = start_ray(address, num_actors)
-    n_actors, opts = actor_plan(ray.cluster_resources(), use_gpus, num_actors)
-    n_actors = max(1, min(n_actors, len(todo)))
-    if actor_env:
-        opts["runtime_env"] = {"env_vars": dict(actor_env)}
-    Actor = ray.remote(max_restarts=0, **opts)(TileRunner)
-
-    def new_actor():
-        return Actor.remote(store, run_dir, stages, halo)
-
-    actors = [new_actor() for _ in range(n_actors)]
-    load = [0] * n_actors
-    queue = deque((t, 1) for t in todo)
-    inflight: dict = {}  # ObjectRef -> (actor index, actor handle, tile, attempt)
-    done = 0
-    stage_time: dict[str, float] = {}
-    stop_at = None
-    while queue or inflight:
-        if stop_requested():
-            stop_at = stop_at or time.monotonic()
-            queue.clear()  # dispatch nothing more; the next run does these
-            if _release.is_set() or time.monotonic() - stop_at > stop_grace:
-                summary["released"] = len(inflight)
-                break
-        for k in range(n_actors):
-            while queue and load[k] < in_flight_per_actor:
-                tile, attempt = queue.popleft()
-                ref = actors[k].process.remote(str(tile), attempt)
-                inflight[ref] = (k, actors[k], tile, attempt)
-                load[k] += 1
-        if not inflight:
-            break
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-        if not ready:
-            continue
-        ref = ready[0]
-        k, handle, tile, attempt = inflight.pop(ref)
-        if actors[k] is handle:
-            load[k] -= 1
-        try:
-            res = ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
-            if actors[k] is handle:  # replace the dead actor once; its other tiles fail the same way
-                actors[k] = new_actor()
-                load[k] = 0
-            error = f"actor died: {type(exc).__name__}"
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-            error = "".join(traceback.format_exception_only(type(cause), cause)).strip()
-        else:
-            ledger.put(TileRecord(tile=str(tile), status="done", attempts=attempt, config_hash=config_hash,
-                                  stage_versions=versions, model_versions=mversions, timings=res["timings"],
-                                  counts=res["counts"],
-                                  output=res["output"], input_hash=inputs[tile.field], worker=res.get("worker", {})))
-            for name, sec in res["timings"].items():
-                stage_time[name] = stage_time.get(name, 0.0) + sec
-            done += 1
-            summary["done"] += 1
-            if progress:
-                progress(done, len(todo), str(tile))
-            continue
-        if attempt < max_attempts:
-            summary["retries"] += 1
-            queue.append((tile, attempt + 1))
-        else:
-            ledger.put(TileRecord(tile=str(tile), status="failed", attempts=attempt, config_hash=config_hash,
-                                  stage_versions=versions, model_versions=mversions, error=error,
-                                  input_hash=inputs[tile.field]))
-            summary["failed"] += 1
-            done += 1
-            if progress:
-                progress(done, len(todo), f"{tile} FAILED")
-    for a in actors:
-        ray.kill(a)
-    summary.update(actors=n_actors, seconds=time.perf_counter() - t_start, stage_seconds=stage_time,
-                   stopped=stop_at is not None and summary["done"] + summary["failed"] < len(todo))
-    return summary
+@task(name="process-tiles")
+def process_task(cfg: RunConfig) -> dict:
+    update, prog = _progress_printer("processing tiles")
+    try:
+        return run_tiles(str(cfg.store_path), str(cfg.run_dir), cfg.stage_list(), cfg.halo, cfg.processing_hash(),
+                         address=cfg.ray.address, num_actors=cfg.ray.num_actors, use_gpus=cfg.ray.use_gpus,
+                         in_flight_per_actor=cfg.ray.in_flight_per_actor, max_attempts=cfg.ray.max_attempts,
+                         progress=update, stop_grace=cfg.ray.stop_grace, plugins=cfg.plugins)
+    finally:
+        if prog.live.is_started:
+            prog.stop()

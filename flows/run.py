@@ -5,66 +5,17 @@ import json
 import sys
 import time
 
-from prefect import flow, task
+from prefect import flow
 
-from deepfield.flows.ingest import ingest_flow
-from deepfield.flows.process import run_tiles
-from deepfield.flows.run_config import RunConfig
 from deepfield.tasks.atomic import write_text
 from deepfield.tasks.ingest_config import load_ingest_config
-from deepfield.tasks.zarr_store import open_store, sky_fields
+from deepfield.tasks.stages.registry import check_bands
+from deepfield.tasks.zarr_store import complete_fields, open_store
 
-
-def _progress_printer(label: str):
-    """A progress line on stderr (Prefect tasks run in this process; a bar needs a terminal)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.description}"), console=Console(stderr=True), transient=False)
-    task_id = prog.add_task("", total=None)
-
-    def update(done: int, total: int, msg: str) -> None:
-        if not prog.live.is_started:
-            prog.start()
-        prog.update(task_id, completed=done, total=total, description=msg)
-        if total and done >= total:
-            prog.stop()
-    return update, prog
-
-
-@task(name="process-tiles")
-def process_task(cfg: RunConfig) -> dict:
-    update, prog = _progress_printer("processing tiles")
-    try:
-        return run_tiles(str(cfg.store_path), str(cfg.run_dir), cfg.stage_list(), cfg.halo, cfg.processing_hash(),
-                         address=cfg.ray.address, num_actors=cfg.ray.num_actors, use_gpus=cfg.ray.use_gpus,
-                         in_flight_per_actor=cfg.ray.in_flight_per_actor, max_attempts=cfg.ray.max_attempts,
-                         progress=update, stop_grace=cfg.ray.stop_grace)
-    finally:
-        if prog.live.is_started:
-            prog.stop()
-
-
-@task(name="merge-catalogs")
-def merge_task(cfg: RunConfig) -> dict:
-    import logging
-
-    from deepfield.catalogs.merge import merge_catalog
-    for name in ("distributed", "hats_import", "hats", "lsdb"):  # their INFO lines drown the progress
-        logging.getLogger(name).setLevel(logging.WARNING)
-    fields = sky_fields(open_store(cfg.store_path))
-    client = None
-    if cfg.dask.address:
-        from dask.distributed import Client
-        client = Client(cfg.dask.address, timeout=60)
-    try:
-        return merge_catalog(cfg.run_dir, fields, cfg.run_dir / "catalogs", write_fits=cfg.merge.fits_export,
-                             lens_threshold=cfg.merge.lens_threshold, store_path=cfg.store_path,
-                             anomaly_top=cfg.merge.anomaly_top, anomaly_stamp=cfg.merge.anomaly_stamp,
-                             cluster_nms_mpc=cfg.merge.cluster_nms_mpc, client=client)
-    finally:
-        if client is not None:
-            client.close()
+from .ingest import ingest_flow
+from .merge import merge_task
+from .process import process_task
+from .run_config import RunConfig
 
 
 # its arguments are validated pydantic objects already; Prefect's re-validation fails in a flow run
@@ -73,7 +24,8 @@ def merge_task(cfg: RunConfig) -> dict:
 def run_flow(cfg: RunConfig) -> dict:
     """Ingest the inputs, process every tile, merge the catalogs; returns a summary of each step.
 
-    After a stop request (flows.process.request_stop: the walltime warning of a Slurm job) the tiles
+    A field without the bands a stage needs stops the run before processing with a BandError naming both.
+    After a stop request (tasks.actor_pool.request_stop: the walltime warning of a Slurm job) the tiles
     finished so far are in the ledger, the merge is skipped and the summary has `stopped` set."""
     t0 = time.perf_counter()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +33,9 @@ def run_flow(cfg: RunConfig) -> dict:
     t = time.perf_counter()
     ingest = ingest_flow(ingest_cfg, str(cfg.store_path))
     ingest_s = time.perf_counter() - t
+    root = open_store(cfg.store_path)
+    # before any tile: every field has the bands every stage needs (tasks.stages.registry.BandError otherwise)
+    check_bands(cfg.stage_list(), {f: list(root["fields"][f].attrs["bands"]) for f in complete_fields(root)})
     t = time.perf_counter()
     process = process_task(cfg)
     process_s = time.perf_counter() - t

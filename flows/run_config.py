@@ -1,31 +1,41 @@
-"""`deepfield run survey.yaml`: the validated configuration of a whole run (ingest -> process ->
-merge). Every key is documented in the README ("Run configuration")."""
+"""`deepfield run survey.yaml`: the validated configuration of a whole run (ingest -> process -> merge).
+Every key is documented in the README ("Run configuration").
+
+Everything is checked when the file is loaded, before Ray or Prefect start: unknown keys anywhere, every
+stage's parameters against its typed configuration, every merge step's against its own, and the stage
+order against the columns the stages declare they read and add. Each problem is one line naming the file,
+the stage (or merge step) and the key.
+"""
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deepfield.catalogs.steps import build_steps
 from deepfield.tasks.ingest_config import StoreSpec
+from deepfield.tasks.provenance import processing_hash
+from deepfield.tasks.stages.registry import DEFAULT_STAGES, check_order, load_plugins, stage_class
 from deepfield.tasks.yaml_io import read_mapping
-from deepfield.tasks.stages.registry import DEFAULT_STAGES, STAGES
+
+# merge keys of deepfield 0.1 that moved under their stage's merge step
+_MOVED_MERGE_KEYS = {"lens_threshold": "merge.lens.threshold", "anomaly_top": "merge.anomaly.top",
+                     "anomaly_stamp": "merge.anomaly.stamp", "cluster_nms_mpc": "merge.cluster.nms_mpc"}
 
 
 class StageSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="stage name from the registry")
-    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the stage")
+    params: dict[str, Any] = Field(default_factory=dict, description="the stage's parameters (its typed "
+                                   "configuration, tasks/stages/*.py and the README's stage table)")
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in STAGES:
-            raise ValueError(f"unknown stage {v!r}; known stages: {', '.join(sorted(STAGES))}")
-        return v
+    @model_validator(mode="after")
+    def _valid(self) -> "StageSpec":
+        # the full configuration with defaults, validated now: a mistyped key fails here, not on every tile
+        self.params = stage_class(self.name).configure(self.params).model_dump(mode="json")
+        return self
 
 
 class RaySpec(BaseModel):
@@ -49,16 +59,32 @@ class DaskSpec(BaseModel):
 
 
 class MergeSpec(BaseModel):
+    """`merge`: `fits_export`, and per stage with a merge step, `<stage name>: {its parameters}`."""
+
     model_config = ConfigDict(extra="forbid")
 
     fits_export: bool = Field(True, description="also write the source catalog as a FITS table")
-    lens_threshold: float = Field(0.5, ge=0, le=1, description="lens_score above which a source enters "
-                                  "the lens-candidate table")
-    anomaly_top: int = Field(100, ge=1, description="most anomalous sources (highest anomaly_sigma) kept in "
-                             "anomalies.parquet with their stamps")
-    anomaly_stamp: int = Field(64, ge=8, le=512, description="side of the anomaly stamps, pixels")
-    cluster_nms_mpc: float = Field(0.5, gt=0, le=5, description="cluster candidates closer than this (physical "
-                                   "Mpc at the stronger one's redshift) are one cluster")
+    steps: dict[str, dict[str, Any]] = Field(default_factory=dict, description="stage name -> parameters of "
+                                             "its merge step (written in YAML as merge.<stage name>)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_steps(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "steps" in data:
+            return data
+        moved = [k for k in data if k in _MOVED_MERGE_KEYS]
+        if moved:
+            raise ValueError("; ".join(f"merge.{k} is now {_MOVED_MERGE_KEYS[k]}" for k in moved))
+        common = {k: v for k, v in data.items() if k in cls.model_fields}
+        return dict(common, steps={k: v for k, v in data.items() if k not in cls.model_fields})
+
+    @field_validator("steps")
+    @classmethod
+    def _mappings(cls, v: dict) -> dict:
+        bad = [k for k, p in v.items() if not isinstance(p, dict)]
+        if bad:
+            raise ValueError(f"merge.{bad[0]} must be a mapping of the stage's merge-step parameters")
+        return v
 
 
 class RunConfig(BaseModel):
@@ -69,17 +95,42 @@ class RunConfig(BaseModel):
     store: Optional[Path] = Field(None, description="Zarr store (default: RUN_DIR/store.zarr)")
     store_layout: StoreSpec = Field(default_factory=StoreSpec)
     halo: int = Field(64, ge=0, le=2048, description="pixels read around each tile core")
+    plugins: list[str] = Field(default_factory=list, description="modules or .py files that register stages "
+                               "from outside deepfield; imported by the driver and by every actor")
     stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec(name=n) for n in DEFAULT_STAGES])
     ray: RaySpec = Field(default_factory=RaySpec)
     dask: DaskSpec = Field(default_factory=DaskSpec)
     merge: MergeSpec = Field(default_factory=MergeSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _load_plugins(cls, data: Any) -> Any:
+        # before the stages are validated: a plugin's stages must be in the registry by then
+        if isinstance(data, dict) and data.get("plugins"):
+            load_plugins([str(p) for p in data["plugins"]])
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        names = [s.name for s in self.stages]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"stages: {', '.join(dup)} listed more than once")
+        check_order(names)
+        build_steps(self.stage_list(), self.merge.steps)  # each merge step's parameters, and only real ones
+        return self
 
     @property
     def store_path(self) -> Path:
         return self.store or (self.run_dir / "store.zarr")
 
     def stage_list(self) -> list[tuple[str, dict]]:
+        """[(stage name, its full configuration)] in run order."""
         return [(s.name, dict(s.params)) for s in self.stages]
+
+    def merge_steps(self) -> list:
+        """The merge steps of the run's stages, configured (catalogs.steps.build_steps)."""
+        return build_steps(self.stage_list(), self.merge.steps)
 
     def with_addresses(self, ray_address: str | None = None, dask_address: str | None = None) -> "RunConfig":
         """A copy that reaches the given Ray cluster and Dask scheduler (None: keep the configured one)."""
@@ -88,26 +139,47 @@ class RunConfig(BaseModel):
         return self.model_copy(update={"ray": ray, "dask": dask})
 
     def processing_hash(self) -> str:
-        """Hash of everything that changes a tile's output: stages and their parameters, halo, layout."""
-        blob = json.dumps(dict(stages=self.stage_list(), halo=self.halo,
-                               tile=self.store_layout.tile), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """Hash of everything that changes a tile's output: stages and their configurations, halo, tile size."""
+        return processing_hash(self.stage_list(), self.halo, self.store_layout.tile)
 
 
 class RunConfigError(ValueError):
     pass
 
 
+def _problems(exc: ValidationError) -> list[str]:
+    """One line per validation problem: where (the key path; a stage by its name) and what."""
+    out = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        where = ".".join(loc)
+        for line in msg.splitlines():
+            out.append(f"{where}: {line}" if where else line)
+    return out
+
+
 def load_run_config(path: str | Path, **overrides) -> RunConfig:
-    """Read a run configuration; relative paths are relative to the file."""
+    """Read a run configuration; relative paths (inputs, run_dir, store, .py plugins) are relative to the file.
+    RunConfigError with one line per problem, each naming the file."""
     path = Path(path)
     data = read_mapping(path, RunConfigError, "run configuration")
     data.update({k: v for k, v in overrides.items() if v is not None})
+    base = path.resolve().parent
+    if isinstance(data.get("plugins"), list):
+        data["plugins"] = [str(base / p) if str(p).endswith(".py") and not Path(p).is_absolute() else p
+                           for p in data["plugins"]]
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise RunConfigError(f"{path}: invalid run configuration:\n{exc}") from None
-    base = path.resolve().parent
+        raise RunConfigError("\n".join(f"{path}: {p}" for p in _problems(exc))) from None
+    except ValueError as exc:  # a plugin that cannot be imported
+        raise RunConfigError(f"{path}: {exc}") from None
     fix = {k: (base / getattr(cfg, k)) for k in ("inputs", "run_dir", "store")
            if getattr(cfg, k) is not None and not getattr(cfg, k).is_absolute()}
     return cfg.model_copy(update=fix)
+
+
+__all__ = ["RunConfig", "RunConfigError", "StageSpec", "MergeSpec", "load_run_config"]

@@ -1,1 +1,2 @@
-"""PyTorch networks of the science stages, their training code, registry and shipped weights."""
+"""PyTorch networks of the science stages, their training loops (over arrays they are given), the model
+registry and the shipped weights and model cards. Imports nothing else of deepfield."""

@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .registry import register_model
 
 Z_DIM = 64
 LAMBDA = 0.3  # weight of the feature residual in the score (Storey-Fisher et al. 2021)
@@ -105,10 +104,6 @@ class AnomalyGAN(nn.Module):
         self.critic = Critic(len(bands), tuple(d_widths), size)
         self.encoder = Critic(len(bands), tuple(d_widths), size, out=z_dim)
 
-
-@register_model("anomaly_wgan", description="WGAN-GP generator, critic and encoder for anomaly scores, g r i 32x32")
-def anomaly_wgan(**kwargs) -> AnomalyGAN:
-    return AnomalyGAN(**kwargs)
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor | None = None

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import register_model
 
 STRIDE = 4
 HEAT_SIGMA = 2.0  # output pixels (12.8" at bin 8)
@@ -66,9 +65,16 @@ class ClusterNet(nn.Module):
         return self.heat(p)[:, 0], reg[:, 0], reg[:, 1]
 
 
-@register_model("cluster_net", description="centre-heat-map cluster finder on 8x-binned g,r,i,z images")
-def cluster_net(**kwargs) -> ClusterNet:
-    return ClusterNet(**kwargs)
+
+def window(planes: np.ndarray, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    """planes[:, y0:y0+h, x0:x0+w], zero where the window leaves the planes (outside the field)."""
+    c, ph, pw = planes.shape
+    out = np.zeros((c, h, w), np.float32)
+    ys, xs, ye, xe = max(y0, 0), max(x0, 0), min(y0 + h, ph), min(x0 + w, pw)
+    if ye > ys and xe > xs:
+        out[:, ys - y0:ye - y0, xs - x0:xe - x0] = planes[:, ys:ye, xs:xe]
+    return out
+
 
 
 def to_output(xb: np.ndarray) -> np.ndarray:

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .registry import register_model
 
 POSITION_SIGMA = 1.5  # px, width of the position channels
 
@@ -76,10 +75,6 @@ class DeblendUNet(nn.Module):
             x = merge(torch.cat([x, skips.pop()], dim=1))
         return torch.sigmoid(self.out(x))
 
-
-@register_model("deblend_unet", description="position-conditioned U-Net flux-fraction deblender, g r i z 48x48 stamps")
-def deblend_unet(**kwargs) -> DeblendUNet:
-    return DeblendUNet(**kwargs)
 
 
 def share(frac: np.ndarray, floor: float = 0.05) -> np.ndarray:

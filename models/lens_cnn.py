@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .registry import register_model
 
 
 def preprocess(images, sigma) -> torch.Tensor:
@@ -60,10 +59,6 @@ class LensResNet(nn.Module):
     def forward(self, x):
         return self.head(self.body(self.stem(x))).squeeze(1)
 
-
-@register_model("lens_resnet", description="pre-activation ResNet strong-lens classifier, g r i z 48x48 stamps")
-def lens_resnet(**kwargs) -> LensResNet:
-    return LensResNet(**kwargs)
 
 
 @torch.no_grad()

@@ -1,63 +1,86 @@
-"""Model registry: a name -> how to build the network, where its shipped weights and model card are.
+"""Model registry: a name -> the network class that builds it, its shipped weights, model card, input spec and
+version.
 
-In the style of timm's registry: a model module decorates a builder with `@register_model(name, ...)`;
-`create_model(name)` builds it and, with `pretrained=True` (the default), loads the weights shipped in
-`models/weights/<name>.pt`. The weights file also holds the training configuration and metrics, and
-`models/cards/<name>.md` is the human-readable model card (data, command, seed, epochs, metrics).
-Stages load their models only through `create_model`, so the ledger can record `model_version(name)`
-(the first 12 hex digits of the weights' sha256) and re-run tiles when the weights change.
+In the style of timm's registry, with the table written out here instead of filled by decorators at import:
+the registry imports no network module (so it needs no torch and there is no import circle), and
+`create_model(name)` imports the class only when it builds it. With `pretrained=True` (the default) it loads
+the weights shipped in `models/weights/<name>.pt`; the weights file also holds the training record
+(configuration, data, metrics), which `models/weights/<name>.train.json` repeats in JSON, and
+`models/cards/<name>.md` is the human-readable model card (data, command, seed, metrics).
+
+- `model_version(name)`: the first 12 hex digits of the shipped weights' sha256, which the ledger records
+  so that tiles are redone when the weights change (`weights_version` for another weights file).
+- `training_record(name, weights)` and `input_bands(name, weights)`: what a model was trained on, read from
+  the JSON record beside the weights (no torch needed), so that a stage can say which bands it needs
+  before anything runs.
+- `register_model`: a model from outside this package (a plugin stage's) joins the table.
+
+A new network is one module and one line in `_ENTRIES`.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 WEIGHTS_DIR = HERE / "weights"
 CARDS_DIR = HERE / "cards"
 
+__all__ = ["ModelEntry", "register_model", "list_models", "entry", "weights_version", "model_version",
+           "training_record", "input_bands", "create_model"]
+
 
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    builder: Callable[..., object]
+    target: str  # "module:attribute", the class (or function) that builds the network from keyword arguments
     description: str
+    weights_dir: Path = WEIGHTS_DIR
+    cards_dir: Path = CARDS_DIR
 
     @property
     def weights(self) -> Path:
-        return WEIGHTS_DIR / f"{self.name}.pt"
+        return self.weights_dir / f"{self.name}.pt"
 
     @property
     def card(self) -> Path:
-        return CARDS_DIR / f"{self.name}.md"
+        return self.cards_dir / f"{self.name}.md"
+
+    def builder(self):
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
 
-_REGISTRY: dict[str, ModelEntry] = {}
+_ENTRIES = (
+    ModelEntry("lens_resnet", "deepfield.models.lens_cnn:LensResNet",
+               "pre-activation ResNet strong-lens classifier, g r i z 48x48 stamps"),
+    ModelEntry("deblend_unet", "deepfield.models.deblend_unet:DeblendUNet",
+               "position-conditioned U-Net flux-fraction deblender, g r i z 48x48 stamps"),
+    ModelEntry("anomaly_wgan", "deepfield.models.anomaly_gan:AnomalyGAN",
+               "WGAN-GP generator, critic and encoder for anomaly scores, g r i 32x32"),
+    ModelEntry("cluster_net", "deepfield.models.cluster_net:ClusterNet",
+               "centre-heat-map cluster finder on 8x-binned g,r,i,z images"),
+)
+_REGISTRY: dict[str, ModelEntry] = {e.name: e for e in _ENTRIES}
 
 
-def register_model(name: str, description: str = ""):
-    """Decorator: register `builder(**kwargs) -> torch.nn.Module` under `name`."""
-    def wrap(fn):
-        if name in _REGISTRY and _REGISTRY[name].builder is not fn:
-            raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelEntry(name, fn, description or (fn.__doc__ or "").strip().split("\n")[0])
-        return fn
-    return wrap
-
-
-def _load_all() -> None:
-    from . import anomaly_gan, cluster_net, deblend_unet, lens_cnn  # noqa: F401  (register their models)
+def register_model(entry: ModelEntry) -> ModelEntry:
+    """Add a model to the registry (a plugin's); ValueError when the name is taken by another entry."""
+    old = _REGISTRY.get(entry.name)
+    if old is not None and old != entry:
+        raise ValueError(f"model {entry.name!r} is already registered ({old.target})")
+    _REGISTRY[entry.name] = entry
+    return entry
 
 
 def list_models() -> list[str]:
-    _load_all()
     return sorted(_REGISTRY)
 
 
 def entry(name: str) -> ModelEntry:
-    _load_all()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -75,6 +98,36 @@ def model_version(name: str) -> str:
     return weights_version(w) if w.exists() else "untrained"
 
 
+def _weights_path(name: str, weights: str | Path | None) -> Path:
+    path = Path(weights) if weights is not None else entry(name).weights
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no weights for model {name!r}; train them with "
+                                f"`deepfield train` (see {entry(name).card.name})")
+    return path
+
+
+def training_record(name: str, weights: str | Path | None = None) -> dict:
+    """The training record of the weights of `name` (the shipped ones, or the file `weights`): the JSON
+    record written beside them (`<weights>.train.json`), or the record inside the weights file itself."""
+    path = _weights_path(name, weights)
+    beside = path.with_suffix(".train.json")
+    if beside.exists():
+        return json.loads(beside.read_text())
+    import torch
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return {k: v for k, v in state.items() if k != "state_dict"}
+
+
+def input_bands(name: str, weights: str | Path | None = None) -> list[str]:
+    """The bands, in channel order, that the weights of `name` take (from their training record)."""
+    rec = training_record(name, weights)
+    for key in ("arch", "stamp_config", "blend_config"):
+        bands = (rec.get(key) or {}).get("bands")
+        if bands:
+            return list(bands)
+    raise ValueError(f"{_weights_path(name, weights)}: the training record of model {name!r} names no bands")
+
+
 def create_model(name: str, pretrained: bool = True, device: str = "cpu", weights: str | Path | None = None,
                  **kwargs):
     """Build model `name` (eval mode, on `device`); load its shipped weights (or the file `weights`).
@@ -86,13 +139,9 @@ def create_model(name: str, pretrained: bool = True, device: str = "cpu", weight
     e = entry(name)
     state = None
     if pretrained or weights is not None:
-        path = Path(weights) if weights is not None else e.weights
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no weights for model {name!r}; train them with "
-                                    f"`deepfield train` (see {e.card.name})")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(_weights_path(name, weights), map_location="cpu", weights_only=False)
         kwargs = {**state.get("arch", {}), **kwargs}
-    model = e.builder(**kwargs)
+    model = e.builder()(**kwargs)
     if state is not None:
         model.load_state_dict(state["state_dict"])
         model.training_info = {k: v for k, v in state.items() if k != "state_dict"}

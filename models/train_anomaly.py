@@ -1,7 +1,7 @@
 """Training of the GAN anomaly scorer (`deepfield train anomaly`).
 
 Data: stamps of the sources the `anomaly` stage selects in simulated fields of normal sources only
-(models.anomaly_data.training_fields: galaxies, stars, clusters, masked detector defects; no anomalies
+(tasks.trainsets.anomaly.training_stamps: galaxies, stars, clusters, masked detector defects; no anomalies
 and no artefacts), cut and scaled as the stage does. 5% of them are kept back for validation.
 
 1. WGAN-GP (Gulrajani et al. 2017), as Storey-Fisher et al. 2021: five critic steps per generator step,
@@ -16,14 +16,13 @@ Same command, same seed, same software: same weights on a CPU.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .anomaly_gan import LAMBDA, AnomalyGAN, anomaly_scores, frozen, gradient_penalty, residuals
 from .augment import dihedral
-from .records import save_weights, say
+from .progress import say
 
 MODEL = "anomaly_wgan"
 GP_WEIGHT = 10.0
@@ -109,11 +108,11 @@ def train_encoder(model: AnomalyGAN, x: torch.Tensor, iters: int, batch: int, se
     return log
 
 
-def train(out: Path, stamps: np.ndarray, iters: int = 3000, enc_iters: int = 3000, batch: int = 64,
+def train(stamps: np.ndarray, iters: int = 3000, enc_iters: int = 3000, batch: int = 64,
           seed: int = 0, device: str = "cpu", threads: int = 1, command: str = "", data: dict | None = None,
-          arch: dict | None = None) -> dict:
-    """Train on scaled `stamps` (N, 3, S, S) of normal sources; save weights + record to `out`; return the
-    record. data: how the stamps were made (recorded)."""
+          arch: dict | None = None) -> tuple[dict, dict]:
+    """Train on scaled `stamps` (N, 3, S, S) of normal sources; returns the training record and the weights
+    (state dict). data: how the stamps were made (recorded)."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
@@ -138,39 +137,4 @@ def train(out: Path, stamps: np.ndarray, iters: int = 3000, enc_iters: int = 300
                   val_score=dict({m: dict(mean=float(v.mean()), std=float(v.std())) for m, v in val.items()}),
                   gan_seconds=round(t_gan, 1), encoder_seconds=round(t_enc, 1), torch=torch.__version__,
                   device=device, threads=threads)
-    save_weights(out, record, model.state_dict())  # atomic: a killed run leaves the old weights or the new
-    return record
-
-
-def training_stamps(fields: int = 8, field_size: int = 2048, seed: int = 0, workers: int = 2,
-                    cache: Path | None = None) -> tuple[np.ndarray, dict]:
-    """Scaled stamps of the anomaly stage's selection in `fields` simulated fields of normal sources (field
-    seed seed * 1000 + 1), and a description of them. cache: an .npz file reused when it was made with the
-    same fields, size and seed, written otherwise."""
-    from deepfield.tasks.stages.anomaly import AnomalyStage
-
-    from .anomaly_data import field_stamps, training_fields
-    data = dict(fields=fields, field_size=field_size, field_seed=seed * 1000 + 1, selection="AnomalyStage defaults")
-    if cache is not None and Path(cache).exists():
-        z = np.load(cache, allow_pickle=False)
-        if {k: z[k].item() for k in ("fields", "field_size", "field_seed")} == {k: data[k] for k in ("fields", "field_size", "field_seed")}:
-            say(f"stamps from {cache}")
-            return z["x"], dict(data, n=int(len(z["x"])))
-        say(f"{cache} was made from other fields; simulating again")
-    say(f"simulating {fields} fields of {field_size}^2 px of normal sources and cutting stamps ...")
-    x, table = field_stamps(training_fields(data["field_seed"], fields, field_size), AnomalyStage(), workers=workers,
-                            progress=say)
-    x = x[(table.label == "normal").to_numpy()]
-    if cache is not None:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(cache).with_name(Path(cache).name + ".tmp.npz")
-        np.savez(tmp, x=x, fields=fields, field_size=field_size, field_seed=data["field_seed"])
-        tmp.replace(cache)
-    return x, dict(data, n=int(len(x)))
-
-
-def train_from_fields(out: Path, fields: int = 8, field_size: int = 2048, seed: int = 0, workers: int = 2,
-                      cache: Path | None = None, **options) -> dict:
-    """`deepfield train anomaly`: make (or reuse) the training stamps, then train (see `train`)."""
-    x, data = training_stamps(fields, field_size, seed, workers, cache)
-    return train(out, x, seed=seed, data=data, **options)
+    return record, model.state_dict()

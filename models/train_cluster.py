@@ -1,7 +1,7 @@
 """Training of the cluster finder (`deepfield train cluster`).
 
-Data: simulated fields with three clusters each on average (models/cluster_data.py), binned as the stage
-bins them. A seeded choice of `val_fields` fields is kept back for validation.
+Data: simulated fields with three clusters each on average (tasks/trainsets/cluster.py), binned as the
+stage bins them. A seeded choice of `val_fields` fields is kept back for validation.
 
 Each step draws `batch` crops of `crop` x `crop` binned pixels (205" at 128): 60% centred near a random
 cluster of a random training field (anywhere within the crop's inner part), the rest anywhere (up to 16
@@ -18,17 +18,14 @@ Same command, same seed, same software: same weights on a CPU.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from deepfield.tasks.stages.cluster import window
-
 from .augment import dihedral
-from .cluster_net import STRIDE, ClusterNet, detect, loss_terms, targets
-from .records import save_weights, say
+from .cluster_net import STRIDE, ClusterNet, detect, loss_terms, targets, window
+from .progress import say
 
 MODEL = "cluster_net"
 POSITIVE_FRACTION = 0.6
@@ -103,11 +100,12 @@ def validate(model: ClusterNet, planes: np.ndarray, truth: pd.DataFrame, fields:
                 sigma_z=float(1.4826 * np.median(np.abs(dz))) if dz else float("nan"))
 
 
-def train(out: Path, planes: np.ndarray, truth: pd.DataFrame, iters: int = 3000, batch: int = 16, crop_size: int = 128,
+def train(planes: np.ndarray, truth: pd.DataFrame, iters: int = 3000, batch: int = 16, crop_size: int = 128,
           lr: float = 2e-3, val_fields: int = 4, seed: int = 0, device: str = "cpu", threads: int = 2,
-          log_every: int = 100, command: str = "", data: dict | None = None, arch: dict | None = None) -> dict:
-    """Train on binned field `planes` (F, C, H, W) and their `truth` (cluster_data.field_images); save the
-    weights and record to `out` (atomically); return the record."""
+          log_every: int = 100, command: str = "", data: dict | None = None, arch: dict | None = None
+          ) -> tuple[dict, dict]:
+    """Train on binned field `planes` (F, C, H, W) and their `truth` (tasks.trainsets.cluster.field_images);
+    returns the training record and the weights (state dict)."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
@@ -150,29 +148,4 @@ def train(out: Path, planes: np.ndarray, truth: pd.DataFrame, iters: int = 3000,
                   train_fields=[int(k) for k in tr], val_fields=[int(k) for k in va], log=log,
                   final_val=log[-1].get("val"), seconds=round(time.perf_counter() - t0, 1), command=command,
                   data=data or {}, torch=torch.__version__, device=device, threads=threads)
-    save_weights(out, record, model.state_dict())
-    return record
-
-
-def train_from_fields(out: Path, fields: int = 36, field_size: int = 2048, seed: int = 0, workers: int = 2,
-                      work: Path | None = None, **options) -> dict:
-    """`deepfield train cluster`: simulate and bin the training fields (kept in `work`, reused when there),
-    then train (see `train`)."""
-    import shutil
-    import tempfile
-
-    from .cluster_data import FIELD_SEED, simulated_images, training_fields
-    field_seed = FIELD_SEED + 1000 * seed
-    cfg = training_fields(field_seed, fields, field_size)
-    tmp = work is None
-    work = Path(tempfile.mkdtemp(prefix="deepfield-cluster-")) if tmp else Path(work)
-    try:
-        say(f"simulating {fields} fields of {field_size}^2 px (seed {field_seed}) into {work} and binning them ...")
-        arch = dict(bands=["g", "r", "i", "z"], bin=8)
-        planes, truth = simulated_images(cfg, work, arch["bin"], arch["bands"], workers, say)
-    finally:
-        if tmp:
-            shutil.rmtree(work, ignore_errors=True)
-    data = dict(fields=fields, field_size=field_size, field_seed=field_seed, clusters_per_field=3.0,
-                n_clusters=int(len(truth)))
-    return train(out, planes, truth, seed=seed, data=data, arch=arch, **options)
+    return record, model.state_dict()

@@ -51,12 +51,25 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
+        publish(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(src: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move a finished file or directory `src` onto `target` (same file system): a file atomically; a
+    directory by removing an old `target` just before the rename, so that after a crash `target` is the old
+    complete one, the new complete one, or absent, never partial."""
+    src, target = Path(src), Path(target)
+    if src.is_dir():
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.rename(src, target)
+    else:
+        os.replace(src, target)
 
 
 def clean_stale_temporaries(directory: str | os.PathLike) -> int:

@@ -3,8 +3,10 @@
 It loads its stages once, then for each tile reads the tile with its halo straight from the Zarr
 store (no pixels pass through the driver), runs the stages in order, writes the tile's source table
 to `RUN/tiles/<field>/<ty>_<tx>.parquet` atomically and returns a small summary. A stage that finds
-objects other than sources (the cluster finder's candidates) leaves them in `tile.tables[name]`; each is
-written to `RUN/tiles/<field>/<ty>_<tx>.<name>.parquet`, atomically and before the source table.
+objects other than sources (the cluster finder's candidates) leaves them in `tile.tables[name]`, under a name
+it declares in `side_tables` (a table it does not declare fails the tile); each is written to
+`RUN/tiles/<field>/<ty>_<tx>.<name>.parquet`, atomically and before the source table. Stages from plugin
+modules (the run configuration's `plugins`) are imported before the stages are built.
 
 Fault injection for tests and drills: DEEPFIELD_FAULT="kill:<tile>" makes the process exit on the
 first attempt at that tile (an actor killed mid-tile); "raise:<tile>" makes every attempt fail;
@@ -21,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from .atomic import atomic_path
-from .stages.registry import make_stage
+from .stages.registry import load_plugins, make_stage
 from .tiling import TileId
 from .zarr_store import open_store, read_tile
 
@@ -71,12 +73,14 @@ def _fault(tile: str, attempt: int) -> None:
 
 
 class TileRunner:
-    """Runs the configured stages over tiles. stages: [(name, params)] in order; halo in pixels."""
+    """Runs the configured stages over tiles. stages: [(name, params)] in order; halo in pixels; plugins:
+    modules or .py files to import first (they register stages from outside the package)."""
 
     def __init__(self, store: str, run_dir: str, stages: list[tuple[str, dict]], halo: int,
-                 device: str | None = None):
+                 device: str | None = None, plugins: list[str] | tuple[str, ...] = ()):
         self.store, self.run_dir, self.halo = store, Path(run_dir), int(halo)
         self.root = open_store(store)
+        load_plugins(plugins)
         self.stages = [make_stage(name, **params) for name, params in stages]
         self.device = device or pick_device()
         for s in self.stages:
@@ -97,7 +101,12 @@ class TileRunner:
         sources = pd.DataFrame()
         for stage in self.stages:
             t = time.perf_counter()
+            before = set(data.tables)
             sources = stage.run(data, sources)
+            undeclared = set(data.tables) - before - set(stage.side_tables)
+            if undeclared:
+                raise RuntimeError(f"stage {stage.name!r} wrote side table(s) {sorted(undeclared)} that it does not "
+                                   f"declare (side_tables = {stage.side_tables})")
             timings[stage.name] = time.perf_counter() - t
         t = time.perf_counter()
         if len(sources):

@@ -1,6 +1,6 @@
 """Tiling geometry: tile ids, pixel boxes, the core/halo grid of a field, and sky ownership.
 
-Conventions (DESIGN.md, "Contracts", Tile):
+Conventions (docs/design.md, "Contracts", Tile):
 - pixel centres are at integer coordinates; pixel i covers [i - 0.5, i + 0.5), so the pixel of a
   continuous coordinate c is floor(c + 0.5) and a field of n pixels spans [-0.5, n - 0.5);
 - core (ty, tx) = [ty*T, (ty+1)*T) x [tx*T, (tx+1)*T) clipped to the field; the halo grows the
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.coordinates import SkyCoord
 from astropy.wcs import WCS
+
+from .astro import separation_arcsec
 
 __all__ = ["TileId", "Box", "TileGrid", "SkyField", "owner", "is_primary_field", "pixel_index"]
 
@@ -213,13 +215,8 @@ class SkyField:
             inside = (x >= -0.5) & (x < self.nx - 0.5) & (y >= -0.5) & (y < self.ny - 0.5)
         # guard against the far hemisphere, where a projection is not one-to-one
         c = self.centre
-        near = _separation_deg(ra, dec, c.ra.deg, c.dec.deg) < 90.0
+        near = separation_arcsec(c.ra.deg, c.dec.deg, ra, dec) < 90.0 * 3600.0
         return inside & near
-
-
-def _separation_deg(ra, dec, ra0: float, dec0: float) -> np.ndarray:
-    pos = SkyCoord(np.asarray(ra, float), np.asarray(dec, float), unit="deg")
-    return np.asarray(pos.separation(SkyCoord(ra0, dec0, unit="deg")).deg)
 
 
 def owner(ra, dec, fields: list[SkyField]) -> np.ndarray:
@@ -231,7 +228,7 @@ def owner(ra, dec, fields: list[SkyField]) -> np.ndarray:
     best_sep = np.full(ra.shape, np.inf)
     for k, f in enumerate(fields):
         c = f.centre
-        sep = _separation_deg(ra, dec, c.ra.deg, c.dec.deg)
+        sep = separation_arcsec(c.ra.deg, c.dec.deg, ra, dec)
         better = f.contains(ra, dec) & (sep < best_sep)  # strict: ties keep the lower index
         best[better] = k
         best_sep[better] = sep[better]

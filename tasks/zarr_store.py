@@ -95,6 +95,14 @@ def complete_fields(root: zarr.Group) -> list[str]:
     return sorted(n for n in root["fields"].group_keys() if field_record(root, n) is not None)
 
 
+def all_tiles(root: zarr.Group, halo: int) -> list[TileId]:
+    """Every tile of every complete field of an open store, field by field in row-major tile order."""
+    out = []
+    for name in complete_fields(root):
+        out += field_grid(root, name, halo).tiles(name)
+    return out
+
+
 def _array_path(arr: zarr.Array) -> str:
     """Filesystem directory of a zarr array in a local store."""
     return str(Path(str(arr.store_path.store.root)) / arr.path)

@@ -5,7 +5,7 @@ import os
 
 import ray
 
-from deepfield.flows.process import actor_plan
+from deepfield.tasks.actor_pool import actor_plan
 from deepfield.tasks.tile_runner import device_for
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from deepfield.models.anomaly_data import label_sources
+from deepfield.tasks.trainsets.anomaly import label_sources
 from deepfield.models.anomaly_gan import AnomalyGAN, anomaly_scores, gradient_penalty, scale_stamps
 from deepfield.models.registry import create_model, entry, model_version
 from deepfield.models.train_anomaly import N_CRITIC, critic_step, train_gan
 from deepfield.tasks.sim.artefacts import add_satellite_trail
-from deepfield.tasks.sim.stamp_survey import StampSurvey
+from deepfield.tasks.trainsets.stamp_survey import StampSurvey
 
 
 def test_shapes_and_determinism():

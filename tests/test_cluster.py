@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from deepfield.catalogs.clusters import assign_members, separation_arcsec, suppress
+from deepfield.catalogs.clusters import assign_members, suppress
+from deepfield.tasks.astro import separation_arcsec
 from deepfield.models.cluster_net import ClusterNet, from_output, predict, targets, to_output
 from deepfield.tasks import maskbits
 from deepfield.tasks.stages.cluster import SOFTENING, binned_planes
@@ -73,12 +74,15 @@ def test_short_training_lowers_the_loss(tmp_path):
     truth = pd.DataFrame(rows)
     torch.manual_seed(0)
     before = validate(ClusterNet(), planes, truth, np.array([0]), "cpu")["loss"]
-    rec = train(tmp_path / "w.pt", planes, truth, iters=60, batch=8, crop_size=64, lr=3e-3, val_fields=1, seed=0,
-                threads=1, log_every=30)
+    rec, state = train(planes, truth, iters=60, batch=8, crop_size=64, lr=3e-3, val_fields=1, seed=0, threads=1,
+                       log_every=30)
     assert rec["val_fields"] == [int(np.random.default_rng(0).permutation(3)[0])]
     assert rec["log"][-1]["total"] < rec["log"][0]["total"]
     assert rec["final_val"]["loss"] < 0.7 * before
-    assert (tmp_path / "w.pt").exists()
+    trained = ClusterNet(**rec["arch"])
+    trained.load_state_dict(state)  # the weights returned are the trained network's
+    assert validate(trained, planes, truth, np.array(rec["val_fields"]), "cpu")["loss"] == pytest.approx(
+        rec["final_val"]["loss"], rel=1e-5)
 
 
 def test_suppress_keeps_the_strongest_of_one_cluster():
@@ -96,7 +100,7 @@ def test_suppress_keeps_the_strongest_of_one_cluster():
 def _red_sequence_catalog(z: float, colour_shift: np.ndarray, r_arcsec: np.ndarray, rng) -> pd.DataFrame:
     """Galaxies at radius r_arcsec (random angles) around (150, 2) with the red-sequence colours of z (g-r,
     r-i, i-z) plus colour_shift (N, 3), and i within m* - 1 to m* + 1.5; errors 0.02 mag."""
-    from deepfield.catalogs.redsequence import red_sequence_model
+    from deepfield.tasks.astro import red_sequence_model
     m = red_sequence_model(["g", "r", "i", "z"], "i", z=[z])
     n = len(r_arcsec)
     col = m.colours[0] + colour_shift
@@ -142,7 +146,7 @@ def test_red_sequence_redshift_of_a_cluster_over_a_background():
 def boundary_cluster_run(tmp_path_factory):
     """One simulated 1024^2 field whose one rich cluster (richness 55, z 0.44) is centred 2 px from the
     boundary x = 512 between tile cores (tiles of 256 px), run through the cluster stage on every tile."""
-    from deepfield.flows.ingest import ingest_one
+    from deepfield.tasks.ingest import ingest_one
     from deepfield.tasks.ingest_config import StoreSpec, load_ingest_config
     from deepfield.tasks.sim.config import SimConfig
     from deepfield.tasks.sim.survey import simulate_survey
@@ -166,7 +170,7 @@ def boundary_cluster_run(tmp_path_factory):
 
 def test_shipped_weights_find_a_rich_cluster_on_a_tile_boundary_once(boundary_cluster_run):
     from deepfield.catalogs.clusters import read_candidates
-    from deepfield.tasks.sim.clusters import arcsec_per_mpc
+    from deepfield.tasks.astro import arcsec_per_mpc
     from deepfield.tasks.tile_runner import source_tables
 
     work = boundary_cluster_run

@@ -2,16 +2,17 @@
 weights on a synthetic two-galaxy blend, and the stage on a blend laid out as a tile."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from deepfield.models.deblend_unet import DeblendUNet, network_input, position_map
-from deepfield.models.eval_deblend import blend_tile, detect, match, sep_fluxes, unet_fluxes
+from deepfield.flows.evaluate.deblend import blend_tile, detect, match, sep_fluxes, unet_fluxes
+from deepfield.models.deblend_unet import DeblendUNet, position_map
 from deepfield.models.registry import create_model
-from deepfield.models.train_deblend import examples, train
-from deepfield.tasks.sim.blend_stamps import BlendConfig, simulate_blends
+from deepfield.tasks.trainsets.blend_stamps import BlendConfig, examples, simulate_blends
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +54,18 @@ def test_blends_and_training_targets(blends):
 
 
 def test_short_training_lowers_the_loss(tmp_path):
-    rec = train(tmp_path / "w.pt", n_train=96, n_val=24, epochs=3, batch=32, lr=3e-3, seed=1, workers=1)
-    h = rec["history"]
+    """`deepfield train deblend` end to end: blends from the training-set builder, the training loop, the
+    weights and their record written where asked, and loadable by the registry."""
+    from typer.testing import CliRunner
+
+    from deepfield.flows.cli import app
+    w = tmp_path / "w.pt"
+    r = CliRunner().invoke(app, ["train", "deblend", "--out", str(w), "--n-train", "96", "--n-val", "24", "--epochs",
+                                 "3", "--batch", "32", "--lr", "3e-3", "--seed", "1", "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    h = json.loads(w.with_suffix(".train.json").read_text())["history"]
     assert h[-1]["train_flux"] < h[0]["train_flux"]
-    assert create_model("deblend_unet", weights=tmp_path / "w.pt").training_info["n_train"] == 96
+    assert create_model("deblend_unet", weights=w).training_info["n_train"] == 96
 
 
 def test_shipped_weights_recover_a_two_galaxy_blend():

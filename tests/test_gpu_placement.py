@@ -25,7 +25,7 @@ def test_one_actor_per_gpu_each_with_its_own_device():
 
 
 def test_cpu_plan_without_gpus():
-    from deepfield.flows.process import actor_plan
+    from deepfield.tasks.actor_pool import actor_plan
     assert actor_plan({"CPU": 2.0}, use_gpus=True, num_actors=None) == (2, {"num_cpus": 1})
     assert actor_plan({"CPU": 8.0, "GPU": 4.0}, use_gpus=False, num_actors=3) == (3, {"num_cpus": 1})
     assert actor_plan({"CPU": 8.0, "GPU": 4.0}, use_gpus=True, num_actors=3) == (4, {"num_gpus": 1, "num_cpus": 1})

@@ -105,7 +105,7 @@ def test_bad_field_is_reported_and_others_proceed(survey, tmp_path, prefect_harn
 def test_writer_exception_leaves_no_complete_field(survey, tmp_path, monkeypatch):
     """A failure in the middle of writing a field's arrays leaves it incomplete, and a re-run finishes it."""
     import deepfield.tasks.zarr_store as zs
-    from deepfield.flows.ingest import ingest_one
+    from deepfield.tasks.ingest import ingest_one
     cfg = load_ingest_config(survey / "manifest.yaml", store=SPEC)
     spec = cfg.fields[0]
     store = tmp_path / "s.zarr"

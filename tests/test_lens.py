@@ -2,14 +2,16 @@
 short training run, the shipped weights on lens / non-lens pairs, and the stage on tile pixels."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from deepfield.models.lens_cnn import LensResNet, preprocess, score
-from deepfield.models.registry import create_model, list_models, model_version
-from deepfield.models.train_lens import metrics, tpr_at_fp, train
-from deepfield.tasks.sim.lens_stamps import StampConfig, _one_stamp, simulate_stamps
+from deepfield.models.registry import create_model, input_bands, list_models, model_version
+from deepfield.models.train_lens import metrics, tpr_at_fp
+from deepfield.tasks.trainsets.lens_stamps import StampConfig, _one_stamp, simulate_stamps
 
 
 def test_forward_shapes_and_determinism():
@@ -62,12 +64,21 @@ def test_stamps_are_reproducible_and_labelled():
 
 
 def test_short_training_lowers_the_loss(tmp_path):
-    rec = train(tmp_path / "w.pt", n_train=384, n_val=128, epochs=4, batch=64, lr=3e-3, seed=1, workers=1)
+    """`deepfield train lens` end to end: stamps from the training-set builder, the training loop, the weights
+    and their record written where asked, and loadable by the registry."""
+    from typer.testing import CliRunner
+
+    from deepfield.flows.cli import app
+    w = tmp_path / "w.pt"
+    r = CliRunner().invoke(app, ["train", "lens", "--out", str(w), "--n-train", "384", "--n-val", "128", "--epochs",
+                                 "4", "--batch", "64", "--lr", "3e-3", "--seed", "1", "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(w.with_suffix(".train.json").read_text())
     h = rec["history"]
     assert h[-1]["train_loss"] < h[0]["train_loss"]
-    assert (tmp_path / "w.pt").exists()
-    m = create_model("lens_resnet", weights=tmp_path / "w.pt")
-    assert m.training_info["n_train"] == 384
+    m = create_model("lens_resnet", weights=w)
+    assert m.training_info["n_train"] == 384 and m.training_info["history"] == h
+    assert input_bands("lens_resnet", w) == ["g", "r", "i", "z"]
 
 
 def test_shipped_weights_score_lenses_above_their_deflectors_alone():

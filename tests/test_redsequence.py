@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 from astropy.coordinates import SkyCoord
 
-from deepfield.catalogs.redsequence import find_clusters, red_sequence_model
-from deepfield.tasks.sim.clusters import arcsec_per_mpc, sample_cluster
+from deepfield.flows.evaluate.baseline_redsequence import find_clusters
+from deepfield.tasks.astro import arcsec_per_mpc, red_sequence_model
+from deepfield.tasks.sim.clusters import sample_cluster
 from deepfield.tasks.sim.config import DEFAULT_BANDS, SimConfig
 from deepfield.tasks.sim.population import sample_field_galaxies
 

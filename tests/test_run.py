@@ -15,14 +15,6 @@ from deepfield.tasks.ingest_config import StoreSpec
 from deepfield.tasks.ledger import summarise
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-
-
 def make_cfg(survey, run_dir) -> RunConfig:
     return RunConfig(inputs=survey / "manifest.yaml", run_dir=run_dir,
                      store_layout=StoreSpec(tile=512, chunk=128), halo=48)
@@ -160,7 +152,7 @@ def test_lens_candidate_table_holds_the_visible_lenses(run, survey):
 def test_killed_actor_is_replaced_and_the_catalog_is_unchanged(run, survey, tmp_path):
     """An actor process that dies mid-tile is replaced, the tile retried, and the catalog equals
     the clean run's."""
-    from deepfield.flows.process import run_tiles
+    from deepfield.tasks.actor_pool import run_tiles
     cfg, _, cat = run
     run_dir = tmp_path / "run"
     shutil.copytree(cfg.run_dir / "store.zarr", run_dir / "store.zarr")
@@ -178,7 +170,7 @@ def test_killed_actor_is_replaced_and_the_catalog_is_unchanged(run, survey, tmp_
 
 
 def test_tile_failing_three_times_is_marked_failed(run, tmp_path):
-    from deepfield.flows.process import run_tiles
+    from deepfield.tasks.actor_pool import run_tiles
     cfg, _, _ = run
     run_dir = tmp_path / "run"
     shutil.copytree(cfg.run_dir / "store.zarr", run_dir / "store.zarr")
@@ -236,7 +228,7 @@ def test_anomaly_scores_and_ranked_list(run, survey):
     from astropy.io import fits
     from sklearn.metrics import roc_auc_score
 
-    from deepfield.models.anomaly_data import label_sources
+    from deepfield.tasks.trainsets.anomaly import label_sources
     _, summary, cat = run
     sel = cat[cat.anomaly_selected]
     assert len(sel) > 200 and sel.anomaly_score.notna().all()
@@ -271,8 +263,8 @@ def test_cluster_catalog_and_members(run, survey, truth):
     (no two within the suppression radius), numbered by score, with n_members equal to the catalog's
     cluster_id counts; the survey's rich cluster (richness 106, z 0.39, 136 px from field001's edge) comes out
     once, near its BCG, at its redshift, and the galaxies assigned to it are mostly its true members."""
-    from deepfield.catalogs.clusters import separation_arcsec
-    from deepfield.tasks.sim.clusters import arcsec_per_mpc
+    from deepfield.tasks.astro import separation_arcsec
+    from deepfield.tasks.astro import arcsec_per_mpc
     cfg, summary, cat = run
     assert len(list((cfg.run_dir / "tiles").glob("*/*.clusters.parquet"))) == 8
     cl = pd.read_parquet(summary["merge"]["paths"]["clusters"])

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from deepfield.tasks.sim import clusters, seds
+from deepfield.tasks import astro
+from deepfield.tasks.sim import clusters
 from deepfield.tasks.sim.config import SimConfig
 from deepfield.tasks.sim.layout import survey_layout
 from deepfield.tasks.sim.noise import add_noise, noise_spec, saturate
@@ -16,19 +17,19 @@ from deepfield.tasks.sim.truth import blend_groups
 
 
 def test_red_sequence_reddens_with_redshift():
-    g_r = [float(seds.colour("E", z, "LSST_g.dat", "LSST_r.dat")) for z in (0.1, 0.3)]
-    r_i = [float(seds.colour("E", z, "LSST_r.dat", "LSST_i.dat")) for z in (0.3, 0.7)]
+    g_r = [float(astro.colour("E", z, "LSST_g.dat", "LSST_r.dat")) for z in (0.1, 0.3)]
+    r_i = [float(astro.colour("E", z, "LSST_r.dat", "LSST_i.dat")) for z in (0.3, 0.7)]
     assert 0.7 < g_r[0] < 1.1  # SDSS red sequence at z ~ 0.1: g - r ~ 0.9-1.0
     assert g_r[1] > g_r[0] + 0.3  # the 4000 A break leaves g
     assert r_i[1] > r_i[0] + 0.3  # and then r
-    blue = float(seds.colour("Im", 0.3, "LSST_g.dat", "LSST_r.dat"))
+    blue = float(astro.colour("Im", 0.3, "LSST_g.dat", "LSST_r.dat"))
     assert blue < g_r[1] - 0.5
 
 
 def test_k_correction_vanishes_at_zero_redshift():
-    assert abs(float(seds.k_correction("E", 0.0, "LSST_i.dat"))) < 1e-9
+    assert abs(float(astro.k_correction("E", 0.0, "LSST_i.dat"))) < 1e-9
     # apparent magnitude grows with distance: m*(0.6) fainter than m*(0.3)
-    assert clusters.m_star(0.6, "LSST_i.dat") > clusters.m_star(0.3, "LSST_i.dat") + 1.0
+    assert astro.m_star(0.6, "LSST_i.dat") > astro.m_star(0.3, "LSST_i.dat") + 1.0
 
 
 def test_power_law_magnitudes_have_the_requested_slope():

@@ -133,7 +133,7 @@ def test_protocol_and_registry():
     assert make_stage("detect", thresh=3.0).thresh == 3.0
     with pytest.raises(ValueError, match="known stages: anomaly, background, cluster, deblend, detect, lens, measure"):
         make_stage("no-such-stage")
-    with pytest.raises(ValueError, match="bad parameters"):
+    with pytest.raises(ValueError, match="stage .detect.: unknown parameter .nonsense."):
         make_stage("detect", nonsense=1)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 import galsim
 import numpy as np
 
-from deepfield.tasks.sim import seds
+from ..astro import band_mags
 from deepfield.tasks.sim.sources import Galaxy, array_profile, mag_to_flux
 
 SAMPLE_SCALE = 0.2 / 3.0  # arcsec; sampling of the array profiles (a third of a 0.2" pixel)
@@ -254,8 +254,8 @@ def _bulge_disk(rng, id, ra, dec, ref_mag, z, template, bandpasses, ref_band, an
     """A Galaxy whose bulge has E colours and disk `template` colours at redshift z."""
     ref_bp = _ref_bp(bandpasses, ref_band)
     fb = 0.9 if template == "E" else float(rng.uniform(0.05, 0.45))
-    mb = seds.band_mags(ref_mag - 2.5 * np.log10(fb), "E", z, bandpasses, ref_bp)
-    md = seds.band_mags(ref_mag - 2.5 * np.log10(1 - fb), template, z, bandpasses, ref_bp)
+    mb = band_mags(ref_mag - 2.5 * np.log10(fb), "E", z, bandpasses, ref_bp)
+    md = band_mags(ref_mag - 2.5 * np.log10(1 - fb), template, z, bandpasses, ref_bp)
     fbb = {b: float(1 / (1 + 10 ** (-0.4 * (md[b] - mb[b])))) for b in bandpasses}
     hlr = float(np.exp(rng.uniform(np.log(0.5), np.log(1.6))) * 10 ** (-0.1 * (ref_mag - 20)))
     return Galaxy(id=id, ra=ra, dec=dec, mag=_sum_mags(mb, md), bulge_frac=fbb, hlr_disk=hlr,
@@ -280,8 +280,8 @@ def sample_ring_galaxy(rng: np.random.Generator, id: int, ra: float, dec: float,
     a = rng.uniform(0, 2 * np.pi)
     return RingGalaxy(
         id=id, ra=ra, dec=dec, z=z,
-        ring_mag=seds.band_mags(m - 2.5 * np.log10(f_ring), "Im", z, bandpasses, ref_bp),
-        nucleus_mag=seds.band_mags(m - 2.5 * np.log10(1 - f_ring), "E", z, bandpasses, ref_bp),
+        ring_mag=band_mags(m - 2.5 * np.log10(f_ring), "Im", z, bandpasses, ref_bp),
+        nucleus_mag=band_mags(m - 2.5 * np.log10(1 - f_ring), "E", z, bandpasses, ref_bp),
         ring_radius=R, ring_width=float(R * rng.uniform(0.06, 0.15)), q=float(rng.uniform(0.5, 1.0)),
         pa=float(rng.uniform(0, 180)), knot_angles=tuple(float(v) for v in rng.uniform(0, 360, nk)),
         knot_fracs=tuple(float(v) for v in fr), knot_sigma=float(rng.uniform(0.08, 0.2)),
@@ -307,7 +307,7 @@ def sample_merger(rng: np.random.Generator, id: int, ra: float, dec: float,
     L = float(rng.uniform(3.0, 8.0))
     return Merger(id=id, ra=ra, dec=dec, gal1=g1, gal2=g2, dx1=float(dx * w1), dy1=float(dy * w1),
                   dx2=float(-dx * (1 - w1)), dy2=float(-dy * (1 - w1)), z=z,
-                  tail_mag=seds.band_mags(m - 2.5 * np.log10(ft), "Scd", z, bandpasses, ref_bp),
+                  tail_mag=band_mags(m - 2.5 * np.log10(ft), "Scd", z, bandpasses, ref_bp),
                   tail_length=L, tail_curvature=float(L * rng.uniform(1.0, 2.0)),
                   tail_angle=float(np.degrees(a) + rng.uniform(-70, 70)),
                   tail_sense=int(rng.choice([-1, 1])), tail_width=float(rng.uniform(0.2, 0.5)),

@@ -5,7 +5,7 @@ Assumptions (README, "Simulator assumptions"):
 - richness lambda = number of red members brighter than 0.2 L* inside R_lambda, with
   R_lambda = 1.0 h^-1 Mpc (lambda/100)^0.2 (redMaPPer, Rykoff et al. 2014);
 - red-sequence luminosity function: Schechter, alpha = -1.0, M*_i = -21.8 - 1.2 z (passive
-  evolution), members drawn down to the survey's faint limit;
+  evolution, tasks.astro.m_star), members drawn down to the survey's faint limit;
 - positions: 3-d NFW (concentration 4, truncated at R_lambda) projected on the sky;
 - sizes: R_e = 4 kpc (L/L*)^0.56 (early types, Shen et al. 2003), BCG twice that;
 - colours: the E template at the cluster redshift, 0.04 mag scatter.
@@ -15,29 +15,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from astropy.cosmology import Planck18
 
-from .seds import apparent_mag, band_mags
+from ..astro import arcsec_per_mpc, band_mags, m_star, r_lambda_mpc
 from .sources import Galaxy
 
-M_STAR_0 = -21.8
-EVOLUTION_Q = 1.2
 NFW_C = 4.0
 ALPHA = -1.0
-
-
-def m_star(z: float, ref_bp: str) -> float:
-    """Apparent reference-band magnitude of an L* red-sequence galaxy at redshift z."""
-    return float(apparent_mag(M_STAR_0 - EVOLUTION_Q * z, "E", z, ref_bp))
-
-
-def r_lambda_mpc(richness: float) -> float:
-    """redMaPPer cluster radius in physical Mpc."""
-    return 1.0 / Planck18.h * (richness / 100.0) ** 0.2
-
-
-def arcsec_per_mpc(z: float) -> float:
-    return float(206264.806 / Planck18.angular_diameter_distance(z).value)
 
 
 def sample_schechter(rng: np.random.Generator, n: int, x_min: float, x_max: float = 20.0) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..astro import BANDPASSES
 from ..yaml_io import read_mapping
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -28,12 +29,12 @@ class BandSpec(BaseModel):
 # assumptions close to CFHTLS-Wide u (~25.2) and Rubin's u-band seeing.
 # Sky: Rubin dark-sky brightness (Ivezic et al. 2019, ApJ 873, 111, table 2).
 DEFAULT_BANDS: dict[str, BandSpec] = {
-    "u": BandSpec(m5=25.3, psf_fwhm=0.92, sky_mag=22.99, bandpass="LSST_u.dat"),
-    "g": BandSpec(m5=26.5, psf_fwhm=0.77, sky_mag=22.26, bandpass="LSST_g.dat"),
-    "r": BandSpec(m5=26.1, psf_fwhm=0.76, sky_mag=21.20, bandpass="LSST_r.dat"),
-    "i": BandSpec(m5=25.9, psf_fwhm=0.58, sky_mag=20.48, bandpass="LSST_i.dat"),
-    "z": BandSpec(m5=25.1, psf_fwhm=0.68, sky_mag=19.60, bandpass="LSST_z.dat"),
-    "y": BandSpec(m5=24.4, psf_fwhm=0.68, sky_mag=18.61, bandpass="LSST_y.dat"),
+    "u": BandSpec(m5=25.3, psf_fwhm=0.92, sky_mag=22.99, bandpass=BANDPASSES["u"]),
+    "g": BandSpec(m5=26.5, psf_fwhm=0.77, sky_mag=22.26, bandpass=BANDPASSES["g"]),
+    "r": BandSpec(m5=26.1, psf_fwhm=0.76, sky_mag=21.20, bandpass=BANDPASSES["r"]),
+    "i": BandSpec(m5=25.9, psf_fwhm=0.58, sky_mag=20.48, bandpass=BANDPASSES["i"]),
+    "z": BandSpec(m5=25.1, psf_fwhm=0.68, sky_mag=19.60, bandpass=BANDPASSES["z"]),
+    "y": BandSpec(m5=24.4, psf_fwhm=0.68, sky_mag=18.61, bandpass=BANDPASSES["y"]),
 }
 
 

@@ -13,7 +13,7 @@ import galsim
 import numpy as np
 from astropy.cosmology import Planck18
 
-from . import seds
+from .. import astro
 from .sources import array_profile, mag_to_flux, pa_to_beta
 
 C_KMS = 299792.458
@@ -102,8 +102,8 @@ def sample_lens(rng: np.random.Generator, lens_id: int, ra: float, dec: float,
     ref_bp = bandpasses[ref_band]
     # Deflector: red elliptical on a Faber-Jackson relation with passive evolution.
     abs_mag = -21.8 - 1.2 * z_d - 10.0 * np.log10(sigma / 230.0) + rng.normal(0.0, 0.3)
-    ref_mag = float(seds.apparent_mag(abs_mag, "E", z_d, ref_bp))
-    defl_mag = seds.band_mags(ref_mag, "E", z_d, bandpasses, ref_bp)
+    ref_mag = float(astro.apparent_mag(abs_mag, "E", z_d, ref_bp))
+    defl_mag = astro.band_mags(ref_mag, "E", z_d, bandpasses, ref_bp)
     # Size-luminosity relation R_e = 3 kpc (L/L(M=-21.5))^0.5 on the evolution-corrected
     # luminosity, 0.1 dex scatter, clipped to 0.5-2 arcsec.
     r_kpc = 3.0 * 10.0 ** (-0.2 * (abs_mag + 1.2 * z_d + 21.5) + rng.normal(0.0, 0.1))
@@ -117,7 +117,7 @@ def sample_lens(rng: np.random.Generator, lens_id: int, ra: float, dec: float,
     # Source: compact star-forming galaxy, uniform in area within 0.5 theta_e of the axis.
     src_sed = str(rng.choice(["Im", "Scd"]))
     src_ref = float(rng.uniform(23.0, 25.5))
-    src_mag = seds.band_mags(src_ref, src_sed, z_s, bandpasses, ref_bp)
+    src_mag = astro.band_mags(src_ref, src_sed, z_s, bandpasses, ref_bp)
     r = 0.5 * theta_e * np.sqrt(rng.uniform())
     ang = rng.uniform(0.0, 2 * np.pi)
     return LensParams(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import SimConfig
-from .seds import band_mags
+from ..astro import band_mags
 from .sources import Galaxy, Star
 
 RED_BULGE_FRAC = (0.55, 0.95)

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ..atomic import atomic_path, clean_stale_temporaries, write_text
+from ..atomic import atomic_path, clean_stale_temporaries, publish, write_text
 from ..version import __version__
 from .catalog import build_survey_catalog
 from .config import SimConfig
@@ -189,10 +189,7 @@ def _finish_field(out: Path, plan: FieldPlan, results: dict[str, dict], owner: d
                   files={b: results[b]["files"] for b in plan.cfg.bands},
                   n_saturated={b: results[b]["n_sat"] for b in plan.cfg.bands})
     (tmp / "field.json").write_text(json.dumps(record, indent=1, sort_keys=True))
-    target = out / "fields" / lay.name
-    if target.exists():
-        shutil.rmtree(target)
-    os.rename(tmp, target)
+    publish(tmp, out / "fields" / lay.name)
 
 
 def _write_outputs(cfg: SimConfig, out: Path, layout: list[FieldLayout], cat, owner: dict[int, int],

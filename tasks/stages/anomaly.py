@@ -16,46 +16,58 @@ the bands' sky noise as in training (models.anomaly_gan.scale_stamps).
 
 Columns added: `anomaly_selected` (bool), `anomaly_score` (L of the paper, lambda = 0.3), `anomaly_pixel`
 and `anomaly_feature` (its two residual sums); NaN for unselected rows. `mode` "full" refines the latent
-vector with `steps` (20) Adam steps per stamp; "fast" uses the encoder alone. The merge turns the scores
-into `anomaly_sigma` over the whole run and writes the ranked top list with stamps.
+vector with `steps` (20) Adam steps per stamp; "fast" uses the encoder alone. The stage's merge step
+(catalogs/anomalies.py) turns the scores into `anomaly_sigma` over the whole run and writes the ranked top
+list with stamps.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal, Optional
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from .. import maskbits
-from .base import load_model
 from ._pixels import centred_stamps, fwhm_pixels
+from .base import ModelStage, ModelStageConfig, StageConfig
 
-__all__ = ["AnomalyStage"]
+__all__ = ["AnomalyStage", "AnomalyConfig"]
 
 NO_PIXEL = maskbits.NO_DATA | maskbits.ZERO_WEIGHT
 
 
-class AnomalyStage:
+class AnomalyConfig(ModelStageConfig):
+    min_snr: float = Field(10.0, description="scored sources have at least this AUTO S/N in one of the bands")
+    point_tol: float = Field(0.15, ge=0, description="sources with a within 1 +- point_tol PSF sigma are "
+                             "point-like and not scored")
+    mode: Literal["full", "fast"] = Field("full", description="full: refine the latent vector with `steps` Adam "
+                                          "steps; fast: the encoder alone")
+    steps: int = Field(20, ge=0, description="Adam steps on the latent vector in the full mode")
+    batch: int = Field(256, ge=1, description="stamps per inference batch")
+    size: Optional[int] = Field(None, ge=8, description="stamp size before the model is loaded (the model's own "
+                                "size is used once it is)")
+    bands: Optional[tuple[str, ...]] = Field(None, description="bands before the model is loaded (the model's "
+                                             "own bands are used once it is)")
+
+
+class AnomalyStage(ModelStage):
     name: ClassVar[str] = "anomaly"
     version: ClassVar[str] = "1"
+    Config: ClassVar[type[StageConfig]] = AnomalyConfig
     models: ClassVar[tuple[str, ...]] = ("anomaly_wgan",)
+    reads: ClassVar[tuple[str, ...]] = ("flux_auto_{band}", "fluxerr_auto_{band}", "a", "x_tile", "y_tile")
+    adds: ClassVar[tuple[str, ...]] = ("anomaly_selected", "anomaly_score", "anomaly_pixel", "anomaly_feature")
+    merge_step: ClassVar[str] = "deepfield.catalogs.anomalies:AnomalyMerge"
 
-    def __init__(self, min_snr: float = 10.0, point_tol: float = 0.15, mode: str = "full", steps: int = 20,
-                 batch: int = 256, weights: str | None = None, size: int | None = None,
-                 bands: tuple[str, ...] | list[str] | None = None):
-        if mode not in ("full", "fast"):
-            raise ValueError(f"anomaly stage: mode must be 'full' or 'fast', got {mode!r}")
-        self.min_snr, self.point_tol = float(min_snr), float(point_tol)
-        self.mode, self.steps, self.batch = mode, int(steps), int(batch)
-        self.weights = weights
-        self.model = None
-        self.device = "cpu"
-        self.size = int(size) if size else 32  # set from the model at setup
-        self.bands = list(bands) if bands else ["g", "r", "i"]
+    def __init__(self, config: StageConfig | None = None, **params):
+        super().__init__(config, **params)
+        self.size = int(self.config.size) if self.config.size else 32  # set from the model at setup
+        self.bands = list(self.config.bands) if self.config.bands else ["g", "r", "i"]
         self.ref_band = self.bands[-1]
 
     def setup(self, device: str) -> None:
-        load_model(self, device)
+        super().setup(device)
         self.size, self.bands = self.model.size, list(self.model.bands)
         self.ref_band = self.bands[-1]
 
@@ -72,10 +84,7 @@ class AnomalyStage:
         """Boolean mask of the rows to score (module docstring)."""
         if len(sources) == 0:
             return np.zeros(0, bool)
-        need = [f"{k}_auto_{b}" for b in self.bands for k in ("flux", "fluxerr")] + ["a", "x_tile", "y_tile"]
-        missing = [c for c in need if c not in sources.columns]
-        if missing:
-            raise ValueError(f"anomaly stage needs the measure stage's columns; missing {missing}")
+        self.require(sources, self.bands)
         sigma_px = fwhm_pixels(tile, 3.0) / 2.3548
         size = sources["a"].to_numpy(float) / sigma_px
         ok = (self.snr(sources) >= self.min_snr) & (np.abs(size - 1) > self.point_tol)
@@ -96,8 +105,7 @@ class AnomalyStage:
         return scale_stamps(stamps, sig)
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
-        if self.model is None:
-            self.setup(self.device)
+        self.ensure_setup()
         from deepfield.models.anomaly_gan import anomaly_scores
         out = sources.copy()
         sel = self.select(tile, sources)

@@ -14,42 +14,37 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import pandas as pd
 import numpy as np
+import pandas as pd
 import sep
+from pydantic import Field
 from scipy import ndimage
 
 from ._pixels import band_pixels
+from .base import Stage, StageConfig
 
-__all__ = ["BackgroundStage"]
+__all__ = ["BackgroundStage", "BackgroundConfig"]
 
 
-class BackgroundStage:
-    """Subtract a SEP background model from every band of a tile, in place.
+class BackgroundConfig(StageConfig):
+    box: int = Field(64, ge=1, description="mesh size in pixels (Source Extractor BACK_SIZE)")
+    filter_size: int = Field(3, ge=1, description="median filter over the mesh grid, in meshes (BACK_FILTERSIZE)")
+    fthresh: float = Field(0.0, description="only meshes differing from their filtered value by more than this "
+                           "are filtered (BACK_FILTERTHRESH, image units)")
+    source_mask_sigma: float = Field(3.0, description="second pass: pixels more than this many sigma above the "
+                                     "first-pass background are left out (0: one pass)")
+    source_mask_grow: int = Field(6, ge=0, description="pixels the second pass's source mask is grown by")
 
-    Parameters
-    ----------
-    box : int
-        Mesh size in pixels (Source Extractor BACK_SIZE), default 64.
-    filter_size : int
-        Median filter over the mesh grid, in meshes (BACK_FILTERSIZE), default 3.
-    fthresh : float
-        Only meshes whose value differs from their filtered value by more than this are filtered
-        (BACK_FILTERTHRESH, image units), default 0.
-    """
+
+class BackgroundStage(Stage):
+    """Subtract a SEP background model from every band of a tile, in place (parameters: BackgroundConfig)."""
 
     name: ClassVar[str] = "background"
     version: ClassVar[str] = "2"
+    Config: ClassVar[type[StageConfig]] = BackgroundConfig
 
-    def __init__(self, box: int = 64, filter_size: int = 3, fthresh: float = 0.0, source_mask_sigma: float = 3.0,
-                 source_mask_grow: int = 6) -> None:
-        if int(box) < 1 or int(filter_size) < 1:
-            raise ValueError(f"background: box ({box}) and filter_size ({filter_size}) must be >= 1")
-        self.box = int(box)
-        self.filter_size = int(filter_size)
-        self.fthresh = float(fthresh)
-        self.source_mask_sigma = float(source_mask_sigma)
-        self.source_mask_grow = int(source_mask_grow)
+    def __init__(self, config: StageConfig | None = None, **params) -> None:
+        super().__init__(config, **params)
         self.last_stats: dict[str, dict[str, float]] = {}
 
     def setup(self, device: str) -> None:

@@ -6,7 +6,7 @@ The network sees the tile's core plus a halo of `halo_arcsec` (128") on each sid
 pixels) and scaled (`planes_from_sums`). The run's own halo (64 px = 13") is far smaller than a cluster,
 so the stage reads its pixels itself: it bins the tile's whole field from the store once per actor and
 field (`field_planes`, a strip at a time; the tiles of a field share it), and cuts each tile's window
-from that, zero beyond the field's edge as in training (`window`).
+from that, zero beyond the field's edge as in training (models.cluster_net.window).
 
 Why 128": the red members that make a cluster visible are concentrated within ~0.5 Mpc of its centre,
 which is 80" at z = 0.5 and 110" at z = 0.3, so a cluster centred anywhere in the core has its inner
@@ -16,8 +16,8 @@ Every peak of the network's centre heat map above `threshold` whose position lie
 becomes a row of the tile's cluster table (`tile.tables["clusters"]`, written by the tile runner to
 `tiles/<field>/<ty>_<tx>.clusters.parquet`): field and tile, x and y (field pixels), ra and dec
 (degrees), `score` (the heat-map peak, 0-1), `z` (the network's redshift) and `richness` (its
-estimate of lambda, members brighter than 0.2 L* within R_lambda). The merge suppresses the same
-cluster seen from several tiles or fields and assigns members (catalogs/clusters.py). The source
+estimate of lambda, members brighter than 0.2 L* within R_lambda). The stage's merge step
+(catalogs/clusters.py) suppresses the same cluster seen from several tiles or fields and assigns members. The source
 table passes through unchanged.
 """
 from __future__ import annotations
@@ -26,11 +26,12 @@ from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
-from .base import load_model
 from ._pixels import UNUSABLE
+from .base import ModelStage, ModelStageConfig, StageConfig
 
-__all__ = ["ClusterStage", "binned_planes", "field_planes", "window", "SOFTENING", "BACKGROUND_MESH"]
+__all__ = ["ClusterStage", "ClusterConfig", "binned_planes", "field_planes", "SOFTENING", "BACKGROUND_MESH"]
 
 SOFTENING = 3.0  # asinh softening, in units of the binned sky noise
 BACKGROUND_MESH = 32  # binned pixels (51" at bin 8): the smooth sky left over after the ingest's
@@ -105,34 +106,25 @@ def field_planes(group, bands: list[str], bin: int, strip: int = 512) -> np.ndar
     return planes_from_sums(np.concatenate(parts, axis=2), bin)
 
 
-def window(planes: np.ndarray, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-    """planes[:, y0:y0+h, x0:x0+w], zero where the window leaves the planes (outside the field)."""
-    c, ph, pw = planes.shape
-    out = np.zeros((c, h, w), np.float32)
-    ys, xs, ye, xe = max(y0, 0), max(x0, 0), min(y0 + h, ph), min(x0 + w, pw)
-    if ye > ys and xe > xs:
-        out[:, ys - y0:ye - y0, xs - x0:xe - x0] = planes[:, ys:ye, xs:xe]
-    return out
+class ClusterConfig(ModelStageConfig):
+    halo_arcsec: float = Field(128.0, ge=0, description="sky around the tile core the network sees, arcsec")
+    threshold: float = Field(0.3, gt=0, lt=1, description="heat-map peaks above this are candidates")
 
 
-class ClusterStage:
+class ClusterStage(ModelStage):
     name: ClassVar[str] = "cluster"
     version: ClassVar[str] = "1"
+    Config: ClassVar[type[StageConfig]] = ClusterConfig
     models: ClassVar[tuple[str, ...]] = ("cluster_net",)
+    side_tables: ClassVar[tuple[str, ...]] = ("clusters",)
+    merge_step: ClassVar[str] = "deepfield.catalogs.clusters:ClusterMerge"
 
-    def __init__(self, halo_arcsec: float = 128.0, threshold: float = 0.3, weights: str | None = None):
-        if halo_arcsec < 0:
-            raise ValueError(f"cluster stage: halo_arcsec must be >= 0, got {halo_arcsec}")
-        if not 0 < threshold < 1:
-            raise ValueError(f"cluster stage: threshold must be in (0, 1), got {threshold}")
-        self.halo_arcsec, self.threshold = float(halo_arcsec), float(threshold)
-        self.weights = weights
-        self.model = None
-        self.device = "cpu"
+    def __init__(self, config: StageConfig | None = None, **params):
+        super().__init__(config, **params)
         self._cache: tuple[tuple, np.ndarray] | None = None  # the last field's planes
 
     def setup(self, device: str) -> None:
-        load_model(self, device)
+        super().setup(device)
         self.bin = int(self.model.bin)
         self.bands = list(self.model.bands)
 
@@ -159,9 +151,8 @@ class ClusterStage:
         return y0, x0, -(-c.y1 // b) + h - y0, -(-c.x1 // b) + h - x0
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
-        if self.model is None:
-            self.setup(self.device)
-        from deepfield.models.cluster_net import detect
+        self.ensure_setup()
+        from deepfield.models.cluster_net import detect, window
         y0, x0, h, w = self.window(tile)
         found = detect(self.model, window(self.field_planes(tile), y0, x0, h, w), self.threshold, device=self.device)
         b = self.bin

@@ -25,12 +25,13 @@ from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
-from .base import load_model
 from ._pixels import UNUSABLE, cut_stamp
+from .base import ModelStage, ModelStageConfig, StageConfig
 from .measure import magnitudes
 
-__all__ = ["DeblendStage"]
+__all__ = ["DeblendStage", "DeblendConfig"]
 
 
 def _moments(img: np.ndarray) -> tuple[float, float, float]:
@@ -47,32 +48,37 @@ def _moments(img: np.ndarray) -> tuple[float, float, float]:
     return float(np.sqrt(half + root)), float(np.sqrt(max(half - root, 0.0))), float(0.5 * np.arctan2(2 * xy, xx2 - yy2))
 
 
-class DeblendStage:
+class DeblendConfig(ModelStageConfig):
+    ref_band: str = Field("i", description="band of blendedness and of the deblended shape")
+    max_members: int = Field(6, ge=1, description="blend groups with more members keep their Kron fluxes")
+    batch: int = Field(128, ge=1, description="network inputs per inference batch")
+
+
+class DeblendStage(ModelStage):
     name: ClassVar[str] = "deblend"
     version: ClassVar[str] = "1"
+    Config: ClassVar[type[StageConfig]] = DeblendConfig
     models: ClassVar[tuple[str, ...]] = ("deblend_unet",)
+    reads: ClassVar[tuple[str, ...]] = ("x_tile", "y_tile", "blend_id", "n_blend")
+    adds: ClassVar[tuple[str, ...]] = (
+        "flux_deblend_{band}", "fluxerr_deblend_{band}", "mag_deblend_{band}", "magerr_deblend_{band}",
+        "deblend_a", "deblend_b", "deblend_theta", "blendedness", "deblend_method")
 
-    def __init__(self, ref_band: str = "i", max_members: int = 6, batch: int = 128, weights: str | None = None):
-        self.ref_band, self.max_members, self.batch = ref_band, int(max_members), int(batch)
-        self.weights = weights
-        self.model = None
-        self.device = "cpu"
+    def required_bands(self) -> list[str]:
+        return list(dict.fromkeys([*self.model_bands(), self.ref_band]))
 
     def setup(self, device: str) -> None:
-        load_model(self, device)
+        super().setup(device)
         cfg = self.model.training_info.get("blend_config", {})
         self.size = int(cfg.get("size", 48))
         self.bands = list(cfg.get("bands", ["g", "r", "i", "z"]))
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
-        if self.model is None:
-            self.setup(self.device)
+        self.ensure_setup()
         from deepfield.models.deblend_unet import fractions, network_input, share
+        self.require(sources, self.bands)
         out = sources.copy()
         n = len(out)
-        need = [c for c in ("x_tile", "y_tile", "blend_id", "n_blend") if c not in out.columns]
-        if need:
-            raise ValueError(f"deblend stage needs the detect and measure stages' columns; missing {need}")
         idx = [tile.bands.index(b) for b in self.bands]
         ref = self.bands.index(self.ref_band)
         s, c = self.size, (self.size - 1) / 2.0

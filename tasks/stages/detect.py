@@ -35,15 +35,17 @@ Output columns (one row per detection, ordered by blend_id):
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import numpy as np
 import pandas as pd
 import sep
+from pydantic import Field
 
 from ._pixels import configure_sep, detection_image, fwhm_pixels, gaussian_kernel
+from .base import Stage, StageConfig
 
-__all__ = ["DetectStage", "COLUMNS"]
+__all__ = ["DetectStage", "DetectConfig", "COLUMNS"]
 
 COLUMNS = {
     "x": "f8", "y": "f8", "x_tile": "f8", "y_tile": "f8", "a": "f8", "b": "f8", "theta": "f8",
@@ -53,26 +55,22 @@ COLUMNS = {
 }
 
 
-class DetectStage:
-    """Detect and deblend sources on the inverse-variance weighted band mean.
+class DetectConfig(StageConfig):
+    thresh: float = Field(1.5, gt=0, description="detection threshold in units of the detection image's noise")
+    minarea: int = Field(5, ge=1, description="minimum footprint in pixels")
+    deblend_nthresh: int = Field(32, ge=1, description="SEP multi-threshold deblending levels")
+    deblend_cont: float = Field(0.005, ge=0, le=1, description="SEP deblending minimum contrast")
+    clean: bool = Field(True, description="SEP's removal of spurious detections in the wings of bright ones")
+    clean_param: float = Field(1.0, description="SEP's cleaning parameter")
+    filter_fwhm: Optional[float] = Field(None, gt=0, description="FWHM (pixels) of the Gaussian detection filter; "
+                                         "none: the tile's PSF FWHM")
+    deblend_filter_scale: float = Field(0.25, ge=0, description="FWHM of the deblending pass's Gaussian filter "
+                                        "in units of the PSF FWHM (0: no filter)")
+    default_fwhm_px: float = Field(3.0, gt=0, description="PSF FWHM (pixels) assumed when the tile gives none")
 
-    Parameters
-    ----------
-    thresh : float
-        Detection threshold in units of the detection image's noise (sigma), default 1.5.
-    minarea : int
-        Minimum footprint in pixels, default 5.
-    deblend_nthresh, deblend_cont : int, float
-        SEP multi-threshold deblending levels and minimum contrast, default 32 and 0.005.
-    clean, clean_param : bool, float
-        SEP's removal of spurious detections in the wings of bright ones (defaults True, 1.0).
-    filter_fwhm : float or None
-        FWHM (pixels) of the Gaussian detection filter; None (default) uses the tile's PSF FWHM.
-    deblend_filter_scale : float
-        FWHM of the deblending pass's Gaussian filter in units of the PSF FWHM (0 = no filter),
-        default 0.25.
-    default_fwhm_px : float
-        PSF FWHM (pixels) assumed when the tile gives none, default 3.
+
+class DetectStage(Stage):
+    """Detect and deblend sources on the inverse-variance weighted band mean (parameters: DetectConfig).
 
     After `run`, `segmap` ((y, x) int32 over the halo arrays, 0 = sky, k = row k-1) and
     `parent_segmap` (the un-deblended footprints) hold the last tile's segmentation.
@@ -80,28 +78,11 @@ class DetectStage:
 
     name: ClassVar[str] = "detect"
     version: ClassVar[str] = "1"
+    Config: ClassVar[type[StageConfig]] = DetectConfig
+    adds: ClassVar[tuple[str, ...]] = tuple(COLUMNS)
 
-    def __init__(self, thresh: float = 1.5, minarea: int = 5, deblend_nthresh: int = 32,
-                 deblend_cont: float = 0.005, clean: bool = True, clean_param: float = 1.0,
-                 filter_fwhm: float | None = None, deblend_filter_scale: float = 0.25,
-                 default_fwhm_px: float = 3.0) -> None:
-        if not thresh > 0:
-            raise ValueError(f"detect: thresh must be > 0 sigma, got {thresh}")
-        if int(minarea) < 1 or int(deblend_nthresh) < 1:
-            raise ValueError(f"detect: minarea ({minarea}) and deblend_nthresh ({deblend_nthresh}) must be >= 1")
-        if not 0.0 <= deblend_cont <= 1.0:
-            raise ValueError(f"detect: deblend_cont must lie in [0, 1], got {deblend_cont}")
-        self.thresh = float(thresh)
-        self.minarea = int(minarea)
-        self.deblend_nthresh = int(deblend_nthresh)
-        self.deblend_cont = float(deblend_cont)
-        self.clean = bool(clean)
-        self.clean_param = float(clean_param)
-        self.filter_fwhm = None if filter_fwhm is None else float(filter_fwhm)
-        if deblend_filter_scale < 0:
-            raise ValueError(f"detect: deblend_filter_scale must be >= 0, got {deblend_filter_scale}")
-        self.deblend_filter_scale = float(deblend_filter_scale)
-        self.default_fwhm_px = float(default_fwhm_px)
+    def __init__(self, config: StageConfig | None = None, **params) -> None:
+        super().__init__(config, **params)
         self.segmap: np.ndarray | None = None
         self.parent_segmap: np.ndarray | None = None
 

@@ -14,8 +14,8 @@ its centroid from the background-subtracted tile with halo (the halo, 64 px by d
 stamp around any core pixel); pixels outside the field or masked are set to 0. Each band is scaled by its
 sky noise, sigma = 1 / sqrt(median invvar) over the stamp, as in training. Stamps are scored in batches
 on the actor's device. Columns added: `lens_candidate` (bool: passed the cuts) and `lens_score` (the
-CNN's lens probability; NaN for non-candidates). The merge writes those above `threshold` to the
-lens-candidate table, ranked by score.
+CNN's lens probability; NaN for non-candidates). The stage's merge step (catalogs/lenses.py) writes those
+above its `threshold` to the lens-candidate table, ranked by score.
 """
 from __future__ import annotations
 
@@ -23,30 +23,37 @@ from typing import ClassVar
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
-from .base import load_model
 from ._pixels import UNUSABLE, centred_stamps, fwhm_pixels
+from .base import ModelStage, ModelStageConfig, StageConfig
 
-__all__ = ["LensStage"]
+__all__ = ["LensStage", "LensConfig"]
 
 
-class LensStage:
+class LensConfig(ModelStageConfig):
+    max_mag: float = Field(22.5, description="candidates are brighter than this AUTO magnitude in ref_band")
+    min_colour: float = Field(1.0, description="candidates are redder than this in blue_band - ref_band, mag")
+    min_size: float = Field(1.3, gt=0, description="candidates have a > min_size x the PSF sigma (not stars)")
+    ref_band: str = Field("i", description="reference band of the magnitude and colour cuts")
+    blue_band: str = Field("g", description="blue band of the colour cut")
+    batch: int = Field(256, ge=1, description="stamps per inference batch")
+
+
+class LensStage(ModelStage):
     name: ClassVar[str] = "lens"
     version: ClassVar[str] = "1"
+    Config: ClassVar[type[StageConfig]] = LensConfig
     models: ClassVar[tuple[str, ...]] = ("lens_resnet",)
+    reads: ClassVar[tuple[str, ...]] = ("mag_auto_{band}", "a", "x_tile", "y_tile")
+    adds: ClassVar[tuple[str, ...]] = ("lens_candidate", "lens_score")
+    merge_step: ClassVar[str] = "deepfield.catalogs.lenses:LensMerge"
 
-    def __init__(self, max_mag: float = 22.5, min_colour: float = 1.0, min_size: float = 1.3,
-                 ref_band: str = "i", blue_band: str = "g", batch: int = 256, threshold: float = 0.5,
-                 weights: str | None = None):
-        self.max_mag, self.min_colour, self.min_size = float(max_mag), float(min_colour), float(min_size)
-        self.ref_band, self.blue_band = ref_band, blue_band
-        self.batch, self.threshold = int(batch), float(threshold)
-        self.weights = weights
-        self.model = None
-        self.device = "cpu"
+    def required_bands(self) -> list[str]:
+        return list(dict.fromkeys([*self.model_bands(), self.ref_band, self.blue_band]))
 
     def setup(self, device: str) -> None:
-        load_model(self, device)
+        super().setup(device)
         cfg = self.model.training_info.get("stamp_config", {})
         self.size = int(cfg.get("size", 48))
         self.bands = list(cfg.get("bands", ["g", "r", "i", "z"]))
@@ -57,9 +64,7 @@ class LensStage:
         if n == 0:
             return np.zeros(0, bool)
         ref, blue = f"mag_auto_{self.ref_band}", f"mag_auto_{self.blue_band}"
-        missing = [c for c in (ref, blue, "a", "x_tile", "y_tile") if c not in sources.columns]
-        if missing:
-            raise ValueError(f"lens stage needs the measure stage's columns; missing {missing}")
+        self.require(sources, [self.blue_band, self.ref_band])
         sigma_px = fwhm_pixels(tile, 3.0) / 2.3548
         m = sources[ref].to_numpy(float)
         colour = sources[blue].to_numpy(float) - m
@@ -78,8 +83,7 @@ class LensStage:
         return centred_stamps(tile.image[idx], tile.invvar[idx], good, x, y, self.size)
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
-        if self.model is None:
-            self.setup(self.device)
+        self.ensure_setup()
         from deepfield.models.lens_cnn import score
         out = sources.copy()
         cand = self.candidates(tile, sources)

@@ -7,7 +7,7 @@ For each detection (the `detect` stage's table) and band b, on the background-su
   `flux_aper_<b>`; each further radius gets `flux_aper_<tag>_<b>`, tag "<r>fwhm" or "<r>as" for
   `radii_arcsec` (dots as "p": 1.5" -> "1p5as"). Defaults: 1.0 FWHM and 1.0 arcsec.
 - Kron (AUTO) flux: the Kron radius is measured once on the detection image within `kron_rmax`
-  (6) isophotal radii (`sep.kron_radius`); every band sums the ellipse of `kron_k` (2.5) Kron
+  (6) isophotal radii (`sep.kron_radius`); every band sums the ellipse of `kron_k` (3.5) Kron
   radii (`sep.sum_ellipse`); where kron_radius * sqrt(a b) < `min_radius` (1.75 px, Source
   Extractor's 3.5 px minimum diameter) a circle of that radius is used instead.
 - errors: from the inverse variance, err = sqrt(sum 1/invvar); masked or zero-weight pixels are
@@ -23,16 +23,18 @@ Units: fluxes in image units (AB magnitude `zeropoints[b]` for 1 unit); radii in
 """
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import sep
+from pydantic import Field, field_validator
 
 from .. import maskbits
 from ._pixels import band_pixels, configure_sep, detection_image, fwhm_pixels
+from .base import Stage, StageConfig
 
-__all__ = ["MeasureStage"]
+__all__ = ["MeasureStage", "MeasureConfig", "magnitudes"]
 
 _NEEDS = ("x_tile", "y_tile", "a", "b", "theta")
 _MAG = 2.5 / np.log(10.0)
@@ -71,42 +73,36 @@ def field_edges(tile) -> tuple[bool, bool, bool, bool]:
     return tuple(bool(e) for e in edges)
 
 
-class MeasureStage:
-    """Per-band aperture and Kron photometry, RA/Dec and flags for the detected sources.
+class MeasureConfig(StageConfig):
+    radii_fwhm: tuple[float, ...] = Field((1.0,), min_length=1, description="circular aperture radii in units "
+                                          "of the PSF FWHM; the first is the reference aperture (flux_aper_<b>)")
+    radii_arcsec: tuple[float, ...] = Field((1.0,), description="further circular aperture radii, arcsec")
+    kron_k: float = Field(3.5, gt=0, description="Kron factor: the AUTO ellipse is kron_k Kron radii")
+    kron_rmax: float = Field(6.0, gt=0, description="Kron-radius integration limit, in isophotal radii")
+    min_radius: float = Field(1.75, gt=0, description="minimum circular radius of the AUTO aperture, pixels")
+    subpix: int = Field(5, ge=0, description="SEP sub-pixel sampling of circular apertures (0: exact)")
+    default_fwhm_px: float = Field(3.0, gt=0, description="PSF FWHM (pixels) assumed when the tile gives none")
 
-    Parameters
-    ----------
-    radii_fwhm : sequence of float
-        Circular aperture radii in units of the PSF FWHM; the first is the reference aperture
-        (`flux_aper_<b>`). Default (1.0,).
-    radii_arcsec : sequence of float
-        Further circular aperture radii in arcsec. Default (1.0,).
-    kron_k, kron_rmax, min_radius : float
-        Kron factor (2.5), Kron-radius integration limit in isophotal radii (6.0) and minimum
-        circular radius in pixels (1.75).
-    subpix : int
-        SEP sub-pixel sampling of circular apertures (0 = exact), default 5.
-    default_fwhm_px : float
-        PSF FWHM (pixels) assumed when the tile gives none, default 3.
-    """
+    @field_validator("radii_fwhm", "radii_arcsec")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(r <= 0 for r in v):
+            raise ValueError(f"aperture radii must be > 0, got {v}")
+        return v
+
+
+class MeasureStage(Stage):
+    """Per-band aperture and Kron photometry, RA/Dec and flags for the detected sources (parameters:
+    MeasureConfig)."""
 
     name: ClassVar[str] = "measure"
     version: ClassVar[str] = "2"
-
-    def __init__(self, radii_fwhm: Sequence[float] = (1.0,), radii_arcsec: Sequence[float] = (1.0,),
-                 kron_k: float = 3.5, kron_rmax: float = 6.0, min_radius: float = 1.75,
-                 subpix: int = 5, default_fwhm_px: float = 3.0) -> None:
-        self.radii_fwhm = tuple(float(r) for r in radii_fwhm)
-        self.radii_arcsec = tuple(float(r) for r in radii_arcsec)
-        if not self.radii_fwhm:
-            raise ValueError("measure: radii_fwhm needs at least the reference aperture")
-        if any(r <= 0 for r in self.radii_fwhm + self.radii_arcsec):
-            raise ValueError(f"measure: aperture radii must be > 0, got {self.radii_fwhm} and {self.radii_arcsec}")
-        if kron_k <= 0 or kron_rmax <= 0 or min_radius <= 0:
-            raise ValueError("measure: kron_k, kron_rmax and min_radius must be > 0")
-        self.kron_k, self.kron_rmax, self.min_radius = float(kron_k), float(kron_rmax), float(min_radius)
-        self.subpix = int(subpix)
-        self.default_fwhm_px = float(default_fwhm_px)
+    Config: ClassVar[type[StageConfig]] = MeasureConfig
+    reads: ClassVar[tuple[str, ...]] = _NEEDS
+    adds: ClassVar[tuple[str, ...]] = (
+        "x", "y", "x_tile", "y_tile", "kron_radius", "flux_aper_{band}", "fluxerr_aper_{band}", "mag_aper_{band}",
+        "magerr_aper_{band}", "flux_auto_{band}", "fluxerr_auto_{band}", "mag_auto_{band}", "magerr_auto_{band}",
+        "flag_masked", "flag_saturated", "flag_edge", "flag_blended", "phot_flag", "ra", "dec")
 
     def setup(self, device: str) -> None:
         """Nothing to load; SEP runs on the CPU whatever `device` is."""
@@ -122,9 +118,7 @@ class MeasureStage:
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
         """Return a copy of `sources` with the photometry, position and flag columns added."""
-        missing = [c for c in _NEEDS if c not in sources.columns]
-        if missing:
-            raise ValueError(f"measure: source table lacks {missing}; run the detect stage first")
+        self.require(sources, tile.bands)
         out = sources.copy()
         cols: dict[str, np.ndarray] = {}
         n = len(out)

@@ -27,7 +27,7 @@ import numpy as np
 from astropy.io import fits
 from numcodecs import Blosc
 
-from deepfield.flows.ingest import ingest_one
+from deepfield.tasks.ingest import ingest_one
 from deepfield.tasks.ingest_config import StoreSpec, load_ingest_config
 from deepfield.tasks.sim.config import SimConfig
 from deepfield.tasks.sim.survey import simulate_survey

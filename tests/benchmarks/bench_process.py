@@ -33,10 +33,11 @@ def main() -> None:
     from deepfield.flows import prefect_env
     prefect_env.configure(work / "prefect")
     try:
-        from deepfield.flows.ingest import ingest_one
-        from deepfield.flows.process import all_tiles, run_tiles
+        from deepfield.tasks.actor_pool import run_tiles
+        from deepfield.tasks.ingest import ingest_one
         from deepfield.tasks.ingest_config import StoreSpec, load_ingest_config
         from deepfield.tasks.tile_runner import TileRunner
+        from deepfield.tasks.zarr_store import all_tiles
 
         sim = args.sim
         if sim is None:

@@ -1,13 +1,13 @@
 """Evaluation of the learned deblender against SEP and scarlet2 on the same blends and detections
 (`deepfield eval deblend`).
 
-For each simulated blend (tasks.sim.blend_stamps), the pipeline's own `detect` and `measure` stages run on
+For each simulated blend (tasks.trainsets.blend_stamps), the pipeline's own `detect` and `measure` stages run on
 the blend as on a tile; detections are matched one-to-one to the true members (nearest first, within 2 px).
 The same detected centres then go to each method:
 - sep: the pipeline's SEP deblending; each child's flux is its Kron ellipse (3.5 Kron radii, as `measure`)
   summed with the pixels of the other deblended children masked (SEP's segmentation-map masking);
 - unet: the learned deblender (models/deblend_unet.py), flux = sum of fraction x observed pixels;
-- scarlet2: scarlet2 fitted with one source per detected centre (tasks/deblend_baselines.py).
+- scarlet2: scarlet2 fitted with one source per detected centre (flows/evaluate/baseline_scarlet2.py).
 A member that is not detected counts as not recovered for all three. F_true is the member's flux as if it
 were alone in the same stamp: the sum of its noiseless isolated image over the stamp's pixels. (The
 catalogue's total flux is up to 26% larger for bright members near the stamp's edge; that light is outside
@@ -29,15 +29,14 @@ import pandas as pd
 import sep
 from astropy.wcs import WCS
 
-from deepfield.tasks.sim.blend_stamps import BlendConfig, simulate_blends
+from deepfield.models.deblend_unet import fractions, network_input, share
+from deepfield.models.progress import say
+from deepfield.models.registry import create_model
 from deepfield.tasks.stages.detect import DetectStage
 from deepfield.tasks.stages.measure import MeasureStage
 from deepfield.tasks.tiling import Box, TileId
+from deepfield.tasks.trainsets.blend_stamps import BlendConfig, simulate_blends
 from deepfield.tasks.zarr_store import Tile
-
-from .deblend_unet import fractions, network_input, share
-from .records import say
-from .registry import create_model
 
 EVAL_SEED = 20261124
 
@@ -120,7 +119,7 @@ def evaluate(n: int = 300, seed: int = EVAL_SEED, weights: Path | None = None, s
     say(f"simulating {n} held-out blends (seed {seed}) ...")
     d = simulate_blends(n, seed, cfg, workers=2)
     if scarlet:
-        from deepfield.tasks.deblend_baselines import scarlet2_fluxes
+        from .baseline_scarlet2 import scarlet2_fluxes
     ri = cfg.bands.index(cfg.reference_band)
     rows, pairs = [], []
     times = {"sep": 0.0, "unet": 0.0, "scarlet2": 0.0}

@@ -43,12 +43,12 @@ import pandas as pd
 from pydantic import Field
 from scipy.signal import fftconvolve
 
-from . import seds
-from .anomalies import sample_merger, sample_ring_galaxy
-from .config import SimConfig
-from .lensing import LensParams, LensSystem, lenstronomy_models, sample_lens, unlensed_source_sum
-from .population import make_galaxy
-from .sources import mag_to_flux, pa_to_beta
+from .. import astro
+from ..sim.anomalies import sample_merger, sample_ring_galaxy
+from ..sim.config import SimConfig
+from ..sim.lensing import LensParams, LensSystem, lenstronomy_models, sample_lens, unlensed_source_sum
+from ..sim.population import make_galaxy
+from ..sim.sources import mag_to_flux, pa_to_beta
 from .stamp_survey import StampSurvey
 
 CHUNK = 64  # stamps per random stream: the unit of reproducibility and of work per process
@@ -146,7 +146,7 @@ class _Renderer:
 def _deflector(rng, cfg, bp) -> LensParams:
     p = sample_lens(rng, 0, 0.0, 0.0, cfg.theta_e, bp, cfg.reference_band)
     src_ref = float(rng.uniform(*cfg.src_mag))
-    p.src_mag = seds.band_mags(src_ref, p.src_sed, p.z_s, bp, bp[cfg.reference_band])
+    p.src_mag = astro.band_mags(src_ref, p.src_sed, p.z_s, bp, bp[cfg.reference_band])
     return p
 
 
@@ -188,8 +188,8 @@ def _one_stamp(kind: str, cfg: StampConfig, rng: np.random.Generator, bp: dict[s
         q = float(rng.uniform(0.5, 1.0))
         pa = float(rng.uniform(0, 180))
         f_bulge = float(rng.uniform(0.2, 0.5))
-        bulge = seds.band_mags(ref - 2.5 * np.log10(f_bulge), "E", z, bp, bp[cfg.reference_band])
-        arms = seds.band_mags(ref - 2.5 * np.log10(1 - f_bulge), str(rng.choice(["Sbc", "Scd"])), z, bp,
+        bulge = astro.band_mags(ref - 2.5 * np.log10(f_bulge), "E", z, bp, bp[cfg.reference_band])
+        arms = astro.band_mags(ref - 2.5 * np.log10(1 - f_bulge), str(rng.choice(["Sbc", "Scd"])), z, bp,
                               bp[cfg.reference_band])
         bhlr = float(rng.uniform(0.2, 0.5))
         r.analytic(lambda b: galsim.DeVaucouleurs(half_light_radius=bhlr, flux=mag_to_flux(bulge[b], zp))
@@ -273,3 +273,33 @@ def simulate_stamps(n: int, lens_fraction: float, seed: int, cfg: StampConfig | 
     meta = pd.DataFrame([m for p in parts for m in p[2]])
     return dict(images=np.concatenate([p[0] for p in parts]), sigma=np.concatenate([p[1] for p in parts]),
                 label=meta["label"].to_numpy(np.int8), meta=meta)
+
+
+TRAIN_SEED_OFFSET, VAL_SEED_OFFSET = 1, 2  # stamps of `deepfield train lens --seed S`: seeds S*1000 + these
+
+
+def count_lines(what: str, say: Callable[[str], None], every: float = 10.0) -> Callable[[int, int], None]:
+    """A `simulate_stamps` progress callback that says "what: done/total stamps" every `every` seconds and at
+    the end."""
+    import time
+    last = [0.0]
+
+    def cb(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done == total or now - last[0] > every:
+            last[0] = now
+            say(f"  {what}: {done}/{total} stamps")
+    return cb
+
+
+def training_sets(n_train: int, n_val: int, seed: int, cfg: StampConfig | None = None, workers: int = 2,
+                  say: Callable[[str], None] = lambda msg: None) -> tuple[dict, dict, float]:
+    """The lens finder's training and validation stamps (half lenses each, seeds seed*1000 + 1 and + 2) and
+    the seconds it took to make them."""
+    import time
+    cfg = cfg or StampConfig()
+    t0 = time.perf_counter()
+    say(f"simulating {n_train} training and {n_val} validation stamps (half lenses) ...")
+    tr = simulate_stamps(n_train, 0.5, seed * 1000 + TRAIN_SEED_OFFSET, cfg, workers, count_lines("training", say))
+    va = simulate_stamps(n_val, 0.5, seed * 1000 + VAL_SEED_OFFSET, cfg, workers, count_lines("validation", say))
+    return tr, va, time.perf_counter() - t0

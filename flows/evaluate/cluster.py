@@ -6,9 +6,9 @@ contiguous survey. They go through the pipeline's own code: ingest into a Zarr s
 with the background, detect and measure stages on every tile and the merge (catalogs/merge.py) into the
 source catalog the baseline needs (kept in the work directory and reused); and the tile runner with the
 cluster stage alone (it reads its own pixels; at a heat-map threshold of `SCAN[0]`, so that higher
-thresholds can be applied afterwards; one run per weights version). The network's candidates are then cut at `threshold` and suppressed on the sky as the
-merge does (catalogs/clusters.py); the baseline (catalogs/redsequence.py) runs on the merged source
-catalog (the rows each field owns).
+thresholds can be applied afterwards; one run per weights version). The network's candidates are then cut at
+`threshold` and suppressed on the sky as the merge does (catalogs/clusters.py); the baseline
+(flows/evaluate/baseline_redsequence.py) runs on the merged source catalog (the rows each field owns).
 
 Matching: detections in descending score (the baseline's: significance); a detection finds the nearest
 not yet found true cluster within `MATCH_MPC` (0.5 Mpc, physical, at the true redshift). Completeness: the
@@ -30,7 +30,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .records import say
+from deepfield.catalogs.clusters import read_candidates, refine_redshifts, suppress
+from deepfield.catalogs.merge import merge_catalog
+from deepfield.models.progress import say
+from deepfield.models.registry import model_version, weights_version
+from deepfield.tasks.astro import arcsec_per_mpc, separation_arcsec
+from deepfield.tasks.tile_runner import TileRunner, source_tables
+from deepfield.tasks.trainsets.cluster import training_fields
+from deepfield.tasks.trainsets.fields import simulate_fields
+from deepfield.tasks.zarr_store import all_tiles, open_store, sky_fields
+
+from .baseline_redsequence import find_clusters
 
 EVAL_SEED = 20261126
 MATCH_MPC = 0.5
@@ -42,8 +52,6 @@ EVAL_STAGES = ("background", "detect", "measure")
 
 def match_sky(det: pd.DataFrame, score: str, truth: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """(truth row found by each detection or -1, detection row that found each true cluster or -1)."""
-    from deepfield.catalogs.clusters import separation_arcsec
-    from deepfield.tasks.sim.clusters import arcsec_per_mpc
     radius = np.array([MATCH_MPC * arcsec_per_mpc(float(z)) for z in truth.z])
     det_to, true_to = np.full(len(det), -1), np.full(len(truth), -1)
     for i in np.argsort(-det[score].to_numpy(float), kind="stable"):
@@ -58,8 +66,6 @@ def match_sky(det: pd.DataFrame, score: str, truth: pd.DataFrame) -> tuple[np.nd
 def isolated(truth: pd.DataFrame, mpc: float = 1.0) -> np.ndarray:
     """True for the clusters with no other true cluster within `mpc` (physical, at their redshift) on the
     sky, whatever its redshift: the others overlap in projection."""
-    from deepfield.catalogs.clusters import separation_arcsec
-    from deepfield.tasks.sim.clusters import arcsec_per_mpc
     return np.array([(separation_arcsec(t.ra, t.dec, truth.ra.to_numpy(), truth.dec.to_numpy())
                       < mpc * arcsec_per_mpc(float(t.z))).sum() == 1 for t in truth.itertuples()], bool)
 
@@ -75,8 +81,6 @@ def _completeness(found: np.ndarray, values: np.ndarray, edges, among: np.ndarra
 
 def figures(det: pd.DataFrame, score: str, truth: pd.DataFrame, est_richness: bool) -> dict:
     """Completeness, purity, centre and redshift figures of one finder's detections against the truth."""
-    from deepfield.catalogs.clusters import separation_arcsec
-    from deepfield.tasks.sim.clusters import arcsec_per_mpc
     det_to, true_to = match_sky(det, score, truth)
     found = true_to >= 0
     lam, zt = truth.richness.to_numpy(float), truth.z.to_numpy(float)
@@ -121,10 +125,6 @@ def _run_tiles(store: Path, run_dir: Path, stages: list[tuple[str, dict]], halo:
                every: int) -> float:
     """The tile runner with `stages` over every tile of the store, with a progress line every `every` tiles;
     returns the mean seconds per tile."""
-    from deepfield.flows.process import all_tiles
-    from deepfield.tasks.tile_runner import TileRunner
-    from deepfield.tasks.zarr_store import open_store
-
     runner = TileRunner(str(store), str(run_dir), stages, halo=halo, device=device)
     tiles = all_tiles(open_store(store), halo)
     t0 = time.perf_counter()
@@ -137,9 +137,6 @@ def _run_tiles(store: Path, run_dir: Path, stages: list[tuple[str, dict]], halo:
 
 def _classical(store: Path, run_dir: Path, device: str) -> None:
     """The tile runner with EVAL_STAGES over every tile, then the merge: the baseline's source catalog."""
-    from deepfield.catalogs.merge import merge_catalog
-    from deepfield.tasks.zarr_store import open_store, sky_fields
-
     _run_tiles(store, run_dir, [(s, {}) for s in EVAL_STAGES], 64, device, ", ".join(EVAL_STAGES), 16)
     merge_catalog(run_dir, sky_fields(open_store(store)), run_dir / "catalogs", write_fits=False)
 
@@ -157,13 +154,6 @@ def evaluate(weights: Path | None = None, n_fields: int = 16, size: int = 2048, 
     import shutil
     import tempfile
 
-    from deepfield.catalogs.clusters import read_candidates, refine_redshifts, suppress
-    from deepfield.catalogs.redsequence import find_clusters
-    from deepfield.tasks.tile_runner import source_tables
-    from deepfield.models.registry import model_version, weights_version
-
-    from .anomaly_data import simulate_fields
-    from .cluster_data import training_fields
 
     version = weights_version(weights) if weights else model_version("cluster_net")
     cfg = training_fields(seed, n_fields, size, clusters_per_field)

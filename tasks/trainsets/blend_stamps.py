@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from .config import SimConfig
-from .population import make_galaxy, sample_redshift, red_fraction
-from .sources import mag_to_flux
+from ..sim.config import SimConfig
+from ..sim.population import make_galaxy, sample_redshift, red_fraction
+from ..sim.sources import mag_to_flux
 from .stamp_survey import StampSurvey
 
 CHUNK = 64
@@ -122,3 +122,42 @@ def simulate_blends(n: int, seed: int, cfg: BlendConfig | None = None, workers: 
     return dict(images=np.stack([o[0] for o in out]), sigma=np.stack([o[1] for o in out]),
                 psf=np.stack([o[2] for o in out]), truth=[o[3] for o in out],
                 fwhm=np.array([o[5] for o in out], np.float32), members=pd.DataFrame(rows))
+
+
+def examples(d: dict, rng: np.random.Generator, jitter: float = 0.5) -> dict:
+    """Network inputs, target fractions, pixel weights, noiseless blend totals and in-stamp member fluxes for
+    every member of every blend in `d` (simulate_blends output)."""
+    from deepfield.models.deblend_unet import network_input  # torch: only where examples are made
+    xs, fs, ws, tots, fl, fls = [], [], [], [], [], []
+    mem = d["members"]
+    for b, truth in enumerate(d["truth"]):
+        rows = mem[mem.blend == b].sort_values("member")
+        centres = rows[["y", "x"]].to_numpy(float) + rng.uniform(-jitter, jitter, (len(rows), 2))
+        sigma = d["sigma"][b]
+        total = truth.sum(axis=0)
+        for m in range(len(rows)):
+            others = np.delete(centres, m, axis=0)
+            xs.append(network_input(d["images"][b], sigma, tuple(centres[m]), others))
+            fs.append(truth[m] / (total + 0.1 * sigma[:, None, None]))
+            ws.append(np.clip(total / sigma[:, None, None], 0, 20) + 0.01)
+            tots.append(total)
+            fl.append(truth[m].sum(axis=(1, 2)))
+            fls.append(20.0 * sigma)
+    return dict(x=np.stack(xs), f=np.stack(fs).astype(np.float32), w=np.stack(ws).astype(np.float32),
+                total=np.stack(tots).astype(np.float32), flux=np.stack(fl).astype(np.float32),
+                floor=np.stack(fls).astype(np.float32))
+
+
+def training_examples(n_train: int, n_val: int, seed: int, cfg: BlendConfig | None = None, workers: int = 2,
+                      say: Callable[[str], None] = lambda msg: None) -> tuple[dict, dict, float]:
+    """The deblender's training and validation examples (`examples` of blends made with seeds seed*1000 + 1
+    and + 2; the centre jitter draws from one generator seeded with `seed`, training set first) and the
+    seconds it took to make them."""
+    import time
+    cfg = cfg or BlendConfig()
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    say(f"simulating {n_train} training and {n_val} validation blends ...")
+    tr = examples(simulate_blends(n_train, seed * 1000 + 1, cfg, workers), rng)
+    va = examples(simulate_blends(n_val, seed * 1000 + 2, cfg, workers), rng)
+    return tr, va, time.perf_counter() - t0

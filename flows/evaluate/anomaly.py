@@ -1,10 +1,10 @@
 """Evaluation of the GAN anomaly scorer on held-out simulated fields with injected anomalies
 (`deepfield eval anomaly`).
 
-The fields (models.anomaly_data.evaluation_fields: the simulator's anomalies and artefacts, with more ring
+The fields (`evaluation_fields`: the simulator's anomalies and artefacts, with more ring
 galaxies, mergers, lenses and trails than by default) go through the pipeline's background, detect and
 measure stages; the anomaly stage's selection and stamps follow; each selected source is labelled against
-the truth (models.anomaly_data.label_sources) and scored in the full mode (`steps` Adam steps on z) and in
+the truth (tasks.trainsets.anomaly.label_sources) and scored in the full mode (`steps` Adam steps on z) and in
 the fast mode (encoder only). Sources labelled "contaminated" (an anomaly in the stamp but off its centre)
 are left out. Figures per mode:
 - AUROC of anomalous against normal sources; precision (the anomalous fraction) among the top 1% and top
@@ -22,11 +22,22 @@ from pathlib import Path
 
 import numpy as np
 
-from .anomaly_data import evaluation_fields, field_stamps
-from .anomaly_gan import anomaly_scores
-from .records import say
+from deepfield.models.anomaly_gan import anomaly_scores
+from deepfield.models.progress import say
+from deepfield.tasks.sim.config import SimConfig
+from deepfield.tasks.stages.anomaly import AnomalyStage
+from deepfield.tasks.trainsets.anomaly import field_stamps
 
 EVAL_SEED = 20261125
+
+
+def evaluation_fields(seed: int, n_fields: int, size: int = 1024) -> SimConfig:
+    """Held-out fields with the simulator's anomalies and artefacts at its default rates, except three times
+    the ring galaxies, mergers and lenses (6 of each per field) and four times the satellite trails (2 per
+    field), so that every type has enough members to measure."""
+    return SimConfig(seed=seed, size=size, fields=n_fields,
+                     population=dict(lenses_per_field=6, ring_galaxies_per_field=6, mergers_per_field=6),
+                     artefacts=dict(satellite_trails=2.0))
 
 
 def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -59,7 +70,6 @@ def evaluate(weights: Path | None = None, n_fields: int = 8, size: int = 1024, s
              steps: int = 20, workers: int = 2, batch: int = 256, device: str = "cpu") -> dict:
     import torch
 
-    from deepfield.tasks.stages.anomaly import AnomalyStage
     torch.set_num_threads(1)
     stage = AnomalyStage(steps=steps, weights=str(weights) if weights else None)
     stage.setup(device)  # the stage's own model, stamp size and bands

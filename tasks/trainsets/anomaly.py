@@ -1,5 +1,7 @@
 """Stamps of detected sources in simulated fields, labelled against the simulator's anomaly truth, for
-training and evaluating the GAN anomaly scorer (`deepfield train anomaly`, `deepfield eval anomaly`).
+training and evaluating the GAN anomaly scorer (`deepfield train anomaly`, `deepfield eval anomaly`):
+`training_stamps` (normal sources only, the training set) and `field_stamps` (any simulated fields, with
+labels; the evaluation's held-out fields are in flows/evaluate/anomaly.py).
 
 The stamps come out of the pipeline itself, so that training, evaluation and the `anomaly` stage see the
 same thing: `deepfield simulate`'s field simulator writes the fields, the ingest writes them to a Zarr
@@ -28,7 +30,15 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from deepfield.tasks.sim.config import SimConfig
+from ..atomic import atomic_path
+from ..sim.config import SimConfig
+from ..stages.anomaly import AnomalyStage
+from ..stages.background import BackgroundStage
+from ..stages.detect import DetectStage
+from ..stages.measure import MeasureStage
+from ..tiling import TileId
+from ..zarr_store import complete_fields, field_grid, open_store, read_tile
+from .fields import simulate_fields
 
 POINT_TYPES = ("ring_galaxy", "merger", "lens", "cosmic_ray", "hot_pixels")
 CORE = 8.0  # px (1.6"): an anomaly this close to the centroid is the stamp's subject
@@ -82,37 +92,11 @@ def _of_field(truth: pd.DataFrame, name: str) -> pd.DataFrame:
     return truth[truth["field"] == name] if "field" in truth.columns else truth
 
 
-def simulate_fields(cfg: SimConfig, out: Path, workers: int = 2, progress: Callable[[str], None] | None = None
-                    ) -> Path:
-    """Simulate `cfg`'s fields under `out`/sim and ingest them into `out`/store.zarr; returns the store."""
-    from deepfield.flows.ingest import ingest_one
-    from deepfield.tasks.ingest_config import StoreSpec, load_ingest_config
-    from deepfield.tasks.sim.survey import simulate_survey
-
-    sim = out / "sim"
-    simulate_survey(cfg, sim, workers=workers)
-    store = out / "store.zarr"
-    spec = StoreSpec()
-    for f in load_ingest_config(sim / "manifest.yaml").fields:
-        r = ingest_one(f, str(store), spec)
-        if r["status"] == "failed":
-            raise RuntimeError(f"ingest of simulated field {f.name} failed: {r['error']}")
-        if progress:
-            progress(f"ingested {f.name}")
-    return store
-
-
 def field_stamps(cfg: SimConfig, stage, workers: int = 2, halo: int = 64, keep: Path | None = None,
                  progress: Callable[[str], None] | None = None) -> tuple[np.ndarray, pd.DataFrame]:
     """Scaled stamps (N, bands, S, S) of the sources `stage` (an AnomalyStage) selects in `cfg`'s simulated
     fields, and their table (field, x, y, mag, snr, label). keep: work directory to keep (default: a
     temporary one, removed)."""
-    from deepfield.tasks.stages.background import BackgroundStage
-    from deepfield.tasks.stages.detect import DetectStage
-    from deepfield.tasks.stages.measure import MeasureStage
-    from deepfield.tasks.tiling import TileId
-    from deepfield.tasks.zarr_store import complete_fields, field_grid, open_store, read_tile
-
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="deepfield-anomaly-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -161,10 +145,26 @@ def training_fields(seed: int, n_fields: int, size: int = 2048) -> SimConfig:
                                     hot_pixel_clusters=0, amp_artefact_prob=0))
 
 
-def evaluation_fields(seed: int, n_fields: int, size: int = 1024) -> SimConfig:
-    """Held-out fields with the simulator's anomalies and artefacts at its default rates, except three times
-    the ring galaxies, mergers and lenses (6 of each per field) and four times the satellite trails (2 per
-    field), so that every type has enough members to measure."""
-    return SimConfig(seed=seed, size=size, fields=n_fields,
-                     population=dict(lenses_per_field=6, ring_galaxies_per_field=6, mergers_per_field=6),
-                     artefacts=dict(satellite_trails=2.0))
+def training_stamps(fields: int = 8, field_size: int = 2048, seed: int = 0, workers: int = 2,
+                    cache: Path | None = None, progress: Callable[[str], None] | None = None
+                    ) -> tuple[np.ndarray, dict]:
+    """Scaled stamps of the anomaly stage's selection in `fields` simulated fields of normal sources (field
+    seed seed * 1000 + 1), and a description of them. cache: an .npz file reused when it was made with the
+    same fields, size and seed, written otherwise (atomically)."""
+    say = progress or (lambda msg: None)
+    data = dict(fields=fields, field_size=field_size, field_seed=seed * 1000 + 1, selection="AnomalyStage defaults")
+    keys = ("fields", "field_size", "field_seed")
+    if cache is not None and Path(cache).exists():
+        z = np.load(cache, allow_pickle=False)
+        if {k: z[k].item() for k in keys} == {k: data[k] for k in keys}:
+            say(f"stamps from {cache}")
+            return z["x"], dict(data, n=int(len(z["x"])))
+        say(f"{cache} was made from other fields; simulating again")
+    say(f"simulating {fields} fields of {field_size}^2 px of normal sources and cutting stamps ...")
+    x, table = field_stamps(training_fields(data["field_seed"], fields, field_size), AnomalyStage(), workers=workers,
+                            progress=progress)
+    x = x[(table.label == "normal").to_numpy()]
+    if cache is not None:
+        with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, x=x, fields=fields, field_size=field_size, field_seed=data["field_seed"])
+    return x, dict(data, n=int(len(x)))

@@ -1,14 +1,14 @@
 """What lens-finder stamps and deblender blends share: the survey they imitate (bands, pixels, zero point,
-PSF and depth) and the draws that follow from it. tasks.sim.lens_stamps.StampConfig and
-tasks.sim.blend_stamps.BlendConfig extend it with what each set holds."""
+PSF and depth) and the draws that follow from it. tasks.trainsets.lens_stamps.StampConfig and
+tasks.trainsets.blend_stamps.BlendConfig extend it with what each set holds."""
 from __future__ import annotations
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import DEFAULT_BANDS
-from .noise import noise_spec
-from .psf import PSFSpec, noise_equivalent_area
+from ..sim.config import DEFAULT_BANDS
+from ..sim.noise import noise_spec
+from ..sim.psf import PSFSpec, noise_equivalent_area
 
 
 class StampSurvey(BaseModel):

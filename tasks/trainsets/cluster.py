@@ -15,7 +15,10 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from deepfield.tasks.sim.config import SimConfig
+from ..sim.config import SimConfig
+from ..stages.cluster import field_planes
+from ..zarr_store import attrs_to_header, complete_fields, open_store
+from .fields import simulate_fields
 
 FIELD_SEED = 8100  # training fields: seed FIELD_SEED + 1000 * seed; evaluation uses other seeds
 
@@ -30,9 +33,6 @@ def field_images(store: Path, clusters: pd.DataFrame, bin: int, bands: list[str]
     truth clusters of each (field index `k`, binned-pixel `xb`, `yb`, z, richness; a cluster appears in
     every field whose area holds its centre)."""
     from astropy.wcs import WCS
-
-    from deepfield.tasks.stages.cluster import field_planes
-    from deepfield.tasks.zarr_store import attrs_to_header, complete_fields, open_store
 
     root = open_store(store)
     planes, rows = [], []
@@ -54,7 +54,33 @@ def simulated_images(cfg: SimConfig, work: Path, bin: int, bands: list[str], wor
                      progress: Callable[[str], None] | None = None) -> tuple[np.ndarray, pd.DataFrame]:
     """Simulate `cfg` under work/sim (a finished simulation with the same configuration is reused), ingest it
     into work/store.zarr (fields already there with the same inputs are skipped) and bin every field."""
-    from .anomaly_data import simulate_fields
     store = simulate_fields(cfg, Path(work), workers, progress)
     clusters = pd.read_parquet(Path(work) / "sim" / "truth" / "clusters.parquet")
     return field_images(store, clusters, bin, bands, progress)
+
+
+def training_images(fields: int = 36, field_size: int = 2048, seed: int = 0, workers: int = 2,
+                    work: Path | None = None, bands: list[str] | None = None, bin: int = 8,
+                    progress: Callable[[str], None] | None = None) -> tuple[np.ndarray, pd.DataFrame, dict]:
+    """The cluster finder's training set: `fields` simulated fields (seed FIELD_SEED + 1000 * seed, three
+    clusters per field) binned as the stage bins them, their truth clusters, and a description of the data.
+    work: keep the fields and their store there and reuse them next time (default: a temporary directory,
+    removed)."""
+    import shutil
+    import tempfile
+
+    bands = bands or ["g", "r", "i", "z"]
+    field_seed = FIELD_SEED + 1000 * seed
+    cfg = training_fields(field_seed, fields, field_size)
+    tmp = work is None
+    work = Path(tempfile.mkdtemp(prefix="deepfield-cluster-")) if tmp else Path(work)
+    try:
+        if progress:
+            progress(f"simulating {fields} fields of {field_size}^2 px (seed {field_seed}) into {work} and binning them ...")
+        planes, truth = simulated_images(cfg, work, bin, bands, workers, progress)
+    finally:
+        if tmp:
+            shutil.rmtree(work, ignore_errors=True)
+    data = dict(fields=fields, field_size=field_size, field_seed=field_seed, clusters_per_field=3.0,
+                n_clusters=int(len(truth)))
+    return planes, truth, data

@@ -1,0 +1,179 @@
+"""Processing: a Ray actor pool runs the tile runner over every tile of every complete field (the work of
+the run flow's processing task, flows/process.py).
+
+One actor per GPU when the Ray cluster has GPUs (num_gpus=1: Ray gives each actor its own
+CUDA_VISIBLE_DEVICES), otherwise N CPU actors. Work in flight is bounded (a few tiles per actor).
+An actor that dies is replaced and its tiles retried; a tile that fails `max_attempts` times is
+marked failed in the ledger and the run goes on. The driver writes the ledger; actors write the
+tile outputs.
+
+A stop request (`request_stop`, e.g. from the SIGUSR1 a Slurm job receives before its walltime) makes
+the driver dispatch nothing more and wait for the tiles in flight; a second request, or `stop_grace`
+seconds, releases those too (they are not in the ledger, so the next run does them). The run then
+returns with `stopped` set and the ledger holds every tile that finished.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Callable
+
+from .ledger import Ledger, TileRecord
+from .provenance import model_versions, stage_versions
+from .tile_runner import TileRunner
+from .zarr_store import all_tiles, input_fingerprint, open_store
+
+__all__ = ["run_tiles", "start_ray", "actor_plan", "request_stop", "clear_stop", "stop_requested"]
+
+Progress = Callable[[int, int, str], None]
+
+_stop = threading.Event()
+_release = threading.Event()
+
+
+def request_stop() -> None:
+    """Stop dispatching tiles (safe to call from a signal handler); a second call releases the tiles
+    in flight without waiting for them."""
+    if _stop.is_set():
+        _release.set()
+    _stop.set()
+
+
+def clear_stop() -> None:
+    _stop.clear()
+    _release.clear()
+
+
+def stop_requested() -> bool:
+    return _stop.is_set()
+
+
+def start_ray(address: str | None, num_cpus: int | None):
+    """Connect to a Ray cluster at `address`, or start (or reuse) a local one."""
+    import ray
+    if ray.is_initialized():
+        return ray
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    return ray
+
+
+def actor_plan(resources: dict, use_gpus: bool, num_actors: int | None) -> tuple[int, dict]:
+    """(number of actors, Ray actor options) for a cluster's resources: one actor per GPU, each
+    reserving exactly one (so no two share a GPU and Ray sets each one's CUDA_VISIBLE_DEVICES), or
+    `num_actors` (default: every CPU) single-CPU actors when there is no GPU."""
+    gpus = int(resources.get("GPU", 0)) if use_gpus else 0
+    if gpus:
+        return gpus, dict(num_gpus=1, num_cpus=1)
+    return num_actors or int(resources.get("CPU", os.cpu_count() or 1)), dict(num_cpus=1)
+
+
+def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: int, config_hash: str,
+              address: str | None = None, num_actors: int | None = None, use_gpus: bool = True,
+              in_flight_per_actor: int = 2, max_attempts: int = 3, progress: Progress | None = None,
+              actor_env: dict[str, str] | None = None, stop_grace: float = 600.0,
+              plugins: list[str] | tuple[str, ...] = ()) -> dict:
+    """Process every tile not yet done under `config_hash`; returns a summary of the run.
+
+    actor_env: environment variables for the actors (e.g. DEEPFIELD_FAULT in fault drills).
+    stop_grace: after a stop request, seconds to wait for the tiles in flight before releasing them.
+    plugins: modules or .py files each actor imports before building its stages (tasks.stages.load_plugins)."""
+    ledger = Ledger(run_dir)
+    versions = stage_versions(stages)
+    mversions = model_versions(stages)
+    root = open_store(store)
+    tiles = all_tiles(root, halo)
+    inputs = {f: input_fingerprint(root, f) for f in {t.field for t in tiles}}
+    todo = [t for t in tiles if not ledger.is_done(t, config_hash, versions, mversions,
+                                                   output_root=ledger.root.parent, input_hash=inputs[t.field])]
+    summary = dict(tiles=len(tiles), skipped=len(tiles) - len(todo), done=0, failed=0, retries=0,
+                   actors=0, seconds=0.0, stage_seconds={}, stopped=False, released=0)
+    if progress:
+        progress(0, len(todo), f"{summary['skipped']} of {len(tiles)} tiles already done")
+    if not todo or stop_requested():
+        summary["stopped"] = bool(todo)
+        return summary
+    t_start = time.perf_counter()
+    ray = start_ray(address, num_actors)
+    n_actors, opts = actor_plan(ray.cluster_resources(), use_gpus, num_actors)
+    n_actors = max(1, min(n_actors, len(todo)))
+    if actor_env:
+        opts["runtime_env"] = {"env_vars": dict(actor_env)}
+    Actor = ray.remote(max_restarts=0, **opts)(TileRunner)
+
+    def new_actor():
+        return Actor.remote(store, run_dir, stages, halo, plugins=tuple(plugins))
+
+    actors = [new_actor() for _ in range(n_actors)]
+    load = [0] * n_actors
+    queue = deque((t, 1) for t in todo)
+    inflight: dict = {}  # ObjectRef -> (actor index, actor handle, tile, attempt)
+    done = 0
+    stage_time: dict[str, float] = {}
+    stop_at = None
+    while queue or inflight:
+        if stop_requested():
+            stop_at = stop_at or time.monotonic()
+            queue.clear()  # dispatch nothing more; the next run does these
+            if _release.is_set() or time.monotonic() - stop_at > stop_grace:
+                summary["released"] = len(inflight)
+                break
+        for k in range(n_actors):
+            while queue and load[k] < in_flight_per_actor:
+                tile, attempt = queue.popleft()
+                ref = actors[k].process.remote(str(tile), attempt)
+                inflight[ref] = (k, actors[k], tile, attempt)
+                load[k] += 1
+        if not inflight:
+            break
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+        if not ready:
+            continue
+        ref = ready[0]
+        k, handle, tile, attempt = inflight.pop(ref)
+        if actors[k] is handle:
+            load[k] -= 1
+        try:
+            res = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+            if actors[k] is handle:  # replace the dead actor once; its other tiles fail the same way
+                actors[k] = new_actor()
+                load[k] = 0
+            error = f"actor died: {type(exc).__name__}"
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            error = "".join(traceback.format_exception_only(type(cause), cause)).strip()
+        else:
+            ledger.put(TileRecord(tile=str(tile), status="done", attempts=attempt, config_hash=config_hash,
+                                  stage_versions=versions, model_versions=mversions, timings=res["timings"],
+                                  counts=res["counts"],
+                                  output=res["output"], input_hash=inputs[tile.field], worker=res.get("worker", {})))
+            for name, sec in res["timings"].items():
+                stage_time[name] = stage_time.get(name, 0.0) + sec
+            done += 1
+            summary["done"] += 1
+            if progress:
+                progress(done, len(todo), str(tile))
+            continue
+        if attempt < max_attempts:
+            summary["retries"] += 1
+            queue.append((tile, attempt + 1))
+        else:
+            ledger.put(TileRecord(tile=str(tile), status="failed", attempts=attempt, config_hash=config_hash,
+                                  stage_versions=versions, model_versions=mversions, error=error,
+                                  input_hash=inputs[tile.field]))
+            summary["failed"] += 1
+            done += 1
+            if progress:
+                progress(done, len(todo), f"{tile} FAILED")
+    for a in actors:
+        ray.kill(a)
+    summary.update(actors=n_actors, seconds=time.perf_counter() - t_start, stage_seconds=stage_time,
+                   stopped=stop_at is not None and summary["done"] + summary["failed"] < len(todo))
+    return summary

@@ -1,0 +1,55 @@
+"""Ingest of one field, the unit of work of the ingest flow (flows/ingest.py) and of the training-set
+builders: validate the field's FITS inputs and write them, tiled, into the Zarr store, or skip the field
+when the store already holds it complete from the same inputs (sha256 of every file), layout and field
+specification.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .fits_input import InputError, load_field, sha256_file
+from .ingest_config import FieldSpec, StoreSpec
+from .zarr_store import field_record, open_store, write_field
+
+__all__ = ["input_files", "ingest_one"]
+
+
+def input_files(spec: FieldSpec) -> list[Path]:
+    if spec.mef is not None:
+        return [spec.mef]
+    out = []
+    for b in spec.bands.values():
+        out += [p for p in (b.image, b.invvar, b.variance, b.mask) if p is not None]
+    return out
+
+
+def ingest_one(spec: FieldSpec, store: str, store_spec: StoreSpec) -> dict:
+    """Ingest one field; returns a summary {field, status: ingested|skipped|failed, ...}.
+
+    Input errors are returned as status "failed" with a one-line error naming the file, so that
+    the other fields go on.
+    """
+    t0 = time.perf_counter()
+    summary = dict(field=spec.name, status="failed", error=None, seconds=0.0, notes=[])
+    try:
+        missing = [p for p in input_files(spec) if not p.exists()]
+        if missing:
+            raise InputError(missing[0], "no such file")
+        checksums = {str(p): sha256_file(p) for p in input_files(spec)}
+        root = open_store(store, mode="a")
+        layout = store_spec.model_dump()
+        old = field_record(root, spec.name)
+        if old is not None and old.get("checksums") == checksums and old.get("store") == layout \
+                and old.get("spec") == spec.model_dump(mode="json"):
+            summary.update(status="skipped", seconds=time.perf_counter() - t0)
+            return summary
+        fimg = load_field(spec, checksums)
+        record = dict(checksums=checksums, store=layout, spec=spec.model_dump(mode="json"))
+        stats = write_field(root, fimg, store_spec, record)
+        summary.update(status="ingested", notes=list(fimg.notes), bands=list(fimg.bands),
+                       shape=list(fimg.image.shape), **stats)
+    except InputError as exc:
+        summary["error"] = str(exc)
+    summary["seconds"] = time.perf_counter() - t0
+    return summary

@@ -1,0 +1,44 @@
+"""Provenance of tile outputs: everything a tile's result depends on, hashed or versioned, so that a re-run
+redoes exactly the tiles whose result would change (the ledger, tasks/ledger.py, records these per tile).
+
+- `processing_hash`: sha256 (16 hex digits) of the stages in order with their full validated
+  configurations (defaults included, so a changed default counts), the halo and the tile size;
+- `stage_versions`: each stage's `version` (bumped when its code changes what it writes);
+- `model_versions`: the version of every network the stages run: the first 12 hex digits of the sha256 of
+  the shipped weights, or "file:" + that of the weights file a stage's configuration names.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .stages.registry import stage_class
+
+__all__ = ["stage_configs", "processing_hash", "stage_versions", "model_versions"]
+
+
+def stage_configs(stages: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """[(name, full validated configuration as JSON-friendly dict)] of [(name, params)]."""
+    return [(name, stage_class(name).configure(params).model_dump(mode="json")) for name, params in stages]
+
+
+def processing_hash(stages: list[tuple[str, dict]], halo: int, tile: int) -> str:
+    """Hash of everything that changes a tile's output besides code and model versions (module docstring)."""
+    blob = json.dumps(dict(stages=stage_configs(stages), halo=int(halo), tile=int(tile)), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def stage_versions(stages: list[tuple[str, dict]]) -> dict[str, str]:
+    return {name: str(stage_class(name).version) for name, _ in stages}
+
+
+def model_versions(stages: list[tuple[str, dict]]) -> dict[str, str]:
+    """Version of every model the configured stages use (module docstring)."""
+    from deepfield.models.registry import model_version, weights_version
+    out = {}
+    for name, params in stages:
+        cls = stage_class(name)
+        weights = getattr(cls.configure(params), "weights", None)
+        for m in cls.models:
+            out[m] = "file:" + weights_version(weights) if weights else model_version(m)
+    return out
