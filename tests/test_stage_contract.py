@@ -222,3 +222,20 @@ def test_a_stage_from_a_plugin_module_runs_with_its_own_merge_step(toy, survey, 
     pd.testing.assert_frame_equal(cat.sort_values("source_id").reset_index(drop=True)[cat2.columns],
                                   cat2.sort_values("source_id").reset_index(drop=True), check_exact=True)
     pd.testing.assert_frame_equal(pd.read_parquet(again["paths"]["toy_top"]), top)
+
+
+def test_a_field_without_a_band_a_stage_needs_stops_the_run_before_any_tile(tmp_path, prefect_harness):
+    """A g, r, i survey with the default stages: the lens, deblend and cluster networks take g, r, i, z. The run
+    stops after the ingest with one line per stage naming the field and the missing band; no tile is done."""
+    from deepfield.flows.run import run_flow
+    from deepfield.tasks.sim.config import SimConfig
+    from deepfield.tasks.sim.survey import simulate_survey
+    from deepfield.tasks.stages.registry import BandError
+    simulate_survey(SimConfig(seed=3, size=256, bands=["g", "r", "i"]), tmp_path / "sim", workers=1)
+    cfg = RunConfig(inputs=tmp_path / "sim" / "manifest.yaml", run_dir=tmp_path / "run")
+    with pytest.raises(BandError) as exc:
+        run_flow(cfg)
+    lines = str(exc.value).splitlines()
+    assert {line.split("'")[1] for line in lines} == {"deblend", "lens", "cluster"}
+    assert all("field 'field000' has g, r, i (missing z)" in line for line in lines)
+    assert not (tmp_path / "run" / "ledger").exists() and not (tmp_path / "run" / "tiles").exists()
