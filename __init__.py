@@ -8,6 +8,13 @@ actor pool, shared astronomy helpers, training-set builders and the simulator), 
 merge, de-duplication, per-stage merge steps and exports). Imports run one way, flows -> catalogs / tasks ->
 models; docs/design.md describes the whole.
 """
-from .tasks.version import __version__
+# no relative import here: pytest imports this file on its own (the repository root, holding it, is a package
+# to pytest), under a name taken from the checkout's directory
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("deepfield")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = ["__version__"]

@@ -1,9 +1,6 @@
-"""The deepfield version, from the installed distribution (or the source tree's pyproject)."""
+"""The deepfield version, from the installed distribution (deepfield/__init__.py reads it)."""
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from deepfield import __version__
 
-try:
-    __version__ = version("deepfield")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+__all__ = ["__version__"]
