@@ -4,11 +4,12 @@ stable source ids and field-level de-duplication (docs/design.md, "Contracts": T
 - `source_ids`: a deterministic 63-bit id from (field, tile, tile_index): the first 8 bytes of the
   BLAKE2b digest of "field\\x1ftile\\x1ftile_index", big-endian, masked to 63 bits so that it is a
   non-negative int64. The same tile outputs give the same ids on every re-run and every machine.
-- `FieldOwnership`: where fields overlap on the sky, a source is measured in each of them; the field
-  that owns its position (`tasks.tiling.owner`: among the fields containing it, the one whose centre
-  is nearest) keeps it. `flag(df)` adds the bool column `is_primary_field` (True where the row's own
-  field owns its position). A position no field contains (possible only through round-off at a field
-  edge) stays primary in its own field, so a source primary in its tile is never lost.
+- `overlap_decisions`: where fields overlap on the sky, a source is measured in each of them. The
+  measurements of the different fields are matched (within 1") and the object is kept once: by the field
+  that owns the mean of its measured positions (`FieldOwnership`, i.e. `tasks.tiling.owner`: among the
+  fields containing it, the one whose centre is nearest), or by the field that detected it when only one
+  did. Ownership is decided per object, not per measurement, so noise in the measured positions near the
+  line between two fields can neither lose an object nor keep it twice; `is_primary_field` records it.
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import hashlib
 
 import numpy as np
 import pandas as pd
+from astropy import units as u
 from astropy.coordinates import SkyCoord
 
 from deepfield.tasks.tiling import SkyField, owner
 
-__all__ = ["source_id", "source_ids", "FieldOwnership", "ID_MASK"]
+__all__ = ["source_id", "source_ids", "FieldOwnership", "overlap_decisions", "ID_MASK"]
 
 ID_MASK = (1 << 63) - 1
 
@@ -85,16 +87,80 @@ class FieldOwnership:
             out[ok] = self.names[cand[idx[ok]]]
         return out
 
-    def flag(self, df: pd.DataFrame) -> pd.DataFrame:
-        """Copy of `df` with the bool column `is_primary_field`; ValueError for an unknown field."""
-        field = df["field"].astype(str).to_numpy(dtype=object)
-        unknown = sorted(set(field) - set(self.names))
-        if unknown:
-            tiles = sorted(set(df.loc[df["field"].astype(str).isin(unknown), "tile"].astype(str)))[:5]
-            raise ValueError(f"rows of fields {unknown} (tiles {tiles}) but these fields are not among "
-                             f"the SkyFields given to the merge ({list(self.names)})")
-        own = self.owner_names(df["ra"].to_numpy(float), df["dec"].to_numpy(float))
-        nobody = np.array([o is None for o in own], dtype=bool)
-        out = df.copy()
-        out["is_primary_field"] = nobody | (own == field)
-        return out
+
+MATCH_ARCSEC = 1.0  # two fields' measurements of one object lie closer than this (centroid errors <~0.3")
+MARGIN_ARCSEC = 3.0  # rows this close to another field's footprint are matched across the fields
+
+
+def _pixel_scale_arcsec(f: SkyField) -> float:
+    from astropy.wcs.utils import proj_plane_pixel_scales
+    return float(np.mean(proj_plane_pixel_scales(f.wcs.celestial)) * 3600.0)
+
+
+def overlap_decisions(rows: pd.DataFrame, ownership: FieldOwnership, match_arcsec: float = MATCH_ARCSEC,
+                      margin_arcsec: float = MARGIN_ARCSEC) -> pd.DataFrame:
+    """Which rows of overlapping fields the catalog keeps, decided once per object.
+
+    rows: the tile-primary rows of the run (field, tile, tile_index, ra, dec). The rows that lie in another
+    field's footprint grown by `margin_arcsec` are matched across fields: measurements of different fields
+    closer than `match_arcsec` are one object (connected components, so a chain of close pairs is one
+    group). For each object the field that owns the mean position of its measurements (FieldOwnership: the
+    nearest centre among the fields holding it) keeps its own measurements; if that field has none (it did
+    not detect the object), the field nearest the mean position among those that did keeps them. A
+    measurement that matches none of another field is kept: it is the object's only one. So an object seen
+    by two fields is kept exactly once whatever the noise of its measured positions; an object seen by one
+    is never lost to the other's ownership of the position.
+
+    Returns (field, tile, tile_index, keep) for the rows near an overlap (rows elsewhere are all kept)."""
+    from astropy.coordinates import SkyCoord
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    out_cols = ["field", "tile", "tile_index", "keep"]
+    if len(rows) == 0 or len(ownership.fields) < 2:
+        return pd.DataFrame(columns=out_cols)
+    index = {n: k for k, n in enumerate(ownership.names)}
+    field_idx = rows["field"].astype(str).map(index).to_numpy()
+    if np.isnan(field_idx.astype(float)).any():
+        unknown = sorted(set(rows["field"].astype(str)) - set(index))
+        raise ValueError(f"rows of fields {unknown} but these fields are not among the SkyFields of the merge")
+    ra, dec = rows["ra"].to_numpy(float), rows["dec"].to_numpy(float)
+    near = np.zeros(len(rows), bool)
+    for k, f in enumerate(ownership.fields):  # rows of other fields in f's grown footprint, and f's rows near them
+        others = field_idx != k
+        if not others.any():
+            continue
+        cand = np.flatnonzero(others)
+        hit = f.contains(ra[cand], dec[cand], margin_px=margin_arcsec / _pixel_scale_arcsec(f))
+        near[cand[hit]] = True
+    if not near.any():
+        return pd.DataFrame(columns=out_cols)
+    sel = np.flatnonzero(near)
+    pos = SkyCoord(ra[sel], dec[sel], unit="deg")
+    i, j, _, _ = pos.search_around_sky(pos, match_arcsec * u.arcsec)
+    cross = field_idx[sel][i] != field_idx[sel][j]
+    n = len(sel)
+    graph = coo_matrix((np.ones(int(cross.sum())), (i[cross], j[cross])), shape=(n, n))
+    n_groups, label = connected_components(graph, directed=False)
+    xyz = np.asarray(pos.cartesian.xyz).T
+    mean = np.zeros((n_groups, 3))
+    np.add.at(mean, label, xyz)
+    centre = SkyCoord(x=mean[:, 0], y=mean[:, 1], z=mean[:, 2], representation_type="cartesian").spherical
+    g_ra, g_dec = np.asarray(centre.lon.deg) % 360.0, np.asarray(centre.lat.deg)
+    owner_of_group = ownership.owner_names(g_ra, g_dec)
+    fields_sel = rows["field"].astype(str).to_numpy()[sel]
+    keep = np.zeros(n, bool)
+    size = np.bincount(label, minlength=n_groups)
+    keep[size[label] == 1] = True  # seen by one field only: its only measurement
+    for g in np.flatnonzero(size > 1):
+        members = np.flatnonzero(label == g)
+        present = fields_sel[members]
+        owner_name = owner_of_group[g]
+        if owner_name is None or owner_name not in present:  # the owner did not detect it: nearest that did
+            here = SkyCoord(g_ra[g], g_dec[g], unit="deg")
+            owner_name = min(sorted(set(present)),
+                             key=lambda name: float(here.separation(ownership.fields[index[name]].centre).deg))
+        keep[members[present == owner_name]] = True
+    out = rows.iloc[sel][["field", "tile", "tile_index"]].reset_index(drop=True)
+    out["keep"] = keep
+    return out

@@ -4,10 +4,11 @@ Input: `RUN/tiles/<field>/<ty>_<tx>.parquet`, one table per tile (tasks' tile ru
 
 1. read every tile table (`dask.dataframe.read_parquet`, files in sorted order) and keep the rows with
    `is_primary` (centroid in the tile core): tile-level de-duplication of the halos;
-2. field-level de-duplication: add `is_primary_field` (`catalogs.dedup.FieldOwnership`, i.e.
-   `tasks.tiling.owner`: the field whose centre is nearest among those containing the position owns
-   it) and keep only those rows, unless `keep_field_duplicates=True` (then the overlap duplicates stay,
-   flagged False, for QA);
+2. field-level de-duplication, once per object: the rows near where fields overlap are matched across the
+   fields, and each object is kept by one field (`catalogs.dedup.overlap_decisions`: the field that owns
+   the mean of its measured positions, `tasks.tiling.owner`, or the field that saw it when only one did);
+   `is_primary_field` says so, and only those rows are kept unless `keep_field_duplicates=True` (then the
+   overlap duplicates stay, flagged False, for QA);
 3. `source_id` (int64, first column): BLAKE2b of (field, tile, tile_index) masked to 63 bits, stable
    across re-runs; uniqueness is checked over the whole catalog (ValueError naming the rows otherwise);
 4. `_healpix_29` (the HATS spatial index, `hats.pixel_math.spatial_index.compute_spatial_index`);
@@ -16,15 +17,18 @@ Input: `RUN/tiles/<field>/<ty>_<tx>.parquet`, one table per tile (tasks' tile ru
 6. exports of the same rows: FITS binary table (astropy; ra/dec in deg, x/y/a/b in pix, theta in rad,
    fluxes in adu i.e. image units with the band's AB zero point, magnitudes in mag) and flat Parquet.
 
-Outputs in `out_dir` (default `RUN/catalogs`): `sources/` (HATS catalog), `sources_flat/` (Parquet parts),
+Outputs in `out_dir` (default `RUN/catalogs`, a symbolic link to the current version of the catalogs,
+`RUN/.catalogs-v-XXXX/`): `sources/` (HATS catalog), `sources_flat/` (Parquet parts),
 `sources.fits`, `sources.summary.json`, and what the stages' merge steps add (catalogs/steps.py): the lens
 step's `lens_candidates.parquet` (catalogs/lenses.py), the anomaly step's `anomaly_sigma` column with
 `anomalies.parquet` and `anomaly_stamps.fits` (catalogs/anomalies.py), the cluster step's `cluster_id`
 column with `clusters.parquet` (catalogs/clusters.py). The steps run in the run's stage order: each
 `prepare`s before the rows are merged, adds its columns to every partition after the ids and the spatial
-index, and writes its outputs after the rows. Everything is built under `out_dir/.sources.tmp-XXXX/` and
-then renamed into place, an old output removed just before; a crash leaves the old or the new outputs,
-never partial ones. One merge at a time per `out_dir` (a merge removes temporaries left by killed ones).
+index, and writes its outputs after the rows. Everything is built in a new version directory beside
+`out_dir`, and `out_dir`, a symbolic link, is then pointed at it in one atomic rename (tasks.atomic.
+publish_version): a crash or a reader sees the old catalogs or the new ones, never a mix, and old versions
+and versions left by killed merges are removed afterwards. One merge at a time per `out_dir` (a lock,
+tasks.locks; a second merge is refused with the holder's host and pid).
 
 Dask: without a `client`, a threads-only `LocalCluster(processes=False)` is started for the merge (no
 `__main__` guard needed, no pickling of the SkyFields; the work is mostly Arrow/NumPy, which releases
@@ -35,7 +39,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,12 +51,13 @@ from astropy import units as u
 from astropy.table import Table
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from deepfield.tasks.atomic import atomic_path, publish, write_text
+from deepfield.tasks.atomic import atomic_path, publish_version, version_dir, write_text
+from deepfield.tasks.locks import exclusive
 from deepfield.tasks.stages.registry import load_plugins
 from deepfield.tasks.tile_runner import source_tables
 from deepfield.tasks.tiling import SkyField
 
-from .dedup import FieldOwnership, source_ids
+from .dedup import FieldOwnership, overlap_decisions, source_ids
 from .steps import MergeContext, MergeStep
 
 __all__ = ["merge_catalog", "open_catalog", "export_fits", "HEALPIX_COLUMN"]
@@ -63,13 +67,17 @@ CATALOG_NAME = "sources"
 FILES_PER_PARTITION = 16  # tile tables per Dask partition (and per hats-import input file)
 
 
-def _prepare(df: pd.DataFrame, ownership: FieldOwnership, keep_duplicates: bool,
+def _prepare(df: pd.DataFrame, dropped: pd.MultiIndex, keep_duplicates: bool,
              steps: tuple[MergeStep, ...] = ()) -> pd.DataFrame:
-    """One partition: field ownership, ids, spatial index, then each merge step's columns (rows already
-    tile-primary)."""
+    """One partition: field ownership (the rows of `dropped`, (field, tile, tile_index), are another field's
+    measurements of an object: catalogs.dedup.overlap_decisions), ids, spatial index, then each merge step's
+    columns (rows already tile-primary)."""
     from hats.pixel_math.spatial_index import compute_spatial_index
 
-    df = ownership.flag(df)
+    df = df.copy()
+    keys = pd.MultiIndex.from_arrays([df["field"].astype(str), df["tile"].astype(str),
+                                      df["tile_index"].astype("int64")])
+    df["is_primary_field"] = ~keys.isin(dropped) if len(dropped) else np.ones(len(df), bool)
     if not keep_duplicates:
         df = df[df["is_primary_field"].to_numpy(bool)]
     df.insert(0, "source_id", source_ids(df))
@@ -78,6 +86,16 @@ def _prepare(df: pd.DataFrame, ownership: FieldOwnership, keep_duplicates: bool,
     for step in steps:
         df = step.partition(df)
     return df.reset_index(drop=True)
+
+
+def _dropped(files: list[Path], ownership: FieldOwnership) -> pd.MultiIndex:
+    """(field, tile, tile_index) of the tile-primary rows that another field keeps (overlap_decisions)."""
+    rows = pads.dataset([str(f) for f in files], format="parquet").to_table(
+        columns=["field", "tile", "tile_index", "ra", "dec"], filter=pads.field("is_primary")).to_pandas()
+    d = overlap_decisions(rows, ownership)
+    d = d[~d["keep"].astype(bool)]
+    return pd.MultiIndex.from_arrays([d["field"].astype(str), d["tile"].astype(str), d["tile_index"].astype("int64")],
+                                     names=["field", "tile", "tile_index"])
 
 
 def _check_unique_ids(flat_dir: Path) -> None:
@@ -167,11 +185,14 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
                   steps: list[MergeStep] | tuple[MergeStep, ...] = (), store_path: Path | None = None,
                   highest_healpix_order: int = 8, pixel_threshold: int | None = None,
                   keep_field_duplicates: bool = False, client=None, n_threads: int | None = None,
-                  write_fits: bool = True, plugins: list[str] | tuple[str, ...] = ()) -> dict:
-    """Merge `run_dir/tiles/*/<ty>_<tx>.parquet` into the source catalog under `out_dir` (default
-    run_dir/catalogs).
+                  write_fits: bool = True, plugins: list[str] | tuple[str, ...] = (),
+                  tables: list[Path] | None = None, missing_tiles: list[str] | None = None) -> dict:
+    """Merge tile source tables into the source catalog under `out_dir` (default run_dir/catalogs).
 
     fields: the SkyFields of the run (every field named in the tile tables must be among them).
+    tables: the source tables to merge (the run flow gives those of the run's done tiles, from the ledger);
+        default: every `run_dir/tiles/*/<ty>_<tx>.parquet`.
+    missing_tiles: the run's tiles that are not done, recorded in the summary (the catalog lacks them).
     steps: the merge steps of the run's stages, in stage order (catalogs.steps.build_steps).
     store_path: the run's Zarr store, for steps that cut stamps from it (none: no stamps).
     highest_healpix_order: finest HEALPix order of a partition (8: ~14 arcmin pixels). hats-import's
@@ -190,14 +211,29 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "catalogs"
     steps = tuple(steps)
-    files = source_tables(run_dir)
+    files = source_tables(run_dir) if tables is None else [Path(t) for t in tables]
     if not files:
-        raise FileNotFoundError(f"no tile tables matching {run_dir / 'tiles' / '*' / '*.parquet'}")
+        raise FileNotFoundError(f"no tile tables to merge under {run_dir / 'tiles'}")
     ownership = FieldOwnership(fields)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f".{CATALOG_NAME}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{CATALOG_NAME}.tmp-", dir=out_dir))
+    with exclusive(out_dir.parent / f".{out_dir.name}.lock", f"the catalog directory {out_dir.name}"):
+        version = version_dir(out_dir)  # the new catalogs, built whole, then shown at out_dir in one rename
+        try:
+            summary = _merge_into(version, out_dir, run_dir, files, ownership, steps, store_path,
+                                  highest_healpix_order, pixel_threshold, keep_field_duplicates, client, n_threads,
+                                  write_fits, plugins, missing_tiles, t0)
+            publish_version(version, out_dir)
+        finally:
+            if version.exists() and not (out_dir.is_symlink() and out_dir.resolve() == version.resolve()):
+                shutil.rmtree(version, ignore_errors=True)
+    summary["report"] = [line for step in steps for line in step.report(summary, summary["paths"])]
+    return summary
+
+
+def _merge_into(staging: Path, out_dir: Path, run_dir: Path, files: list[Path], ownership: FieldOwnership,
+                steps: tuple[MergeStep, ...], store_path, highest_healpix_order: int, pixel_threshold,
+                keep_field_duplicates: bool, client, n_threads, write_fits: bool, plugins, missing_tiles,
+                t0: float) -> dict:
+    """Everything of merge_catalog inside `staging`, under the names it will have at `out_dir`."""
     own_client = client is None
     cluster = None
     if own_client:
@@ -212,9 +248,10 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
                            store_path=Path(store_path) if store_path is not None else None)
         for step in steps:
             step.prepare(ctx)
-        meta = _prepare(primary._meta, ownership, keep_field_duplicates, steps)
-        merged = primary.map_partitions(_prepare, ownership, keep_field_duplicates, steps, meta=meta)
-        flat_dir = staging / "flat"
+        dropped = _dropped(files, ownership)  # once per object, over the whole run
+        meta = _prepare(primary._meta, dropped, keep_field_duplicates, steps)
+        merged = primary.map_partitions(_prepare, dropped, keep_field_duplicates, steps, meta=meta)
+        flat_dir = staging / f"{CATALOG_NAME}_flat"
         write = merged.to_parquet(str(flat_dir), write_index=False, compute=False,
                                   name_function=lambda i: f"part.{i:05d}.parquet")
         n_in, n_primary, _ = client.compute(
@@ -231,38 +268,31 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
         if write_fits:
             export_fits(pq.read_table(flat_dir).to_pandas(), staging / f"{CATALOG_NAME}.fits")
         shutil.rmtree(staging / "hats_tmp", ignore_errors=True)
-
-        import hats
-
-        n_partitions = len(hats.read_hats(hats_dir).get_healpix_pixels())
-        paths = {"hats": out_dir / CATALOG_NAME, "parquet": out_dir / f"{CATALOG_NAME}_flat"}
-        published = {"fits": f"{CATALOG_NAME}.fits"} if write_fits else {}
-        for r in results:
-            published.update(r.files)
-        for key, name in published.items():  # the optional outputs
-            paths[key] = out_dir / name
-            publish(staging / name, paths[key])
-        publish(flat_dir, paths["parquet"])
-        publish(hats_dir, paths["hats"])
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         if own_client:
             client.close()
             cluster.close()
+
+    import hats
+
+    paths = {"hats": out_dir / CATALOG_NAME, "parquet": out_dir / f"{CATALOG_NAME}_flat"}
+    if write_fits:
+        paths["fits"] = out_dir / f"{CATALOG_NAME}.fits"
+    for r in results:  # the steps' outputs
+        paths.update({key: out_dir / name for key, name in r.files.items()})
     summary = {
         "n_tiles": len(files), "rows_in": int(n_in), "primary_rows": int(n_primary),
         "field_duplicates": int(n_primary - n_owned), "field_duplicates_dropped": int(n_primary - n_kept),
-        "rows_out": int(n_kept),
+        "rows_out": int(n_kept), "missing_tiles": list(missing_tiles or []),
     }
     for r in results:
         summary.update(r.summary)
     summary.update({
-        "n_partitions": n_partitions, "highest_healpix_order": highest_healpix_order,
-        "pixel_threshold": threshold, "paths": {k: str(v) for k, v in paths.items()},
-        "seconds": round(time.perf_counter() - t0, 3),
+        "n_partitions": len(hats.read_hats(hats_dir).get_healpix_pixels()),
+        "highest_healpix_order": highest_healpix_order, "pixel_threshold": threshold,
+        "paths": {k: str(v) for k, v in paths.items()}, "seconds": round(time.perf_counter() - t0, 3),
     })
-    write_text(out_dir / f"{CATALOG_NAME}.summary.json", json.dumps(summary, indent=2) + "\n")
-    summary["report"] = [line for step in steps for line in step.report(summary, summary["paths"])]
+    write_text(staging / f"{CATALOG_NAME}.summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -153,11 +153,25 @@ def _run(cfg) -> dict:
     from deepfield.flows import prefect_env
     prefect_env.configure(cfg.run_dir / ".deepfield-prefect")
     from deepfield.flows.run import run_flow
+    from deepfield.tasks.locks import LockedError
     from deepfield.tasks.stages.registry import BandError
     try:
         return run_flow(cfg)
     except BandError as exc:  # the survey's fields lack bands a stage needs: nothing was processed
         fail(f"{cfg.inputs}: {exc}")
+    except LockedError as exc:  # another run of this run directory is under way
+        fail(str(exc))
+    except OSError as exc:  # the run directory or the store cannot be written: a read-only place, a file
+        fail(f"{exc.filename or cfg.run_dir}: {exc.strerror or exc}")
+    except Exception as exc:  # anything else: one line here, the traceback in the run directory
+        import traceback
+        log = cfg.run_dir / "run-error.log"
+        try:
+            log.write_text("".join(traceback.format_exception(exc)))
+        except OSError:
+            log = None
+        fail(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+             + (f" (traceback in {log})" if log else ""), code=1)
 
 
 def _print_run(summary: dict, cfg) -> None:
@@ -174,9 +188,23 @@ def _print_run(summary: dict, cfg) -> None:
     if summary.get("stopped"):
         console.print(f"stopped: {proc['tiles'] - proc['skipped'] - proc['done'] - proc['failed']} tile(s) left "
                       f"({proc['released']} released in flight); merge skipped; run again to resume from the ledger")
+    elif not mer:
+        console.print("merge:   skipped: no tile of this run is done")
     else:
-        console.print(f"merge:   {mer.get('rows_out', mer.get('n_sources', '?'))} sources in the catalog "
-                      f"({sec['merge']:.1f} s)")
+        console.print(f"merge:   {mer.get('rows_out', '?')} sources in the catalog ({sec['merge']:.1f} s)")
+        missing, ignored = mer.get("missing_tiles") or [], mer.get("ignored_tables") or []
+        if missing:
+            console.print(f"         {len(missing)} tile(s) of the run are not in it (not done): "
+                          + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+        if ignored:
+            console.print(f"         {len(ignored)} table(s) under tiles/ are not this run's and were left out: "
+                          + ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
+    if proc.get("damaged_fields"):
+        console.print(f"[bold red]damaged:[/] field(s) {', '.join(proc['damaged_fields'])} failed their store's "
+                      "integrity check; the next run ingests them again from their inputs")
+    if proc.get("pruned"):
+        console.print(f"         removed {len(proc['pruned'])} tile(s) of another configuration (tile size or "
+                      "stages) that are not tiles of this run")
     for line in mer.get("report", []):  # what the stages' merge steps wrote
         console.print(line, markup=False)
     for r in ing:
@@ -205,12 +233,18 @@ def run(
     from deepfield.flows.run_config import RunConfigError, load_run_config
     from deepfield.tasks.actor_pool import request_stop
 
+    from deepfield.tasks.ingest_config import ConfigError, load_ingest_config
+
     try:
         cfg = load_run_config(config, run_dir=str(run_dir.resolve()) if run_dir else None)
-    except RunConfigError as exc:
+        load_ingest_config(cfg.inputs, store=cfg.store_layout)  # the inputs' configuration, before anything starts
+    except (RunConfigError, ConfigError) as exc:
         fail(str(exc))
     cfg = cfg.with_addresses(ray_address, dask_address)
     signal.signal(signal.SIGUSR1, lambda *_: request_stop())
+    # SIGTERM (kill, scancel, a scheduler's stop) unwinds like an error: locks released, and the local Ray
+    # and Prefect server this process started are stopped by their exit handlers instead of left running
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     summary = _run(cfg)
     _print_run(summary, cfg)
     typer.echo(str(cfg.run_dir))
@@ -255,7 +289,8 @@ def serve(
 
 @app.command()
 def status(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
-    """Summarise a run's ledger: tiles done and failed, retries, sources, time per stage."""
+    """Summarise a run's ledger: tiles done and failed, retries, sources, time per stage; every record and the
+    tile table it points to are checked, and what cannot be read is listed (exit status 1)."""
     from deepfield.tasks.ledger import summarise
 
     if not (run_dir / "ledger").is_dir():
@@ -268,7 +303,9 @@ def status(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
     typer.echo(f"configuration hashes: {', '.join(s['config_hashes'])}")
     for tile, err in s["failed"]:
         typer.echo(f"failed {tile}: {err}")
-    if s["failed"]:
+    for problem in s["problems"]:
+        typer.echo(f"unreadable: {problem}")
+    if s["failed"] or s["problems"]:
         raise typer.Exit(1)
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from prefect import task
 
 from deepfield.tasks.actor_pool import run_tiles
+from deepfield.tasks.ledger import Ledger
+from deepfield.tasks.provenance import run_keys
+from deepfield.tasks.zarr_store import all_tiles, open_store
 
 from .run_config import RunConfig
 
@@ -27,13 +30,21 @@ def _progress_printer(label: str):
 
 
 @task(name="process-tiles")
-def process_task(cfg: RunConfig) -> dict:
+def process_task(cfg: RunConfig, fields: list[str]) -> dict:
+    """Process the tiles of `fields` (the run's fields: ingested or unchanged, not failed) not yet done.
+    Records and tables of tiles outside this run's tiles made under another configuration (another tile size
+    or stage list) are removed first (tasks.ledger.Ledger.prune); the summary lists them under `pruned`."""
+    root = open_store(cfg.store_path)
+    pruned = Ledger(cfg.run_dir).prune(all_tiles(root, cfg.halo, fields),
+                                       run_keys(cfg.stage_list(), cfg.processing_hash(), root, fields))
     update, prog = _progress_printer("processing tiles")
     try:
-        return run_tiles(str(cfg.store_path), str(cfg.run_dir), cfg.stage_list(), cfg.halo, cfg.processing_hash(),
-                         address=cfg.ray.address, num_actors=cfg.ray.num_actors, use_gpus=cfg.ray.use_gpus,
-                         in_flight_per_actor=cfg.ray.in_flight_per_actor, max_attempts=cfg.ray.max_attempts,
-                         progress=update, stop_grace=cfg.ray.stop_grace, plugins=cfg.plugins)
+        summary = run_tiles(str(cfg.store_path), str(cfg.run_dir), cfg.stage_list(), cfg.halo,
+                            cfg.processing_hash(), address=cfg.ray.address, num_actors=cfg.ray.num_actors,
+                            use_gpus=cfg.ray.use_gpus, in_flight_per_actor=cfg.ray.in_flight_per_actor,
+                            max_attempts=cfg.ray.max_attempts, progress=update, stop_grace=cfg.ray.stop_grace,
+                            plugins=cfg.plugins, fields=fields)
     finally:
         if prog.live.is_started:
             prog.stop()
+    return dict(summary, pruned=pruned)

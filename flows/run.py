@@ -9,13 +9,17 @@ from prefect import flow
 
 from deepfield.tasks.atomic import write_text
 from deepfield.tasks.ingest_config import load_ingest_config
+from deepfield.tasks.locks import exclusive
 from deepfield.tasks.stages.registry import check_bands
-from deepfield.tasks.zarr_store import complete_fields, open_store
+from deepfield.tasks.zarr_store import open_store
 
 from .ingest import ingest_flow
 from .merge import merge_task
 from .process import process_task
 from .run_config import RunConfig
+
+
+RUN_LOCK = ".deepfield-run.lock"
 
 
 # its arguments are validated pydantic objects already; Prefect's re-validation fails in a flow run
@@ -24,28 +28,48 @@ from .run_config import RunConfig
 def run_flow(cfg: RunConfig) -> dict:
     """Ingest the inputs, process every tile, merge the catalogs; returns a summary of each step.
 
-    A field without the bands a stage needs stops the run before processing with a BandError naming both.
+    The run's fields are those of the inputs ingested or unchanged (a field whose inputs failed is left out,
+    whatever the store holds from before). A field without the bands a stage needs stops the run before
+    processing with a BandError naming both. The merge takes exactly the run's done tiles; with none, it is
+    skipped (the summary's `merge` is empty).
     After a stop request (tasks.actor_pool.request_stop: the walltime warning of a Slurm job) the tiles
-    finished so far are in the ledger, the merge is skipped and the summary has `stopped` set."""
+    finished so far are in the ledger, the merge is skipped and the summary has `stopped` set.
+    One run at a time per run directory: a second is refused (tasks.locks.LockedError) before it starts."""
     t0 = time.perf_counter()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(cfg.run_dir / RUN_LOCK, "the run directory"):  # one run at a time (LockedError otherwise)
+        summary = _run(cfg, t0)
+        write_text(cfg.run_dir / "run-summary.json", json.dumps(summary, indent=1, default=str))
+    print(f"run finished in {summary['seconds']['total']:.1f} s", file=sys.stderr)
+    return summary
+
+
+def _run(cfg: RunConfig, t0: float) -> dict:
     ingest_cfg = load_ingest_config(cfg.inputs, store=cfg.store_layout)
     t = time.perf_counter()
     ingest = ingest_flow(ingest_cfg, str(cfg.store_path))
     ingest_s = time.perf_counter() - t
-    root = open_store(cfg.store_path)
-    # before any tile: every field has the bands every stage needs (tasks.stages.registry.BandError otherwise)
-    check_bands(cfg.stage_list(), {f: list(root["fields"][f].attrs["bands"]) for f in complete_fields(root)})
+    # the run's fields: those of the inputs that are ingested or unchanged; a field whose new inputs failed
+    # keeps its old pixels in the store, and they are not this run's
+    fields = [r["field"] for r in ingest if r["status"] != "failed"]
     t = time.perf_counter()
-    process = process_task(cfg)
+    if fields:
+        root = open_store(cfg.store_path)
+        # before any tile: every field has the bands every stage needs (tasks.stages.registry.BandError)
+        check_bands(cfg.stage_list(), {f: list(root["fields"][f].attrs["bands"]) for f in fields})
+        process = process_task(cfg, fields)
+    else:  # every field failed its ingest
+        process = dict(tiles=0, skipped=0, done=0, failed=0, retries=0, actors=0, seconds=0.0, stage_seconds={},
+                       stopped=False, released=0, damaged_fields=[], pruned=[])
     process_s = time.perf_counter() - t
     t = time.perf_counter()
-    merge = {} if process["stopped"] else merge_task(cfg)
+    any_done = process["skipped"] + process["done"] > 0  # already done, or done now
+    # a field found damaged in the store is marked for ingest: none of its rows until it is written again
+    merged_fields = [f for f in fields if f not in process["damaged_fields"]]
+    merge = {} if process["stopped"] or not any_done or not merged_fields else merge_task(cfg, merged_fields)
     merge_s = time.perf_counter() - t
     summary = dict(ingest=ingest, process=process, merge=merge, stopped=process["stopped"],
                    seconds=dict(ingest=ingest_s, process=process_s, merge=merge_s, total=time.perf_counter() - t0),
                    failed_fields=[r["field"] for r in ingest if r["status"] == "failed"],
                    failed_tiles=process["failed"])
-    write_text(cfg.run_dir / "run-summary.json", json.dumps(summary, indent=1, default=str))
-    print(f"run finished in {summary['seconds']['total']:.1f} s", file=sys.stderr)
     return summary

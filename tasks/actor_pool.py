@@ -4,8 +4,10 @@ the run flow's processing task, flows/process.py).
 One actor per GPU when the Ray cluster has GPUs (num_gpus=1: Ray gives each actor its own
 CUDA_VISIBLE_DEVICES), otherwise N CPU actors. Work in flight is bounded (a few tiles per actor).
 An actor that dies is replaced and its tiles retried; a tile that fails `max_attempts` times is
-marked failed in the ledger and the run goes on. The driver writes the ledger; actors write the
-tile outputs.
+marked failed in the ledger and the run goes on. A tile that finds its field damaged in the store
+(tasks.zarr_store.StoreIntegrityError) fails at once, and after the run the field's completion marker is
+removed, so that the next run ingests it again from its inputs (`damaged_fields` in the summary). The
+driver writes the ledger; actors write the tile outputs.
 
 A stop request (`request_stop`, e.g. from the SIGUSR1 a Slurm job receives before its walltime) makes
 the driver dispatch nothing more and wait for the tiles in flight; a second request, or `stop_grace`
@@ -22,9 +24,9 @@ from collections import deque
 from typing import Callable
 
 from .ledger import Ledger, TileRecord
-from .provenance import model_versions, stage_versions
+from .provenance import run_keys
 from .tile_runner import TileRunner
-from .zarr_store import all_tiles, input_fingerprint, open_store
+from .zarr_store import StoreIntegrityError, all_tiles, complete_fields, invalidate_field, open_store
 
 __all__ = ["run_tiles", "start_ray", "actor_plan", "request_stop", "clear_stop", "stop_requested"]
 
@@ -78,22 +80,21 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
               address: str | None = None, num_actors: int | None = None, use_gpus: bool = True,
               in_flight_per_actor: int = 2, max_attempts: int = 3, progress: Progress | None = None,
               actor_env: dict[str, str] | None = None, stop_grace: float = 600.0,
-              plugins: list[str] | tuple[str, ...] = ()) -> dict:
-    """Process every tile not yet done under `config_hash`; returns a summary of the run.
+              plugins: list[str] | tuple[str, ...] = (), fields: list[str] | None = None) -> dict:
+    """Process every tile of `fields` (default: every complete field of the store) not yet done under
+    `config_hash`; returns a summary of the run.
 
     actor_env: environment variables for the actors (e.g. DEEPFIELD_FAULT in fault drills).
     stop_grace: after a stop request, seconds to wait for the tiles in flight before releasing them.
     plugins: modules or .py files each actor imports before building its stages (tasks.stages.load_plugins)."""
     ledger = Ledger(run_dir)
-    versions = stage_versions(stages)
-    mversions = model_versions(stages)
     root = open_store(store)
-    tiles = all_tiles(root, halo)
-    inputs = {f: input_fingerprint(root, f) for f in {t.field for t in tiles}}
-    todo = [t for t in tiles if not ledger.is_done(t, config_hash, versions, mversions,
-                                                   output_root=ledger.root.parent, input_hash=inputs[t.field])]
+    fields = complete_fields(root) if fields is None else list(fields)
+    tiles = all_tiles(root, halo, fields)
+    keys = run_keys(stages, config_hash, root, fields)
+    todo = [t for t in tiles if not ledger.is_done(t, keys)]
     summary = dict(tiles=len(tiles), skipped=len(tiles) - len(todo), done=0, failed=0, retries=0,
-                   actors=0, seconds=0.0, stage_seconds={}, stopped=False, released=0)
+                   actors=0, seconds=0.0, stage_seconds={}, stopped=False, released=0, damaged_fields=[])
     if progress:
         progress(0, len(todo), f"{summary['skipped']} of {len(tiles)} tiles already done")
     if not todo or stop_requested():
@@ -117,6 +118,7 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
     done = 0
     stage_time: dict[str, float] = {}
     stop_at = None
+    damaged: set[str] = set()
     while queue or inflight:
         if stop_requested():
             stop_at = stop_at or time.monotonic()
@@ -145,15 +147,19 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
             if actors[k] is handle:  # replace the dead actor once; its other tiles fail the same way
                 actors[k] = new_actor()
                 load[k] = 0
-            error = f"actor died: {type(exc).__name__}"
+            why = [line.strip() for line in str(exc).splitlines() if line.strip()]  # the cause Ray reports
+            error = f"actor died: {type(exc).__name__}" + (f": {why[-1][:500]}" if why else "")
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
             error = "".join(traceback.format_exception_only(type(cause), cause)).strip()
+            if isinstance(cause, StoreIntegrityError):  # damage does not heal by retrying: the next ingest
+                damaged.add(tile.field)                  # rewrites the field
+                attempt = max_attempts
         else:
             ledger.put(TileRecord(tile=str(tile), status="done", attempts=attempt, config_hash=config_hash,
-                                  stage_versions=versions, model_versions=mversions, timings=res["timings"],
-                                  counts=res["counts"],
-                                  output=res["output"], input_hash=inputs[tile.field], worker=res.get("worker", {})))
+                                  stage_versions=keys.stage_versions, model_versions=keys.model_versions,
+                                  timings=res["timings"], counts=res["counts"], output=res["output"],
+                                  input_hash=keys.inputs[tile.field], worker=res.get("worker", {})))
             for name, sec in res["timings"].items():
                 stage_time[name] = stage_time.get(name, 0.0) + sec
             done += 1
@@ -166,14 +172,17 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
             queue.append((tile, attempt + 1))
         else:
             ledger.put(TileRecord(tile=str(tile), status="failed", attempts=attempt, config_hash=config_hash,
-                                  stage_versions=versions, model_versions=mversions, error=error,
-                                  input_hash=inputs[tile.field]))
+                                  stage_versions=keys.stage_versions, model_versions=keys.model_versions,
+                                  error=error, input_hash=keys.inputs[tile.field]))
             summary["failed"] += 1
             done += 1
             if progress:
                 progress(done, len(todo), f"{tile} FAILED")
     for a in actors:
         ray.kill(a)
+    for f in sorted(damaged):  # after every actor is gone: none reads the field while its marker goes
+        invalidate_field(store, f)
     summary.update(actors=n_actors, seconds=time.perf_counter() - t_start, stage_seconds=stage_time,
-                   stopped=stop_at is not None and summary["done"] + summary["failed"] < len(todo))
+                   stopped=stop_at is not None and summary["done"] + summary["failed"] < len(todo),
+                   damaged_fields=sorted(damaged))
     return summary

@@ -72,6 +72,35 @@ def publish(src: str | os.PathLike, target: str | os.PathLike) -> None:
         os.replace(src, target)
 
 
+def version_dir(link: str | os.PathLike) -> Path:
+    """A new, empty directory beside `link` to build its next version in (`.<name>-v-<random>`)."""
+    link = Path(link)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f".{link.name}-v-", dir=link.parent))
+    os.chmod(path, 0o777 & ~_UMASK)  # as mkdir would make it (mkdtemp's are private)
+    return path
+
+
+def publish_version(version: str | os.PathLike, link: str | os.PathLike) -> None:
+    """Show the complete directory `version` (made by `version_dir(link)`) at `link`, in one atomic step:
+    `link` is a symbolic link to its current version, replaced by rename, so that a reader (or a crash) sees
+    the old complete directory or the new one, never a mix. A real directory at `link` (written before
+    links were used) is moved aside first. The previous versions, and versions left by killed writers,
+    are removed afterwards; call this under the writer's lock (tasks.locks), one writer at a time."""
+    version, link = Path(version), Path(link)
+    if version.parent != link.parent or not version.name.startswith(f".{link.name}-v-"):
+        raise ValueError(f"{version} is not a version directory of {link}")
+    tmp = link.with_name(f".{link.name}.link-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(version.name, tmp)
+    if link.is_dir() and not link.is_symlink():  # removed with the old versions below
+        os.rename(link, link.with_name(f".{link.name}-v-legacy-{os.getpid()}"))
+    os.replace(tmp, link)
+    for old in link.parent.glob(f".{link.name}-v-*"):
+        if old != version and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def clean_stale_temporaries(directory: str | os.PathLike) -> int:
     """Remove temporaries left by killed writers in `directory`; returns how many."""
     n = 0

@@ -1,7 +1,7 @@
 """Ingest of one field, the unit of work of the ingest flow (flows/ingest.py) and of the training-set
 builders: validate the field's FITS inputs and write them, tiled, into the Zarr store, or skip the field
-when the store already holds it complete from the same inputs (sha256 of every file), layout and field
-specification.
+when the store already holds it complete and intact (every shard there with its recorded size) from the
+same inputs (sha256 of every file), layout and field specification.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .fits_input import InputError, load_field, sha256_file
 from .ingest_config import FieldSpec, StoreSpec
-from .zarr_store import field_record, open_store, write_field
+from .zarr_store import StoreIntegrityError, field_record, open_store, verify_shards, write_field
 
 __all__ = ["input_files", "ingest_one"]
 
@@ -22,6 +22,16 @@ def input_files(spec: FieldSpec) -> list[Path]:
     for b in spec.bands.values():
         out += [p for p in (b.image, b.invvar, b.variance, b.mask) if p is not None]
     return out
+
+
+def _intact(root, name: str) -> bool:
+    """True when every shard of the complete field `name` is there with the size its record says (a field
+    written by an older deepfield, or damaged, is ingested again)."""
+    try:
+        verify_shards(root["fields"][name], name)
+    except StoreIntegrityError:
+        return False
+    return True
 
 
 def ingest_one(spec: FieldSpec, store: str, store_spec: StoreSpec) -> dict:
@@ -41,7 +51,7 @@ def ingest_one(spec: FieldSpec, store: str, store_spec: StoreSpec) -> dict:
         layout = store_spec.model_dump()
         old = field_record(root, spec.name)
         if old is not None and old.get("checksums") == checksums and old.get("store") == layout \
-                and old.get("spec") == spec.model_dump(mode="json"):
+                and old.get("spec") == spec.model_dump(mode="json") and _intact(root, spec.name):
             summary.update(status="skipped", seconds=time.perf_counter() - t0)
             return summary
         fimg = load_field(spec, checksums)

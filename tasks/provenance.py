@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 
 from .stages.registry import stage_class
 
-__all__ = ["stage_configs", "processing_hash", "stage_versions", "model_versions"]
+__all__ = ["stage_configs", "processing_hash", "stage_versions", "model_versions", "RunKeys", "run_keys"]
 
 
 def stage_configs(stages: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
@@ -42,3 +43,29 @@ def model_versions(stages: list[tuple[str, dict]]) -> dict[str, str]:
         for m in cls.models:
             out[m] = "file:" + weights_version(weights) if weights else model_version(m)
     return out
+
+
+@dataclass(frozen=True)
+class RunKeys:
+    """What the ledger record of a tile must match for the tile's outputs to belong to a run: the
+    configuration hash, the stage and model versions, and the input fingerprint of the tile's field (only the
+    fields of `inputs` belong to the run)."""
+
+    config_hash: str
+    stage_versions: dict[str, str] = field(default_factory=dict)
+    model_versions: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)  # field -> tasks.zarr_store.input_fingerprint
+
+    def matches(self, rec) -> bool:
+        """True when the ledger record `rec` (tasks.ledger.TileRecord) was made under these keys."""
+        field_name = rec.tile.partition("/")[0]
+        return (field_name in self.inputs and rec.input_hash == self.inputs[field_name]
+                and rec.config_hash == self.config_hash and rec.stage_versions == self.stage_versions
+                and rec.model_versions == self.model_versions)
+
+
+def run_keys(stages: list[tuple[str, dict]], config_hash: str, root, fields) -> RunKeys:
+    """The RunKeys of a run of `stages` under `config_hash` over `fields` of the open store `root`."""
+    from .zarr_store import input_fingerprint
+    return RunKeys(config_hash, stage_versions(stages), model_versions(stages),
+                   {f: input_fingerprint(root, f) for f in fields})

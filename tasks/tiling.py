@@ -206,13 +206,15 @@ class SkyField:
     def centre(self) -> SkyCoord:
         return self.wcs.pixel_to_world((self.nx - 1) / 2.0, (self.ny - 1) / 2.0)
 
-    def contains(self, ra, dec) -> np.ndarray:
-        """Positions (deg) whose pixel coordinates lie within [-0.5, n - 0.5) on both axes."""
+    def contains(self, ra, dec, margin_px: float = 0.0) -> np.ndarray:
+        """Positions (deg) whose pixel coordinates lie within [-0.5, n - 0.5) on both axes (the field grown
+        by `margin_px` pixels on every side)."""
         ra, dec = np.atleast_1d(np.asarray(ra, float)), np.atleast_1d(np.asarray(dec, float))
+        m = float(margin_px)
         with np.errstate(invalid="ignore"):
             x, y = self.wcs.world_to_pixel_values(ra, dec)
             x, y = np.asarray(x), np.asarray(y)
-            inside = (x >= -0.5) & (x < self.nx - 0.5) & (y >= -0.5) & (y < self.ny - 0.5)
+            inside = (x >= -0.5 - m) & (x < self.nx - 0.5 + m) & (y >= -0.5 - m) & (y < self.ny - 0.5 + m)
         # guard against the far hemisphere, where a projection is not one-to-one
         c = self.centre
         near = separation_arcsec(c.ra.deg, c.dec.deg, ra, dec) < 90.0 * 3600.0

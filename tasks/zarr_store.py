@@ -13,6 +13,14 @@ core, so the writer that writes a tile core is the only writer of that shard (za
 when two writers share a shard). A field counts as complete only when its completion marker is
 present, and the marker is written after every array; re-ingesting a field first deletes its
 group, marker included.
+
+Integrity: every chunk and every shard index carries a CRC-32C (zarr's crc32c codec), so a changed byte
+is an error when read; every chunk is stored, even one equal to the fill value, and the completion
+record lists the size of every shard file (`shards`), so a missing or truncated shard is found by a
+stat before it is read (`verify_shards`): zarr would read a missing shard as fill values. The fill
+values mean "no data" (image NaN, invvar 0, mask NO_DATA), so that no hole can pass for pixels. A
+damaged field is a `StoreIntegrityError` naming the field, array and shard; `invalidate_field`
+removes its completion marker, so that the next ingest writes it again from its inputs.
 """
 from __future__ import annotations
 
@@ -27,24 +35,37 @@ import tensorstore
 import zarr
 from astropy.io import fits
 from astropy.wcs import WCS
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
+from . import maskbits
 from .ingest_config import CodecSpec, StoreSpec
 from .tiling import Box, TileGrid, TileId
 from .version import __version__
 
 STORE_FORMAT = 1
+FIELD_FORMAT = 2  # 2: CRC-32C per chunk, every chunk stored, shard sizes in the completion record
 _CREATE_LOCK = threading.Lock()  # field tasks run in threads and may all find the store missing
 COMPLETE = "deepfield_complete"
 ARRAYS = {"image": "float32", "invvar": "float32", "mask": "uint16"}
+FILL = {"image": float("nan"), "invvar": 0.0, "mask": maskbits.NO_DATA}  # "no data", never pixels
 
 
 class StoreError(RuntimeError):
     pass
 
 
+class StoreIntegrityError(StoreError):
+    """A shard of a complete field is missing, truncated or fails its checksum."""
+
+
 def codec(spec: CodecSpec) -> BloscCodec:
     return BloscCodec(cname=spec.cname, clevel=spec.clevel, shuffle=spec.shuffle)
+
+
+def shard_key(array: str, sy: int, sx: int) -> str:
+    """The path of a shard inside a field group: <array>/c/0/<sy>/<sx> (zarr v3's default chunk keys; one
+    shard holds every band)."""
+    return f"{array}/c/0/{sy}/{sx}"
 
 
 def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
@@ -79,6 +100,51 @@ def field_record(root: zarr.Group, name: str) -> dict | None:
         return None
 
 
+def _group_dir(group: zarr.Group) -> Path:
+    return Path(str(group.store_path.store.root)) / group.path
+
+
+def verify_shards(group: zarr.Group, name: str, shards: list[tuple[int, int]] | None = None) -> None:
+    """StoreIntegrityError naming the store, field, array and shard when a shard file of the complete field
+    `name` (its group `group`) is missing or has another size than its completion record says (all shards,
+    or those at (sy, sx) in `shards`). A field written before FIELD_FORMAT 2 counts as damaged (it has no
+    record of its shards): the next ingest writes it again."""
+    try:
+        rec = dict(group.attrs[COMPLETE])
+    except KeyError:
+        raise StoreError(f"field {name!r} is not complete in the store") from None
+    where = _group_dir(group)
+    if rec.get("format") != FIELD_FORMAT or not isinstance(rec.get("shards"), dict):
+        raise StoreIntegrityError(f"{where}: field {name!r} was written by an older deepfield (no shard record); "
+                                  "the next run ingests it again")
+    sizes = rec["shards"]
+    keys = list(sizes) if shards is None else [shard_key(a, sy, sx) for a in ARRAYS for sy, sx in shards]
+    for key in keys:
+        path = where / key
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = None
+        if size != sizes.get(key):
+            what = "is missing" if size is None else f"has {size} bytes, its record {sizes.get(key)}"
+            raise StoreIntegrityError(f"{path}: shard of field {name!r} {what}; the next run ingests the field "
+                                      "again")
+
+
+def invalidate_field(root_path: str | Path, name: str) -> bool:
+    """Remove the completion marker of a damaged field (its pixels stay until the next ingest rewrites them),
+    so that the next run ingests it again; False when it was not complete."""
+    root = open_store(root_path, mode="a")
+    try:
+        g = root["fields"][name]
+    except KeyError:
+        return False
+    if COMPLETE not in g.attrs:
+        return False
+    del g.attrs[COMPLETE]
+    return True
+
+
 def input_fingerprint(root: zarr.Group, name: str) -> str:
     """A hash of what a complete field was ingested from (input checksums, field spec, store layout);
     it changes when the field is re-ingested from changed inputs."""
@@ -95,10 +161,13 @@ def complete_fields(root: zarr.Group) -> list[str]:
     return sorted(n for n in root["fields"].group_keys() if field_record(root, n) is not None)
 
 
-def all_tiles(root: zarr.Group, halo: int) -> list[TileId]:
-    """Every tile of every complete field of an open store, field by field in row-major tile order."""
+def all_tiles(root: zarr.Group, halo: int, fields: list[str] | None = None) -> list[TileId]:
+    """Every tile of `fields` (default: every complete field) of an open store, field by field in row-major
+    tile order; StoreError for a named field that is not complete."""
     out = []
-    for name in complete_fields(root):
+    for name in complete_fields(root) if fields is None else fields:
+        if field_record(root, name) is None:
+            raise StoreError(f"field {name!r} is not complete in the store")
         out += field_grid(root, name, halo).tiles(name)
     return out
 
@@ -135,8 +204,8 @@ def write_field(root: zarr.Group, fimg, spec: StoreSpec, record: dict,
     for name, dtype in ARRAYS.items():
         arrays[name] = g.create_array(
             name, shape=(nb, ny, nx), dtype=dtype, chunks=(1, spec.chunk, spec.chunk),
-            shards=(nb, spec.tile, spec.tile), compressors=codec(spec.codec), fill_value=0,
-            dimension_names=("band", "y", "x"))
+            shards=(nb, spec.tile, spec.tile), compressors=(codec(spec.codec), Crc32cCodec()),
+            fill_value=FILL[name], dimension_names=("band", "y", "x"))
     data = {"image": fimg.image, "invvar": fimg.invvar, "mask": fimg.mask}
     t0 = time.perf_counter()
     tiles = grid.tiles(fimg.name)
@@ -145,8 +214,9 @@ def write_field(root: zarr.Group, fimg, spec: StoreSpec, record: dict,
     # asyncio pipeline (tests/benchmarks/bench_ingest.py). zarr-python reads the result back.
     ctx = tensorstore.Context({"data_copy_concurrency": {"limit": spec.write_threads},
                                "file_io_concurrency": {"limit": spec.write_threads}})
-    handles = {name: tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": _array_path(arr)}},
-                                      context=ctx, open=True).result()
+    # every chunk stored, even one equal to the fill value: a missing shard is then always damage
+    handles = {name: tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": _array_path(arr)},
+                                       "store_data_equal_to_fill_value": True}, context=ctx, open=True).result()
                for name, arr in arrays.items()}
     pending = []
     try:
@@ -174,7 +244,11 @@ def write_field(root: zarr.Group, fimg, spec: StoreSpec, record: dict,
         "codec": spec.codec.model_dump(), "resampled": list(fimg.resampled), "notes": list(fimg.notes),
         "deepfield_version": __version__,
     })
-    g.attrs[COMPLETE] = dict(record, completed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    where = _group_dir(g)
+    shards = {shard_key(name, t.ty, t.tx): (where / shard_key(name, t.ty, t.tx)).stat().st_size
+              for name in arrays for t in tiles}
+    g.attrs[COMPLETE] = dict(record, format=FIELD_FORMAT, shards=shards,
+                             completed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     raw = sum(a.nbytes for a in data.values())
     return dict(seconds=time.perf_counter() - t0, raw_bytes=int(raw),
                 stored_bytes={n: int(a.nbytes_stored()) for n, a in arrays.items()},
@@ -224,11 +298,25 @@ def read_tile(root: zarr.Group, tile: TileId, halo: int) -> Tile:
         raise StoreError(f"tile {tile} outside the field's {grid.n_ty} x {grid.n_tx} tiles")
     box, core = grid.halo_box(tile.ty, tile.tx), grid.core(tile.ty, tile.tx)
     sl = (slice(None),) + box.slices
+    t = grid.tile
+    verify_shards(g, tile.field, [(sy, sx) for sy in range(box.y0 // t, (box.y1 - 1) // t + 1)
+                                     for sx in range(box.x0 // t, (box.x1 - 1) // t + 1)])
     wcs = WCS(attrs_to_header(g.attrs["wcs_header"])).slice(box.slices)
-    return Tile(id=tile, bands=list(g.attrs["bands"]), image=g["image"][sl], invvar=g["invvar"][sl],
-                mask=g["mask"][sl], box=box, core=core, wcs=wcs, zeropoints=list(g.attrs["zeropoints"]),
+    pixels = {name: read_checked(g, tile.field, name, sl, f"tile {tile}") for name in ARRAYS}
+    return Tile(id=tile, bands=list(g.attrs["bands"]), image=pixels["image"], invvar=pixels["invvar"],
+                mask=pixels["mask"], box=box, core=core, wcs=wcs, zeropoints=list(g.attrs["zeropoints"]),
                 psf_fwhm=list(g.attrs["psf_fwhm"]), pixel_scale=float(g.attrs["pixel_scale"]),
                 field_shape=(grid.ny, grid.nx), group=g)
+
+
+def read_checked(group: zarr.Group, field: str, array: str, selection, what: str) -> np.ndarray:
+    """group[array][selection], a zarr error (a failed checksum, an unreadable shard) turned into a
+    StoreIntegrityError naming the field, array and `what` was read."""
+    try:
+        return group[array][selection]
+    except Exception as exc:
+        raise StoreIntegrityError(f"{_group_dir(group) / array}: field {field!r}, {what}: cannot read {array}: "
+                                  f"{type(exc).__name__}: {exc}; the next run ingests the field again") from exc
 
 
 def sky_fields(root: zarr.Group) -> list:

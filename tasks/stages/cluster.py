@@ -95,6 +95,9 @@ def binned_planes(image: np.ndarray, invvar: np.ndarray, mask: np.ndarray, bin: 
 def field_planes(group, bands: list[str], bin: int, strip: int = 512) -> np.ndarray:
     """Network input planes of a whole field of the store (its Zarr group), read `strip` rows at a time so
     that a large field never sits in memory at full resolution."""
+    from ..zarr_store import read_checked, verify_shards
+    field = group.path.rsplit("/", 1)[-1]
+    verify_shards(group, field)
     idx = [list(group.attrs["bands"]).index(b) for b in bands]
     _, ny, nx = group.attrs["shape"]
     ny, nx = ny // bin * bin, nx // bin * bin
@@ -102,7 +105,8 @@ def field_planes(group, bands: list[str], bin: int, strip: int = 512) -> np.ndar
     parts = []
     for y0 in range(0, ny, step):
         sl = (idx, slice(y0, min(y0 + step, ny)), slice(0, nx))
-        parts.append(block_sums(group["image"][sl], group["invvar"][sl], group["mask"][sl], bin))
+        what = f"rows {y0}-{sl[1].stop}"
+        parts.append(block_sums(*(read_checked(group, field, a, sl, what) for a in ("image", "invvar", "mask")), bin))
     return planes_from_sums(np.concatenate(parts, axis=2), bin)
 
 

@@ -1,0 +1,57 @@
+"""Exclusive locks on run directories and catalogs: one `deepfield run` at a time per run directory, one merge
+at a time per catalog directory.
+
+A lock is an advisory `fcntl.flock` on a lock file, held for the duration of a `with` block. The kernel
+releases it when the holding process ends, however it ends (`kill -9` included), so a lock is never stale
+on a machine; the file keeps the last holder's host, process id and start time, which the refusal names.
+(On a network file system, flock is as reliable as the file system's locking: NFSv4 and Lustre mounted with
+`flock` honour it across hosts.)
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["LockedError", "exclusive"]
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock."""
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path, what: str) -> Iterator[Path]:
+    """Hold the exclusive lock `path` (created with its parent) for the block; LockedError naming `what` and
+    the holder (host, pid, since) when another process holds it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            who = (f"process {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
+                   if holder else "another process")
+            raise LockedError(f"{path.parent}: {what} is in use by {who} (lock {path.name}); wait for it to end")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(dict(host=socket.gethostname(), pid=os.getpid(),
+                                      since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))).encode(), 0)
+        try:
+            yield path
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
