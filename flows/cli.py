@@ -127,6 +127,7 @@ def ingest(
         fail(f"invalid store options:\n{exc}")
     prefect_env.configure(store.resolve().parent / ".deepfield-prefect")
     from deepfield.flows.ingest import ingest_flow
+    prefect_env.quiet_run_logs()
 
     t0 = time.perf_counter()
     console.print(f"ingesting {len(cfg.fields)} field(s) from {config} into {store} "
@@ -151,8 +152,13 @@ def ingest(
 
 def _run(cfg) -> dict:
     from deepfield.flows import prefect_env
-    prefect_env.configure(cfg.run_dir / ".deepfield-prefect")
+    try:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        prefect_env.configure(cfg.run_dir / ".deepfield-prefect")
+    except OSError as exc:
+        fail(f"{exc.filename or cfg.run_dir}: {exc.strerror or exc}")
     from deepfield.flows.run import run_flow
+    prefect_env.quiet_run_logs()
     from deepfield.tasks.locks import LockedError
     from deepfield.tasks.stages.registry import BandError
     try:

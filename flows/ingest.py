@@ -6,7 +6,6 @@ input checksums and store layout match is skipped; a changed one is re-ingested.
 """
 from __future__ import annotations
 
-import logging
 import sys
 
 from prefect import flow, task, unmapped
@@ -14,18 +13,14 @@ from prefect import flow, task, unmapped
 from deepfield.tasks.ingest import ingest_one
 from deepfield.tasks.ingest_config import FieldSpec, IngestConfig, StoreSpec
 
-log = logging.getLogger("deepfield.ingest")
-
-
 @task(name="ingest-field", task_run_name="ingest-{spec.name}")
 def ingest_field_task(spec: FieldSpec, store: str, store_spec: StoreSpec) -> dict:
     result = ingest_one(spec, store, store_spec)
-    if result["status"] == "failed":
-        log.error("field %s skipped: %s", spec.name, result["error"])
     line = {"ingested": f"ingested {spec.name} in {result['seconds']:.1f} s",
             "skipped": f"skipped  {spec.name}: complete, inputs unchanged",
             "failed": f"FAILED   {spec.name}: {result['error']}"}[result["status"]]
-    print(line, file=sys.stderr, flush=True)  # progress, one line per field as it finishes
+    print(line, file=sys.stderr, flush=True)  # progress, one line per field as it finishes (and a log line
+    # of the flow run: the flow logs prints)
     return result
 
 

@@ -21,3 +21,12 @@ def configure(state_dir: str | Path, quiet: bool = True) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     if quiet:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def quiet_run_logs() -> None:
+    """Keep Prefect's flow- and task-run loggers off the console (call after prefect is imported): the
+    `deepfield` commands report every error themselves in one line (and an unexpected one's traceback in the
+    run directory), so Prefect's tracebacks of the same errors would only bury it."""
+    import logging
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)

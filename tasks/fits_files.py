@@ -19,6 +19,8 @@ class InputError(Exception):
     """A field's input is unusable: `path` is the offending file, `problem` says why."""
 
     def __init__(self, path, problem: str):
+        # one line, whatever the library below said (wcslib's messages span several)
+        problem = "; ".join(part.strip() for part in str(problem).splitlines() if part.strip())
         self.path, self.problem = path, problem
         super().__init__(f"{path}: {problem}")
 

@@ -51,6 +51,13 @@ class _Band:
     wcs: WCS | None
     zeropoint: float
     psf_fwhm: float | None
+    noise_path: Path | None = None  # the invvar or variance file, when given
+    mask_path: Path | None = None
+
+
+HUGE = 1e30  # |pixel| at or above this is no measurement (float32 tops out at 3.4e38): masked NO_DATA
+MIN_USABLE = 0.01  # a band with fewer usable pixels than this fraction is refused
+NOISE_RATIO = 3.0  # the image's pixel scatter and the invvar's noise may differ by this factor at most
 
 
 def _celestial_wcs(path, header: fits.Header, where: str) -> WCS | None:
@@ -180,12 +187,24 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
         image[nodata] = 0
         mask[nodata] |= maskbits.NO_DATA
         notes.append(f"band {band}: {int(nodata.sum())} NaN/inf pixels masked NO_DATA")
+    with np.errstate(invalid="ignore"):
+        huge = np.abs(image) >= HUGE
+    if huge.any():  # sentinels or garbage, no measurement: they would overflow every sum they entered
+        image[huge] = 0
+        mask[huge] |= maskbits.NO_DATA
+        nodata |= huge
+        notes.append(f"band {band}: {int(huge.sum())} pixels with |value| >= {HUGE:g} masked NO_DATA")
     invvar = slots[1]
     if inv is not None:
         np.copyto(invvar, aux(inv, "invvar")[1], casting="unsafe")
+        with np.errstate(invalid="ignore"):
+            if not np.any((invvar > 0) & (invvar < np.inf)):
+                raise InputError(inv[0], f"no pixel of band {band} has a positive, finite inverse variance")
     elif var is not None:
         v = np.asarray(aux(var, "variance")[1], dtype=np.float64)
         good = np.isfinite(v) & (v > 0)
+        if not good.any():
+            raise InputError(var[0], f"no pixel of band {band} has a positive, finite variance")
         invvar[:] = 0
         invvar[good] = (1.0 / v[good]).astype(np.float32)
         notes.append(f"band {band}: invvar = 1 / variance")
@@ -205,7 +224,42 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
         mask[zero] |= maskbits.ZERO_WEIGHT
         notes.append(f"band {band}: {int(zero.sum())} pixels with non-positive or non-finite invvar masked ZERO_WEIGHT")
     invvar[zero | nodata] = 0
-    return _Band(band, path, image, invvar, mask, wcs, float(zp), fwhm)
+    noise = inv[0] if inv is not None else (var[0] if var is not None else None)
+    return _Band(band, path, image, invvar, mask, wcs, float(zp), fwhm, noise_path=noise,
+                 mask_path=msk[0] if msk is not None else None)
+
+
+def _check_pixels(b: _Band, notes: list[str]) -> None:
+    """Refuse a band that holds no measurement: too few usable pixels (unmasked, positive invvar), every
+    usable pixel 0, or all of them one value; and an inverse variance whose noise disagrees with the
+    image's own pixel scatter by more than NOISE_RATIO (a variance or sigma map given as invvar, another
+    unit), naming the file to blame. A disagreement of more than 1.5 is a note."""
+    usable = (b.mask == 0) & (b.invvar > 0)
+    n, total = int(usable.sum()), usable.size
+    if n < MIN_USABLE * total:
+        masked = float(np.mean(b.mask != 0))
+        blame = b.mask_path if (b.mask_path is not None and masked > 1 - MIN_USABLE) else (
+            b.noise_path if b.noise_path is not None and float(np.mean(b.invvar > 0)) < MIN_USABLE else b.path)
+        raise InputError(blame, f"band {b.name} has {n} usable pixels of {total} ({100 * n / total:.2g} %; "
+                                f"{100 * masked:.3g} % masked): too few to measure anything")
+    step = max(1, n // 1_000_000)
+    vals = b.image[usable][::step].astype(np.float64)
+    if not np.any(vals):
+        raise InputError(b.path, f"every usable pixel of band {b.name} is 0: an empty image")
+    if np.ptp(vals) == 0:
+        raise InputError(b.path, f"every usable pixel of band {b.name} is {vals[0]:g}: a constant image")
+    if b.noise_path is None:
+        return  # invvar was estimated from these very pixels
+    scatter = 1.4826 * float(np.median(np.abs(vals - np.median(vals))))
+    expected = float(np.median(1.0 / np.sqrt(b.invvar[usable][::step].astype(np.float64))))
+    ratio = scatter / expected if expected > 0 else np.inf
+    if not (1 / NOISE_RATIO <= ratio <= NOISE_RATIO):
+        raise InputError(b.noise_path, f"the inverse variance of band {b.name} implies a pixel noise of {expected:.4g} "
+                                       f"but the image's pixels scatter by {scatter:.4g} (1.4826 MAD; ratio "
+                                       f"{ratio:.3g}): a variance or sigma map given as invvar, or another unit?")
+    if not (1 / 1.5 <= ratio <= 1.5):
+        notes.append(f"band {b.name}: the image's pixel scatter {scatter:.4g} is {ratio:.3g} times the noise "
+                     f"its inverse variance implies ({expected:.4g}); correlated noise or crowding")
 
 
 def _sources(spec: FieldSpec, files: FitsFiles, notes: list[str]) -> list[tuple]:
@@ -316,8 +370,10 @@ def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> Fiel
             resampled.append(b.name)
     for b in bands:
         if not _any_usable(b.mask, b.invvar):
-            raise InputError(b.path, f"all pixels masked in band {b.name}"
-                                     + (f" (after resampling onto the {ref} grid)" if b.name in resampled else ""))
+            blame = b.mask_path if b.mask_path is not None and bool(np.all(b.mask != 0)) else b.path
+            raise InputError(blame, f"all pixels masked in band {b.name}"
+                                    + (f" (after resampling onto the {ref} grid)" if b.name in resampled else ""))
+        _check_pixels(b, notes)
     for k, b in enumerate(bands):
         if not np.shares_memory(b.image, image[k]):  # resampled or on another grid: copy in
             image[k], invvar[k], mask[k] = b.image, b.invvar, b.mask

@@ -43,9 +43,11 @@ def ingest_one(spec: FieldSpec, store: str, store_spec: StoreSpec) -> dict:
     t0 = time.perf_counter()
     summary = dict(field=spec.name, status="failed", error=None, seconds=0.0, notes=[])
     try:
-        missing = [p for p in input_files(spec) if not p.exists()]
-        if missing:
-            raise InputError(missing[0], "no such file")
+        for p in input_files(spec):
+            if not p.exists():
+                raise InputError(p, "no such file")
+            if not p.is_file():
+                raise InputError(p, "not a regular file")
         checksums = {str(p): sha256_file(p) for p in input_files(spec)}
         root = open_store(store, mode="a")
         layout = store_spec.model_dump()

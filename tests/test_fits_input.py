@@ -200,12 +200,16 @@ def test_bad_wcs(tmp_path, case, phrase):
     raises(spec({"i": {"image": str(p), "invvar": None}}), p, phrase)
 
 
+def noise(shape, seed=0) -> np.ndarray:
+    """Unit-sigma Gaussian sky noise (matching an invvar of 1)."""
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
 def test_shape_mismatch_without_wcs(tmp_path):
-    files = {"i": write_band(tmp_path, "i", np.ones((NY, NX), np.float32), make_wcs(), invvar=np.ones((NY, NX)))}
-    files["g"] = write_band(tmp_path, "g", np.ones((NY, NX - 2), np.float32), None, invvar=np.ones((NY, NX - 2)))
+    files = {"i": write_band(tmp_path, "i", noise((NY, NX)), make_wcs(), invvar=np.ones((NY, NX)))}
+    files["g"] = write_band(tmp_path, "g", noise((NY, NX - 2), 1), None, invvar=np.ones((NY, NX - 2)))
     raises(spec(files), files["g"]["image"], "no celestial WCS to align it")
-    same = {"i": files["i"], "r": write_band(tmp_path, "r", np.ones((NY, NX), np.float32), None,
-                                             invvar=np.ones((NY, NX)))}
+    same = {"i": files["i"], "r": write_band(tmp_path, "r", noise((NY, NX), 2), None, invvar=np.ones((NY, NX)))}
     f = load_field(spec(same))  # no WCS but the same shape: taken to be on the reference grid
     assert f.resampled == [] and any("no WCS" in n for n in f.notes)
 
@@ -217,14 +221,18 @@ def test_duplicate_band_case(field):
 
 
 def test_all_pixels_masked(field):
+    """An inverse variance of zeros or NaNs is blamed on the invvar file, a mask that masks everything on the
+    mask file."""
     d, files, data = field
     p = files["r"]["invvar"]
     fits.PrimaryHDU(np.zeros((NY, NX), np.float32)).writeto(p, overwrite=True)
-    raises(spec(files), files["r"]["image"], "all pixels masked")
+    raises(spec(files), p, "no pixel of band r has a positive, finite inverse variance")
+    fits.PrimaryHDU(np.full((NY, NX), np.nan, np.float32)).writeto(p, overwrite=True)
+    raises(spec(files), p, "no pixel of band r has a positive, finite inverse variance")
     m = np.full((NY, NX), maskbits.BAD, np.int16)
     fits.PrimaryHDU(data["r"]["invvar"]).writeto(p, overwrite=True)
     fits.PrimaryHDU(m).writeto(files["r"]["mask"], overwrite=True)
-    raises(spec(files), files["r"]["image"], "all pixels masked")
+    raises(spec(files), files["r"]["mask"], "all pixels masked")
 
 
 @pytest.mark.parametrize("kind", ["invvar", "variance", "mask"])
@@ -290,9 +298,13 @@ def test_foreign_mask_becomes_bad(tmp_path):
 def test_resampled_band(tmp_path):
     wi = make_wcs()
     wg = make_wcs(crpix=(38.2, 35.7), rot_deg=17.0)
+
+    def iv(img):  # the invvar that matches the (noiseless) image's own scatter, as the ingest checks
+        return np.full((NY, NX), 1 / (1.4826 * np.median(np.abs(img - np.median(img)))) ** 2, np.float32)
+    ivg = iv(smooth_sky(wg, (NY, NX)))
     files = {
-        "i": write_band(tmp_path, "i", smooth_sky(wi, (NY, NX)), wi, invvar=np.ones((NY, NX), np.float32)),
-        "g": write_band(tmp_path, "g", smooth_sky(wg, (NY, NX)), wg, invvar=np.full((NY, NX), 4, np.float32),
+        "i": write_band(tmp_path, "i", smooth_sky(wi, (NY, NX)), wi, invvar=iv(smooth_sky(wi, (NY, NX)))),
+        "g": write_band(tmp_path, "g", smooth_sky(wg, (NY, NX)), wg, invvar=ivg,
                         mask=np.where(np.arange(NX) == 40, maskbits.BAD, 0).astype(np.int16) * np.ones((NY, 1),
                                                                                                    np.int16)),
     }
@@ -309,7 +321,7 @@ def test_resampled_band(tmp_path):
     assert nodata.any() and not nodata[inner].any()  # rotated corners fall outside the g image
     assert np.all(f.invvar[k][nodata] == 0) and np.all(f.image[k][nodata] == 0)
     assert ((f.mask[k] & maskbits.BAD) != 0).sum() > NY  # the bad column follows, rotated
-    assert np.allclose(f.invvar[k][inner][ok], 4)
+    assert np.allclose(f.invvar[k][inner][ok], ivg[0, 0])
     assert np.array_equal(f.image[0], smooth_sky(wi, (NY, NX)))  # the reference band is untouched
 
 
