@@ -238,3 +238,124 @@ def test_merged_rows_are_the_truth_once(clean, survey):
     purity = float(np.mean(sep.arcsec[bright] < 1.0))
     assert purity > 0.92, purity
     assert cat.source_id.is_unique
+
+
+def _tables_equal(a: Path, b: Path) -> None:
+    for t in sorted((a / "tiles").glob("*/*.parquet")):
+        pd.testing.assert_frame_equal(pd.read_parquet(t), pd.read_parquet(b / t.relative_to(a)))
+
+
+def test_killed_actor_is_replaced_and_the_tables_are_unchanged(survey, clean, tmp_path, ray_session):
+    """An actor process that dies mid-tile is replaced, the tile retried, and every tile table equals the
+    clean run's."""
+    from deepfield.tasks.actor_pool import run_tiles
+    from deepfield.tasks.ledger import Ledger
+    clean_dir, _ = clean
+    run_dir = tmp_path / "run"
+    shutil.copytree(clean_dir / "store.zarr", run_dir / "store.zarr")
+    cfg = config(survey, run_dir)
+    s = run_tiles(str(cfg.store_path), str(run_dir), cfg.stage_list(), cfg.halo, cfg.processing_hash(),
+                  actor_env={"DEEPFIELD_FAULT": "kill:field000/0_1"})
+    assert s["done"] == 8 and s["failed"] == 0 and s["retries"] >= 1
+    assert Ledger(run_dir).get(__import__("deepfield.tasks.tiling", fromlist=["TileId"]).TileId.parse(
+        "field000/0_1")).attempts >= 2
+    _tables_equal(clean_dir, run_dir)
+
+
+def test_tile_failing_three_times_is_marked_failed(survey, clean, tmp_path, ray_session):
+    from deepfield.tasks.actor_pool import run_tiles
+    from deepfield.tasks.ledger import summarise
+    clean_dir, _ = clean
+    run_dir = tmp_path / "run"
+    shutil.copytree(clean_dir / "store.zarr", run_dir / "store.zarr")
+    cfg = config(survey, run_dir)
+    s = run_tiles(str(cfg.store_path), str(run_dir), cfg.stage_list(), cfg.halo, cfg.processing_hash(),
+                  actor_env={"DEEPFIELD_FAULT": "raise:field001/1_0"})
+    assert s["failed"] == 1 and s["done"] == 7
+    failed = summarise(run_dir)["failed"]
+    assert failed[0][0] == "field001/1_0" and "injected failure" in failed[0][1]
+
+
+def test_stop_and_resume_in_process(survey, clean, tmp_path, prefect_harness, ray_session):
+    """A stop request (what SIGUSR1 gives) after the second tile: dispatching stops, the tiles in flight
+    finish, the merge is skipped; the next run does the rest and gives the clean catalog."""
+    from deepfield.flows.run import run_flow
+    from deepfield.tasks import actor_pool
+    clean_dir, reference = clean
+    run_dir = tmp_path / "run"
+    cfg = config(survey, run_dir).model_copy(update={"ray": config(survey, run_dir).ray.model_copy(
+        update={"num_actors": 1, "in_flight_per_actor": 1})})
+    real = actor_pool.run_tiles
+
+    def stopping(*args, progress=None, **kwargs):
+        def progress_and_stop(done, total, msg):
+            if done >= 2:
+                actor_pool.request_stop()
+            if progress:
+                progress(done, total, msg)
+        return real(*args, progress=progress_and_stop, **kwargs)
+
+    import deepfield.flows.process as process_mod
+    process_mod.run_tiles = stopping
+    try:
+        first = run_flow(cfg)
+    finally:
+        process_mod.run_tiles = real
+        actor_pool.clear_stop()
+    assert first["stopped"] and first["merge"] == {} and 2 <= first["process"]["done"] < 8
+    again = run_flow(cfg)
+    assert not again["stopped"] and again["process"]["skipped"] == first["process"]["done"]
+    assert again["process"]["done"] == 8 - first["process"]["done"]
+    pd.testing.assert_frame_equal(catalog(again), reference)
+
+
+def test_every_branch_of_the_skip_logic(clean):
+    """A done tile is reused only under the same keys with its table present: a changed configuration hash,
+    stage version, model version or input fingerprint, a missing table, a failed, corrupt or misfiled record
+    each make it redone."""
+    import dataclasses
+    import json
+
+    from deepfield.tasks.ledger import Ledger
+    from deepfield.tasks.provenance import RunKeys
+    from deepfield.tasks.tiling import TileId
+    clean_dir, _ = clean
+    ledger = Ledger(clean_dir)
+    tile = TileId("field000", 0, 0)
+    rec = ledger.get(tile)
+    keys = RunKeys(rec.config_hash, dict(rec.stage_versions), dict(rec.model_versions),
+                   {"field000": rec.input_hash, "field001": "x"})
+    assert ledger.is_done(tile, keys)
+    assert not ledger.is_done(tile, dataclasses.replace(keys, config_hash="other"))
+    assert not ledger.is_done(tile, dataclasses.replace(keys, stage_versions=dict(keys.stage_versions, detect="9")))
+    assert not ledger.is_done(tile, dataclasses.replace(keys, model_versions={"lens_resnet": "abc"}))
+    assert not ledger.is_done(tile, dataclasses.replace(keys, inputs={"field000": "changed"}))
+    assert not ledger.is_done(tile, dataclasses.replace(keys, inputs={"field001": "x"}))  # not a field of the run
+    path, table = ledger.path(tile), clean_dir / rec.output
+    saved_rec, saved_table = path.read_text(), table.read_bytes()
+    try:
+        table.unlink()
+        assert not ledger.is_done(tile, keys)
+        table.write_bytes(saved_table)
+        path.write_text(json.dumps(dict(json.loads(saved_rec), status="failed")))
+        assert not ledger.is_done(tile, keys)
+        path.write_text(saved_rec[: len(saved_rec) // 2])
+        assert not ledger.is_done(tile, keys)
+        path.write_text(json.dumps(dict(json.loads(saved_rec), tile="field000/1_1")))
+        assert not ledger.is_done(tile, keys)
+        path.write_text(saved_rec)
+        assert ledger.is_done(tile, keys)
+    finally:
+        path.write_text(saved_rec)
+        table.write_bytes(saved_table)
+
+
+def test_a_changed_stage_parameter_redoes_every_tile(survey, clean, tmp_path, prefect_harness, ray_session):
+    from deepfield.flows.run import run_flow
+    clean_dir, reference = clean
+    run_dir = copy_run(clean_dir, tmp_path)
+    stages = [dict(s, params={"thresh": 3.0}) if s["name"] == "detect" else s for s in CLASSICAL]
+    cfg = RunConfig.model_validate(dict(config(survey, run_dir).model_dump(), stages=stages))
+    s = run_flow(cfg)
+    assert s["process"]["done"] == 8 and s["process"]["skipped"] == 0
+    assert 0 < s["merge"]["rows_out"] < len(reference)  # a higher threshold, fewer sources

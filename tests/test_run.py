@@ -149,38 +149,6 @@ def test_lens_candidate_table_holds_the_visible_lenses(run, survey):
     assert cat.loc[~cat.lens_candidate, "lens_score"].isna().all()
 
 
-def test_killed_actor_is_replaced_and_the_catalog_is_unchanged(run, survey, tmp_path):
-    """An actor process that dies mid-tile is replaced, the tile retried, and the catalog equals
-    the clean run's."""
-    from deepfield.tasks.actor_pool import run_tiles
-    cfg, _, cat = run
-    run_dir = tmp_path / "run"
-    shutil.copytree(cfg.run_dir / "store.zarr", run_dir / "store.zarr")
-    cfg2 = cfg.model_copy(update={"run_dir": run_dir})
-    s = run_tiles(str(cfg2.store_path), str(run_dir), cfg2.stage_list(), cfg2.halo, cfg2.processing_hash(),
-                  actor_env={"DEEPFIELD_FAULT": "kill:field000/0_1"})
-    assert s["done"] == 8 and s["failed"] == 0 and s["retries"] >= 1
-    rec = {r.tile: r for r in __import__("deepfield.tasks.ledger", fromlist=["Ledger"]).Ledger(run_dir).records()}
-    assert rec["field000/0_1"].attempts >= 2
-    for t in rec:
-        field, _, name = t.partition("/")
-        a = pd.read_parquet(cfg.run_dir / "tiles" / field / f"{name}.parquet")
-        b = pd.read_parquet(run_dir / "tiles" / field / f"{name}.parquet")
-        pd.testing.assert_frame_equal(a, b)
-
-
-def test_tile_failing_three_times_is_marked_failed(run, tmp_path):
-    from deepfield.tasks.actor_pool import run_tiles
-    cfg, _, _ = run
-    run_dir = tmp_path / "run"
-    shutil.copytree(cfg.run_dir / "store.zarr", run_dir / "store.zarr")
-    s = run_tiles(str(run_dir / "store.zarr"), str(run_dir), cfg.stage_list(), cfg.halo, cfg.processing_hash(),
-                  actor_env={"DEEPFIELD_FAULT": "raise:field001/1_0"})
-    assert s["failed"] == 1 and s["done"] == 7
-    failed = summarise(run_dir)["failed"]
-    assert failed[0][0] == "field001/1_0" and "injected failure" in failed[0][1]
-
-
 def test_status_command_summarises_the_ledger(run):
     from typer.testing import CliRunner
 
