@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 from prefect import flow
 
-from deepfield.tasks.atomic import write_text
+from deepfield.tasks.atomic import clean_stale_temporaries, write_text
 from deepfield.tasks.ingest_config import load_ingest_config
-from deepfield.tasks.locks import exclusive
+from deepfield.tasks.locks import exclusive, reap_orphans
 from deepfield.tasks.stages.registry import check_bands
 from deepfield.tasks.zarr_store import open_store
 
@@ -38,6 +40,10 @@ def run_flow(cfg: RunConfig) -> dict:
     t0 = time.perf_counter()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     with exclusive(cfg.run_dir / RUN_LOCK, "the run directory"):  # one run at a time (LockedError otherwise)
+        home = os.environ.get("PREFECT_HOME")
+        if home and Path(home).resolve() == (cfg.run_dir / ".deepfield-prefect").resolve():
+            reap_orphans("PREFECT_HOME", home)  # what a killed run of this directory left running
+        clean_stale_temporaries(cfg.run_dir)  # and the files it was writing there
         summary = _run(cfg, t0)
         write_text(cfg.run_dir / "run-summary.json", json.dumps(summary, indent=1, default=str))
     print(f"run finished in {summary['seconds']['total']:.1f} s", file=sys.stderr)

@@ -49,6 +49,8 @@ class RaySpec(BaseModel):
     max_attempts: int = Field(3, ge=1, le=10, description="attempts before a tile is marked failed")
     stop_grace: float = Field(600.0, ge=0, description="after a stop request (SIGUSR1), seconds to wait for "
                               "the tiles in flight before releasing them to the next run")
+    actor_start_timeout: float = Field(120.0, gt=0, description="seconds a replacement actor may take to start "
+                                       "before its slot is given up (its node lost) and the others take its tiles")
 
 
 class DaskSpec(BaseModel):

@@ -3,7 +3,8 @@ the run flow's processing task, flows/process.py).
 
 One actor per GPU when the Ray cluster has GPUs (num_gpus=1: Ray gives each actor its own
 CUDA_VISIBLE_DEVICES), otherwise N CPU actors. Work in flight is bounded (a few tiles per actor).
-An actor that dies is replaced and its tiles retried; a tile that fails `max_attempts` times is
+An actor that dies is replaced and its tiles retried (a replacement that cannot start, its node lost
+and no room elsewhere, is given up and the other actors take its tiles); a tile that fails `max_attempts` times is
 marked failed in the ledger and the run goes on. A tile that finds its field damaged in the store
 (tasks.zarr_store.StoreIntegrityError) fails at once, and after the run the field's completion marker is
 removed, so that the next run ingests it again from its inputs (`damaged_fields` in the summary). The
@@ -80,13 +81,16 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
               address: str | None = None, num_actors: int | None = None, use_gpus: bool = True,
               in_flight_per_actor: int = 2, max_attempts: int = 3, progress: Progress | None = None,
               actor_env: dict[str, str] | None = None, stop_grace: float = 600.0,
-              plugins: list[str] | tuple[str, ...] = (), fields: list[str] | None = None) -> dict:
+              plugins: list[str] | tuple[str, ...] = (), fields: list[str] | None = None,
+              actor_start_timeout: float = 120.0) -> dict:
     """Process every tile of `fields` (default: every complete field of the store) not yet done under
     `config_hash`; returns a summary of the run.
 
     actor_env: environment variables for the actors (e.g. DEEPFIELD_FAULT in fault drills).
     stop_grace: after a stop request, seconds to wait for the tiles in flight before releasing them.
-    plugins: modules or .py files each actor imports before building its stages (tasks.stages.load_plugins)."""
+    plugins: modules or .py files each actor imports before building its stages (tasks.stages.load_plugins).
+    actor_start_timeout: seconds a replacement actor may take to start; past that, while other actors
+        remain, its slot is given up (the node it would run on is gone) and they take its tiles."""
     ledger = Ledger(run_dir)
     root = open_store(store)
     fields = complete_fields(root) if fields is None else list(fields)
@@ -94,7 +98,8 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
     keys = run_keys(stages, config_hash, root, fields)
     todo = [t for t in tiles if not ledger.is_done(t, keys)]
     summary = dict(tiles=len(tiles), skipped=len(tiles) - len(todo), done=0, failed=0, retries=0,
-                   actors=0, seconds=0.0, stage_seconds={}, stopped=False, released=0, damaged_fields=[])
+                   actors=0, seconds=0.0, stage_seconds={}, stopped=False, released=0, damaged_fields=[],
+                   actors_given_up=0)
     if progress:
         progress(0, len(todo), f"{summary['skipped']} of {len(tiles)} tiles already done")
     if not todo or stop_requested():
@@ -111,7 +116,8 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
     def new_actor():
         return Actor.remote(store, run_dir, stages, halo, plugins=tuple(plugins))
 
-    actors = [new_actor() for _ in range(n_actors)]
+    actors: list = [new_actor() for _ in range(n_actors)]  # None: a slot given up (its node is gone)
+    starting: dict[int, tuple] = {}  # slot -> (readiness ref, since): replacements not yet up
     load = [0] * n_actors
     queue = deque((t, 1) for t in todo)
     inflight: dict = {}  # ObjectRef -> (actor index, actor handle, tile, attempt)
@@ -126,14 +132,28 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
             if _release.is_set() or time.monotonic() - stop_at > stop_grace:
                 summary["released"] = len(inflight)
                 break
+        for k, (ready_ref, since) in list(starting.items()):  # a replacement is up, or its node is gone
+            if ray.wait([ready_ref], timeout=0)[0]:
+                del starting[k]
+            elif time.monotonic() - since > actor_start_timeout and any(
+                    a is not None and j not in starting for j, a in enumerate(actors)):
+                ray.kill(actors[k])  # no room for it (a node lost): the other actors take its tiles
+                actors[k] = None
+                del starting[k]
+                summary["actors_given_up"] += 1
         for k in range(n_actors):
+            if actors[k] is None or k in starting:
+                continue
             while queue and load[k] < in_flight_per_actor:
                 tile, attempt = queue.popleft()
                 ref = actors[k].process.remote(str(tile), attempt)
                 inflight[ref] = (k, actors[k], tile, attempt)
                 load[k] += 1
         if not inflight:
-            break
+            if not starting:
+                break
+            ray.wait([r for r, _ in starting.values()], num_returns=1, timeout=1.0)
+            continue
         ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
         if not ready:
             continue
@@ -146,6 +166,7 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
             if actors[k] is handle:  # replace the dead actor once; its other tiles fail the same way
                 actors[k] = new_actor()
+                starting[k] = (actors[k].info.remote(), time.monotonic())
                 load[k] = 0
             why = [line.strip() for line in str(exc).splitlines() if line.strip()]  # the cause Ray reports
             error = f"actor died: {type(exc).__name__}" + (f": {why[-1][:500]}" if why else "")
@@ -179,7 +200,8 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
             if progress:
                 progress(done, len(todo), f"{tile} FAILED")
     for a in actors:
-        ray.kill(a)
+        if a is not None:
+            ray.kill(a)
     for f in sorted(damaged):  # after every actor is gone: none reads the field while its marker goes
         invalidate_field(store, f)
     summary.update(actors=n_actors, seconds=time.perf_counter() - t_start, stage_seconds=stage_time,

@@ -90,8 +90,9 @@ def publish_version(version: str | os.PathLike, link: str | os.PathLike) -> None
     version, link = Path(version), Path(link)
     if version.parent != link.parent or not version.name.startswith(f".{link.name}-v-"):
         raise ValueError(f"{version} is not a version directory of {link}")
+    for stale in link.parent.glob(f".{link.name}.link-*"):  # a killed writer's, or ours from before
+        stale.unlink(missing_ok=True)
     tmp = link.with_name(f".{link.name}.link-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
     os.symlink(version.name, tmp)
     if link.is_dir() and not link.is_symlink():  # removed with the old versions below
         os.rename(link, link.with_name(f".{link.name}-v-legacy-{os.getpid()}"))

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["LockedError", "exclusive"]
+__all__ = ["LockedError", "exclusive", "reap_orphans"]
 
 
 class LockedError(RuntimeError):
@@ -55,3 +55,38 @@ def exclusive(path: str | Path, what: str) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def reap_orphans(marker: str, value: str) -> list[int]:
+    """Stop the orphaned processes (re-parented to init) whose environment has `marker`=`value`: the helpers
+    a killed run left behind (its Prefect server, Ray's agents), which inherit the run's environment. Call
+    it holding the run's lock, so that no live run owns them. Linux only (/proc); returns the pids found."""
+    import signal
+    want = f"{marker}={value}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        pid = int(proc.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != 1:  # its parent lives
+                continue
+            if want not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+        except (OSError, ValueError, IndexError):
+            continue
+        found.append(pid)
+    alive = list(found)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in alive:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [p for p in alive if Path(f"/proc/{p}").exists()]
+        if not alive:
+            break
+    return found

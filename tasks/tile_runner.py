@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -87,7 +88,11 @@ class TileRunner:
             s.setup(self.device)
 
     def info(self) -> dict:
-        return dict(host=socket.gethostname(), pid=os.getpid(), device=self.device,
+        node = None
+        ray = sys.modules.get("ray")  # inside a Ray actor: the Ray node it runs on (several may share a host)
+        if ray is not None and ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+        return dict(host=socket.gethostname(), pid=os.getpid(), device=self.device, ray_node=node,
                     cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     def process(self, tile: str, attempt: int = 1) -> dict:
