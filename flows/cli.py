@@ -125,6 +125,8 @@ def ingest(
         fail(str(exc))
     except ValidationError as exc:
         fail(f"invalid store options:\n{exc}")
+    if store.exists() and not store.is_dir():
+        fail(f"{store}: not a directory (a Zarr store is one)")
     prefect_env.configure(store.resolve().parent / ".deepfield-prefect")
     from deepfield.flows.ingest import ingest_flow
     prefect_env.quiet_run_logs()
@@ -246,6 +248,8 @@ def run(
         load_ingest_config(cfg.inputs, store=cfg.store_layout)  # the inputs' configuration, before anything starts
     except (RunConfigError, ConfigError) as exc:
         fail(str(exc))
+    if cfg.store_path.exists() and not cfg.store_path.is_dir():
+        fail(f"{cfg.store_path}: not a directory (a Zarr store is one)")
     cfg = cfg.with_addresses(ray_address, dask_address)
     signal.signal(signal.SIGUSR1, lambda *_: request_stop())
     # SIGTERM (kill, scancel, a scheduler's stop) unwinds like an error: locks released, and the local Ray

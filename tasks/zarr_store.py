@@ -81,6 +81,8 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
         if root.attrs.get("deepfield_store") != STORE_FORMAT:
             raise StoreError(f"{path}: not a deepfield store (no deepfield_store attribute)")
         return root
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path}: not a directory (a Zarr store is one)")
     with _CREATE_LOCK:
         root = zarr.open_group(str(path), mode="a")
         if root.attrs.get("deepfield_store") is None:

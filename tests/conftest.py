@@ -51,6 +51,9 @@ def prefect_harness(tmp_path_factory):
 def ray_session():
     """One local Ray for the whole session (it takes about 6 s to start)."""
     import ray
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
+    if started:
+        ray.shutdown()  # no Ray of the tests outlives them

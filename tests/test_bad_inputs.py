@@ -158,6 +158,13 @@ def test_a_bad_ingest_configuration_is_one_line_and_exit_2(name, brk, phrase, tm
     assert not (tmp_path / "store.zarr").exists()
 
 
+def test_a_store_path_that_is_a_file_is_one_line_and_exit_2(tmp_path):
+    cfg = write_config(tmp_path, write_field(tmp_path))
+    (tmp_path / "store.zarr").write_text("not a store\n")
+    code, out = ingest(cfg, tmp_path / "store.zarr")
+    assert code == 2 and f"{tmp_path / 'store.zarr'}: not a directory" in out and "Traceback" not in out, out
+
+
 def test_huge_pixel_values_are_masked_with_a_note(tmp_path):
     """3e38 in the image (a sentinel, garbage): masked NODATA with a printed note; the rest is ingested."""
     bands = write_field(tmp_path)

@@ -188,5 +188,7 @@ def test_shipped_weights_find_a_rich_cluster_on_a_tile_boundary_once(boundary_cl
     assert abs(best.z - truth.z) / (1 + truth.z) < 0.05
     # the 1024 px field holds only the inner 100" of a cluster whose R_lambda is 238": the network, which
     # counts what it sees, estimates low here (on 2048 px fields its scatter is in the model card)
-    assert 0.33 < best.richness / truth.richness < 3.0
+    # two-sided, from the evaluation (models/weights/cluster_net.eval.json: ln richness bias -0.27, NMAD
+    # scatter 0.35): within 3 scatters of the bias; measured 0.48 here
+    assert abs(np.log(best.richness / truth.richness) + 0.27) < 3 * 0.35
     assert best.score > 0.5

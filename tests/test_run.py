@@ -254,8 +254,29 @@ def test_cluster_catalog_and_members(run, survey, truth):
     found = cl.iloc[int(np.argmin(d))]
     # 136 px from its field's edge the network sees a third of the cluster: its centre is off by ~0.2 Mpc,
     # against a median of 7 kpc on the evaluation fields
-    assert d.min() < 0.3 * scale and abs(found.z - rich.z) / (1 + rich.z) < 0.05
+    # two-sided, from the evaluation (cluster_net.eval.json): the refined z within 3 NMAD (0.013) of the
+    # truth, the richness within 3 scatters (0.35 in ln) of the network's bias (-0.27); measured +0.018, 1.07
+    assert d.min() < 0.3 * scale and abs(found.z - rich.z) / (1 + rich.z) < 3 * 0.013
+    assert abs(np.log(found.richness / rich.richness) + 0.27) < 3 * 0.35
     members = cat[cat.cluster_id == found.cluster_id]
     counts, idx, sep = match(members, truth, 1.0)
     true_member = (sep < 1.0) & (truth.cluster_id.to_numpy()[idx] == rich.cluster_id)
     assert len(members) >= 20 and true_member.mean() > 0.4
+
+
+def test_deblended_fluxes_against_the_truth(run, truth):
+    """The learned deblender's i fluxes of blend members brighter than i = 23.5, matched to their truth galaxy
+    within 0.3": median |dF|/F against the truth's total flux. Measured 0.21 on this survey (118 members),
+    where the members' Kron fluxes are off by 0.87: in a run, missed members and neighbours outside the
+    stamp make it twice the stamp evaluation's 0.096 (deblend_unet.eval.json), the gap the blended-galaxy
+    issue works on. Two-sided, about the measured value: within [0.12, 0.30], and far better than Kron."""
+    _, _, cat = run
+    unet = cat[cat.deblend_method == "unet"]
+    t = truth[truth.kind.isin(["galaxy", "bcg"]) & (truth.mag_i < 23.5)]
+    _, idx, sep = match(unet, t, 0.3)
+    ok = sep < 0.3
+    assert ok.sum() >= 60
+    ftrue = t.flux_i.to_numpy()[idx[ok]]
+    err_unet = np.median(np.abs(unet.flux_deblend_i.to_numpy()[ok] / ftrue - 1))
+    err_kron = np.median(np.abs(unet.flux_auto_i.to_numpy()[ok] / ftrue - 1))
+    assert 0.12 < err_unet < 0.30 and err_unet < 0.5 * err_kron, (err_unet, err_kron)
