@@ -245,32 +245,33 @@ def _tables_equal(a: Path, b: Path) -> None:
         pd.testing.assert_frame_equal(pd.read_parquet(t), pd.read_parquet(b / t.relative_to(a)))
 
 
-def test_killed_actor_is_replaced_and_the_tables_are_unchanged(survey, clean, tmp_path, ray_session):
-    """An actor process that dies mid-tile is replaced, the tile retried, and every tile table equals the
-    clean run's."""
+def _run_tiles_with_fault(survey: Path, clean_dir: Path, tmp_path: Path, fault: str) -> tuple[Path, dict]:
+    """The tiles of a copy of the clean run's store processed again with DEEPFIELD_FAULT=`fault` in the
+    actors; (run directory, summary)."""
     from deepfield.tasks.actor_pool import run_tiles
-    from deepfield.tasks.ledger import Ledger
-    clean_dir, _ = clean
     run_dir = tmp_path / "run"
     shutil.copytree(clean_dir / "store.zarr", run_dir / "store.zarr")
     cfg = config(survey, run_dir)
-    s = run_tiles(str(cfg.store_path), str(run_dir), cfg.stage_list(), cfg.halo, cfg.processing_hash(),
-                  actor_env={"DEEPFIELD_FAULT": "kill:field000/0_1"})
+    return run_dir, run_tiles(str(cfg.store_path), str(run_dir), cfg.stage_list(), cfg.halo, cfg.processing_hash(),
+                              actor_env={"DEEPFIELD_FAULT": fault})
+
+
+def test_killed_actor_is_replaced_and_the_tables_are_unchanged(survey, clean, tmp_path, ray_session):
+    """An actor process that dies mid-tile is replaced, the tile retried, and every tile table equals the
+    clean run's."""
+    from deepfield.tasks.ledger import Ledger
+    from deepfield.tasks.tiling import TileId
+    clean_dir, _ = clean
+    run_dir, s = _run_tiles_with_fault(survey, clean_dir, tmp_path, "kill:field000/0_1")
     assert s["done"] == 8 and s["failed"] == 0 and s["retries"] >= 1
-    assert Ledger(run_dir).get(__import__("deepfield.tasks.tiling", fromlist=["TileId"]).TileId.parse(
-        "field000/0_1")).attempts >= 2
+    assert Ledger(run_dir).get(TileId.parse("field000/0_1")).attempts >= 2
     _tables_equal(clean_dir, run_dir)
 
 
 def test_tile_failing_three_times_is_marked_failed(survey, clean, tmp_path, ray_session):
-    from deepfield.tasks.actor_pool import run_tiles
     from deepfield.tasks.ledger import summarise
     clean_dir, _ = clean
-    run_dir = tmp_path / "run"
-    shutil.copytree(clean_dir / "store.zarr", run_dir / "store.zarr")
-    cfg = config(survey, run_dir)
-    s = run_tiles(str(cfg.store_path), str(run_dir), cfg.stage_list(), cfg.halo, cfg.processing_hash(),
-                  actor_env={"DEEPFIELD_FAULT": "raise:field001/1_0"})
+    run_dir, s = _run_tiles_with_fault(survey, clean_dir, tmp_path, "raise:field001/1_0")
     assert s["failed"] == 1 and s["done"] == 7
     failed = summarise(run_dir)["failed"]
     assert failed[0][0] == "field001/1_0" and "injected failure" in failed[0][1]

@@ -54,6 +54,22 @@ def _tile_table(field: str, tile: str, sel: pd.DataFrame, x, y, primary) -> pd.D
     return df
 
 
+def _write_tiles(run: Path, field: SkyField, sel: pd.DataFrame, grid: TileGrid) -> int:
+    """The tile tables of `field` holding the positions of `sel` (ra, dec, flux, ...); returns their rows."""
+    x, y = field.wcs.world_to_pixel_values(sel["ra"].to_numpy(), sel["dec"].to_numpy())
+    ix, iy = pixel_index(x), pixel_index(y)
+    n = 0
+    for t in grid.tiles(field.name):
+        inside = grid.halo_box(t.ty, t.tx).contains(iy, ix)
+        prim = grid.is_primary(t.ty, t.tx, x[inside], y[inside])
+        df = _tile_table(field.name, str(t), sel[inside], x[inside], y[inside], prim)
+        path = run / "tiles" / field.name / f"{t.ty}_{t.tx}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        df.to_parquet(path, index=False)
+        n += len(df)
+    return n
+
+
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     cfg = SimConfig(size=512, fields=2, overlap=20, pixel_scale=1.0)
@@ -62,18 +78,8 @@ def synthetic_run(tmp_path_factory):
     grid = TileGrid(cfg.size, cfg.size, tile=256, halo=32)
     fields, n_rows = [], 0
     for lay in survey_layout(cfg):
-        wcs = field_wcs(lay.ra, lay.dec, lay.size, lay.pixel_scale)
-        fields.append(SkyField(lay.name, wcs, cfg.size, cfg.size))
-        x, y = wcs.world_to_pixel_values(truth["ra"].to_numpy(), truth["dec"].to_numpy())
-        ix, iy = pixel_index(x), pixel_index(y)
-        for t in grid.tiles(lay.name):
-            inside = grid.halo_box(t.ty, t.tx).contains(iy, ix)
-            prim = grid.is_primary(t.ty, t.tx, x[inside], y[inside])
-            df = _tile_table(lay.name, str(t), truth[inside], x[inside], y[inside], prim)
-            path = run / "tiles" / lay.name / f"{t.ty}_{t.tx}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            df.to_parquet(path, index=False)
-            n_rows += len(df)
+        fields.append(SkyField(lay.name, field_wcs(lay.ra, lay.dec, lay.size, lay.pixel_scale), cfg.size, cfg.size))
+        n_rows += _write_tiles(run, fields[-1], truth, grid)
     return run, fields, truth, n_rows
 
 
@@ -195,15 +201,7 @@ def test_an_object_seen_by_two_fields_is_kept_once_whatever_its_measured_positio
     for f in fields:
         sel = truth.copy()
         sel["ra"] = sel["ra"] + toward[f.name] * 0.06 / 3600 / np.cos(np.radians(sel["dec"]))  # towards the other
-        x, y = f.wcs.world_to_pixel_values(sel["ra"].to_numpy(), sel["dec"].to_numpy())
-        ix, iy = pixel_index(x), pixel_index(y)
-        for t in grid.tiles(f.name):
-            inside = grid.halo_box(t.ty, t.tx).contains(iy, ix)
-            prim = grid.is_primary(t.ty, t.tx, x[inside], y[inside])
-            df = _tile_table(f.name, str(t), sel[inside], x[inside], y[inside], prim)
-            path = run / "tiles" / f.name / f"{t.ty}_{t.tx}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            df.to_parquet(path, index=False)
+        _write_tiles(run, f, sel, grid)
         measured[f.name] = sel
     # the rule of one owner per measurement fails on these: some line sources would be lost or doubled
     on_line = truth.index >= len(truth) - 200
