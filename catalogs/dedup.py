@@ -7,8 +7,8 @@ stable source ids and field-level de-duplication (docs/design.md, "Contracts": T
 - `overlap_decisions`: where fields overlap on the sky, a source is measured in each of them. The
   measurements of the different fields are matched (within 1") and the object is kept once: by the field
   that owns the mean of its measured positions (`FieldOwnership`, i.e. `tasks.tiling.owner`: among the
-  fields containing it, the one whose centre is nearest), or by the field that detected it when only one
-  did. Ownership is decided per object, not per measurement, so noise in the measured positions near the
+  fields containing it, the one whose centre is nearest), or by the nearest field that detected it when
+  the owner did not; a detection of one field alone is kept where that field owns its position. Ownership is decided per object, not per measurement, so noise in the measured positions near the
   line between two fields can neither lose an object nor keep it twice; `is_primary_field` records it.
 """
 from __future__ import annotations
@@ -107,9 +107,9 @@ def overlap_decisions(rows: pd.DataFrame, ownership: FieldOwnership, match_arcse
     group). For each object the field that owns the mean position of its measurements (FieldOwnership: the
     nearest centre among the fields holding it) keeps its own measurements; if that field has none (it did
     not detect the object), the field nearest the mean position among those that did keeps them. A
-    measurement that matches none of another field is kept: it is the object's only one. So an object seen
-    by two fields is kept exactly once whatever the noise of its measured positions; an object seen by one
-    is never lost to the other's ownership of the position.
+    measurement that matches none of another field's is kept where its own field owns its position: the
+    other field covers the spot and saw nothing (on a simulated survey such detections are mostly noise).
+    So an object seen by two fields is kept exactly once whatever the noise of its measured positions.
 
     Returns (field, tile, tile_index, keep) for the rows near an overlap (rows elsewhere are all kept)."""
     from astropy.coordinates import SkyCoord
@@ -151,7 +151,9 @@ def overlap_decisions(rows: pd.DataFrame, ownership: FieldOwnership, match_arcse
     fields_sel = rows["field"].astype(str).to_numpy()[sel]
     keep = np.zeros(n, bool)
     size = np.bincount(label, minlength=n_groups)
-    keep[size[label] == 1] = True  # seen by one field only: its only measurement
+    alone = size[label] == 1  # seen by one field only: kept where that field owns the position (the
+    own = ownership.owner_names(ra[sel][alone], dec[sel][alone])  # other saw nothing there: noise, mostly)
+    keep[alone] = [o is None or o == f for o, f in zip(own, fields_sel[alone])]
     for g in np.flatnonzero(size > 1):
         members = np.flatnonzero(label == g)
         present = fields_sel[members]
