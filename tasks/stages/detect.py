@@ -73,7 +73,8 @@ class DetectStage(Stage):
     """Detect and deblend sources on the inverse-variance weighted band mean (parameters: DetectConfig).
 
     After `run`, `segmap` ((y, x) int32 over the halo arrays, 0 = sky, k = row k-1) and
-    `parent_segmap` (the un-deblended footprints) hold the last tile's segmentation.
+    `parent_segmap` (the un-deblended footprints) hold the last tile's segmentation; `segmap` is also left in
+    `tile.meta["segmap"]` for the stages after this one (measure masks neighbours with it).
     """
 
     name: ClassVar[str] = "detect"
@@ -113,6 +114,7 @@ class DetectStage(Stage):
         self.parent_segmap = pseg
         if len(parents) == 0:
             self.segmap = np.zeros_like(pseg)
+            tile.meta["segmap"] = self.segmap
             return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
 
         owner = assign_parents(cseg, pseg, children["x"], children["y"], len(parents))
@@ -131,6 +133,7 @@ class DetectStage(Stage):
         label_child = np.zeros(len(children) + 1, dtype=np.int32)
         label_child[np.flatnonzero(keep_child) + 1] = rank[n_par:]
         self.segmap = _final_segmap(pseg, cseg, label_parent, label_child, objs, blend_id)
+        tile.meta["segmap"] = self.segmap
         n = len(objs)
         _, inverse, counts = np.unique(blend_id, return_inverse=True, return_counts=True)
         n_blend = counts[inverse]

@@ -9,7 +9,11 @@ For each detection (the `detect` stage's table) and band b, on the background-su
 - Kron (AUTO) flux: the Kron radius is measured once on the detection image within `kron_rmax`
   (6) isophotal radii (`sep.kron_radius`); every band sums the ellipse of `kron_k` (3.5) Kron
   radii (`sep.sum_ellipse`); where kron_radius * sqrt(a b) < `min_radius` (1.75 px, Source
-  Extractor's 3.5 px minimum diameter) a circle of that radius is used instead.
+  Extractor's 3.5 px minimum diameter) a circle of that radius is used instead. With `mask_neighbours` (the
+  default), the pixels of the other detections' segments (the detect stage's segmentation map, which it
+  leaves in `tile.meta["segmap"]`, row k's pixels valued seg_id) are left out of the Kron radius and the
+  Kron sums, and the sum is scaled up by the aperture's area over its unmasked area (SEP's segmentation
+  masking): a neighbour's light does not enter a source's Kron flux.
 - errors: from the inverse variance, err = sqrt(sum 1/invvar); masked or zero-weight pixels are
   left out and the sum is scaled up by the aperture area over the unmasked area (SEP).
 - magnitudes: AB, mag = zp_b - 2.5 log10(flux), magerr = 1.0857 fluxerr / flux; NaN for flux <= 0.
@@ -80,6 +84,8 @@ class MeasureConfig(StageConfig):
     kron_k: float = Field(3.5, gt=0, description="Kron factor: the AUTO ellipse is kron_k Kron radii")
     kron_rmax: float = Field(6.0, gt=0, description="Kron-radius integration limit, in isophotal radii")
     min_radius: float = Field(1.75, gt=0, description="minimum circular radius of the AUTO aperture, pixels")
+    mask_neighbours: bool = Field(True, description="leave the pixels of other detections' segments (the detect "
+                                  "stage's segmentation) out of the Kron radius and the Kron sums")
     subpix: int = Field(5, ge=0, description="SEP sub-pixel sampling of circular apertures (0: exact)")
     default_fwhm_px: float = Field(3.0, gt=0, description="PSF FWHM (pixels) assumed when the tile gives none")
 
@@ -96,7 +102,7 @@ class MeasureStage(Stage):
     MeasureConfig)."""
 
     name: ClassVar[str] = "measure"
-    version: ClassVar[str] = "2"
+    version: ClassVar[str] = "3"
     Config: ClassVar[type[StageConfig]] = MeasureConfig
     reads: ClassVar[tuple[str, ...]] = _NEEDS
     adds: ClassVar[tuple[str, ...]] = (
@@ -133,11 +139,16 @@ class MeasureStage(Stage):
         cols["x_tile"], cols["y_tile"] = x, y
         cols["x"], cols["y"] = x + tile.box.x0, y + tile.box.y0
 
-        # Kron aperture, shared by all bands
+        # Kron aperture, shared by all bands; other detections' segments masked (SEP's segmap masking)
+        neighbours = {}
+        seg = tile.meta.get("segmap")
+        if self.mask_neighbours and seg is not None and seg.shape == det.shape and "seg_id" in out.columns:
+            neighbours = dict(segmap=np.ascontiguousarray(seg, np.int32),
+                              seg_id=np.ascontiguousarray(out["seg_id"].to_numpy(), np.int32))
         kron = np.zeros(n)
         kflag = np.zeros(n, dtype=np.int64)
         if n:
-            kron, kf = sep.kron_radius(det, x, y, a, b, theta, self.kron_rmax, mask=det_bad)
+            kron, kf = sep.kron_radius(det, x, y, a, b, theta, self.kron_rmax, mask=det_bad, **neighbours)
             kron, kflag = np.asarray(kron, float), np.asarray(kf, np.int64)
         kron = np.where(np.isfinite(kron), kron, 0.0)
         circle = kron * np.sqrt(a * b) < self.min_radius
@@ -152,15 +163,17 @@ class MeasureStage(Stage):
             anymask += band_pixels(tile, ib)[2]
             satmask += (np.asarray(tile.mask[ib]) & (maskbits.SAT | maskbits.BLEED)) != 0
 
-        def auto_sum(img, err=None, mask=None):
+        def auto_sum(img, err=None, mask=None, nb=None):
             f, e = np.zeros(n), np.zeros(n)
             fl = np.zeros(n, dtype=np.int64)
+            nb = nb or {}
+            sub = (lambda sel: dict(segmap=nb["segmap"], seg_id=nb["seg_id"][sel])) if nb else (lambda sel: {})
             if ell.any():
                 f[ell], e[ell], fl[ell] = sep.sum_ellipse(img, x[ell], y[ell], a[ell], b[ell], theta[ell],
-                                                          r_kron[ell], err=err, mask=mask, subpix=1)
+                                                          r_kron[ell], err=err, mask=mask, subpix=1, **sub(ell))
             if circle.any():
                 f[circle], e[circle], fl[circle] = sep.sum_circle(img, x[circle], y[circle], self.min_radius,
-                                                                  err=err, mask=mask, subpix=1)
+                                                                  err=err, mask=mask, subpix=1, **sub(circle))
             return f, e, fl
 
         phot_flag = kflag.copy()
@@ -173,7 +186,7 @@ class MeasureStage(Stage):
                 cols[f"flux_{infix}_{band}"], cols[f"fluxerr_{infix}_{band}"] = f, e
                 cols[f"mag_{infix}_{band}"], cols[f"magerr_{infix}_{band}"] = magnitudes(f, e, zp)
                 phot_flag |= np.asarray(fl, np.int64)
-            f, e, fl = auto_sum(data, err, bad)
+            f, e, fl = auto_sum(data, err, bad, neighbours)
             cols[f"flux_auto_{band}"], cols[f"fluxerr_auto_{band}"] = f, e
             cols[f"mag_auto_{band}"], cols[f"magerr_auto_{band}"] = magnitudes(f, e, zp)
             phot_flag |= fl
