@@ -63,6 +63,8 @@ _ENTRIES = (
                "WGAN-GP generator, critic and encoder for anomaly scores, g r i 32x32"),
     ModelEntry("cluster_net", "deepfield.models.cluster_net:ClusterNet",
                "centre-heat-map cluster finder on 8x-binned g,r,i,z images"),
+    ModelEntry("detect_net", "deepfield.models.detect_net:DetectNet",
+               "centre-heat-map source detector at the image's pixels, g r i z (any subset)"),
 )
 _REGISTRY: dict[str, ModelEntry] = {e.name: e for e in _ENTRIES}
 

@@ -11,6 +11,8 @@ BLEED = 1 << 2  # charge bleed trail of a saturated star
 NO_DATA = 1 << 3  # NaN or infinite pixel value
 ZERO_WEIGHT = 1 << 4  # inverse variance <= 0 or not finite
 
+UNUSABLE = NO_DATA | BAD | SAT | BLEED  # planes whose pixels no stage measures
+
 # plane names are short enough for 8-character FITS keywords MP<NAME>
 PLANES: dict[str, int] = {"BAD": BAD, "SAT": SAT, "BLEED": BLEED, "NODATA": NO_DATA, "ZEROWT": ZERO_WEIGHT}
 

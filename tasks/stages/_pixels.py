@@ -84,7 +84,7 @@ def gaussian_kernel(fwhm_px: float) -> np.ndarray:
 
 
 # mask bits whose pixels carry no usable light for the learned stages (set to 0 in their stamps)
-UNUSABLE = maskbits.NO_DATA | maskbits.BAD | maskbits.SAT | maskbits.BLEED
+UNUSABLE = maskbits.UNUSABLE
 
 
 def cut_stamp(arr: np.ndarray, y0: int, x0: int, size: int, fill=0) -> np.ndarray:

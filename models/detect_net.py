@@ -1,0 +1,152 @@
+"""Learned source detection: a small fully convolutional network predicts, at every pixel of a multi-band
+image, the probability that a source's centre lies there, and the sub-pixel offset of that centre (a
+CenterNet-style centre heat map, Zhou et al. 2019, as the cluster finder uses on binned images; here at the
+image's own pixels, so that two galaxies a few pixels apart give two peaks).
+
+Input channels (`detector_input`): per band, asinh of the pixel's signal-to-noise, image x sqrt(invvar), with
+unusable pixels (masked, zero weight) set to 0; and one channel with the fraction of bands unusable at the
+pixel. A band the survey lacks (or that training drops at random) is a channel of zeros, so one network
+serves band sets that are subsets of the one it was trained on.
+
+Network (`DetectNet`): an encoder at strides 1, 2 and 4 and a decoder back to stride 1 with skip connections;
+3 output channels: the centre heat-map logit and the (dx, dy) offset of the centre from the pixel's centre.
+Widths (16, 32, 48): 0.1 M parameters, about 1 core-second per megapixel on this CPU.
+
+`find_peaks`: local maxima of the heat map (3 x 3) above a threshold, at pixel + offset.
+`focal_loss`: the penalty-reduced pixel-wise focal loss of CenterNet (alpha 2, beta 4) plus an L1 loss on the
+offsets at the centre pixels.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["DetectNet", "for_inference", "detector_input", "find_peaks", "heat_and_offsets", "focal_loss",
+           "heat_targets"]
+
+
+def detector_input(image: np.ndarray, invvar: np.ndarray, unusable: np.ndarray) -> np.ndarray:
+    """(B + 1, H, W) float32 network input from image, inverse variance and a boolean unusable mask, (B, H, W)
+    each (see the module docstring)."""
+    ok = (~unusable) & (invvar > 0) & np.isfinite(image)
+    snr = np.where(ok, image * np.sqrt(np.where(ok, invvar, 0.0)), 0.0)
+    x = np.arcsinh(snr.astype(np.float32))
+    bad = 1.0 - ok.mean(axis=0, dtype=np.float32)
+    return np.concatenate([x, bad[None]]).astype(np.float32)
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class DetectNet(nn.Module):
+    """Centre heat map and offsets (see the module docstring). Input (N, B + 1, H, W), H and W multiples of 4;
+    output (N, 3, H, W): heat-map logit, dx, dy. `bands`: the band of each input channel, in order."""
+
+    def __init__(self, bands=("g", "r", "i", "z"), widths: tuple[int, int, int] = (16, 32, 48)):
+        super().__init__()
+        w0, w1, w2 = widths
+        self.bands = list(bands)
+        self.e0 = _conv(len(self.bands) + 1, w0)
+        self.e1 = nn.Sequential(_conv(w0, w1, 2), _conv(w1, w1))
+        self.e2 = nn.Sequential(_conv(w1, w2, 2), _conv(w2, w2), _conv(w2, w2))
+        self.d1 = _conv(w2 + w1, w1)
+        self.d0 = _conv(w1 + w0, w0)
+        self.head = nn.Conv2d(w0, 3, 1)
+        with torch.no_grad():  # start from a low centre probability everywhere (CenterNet's prior, p = 0.01)
+            self.head.bias.copy_(torch.tensor([-4.6, 0.0, 0.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.e0(x)
+        b = self.e1(a)
+        c = self.e2(b)
+        b = self.d1(torch.cat([F.interpolate(c, scale_factor=2, mode="nearest"), b], 1))
+        a = self.d0(torch.cat([F.interpolate(b, scale_factor=2, mode="nearest"), a], 1))
+        return self.head(a)
+
+
+def for_inference(model: DetectNet) -> DetectNet:
+    """`model` (eval mode) with every batch normalisation folded into its convolution and its tensors in
+    channels-last order: the same outputs (to float rounding), about 20 % less CPU time."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    model = model.eval()
+    for mod in model.modules():
+        if isinstance(mod, nn.Sequential) and len(mod) == 3 and isinstance(mod[0], nn.Conv2d) \
+                and isinstance(mod[1], nn.BatchNorm2d):
+            mod[0] = fuse_conv_bn_eval(mod[0], mod[1])
+            mod[1] = nn.Identity()
+    return model.to(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def heat_and_offsets(model: nn.Module, inputs: np.ndarray, device=None) -> tuple[np.ndarray, np.ndarray]:
+    """Heat map (H, W) in [0, 1] and offsets (2, H, W) for one input (C, H, W) of any size (padded to a
+    multiple of 4 by reflection, cropped back)."""
+    device = device or next(model.parameters()).device
+    c, h, w = inputs.shape
+    ph, pw = (-h) % 4, (-w) % 4
+    x = torch.as_tensor(inputs)[None]
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > 4 else "constant")
+    out = model(x.to(device).contiguous(memory_format=torch.channels_last)).float().cpu()[0, :, :h, :w]
+    return torch.sigmoid(out[0]).numpy(), out[1:].numpy()
+
+
+def find_peaks(heat: np.ndarray, offsets: np.ndarray, threshold: float) -> np.ndarray:
+    """(n, 3) array of (x, y, p): local maxima of `heat` over 3 x 3 pixels with p >= threshold, at the pixel
+    plus the predicted offset (clipped to +-1 px), brightest first."""
+    t = torch.as_tensor(heat)[None, None]
+    peak = (t == F.max_pool2d(t, 3, stride=1, padding=1))[0, 0].numpy() & (heat >= threshold)
+    yy, xx = np.nonzero(peak)
+    p = heat[yy, xx]
+    dx = np.clip(offsets[0, yy, xx], -1, 1)
+    dy = np.clip(offsets[1, yy, xx], -1, 1)
+    order = np.argsort(-p, kind="stable")
+    return np.c_[xx + dx, yy + dy, p][order]
+
+
+def heat_targets(shape: tuple[int, int], centres: np.ndarray, ignore: np.ndarray, sigma: float = 1.0
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Training targets for one image of `shape` (H, W): heat map (H, W) with a Gaussian of `sigma` px at each
+    of `centres` ((n, 2) as x, y) and exactly 1 at its nearest pixel; loss weight (H, W) that is 0 within 2 px
+    of the `ignore` positions ((k, 2): sources too faint to demand, too bright to forbid) and 1 elsewhere;
+    offsets (2, H, W) and their mask (H, W) at the centre pixels."""
+    h, w = shape
+    heat = np.zeros(shape, np.float32)
+    weight = np.ones(shape, np.float32)
+    off = np.zeros((2, h, w), np.float32)
+    omask = np.zeros(shape, np.float32)
+    r = int(np.ceil(3 * sigma))
+    for (x, y) in np.asarray(ignore, float).reshape(-1, 2):
+        ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+        weight[max(iy - 2, 0):max(iy + 3, 0), max(ix - 2, 0):max(ix + 3, 0)] = 0.0
+    for (x, y) in np.asarray(centres, float).reshape(-1, 2):
+        ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+        y0, y1, x0, x1 = max(iy - r, 0), min(iy + r + 1, h), max(ix - r, 0), min(ix + r + 1, w)
+        if y1 <= y0 or x1 <= x0:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        g = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma ** 2)).astype(np.float32)
+        heat[y0:y1, x0:x1] = np.maximum(heat[y0:y1, x0:x1], g)
+        weight[y0:y1, x0:x1] = 1.0
+        if 0 <= iy < h and 0 <= ix < w:
+            heat[iy, ix] = 1.0
+            off[:, iy, ix] = (x - ix, y - iy)
+            omask[iy, ix] = 1.0
+    return heat, weight, off, omask
+
+
+def focal_loss(out: torch.Tensor, heat: torch.Tensor, weight: torch.Tensor, off: torch.Tensor,
+               omask: torch.Tensor, offset_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(heat-map focal loss, offset L1 loss), each per centre pixel of the batch (see the module docstring)."""
+    logit = out[:, 0]
+    p = torch.sigmoid(logit).clamp(1e-4, 1 - 1e-4)
+    pos = (heat >= 1.0).float()
+    npos = pos.sum().clamp(min=1.0)
+    lpos = -((1 - p) ** 2) * torch.log(p) * pos
+    lneg = -((1 - heat) ** 4) * (p ** 2) * torch.log(1 - p) * (1 - pos) * weight
+    loff = (torch.abs(out[:, 1:] - off) * omask[:, None]).sum() / npos
+    return (lpos.sum() + lneg.sum()) / npos, offset_weight * loff
