@@ -13,7 +13,11 @@ same seed, same software: same weights on a CPU.
 """
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -33,6 +37,26 @@ def loss_terms(pred: torch.Tensor, f: torch.Tensor, w: torch.Tensor, total: torc
     est = (pred * total).sum(dim=(2, 3))
     fl = ((est - flux).abs() / (flux + floor)).mean()
     return pix, fl
+
+
+@torch.no_grad()
+def validate(model: DeblendUNet, va: dict, ri: int, zeropoint: float, device="cpu") -> tuple[float, float, float]:
+    """(mean pixel loss, mean flux loss, median noiseless |dF|/F of members brighter than 23.5 in band `ri`) on
+    the validation examples `va` (tensors)."""
+    model.eval()
+    vp, vf, m = 0.0, 0.0, len(va["x"])
+    errs = []
+    for k in range(0, m, 256):
+        sl = slice(k, k + 256)
+        pred = model(va["x"][sl].to(device))
+        p, f_ = loss_terms(pred, va["f"][sl].to(device), va["w"][sl].to(device), va["total"][sl].to(device),
+                           va["flux"][sl].to(device), va["floor"][sl].to(device))
+        vp += p.item() * len(va["x"][sl])
+        vf += f_.item() * len(va["x"][sl])
+        est = (pred.cpu() * va["total"][sl]).sum(dim=(2, 3))
+        bright = va["flux"][sl][:, ri] > 10 ** (-0.4 * (23.5 - zeropoint))  # brighter than 23.5
+        errs.append(((est - va["flux"][sl]) / va["flux"][sl]).abs()[bright].flatten())
+    return vp / m, vf / m, float(torch.cat(errs).median())
 
 
 def train(tr: dict, va: dict, ref_index: int, zeropoint: float, epochs: int = 12, batch: int = 64,
@@ -75,26 +99,93 @@ def train(tr: dict, va: dict, ref_index: int, zeropoint: float, epochs: int = 12
             sched.step()
             tot_pix += pix.item() * len(idx)
             tot_fl += fl.item() * len(idx)
-        model.eval()
-        with torch.no_grad():
-            vp, vf, m = 0.0, 0.0, len(va["x"])
-            errs = []
-            for k in range(0, m, 256):
-                sl = slice(k, k + 256)
-                pred = model(va["x"][sl].to(device))
-                p, f_ = loss_terms(pred, va["f"][sl].to(device), va["w"][sl].to(device), va["total"][sl].to(device),
-                                   va["flux"][sl].to(device), va["floor"][sl].to(device))
-                vp += p.item() * len(va["x"][sl])
-                vf += f_.item() * len(va["x"][sl])
-                est = (pred.cpu() * va["total"][sl]).sum(dim=(2, 3))
-                bright = va["flux"][sl][:, ri] > 10 ** (-0.4 * (23.5 - zeropoint))  # brighter than 23.5
-                errs.append(((est - va["flux"][sl]) / va["flux"][sl]).abs()[bright].flatten())
-            med = float(torch.cat(errs).median())
-        history.append(dict(epoch=ep + 1, train_pix=tot_pix / n, train_flux=tot_fl / n, val_pix=vp / m,
-                            val_flux=vf / m, val_median_abs_flux_err_noiseless_i_lt_23p5=med))
+        vp, vf, med = validate(model, va, ri, zeropoint, device)
+        history.append(dict(epoch=ep + 1, train_pix=tot_pix / n, train_flux=tot_fl / n, val_pix=vp,
+                            val_flux=vf, val_median_abs_flux_err_noiseless_i_lt_23p5=med))
         say(f"epoch {ep + 1}/{epochs}: train pixel {tot_pix / n:.4f} flux {tot_fl / n:.4f}  "
-             f"val pixel {vp / m:.4f} flux {vf / m:.4f} (median |dF|/F {med:.4f})  ({time.perf_counter() - t1:.0f} s)")
+             f"val pixel {vp:.4f} flux {vf:.4f} (median |dF|/F {med:.4f})  ({time.perf_counter() - t1:.0f} s)")
     record = dict(record or {}, model=MODEL, arch=arch, seed=seed, n_examples=n, epochs=epochs, batch=batch, lr=lr,
                   history=history, train_seconds=round(time.perf_counter() - t1, 1), torch=torch.__version__,
                   device=device, threads=threads)
     return record, model.state_dict()
+
+
+def train_stream(make_batch: Callable[[int], dict], va: dict, ref_index: int, zeropoint: float, steps: int = 6000,
+                 lr: float = 3e-3, seed: int = 0, device: str = "cpu", widths=(8, 16, 32, 64), threads: int = 1,
+                 checkpoint: Path | None = None, checkpoint_every: int = 200, validate_every: int = 500,
+                 stop_after: int | None = None, record: dict | None = None) -> tuple[dict, dict] | None:
+    """Train the deblender on `steps` batches `make_batch(step)` (dicts as tasks.trainsets.blend_stamps.examples
+    gives, of freshly composed blends: no example is seen twice), validated on `va` every `validate_every`
+    steps; one-cycle schedule, quarter turns and flips. With `checkpoint`, model, optimiser, schedule and history
+    are saved every `checkpoint_every` steps and a run of the same configuration resumes from it; `stop_after`
+    stops there (None returned) to go on in a later run. Returns (record, weights)."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    va = {k: torch.as_tensor(v) for k, v in va.items()}
+    arch = dict(in_bands=int(va["f"].shape[1]), widths=list(widths))
+    config = dict(steps=steps, lr=lr, seed=seed, arch=arch)
+    model = DeblendUNet(**arch).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    history: list[dict] = []
+    start, seconds, seen = 0, 0.0, 0
+    if checkpoint is not None and checkpoint.exists():
+        ck = torch.load(checkpoint, map_location=device, weights_only=False)
+        if ck.get("config") == config:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+            sched.load_state_dict(ck["sched"])
+            start, history, seconds, seen = ck["step"], ck["history"], ck["seconds"], ck["seen"]
+            say(f"resuming from {checkpoint} at step {start}/{steps}")
+        else:
+            say(f"{checkpoint}: a checkpoint of another configuration; starting afresh")
+
+    def save(done: int) -> None:
+        tmp = checkpoint.with_name(f".{checkpoint.name}.{os.getpid()}.tmp")
+        torch.save(dict(config=config, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                        step=done, history=history, seconds=time.perf_counter() - t0, seen=seen), tmp)
+        os.replace(tmp, checkpoint)
+
+    t0 = time.perf_counter() - seconds
+    window = [0.0, 0.0, 0]
+    pool = ThreadPoolExecutor(1)  # the next batch is composed while this one trains
+    nxt = pool.submit(make_batch, start) if start < steps else None
+    for step in range(start, steps):
+        b = nxt.result()
+        nxt = pool.submit(make_batch, step + 1) if step + 1 < steps else None
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        t = {k: torch.as_tensor(v) for k, v in b.items()}
+        model.train()
+        x, f, w, total = dihedral([t["x"], t["f"], t["w"], t["total"]], g)
+        pix, fl = loss_terms(model(x.to(device)), f.to(device), w.to(device), total.to(device),
+                             t["flux"].to(device), t["floor"].to(device))
+        opt.zero_grad()
+        (pix + fl).backward()
+        opt.step()
+        sched.step()
+        seen += len(x)
+        window = [window[0] + pix.item(), window[1] + fl.item(), window[2] + 1]
+        done = step + 1
+        if done % validate_every == 0 or done == steps:
+            vp, vf, med = validate(model, va, ref_index, zeropoint, device)
+            history.append(dict(step=done, examples=seen, train_pix=window[0] / window[2],
+                                train_flux=window[1] / window[2], val_pix=vp, val_flux=vf,
+                                val_median_abs_flux_err_noiseless_i_lt_23p5=med))
+            say(f"step {done}/{steps} ({seen} examples): train pixel {window[0] / window[2]:.4f} flux "
+                f"{window[1] / window[2]:.4f}  val pixel {vp:.4f} flux {vf:.4f} (median |dF|/F {med:.4f})  "
+                f"({time.perf_counter() - t0:.0f} s)")
+            window = [0.0, 0.0, 0]
+        if checkpoint is not None and (done % checkpoint_every == 0 or done == steps):
+            save(done)
+        if stop_after is not None and stop_after <= done < steps:
+            if checkpoint is not None and done % checkpoint_every:
+                save(done)
+            nxt.cancel()
+            pool.shutdown()
+            say(f"stopped after step {done}/{steps}; run again to resume from {checkpoint}")
+            return None
+    pool.shutdown()
+    record = dict(record or {}, model=MODEL, arch=arch, seed=seed, steps=steps, examples=seen, lr=lr,
+                  history=history, train_seconds=round(time.perf_counter() - t0, 1), torch=torch.__version__,
+                  device=device, threads=threads)
+    return record, {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -14,7 +14,7 @@ from deepfield.tasks.trainsets.library import LibraryConfig, build_library, load
 def library(tmp_path_factory):
     """A small library: 240 galaxies over two seeing levels (a few seconds)."""
     out = tmp_path_factory.mktemp("library")
-    cfg = LibraryConfig(galaxies=240, seeing=(0.9, 1.1), seed=3, star_offsets=2)
+    cfg = LibraryConfig(galaxies=240, giants=6, seeing=(0.9, 1.1), seed=3, star_offsets=2)
     build_library(cfg, out, workers=1)
     return load_library(out, cfg)
 
@@ -46,7 +46,7 @@ def test_library_refuses_another_configuration(library, tmp_path):
     with pytest.raises(FileNotFoundError, match="no galaxy library"):
         load_library(tmp_path)
     other = library.cfg.model_copy(update=dict(seed=4))
-    build_library(library.cfg.model_copy(update=dict(galaxies=10)), tmp_path, workers=1)
+    build_library(library.cfg.model_copy(update=dict(galaxies=10, giants=0)), tmp_path, workers=1)
     with pytest.raises(ValueError, match="another configuration"):
         load_library(tmp_path, other)
 
@@ -166,4 +166,27 @@ def test_a_short_training_run_lowers_the_loss(library, tmp_path):
     for k in state:
         torch.testing.assert_close(state2[k], state[k], msg=k)
     assert [h["step"] for h in rec2["history"]] == [20, 40, 60]
+
+
+def test_composed_blends_for_the_deblender(library):
+    """Composed blends: reproducible by seed; the stamp is centred on the members' mean position (to half a
+    pixel); without field galaxies the image is the members' images plus noise of the stated sigma; the
+    deblender's examples are made from them (one per member)."""
+    from deepfield.tasks.trainsets.blend_compose import BlendComposeConfig, compose_blends, training_batch
+
+    cfg = BlendComposeConfig(field_faint_from=99.0)
+    a = compose_blends(library, cfg, 6, np.random.default_rng(3))
+    b = compose_blends(library, cfg, 6, np.random.default_rng(3))
+    np.testing.assert_array_equal(a["images"], b["images"])
+    assert a["members"].equals(b["members"])
+    m = a["members"]
+    assert m.groupby("blend").size().between(2, 4).all()
+    centre = m.groupby("blend")[["x", "y"]].mean().to_numpy()
+    assert np.abs(centre - 23.5).max() < 1.3  # half a pixel of offset plus each member's sub-pixel centre
+    for k in range(6):
+        resid = (a["images"][k] - a["truth"][k].sum(axis=0)) / a["sigma"][k][:, None, None]
+        assert np.std(resid) == pytest.approx(1.0, abs=0.15)
+    ex = training_batch(library, cfg, 0, 0, 4)
+    assert len(ex["x"]) == len(compose_blends(library, cfg, 4, np.random.default_rng(
+        np.random.SeedSequence([0, 0, 31])))["members"])
 

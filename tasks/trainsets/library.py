@@ -17,6 +17,8 @@ What it holds (`LibraryConfig`):
 - a share `knot_share` of the blue galaxies with star-forming knots (galsim.RandomKnots: 20-100 point-like
   knots distributed like the disk, carrying `knot_fraction` of the disk's light, more in blue bands), so that
   clumpy spirals, which classical deblenders shred, are in the training data;
+- `giants` more: large (`giant_hlr`), bright (`giant_mag`) disk galaxies, every one with knots, so that the
+  clumpy spirals a detector must keep whole are not a handful among thousands;
 - each galaxy drawn at one of the `seeing` levels (multiples of every band's median PSF FWHM, a round
   Moffat of the survey's beta), at a random sub-pixel offset from its stamp's centre pixel, on an odd
   square stamp whose side grows with its size (`stamp_sizes`);
@@ -47,7 +49,7 @@ from .stamp_survey import StampSurvey
 __all__ = ["LibraryConfig", "Library", "build_library", "load_library"]
 
 CHUNK = 200
-LIBRARY_VERSION = 2
+LIBRARY_VERSION = 3
 
 
 class LibraryConfig(StampSurvey):
@@ -61,6 +63,10 @@ class LibraryConfig(StampSurvey):
     knot_share: float = Field(0.6, ge=0, le=1, description="share of blue galaxies with star-forming knots")
     knot_fraction: tuple[float, float] = Field((0.1, 0.45), description="share of a knotty galaxy's disk light "
                                                "in knots (in g; 0.85, 0.7, 0.6 of it in r, i, z and redder)")
+    giants: int = Field(800, ge=0, description="extra large bright knotty disk galaxies (clumpy spirals), rendered "
+                        "on the largest stamps")
+    giant_hlr: tuple[float, float] = Field((1.5, 4.5), description="half-light radii of the giants, arcsec")
+    giant_mag: tuple[float, float] = Field((16.5, 19.5), description="reference-band magnitudes of the giants")
     seeing: tuple[float, ...] = Field((0.85, 1.0, 1.15, 1.3), description="PSF FWHM levels, multiples of "
                                       "each band's median seeing")
     stamp_sizes: tuple[int, ...] = Field((25, 49, 97, 193), description="odd stamp sides, pixels, smallest first")
@@ -119,19 +125,26 @@ def _render_chunk(args) -> list[tuple]:
     med = {b: sim.band_specs[b].psf_fwhm * cfg.psf_scale for b in cfg.bands}
     lo, hi = cfg.mag_range
     out = []
+    giant = index >= (cfg.galaxies + CHUNK - 1) // CHUNK  # the giants' chunks come after the others'
     for k in range(count):
-        if rng.uniform() < cfg.bright_share:
+        if giant:
+            mag = float(rng.uniform(*cfg.giant_mag))
+        elif rng.uniform() < cfg.bright_share:
             mag = float(rng.uniform(lo, min(24.0, hi)))
         else:
             mag = float(sample_power_law_mags(rng, 1, cfg.count_slope, lo, hi)[0])
         z = float(sample_redshift(rng, np.array([mag]))[0])
-        red = bool(rng.uniform() < red_fraction(np.array([mag]))[0])
+        red = False if giant else bool(rng.uniform() < red_fraction(np.array([mag]))[0])
         g = make_galaxy(rng, index * CHUNK + k, 0.0, 0.0, mag, z, red, sim, bp)
+        if giant:
+            g.hlr_disk = float(rng.uniform(*cfg.giant_hlr))
+            g.hlr_bulge = g.hlr_disk * float(rng.uniform(0.1, 0.3))
         level = int((index * CHUNK + k) % len(cfg.seeing))
         fwhm = {b: med[b] * cfg.seeing[level] for b in cfg.bands}
         size = _stamp_size(g.size, max(fwhm.values()), cfg)
         dx, dy = rng.uniform(-0.5, 0.5, 2)
-        knots = float(rng.uniform(*cfg.knot_fraction)) if not red and rng.uniform() < cfg.knot_share else 0.0
+        knots = float(rng.uniform(*cfg.knot_fraction)) if giant or (not red and rng.uniform() < cfg.knot_share) \
+            else 0.0
         nknots, kseed = int(rng.integers(20, 101)), int(rng.integers(1, 2 ** 31))
         img = np.empty((len(cfg.bands), size, size), np.float32)
         for j, b in enumerate(cfg.bands):
@@ -169,8 +182,11 @@ def build_library(cfg: LibraryConfig, out: Path, workers: int = 2,
     if list(cfg.stamp_sizes) != sizes or any(s % 2 == 0 for s in sizes):
         raise ValueError(f"stamp_sizes must be odd and increasing, got {cfg.stamp_sizes}")
     t0 = time.perf_counter()
-    n = cfg.galaxies
-    jobs = [(k, min(CHUNK, n - k * CHUNK), cfg.model_dump_json()) for k in range((n + CHUNK - 1) // CHUNK)]
+    n = cfg.galaxies + cfg.giants
+    first_giant = (cfg.galaxies + CHUNK - 1) // CHUNK  # giants start a chunk of their own
+    jobs = [(k, min(CHUNK, cfg.galaxies - k * CHUNK), cfg.model_dump_json()) for k in range(first_giant)]
+    jobs += [(first_giant + k, min(CHUNK, cfg.giants - k * CHUNK), cfg.model_dump_json())
+             for k in range((cfg.giants + CHUNK - 1) // CHUNK)]
     rendered: list[tuple] = []
     if workers <= 1:
         for j in jobs:
