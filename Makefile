@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(VENV)/bin/deepfield simulate --out bench-out/sim --size 2048 --fields 2
 	$(PY) tests/benchmarks/bench_ingest.py --sim bench-out/sim
 	$(PY) tests/benchmarks/bench_process.py --sim bench-out/sim
+	$(PY) tests/benchmarks/bench_stages.py --sim bench-out/sim
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache bench-out

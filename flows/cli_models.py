@@ -150,7 +150,10 @@ def train_deblend(
                             ref_index=lib.bands.index(lib.cfg.reference_band), zeropoint=lib.cfg.zeropoint,
                             steps=steps, lr=lr, seed=seed, device=device, threads=threads,
                             widths=tuple(int(w) for w in widths.split(",")), checkpoint=ck, stop_after=stop_after,
-                            record=dict(blend_config=dict(cfg.model_dump(mode="json"), bands=lib.bands),
+                            record=dict(blend_config=dict(size=cfg.size, bands=lib.bands,
+                                                          reference_band=lib.cfg.reference_band,
+                                                          pixel_scale=lib.cfg.pixel_scale, zeropoint=lib.cfg.zeropoint),
+                                        compose_config=cfg.model_dump(mode="json"),
                                         library=lib_cfg.model_dump(mode="json"), blends_per_step=blends_per_step,
                                         n_val=n_val, command=command))
 
@@ -351,7 +354,8 @@ def train_library(
 
 @train_app.command("detect")
 def train_detect(
-    out: Path = typer.Option(None, "--out", "-o", help="weights file (default: the shipped models/weights/detect_net.pt)"),
+    out: Path = typer.Option(None, "--out", "-o",
+                             help="weights file (default: the shipped models/weights/detect_net.pt)"),
     library: Path = typer.Option(LIBRARY_DIR, help="the rendered galaxy library (built there when missing)"),
     steps: int = typer.Option(3000, min=1, help="training steps"),
     batch: int = typer.Option(16, min=1, help="composed scenes per step"),

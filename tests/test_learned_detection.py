@@ -4,6 +4,7 @@ targets, and a short training run that lowers the loss."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from deepfield.tasks.trainsets.compose import ComposeConfig, compose_scene, transform_offset
@@ -190,3 +191,116 @@ def test_composed_blends_for_the_deblender(library):
     assert len(ex["x"]) == len(compose_blends(library, cfg, 4, np.random.default_rng(
         np.random.SeedSequence([0, 0, 31])))["members"])
 
+
+# --- the shipped detector in the stages -------------------------------------------------------------------------
+
+def _scene_tile(profiles: list, n: int, seed: int):
+    """A (no-halo) tile of n x n px holding the GalSim `profiles` (band -> profile, each) at HSC-like seeing and
+    depth in g, r, i, z, with Gaussian sky noise."""
+    import galsim
+    from astropy.wcs import WCS
+
+    from deepfield.tasks.sim.config import DEFAULT_BANDS
+    from deepfield.tasks.tiling import Box, TileId
+    from deepfield.tasks.trainsets.stamp_survey import StampSurvey
+    from deepfield.tasks.zarr_store import Tile
+
+    bands, scale, zp = ["g", "r", "i", "z"], 0.2, 27.0
+    ss = StampSurvey()
+    sigma = np.array([ss.noise_sigma(b, DEFAULT_BANDS[b].psf_fwhm) for b in bands], np.float32)
+    img = np.zeros((4, n, n), np.float32)
+    for j, b in enumerate(bands):
+        psf = galsim.Moffat(beta=3.5, fwhm=DEFAULT_BANDS[b].psf_fwhm)
+        for prof in profiles:
+            img[j] += galsim.Convolve(prof[b], psf).drawImage(nx=n, ny=n, scale=scale).array
+    img += np.random.default_rng(seed).normal(size=img.shape).astype(np.float32) * sigma[:, None, None]
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval, w.wcs.crpix, w.wcs.cdelt = [150.0, 2.0], [n / 2, n / 2], [-scale / 3600, scale / 3600]
+    box = Box(0, n, 0, n)
+    invvar = np.broadcast_to((1 / sigma ** 2)[:, None, None], img.shape).astype(np.float32).copy()
+    return Tile(id=TileId("t", 0, 0), bands=bands, image=img, invvar=invvar, mask=np.zeros(img.shape, np.uint16),
+                box=box, core=box, wcs=w, zeropoints=[zp] * 4, psf_fwhm=[DEFAULT_BANDS[b].psf_fwhm for b in bands],
+                pixel_scale=scale, field_shape=(n, n))
+
+
+def _galaxy(mag: float, hlr: float, dx: float, dy: float, q: float = 0.8, beta: float = 30.0, knots: float = 0.0,
+            seed: int = 1) -> dict:
+    """band -> GalSim profile of a flat-spectrum disk (+ knots) galaxy, offset (dx, dy) arcsec."""
+    import galsim
+    flux = 10 ** (-0.4 * (mag - 27.0))
+    out = {}
+    for b in ("g", "r", "i", "z"):
+        gal = galsim.Exponential(half_light_radius=hlr, flux=flux * (1 - knots))
+        if knots:
+            gal = gal + galsim.RandomKnots(60, half_light_radius=hlr, flux=flux * knots, rng=galsim.BaseDeviate(seed))
+        out[b] = gal.shear(q=q, beta=beta * galsim.degrees).shift(dx, dy)
+    return out
+
+
+CLOSE_PAIR_SEP = 0.8 * (0.6 + 0.5)  # arcsec: 0.8 x the sum of the two half-light radii
+
+
+def _close_pair(seed: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Two disk galaxies (i 21.0 and 21.4, half-light radii 0.6" and 0.5") CLOSE_PAIR_SEP apart through detect,
+    measure and deblend: (table, true x of each in the tile, true i flux of each)."""
+    from deepfield.tasks.stages.deblend import DeblendStage
+    from deepfield.tasks.stages.detect import DetectStage
+    from deepfield.tasks.stages.measure import MeasureStage
+
+    n, d = 64, CLOSE_PAIR_SEP
+    pair = [_galaxy(21.0, 0.6, -d / 2, 0.0, q=0.7, beta=20), _galaxy(21.4, 0.5, d / 2, 0.0, q=0.6, beta=100)]
+    tile = _scene_tile(pair, n, seed)
+    t = DetectStage(method="learned").run(tile, pd.DataFrame())
+    t = DeblendStage().run(tile, MeasureStage().run(tile, t))
+    return t, (n - 1) / 2 + np.array([-d / 2, d / 2]) / 0.2, 10 ** (-0.4 * (np.array([21.0, 21.4]) - 27.0))
+
+
+@pytest.mark.slow
+def test_a_close_pair_gives_two_sources():
+    """The pair gives two detections, each within 1 px of a true centre, deblended together, and their deblended
+    i fluxes add up to the pair's light within 15 % (they miss 7-10 %: the fractions are small in the faint wings,
+    where the training target T_m / (T + 0.1 sigma) is)."""
+    for seed in range(3):
+        t, x, f = _close_pair(seed)
+        assert len(t) == 2, t[["x_tile", "y_tile"]]
+        near = np.hypot(t.x_tile.to_numpy()[:, None] - x[None], t.y_tile.to_numpy()[:, None] - 31.5)
+        assert (near.min(axis=0) < 1.0).all() and len(set(near.argmin(axis=0))) == 2, near
+        assert (t.deblend_method == "unet").all() and t.blend_id.nunique() == 1
+        assert t.flux_deblend_i.sum() == pytest.approx(f.sum(), rel=0.15)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 17 open: the brighter member comes out 28-32 % low and the fainter "
+                   "18-24 % high, the detector placing the fainter one's centre 0.7 px towards its neighbour")
+def test_a_close_pair_is_measured_within_15_percent():
+    """Issue 17's target: each member's deblended i flux within 15 % of its truth."""
+    for seed in range(3):
+        t, x, f = _close_pair(seed)
+        k = np.hypot(t.x_tile.to_numpy()[:, None] - x[None], t.y_tile.to_numpy()[:, None] - 31.5).argmin(axis=0)
+        assert np.all(np.abs(t.flux_deblend_i.to_numpy()[k] / f - 1) < 0.15)
+
+
+@pytest.mark.slow
+def test_a_large_clumpy_spiral_is_one_source():
+    """A bright (i 17.5) disk galaxy of 3" half-light radius with 30 % of its light in 60 star-forming knots is
+    one detection for the learned detector (SEP's deblending may shred it)."""
+    from deepfield.tasks.stages.detect import DetectStage
+
+    n = 160
+    for seed in (1, 2):
+        tile = _scene_tile([_galaxy(17.5, 3.0, 0.0, 0.0, q=0.6, knots=0.3, seed=seed)], n, seed)
+        t = DetectStage(method="learned").run(tile, pd.DataFrame())
+        d = np.hypot(t.x_tile - (n - 1) / 2, t.y_tile - (n - 1) / 2)
+        assert (d < 5 * 3.0 / 0.2).sum() == 1, t[["x_tile", "y_tile", "peak_det"]]
+
+
+def test_a_field_without_the_detectors_bands_is_refused_before_the_run():
+    """The learned detector runs on any of its bands (g, r, i, z) that a field has; a field with none of them is
+    refused by the band check before any tile (with SEP's method it is not)."""
+    from deepfield.tasks.stages.registry import BandError, check_bands
+
+    check_bands([("detect", {})], {"legacy": ["g", "r", "z"], "one": ["i"]})
+    with pytest.raises(BandError, match=r"stage 'detect': the learned detector takes bands g, r, i, z .*field 'vis'"):
+        check_bands([("detect", {})], {"legacy": ["g", "r", "z"], "vis": ["VIS"]})
+    check_bands([("detect", {"method": "sep"})], {"vis": ["VIS"]})

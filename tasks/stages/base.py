@@ -97,6 +97,11 @@ class Stage(ABC):
         """The bands this stage needs in every field, or None when it works on whatever bands a field has."""
         return None
 
+    def band_problem(self, have: list[str]) -> str | None:
+        """Why a field with the bands `have` cannot go through this stage, beyond `required_bands` (a stage that
+        needs some but not all of a set); None when it can."""
+        return None
+
     def setup(self, device: str) -> None:
         """Load models or tables once per actor; `device` is "cpu" or "cuda:0"."""
 

@@ -1,23 +1,35 @@
-"""Source detection and deblending with SEP (Barbary 2016) on a multi-band detection image.
+"""Source detection on a multi-band detection image: SEP footprints (Barbary 2016), split into sources by a learned
+detector (the default) or by SEP's deblending.
 
 The detection image is the inverse-variance weighted mean of the (background-subtracted) bands,
 det = sum_b w_b img_b / sum_b w_b with w_b = invvar_b on unmasked pixels, whose 1-sigma noise is
 1 / sqrt(sum_b w_b); pixels with no unmasked band are masked.
 
-Two SEP passes, thresholds in units of the (unfiltered) pixel noise as in Source Extractor:
-1. detection: `sep.extract` at `thresh` sigma after filtering with a Gaussian of the PSF FWHM,
-   footprints of at least `minarea` pixels, deblending off (deblend_cont = 1). Its segments are
-   the parent footprints, the blend groups.
-2. deblending: `sep.extract` again inside the parent footprints only, with a narrow filter
-   (Gaussian of `deblend_filter_scale` x PSF FWHM; 0 = none) and multi-threshold deblending
-   (`deblend_nthresh` levels, minimum contrast `deblend_cont`). A PSF-wide filter merges two
-   point sources closer than ~1.7 FWHM into one peak; the narrow one keeps pairs 1.5 FWHM apart
-   resolved (on simulated faint galaxies it also found more true and fewer spurious sources than
-   deblending the PSF-filtered image).
-Each child goes to the parent segment holding most of its pixels (else the one at its centroid
-pixel). A parent with at most one child is reported as itself (pass-1 centroid, shape and
-footprint); a parent with two or more is replaced by its children. `blend_id` is the parent's
-index (unique within the tile), `n_blend` the rows sharing it, `is_blended` = n_blend > 1.
+Footprints: `sep.extract` at `thresh` sigma (in units of the unfiltered pixel noise, as in Source Extractor)
+after filtering with a Gaussian of the PSF FWHM, footprints of at least `minarea` pixels, deblending off
+(deblend_cont = 1). Its segments are the parent footprints, the blend groups. They are split into sources by
+`method`:
+
+- `learned` (default): the learned detector (models/detect_net.py, trained on scenes composed from rendered
+  galaxies) computes its centre heat map over the tile; its peaks (local maxima at or above `peak_threshold`,
+  default the threshold chosen at training) inside a parent footprint are that footprint's sources. A footprint
+  with two or more peaks is split among them by a watershed of the PSF-filtered detection image seeded at the
+  peaks (scikit-image); each child's centre is its peak (with the network's sub-pixel offset), its shape the
+  second moments of the detection image over its part of the footprint, its flag sep.OBJ_MERGED. A footprint
+  with no peak is kept as one source when the heat map reaches `confirm_threshold` inside it or when it covers
+  at least `keep_area` PSF FWHM^2 (a large object is never dropped), and dropped otherwise (noise and
+  artefacts the network was taught to ignore). With `outside_peaks`, a peak outside every footprint is a
+  source of its own (footprint: the pixels within one PSF FWHM of the peak, its own blend group). The network
+  runs on any subset of the bands it was trained on (a missing band is a channel of zeros, as in training).
+- `sep`: `sep.extract` again inside the parent footprints only, with a narrow filter (Gaussian of
+  `deblend_filter_scale` x PSF FWHM; 0 = none) and multi-threshold deblending (`deblend_nthresh` levels,
+  minimum contrast `deblend_cont`). A PSF-wide filter merges two point sources closer than ~1.7 FWHM into one
+  peak; the narrow one keeps pairs 1.5 FWHM apart resolved. Each child goes to the parent segment holding
+  most of its pixels (else the one at its centroid pixel).
+
+A parent with at most one source is reported as itself (the footprint's centroid, shape and footprint); a
+parent with two or more is replaced by them. `blend_id` is the parent's index (unique within the tile),
+`n_blend` the rows sharing it, `is_blended` = n_blend > 1.
 
 Output columns (one row per detection, ordered by blend_id):
   x, y              centroid in the FIELD frame, pixels (x_tile + box.x0, y_tile + box.y0)
@@ -35,15 +47,15 @@ Output columns (one row per detection, ordered by blend_id):
 """
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional
 
 import numpy as np
 import pandas as pd
 import sep
 from pydantic import Field
 
-from ._pixels import configure_sep, detection_image, fwhm_pixels, gaussian_kernel
-from .base import Stage, StageConfig
+from ._pixels import UNUSABLE, configure_sep, detection_image, fwhm_pixels, gaussian_kernel
+from .base import ModelStage, ModelStageConfig, StageConfig
 
 __all__ = ["DetectStage", "DetectConfig", "COLUMNS"]
 
@@ -55,7 +67,18 @@ COLUMNS = {
 }
 
 
-class DetectConfig(StageConfig):
+class DetectConfig(ModelStageConfig):
+    method: Literal["sep", "learned"] = Field("learned", description="how parent footprints are split into sources: "
+                                              "SEP's multi-threshold deblending or the learned detector's peaks")
+    peak_threshold: Optional[float] = Field(None, gt=0, lt=1, description="learned: least heat-map peak that "
+                                            "is a source; none: the threshold chosen at training")
+    confirm_threshold: float = Field(0.3, ge=0, le=1, description="learned: a footprint without a peak is kept "
+                                     "when its heat map reaches this (0 keeps every footprint)")
+    keep_area: float = Field(10.0, ge=0, description="learned: a footprint without a peak is kept whatever its "
+                             "heat map when it covers at least this many PSF FWHM^2 (a large object is never "
+                             "dropped)")
+    outside_peaks: bool = Field(True, description="learned: a peak outside every footprint is a source too, "
+                                "with a footprint of the pixels within one PSF FWHM")
     thresh: float = Field(1.5, gt=0, description="detection threshold in units of the detection image's noise")
     minarea: int = Field(5, ge=1, description="minimum footprint in pixels")
     deblend_nthresh: int = Field(32, ge=1, description="SEP multi-threshold deblending levels")
@@ -69,7 +92,7 @@ class DetectConfig(StageConfig):
     default_fwhm_px: float = Field(3.0, gt=0, description="PSF FWHM (pixels) assumed when the tile gives none")
 
 
-class DetectStage(Stage):
+class DetectStage(ModelStage):
     """Detect and deblend sources on the inverse-variance weighted band mean (parameters: DetectConfig).
 
     After `run`, `segmap` ((y, x) int32 over the halo arrays, 0 = sky, k = row k-1) and
@@ -80,6 +103,7 @@ class DetectStage(Stage):
     name: ClassVar[str] = "detect"
     version: ClassVar[str] = "1"
     Config: ClassVar[type[StageConfig]] = DetectConfig
+    models: ClassVar[tuple[str, ...]] = ("detect_net",)
     adds: ClassVar[tuple[str, ...]] = tuple(COLUMNS)
 
     def __init__(self, config: StageConfig | None = None, **params) -> None:
@@ -87,8 +111,46 @@ class DetectStage(Stage):
         self.segmap: np.ndarray | None = None
         self.parent_segmap: np.ndarray | None = None
 
+    def required_bands(self) -> list[str] | None:
+        return None  # any bands: SEP uses them all, the learned detector any subset of its own
+
+    def band_problem(self, have: list[str]) -> str | None:
+        if self.method != "learned":
+            return None
+        bands = self.model_bands()
+        if not set(bands) & set(have):
+            return (f"the learned detector takes bands {', '.join(bands)} and needs at least one of them "
+                    "(or set method: sep)")
+        return None
+
     def setup(self, device: str) -> None:
-        """Nothing to load; SEP runs on the CPU whatever `device` is."""
+        """Load the learned detector when `method` is learned; SEP runs on the CPU whatever `device` is."""
+        self.device = device
+        if self.method == "learned":
+            from deepfield.models.detect_net import for_inference
+            super().setup(device)
+            self.model = for_inference(self.model)
+
+    def _peaks(self, tile) -> tuple[np.ndarray, np.ndarray]:
+        """The learned detector's peaks ((n, 3) x, y, p in the halo arrays) and heat map over the tile."""
+        from deepfield.models.detect_net import detector_input, find_peaks, heat_and_offsets
+        if self.model is None:
+            self.setup(self.device)
+        bands = self.model.bands
+        if not set(bands) & set(tile.bands):
+            raise ValueError(f"detect: the learned detector takes bands {', '.join(bands)}; tile {tile.id} has "
+                             f"{', '.join(tile.bands)} (set method: sep for these bands)")
+        shape = (len(bands),) + tuple(tile.image.shape[1:])
+        image, invvar = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        unusable = np.ones(shape, bool)
+        for j, b in enumerate(bands):
+            if b in tile.bands:
+                k = tile.bands.index(b)
+                image[j], invvar[j] = tile.image[k], tile.invvar[k]
+                unusable[j] = (np.asarray(tile.mask[k]) & UNUSABLE) != 0
+        heat, off = heat_and_offsets(self.model, detector_input(image, invvar, unusable), self.device)
+        thr = self.peak_threshold or float(self.model.training_info.get("threshold", 0.4))
+        return find_peaks(heat, off, thr), heat
 
     def _extract(self, det, noise, bad, kernel, deblend_cont: float):
         # filter_type "conv": the threshold is `thresh` times the unfiltered pixel noise, as in
@@ -108,7 +170,8 @@ class DetectStage(Stage):
         dkernel = gaussian_kernel(dfwhm) if dfwhm > 0 else None
         try:
             parents, pseg = self._extract(det, noise, bad, kernel, 1.0)
-            children, cseg = self._extract(det, noise, bad | (pseg == 0), dkernel, self.deblend_cont)
+            if self.method == "sep":
+                children, cseg = self._extract(det, noise, bad | (pseg == 0), dkernel, self.deblend_cont)
         except Exception as exc:  # SEP raises bare Exceptions (pixel buffer full, deblending overflow)
             raise RuntimeError(f"detect: SEP extraction failed on tile {getattr(tile, 'id', '?')}: {exc}") from exc
         self.parent_segmap = pseg
@@ -116,6 +179,13 @@ class DetectStage(Stage):
             self.segmap = np.zeros_like(pseg)
             tile.meta["segmap"] = self.segmap
             return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
+        if self.method == "learned":
+            peaks, heat = self._peaks(tile)
+            objs, blend_id, self.segmap = split_by_peaks(det, kernel, parents, pseg, peaks, heat,
+                                                         self.confirm_threshold, self.keep_area * fwhm ** 2,
+                                                         fwhm if self.outside_peaks else None)
+            tile.meta["segmap"] = self.segmap
+            return self._table(tile, objs, blend_id)
 
         owner = assign_parents(cseg, pseg, children["x"], children["y"], len(parents))
         nchild = np.bincount(owner[owner < len(parents)], minlength=len(parents))
@@ -134,7 +204,13 @@ class DetectStage(Stage):
         label_child[np.flatnonzero(keep_child) + 1] = rank[n_par:]
         self.segmap = _final_segmap(pseg, cseg, label_parent, label_child, objs, blend_id)
         tile.meta["segmap"] = self.segmap
+        return self._table(tile, objs, blend_id)
+
+    def _table(self, tile, objs, blend_id: np.ndarray) -> pd.DataFrame:
+        """The output table of detections `objs` (SEP's record fields) in blend groups `blend_id` (sorted)."""
         n = len(objs)
+        if n == 0:
+            return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
         _, inverse, counts = np.unique(blend_id, return_inverse=True, return_counts=True)
         n_blend = counts[inverse]
         x_t, y_t = objs["x"].astype(float), objs["y"].astype(float)
@@ -205,3 +281,96 @@ def assign_parents(seg: np.ndarray, pseg: np.ndarray, x: np.ndarray, y: np.ndarr
     orphans = blend < 0
     blend[orphans] = nparents + np.arange(int(orphans.sum()))
     return blend.astype(np.int64)
+
+
+OBJ_FIELDS = ("x", "y", "a", "b", "theta", "npix", "xmin", "xmax", "ymin", "ymax", "flux", "peak", "flag")
+
+
+def _moments(w: np.ndarray, xx: np.ndarray, yy: np.ndarray) -> tuple[float, float, float]:
+    """Semi-axes and angle (a, b, theta) of the second moments of weights `w` at pixels (xx, yy), with a
+    pixel's own variance (1/12) added so that a one-pixel source has a finite size; SEP's conventions."""
+    t = w.sum()
+    if t <= 0:
+        w, t = np.ones_like(w), float(len(w))
+    x0, y0 = (w * xx).sum() / t, (w * yy).sum() / t
+    x2 = (w * (xx - x0) ** 2).sum() / t + 1 / 12
+    y2 = (w * (yy - y0) ** 2).sum() / t + 1 / 12
+    xy = (w * (xx - x0) * (yy - y0)).sum() / t
+    half, root = (x2 + y2) / 2, np.sqrt(((x2 - y2) / 2) ** 2 + xy ** 2)
+    return float(np.sqrt(half + root)), float(np.sqrt(max(half - root, 1e-6))), float(0.5 * np.arctan2(2 * xy, x2 - y2))
+
+
+def split_by_peaks(det: np.ndarray, kernel: np.ndarray, parents, pseg: np.ndarray, peaks: np.ndarray,
+                   heat: np.ndarray, confirm: float, keep_npix: float = np.inf, outside_radius: float | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The learned method's sources (module docstring): (objs with OBJ_FIELDS, blend_id sorted, segmap).
+    A footprint without a peak is kept when its heat map reaches `confirm` or it has `keep_npix` pixels.
+    outside_radius: peaks outside every footprint become sources with the pixels within this radius (px) that
+    no other source has; None: they are dropped."""
+    from scipy import ndimage
+    from skimage.segmentation import watershed
+    npar = len(parents)
+    ny, nx = pseg.shape
+    px = np.clip(np.floor(peaks[:, 0] + 0.5).astype(np.int64), 0, nx - 1)
+    py = np.clip(np.floor(peaks[:, 1] + 0.5).astype(np.int64), 0, ny - 1)
+    owner = pseg[py, px].astype(np.int64) - 1  # -1: outside every footprint
+    npeak = np.bincount(owner[owner >= 0], minlength=npar)
+    hmax = np.asarray(ndimage.maximum(heat, labels=pseg, index=np.arange(1, npar + 1)), float).reshape(-1)
+    rows: list[tuple] = []
+    bids: list[int] = []
+    seg = np.zeros(pseg.shape, np.int32)
+    h = kernel.shape[0] // 2
+    for j in range(npar):
+        p = parents[j]
+        if npeak[j] == 0 and hmax[j] < confirm and p["npix"] < keep_npix:
+            continue
+        if npeak[j] <= 1:
+            rows.append(tuple(p[f] for f in OBJ_FIELDS))
+            bids.append(j)
+            seg[pseg == j + 1] = len(rows)
+            continue
+        x0, x1, y0, y1 = int(p["xmin"]), int(p["xmax"]) + 1, int(p["ymin"]), int(p["ymax"]) + 1
+        inside = pseg[y0:y1, x0:x1] == j + 1
+        mine = np.flatnonzero(owner == j)
+        markers = np.zeros(inside.shape, np.int32)
+        markers[py[mine] - y0, px[mine] - x0] = np.arange(1, len(mine) + 1)
+        # the PSF-filtered detection image over the footprint's box (with the kernel's margin)
+        cy0, cx0 = max(y0 - h, 0), max(x0 - h, 0)
+        smooth = ndimage.convolve(det[cy0:min(y1 + h, ny), cx0:min(x1 + h, nx)], kernel, mode="nearest")
+        lab = watershed(-smooth[y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0], markers, mask=inside)
+        d = det[y0:y1, x0:x1]
+        for k, m in enumerate(mine):
+            yy, xx = np.nonzero(lab == k + 1)
+            if len(yy) == 0:
+                continue
+            w = np.clip(d[yy, xx], 0, None)
+            a, b, theta = _moments(w, xx + x0, yy + y0)
+            rows.append((float(peaks[m, 0]), float(peaks[m, 1]), a, b, theta, len(yy), int(xx.min() + x0),
+                         int(xx.max() + x0), int(yy.min() + y0), int(yy.max() + y0), float(d[yy, xx].sum()),
+                         float(d[yy, xx].max()), int(sep.OBJ_MERGED)))
+            bids.append(j)
+            seg[yy + y0, xx + x0] = len(rows)
+    if outside_radius is not None:
+        r = max(float(outside_radius), 1.5)
+        h = int(np.ceil(r))
+        for m in np.flatnonzero(owner < 0):
+            cx, cy = int(px[m]), int(py[m])
+            y0, y1, x0, x1 = max(cy - h, 0), min(cy + h + 1, ny), max(cx - h, 0), min(cx + h + 1, nx)
+            yy, xx = np.mgrid[y0:y1, x0:x1]
+            inside = (np.hypot(xx - peaks[m, 0], yy - peaks[m, 1]) <= r) & (seg[y0:y1, x0:x1] == 0)
+            yy, xx = yy[inside], xx[inside]
+            if len(yy) == 0:
+                continue
+            w = np.clip(det[yy, xx], 0, None)
+            a, b, theta = _moments(w, xx, yy)
+            rows.append((float(peaks[m, 0]), float(peaks[m, 1]), a, b, theta, len(yy), int(xx.min()), int(xx.max()),
+                         int(yy.min()), int(yy.max()), float(det[yy, xx].sum()), float(det[yy, xx].max()), 0))
+            bids.append(npar + int(m))
+            seg[yy, xx] = len(rows)
+    dtype = [(f, "f8") for f in OBJ_FIELDS]
+    objs = np.array(rows, dtype=dtype) if rows else np.zeros(0, dtype)
+    blend_id = np.asarray(bids, np.int64)
+    order = np.argsort(blend_id, kind="stable")
+    relabel = np.zeros(len(rows) + 1, np.int32)
+    relabel[order + 1] = np.arange(1, len(rows) + 1, dtype=np.int32)
+    return objs[order], blend_id[order], relabel[seg]

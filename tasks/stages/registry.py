@@ -125,11 +125,15 @@ def check_bands(stages: list[tuple[str, dict]], field_bands: dict[str, list[str]
     that a stage of `stages` ([(name, params)]) needs (`required_bands`)."""
     problems = []
     for name, params in stages:
-        need = make_stage(name, **params).required_bands()
+        stage = make_stage(name, **params)
+        need = stage.required_bands()
         for field, have in field_bands.items():
             missing = [b for b in need or () if b not in have]
             if missing:
                 problems.append(f"stage {name!r} needs bands {', '.join(need)}; field {field!r} has "
                                 f"{', '.join(have)} (missing {', '.join(missing)})")
+            other = stage.band_problem(list(have))
+            if other:
+                problems.append(f"stage {name!r}: {other}; field {field!r} has {', '.join(have)}")
     if problems:
         raise BandError("\n".join(problems))
