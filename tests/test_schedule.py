@@ -99,7 +99,9 @@ def read_deployment(url: str, name: str) -> dict | None:
 def trigger_and_wait(url: str, deployment: dict, log: Path, timeout: float = 240) -> float:
     """Create a flow run of the deployment now and wait until it completes; returns the seconds taken."""
     t0 = time.monotonic()
-    run = httpx.post(f"{url}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10).json()
+    r = httpx.post(f"{url}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=30)
+    run = r.json()
+    assert r.status_code in (200, 201) and "id" in run, (r.status_code, r.text[-2000:], log.read_text()[-3000:])
 
     def final():
         r = httpx.get(f"{url}/flow_runs/{run['id']}", timeout=10)

@@ -13,7 +13,10 @@ For each detection (the `detect` stage's table) and band b, on the background-su
   default), the pixels of the other detections' segments (the detect stage's segmentation map, which it
   leaves in `tile.meta["segmap"]`, row k's pixels valued seg_id) are left out of the Kron radius and the
   Kron sums, and the sum is scaled up by the aperture's area over its unmasked area (SEP's segmentation
-  masking): a neighbour's light does not enter a source's Kron flux.
+  masking): a neighbour's light does not enter a source's Kron flux. The ellipse's semi-major axis is at
+  most `kron_max_footprint` (2.5) footprint radii, sqrt(npix / pi): the Kron radius of a source near the
+  noise is itself mostly noise, and unbounded it summed a faint galaxy's neighbourhood into a flux 3-4 mag
+  too bright.
 - errors: from the inverse variance, err = sqrt(sum 1/invvar); masked or zero-weight pixels are
   left out and the sum is scaled up by the aperture area over the unmasked area (SEP).
 - magnitudes: AB, mag = zp_b - 2.5 log10(flux), magerr = 1.0857 fluxerr / flux; NaN for flux <= 0.
@@ -84,6 +87,8 @@ class MeasureConfig(StageConfig):
     kron_k: float = Field(3.5, gt=0, description="Kron factor: the AUTO ellipse is kron_k Kron radii")
     kron_rmax: float = Field(6.0, gt=0, description="Kron-radius integration limit, in isophotal radii")
     min_radius: float = Field(1.75, gt=0, description="minimum circular radius of the AUTO aperture, pixels")
+    kron_max_footprint: float = Field(2.5, gt=0, description="the AUTO ellipse's semi-major axis is at most "
+                                      "this many footprint radii sqrt(npix / pi)")
     mask_neighbours: bool = Field(True, description="leave the pixels of other detections' segments (the detect "
                                   "stage's segmentation) out of the Kron radius and the Kron sums")
     subpix: int = Field(5, ge=0, description="SEP sub-pixel sampling of circular apertures (0: exact)")
@@ -151,6 +156,9 @@ class MeasureStage(Stage):
             kron, kf = sep.kron_radius(det, x, y, a, b, theta, self.kron_rmax, mask=det_bad, **neighbours)
             kron, kflag = np.asarray(kron, float), np.asarray(kf, np.int64)
         kron = np.where(np.isfinite(kron), kron, 0.0)
+        if "npix" in out.columns:  # a noise-inflated Kron radius of a faint source must not sum half the sky
+            rmax_fp = self.kron_max_footprint * np.sqrt(out["npix"].to_numpy(float) / np.pi)
+            kron = np.minimum(kron, rmax_fp / (self.kron_k * a))
         circle = kron * np.sqrt(a * b) < self.min_radius
         ell = ~circle
         r_kron = self.kron_k * kron
