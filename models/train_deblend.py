@@ -13,7 +13,6 @@ same seed, same software: same weights on a CPU.
 """
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Callable
 import torch
 
 from .augment import dihedral
+from .checkpoint import load_checkpoint, save_checkpoint
 from .deblend_unet import DeblendUNet
 from .progress import say
 
@@ -129,22 +129,13 @@ def train_stream(make_batch: Callable[[int], dict], va: dict, ref_index: int, ze
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     history: list[dict] = []
     start, seconds, seen = 0, 0.0, 0
-    if checkpoint is not None and checkpoint.exists():
-        ck = torch.load(checkpoint, map_location=device, weights_only=False)
-        if ck.get("config") == config:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["opt"])
-            sched.load_state_dict(ck["sched"])
-            start, history, seconds, seen = ck["step"], ck["history"], ck["seconds"], ck["seen"]
-            say(f"resuming from {checkpoint} at step {start}/{steps}")
-        else:
-            say(f"{checkpoint}: a checkpoint of another configuration; starting afresh")
+    ck = load_checkpoint(checkpoint, config, model, opt, sched, device)
+    if ck is not None:
+        start, history, seconds, seen = ck["step"], ck["history"], ck["seconds"], ck["seen"]
 
     def save(done: int) -> None:
-        tmp = checkpoint.with_name(f".{checkpoint.name}.{os.getpid()}.tmp")
-        torch.save(dict(config=config, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                        step=done, history=history, seconds=time.perf_counter() - t0, seen=seen), tmp)
-        os.replace(tmp, checkpoint)
+        save_checkpoint(checkpoint, config, model, opt, sched, step=done, history=history,
+                        seconds=time.perf_counter() - t0, seen=seen)
 
     t0 = time.perf_counter() - seconds
     window = [0.0, 0.0, 0]

@@ -9,7 +9,6 @@ chosen heat-map threshold, and the threshold that maximises their harmonic mean.
 """
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .detect_net import DetectNet, find_peaks, focal_loss, heat_and_offsets
 from .progress import say
 
@@ -75,13 +75,6 @@ def validate(model: DetectNet, val: dict, radius: float = 1.5, margin: int = 4) 
     return dict(per_threshold=out, best_threshold=float(best))
 
 
-def _save_checkpoint(path: Path, obj: dict) -> None:
-    """torch.save to a temporary file beside `path`, then rename: a kill leaves the old checkpoint or the new."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train(make_batch: Callable[[int], dict], val: dict, steps: int = 6000, lr: float = 3e-3, seed: int = 0,
           bands: tuple[str, ...] = ("g", "r", "i", "z"), widths: tuple[int, int, int] = (16, 32, 48),
           device: str = "cpu", threads: int = 2,
@@ -103,17 +96,15 @@ def train(make_batch: Callable[[int], dict], val: dict, steps: int = 6000, lr: f
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     history: list[dict] = []
     start, seconds = 0, 0.0
-    if checkpoint is not None and checkpoint.exists():
-        ck = torch.load(checkpoint, map_location=device, weights_only=False)
-        if ck.get("config") == config:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["opt"])
-            sched.load_state_dict(ck["sched"])
-            start, history, seconds = ck["step"], ck["history"], ck.get("seconds", 0.0)
-            say(f"resuming from {checkpoint} at step {start}/{steps}")
-        else:
-            say(f"{checkpoint}: a checkpoint of another configuration; starting afresh")
+    ck = load_checkpoint(checkpoint, config, model, opt, sched, device)
+    if ck is not None:
+        start, history, seconds = ck["step"], ck["history"], ck.get("seconds", 0.0)
     t0 = time.perf_counter() - seconds
+
+    def save(done: int) -> None:
+        save_checkpoint(checkpoint, config, model, opt, sched, step=done, history=history,
+                        seconds=time.perf_counter() - t0)
+
     run_loss = np.zeros(2)
     window = np.zeros(3)  # loss sums and steps since the last validation: the history's mean losses
     pool = ThreadPoolExecutor(1)  # the next batch is composed while this one trains
@@ -147,14 +138,10 @@ def train(make_batch: Callable[[int], dict], val: dict, steps: int = 6000, lr: f
             say(f"  validation: best threshold {v['best_threshold']}: completeness {best['completeness']:.4f} "
                 f"purity {best['purity']:.4f}")
         if checkpoint is not None and (done % checkpoint_every == 0 or done == steps):
-            _save_checkpoint(checkpoint, dict(config=config, model=model.state_dict(), opt=opt.state_dict(),
-                                              sched=sched.state_dict(), step=done, history=history,
-                                              seconds=time.perf_counter() - t0))
+            save(done)
         if stop_after is not None and done >= stop_after and done < steps:
             if checkpoint is not None and done % checkpoint_every:
-                _save_checkpoint(checkpoint, dict(config=config, model=model.state_dict(), opt=opt.state_dict(),
-                                                  sched=sched.state_dict(), step=done, history=history,
-                                                  seconds=time.perf_counter() - t0))
+                save(done)
             nxt.cancel()
             pool.shutdown()
             say(f"stopped after step {done}/{steps}; run again to resume from {checkpoint}")
