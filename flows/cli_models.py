@@ -27,7 +27,7 @@ def _save_json(obj, path: Path) -> None:
 
 
 def _train(name: str, model: str, fit: Callable[[str], tuple[dict, dict]], out: Path | None) -> dict:
-    """Run one model's `fit(command) -> (record, weights)`, write the weights with the record inside and the
+    """Run one model's `fit(command) -> (record, weights[, tensors for the weights file only])`, write the weights with the record inside and the
     record beside them as JSON (both atomically: a killed run leaves the old files or the new), and print
     where both are. The record keeps the exact command line, so the weights can be reproduced."""
     import torch
@@ -38,9 +38,9 @@ def _train(name: str, model: str, fit: Callable[[str], tuple[dict, dict]], out: 
     done = fit(command)
     if done is None:  # stopped early on request; the checkpoint holds the run
         raise typer.Exit(0)
-    rec, state = done
+    rec, state, *extra = done  # extra: tensors saved in the weights file only (not in the JSON record)
     with atomic_path(out) as tmp:
-        torch.save(dict(rec, state_dict=state), tmp)
+        torch.save(dict(rec, **(extra[0] if extra else {}), state_dict=state), tmp)
     _save_json(rec, out.with_suffix(".train.json"))
     console.print(f"weights: {out}\nrecord: {out.with_suffix('.train.json')}")
     return rec
@@ -352,6 +352,39 @@ def train_library(
     console.print(f"library: {out} ({', '.join(f'{len(v)} on {s}x{s} px' for s, v in lib.gal_info.items())})")
 
 
+def _weights_and_record(path: Path) -> tuple[dict, dict]:
+    """(record, state_dict) of a weights file written by `deepfield train`."""
+    import torch
+    if not path.exists():
+        fail(f"{path}: no such weights file")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if "state_dict" not in saved:
+        fail(f"{path}: not a weights file written by `deepfield train` (no state_dict)")
+    from deepfield.tasks.stages.detect import INT8_KEY
+    rec = {k: v for k, v in saved.items() if k not in ("state_dict", INT8_KEY)}
+    return rec, saved["state_dict"]
+
+
+def _int8_ranges(done: tuple[dict, dict], inputs, command: str, seed: int) -> dict:
+    """The detector's int8 activation ranges over `inputs` (validation scenes) for the weights file, noted in
+    the record `done[0]`."""
+    import warnings
+
+    from deepfield.models.detect_net import DetectNet, int8_calibration
+    from deepfield.tasks.stages.detect import INT8_KEY
+    rec, state = done
+    model = DetectNet(**rec.get("arch", {}))
+    model.load_state_dict(state)
+    say(f"int8 activation ranges over {len(inputs)} validation scenes ...")
+    with warnings.catch_warnings():  # torch's notices on its quantisation API (see models/cards/detect_net.md)
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        cal = int8_calibration(model.eval(), inputs)
+    rec["int8"] = {"scenes": len(inputs), "seed": seed, "command": command,
+                   "method": "PyTorch FX post-training quantisation, x86 default configuration"}
+    return {INT8_KEY: cal}
+
+
 @train_app.command("detect")
 def train_detect(
     out: Path = typer.Option(None, "--out", "-o",
@@ -370,8 +403,11 @@ def train_detect(
     widths: str = typer.Option("16,32,48", help="channel widths at strides 1, 2 and 4, comma-separated"),
     stop_after: int = typer.Option(None, min=1, help="stop after this many steps of the schedule (checkpoint "
                                    "kept); the same command without it goes on from there"),
+    calibrate_only: bool = typer.Option(False, "--calibrate-only", help="no training: add the int8 activation "
+                                        "ranges (from the validation scenes) to the weights file --out"),
 ) -> None:
-    """Train the learned detector (models/detect_net.py) on scenes composed from the galaxy library."""
+    """Train the learned detector (models/detect_net.py) on scenes composed from the galaxy library, then
+    measure its int8 activation ranges on the validation scenes (the detect stage's `precision: int8`)."""
     from deepfield.models.registry import entry
     from deepfield.models.train_detect import MODEL, train
     from deepfield.tasks.trainsets.detection import DetectTrainConfig, training_batch, validation_set
@@ -389,11 +425,18 @@ def train_detect(
         cfg.compose.size = size
         say(f"composing {val_scenes} validation scenes ...")
         val = validation_set(lib, cfg, seed, val_scenes)
-        ck = checkpoint or (out or entry(MODEL).weights).with_suffix(".ckpt")
-        return train(lambda step: training_batch(lib, cfg, seed, step, batch), val, steps=steps, lr=lr, seed=seed,
-                     bands=tuple(lib.bands), widths=w, device=device, threads=threads, checkpoint=ck,
-                     stop_after=stop_after, record=dict(command=command, library=lib_cfg.model_dump(mode="json"),
-                                 scenes=cfg.model_dump(mode="json"), batch=batch, val_scenes=val_scenes))
+        if calibrate_only:
+            done = _weights_and_record(out or entry(MODEL).weights)
+        else:
+            ck = checkpoint or (out or entry(MODEL).weights).with_suffix(".ckpt")
+            done = train(lambda step: training_batch(lib, cfg, seed, step, batch), val, steps=steps, lr=lr,
+                         seed=seed, bands=tuple(lib.bands), widths=w, device=device, threads=threads, checkpoint=ck,
+                         stop_after=stop_after,
+                         record=dict(command=command, library=lib_cfg.model_dump(mode="json"),
+                                     scenes=cfg.model_dump(mode="json"), batch=batch, val_scenes=val_scenes))
+        if done is None:
+            return None
+        return (*done, _int8_ranges(done, val["x"], command, seed))
     rec = _train("detect", MODEL, fit, out)
     best = rec["val"][f"{rec['threshold']:.1f}"]
     console.print(f"validation (plain scenes): threshold {rec['threshold']}, completeness {best['completeness']:.3f}, "

@@ -141,6 +141,39 @@ def test_find_peaks_keeps_local_maxima_with_offsets():
     assert p.tolist() == [[4.0, 4.0, pytest.approx(0.9)], [12.25, 9.5, pytest.approx(0.45)]]
 
 
+def test_find_peaks_takes_one_pixel_of_a_plateau():
+    """Two adjacent pixels of equal heat (the int8 network's coarser output) are one peak, at the pixel whose
+    offset points least away from it."""
+    from deepfield.models.detect_net import find_peaks
+    heat = np.zeros((12, 12), np.float32)
+    heat[5, 5] = heat[5, 6] = 0.7
+    off = np.zeros((2, 12, 12), np.float32)
+    off[:, 5, 5], off[:, 5, 6] = (0.45, 0.0), (-0.2, 0.1)
+    p = find_peaks(heat, off, 0.4)
+    assert p.tolist() == [[pytest.approx(5.8), pytest.approx(5.1), pytest.approx(0.7)]]
+
+
+def test_a_peak_in_a_saturated_core_is_not_a_second_source():
+    """A star's masked core is a hole in its footprint; the detector's peak there lies outside every footprint
+    but on unusable pixels, and must not become a source beside the star's footprint."""
+    from deepfield.tasks.stages._pixels import gaussian_kernel
+    from deepfield.tasks.stages.detect import OBJ_FIELDS, split_by_peaks
+    n = 40
+    yy, xx = np.mgrid[0:n, 0:n]
+    r = np.hypot(xx - 20, yy - 20)
+    det = np.where(r < 10, 100 * np.exp(-r / 3), 0).astype(np.float64)
+    bad = r < 2.5
+    det[bad] = 0
+    pseg = ((r < 10) & ~bad).astype(np.int32)
+    parent = np.zeros(1, [(f, "f8") for f in OBJ_FIELDS])
+    parent[0] = (20, 20, 4, 4, 0, pseg.sum(), 10, 30, 10, 30, det.sum(), det.max(), 0)
+    heat = np.where(r < 2, 0.9, 0.0)
+    peaks = np.array([[20.0, 20.0, 0.9]])
+    for hole, expect in ((bad, 1), (None, 2)):  # without the mask the peak would be a second source
+        objs = split_by_peaks(det, gaussian_kernel(3.0), parent, pseg, peaks, heat, 0.3, 100.0, 3.0, hole)[0]
+        assert len(objs) == expect
+
+
 @pytest.mark.slow
 def test_a_short_training_run_lowers_the_loss(library, tmp_path):
     """60 steps on composed scenes lower the heat-map loss (mean over steps 41-60 against 1-20); a run stopped
@@ -293,6 +326,30 @@ def test_a_large_clumpy_spiral_is_one_source():
         t = DetectStage(method="learned").run(tile, pd.DataFrame())
         d = np.hypot(t.x_tile - (n - 1) / 2, t.y_tile - (n - 1) / 2)
         assert (d < 5 * 3.0 / 0.2).sum() == 1, t[["x_tile", "y_tile", "peak_det"]]
+
+
+@pytest.mark.slow
+def test_the_int8_detector_finds_what_the_float_one_does():
+    """The stage's default int8 detector (activation ranges saved with the weights) against float32 on a scene
+    of a close pair, a faint galaxy and a clumpy spiral: the same sources, centres within 0.15 px, the heat map
+    within 0.1 everywhere; the shipped weights carry the ranges."""
+    from deepfield.models.detect_net import detector_input, heat_and_offsets
+    from deepfield.tasks.stages.detect import INT8_KEY, DetectStage
+
+    n = 128
+    d = CLOSE_PAIR_SEP
+    tile = _scene_tile([_galaxy(21.0, 0.6, -d / 2 - 4, -3, q=0.7, beta=20), _galaxy(21.4, 0.5, d / 2 - 4, -3, q=0.6),
+                        _galaxy(24.3, 0.3, 6.0, 6.0), _galaxy(18.5, 1.5, 5.0, -6.0, knots=0.3)], n, 4)
+    q, f = DetectStage(), DetectStage(precision="float32")
+    q.setup("cpu"), f.setup("cpu")
+    assert getattr(q.model, "quantized", False) and not getattr(f.model, "quantized", False)
+    assert INT8_KEY in f.model.training_info
+    tq, tf = q.run(tile, pd.DataFrame()), f.run(tile, pd.DataFrame())
+    assert len(tq) == len(tf) >= 4
+    dist = np.hypot(tq.x.to_numpy()[:, None] - tf.x.to_numpy()[None], tq.y.to_numpy()[:, None] - tf.y.to_numpy()[None])
+    assert dist.min(axis=1).max() < 0.15
+    inp = detector_input(tile.image, tile.invvar, np.zeros(tile.image.shape, bool))
+    assert np.abs(heat_and_offsets(q.model, inp)[0] - heat_and_offsets(f.model, inp)[0]).max() < 0.1
 
 
 def test_a_field_without_the_detectors_bands_is_refused_before_the_run():
