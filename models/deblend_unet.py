@@ -87,9 +87,11 @@ def share(frac: np.ndarray, floor: float = 0.05) -> np.ndarray:
 
 @torch.no_grad()
 def fractions(model: nn.Module, inputs: np.ndarray, batch: int = 128, device=None) -> np.ndarray:
-    """Fraction maps (N, B, S, S) for network inputs (N, B + 2, S, S), in batches on the model's device."""
+    """Fraction maps (N, B, S, S) for network inputs (N, B + 2, S, S), in batches on the model's device
+    (channels-last inputs: the stage runs the model through models.inference.for_inference)."""
     device = device or next(model.parameters()).device
     out = []
     for k in range(0, len(inputs), batch):
-        out.append(model(torch.as_tensor(inputs[k:k + batch]).to(device)).float().cpu().numpy())
+        x = torch.as_tensor(inputs[k:k + batch]).to(device).contiguous(memory_format=torch.channels_last)
+        out.append(model(x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0,) + inputs.shape[1:], np.float32)
