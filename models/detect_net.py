@@ -138,14 +138,14 @@ def heat_and_offsets(model: nn.Module, inputs: np.ndarray, device=None) -> tuple
 
 def find_peaks(heat: np.ndarray, offsets: np.ndarray, threshold: float) -> np.ndarray:
     """(n, 3) array of (x, y, p): local maxima of `heat` over 3 x 3 pixels with p >= threshold, at the pixel
-    plus the predicted offset (clipped to +-1 px), brightest first. Adjacent pixels of equal heat (a plateau,
+    plus the predicted offset (clipped to +-1.5 px), brightest first. Adjacent pixels of equal heat (a plateau,
     common in the int8 network's coarser output) are one peak: the pixel whose offset is smallest."""
     t = torch.as_tensor(heat)[None, None]
     peak = (t == F.max_pool2d(t, 3, stride=1, padding=1))[0, 0].numpy() & (heat >= threshold)
     yy, xx = np.nonzero(peak)
     p = heat[yy, xx]
-    dx = np.clip(offsets[0, yy, xx], -1, 1)
-    dy = np.clip(offsets[1, yy, xx], -1, 1)
+    dx = np.clip(offsets[0, yy, xx], -1.5, 1.5)
+    dy = np.clip(offsets[1, yy, xx], -1.5, 1.5)
     order = np.lexsort((np.hypot(dx, dy), -p))
     keep = np.ones(len(order), bool)
     taken = np.zeros(heat.shape, bool)  # pixels next to a peak already kept
@@ -159,12 +159,17 @@ def find_peaks(heat: np.ndarray, offsets: np.ndarray, threshold: float) -> np.nd
     return np.c_[xx + dx, yy + dy, p][order]
 
 
-def heat_targets(shape: tuple[int, int], centres: np.ndarray, ignore: np.ndarray, sigma: float = 1.0
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+OFFSET_NEAR_WEIGHT = 0.25  # offset-loss weight of the pixels next to a centre pixel (heat_targets' reach)
+
+
+def heat_targets(shape: tuple[int, int], centres: np.ndarray, ignore: np.ndarray, sigma: float = 1.0,
+                 reach: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Training targets for one image of `shape` (H, W): heat map (H, W) with a Gaussian of `sigma` px at each
     of `centres` ((n, 2) as x, y) and exactly 1 at its nearest pixel; loss weight (H, W) that is 0 within 2 px
     of the `ignore` positions ((k, 2): sources too faint to demand, too bright to forbid) and 1 elsewhere;
-    offsets (2, H, W) and their mask (H, W) at the centre pixels."""
+    offsets (2, H, W) and their mask (H, W): weight 1 at the centre pixels and, with `reach` > 0, weight
+    OFFSET_NEAR_WEIGHT at the pixels within `reach` (Chebyshev) of them, each pointing at its nearest centre (a
+    peak displaced by a neighbour's overlapping heat still gives the right centre)."""
     h, w = shape
     heat = np.zeros(shape, np.float32)
     weight = np.ones(shape, np.float32)
@@ -185,6 +190,24 @@ def heat_targets(shape: tuple[int, int], centres: np.ndarray, ignore: np.ndarray
         weight[y0:y1, x0:x1] = 1.0
         if 0 <= iy < h and 0 <= ix < w:
             heat[iy, ix] = 1.0
+    if reach > 0 and len(np.asarray(centres).reshape(-1, 2)):
+        c = np.asarray(centres, float).reshape(-1, 2)
+        near_d = np.full(shape, np.inf)
+        for (x, y) in c:
+            ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+            y0, y1, x0, x1 = max(iy - reach, 0), min(iy + reach + 1, h), max(ix - reach, 0), min(ix + reach + 1, w)
+            if y1 <= y0 or x1 <= x0:
+                continue
+            yy, xx = np.mgrid[y0:y1, x0:x1]
+            d = np.hypot(xx - x, yy - y)
+            closer = d < near_d[y0:y1, x0:x1]
+            near_d[y0:y1, x0:x1] = np.where(closer, d, near_d[y0:y1, x0:x1])
+            off[0, y0:y1, x0:x1] = np.where(closer, x - xx, off[0, y0:y1, x0:x1])
+            off[1, y0:y1, x0:x1] = np.where(closer, y - yy, off[1, y0:y1, x0:x1])
+            omask[y0:y1, x0:x1] = np.where(closer, OFFSET_NEAR_WEIGHT, omask[y0:y1, x0:x1])
+    for (x, y) in np.asarray(centres, float).reshape(-1, 2):  # the centre pixels, last: weight 1, own centre
+        ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+        if 0 <= iy < h and 0 <= ix < w:
             off[:, iy, ix] = (x - ix, y - iy)
             omask[iy, ix] = 1.0
     return heat, weight, off, omask

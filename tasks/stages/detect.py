@@ -55,6 +55,7 @@ import pandas as pd
 import sep
 from pydantic import Field
 
+from .. import maskbits
 from ._pixels import UNUSABLE, configure_sep, detection_image, fwhm_pixels, gaussian_kernel
 from .base import ModelStage, ModelStageConfig, StageConfig
 
@@ -186,6 +187,10 @@ class DetectStage(ModelStage):
                 k = tile.bands.index(b)
                 image[j], invvar[j] = tile.image[k], tile.invvar[k]
                 unusable[j] = (np.asarray(tile.mask[k]) & UNUSABLE) != 0
+        for j, b in enumerate(bands):
+            if b in tile.bands:
+                defect = (np.asarray(tile.mask[tile.bands.index(b)]) & maskbits.BAD) != 0
+                fill_thin_defects(image[j], invvar[j], unusable[j], defect)
         heat, off = heat_and_offsets(self.model, detector_input(image, invvar, unusable), self.device)
         thr = self.peak_threshold or float(self.model.training_info.get("threshold", 0.4))
         return find_peaks(heat, off, thr), heat
@@ -336,6 +341,27 @@ def _moments(w: np.ndarray, xx: np.ndarray, yy: np.ndarray) -> tuple[float, floa
     xy = (w * (xx - x0) * (yy - y0)).sum() / t
     half, root = (x2 + y2) / 2, np.sqrt(((x2 - y2) / 2) ** 2 + xy ** 2)
     return float(np.sqrt(half + root)), float(np.sqrt(max(half - root, 1e-6))), float(0.5 * np.arctan2(2 * xy, x2 - y2))
+
+
+def fill_thin_defects(image: np.ndarray, invvar: np.ndarray, unusable: np.ndarray, defect: np.ndarray) -> None:
+    """In place, for one band: pixels of `defect` (detector defects, maskbits.BAD) whose left and right
+    neighbours are usable get the mean of those two (image and inverse variance) and become usable. A bad
+    column or pixel is one pixel wide; interpolating over it before detection is what survey pipelines do (the
+    LSST instrument-signature removal interpolates over defects), and it leaves the detector an image like those
+    it learned from: with the column left masked, the detector split an i 18.7 star crossed by one in two.
+    Saturated cores and bleed trails (not BAD) stay masked, as in training."""
+    nx = image.shape[1]
+    if nx < 3 or not defect.any():
+        return
+    ok = ~unusable
+    fill = np.zeros_like(defect)
+    fill[:, 1:-1] = defect[:, 1:-1] & unusable[:, 1:-1] & ok[:, :-2] & ok[:, 2:]
+    if not fill.any():
+        return
+    yy, xx = np.nonzero(fill)
+    image[yy, xx] = 0.5 * (image[yy, xx - 1] + image[yy, xx + 1])
+    invvar[yy, xx] = 0.5 * (invvar[yy, xx - 1] + invvar[yy, xx + 1])
+    unusable[yy, xx] = False
 
 
 def split_by_peaks(det: np.ndarray, kernel: np.ndarray, parents, pseg: np.ndarray, peaks: np.ndarray,

@@ -10,7 +10,8 @@ A scene is a `size` x `size` multi-band image at one seeing level of the library
 - optionally more close companions than the counts give (`pair_rate`: per galaxy brighter than 24.5, the
   chance of a companion 0-3 mag fainter at `pair_sep` arcsec), more large bright galaxies (`big_galaxy_rate`,
   centres inside the scene), more bright stars (`bright_star_rate`), and
-  artefacts: cosmic rays and hot pixels in one band, satellite trails (tasks.sim.artefacts);
+  artefacts: cosmic rays and hot pixels in one band, satellite trails (tasks.sim.artefacts); masked bad columns
+  and pixels (tasks.sim.noise.detector_defects);
 - stars brighter than the saturation level saturate and bleed along columns as in the simulator
   (tasks.sim.noise.saturate), their pixels masked (SAT, BLEED) with zero inverse variance;
 - noise: Gaussian with the variance of the sky at the band's depth for this seeing (times a per-band
@@ -29,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import maskbits
 from ..sim.artefacts import add_cosmic_rays, add_hot_pixels, add_satellite_trail
-from ..sim.noise import noise_spec, saturate
+from ..sim.noise import detector_defects, noise_spec, saturate
 from ..sim.population import expected_count, sample_power_law_mags, stellar_colours
 from ..sim.psf import PSFSpec, noise_equivalent_area
 from ..sim.config import DEFAULT_BANDS
@@ -60,6 +61,9 @@ class ComposeConfig(BaseModel):
     cosmic_rays: float = Field(0.0, ge=0, description="mean cosmic rays per scene and band")
     hot_pixels: float = Field(0.0, ge=0, description="mean hot-pixel clusters per scene and band")
     trail_rate: float = Field(0.0, ge=0, description="chance of a satellite trail (in one band) per scene")
+    bad_columns: float = Field(0.0, ge=0, description="mean bad columns (whole or partial, masked) per scene and "
+                               "band, as the simulator's detector defects")
+    bad_pixel_fraction: float = Field(0.0, ge=0, le=0.1, description="fraction of isolated bad pixels (masked)")
     depth_scatter: float = Field(0.1, ge=0, description="log-normal scatter of each band's noise per scene")
     saturation_mag: float = Field(17.5, description="point-source magnitude whose peak reaches saturation")
 
@@ -226,6 +230,12 @@ def compose_scene(lib: Library, cfg: ComposeConfig, rng: np.random.Generator, le
         add_satellite_trail(trail, t[0], -0.5, t[1], n - 0.5, float(fwhm[j] / lc.pixel_scale / 2.355),
                             float(np.exp(rng.uniform(np.log(2), np.log(50))) * sig[j]))
         image[j] += trail.T if rng.uniform() < 0.5 else trail  # as many horizontal trails as vertical ones
+    if cfg.bad_columns or cfg.bad_pixel_fraction:
+        for j in range(nb):  # dead or hot: the value does not matter, the pixels are masked
+            bad = detector_defects((n, n), rng, int(rng.poisson(cfg.bad_columns)), cfg.bad_pixel_fraction)
+            image[j][bad] = 0.0
+            invvar[j][bad] = 0.0
+            mask[j][bad] |= maskbits.BAD
     for j in range(nb):
         level_sat = 10 ** (-0.4 * (cfg.saturation_mag - lc.zeropoint)) * float(lib.star[level, 0, j].max())
         sat, bleed = saturate(model[j], level_sat)

@@ -36,6 +36,9 @@ class DetectTrainConfig(BaseModel):
                               "nor forbidden")
     band_dropout: float = Field(0.1, ge=0, lt=1, description="chance of dropping each band of a training scene")
     heat_sigma: float = Field(1.0, gt=0, description="width of the heat-map Gaussians, pixels")
+    offset_reach: int = Field(1, ge=0, le=2, description="offsets are taught at the pixels within this many "
+                              "pixels (Chebyshev) of each centre pixel, the nearest centre's, so that a peak one "
+                              "pixel off still points at the centre (0: the centre pixel only, CenterNet's)")
 
 
 def scene_example(scene: Scene, cfg: DetectTrainConfig, rng: np.random.Generator | None = None) -> dict:
@@ -53,7 +56,7 @@ def scene_example(scene: Scene, cfg: DetectTrainConfig, rng: np.random.Generator
     inside = t.inside.to_numpy()
     pos = t[inside & (t.snr >= cfg.snr_min)][["x", "y"]].to_numpy(float)
     ign = t[(t.snr >= cfg.snr_ignore) & ((t.snr < cfg.snr_min) | ~inside)][["x", "y"]].to_numpy(float)
-    heat, weight, off, omask = heat_targets(image.shape[1:], pos, ign, cfg.heat_sigma)
+    heat, weight, off, omask = heat_targets(image.shape[1:], pos, ign, cfg.heat_sigma, cfg.offset_reach)
     return dict(x=x, heat=heat, weight=weight, off=off, omask=omask, centres=pos, ignore=ign)
 
 
