@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["DetectNet", "for_inference", "detector_input", "find_peaks", "heat_and_offsets", "focal_loss",
+__all__ = ["DetectNet", "detector_input", "find_peaks", "heat_and_offsets", "focal_loss",
            "heat_targets", "int8_calibration", "quantized_for_inference"]
 
 
@@ -70,13 +70,6 @@ class DetectNet(nn.Module):
         return self.head(a)
 
 
-def for_inference(model: DetectNet) -> DetectNet:
-    """`model` (eval mode) with every batch normalisation folded into its convolution and its tensors in
-    channels-last order: the same outputs (to float rounding), about 20 % less CPU time."""
-    from .inference import for_inference as rewrite
-    return rewrite(model)
-
-
 def _int8_prepared(model: DetectNet, example: torch.Tensor):
     """`model` (float, eval mode; not modified) prepared for post-training int8 quantisation: PyTorch's FX graph
     mode with the x86 back end's default configuration (per-channel weights; histogram observers on the
@@ -105,8 +98,8 @@ def int8_calibration(model: DetectNet, inputs: np.ndarray, batch: int = 16) -> d
 def quantized_for_inference(model: DetectNet, calibration: dict[str, torch.Tensor]) -> nn.Module:
     """An int8 copy of `model` (CPU only: x86 back end, fbgemm/oneDNN kernels) with the activation ranges of
     `calibration` (int8_calibration's). About 4x less CPU time than the float network on this machine's AVX-512
-    cores; heat maps within a few hundredths of the float network's (tests/test_learned_detection.py). It keeps
-    `bands` and `training_info`."""
+    cores; heat maps within a few hundredths of the float network's (tests/test_learned_detection_stage.py).
+    It keeps `bands` and `training_info`."""
     from torch.ao.quantization.quantize_fx import convert_fx
     nb = len(model.bands) + 1
     prepared = _int8_prepared(model, torch.zeros(1, nb, 16, 16))

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import yaml
+from _survey import bench_survey  # tests/benchmarks/_survey.py (the script's directory is on the path)
 
 
 def main() -> None:
@@ -39,13 +40,7 @@ def main() -> None:
         from deepfield.tasks.tile_runner import TileRunner
         from deepfield.tasks.zarr_store import all_tiles
 
-        sim = args.sim
-        if sim is None:
-            from deepfield.tasks.sim.config import SimConfig
-            from deepfield.tasks.sim.survey import simulate_survey
-            sim = work / "sim"
-            print("simulating 2 fields of 2048^2 px in g,r,i,z ...", flush=True)
-            simulate_survey(SimConfig(seed=0, size=2048, fields=2), sim)
+        sim = bench_survey(args.sim, work)
         manifest = yaml.safe_load((sim / "manifest.yaml").read_text())
         fields = [{"name": f"{f['name']}-{c}", "bands": {b: {k: str(sim / e[k]) for k in ("image", "invvar", "mask")}
                                                          for b, e in f["bands"].items()}}

@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _survey import bench_survey  # tests/benchmarks/_survey.py (the script's directory is on the path)
+
 
 def run(store: str, tiles, stages, halo: int) -> dict[str, float]:
     """CPU seconds of each stage over `tiles` (the source tables are not written)."""
@@ -53,13 +55,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="deepfield-bench-stages-"))
     try:
-        sim = args.sim
-        if sim is None:
-            from deepfield.tasks.sim.config import SimConfig
-            from deepfield.tasks.sim.survey import simulate_survey
-            sim = work / "sim"
-            print("simulating 2 fields of 2048^2 px in g,r,i,z ...", flush=True)
-            simulate_survey(SimConfig(seed=0, size=2048, fields=2), sim)
+        sim = bench_survey(args.sim, work)
         cfg = load_ingest_config(sim / "manifest.yaml", store=StoreSpec())
         store = str(work / "store.zarr")
         for f in cfg.fields:
