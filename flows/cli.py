@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .cli_common import console, fail
+from . import cli_detect  # noqa: F401  (registers train library, train detect and eval detect)
 from .cli_models import eval_app, train_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,

@@ -1,0 +1,189 @@
+"""The shipped learned detector inside the stages (issue 17): a close pair gives two sources, a large clumpy
+spiral one, a star crossed by a bad column one; one-pixel defects are interpolated before detection; the int8
+detector finds what the float one does; a field without the detector's bands is refused before the run."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+
+def _scene_tile(profiles: list, n: int, seed: int):
+    """A (no-halo) tile of n x n px holding the GalSim `profiles` (band -> profile, each) at HSC-like seeing and
+    depth in g, r, i, z, with Gaussian sky noise."""
+    import galsim
+    from astropy.wcs import WCS
+
+    from deepfield.tasks.sim.config import DEFAULT_BANDS
+    from deepfield.tasks.tiling import Box, TileId
+    from deepfield.tasks.trainsets.stamp_survey import StampSurvey
+    from deepfield.tasks.zarr_store import Tile
+
+    bands, scale, zp = ["g", "r", "i", "z"], 0.2, 27.0
+    ss = StampSurvey()
+    sigma = np.array([ss.noise_sigma(b, DEFAULT_BANDS[b].psf_fwhm) for b in bands], np.float32)
+    img = np.zeros((4, n, n), np.float32)
+    for j, b in enumerate(bands):
+        psf = galsim.Moffat(beta=3.5, fwhm=DEFAULT_BANDS[b].psf_fwhm)
+        for prof in profiles:
+            img[j] += galsim.Convolve(prof[b], psf).drawImage(nx=n, ny=n, scale=scale).array
+    img += np.random.default_rng(seed).normal(size=img.shape).astype(np.float32) * sigma[:, None, None]
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval, w.wcs.crpix, w.wcs.cdelt = [150.0, 2.0], [n / 2, n / 2], [-scale / 3600, scale / 3600]
+    box = Box(0, n, 0, n)
+    invvar = np.broadcast_to((1 / sigma ** 2)[:, None, None], img.shape).astype(np.float32).copy()
+    return Tile(id=TileId("t", 0, 0), bands=bands, image=img, invvar=invvar, mask=np.zeros(img.shape, np.uint16),
+                box=box, core=box, wcs=w, zeropoints=[zp] * 4, psf_fwhm=[DEFAULT_BANDS[b].psf_fwhm for b in bands],
+                pixel_scale=scale, field_shape=(n, n))
+
+
+def _galaxy(mag: float, hlr: float, dx: float, dy: float, q: float = 0.8, beta: float = 30.0, knots: float = 0.0,
+            seed: int = 1) -> dict:
+    """band -> GalSim profile of a flat-spectrum disk (+ knots) galaxy, offset (dx, dy) arcsec."""
+    import galsim
+    flux = 10 ** (-0.4 * (mag - 27.0))
+    out = {}
+    for b in ("g", "r", "i", "z"):
+        gal = galsim.Exponential(half_light_radius=hlr, flux=flux * (1 - knots))
+        if knots:
+            gal = gal + galsim.RandomKnots(60, half_light_radius=hlr, flux=flux * knots, rng=galsim.BaseDeviate(seed))
+        out[b] = gal.shear(q=q, beta=beta * galsim.degrees).shift(dx, dy)
+    return out
+
+
+CLOSE_PAIR_SEP = 0.8 * (0.6 + 0.5)  # arcsec: 0.8 x the sum of the two half-light radii
+
+
+def _close_pair(seed: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Two disk galaxies (i 21.0 and 21.4, half-light radii 0.6" and 0.5") CLOSE_PAIR_SEP apart through detect,
+    measure and deblend: (table, true x of each in the tile, true i flux of each)."""
+    from deepfield.tasks.stages.deblend import DeblendStage
+    from deepfield.tasks.stages.detect import DetectStage
+    from deepfield.tasks.stages.measure import MeasureStage
+
+    n, d = 64, CLOSE_PAIR_SEP
+    pair = [_galaxy(21.0, 0.6, -d / 2, 0.0, q=0.7, beta=20), _galaxy(21.4, 0.5, d / 2, 0.0, q=0.6, beta=100)]
+    tile = _scene_tile(pair, n, seed)
+    t = DetectStage(method="learned").run(tile, pd.DataFrame())
+    t = DeblendStage().run(tile, MeasureStage().run(tile, t))
+    return t, (n - 1) / 2 + np.array([-d / 2, d / 2]) / 0.2, 10 ** (-0.4 * (np.array([21.0, 21.4]) - 27.0))
+
+
+@pytest.mark.slow
+def test_a_close_pair_gives_two_sources():
+    """The pair gives two detections, each within 1 px of a true centre, deblended together, and their deblended
+    i fluxes add up to the pair's light within 15 % (they miss 7-10 %: the fractions are small in the faint wings,
+    where the training target T_m / (T + 0.1 sigma) is)."""
+    for seed in range(3):
+        t, x, f = _close_pair(seed)
+        assert len(t) == 2, t[["x_tile", "y_tile"]]
+        near = np.hypot(t.x_tile.to_numpy()[:, None] - x[None], t.y_tile.to_numpy()[:, None] - 31.5)
+        assert (near.min(axis=0) < 1.0).all() and len(set(near.argmin(axis=0))) == 2, near
+        assert (t.deblend_method == "unet").all() and t.blend_id.nunique() == 1
+        assert t.flux_deblend_i.sum() == pytest.approx(f.sum(), rel=0.15)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 17 open: the brighter member comes out 14-27 % low and the fainter "
+                   "7-12 % high, the detector placing the fainter one's centre 0.35-0.5 px towards its neighbour")
+def test_a_close_pair_is_measured_within_15_percent():
+    """Issue 17's target: each member's deblended i flux within 15 % of its truth."""
+    for seed in range(3):
+        t, x, f = _close_pair(seed)
+        k = np.hypot(t.x_tile.to_numpy()[:, None] - x[None], t.y_tile.to_numpy()[:, None] - 31.5).argmin(axis=0)
+        assert np.all(np.abs(t.flux_deblend_i.to_numpy()[k] / f - 1) < 0.15)
+
+
+@pytest.mark.slow
+def test_a_large_clumpy_spiral_is_one_source():
+    """A bright (i 17.5) disk galaxy of 3" half-light radius with 30 % of its light in 60 star-forming knots is
+    one detection for the learned detector (SEP's deblending may shred it)."""
+    from deepfield.tasks.stages.detect import DetectStage
+
+    n = 160
+    for seed in (1, 2):
+        tile = _scene_tile([_galaxy(17.5, 3.0, 0.0, 0.0, q=0.6, knots=0.3, seed=seed)], n, seed)
+        t = DetectStage(method="learned").run(tile, pd.DataFrame())
+        d = np.hypot(t.x_tile - (n - 1) / 2, t.y_tile - (n - 1) / 2)
+        assert (d < 5 * 3.0 / 0.2).sum() == 1, t[["x_tile", "y_tile", "peak_det"]]
+
+
+def _star(mag: float, dx: float, dy: float) -> dict:
+    """band -> GalSim point source of a flat spectrum, offset (dx, dy) arcsec."""
+    import galsim
+    return {b: galsim.DeltaFunction(flux=10 ** (-0.4 * (mag - 27.0))).shift(dx, dy) for b in ("g", "r", "i", "z")}
+
+
+def test_one_pixel_defects_are_interpolated_before_detection():
+    """fill_thin_defects: a bad column between usable pixels takes their mean (image and inverse variance) and
+    becomes usable; a defect three pixels wide, and masked pixels that are not defects, stay masked."""
+    from deepfield.tasks.stages._learned_split import fill_thin_defects
+    img = np.tile(np.arange(10, dtype=np.float32) * 2.0, (4, 1))
+    ivar = np.ones((4, 10), np.float32)
+    unusable = np.zeros((4, 10), bool)
+    defect = np.zeros((4, 10), bool)
+    defect[:, 3] = True          # a bad column
+    defect[0, 6:9] = True        # a wide defect
+    unusable |= defect
+    unusable[2, 5] = True        # saturated, not a defect
+    img[defect] = -99.0
+    fill_thin_defects(img, ivar, unusable, defect)
+    assert (img[:, 3] == 6.0).all() and not unusable[:, 3].any() and (ivar[:, 3] == 1.0).all()
+    assert unusable[0, 6:9].all() and (img[0, 6:9] == -99.0).all() and unusable[2, 5]
+
+
+@pytest.mark.slow
+def test_a_star_crossed_by_a_bad_column_is_one_source():
+    """A masked bad column through a bright star in one band (the survey has three per field and band) leaves
+    the star one detection, within half a pixel of its centre: the detect stage interpolates one-pixel defects
+    before the network (left masked, an i 18.7 star of the test survey came out as two)."""
+    from deepfield.tasks import maskbits
+    from deepfield.tasks.stages.detect import DetectStage
+
+    n = 64
+    for seed, (dx, col, band) in enumerate([(-0.02, 32, 2), (0.0, 31, 2), (0.3, 32, 2), (-0.02, 32, 1)]):
+        tile = _scene_tile([_star(18.7, dx * 0.2, 0.0)], n, seed)
+        cx = (n - 1) / 2 + dx  # the column within half a pixel of the centre, as in the survey's case
+        tile.mask[band][:, col] |= maskbits.BAD | maskbits.ZERO_WEIGHT
+        tile.invvar[band][:, col] = 0.0
+        tile.image[band][:, col] = -5.0
+        t = DetectStage().run(tile, pd.DataFrame())
+        d = np.hypot(t.x_tile - cx, t.y_tile - (n - 1) / 2)
+        assert (d < 5).sum() == 1 and d.min() < 0.5, t[["x_tile", "y_tile"]]
+
+
+@pytest.mark.slow
+def test_the_int8_detector_finds_what_the_float_one_does():
+    """The stage's default int8 detector (activation ranges saved with the weights) against float32 on a scene
+    of a close pair, a faint galaxy and a clumpy spiral: the same sources, centres within a quarter pixel (the
+    detector's own median error for blend members at i 22-24 is 0.14 px, and int8 adds 0.01 to it on the
+    held-out fields), the heat map within 0.1 everywhere; the shipped weights carry the ranges."""
+    from deepfield.models.detect_net import detector_input, heat_and_offsets
+    from deepfield.tasks.stages.detect import INT8_KEY, DetectStage
+
+    n = 128
+    d = CLOSE_PAIR_SEP
+    tile = _scene_tile([_galaxy(21.0, 0.6, -d / 2 - 4, -3, q=0.7, beta=20), _galaxy(21.4, 0.5, d / 2 - 4, -3, q=0.6),
+                        _galaxy(24.3, 0.3, 6.0, 6.0), _galaxy(18.5, 1.5, 5.0, -6.0, knots=0.3)], n, 4)
+    q, f = DetectStage(), DetectStage(precision="float32")
+    q.setup("cpu"), f.setup("cpu")
+    assert getattr(q.model, "quantized", False) and not getattr(f.model, "quantized", False)
+    assert INT8_KEY in f.model.training_info
+    tq, tf = q.run(tile, pd.DataFrame()), f.run(tile, pd.DataFrame())
+    assert len(tq) == len(tf) >= 4
+    dist = np.hypot(tq.x.to_numpy()[:, None] - tf.x.to_numpy()[None], tq.y.to_numpy()[:, None] - tf.y.to_numpy()[None])
+    assert dist.min(axis=1).max() < 0.25
+    inp = detector_input(tile.image, tile.invvar, np.zeros(tile.image.shape, bool))
+    assert np.abs(heat_and_offsets(q.model, inp)[0] - heat_and_offsets(f.model, inp)[0]).max() < 0.1
+
+
+def test_a_field_without_the_detectors_bands_is_refused_before_the_run():
+    """The learned detector runs on any of its bands (g, r, i, z) that a field has; a field with none of them is
+    refused by the band check before any tile (with SEP's method it is not)."""
+    from deepfield.tasks.stages.registry import BandError, check_bands
+
+    check_bands([("detect", {})], {"legacy": ["g", "r", "z"], "one": ["i"]})
+    with pytest.raises(BandError, match=r"stage 'detect': the learned detector takes bands g, r, i, z .*field 'vis'"):
+        check_bands([("detect", {})], {"legacy": ["g", "r", "z"], "vis": ["VIS"]})
+    check_bands([("detect", {"method": "sep"})], {"vis": ["VIS"]})
