@@ -132,3 +132,43 @@ def test_stage_on_a_blend_tile(blends):
     assert (out.blendedness[~grouped] == 0).all()
     assert out.loc[grouped, "blendedness"].between(0, 1).all()
     assert isinstance(out, pd.DataFrame) and len(out) == len(table)
+
+
+def test_stage_leaves_other_detections_light_out(blends):
+    """A detection of another footprint whose segment lies inside a blend's stamp keeps its light: with
+    `mask_others` the members' fluxes are those measured without it (within 1 %); without, they change."""
+    from deepfield.tasks.stages.registry import make_stage
+    from deepfield.tasks.tiling import Box
+    cfg = BlendConfig()
+    k = int(np.argmin([blends["members"][blends["members"].blend == b].mag_i.min() for b in range(24)]))
+    tile = blend_tile(blends["images"][k], blends["sigma"][k], blends["fwhm"][k], cfg)
+    big = np.zeros((4, 160, 160), np.float32)
+    big[:, 56:104, 56:104] = tile.image
+    tile.image, tile.invvar = big, np.broadcast_to(tile.invvar[:, :1, :1], big.shape).copy()
+    tile.mask = np.zeros(big.shape, np.uint16)
+    tile.box = tile.core = Box(0, 160, 0, 160)
+    table = detect(tile)[0]
+    grouped = (table.n_blend >= 2).to_numpy()
+    assert grouped.sum() >= 2
+    st = make_stage("deblend")
+    st.setup("cpu")
+    before = st.run(tile, table).flux_deblend_i.to_numpy()[grouped]
+    # a bright compact source of its own footprint 20 px from the blend's centre, inside its 48 px stamp
+    cx, cy = table.x_tile[grouped].mean(), table.y_tile[grouped].mean()
+    ox, oy = int(round(cx + 20)), int(round(cy))
+    yy, xx = np.mgrid[0:160, 0:160]
+    blob = np.exp(-((xx - ox) ** 2 + (yy - oy) ** 2) / (2 * 1.5 ** 2)).astype(np.float32)
+    tile.image = tile.image + 50 * float(tile.image[2].max()) * blob[None] / blob.max()
+    seg = tile.meta["segmap"].copy()
+    sid = int(table.seg_id.max()) + 1
+    seg[np.hypot(xx - ox, yy - oy) <= 9] = sid  # its light (below 1e-7 of its peak beyond)
+    tile.meta["segmap"] = seg
+    extra = table.iloc[[0]].assign(x_tile=float(ox), y_tile=float(oy), seg_id=sid, n_blend=1,
+                                   blend_id=int(table.blend_id.max()) + 1)
+    both = pd.concat([table, extra], ignore_index=True)
+    masked = st.run(tile, both).flux_deblend_i.to_numpy()[:len(table)][grouped]
+    assert np.allclose(masked, before, rtol=0.01), (masked, before)
+    unmasked = make_stage("deblend", mask_others=False)
+    unmasked.setup("cpu")
+    leaked = unmasked.run(tile, both).flux_deblend_i.to_numpy()[:len(table)][grouped]
+    assert np.abs(leaked / before - 1).max() > 0.05, (leaked, before)
