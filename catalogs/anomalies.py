@@ -4,18 +4,22 @@
   tile-primary row of the run (`score_stats`), as the sigma-scores of Storey-Fisher et al. 2021: a score's
   meaning depends on the survey's depth and seeing, its rank within the run does not. (Rows of overlapping
   fields that another field owns are still in the statistics: a fraction of a per cent of the rows.)
-- `anomalies.parquet`: the `top` rows with the highest `anomaly_sigma` that their field owns, ranked
-  (`anomaly_rank` 1 the most anomalous), with positions, magnitudes, shape and the score components.
+- `anomalies.parquet`, when the stage scored its dense grid (the tiles' `anomaly_map` tables, the default): the
+  anomaly candidates of catalogs/anomaly_candidates.py (regions of grid windows with sigma-score >=
+  `sigma_cut`, 5, each listed once), ranked by sigma-score, at most `top` (100), with ra, dec, x, y, extent,
+  bands, shape hint, score, the paper's score and the coinciding source's `source_id`. Without the grid: the
+  `top` rows with the highest `anomaly_sigma` that their field owns, ranked (`anomaly_rank` 1 the most
+  anomalous), with positions, magnitudes, shape and the score components.
 - `anomaly_stamps.fits`: their cutouts from the Zarr store, one image HDU of shape (rank, band, y, x),
   `stamp` x `stamp` px (64) centred on the nearest pixel to the centroid, every band with the cutout's
   median subtracted as a local sky; the primary header lists the bands (BAND1, BAND2 ...) and every row's
-  source_id is in a second, binary-table HDU, so a stamp is never separated from its object. Pixels outside
+  anomaly_rank and source_id (-1 for a candidate on no source) are in a second, binary-table HDU, so a stamp is never separated from its object. Pixels outside
   the field are NaN.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import numpy as np
 import pandas as pd
@@ -85,7 +89,6 @@ def write_anomaly_list(flat_dir: Path, store_path: Path | None, table_path: Path
                        top: int = 100, stamp: int = 64) -> int | None:
     """Write the ranked anomaly table and, when `store_path` is given, its stamps; returns the number of
     rows, or None when the catalog has no anomaly_sigma column."""
-    from astropy.io import fits
     ds = pads.dataset(flat_dir, format="parquet")
     if "anomaly_sigma" not in ds.schema.names:
         return None
@@ -98,23 +101,55 @@ def write_anomaly_list(flat_dir: Path, store_path: Path | None, table_path: Path
     with atomic_path(table_path) as tmp:
         table.to_parquet(tmp, index=False)
     if store_path is not None:
-        cube, bands = _cutouts(Path(store_path), table, stamp)
-        primary = fits.PrimaryHDU(cube)
-        primary.header["EXTNAME"] = "STAMPS"
-        primary.header["COMMENT"] = "anomaly stamps (rank, band, y, x), local median subtracted, image units"
-        for j, b in enumerate(bands):
-            primary.header[f"BAND{j + 1}"] = b
-        ids = fits.BinTableHDU.from_columns([
-            fits.Column(name="anomaly_rank", format="J", array=table["anomaly_rank"].to_numpy()),
-            fits.Column(name="source_id", format="K", array=table["source_id"].to_numpy())], name="ROWS")
-        with atomic_path(stamps_path) as tmp:
-            fits.HDUList([primary, ids]).writeto(tmp)
+        _write_stamps(Path(store_path), table, table["source_id"].to_numpy(), stamps_path, stamp,
+                      "anomaly stamps (rank, band, y, x), local median subtracted, image units")
     return int(len(table))
 
 
+def _write_stamps(store_path: Path, rows: pd.DataFrame, source_id: np.ndarray, path: Path, stamp: int,
+                  comment: str) -> None:
+    """The stamps file (module docstring) of the ranked `rows` (field, x, y, anomaly_rank), atomically."""
+    from astropy.io import fits
+    cube, bands = _cutouts(store_path, rows, stamp)
+    primary = fits.PrimaryHDU(cube)
+    primary.header["EXTNAME"] = "STAMPS"
+    primary.header["COMMENT"] = comment
+    for j, b in enumerate(bands):
+        primary.header[f"BAND{j + 1}"] = b
+    ids = fits.BinTableHDU.from_columns([
+        fits.Column(name="anomaly_rank", format="J", array=rows["anomaly_rank"].to_numpy()),
+        fits.Column(name="source_id", format="K", array=np.asarray(source_id, np.int64))], name="ROWS")
+    with atomic_path(path) as tmp:
+        fits.HDUList([primary, ids]).writeto(tmp)
+
+
+def write_candidates(maps: list[Path], flat_dir: Path, store_path: Path | None, table_path: Path, stamps_path: Path,
+                     sigma_cut: float, top: int, stride: float, stamp: int = 64, sigma_grow: float | None = None
+                     ) -> tuple[int, dict]:
+    """Write the ranked anomaly candidates of the grid (catalogs/anomaly_candidates.py) with sigma >= sigma_cut,
+    at most `top`, and their stamps; returns their number and the windows' statistics."""
+    from .anomaly_candidates import build_candidates
+    windows = pd.concat([pd.read_parquet(f) for f in maps], ignore_index=True)
+    ds = pads.dataset(flat_dir, format="parquet")
+    cols = [c for c in ("source_id", "ra", "dec", "anomaly_sigma") if c in ds.schema.names]
+    sources = ds.to_table(columns=cols, filter=pads.field("is_primary_field")).to_pandas()
+    cand, stats = build_candidates(windows, sigma_cut, stride, sources, sigma_grow=sigma_grow)
+    stats["candidates"] = int(len(cand))
+    cand = cand.head(top)
+    with atomic_path(table_path) as tmp:
+        cand.to_parquet(tmp, index=False)
+    if store_path is not None:
+        _write_stamps(Path(store_path), cand, cand["source_id"].fillna(-1).to_numpy(np.int64), stamps_path, stamp,
+                      "anomaly candidate stamps (rank, band, y, x), local median subtracted, image units")
+    return int(len(cand)), stats
+
+
 class AnomalyMergeConfig(MergeStepConfig):
-    top: int = Field(100, ge=1, description="most anomalous sources (highest anomaly_sigma) kept in "
+    top: int = Field(100, ge=1, description="most anomalous candidates (or sources, without the grid) kept in "
                      "anomalies.parquet with their stamps")
+    sigma_cut: float = Field(5.0, description="grid windows of at least this sigma-score make anomaly candidates")
+    sigma_grow: Optional[float] = Field(None, description="a candidate's region grows through neighbouring windows "
+                                        "of at least this sigma-score (default: half of sigma_cut)")
     stamp: int = Field(64, ge=8, le=512, description="side of the anomaly stamps, pixels")
 
 
@@ -131,6 +166,17 @@ class AnomalyMerge(MergeStep):
         return add_sigma(df, self.stats)
 
     def write(self, ctx: MergeContext, flat_dir: Path, staging: Path) -> StepResult:
+        maps = ctx.side_tables("anomaly_map")
+        if maps:
+            stride = float(getattr(self.stage_config, "stride", 16))
+            n, wstats = write_candidates(maps, flat_dir, ctx.store_path, staging / ANOMALY_TABLE,
+                                         staging / ANOMALY_STAMPS, self.config.sigma_cut, self.config.top, stride,
+                                         self.config.stamp, self.config.sigma_grow)
+            files = {"anomalies": ANOMALY_TABLE}
+            if ctx.store_path is not None:
+                files["anomaly_stamps"] = ANOMALY_STAMPS
+            return StepResult(summary=dict(anomalies=n, anomaly_candidates=True, anomaly_window_stats=wstats,
+                                           anomaly_score_stats=self.stats), files=files)
         n = write_anomaly_list(flat_dir, ctx.store_path, staging / ANOMALY_TABLE, staging / ANOMALY_STAMPS,
                                self.config.top, self.config.stamp)
         files = {}
@@ -144,6 +190,12 @@ class AnomalyMerge(MergeStep):
         if summary.get("anomalies") is None:
             return []
         st = summary.get("anomaly_score_stats") or {}
+        if summary.get("anomaly_candidates"):
+            ws = summary.get("anomaly_window_stats") or {}
+            return [f"anomaly: {ws.get('n', '?')} grid windows and {st.get('n', '?')} source(s) scored; "
+                    f"{ws.get('candidates', '?')} candidate(s) at sigma >= {self.config.sigma_cut:g}, the "
+                    f"{summary['anomalies']} most anomalous ranked: {paths['anomalies']}"
+                    + (f" (stamps: {paths['anomaly_stamps']})" if "anomaly_stamps" in paths else "")]
         return [f"anomaly: {st.get('n', '?')} source(s) scored; the {summary['anomalies']} most anomalous, ranked: "
                 f"{paths['anomalies']}" + (f" (stamps: {paths['anomaly_stamps']})" if "anomaly_stamps" in paths
                                            else "")]

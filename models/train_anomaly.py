@@ -15,17 +15,20 @@ Same command, same seed, same software: same weights on a CPU.
 """
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .anomaly_gan import LAMBDA, AnomalyGAN, anomaly_scores, frozen, gradient_penalty, residuals
+from .anomaly_gan import (LAMBDA, AnomalyGAN, anomaly_scores, frozen, gradient_penalty, local_terms, score_norm)
 from .augment import dihedral
 from .progress import say
 
 MODEL = "anomaly_wgan"
 GP_WEIGHT = 10.0
+LOCAL_WEIGHT = 0.01  # of the local pixel term (noise units, about 3 on normal windows) in the encoder's loss
 N_CRITIC = 5
 
 
@@ -55,15 +58,40 @@ def generator_step(model: AnomalyGAN, opt_g, n: int, g: torch.Generator, device)
 
 
 def train_gan(model: AnomalyGAN, x: torch.Tensor, iters: int, batch: int, seed: int, device, log_every: int = 100,
-              lr: float = 1e-4) -> list[dict]:
-    """`iters` generator steps (each after N_CRITIC critic steps) on scaled stamps x; returns the log."""
+              lr: float = 1e-4, checkpoint: Path | None = None, checkpoint_every: int = 250,
+              stop_after: int | None = None) -> list[dict] | None:
+    """`iters` generator steps (each after N_CRITIC critic steps) on scaled stamps x; returns the log. With
+    `checkpoint`, the networks, both optimisers, the batch generator's state and the log are saved every
+    `checkpoint_every` steps (atomically) and a run of the same configuration resumes from them, to the same
+    weights as an uninterrupted run; `stop_after` stops there (None returned) to go on in a later run."""
     g = torch.Generator().manual_seed(seed)
     opt_d = torch.optim.Adam(model.critic.parameters(), lr=lr, betas=(0.0, 0.9))
     opt_g = torch.optim.Adam(model.generator.parameters(), lr=lr, betas=(0.0, 0.9))
     model.generator.train()
     model.critic.train()
-    log, acc, t0 = [], [], time.perf_counter()
-    for it in range(1, iters + 1):
+    config = dict(iters=iters, batch=batch, seed=seed, lr=lr, n=int(len(x)))
+    log, acc, start, spent = [], [], 0, 0.0
+    if checkpoint is not None and Path(checkpoint).exists():
+        ck = torch.load(checkpoint, map_location=device, weights_only=False)
+        if ck.get("config") == config:
+            model.load_state_dict(ck["model"])
+            opt_d.load_state_dict(ck["opt_d"])
+            opt_g.load_state_dict(ck["opt_g"])
+            g.set_state(ck["rng"])
+            log, start, spent = ck["log"], ck["iter"], ck["seconds"]
+            say(f"resuming the GAN from {checkpoint} at step {start}/{iters}")
+        else:
+            say(f"{checkpoint}: a checkpoint of another configuration; starting afresh")
+    t0 = time.perf_counter() - spent
+
+    def save(it: int) -> None:
+        tmp = Path(checkpoint).with_name(f".{Path(checkpoint).name}.{os.getpid()}.tmp")
+        torch.save(dict(config=config, model=model.state_dict(), opt_d=opt_d.state_dict(),
+                        opt_g=opt_g.state_dict(), rng=g.get_state(), log=log, iter=it,
+                        seconds=time.perf_counter() - t0), tmp)
+        os.replace(tmp, checkpoint)
+
+    for it in range(start + 1, iters + 1):
         for _ in range(N_CRITIC):
             idx = torch.randint(0, len(x), (batch,), generator=g)
             acc.append(critic_step(model, opt_d, dihedral([x[idx]], g)[0].to(device), g))
@@ -75,11 +103,16 @@ def train_gan(model: AnomalyGAN, x: torch.Tensor, iters: int, batch: int, seed: 
             acc = []
             say(f"GAN step {it}/{iters}: Wasserstein estimate {rec['w']:.3f}, gradient penalty {rec['gp']:.3f} "
                 f"({rec['seconds']:.0f} s)")
+        if checkpoint is not None and (it % checkpoint_every == 0 or it == iters or it == stop_after):
+            save(it)
+        if stop_after is not None and stop_after <= it < iters:
+            say(f"stopped after GAN step {it}/{iters}; run again to resume from {checkpoint}")
+            return None
     return log
 
 
 def train_encoder(model: AnomalyGAN, x: torch.Tensor, iters: int, batch: int, seed: int, device,
-                  log_every: int = 200, lr: float = 1e-3) -> list[dict]:
+                  log_every: int = 200, lr: float = 1e-3, local_weight: float = LOCAL_WEIGHT) -> list[dict]:
     """Train the encoder with G and D frozen (module docstring, step 2); returns the log."""
     g = torch.Generator().manual_seed(seed + 1)
     model.generator.eval()
@@ -93,8 +126,14 @@ def train_encoder(model: AnomalyGAN, x: torch.Tensor, iters: int, batch: int, se
         for it in range(1, iters + 1):
             idx = torch.randint(0, len(x), (batch,), generator=g)
             xb = dihedral([x[idx]], g)[0].to(device)
-            pix, feat = residuals(model, xb, model.encoder(xb))
+            z = model.encoder(xb)
+            rec = model.generator(z)
+            fxm, fgm = model.critic.conv(xb), model.critic.conv(rec)
+            pix = (xb - rec).abs().flatten(1).sum(1)
+            feat = (fxm - fgm).abs().flatten(1).sum(1)
             loss = ((1 - LAMBDA) * pix / npix + LAMBDA * feat / model.critic.n_features).mean()
+            if local_weight:  # the local score's pixel term too: the worst cells are bright sources' residuals
+                loss = loss + local_weight * local_terms(xb, rec, fxm, fgm, torch.ones_like(xb))[0].mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -110,7 +149,8 @@ def train_encoder(model: AnomalyGAN, x: torch.Tensor, iters: int, batch: int, se
 
 def train(stamps: np.ndarray, iters: int = 3000, enc_iters: int = 3000, batch: int = 64,
           seed: int = 0, device: str = "cpu", threads: int = 1, command: str = "", data: dict | None = None,
-          arch: dict | None = None) -> tuple[dict, dict]:
+          arch: dict | None = None, checkpoint: Path | None = None, stop_after: int | None = None
+          ) -> tuple[dict, dict] | None:
     """Train on scaled `stamps` (N, 3, S, S) of normal sources; returns the training record and the weights
     (state dict). data: how the stamps were made (recorded)."""
     torch.manual_seed(seed)
@@ -123,7 +163,9 @@ def train(stamps: np.ndarray, iters: int = 3000, enc_iters: int = 3000, batch: i
     model = AnomalyGAN(**arch).to(device)
     say(f"training the WGAN-GP on {len(x_tr)} stamps ({n_val} kept for validation) for {iters} generator steps ...")
     t0 = time.perf_counter()
-    gan_log = train_gan(model, x_tr, iters, batch, seed, device)
+    gan_log = train_gan(model, x_tr, iters, batch, seed, device, checkpoint=checkpoint, stop_after=stop_after)
+    if gan_log is None:
+        return None
     t_gan = time.perf_counter() - t0
     say(f"training the encoder for {enc_iters} steps ...")
     enc_log = train_encoder(model, x_tr, enc_iters, batch, seed, device)
@@ -131,7 +173,9 @@ def train(stamps: np.ndarray, iters: int = 3000, enc_iters: int = 3000, batch: i
     model.eval()
     val = {mode: anomaly_scores(model, x_va.numpy(), steps=steps, device=device)["score"]
            for mode, steps in (("fast", 0), ("full", 20))}
-    record = dict(model=MODEL, arch=arch, seed=seed, n_stamps=int(len(stamps)), n_val=int(n_val), iters=iters,
+    norm = score_norm(model, x_va.numpy(), device=device)
+    say(f"local score's normalisation on the validation stamps: {norm}")
+    record = dict(model=MODEL, arch=arch, score_norm=norm, seed=seed, n_stamps=int(len(stamps)), n_val=int(n_val), iters=iters,
                   enc_iters=enc_iters, batch=batch, n_critic=N_CRITIC, gp_weight=GP_WEIGHT, lam=LAMBDA,
                   gan_log=gan_log, encoder_log=enc_log, command=command, data=data or {},
                   val_score=dict({m: dict(mean=float(v.mean()), std=float(v.std())) for m, v in val.items()}),

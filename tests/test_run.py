@@ -191,41 +191,55 @@ def test_changed_input_redoes_only_that_fields_tiles(survey, tmp_path, prefect_h
 
 
 def test_anomaly_scores_and_ranked_list(run, survey):
-    """The anomaly stage scored the selected sources in the run; the merge's anomaly_sigma is the score in
-    units of the run's spread; the ranked list and its stamps agree with the catalog; and the sources on
-    the simulator's lenses, ring galaxies and mergers score above the normal ones (AUROC against the
-    truth)."""
+    """The anomaly stage scored the selected sources and its grid of windows in the run; the merge's
+    anomaly_sigma is the score in units of the run's spread; the candidate list is ranked by sigma-score, each
+    candidate once, its stamps agree with it; the simulator's satellite trails are found as one candidate each;
+    and the sources on the simulator's lenses, ring galaxies and mergers score above the normal ones (AUROC
+    against the truth)."""
     from astropy.io import fits
     from sklearn.metrics import roc_auc_score
 
-    from deepfield.tasks.trainsets.anomaly import label_sources
-    _, summary, cat = run
+    from deepfield.tasks.trainsets.anomaly import anomaly_geometry, label_sources
+    cfg, summary, cat = run
     sel = cat[cat.anomaly_selected]
-    assert len(sel) > 200 and sel.anomaly_score.notna().all()
+    assert len(sel) > 200 and sel.anomaly_score.notna().all() and sel.anomaly_score_paper.notna().all()
     assert cat.loc[~cat.anomaly_selected, ["anomaly_score", "anomaly_sigma"]].isna().all().all()
     st = summary["merge"]["anomaly_score_stats"]
     np.testing.assert_allclose(sel.anomaly_sigma, (sel.anomaly_score - st["mean"]) / st["std"], rtol=1e-4, atol=1e-4)
+    maps = sorted((cfg.run_dir / "tiles").glob("*/*.anomaly_map.parquet"))
+    assert len(maps) == 8
+    windows = pd.concat([pd.read_parquet(f) for f in maps], ignore_index=True)
+    assert not windows.duplicated(["field", "ky", "kx"]).any() and windows.score.notna().all()
     paths = summary["merge"]["paths"]
     top = pd.read_parquet(paths["anomalies"])
-    assert len(top) == min(100, len(sel)) and list(top.anomaly_rank) == list(range(1, len(top) + 1))
-    expected = sel.sort_values(["anomaly_sigma", "source_id"], ascending=[False, True]).head(len(top))
-    assert list(top.source_id) == list(expected.source_id)
+    cut = 5.0
+    assert 0 < len(top) <= 100 and list(top.anomaly_rank) == list(range(1, len(top) + 1))
+    assert (np.diff(top.anomaly_sigma) <= 0).all() and (top.anomaly_sigma >= cut).all()
+    assert set(top["shape"]) <= {"point", "linear", "extended"}
     with fits.open(paths["anomaly_stamps"]) as hdul:
         assert hdul[0].data.shape == (len(top), 4, 64, 64)
         assert [hdul[0].header[f"BAND{j + 1}"] for j in range(4)] == ["g", "r", "i", "z"]
-        assert list(hdul["ROWS"].data["source_id"]) == list(top.source_id)
+        assert list(hdul["ROWS"].data["anomaly_rank"]) == list(top.anomaly_rank)
         assert np.isfinite(hdul[0].data).mean() > 0.9  # NaN only beyond the field's edges
     anomalies = pd.read_parquet(survey / "truth" / "anomalies.parquet")
     lenses = pd.read_parquet(survey / "truth" / "lenses.parquet")
+    trails = anomalies[(anomalies.type == "satellite_trail") & anomalies.band.isin(["g", "r", "i"])]
+    for f, tr in trails.groupby("field"):  # each trail: one candidate on it, whatever tiles it crosses
+        on = top[top.field == f]
+        for _, kind, d, hit, _ in anomaly_geometry(on.x.to_numpy(float), on.y.to_numpy(float), tr,
+                                                   lenses.iloc[:0], 32, ["g", "r", "i"], 4.0):
+            assert hit.sum() == 1, (kind, on[hit])
     labels = np.concatenate([label_sources(g, anomalies[anomalies.field == f], lenses[lenses.field == f], 32,
                                            ["g", "r", "i"]) for f, g in sel.groupby("field")])
-    scores = np.concatenate([g.anomaly_score.to_numpy() for _, g in sel.groupby("field")])
-    # the simulator's astrophysical anomalies (lenses, ring galaxies, mergers) against the normal sources;
-    # artefacts are not asserted: the shipped model misses most cosmic rays (see its model card)
+    # the simulator's astrophysical anomalies (lenses, ring galaxies, mergers) against the normal sources: the
+    # paper's sum over the stamp ranks morphology best; the local score (dominated by the worst 2 x 2 px cells,
+    # made for artefacts) less well (0.71 when written)
     keep = np.isin(labels, ["normal", "lens", "ring_galaxy", "merger"])
     y = labels[keep] != "normal"
     assert y.sum() >= 5
-    assert roc_auc_score(y, scores[keep]) > 0.75
+    for column, floor in (("anomaly_score_paper", 0.75), ("anomaly_score", 0.65)):
+        scores = np.concatenate([g[column].to_numpy() for _, g in sel.groupby("field")])
+        assert roc_auc_score(y, scores[keep]) > floor, column
 
 
 def test_cluster_catalog_and_members(run, survey, truth):

@@ -51,21 +51,18 @@ def _segment_distance(x: np.ndarray, y: np.ndarray, e: dict) -> np.ndarray:
     return np.hypot(x - x0 - t * dx, y - y0 - t * dy)
 
 
-def label_sources(src: pd.DataFrame, anomalies: pd.DataFrame, lenses: pd.DataFrame, stamp: int,
-                  bands: list[str], core: float = CORE) -> np.ndarray:
-    """Label of every row of `src` (columns x, y: field pixels) from one field's anomaly and lens truth:
-    an anomaly type, "contaminated" or "normal" (module docstring). Artefacts of a band not in `bands` (the
-    scorer's) are invisible in its stamps and ignored."""
+def anomaly_geometry(x: np.ndarray, y: np.ndarray, anomalies: pd.DataFrame, lenses: pd.DataFrame, stamp: int,
+                     bands: list[str], core: float = CORE):
+    """For each anomaly of one field's truth that a scorer of `bands` can see (amplifier offsets and artefacts
+    of other bands left out), yield (row label, type, d, hit, off): the distance d (px) of every position (x, y)
+    to it, whether it is the subject of a stamp centred there (`hit`, see the module docstring) and whether it
+    lies in such a stamp at all (`off`)."""
     if len(anomalies):
         anomalies = anomalies[anomalies["band"].isin([*bands, "all"])]
-    x, y = src["x"].to_numpy(float), src["y"].to_numpy(float)
-    label = np.full(len(src), "normal", dtype=object)
-    best = np.full(len(src), np.inf)  # distance of the labelling anomaly: the nearest one wins
-    near = np.zeros(len(src), bool)
     reach = stamp / np.sqrt(2.0)
-    rows = [(r.type, r.x, r.y, json.loads(r.params) if isinstance(r.params, str) else {}) for r in
-            anomalies.itertuples()] + [("lens", r.x, r.y, {}) for r in lenses.itertuples()]
-    for kind, ax, ay, p in rows:
+    rows = [(r.Index, r.type, r.x, r.y, json.loads(r.params) if isinstance(r.params, str) else {})
+            for r in anomalies.itertuples()] + [(f"lens{r.Index}", "lens", r.x, r.y, {}) for r in lenses.itertuples()]
+    for key, kind, ax, ay, p in rows:
         if kind == "amp_offset":
             continue
         if kind == "satellite_trail":
@@ -75,10 +72,23 @@ def label_sources(src: pd.DataFrame, anomalies: pd.DataFrame, lenses: pd.DataFra
             r = np.hypot(x - ax, y - ay)
             half = p["width_pix"] / 2
             d = np.abs(r - p["radius_pix"])
-            hit, off = d <= half, d <= half + reach
+            hit, off = d <= half + max(core - 8.0, 0.0), d <= half + reach
         else:
             d = np.hypot(x - ax, y - ay)
             hit, off = d <= core, d <= reach
+        yield key, kind, d, hit, off
+
+
+def label_sources(src: pd.DataFrame, anomalies: pd.DataFrame, lenses: pd.DataFrame, stamp: int,
+                  bands: list[str], core: float = CORE) -> np.ndarray:
+    """Label of every row of `src` (columns x, y: field pixels) from one field's anomaly and lens truth:
+    an anomaly type, "contaminated" or "normal" (module docstring). Artefacts of a band not in `bands` (the
+    scorer's) are invisible in its stamps and ignored."""
+    x, y = src["x"].to_numpy(float), src["y"].to_numpy(float)
+    label = np.full(len(src), "normal", dtype=object)
+    best = np.full(len(src), np.inf)  # distance of the labelling anomaly: the nearest one wins
+    near = np.zeros(len(src), bool)
+    for _, kind, d, hit, off in anomaly_geometry(x, y, anomalies, lenses, stamp, bands, core):
         take = hit & (d < best)
         label[take] = kind
         best[take] = d[take]
@@ -118,7 +128,7 @@ def field_stamps(cfg: SimConfig, stage, workers: int = 2, halo: int = 64, keep: 
                     if not sel.any():
                         continue
                     rows = src[sel].reset_index(drop=True)
-                    stamps.append(stage.scaled_stamps(tile, rows))
+                    stamps.append(stage.scaled_stamps(tile, rows)[0])
                     t = pd.DataFrame(dict(field=name, x=rows.x.to_numpy(float), y=rows.y.to_numpy(float),
                                           mag=rows[f"mag_auto_{stage.ref_band}"].to_numpy(float),
                                           snr=stage.snr(rows)))
@@ -167,4 +177,85 @@ def training_stamps(fields: int = 8, field_size: int = 2048, seed: int = 0, work
     if cache is not None:
         with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, x=x, fields=fields, field_size=field_size, field_seed=data["field_seed"])
+    return x, dict(data, n=int(len(x)))
+
+
+def _bright_peaks(snr: np.ndarray, level: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) of the local maxima (5 x 5 px) above `level` of a (ny, nx) S/N image."""
+    from scipy import ndimage
+    peak = (snr >= level) & (snr == ndimage.maximum_filter(snr, size=5))
+    return np.nonzero(peak)
+
+
+def training_windows(fields: int = 6, field_size: int = 2048, seed: int = 0, per_tile: int = 400, workers: int = 2,
+                     cache: Path | None = None, progress: Callable[[str], None] | None = None,
+                     halo: int = 64, bright_fraction: float = 0.0) -> tuple[np.ndarray, dict]:
+    """Scaled windows (N, 3, S, S) in `fields` simulated fields of normal sources (field seed seed * 1000 + 1;
+    `training_fields`), cut from the background-subtracted tile as the anomaly stage cuts its grid windows
+    (tasks.stages._anomaly_grid.window_stamps): `per_tile` windows whose centre lies in each tile core, a
+    `bright_fraction` of them centred within 14 px of a random bright peak (a local maximum above 20 sky sigma
+    in any band: stars, bright galaxies, saturated cores), the rest at uniformly random positions (the default,
+    bright_fraction 0: half the windows on bright peaks gave a generator that reproduced bright sources worse,
+    see models/cards/anomaly_wgan.md). So empty sky, faint and bright sources anywhere in the window, stars and
+    masked defects are all what normal looks like.
+    cache: as `training_stamps`."""
+    from deepfield.models.anomaly_gan import scale_stamps
+
+    from ..stages._anomaly_grid import window_stamps
+    from ..stages.anomaly import NO_PIXEL
+    say = progress or (lambda msg: None)
+    stage = AnomalyStage()
+    data = dict(fields=fields, field_size=field_size, field_seed=seed * 1000 + 1, per_tile=per_tile,
+                bright_fraction=bright_fraction,
+                selection=f"random windows, {bright_fraction:.0%} of them within 14 px of a bright peak")
+    keys = ("fields", "field_size", "field_seed", "per_tile", "bright_fraction")
+    if cache is not None and Path(cache).exists():
+        z = np.load(cache, allow_pickle=False)
+        if all(k in z.files for k in keys) and {k: z[k].item() for k in keys} == {k: data[k] for k in keys}:
+            say(f"windows from {cache}")
+            return z["x"], dict(data, n=int(len(z["x"])))
+        say(f"{cache} was made from other fields; simulating again")
+    rng = np.random.default_rng(seed)
+    work = Path(tempfile.mkdtemp(prefix="deepfield-anomaly-windows-"))
+    try:
+        say(f"simulating {fields} fields of {field_size}^2 px of normal sources and cutting windows ...")
+        root = open_store(simulate_fields(training_fields(data["field_seed"], fields, field_size), work, workers,
+                                          progress))
+        out = []
+        s = stage.size
+        for name in complete_fields(root):
+            grid = field_grid(root, name, halo)
+            for ty in range(grid.n_ty):
+                for tx in range(grid.n_tx):
+                    tile = read_tile(root, TileId(name, ty, tx), halo)
+                    BackgroundStage().run(tile, pd.DataFrame())
+                    ny, nx = tile.field_shape
+                    c = tile.core
+                    ylo, yhi = max(c.y0, (s - 1) / 2), min(c.y1, ny - (s - 1) / 2 - 1)
+                    xlo, xhi = max(c.x0, (s - 1) / 2), min(c.x1, nx - (s - 1) / 2 - 1)
+                    idx = [tile.bands.index(b) for b in stage.bands]
+                    image = tile.image[idx]
+                    usable = ((tile.mask[idx] & NO_PIXEL) == 0) & np.isfinite(image)
+                    snr = np.where(usable, image * np.sqrt(np.maximum(tile.invvar[idx], 0)), 0).max(axis=0)
+                    py, px = _bright_peaks(snr)
+                    py, px = py + tile.box.y0, px + tile.box.x0
+                    inside = (py >= ylo) & (py < yhi) & (px >= xlo) & (px < xhi)
+                    py, px = py[inside], px[inside]
+                    nb = int(round(bright_fraction * per_tile)) if len(py) else 0
+                    pick = rng.integers(len(py), size=nb) if nb else np.zeros(0, int)
+                    yc = np.concatenate([rng.uniform(ylo, yhi, per_tile - nb),
+                                         np.clip(py[pick] + rng.uniform(-14, 14, nb), ylo, yhi)])
+                    xc = np.concatenate([rng.uniform(xlo, xhi, per_tile - nb),
+                                         np.clip(px[pick] + rng.uniform(-14, 14, nb), xlo, xhi)])
+                    y0 = np.rint(yc - (s - 1) / 2).astype(int) - tile.box.y0
+                    x0 = np.rint(xc - (s - 1) / 2).astype(int) - tile.box.x0
+                    stamps, sig, _ = window_stamps(image, tile.invvar[idx], usable, y0, x0, s)
+                    out.append(scale_stamps(stamps, sig))
+            say(f"windows of {name}: {sum(len(o) for o in out)} so far")
+        x = np.concatenate(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if cache is not None:
+        with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, x=x, **{k: data[k] for k in keys})
     return x, dict(data, n=int(len(x)))

@@ -1,0 +1,114 @@
+"""The anomaly stage's dense grid: windows of the model's stamp size laid over every field at a fixed stride, so
+that every pixel of a field lies in at least one scored window whatever the sources are.
+
+Window (ky, kx) of a field of shape (ny, nx) starts at field pixel (y, x) = (min(ky stride, ny - size),
+min(kx stride, nx - size)): the grid is the field's, not the tile's, so the windows of neighbouring tiles
+interlock and a region that crosses a tile boundary is one connected set of windows (catalogs/anomalies.py).
+A tile scores the windows whose centre pixel lies in its core (`tile_windows`); its halo (at least half a
+window, see AnomalyStage) holds the rest of their pixels.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+__all__ = ["grid_starts", "tile_windows", "window_stamps"]
+
+
+def grid_starts(n: int, size: int, stride: int) -> np.ndarray:
+    """Start pixels of the windows along one axis of length n: 0, stride, 2 stride ..., the last one clamped to
+    n - size so that the windows reach the far edge (one window at 0 when n <= size)."""
+    last = max(n - size, 0)
+    k = np.arange(-(-last // stride) + 1)
+    return np.minimum(k * stride, last)
+
+
+def tile_windows(tile, size: int, stride: int) -> pd.DataFrame:
+    """The windows the tile scores: ky, kx (grid indices in the field), y0, x0 (first field pixel) and yc, xc
+    (centre, field pixels), for every window whose centre pixel lies in the tile core."""
+    ny, nx = tile.field_shape if tile.field_shape[0] else (tile.box.y1, tile.box.x1)
+    cols = {}
+    for axis, n, lo, hi in (("y", ny, tile.core.y0, tile.core.y1), ("x", nx, tile.core.x0, tile.core.x1)):
+        s = grid_starts(int(n), size, stride)
+        centre = s + (min(size, int(n)) - 1) / 2.0
+        keep = (np.floor(centre + 0.5) >= lo) & (np.floor(centre + 0.5) < hi)
+        cols[axis] = (np.flatnonzero(keep), s[keep], centre[keep])
+    ky, kx = np.meshgrid(cols["y"][0], cols["x"][0], indexing="ij")
+    y0, x0 = np.meshgrid(cols["y"][1], cols["x"][1], indexing="ij")
+    yc, xc = np.meshgrid(cols["y"][2], cols["x"][2], indexing="ij")
+    return pd.DataFrame({"ky": ky.ravel(), "kx": kx.ravel(), "y0": y0.ravel(), "x0": x0.ravel(),
+                         "yc": yc.ravel(), "xc": xc.ravel()})
+
+
+def window_stamps(image: np.ndarray, invvar: np.ndarray, usable: np.ndarray, y0: np.ndarray, x0: np.ndarray,
+                  size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stamps (N, B, size, size) of the windows whose first pixels are (y0, x0) in the arrays' frame, 0 where
+    not `usable` or outside the arrays; (N, B) sky sigmas, 1 / sqrt(median invvar) over each window's usable
+    pixels (1 where none); and (N, B, size, size) each pixel's noise sigma in units of its window's sky sigma
+    (from the inverse variance; 0 where the pixel has no weight)."""
+    n, nb = len(y0), image.shape[0]
+    if n == 0:
+        z = np.zeros((0, nb, size, size), np.float32)
+        return z, np.ones((0, nb), np.float32), z.copy()
+    y0, x0 = np.asarray(y0, np.int64), np.asarray(x0, np.int64)
+    ny, nx = image.shape[1:]
+    # pad so that every window lies inside (the part outside the arrays has no data)
+    py0, px0 = max(0, -int(y0.min())), max(0, -int(x0.min()))
+    py1, px1 = max(0, int(y0.max()) + size - ny), max(0, int(x0.max()) + size - nx)
+    pad = ((0, 0), (py0, py1), (px0, px1))
+    inv = np.pad(np.where(usable, invvar, 0).astype(np.float32), pad)
+    img = np.pad(np.where(usable, image, 0).astype(np.float32), pad)
+    ys = (y0 + py0)[:, None] + np.arange(size)  # (N, S)
+    xs = (x0 + px0)[:, None] + np.arange(size)
+    win = img[:, ys[:, :, None], xs[:, None, :]].transpose(1, 0, 2, 3)  # (N, B, S, S)
+    iv = inv[:, ys[:, :, None], xs[:, None, :]].transpose(1, 0, 2, 3)
+    ok = iv > 0
+    flat = iv.reshape(n, nb, -1)
+    full = ok.reshape(n, nb, -1).all(-1)
+    med = np.empty((n, nb), np.float32)
+    med[full] = np.median(flat[full], axis=-1)
+    part = ~full
+    if part.any():
+        with np.errstate(all="ignore"):
+            med[part] = np.nanmedian(np.where(flat[part] > 0, flat[part], np.nan), axis=-1)
+    sig = np.where(np.isfinite(med) & (med > 0), 1.0 / np.sqrt(np.where(med > 0, med, 1.0)), 1.0).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        noise = np.where(ok, 1.0 / np.sqrt(np.where(ok, iv, 1.0)) / sig[:, :, None, None], 0.0).astype(np.float32)
+    return np.where(ok, win, 0.0).astype(np.float32), sig, noise
+
+
+def tile_inputs(image: np.ndarray, invvar: np.ndarray, usable: np.ndarray, counted: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The network input (scale_snr of the pixels over their band's sky sigma) and each pixel's noise in units
+    of that sigma, over whole (B, ny, nx) arrays at once: the grid's windows overlap four times over, so this is
+    done once per pixel rather than once per window. The band's sky sigma is 1 / sqrt(median invvar) over the
+    arrays' usable pixels (a window's own median, as window_stamps takes it for training and for the sources'
+    stamps, differs from it only where the depth changes within a tile)."""
+    from deepfield.models.anomaly_gan import scale_snr
+    ok = usable & (invvar > 0)
+    sig = np.array([1.0 / np.sqrt(np.median(v[o])) if o.any() else 1.0 for v, o in zip(invvar, ok)], np.float32)
+    snr = np.where(ok, image, 0.0).astype(np.float32) / sig[:, None, None]
+    with np.errstate(divide="ignore"):
+        noise = np.where(ok, 1.0 / np.sqrt(np.where(ok, invvar, 1.0)) / sig[:, None, None], 0.0).astype(np.float32)
+    if counted is not None:
+        noise[~counted] = 0.0
+    return scale_snr(snr), noise
+
+
+def extract(arrays: list[np.ndarray], y0: np.ndarray, x0: np.ndarray, size: int) -> list[np.ndarray]:
+    """(N, B, size, size) windows of each (B, ny, nx) array starting at (y0, x0) in the arrays' frame, 0 outside."""
+    y0, x0 = np.asarray(y0, np.int64), np.asarray(x0, np.int64)
+    if len(y0) == 0:
+        return [np.zeros((0, a.shape[0], size, size), a.dtype) for a in arrays]
+    ny, nx = arrays[0].shape[1:]
+    py0, px0 = max(0, -int(y0.min())), max(0, -int(x0.min()))
+    py1, px1 = max(0, int(y0.max()) + size - ny), max(0, int(x0.max()) + size - nx)
+    ys = (y0 + py0)[:, None] + np.arange(size)
+    xs = (x0 + px0)[:, None] + np.arange(size)
+    out = []
+    for a in arrays:
+        if py0 or px0 or py1 or px1:
+            a = np.pad(a, ((0, 0), (py0, py1), (px0, px1)))
+        out.append(np.ascontiguousarray(a[:, ys[:, :, None], xs[:, None, :]].transpose(1, 0, 2, 3)))
+    return out

@@ -1,0 +1,168 @@
+"""The anomaly stage's dense grid with the shipped weights: the grid's geometry, artefacts in a simulated field of
+normal sources (a cosmic ray in one band, a trail across a tile boundary) scored above the 99th percentile of the
+field's normal windows, one candidate for the trail, a diffuse ghost (not met: a strict xfail), and scores that a
+constant added to the sky does not change."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from deepfield.catalogs.anomaly_candidates import build_candidates, window_sigma
+from deepfield.tasks.sim.artefacts import add_ghost, add_satellite_trail
+from deepfield.tasks.stages._anomaly_grid import grid_starts, tile_windows
+from deepfield.tasks.stages.anomaly import AnomalyStage
+from deepfield.tasks.stages.background import BackgroundStage
+from deepfield.tasks.trainsets.anomaly import training_fields
+from deepfield.tasks.trainsets.fields import simulate_fields
+from deepfield.tasks.zarr_store import all_tiles, open_store, read_tile
+
+HALO = 64
+
+
+def test_grid_starts_and_every_pixel_in_one_tiles_windows():
+    assert list(grid_starts(100, 32, 16)) == [0, 16, 32, 48, 64, 68]
+    assert list(grid_starts(32, 32, 16)) == [0] and list(grid_starts(20, 32, 16)) == [0]
+
+    class _Box:
+        def __init__(self, y0, y1, x0, x1):
+            self.y0, self.y1, self.x0, self.x1 = y0, y1, x0, x1
+
+    class _Tile:
+        def __init__(self, core):
+            self.field_shape, self.core, self.box = (300, 250), core, _Box(0, 300, 0, 250)
+
+    cores = [_Box(y0, min(y0 + 128, 300), x0, min(x0 + 128, 250)) for y0 in (0, 128, 256) for x0 in (0, 128)]
+    w = pd.concat([tile_windows(_Tile(c), 32, 16) for c in cores], ignore_index=True)
+    assert not w.duplicated(["ky", "kx"]).any()  # each window scored by one tile
+    assert len(w) == len(grid_starts(300, 32, 16)) * len(grid_starts(250, 32, 16))
+    cover = np.zeros((300, 250), int)
+    for r in w.itertuples():
+        cover[r.y0:r.y0 + 32, r.x0:r.x0 + 32] += 1
+    assert cover.min() >= 1  # every pixel in at least one window
+
+
+@pytest.fixture(scope="module")
+def field(tmp_path_factory):
+    """A 1024^2 field of normal sources (galaxies, stars, masked defects; no anomalies), its tiles read with halo
+    and background-subtracted, and the anomaly stage with the shipped weights."""
+    work = tmp_path_factory.mktemp("anomaly-grid")
+    root = open_store(simulate_fields(training_fields(seed=424242, n_fields=1, size=1024), work, workers=1))
+    stage = AnomalyStage(rescore=0)
+    stage.setup("cpu")
+    raw = [read_tile(root, t, HALO) for t in all_tiles(root, HALO)]
+    tiles = [read_tile(root, t, HALO) for t in all_tiles(root, HALO)]
+    for t in tiles:
+        BackgroundStage().run(t, pd.DataFrame())
+    clean = pd.concat([stage.windows(t) for t in tiles], ignore_index=True)
+    return dict(root=root, stage=stage, raw=raw, tiles=tiles, clean=clean)
+
+
+def _copy(tile):
+    import copy
+    t = copy.copy(tile)
+    t.image, t.tables, t.meta = tile.image.copy(), {}, dict(tile.meta)
+    return t
+
+
+def _sky_sigma(tile, band: str) -> float:
+    b = tile.bands.index(band)
+    return float(1 / np.sqrt(np.median(tile.invvar[b][tile.invvar[b] > 0])))
+
+
+def _near(w: pd.DataFrame, x: float, y: float, reach: float) -> pd.DataFrame:
+    return w[(np.abs(w.x - x) <= reach) & (np.abs(w.y - y) <= reach)]
+
+
+def test_artefacts_score_above_the_99th_percentile_of_normal_windows(field):
+    stage, p99 = field["stage"], float(np.percentile(field["clean"].score, 99))
+    maps = []
+    for tile in field["tiles"]:
+        t = _copy(tile)
+        ox, oy = t.box.x0, t.box.y0
+        g, r = t.bands.index("g"), t.bands.index("r")
+        # a cosmic ray in g only: four pixels of 100 sky sigma (the simulator draws 20-500)
+        for dx in range(4):
+            yy, xx = 300 - oy, 700 + dx - ox
+            if 0 <= yy < t.image.shape[1] and 0 <= xx < t.image.shape[2]:
+                t.image[g, yy, xx] += 100 * _sky_sigma(t, "g")
+        # a satellite trail in r of 50 sky sigma on its axis (the simulator draws 2-50), crossing the boundary
+        # x = 512 of two tiles
+        add_satellite_trail(t.image[r], 380 - ox, 90 - oy, 660 - ox, 200 - oy, 1.2, 50 * _sky_sigma(t, "r"))
+        maps.append(stage.windows(t))
+    w = pd.concat(maps, ignore_index=True)
+    got = dict(cosmic_ray=_near(w, 701, 300, 16).score.max(), trail=_near(w, 520, 145, 16).score.max())
+    assert min(got.values()) > p99, (got, p99)
+    # the trail is one candidate, however many windows and tiles it crosses
+    both = pd.concat([field["clean"][~field["clean"].set_index(["ky", "kx"]).index.isin(
+        w.set_index(["ky", "kx"]).index)], w], ignore_index=True)
+    sigma, _ = window_sigma(both.score.to_numpy())
+    cut = float(np.percentile(sigma, 99))
+    cand, _ = build_candidates(both, cut, stage.stride)
+    on_trail = cand[(cand.x.between(380, 660)) & (cand.y.between(80, 210))
+                    & (np.abs((cand.y - 90) - (cand.x - 380) * 110 / 280) < 20)]
+    assert len(on_trail) == 1, cand.head(10)
+    assert on_trail.n_windows.iloc[0] >= 8
+
+
+@pytest.mark.xfail(strict=True, reason="not met: the generator reproduces a flat pedestal, so a ghost's annulus "
+                   "leaves little residual (8 sky sigma per pixel scored 6.0 against a 99th percentile of 9.6); "
+                   "see models/cards/anomaly_wgan.md")
+def test_a_diffuse_ghost_scores_above_the_99th_percentile(field):
+    stage, p99 = field["stage"], float(np.percentile(field["clean"].score, 99))
+    maps = []
+    for tile in field["tiles"]:
+        t = _copy(tile)
+        for b in ("g", "r", "i"):  # an annulus of 2 sky sigma per pixel in every band, 40 px wide
+            add_ghost(t.image[t.bands.index(b)], 700 - t.box.x0, 700 - t.box.y0, 60.0, 40.0, 2 * _sky_sigma(t, b))
+        maps.append(stage.windows(t))
+    w = pd.concat(maps, ignore_index=True)
+    assert w[np.abs(np.hypot(w.x - 700, w.y - 700) - 60) <= 10].score.max() > p99
+
+
+def test_scores_unchanged_by_a_constant_sky(field):
+    stage = field["stage"]
+    tile = field["raw"][0]
+    a, b = _copy(tile), _copy(tile)
+    b.image = b.image + np.float32(50.0) * np.array([_sky_sigma(tile, x) for x in tile.bands], np.float32)[:, None, None]
+    for t in (a, b):
+        BackgroundStage().run(t, pd.DataFrame())
+    sa, sb = stage.windows(a).score.to_numpy(), stage.windows(b).score.to_numpy()
+    np.testing.assert_allclose(sb, sa, rtol=2e-3, atol=2e-3)
+
+
+def _grid(field: str, n: int, ra0: float, hot: dict[tuple[int, int], tuple[float, float, float]]) -> pd.DataFrame:
+    """An n x n grid of windows (stride 16, 0.2"/px, ra increasing with x) of score 1 (+- 0.1), and `hot`
+    windows (ky, kx) -> (score, peak offset x, peak offset y)."""
+    rng = np.random.default_rng(len(hot))
+    ky, kx = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    w = pd.DataFrame({"field": field, "ky": ky.ravel(), "kx": kx.ravel()})
+    w["x"], w["y"] = w.kx * 16 + 15.5, w.ky * 16 + 15.5
+    w["score"] = 1 + 0.1 * rng.standard_normal(len(w))
+    w["peak_x"], w["peak_y"] = w.x, w.y
+    for (y, x), (s, dx, dy) in hot.items():
+        k = y * n + x
+        w.loc[k, ["score", "peak_x", "peak_y"]] = [s, w.x[k] + dx, w.y[k] + dy]
+    w["ra"], w["dec"] = ra0 + w.peak_x * 0.2 / 3600, 0.0 + w.peak_y * 0.2 / 3600
+    w["score_paper"], w["band"] = w.score, "g"
+    return w
+
+
+def test_candidates_one_per_region_with_shape_hints_and_fields_merged():
+    """Hand-made grids: a point (four windows seeing one pixel), a diagonal line of ten windows whose middle
+    fades below the cut but not below the growth threshold, and an extended blob are three candidates with
+    their shapes; the same point seen by a second field overlapping on the sky is not a fourth."""
+    point = {(5, 5): (20.0, 8, 8), (5, 6): (18.0, -8, 8), (6, 5): (18.0, 8, -8), (6, 6): (17.0, -8, -8)}
+    line = {(20 + k, 3 + k): ((9.0 if k in (4, 5) else 15.0), 0, 0) for k in range(10)}
+    blob = {(y, x): (16.0, 0, 0) for y in range(10, 13) for x in range(25, 28)}
+    a = _grid("fa", 40, 10.0, {**point, **line, **blob})
+    b = _grid("fb", 12, 10.0, {(5, 5): (20.0, 8, 8)})  # field fb: the same sky as fa's corner
+    sigma, stats = window_sigma(pd.concat([a, b]).score.to_numpy())
+    cut = float((15.0 - stats["median"]) / stats["scale"])  # 15: the line's fading middle (9) is below
+    cand, _ = build_candidates(pd.concat([a, b], ignore_index=True), cut, 16, sigma_grow=cut / 3)
+    assert len(cand) == 3, cand
+    by_shape = dict(zip(cand["shape"], cand.n_windows))
+    assert by_shape == {"point": 5, "linear": 10, "extended": 9}  # the point: fa's four and fb's one
+    assert list(cand.anomaly_rank) == [1, 2, 3] and cand.anomaly_sigma.is_monotonic_decreasing
+    p = cand[cand["shape"] == "point"].iloc[0]
+    assert (p.x, p.y) == (5 * 16 + 15.5 + 8, 5 * 16 + 15.5 + 8)
