@@ -132,8 +132,9 @@ def train_encoder(model: AnomalyGAN, x: torch.Tensor, iters: int, batch: int, se
             pix = (xb - rec).abs().flatten(1).sum(1)
             feat = (fxm - fgm).abs().flatten(1).sum(1)
             loss = ((1 - LAMBDA) * pix / npix + LAMBDA * feat / model.critic.n_features).mean()
-            if local_weight:  # the local score's pixel term too: the worst cells are bright sources' residuals
-                loss = loss + local_weight * local_terms(xb, rec, fxm, fgm, torch.ones_like(xb))[0].mean()
+            if local_weight:  # the local score's pixel term too (each band's model at each pixel, reach 0): the
+                # worst cells are bright sources' residuals
+                loss = loss + local_weight * local_terms(xb, rec, fxm, fgm, torch.ones_like(xb), reach=0)[0].mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
