@@ -219,10 +219,13 @@ def local_terms(x: torch.Tensor, g: torch.Tensor, fx: torch.Tensor, fg: torch.Te
     - pixel: |x - G(z)| in units of each pixel's noise (`noise`: its sigma in units of the stamp's sky sigma,
       from the inverse variance, 0 for no data; inflated where the model is bright, MODEL_SCALE and
       MODEL_FRAC, the model's brightness taken as its largest over bands and over `reach` x `reach` px around
-      each pixel; reach 0: each band's own model at the pixel), averaged over POOL x POOL cells, the largest over bands, the mean of the TOP_K worst cells;
+      each pixel; reach 0: each band's own model at the pixel), averaged over POOL x POOL cells, the largest
+      over bands, the mean of the TOP_K worst cells;
     - feature: |f(x) - f(G(z))| summed over the critic's channels at each of its spatial cells (8 x 8 px of
       the stamp), the worst cell;
-    and the band index and (y, x) stamp position of the worst pixel cell's centre."""
+    - the band index and (y, x) stamp position of the worst pixel cell's centre;
+    - diffuse: over each quarter of the stamp, the signed residual of the model's sky pixels summed in units
+      of its noise, the worst quarter (below)."""
     m = unscale(g).abs()
     near = m  # reach 0: each band's own model at each pixel (the encoder's training loss)
     if reach:
