@@ -11,7 +11,7 @@ import typer
 from deepfield.models.progress import say
 
 from .cli_common import console, fail
-from .cli_models import LIBRARY_DIR, _evaluate, _train, eval_app, train_app
+from .cli_models import LIBRARY_DIR, _checkpoint, _evaluate, _train, eval_app, train_app
 
 
 def _stage_params(items: list[str] | None, option: str) -> dict:
@@ -155,7 +155,7 @@ def train_detect(
         if calibrate_only:
             done = _weights_and_record(out or entry(MODEL).weights)
         else:
-            ck = checkpoint or (out or entry(MODEL).weights).with_suffix(".ckpt")
+            ck = _checkpoint(checkpoint, out, MODEL)
             done = train(lambda step: training_batch(lib, cfg, seed, step, batch), val, steps=steps, lr=lr,
                          seed=seed, bands=tuple(lib.bands), widths=w, device=device, threads=threads, checkpoint=ck,
                          stop_after=stop_after,

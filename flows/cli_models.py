@@ -48,6 +48,12 @@ def _train(name: str, model: str, fit: Callable[[str], tuple[dict, dict]], out: 
     return rec
 
 
+def _checkpoint(checkpoint: Path | None, out: Path | None, model: str) -> Path:
+    """A training command's checkpoint file: the one given, else beside the weights it writes (<out>.ckpt)."""
+    from deepfield.models.registry import entry
+    return checkpoint or (out or entry(model).weights).with_suffix(".ckpt")
+
+
 def _evaluate(evaluate, format_report, weights: Path | None, out: Path | None, **options) -> None:
     """Run one model's `evaluate(weights=..., **options)`, print its report and write the figures to `out`."""
     if weights is not None and not weights.exists():
@@ -139,7 +145,6 @@ def train_deblend(
     from deepfield.tasks.trainsets.blend_stamps import BlendConfig, training_examples
 
     def fit_composed(command: str):
-        from deepfield.models.registry import entry
         from deepfield.tasks.trainsets import blend_compose
         from deepfield.tasks.trainsets.library import LibraryConfig, library_or_build
         lib_cfg = LibraryConfig()
@@ -147,7 +152,7 @@ def train_deblend(
         cfg = blend_compose.BlendComposeConfig()
         say(f"composing {n_val} validation blends ...")
         va = blend_compose.validation_set(lib, cfg, seed, n_val)
-        ck = checkpoint or (out or entry(MODEL).weights).with_suffix(".ckpt")
+        ck = _checkpoint(checkpoint, out, MODEL)
         return train_stream(lambda step: blend_compose.training_batch(lib, cfg, seed, step, blends_per_step), va,
                             ref_index=lib.bands.index(lib.cfg.reference_band), zeropoint=lib.cfg.zeropoint,
                             steps=steps, lr=lr, seed=seed, device=device, threads=threads,
@@ -223,8 +228,7 @@ def train_anomaly(
                                        bright_fraction=bright_fraction)
         else:
             x, data = training_stamps(fields, field_size, seed, workers, cache, progress=say)
-        from deepfield.models.registry import entry
-        ck = checkpoint or (out or entry(MODEL).weights).with_suffix(".ckpt")
+        ck = _checkpoint(checkpoint, out, MODEL)
         return train(x, iters=iters, enc_iters=enc_iters, batch=batch, seed=seed, device=device, threads=threads,
                      command=command, data=data, checkpoint=ck, stop_after=stop_after)
     rec = _train("anomaly", MODEL, fit, out)

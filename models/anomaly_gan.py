@@ -153,6 +153,24 @@ def residuals(model: AnomalyGAN, x: torch.Tensor, z: torch.Tensor, fx: torch.Ten
     return (x - g).abs().flatten(1).sum(1), (fx - model.critic.features(g)).abs().sum(1)
 
 
+def refine_latent(model: AnomalyGAN, x: torch.Tensor, z: torch.Tensor, fx: torch.Tensor, steps: int, lr: float,
+                  lam: float) -> torch.Tensor:
+    """z after `steps` Adam steps (lr) on the paper's L = (1 - lam) pixel + lam feature residual of stamps x
+    (fx: their critic features), the full mode's refinement; z itself for steps = 0. Call it with the model's
+    parameters frozen (gradients flow to z only)."""
+    if steps <= 0:
+        return z
+    z = z.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    for _ in range(steps):
+        pix, feat = residuals(model, x, z, fx)
+        loss = ((1 - lam) * pix + lam * feat).sum()  # examples are independent: one sum, own gradients
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return z.detach()
+
+
 def anomaly_scores(model: AnomalyGAN, x: np.ndarray, steps: int = 20, lr: float = 0.05, lam: float = LAMBDA,
                    batch: int = 256, device: str | torch.device | None = None) -> dict[str, np.ndarray]:
     """Scores of scaled stamps x (N, 3, S, S): dict(score, pixel, feature), each (N,) float32.
@@ -175,16 +193,7 @@ def _scores(model: AnomalyGAN, x: np.ndarray, steps: int, lr: float, lam: float,
         with torch.no_grad():
             z0 = model.encoder(xb)
             fx = model.critic.features(xb)
-        if steps > 0:
-            z = z0.clone().requires_grad_(True)
-            opt = torch.optim.Adam([z], lr=lr)
-            for _ in range(steps):
-                pix, feat = residuals(model, xb, z, fx)
-                loss = ((1 - lam) * pix + lam * feat).sum()  # examples are independent: one sum, own gradients
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            z0 = z.detach()
+        z0 = refine_latent(model, xb, z0, fx, steps, lr, lam)
         with torch.no_grad():
             pix, feat = residuals(model, xb, z0, fx)
         out["pixel"].append(pix.cpu().numpy())
@@ -276,16 +285,7 @@ def grid_scores(model: AnomalyGAN, x: np.ndarray, noise: np.ndarray, steps: int 
                     z = model.encoder(xb)
                     fxm = model.critic.conv(xb)
                 fx = fxm.flatten(1)
-                if steps > 0:
-                    z = z.clone().requires_grad_(True)
-                    opt = torch.optim.Adam([z], lr=lr)
-                    for _ in range(steps):
-                        pix, feat = residuals(model, xb, z, fx)
-                        loss = ((1 - lam) * pix + lam * feat).sum()
-                        opt.zero_grad()
-                        loss.backward()
-                        opt.step()
-                    z = z.detach()
+                z = refine_latent(model, xb, z, fx, steps, lr, lam)
                 with torch.no_grad():
                     g = model.generator(z)
                     fgm = model.critic.conv(g)

@@ -120,9 +120,11 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     x, noise = np.concatenate(xs), np.concatenate(noises)
     windows = pd.concat(tables, ignore_index=True)
     core = 0.75 * stage.stride
-    label = np.concatenate([label_sources(w, anomalies[anomalies.field == name], lenses[lenses.field == name],
-                                          stage.size, stage.bands, core) for name, w in windows.groupby("field")])
-    label = label[np.argsort(np.concatenate([w.index.to_numpy() for _, w in windows.groupby("field")]))]
+    label = np.empty(len(windows), object)
+    for name, w in windows.groupby("field"):
+        label[w.index.to_numpy()] = label_sources(w, anomalies[anomalies.field == name],
+                                                  lenses[lenses.field == name], stage.size, stage.bands, core)
+    label = label.astype(str)
     subjects = _best_windows(windows, anomalies, lenses, stage, core)
     say(f"scoring {len(x)} windows ({int(np.isin(label, ['normal', 'contaminated'], invert=True).sum())} "
         f"anomalous, {len(subjects)} injected anomalies) in the fast and full modes ...")

@@ -51,18 +51,8 @@ def window_stamps(image: np.ndarray, invvar: np.ndarray, usable: np.ndarray, y0:
     if n == 0:
         z = np.zeros((0, nb, size, size), np.float32)
         return z, np.ones((0, nb), np.float32), z.copy()
-    y0, x0 = np.asarray(y0, np.int64), np.asarray(x0, np.int64)
-    ny, nx = image.shape[1:]
-    # pad so that every window lies inside (the part outside the arrays has no data)
-    py0, px0 = max(0, -int(y0.min())), max(0, -int(x0.min()))
-    py1, px1 = max(0, int(y0.max()) + size - ny), max(0, int(x0.max()) + size - nx)
-    pad = ((0, 0), (py0, py1), (px0, px1))
-    inv = np.pad(np.where(usable, invvar, 0).astype(np.float32), pad)
-    img = np.pad(np.where(usable, image, 0).astype(np.float32), pad)
-    ys = (y0 + py0)[:, None] + np.arange(size)  # (N, S)
-    xs = (x0 + px0)[:, None] + np.arange(size)
-    win = img[:, ys[:, :, None], xs[:, None, :]].transpose(1, 0, 2, 3)  # (N, B, S, S)
-    iv = inv[:, ys[:, :, None], xs[:, None, :]].transpose(1, 0, 2, 3)
+    win, iv = extract([np.where(usable, image, 0).astype(np.float32), np.where(usable, invvar, 0).astype(np.float32)],
+                      y0, x0, size)  # outside the arrays: no data
     ok = iv > 0
     flat = iv.reshape(n, nb, -1)
     full = ok.reshape(n, nb, -1).all(-1)

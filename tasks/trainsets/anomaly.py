@@ -202,7 +202,6 @@ def training_windows(fields: int = 6, field_size: int = 2048, seed: int = 0, per
     from deepfield.models.anomaly_gan import scale_stamps
 
     from ..stages._anomaly_grid import window_stamps
-    from ..stages.anomaly import NO_PIXEL
     say = progress or (lambda msg: None)
     stage = AnomalyStage()
     data = dict(fields=fields, field_size=field_size, field_seed=seed * 1000 + 1, per_tile=per_tile,
@@ -233,10 +232,8 @@ def training_windows(fields: int = 6, field_size: int = 2048, seed: int = 0, per
                     c = tile.core
                     ylo, yhi = max(c.y0, (s - 1) / 2), min(c.y1, ny - (s - 1) / 2 - 1)
                     xlo, xhi = max(c.x0, (s - 1) / 2), min(c.x1, nx - (s - 1) / 2 - 1)
-                    idx = [tile.bands.index(b) for b in stage.bands]
-                    image = tile.image[idx]
-                    usable = ((tile.mask[idx] & NO_PIXEL) == 0) & np.isfinite(image)
-                    snr = np.where(usable, image * np.sqrt(np.maximum(tile.invvar[idx], 0)), 0).max(axis=0)
+                    image, invvar, usable = stage._pixels(tile)
+                    snr = np.where(usable, image * np.sqrt(np.maximum(invvar, 0)), 0).max(axis=0)
                     py, px = _bright_peaks(snr)
                     py, px = py + tile.box.y0, px + tile.box.x0
                     inside = (py >= ylo) & (py < yhi) & (px >= xlo) & (px < xhi)
@@ -249,7 +246,7 @@ def training_windows(fields: int = 6, field_size: int = 2048, seed: int = 0, per
                                          np.clip(px[pick] + rng.uniform(-14, 14, nb), xlo, xhi)])
                     y0 = np.rint(yc - (s - 1) / 2).astype(int) - tile.box.y0
                     x0 = np.rint(xc - (s - 1) / 2).astype(int) - tile.box.x0
-                    stamps, sig, _ = window_stamps(image, tile.invvar[idx], usable, y0, x0, s)
+                    stamps, sig, _ = window_stamps(image, invvar, usable, y0, x0, s)
                     out.append(scale_stamps(stamps, sig))
             say(f"windows of {name}: {sum(len(o) for o in out)} so far")
         x = np.concatenate(out)
