@@ -27,7 +27,7 @@ class TileRecord:
     config_hash: str
     stage_versions: dict[str, str]
     model_versions: dict[str, str] = field(default_factory=dict)
-    input_hash: str = ""  # fingerprint of the field's ingested inputs: a re-ingested field is redone
+    input_hash: str = ""  # the field's input key (provenance.input_keys): a re-ingested field or read neighbour is redone
     timings: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     output: str | None = None

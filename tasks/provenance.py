@@ -5,7 +5,9 @@ redoes exactly the tiles whose result would change (the ledger, tasks/ledger.py,
   configurations (defaults included, so a changed default counts), the halo and the tile size;
 - `stage_versions`: each stage's `version` (bumped when its code changes what it writes);
 - `model_versions`: the version of every network the stages run: the first 12 hex digits of the sha256 of
-  the shipped weights, or "file:" + that of the weights file a stage's configuration names.
+  the shipped weights, or "file:" + that of the weights file a stage's configuration names;
+- `input_keys`: per field, the fingerprint of its ingested inputs, and of the neighbouring fields' when a stage
+  reads pixels beyond its field (`Stage.sky_reach_arcsec`: the cluster stage's halo).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 
 from .stages.registry import stage_class
 
-__all__ = ["stage_configs", "processing_hash", "stage_versions", "model_versions", "RunKeys", "run_keys"]
+__all__ = ["stage_configs", "processing_hash", "stage_versions", "model_versions", "sky_reach", "input_keys",
+           "RunKeys", "run_keys"]
 
 
 def stage_configs(stages: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
@@ -54,7 +57,7 @@ class RunKeys:
     config_hash: str
     stage_versions: dict[str, str] = field(default_factory=dict)
     model_versions: dict[str, str] = field(default_factory=dict)
-    inputs: dict[str, str] = field(default_factory=dict)  # field -> tasks.zarr_store.input_fingerprint
+    inputs: dict[str, str] = field(default_factory=dict)  # field -> input_keys (its inputs and, where read, its neighbours')
 
     def matches(self, rec) -> bool:
         """True when the ledger record `rec` (tasks.ledger.TileRecord) was made under these keys."""
@@ -64,8 +67,32 @@ class RunKeys:
                 and rec.model_versions == self.model_versions)
 
 
+def sky_reach(stages: list[tuple[str, dict]]) -> float:
+    """The furthest any of `stages` reads beyond its own field, arcsec (Stage.sky_reach_arcsec)."""
+    return max([stage_class(n).sky_reach_arcsec(stage_class(n).configure(p)) for n, p in stages] or [0.0])
+
+
+def input_keys(root, fields, reach_arcsec: float = 0.0) -> dict[str, str]:
+    """Per field of `fields`, the fingerprint of its ingested inputs (tasks.zarr_store.input_fingerprint); when
+    a stage reads other fields' pixels within `reach_arcsec` of a field (the cluster stage's halo), the
+    fingerprints of the store's complete fields within that reach are folded in, so that re-ingesting, adding
+    or removing a neighbour redoes the field's tiles, not only re-ingesting the field."""
+    from .zarr_store import complete_fields, field_footprint, fields_near, input_fingerprint
+    own = {f: input_fingerprint(root, f) for f in fields}
+    if reach_arcsec <= 0:
+        return own
+    complete = complete_fields(root)
+    footprints = {n: field_footprint(root["fields"][n].attrs.asdict()) for n in complete}
+    prints = {n: own.get(n) or input_fingerprint(root, n) for n in complete}
+    out = {}
+    for f in fields:
+        near = sorted(fields_near(footprints, f, reach_arcsec)) if f in footprints else []
+        blob = json.dumps([own[f], [(n, prints[n]) for n in near]])
+        out[f] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return out
+
+
 def run_keys(stages: list[tuple[str, dict]], config_hash: str, root, fields) -> RunKeys:
     """The RunKeys of a run of `stages` under `config_hash` over `fields` of the open store `root`."""
-    from .zarr_store import input_fingerprint
     return RunKeys(config_hash, stage_versions(stages), model_versions(stages),
-                   {f: input_fingerprint(root, f) for f in fields})
+                   input_keys(root, fields, sky_reach(stages)))

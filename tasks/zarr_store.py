@@ -157,6 +157,37 @@ def input_fingerprint(root: zarr.Group, name: str) -> str:
     return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def field_wcs(attrs):
+    """The astropy WCS of a field from its group attributes."""
+    from astropy.wcs import WCS
+    return WCS(attrs_to_header(attrs["wcs_header"]))
+
+
+def field_footprint(attrs) -> tuple[float, float, float]:
+    """(ra, dec) of a field's centre (deg) and the radius of the circle through its corners (arcsec), from its
+    group attributes."""
+    import numpy as np
+    _, ny, nx = attrs["shape"]
+    ra, dec = field_wcs(attrs).pixel_to_world_values((nx - 1) / 2.0, (ny - 1) / 2.0)
+    return float(ra), float(dec), 0.5 * float(np.hypot(nx, ny)) * float(attrs["pixel_scale"])
+
+
+def fields_near(footprints: dict[str, tuple[float, float, float]], name: str, margin_arcsec: float) -> list[str]:
+    """The fields of `footprints` (name -> field_footprint) other than `name` that may cover sky within
+    `margin_arcsec` of field `name`: their corner circles, grown by the margin's diagonal and 1' for distortion,
+    meet."""
+    import numpy as np
+
+    from .astro import separation_arcsec
+    others = [n for n in footprints if n != name]
+    if not others or name not in footprints:
+        return []
+    ra, dec, r = footprints[name]
+    fp = np.array([footprints[n] for n in others])
+    near = separation_arcsec(ra, dec, fp[:, 0], fp[:, 1]) < r + fp[:, 2] + margin_arcsec * np.sqrt(2) + 60.0
+    return [n for n, k in zip(others, near) if k]
+
+
 def complete_fields(root: zarr.Group) -> list[str]:
     if "fields" not in root:
         return []

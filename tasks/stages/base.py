@@ -93,6 +93,13 @@ class Stage(ABC):
         except ValidationError as exc:
             raise config_error(f"stage {cls.name!r}", cls.Config, exc) from None
 
+    @classmethod
+    def sky_reach_arcsec(cls, config: StageConfig) -> float:
+        """How far beyond its own field (arcsec) the stage reads other fields' pixels: a tile's result then also
+        depends on the fields within that reach, and a re-ingest of one of them redoes the tile (tasks/provenance.py).
+        0 for stages that read only their own tile."""
+        return 0.0
+
     def required_bands(self) -> list[str] | None:
         """The bands this stage needs in every field, or None when it works on whatever bands a field has."""
         return None
