@@ -4,10 +4,14 @@ candidates merged over tiles and fields, and member galaxies assigned in the sou
 1. Candidates: every `RUN/tiles/<field>/<ty>_<tx>.clusters.parquet` beside a merged tile table. A tile
    keeps only the peaks in its core, but a cluster near a tile or field edge can still peak in two cores
    (each tile sees a different part of it), and overlapping fields see the same clusters.
-2. Non-maximum suppression on the sky: candidates in descending `score`; one within `nms_mpc` (0.5 Mpc,
-   physical, at the stronger one's redshift) of a kept one is the same cluster and is dropped. 0.5 Mpc is
-   about half of R_lambda for the richness range of interest, and two clusters closer than that are one
-   system at this resolution. `cluster_id` is the rank by score (1 = highest).
+2. Non-maximum suppression on the sky and in redshift: candidates in descending `score`; one within
+   `nms_mpc` (0.5 Mpc, physical, at the stronger one's redshift) of a kept one AND within `nms_dz` (0.1) of
+   its redshift in (z - z_kept) / (1 + z_kept) is the same cluster and is dropped. 0.5 Mpc is about half of
+   R_lambda for the richness range of interest; the network's redshifts scatter by ~0.03 (1 + z), so 0.1 is
+   3 sigma: two candidates on one line of sight further apart in z are two clusters in projection, and both
+   are kept. The same cluster seen from two tiles, or from two overlapping fields (a cluster straddling a
+   field edge: the stage reads the neighbouring fields' pixels around each field), is one row.
+   `cluster_id` is the rank by score (1 = highest).
 3. Redshift (`refine_redshifts`): the network's redshift is kept as `z_net`; `z` is the red-sequence
    redshift of the source catalog's galaxies around the centre, searched within +-0.15 of z_net
    (catalogs/redsequence.py, `refine_redshift`): the colours of a few bright members pin z far better than
@@ -59,15 +63,18 @@ def read_candidates(tile_tables: list[Path]) -> pd.DataFrame | None:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=CANDIDATE_COLUMNS)
 
 
-def suppress(cand: pd.DataFrame, nms_mpc: float = 0.5) -> pd.DataFrame:
-    """Non-maximum suppression on the sky (module docstring, step 2); the kept rows get cluster_id."""
+def suppress(cand: pd.DataFrame, nms_mpc: float = 0.5, nms_dz: float = 0.1) -> pd.DataFrame:
+    """Non-maximum suppression on the sky and in redshift (module docstring, step 2); the kept rows get
+    cluster_id."""
     cand = cand.sort_values(["score", "field", "tile"], ascending=[False, True, True], kind="stable").reset_index(drop=True)
     keep: list[int] = []
+    z = cand.z.to_numpy(float)
     for i in range(len(cand)):
         if keep:
-            radius = nms_mpc * np.array([arcsec_per_mpc(max(float(cand.z.iat[k]), 0.05)) for k in keep])
+            radius = nms_mpc * np.array([arcsec_per_mpc(max(float(z[k]), 0.05)) for k in keep])
             sep = separation_arcsec(cand.ra.iat[i], cand.dec.iat[i], cand.ra.to_numpy()[keep], cand.dec.to_numpy()[keep])
-            if np.any(sep < radius):
+            same_z = np.abs(z[i] - z[keep]) / (1 + z[keep]) < nms_dz
+            if np.any((sep < radius) & same_z):
                 continue
         keep.append(i)
     out = cand.iloc[keep].reset_index(drop=True)
@@ -161,7 +168,9 @@ def member_bands(columns) -> list[str]:
 
 class ClusterMergeConfig(MergeStepConfig):
     nms_mpc: float = Field(0.5, gt=0, le=5, description="cluster candidates closer than this (physical Mpc at "
-                           "the stronger one's redshift) are one cluster")
+                           "the stronger one's redshift) and within nms_dz in redshift are one cluster")
+    nms_dz: float = Field(0.1, gt=0, le=2, description="cluster candidates further apart than this in "
+                          "|z - z_kept| / (1 + z_kept) are two clusters on one line of sight, however close on the sky")
 
 
 class ClusterMerge(MergeStep):
@@ -177,7 +186,7 @@ class ClusterMerge(MergeStep):
         candidates = read_candidates(ctx.tile_tables)
         if candidates is None:
             return
-        clusters = suppress(candidates, self.config.nms_mpc)
+        clusters = suppress(candidates, self.config.nms_mpc, self.config.nms_dz)
         bands = member_bands(ctx.columns)
         self.clusters = refine_redshifts(clusters, field_sources(ctx.tile_tables, set(clusters.field), bands), bands)
         self.rule = member_rule(self.clusters, bands)  # once, not per partition
