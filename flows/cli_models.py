@@ -257,42 +257,49 @@ def eval_anomaly(
 @train_app.command("cluster")
 def train_cluster(
     out: Path = typer.Option(None, "--out", "-o", help="weights file (default: the shipped models/weights/cluster_net.pt)"),
-    fields: int = typer.Option(36, min=2, help="simulated training fields (3 clusters each on average)"),
-    field_size: int = typer.Option(2048, min=512, help="side of each simulated field, pixels"),
-    iters: int = typer.Option(3000, min=1, help="training steps"),
+    backgrounds: int = typer.Option(96, min=2, help="background fields (6.8' each) rendered into the sky library"),
+    clusters: int = typer.Option(3000, min=10, help="clusters and groups rendered into the sky library"),
+    iters: int = typer.Option(6000, min=1, help="training steps"),
     batch: int = typer.Option(16, min=1, help="crops per step"),
     crop: int = typer.Option(128, min=32, help="side of a training crop, binned pixels (multiple of 32)"),
     lr: float = typer.Option(2e-3, min=0, help="peak learning rate (Adam)"),
-    val_fields: int = typer.Option(4, min=1, help="fields kept back for validation"),
-    seed: int = typer.Option(0, min=0, help="seed of the fields (8100 + 1000*seed), split, initialisation and crops"),
-    workers: int = typer.Option(2, min=1, help="processes simulating the fields"),
-    work: Path = typer.Option(None, help="keep the simulated fields and their store here and reuse them next time"),
+    seed: int = typer.Option(0, min=0, help="seed of the library, split, initialisation and crops"),
+    workers: int = typer.Option(2, min=1, help="processes rendering the library"),
+    library: Path = typer.Option(None, help="the sky library's file (default: cluster_sky.npz under --cache; "
+                                 "reused when it was made with the same options)"),
+    cache: Path = typer.Option(Path(".cache"), help="directory of the default library file"),
+    checkpoint: Path = typer.Option(None, help="checkpoint file (default: <out>.ckpt); the same command resumes from it"),
+    stop_after: float = typer.Option(None, min=1, help="stop (checkpointed) after this many seconds of training"),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0"),
     threads: int = typer.Option(2, min=1, help="torch CPU threads"),
 ) -> None:
-    """Train the cluster finder (models/cluster_net.py) on binned simulated fields with clusters."""
+    """Train the cluster finder (models/cluster_net.py) on skies at a realistic cluster density, composed from a
+    library of simulator backgrounds and clusters rendered straight into binned pixels."""
     from deepfield.models.train_cluster import MODEL, train
-    from deepfield.tasks.trainsets.cluster import training_images
+    from deepfield.tasks.trainsets.cluster_sky import build_library
     if crop % 32:
         fail(f"--crop {crop}: must be a multiple of 32")
 
     def fit(command: str):
-        arch = dict(bands=["g", "r", "i", "z"], bin=8)
-        planes, truth, data = training_images(fields, field_size, seed, workers, work, arch["bands"], arch["bin"], say)
-        return train(planes, truth, iters=iters, batch=batch, crop_size=crop, lr=lr, val_fields=val_fields, seed=seed,
-                     device=device, threads=threads, command=command, data=data, arch=arch)
+        lib_path = library or cache / f"cluster_sky-seed{seed}.npz"
+        lib = build_library(lib_path, seed=seed, n_backgrounds=backgrounds, n_clusters=clusters, workers=workers,
+                            progress=say)
+        data = dict(library=str(lib_path.name), backgrounds=backgrounds, clusters=clusters,
+                    n_clusters_rich=int((lib.clusters.richness_target >= 15).sum()))
+        return train(lib, iters=iters, batch=batch, crop_size=crop, lr=lr, seed=seed, device=device, threads=threads,
+                     command=command, data=data, checkpoint=_checkpoint(checkpoint, out, MODEL), stop_after=stop_after)
     rec = _train("cluster", MODEL, fit, out)
     v = rec["final_val"]
-    console.print(f"validation: completeness {v['completeness_rich']:.2f} (richness >= 30, z <= 0.8), purity "
-                  f"{v['purity']:.2f}, sigma_z/(1+z) {v['sigma_z']:.3f}")
+    console.print(f"validation: completeness {v['completeness']:.2f} (richness >= 30, z <= 0.8), purity "
+                  f"{v['purity']:.2f}, sigma_z/(1+z) {v['sigma_z']:.3f}, richness ratio {v['richness_ratio']:.2f}")
 
 
 @eval_app.command("cluster")
 def eval_cluster(
     weights: Path = typer.Option(None, help="weights file (default: the shipped weights)"),
-    fields: int = typer.Option(16, min=1, help="held-out simulated fields (a square-ish grid)"),
+    fields: int = typer.Option(32, min=1, help="held-out simulated fields (a square-ish grid)"),
     field_size: int = typer.Option(2048, min=512, help="side of each field, pixels"),
-    clusters_per_field: float = typer.Option(3.0, min=0, help="clusters per field in the held-out fields"),
+    clusters_per_field: float = typer.Option(1.0, min=0, help="clusters per field in the held-out fields (on average; realistic: at most 1)"),
     seed: int = typer.Option(20261126, min=0, help="seed of the held-out fields"),
     threshold: float = typer.Option(0.3, min=0.01, max=0.99, help="the cluster stage's heat-map threshold"),
     workers: int = typer.Option(2, min=1, help="processes simulating the fields"),
@@ -305,3 +312,21 @@ def eval_cluster(
     _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=field_size,
               clusters_per_field=clusters_per_field, seed=seed, threshold=threshold, workers=workers, work=work,
               device=device)
+
+
+@eval_app.command("cluster-render")
+def eval_cluster_render(
+    weights: Path = typer.Option(None, help="weights file (default: the shipped weights)"),
+    fields: int = typer.Option(4, min=1, help="fields simulated with GalSim, one rich cluster each"),
+    field_size: int = typer.Option(2048, min=512, help="side of each field, pixels"),
+    seed: int = typer.Option(20261130, min=0, help="seed of the fields"),
+    workers: int = typer.Option(2, min=1, help="processes simulating the fields"),
+    work: Path = typer.Option(None, help="keep the fields and their store here and reuse them next time"),
+    device: str = typer.Option("cpu", help="torch device"),
+    out: Path = typer.Option(None, help="write the figures as JSON here"),
+) -> None:
+    """The cluster finder's fast renderer (its training skies) against GalSim-rendered fields binned by the stage:
+    pixel histograms, colours of the clusters' light and the network's scores on both."""
+    from deepfield.flows.evaluate.cluster_render import compare, format_report
+    _evaluate(compare, format_report, weights, out, n_fields=fields, size=field_size, seed=seed, workers=workers,
+              work=work, device=device)

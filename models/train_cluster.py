@@ -1,130 +1,195 @@
-"""Training of the cluster finder (`deepfield train cluster`).
+"""Training of the cluster finder (`deepfield train cluster`) on skies at a realistic cluster density.
 
-Data: simulated fields with three clusters each on average (tasks/trainsets/cluster.py), binned as the
-stage bins them. A seeded choice of `val_fields` fields is kept back for validation.
+Data: crops composed on the fly from a library rendered once at numpy speed (tasks/trainsets/cluster_sky.py:
+simulator backgrounds without clusters, and simulator clusters and groups drawn alone, both straight into
+the binned pixels by tasks/trainsets/binned_render.py). A seeded tenth of the backgrounds and of the
+clusters is kept back for validation.
 
-Each step draws `batch` crops of `crop` x `crop` binned pixels (205" at 128): 60% centred near a random
-cluster of a random training field (anywhere within the crop's inner part), the rest anywhere (up to 16
-binned pixels beyond the field's edge, where the planes are zero, as the stage's windows at field edges
-are). A random quarter turn and flip is applied to image and targets alike. Loss: CenterNet's focal loss
-on the centre heat map plus L1 on z and ln richness (models/cluster_net.py). Adam, warmed up over the first 5% of the steps, then a cosine decay.
+Each step draws `batch` crops of `crop` x `crop` binned pixels (205" at 128): the sky's own groups and
+clusters at their real density, and in 60 % of the crops one extra cluster of richness >= 15; a random
+quarter turn and flip. Loss: CenterNet's focal loss on the redshift-sliced centre heat map plus L1 on z and
+ln richness (models/cluster_net.py). Adam, warmed up over the first 5 % of the steps, then a cosine decay.
+A checkpoint (model, optimiser, schedule, step, log) is written every `log_every * 5` steps; the same command
+resumes from it.
 
-Validation, on the held-out fields whole: the loss, and with `detect` at the stage's threshold the
-completeness for clusters of richness >= 30 at z <= 0.8 and the purity of the detections (a detection
-within `MATCH_BINNED` binned pixels of a true centre of any richness is true).
+Validation (`validation_set`, `validate`): `VAL_SKIES` skies of 256 x 256 binned pixels (6.8', a 2048^2
+field) from the held-out backgrounds and clusters, each with one cluster of richness >= 15 besides the
+sky's own, and `VAL_EMPTY` without (realistic density only). Completeness for clusters of richness >= 30 at
+z <= 0.8, purity of the detections (a detection within 0.5 Mpc, at the true z, of a true cluster of any
+richness is true; both counted `VAL_BORDER` binned pixels inside the sky), sigma_z/(1+z), and the
+estimated-to-true richness ratio. After training, `calibrate_richness` sets ln lambda = a + b ln
+lambda_net (b = 1, a the median offset over the validation skies' matches of richness >= 20) and stores
+(a, b) in the weights.
 
 Same command, same seed, same software: same weights on a CPU.
 """
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .augment import dihedral
-from .cluster_net import STRIDE, ClusterNet, detect, loss_terms, targets, window
+from .checkpoint import load_checkpoint, save_checkpoint
+from .cluster_net import STRIDE, ClusterNet, detect, loss_terms, targets
 from .progress import say
 
 MODEL = "cluster_net"
-POSITIVE_FRACTION = 0.6
-EDGE = 16  # binned pixels a random crop may reach beyond the field
-MATCH_BINNED = 25.0  # 40" at bin 8: a detection this close to a true centre found it (validation only)
 THRESHOLD = 0.3  # the stage's default
+VAL_SKIES, VAL_EMPTY, VAL_SIZE, VAL_BORDER = 160, 40, 256, 16
+MATCH_MPC = 0.5
 
 
-def sample_batch(planes: np.ndarray, truth: pd.DataFrame, fields: np.ndarray, n: int, size: int,
-                 rng: np.random.Generator) -> list[torch.Tensor]:
-    """[x (n, C, S, S), heat, z, ln richness (n, 1, S/4, S/4)] of n random crops (module docstring)."""
-    _, _, h, w = planes.shape
-    xs, heats, zs, rs = [], [], [], []
-    by_field = {k: truth[truth.k == k] for k in fields}
+def sample_batch(lib, n: int, size: int, rng: np.random.Generator, backgrounds: np.ndarray, clusters: np.ndarray
+                 ) -> list[torch.Tensor]:
+    """[x (n, C, S, S), heat, z, ln richness, weight (n, slices, S/4, S/4)] of n composed crops."""
+    from deepfield.tasks.trainsets.cluster_sky import compose
+    xs, tg = [], []
     for _ in range(n):
-        k = int(rng.choice(fields))
-        t = by_field[k]
-        if len(t) and rng.uniform() < POSITIVE_FRACTION:
-            c = t.iloc[int(rng.integers(len(t)))]
-            x0 = int(np.floor(c.xb)) - int(rng.integers(size // 8, size - size // 8))
-            y0 = int(np.floor(c.yb)) - int(rng.integers(size // 8, size - size // 8))
-        else:
-            x0, y0 = (int(rng.integers(-EDGE, max(w - size + EDGE, -EDGE + 1))),
-                      int(rng.integers(-EDGE, max(h - size + EDGE, -EDGE + 1))))
-        xs.append(window(planes[k], y0, x0, size, size))
-        centres = np.stack([t.xb.to_numpy() - x0, t.yb.to_numpy() - y0], axis=1) if len(t) else np.zeros((0, 2))
-        heat, zmap, rmap = targets((size // STRIDE, size // STRIDE), centres, t.z.to_numpy(), t.richness.to_numpy())
-        heats.append(heat)
-        zs.append(zmap)
-        rs.append(rmap)
-    return [torch.as_tensor(np.stack(xs)), *(torch.as_tensor(np.stack(a))[:, None] for a in (heats, zs, rs))]
+        planes, truth = compose(lib, size, rng, backgrounds, clusters)
+        xs.append(planes)
+        centres = truth[["x", "y"]].to_numpy(float).reshape(-1, 2)
+        tg.append(targets((size // STRIDE, size // STRIDE), centres, truth.z.to_numpy(), truth.richness.to_numpy()))
+    return [torch.as_tensor(np.stack(xs)), *(torch.as_tensor(np.stack([t[k] for t in tg])) for k in range(4))]
 
 
-def match(found: pd.DataFrame, truth: pd.DataFrame, radius: float) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy matching by score: (index of the true cluster each detection found, or -1; for each true
-    cluster, the index of the detection that found it, or -1). Positions in the same units as `radius`."""
+def validation_set(lib, seed: int, backgrounds: np.ndarray, clusters: np.ndarray) -> list[tuple[np.ndarray, pd.DataFrame]]:
+    """The held-out skies (module docstring), the same for a given seed."""
+    from deepfield.tasks.trainsets.cluster_sky import compose
+    rng = np.random.default_rng([seed, 7_300_000])
+    return [compose(lib, VAL_SIZE, rng, backgrounds, clusters, positive=k < VAL_SKIES, edge=0)
+            for k in range(VAL_SKIES + VAL_EMPTY)]
+
+
+def match_sky(found: pd.DataFrame, truth: pd.DataFrame, pixel_arcsec: float) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy matching by score within 0.5 Mpc (at the true z) in binned pixels: (true row each detection
+    found or -1, detection that found each true cluster or -1)."""
+    from deepfield.tasks.astro import arcsec_per_mpc
+    radius = np.array([MATCH_MPC * arcsec_per_mpc(max(float(z), 0.05)) / pixel_arcsec for z in truth.z])
     det_to, true_to = np.full(len(found), -1), np.full(len(truth), -1)
     tx, ty = truth["x"].to_numpy(float), truth["y"].to_numpy(float)
     for i in np.argsort(-found["score"].to_numpy(), kind="stable"):
         d = np.hypot(tx - found["x"].iat[i], ty - found["y"].iat[i])
-        d[true_to >= 0] = np.inf
-        j = int(np.argmin(d)) if len(d) else -1
-        if j >= 0 and d[j] <= radius:
+        d[(true_to >= 0) | (d > radius)] = np.inf
+        if len(d) and np.isfinite(d.min()):
+            j = int(np.argmin(d))
             det_to[i], true_to[j] = j, i
     return det_to, true_to
 
 
 @torch.no_grad()
-def validate(model: ClusterNet, planes: np.ndarray, truth: pd.DataFrame, fields: np.ndarray, device) -> dict:
-    """Loss and detection figures on whole held-out fields (module docstring)."""
+def validation_matches(model: ClusterNet, val, device, threshold: float = THRESHOLD, pixel_arcsec: float = 1.6
+                       ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every validation sky's true clusters (with the detection that found each) and detections (with the
+    truth each found), both inside the border."""
+    trues, dets = [], []
+    for k, (planes, truth) in enumerate(val):
+        f = pd.DataFrame(detect(model, planes, threshold, device=str(device)))
+        det_to, true_to = match_sky(f, truth, pixel_arcsec)
+        lo, hi = VAL_BORDER, planes.shape[-1] - VAL_BORDER
+        t_in = (truth.x.between(lo, hi) & truth.y.between(lo, hi)).to_numpy()
+        d_in = (f.x.between(lo, hi) & f.y.between(lo, hi)).to_numpy()
+        t = truth.assign(sky=k, found=true_to >= 0,
+                         z_est=np.array([f.z.iat[i] if i >= 0 else np.nan for i in true_to], float),
+                         richness_est=np.array([f.richness.iat[i] if i >= 0 else np.nan for i in true_to], float))
+        d = f.assign(sky=k, true=det_to >= 0,
+                     z_true=np.array([truth.z.iat[j] if j >= 0 else np.nan for j in det_to], float),
+                     richness_true=np.array([truth.richness.iat[j] if j >= 0 else np.nan for j in det_to], float))
+        trues.append(t[t_in])
+        dets.append(d[d_in])
+    trues, dets = pd.concat(trues, ignore_index=True), pd.concat(dets, ignore_index=True)
+    for df in (trues, dets):
+        for c in df.columns:
+            if df[c].dtype == object:  # an empty sky's columns
+                df[c] = df[c].astype(bool if c in ("found", "true") else float)
+    return trues, dets
+
+
+def summarise(trues: pd.DataFrame, dets: pd.DataFrame) -> dict:
+    """Completeness (richness >= 30, z <= 0.8), purity (all detections; estimated richness >= 30 and z <= 0.8),
+    sigma_z/(1+z) (NMAD) and the richness ratio (median, scatter in dex) over the found targets."""
+    target = (trues.richness >= 30) & (trues.z <= 0.8)
+    found = trues[target & trues.found]
+    dz = (found.z_est - found.z) / (1 + found.z)
+    lr = np.log10(found.richness_est / found.richness)
+    rich_det = dets[(dets.richness >= 30) & (dets.z <= 0.8)]
+    nmad = (lambda v: float(1.4826 * np.median(np.abs(v - np.median(v)))) if len(v) else float("nan"))
+    return dict(n_target=int(target.sum()), completeness=float(trues.found[target].mean()) if target.any() else float("nan"),
+                n_detections=len(dets), purity=float(dets.true.mean()) if len(dets) else float("nan"),
+                n_rich_detections=len(rich_det), purity_rich=float(rich_det.true.mean()) if len(rich_det) else float("nan"),
+                sigma_z=nmad(dz.to_numpy()), bias_z=float(np.median(dz)) if len(dz) else float("nan"),
+                richness_ratio=float(10 ** np.median(lr)) if len(lr) else float("nan"),
+                richness_scatter_dex=nmad(lr.to_numpy()))
+
+
+@torch.no_grad()
+def validate(model: ClusterNet, val, device) -> dict:
+    """Loss and detection figures on the validation skies (module docstring)."""
     model.eval()
-    losses, n_rich, n_rich_found, n_det, n_det_true, dz = [], 0, 0, 0, 0, []
-    for k in fields:
-        t = truth[truth.k == k]
+    losses = []
+    for planes, truth in val[::4]:
         h, w = planes.shape[-2:]
-        centres = np.stack([t.xb.to_numpy(), t.yb.to_numpy()], axis=1) if len(t) else np.zeros((0, 2))
-        tg = targets((-(-h // STRIDE), -(-w // STRIDE)), centres, t.z.to_numpy(), t.richness.to_numpy())
-        x = torch.as_tensor(planes[k][None]).to(device)
+        tg = targets((-(-h // STRIDE), -(-w // STRIDE)), truth[["x", "y"]].to_numpy(float).reshape(-1, 2),
+                     truth.z.to_numpy(), truth.richness.to_numpy())
+        x = torch.as_tensor(planes[None]).to(device)
         losses.append(loss_terms(model, x, *(torch.as_tensor(a)[None].to(device) for a in tg))["total"].item())
-        f = pd.DataFrame(detect(model, planes[k], THRESHOLD, device=str(device)))
-        det_to, true_to = match(f, t.rename(columns={"xb": "x", "yb": "y"}), MATCH_BINNED)
-        rich = (t.richness.to_numpy() >= 30) & (t.z.to_numpy() <= 0.8)
-        n_rich += int(rich.sum())
-        n_rich_found += int((rich & (true_to >= 0)).sum())
-        n_det += len(f)
-        n_det_true += int((det_to >= 0).sum())
-        ok = det_to >= 0
-        dz += list((f.z.to_numpy()[ok] - t.z.to_numpy()[det_to[ok]]) / (1 + t.z.to_numpy()[det_to[ok]]))
+    out = dict(loss=float(np.mean(losses)), **summarise(*validation_matches(model, val, device)))
     model.train()
-    return dict(loss=float(np.mean(losses)), completeness_rich=n_rich_found / max(n_rich, 1), n_rich=n_rich,
-                purity=n_det_true / max(n_det, 1), n_detections=n_det,
-                sigma_z=float(1.4826 * np.median(np.abs(dz))) if dz else float("nan"))
+    return out
 
 
-def train(planes: np.ndarray, truth: pd.DataFrame, iters: int = 3000, batch: int = 16, crop_size: int = 128,
-          lr: float = 2e-3, val_fields: int = 4, seed: int = 0, device: str = "cpu", threads: int = 2,
-          log_every: int = 100, command: str = "", data: dict | None = None, arch: dict | None = None
-          ) -> tuple[dict, dict]:
-    """Train on binned field `planes` (F, C, H, W) and their `truth` (tasks.trainsets.cluster.field_images);
-    returns the training record and the weights (state dict)."""
+def calibrate_richness(model: ClusterNet, val, device) -> tuple[float, float]:
+    """(a, b) of ln lambda = a + b ln lambda_net: b = 1 and a the median of ln(lambda / lambda_net) over the
+    validation skies' clusters of richness >= 20 found at the stage's threshold (the calibration reset first).
+    A median offset, not a least-squares line: regressing the true richness on the estimate flattens the slope
+    towards the sample's mean and biases the rich clusters low."""
+    model.richness_cal.copy_(torch.tensor([0.0, 1.0]))
+    trues, _ = validation_matches(model, val, device)
+    m = trues[trues.found & (trues.richness >= 20)]
+    if len(m) < 10:
+        return 0.0, 1.0
+    return float(np.median(np.log(m.richness.to_numpy() / m.richness_est.to_numpy()))), 1.0
+
+
+def train(lib, iters: int = 6000, batch: int = 16, crop_size: int = 128, lr: float = 2e-3, seed: int = 0,
+          device: str = "cpu", threads: int = 2, log_every: int = 100, command: str = "", data: dict | None = None,
+          arch: dict | None = None, checkpoint: Path | None = None, stop_after: float | None = None
+          ) -> tuple[dict, dict] | None:
+    """Train on skies composed from `lib` (tasks.trainsets.cluster_sky.SkyLibrary); returns the training record
+    and the weights (state dict), or None when `stop_after` seconds ran out first (the checkpoint holds the
+    progress; the same call resumes)."""
+    from deepfield.tasks.trainsets.cluster_sky import split
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(planes))
-    va, tr = np.sort(order[:val_fields]), np.sort(order[val_fields:])
-    arch = dict(dict(bands=["g", "r", "i", "z"], bin=8), **(arch or {}))
+    parts = split(lib, seed)
+    arch = dict(dict(bands=list(lib.bands), bin=lib.bin), **(arch or {}))
     model = ClusterNet(**arch).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-5)
     warm = max(1, iters // 20)  # linear warm-up over 5% of the steps, then a cosine decay
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(i, iters) / iters)))
+    config = dict(model=MODEL, arch=arch, seed=seed, steps=iters, batch=batch, crop=crop_size, lr=lr, data=data or {})
+    rng = np.random.default_rng([seed, 7_400_000])
     g = torch.Generator().manual_seed(seed)
-    say(f"training on {len(tr)} fields ({int(truth.k.isin(tr).sum())} clusters), {len(va)} kept for validation, "
-        f"{iters} steps of {batch} crops of {crop_size}^2 binned px ...")
-    log, acc, t0 = [], [], time.perf_counter()
+    log, start, spent = [], 0, 0.0
+    state = load_checkpoint(checkpoint, config, model, opt, sched, device)
+    if state:
+        start, log, spent = state["step"], state["log"], state.get("seconds", 0.0)
+        rng.bit_generator.state = state["rng"]
+        g.set_state(state["torch_rng"])
+    val = validation_set(lib, seed, parts["val_backgrounds"], parts["val_clusters"])
+    say(f"training on {len(parts['train_backgrounds'])} backgrounds and {len(parts['train_clusters'])} library "
+        f"clusters ({int((lib.clusters.richness_target.to_numpy()[parts['train_clusters']] >= 15).sum())} of richness "
+        f">= 15); {len(val)} validation skies; {iters} steps of {batch} crops of {crop_size}^2 binned px ...")
+    acc, t0 = [], time.perf_counter()
     model.train()
-    for it in range(1, iters + 1):
-        xb, heat, zmap, rmap = dihedral(sample_batch(planes, truth, tr, batch, crop_size, rng), g)
-        terms = loss_terms(model, xb.to(device), heat[:, 0].to(device), zmap[:, 0].to(device), rmap[:, 0].to(device))
+    for it in range(start + 1, iters + 1):
+        xb, heat, zmap, rmap, wt = dihedral(sample_batch(lib, batch, crop_size, rng, parts["train_backgrounds"],
+                                                         parts["train_clusters"]), g)
+        terms = loss_terms(model, xb.to(device), heat.to(device), zmap.to(device), rmap.to(device), wt.to(device))
         opt.zero_grad()
         terms["total"].backward()
         opt.step()
@@ -133,19 +198,33 @@ def train(planes: np.ndarray, truth: pd.DataFrame, iters: int = 3000, batch: int
         if it % log_every == 0 or it == iters:
             rec = {k: float(np.mean([a[k] for a in acc])) for k in acc[0]}
             acc = []
-            rec.update(iter=it, seconds=round(time.perf_counter() - t0, 1))
+            rec.update(iter=it, seconds=round(spent + time.perf_counter() - t0, 1))
             if it % (log_every * 5) == 0 or it == iters:
-                rec["val"] = validate(model, planes, truth, va, device)
+                rec["val"] = validate(model, val, device)
             log.append(rec)
             v = rec.get("val")
             say(f"step {it}/{iters}: loss {rec['total']:.3f} (focal {rec['focal']:.3f}, z {rec['z']:.3f}, "
                 f"ln richness {rec['richness']:.3f})" + (
-                    f"; validation loss {v['loss']:.3f}, completeness {v['completeness_rich']:.2f} of {v['n_rich']}, "
+                    f"; validation loss {v['loss']:.3f}, completeness {v['completeness']:.2f} of {v['n_target']}, "
                     f"purity {v['purity']:.2f} of {v['n_detections']}, sigma_z/(1+z) {v['sigma_z']:.3f}" if v else "")
                 + f" ({rec['seconds']:.0f} s)")
+            if checkpoint is not None and (it % (log_every * 5) == 0 or it == iters):
+                save_checkpoint(checkpoint, config, model, opt, sched, step=it, log=log, rng=rng.bit_generator.state,
+                                torch_rng=g.get_state(), seconds=rec["seconds"])
+            if stop_after is not None and time.perf_counter() - t0 > stop_after and it < iters:
+                if checkpoint is not None:
+                    save_checkpoint(checkpoint, config, model, opt, sched, step=it, log=log,
+                                    rng=rng.bit_generator.state, torch_rng=g.get_state(), seconds=rec["seconds"])
+                say(f"stopping after {stop_after:.0f} s at step {it}; the same command resumes from {checkpoint}")
+                return None
     model.eval()
-    record = dict(model=MODEL, arch=arch, seed=seed, iters=iters, batch=batch, crop=crop_size, lr=lr,
-                  train_fields=[int(k) for k in tr], val_fields=[int(k) for k in va], log=log,
-                  final_val=log[-1].get("val"), seconds=round(time.perf_counter() - t0, 1), command=command,
-                  data=data or {}, torch=torch.__version__, device=device, threads=threads)
+    a, b = calibrate_richness(model, val, device)
+    model.richness_cal.copy_(torch.tensor([a, b]))
+    final = validate(model, val, device)
+    say(f"richness calibration: ln lambda = {a:.3f} + {b:.3f} ln lambda_net; validation after it: "
+        f"richness ratio {final['richness_ratio']:.2f}, scatter {final['richness_scatter_dex']:.3f} dex")
+    record = dict(model=MODEL, arch=arch, seed=seed, iters=iters, batch=batch, crop=crop_size, lr=lr, log=log,
+                  final_val=final, richness_cal=[a, b], seconds=round(spent + time.perf_counter() - t0, 1),
+                  command=command, data=data or {}, torch=torch.__version__, device=device, threads=threads,
+                  split={k: len(v) for k, v in parts.items()})
     return record, model.state_dict()
