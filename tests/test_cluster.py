@@ -208,11 +208,10 @@ def test_shipped_weights_find_a_rich_cluster_on_a_tile_boundary_once(boundary_cl
     best = merged.iloc[int(np.argmin(d))]
     assert d.min() < 0.15 * scale  # within 150 kpc of the BCG
     assert abs(best.z - truth.z) / (1 + truth.z) < 0.05
-    # the 1024 px field holds only the inner 100" of a cluster whose R_lambda is 238": the network, which
-    # counts what it sees, estimates low here (on 2048 px fields its scatter is in the model card)
-    # two-sided, from the evaluation (models/weights/cluster_net.eval.json: ln richness bias -0.27, NMAD
-    # scatter 0.35): within 3 scatters of the bias; measured 0.48 here
-    assert abs(np.log(best.richness / truth.richness) + 0.27) < 3 * 0.35
+    # the 1024 px field holds only the inner 100" of a cluster whose R_lambda is 238": the network counts what
+    # it sees. Two-sided, from the model card: within 3 scatters (0.164 dex = 0.38 in ln, validation skies) of
+    # the median ratio (0.90 on the evaluation fields); measured 0.86 here, score 0.63
+    assert abs(np.log(best.richness / truth.richness) - np.log(0.90)) < 3 * 0.38
     assert best.score > 0.5
 
 

@@ -268,12 +268,12 @@ def test_cluster_catalog_and_members(run, survey, truth):
     d = separation_arcsec(rich.ra, rich.dec, cl.ra.to_numpy(), cl.dec.to_numpy())
     assert (d < 0.5 * scale).sum() == 1  # once (the poor cluster 0.9 Mpc away may come out too)
     found = cl.iloc[int(np.argmin(d))]
-    # 136 px from its field's edge the network sees a third of the cluster: its centre is off by ~0.2 Mpc,
-    # against a median of 7 kpc on the evaluation fields
-    # two-sided, from the evaluation (cluster_net.eval.json): the refined z within 3 NMAD (0.013) of the
-    # truth, the richness within 3 scatters (0.35 in ln) of the network's bias (-0.27); measured +0.018, 1.07
+    # 136 px from its field's edge (the stage extends the field with the neighbouring field's pixels)
+    # two-sided, from the evaluation and validation (models/cards/cluster_net.md): the refined z within 3 NMAD
+    # (0.013) of the truth, the richness within 3 scatters (0.164 dex = 0.38 in ln, validation skies) of the
+    # median ratio (0.90 on the evaluation fields)
     assert d.min() < 0.3 * scale and abs(found.z - rich.z) / (1 + rich.z) < 3 * 0.013
-    assert abs(np.log(found.richness / rich.richness) + 0.27) < 3 * 0.35
+    assert abs(np.log(found.richness / rich.richness) - np.log(0.90)) < 3 * 0.38
     members = cat[cat.cluster_id == found.cluster_id]
     counts, idx, sep = match(members, truth, 1.0)
     true_member = (sep < 1.0) & (truth.cluster_id.to_numpy()[idx] == rich.cluster_id)
