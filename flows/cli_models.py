@@ -276,7 +276,7 @@ def train_cluster(
     """Train the cluster finder (models/cluster_net.py) on skies at a realistic cluster density, composed from a
     library of simulator backgrounds and clusters rendered straight into binned pixels."""
     from deepfield.models.train_cluster import MODEL, train
-    from deepfield.tasks.trainsets.cluster_sky import build_library
+    from deepfield.tasks.trainsets.cluster_sky import build_library, sky_source
     if crop % 32:
         fail(f"--crop {crop}: must be a multiple of 32")
 
@@ -286,7 +286,7 @@ def train_cluster(
                             progress=say)
         data = dict(library=str(lib_path.name), backgrounds=backgrounds, clusters=clusters,
                     n_clusters_rich=int((lib.clusters.richness_target >= 15).sum()))
-        return train(lib, iters=iters, batch=batch, crop_size=crop, lr=lr, seed=seed, device=device, threads=threads,
+        return train(sky_source(lib, seed), iters=iters, batch=batch, crop_size=crop, lr=lr, seed=seed, device=device, threads=threads,
                      command=command, data=data, checkpoint=_checkpoint(checkpoint, out, MODEL), stop_after=stop_after)
     rec = _train("cluster", MODEL, fit, out)
     v = rec["final_val"]

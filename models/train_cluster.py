@@ -12,9 +12,11 @@ ln richness (models/cluster_net.py). Adam, warmed up over the first 5 % of the s
 A checkpoint (model, optimiser, schedule, step, log) is written every `log_every * 5` steps; the same command
 resumes from it.
 
-Validation (`validation_set`, `validate`): `VAL_SKIES` skies of 256 x 256 binned pixels (6.8', a 2048^2
-field) from the held-out backgrounds and clusters, each with one cluster of richness >= 15 besides the
-sky's own, and `VAL_EMPTY` without (realistic density only). Completeness for clusters of richness >= 30 at
+The loop takes its skies from a source (tasks.trainsets.cluster_sky.SkySource: `sample(n, size, rng)`,
+`validation(seed)`, `bands`, `bin`, `describe()`, `split_sizes()`), so that this module needs nothing of the
+simulator. Validation (`validate`): 160 skies of 256 x 256 binned pixels (6.8', a 2048^2 field) from the
+held-out backgrounds and clusters, each with one cluster of richness >= 15 besides the sky's own, and 40
+without (realistic density only). Completeness for clusters of richness >= 30 at
 z <= 0.8, purity of the detections (a detection within 0.5 Mpc, at the true z, of a true cluster of any
 richness is true; both counted `VAL_BORDER` binned pixels inside the sky), sigma_z/(1+z), and the
 estimated-to-true richness ratio. After training, `calibrate_richness` sets ln lambda = a + b ln
@@ -39,36 +41,23 @@ from .progress import say
 
 MODEL = "cluster_net"
 THRESHOLD = 0.3  # the stage's default
-VAL_SKIES, VAL_EMPTY, VAL_SIZE, VAL_BORDER = 160, 40, 256, 16
-MATCH_MPC = 0.5
+VAL_BORDER = 16
 
 
-def sample_batch(lib, n: int, size: int, rng: np.random.Generator, backgrounds: np.ndarray, clusters: np.ndarray
-                 ) -> list[torch.Tensor]:
-    """[x (n, C, S, S), heat, z, ln richness, weight (n, slices, S/4, S/4)] of n composed crops."""
-    from deepfield.tasks.trainsets.cluster_sky import compose
+def sample_batch(source, n: int, size: int, rng: np.random.Generator) -> list[torch.Tensor]:
+    """[x (n, C, S, S), heat, z, ln richness, weight (n, slices, S/4, S/4)] of n crops from `source`."""
     xs, tg = [], []
-    for _ in range(n):
-        planes, truth = compose(lib, size, rng, backgrounds, clusters)
+    for planes, truth in source.sample(n, size, rng):
         xs.append(planes)
         centres = truth[["x", "y"]].to_numpy(float).reshape(-1, 2)
         tg.append(targets((size // STRIDE, size // STRIDE), centres, truth.z.to_numpy(), truth.richness.to_numpy()))
     return [torch.as_tensor(np.stack(xs)), *(torch.as_tensor(np.stack([t[k] for t in tg])) for k in range(4))]
 
 
-def validation_set(lib, seed: int, backgrounds: np.ndarray, clusters: np.ndarray) -> list[tuple[np.ndarray, pd.DataFrame]]:
-    """The held-out skies (module docstring), the same for a given seed."""
-    from deepfield.tasks.trainsets.cluster_sky import compose
-    rng = np.random.default_rng([seed, 7_300_000])
-    return [compose(lib, VAL_SIZE, rng, backgrounds, clusters, positive=k < VAL_SKIES, edge=0)
-            for k in range(VAL_SKIES + VAL_EMPTY)]
-
-
-def match_sky(found: pd.DataFrame, truth: pd.DataFrame, pixel_arcsec: float) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy matching by score within 0.5 Mpc (at the true z) in binned pixels: (true row each detection
-    found or -1, detection that found each true cluster or -1)."""
-    from deepfield.tasks.astro import arcsec_per_mpc
-    radius = np.array([MATCH_MPC * arcsec_per_mpc(max(float(z), 0.05)) / pixel_arcsec for z in truth.z])
+def match_sky(found: pd.DataFrame, truth: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy matching by score within each true cluster's `match_radius` (binned pixels of 0.5 Mpc at its z,
+    given by the source): (true row each detection found or -1, detection that found each true cluster or -1)."""
+    radius = truth["match_radius"].to_numpy(float)
     det_to, true_to = np.full(len(found), -1), np.full(len(truth), -1)
     tx, ty = truth["x"].to_numpy(float), truth["y"].to_numpy(float)
     for i in np.argsort(-found["score"].to_numpy(), kind="stable"):
@@ -81,14 +70,14 @@ def match_sky(found: pd.DataFrame, truth: pd.DataFrame, pixel_arcsec: float) -> 
 
 
 @torch.no_grad()
-def validation_matches(model: ClusterNet, val, device, threshold: float = THRESHOLD, pixel_arcsec: float = 1.6
+def validation_matches(model: ClusterNet, val, device, threshold: float = THRESHOLD
                        ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every validation sky's true clusters (with the detection that found each) and detections (with the
     truth each found), both inside the border."""
     trues, dets = [], []
     for k, (planes, truth) in enumerate(val):
         f = pd.DataFrame(detect(model, planes, threshold, device=str(device)))
-        det_to, true_to = match_sky(f, truth, pixel_arcsec)
+        det_to, true_to = match_sky(f, truth)
         lo, hi = VAL_BORDER, planes.shape[-1] - VAL_BORDER
         t_in = (truth.x.between(lo, hi) & truth.y.between(lo, hi)).to_numpy()
         d_in = (f.x.between(lo, hi) & f.y.between(lo, hi)).to_numpy()
@@ -154,18 +143,16 @@ def calibrate_richness(model: ClusterNet, val, device) -> tuple[float, float]:
     return float(np.median(np.log(m.richness.to_numpy() / m.richness_est.to_numpy()))), 1.0
 
 
-def train(lib, iters: int = 6000, batch: int = 16, crop_size: int = 128, lr: float = 2e-3, seed: int = 0,
+def train(source, iters: int = 6000, batch: int = 16, crop_size: int = 128, lr: float = 2e-3, seed: int = 0,
           device: str = "cpu", threads: int = 2, log_every: int = 100, command: str = "", data: dict | None = None,
           arch: dict | None = None, checkpoint: Path | None = None, stop_after: float | None = None
           ) -> tuple[dict, dict] | None:
-    """Train on skies composed from `lib` (tasks.trainsets.cluster_sky.SkyLibrary); returns the training record
-    and the weights (state dict), or None when `stop_after` seconds ran out first (the checkpoint holds the
-    progress; the same call resumes)."""
-    from deepfield.tasks.trainsets.cluster_sky import split
+    """Train on skies from `source` (module docstring; tasks.trainsets.cluster_sky.sky_source(library, seed));
+    returns the training record and the weights (state dict), or None when `stop_after` seconds ran out first
+    (the checkpoint holds the progress; the same call resumes)."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    parts = split(lib, seed)
-    arch = dict(dict(bands=list(lib.bands), bin=lib.bin), **(arch or {}))
+    arch = dict(dict(bands=source.bands, bin=source.bin), **(arch or {}))
     model = ClusterNet(**arch).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-5)
     warm = max(1, iters // 20)  # linear warm-up over 5% of the steps, then a cosine decay
@@ -180,15 +167,13 @@ def train(lib, iters: int = 6000, batch: int = 16, crop_size: int = 128, lr: flo
         start, log, spent = state["step"], state["log"], state.get("seconds", 0.0)
         rng.bit_generator.state = state["rng"]
         g.set_state(state["torch_rng"])
-    val = validation_set(lib, seed, parts["val_backgrounds"], parts["val_clusters"])
-    say(f"training on {len(parts['train_backgrounds'])} backgrounds and {len(parts['train_clusters'])} library "
-        f"clusters ({int((lib.clusters.richness_target.to_numpy()[parts['train_clusters']] >= 15).sum())} of richness "
-        f">= 15); {len(val)} validation skies; {iters} steps of {batch} crops of {crop_size}^2 binned px ...")
+    val = source.validation(seed)
+    say(f"training on {source.describe()}; {len(val)} validation skies; {iters} steps of {batch} crops of "
+        f"{crop_size}^2 binned px ...")
     acc, t0 = [], time.perf_counter()
     model.train()
     for it in range(start + 1, iters + 1):
-        xb, heat, zmap, rmap, wt = dihedral(sample_batch(lib, batch, crop_size, rng, parts["train_backgrounds"],
-                                                         parts["train_clusters"]), g)
+        xb, heat, zmap, rmap, wt = dihedral(sample_batch(source, batch, crop_size, rng), g)
         terms = loss_terms(model, xb.to(device), heat.to(device), zmap.to(device), rmap.to(device), wt.to(device))
         opt.zero_grad()
         terms["total"].backward()
@@ -226,5 +211,5 @@ def train(lib, iters: int = 6000, batch: int = 16, crop_size: int = 128, lr: flo
     record = dict(model=MODEL, arch=arch, seed=seed, iters=iters, batch=batch, crop=crop_size, lr=lr, log=log,
                   final_val=final, richness_cal=[a, b], seconds=round(spent + time.perf_counter() - t0, 1),
                   command=command, data=data or {}, torch=torch.__version__, device=device, threads=threads,
-                  split={k: len(v) for k, v in parts.items()})
+                  split=source.split_sizes())
     return record, model.state_dict()

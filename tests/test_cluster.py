@@ -89,20 +89,22 @@ def tiny_sky(tmp_path_factory):
 
 def test_short_training_lowers_the_loss_and_resumes_identically(tiny_sky, tmp_path, monkeypatch):
     import deepfield.models.train_cluster as tc
-    monkeypatch.setattr(tc, "VAL_SKIES", 4)
-    monkeypatch.setattr(tc, "VAL_EMPTY", 2)
-    monkeypatch.setattr(tc, "VAL_SIZE", 128)
+    import deepfield.tasks.trainsets.cluster_sky as cs
+    monkeypatch.setattr(cs, "VAL_SKIES", 4)
+    monkeypatch.setattr(cs, "VAL_EMPTY", 2)
+    monkeypatch.setattr(cs, "VAL_SIZE", 128)
+    source = cs.sky_source(tiny_sky, 0)
     kw = dict(iters=40, batch=4, crop_size=64, lr=3e-3, seed=0, threads=1, log_every=4)
-    rec, state = tc.train(tiny_sky, **kw)
+    rec, state = tc.train(source, **kw)
     first, last = (np.mean([r["total"] for r in part]) for part in (rec["log"][:3], rec["log"][-3:]))
     assert last < 0.7 * first  # a batch of 4 is noisy: the mean of three logged steps (measured 0.56)
     assert rec["split"] == dict(val_backgrounds=1, train_backgrounds=2, val_clusters=3, train_clusters=27)
     a, b = rec["richness_cal"]
     assert np.allclose(state["richness_cal"].numpy(), [a, b])  # the calibration travels with the weights
     ck = tmp_path / "ck.pt"
-    assert tc.train(tiny_sky, **kw, checkpoint=ck, stop_after=1e-3) is None and ck.exists()  # stopped at its first log
+    assert tc.train(source, **kw, checkpoint=ck, stop_after=1e-3) is None and ck.exists()  # stopped at its first log
     assert torch.load(ck, weights_only=False)["step"] == 4
-    _, state2 = tc.train(tiny_sky, **kw, checkpoint=ck)  # resumed: the same weights as in one go
+    _, state2 = tc.train(source, **kw, checkpoint=ck)  # resumed: the same weights as in one go
     for k in state:
         assert torch.allclose(state[k].float(), state2[k].float(), atol=1e-5), k
 

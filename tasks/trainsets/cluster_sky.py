@@ -53,6 +53,8 @@ PROJECTED_FRACTION = 0.15
 PROJECTED_RADIUS = 20.0  # binned pixels (32")
 PROJECTED_DZ = 0.2
 EDGE = 16
+VAL_SKIES, VAL_EMPTY, VAL_SIZE = 160, 40, 256  # validation skies with an extra cluster, without, their side
+MATCH_MPC = 0.5  # a detection this close to a true cluster (physical, at its z) found it
 LIBRARY_VERSION = 1  # of the stored library; the composition below may change freely
 
 
@@ -284,3 +286,51 @@ def compose(lib: SkyLibrary, size: int, rng: np.random.Generator, backgrounds: n
         sums[0, b], sums[1, b], sums[2, b] = mean * n, n, n * expmap / sig**2
     truth = pd.DataFrame(truth, columns=["x", "y", "z", "richness", "library"])
     return planes_from_sums(sums, lib.bin), truth
+
+
+@dataclass
+class SkySource:
+    """What the cluster finder's training loop (models/train_cluster.py) draws from: training crops from the
+    library's training part, and the validation skies from its held-out part (`split`)."""
+
+    lib: SkyLibrary
+    parts: dict[str, np.ndarray]
+
+    @property
+    def bands(self) -> list[str]:
+        return list(self.lib.bands)
+
+    @property
+    def bin(self) -> int:
+        return int(self.lib.bin)
+
+    def sample(self, n: int, size: int, rng: np.random.Generator) -> list[tuple[np.ndarray, pd.DataFrame]]:
+        """n training crops of size x size binned pixels (`compose`)."""
+        return [compose(self.lib, size, rng, self.parts["train_backgrounds"], self.parts["train_clusters"])
+                for _ in range(n)]
+
+    def validation(self, seed: int) -> list[tuple[np.ndarray, pd.DataFrame]]:
+        """The held-out skies, the same for a given seed: VAL_SKIES of VAL_SIZE^2 binned pixels (a 2048^2
+        field) with one extra cluster each, then VAL_EMPTY at the sky's density alone, none reaching beyond
+        its background; each truth with `match_radius`, 0.5 Mpc at the cluster's z in binned pixels."""
+        from ..astro import arcsec_per_mpc
+        rng = np.random.default_rng([seed, 7_300_000])
+        out = [compose(self.lib, VAL_SIZE, rng, self.parts["val_backgrounds"], self.parts["val_clusters"],
+                       positive=k < VAL_SKIES, edge=0) for k in range(VAL_SKIES + VAL_EMPTY)]
+        for _, truth in out:  # what finds a true cluster: 0.5 Mpc at its redshift, in binned pixels
+            truth["match_radius"] = [MATCH_MPC * arcsec_per_mpc(max(float(z), 0.05)) / self.lib.pixel_arcsec
+                                     for z in truth.z]
+        return out
+
+    def describe(self) -> str:
+        rich = int((self.lib.clusters.richness_target.to_numpy()[self.parts["train_clusters"]] >= POSITIVE_MIN).sum())
+        return (f"{len(self.parts['train_backgrounds'])} backgrounds and {len(self.parts['train_clusters'])} library "
+                f"clusters ({rich} of richness >= {POSITIVE_MIN:g})")
+
+    def split_sizes(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.parts.items()}
+
+
+def sky_source(lib: SkyLibrary, seed: int) -> SkySource:
+    """The training and validation skies of `lib` for a training seed."""
+    return SkySource(lib, split(lib, seed))
