@@ -174,7 +174,10 @@ def test_bad_run_configuration_names_the_file(tmp_path):
     assert r.exit_code == 2 and "survey.yaml" in out and "unknown stage" in out
 
 
-def test_changed_input_redoes_only_that_fields_tiles(survey, tmp_path, prefect_harness, ray_session):
+def test_changed_input_redoes_that_field_and_the_tiles_that_read_it(survey, tmp_path, prefect_harness, ray_session):
+    """A changed input re-ingests its field alone; its tiles are redone, and so are the other field's: the
+    default stages include the cluster stage, which reads the overlapping field's pixels within 128" of its own
+    (with the classical stages alone only the changed field's tiles are redone: tests/test_slurm.py)."""
     from astropy.io import fits
 
     from deepfield.flows.run import run_flow
@@ -187,7 +190,9 @@ def test_changed_input_redoes_only_that_fields_tiles(survey, tmp_path, prefect_h
         hdul[0].data[100, 100] += 50.0
     second = run_flow(cfg)
     assert {r["field"]: r["status"] for r in second["ingest"]} == {"field000": "skipped", "field001": "ingested"}
-    assert second["process"]["done"] == 4 and second["process"]["skipped"] == 4
+    assert second["process"]["done"] == 8 and second["process"]["skipped"] == 0
+    third = run_flow(cfg)  # nothing changed since: everything is reused
+    assert third["process"]["done"] == 0 and third["process"]["skipped"] == 8
 
 
 def test_anomaly_scores_and_ranked_list(run, survey):
