@@ -54,19 +54,28 @@ def sample_batch(source, n: int, size: int, rng: np.random.Generator) -> list[to
     return [torch.as_tensor(np.stack(xs)), *(torch.as_tensor(np.stack([t[k] for t in tg])) for k in range(4))]
 
 
-def match_sky(found: pd.DataFrame, truth: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy matching by score within each true cluster's `match_radius` (binned pixels of 0.5 Mpc at its z,
-    given by the source): (true row each detection found or -1, detection that found each true cluster or -1)."""
-    radius = truth["match_radius"].to_numpy(float)
-    det_to, true_to = np.full(len(found), -1), np.full(len(truth), -1)
-    tx, ty = truth["x"].to_numpy(float), truth["y"].to_numpy(float)
-    for i in np.argsort(-found["score"].to_numpy(), kind="stable"):
-        d = np.hypot(tx - found["x"].iat[i], ty - found["y"].iat[i])
+def greedy_match(score: np.ndarray, distance, radius: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Detections in descending `score` each find the nearest true cluster not yet found within its `radius`
+    (one per true cluster); distance(i): detection i's distances to every true cluster, in the units of
+    `radius`. Returns (the true row each detection found or -1, the detection that found each true cluster or
+    -1). The validation here and `deepfield eval cluster` (on the sky) match with it."""
+    radius = np.asarray(radius, float)
+    det_to, true_to = np.full(len(score), -1), np.full(len(radius), -1)
+    for i in np.argsort(-np.asarray(score, float), kind="stable"):
+        d = np.array(distance(i), float)
         d[(true_to >= 0) | (d > radius)] = np.inf
         if len(d) and np.isfinite(d.min()):
             j = int(np.argmin(d))
             det_to[i], true_to[j] = j, i
     return det_to, true_to
+
+
+def match_sky(found: pd.DataFrame, truth: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """`greedy_match` of a validation sky's detections within each true cluster's `match_radius` (binned
+    pixels of 0.5 Mpc at its z, given by the source)."""
+    tx, ty = truth["x"].to_numpy(float), truth["y"].to_numpy(float)
+    return greedy_match(found["score"].to_numpy(), lambda i: np.hypot(tx - found["x"].iat[i], ty - found["y"].iat[i]),
+                        truth["match_radius"].to_numpy(float))
 
 
 @torch.no_grad()

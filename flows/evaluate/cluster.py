@@ -36,6 +36,7 @@ from deepfield.catalogs.clusters import read_candidates, refine_redshifts, suppr
 from deepfield.catalogs.merge import merge_catalog
 from deepfield.models.progress import say
 from deepfield.models.registry import model_version, weights_version
+from deepfield.models.train_cluster import greedy_match
 from deepfield.tasks.astro import arcsec_per_mpc, separation_arcsec
 from deepfield.tasks.tile_runner import TileRunner, source_tables
 from deepfield.tasks.sim.config import SimConfig
@@ -58,16 +59,12 @@ def eval_fields(seed: int, n_fields: int, size: int = 2048, clusters_per_field: 
 
 
 def match_sky(det: pd.DataFrame, score: str, truth: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(truth row found by each detection or -1, detection row that found each true cluster or -1)."""
+    """(truth row found by each detection or -1, detection row that found each true cluster or -1): the
+    training's greedy matching (models/train_cluster.greedy_match) on the sky, within MATCH_MPC at the true z."""
     radius = np.array([MATCH_MPC * arcsec_per_mpc(float(z)) for z in truth.z])
-    det_to, true_to = np.full(len(det), -1), np.full(len(truth), -1)
-    for i in np.argsort(-det[score].to_numpy(float), kind="stable"):
-        d = separation_arcsec(det.ra.iat[i], det.dec.iat[i], truth.ra.to_numpy(), truth.dec.to_numpy())
-        d[(true_to >= 0) | (d > radius)] = np.inf
-        if len(d) and np.isfinite(d.min()):
-            j = int(np.argmin(d))
-            det_to[i], true_to[j] = j, i
-    return det_to, true_to
+    ra, dec = truth.ra.to_numpy(), truth.dec.to_numpy()
+    return greedy_match(det[score].to_numpy(float),
+                        lambda i: separation_arcsec(det.ra.iat[i], det.dec.iat[i], ra, dec), radius)
 
 
 def isolated(truth: pd.DataFrame, mpc: float = 1.0) -> np.ndarray:
@@ -77,12 +74,13 @@ def isolated(truth: pd.DataFrame, mpc: float = 1.0) -> np.ndarray:
                       < mpc * arcsec_per_mpc(float(t.z))).sum() == 1 for t in truth.itertuples()], bool)
 
 
-def _completeness(found: np.ndarray, values: np.ndarray, edges, among: np.ndarray) -> list[dict]:
-    """Completeness in bins of `values`, over the clusters `among` selects."""
+def _binned(flags: np.ndarray, values: np.ndarray, edges, among: np.ndarray, name: str) -> list[dict]:
+    """The fraction of `flags` set, as `name`, in bins of `values`, over the rows `among` selects: completeness
+    (true clusters found, by true richness or z) or purity (true detections, by estimated richness or z)."""
     out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         sel = (values >= lo) & (values < hi) & among
-        out.append(dict(lo=lo, hi=hi, n=int(sel.sum()), completeness=float(found[sel].mean()) if sel.any() else None))
+        out.append({"lo": lo, "hi": hi, "n": int(sel.sum()), name: float(flags[sel].mean()) if sel.any() else None})
     return out
 
 
@@ -110,8 +108,8 @@ def figures(det: pd.DataFrame, score: str, truth: pd.DataFrame, est_richness: bo
              purity_z08=float(true_det[low_z].mean()) if low_z.any() else None,
              false_detections=[dict(z=float(det.z.iat[i]), score=float(det[score].iat[i]))
                                for i in np.nonzero(~true_det)[0]],
-             completeness_by_richness=_completeness(found, lam, RICHNESS_BINS, zt <= 0.8),
-             completeness_by_z=_completeness(found, zt, Z_BINS, lam >= 30),
+             completeness_by_richness=_binned(found, lam, RICHNESS_BINS, zt <= 0.8, "completeness"),
+             completeness_by_z=_binned(found, zt, Z_BINS, lam >= 30, "completeness"),
              offset_arcsec_median=float(np.median(off)) if off.size else None,
              offset_kpc_median=float(np.median(kpc)) if kpc.size else None,
              offset_kpc_p90=float(np.percentile(kpc, 90)) if kpc.size else None,
@@ -127,8 +125,8 @@ def figures(det: pd.DataFrame, score: str, truth: pd.DataFrame, est_richness: bo
         r["richness_bias_ln"] = float(np.median(lnr)) if lnr.size else None
         r["richness_ratio_median"] = float(np.exp(np.median(lnr))) if lnr.size else None
         r["richness_scatter_dex"] = float(1.4826 * np.median(np.abs(lnr - np.median(lnr))) / np.log(10)) if lnr.size else None
-        r["purity_by_richness"] = _purity(true_det, det.richness.to_numpy(float), (0,) + RICHNESS_BINS[1:] + (1e9,), low_z)
-        r["purity_by_z"] = _purity(true_det, det.z.to_numpy(float), (0.0,) + Z_BINS[1:] + (9.9,), rich)
+        r["purity_by_richness"] = _binned(true_det, det.richness.to_numpy(float), (0,) + RICHNESS_BINS[1:] + (1e9,), low_z, "purity")
+        r["purity_by_z"] = _binned(true_det, det.z.to_numpy(float), (0.0,) + Z_BINS[1:] + (9.9,), rich, "purity")
     return r
 
 
@@ -157,15 +155,6 @@ def _clusters(store: Path, run_dir: Path, weights: Path | None, device: str) -> 
     mean seconds per tile."""
     stage = dict(threshold=SCAN[0], weights=str(weights) if weights else None)
     return _run_tiles(store, run_dir, [("cluster", stage)], 0, device, "cluster", 64)
-
-
-def _purity(true_det: np.ndarray, values: np.ndarray, edges, among: np.ndarray) -> list[dict]:
-    """Purity of the detections `among` selects, in bins of `values` (their estimates)."""
-    out = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = (values >= lo) & (values < hi) & among
-        out.append(dict(lo=lo, hi=hi, n=int(sel.sum()), purity=float(true_det[sel].mean()) if sel.any() else None))
-    return out
 
 
 def evaluate(weights: Path | None = None, n_fields: int = 32, size: int = 2048, clusters_per_field: float = 1.0,

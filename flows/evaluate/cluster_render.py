@@ -30,15 +30,6 @@ PERCENTILES = (1, 16, 50, 84, 99, 99.9)
 CORE_MPC = 0.3
 
 
-def _store_sums(group, bands: list[str], bin: int) -> np.ndarray:
-    from deepfield.tasks.stages.cluster import block_sums
-    from deepfield.tasks.zarr_store import read_checked
-    field = group.path.rsplit("/", 1)[-1]
-    idx = [list(group.attrs["bands"]).index(b) for b in bands]
-    arrays = [read_checked(group, field, a, (idx, slice(None), slice(None)), "whole field") for a in ("image", "invvar", "mask")]
-    return block_sums(*arrays, bin)
-
-
 def _core_fluxes(sums: np.ndarray, xb: float, yb: float, radius: float) -> np.ndarray:
     """Per band, the flux (ADU per pixel, summed over blocks) within `radius` binned pixels of (xb, yb), minus
     the median block of an annulus 2-3 radii out."""
@@ -64,7 +55,7 @@ def compare(weights: Path | None = None, n_fields: int = 4, size: int = 2048, se
     from deepfield.tasks.sim.catalog import build_survey_catalog
     from deepfield.tasks.sim.field import plan_field
     from deepfield.tasks.sim.layout import survey_layout
-    from deepfield.tasks.stages.cluster import planes_from_sums
+    from deepfield.tasks.stages.cluster import field_sums, planes_from_sums
     from deepfield.tasks.trainsets.binned_render import render_binned
     from deepfield.tasks.trainsets.fields import simulate_fields
     from deepfield.tasks.zarr_store import open_store
@@ -89,7 +80,7 @@ def compare(weights: Path | None = None, n_fields: int = 4, size: int = 2048, se
             t0 = time.perf_counter()
             fast_sums = render_binned(plan_field(cfg, lay, cat.sources, ra, dec), bin, np.random.default_rng([seed, lay.index]), bands)
             t_fast += time.perf_counter() - t0
-            sums = {"galsim": _store_sums(g, bands, bin), "fast": fast_sums}
+            sums = {"galsim": field_sums(g, bands, bin), "fast": fast_sums}
             pl = {k: planes_from_sums(v, bin) for k, v in sums.items()}
             for k in pl:
                 planes[k].append(pl[k])

@@ -52,7 +52,7 @@ from ..zarr_store import field_footprint, field_wcs, fields_near
 from .base import ModelStage, ModelStageConfig, StageConfig
 
 __all__ = ["BACKGROUND_MESH", "BLOCK_HALO", "MAX_SIDE", "SOFTENING", "ClusterConfig", "ClusterStage", "binned_planes",
-           "detect_planes", "extend_planes", "field_planes"]
+           "detect_planes", "extend_planes", "field_planes", "field_sums"]
 
 SOFTENING = 3.0  # asinh softening, in units of the binned sky noise
 BACKGROUND_MESH = 32  # binned pixels (51" at bin 8): the smooth sky left over after the ingest's
@@ -128,9 +128,9 @@ def binned_planes(image: np.ndarray, invvar: np.ndarray, mask: np.ndarray, bin: 
     return planes_from_sums(block_sums(image, invvar, mask, bin), bin)
 
 
-def field_planes(group, bands: list[str], bin: int, strip: int = 512) -> np.ndarray:
-    """Network input planes of a whole field of the store (its Zarr group), read `strip` rows at a time so
-    that a large field never sits in memory at full resolution."""
+def field_sums(group, bands: list[str], bin: int, strip: int = 512) -> np.ndarray:
+    """`block_sums` of `bands` of a whole field of the store (its Zarr group), read `strip` rows at a time so
+    that a large field never sits in memory at full resolution; a damaged shard is an error naming the field."""
     import zarr
 
     from ..zarr_store import read_checked, verify_shards
@@ -153,7 +153,12 @@ def field_planes(group, bands: list[str], bin: int, strip: int = 512) -> np.ndar
             what = f"rows {y0}-{sl[1].stop}"
             arrays = [read_checked(group, field, a, sl, what) for a in ("image", "invvar", "mask")]
             parts.append(block_sums(*(a if pick is None else a[pick] for a in arrays), bin))
-    return planes_from_sums(np.concatenate(parts, axis=2), bin)
+    return np.concatenate(parts, axis=2)
+
+
+def field_planes(group, bands: list[str], bin: int, strip: int = 512) -> np.ndarray:
+    """Network input planes of a whole field of the store (its Zarr group): `planes_from_sums` of `field_sums`."""
+    return planes_from_sums(field_sums(group, bands, bin, strip), bin)
 
 
 def _world_to_pixel(wcs, ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -265,30 +265,42 @@ def binned_artefacts(model: np.ndarray, band: str, artefacts: list[dict], bin: i
             np.add.at(model, (ys[ok] // bin, xs[ok] // bin), vals[ok] / bin**2)
 
 
-def render_binned(plan, bin: int, rng: np.random.Generator, bands: list[str] | None = None,
-                  clusters_only: bool = False) -> np.ndarray:
+def noiseless_binned(plan, bin: int, bands: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A simulator field plan's (tasks/sim/field.plan_field) sources and artefacts drawn into bin x bin blocks,
+    noiseless, (band, H, W) mean ADU per full-resolution pixel, H = W = size // bin, and the simulator's own
+    exposure map of the field on that grid (H, W)."""
+    from ..sim.field import STREAM_EXPMAP
+    from ..sim.noise import exposure_map
+    cfg, lay = plan.cfg, plan.layout
+    h = w = cfg.size // bin
+    sources = [p.source for p in plan.placed]
+    xy = np.array([[p.x, p.y] for p in plan.placed]).reshape(-1, 2)
+    model = np.stack([render_band_binned(sources, xy, band, cfg.zeropoint, plan.psf[band].fwhm, cfg.psf_beta,
+                                         cfg.pixel_scale, bin, (h, w), floor=0.02 * plan.noise[band].sigma)
+                      for band in bands])
+    for b, band in enumerate(bands):
+        binned_artefacts(model[b], band, plan.artefacts, bin)
+    exp_rng = np.random.default_rng([cfg.seed, STREAM_EXPMAP, lay.index])  # the simulator's exposure map
+    return model, exposure_map((h, w), exp_rng, cfg.depth_variation)
+
+
+def render_binned(plan, bin: int, rng: np.random.Generator, bands: list[str] | None = None) -> np.ndarray:
     """`block_sums` (3, band, H, W) of a simulator field plan (tasks/sim/field.plan_field) rendered straight
-    into bin x bin blocks (module docstring), H = W = size // bin."""
-    from ..sim.field import STREAM_EXPMAP, STREAM_NOISE, band_key
-    from ..sim.noise import exposure_map, smooth_field
+    into bin x bin blocks (module docstring), H = W = size // bin: `noiseless_binned`, the simulator's smooth
+    sky residual, noise from `rng` and the bad columns and pixels."""
+    from ..sim.field import STREAM_NOISE, band_key
+    from ..sim.noise import smooth_field
     cfg, lay = plan.cfg, plan.layout
     bands = list(bands or cfg.bands)
-    h = w = cfg.size // bin
-    placed = [p for p in plan.placed if not clusters_only or getattr(p.source, "cluster_id", -1) >= 0]
-    sources = [p.source for p in placed]
-    xy = np.array([[p.x, p.y] for p in placed]).reshape(-1, 2)
-    exp_rng = np.random.default_rng([cfg.seed, STREAM_EXPMAP, lay.index])  # the simulator's exposure map
-    expmap = exposure_map((h, w), exp_rng, cfg.depth_variation)
+    models, expmap = noiseless_binned(plan, bin, bands)
+    h, w = expmap.shape
     out = np.zeros((3, len(bands), h, w))
     for b, band in enumerate(bands):
         spec = plan.noise[band]
-        model = render_band_binned(sources, xy, band, cfg.zeropoint, plan.psf[band].fwhm, cfg.psf_beta,
-                                   cfg.pixel_scale, bin, (h, w), floor=0.02 * spec.sigma)
-        binned_artefacts(model, band, plan.artefacts, bin)
         # the simulator's own smooth sky residual: the first draws of its noise stream (its artefacts carry
         # their own seeds), the same low-order modes on the coarser grid
         residual_rng = np.random.default_rng([cfg.seed, STREAM_NOISE, lay.index, band_key(band)])
-        model = model + cfg.background_residual * spec.sigma * smooth_field((h, w), residual_rng)
+        model = models[b] + cfg.background_residual * spec.sigma * smooth_field((h, w), residual_rng)
         mean = model + binned_noise(model, spec.sigma, spec.gain, expmap, bin, rng)
         n = coverage_defects((h, w), bin, cfg.artefacts.bad_columns, cfg.artefacts.bad_pixel_fraction, rng)
         out[0, b] = mean * n

@@ -39,7 +39,7 @@ import pandas as pd
 
 from ..sim.config import SimConfig
 from ..stages.cluster import planes_from_sums
-from .binned_render import binned_artefacts, binned_noise, coverage_defects, render_band_binned
+from .binned_render import binned_noise, coverage_defects, noiseless_binned, render_band_binned
 
 RICHNESS = (5.0, 160.0)  # library: target richness, log-uniform
 Z_RANGE = (0.05, 1.1)
@@ -106,21 +106,12 @@ def _cluster_stamp(rng, cfg: SimConfig, bands: list[str], bin: int, z: float, la
     return params, (ys - radius).astype(np.int16), (xs - radius).astype(np.int16), vals.astype(np.float32), fx, fy
 
 
-def _background(cfg: SimConfig, bands: list[str], bin: int, plan) -> tuple[np.ndarray, ...]:
-    from ..sim.field import STREAM_EXPMAP
-    from ..sim.noise import exposure_map
-    h = w = cfg.size // bin
-    sources = [p.source for p in plan.placed]
-    xy = np.array([[p.x, p.y] for p in plan.placed]).reshape(-1, 2)
-    img = np.stack([render_band_binned(sources, xy, b, cfg.zeropoint, plan.psf[b].fwhm, cfg.psf_beta,
-                                       cfg.pixel_scale, bin, (h, w), floor=0.02 * plan.noise[b].sigma)
-                    for b in bands])
-    for k, b in enumerate(bands):
-        binned_artefacts(img[k], b, plan.artefacts, bin)
-    img = img.astype(np.float32)
-    exp_rng = np.random.default_rng([cfg.seed, STREAM_EXPMAP, plan.layout.index])
-    return (img, exposure_map((h, w), exp_rng, cfg.depth_variation),
-            np.array([plan.noise[b].sigma for b in bands]), np.array([plan.noise[b].gain for b in bands]))
+def _background(bands: list[str], bin: int, plan) -> tuple[np.ndarray, ...]:
+    """A background field of the library: (noiseless binned bands float32, exposure map, sky sigma and gain per
+    band)."""
+    img, expmap = noiseless_binned(plan, bin, bands)
+    return (img.astype(np.float32), expmap, np.array([plan.noise[b].sigma for b in bands]),
+            np.array([plan.noise[b].gain for b in bands]))
 
 
 def _cluster_chunk(args) -> list[tuple]:
@@ -137,8 +128,7 @@ def _cluster_chunk(args) -> list[tuple]:
 
 
 def _background_job(args):
-    cfg, bands, bin, plan = args
-    return _background(cfg, bands, bin, plan)
+    return _background(*args)
 
 
 def build_library(path: Path, seed: int = 0, n_backgrounds: int = 96, n_clusters: int = 3000,
@@ -170,7 +160,7 @@ def build_library(path: Path, seed: int = 0, n_backgrounds: int = 96, n_clusters
     bgs, exps, sigs, gains = [], [], [], []
     chunk = 50
     with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=get_context("spawn")) as pool:
-        jobs = ((cfg, bands, bin, plan_field(cfg, lay, cat.sources, ra, dec)) for lay in survey_layout(cfg))
+        jobs = ((bands, bin, plan_field(cfg, lay, cat.sources, ra, dec)) for lay in survey_layout(cfg))
         for k, (img, e, s, g) in enumerate(pool.map(_background_job, jobs)):
             bgs.append(img)
             exps.append(e.astype(np.float32))
