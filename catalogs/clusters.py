@@ -46,7 +46,7 @@ from .redsequence import membership, refine_redshift
 from .steps import MergeContext, MergeStep, MergeStepConfig, StepResult
 
 __all__ = ["ClusterMerge", "CLUSTER_TABLE", "read_candidates", "suppress", "refine_redshifts", "member_rule",
-           "assign_members", "write_cluster_table", "member_bands"]
+           "assign_members", "write_cluster_table", "member_bands", "member_ref_band"]
 
 CLUSTER_TABLE = "clusters.parquet"
 MEMBER_WEIGHT = 0.1  # exp(-chi^2 / 2) > 0.1: chi^2 < 4.6 over the colours
@@ -162,8 +162,15 @@ def write_cluster_table(clusters: pd.DataFrame, rule: MemberRule, member_ids: np
 
 
 def member_bands(columns) -> list[str]:
-    """The bands of a catalog's AUTO photometry, in wavelength order (for cluster membership)."""
-    return [b for b in WAVELENGTH_ORDER if f"mag_auto_{b}" in columns and f"magerr_auto_{b}" in columns]
+    """The bands of a catalog's AUTO photometry, in wavelength order (for cluster membership); none with
+    fewer than two (no colour, no red sequence)."""
+    bands = [b for b in WAVELENGTH_ORDER if f"mag_auto_{b}" in columns and f"magerr_auto_{b}" in columns]
+    return bands if len(bands) >= 2 else []
+
+
+def member_ref_band(bands: list[str]) -> str:
+    """The band of the red sequence's magnitude window: i when the catalog has it, else its reddest band."""
+    return "i" if "i" in bands else (bands[-1] if bands else "i")
 
 
 class ClusterMergeConfig(MergeStepConfig):
@@ -188,8 +195,10 @@ class ClusterMerge(MergeStep):
             return
         clusters = suppress(candidates, self.config.nms_mpc, self.config.nms_dz)
         bands = member_bands(ctx.columns)
-        self.clusters = refine_redshifts(clusters, field_sources(ctx.tile_tables, set(clusters.field), bands), bands)
-        self.rule = member_rule(self.clusters, bands)  # once, not per partition
+        ref = member_ref_band(bands)
+        self.clusters = refine_redshifts(clusters, field_sources(ctx.tile_tables, set(clusters.field), bands), bands,
+                                         ref)
+        self.rule = member_rule(self.clusters, bands, ref)  # once, not per partition
 
     def partition(self, df: pd.DataFrame) -> pd.DataFrame:
         if self.clusters is not None:

@@ -48,6 +48,29 @@ def _train(name: str, model: str, fit: Callable[[str], tuple[dict, dict]], out: 
     return rec
 
 
+def _bands(bands: str | None) -> list[str] | None:
+    """The --bands option: comma-separated band names (None: the model's default bands)."""
+    if bands is None:
+        return None
+    out = [b.strip() for b in bands.split(",") if b.strip()]
+    if not out or len(set(out)) != len(out):
+        fail(f"--bands {bands!r}: give distinct band names separated by commas, e.g. g,r,z")
+    from deepfield.tasks.sim.config import DEFAULT_BANDS
+    unknown = [b for b in out if b not in DEFAULT_BANDS]
+    if unknown:
+        fail(f"--bands {bands!r}: the simulator knows no band {', '.join(unknown)} (it has {', '.join(DEFAULT_BANDS)})")
+    return out
+
+
+def _variant_out(out: Path | None, model: str, bands: list[str] | None, default: list[str]) -> Path | None:
+    """Where a training command writes: `out`, else for bands other than the model's default the shipped
+    band-set variant `<name>.<bands>.pt` (models/registry.py), else the main weights (None)."""
+    if out is not None or bands is None or list(bands) == list(default):
+        return out
+    from deepfield.models.registry import variant_weights
+    return variant_weights(model, "".join(bands))
+
+
 def _checkpoint(checkpoint: Path | None, out: Path | None, model: str) -> Path:
     """A training command's checkpoint file: the one given, else beside the weights it writes (<out>.ckpt)."""
     from deepfield.models.registry import entry
@@ -79,13 +102,17 @@ def train_lens(
     seed: int = typer.Option(0, min=0, help="seed of the stamps, initialisation and batch order"),
     workers: int = typer.Option(2, min=1, help="processes simulating stamps"),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0"),
+    bands: str = typer.Option(None, help="bands of the stamps, comma-separated (default g,r,i,z); other bands "
+                              "write the band-set variant models/weights/lens_resnet.<bands>.pt"),
 ) -> None:
     """Train the strong-lens CNN (models/lens_cnn.py) on simulated lenses and hard negatives."""
     from deepfield.models.train_lens import MODEL, train
     from deepfield.tasks.trainsets.lens_stamps import StampConfig, training_sets
+    band_list = _bands(bands)
+    out = _variant_out(out, MODEL, band_list, StampConfig().bands)
 
     def fit(command: str):
-        cfg = StampConfig()
+        cfg = StampConfig(**({"bands": band_list} if band_list else {}))
         tr, va, seconds = training_sets(n_train, n_val, seed, cfg, workers, say)
         return train(tr, va, epochs=epochs, batch=batch, lr=lr, seed=seed, device=device,
                      record=dict(stamp_config=cfg.model_dump(mode="json"), n_train=n_train, n_val=n_val,
@@ -139,10 +166,16 @@ def train_deblend(
     checkpoint: Path = typer.Option(None, help="--composed: checkpoint file, resumed from when it matches "
                                     "(default: <out>.ckpt)"),
     stop_after: int = typer.Option(None, min=1, help="--composed: stop after this many steps (checkpoint kept)"),
+    bands: str = typer.Option(None, help="bands of the blends, comma-separated (default g,r,i,z; not with "
+                              "--composed); other bands write the band-set variant models/weights/deblend_unet.<bands>.pt"),
 ) -> None:
     """Train the learned deblender (models/deblend_unet.py) on blends of 2-4 galaxies."""
     from deepfield.models.train_deblend import MODEL, train, train_stream
     from deepfield.tasks.trainsets.blend_stamps import BlendConfig, training_examples
+    band_list = _bands(bands)
+    if band_list and composed:
+        fail("--bands: the composed blends come from the g, r, i, z galaxy library; use the GalSim blends (--galsim)")
+    out = _variant_out(out, MODEL, band_list, BlendConfig().bands)
 
     def fit_composed(command: str):
         from deepfield.tasks.trainsets import blend_compose
@@ -167,9 +200,11 @@ def train_deblend(
     def fit(command: str):
         if composed:
             return fit_composed(command)
-        cfg = BlendConfig()
+        cfg = BlendConfig(**({"bands": band_list} if band_list else {}))
         tr, va, seconds = training_examples(n_train, n_val, seed, cfg, workers, say)
-        return train(tr, va, ref_index=cfg.bands.index(cfg.reference_band), zeropoint=cfg.zeropoint, epochs=epochs,
+        # the validation's magnitude cut and flux errors in the reference band, else r, else the reddest
+        ref = next(b for b in (cfg.reference_band, "r", cfg.bands[-1]) if b in cfg.bands)
+        return train(tr, va, ref_index=cfg.bands.index(ref), zeropoint=cfg.zeropoint, epochs=epochs,
                      batch=batch, lr=lr, seed=seed, device=device, threads=threads,
                      widths=tuple(int(w) for w in widths.split(",")),
                      record=dict(blend_config=cfg.model_dump(mode="json"), n_train=n_train, n_val=n_val,
@@ -272,6 +307,8 @@ def train_cluster(
     stop_after: float = typer.Option(None, min=1, help="stop (checkpointed) after this many seconds of training"),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0"),
     threads: int = typer.Option(2, min=1, help="torch CPU threads"),
+    bands: str = typer.Option(None, help="train on these of the library's bands, comma-separated (default all: "
+                              "g,r,i,z); other bands write the band-set variant models/weights/cluster_net.<bands>.pt"),
 ) -> None:
     """Train the cluster finder (models/cluster_net.py) on skies at a realistic cluster density, composed from a
     library of simulator backgrounds and clusters rendered straight into binned pixels."""
@@ -279,11 +316,18 @@ def train_cluster(
     from deepfield.tasks.trainsets.cluster_sky import build_library, sky_source
     if crop % 32:
         fail(f"--crop {crop}: must be a multiple of 32")
+    band_list = _bands(bands)
+    out = _variant_out(out, MODEL, band_list, ["g", "r", "i", "z"])
 
     def fit(command: str):
         lib_path = library or cache / f"cluster_sky-seed{seed}.npz"
         lib = build_library(lib_path, seed=seed, n_backgrounds=backgrounds, n_clusters=clusters, workers=workers,
                             progress=say)
+        if band_list:
+            try:
+                lib = lib.subset(band_list)
+            except ValueError as exc:
+                fail(f"{lib_path}: {exc}")
         data = dict(library=str(lib_path.name), backgrounds=backgrounds, clusters=clusters,
                     n_clusters_rich=int((lib.clusters.richness_target >= 15).sum()))
         return train(sky_source(lib, seed), iters=iters, batch=batch, crop_size=crop, lr=lr, seed=seed, device=device, threads=threads,

@@ -12,7 +12,7 @@ from prefect import flow
 from deepfield.tasks.atomic import clean_stale_temporaries, write_text
 from deepfield.tasks.ingest_config import load_ingest_config
 from deepfield.tasks.locks import exclusive, reap_orphans
-from deepfield.tasks.stages.registry import check_bands
+from deepfield.tasks.stages.registry import resolve_bands
 from deepfield.tasks.zarr_store import open_store
 
 from .ingest import ingest_flow
@@ -59,10 +59,23 @@ def _run(cfg: RunConfig, t0: float) -> dict:
     # keeps its old pixels in the store, and they are not this run's
     fields = [r["field"] for r in ingest if r["status"] != "failed"]
     t = time.perf_counter()
+    skipped: list[str] = []
+    variants: dict[str, str] = {}
     if fields:
         root = open_store(cfg.store_path)
-        # before any tile: every field has the bands every stage needs (tasks.stages.registry.BandError)
-        check_bands(cfg.stage_list(), {f: list(root["fields"][f].attrs["bands"]) for f in fields})
+        # before any tile: each model stage's weights for the survey's bands, and the stages that cannot run
+        # on them (tasks.stages.registry.BandError, or left out with missing_bands: skip)
+        stages, skipped = resolve_bands(cfg.stage_list(), {f: list(root["fields"][f].attrs["bands"]) for f in fields},
+                                        cfg.missing_bands)
+        for line in skipped:
+            print(line, file=sys.stderr)
+        before = dict(cfg.stage_list())
+        for name, params in stages:
+            if params.get("variant") and not before[name].get("variant"):
+                print(f"stage {name!r}: the {params['variant']} weights (the survey's fields lack bands of the "
+                      f"main weights)", file=sys.stderr)
+        cfg = cfg.with_stages(stages)
+        variants = {n: p.get("variant") or "" for n, p in stages if "variant" in p}
         process = process_task(cfg, fields)
     else:  # every field failed its ingest
         process = dict(tiles=0, skipped=0, done=0, failed=0, retries=0, actors=0, seconds=0.0, stage_seconds={},
@@ -75,6 +88,7 @@ def _run(cfg: RunConfig, t0: float) -> dict:
     merge = {} if process["stopped"] or not any_done or not merged_fields else merge_task(cfg, merged_fields)
     merge_s = time.perf_counter() - t
     summary = dict(ingest=ingest, process=process, merge=merge, stopped=process["stopped"],
+                   skipped_stages=skipped, weights_variants=variants,
                    seconds=dict(ingest=ingest_s, process=process_s, merge=merge_s, total=time.perf_counter() - t0),
                    failed_fields=[r["field"] for r in ingest if r["status"] == "failed"],
                    failed_tiles=process["failed"])

@@ -9,7 +9,7 @@ the stage (or merge step) and the key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -100,6 +100,10 @@ class RunConfig(BaseModel):
     plugins: list[str] = Field(default_factory=list, description="modules or .py files that register stages "
                                "from outside deepfield; imported by the driver and by every actor")
     stages: list[StageSpec] = Field(default_factory=lambda: [StageSpec(name=n) for n in DEFAULT_STAGES])
+    missing_bands: Literal["error", "skip"] = Field("error", description="a stage that no shipped weights let run "
+                                                    "on the survey's bands: error (exit 2 before any tile, naming "
+                                                    "the stage and the bands) or skip (the run goes on without "
+                                                    "it, with a line saying why)")
     ray: RaySpec = Field(default_factory=RaySpec)
     dask: DaskSpec = Field(default_factory=DaskSpec)
     merge: MergeSpec = Field(default_factory=MergeSpec)
@@ -133,6 +137,13 @@ class RunConfig(BaseModel):
     def merge_steps(self) -> list:
         """The merge steps of the run's stages, configured (catalogs.steps.build_steps)."""
         return build_steps(self.stage_list(), self.merge.steps)
+
+    def with_stages(self, stages: list[tuple[str, dict]]) -> "RunConfig":
+        """A copy that runs `stages` ([(name, params)], e.g. as resolved for the survey's bands), with the merge
+        parameters of the stages left out dropped."""
+        names = {n for n, _ in stages}
+        merge = self.merge.model_copy(update={"steps": {k: v for k, v in self.merge.steps.items() if k in names}})
+        return self.model_copy(update={"stages": [StageSpec(name=n, params=p) for n, p in stages], "merge": merge})
 
     def with_addresses(self, ray_address: str | None = None, dask_address: str | None = None) -> "RunConfig":
         """A copy that reaches the given Ray cluster and Dask scheduler (None: keep the configured one)."""

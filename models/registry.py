@@ -13,12 +13,18 @@ the weights shipped in `models/weights/<name>.pt`; the weights file also holds t
 - `training_record(name, weights)` and `input_bands(name, weights)`: what a model was trained on, read from
   the JSON record beside the weights (no torch needed), so that a stage can say which bands it needs
   before anything runs.
+- Band-set variants: besides the main weights a model may ship weights trained on another band set,
+  `models/weights/<name>.<tag>.pt` (tag: the bands, e.g. `lens_resnet.grz.pt` for a g, r, z survey), each with
+  its own record and card section. `variants(name)` lists them with their bands; `choose_variant(name, have)`
+  picks the one a survey with the bands `have` can run (the most bands; the main weights on a tie). The run
+  resolves each stage's variant before it starts (tasks.stages.registry.resolve_bands).
 - `register_model`: a model from outside this package (a plugin stage's) joins the table.
 
 A new network is one module and one line in `_ENTRIES`.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib
 import json
@@ -30,7 +36,7 @@ WEIGHTS_DIR = HERE / "weights"
 CARDS_DIR = HERE / "cards"
 
 __all__ = ["ModelEntry", "register_model", "list_models", "entry", "weights_version", "model_version",
-           "training_record", "input_bands", "create_model"]
+           "training_record", "input_bands", "create_model", "variants", "choose_variant", "variant_weights"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,11 @@ class ModelEntry:
     @property
     def card(self) -> Path:
         return self.cards_dir / f"{self.name}.md"
+
+    def variant_weights(self, tag: str | None) -> Path:
+        """The weights file of a band-set variant (`<name>.<tag>.pt`, e.g. lens_resnet.grz.pt); the main
+        weights for None or ''."""
+        return self.weights_dir / f"{self.name}.{tag}.pt" if tag else self.weights
 
     def builder(self):
         module, _, attr = self.target.partition(":")
@@ -94,10 +105,37 @@ def weights_version(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
-def model_version(name: str) -> str:
-    """Version of the shipped weights of `name`, or 'untrained' when there are none."""
-    w = entry(name).weights
+def model_version(name: str, variant: str | None = None) -> str:
+    """Version of the shipped weights of `name` (of its band-set `variant`), or 'untrained' when there are none."""
+    w = entry(name).variant_weights(variant)
     return weights_version(w) if w.exists() else "untrained"
+
+
+def variant_weights(name: str, variant: str | None) -> Path:
+    """The shipped weights file of `name`'s band-set `variant` ('' or None: the main weights)."""
+    return entry(name).variant_weights(variant)
+
+
+def variants(name: str) -> dict[str, list[str]]:
+    """The shipped weights of `name`: band-set tag ('' for the main weights) -> the bands they take, the main
+    weights first, then the variants by tag."""
+    e = entry(name)
+    out = {"": input_bands(name)} if e.weights.exists() else {}
+    for p in sorted(e.weights_dir.glob(f"{glob.escape(name)}.*.pt")):
+        tag = p.name[len(name) + 1:-len(".pt")]
+        if tag and "." not in tag:
+            out[tag] = input_bands(name, p)
+    return out
+
+
+def choose_variant(name: str, have, ok=None) -> str | None:
+    """The band-set variant of `name` a survey whose every field has the bands `have` can run: of those whose
+    bands it has (and that `ok(tag)` accepts, when given), the one with the most bands, the main weights on a
+    tie; None when there is none."""
+    have = set(have)
+    fits = [(len(b), tag == "", tag) for tag, b in variants(name).items()
+            if set(b) <= have and (ok is None or ok(tag))]
+    return max(fits)[2] if fits else None
 
 
 def _weights_path(name: str, weights: str | Path | None) -> Path:

@@ -5,7 +5,8 @@ redoes exactly the tiles whose result would change (the ledger, tasks/ledger.py,
   configurations (defaults included, so a changed default counts), the halo and the tile size;
 - `stage_versions`: each stage's `version` (bumped when its code changes what it writes);
 - `model_versions`: the version of every network the stages run: the first 12 hex digits of the sha256 of
-  the shipped weights, or "file:" + that of the weights file a stage's configuration names;
+  the shipped weights ("@<tag>" added for a band-set variant's), or "file:" + that of the weights file a
+  stage's configuration names;
 - `input_keys`: per field, the fingerprint of its ingested inputs, and of the neighbouring fields' when a stage
   reads pixels beyond its field (`Stage.sky_reach_arcsec`: the cluster stage's halo).
 """
@@ -42,9 +43,15 @@ def model_versions(stages: list[tuple[str, dict]]) -> dict[str, str]:
     out = {}
     for name, params in stages:
         cls = stage_class(name)
-        weights = getattr(cls.configure(params), "weights", None)
-        for m in cls.models:
-            out[m] = "file:" + weights_version(weights) if weights else model_version(m)
+        cfg = cls.configure(params)
+        weights, variant = getattr(cfg, "weights", None), getattr(cfg, "variant", None)
+        for k, m in enumerate(cls.models):
+            if weights and k == 0:
+                out[m] = "file:" + weights_version(weights)
+            elif variant and k == 0:
+                out[m] = f"{model_version(m, variant)}@{variant}"
+            else:
+                out[m] = model_version(m)
     return out
 
 

@@ -120,7 +120,9 @@ def evaluate(n: int = 300, seed: int = EVAL_SEED, weights: Path | None = None, s
     d = simulate_blends(n, seed, cfg, workers=2)
     if scarlet:
         from .baseline_scarlet2 import scarlet2_fluxes
-    ri = cfg.bands.index(cfg.reference_band)
+    # the reference band of the magnitude limit: the weights' (i), else r, else their reddest (a g, r, z variant)
+    ref_band = next(b for b in (cfg.reference_band, "r", cfg.bands[-1]) if b in cfg.bands)
+    ri = cfg.bands.index(ref_band)
     rows, pairs = [], []
     times = {"sep": 0.0, "unet": 0.0, "scarlet2": 0.0}
     t_first = None
@@ -152,8 +154,8 @@ def evaluate(n: int = 300, seed: int = EVAL_SEED, weights: Path | None = None, s
                     times["scarlet2"] += dt
         for m, mem in members.iterrows():
             in_stamp = d["truth"][b][m].sum(axis=(1, 2), dtype=np.float64)
-            row = dict(blend=b, member=m, mag_ref=mem[f"mag_{cfg.reference_band}"], detected=m in m2d,
-                       n_members=len(members), shortfall=1 - in_stamp[ri] / mem[f"flux_{cfg.reference_band}"])
+            row = dict(blend=b, member=m, mag_ref=mem[f"mag_{ref_band}"], detected=m in m2d,
+                       n_members=len(members), shortfall=1 - in_stamp[ri] / mem[f"flux_{ref_band}"])
             for meth, f in est.items():
                 for j, band in enumerate(cfg.bands):
                     true, total = in_stamp[j], mem[f"flux_{band}"]
@@ -174,7 +176,7 @@ def evaluate(n: int = 300, seed: int = EVAL_SEED, weights: Path | None = None, s
                n_bright_detected=int(len(bright)), mag_limit=mag_limit, seed=seed, truth="in-stamp flux alone",
                stamp_shortfall=dict(median=float(bright.shortfall.median()), max=float(bright.shortfall.max())),
                methods={})
-    ref = cfg.reference_band
+    ref = ref_band
     for meth in methods:
         fig = {}
         for band in cfg.bands:

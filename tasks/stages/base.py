@@ -126,6 +126,19 @@ class Stage(ABC):
 
 class ModelStageConfig(StageConfig):
     weights: Optional[str] = Field(None, description="weights file to run instead of the shipped weights")
+    variant: Optional[str] = Field(None, description="band set of the shipped weights to run ('' the main "
+                                   "weights, 'grz' models/weights/<model>.grz.pt, ...); none: chosen before the run, "
+                                   "the variant with the most bands that every field has")
+
+    def weights_file(self, model: str) -> str | None:
+        """The weights file of `model` this configuration runs: `weights`, else the `variant`'s (None: the
+        main weights)."""
+        if self.weights is not None:
+            return self.weights
+        if self.variant:
+            from deepfield.models.registry import variant_weights
+            return str(variant_weights(model, self.variant))
+        return None
 
 
 class ModelStage(Stage):
@@ -143,7 +156,12 @@ class ModelStage(Stage):
     def model_bands(self) -> list[str]:
         """The bands the stage's network takes, in channel order (from its weights' training record)."""
         from deepfield.models.registry import input_bands
-        return input_bands(self.models[0], self.config.weights)
+        return input_bands(self.models[0], self.config.weights_file(self.models[0]))
+
+    def training_record(self) -> dict:
+        """The training record of the weights the stage runs (no torch needed)."""
+        from deepfield.models.registry import training_record
+        return training_record(self.models[0], self.config.weights_file(self.models[0]))
 
     def required_bands(self) -> list[str] | None:
         return self.model_bands()
@@ -151,7 +169,7 @@ class ModelStage(Stage):
     def setup(self, device: str) -> None:
         from deepfield.models.registry import create_model
         self.device = device
-        self.model = create_model(self.models[0], device=device, weights=self.config.weights)
+        self.model = create_model(self.models[0], device=device, weights=self.config.weights_file(self.models[0]))
 
     def ensure_setup(self) -> None:
         """Set the model up on the stage's device when `setup` has not been called (a stage used directly)."""

@@ -35,7 +35,7 @@ with truth blendedness > 0.1 at i < 24 0.403 -> 0.378 (bias +0.133 -> +0.058), o
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import numpy as np
 import pandas as pd
@@ -63,7 +63,8 @@ def _moments(img: np.ndarray) -> tuple[float, float, float]:
 
 
 class DeblendConfig(ModelStageConfig):
-    ref_band: str = Field("i", description="band of blendedness and of the deblended shape")
+    ref_band: Optional[str] = Field(None, description="band of blendedness and of the deblended shape (default: "
+                                    "the reference band the weights were trained with)")
     max_members: int = Field(6, ge=1, description="blend groups with more members are deblended member by member, "
                              "each on its own stamp")
     batch: int = Field(128, ge=1, description="network inputs per inference batch")
@@ -81,8 +82,20 @@ class DeblendStage(ModelStage):
         "flux_deblend_{band}", "fluxerr_deblend_{band}", "mag_deblend_{band}", "magerr_deblend_{band}",
         "deblend_a", "deblend_b", "deblend_theta", "blendedness", "deblend_method")
 
+    def shape_band(self) -> str:
+        """The band of blendedness and shape: `ref_band`, else the weights' training reference band (i for the
+        main weights), else r, else their reddest band."""
+        if self.ref_band:
+            return self.ref_band
+        if getattr(self, "_shape_band", None):
+            return self._shape_band
+        bands = self.model_bands()
+        ref = (self.training_record().get("blend_config") or {}).get("reference_band")
+        self._shape_band = next(b for b in (ref, "r", bands[-1]) if b in bands)
+        return self._shape_band
+
     def required_bands(self) -> list[str]:
-        return list(dict.fromkeys([*self.model_bands(), self.ref_band]))
+        return list(dict.fromkeys([*self.model_bands(), self.shape_band()]))
 
     def setup(self, device: str) -> None:
         from deepfield.models.inference import for_inference
@@ -99,7 +112,7 @@ class DeblendStage(ModelStage):
         out = sources.copy()
         n = len(out)
         idx = [tile.bands.index(b) for b in self.bands]
-        ref = self.bands.index(self.ref_band)
+        ref = self.bands.index(self.shape_band())
         s, c = self.size, (self.size - 1) / 2.0
         ny, nx = tile.image.shape[1:]
         image = tile.image[idx].astype(np.float32)

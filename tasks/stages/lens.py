@@ -5,6 +5,9 @@ Candidate deflectors are the detected sources that look like massive early-type 
   deflector population (Faber-Jackson ellipticals at z 0.2-0.8) has i = 16.5-22.7, 95% brighter than 21.5;
 - colour `blue_band` - `ref_band` (g - i) redder than `min_colour` (1.0): deflectors have g - i = 1.7-3.2,
   and the cut leaves room for blue arcs inside the Kron aperture pulling the colour down;
+- by default the reference band is i and the blue band g when the weights take them, else the reddest and
+  the bluest of the weights' bands (z and g for the g, r, z variant: deflectors have g - z = 2.1-3.9 and
+  z about 0.4 mag brighter than i, so the same cuts keep the same deflectors and a few fainter ones);
 - resolved: second-moment semi-major axis `a` above `min_size` (1.3) times the PSF's sigma in pixels, which
   removes stars (a point source has a = sigma);
 - primary in its tile (the core owns it) and not saturated.
@@ -19,7 +22,7 @@ above its `threshold` to the lens-candidate table, ranked by score.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import numpy as np
 import pandas as pd
@@ -35,8 +38,10 @@ class LensConfig(ModelStageConfig):
     max_mag: float = Field(22.5, description="candidates are brighter than this AUTO magnitude in ref_band")
     min_colour: float = Field(1.0, description="candidates are redder than this in blue_band - ref_band, mag")
     min_size: float = Field(1.3, gt=0, description="candidates have a > min_size x the PSF sigma (not stars)")
-    ref_band: str = Field("i", description="reference band of the magnitude and colour cuts")
-    blue_band: str = Field("g", description="blue band of the colour cut")
+    ref_band: Optional[str] = Field(None, description="reference band of the magnitude and colour cuts (default: i, "
+                                    "or the reddest band of the weights without i)")
+    blue_band: Optional[str] = Field(None, description="blue band of the colour cut (default: g, or the bluest band "
+                                     "of the weights without g)")
     batch: int = Field(256, ge=1, description="stamps per inference batch")
 
 
@@ -49,8 +54,16 @@ class LensStage(ModelStage):
     adds: ClassVar[tuple[str, ...]] = ("lens_candidate", "lens_score")
     merge_step: ClassVar[str] = "deepfield.catalogs.lenses:LensMerge"
 
+    def cut_bands(self) -> tuple[str, str]:
+        """(reference band, blue band) of the deflector cuts: as configured, else i and g when the weights take
+        them, else the weights' reddest and bluest bands (their channels run from blue to red)."""
+        model = self.model_bands()
+        ref = self.ref_band or ("i" if "i" in model else model[-1])
+        blue = self.blue_band or ("g" if "g" in model else model[0])
+        return ref, blue
+
     def required_bands(self) -> list[str]:
-        return list(dict.fromkeys([*self.model_bands(), self.ref_band, self.blue_band]))
+        return list(dict.fromkeys([*self.model_bands(), *self.cut_bands()]))
 
     def setup(self, device: str) -> None:
         super().setup(device)
@@ -63,8 +76,9 @@ class LensStage(ModelStage):
         n = len(sources)
         if n == 0:
             return np.zeros(0, bool)
-        ref, blue = f"mag_auto_{self.ref_band}", f"mag_auto_{self.blue_band}"
-        self.require(sources, [self.blue_band, self.ref_band])
+        ref_band, blue_band = self.cut_bands()
+        ref, blue = f"mag_auto_{ref_band}", f"mag_auto_{blue_band}"
+        self.require(sources, [blue_band, ref_band])
         sigma_px = fwhm_pixels(tile, 3.0) / 2.3548
         m = sources[ref].to_numpy(float)
         colour = sources[blue].to_numpy(float) - m

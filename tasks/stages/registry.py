@@ -4,7 +4,8 @@ The stages of this package are listed in `STAGES`; a stage from outside (a plugi
 configuration's `plugins`) joins with `register_stage(cls)` when its module is imported (`load_plugins`).
 The tile runner builds the stages listed in the configuration with `make_stage(name, **params)` and runs
 them in order. Before a run, `check_order` checks with the stages' declarations that every column a stage
-reads is added by a stage before it, and `check_bands` that every field has the bands every stage needs.
+reads is added by a stage before it, and `resolve_bands` picks each model stage's band-set variant for the
+survey's bands and reports (or leaves out) the stages that cannot run on them.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from .lens import LensStage
 from .measure import MeasureStage
 
 __all__ = ["STAGES", "DEFAULT_STAGES", "make_stage", "stage_class", "register_stage", "load_plugins",
-           "check_order", "check_bands", "BandError"]
+           "check_order", "check_bands", "resolve_bands", "BandError"]
 
 STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (
     BackgroundStage, DetectStage, MeasureStage, DeblendStage, LensStage, ClusterStage, AnomalyStage)}
@@ -120,20 +121,88 @@ class BandError(ValueError):
     """A field lacks bands a configured stage needs."""
 
 
+def _band_problems(stage: Stage, field_bands: dict[str, list[str]]) -> list[str]:
+    """What keeps `stage` from running on each field of `field_bands` (name -> its bands); [] when nothing."""
+    out = []
+    need = stage.required_bands()
+    for field, have in field_bands.items():
+        missing = [b for b in need or () if b not in have]
+        if missing:
+            out.append(f"needs bands {', '.join(need)}; field {field!r} has {', '.join(have)} "
+                       f"(missing {', '.join(missing)})")
+        other = stage.band_problem(list(have))
+        if other:
+            out.append(f": {other}; field {field!r} has {', '.join(have)}")
+    return out
+
+
+def _variant_candidates(name: str, params: dict) -> list[dict]:
+    """The parameter sets to try for stage `name` on a survey: for a model stage whose configuration names
+    neither weights nor variant, one per shipped band-set variant of its model, best first (the most bands,
+    the main weights on a tie: models.registry.choose_variant's order); otherwise `params` as they are."""
+    from .base import ModelStage
+    cls = stage_class(name)
+    cfg = cls.configure(params)
+    if not issubclass(cls, ModelStage) or cfg.weights is not None or cfg.variant is not None:
+        return [dict(params)]
+    from deepfield.models.registry import variants
+    tags = sorted(variants(cls.models[0]).items(), key=lambda kv: (-len(kv[1]), kv[0] != "", kv[0]))
+    # the main weights as the parameters are (variant none), so a survey with the main weights' bands keeps
+    # its configuration hash and its ledger
+    return [dict(params, variant=tag) if tag else dict(params) for tag, _ in tags] or [dict(params)]
+
+
+def resolve_bands(stages: list[tuple[str, dict]], field_bands: dict[str, list[str]], missing: str = "error"
+                  ) -> tuple[list[tuple[str, dict]], list[str]]:
+    """The stages of `stages` ([(name, params)]) as the survey's fields (`field_bands`, name -> its bands) can run
+    them, and one line per stage left out.
+
+    A model stage whose configuration names neither `weights` nor `variant` gets the shipped band-set variant
+    of its model with the most bands that every field has (models/registry.py; the main weights on a tie); a
+    variant other than the main weights is written into its parameters as `variant`, so the run's
+    configuration hash and ledger say which ran.
+    A stage no variant fits: with `missing` "error", BandError with one line per stage and field (nothing
+    runs); with "skip", the stage is left out with a line saying why, and so is any later stage that reads
+    columns only a left-out stage adds."""
+    if missing not in ("error", "skip"):
+        raise ValueError(f"missing bands: {missing!r} is not 'error' or 'skip'")
+    kept, skipped, problems = [], [], []
+    for name, params in stages:
+        tries = _variant_candidates(name, params)
+        found = None
+        for p in tries:
+            if not _band_problems(make_stage(name, **p), field_bands):
+                found = p
+                break
+        if found is not None:
+            kept.append((name, found))
+            continue
+        lines = _band_problems(make_stage(name, **tries[0]), field_bands)
+        if len(tries) > 1:
+            from deepfield.models.registry import variants
+            sets = "; ".join(",".join(b) for b in variants(stage_class(name).models[0]).values())
+            lines = [f"{ln} (its shipped weights take {sets})" for ln in lines]
+        problems += [f"stage {name!r}{'' if ln.startswith(':') else ' '}{ln}" for ln in lines]
+        skipped.append(f"stage {name!r} skipped: {lines[0].removeprefix(': ')}")
+    if problems and missing == "error":
+        raise BandError("\n".join(problems))
+    # a kept stage that reads what only a left-out stage adds goes too
+    while True:
+        added = set()
+        for name, params in list(kept):
+            cls = stage_class(name)
+            lack = [c for c in cls.reads if c not in added]
+            if lack:
+                kept.remove((name, params))
+                skipped.append(f"stage {name!r} skipped: it reads {', '.join(lack)}, added by a skipped stage")
+                break
+            added |= set(cls.adds)
+        else:
+            break
+    return kept, skipped
+
+
 def check_bands(stages: list[tuple[str, dict]], field_bands: dict[str, list[str]]) -> None:
     """BandError, one line per stage and field, when a field of `field_bands` (name -> its bands) lacks a band
-    that a stage of `stages` ([(name, params)]) needs (`required_bands`)."""
-    problems = []
-    for name, params in stages:
-        stage = make_stage(name, **params)
-        need = stage.required_bands()
-        for field, have in field_bands.items():
-            missing = [b for b in need or () if b not in have]
-            if missing:
-                problems.append(f"stage {name!r} needs bands {', '.join(need)}; field {field!r} has "
-                                f"{', '.join(have)} (missing {', '.join(missing)})")
-            other = stage.band_problem(list(have))
-            if other:
-                problems.append(f"stage {name!r}: {other}; field {field!r} has {', '.join(have)}")
-    if problems:
-        raise BandError("\n".join(problems))
+    that a stage of `stages` ([(name, params)]) needs with any of its shipped weights (`resolve_bands`)."""
+    resolve_bands(stages, field_bands, "error")

@@ -72,6 +72,18 @@ class SkyLibrary:
     pix_x: np.ndarray
     pix_v: np.ndarray  # (B, P) float32 values
 
+    def subset(self, bands: list[str]) -> "SkyLibrary":
+        """The library in `bands` only (a survey with fewer bands: the same skies and clusters, the other
+        bands' pixels dropped); ValueError naming the bands it lacks."""
+        missing = [b for b in bands if b not in self.bands]
+        if missing:
+            raise ValueError(f"the sky library has bands {', '.join(self.bands)}, not {', '.join(missing)}")
+        idx = [self.bands.index(b) for b in bands]
+        return SkyLibrary(bands=list(bands), bin=self.bin, pixel_arcsec=self.pixel_arcsec,
+                          backgrounds=self.backgrounds[:, idx], expmap=self.expmap, sigma=self.sigma[:, idx],
+                          gain=self.gain[:, idx], clusters=self.clusters, pix_y=self.pix_y, pix_x=self.pix_x,
+                          pix_v=self.pix_v[idx])
+
 
 def _cluster_stamp(rng, cfg: SimConfig, bands: list[str], bin: int, z: float, lam: float, cid: int):
     """One cluster drawn alone: (params, ys, xs, vals (B, n), fx, fy)."""

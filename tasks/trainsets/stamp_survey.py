@@ -27,13 +27,14 @@ class StampSurvey(BaseModel):
     depth_offset: float = Field(0.0, description="added to every band's 5-sigma depth m5 (negative: shallower)")
 
     def check_bands(self) -> None:
-        unknown = [b for b in self.bands if b not in DEFAULT_BANDS]
+        unknown = [b for b in [*self.bands, self.reference_band] if b not in DEFAULT_BANDS]
         if unknown:
             raise ValueError(f"bands {unknown} unknown; known: {sorted(DEFAULT_BANDS)}")
 
     def bandpasses(self) -> dict[str, str]:
-        """Band -> GalSim bandpass file."""
-        return {b: DEFAULT_BANDS[b].bandpass for b in self.bands}
+        """Band -> GalSim bandpass file, for the bands and the reference band (whose magnitudes set the
+        populations even when the stamps are drawn in other bands, e.g. a g, r, z survey)."""
+        return {b: DEFAULT_BANDS[b].bandpass for b in dict.fromkeys([*self.bands, self.reference_band])}
 
     def draw_fwhm(self, rng: np.random.Generator) -> dict[str, float]:
         """One stamp's PSF FWHM per band (arcsec): the band's median x psf_scale x log-normal scatter."""
