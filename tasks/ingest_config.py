@@ -51,6 +51,10 @@ class FieldSpec(BaseModel):
     mef: Optional[Path] = None
     reference_band: Optional[str] = Field(
         None, description="band whose pixel grid the others are resampled onto (default: i if present, else the first)")
+    band_names: dict[str, str] = Field(default_factory=dict, description="the inputs' band name -> the physical "
+                                       "band it is (e.g. Z: z, HSC-I: i, VIS: VIS); the store and the catalogs use the "
+                                       "physical names, and the learned stages match their bands by them (default: the "
+                                       "ingest configuration's band_names)")
 
     @field_validator("name")
     @classmethod
@@ -100,6 +104,8 @@ class IngestConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     fields: list[FieldSpec]
+    band_names: dict[str, str] = Field(default_factory=dict, description="the inputs' band name -> the physical band "
+                                       "it is, for every field (a field's own band_names add to it)")
     store: StoreSpec = Field(default_factory=StoreSpec)
     source: Optional[Path] = Field(None, description="the file this configuration was read from")
 
@@ -143,7 +149,9 @@ def load_ingest_config(path: str | Path, store: StoreSpec | None = None) -> Inge
     except ValidationError as exc:
         raise ConfigError(f"{path}: invalid ingest configuration:\n{exc}") from None
     base = path.resolve().parent  # absolute: the same inputs are the same whatever the working directory
-    update = {"fields": [_resolve(f, base) for f in cfg.fields]}
+    fields = [f.model_copy(update={"band_names": {**cfg.band_names, **f.band_names}}) if cfg.band_names else f
+              for f in cfg.fields]
+    update = {"fields": [_resolve(f, base) for f in fields]}
     if store is not None:
         update["store"] = store
     return cfg.model_copy(update=update)

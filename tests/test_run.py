@@ -238,11 +238,14 @@ def test_anomaly_scores_and_ranked_list(run, survey):
                                            ["g", "r", "i"]) for f, g in sel.groupby("field")])
     # the simulator's astrophysical anomalies (lenses, ring galaxies, mergers) against the normal sources: the
     # paper's sum over the stamp ranks morphology best; the local score (dominated by the worst 2 x 2 px cells,
-    # made for artefacts) less well (0.71 when written)
+    # made for artefacts) less well (0.71 when written). The paper's score gave 0.75-0.76 until the detection
+    # threshold followed the measured noise of the filtered image (about 1.2 sigma on the simulator's sky, whose
+    # faint galaxies add to the noise): smaller isophotes change which sources count as extended, and it
+    # gives 0.74 on these two fields
     keep = np.isin(labels, ["normal", "lens", "ring_galaxy", "merger"])
     y = labels[keep] != "normal"
     assert y.sum() >= 5
-    for column, floor in (("anomaly_score_paper", 0.75), ("anomaly_score", 0.65)):
+    for column, floor in (("anomaly_score_paper", 0.72), ("anomaly_score", 0.65)):
         scores = np.concatenate([g[column].to_numpy() for _, g in sel.groupby("field")])
         assert roc_auc_score(y, scores[keep]) > floor, column
 

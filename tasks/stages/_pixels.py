@@ -63,6 +63,38 @@ def detection_image(tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return det, noise, np.ascontiguousarray(bad)
 
 
+def filtered_noise_scale(det: np.ndarray, noise: np.ndarray, bad: np.ndarray, fwhm_px: float,
+                         mask_snr: float = 5.0, grow: int = 5) -> float:
+    """How much noisier the detection image is after the detection filter (a Gaussian of `fwhm_px`) than its
+    per-pixel `noise` predicts for white noise: the robust scatter (1.4826 MAD) of the filtered S/N image
+    det / noise over sky pixels, over the white-noise value. About 1 for independent pixels; other than 1
+    when neighbouring pixels share their noise (a resampled coadd: the filter then averages less of it away,
+    and the same threshold would cut into the noise) or when `noise` is off by a factor. Sky pixels: usable,
+    the whole filter on usable pixels, and more than `grow` pixels from any filtered S/N above `mask_snr`
+    (sources). Written here because SEP and photutils measure the RMS of the unfiltered image, not of the
+    filtered one that the threshold applies to."""
+    from scipy import ndimage
+    good = ~bad
+    if good.sum() < 2000:
+        return 1.0
+    sig = max(float(fwhm_px), 0.5) / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    snr = np.where(good, det / np.where(good, noise, 1.0), 0.0).astype(np.float32)
+    filt = ndimage.gaussian_filter(snr, sig, truncate=3.5)
+    delta = np.zeros((2 * int(4 * sig) + 3,) * 2, np.float32)
+    delta[delta.shape[0] // 2, delta.shape[1] // 2] = 1
+    white = float(np.sqrt((ndimage.gaussian_filter(delta, sig, truncate=3.5) ** 2).sum()))
+    inner = ndimage.minimum_filter(good, size=2 * int(math.ceil(3.5 * sig)) + 1)  # the whole filter usable
+    src = ndimage.maximum_filter(filt > mask_snr * white, size=2 * grow + 1)
+    sky = inner & ~src
+    vals = filt[sky]
+    if vals.size < 1000:
+        return 1.0
+    step = max(1, vals.size // 300_000)
+    vals = vals[::step].astype(np.float64)
+    sigma = 1.4826 * float(np.median(np.abs(vals - np.median(vals))))
+    return sigma / white if np.isfinite(sigma) and sigma > 0 else 1.0
+
+
 def fwhm_pixels(tile, default_px: float) -> float:
     """The tile's reference PSF FWHM in pixels: the largest known band FWHM (arcsec) over the pixel
     scale (arcsec/pixel), so that apertures and filters suit the worst-seeing band;

@@ -6,7 +6,10 @@ det = sum_b w_b img_b / sum_b w_b with w_b = invvar_b on unmasked pixels, whose 
 1 / sqrt(sum_b w_b); pixels with no unmasked band are masked.
 
 Footprints: `sep.extract` at `thresh` sigma (in units of the unfiltered pixel noise, as in Source Extractor)
-after filtering with a Gaussian of the PSF FWHM, footprints of at least `minarea` pixels, deblending off
+after filtering with a Gaussian of the PSF FWHM. With `measure_noise` (default) the pixel noise is first scaled
+by the filtered image's measured noise over what white noise would give (`_pixels.filtered_noise_scale`:
+1.00 for independent pixels, about 1.4 for a bilinearly resampled coadd whose inverse variance matches its
+pixel scatter), so the threshold means the same false-detection rate on any image; footprints of at least `minarea` pixels, deblending off
 (deblend_cont = 1). Its segments are the parent footprints, the blend groups. They are split into sources by
 `method`:
 
@@ -57,7 +60,7 @@ from pydantic import Field
 
 from .. import maskbits
 from ._learned_split import fill_thin_defects, split_by_peaks
-from ._pixels import UNUSABLE, configure_sep, detection_image, fwhm_pixels, gaussian_kernel
+from ._pixels import UNUSABLE, configure_sep, detection_image, filtered_noise_scale, fwhm_pixels, gaussian_kernel
 from .base import ModelStage, ModelStageConfig, StageConfig
 
 __all__ = ["DetectStage", "DetectConfig", "COLUMNS", "INT8_KEY"]
@@ -91,6 +94,9 @@ class DetectConfig(ModelStageConfig):
                                                   "ranges saved in the weights) takes about a quarter of float32's "
                                                   "time. A GPU, and weights without int8 ranges, run float32")
     thresh: float = Field(1.5, gt=0, description="detection threshold in units of the detection image's noise")
+    measure_noise: bool = Field(True, description="scale the detection image's noise (1 / sqrt(sum of invvar)) by "
+                                "the measured noise of the filtered image over the white-noise value, so that "
+                                "correlated noise (a resampled coadd) gives white noise's false-detection rate")
     minarea: int = Field(5, ge=1, description="minimum footprint in pixels")
     deblend_nthresh: int = Field(32, ge=1, description="SEP multi-threshold deblending levels")
     deblend_cont: float = Field(0.005, ge=0, le=1, description="SEP deblending minimum contrast")
@@ -112,7 +118,7 @@ class DetectStage(ModelStage):
     """
 
     name: ClassVar[str] = "detect"
-    version: ClassVar[str] = "2"
+    version: ClassVar[str] = "3"
     Config: ClassVar[type[StageConfig]] = DetectConfig
     models: ClassVar[tuple[str, ...]] = ("detect_net",)
     adds: ClassVar[tuple[str, ...]] = tuple(COLUMNS)
@@ -204,6 +210,11 @@ class DetectStage(ModelStage):
         det, noise, bad = detection_image(tile)
         configure_sep(det.size)
         fwhm = fwhm_pixels(tile, self.default_fwhm_px)
+        # the threshold in units of the filtered image's measured noise: a resampled coadd's correlated
+        # noise (or a noise map off by a factor) then gives the false-detection rate of white noise
+        scale = filtered_noise_scale(det, noise, bad, self.filter_fwhm or fwhm) if self.measure_noise else 1.0
+        tile.meta["detect_noise_scale"] = scale
+        noise = noise * scale
         kernel = gaussian_kernel(self.filter_fwhm or fwhm)
         dfwhm = self.deblend_filter_scale * fwhm
         dkernel = gaussian_kernel(dfwhm) if dfwhm > 0 else None
