@@ -82,22 +82,26 @@ def simulate(
 
 @app.command()
 def preview(
-    field: Path = typer.Argument(..., help="a field directory, e.g. OUT/fields/field000"),
+    field: Path = typer.Argument(..., help="a simulated field's directory (OUT/fields/field000) or a deepfield "
+                                 "Zarr store (RUN_DIR/store.zarr) with --field"),
     out: Path = typer.Option(..., "--out", "-o", help="PNG file to write"),
     bands: Optional[str] = typer.Option(None, help="three bands as red,green,blue (default: i,r,g, or the "
-                                        "three reddest bands when the field lacks one of them)"),
+                                        "three reddest bands when the field lacks one of them; with two bands "
+                                        "green is their mean, with one the picture is grey)"),
     stretch: Optional[float] = typer.Option(None, help="asinh stretch in ADU (default: 5 sky sigma)"),
     q: float = typer.Option(8.0, help="Lupton asinh softening Q"),
     binning: int = typer.Option(1, "--bin", min=1, help="average NxN pixel blocks"),
     colors: Optional[int] = typer.Option(None, min=2, max=256,
                                          help="quantise to a palette of N colours (smaller PNG)"),
+    field_name: Optional[str] = typer.Option(None, "--field", help="the store's field to draw (default: its only "
+                                             "field)"),
 ) -> None:
-    """Write a Lupton RGB picture of a field."""
+    """Write a Lupton RGB picture of a field: of simulator output, or of any field of a deepfield store."""
     from deepfield.tasks.preview import PreviewError, write_preview
 
     try:
         path = write_preview(field, out, tuple(b.strip() for b in bands.split(",")) if bands else None,
-                             stretch=stretch, q=q, binning=binning, colors=colors)
+                             stretch=stretch, q=q, binning=binning, colors=colors, field=field_name)
     except PreviewError as exc:
         fail(str(exc))
     except OSError as exc:
@@ -110,7 +114,7 @@ def ingest(
     config: Path = typer.Argument(..., help="ingest configuration (YAML) or a `deepfield simulate` manifest.yaml"),
     store: Path = typer.Option(..., "--store", "-s", help="Zarr store directory (created if missing)"),
     tile: Optional[int] = typer.Option(None, help="tile core size in pixels, one shard per core (default: 512)"),
-    chunk: Optional[int] = typer.Option(None, help="chunk size in pixels (default: 128)"),
+    chunk: Optional[int] = typer.Option(None, help="chunk size in pixels (default: 256)"),
 ) -> None:
     """Validate survey FITS images and write them, tiled, into a Zarr store."""
     from deepfield.flows import prefect_env
@@ -137,10 +141,7 @@ def ingest(
                   f"(tiles {cfg.store.tile} px, chunks {cfg.store.chunk} px, blosc-{cfg.store.codec.cname})")
     results = ingest_flow(cfg, str(store))
     failed = [r for r in results if r["status"] == "failed"]
-    for r in results:  # what changed the pixels is worth a line; routine notes stay in the store's attrs
-        for note in r.get("notes", []):
-            if "kept (our MP keywords)" not in note:
-                console.print(f"  {r['field']}: {note}")
+    _print_ingest_notes(results)
     raw = sum(r.get("raw_bytes", 0) for r in results)
     stored = sum(sum(r.get("stored_bytes", {}).values()) for r in results)
     n = {s: sum(r["status"] == s for r in results) for s in ("ingested", "skipped", "failed")}
@@ -151,6 +152,16 @@ def ingest(
     typer.echo(str(store))
     if failed:
         raise typer.Exit(1)
+
+
+def _print_ingest_notes(results: list[dict]) -> None:
+    """The ingest's notes on what changed the pixels or their meaning (estimated or rescaled noise, a measured
+    PSF, resampling, a zero point from FLUXMAG0 or BUNIT), one line each; routine ones stay in the store's
+    attributes."""
+    for r in results:
+        for note in r.get("notes", []):
+            if "kept (our MP keywords)" not in note:
+                console.print(f"  {r['field']}: {note}", markup=False)
 
 
 def _run(cfg) -> dict:
@@ -188,6 +199,7 @@ def _print_run(summary: dict, cfg) -> None:
     n = {s: sum(r["status"] == s for r in ing) for s in ("ingested", "skipped", "failed")}
     console.print(f"ingest:  {n['ingested']} field(s) ingested, {n['skipped']} unchanged, {n['failed']} failed "
                   f"({sec['ingest']:.1f} s)")
+    _print_ingest_notes(ing)
     console.print(f"process: {proc['done']} tile(s) processed, {proc['skipped']} already done, {proc['failed']} failed, "
                   f"{proc['retries']} retried, on {proc['actors']} actor(s) ({sec['process']:.1f} s)")
     if proc.get("stage_seconds"):
@@ -219,9 +231,27 @@ def _print_run(summary: dict, cfg) -> None:
     for r in ing:
         if r["status"] == "failed":
             console.print(f"[bold red]failed field:[/] {r['error']}")
+    for line in summary.get("skipped_stages") or []:
+        console.print(line, markup=False)
     from deepfield.tasks.ledger import summarise
-    for tile, err in summarise(cfg.run_dir)["failed"]:
-        console.print(f"[bold red]failed tile:[/] {tile}: {err}")
+    _print_failures(summarise(cfg.run_dir)["failed"])
+
+
+def _print_failures(failed: list[tuple[str, str]]) -> None:
+    """The failed tiles grouped by their error (its first line, the tile's and its field's names taken out),
+    the most common first, with the tiles each hit; `deepfield status RUN_DIR` has every tile's error."""
+    if not failed:
+        return
+    groups: dict[str, list[str]] = {}
+    for tile, err in failed:
+        first = (str(err).strip().splitlines() or ["(no message)"])[0]
+        key = first.replace(tile, "<tile>").replace(repr(tile.partition("/")[0]), "<field>")
+        groups.setdefault(key, []).append(tile)
+    console.print(f"[bold red]failed:[/] {len(failed)} tile(s), {len(groups)} distinct error(s):")
+    for err, tiles in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        console.print(f"  {len(tiles)} tile(s): {err}", markup=False)
+        console.print("    " + ", ".join(tiles[:6]) + (f" and {len(tiles) - 6} more" if len(tiles) > 6 else ""),
+                      markup=False)
 
 
 @app.command()

@@ -47,37 +47,108 @@ def lupton_rgb(images: tuple[np.ndarray, np.ndarray, np.ndarray], zeropoints: tu
     return make_lupton_rgb(*scaled, stretch=stretch, Q=q)
 
 
+# bands from blue to red, for the default choice of three (the reddest three, as red, green, blue)
+RGB_ORDER = ("FUV", "NUV", "u", "g", "r", "i", "z", "y", "Y", "VIS", "J", "H", "K")
+
+
+def default_rgb(have: list[str]) -> tuple[str, str, str]:
+    """(red, green, blue) bands for a picture of a field with the bands `have`: i, r, g when it has them,
+    else its three reddest known bands; with two bands the green is their mean ("" below), with one a grey
+    picture."""
+    if {"i", "r", "g"} <= set(have):
+        return ("i", "r", "g")
+    known = sorted([b for b in have if b in RGB_ORDER], key=RGB_ORDER.index, reverse=True)
+    order = known + [b for b in have if b not in known]
+    if len(order) >= 3:
+        return tuple(order[:3])
+    if len(order) == 2:
+        return (order[0], "", order[1])
+    return (order[0], order[0], order[0])
+
+
+def _store_field(path: Path, field: str | None) -> tuple[dict, str]:
+    """The store's field group (its name checked, or the only one) and its name."""
+    from .zarr_store import COMPLETE, open_store
+    try:
+        root = open_store(path)
+    except Exception as exc:
+        raise PreviewError(f"{path}: not a deepfield store ({exc})") from None
+    names = sorted(root["fields"].group_keys()) if "fields" in root else []
+    if field is None:
+        if len(names) != 1:
+            raise PreviewError(f"{path}: the store has fields {', '.join(names) or 'none'}; name one with --field")
+        field = names[0]
+    if field not in names:
+        raise PreviewError(f"{path}: no field {field!r} (the store has {', '.join(names) or 'none'})")
+    g = root["fields"][field]
+    if COMPLETE not in g.attrs:
+        raise PreviewError(f"{path}: field {field!r} is not completely ingested; ingest it again")
+    return g, field
+
+
+def _planes(source: Path, field: str | None, bands, crop) -> tuple[list[np.ndarray], list[float], str]:
+    """The images and zero points of `bands` ("" for the mean of the first and last) of a simulated field's
+    directory or of a field of a deepfield store, defects set to 0, cropped; and a label for messages."""
+    def cut(a):
+        if crop:
+            x0, y0, x1, y1 = crop
+            return a[y0:y1, x0:x1]
+        return a
+    if (source / "field.json").exists() or not (source / "zarr.json").exists():
+        files = field_band_files(source)
+        have = list(files)
+
+        def load(b):
+            with fits.open(files[b]["image"]) as hdul:
+                data = hdul[0].data.astype(np.float32)
+                zp = float(hdul[0].header.get("MAGZERO", 27.0))
+            with fits.open(files[b]["mask"]) as hdul:  # blank out defects: they are not sky
+                data[(hdul[0].data & maskbits.BAD) != 0] = 0.0
+            return cut(data), zp
+        label = str(source)
+    else:
+        g, name = _store_field(source, field)
+        have = list(g.attrs["bands"])
+        zps = list(g.attrs["zeropoints"])
+
+        def load(b):
+            k = have.index(b)
+            data = np.asarray(g["image"][k], np.float32)
+            data[(np.asarray(g["mask"][k]) & (maskbits.BAD | maskbits.NO_DATA)) != 0] = 0.0
+            return cut(data), float(zps[k])
+        label = f"{source} field {name}"
+    bands = tuple(bands) if bands else default_rgb(have)
+    if len(bands) != 3:
+        raise PreviewError(f"{label}: a colour preview needs three bands, got {list(bands)} (field has {have})")
+    missing = [b for b in bands if b and b not in have]
+    if missing:
+        raise PreviewError(f"{label}: bands {missing} not in field (has {have})")
+    loaded = {b: load(b) for b in dict.fromkeys(b for b in bands if b)}
+    ims, zps = [], []
+    for b in bands:
+        if b:
+            ims.append(loaded[b][0])
+            zps.append(loaded[b][1])
+        else:  # two bands: green is the mean of red and blue, on the red band's zero point
+            (r, zr), (bl, zb) = loaded[bands[0]], loaded[bands[2]]
+            ims.append(0.5 * (r + bl * 10 ** (-0.4 * (zb - zr))))
+            zps.append(zr)
+    return ims, zps, label
+
+
 def write_preview(field_dir: str | Path, out_png: str | Path, bands: tuple[str, str, str] | None = None,
                   stretch: float | None = None, q: float = 8.0, binning: int = 1,
-                  crop: tuple[int, int, int, int] | None = None, colors: int | None = None) -> Path:
-    """Write a Lupton RGB PNG of a field; bands in (red, green, blue) order, i, r, g by default.
+                  crop: tuple[int, int, int, int] | None = None, colors: int | None = None,
+                  field: str | None = None) -> Path:
+    """Write a Lupton RGB PNG of a field; bands in (red, green, blue) order (default: `default_rgb`).
 
+    field_dir: a simulated field's directory (OUT/fields/<field>), or a deepfield Zarr store with `field`
+    naming one of its fields (the only one by default), so any ingested image can be looked at.
     stretch defaults to 5x the median absolute deviation of the red band's sky; crop is
     (x0, y0, x1, y1) in pixels before binning; colors, if given, quantises the picture to a palette
     of that many colours (a much smaller PNG, for documentation).
     """
-    files = field_band_files(field_dir)
-    if not bands:
-        reddest = [b for b in "yzirgu" if b in files]
-        bands = ("i", "r", "g") if {"i", "r", "g"} <= set(files) else tuple(reddest[:3])
-    if len(bands) != 3:
-        raise PreviewError(f"{field_dir}: a colour preview needs three bands, got {list(bands)} "
-                           f"(field has {sorted(files)})")
-    rgb_bands = list(bands)
-    missing = [b for b in rgb_bands if b not in files]
-    if missing:
-        raise PreviewError(f"{field_dir}: bands {missing} not in field (has {sorted(files)})")
-    ims, zps = [], []
-    for b in rgb_bands:
-        with fits.open(files[b]["image"]) as hdul:
-            data = hdul[0].data.astype(np.float32)
-            zps.append(float(hdul[0].header.get("MAGZERO", 27.0)))
-        with fits.open(files[b]["mask"]) as hdul:  # blank out defects: they are not sky
-            data[(hdul[0].data & maskbits.BAD) != 0] = 0.0
-        if crop:
-            x0, y0, x1, y1 = crop
-            data = data[y0:y1, x0:x1]
-        ims.append(data)
+    ims, zps, _ = _planes(Path(field_dir), field, bands, crop)
     if stretch is None:
         sky = ims[0][np.isfinite(ims[0])]
         stretch = 5.0 * 1.4826 * float(np.median(np.abs(sky - np.median(sky)))) * max(binning, 1) ** -1

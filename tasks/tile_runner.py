@@ -69,7 +69,7 @@ def _fault(tile: str, attempt: int) -> None:
             time.sleep(float(target))
         if target == tile and kind == "kill" and attempt == 1:
             os._exit(17)  # like an OOM kill or a node loss: no exception, no cleanup
-        if target == tile and kind == "raise":
+        if target in (tile, "*") and kind == "raise":
             raise RuntimeError(f"injected failure on tile {tile} (DEEPFIELD_FAULT)")
 
 
