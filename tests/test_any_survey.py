@@ -4,7 +4,6 @@ band names mapped to physical bands, a picture of any ingested field, a run whos
 example configurations."""
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import subprocess

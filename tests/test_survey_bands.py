@@ -31,7 +31,7 @@ ADDS = {"deblend": "flux_deblend_{b}", "lens": "lens_score", "anomaly": "anomaly
 @pytest.fixture(scope="module", params=list(CASES))
 def survey_run(request, tmp_path_factory, prefect_harness, ray_session):
     from deepfield.flows.run import run_flow
-    bands, runs, skips = CASES[request.param]
+    bands = CASES[request.param][0]
     out = tmp_path_factory.mktemp(f"bands-{request.param}")
     cfg = SimConfig(seed=31, size=768, fields=1, bands=bands,
                     population=dict(cluster_z=(0.3, 0.5), clusters_per_field=1.0, lenses_per_field=2,
@@ -65,7 +65,7 @@ def test_the_stages_run_or_are_left_out_with_their_reason(survey_run):
 
 
 def test_the_catalog_holds_the_survey_bands(survey_run):
-    name, summary, cat, truth = survey_run
+    name, _, cat, truth = survey_run
     bands = CASES[name][0]
     for b in ALL_BANDS:
         present = {c for c in (f"flux_auto_{b}", f"mag_auto_{b}", f"fluxerr_auto_{b}") if c in cat.columns}
@@ -84,7 +84,7 @@ def test_the_catalog_holds_the_survey_bands(survey_run):
 
 
 def test_detection_against_the_truth(survey_run):
-    name, summary, cat, truth = survey_run
+    name, _, cat, truth = survey_run
     bands = CASES[name][0]
     ref = truth[f"mag_{'i' if 'i' in bands else bands[-1]}"]
     bright = truth[truth.kind.isin(["galaxy", "star"]) & (ref < 22.5) & (ref > 18.5)
