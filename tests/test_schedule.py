@@ -99,7 +99,11 @@ def read_deployment(url: str, name: str) -> dict | None:
 def trigger_and_wait(url: str, deployment: dict, log: Path, timeout: float = 240) -> float:
     """Create a flow run of the deployment now and wait until it completes; returns the seconds taken."""
     t0 = time.monotonic()
-    r = httpx.post(f"{url}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=30)
+    for _ in range(12):  # a Prefect server busy with the served process's start answers 503 for a while
+        r = httpx.post(f"{url}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=30)
+        if r.status_code != 503:
+            break
+        time.sleep(5)
     run = r.json()
     assert r.status_code in (200, 201) and "id" in run, (r.status_code, r.text[-2000:], log.read_text()[-3000:])
 
