@@ -20,6 +20,19 @@ app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from deepfield import __version__
+        typer.echo(f"deepfield {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print deepfield's version and exit")) -> None:
+    """deepfield: survey-scale processing of astronomical imaging."""
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=False)

@@ -49,3 +49,9 @@ def test_preview_writes_a_colour_png(survey, tmp_path):
 def test_preview_of_a_non_field_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["preview", str(tmp_path), "--out", str(tmp_path / "x.png")])
     assert result.exit_code != 0 and "field.json" in result.output
+
+
+def test_version():
+    from deepfield import __version__
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"deepfield {__version__}" and __version__[0].isdigit()
