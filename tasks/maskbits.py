@@ -1,7 +1,8 @@
 """Mask bit planes of deepfield images (uint16), shared by the simulator, ingest and measurement.
 
 The FITS mask files carry one header keyword per plane, ``MP<NAME> = bit index``, as Rubin's
-afw mask planes do, so that a reader can check the meaning of each bit.
+afw mask planes do, so that a reader can check the meaning of each bit; the Zarr store's `mask` arrays carry
+the same meanings as attributes (`zarr_attributes`: CF `flag_masks`/`flag_meanings` and a readable table).
 """
 from __future__ import annotations
 
@@ -15,11 +16,27 @@ UNUSABLE = NO_DATA | BAD | SAT | BLEED  # planes whose pixels no stage measures
 
 # plane names are short enough for 8-character FITS keywords MP<NAME>
 PLANES: dict[str, int] = {"BAD": BAD, "SAT": SAT, "BLEED": BLEED, "NODATA": NO_DATA, "ZEROWT": ZERO_WEIGHT}
+MEANINGS: dict[str, str] = {
+    "BAD": "bad pixel or column of the detector",
+    "SAT": "saturated",
+    "BLEED": "charge bleed trail of a saturated star",
+    "NODATA": "no measurement: NaN, infinite or huge (>= 1e30) input value, or no input coverage after resampling",
+    "ZEROWT": "zero weight: inverse variance <= 0 or not finite",
+}
 
 
 def header_cards() -> list[tuple[str, int, str]]:
     """(keyword, bit index, comment) cards describing the planes, for FITS headers."""
     return [(f"MP{name}", value.bit_length() - 1, f"mask plane {name}") for name, value in PLANES.items()]
+
+
+def zarr_attributes() -> dict:
+    """Attributes describing the planes for a mask array: CF `flag_masks`, `flag_meanings` (what xarray and
+    cf-xarray read) and `flag_descriptions`, plane name -> {bit (index), value, meaning}."""
+    return {"long_name": "mask bit planes", "flag_masks": list(PLANES.values()),
+            "flag_meanings": " ".join(PLANES),
+            "flag_descriptions": {name: {"bit": value.bit_length() - 1, "value": value, "meaning": MEANINGS[name]}
+                                  for name, value in PLANES.items()}}
 
 
 def describe(value: int) -> list[str]:

@@ -2,11 +2,12 @@
 arrays of shape (band, y, x).
 
 Layout (zarr v3):
-  STORE.zarr/                          root attrs: {"deepfield_store": 1}
+  STORE.zarr/                          root attrs: {"deepfield_store": 1}; consolidated metadata
   STORE.zarr/fields/<field>/           attrs: WCS header, bands, zero points, pixel scale, PSF FWHM,
                                        input sha256, deepfield version, tile, chunk, codec, and last
                                        of all the completion marker "deepfield_complete"
-  STORE.zarr/fields/<field>/{image,invvar,mask}
+  STORE.zarr/fields/<field>/{image,invvar,mask}   dimension_names (band, y, x), units, mask bit meanings
+  STORE.zarr/fields/<field>/band       the band names (variable-length UTF-8 strings)
 
 Chunks are (1, C, C) so that a halo read touches few bytes; shards are (nband, T, T), one per tile
 core, so the writer that writes a tile core is the only writer of that shard (zarr loses data
@@ -21,14 +22,36 @@ stat before it is read (`verify_shards`): zarr would read a missing shard as fil
 values mean "no data" (image NaN, invvar 0, mask NO_DATA), so that no hole can pass for pixels. A
 damaged field is a `StoreIntegrityError` naming the field, array and shard; `invalidate_field`
 removes its completion marker, so that the next ingest writes it again from its inputs.
+
+For xarray and other readers outside deepfield, `xarray.open_zarr(STORE, group="fields/<field>")` is a
+Dataset of `image`, `invvar`, `mask` over (band, y, x) with the `band` coordinate; `image` says its unit
+(`image_unit`: nJy, uJy, nanomaggy, mJy or Jy where the zero points of every band are those of that unit,
+else "image unit") with the AB zero point and the nJy of one unit per band, `invvar` the inverse square of
+that unit, `mask` its bit planes (CF `flag_masks`/`flag_meanings`, tasks/maskbits.py). Those readers open the
+store through its consolidated metadata (a copy of every node's metadata in the root zarr.json), so it is
+rewritten (`consolidate`) whenever a field is complete, fails to be written or is invalidated; writers hold
+the store's metadata lock while they change metadata and consolidate, so that the last consolidation sees
+every completed write. A consolidation reads every node's metadata (0.26 s for a store of 60 fields of 16
+tiles, so about 4 s at 1000 fields): a caller writing many fields at once can pass consolidated=False and
+consolidate once at its end. deepfield itself always reads the nodes' own metadata (use_consolidated=False),
+so that a consolidation lost to a kill can never hide a re-ingest or an invalidation from it; the next
+ingest, which visits every field, finds such a stale copy and consolidates again (`refresh_metadata`).
+Stores written before the `band` array and the array attributes existed stay readable as they are (same
+FIELD_FORMAT): the next ingest adds both to each complete field in place, its pixels and completion record
+untouched. The `band` array is metadata for outside readers, outside the shard record.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import tensorstore
@@ -36,6 +59,7 @@ import zarr
 from astropy.io import fits
 from astropy.wcs import WCS
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.errors import ZarrUserWarning
 
 from . import maskbits
 from .ingest_config import CodecSpec, StoreSpec
@@ -45,9 +69,14 @@ from .version import __version__
 STORE_FORMAT = 1
 FIELD_FORMAT = 2  # 2: CRC-32C per chunk, every chunk stored, shard sizes in the completion record
 _CREATE_LOCK = threading.Lock()  # field tasks run in threads and may all find the store missing
+_METADATA_LOCKS: dict[str, threading.Lock] = {}  # store directory -> its metadata lock in this process
+_LOCKS_LOCK = threading.Lock()
 COMPLETE = "deepfield_complete"
 ARRAYS = {"image": "float32", "invvar": "float32", "mask": "uint16"}
 FILL = {"image": float("nan"), "invvar": 0.0, "mask": maskbits.NO_DATA}  # "no data", never pixels
+BAND = "band"  # the 1-D array of band names, the `band` coordinate of xarray
+# AB zero point -> the unit whose zero point it is (m_AB = ZP - 2.5 log10 value): a calibrated store's unit
+AB_UNITS = {31.4: "nJy", 23.9: "uJy", 22.5: "nanomaggy", 16.4: "mJy", 8.9: "Jy"}
 
 
 class StoreError(RuntimeError):
@@ -74,8 +103,8 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     if mode == "r":
         if not path.exists():
             raise StoreError(f"{path}: no such store")
-        try:
-            root = zarr.open_group(str(path), mode="r")
+        try:  # the nodes' own metadata: the consolidated copy is for outside readers (module docstring)
+            root = zarr.open_group(str(path), mode="r", use_consolidated=False)
         except Exception as exc:  # zarr raises several types for a non-store directory
             raise StoreError(f"{path}: not a Zarr store ({exc})") from exc
         if root.attrs.get("deepfield_store") != STORE_FORMAT:
@@ -84,13 +113,124 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     if path.exists() and not path.is_dir():
         raise StoreError(f"{path}: not a directory (a Zarr store is one)")
     with _CREATE_LOCK:
-        root = zarr.open_group(str(path), mode="a")
+        root = zarr.open_group(str(path), mode="a", use_consolidated=False)
         if root.attrs.get("deepfield_store") is None:
             if list(root.keys()):
                 raise StoreError(f"{path}: a Zarr group that is not a deepfield store; refusing to write into it")
             root.attrs["deepfield_store"] = STORE_FORMAT
+            root.require_group("fields")
+            with metadata_lock(root):
+                consolidate(root)
         root.require_group("fields")
     return root
+
+
+@contextlib.contextmanager
+def metadata_lock(root: zarr.Group) -> Iterator[None]:
+    """Hold the store's metadata lock for the block (not re-entrant): a lock per store for the threads of this
+    process, and an exclusive flock on the store's directory for other processes where the file system
+    supports one on a directory (local ones do; NFS refuses it, and processes writing one store at once are
+    not a supported use). No file is made: zarr warns about any non-Zarr file in a group."""
+    where = _group_dir(root).resolve()
+    with _LOCKS_LOCK:
+        lock = _METADATA_LOCKS.setdefault(str(where), threading.Lock())
+    with lock:
+        fd = os.open(where, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                if exc.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+
+def consolidate(root: zarr.Group) -> None:
+    """Rewrite the store's consolidated metadata from every node's metadata as it is now (the caller holds
+    `metadata_lock`). zarr writes the root zarr.json to a temporary name and renames it: a kill leaves the
+    old or the new copy."""
+    with warnings.catch_warnings():  # "not part of the Zarr format 3 specification": xarray and zarr read it
+        warnings.filterwarnings("ignore", "Consolidated metadata", ZarrUserWarning)
+        zarr.consolidate_metadata(str(_group_dir(root)))
+
+
+def _consolidated_stale(root: zarr.Group, name: str) -> bool:
+    """True when the consolidated metadata of field `name` (its group's and arrays' attributes, the set of its
+    arrays) differs from the nodes' own, or there is none."""
+    try:
+        view = zarr.open_group(str(_group_dir(root)), mode="r", use_consolidated=True)["fields"][name]
+    except (KeyError, ValueError, OSError):
+        return True
+    real = zarr.open_group(str(_group_dir(root)), mode="r", use_consolidated=False)["fields"][name]
+
+    def nodes(g):
+        return {"": g.attrs.asdict(), **{k: v.attrs.asdict() for k, v in g.members()}}
+    return nodes(view) != nodes(real)
+
+
+def image_unit(zeropoints: list[float]) -> str:
+    """The unit of a field's image values: the calibrated unit (AB_UNITS) whose AB zero point every band has,
+    else "image unit" (one unit is then nJy_per_unit[band] nJy)."""
+    units = {AB_UNITS.get(round(float(z), 4)) for z in zeropoints}
+    return units.pop() if len(units) == 1 and None not in units else "image unit"
+
+
+def array_attributes(bands: list[str], zeropoints: list[float]) -> dict[str, dict]:
+    """The attributes of a field's arrays (name -> attributes) for readers outside deepfield: units, the AB
+    zero point and nJy of one image unit per band, the mask bit planes."""
+    unit = image_unit(zeropoints)
+    zps = [float(z) for z in zeropoints]
+    per_band = {"bands": list(bands), "zeropoint": zps, "nJy_per_unit": [10 ** (-0.4 * (z - 31.4)) for z in zps]}
+    return {
+        "image": {"long_name": "sky-subtracted image", "units": unit, **per_band,
+                  "comment": "AB magnitude = zeropoint[band] - 2.5 log10(image); nJy = image * nJy_per_unit[band]"},
+        "invvar": {"long_name": "inverse variance of image", "units": f"{unit}^-2", **per_band,
+                   "comment": "0 where there is no measurement"},
+        "mask": maskbits.zarr_attributes(),
+        BAND: {"long_name": "band"},
+    }
+
+
+def _create_band_array(g: zarr.Group, bands: list[str], attrs: dict) -> None:
+    arr = g.create_array(BAND, shape=(len(bands),), dtype=str, chunks=(len(bands),), compressors=(Crc32cCodec(),),
+                         dimension_names=(BAND,), attributes=attrs, overwrite=True)
+    arr[:] = np.array(bands, dtype=str)
+
+
+def _describe(g: zarr.Group) -> bool:
+    """Give the complete field group `g` its band array and array attributes where they are missing or differ
+    (a field written before they existed); True when anything was written. Pixels are not touched."""
+    bands = list(g.attrs["bands"])
+    want = array_attributes(bands, list(g.attrs["zeropoints"]))
+    changed = False
+    try:
+        ok = [str(b) for b in g[BAND][:]] == bands and g[BAND].attrs.asdict() == want[BAND]
+    except (KeyError, ValueError, OSError):
+        ok = False
+    if not ok:
+        _create_band_array(g, bands, want[BAND])
+        changed = True
+    for name in ARRAYS:
+        arr = g[name]
+        have = arr.attrs.asdict()
+        if {k: have.get(k) for k in want[name]} != want[name]:
+            arr.update_attributes(want[name])
+            changed = True
+    return changed
+
+
+def refresh_metadata(root: zarr.Group, name: str, consolidated: bool = True) -> bool:
+    """Bring the outside readers' metadata of the complete field `name` up to date: its band array and array
+    attributes (`_describe`) and the consolidated metadata, stale after a kill between a write and its
+    consolidation (consolidated=False: the caller consolidates). True when anything was written."""
+    with metadata_lock(root):
+        changed = _describe(root["fields"][name])
+        if consolidated and (changed or _consolidated_stale(root, name)):
+            consolidate(root)
+            return True
+    return False
 
 
 def field_record(root: zarr.Group, name: str) -> dict | None:
@@ -141,9 +281,11 @@ def invalidate_field(root_path: str | Path, name: str) -> bool:
         g = root["fields"][name]
     except KeyError:
         return False
-    if COMPLETE not in g.attrs:
-        return False
-    del g.attrs[COMPLETE]
+    with metadata_lock(root):
+        if COMPLETE not in g.attrs:
+            return False
+        del g.attrs[COMPLETE]
+        consolidate(root)  # readers of the consolidated metadata see the field incomplete too
     return True
 
 
@@ -223,26 +365,61 @@ def attrs_to_header(cards: list[list]) -> fits.Header:
 
 
 def write_field(root: zarr.Group, fimg, spec: StoreSpec, record: dict,
-                progress: Callable[[int, int], None] | None = None) -> dict:
+                progress: Callable[[int, int], None] | None = None, consolidated: bool = True) -> dict:
     """Write one field (a tasks.fits_input.FieldImages) tile core by tile core, then its attributes,
-    then the completion marker `record` (which should hold the input checksums). Returns byte and
-    timing statistics."""
+    then the completion marker `record` (which should hold the input checksums), then the store's
+    consolidated metadata (also when the write fails, so that outside readers do not go on seeing the old
+    field complete; consolidated=False: the caller consolidates). Returns byte and timing statistics."""
     fields = root.require_group("fields")
-    if fimg.name in fields:
-        del fields[fimg.name]  # the old marker goes first: a crash now leaves the field absent
-    g = fields.create_group(fimg.name)
     nb, ny, nx = fimg.image.shape
     grid = TileGrid(ny, nx, spec.tile, 0)
-    arrays = {}
-    for name, dtype in ARRAYS.items():
-        arrays[name] = g.create_array(
-            name, shape=(nb, ny, nx), dtype=dtype, chunks=(1, spec.chunk, spec.chunk),
-            shards=(nb, spec.tile, spec.tile), compressors=(codec(spec.codec), Crc32cCodec()),
-            fill_value=FILL[name], dimension_names=("band", "y", "x"))
-    data = {"image": fimg.image, "invvar": fimg.invvar, "mask": fimg.mask}
-    t0 = time.perf_counter()
     tiles = grid.tiles(fimg.name)
-    # The arrays' metadata is zarr-python's (above); the pixels are written with TensorStore, whose
+    attrs = array_attributes(list(fimg.bands), list(fimg.zeropoints))
+    data = {"image": fimg.image, "invvar": fimg.invvar, "mask": fimg.mask}
+    try:
+        with metadata_lock(root):
+            if fimg.name in fields:
+                del fields[fimg.name]  # the old marker goes first: a crash now leaves the field absent
+            g = fields.create_group(fimg.name)
+            arrays = {name: g.create_array(
+                name, shape=(nb, ny, nx), dtype=dtype, chunks=(1, spec.chunk, spec.chunk),
+                shards=(nb, spec.tile, spec.tile), compressors=(codec(spec.codec), Crc32cCodec()),
+                fill_value=FILL[name], dimension_names=(BAND, "y", "x"), attributes=attrs[name])
+                for name, dtype in ARRAYS.items()}
+            _create_band_array(g, list(fimg.bands), attrs[BAND])
+        t0 = time.perf_counter()
+        _write_pixels(arrays, data, grid, tiles, spec, progress)
+        where = _group_dir(g)
+        shards = {shard_key(name, t.ty, t.tx): (where / shard_key(name, t.ty, t.tx)).stat().st_size
+                  for name in arrays for t in tiles}
+        with metadata_lock(root):
+            g.attrs.update({
+                "bands": list(fimg.bands), "zeropoints": [float(z) for z in fimg.zeropoints],
+                "psf_fwhm": [None if f is None else float(f) for f in fimg.psf_fwhm],
+                "pixel_scale": float(fimg.pixel_scale), "wcs_header": header_to_attrs(fimg.wcs_header),
+                "shape": [int(nb), int(ny), int(nx)], "tile": spec.tile, "chunk": spec.chunk,
+                "codec": spec.codec.model_dump(), "resampled": list(fimg.resampled), "notes": list(fimg.notes),
+                "deepfield_version": __version__,
+            })
+            g.attrs[COMPLETE] = dict(record, format=FIELD_FORMAT, shards=shards,
+                                     completed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            if consolidated:
+                consolidate(root)
+    except BaseException:
+        if consolidated:  # best effort: the error that got here is the one the caller must see
+            with contextlib.suppress(Exception), metadata_lock(root):
+                consolidate(root)
+        raise
+    raw = sum(a.nbytes for a in data.values())
+    return dict(seconds=time.perf_counter() - t0, raw_bytes=int(raw),
+                stored_bytes={n: int(a.nbytes_stored()) for n, a in arrays.items()},
+                raw_by_array={n: int(a.nbytes) for n, a in data.items()})
+
+
+def _write_pixels(arrays: dict[str, zarr.Array], data: dict[str, np.ndarray], grid: TileGrid, tiles: list[TileId],
+                  spec: StoreSpec, progress: Callable[[int, int], None] | None) -> None:
+    """Write `data` into the new `arrays` tile core by tile core."""
+    # The arrays' metadata is zarr-python's (write_field); the pixels are written with TensorStore, whose
     # C++ sharded writer encodes and writes a 512^2 x 4-band field about 4x faster than zarr-python's
     # asyncio pipeline (tests/benchmarks/bench_ingest.py). zarr-python reads the result back.
     ctx = tensorstore.Context({"data_copy_concurrency": {"limit": spec.write_threads},
@@ -269,23 +446,6 @@ def write_field(root: zarr.Group, fimg, spec: StoreSpec, record: dict,
             except Exception:
                 pass
         raise
-    g.attrs.update({
-        "bands": list(fimg.bands), "zeropoints": [float(z) for z in fimg.zeropoints],
-        "psf_fwhm": [None if f is None else float(f) for f in fimg.psf_fwhm],
-        "pixel_scale": float(fimg.pixel_scale), "wcs_header": header_to_attrs(fimg.wcs_header),
-        "shape": [int(nb), int(ny), int(nx)], "tile": spec.tile, "chunk": spec.chunk,
-        "codec": spec.codec.model_dump(), "resampled": list(fimg.resampled), "notes": list(fimg.notes),
-        "deepfield_version": __version__,
-    })
-    where = _group_dir(g)
-    shards = {shard_key(name, t.ty, t.tx): (where / shard_key(name, t.ty, t.tx)).stat().st_size
-              for name in arrays for t in tiles}
-    g.attrs[COMPLETE] = dict(record, format=FIELD_FORMAT, shards=shards,
-                             completed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    raw = sum(a.nbytes for a in data.values())
-    return dict(seconds=time.perf_counter() - t0, raw_bytes=int(raw),
-                stored_bytes={n: int(a.nbytes_stored()) for n, a in arrays.items()},
-                raw_by_array={n: int(a.nbytes) for n, a in data.items()})
 
 
 @dataclass

@@ -304,7 +304,7 @@ class ClusterStage(ModelStage):
         from ..zarr_store import COMPLETE
         name, store, record = self._key(group)
         if self._sky is None or self._sky[0] != store or self._sky[1].get(name, (None,))[0] != record:
-            fields = zarr.open_group(store=group.store, mode="r")["fields"]
+            fields = zarr.open_group(store=group.store, mode="r", use_consolidated=False)["fields"]
             sky = {}
             for n in sorted(fields.group_keys()):
                 attrs = fields[n].attrs.asdict()
@@ -329,7 +329,7 @@ class ClusterStage(ModelStage):
         planes = self.binned(group)
         found = []
         if halo:
-            fields = zarr.open_group(store=group.store, mode="r")["fields"]
+            fields = zarr.open_group(store=group.store, mode="r", use_consolidated=False)["fields"]
             for n in self.neighbours(group, self.halo_arcsec):
                 g = fields[n]
                 if COMPLETE in g.attrs and set(self.bands) <= set(g.attrs["bands"]):
