@@ -1,6 +1,8 @@
 """The `deepfield` command line. Every command has --help; the README's command reference mirrors it."""
 from __future__ import annotations
 
+import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -10,15 +12,21 @@ import typer
 from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .cli_common import console, fail
+from deepfield.tasks.ingest_config import StoreSpec
+
+from .cli_common import (VerboseGroup, adopt_third_party_logs, console, errors, fail, rel, run_log, show_info,
+                         verbosity)
 from . import cli_detect  # noqa: F401  (registers train library, train detect and eval detect)
 from .cli_models import eval_app, train_app
-from .cli_report import print_ingest_notes, print_run
+from .cli_report import output_lines, print_ingest_notes, print_run
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="deepfield: survey-scale processing of astronomical imaging.")
+app = typer.Typer(cls=VerboseGroup, add_completion=False, no_args_is_help=True,
+                  help="deepfield: survey-scale processing of astronomical imaging. Every command takes -v "
+                  "(deepfield's INFO logs; -vv: DEBUG logs of everything) and -q (errors and the final result "
+                  "lines only).")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
+log = logging.getLogger(__name__)
 
 
 def _print_version(value: bool) -> None:
@@ -36,7 +44,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
 
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
+                    console=console, transient=False, disable=console.quiet)
 
 
 @app.command()
@@ -127,12 +135,14 @@ def preview(
 def ingest(
     config: Path = typer.Argument(..., help="ingest configuration (YAML) or a `deepfield simulate` manifest.yaml"),
     store: Path = typer.Option(..., "--store", "-s", help="Zarr store directory (created if missing)"),
-    tile: Optional[int] = typer.Option(None, help="tile core size in pixels, one shard per core (default: 512)"),
-    chunk: Optional[int] = typer.Option(None, help="chunk size in pixels (default: 256)"),
+    tile: Optional[int] = typer.Option(None, help="tile core size in pixels, one shard per core (default: "
+                                       f"{StoreSpec.model_fields['tile'].default})"),
+    chunk: Optional[int] = typer.Option(None, help="chunk size in pixels, dividing the tile size (default: "
+                                        f"{StoreSpec.model_fields['chunk'].default})"),
 ) -> None:
     """Validate survey FITS images and write them, tiled, into a Zarr store."""
     from deepfield.flows import prefect_env
-    from deepfield.tasks.ingest_config import ConfigError, StoreSpec, load_ingest_config
+    from deepfield.tasks.ingest_config import ConfigError, load_ingest_config
 
     try:
         cfg = load_ingest_config(config)
@@ -148,7 +158,7 @@ def ingest(
         fail(f"{store}: not a directory (a Zarr store is one)")
     prefect_env.configure(store.resolve().parent / ".deepfield-prefect")
     from deepfield.flows.ingest import ingest_flow
-    prefect_env.quiet_run_logs()
+    prefect_env.quiet_run_logs(console=verbosity() >= 2)
 
     t0 = time.perf_counter()
     console.print(f"ingesting {len(cfg.fields)} field(s) from {config} into {store} "
@@ -162,10 +172,15 @@ def ingest(
     console.print(f"{n['ingested']} ingested, {n['skipped']} skipped (unchanged), {n['failed']} failed "
                   f"in {time.perf_counter() - t0:.1f} s" + (f"; stored {stored / max(raw, 1):.2f} of raw size" if raw else ""))
     for r in failed:
-        console.print(f"[bold red]failed:[/] {r['error']}")
+        errors.print(f"[bold red]failed:[/] {r['error']}")
     typer.echo(str(store))
     if failed:
         raise typer.Exit(1)
+
+
+def _version() -> str:
+    from deepfield import __version__
+    return __version__
 
 
 def _run(cfg) -> dict:
@@ -176,7 +191,8 @@ def _run(cfg) -> dict:
     except OSError as exc:
         fail(f"{exc.filename or cfg.run_dir}: {exc.strerror or exc}")
     from deepfield.flows.run import run_flow
-    prefect_env.quiet_run_logs()
+    prefect_env.quiet_run_logs(console=verbosity() >= 2)
+    adopt_third_party_logs()
     from deepfield.tasks.locks import LockedError
     from deepfield.tasks.stages.registry import BandError
     try:
@@ -230,8 +246,10 @@ def run(
     # SIGTERM (kill, scancel, a scheduler's stop) unwinds like an error: locks released, and the local Ray
     # and Prefect server this process started are stopped by their exit handlers instead of left running
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    summary = _run(cfg)
-    print_run(summary, cfg)
+    with run_log(cfg.run_dir) as log_file:
+        log.info("deepfield %s: run of %s in %s", _version(), config, cfg.run_dir)
+        summary = _run(cfg)
+        print_run(summary, cfg, log_file=log_file)
     typer.echo(str(cfg.run_dir))
     if summary["failed_fields"] or summary["failed_tiles"]:
         raise typer.Exit(1)
@@ -260,6 +278,8 @@ def serve(
         fail(str(exc))
     prefect_env.configure(cfg.run_dir / ".deepfield-prefect", quiet=False)  # before prefect is imported
     from prefect.client.schemas.schedules import CronSchedule
+    if verbosity() >= 0:
+        show_info("prefect")  # the runner's flow runs as they come
     try:
         CronSchedule(cron=cron, timezone=timezone)
     except ValidationError as exc:
@@ -272,26 +292,66 @@ def serve(
     serve_reprocessing(config, cron, name, timezone=timezone, limit=limit)
 
 
-@app.command()
-def status(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
-    """Summarise a run's ledger: tiles done and failed, retries, sources, time per stage; every record and the
-    tile table it points to are checked, and what cannot be read is listed (exit status 1)."""
+STATUS_KEYS = {
+    "run_dir": "the run directory, as given",
+    "tiles": "tiles with a sound ledger record",
+    "status": "tiles by status ({done: n, failed: n})",
+    "retried": "tiles that took more than one attempt",
+    "sources": "sources detected, over every tile",
+    "primary": "sources primary in their tile",
+    "stage_seconds": "seconds per stage, summed over the tiles ({stage: seconds})",
+    "config_hashes": "the configuration hashes the records were made under",
+    "failed": "the failed tiles and their errors ([{tile, error}])",
+    "problems": "records and tile tables that cannot be read (a list of lines)",
+}
+
+
+@app.command(help="""Summarise a run's ledger: tiles done and failed, retries, sources, time per stage; every
+record and the tile table it points to are checked, and what cannot be read is listed (exit status 1, as for
+failed tiles).\n\n--json prints the same facts as one JSON object with the keys: """
+             + "; ".join(f"{k}: {v}" for k, v in STATUS_KEYS.items()) + ".")
+def status(run_dir: Path = typer.Argument(..., help="a run directory"),
+           as_json: bool = typer.Option(False, "--json", help="print the facts as JSON (keys above)")) -> None:
     from deepfield.tasks.ledger import summarise
 
     if not (run_dir / "ledger").is_dir():
         fail(f"{run_dir}: no ledger/ here; not a run directory")
     s = summarise(run_dir)
-    typer.echo(f"tiles: {s['tiles']}  " + "  ".join(f"{k}: {v}" for k, v in sorted(s["status"].items()))
-               + f"  retried: {s['retried']}")
-    typer.echo(f"sources: {s['sources']} detected, {s['primary']} primary in their tile")
-    typer.echo("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in s["stage_seconds"].items()))
-    typer.echo(f"configuration hashes: {', '.join(s['config_hashes'])}")
-    for tile, err in s["failed"]:
-        typer.echo(f"failed {tile}: {err}")
-    for problem in s["problems"]:
-        typer.echo(f"unreadable: {problem}")
+    if as_json:
+        facts = dict(s, run_dir=str(run_dir), failed=[{"tile": t, "error": e} for t, e in s["failed"]])
+        typer.echo(json.dumps({k: facts[k] for k in STATUS_KEYS}, indent=1))
+    else:
+        typer.echo(f"tiles: {s['tiles']}  " + "  ".join(f"{k}: {v}" for k, v in sorted(s["status"].items()))
+                   + f"  retried: {s['retried']}")
+        typer.echo(f"sources: {s['sources']} detected, {s['primary']} primary in their tile")
+        typer.echo("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in s["stage_seconds"].items()))
+        typer.echo(f"configuration hashes: {', '.join(s['config_hashes'])}")
+        for tile, err in s["failed"]:
+            typer.echo(f"failed {tile}: {err}")
+        for problem in s["problems"]:
+            typer.echo(f"unreadable: {problem}")
     if s["failed"] or s["problems"]:
         raise typer.Exit(1)
+
+
+@app.command(help="""Print the declared schema of the catalogs (catalogs/schema.py): every column's type, unit,
+UCD and description, for the source catalog and the candidate tables. docs/schema.md is this command's
+--markdown output.""")
+def schema(markdown: bool = typer.Option(False, "--markdown", help="the documentation page (Markdown) instead of "
+                                         "tab-separated rows: table, column, type, unit, UCD, description"),
+           table: Optional[str] = typer.Option(None, "--table", help="only this table: sources, lens_candidates, "
+                                               "clusters or anomalies")) -> None:
+    from deepfield.catalogs import schema as declared
+
+    if table is not None and table not in declared.TABLES:
+        fail(f"--table {table}: no such table (tables: {', '.join(declared.TABLES)})")
+    if markdown:
+        sys.stdout.write(declared.markdown())
+        return
+    for name, cols in declared.TABLES.items():
+        if table in (None, name):
+            for c in cols:
+                typer.echo("\t".join((name, c.name, c.type, c.unit, c.ucd, c.description)))
 
 
 @app.command()
@@ -315,29 +375,32 @@ def demo(
     except ValidationError as exc:
         fail(f"invalid demo options:\n{exc}")
     out = out.resolve()
-    t0 = time.perf_counter()
-    with _progress() as prog:
-        task = prog.add_task("simulating", total=None)
-        # the demo directory is the demo's own: a demo with other options replaces it
-        manifest = simulate_survey(sim_cfg, out / "sim", overwrite=True, progress=lambda d, t, m: prog.update(
-            task, completed=d, total=t, description=f"simulating {m}"))
-    t_sim = time.perf_counter() - t0
-    run_yaml = out / "survey.yaml"
-    run_yaml.write_text(yaml.safe_dump({"inputs": "sim/manifest.yaml", "run_dir": "run"}))
-    cfg = RunConfig(inputs=manifest, run_dir=out / "run")
-    summary = _run(cfg)
-    png = write_preview(out / "sim" / "fields" / "field000", out / "field000.png", binning=2)
-    print_run(summary, cfg)
+    with run_log(out / "run") as log_file:
+        log.info("deepfield %s: demo of %d field(s) of %d px (seed %d) in %s", _version(), fields, size, seed, out)
+        t0 = time.perf_counter()
+        with _progress() as prog:
+            task = prog.add_task("simulating", total=None)
+            # the demo directory is the demo's own: a demo with other options replaces it
+            manifest = simulate_survey(sim_cfg, out / "sim", overwrite=True, progress=lambda d, t, m: prog.update(
+                task, completed=d, total=t, description=f"simulating {m}"))
+        t_sim = time.perf_counter() - t0
+        run_yaml = out / "survey.yaml"
+        run_yaml.write_text(yaml.safe_dump({"inputs": "sim/manifest.yaml", "run_dir": "run"}))
+        cfg = RunConfig(inputs=manifest, run_dir=out / "run")
+        summary = _run(cfg)
+        png = write_preview(out / "sim" / "fields" / "field000", out / "field000.png", binning=2)
+        print_run(summary, cfg, log_file=log_file, paths=False)  # the paths are the demo's result lines below
     comp = demo_completeness(out / "sim" / "truth" / "objects.parquet", summary["merge"])
     typer.echo(f"simulated {fields} field(s) of {size}x{size} px in {t_sim:.1f} s; "
                f"ran them in {summary['seconds']['total']:.1f} s; total {time.perf_counter() - t0:.1f} s")
     typer.echo(f"  completeness at i < 24 (primary truth galaxies and stars matched within 1\"): "
                f"{comp['matched']}/{comp['n']} = {comp['fraction']:.1%}")
-    typer.echo(f"  run configuration: {run_yaml}")
-    typer.echo(f"  source catalog:    {summary['merge']['paths']['hats']} (HATS; also {summary['merge']['paths'].get('fits')})")
-    typer.echo(f"  ledger:            {cfg.run_dir / 'ledger'}  (deepfield status {cfg.run_dir})")
-    typer.echo(f"  truth tables:      {out / 'sim' / 'truth'}")
-    typer.echo(f"  preview:           {png}")
+    items = [("run configuration", rel(run_yaml)),
+             *((k, rel(v)) for k, v in summary["merge"].get("paths", {}).items()),
+             ("ledger", f"{rel(cfg.run_dir / 'ledger')}  (deepfield status {rel(cfg.run_dir)})"),
+             ("truth tables", rel(out / "sim" / "truth")), ("preview", rel(png)), ("log", rel(log_file))]
+    for line in output_lines(items):
+        typer.echo(line)
     if summary["failed_fields"] or summary["failed_tiles"]:
         raise typer.Exit(1)
 

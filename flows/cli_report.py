@@ -1,28 +1,64 @@
 """What `deepfield ingest` and `deepfield run` print when they finish (flows/cli.py): the ingest's notes, the
-run's counts, timings, merge results, stages left out and failures grouped by their error."""
+run's counts, timings, merge results, the paths of its outputs, stages left out and failures grouped by their
+error. The summary goes to the console (silent with -q), errors to the error console (always printed); paths
+are relative to the current directory where that is shorter."""
 from __future__ import annotations
 
-from .cli_common import console
+import re
 
-__all__ = ["print_ingest_notes", "print_run"]
+from .cli_common import console, errors, rel
+
+__all__ = ["print_ingest_notes", "print_run", "output_lines"]
+
+_BAND_COUNT = re.compile(r"band (\S+): (\d+) (.+)")
 
 
 def print_ingest_notes(results: list[dict]) -> None:
     """The ingest's notes on what changed the pixels or their meaning (estimated or rescaled noise, a measured
     PSF, resampling, a zero point from FLUXMAG0 or BUNIT), one line each; routine ones stay in the store's
-    attributes."""
+    attributes. A field's notes that differ only in band and count ("band g: 12 pixels ... masked") are one
+    line: "g 12, r 30 pixels ... masked"."""
     for r in results:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        lines: list[str | tuple] = []
         for note in r.get("notes", []):
-            if "kept (our MP keywords)" not in note:
-                console.print(f"  {r['field']}: {note}", markup=False)
+            if "kept (our MP keywords)" in note:
+                continue
+            m = _BAND_COUNT.fullmatch(note)
+            if m is None:
+                lines.append(note)
+                continue
+            if m[3] not in groups:
+                groups[m[3]] = []
+                lines.append(("group", m[3]))
+            groups[m[3]].append((m[1], m[2]))
+        for line in lines:
+            if isinstance(line, tuple):
+                members = groups[line[1]]
+                line = (f"band {members[0][0]}: {members[0][1]} {line[1]}" if len(members) == 1 else
+                        ", ".join(f"{b} {n}" for b, n in members) + f" {line[1]}")
+            console.print(f"  {r['field']}: {line}", markup=False)
 
 
-def print_run(summary: dict, cfg) -> None:
+def output_lines(items) -> list[str]:
+    """Aligned `  name: text` lines of (name, text) pairs, or of a {name: path} mapping (the merge summary's
+    `paths`) with each path relative where that is shorter."""
+    if isinstance(items, dict):
+        items = [(k, rel(v)) for k, v in items.items()]
+    width = max((len(k) for k, _ in items), default=0)
+    return [f"  {k + ':':<{width + 1}} {v}" for k, v in items]
+
+
+def print_run(summary: dict, cfg, log_file=None, paths: bool = True) -> None:
+    """The run's summary; with `paths`, every output's path (the merge summary's `paths`) and the log file's."""
     ing, proc, mer, sec = summary["ingest"], summary["process"], summary["merge"], summary["seconds"]
     n = {s: sum(r["status"] == s for r in ing) for s in ("ingested", "skipped", "failed")}
     console.print(f"ingest:  {n['ingested']} field(s) ingested, {n['skipped']} unchanged, {n['failed']} failed "
                   f"({sec['ingest']:.1f} s)")
     print_ingest_notes(ing)
+    for stage, variant in (summary.get("weights_variants") or {}).items():
+        if variant:
+            console.print(f"         stage {stage}: the {variant} weights (the fields lack bands of the main weights)")
     console.print(f"process: {proc['done']} tile(s) processed, {proc['skipped']} already done, {proc['failed']} failed, "
                   f"{proc['retries']} retried, on {proc['actors']} actor(s) ({sec['process']:.1f} s)")
     if proc.get("stage_seconds"):
@@ -44,16 +80,23 @@ def print_run(summary: dict, cfg) -> None:
             console.print(f"         {len(ignored)} table(s) under tiles/ are not this run's and were left out: "
                           + ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
     if proc.get("damaged_fields"):
-        console.print(f"[bold red]damaged:[/] field(s) {', '.join(proc['damaged_fields'])} failed their store's "
+        errors.print(f"[bold red]damaged:[/] field(s) {', '.join(proc['damaged_fields'])} failed their store's "
                       "integrity check; the next run ingests them again from their inputs")
     if proc.get("pruned"):
         console.print(f"         removed {len(proc['pruned'])} tile(s) of another configuration (tile size or "
                       "stages) that are not tiles of this run")
-    for line in mer.get("report", []):  # what the stages' merge steps wrote
-        console.print(line, markup=False)
+    run_dir = str(cfg.run_dir)
+    for line in mer.get("report", []):  # what the stages' merge steps wrote, the run directory's path shortened
+        console.print(line.replace(run_dir, rel(run_dir)), markup=False)
+    if paths and mer.get("paths"):
+        console.print("outputs:")
+        for line in output_lines(mer["paths"]):
+            console.print(line, markup=False)
+    if paths and log_file is not None:
+        console.print(f"log:     {rel(log_file)}", markup=False)
     for r in ing:
         if r["status"] == "failed":
-            console.print(f"[bold red]failed field:[/] {r['error']}")
+            errors.print(f"[bold red]failed field:[/] {r['error']}")
     for line in summary.get("skipped_stages") or []:
         console.print(line, markup=False)
     from deepfield.tasks.ledger import summarise
@@ -70,8 +113,8 @@ def _print_failures(failed: list[tuple[str, str]]) -> None:
         first = (str(err).strip().splitlines() or ["(no message)"])[0]
         key = first.replace(tile, "<tile>").replace(repr(tile.partition("/")[0]), "<field>")
         groups.setdefault(key, []).append(tile)
-    console.print(f"[bold red]failed:[/] {len(failed)} tile(s), {len(groups)} distinct error(s):")
+    errors.print(f"[bold red]failed:[/] {len(failed)} tile(s), {len(groups)} distinct error(s):")
     for err, tiles in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        console.print(f"  {len(tiles)} tile(s): {err}", markup=False)
-        console.print("    " + ", ".join(tiles[:6]) + (f" and {len(tiles) - 6} more" if len(tiles) > 6 else ""),
+        errors.print(f"  {len(tiles)} tile(s): {err}", markup=False)
+        errors.print("    " + ", ".join(tiles[:6]) + (f" and {len(tiles) - 6} more" if len(tiles) > 6 else ""),
                       markup=False)

@@ -1,5 +1,7 @@
 """Prefect settings that make a first run work with no server: the ephemeral API with its state
-under the run directory, a start-up timeout that suits small machines, and no telemetry.
+under the run directory, a start-up timeout that suits small machines, and no telemetry; and Prefect's
+logging kept for the UI: its own loggers at WARNING on the console (no start-up chatter), the flow and task
+runs' INFO records (and deepfield's, within a run) sent to the API, not to the console.
 
 Settings given in the environment win; call `configure` before importing prefect.
 """
@@ -21,12 +23,19 @@ def configure(state_dir: str | Path, quiet: bool = True) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     if quiet:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # deepfield's records within a flow or task run go to the API too (the UI's run logs); outside a run, they
+    # are the command line's alone, without a warning that no run is there to take them
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "deepfield")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
-def quiet_run_logs() -> None:
-    """Keep Prefect's flow- and task-run loggers off the console (call after prefect is imported): the
-    `deepfield` commands report every error themselves in one line (and an unexpected one's traceback in the
-    run directory), so Prefect's tracebacks of the same errors would only bury it."""
+def quiet_run_logs(console: bool = False) -> None:
+    """Send Prefect's flow- and task-run records from INFO to the API (the UI) and not to the console unless
+    `console` (call after prefect is imported): the `deepfield` commands report every error themselves in one
+    line (and an unexpected one's traceback in the run directory), so Prefect's tracebacks of the same errors
+    would only bury it."""
     import logging
     for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+        lg = logging.getLogger(name)
+        lg.setLevel(logging.DEBUG if console else logging.INFO)
+        lg.propagate = console

@@ -1,9 +1,14 @@
-"""`deepfield run`: one Prefect flow running ingest -> process -> merge over a survey."""
+"""`deepfield run`: one Prefect flow running ingest -> process -> merge over a survey.
+
+Each step logs INFO lines (logger `deepfield.flows.run`: the run's log file, -v on the console); the
+processing shows its progress as tiles finish (flows/process.py), and the run's summary is a Markdown
+artifact on the flow run (key `deepfield-run-summary`: the counts of each step, the time per step and the
+outputs' paths relative to the run directory)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +27,8 @@ from .run_config import RunConfig
 
 
 RUN_LOCK = ".deepfield-run.lock"
+SUMMARY_KEY = "deepfield-run-summary"
+log = logging.getLogger(__name__)
 
 
 # its arguments are validated pydantic objects already; Prefect's re-validation fails in a flow run
@@ -44,17 +51,56 @@ def run_flow(cfg: RunConfig) -> dict:
         if home and Path(home).resolve() == (cfg.run_dir / ".deepfield-prefect").resolve():
             reap_orphans("PREFECT_HOME", home)  # what a killed run of this directory left running
         clean_stale_temporaries(cfg.run_dir)  # and the files it was writing there
+        log.info("run of %s in %s", cfg.inputs, cfg.run_dir)
         summary = _run(cfg, t0)
         write_text(cfg.run_dir / "run-summary.json", json.dumps(summary, indent=1, default=str))
-    print(f"run finished in {summary['seconds']['total']:.1f} s", file=sys.stderr)
+    log.info("run finished in %.1f s", summary["seconds"]["total"])
+    _summary_artifact(cfg, summary)
     return summary
+
+
+def _summary_artifact(cfg: RunConfig, summary: dict) -> None:
+    """The run's summary as a Markdown artifact of the flow run (a refusal of the API is a warning)."""
+    from prefect.artifacts import create_markdown_artifact
+    ing, proc, mer, sec = summary["ingest"], summary["process"], summary["merge"], summary["seconds"]
+    n = {s: sum(r["status"] == s for r in ing) for s in ("ingested", "skipped", "failed")}
+    rows = [("fields ingested", n["ingested"]), ("fields unchanged", n["skipped"]), ("fields failed", n["failed"]),
+            ("tiles", proc["tiles"]), ("tiles done before", proc["skipped"]), ("tiles processed", proc["done"]),
+            ("tiles failed", proc["failed"]), ("retries", proc["retries"]), ("actors", proc["actors"]),
+            ("sources in the catalog", mer.get("rows_out", "-") if mer else "- (merge skipped)"),
+            ("stopped", "yes: run again to resume" if summary["stopped"] else "no")]
+    rows += [(f"seconds: {k}", f"{v:.1f}") for k, v in sec.items()]
+    rows += [(f"seconds: stage {k}", f"{v:.1f}") for k, v in proc.get("stage_seconds", {}).items()]
+    md = [f"# deepfield run: {cfg.run_dir.name}", "", f"Run directory `{cfg.run_dir}`, inputs `{cfg.inputs}`.", "",
+          "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+    if mer.get("paths"):
+        md += ["", "| output | path (in the run directory) |", "|---|---|"]
+        md += [f"| {k} | `{_relative(v, cfg.run_dir)}` |" for k, v in mer["paths"].items()]
+    failed = [r["field"] for r in ing if r["status"] == "failed"]
+    if failed or proc["failed"]:
+        md += ["", f"**Failed**: {len(failed)} field(s) {', '.join(failed)}; {proc['failed']} tile(s) "
+               f"(`deepfield status {cfg.run_dir}`)."]
+    try:
+        create_markdown_artifact("\n".join(md), key=SUMMARY_KEY, description=f"deepfield run {cfg.run_dir}")
+    except Exception as exc:  # the UI's view of the run, not the run
+        log.warning("the run summary artifact was not created: %s: %s", type(exc).__name__, exc)
+
+
+def _relative(path, run_dir: Path) -> str:
+    try:
+        return str(Path(path).relative_to(run_dir))
+    except ValueError:
+        return str(path)
 
 
 def _run(cfg: RunConfig, t0: float) -> dict:
     ingest_cfg = load_ingest_config(cfg.inputs, store=cfg.store_layout)
     t = time.perf_counter()
+    log.info("ingest of %d field(s) into %s", len(ingest_cfg.fields), _relative(cfg.store_path, cfg.run_dir))
     ingest = ingest_flow(ingest_cfg, str(cfg.store_path))
     ingest_s = time.perf_counter() - t
+    for r in ingest:
+        log.info("ingest %s: %s", r["field"], r["status"] + (f": {r['error']}" if r["status"] == "failed" else ""))
     # the run's fields: those of the inputs that are ingested or unchanged; a field whose new inputs failed
     # keeps its old pixels in the store, and they are not this run's
     fields = [r["field"] for r in ingest if r["status"] != "failed"]
@@ -68,12 +114,12 @@ def _run(cfg: RunConfig, t0: float) -> dict:
         stages, skipped = resolve_bands(cfg.stage_list(), {f: list(root["fields"][f].attrs["bands"]) for f in fields},
                                         cfg.missing_bands)
         for line in skipped:
-            print(line, file=sys.stderr)
+            log.info(line)
         before = dict(cfg.stage_list())
         for name, params in stages:
             if params.get("variant") and not before[name].get("variant"):
-                print(f"stage {name!r}: the {params['variant']} weights (the survey's fields lack bands of the "
-                      f"main weights)", file=sys.stderr)
+                log.info("stage %r: the %s weights (the survey's fields lack bands of the main weights)", name,
+                         params["variant"])
         cfg = cfg.with_stages(stages)
         variants = {n: p.get("variant") or "" for n, p in stages if "variant" in p}
         process = process_task(cfg, fields)
@@ -87,6 +133,10 @@ def _run(cfg: RunConfig, t0: float) -> dict:
     merged_fields = [f for f in fields if f not in process["damaged_fields"]]
     merge = {} if process["stopped"] or not any_done or not merged_fields else merge_task(cfg, merged_fields)
     merge_s = time.perf_counter() - t
+    if merge:
+        log.info("merge: %s source(s) in the catalog in %.1f s", merge.get("rows_out", "?"), merge_s)
+    else:
+        log.info("merge skipped: %s", "stopped on request" if process["stopped"] else "no tile of this run is done")
     summary = dict(ingest=ingest, process=process, merge=merge, stopped=process["stopped"],
                    skipped_stages=skipped, weights_variants=variants,
                    seconds=dict(ingest=ingest_s, process=process_s, merge=merge_s, total=time.perf_counter() - t0),

@@ -55,14 +55,19 @@ def stop_requested() -> bool:
 
 
 def start_ray(address: str | None, num_cpus: int | None):
-    """Connect to a Ray cluster at `address`, or start (or reuse) a local one."""
+    """Connect to a Ray cluster at `address`, or start (or reuse) a local one. The actors' output reaches this
+    process's standard error only when deepfield logs at DEBUG (`-vv` on the command line); Ray's own logging
+    is left to the process's configuration (configure_logging=False)."""
+    import logging
+
     import ray
     if ray.is_initialized():
         return ray
+    to_driver = logging.getLogger("deepfield").isEnabledFor(logging.DEBUG)
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=to_driver)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=to_driver,
                  configure_logging=False)
     return ray
 

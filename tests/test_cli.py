@@ -1,6 +1,8 @@
 """The command line: help on every command, clear errors, the preview picture."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -55,3 +57,67 @@ def test_version():
     from deepfield import __version__
     r = runner.invoke(app, ["--version"])
     assert r.exit_code == 0 and r.stdout.strip() == f"deepfield {__version__}" and __version__[0].isdigit()
+
+
+@pytest.mark.parametrize("args", [["simulate"], ["status"], ["run"], ["train", "lens"], ["eval", "detect"]])
+def test_every_command_takes_verbose_and_quiet(args):
+    r = runner.invoke(app, args + ["--help"])
+    assert r.exit_code == 0 and "--verbose" in r.output and "--quiet" in r.output
+
+
+@pytest.mark.parametrize("level", [-1, 0, 1, 2])
+def test_verbosity_levels_of_deepfield_and_third_party_records(level, capsys, monkeypatch):
+    """-q: errors only; default: WARNING of everything; -v: deepfield's INFO too; -vv: DEBUG of everything."""
+    import logging
+    import os
+
+    from deepfield.flows.cli_common import _logging
+    for key in ("PREFECT_LOGGING_LEVEL", "DASK_LOGGING__DISTRIBUTED"):  # what the levels set for libraries
+        if key in os.environ:                                           # imported later: this test's alone
+            monkeypatch.setenv(key, os.environ[key])
+        else:
+            monkeypatch.delenv(key, raising=False)
+    before = [logging.getLogger(n).level for n in ("", "deepfield", "distributed", "ray")]
+    with _logging(level):
+        for name in ("deepfield.flows.run", "distributed.scheduler", "ray", "prefect.server", "lsdb"):
+            for lvl in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR):
+                logging.getLogger(name).log(lvl, "%s at %s", name, logging.getLevelName(lvl))
+    err = capsys.readouterr().err
+    shown = set(re.findall(r"^([A-Z]+) (\S+): ", err, flags=re.M))
+    want = set()
+    for name in ("deepfield.flows.run", "distributed.scheduler", "ray", "prefect.server", "lsdb"):
+        ours = name.startswith("deepfield")
+        lowest = {-1: "ERROR", 0: "WARNING", 1: "INFO" if ours else "WARNING", 2: "DEBUG"}[level]
+        levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
+        want |= {(lv, name) for lv in levels[levels.index(lowest):]}
+    assert shown == want
+    logging.getLogger("deepfield.flows.run").warning("after the command")  # our handler is gone
+    assert "after the command" not in capsys.readouterr().err
+    assert [logging.getLogger(n).level for n in ("", "deepfield", "distributed", "ray")] == before
+
+
+def test_quiet_prints_the_result_line_alone(tmp_path):
+    out = tmp_path / "sim"
+    args = ["simulate", "--out", str(out), "--size", "64", "--fields", "1", "--bands", "r"]
+    r = runner.invoke(app, args + ["-q"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str(out / "manifest.yaml") and r.stderr == ""
+    r = runner.invoke(app, args)  # default: what it did, on stderr
+    assert r.exit_code == 0 and "already holds this simulation" in r.stderr
+    r = runner.invoke(app, ["simulate", "--out", str(out), "--bands", "g,x", "-q"])  # errors at every verbosity
+    assert r.exit_code != 0 and "error:" in r.stderr
+
+
+def test_ingest_help_states_the_store_defaults():
+    from deepfield.tasks.ingest_config import StoreSpec
+    out = " ".join(runner.invoke(app, ["ingest", "--help"]).output.split())
+    assert f"(default: {StoreSpec().chunk})" in out and f"(default: {StoreSpec().tile})" in out
+
+
+def test_measure_docstring_states_the_defaults():
+    """Every `parameter` (value) the measure stage's module docstring gives is the configuration's default."""
+    from deepfield.tasks.stages import measure
+    said = dict(re.findall(r"`(\w+)`\s+\(([\d.]+)", " ".join(measure.__doc__.split())))
+    assert {"kron_k", "kron_rmax", "min_radius", "kron_max_footprint"} <= set(said)
+    for name, value in said.items():
+        assert float(value) == getattr(measure.MeasureConfig(), name), name
