@@ -4,25 +4,35 @@ Input: `RUN/tiles/<field>/<ty>_<tx>.parquet`, one table per tile (tasks' tile ru
 
 1. read every tile table (`dask.dataframe.read_parquet`, files in sorted order) and keep the rows with
    `is_primary` (centroid in the tile core): tile-level de-duplication of the halos;
-2. field-level de-duplication, once per object: the rows near where fields overlap are matched across the
+2. calibrate (catalogs/calibrate.py): fluxes in nJy with the row's `zeropoint_<band>`, shapes on the sky
+   (a, b in arcsec, `pa` east of north from the field's WCS);
+3. field-level de-duplication, once per object: the rows near where fields overlap are matched across the
    fields, and each object is kept by one field (`catalogs.dedup.overlap_decisions`: the field that owns
    the mean of its measured positions, `tasks.tiling.owner`, or the field that saw it when only one did);
    `is_primary_field` says so, and only those rows are kept unless `keep_field_duplicates=True` (then the
    overlap duplicates stay, flagged False, for QA);
-3. `source_id` (int64, first column): BLAKE2b of (field, tile, tile_index) masked to 63 bits, stable
+4. `source_id` (int64, first column): BLAKE2b of (field, tile, tile_index) masked to 63 bits, stable
    across re-runs; uniqueness is checked over the whole catalog (ValueError naming the rows otherwise);
-4. `_healpix_29` (the HATS spatial index, `hats.pixel_math.spatial_index.compute_spatial_index`);
-5. the HATS catalog is written by hats-import (`ImportArguments` + `pipeline_with_client`), rows sorted
-   by `_healpix_29` within each HEALPix partition;
-6. exports of the same rows: FITS binary table (astropy; ra/dec in deg, x/y/a/b in pix, theta in rad,
-   fluxes in adu i.e. image units with the band's AB zero point, magnitudes in mag) and flat Parquet.
+5. `_healpix_29` (the HATS spatial index, `hats.pixel_math.spatial_index.compute_spatial_index`);
+6. the HATS collection is written by hats-import: the catalog (rows sorted by `_healpix_29` within each
+   HEALPix partition, with its skymap) and its margin cache of MARGIN_ARCSEC (the collection's default, so
+   that lsdb.open_catalog of `sources/` cross-matches across partition edges), title, description and
+   provenance in hats.properties;
+7. exports of the same rows: flat Parquet and a FITS binary table.
+
+Every output describes itself from the declared schema (catalogs/schema.py: unit, UCD, description of every
+column in the Parquet fields' metadata, FITS TUNIT/TUCD/TCOMM) and carries the run's provenance (deepfield
+version, configuration hash, stage and model versions, input fingerprints, time: the Parquet schema
+metadata, the FITS primary header, hats.properties, `provenance.json`). The summary written beside the
+catalog names its files relative to the run directory.
 
 Outputs in `out_dir` (default `RUN/catalogs`, a symbolic link to the current version of the catalogs,
-`RUN/.catalogs-v-XXXX/`): `sources/` (HATS catalog), `sources_flat/` (Parquet parts),
-`sources.fits`, `sources.summary.json`, and what the stages' merge steps add (catalogs/steps.py): the lens
-step's `lens_candidates.parquet` (catalogs/lenses.py), the anomaly step's `anomaly_sigma` column with
-`anomalies.parquet` and `anomaly_stamps.fits` (catalogs/anomalies.py), the cluster step's `cluster_id`
-column with `clusters.parquet` (catalogs/clusters.py). The steps run in the run's stage order: each
+`RUN/.catalogs-v-XXXX/`): `sources/` (HATS collection), `sources_flat/` (Parquet parts),
+`sources.fits`, `sources.summary.json`, `provenance.json`, and what the stages' merge steps add
+(catalogs/steps.py): the lens step's `lens_candidates.parquet` (catalogs/lenses.py), the anomaly step's
+`anomaly_sigma` column with `anomalies.parquet` and `anomaly_stamps.fits` (catalogs/anomalies.py), the
+cluster step's `cluster_id` column with `clusters.parquet` (catalogs/clusters.py); their Parquet tables
+are rewritten with their declared schema. The steps run in the run's stage order: each
 `prepare`s before the rows are merged, adds its columns to every partition after the ids and the spatial
 index, and writes its outputs after the rows. Everything is built in a new version directory beside
 `out_dir`, and `out_dir`, a symbolic link, is then pointed at it in one atomic rename (tasks.atomic.
@@ -40,24 +50,27 @@ import json
 import os
 import shutil
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from astropy import units as u
-from astropy.table import Table
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from deepfield.tasks.atomic import atomic_path, publish_version, version_dir, write_text
+from deepfield.tasks.atomic import publish_version, version_dir, write_text
 from deepfield.tasks.locks import exclusive
 from deepfield.tasks.stages.registry import load_plugins
 from deepfield.tasks.tile_runner import source_tables
 from deepfield.tasks.tiling import SkyField
 
+from . import schema
+from .calibrate import calibrate
 from .dedup import FieldOwnership, overlap_decisions, source_ids
+from .exports import MARGIN_ARCSEC, annotate_file, export_fits, relative, write_hats
 from .steps import MergeContext, MergeStep
 
 __all__ = ["merge_catalog", "open_catalog", "export_fits", "HEALPIX_COLUMN"]
@@ -68,13 +81,14 @@ FILES_PER_PARTITION = 16  # tile tables per Dask partition (and per hats-import 
 
 
 def _prepare(df: pd.DataFrame, dropped: pd.MultiIndex, keep_duplicates: bool,
-             steps: tuple[MergeStep, ...] = ()) -> pd.DataFrame:
-    """One partition: field ownership (the rows of `dropped`, (field, tile, tile_index), are another field's
-    measurements of an object: catalogs.dedup.overlap_decisions), ids, spatial index, then each merge step's
-    columns (rows already tile-primary)."""
+             steps: tuple[MergeStep, ...] = (), wcs_by_field: dict | None = None) -> pd.DataFrame:
+    """One partition: calibrated fluxes and sky shapes (catalogs/calibrate.py), field ownership (the rows of
+    `dropped`, (field, tile, tile_index), are another field's measurements of an object:
+    catalogs.dedup.overlap_decisions), ids, spatial index, then each merge step's columns (rows already
+    tile-primary)."""
     from hats.pixel_math.spatial_index import compute_spatial_index
 
-    df = df.copy()
+    df = calibrate(df, wcs_by_field or {})
     keys = pd.MultiIndex.from_arrays([df["field"].astype(str), df["tile"].astype(str),
                                       df["tile_index"].astype("int64")])
     df["is_primary_field"] = ~keys.isin(dropped) if len(dropped) else np.ones(len(df), bool)
@@ -121,45 +135,6 @@ def _pixel_threshold(flat_dir: Path, n_rows: int, order: int) -> int:
     return int(max(fullest, min(1_000_000, max(100, -(-n_rows // 8)))))
 
 
-def _write_hats(flat_dir: Path, staging: Path, client, highest_order: int, threshold: int) -> Path:
-    from hats.pixel_math.spatial_index import SPATIAL_INDEX_COLUMN, SPATIAL_INDEX_ORDER
-    from hats_import.catalog.arguments import ImportArguments
-    from hats_import.pipeline import pipeline_with_client
-
-    assert SPATIAL_INDEX_COLUMN == HEALPIX_COLUMN
-    args = ImportArguments(
-        output_path=staging, output_artifact_name=CATALOG_NAME, catalog_type="object",
-        input_file_list=sorted(flat_dir.glob("*.parquet")), file_reader="parquet",
-        ra_column="ra", dec_column="dec", use_healpix_29=True,
-        addl_hats_properties={"hats_col_healpix": SPATIAL_INDEX_COLUMN,
-                              "hats_col_healpix_order": SPATIAL_INDEX_ORDER,
-                              "hats_cols_survey_id": "source_id"},
-        highest_healpix_order=highest_order, pixel_threshold=threshold,
-        should_write_skymap=False, tmp_dir=staging / "hats_tmp", resume=False, progress_bar=False)
-    pipeline_with_client(args, client)
-    return staging / CATALOG_NAME
-
-
-_UNITS = {"ra": u.deg, "dec": u.deg, "x": u.pix, "y": u.pix, "a": u.pix, "b": u.pix, "theta": u.rad}
-
-
-def export_fits(table: pd.DataFrame, path: Path) -> None:
-    """Write `table` as a FITS binary table with units (see module docstring), atomically."""
-    t = Table.from_pandas(table)
-    for name in t.colnames:
-        if name in _UNITS:
-            t[name].unit = _UNITS[name]
-        elif name.startswith(("flux_", "fluxerr_")):
-            t[name].unit = u.adu
-        elif name.startswith(("mag_", "magerr_")):
-            t[name].unit = u.mag
-    t.meta["EXTNAME"] = "SOURCES"
-    t.meta["COMMENT"] = ["deepfield source catalog; fluxes in image units (adu), AB mags",
-                         "ra, dec: ICRS degrees; source_id stable across re-runs"]
-    with atomic_path(path) as tmp:
-        t.write(tmp, format="fits", overwrite=True)
-
-
 class LoadPlugins(WorkerPlugin):
     """A Dask worker plugin importing the run's plugin modules on every worker, present and future, so that
     the merge steps of plugin stages unpickle there (tasks.stages.registry.load_plugins)."""
@@ -186,13 +161,17 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
                   highest_healpix_order: int = 8, pixel_threshold: int | None = None,
                   keep_field_duplicates: bool = False, client=None, n_threads: int | None = None,
                   write_fits: bool = True, plugins: list[str] | tuple[str, ...] = (),
-                  tables: list[Path] | None = None, missing_tiles: list[str] | None = None) -> dict:
+                  tables: list[Path] | None = None, missing_tiles: list[str] | None = None,
+                  provenance: dict | None = None) -> dict:
     """Merge tile source tables into the source catalog under `out_dir` (default run_dir/catalogs).
 
     fields: the SkyFields of the run (every field named in the tile tables must be among them).
     tables: the source tables to merge (the run flow gives those of the run's done tiles, from the ledger);
         default: every `run_dir/tiles/*/<ty>_<tx>.parquet`.
     missing_tiles: the run's tiles that are not done, recorded in the summary (the catalog lacks them).
+    provenance: what made the catalog (deepfield version, configuration hash, stage and model versions, input
+        fingerprints: flows/merge.py's `run_provenance`); the time and the deepfield version are added. It goes
+        into every output's metadata (Parquet schema, FITS primary header, hats.properties) and the summary.
     steps: the merge steps of the run's stages, in stage order (catalogs.steps.build_steps).
     store_path: the run's Zarr store, for steps that cut stamps from it (none: no stamps).
     highest_healpix_order: finest HEALPix order of a partition (8: ~14 arcmin pixels). hats-import's
@@ -205,9 +184,13 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
     plugins: the run's plugin modules, imported on every worker of `client` (the steps of plugin stages
         travel to the workers by reference to their module).
     Returns a summary dict (also written to out_dir/sources.summary.json, without `report`: the lines the
-    steps give about their outputs).
+    steps give about their outputs, and with its paths relative to `run_dir`).
     """
+    from deepfield.tasks.version import __version__
+
     t0 = time.perf_counter()
+    provenance = {**(provenance or {}), "deepfield_version": __version__,
+                  "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "catalogs"
     steps = tuple(steps)
@@ -220,7 +203,7 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
         try:
             summary = _merge_into(version, out_dir, run_dir, files, ownership, steps, store_path,
                                   highest_healpix_order, pixel_threshold, keep_field_duplicates, client, n_threads,
-                                  write_fits, plugins, missing_tiles, t0)
+                                  write_fits, plugins, missing_tiles, provenance, t0)
             publish_version(version, out_dir)
         finally:
             if version.exists() and not (out_dir.is_symlink() and out_dir.resolve() == version.resolve()):
@@ -232,7 +215,7 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
 def _merge_into(staging: Path, out_dir: Path, run_dir: Path, files: list[Path], ownership: FieldOwnership,
                 steps: tuple[MergeStep, ...], store_path, highest_healpix_order: int, pixel_threshold,
                 keep_field_duplicates: bool, client, n_threads, write_fits: bool, plugins, missing_tiles,
-                t0: float) -> dict:
+                provenance: dict, t0: float) -> dict:
     """Everything of merge_catalog inside `staging`, under the names it will have at `out_dir`."""
     own_client = client is None
     cluster = None
@@ -249,10 +232,12 @@ def _merge_into(staging: Path, out_dir: Path, run_dir: Path, files: list[Path], 
         for step in steps:
             step.prepare(ctx)
         dropped = _dropped(files, ownership)  # once per object, over the whole run
-        meta = _prepare(primary._meta, dropped, keep_field_duplicates, steps)
-        merged = primary.map_partitions(_prepare, dropped, keep_field_duplicates, steps, meta=meta)
+        wcs_by_field = {f.name: f.wcs for f in ownership.fields}
+        meta = _prepare(primary._meta, dropped, keep_field_duplicates, steps, wcs_by_field)
+        merged = primary.map_partitions(_prepare, dropped, keep_field_duplicates, steps, wcs_by_field, meta=meta)
         flat_dir = staging / f"{CATALOG_NAME}_flat"
-        write = merged.to_parquet(str(flat_dir), write_index=False, compute=False,
+        arrow = schema.annotate(pa.Schema.from_pandas(meta, preserve_index=False), CATALOG_NAME, provenance)
+        write = merged.to_parquet(str(flat_dir), write_index=False, compute=False, schema=arrow,
                                   name_function=lambda i: f"part.{i:05d}.parquet")
         n_in, n_primary, _ = client.compute(
             [tiles.map_partitions(len).sum(), primary.map_partitions(len).sum(), write], sync=True)
@@ -263,10 +248,13 @@ def _merge_into(staging: Path, out_dir: Path, run_dir: Path, files: list[Path], 
             raise ValueError(f"no primary rows to merge in the {len(files)} tile tables under {run_dir / 'tiles'}")
         _check_unique_ids(flat_dir)
         threshold = pixel_threshold or _pixel_threshold(flat_dir, n_kept, highest_healpix_order)
-        hats_dir = _write_hats(flat_dir, staging, client, highest_healpix_order, threshold)
+        hats_dir = write_hats(flat_dir, staging, client, highest_healpix_order, threshold, provenance)
         results = [step.write(ctx, flat_dir, staging) for step in steps]
+        for r in results:
+            for name in r.files.values():
+                annotate_file(staging / name, provenance)
         if write_fits:
-            export_fits(pq.read_table(flat_dir).to_pandas(), staging / f"{CATALOG_NAME}.fits")
+            export_fits(pq.read_table(flat_dir).to_pandas(), staging / f"{CATALOG_NAME}.fits", provenance)
         shutil.rmtree(staging / "hats_tmp", ignore_errors=True)
     finally:
         if own_client:
@@ -288,11 +276,14 @@ def _merge_into(staging: Path, out_dir: Path, run_dir: Path, files: list[Path], 
     for r in results:
         summary.update(r.summary)
     summary.update({
-        "n_partitions": len(hats.read_hats(hats_dir).get_healpix_pixels()),
+        "n_partitions": len(hats.read_hats(hats_dir / CATALOG_NAME).get_healpix_pixels()),
         "highest_healpix_order": highest_healpix_order, "pixel_threshold": threshold,
-        "paths": {k: str(v) for k, v in paths.items()}, "seconds": round(time.perf_counter() - t0, 3),
+        "margin_arcsec": MARGIN_ARCSEC, "paths": {k: str(v) for k, v in paths.items()},
+        "seconds": round(time.perf_counter() - t0, 3), "provenance": provenance,
     })
-    write_text(staging / f"{CATALOG_NAME}.summary.json", json.dumps(summary, indent=2) + "\n")
+    written = dict(summary, paths={k: relative(v, run_dir) for k, v in paths.items()})
+    write_text(staging / f"{CATALOG_NAME}.summary.json", json.dumps(written, indent=2) + "\n")
+    write_text(staging / "provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     return summary
 
 

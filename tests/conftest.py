@@ -57,3 +57,19 @@ def ray_session():
     yield ray
     if started:
         ray.shutdown()  # no Ray of the tests outlives them
+
+
+@pytest.fixture(scope="session")
+def default_run(survey, tmp_path_factory, prefect_harness, ray_session):
+    """The session's survey run once with the default stages (tile 512, chunk 128, halo 48): (RunConfig,
+    run summary, merged catalog as a DataFrame). Tests must not change its run directory."""
+    import pandas as pd
+
+    from deepfield.flows.run import run_flow
+    from deepfield.flows.run_config import RunConfig
+    from deepfield.tasks.ingest_config import StoreSpec
+
+    cfg = RunConfig(inputs=survey / "manifest.yaml", run_dir=tmp_path_factory.mktemp("run"),
+                    store_layout=StoreSpec(tile=512, chunk=128), halo=48)
+    summary = run_flow(cfg)
+    return cfg, summary, pd.read_parquet(summary["merge"]["paths"]["parquet"])

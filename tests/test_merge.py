@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from astropy.coordinates import SkyCoord
+from astropy.io import fits
 from astropy.table import Table
 
 from deepfield.catalogs.dedup import source_id
@@ -49,6 +50,7 @@ def _tile_table(field: str, tile: str, sel: pd.DataFrame, x, y, primary) -> pd.D
         df[f"mag_auto_{b}"], df[f"magerr_auto_{b}"] = 27.0 - 2.5 * np.log10(f), 1.0857 / np.sqrt(f)
         df[f"flux_aper_{b}"], df[f"fluxerr_aper_{b}"] = 0.8 * f, np.sqrt(f)
         df[f"mag_aper_{b}"] = 27.0 - 2.5 * np.log10(0.8 * f)
+        df[f"zeropoint_{b}"] = 27.0
     df = df.sort_values(["y", "x"], kind="stable").reset_index(drop=True)
     df.insert(2, "tile_index", np.arange(n, dtype=np.int64))
     return df
@@ -85,14 +87,14 @@ def synthetic_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def merged(synthetic_run):
-    run, fields, truth, n_rows = synthetic_run
+    run, fields, _, _ = synthetic_run
     summary = merge_catalog(run, fields, highest_healpix_order=HIGHEST_ORDER)
     ids = pd.read_parquet(run / "catalogs" / "sources_flat")["source_id"]
     return summary, ids
 
 
 def test_every_truth_source_once(synthetic_run, merged):
-    run, fields, truth, n_rows = synthetic_run
+    _run, _fields, truth, n_rows = synthetic_run
     summary, _ = merged
     assert summary["rows_in"] == n_rows
     assert summary["rows_out"] == N_TRUTH
@@ -121,7 +123,7 @@ def test_source_id_recipe_is_fixed():
 def test_lsdb_opens_and_crossmatches(synthetic_run, merged):
     import lsdb
 
-    run, fields, truth, _ = synthetic_run
+    _run, _fields, truth, _ = synthetic_run
     summary, _ = merged
     cat = open_catalog(summary["paths"]["hats"])
     assert len(cat.get_healpix_pixels()) == summary["n_partitions"]
@@ -139,8 +141,22 @@ def test_fits_export(merged):
     t = Table.read(summary["paths"]["fits"], format="fits")
     assert len(t) == N_TRUTH == summary["rows_out"]
     assert t["ra"].unit == "deg" and t["dec"].unit == "deg"
-    assert t["flux_auto_g"].unit == "adu" and t["mag_auto_r"].unit == "mag"
+    assert t["flux_auto_g"].unit == "nJy" and t["mag_auto_r"].unit == "mag" and t["a"].unit == "arcsec"
     assert sorted(t["source_id"]) == sorted(ids)
+    # image units at zero point 27 -> nJy: 10**(-0.4 (27 - 31.4)) = 57.544 nJy per unit; the magnitude unchanged
+    mag = np.asarray(t["mag_auto_g"], float)
+    assert np.allclose(np.asarray(t["flux_auto_g"], float), 10 ** (-0.4 * (mag - 31.4)), rtol=1e-9)
+    assert np.allclose(np.asarray(t["flux_auto_g"], float) / 10 ** (-0.4 * (27.0 - 31.4)),
+                       10 ** (-0.4 * (mag - 27.0)), rtol=1e-9)
+    # the pixel frame's theta = 0 (along +x, west on this north-up east-left WCS) is pa 90 on the sky;
+    # (within the meridians' convergence across the field); 1"/px, so a and b in arcsec equal the pixels
+    assert np.allclose(np.asarray(t["pa"], float), 90.0, atol=0.02) and "theta" not in t.colnames
+    assert np.allclose(np.asarray(t["a"], float), 2.0, rtol=1e-3) and np.allclose(np.asarray(t["b"], float), 1.5, rtol=1e-3)
+    with fits.open(summary["paths"]["fits"]) as hdul:
+        head, prim = hdul[1].header, hdul[0].header
+        n = t.colnames.index("flux_auto_g") + 1
+        assert head[f"TUCD{n}"] == "phot.flux.density" and "band g" in head[f"TCOMM{n}"]
+        assert prim["DFVERSN"] and prim["DATE"].endswith("Z")
 
 
 def test_rerun_replaces_atomically_with_same_ids(synthetic_run, merged):
@@ -212,3 +228,37 @@ def test_an_object_seen_by_two_fields_is_kept_once_whatever_its_measured_positio
     cat = pd.read_parquet(summary["paths"]["parquet"])
     counts = cat.truth_id.value_counts()
     assert len(cat) == len(truth) and counts.max() == 1 and set(counts.index) == set(truth.truth_id)
+
+
+def test_crossmatch_across_partition_edges_uses_the_margin_cache(merged):
+    """The catalog is a HATS collection whose default margin cache holds the rows within MARGIN_ARCSEC of every
+    partition's edge: a cross-match against the catalog finds a counterpart that lies across a partition edge
+    from the other catalog's point, which the catalog without its margin misses."""
+    import hats
+    import lsdb
+
+    from deepfield.catalogs.merge import MARGIN_ARCSEC
+
+    summary, _ = merged
+    coll = Path(summary["paths"]["hats"])
+    props = (coll / "collection.properties").read_text()
+    assert "default_margin=sources_10arcs" in props and "obs_title=deepfield source catalog" in props
+    main = hats.read_hats(coll / "sources")
+    assert main.catalog_info.skymap_order is not None and (coll / "sources" / "skymap.fits").exists()
+    cat = open_catalog(coll)
+    assert cat.margin is not None and cat.margin.hc_structure.catalog_info.margin_threshold == MARGIN_ARCSEC
+    rows = cat.compute()
+    assert len(rows) == summary["rows_out"] and summary["n_partitions"] >= 2
+    # the catalog's positions moved 3" north: most counterparts stay in their partition, some cross an edge
+    moved = pd.DataFrame({"ra": rows["ra"].to_numpy(), "dec": rows["dec"].to_numpy() + 3.0 / 3600,
+                          "source_id_moved": rows["source_id"].to_numpy()})
+    other = lsdb.from_dataframe(moved, ra_column="ra", dec_column="dec", highest_order=HIGHEST_ORDER)
+
+    def found(right) -> set:  # the moved points whose own source is among their neighbours within 3.5"
+        xm = other.crossmatch(right, radius_arcsec=3.5, n_neighbors=8, suffixes=("", "_cat"),
+                              suffix_method="all_columns").compute()
+        return set(xm["source_id_moved"][xm["source_id_moved"] == xm["source_id_cat"]])
+
+    assert found(cat) == set(rows["source_id"])
+    missed = set(rows["source_id"]) - found(lsdb.open_catalog(coll / "sources"))  # no margin
+    assert len(missed) > 0  # the pairs across partition edges, found only with the margin
