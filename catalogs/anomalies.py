@@ -10,11 +10,9 @@
   bands, shape hint, score, the paper's score and the coinciding source's `source_id`. Without the grid: the
   `top` rows with the highest `anomaly_sigma` that their field owns, ranked (`anomaly_rank` 1 the most
   anomalous), with positions, magnitudes, shape and the score components.
-- `anomaly_stamps.fits`: their cutouts from the Zarr store, one image HDU of shape (rank, band, y, x),
-  `stamp` x `stamp` px (64) centred on the nearest pixel to the centroid, every band with the cutout's
-  median subtracted as a local sky; the primary header lists the bands (BAND1, BAND2 ...) and every row's
-  anomaly_rank and source_id (-1 for a candidate on no source) are in a second, binary-table HDU, so a stamp is never separated from its object. Pixels outside
-  the field are NaN.
+- `anomaly_stamps.fits`: their cutouts from the Zarr store, `stamp` x `stamp` px (64), one image HDU
+  (band, y, x) with WCS per candidate, EXTNAME ANOMALY_<anomaly_rank>, and a ROWS table of every stamp's
+  anomaly_rank and source_id (-1 for a candidate on no source): the layout of catalogs/cutouts.py.
 """
 from __future__ import annotations
 
@@ -28,15 +26,15 @@ import pyarrow.dataset as pads
 from pydantic import Field
 
 from deepfield.tasks.atomic import atomic_path
-from deepfield.tasks.zarr_store import open_store
 
+from .cutouts import write_cutouts
 from .steps import MergeContext, MergeStep, MergeStepConfig, StepResult
 
 __all__ = ["AnomalyMerge", "score_stats", "add_sigma", "write_anomaly_list", "ANOMALY_TABLE", "ANOMALY_STAMPS"]
 
 ANOMALY_TABLE = "anomalies.parquet"
 ANOMALY_STAMPS = "anomaly_stamps.fits"
-COLUMNS = ("source_id", "field", "tile", "ra", "dec", "x", "y", "a", "b", "theta", "anomaly_score",
+COLUMNS = ("source_id", "field", "tile", "ra", "dec", "x", "y", "a", "b", "pa", "anomaly_score",
            "anomaly_sigma", "anomaly_pixel", "anomaly_feature", "lens_score")
 
 
@@ -61,30 +59,6 @@ def add_sigma(df: pd.DataFrame, stats: dict | None) -> pd.DataFrame:
     return df
 
 
-def _cutouts(store_path: Path, rows: pd.DataFrame, size: int) -> tuple[np.ndarray, list[str]]:
-    root = open_store(store_path)
-    bands = None
-    out = None
-    for k, r in enumerate(rows.itertuples()):
-        g = root["fields"][r.field]
-        fb = list(g.attrs["bands"])
-        if bands is None:
-            bands = fb
-            out = np.full((len(rows), len(bands), size, size), np.nan, np.float32)
-        _, ny, nx = g["image"].shape
-        c = (size - 1) / 2.0
-        y0, x0 = int(np.rint(r.y - c)), int(np.rint(r.x - c))
-        ys, xs = slice(max(0, y0), min(ny, y0 + size)), slice(max(0, x0), min(nx, x0 + size))
-        if ys.start >= ys.stop or xs.start >= xs.stop:
-            continue
-        cut = g["image"][:, ys, xs]
-        for j, b in enumerate(bands):
-            if b in fb:
-                img = cut[fb.index(b)].astype(np.float32)
-                out[k, j, ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0] = img - np.nanmedian(img)
-    return (out if out is not None else np.zeros((0, 0, size, size), np.float32)), (bands or [])
-
-
 def write_anomaly_list(flat_dir: Path, store_path: Path | None, table_path: Path, stamps_path: Path,
                        top: int = 100, stamp: int = 64) -> int | None:
     """Write the ranked anomaly table and, when `store_path` is given, its stamps; returns the number of
@@ -101,26 +75,9 @@ def write_anomaly_list(flat_dir: Path, store_path: Path | None, table_path: Path
     with atomic_path(table_path) as tmp:
         table.to_parquet(tmp, index=False)
     if store_path is not None:
-        _write_stamps(Path(store_path), table, table["source_id"].to_numpy(), stamps_path, stamp,
-                      "anomaly stamps (rank, band, y, x), local median subtracted, image units")
+        write_cutouts(Path(store_path), table, stamps_path, "anomaly", "anomaly_rank", stamp,
+                      "anomaly stamps of anomalies.parquet: one HDU (band, y, x) per row, local median subtracted")
     return int(len(table))
-
-
-def _write_stamps(store_path: Path, rows: pd.DataFrame, source_id: np.ndarray, path: Path, stamp: int,
-                  comment: str) -> None:
-    """The stamps file (module docstring) of the ranked `rows` (field, x, y, anomaly_rank), atomically."""
-    from astropy.io import fits
-    cube, bands = _cutouts(store_path, rows, stamp)
-    primary = fits.PrimaryHDU(cube)
-    primary.header["EXTNAME"] = "STAMPS"
-    primary.header["COMMENT"] = comment
-    for j, b in enumerate(bands):
-        primary.header[f"BAND{j + 1}"] = b
-    ids = fits.BinTableHDU.from_columns([
-        fits.Column(name="anomaly_rank", format="J", array=rows["anomaly_rank"].to_numpy()),
-        fits.Column(name="source_id", format="K", array=np.asarray(source_id, np.int64))], name="ROWS")
-    with atomic_path(path) as tmp:
-        fits.HDUList([primary, ids]).writeto(tmp)
 
 
 def write_candidates(maps: list[Path], flat_dir: Path, store_path: Path | None, table_path: Path, stamps_path: Path,
@@ -139,8 +96,9 @@ def write_candidates(maps: list[Path], flat_dir: Path, store_path: Path | None, 
     with atomic_path(table_path) as tmp:
         cand.to_parquet(tmp, index=False)
     if store_path is not None:
-        _write_stamps(Path(store_path), cand, cand["source_id"].fillna(-1).to_numpy(np.int64), stamps_path, stamp,
-                      "anomaly candidate stamps (rank, band, y, x), local median subtracted, image units")
+        write_cutouts(Path(store_path), cand, stamps_path, "anomaly", "anomaly_rank", stamp,
+                      "anomaly candidate stamps of anomalies.parquet: one HDU (band, y, x) per row, local median "
+                      "subtracted")
     return int(len(cand)), stats
 
 

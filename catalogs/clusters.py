@@ -24,7 +24,9 @@ candidates merged over tiles and fields, and member galaxies assigned in the sou
 
 Columns of `clusters.parquet`: cluster_id, ra, dec (deg), z (red-sequence), z_net and richness (the
 network's estimates), z_excess, score, field, tile, x, y (pixels of that field), r_lambda_arcsec and
-n_members (sources assigned).
+n_members (sources assigned). `cluster_cutouts.fits`: the `cutouts` (50) highest scored, `cutout` x `cutout`
+px (256) around the centre from the run's store, one HDU per cluster (EXTNAME CLUSTER_<cluster_id>) with
+WCS: the layout of catalogs/cutouts.py.
 """
 from __future__ import annotations
 
@@ -42,13 +44,15 @@ from deepfield.tasks.astro import (WAVELENGTH_ORDER, arcsec_per_mpc, r_lambda_mp
 from deepfield.tasks.atomic import atomic_path
 from deepfield.tasks.tile_runner import side_table
 
+from .cutouts import write_cutouts
 from .redsequence import membership, refine_redshift
 from .steps import MergeContext, MergeStep, MergeStepConfig, StepResult
 
-__all__ = ["ClusterMerge", "CLUSTER_TABLE", "read_candidates", "suppress", "refine_redshifts", "member_rule",
+__all__ = ["ClusterMerge", "CLUSTER_TABLE", "CLUSTER_CUTOUTS", "read_candidates", "suppress", "refine_redshifts", "member_rule",
            "assign_members", "write_cluster_table", "member_bands", "member_ref_band"]
 
 CLUSTER_TABLE = "clusters.parquet"
+CLUSTER_CUTOUTS = "cluster_cutouts.fits"
 MEMBER_WEIGHT = 0.1  # exp(-chi^2 / 2) > 0.1: chi^2 < 4.6 over the colours
 CANDIDATE_COLUMNS = ["field", "tile", "x", "y", "ra", "dec", "score", "z", "richness"]
 
@@ -178,6 +182,8 @@ class ClusterMergeConfig(MergeStepConfig):
                            "the stronger one's redshift) and within nms_dz in redshift are one cluster")
     nms_dz: float = Field(0.1, gt=0, le=2, description="cluster candidates further apart than this in "
                           "|z - z_kept| / (1 + z_kept) are two clusters on one line of sight, however close on the sky")
+    cutouts: int = Field(50, ge=0, description="the highest scored clusters with a cutout in cluster_cutouts.fits")
+    cutout: int = Field(256, ge=8, le=2048, description="side of the cluster cutouts, pixels")
 
 
 class ClusterMerge(MergeStep):
@@ -210,13 +216,20 @@ class ClusterMerge(MergeStep):
             return StepResult(summary=dict(clusters=None))
         members = pq.read_table(flat_dir, columns=["cluster_id"])["cluster_id"].to_numpy()
         n = write_cluster_table(self.clusters, self.rule, members, staging / CLUSTER_TABLE)
-        return StepResult(summary=dict(clusters=n), files=dict(clusters=CLUSTER_TABLE))
+        files = dict(clusters=CLUSTER_TABLE)
+        if ctx.store_path is not None:
+            write_cutouts(ctx.store_path, self.clusters.head(self.config.cutouts), staging / CLUSTER_CUTOUTS,
+                          "cluster", "cluster_id", self.config.cutout, "clusters of clusters.parquet: one HDU "
+                          "(band, y, x) per cluster around its centre, local median subtracted")
+            files["cluster_cutouts"] = CLUSTER_CUTOUTS
+        return StepResult(summary=dict(clusters=n), files=files)
 
     def report(self, summary: dict, paths: dict[str, str]) -> list[str]:
         if summary.get("clusters") is None:
             return []
         lines = [f"cluster: {summary['clusters']} galaxy cluster(s) (members carry cluster_id in the catalog): "
-                 f"{paths['clusters']}"]
+                 f"{paths['clusters']}" + (f" (cutouts: {paths['cluster_cutouts']})" if "cluster_cutouts" in paths
+                                           else "")]
         for c in pd.read_parquet(paths["clusters"]).head(10).itertuples():
             lines.append(f"         cluster {c.cluster_id}: ra {c.ra:.4f} dec {c.dec:+.4f} z {c.z:.2f} richness "
                          f"{c.richness:.0f} score {c.score:.2f}, {c.n_members} member(s)")

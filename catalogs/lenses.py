@@ -1,8 +1,9 @@
-"""The lens stage's merge step: the ranked lens-candidate table of a run.
+"""The lens stage's merge step: the ranked lens-candidate table of a run, and their cutouts.
 
 `lens_candidates.parquet` holds the catalog rows with `lens_score` above `threshold` (0.5) that their field
 owns, ranked by score (`lens_rank` 1 the highest, ties by source_id), with positions, shape and the AUTO
-magnitudes.
+magnitudes. `lens_cutouts.fits`: the `cutouts` (100) highest ranked, `cutout` x `cutout` px (64) from the
+run's store, one HDU per candidate (EXTNAME LENS_<lens_rank>) with WCS: the layout of catalogs/cutouts.py.
 """
 from __future__ import annotations
 
@@ -10,21 +11,24 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import pandas as pd
 import pyarrow.dataset as pads
 from pydantic import Field
 
 from deepfield.tasks.atomic import atomic_path
 
+from .cutouts import write_cutouts
 from .steps import MergeContext, MergeStep, MergeStepConfig, StepResult
 
-__all__ = ["LensMerge", "LENS_TABLE", "write_lens_candidates"]
+__all__ = ["LensMerge", "LENS_TABLE", "LENS_CUTOUTS", "write_lens_candidates"]
 
 LENS_TABLE = "lens_candidates.parquet"
-LENS_COLUMNS = ("source_id", "field", "tile", "ra", "dec", "x", "y", "a", "b", "theta", "lens_score")
+LENS_CUTOUTS = "lens_cutouts.fits"
+LENS_COLUMNS = ("source_id", "field", "tile", "ra", "dec", "x", "y", "a", "b", "pa", "lens_score")
 
 
-def write_lens_candidates(flat_dir: Path, path: Path, threshold: float) -> int | None:
-    """Write the ranked lens-candidate table; None when the catalog has no lens_score column."""
+def write_lens_candidates(flat_dir: Path, path: Path, threshold: float) -> pd.DataFrame | None:
+    """Write the ranked lens-candidate table and return it; None when the catalog has no lens_score column."""
     ds = pads.dataset(flat_dir, format="parquet")
     if "lens_score" not in ds.schema.names:
         return None
@@ -35,12 +39,15 @@ def write_lens_candidates(flat_dir: Path, path: Path, threshold: float) -> int |
     table.insert(0, "lens_rank", np.arange(1, len(table) + 1))
     with atomic_path(path) as tmp:
         table.to_parquet(tmp, index=False)
-    return int(len(table))
+    return table
 
 
 class LensMergeConfig(MergeStepConfig):
     threshold: float = Field(0.5, ge=0, le=1, description="lens_score above which a source enters "
                              "lens_candidates.parquet")
+    cutouts: int = Field(100, ge=0, description="the highest ranked lens candidates with a cutout in "
+                         "lens_cutouts.fits")
+    cutout: int = Field(64, ge=8, le=512, description="side of the lens cutouts, pixels")
 
 
 class LensMerge(MergeStep):
@@ -48,13 +55,20 @@ class LensMerge(MergeStep):
     Config: ClassVar[type[MergeStepConfig]] = LensMergeConfig
 
     def write(self, ctx: MergeContext, flat_dir: Path, staging: Path) -> StepResult:
-        n = write_lens_candidates(flat_dir, staging / LENS_TABLE, self.config.threshold)
-        if n is None:
+        table = write_lens_candidates(flat_dir, staging / LENS_TABLE, self.config.threshold)
+        if table is None:
             return StepResult(summary=dict(lens_candidates=None))
-        return StepResult(summary=dict(lens_candidates=n), files=dict(lens_candidates=LENS_TABLE))
+        files = dict(lens_candidates=LENS_TABLE)
+        if ctx.store_path is not None:
+            write_cutouts(ctx.store_path, table.head(self.config.cutouts), staging / LENS_CUTOUTS, "lens",
+                          "lens_rank", self.config.cutout, "lens candidates of lens_candidates.parquet: one HDU "
+                          "(band, y, x) per row, local median subtracted")
+            files["lens_cutouts"] = LENS_CUTOUTS
+        return StepResult(summary=dict(lens_candidates=int(len(table))), files=files)
 
     def report(self, summary: dict, paths: dict[str, str]) -> list[str]:
         if summary.get("lens_candidates") is None:
             return []
         return [f"lenses:  {summary['lens_candidates']} lens candidate(s) above lens_score "
-                f"{self.config.threshold}: {paths['lens_candidates']}"]
+                f"{self.config.threshold}: {paths['lens_candidates']}"
+                + (f" (cutouts: {paths['lens_cutouts']})" if "lens_cutouts" in paths else "")]

@@ -29,9 +29,10 @@ catalog names its files relative to the run directory.
 Outputs in `out_dir` (default `RUN/catalogs`, a symbolic link to the current version of the catalogs,
 `RUN/.catalogs-v-XXXX/`): `sources/` (HATS collection), `sources_flat/` (Parquet parts),
 `sources.fits`, `sources.summary.json`, `provenance.json`, and what the stages' merge steps add
-(catalogs/steps.py): the lens step's `lens_candidates.parquet` (catalogs/lenses.py), the anomaly step's
-`anomaly_sigma` column with `anomalies.parquet` and `anomaly_stamps.fits` (catalogs/anomalies.py), the
-cluster step's `cluster_id` column with `clusters.parquet` (catalogs/clusters.py); their Parquet tables
+(catalogs/steps.py): the lens step's `lens_candidates.parquet` and `lens_cutouts.fits` (catalogs/lenses.py), the anomaly
+step's `anomaly_sigma` column with `anomalies.parquet` and `anomaly_stamps.fits` (catalogs/anomalies.py), the
+cluster step's `cluster_id` column with `clusters.parquet` and `cluster_cutouts.fits` (catalogs/clusters.py;
+the cutouts with WCS: catalogs/cutouts.py); their Parquet tables
 are rewritten with their declared schema. The steps run in the run's stage order: each
 `prepare`s before the rows are merged, adds its columns to every partition after the ids and the spatial
 index, and writes its outputs after the rows. Everything is built in a new version directory beside

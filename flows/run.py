@@ -53,10 +53,21 @@ def run_flow(cfg: RunConfig) -> dict:
         clean_stale_temporaries(cfg.run_dir)  # and the files it was writing there
         log.info("run of %s in %s", cfg.inputs, cfg.run_dir)
         summary = _run(cfg, t0)
-        write_text(cfg.run_dir / "run-summary.json", json.dumps(summary, indent=1, default=str))
+        write_text(cfg.run_dir / "run-summary.json", json.dumps(_relative_paths(summary, cfg.run_dir), indent=1,
+                                                                default=str))
     log.info("run finished in %.1f s", summary["seconds"]["total"])
     _summary_artifact(cfg, summary)
     return summary
+
+
+def _relative_paths(summary: dict, run_dir: Path) -> dict:
+    """The summary as written to RUN/run-summary.json: the merge's paths relative to the run directory (a run
+    directory moved or shared whole stays right; the returned summary keeps them absolute)."""
+    from deepfield.catalogs.exports import relative
+    merge = summary.get("merge") or {}
+    if not merge.get("paths"):
+        return summary
+    return dict(summary, merge=dict(merge, paths={k: relative(v, run_dir) for k, v in merge["paths"].items()}))
 
 
 def _summary_artifact(cfg: RunConfig, summary: dict) -> None:

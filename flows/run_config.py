@@ -61,11 +61,13 @@ class DaskSpec(BaseModel):
 
 
 class MergeSpec(BaseModel):
-    """`merge`: `fits_export`, and per stage with a merge step, `<stage name>: {its parameters}`."""
+    """`merge`: `fits_export`, `report_top`, and per stage with a merge step, `<stage name>: {its parameters}`."""
 
     model_config = ConfigDict(extra="forbid")
 
     fits_export: bool = Field(True, description="also write the source catalog as a FITS table")
+    report_top: int = Field(50, ge=1, description="candidates shown per list (lenses, anomalies, clusters) in "
+                            "the review report RUN/report/index.html")
     steps: dict[str, dict[str, Any]] = Field(default_factory=dict, description="stage name -> parameters of "
                                              "its merge step (written in YAML as merge.<stage name>)")
 

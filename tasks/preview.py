@@ -1,4 +1,10 @@
-"""Colour pictures of fields: Lupton et al. (2004) asinh RGB composites via astropy."""
+"""Colour pictures of fields: Lupton et al. (2004) asinh RGB composites via astropy.
+
+The bands (red, green, blue) default to `default_rgb`: i, r, g when a field has them, else its three reddest
+known bands (two bands: green is their mean; one band: grey). Images are scaled to a common AB flux unit with
+their zero points before the stretch, so the colours are true colours. A field of a store is read in strips of
+rows and binned as it is read, so a picture of a large field costs the memory of the picture.
+"""
 from __future__ import annotations
 
 import json
@@ -10,6 +16,11 @@ from astropy.visualization import make_lupton_rgb
 
 from . import maskbits
 from .atomic import atomic_path
+
+__all__ = ["PreviewError", "default_rgb", "write_preview", "store_picture", "rgb_image", "lupton_rgb", "bin_image",
+           "sky_sigma"]
+
+STRIP = 512  # rows of a store's field read at a time
 
 
 class PreviewError(ValueError):
@@ -34,6 +45,12 @@ def bin_image(a: np.ndarray, factor: int) -> np.ndarray:
     return a[:ny, :nx].reshape(ny // factor, factor, nx // factor, factor).mean(axis=(1, 3))
 
 
+def sky_sigma(image: np.ndarray) -> float:
+    """The sky noise of a sky-subtracted image: 1.4826 times the median absolute deviation of its finite pixels."""
+    sky = image[np.isfinite(image)]
+    return 1.4826 * float(np.median(np.abs(sky - np.median(sky)))) if sky.size else 0.0
+
+
 def lupton_rgb(images: tuple[np.ndarray, np.ndarray, np.ndarray], zeropoints: tuple[float, float, float],
                stretch: float, q: float, binning: int = 1) -> np.ndarray:
     """uint8 (ny, nx, 3) RGB of three sky-subtracted images (red, green, blue order).
@@ -44,7 +61,8 @@ def lupton_rgb(images: tuple[np.ndarray, np.ndarray, np.ndarray], zeropoints: tu
     ref = zeropoints[0]
     scaled = [bin_image(np.nan_to_num(im.astype(np.float32)), binning) * 10 ** (-0.4 * (zp - ref))
               for im, zp in zip(images, zeropoints)]
-    return make_lupton_rgb(*scaled, stretch=stretch, Q=q)
+    with np.errstate(invalid="ignore", divide="ignore"):  # astropy divides 0 by 0 where every band is 0
+        return make_lupton_rgb(*scaled, stretch=stretch, Q=q)
 
 
 # bands from blue to red, for the default choice of three (the reddest three, as red, green, blue)
@@ -64,6 +82,47 @@ def default_rgb(have: list[str]) -> tuple[str, str, str]:
     if len(order) == 2:
         return (order[0], "", order[1])
     return (order[0], order[0], order[0])
+
+
+def _choose(have: list[str], bands, label: str) -> tuple[str, str, str]:
+    bands = tuple(bands) if bands else default_rgb(have)
+    if len(bands) != 3:
+        raise PreviewError(f"{label}: a colour preview needs three bands, got {list(bands)} (field has {have})")
+    missing = [b for b in bands if b and b not in have]
+    if missing:
+        raise PreviewError(f"{label}: bands {missing} not in field (has {have})")
+    return bands
+
+
+def _three(bands: tuple[str, str, str], loaded: dict[str, tuple[np.ndarray, float]]
+           ) -> tuple[list[np.ndarray], list[float]]:
+    """The red, green and blue images and zero points of `bands` from `loaded` (band -> (image, zero point));
+    green "" is the mean of red and blue, on the red band's zero point."""
+    ims, zps = [], []
+    for b in bands:
+        if b:
+            ims.append(loaded[b][0])
+            zps.append(loaded[b][1])
+        else:
+            (r, zr), (bl, zb) = loaded[bands[0]], loaded[bands[2]]
+            ims.append(0.5 * (r + bl * 10 ** (-0.4 * (zb - zr))))
+            zps.append(zr)
+    return ims, zps
+
+
+def _picture(ims: list[np.ndarray], zps: list[float], stretch: float | None, q: float) -> np.ndarray:
+    if stretch is None:  # 5 sky sigma of the red image; an empty picture (no sky) gets 1
+        stretch = 5.0 * sky_sigma(ims[0]) or 1.0
+    return lupton_rgb(tuple(ims), tuple(zps), stretch=stretch, q=q)
+
+
+def rgb_image(planes: dict[str, np.ndarray], zeropoints: dict[str, float], bands=None, stretch: float | None = None,
+              q: float = 8.0) -> np.ndarray:
+    """uint8 (ny, nx, 3) Lupton RGB of sky-subtracted images `planes` (band -> image, NaN where there is none)
+    with their AB `zeropoints`, rows as the arrays'; bands (red, green, blue) default to `default_rgb`."""
+    bands = _choose(list(planes), bands, "cutout")
+    ims, zps = _three(bands, {b: (planes[b], float(zeropoints[b])) for b in dict.fromkeys(b for b in bands if b)})
+    return _picture(ims, zps, stretch, q)
 
 
 def _store_field(path: Path, field: str | None) -> tuple[dict, str]:
@@ -86,14 +145,27 @@ def _store_field(path: Path, field: str | None) -> tuple[dict, str]:
     return g, field
 
 
-def _planes(source: Path, field: str | None, bands, crop) -> tuple[list[np.ndarray], list[float], str]:
+def _store_plane(g, k: int, crop, binning: int) -> np.ndarray:
+    """Band k of a store's field group, defects and pixels without data set to 0, cropped to `crop`
+    ((x0, y0, x1, y1) or None) and binned, read STRIP rows (a multiple of `binning`) at a time."""
+    _, ny, nx = g["image"].shape
+    x0, y0, x1, y1 = crop or (0, 0, nx, ny)
+    y1 = y0 + (y1 - y0) // binning * binning
+    step = max(binning, STRIP // binning * binning)
+    parts = []
+    for s in range(y0, y1, step):
+        rows = slice(s, min(s + step, y1))
+        data = np.asarray(g["image"][k, rows, x0:x1], np.float32)
+        data[(np.asarray(g["mask"][k, rows, x0:x1]) & (maskbits.BAD | maskbits.NO_DATA)) != 0] = 0.0
+        parts.append(bin_image(np.nan_to_num(data), binning))
+    return np.concatenate(parts) if parts else np.zeros((0, (x1 - x0) // binning), np.float32)
+
+
+def _planes(source: Path, field: str | None, bands, crop, binning: int = 1
+            ) -> tuple[list[np.ndarray], list[float], str]:
     """The images and zero points of `bands` ("" for the mean of the first and last) of a simulated field's
-    directory or of a field of a deepfield store, defects set to 0, cropped; and a label for messages."""
-    def cut(a):
-        if crop:
-            x0, y0, x1, y1 = crop
-            return a[y0:y1, x0:x1]
-        return a
+    directory or of a field of a deepfield store, defects set to 0, cropped, binned; and a label for
+    messages."""
     if (source / "field.json").exists() or not (source / "zarr.json").exists():
         files = field_band_files(source)
         have = list(files)
@@ -104,7 +176,10 @@ def _planes(source: Path, field: str | None, bands, crop) -> tuple[list[np.ndarr
                 zp = float(hdul[0].header.get("MAGZERO", 27.0))
             with fits.open(files[b]["mask"]) as hdul:  # blank out defects: they are not sky
                 data[(hdul[0].data & maskbits.BAD) != 0] = 0.0
-            return cut(data), zp
+            if crop:
+                x0, y0, x1, y1 = crop
+                data = data[y0:y1, x0:x1]
+            return bin_image(np.nan_to_num(data), binning), zp
         label = str(source)
     else:
         g, name = _store_field(source, field)
@@ -113,27 +188,32 @@ def _planes(source: Path, field: str | None, bands, crop) -> tuple[list[np.ndarr
 
         def load(b):
             k = have.index(b)
-            data = np.asarray(g["image"][k], np.float32)
-            data[(np.asarray(g["mask"][k]) & (maskbits.BAD | maskbits.NO_DATA)) != 0] = 0.0
-            return cut(data), float(zps[k])
+            return _store_plane(g, k, crop, binning), float(zps[k])
         label = f"{source} field {name}"
-    bands = tuple(bands) if bands else default_rgb(have)
-    if len(bands) != 3:
-        raise PreviewError(f"{label}: a colour preview needs three bands, got {list(bands)} (field has {have})")
-    missing = [b for b in bands if b and b not in have]
-    if missing:
-        raise PreviewError(f"{label}: bands {missing} not in field (has {have})")
-    loaded = {b: load(b) for b in dict.fromkeys(b for b in bands if b)}
-    ims, zps = [], []
-    for b in bands:
-        if b:
-            ims.append(loaded[b][0])
-            zps.append(loaded[b][1])
-        else:  # two bands: green is the mean of red and blue, on the red band's zero point
-            (r, zr), (bl, zb) = loaded[bands[0]], loaded[bands[2]]
-            ims.append(0.5 * (r + bl * 10 ** (-0.4 * (zb - zr))))
-            zps.append(zr)
+    bands = _choose(have, bands, label)
+    ims, zps = _three(bands, {b: load(b) for b in dict.fromkeys(b for b in bands if b)})
     return ims, zps, label
+
+
+def store_picture(store: str | Path, field: str, binning: int = 1, bands=None, stretch: float | None = None,
+                  q: float = 8.0) -> np.ndarray:
+    """uint8 (ny // binning, nx // binning, 3) Lupton RGB of field `field` of a deepfield store, row 0 the
+    field's first row (flip it for a picture with north up); bands and stretch as `write_preview`'s."""
+    ims, zps, _ = _planes(Path(store), field, bands, None, max(int(binning), 1))
+    return _picture(ims, zps, stretch, q)
+
+
+def save_png(rgb: np.ndarray, out_png: str | Path, colors: int | None = None) -> Path:
+    """Write a uint8 (ny, nx, 3) picture, row 0 at the top, as a PNG atomically (colors: quantised to a
+    palette of that many colours)."""
+    from PIL import Image
+    picture = Image.fromarray(np.ascontiguousarray(rgb))
+    if colors:
+        picture = picture.quantize(colors=int(colors), method=Image.Quantize.MEDIANCUT)
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        picture.save(tmp, format="PNG", optimize=True)
+    return out_png
 
 
 def write_preview(field_dir: str | Path, out_png: str | Path, bands: tuple[str, str, str] | None = None,
@@ -144,20 +224,10 @@ def write_preview(field_dir: str | Path, out_png: str | Path, bands: tuple[str, 
 
     field_dir: a simulated field's directory (OUT/fields/<field>), or a deepfield Zarr store with `field`
     naming one of its fields (the only one by default), so any ingested image can be looked at.
-    stretch defaults to 5x the median absolute deviation of the red band's sky; crop is
-    (x0, y0, x1, y1) in pixels before binning; colors, if given, quantises the picture to a palette
-    of that many colours (a much smaller PNG, for documentation).
+    stretch defaults to 5x the sky sigma of the red band after binning; crop is (x0, y0, x1, y1) in pixels
+    before binning; colors, if given, quantises the picture to a palette of that many colours (a much smaller
+    PNG, for documentation).
     """
-    ims, zps, _ = _planes(Path(field_dir), field, bands, crop)
-    if stretch is None:
-        sky = ims[0][np.isfinite(ims[0])]
-        stretch = 5.0 * 1.4826 * float(np.median(np.abs(sky - np.median(sky)))) * max(binning, 1) ** -1
-    rgb = lupton_rgb(tuple(ims), tuple(zps), stretch=stretch, q=q, binning=binning)
-    out_png = Path(out_png)
-    from PIL import Image
-    picture = Image.fromarray(np.ascontiguousarray(rgb[::-1]))  # row 0 of the FITS image is the south edge
-    if colors:
-        picture = picture.quantize(colors=int(colors), method=Image.Quantize.MEDIANCUT)
-    with atomic_path(out_png) as tmp:
-        picture.save(tmp, format="PNG", optimize=True)
-    return out_png
+    ims, zps, _ = _planes(Path(field_dir), field, bands, crop, max(int(binning), 1))
+    rgb = _picture(ims, zps, stretch, q)
+    return save_png(rgb[::-1], out_png, colors)  # row 0 of the FITS image is the south edge

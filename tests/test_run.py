@@ -218,11 +218,12 @@ def test_anomaly_scores_and_ranked_list(run, survey):
     assert 0 < len(top) <= 100 and list(top.anomaly_rank) == list(range(1, len(top) + 1))
     assert (np.diff(top.anomaly_sigma) <= 0).all() and (top.anomaly_sigma >= cut).all()
     assert set(top["shape"]) <= {"point", "linear", "extended"}
-    with fits.open(paths["anomaly_stamps"]) as hdul:
-        assert hdul[0].data.shape == (len(top), 4, 64, 64)
-        assert [hdul[0].header[f"BAND{j + 1}"] for j in range(4)] == ["g", "r", "i", "z"]
+    with fits.open(paths["anomaly_stamps"]) as hdul:  # one HDU (band, y, x) with WCS each: catalogs/cutouts.py
+        stamps = [hdul[f"ANOMALY_{k}"] for k in top.anomaly_rank]
+        assert len(hdul) == len(top) + 2 and all(h.data.shape == (4, 64, 64) for h in stamps)
+        assert all([h.header[f"BAND{j + 1}"] for j in range(4)] == ["g", "r", "i", "z"] for h in stamps)
         assert list(hdul["ROWS"].data["anomaly_rank"]) == list(top.anomaly_rank)
-        assert np.isfinite(hdul[0].data).mean() > 0.9  # NaN only beyond the field's edges
+        assert np.isfinite(np.stack([h.data for h in stamps])).mean() > 0.9  # NaN only beyond the field's edges
     anomalies = pd.read_parquet(survey / "truth" / "anomalies.parquet")
     lenses = pd.read_parquet(survey / "truth" / "lenses.parquet")
     trails = anomalies[(anomalies.type == "satellite_trail") & anomalies.band.isin(["g", "r", "i"])]
