@@ -117,6 +117,10 @@ def test_summary_paths_are_relative_to_the_run(default_run):
         assert not Path(rel).is_absolute(), (key, rel)
         assert (Path(cfg.run_dir) / rel).exists(), (key, rel)
     assert str(cfg.run_dir) not in json.dumps(written)
+    run_summary = json.loads((Path(cfg.run_dir) / "run-summary.json").read_text())
+    assert run_summary["merge"]["paths"] == written["paths"] | {
+        k: v for k, v in run_summary["merge"]["paths"].items() if k not in written["paths"]}
+    assert not any(Path(p).is_absolute() for p in run_summary["merge"]["paths"].values())
 
 
 def test_bright_star_magnitudes_agree_with_calibrated_fluxes(default_run):
