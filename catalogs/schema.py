@@ -9,9 +9,10 @@ place, from which everything that describes a column is written:
 
 Names may hold `{band}` (any band the survey has: nothing here assumes g r i z) and `{aper}` (the measure
 stage's apertures: `aper`, `aper_1as`, `aper_2fwhm`, ...). UCDs follow the IVOA UCD1+ vocabulary. A column
-that no declaration matches (a plugin stage's) is written with what its stage declares in `Stage.columns`,
-else with the description "undeclared" (`describe` returns None for it; tests hold the built-in stages to a
-full declaration).
+that no declaration matches (a plugin stage's) keeps its type and is written with the description
+"undeclared" (`describe` returns None for it; `annotate`'s `extra` can describe it; tests hold the built-in
+stages to a full declaration). Only the columns named flux_<kind>_<band> and fluxerr_<kind>_<band> are
+calibrated to nJy (catalogs/calibrate.py): a plugin's other flux-like columns stay in image units.
 """
 from __future__ import annotations
 

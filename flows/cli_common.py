@@ -31,7 +31,9 @@ __all__ = ["console", "errors", "fail", "rel", "verbosity", "run_log", "adopt_th
 console = Console(stderr=True)  # the summary: silent with -q
 errors = Console(stderr=True)  # errors: printed at every verbosity
 
-THIRD_PARTY = ("ray", "distributed", "dask", "prefect", "hats", "hats_import", "lsdb")
+# (Prefect's logging.yml gives prefect.server, .client and .infrastructure levels of their own)
+THIRD_PARTY = ("ray", "distributed", "dask", "prefect", "hats", "hats_import", "lsdb",
+               "prefect.server", "prefect.client", "prefect.infrastructure")
 # notices that are no news to an operator: Ray's token-authentication default (kept: it is only not said)
 _NOTICES = ("ray._private.authentication.authentication_token_setup",)
 _level = 0  # the verbosity of the command running: -1 (-q) to 2 (-vv)
@@ -95,12 +97,19 @@ def adopt_third_party_logs() -> None:
     are imported), through the root logger's handlers instead (the console, the run's log file); importing ray
     first, as a run does anyway. Call after the verbosity is set."""
     import ray  # noqa: F401  (its import installs its handler)
-    for name in ("ray", "distributed"):
-        lg = logging.getLogger(name)
-        for h in list(lg.handlers):
-            lg.removeHandler(h)
-        lg.propagate = True
+    _route_own_handlers()
     _set_levels(_level)
+
+
+def _route_own_handlers() -> None:
+    """Ray's and distributed's loggers, where those are imported, through the root logger (their own stderr
+    handlers removed, propagation on): Ray sets its own up again at ray.init."""
+    for name in ("ray", "distributed"):
+        if name in sys.modules:
+            lg = logging.getLogger(name)
+            for h in list(lg.handlers):
+                lg.removeHandler(h)
+            lg.propagate = True
 
 
 def _set_levels(level: int) -> None:
@@ -136,6 +145,7 @@ def _logging(level: int):
     if level < 2:
         handler.addFilter(_Ours())
     root.addHandler(handler)
+    _route_own_handlers()
     names = ("", "deepfield", *THIRD_PARTY, *_NOTICES)
     levels = {n: logging.getLogger(n).level for n in names}  # restored after the command (tests run many)
     _set_levels(level)

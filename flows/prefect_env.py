@@ -4,6 +4,11 @@ logging kept for the UI: its own loggers at WARNING on the console (no start-up 
 runs' INFO records (and deepfield's, within a run) sent to the API, not to the console.
 
 Settings given in the environment win; call `configure` before importing prefect.
+
+Prefect's logging configuration (its logging.yml, read by this process and by the ephemeral API server it
+starts) is used with two loggers added at CRITICAL: sqlalchemy's and aiosqlite's. The ephemeral server's
+database pool logs an ERROR with a traceback when the server is stopped while a connection is being reset
+(seen once in CI under load), which is the server's shutdown, not the run's business.
 """
 from __future__ import annotations
 
@@ -27,6 +32,26 @@ def configure(state_dir: str | Path, quiet: bool = True) -> None:
     # are the command line's alone, without a warning that no run is there to take them
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "deepfield")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    if "PREFECT_LOGGING_SETTINGS_PATH" not in os.environ:
+        os.environ["PREFECT_LOGGING_SETTINGS_PATH"] = str(_logging_settings(Path(state_dir)))
+
+
+def _logging_settings(state_dir: Path) -> Path:
+    """Prefect's logging.yml with the database loggers at CRITICAL (module docstring), written into state_dir
+    (without importing prefect)."""
+    import importlib.util
+
+    import yaml
+
+    from deepfield.tasks.atomic import write_text
+    source = Path(importlib.util.find_spec("prefect").origin).parent / "logging" / "logging.yml"
+    config = yaml.safe_load(source.read_text())
+    for name in ("sqlalchemy", "aiosqlite"):
+        config.setdefault("loggers", {})[name] = {"level": "CRITICAL"}
+    path = Path(state_dir).resolve() / "prefect-logging.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def quiet_run_logs(console: bool = False) -> None:

@@ -192,7 +192,11 @@ def test_a_stage_from_a_plugin_module_runs_with_its_own_merge_step(toy, survey, 
     assert merge["toy_tiles"] == 8
     assert merge["report"] == [f"toy:     8 tile(s) counted: {cfg.run_dir / 'catalogs' / 'toy_top.parquet'}"]
     cat = pd.read_parquet(merge["paths"]["parquet"])
-    np.testing.assert_array_equal(cat.toy_flux.to_numpy(), 2.0 * cat.flux_auto_i.to_numpy())
+    # the catalog's flux_auto_i is calibrated to nJy at the merge; toy_flux, not a flux_<kind>_<band> column,
+    # stays in the image units the stage saw
+    from deepfield.catalogs.calibrate import njy_per_unit
+    image_units = cat.flux_auto_i.to_numpy() / njy_per_unit(cat.zeropoint_i.to_numpy())
+    np.testing.assert_allclose(cat.toy_flux.to_numpy(), 2.0 * image_units, rtol=1e-12)
     # the side tables hold every tile's row count and primary flux, as the tile tables do
     tiles = {r.tile: r for r in Ledger(cfg.run_dir).records()}
     assert all(r.stage_versions["toy"] == "7" for r in tiles.values())
