@@ -1,7 +1,8 @@
 """Opening one field's FITS files safely: each file opened once (memory-mapped unless gzipped), checked to
 be FITS and not truncated before any data is read, HDUs selected by index or EXTNAME, and 2-d image data
-returned with every problem an InputError that names the file. Also the sha256 of an input file.
-tasks.fits_input builds the field's cubes on top of this.
+returned with every problem an InputError that names the file. Also the content hash of an input file
+(`file_digest`: xxh3_128 by default, sha256 on request). tasks.fits_input builds the field's cubes on top of
+this.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import xxhash
 from astropy.io import fits
 
 IMAGE_HDUS = (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)
@@ -25,12 +27,25 @@ class InputError(Exception):
         super().__init__(f"{path}: {problem}")
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+# the hashes a completion record may name: xxh3_128 is non-cryptographic and about 7x faster than sha256
+# (11.8 against 1.6 GB/s on a page-cached 1 GB file here; BLAKE3 4.5), which is plenty to see a changed input
+HASHES = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+_BLOCK = 1 << 22
+
+
+def file_digest(path, algorithm: str = "xxh3_128") -> str:
+    """Hex digest of the file's bytes by `algorithm` (a key of HASHES), read in 4 MiB blocks into one buffer."""
+    h = HASHES[algorithm]()
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
+
+
+def sha256_file(path) -> str:
+    return file_digest(path, "sha256")
 
 
 def _data_nbytes(header: fits.Header) -> int:
@@ -113,6 +128,13 @@ class FitsFiles:
         if naxis != 2 or 0 in dims:
             raise InputError(path, f"empty image: {what} (HDU {index}) has NAXIS={naxis}, shape {dims[::-1]}")
         path = Path(path)
+        if path in self.mapped and not isinstance(h, fits.CompImageHDU) and h.header.get("BITPIX") == 16 \
+                and h.header.get("BZERO") == 32768 and h.header.get("BSCALE", 1) == 1 and "BLANK" not in h.header:
+            # unsigned 16-bit (int16 + 32768, the usual mask): mapped, and converted in one pass, as astropy's
+            # uint=True gives it but without reading the file again into a buffer
+            raw = np.memmap(path, dtype=">u2", mode="r", offset=self.hdul(path).fileinfo(index)["datLoc"],
+                            shape=tuple(dims[::-1]))
+            return h.header, np.bitwise_xor(raw, np.uint16(0x8000), dtype=np.uint16)
         if path in self.mapped and not isinstance(h, fits.CompImageHDU) \
                 and any(k in h.header for k in ("BZERO", "BSCALE", "BLANK")):
             # astropy cannot memory-map scaled data (e.g. uint16 stored as int16 + BZERO): read it

@@ -17,7 +17,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 
 from . import maskbits
 from .fits_align import resample_band, same_grid
-from .fits_files import IMAGE_HDUS, FitsFiles, InputError, sha256_file  # noqa: F401  (InputError, sha256_file re-exported)
+from .fits_files import IMAGE_HDUS, FitsFiles, InputError, file_digest, sha256_file  # noqa: F401  (re-exported)
 from .fits_noise import check_pixels
 from .ingest_config import FieldSpec
 from .psf_measure import measure_fwhm
@@ -41,7 +41,7 @@ class FieldImages:
     zeropoints: list[float]
     psf_fwhm: list[float | None]  # arcsec
     pixel_scale: float  # arcsec / pixel
-    checksums: dict[str, str] = field(default_factory=dict)  # absolute path -> sha256
+    checksums: dict[str, str] = field(default_factory=dict)  # absolute path -> content digest (file_digest)
     resampled: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -205,24 +205,31 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
         _mask_bits(mraw, mh, msk[0], band, notes, out=mask)
     else:
         mask[:] = 0
-    nodata = ~np.isfinite(image)
-    if nodata.any():
-        image[nodata] = 0
-        mask[nodata] |= maskbits.NO_DATA
-        notes.append(f"band {band}: {int(nodata.sum())} NaN/inf pixels masked NO_DATA")
+    nodata = None  # pixels without a measurement, where there are any
     with np.errstate(invalid="ignore"):
-        huge = np.abs(image) >= HUGE
-    if huge.any():  # sentinels or garbage, no measurement: they would overflow every sum they entered
-        image[huge] = 0
-        mask[huge] |= maskbits.NO_DATA
-        nodata |= huge
-        notes.append(f"band {band}: {int(huge.sum())} pixels with |value| >= {HUGE:g} masked NO_DATA")
+        fine = np.abs(image) < HUGE  # False for NaN, inf and the huge: one test for the common case
+    if not fine.all():
+        nodata = ~np.isfinite(image)
+        if nodata.any():
+            image[nodata] = 0
+            mask[nodata] |= maskbits.NO_DATA
+            notes.append(f"band {band}: {int(nodata.sum())} NaN/inf pixels masked NO_DATA")
+        with np.errstate(invalid="ignore"):
+            huge = np.abs(image) >= HUGE
+        if huge.any():  # sentinels or garbage, no measurement: they would overflow every sum they entered
+            image[huge] = 0
+            mask[huge] |= maskbits.NO_DATA
+            nodata |= huge
+            notes.append(f"band {band}: {int(huge.sum())} pixels with |value| >= {HUGE:g} masked NO_DATA")
+    del fine
     invvar = slots[1]
+    good = None  # positive and finite inverse variance
     if inv is not None:
         np.copyto(invvar, aux(inv, "invvar")[1], casting="unsafe")
         with np.errstate(invalid="ignore"):
-            if not np.any((invvar > 0) & (invvar < np.inf)):
-                raise InputError(inv[0], f"no pixel of band {band} has a positive, finite inverse variance")
+            good = (invvar > 0) & (invvar < np.inf)
+        if not good.any():
+            raise InputError(inv[0], f"no pixel of band {band} has a positive, finite inverse variance")
     elif var is not None:
         v = np.asarray(aux(var, "variance")[1], dtype=np.float64)
         good = np.isfinite(v) & (v > 0)
@@ -242,11 +249,17 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
         invvar[:] = np.float32(1.0 / sigma ** 2)
         notes.append(f"band {band}: no invvar/variance file, constant invvar from robust sky noise "
                      f"1.4826*MAD = {sigma:.6g}")
-    zero = ~((invvar > 0) & (invvar < np.inf))  # NaN compares False: also caught
-    if zero.any():
+    if good is None:
+        with np.errstate(invalid="ignore"):
+            good = (invvar > 0) & (invvar < np.inf)  # NaN compares False: not good
+    nzero = good.size - np.count_nonzero(good)
+    if nzero:  # usually a few pixels: their indices, found once, serve the mask and the invvar
+        zero = np.unravel_index(np.flatnonzero(np.logical_not(good, out=good)), good.shape)
         mask[zero] |= maskbits.ZERO_WEIGHT
-        notes.append(f"band {band}: {int(zero.sum())} pixels with non-positive or non-finite invvar masked ZERO_WEIGHT")
-    invvar[zero | nodata] = 0
+        invvar[zero] = 0
+        notes.append(f"band {band}: {nzero} pixels with non-positive or non-finite invvar masked ZERO_WEIGHT")
+    if nodata is not None:
+        invvar[nodata] = 0
     noise = inv[0] if inv is not None else (var[0] if var is not None else None)
     return _Band(band, path, image, invvar, mask, wcs, float(zp), fwhm, noise_path=noise,
                  mask_path=msk[0] if msk is not None else None)
@@ -349,7 +362,8 @@ def _any_usable(mask: np.ndarray, invvar: np.ndarray, rows: int = 64) -> bool:
 def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> FieldImages:
     """Read, validate and align one field's bands; raises InputError naming the offending file.
 
-    checksums: sha256 of input files already computed by the caller (path -> hex), reused."""
+    checksums: digests of input files already computed by the caller (path -> hex digest), reused; the files
+    read that it lacks get their xxh3_128 (tasks.fits_files.file_digest)."""
     files, notes = FitsFiles(), []
     try:
         srcs = _physical_names(spec, _sources(spec, files, notes), notes)
@@ -411,5 +425,5 @@ def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> Fiel
         name=spec.name, bands=names, image=image, invvar=invvar, mask=mask,
         wcs_header=rb.wcs.to_header(relax=True), zeropoints=[b.zeropoint for b in bands],
         psf_fwhm=[b.psf_fwhm for b in bands], pixel_scale=float(np.mean(scales)),
-        checksums={str(p): (checksums or {}).get(str(p)) or sha256_file(p) for p in paths},
+        checksums={str(p): (checksums or {}).get(str(p)) or file_digest(p) for p in paths},
         resampled=resampled, notes=notes)

@@ -83,8 +83,12 @@ class CodecSpec(BaseModel):
     shuffle: Literal["noshuffle", "shuffle", "bitshuffle"] = "bitshuffle"
 
 
+CHECK_KEYS = ("checksum", "checksum_always")  # how inputs are compared: not part of the store's layout
+
+
 class StoreSpec(BaseModel):
-    """Layout of the Zarr store: tile cores (one shard each, so one writer each) and chunks."""
+    """Layout of the Zarr store: tile cores (one shard each, so one writer each) and chunks; and how a
+    re-ingest tells changed inputs (CHECK_KEYS, which are not layout: `layout()` leaves them out)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -92,6 +96,22 @@ class StoreSpec(BaseModel):
     chunk: int = Field(256, ge=16, le=2048, description="chunk size, pixels; a halo read touches whole chunks")
     write_threads: int = Field(2, ge=1, le=64, description="threads writing one field's tile cores (one shard each)")
     codec: CodecSpec = Field(default_factory=CodecSpec)
+    checksum: Literal["xxh3", "sha256"] = Field(
+        "xxh3", description="content hash of each input file kept in the field's completion record: xxh3 (xxh3_128, "
+        "non-cryptographic, ~7x faster) or sha256. A re-ingest trusts the recorded hash of a file whose size and "
+        "mtime are those recorded (no read, as rsync's quick check: a change that keeps both is not seen) and "
+        "hashes the others again; a field's record keeps the hash it was ingested with")
+    checksum_always: Optional[bool] = Field(
+        None, description="read and hash every input on every ingest, whatever its size and mtime (default: true "
+        "with checksum sha256, false with xxh3)")
+
+    def layout(self) -> dict:
+        """The store layout, as the completion record keeps it (without CHECK_KEYS)."""
+        return self.model_dump(exclude=set(CHECK_KEYS))
+
+    @property
+    def read_always(self) -> bool:
+        return self.checksum == "sha256" if self.checksum_always is None else self.checksum_always
 
     @model_validator(mode="after")
     def _chunk_divides_tile(self) -> "StoreSpec":

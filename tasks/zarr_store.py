@@ -4,8 +4,9 @@ arrays of shape (band, y, x).
 Layout (zarr v3):
   STORE.zarr/                          root attrs: {"deepfield_store": 1}; consolidated metadata
   STORE.zarr/fields/<field>/           attrs: WCS header, bands, zero points, pixel scale, PSF FWHM,
-                                       input sha256, deepfield version, tile, chunk, codec, and last
-                                       of all the completion marker "deepfield_complete"
+                                       deepfield version, tile, chunk, codec, and last of all the
+                                       completion marker "deepfield_complete" (per input file its size,
+                                       mtime and content hash: tasks/ingest.py)
   STORE.zarr/fields/<field>/{image,invvar,mask}   dimension_names (band, y, x), units, mask bit meanings
   STORE.zarr/fields/<field>/band       the band names (variable-length UTF-8 strings)
 
@@ -289,13 +290,36 @@ def invalidate_field(root_path: str | Path, name: str) -> bool:
     return True
 
 
+def update_record(root: zarr.Group, name: str, **changes) -> None:
+    """Change keys of the completion record of the complete field `name` in place (tasks/ingest.py: the inputs'
+    size and mtime after a re-hash found their content unchanged), under the metadata lock; zarr writes the
+    group's metadata to a temporary name and renames it. The caller brings the consolidated copy up to date
+    (refresh_metadata)."""
+    with metadata_lock(root):
+        g = root["fields"][name]
+        g.attrs[COMPLETE] = dict(g.attrs[COMPLETE], **changes)
+
+
+def content_digest(entry) -> str:
+    """What identifies an input's content in a record's `checksums` entry: the digest, prefixed by its algorithm
+    unless sha256 (the bare sha256 hex digest is the whole entry in records written before sizes and mtimes)."""
+    if isinstance(entry, str):
+        return entry
+    digest = str(entry.get("digest"))
+    return digest if entry.get("algorithm") == "sha256" else f"{entry.get('algorithm')}:{digest}"
+
+
 def input_fingerprint(root: zarr.Group, name: str) -> str:
-    """A hash of what a complete field was ingested from (input checksums, field spec, store layout);
-    it changes when the field is re-ingested from changed inputs."""
+    """A hash of what a complete field was ingested from (input contents, field spec, store layout); it changes
+    when the field is re-ingested from changed inputs, and only then: the inputs' sizes and mtimes, which a
+    touched file changes, and the completion time are left out (a sha256 record of an older deepfield gives the
+    fingerprint it gave then)."""
     import hashlib
     import json
     rec = field_record(root, name) or {}
     rec = {k: v for k, v in rec.items() if k != "completed_at"}
+    if isinstance(rec.get("checksums"), dict):
+        rec["checksums"] = {p: content_digest(e) for p, e in rec["checksums"].items()}
     return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -367,7 +391,7 @@ def attrs_to_header(cards: list[list]) -> fits.Header:
 def write_field(root: zarr.Group, fimg, spec: StoreSpec, record: dict,
                 progress: Callable[[int, int], None] | None = None, consolidated: bool = True) -> dict:
     """Write one field (a tasks.fits_input.FieldImages) tile core by tile core, then its attributes,
-    then the completion marker `record` (which should hold the input checksums), then the store's
+    then the completion marker `record` (which should hold the inputs' checksums), then the store's
     consolidated metadata (also when the write fails, so that outside readers do not go on seeing the old
     field complete; consolidated=False: the caller consolidates). Returns byte and timing statistics."""
     fields = root.require_group("fields")

@@ -5,10 +5,12 @@ import hashlib
 
 import numpy as np
 import pytest
+import xxhash
 from astropy.io import fits
 from astropy.wcs import WCS
 
 from deepfield.tasks import maskbits
+from deepfield.tasks.fits_files import file_digest
 from deepfield.tasks.fits_input import InputError, load_field, sha256_file
 from deepfield.tasks.ingest_config import FieldSpec
 
@@ -96,7 +98,7 @@ def raises(s: FieldSpec, path, phrase: str) -> InputError:
 
 
 def test_happy_path(field):
-    d, files, data = field
+    _d, files, data = field
     files["g"]["zeropoint"] = 30.5
     f = load_field(spec(files))
     assert f.name == "f1" and f.bands == ["g", "r", "i"]
@@ -113,8 +115,9 @@ def test_happy_path(field):
     assert WCS(f.wcs_header).has_celestial and f.wcs_header["CTYPE1"] == "RA---TAN"
     read = [p for b in "gri" for p in files[b].values() if isinstance(p, str)]
     assert set(f.checksums) == set(read)
-    for p in read:
-        assert f.checksums[p] == hashlib.sha256(open(p, "rb").read()).hexdigest() == sha256_file(p)
+    for p in read:  # xxh3_128 of the files read (ingest passes its own digests); sha256 on request
+        assert f.checksums[p] == xxhash.xxh3_128(open(p, "rb").read()).hexdigest() == file_digest(p)
+        assert sha256_file(p) == file_digest(p, "sha256") == hashlib.sha256(open(p, "rb").read()).hexdigest()
 
 
 def test_hdu_selection_and_defaults(tmp_path):
@@ -164,7 +167,7 @@ def test_not_fits(field):
 @pytest.mark.parametrize("cut", [100, 3000, 2880 * 2])
 @pytest.mark.filterwarnings("ignore:File may have been truncated")
 def test_truncated(field, cut):
-    d, files, _ = field
+    _d, files, _ = field
     p = files["r"]["image"]
     raw = open(p, "rb").read()
     open(p, "wb").write(raw[: len(raw) - cut] if cut != 100 else raw[:2880 + 100])
@@ -215,7 +218,7 @@ def test_shape_mismatch_without_wcs(tmp_path):
 
 
 def test_duplicate_band_case(field):
-    d, files, _ = field
+    _d, files, _ = field
     files["G"] = dict(files["g"])
     raises(spec(files), files["G"]["image"], "duplicate band")
 
@@ -223,7 +226,7 @@ def test_duplicate_band_case(field):
 def test_all_pixels_masked(field):
     """An inverse variance of zeros or NaNs is blamed on the invvar file, a mask that masks everything on the
     mask file."""
-    d, files, data = field
+    _d, files, data = field
     p = files["r"]["invvar"]
     fits.PrimaryHDU(np.zeros((NY, NX), np.float32)).writeto(p, overwrite=True)
     raises(spec(files), p, "no pixel of band r has a positive, finite inverse variance")
@@ -247,7 +250,7 @@ def test_aux_shape_mismatch(field, kind):
 
 
 def test_float_mask(field):
-    d, files, _ = field
+    _d, files, _ = field
     fits.PrimaryHDU(np.zeros((NY, NX), np.float32)).writeto(files["i"]["mask"], overwrite=True)
     raises(spec(files), files["i"]["mask"], "not an integer image")
 
@@ -262,13 +265,13 @@ def test_zero_point(tmp_path):
 
 
 def test_reference_band(field):
-    d, files, _ = field
+    _d, files, _ = field
     raises(spec(files, reference_band="z"), files["g"]["image"], "reference band 'z'")
     assert load_field(spec(files, reference_band="r")).bands == ["g", "r", "i"]
 
 
 def test_nan_and_zero_weight_are_masked(field):
-    d, files, data = field
+    _d, files, data = field
     img, iv = data["g"]["image"].copy(), data["g"]["invvar"].copy()
     img[10, 10], img[11, 12], img[12, 13] = np.nan, np.inf, -np.inf
     iv[20, 20], iv[21, 21], iv[22, 22], iv[10, 10] = 0, -1, np.nan, 0
@@ -360,3 +363,40 @@ def test_mef_duplicate_band(tmp_path):
     p2 = tmp_path / "orphan.fits"
     mef(p2, [fits.ImageHDU(img, header(w, EXTNAME="i")), fits.ImageHDU(img, header(EXTNAME="z_MASK"))])
     raises(FieldSpec(name="m", mef=p2), p2, "no image HDU")
+
+
+@pytest.mark.parametrize("kind", ["noise", "sorted", "reversed", "constant", "three values", "gradient"])
+def test_fast_medians_are_numpys(kind):
+    """The pixel checks' medians by bracketed selection (tasks/fits_noise.py) are numpy's medians of the float64
+    values exactly, also where the strided sample misleads the bracket (sorted or periodic data: the fallback)."""
+    from deepfield.tasks.fits_noise import _inverse_sqrt_median, _median
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 40_000, 40_001, 300_000, 300_001):
+        a = rng.normal(0.0, 1.0, n).astype(np.float32)
+        a = {"noise": a, "sorted": np.sort(a), "reversed": np.sort(a)[::-1].copy(),
+             "constant": np.full(n, 1.5, np.float32), "three values": rng.integers(0, 3, n).astype(np.float32),
+             "gradient": (np.arange(n) % 4096 + a).astype(np.float32)}[kind]
+        before = a.copy()
+        assert _median(a) == np.median(a.astype(np.float64)), n
+        d = np.abs(a.astype(np.float64) - 0.3)
+        assert _median(d) == np.median(d), n
+        iv = np.abs(a) + np.float32(0.1)
+        assert _inverse_sqrt_median(iv) == np.median(1.0 / np.sqrt(iv.astype(np.float64))), n
+        assert np.array_equal(a, before)  # not reordered
+
+
+def test_unsigned_16bit_read_mapped_as_astropy_reads_it(tmp_path):
+    """An unsigned 16-bit image (int16 + BZERO 32768, the usual mask) is read from the memory map in one pass
+    (tasks/fits_files.py) with astropy's values."""
+    from deepfield.tasks.fits_files import FitsFiles
+    vals = np.array([[0, 1, 2, 4, 255], [32767, 32768, 32769, 65534, 65535]], np.uint16)
+    p = tmp_path / "m.fits"
+    fits.PrimaryHDU(vals).writeto(p)
+    assert fits.getheader(p)["BITPIX"] == 16 and fits.getheader(p)["BZERO"] == 32768
+    files = FitsFiles()
+    try:
+        _, data = files.read(p, 0, "mask")
+    finally:
+        files.close()
+    assert data.dtype == np.uint16 and data.dtype.isnative and np.array_equal(data, fits.getdata(p))
+    assert np.array_equal(data, vals)
