@@ -56,6 +56,7 @@ bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_ingest.py --sim bench-out/sim
 	$(PY) tests/benchmarks/bench_process.py --sim bench-out/sim
 	$(PY) tests/benchmarks/bench_stages.py --sim bench-out/sim
+	$(PY) tests/benchmarks/bench_models.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache bench-out

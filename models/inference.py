@@ -1,12 +1,14 @@
 """Inference-time rewrites shared by the networks the stages run: batch normalisations folded into the
 convolutions before them, channels-last tensors, and transposed convolutions as convolutions and pixel shuffles
-(the same outputs to float rounding, less CPU time)."""
+(the same outputs to float rounding, less CPU time); and on a GPU, mixed precision (`autocast_modules`: the
+forward of the modules a stage calls under torch.autocast, outputs back in float32, so that the code after
+them sees the tensors it sees on a CPU; the registry's GPU settings say which and in what dtype)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["fold_batch_norms", "for_inference", "transposed_as_shuffle"]
+__all__ = ["fold_batch_norms", "for_inference", "transposed_as_shuffle", "autocast_modules", "plain_modules"]
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
@@ -69,4 +71,47 @@ def transposed_as_shuffle(model: nn.Module) -> nn.Module:
                     mod[k] = _shuffle_conv(ct, bn)
                     if bn is not None:
                         mod[k + 1] = nn.Identity()
+    return model
+
+
+def _float32(out):
+    """`out` (a tensor, or a tuple, list or dict of them) with floating tensors in float32."""
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_float32(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _float32(v) for k, v in out.items()}
+    return out
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def autocast_modules(model: nn.Module, paths=("",), dtype: str = "bfloat16", device_type: str | None = None
+                     ) -> nn.Module:
+    """`model` with the forward of each of its submodules `paths` ("" the model itself, "critic.conv" a nested
+    one) run under torch.autocast of `dtype` ("bfloat16", "float16") on `device_type` (default: the device of
+    the model's parameters), floating outputs returned in float32. Rewrites that modify a submodule in place
+    (fold_batch_norms, transposed_as_shuffle, `.to(...)`) keep it. Modifies and returns `model`."""
+    device_type = device_type or next(model.parameters()).device.type
+    cast = getattr(torch, dtype)
+    for path in paths:
+        mod = _submodule(model, path)
+        plain = type(mod).forward.__get__(mod)
+
+        def forward(*args, _plain=plain, **kwargs):
+            with torch.autocast(device_type, dtype=cast):
+                out = _plain(*args, **kwargs)
+            return _float32(out)
+
+        mod.forward = forward  # an instance attribute: nn.Module.__call__ calls it
+    return model
+
+
+def plain_modules(model: nn.Module, paths=("",)) -> nn.Module:
+    """Undo autocast_modules on the submodules `paths`: their class's forward, in float32. Returns `model`."""
+    for path in paths:
+        vars(_submodule(model, path)).pop("forward", None)
     return model

@@ -19,6 +19,13 @@ the weights shipped in `models/weights/<name>.pt`; the weights file also holds t
   picks the one a survey with the bands `have` can run (the most bands; the main weights on a tie). The run
   resolves each stage's variant before it starts (tasks.stages.registry.resolve_bands).
 - `register_model`: a model from outside this package (a plugin stage's) joins the table.
+- GPU settings (`GpuSettings`, the entry's `gpu`): the inputs per inference call and the autocast precision each
+  network runs with on a CUDA device, and the tolerance that precision was accepted at. `create_model` on a
+  cuda device runs the entry's `gpu.modules` (the model, or the submodules its stage calls) under
+  torch.autocast (models.inference.autocast_modules); on a CPU nothing changes. The precisions were chosen by
+  the outputs' differences from float32 under autocast on this project's CPU, as a proxy
+  (tests/benchmarks/bench_models.py prints them with the inputs per second, per model, device and dtype); the
+  batch sizes are a first guess for a GPU's memory and occupancy: both to be confirmed on a GPU.
 
 A new network is one module and one line in `_ENTRIES`.
 """
@@ -35,8 +42,22 @@ HERE = Path(__file__).resolve().parent
 WEIGHTS_DIR = HERE / "weights"
 CARDS_DIR = HERE / "cards"
 
-__all__ = ["ModelEntry", "register_model", "list_models", "entry", "weights_version", "model_version",
-           "training_record", "input_bands", "create_model", "variants", "choose_variant", "variant_weights"]
+__all__ = ["ModelEntry", "GpuSettings", "gpu_settings", "register_model", "list_models", "entry", "weights_version",
+           "model_version", "training_record", "input_bands", "create_model", "variants", "choose_variant",
+           "variant_weights"]
+
+
+@dataclass(frozen=True)
+class GpuSettings:
+    """How a network runs on a CUDA device: `batch` inputs per inference call (a stamp for the stamp networks;
+    the detector and the cluster finder take one tile or one field's planes a call), `autocast` the
+    torch.autocast dtype ("bfloat16", "float16"; None: float32) for the submodules `modules` ("" the model
+    itself; e.g. "generator" for model.generator), accepted because the outputs the stage uses stay within
+    `tolerance` (in their own units) of float32's."""
+    batch: int = 256
+    autocast: str | None = None
+    tolerance: float = 0.0
+    modules: tuple[str, ...] = ("",)
 
 
 @dataclass(frozen=True)
@@ -46,6 +67,7 @@ class ModelEntry:
     description: str
     weights_dir: Path = WEIGHTS_DIR
     cards_dir: Path = CARDS_DIR
+    gpu: GpuSettings = GpuSettings()
 
     @property
     def weights(self) -> Path:
@@ -65,17 +87,27 @@ class ModelEntry:
         return getattr(importlib.import_module(module), attr)
 
 
+# GPU settings: float16 autocast (a GPU runs it at bfloat16's speed, with 3 more significant bits: bfloat16's
+# differences from float32 were 3 to 25 times float16's, bench_models.py on the CPU). Tolerances on the outputs the
+# stages use: lens probability; deblend flux fraction per pixel; the anomaly local score in units of its median on
+# normal stamps; cluster and detection heat maps (0-1). Measured float16 differences: README, Performance.
 _ENTRIES = (
     ModelEntry("lens_resnet", "deepfield.models.lens_cnn:LensResNet",
-               "pre-activation ResNet strong-lens classifier, g r i z 48x48 stamps"),
+               "pre-activation ResNet strong-lens classifier, g r i z 48x48 stamps",
+               gpu=GpuSettings(batch=1024, autocast="float16", tolerance=0.01)),
     ModelEntry("deblend_unet", "deepfield.models.deblend_unet:DeblendUNet",
-               "position-conditioned U-Net flux-fraction deblender, g r i z 48x48 stamps"),
+               "position-conditioned U-Net flux-fraction deblender, g r i z 48x48 stamps",
+               gpu=GpuSettings(batch=1024, autocast="float16", tolerance=0.02)),
     ModelEntry("anomaly_wgan", "deepfield.models.anomaly_gan:AnomalyGAN",
-               "WGAN-GP generator, critic and encoder for anomaly scores, g r i 32x32"),
+               "WGAN-GP generator, critic and encoder for anomaly scores, g r i 32x32",
+               gpu=GpuSettings(batch=2048, autocast="float16", tolerance=0.05,
+                               modules=("encoder", "generator", "critic.conv"))),
     ModelEntry("cluster_net", "deepfield.models.cluster_net:ClusterNet",
-               "centre-heat-map cluster finder on 8x-binned g,r,i,z images"),
+               "centre-heat-map cluster finder on 8x-binned g,r,i,z images",
+               gpu=GpuSettings(batch=1, autocast="float16", tolerance=0.01)),
     ModelEntry("detect_net", "deepfield.models.detect_net:DetectNet",
-               "centre-heat-map source detector at the image's pixels, g r i z (any subset)"),
+               "centre-heat-map source detector at the image's pixels, g r i z (any subset)",
+               gpu=GpuSettings(batch=1, autocast="float16", tolerance=0.01)),
 )
 _REGISTRY: dict[str, ModelEntry] = {e.name: e for e in _ENTRIES}
 
@@ -98,6 +130,11 @@ def entry(name: str) -> ModelEntry:
         return _REGISTRY[name]
     except KeyError:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def gpu_settings(name: str) -> GpuSettings:
+    """The GPU batch size and precision of model `name` (GpuSettings)."""
+    return entry(name).gpu
 
 
 def weights_version(path: str | Path) -> str:
@@ -169,8 +206,9 @@ def input_bands(name: str, weights: str | Path | None = None) -> list[str]:
 
 
 def create_model(name: str, pretrained: bool = True, device: str = "cpu", weights: str | Path | None = None,
-                 **kwargs):
-    """Build model `name` (eval mode, on `device`); load its shipped weights (or the file `weights`).
+                 mixed_precision: bool = True, **kwargs):
+    """Build model `name` (eval mode, on `device`); load its shipped weights (or the file `weights`). On a cuda
+    device (with `mixed_precision`) the entry's GPU settings' modules run under autocast (module docstring).
 
     The architecture arguments saved with the weights are used unless `kwargs` override them.
     Raises FileNotFoundError naming the expected file when pretrained weights are missing."""
@@ -185,4 +223,8 @@ def create_model(name: str, pretrained: bool = True, device: str = "cpu", weight
     if state is not None:
         model.load_state_dict(state["state_dict"])
         model.training_info = {k: v for k, v in state.items() if k != "state_dict"}
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if mixed_precision and e.gpu.autocast and torch.device(device).type == "cuda":
+        from .inference import autocast_modules
+        autocast_modules(model, e.gpu.modules, e.gpu.autocast)
+    return model

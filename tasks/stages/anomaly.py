@@ -157,11 +157,11 @@ class AnomalyStage(ModelStage):
         """Scores in the configured mode, the `rescore` best again in the full mode; adds `mode` (str)."""
         from deepfield.models.anomaly_gan import grid_scores
         full = self.mode == "full"
-        r = grid_scores(self.model, x, noise, steps=self.steps if full else 0, batch=self.batch, device=self.device)
+        r = grid_scores(self.model, x, noise, steps=self.steps if full else 0, batch=self.inference_batch(), device=self.device)
         r["mode"] = np.full(len(x), self.mode, object)
         if not full and self.rescore and len(x):
             best = np.argsort(-r["score"], kind="stable")[:self.rescore]
-            again = grid_scores(self.model, x[best], noise[best], steps=self.steps, batch=self.batch,
+            again = grid_scores(self.model, x[best], noise[best], steps=self.steps, batch=self.inference_batch(),
                                 device=self.device)
             for k, v in again.items():
                 r[k][best] = v

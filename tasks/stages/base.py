@@ -171,6 +171,15 @@ class ModelStage(Stage):
         self.device = device
         self.model = create_model(self.models[0], device=device, weights=self.config.weights_file(self.models[0]))
 
+    def inference_batch(self) -> int:
+        """Network inputs per batch: the configuration's `batch` on the CPU or where the user set it, else on a
+        GPU the model's GPU batch size (models.registry.gpu_settings, chosen by tests/benchmarks/bench_models.py)."""
+        batch = int(getattr(self.config, "batch", 1))
+        if self.device == "cpu" or "batch" in self.config.model_fields_set:
+            return batch
+        from deepfield.models.registry import gpu_settings
+        return int(gpu_settings(self.models[0]).batch)
+
     def ensure_setup(self) -> None:
         """Set the model up on the stage's device when `setup` has not been called (a stage used directly)."""
         if self.model is None:

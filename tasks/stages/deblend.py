@@ -176,7 +176,7 @@ class DeblendStage(ModelStage):
                 order = np.argsort(d, kind="stable")[:self.max_members]
                 add_job([int(k) for k in rows[order][d[order] <= c]], [int(r)], x[r], y[r])
         if jobs:
-            frac_all = fractions(self.model, np.stack(inputs), batch=self.batch, device=self.device)
+            frac_all = fractions(self.model, np.stack(inputs), batch=self.inference_batch(), device=self.device)
             k0 = 0
             for rows, measured, stamp, vstamp in jobs:
                 frac = share(frac_all[k0:k0 + len(rows)])  # each pixel's light goes to the members, once

@@ -107,7 +107,7 @@ class LensStage(ModelStage):
             x = sources["x_tile"].to_numpy(float)[cand]
             y = sources["y_tile"].to_numpy(float)[cand]
             st, sg = self.stamps(tile, x, y)
-            scores[cand] = score(self.model, st, sg, batch=self.batch, device=self.device)
+            scores[cand] = score(self.model, st, sg, batch=self.inference_batch(), device=self.device)
         out["lens_candidate"] = cand
         out["lens_score"] = scores
         return out

@@ -1,15 +1,26 @@
-"""CPU cost of every stage of the default run, per megapixel, and what the detect stage's method costs the run:
-`python tests/benchmarks/bench_stages.py [--sim DIR] [--tiles N]`.
+"""CPU cost of every stage of the default run per megapixel, against SEP alone on the same pixels, and what the
+detect stage's method costs the run: `python tests/benchmarks/bench_stages.py [--sim DIR] [--tiles N]
+[--profile K]`.
 
-Ingests the simulated fields (two 2048^2 g, r, i, z fields by default, or `--sim`) and runs the default run
-configuration's stages over the same tiles in one process (no Ray, no Prefect: the stages' own cost), twice: with
-the detect stage's SEP deblending and with its learned detector, the rest of the configuration unchanged.
-Prints CPU seconds (time.process_time, torch on one thread as in a one-core actor) per Mpx of tile core for each
-stage, the totals and their ratio (issue 17: the learned detection must not make the run more than 20 % slower).
+Ingests the simulated fields (two 2048^2 g, r, i, z fields by default, or `--sim`; tiles of the default size)
+and runs, in one process (no Ray, no Prefect: the stages' own cost), what a tile runner does with each tile:
+read it with its halo, the default run configuration's stages, write its tables to Parquet. Twice: with the
+detect stage's learned detector (the default) and with its SEP deblending, the rest of the configuration
+unchanged. In the first pass each tile is also given to SEP alone (flows/evaluate/baseline_sep.py, as `deepfield
+eval detect` runs it): read again, then in every band a SEP background subtracted, extraction and Kron (AUTO)
+photometry, with the measure stage's Kron parameters.
+
+Prints CPU seconds (time.process_time, torch on one thread as in a one-core actor) per Mpx of tile core: for
+each step, beside its share of issue 22's budget (1.5 core-s per Mpx for the whole pipeline, at most 3x SEP
+alone; the classical steps get about what SEP alone costs, the networks the rest), the totals, pipeline / SEP
+alone, and learned / sep (issue 17: the learned detection must not make the run more than 20 % slower).
+`--profile K`: a third pass under cProfile, the K functions with the most own time in each step.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import shutil
 import tempfile
 import time
@@ -17,17 +28,58 @@ from pathlib import Path
 
 from _survey import bench_survey  # tests/benchmarks/_survey.py (the script's directory is on the path)
 
+TARGET = 1.5  # core-s per Mpx of tile core, the whole pipeline (issue 22)
+TARGET_RATIO = 3.0  # pipeline / SEP alone
+BUDGET = {"read": 0.05, "background": 0.10, "detect": 0.25, "measure": 0.20, "deblend": 0.20, "lens": 0.10,
+          "cluster": 0.10, "anomaly": 0.45, "write": 0.05}  # sums to TARGET
 
-def run(store: str, tiles, stages, halo: int) -> dict[str, float]:
-    """CPU seconds of each stage over `tiles` (the source tables are not written). The stages first run once on
-    the first tile uncounted (lazy imports, the first inference), then are built afresh and run on every tile,
-    all counted: a stage's per-field work (the cluster stage bins whole fields and runs its network once per
-    field) falls on the field's first tile and is part of the cost."""
+
+def write_tables(out: Path, tid, sources, tables: dict) -> None:
+    """The tile runner's writes (tasks/tile_runner.py): side tables, then the source table, sorted, as Parquet."""
+    if len(sources):
+        sources = sources.sort_values(["y", "x"], kind="stable").reset_index(drop=True)
+    sources.insert(0, "tile_index", range(len(sources)))
+    sources.insert(0, "tile", str(tid))
+    sources.insert(0, "field", tid.field)
+    stem = out / f"{tid.field}-{tid.ty}_{tid.tx}"
+    for name, table in tables.items():
+        table.to_parquet(f"{stem}.{name}.parquet", index=False)
+    sources.to_parquet(f"{stem}.parquet", index=False)
+
+
+def sep_alone_tile(tile, kron: dict) -> dict[str, float]:
+    """SEP alone on every band of `tile` (module docstring): CPU seconds of its background and of its extraction
+    and photometry."""
+    import sep
+
+    from deepfield.flows.evaluate.baseline_sep import sep_alone
+    from deepfield.tasks.stages._pixels import band_pixels
+    cost = {"background": 0.0, "detection + AUTO": 0.0}
+    for b in range(len(tile.bands)):
+        t0 = time.process_time()
+        data, err, bad = band_pixels(tile, b)
+        data -= sep.Background(data, mask=bad).back()
+        t1 = time.process_time()
+        sep_alone(data, err, bad, float(tile.psf_fwhm[b]) / tile.pixel_scale, **kron)
+        cost["background"] += t1 - t0
+        cost["detection + AUTO"] += time.process_time() - t1
+    return cost
+
+
+def run(store: str, tiles, stages, halo: int, out: Path, sep_kron: dict | None = None,
+        profile: bool = False) -> tuple[dict[str, float], dict[str, float], dict]:
+    """CPU seconds of each step over `tiles`: reading each tile, each stage, writing its tables to `out`. The
+    stages first run once on the first tile uncounted (lazy imports, the first inference), then are built
+    afresh and run on every tile, all counted: a stage's per-field work (the cluster stage bins whole fields and
+    runs its network once per field) falls on the field's first tile and is part of the cost. With `sep_kron`
+    (Kron parameters) SEP alone's cost on the same tiles too (else {}); with `profile` a cProfile.Profile per
+    step (else {})."""
     import pandas as pd
 
     from deepfield.tasks.stages.registry import make_stage
     from deepfield.tasks.zarr_store import open_store, read_tile
     root = open_store(store)
+    out.mkdir(parents=True, exist_ok=True)
 
     def build():
         built = [make_stage(name, **params) for name, params in stages]
@@ -39,27 +91,57 @@ def run(store: str, tiles, stages, halo: int) -> dict[str, float]:
     for s in build():  # the warm-up
         src = s.run(first, src)
     built = build()
-    cost = dict.fromkeys((s.name for s in built), 0.0)
+    steps = ["read", *(s.name for s in built), "write"]
+    cost = dict.fromkeys(steps, 0.0)
+    sep_cost: dict[str, float] = {}
+    prof = {k: cProfile.Profile() for k in steps} if profile else {}
+
+    def timed(step, fn, *args):
+        t0 = time.process_time()
+        if prof:
+            prof[step].enable()
+        try:
+            return fn(*args)
+        finally:
+            if prof:
+                prof[step].disable()
+            cost[step] += time.process_time() - t0
+
     for tid in tiles:
-        tile = read_tile(root, tid, halo)
+        tile = timed("read", read_tile, root, tid, halo)
         src = pd.DataFrame()
         for s in built:
+            src = timed(s.name, s.run, tile, src)
+        timed("write", write_tables, out, tid, src, tile.tables)
+        if sep_kron is not None:
             t0 = time.process_time()
-            src = s.run(tile, src)
-            cost[s.name] += time.process_time() - t0
-    return cost
+            again = read_tile(root, tid, halo)
+            sep_cost["read"] = sep_cost.get("read", 0.0) + time.process_time() - t0
+            for k, v in sep_alone_tile(again, sep_kron).items():
+                sep_cost[k] = sep_cost.get(k, 0.0) + v
+    return cost, sep_cost, prof
+
+
+def top_functions(p: cProfile.Profile, k: int) -> list[tuple[float, str]]:
+    """The `k` functions with the most own time in `p`: (fraction of the profile's own time, 'file:line(name)')."""
+    stats = pstats.Stats(p).stats
+    total = sum(v[2] for v in stats.values()) or 1.0
+    rows = sorted(((v[2], key) for key, v in stats.items()), reverse=True)[:k]
+    return [(tt / total, f"{Path(f).name}:{line}({fn})" if f != "~" else fn) for tt, (f, line, fn) in rows]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sim", type=Path, help="existing `deepfield simulate` output")
     ap.add_argument("--tiles", type=int, default=0, help="use only this many tiles (0: all)")
+    ap.add_argument("--profile", type=int, default=0, metavar="K", help="also profile every step, K functions each")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(1)
     from deepfield.flows.run_config import RunConfig
     from deepfield.tasks.ingest import ingest_one
     from deepfield.tasks.ingest_config import StoreSpec, load_ingest_config
+    from deepfield.tasks.stages.registry import stage_class
     from deepfield.tasks.zarr_store import all_tiles, open_store
 
     work = Path(tempfile.mkdtemp(prefix="deepfield-bench-stages-"))
@@ -75,22 +157,46 @@ def main() -> None:
             tiles = tiles[:args.tiles]
         mpx = len(tiles) * cfg.store.tile ** 2 / 1e6
         base = [(st.name, dict(st.params)) for st in RunConfig.model_fields["stages"].default_factory()]
-        costs = {}
-        for method in ("sep", "learned"):
+        m = stage_class("measure").configure(dict(base).get("measure", {}))
+        kron = dict(kron_k=m.kron_k, kron_rmax=m.kron_rmax, min_radius=m.min_radius)
+        costs, sep_cost = {}, {}
+        for method in ("learned", "sep"):
             stages = [(n, dict(p, method=method) if n == "detect" else p) for n, p in base]
-            print(f"running the default stages with detect method {method} on {len(tiles)} tiles ...", flush=True)
-            costs[method] = run(store, tiles, stages, halo)
-        names = list(costs["sep"])
-        print(f"\nCPU seconds per Mpx of tile core ({mpx:.1f} Mpx, {cfg.store.tile}^2 px tiles, halo {halo} px, "
-              f"{len(cfg.fields[0].bands)} bands, torch on 1 thread)")
-        print(f"  {'stage':12s}{'detect: sep':>14s}{'detect: learned':>18s}")
+            print(f"running the default stages with detect method {method} on {len(tiles)} tiles"
+                  f"{' and SEP alone' if method == 'learned' else ''} ...", flush=True)
+            costs[method], sc, _ = run(store, tiles, stages, halo, work / f"out-{method}",
+                                       kron if method == "learned" else None)
+            sep_cost = sep_cost or sc
+        names = list(costs["learned"])
+        print(f"\nCPU seconds per Mpx of tile core ({mpx:.1f} Mpx: {len(tiles)} tiles of {cfg.store.tile}^2 px, "
+              f"halo {halo} px, {len(cfg.fields[0].bands)} bands, torch on 1 thread)")
+        print(f"  {'step':20s}{'detect: learned':>16s}{'budget':>8s}{'':6s}{'detect: sep':>12s}")
         for n in names:
-            print(f"  {n:12s}{costs['sep'][n] / mpx:14.3f}{costs['learned'][n] / mpx:18.3f}")
-        tot = {m: sum(c.values()) / mpx for m, c in costs.items()}
-        print(f"  {'total':12s}{tot['sep']:14.3f}{tot['learned']:18.3f}")
-        print(f"  ratio learned / sep: {tot['learned'] / tot['sep']:.3f}   (issue 17: <= 1.20)")
+            v = costs["learned"][n] / mpx
+            b = BUDGET.get(n)
+            flag = "" if b is None else ("  ok" if v <= b else "  over")
+            print(f"  {n:20s}{v:16.3f}{b if b is not None else float('nan'):8.2f}{flag:6s}"
+                  f"{costs['sep'][n] / mpx:12.3f}")
+        tot = {k: sum(c.values()) / mpx for k, c in costs.items()}
+        print(f"  {'pipeline':20s}{tot['learned']:16.3f}{TARGET:8.2f}{'':6s}{tot['sep']:12.3f}"
+              f"   (target <= {TARGET} core-s per Mpx)")
+        sep_tot = sum(sep_cost.values()) / mpx
+        print("SEP alone, same process, same pixels (read; per band: background, extraction, Kron photometry)")
+        for k, v in sep_cost.items():
+            print(f"  {k:20s}{v / mpx:16.3f}")
+        print(f"  {'SEP alone':20s}{sep_tot:16.3f}")
+        print(f"  {'pipeline / SEP alone':20s}{tot['learned'] / sep_tot:16.2f}{TARGET_RATIO:8.1f}{'':6s}"
+              f"{tot['sep'] / sep_tot:12.2f}   (target <= {TARGET_RATIO:g}x)")
+        print(f"  ratio learned / sep: {tot['learned'] / tot['sep']:.3f}   (issue 17: <= 1.20)", flush=True)
+        if args.profile:
+            print(f"\nprofile (cProfile, detect method learned, {len(tiles)} tiles): the {args.profile} functions "
+                  "with the most own time in each step, % of the step's")
+            _, _, prof = run(store, tiles, base, halo, work / "out-profile", profile=True)
+            for step, p in prof.items():
+                print(f"  {step}: " + "; ".join(f"{name} {100 * f:.0f}%" for f, name in top_functions(p, args.profile)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
 
 if __name__ == "__main__":
     main()
