@@ -150,7 +150,8 @@ def process_task(cfg: RunConfig, fields: list[str]) -> dict:
     """Process the tiles of `fields` (the run's fields: ingested or unchanged, not failed) not yet done.
     First, temporaries a killed run left under tiles/ and ledger/ are removed, and so are the records and
     tables of tiles outside this run's tiles made under another configuration (another tile size or stage
-    list; tasks.ledger.Ledger.prune): the summary lists those under `pruned`."""
+    list) and ledger lines a killed driver's write cut short (tasks.ledger.Ledger.prune): the summary lists the
+    tiles removed under `pruned`."""
     for d in [*(cfg.run_dir / "tiles").glob("*"), *(cfg.run_dir / "ledger").glob("*")]:
         clean_stale_temporaries(d)  # files a killed run's actors or driver were writing (run lock held)
     root = open_store(cfg.store_path)
@@ -161,7 +162,8 @@ def process_task(cfg: RunConfig, fields: list[str]) -> dict:
     if pruned:
         log.info("removed %d tile(s) of another configuration", len(pruned))
     update, prog = _progress_bar("processing tiles")
-    tracker = _Tracker(fields, tiles, Counter(t.field for t in tiles if ledger.is_done(t, keys)), update)
+    todo = Counter(t.field for t in ledger.pending(tiles, keys))  # each field's log read once
+    tracker = _Tracker(fields, tiles, Counter(t.field for t in tiles) - todo, update)
     try:
         summary = run_tiles(str(cfg.store_path), str(cfg.run_dir), cfg.stage_list(), cfg.halo,
                             cfg.processing_hash(), address=cfg.ray.address, num_actors=cfg.ray.num_actors,

@@ -2,7 +2,10 @@
 the run flow's processing task, flows/process.py).
 
 One actor per GPU when the Ray cluster has GPUs (num_gpus=1: Ray gives each actor its own
-CUDA_VISIBLE_DEVICES), otherwise N CPU actors. Work in flight is bounded (a few tiles per actor).
+CUDA_VISIBLE_DEVICES), otherwise N CPU actors. Work in flight is bounded (a few tiles per actor). The
+tiles to do come from one read of each field's ledger log; the driver hands tiles out as actors free up and
+takes every result that is in at each pass (one `ray.wait` for all, waiting only when none is), so that
+its cost per tile stays small (tests/benchmarks/bench_survey_scale.py).
 An actor that dies is replaced and its tiles retried (a replacement that cannot start, its node lost
 and no room elsewhere, is given up and the other actors take its tiles); a tile that fails `max_attempts` times is
 marked failed in the ledger and the run goes on. A tile that finds its field damaged in the store
@@ -101,7 +104,7 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
     fields = complete_fields(root) if fields is None else list(fields)
     tiles = all_tiles(root, halo, fields)
     keys = run_keys(stages, config_hash, root, fields)
-    todo = [t for t in tiles if not ledger.is_done(t, keys)]
+    todo = ledger.pending(tiles, keys)  # each field's log read once (tasks/ledger.py)
     summary = dict(tiles=len(tiles), skipped=len(tiles) - len(todo), done=0, failed=0, retries=0,
                    actors=0, seconds=0.0, stage_seconds={}, stopped=False, released=0, damaged_fields=[],
                    actors_given_up=0)
@@ -159,51 +162,52 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
                 break
             ray.wait([r for r, _ in starting.values()], num_returns=1, timeout=1.0)
             continue
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+        refs = list(inflight)  # every result that is in, handled in one pass; else wait for the first one
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         if not ready:
-            continue
-        ref = ready[0]
-        k, handle, tile, attempt = inflight.pop(ref)
-        if actors[k] is handle:
-            load[k] -= 1
-        try:
-            res = ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
-            if actors[k] is handle:  # replace the dead actor once; its other tiles fail the same way
-                actors[k] = new_actor()
-                starting[k] = (actors[k].info.remote(), time.monotonic())
-                load[k] = 0
-            why = [line.strip() for line in str(exc).splitlines() if line.strip()]  # the cause Ray reports
-            error = f"actor died: {type(exc).__name__}" + (f": {why[-1][:500]}" if why else "")
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-            error = "".join(traceback.format_exception_only(type(cause), cause)).strip()
-            if isinstance(cause, StoreIntegrityError):  # damage does not heal by retrying: the next ingest
-                damaged.add(tile.field)                  # rewrites the field
-                attempt = max_attempts
-        else:
-            ledger.put(TileRecord(tile=str(tile), status="done", attempts=attempt, config_hash=config_hash,
-                                  stage_versions=keys.stage_versions, model_versions=keys.model_versions,
-                                  timings=res["timings"], counts=res["counts"], output=res["output"],
-                                  input_hash=keys.inputs[tile.field], worker=res.get("worker", {})))
-            for name, sec in res["timings"].items():
-                stage_time[name] = stage_time.get(name, 0.0) + sec
-            done += 1
-            summary["done"] += 1
-            if progress:
-                progress(done, len(todo), str(tile))
-            continue
-        if attempt < max_attempts:
-            summary["retries"] += 1
-            queue.append((tile, attempt + 1))
-        else:
-            ledger.put(TileRecord(tile=str(tile), status="failed", attempts=attempt, config_hash=config_hash,
-                                  stage_versions=keys.stage_versions, model_versions=keys.model_versions,
-                                  error=error, input_hash=keys.inputs[tile.field]))
-            summary["failed"] += 1
-            done += 1
-            if progress:
-                progress(done, len(todo), f"{tile} FAILED")
+            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+        for ref in ready:
+            k, handle, tile, attempt = inflight.pop(ref)
+            if actors[k] is handle:
+                load[k] -= 1
+            try:
+                res = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+                if actors[k] is handle:  # replace the dead actor once; its other tiles fail the same way
+                    actors[k] = new_actor()
+                    starting[k] = (actors[k].info.remote(), time.monotonic())
+                    load[k] = 0
+                why = [line.strip() for line in str(exc).splitlines() if line.strip()]  # the cause Ray reports
+                error = f"actor died: {type(exc).__name__}" + (f": {why[-1][:500]}" if why else "")
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                error = "".join(traceback.format_exception_only(type(cause), cause)).strip()
+                if isinstance(cause, StoreIntegrityError):  # damage does not heal by retrying: the next ingest
+                    damaged.add(tile.field)                  # rewrites the field
+                    attempt = max_attempts
+            else:
+                ledger.put(TileRecord(tile=str(tile), status="done", attempts=attempt, config_hash=config_hash,
+                                      stage_versions=keys.stage_versions, model_versions=keys.model_versions,
+                                      timings=res["timings"], counts=res["counts"], output=res["output"],
+                                      input_hash=keys.inputs[tile.field], worker=res.get("worker", {})))
+                for name, sec in res["timings"].items():
+                    stage_time[name] = stage_time.get(name, 0.0) + sec
+                done += 1
+                summary["done"] += 1
+                if progress:
+                    progress(done, len(todo), str(tile))
+                continue
+            if attempt < max_attempts:
+                summary["retries"] += 1
+                queue.append((tile, attempt + 1))
+            else:
+                ledger.put(TileRecord(tile=str(tile), status="failed", attempts=attempt, config_hash=config_hash,
+                                      stage_versions=keys.stage_versions, model_versions=keys.model_versions,
+                                      error=error, input_hash=keys.inputs[tile.field]))
+                summary["failed"] += 1
+                done += 1
+                if progress:
+                    progress(done, len(todo), f"{tile} FAILED")
     for a in actors:
         if a is not None:
             ray.kill(a)

@@ -22,6 +22,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from deepfield.tasks.ledger import Ledger
+
 BIN = Path(sys.executable).parent
 CLASSICAL = [{"name": n} for n in ("background", "detect", "measure")]
 
@@ -102,15 +104,7 @@ def test_a_run_survives_losing_a_ray_node_and_a_dask_worker(survey, tmp_path, pr
               "--dask-address", f"tcp://127.0.0.1:{dask_port}")
 
         def nodes_with_done_tiles() -> set:
-            out = set()
-            for p in (run_dir / "ledger").glob("*/*.json"):
-                try:
-                    rec = json.loads(p.read_text())
-                except (OSError, ValueError):
-                    continue
-                if rec.get("status") == "done":
-                    out.add(rec["worker"].get("ray_node"))
-            return out
+            return {r.worker.get("ray_node") for r in Ledger(run_dir).records() if r.status == "done"}
         wait_for(lambda: len(nodes_with_done_tiles()) == 2, 300, "tiles done on both Ray nodes")
         stop("node2")  # the second Ray node goes, with the tiles in flight on its actor
         stop("worker2", signal.SIGKILL)  # and one Dask worker, before the merge
@@ -127,8 +121,8 @@ def test_a_run_survives_losing_a_ray_node_and_a_dask_worker(survey, tmp_path, pr
 
     summary = json.loads((run_dir / "run-summary.json").read_text())
     assert summary["process"]["failed"] == 0 and summary["process"]["retries"] >= 1
-    records = [json.loads(p.read_text()) for p in (run_dir / "ledger").glob("*/*.json")]
-    assert len(records) == 8 and {r["status"] for r in records} == {"done"}
-    assert len({r["worker"]["ray_node"] for r in records}) == 2  # tiles done on both nodes
+    records = Ledger(run_dir).records()
+    assert len(records) == 8 and {r.status for r in records} == {"done"}
+    assert len({r.worker["ray_node"] for r in records}) == 2  # tiles done on both nodes
     cat = pd.read_parquet(run_dir / "catalogs" / "sources_flat").sort_values("source_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(cat, reference)

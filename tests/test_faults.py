@@ -4,6 +4,7 @@ directory, unreadable ledger records. Each is checked against a clean run's cata
 two-field survey with the classical stages (tiles of 512 px)."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -44,6 +45,19 @@ def copy_run(clean_dir: Path, tmp_path: Path) -> Path:
     return dst
 
 
+def edit_record(run_dir: Path, tile: str, line: str | None) -> Path:
+    """The line of `tile`'s record in its field's ledger log (tasks/ledger.py) replaced by `line` (None: removed);
+    the log's path."""
+    import json
+    log = run_dir / "ledger" / tile.partition("/")[0] / "records.jsonl"
+    lines = log.read_text().splitlines()
+    at = [i for i, x in enumerate(lines) if json.loads(x)["tile"] == tile]
+    assert len(at) == 1, at
+    lines[at[0]:at[0] + 1] = [] if line is None else [line]
+    log.write_text("".join(x + "\n" for x in lines))
+    return log
+
+
 def test_changed_tile_size_gives_the_new_grids_catalog_alone(survey, clean, tmp_path, prefect_harness,
                                                             ray_session):
     """A run directory processed with 256-px tiles, run again with 512-px tiles: the old grid's tables are
@@ -69,7 +83,7 @@ def test_a_tile_failing_in_a_rerun_keeps_no_old_rows(survey, clean, tmp_path, pr
     clean_dir, reference = clean
     run_dir = copy_run(clean_dir, tmp_path)
     cfg = config(survey, run_dir)
-    (run_dir / "ledger" / "field000" / "0_1.json").unlink()  # the tile has to be redone ...
+    edit_record(run_dir, "field000/0_1", None)  # the tile has to be redone ...
     s = run_tiles(str(cfg.store_path), str(run_dir), cfg.stage_list(), cfg.halo, cfg.processing_hash(),
                   actor_env={"DEEPFIELD_FAULT": "raise:field000/0_1"})  # ... and fails
     assert s["failed"] == 1 and (run_dir / "tiles" / "field000" / "0_1.parquet").exists()
@@ -203,14 +217,14 @@ def test_status_reports_unreadable_records_and_tables(clean, tmp_path):
     from deepfield.flows.cli import app
     clean_dir, _ = clean
     run_dir = copy_run(clean_dir, tmp_path)
-    (run_dir / "ledger" / "field000" / "0_0.json").write_text("")
+    edit_record(run_dir, "field000/0_0", "{not json")
     (run_dir / "tiles" / "field000" / "0_1.parquet").write_bytes(b"PAR1 truncated")
     (run_dir / "tiles" / "field001" / "1_1.parquet").unlink()
     r = CliRunner().invoke(app, ["status", str(run_dir)], env={"COLUMNS": "400"})
     assert r.exit_code == 1
     out = r.output
     assert "tiles: 5  done: 5" in out
-    assert "0_0.json: not a readable ledger record" in out
+    assert re.search(r"field000/records.jsonl: line \d+: not a readable ledger record", out), out
     assert "field000/0_1.parquet: the table of tile field000/0_1 cannot be read" in out
     assert "tile field001/1_1 is done but its table tiles/field001/1_1.parquet is missing" in out
 
@@ -312,8 +326,8 @@ def test_stop_and_resume_in_process(survey, clean, tmp_path, prefect_harness, ra
 
 def test_every_branch_of_the_skip_logic(clean):
     """A done tile is reused only under the same keys with its table present: a changed configuration hash,
-    stage version, model version or input fingerprint, a missing table, a failed, corrupt or misfiled record
-    each make it redone."""
+    stage version, model version or input fingerprint, a missing table, a failed (also when a later line), corrupt
+    or misfiled record each make it redone; a last line cut short is no record."""
     import dataclasses
     import json
 
@@ -332,22 +346,31 @@ def test_every_branch_of_the_skip_logic(clean):
     assert not ledger.is_done(tile, dataclasses.replace(keys, model_versions={"lens_resnet": "abc"}))
     assert not ledger.is_done(tile, dataclasses.replace(keys, inputs={"field000": "changed"}))
     assert not ledger.is_done(tile, dataclasses.replace(keys, inputs={"field001": "x"}))  # not a field of the run
-    path, table = ledger.path(tile), clean_dir / rec.output
-    saved_rec, saved_table = path.read_text(), table.read_bytes()
+    path, table = ledger.log_path("field000"), clean_dir / rec.output
+    saved_log, saved_table = path.read_bytes(), table.read_bytes()
+    saved_rec = next(x for x in saved_log.decode().splitlines() if json.loads(x)["tile"] == str(tile))
     try:
         table.unlink()
         assert not ledger.is_done(tile, keys)
         table.write_bytes(saved_table)
-        path.write_text(json.dumps(dict(json.loads(saved_rec), status="failed")))
+        edit_record(clean_dir, str(tile), json.dumps(dict(json.loads(saved_rec), status="failed")))
         assert not ledger.is_done(tile, keys)
-        path.write_text(saved_rec[: len(saved_rec) // 2])
+        path.write_bytes(saved_log)
+        with open(path, "a") as f:  # a later record that says failed: the last record counts
+            f.write(json.dumps(dict(json.loads(saved_rec), status="failed")) + "\n")
         assert not ledger.is_done(tile, keys)
-        path.write_text(json.dumps(dict(json.loads(saved_rec), tile="field000/1_1")))
+        path.write_bytes(saved_log)
+        edit_record(clean_dir, str(tile), saved_rec[: len(saved_rec) // 2])
         assert not ledger.is_done(tile, keys)
-        path.write_text(saved_rec)
+        path.write_bytes(saved_log)
+        edit_record(clean_dir, str(tile), json.dumps(dict(json.loads(saved_rec), tile="field001/0_0")))
+        assert not ledger.is_done(tile, keys)  # a record of another field's tile is none of this field's
+        path.write_bytes(saved_log + saved_rec.replace("done", "failed").encode()[:-3])
+        assert ledger.is_done(tile, keys)  # a last line cut short (no newline) is not a record
+        path.write_bytes(saved_log)
         assert ledger.is_done(tile, keys)
     finally:
-        path.write_text(saved_rec)
+        path.write_bytes(saved_log)
         table.write_bytes(saved_table)
 
 
