@@ -1,7 +1,6 @@
 """The `deepfield` command line. Every command has --help; the README's command reference mirrors it."""
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -17,6 +16,7 @@ from deepfield.tasks.ingest_config import StoreSpec
 from .cli_common import (VerboseGroup, adopt_third_party_logs, console, errors, fail, rel, run_log, show_info,
                          verbosity)
 from . import cli_detect  # noqa: F401  (registers train library, train detect and eval detect)
+from . import cli_inspect
 from .cli_models import eval_app, train_app
 from .cli_report import output_lines, print_ingest_notes, print_run
 
@@ -193,9 +193,14 @@ def _run(cfg) -> dict:
     from deepfield.flows.run import run_flow
     prefect_env.quiet_run_logs(console=verbosity() >= 2)
     adopt_third_party_logs()
+    from deepfield.tasks.actor_pool import start_ray
     from deepfield.tasks.locks import LockedError
     from deepfield.tasks.stages.registry import BandError
     try:
+        # Prefect's ephemeral API and Ray each take seconds to start: side by side (flows/prefect_env.py)
+        api_ready = prefect_env.start_ephemeral_api()
+        start_ray(cfg.ray.address, cfg.ray.num_actors)
+        api_ready()
         return run_flow(cfg)
     except BandError as exc:  # the survey's fields lack bands a stage needs: nothing was processed
         fail(f"{cfg.inputs}: {exc}")
@@ -292,66 +297,7 @@ def serve(
     serve_reprocessing(config, cron, name, timezone=timezone, limit=limit)
 
 
-STATUS_KEYS = {
-    "run_dir": "the run directory, as given",
-    "tiles": "tiles with a sound ledger record",
-    "status": "tiles by status ({done: n, failed: n})",
-    "retried": "tiles that took more than one attempt",
-    "sources": "sources detected, over every tile",
-    "primary": "sources primary in their tile",
-    "stage_seconds": "seconds per stage, summed over the tiles ({stage: seconds})",
-    "config_hashes": "the configuration hashes the records were made under",
-    "failed": "the failed tiles and their errors ([{tile, error}])",
-    "problems": "records and tile tables that cannot be read (a list of lines)",
-}
-
-
-@app.command(help="""Summarise a run's ledger: tiles done and failed, retries, sources, time per stage; every
-record and the tile table it points to are checked, and what cannot be read is listed (exit status 1, as for
-failed tiles).\n\n--json prints the same facts as one JSON object with the keys: """
-             + "; ".join(f"{k}: {v}" for k, v in STATUS_KEYS.items()) + ".")
-def status(run_dir: Path = typer.Argument(..., help="a run directory"),
-           as_json: bool = typer.Option(False, "--json", help="print the facts as JSON (keys above)")) -> None:
-    from deepfield.tasks.ledger import summarise
-
-    if not (run_dir / "ledger").is_dir():
-        fail(f"{run_dir}: no ledger/ here; not a run directory")
-    s = summarise(run_dir)
-    if as_json:
-        facts = dict(s, run_dir=str(run_dir), failed=[{"tile": t, "error": e} for t, e in s["failed"]])
-        typer.echo(json.dumps({k: facts[k] for k in STATUS_KEYS}, indent=1))
-    else:
-        typer.echo(f"tiles: {s['tiles']}  " + "  ".join(f"{k}: {v}" for k, v in sorted(s["status"].items()))
-                   + f"  retried: {s['retried']}")
-        typer.echo(f"sources: {s['sources']} detected, {s['primary']} primary in their tile")
-        typer.echo("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in s["stage_seconds"].items()))
-        typer.echo(f"configuration hashes: {', '.join(s['config_hashes'])}")
-        for tile, err in s["failed"]:
-            typer.echo(f"failed {tile}: {err}")
-        for problem in s["problems"]:
-            typer.echo(f"unreadable: {problem}")
-    if s["failed"] or s["problems"]:
-        raise typer.Exit(1)
-
-
-@app.command(help="""Print the declared schema of the catalogs (catalogs/schema.py): every column's type, unit,
-UCD and description, for the source catalog and the candidate tables. docs/schema.md is this command's
---markdown output.""")
-def schema(markdown: bool = typer.Option(False, "--markdown", help="the documentation page (Markdown) instead of "
-                                         "tab-separated rows: table, column, type, unit, UCD, description"),
-           table: Optional[str] = typer.Option(None, "--table", help="only this table: sources, lens_candidates, "
-                                               "clusters or anomalies")) -> None:
-    from deepfield.catalogs import schema as declared
-
-    if table is not None and table not in declared.TABLES:
-        fail(f"--table {table}: no such table (tables: {', '.join(declared.TABLES)})")
-    if markdown:
-        sys.stdout.write(declared.markdown())
-        return
-    for name, cols in declared.TABLES.items():
-        if table in (None, name):
-            for c in cols:
-                typer.echo("\t".join((name, c.name, c.type, c.unit, c.ucd, c.description)))
+cli_inspect.register(app)  # status, schema (flows/cli_inspect.py), listed here in the help
 
 
 @app.command()

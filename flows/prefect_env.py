@@ -9,6 +9,12 @@ Prefect's logging configuration (its logging.yml, read by this process and by th
 starts) is used with two loggers added at CRITICAL: sqlalchemy's and aiosqlite's. The ephemeral server's
 database pool logs an ERROR with a traceback when the server is stopped while a connection is being reset
 (seen once in CI under load), which is the server's shutdown, not the run's business.
+
+Start-up (issue 22). The ephemeral API costs 9-12 s in a new run directory, of which 4-6 s are the database's
+migrations and block registration, and 5-7 s the server's own start. So a new run directory's database is a copy
+of an empty, migrated one (`template_database`: made once per Prefect version in the user's cache, from the
+first run directory whose server started), and `start_ephemeral_api` starts the server in a thread so that
+Ray can start beside it.
 """
 from __future__ import annotations
 
@@ -17,11 +23,13 @@ from pathlib import Path
 
 
 def configure(state_dir: str | Path, quiet: bool = True) -> None:
-    """Point Prefect's home (database, logs) at state_dir unless PREFECT_HOME or an API URL is set."""
+    """Point Prefect's home (database, logs) at state_dir unless PREFECT_HOME or an API URL is set; a new
+    home's database starts as a copy of the migrated template when there is one."""
     if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
         home = Path(state_dir).resolve()
         home.mkdir(parents=True, exist_ok=True)  # the ephemeral server does not start without it
         os.environ["PREFECT_HOME"] = str(home)
+        seed_database(home)
     # the ephemeral server takes 10-25 s to start on a loaded 2-core machine; Prefect's default is 20 s
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -64,3 +72,98 @@ def quiet_run_logs(console: bool = False) -> None:
         lg = logging.getLogger(name)
         lg.setLevel(logging.DEBUG if console else logging.INFO)
         lg.propagate = console
+
+
+def template_database() -> Path:
+    """The empty, migrated Prefect database that new run directories start from: one per Prefect version, under
+    $DEEPFIELD_CACHE_DIR, else $XDG_CACHE_HOME/deepfield, else ~/.cache/deepfield."""
+    from importlib.metadata import version
+    root = os.environ.get("DEEPFIELD_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME")
+                                                          or Path.home() / ".cache") / "deepfield"
+    return Path(root) / f"prefect-{version('prefect')}" / "prefect.db"
+
+
+def _copy_database(source: Path, target: Path, immutable: bool = False) -> None:
+    """A consistent copy of a SQLite database (sqlite's online backup, safe while a server uses the source)
+    written under a temporary name and renamed into place, so a reader sees the whole copy or none.
+    `immutable`: the source is never written (the template), so it is read without WAL side files."""
+    import sqlite3
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        src = sqlite3.connect(f"file:{source}?mode=ro" + ("&immutable=1" if immutable else ""), uri=True)
+        try:
+            dst = sqlite3.connect(tmp)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def seed_database(home: Path) -> bool:
+    """Start a home without a database from the template (True when copied). Best effort: without a template, or
+    when it cannot be read, Prefect creates and migrates the database itself, as before. Only a database whose
+    connection is Prefect's default (PREFECT_HOME/prefect.db) is seeded."""
+    db = home / "prefect.db"
+    if db.exists() or any(k in os.environ for k in ("PREFECT_SERVER_DATABASE_CONNECTION_URL",
+                                                     "PREFECT_API_DATABASE_CONNECTION_URL")):
+        return False
+    try:
+        template = template_database()
+        if not template.is_file():
+            return False
+        _copy_database(template, db, immutable=True)
+        return True
+    except Exception:  # noqa: BLE001 - a cache that cannot be used only costs the migrations
+        db.unlink(missing_ok=True)
+        return False
+
+
+def save_template() -> None:
+    """Make the template from this process's home when there is none yet: call once the ephemeral server has
+    started (the database is migrated) and before any flow run was made, so the copy is empty."""
+    home = os.environ.get("PREFECT_HOME")
+    if not home:
+        return
+    db, template = Path(home) / "prefect.db", template_database()
+    if template.exists() or not db.is_file():
+        return
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        _copy_database(db, template)
+    except Exception:  # noqa: BLE001 - best effort, as above
+        pass
+
+
+def start_ephemeral_api():
+    """Start Prefect's ephemeral API server in a thread (nothing when PREFECT_API_URL names a server); returns
+    a function that waits for it to answer (raising its error) and saves the database template. Call the
+    function before the first flow: Prefect takes a started server as ready."""
+    import threading
+
+    from prefect.settings import PREFECT_API_URL
+    if PREFECT_API_URL.value():  # a server, or the test harness's
+        return lambda: None
+    from prefect.server.api.server import SubprocessASGIServer
+    failure: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            SubprocessASGIServer().start()
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by wait()
+            failure.append(exc)
+
+    thread = threading.Thread(target=start, name="prefect-ephemeral-api", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failure:
+            raise failure[0]
+        save_template()
+    return wait

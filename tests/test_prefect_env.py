@@ -1,0 +1,84 @@
+"""The Prefect database template that spares a new run directory the database's migrations
+(flows/prefect_env.py): copied whole or not at all, never from a damaged file, and only for Prefect's default
+database location."""
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from deepfield.flows import prefect_env
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPFIELD_CACHE_DIR", str(tmp_path / "cache"))
+    for key in ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
+        monkeypatch.delenv(key, raising=False)
+    return tmp_path / "cache"
+
+
+def make_db(path, rows=3):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode = WAL")  # as Prefect's server keeps it
+    con.execute("CREATE TABLE alembic_version (version_num TEXT)")
+    con.executemany("INSERT INTO alembic_version VALUES (?)", [(f"v{i}",) for i in range(rows)])
+    con.commit()
+    return con  # left open: the copy must see the committed rows still in the WAL
+
+
+def rows(path):
+    con = sqlite3.connect(path)
+    try:
+        return sorted(r[0] for r in con.execute("SELECT version_num FROM alembic_version"))
+    finally:
+        con.close()
+
+
+def test_the_template_is_keyed_by_prefect_version_under_the_cache(cache):
+    from importlib.metadata import version
+    assert prefect_env.template_database() == cache / f"prefect-{version('prefect')}" / "prefect.db"
+
+
+def test_a_new_home_is_seeded_from_the_template_and_a_used_one_is_left_alone(cache, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    assert not prefect_env.seed_database(home)  # no template yet: Prefect migrates its own database
+    assert not (home / "prefect.db").exists()
+
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    live = make_db(home / "prefect.db", rows=3)  # the server's database, still open, rows in its WAL
+    prefect_env.save_template()
+    live.close()
+    template = prefect_env.template_database()
+    assert rows(template) == ["v0", "v1", "v2"]
+    assert not list(template.parent.glob(".*.tmp"))
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert prefect_env.seed_database(fresh)
+    assert rows(fresh / "prefect.db") == ["v0", "v1", "v2"]
+    assert not list(template.parent.glob("prefect.db-*"))  # the template is read without WAL side files
+
+    (fresh / "prefect.db").unlink()
+    make_db(fresh / "prefect.db", rows=1).close()  # a home with its own database keeps it
+    assert not prefect_env.seed_database(fresh)
+    assert rows(fresh / "prefect.db") == ["v0"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", "postgresql+asyncpg://db/prefect")
+    assert not prefect_env.seed_database(other)  # not Prefect's default location: nothing to seed
+    assert not (other / "prefect.db").exists()
+
+
+def test_a_damaged_template_costs_only_the_migrations(cache, tmp_path):
+    template = prefect_env.template_database()
+    template.parent.mkdir(parents=True)
+    template.write_bytes(b"not a database" * 100)
+    home = tmp_path / "home"
+    home.mkdir()
+    assert not prefect_env.seed_database(home)
+    assert not (home / "prefect.db").exists()
+    assert not list(home.iterdir())  # no half-written copy left
