@@ -94,6 +94,14 @@ _SOURCES = [
     Column("deblend_pa", "float64", "deg", "pos.posAng", "position angle of the deblended member, east of north, [0, 180)"),
     Column("blendedness", "float64", "", "stat.value;src.morph", "1 - sum(c^2)/sum(c t) of the deblended image c and the blend t (Bosch et al. 2018): 0 isolated, towards 1 buried"),
     Column("deblend_method", "string", "", "meta.code", "'unet' (learned deblender), 'isolated' (alone: Kron flux), 'auto_fallback' (Kron flux kept)"),
+    Column("z_phot", "float32", "", "src.redshift.phot", "photometric redshift (photoz stage): the median of p(z); NaN: no estimate (z_phot_flag 8)"),
+    Column("z_phot_err", "float32", "", "stat.error;src.redshift.phot", "half the width of p(z)'s 16-84 % interval"),
+    Column("z_phot_q025", "float32", "", "stat.min;src.redshift.phot", "2.5 % quantile of p(z); p(z) is uniform between its quantiles"),
+    Column("z_phot_q16", "float32", "", "stat.min;src.redshift.phot", "16 % quantile of p(z)"),
+    Column("z_phot_q50", "float32", "", "stat.median;src.redshift.phot", "50 % quantile (median) of p(z)"),
+    Column("z_phot_q84", "float32", "", "stat.max;src.redshift.phot", "84 % quantile of p(z)"),
+    Column("z_phot_q975", "float32", "", "stat.max;src.redshift.phot", "97.5 % quantile of p(z)"),
+    Column("z_phot_flag", "int16", "", "meta.code.qual", "photo-z bits: 1 reference-band S/N < 5, 2 broad (z_phot_err > 0.15 (1 + z_phot)), 4 a band missing, 8 no estimate (fewer than two bands)"),
     Column("lens_candidate", "bool", "", "meta.code.class", "lens_score above the lens stage's threshold"),
     Column("lens_score", "float32", "", "stat.probability", "lens finder's probability that the source is a strong lens (NaN: not scored)"),
     Column("anomaly_selected", "bool", "", "meta.code", "the source got a centred anomaly stamp (primary, unsaturated, extended, S/N >= min_snr)"),
@@ -167,8 +175,8 @@ def describe(name: str, table: str = "sources") -> dict | None:
     return None
 
 
-_ARROW = {"int64": pa.int64(), "int32": pa.int32(), "float64": pa.float64(), "float32": pa.float32(),
-          "bool": pa.bool_()}
+_ARROW = {"int64": pa.int64(), "int32": pa.int32(), "int16": pa.int16(), "float64": pa.float64(),
+          "float32": pa.float32(), "bool": pa.bool_()}
 
 
 def _declared(name: str, table: str, extra: dict | None) -> dict:

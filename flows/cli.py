@@ -17,6 +17,7 @@ from .cli_common import (VerboseGroup, adopt_third_party_logs, console, errors, 
                          verbosity)
 from . import cli_detect  # noqa: F401  (registers train library, train detect and eval detect)
 from . import cli_inspect
+from . import cli_photoz  # noqa: F401  (registers train photoz and eval photoz)
 from .cli_models import eval_app, train_app
 from .cli_report import output_lines, print_ingest_notes, print_run
 

@@ -68,6 +68,7 @@ class ModelEntry:
     weights_dir: Path = WEIGHTS_DIR
     cards_dir: Path = CARDS_DIR
     gpu: GpuSettings = GpuSettings()
+    network: bool = True  # False: a table the stage searches (photoz_knn), not a network to benchmark or autocast
 
     @property
     def weights(self) -> Path:
@@ -108,6 +109,10 @@ _ENTRIES = (
     ModelEntry("detect_net", "deepfield.models.detect_net:DetectNet",
                "centre-heat-map source detector at the image's pixels, g r i z (any subset)",
                gpu=GpuSettings(batch=1, autocast="float16", tolerance=0.01)),
+    # not a network: the photo-z reference set, whose neighbour search runs on the CPU wherever the stage runs
+    ModelEntry("photoz_knn", "deepfield.models.photoz:PhotoZReference",
+               "k-nearest-neighbour photo-z reference set: simulated galaxies measured by the pipeline, any 2+ of "
+               "its bands", gpu=GpuSettings(batch=1), network=False),
 )
 _REGISTRY: dict[str, ModelEntry] = {e.name: e for e in _ENTRIES}
 
@@ -121,8 +126,9 @@ def register_model(entry: ModelEntry) -> ModelEntry:
     return entry
 
 
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+def list_models(networks_only: bool = False) -> list[str]:
+    """The registered models' names, sorted; `networks_only`: those that run a network (not a reference set)."""
+    return sorted(n for n, e in _REGISTRY.items() if e.network or not networks_only)
 
 
 def entry(name: str) -> ModelEntry:

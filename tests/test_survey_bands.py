@@ -16,16 +16,19 @@ from deepfield.tasks.sim.survey import simulate_survey
 
 ALL_BANDS = ("u", "g", "r", "i", "z", "y")
 # band set -> (the learned stages that run, with the weights variant they take; those left out) with the shipped
-# weights: lens, cluster and deblend have g,r,i,z and g,r,z weights, anomaly g,r,i, the detector any of g,r,i,z
+# weights: lens, cluster and deblend have g,r,i,z and g,r,z weights, anomaly g,r,i, the detector any of g,r,i,z,
+# the photo-z reference set any two of g,r,i,z
 CASES = {
-    "grz": (["g", "r", "z"], {"detect": "", "deblend": "grz", "lens": "grz", "cluster": "grz"}, {"anomaly"}),
-    "ugri": (["u", "g", "r", "i"], {"detect": "", "anomaly": ""}, {"deblend", "lens", "cluster"}),
-    "grizy": (["g", "r", "i", "z", "y"], {"detect": "", "deblend": "", "lens": "", "cluster": "", "anomaly": ""},
-              set()),
-    "r": (["r"], {"detect": ""}, {"deblend", "lens", "cluster", "anomaly"}),
+    "grz": (["g", "r", "z"], {"detect": "", "deblend": "grz", "photoz": "", "lens": "grz", "cluster": "grz"},
+            {"anomaly"}),
+    "ugri": (["u", "g", "r", "i"], {"detect": "", "photoz": "", "anomaly": ""}, {"deblend", "lens", "cluster"}),
+    "grizy": (["g", "r", "i", "z", "y"], {"detect": "", "deblend": "", "photoz": "", "lens": "", "cluster": "",
+                                          "anomaly": ""}, set()),
+    "r": (["r"], {"detect": ""}, {"deblend", "photoz", "lens", "cluster", "anomaly"}),
 }
 # a column each learned stage adds to the source catalog
-ADDS = {"deblend": "flux_deblend_{b}", "lens": "lens_score", "anomaly": "anomaly_score", "detect": "blend_id"}
+ADDS = {"deblend": "flux_deblend_{b}", "lens": "lens_score", "anomaly": "anomaly_score", "detect": "blend_id",
+        "photoz": "z_phot"}
 
 
 @pytest.fixture(scope="module", params=list(CASES))

@@ -1,0 +1,148 @@
+"""Galaxies measured by the pipeline with their true redshifts: the photo-z reference set (`deepfield train
+photoz`) and its evaluation (`deepfield eval photoz`).
+
+Each simulated field (`simulate_fields`: the simulator's defaults at the given seed, ingested with the default
+store layout) goes tile by tile, in this process, through the given stages (the callers pass the default run
+configuration's measuring stages, background, detect, measure and deblend, and for the evaluation the photo-z
+stage after them). The primary rows are matched one to one (mutual nearest, within `MATCH_ARCSEC`)
+to the truth's galaxies (kind galaxy or bcg); each matched row keeps its photometry in nJy (of the kind the
+photo-z stage reads, tasks/stages/photoz.py), the true redshift, the true i magnitude (or the reference
+band's) and the truth's blendedness.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from ..sim.config import SimConfig
+from ..stages.photoz import nJy
+from .fields import simulate_fields
+
+__all__ = ["MATCH_ARCSEC", "GALAXY_KINDS", "process_store", "nJy", "matched_galaxies",
+           "measured_fields", "seed_tables"]
+
+MATCH_ARCSEC = 0.6
+GALAXY_KINDS = ("galaxy", "bcg")
+
+
+def process_store(store: Path, stages: list[tuple[str, dict]], halo: int, device: str = "cpu",
+                  progress: Callable[[str], None] | None = None, timings: dict | None = None) -> pd.DataFrame:
+    """Every tile of `store` through `stages` in this process; the primary rows of all tiles, with `field`.
+    `timings`, when given, collects each stage's CPU seconds (time.process_time) and the pixels of tile cores
+    under "pixels"."""
+    import time
+
+    from deepfield.tasks.stages.registry import make_stage
+    from deepfield.tasks.zarr_store import all_tiles, open_store, read_tile
+    built = [make_stage(name, **params) for name, params in stages]
+    for s in built:
+        s.setup(device)
+    root = open_store(store)
+    tiles = all_tiles(root, halo)
+    rows = []
+    for n, tid in enumerate(tiles, 1):
+        tile = read_tile(root, tid, halo)
+        sources = pd.DataFrame()
+        for s in built:
+            t0 = time.process_time()
+            sources = s.run(tile, sources)
+            if timings is not None:
+                timings[s.name] = timings.get(s.name, 0.0) + time.process_time() - t0
+        if timings is not None:
+            timings["pixels"] = timings.get("pixels", 0) + tile.core.size
+        if len(sources):
+            prim = sources[sources.is_primary.to_numpy(bool)].copy()
+            prim.insert(0, "field", tid.field)
+            rows.append(prim)
+        if progress:
+            progress(f"  tile {tid} ({n}/{len(tiles)}): {len(rows[-1]) if rows and len(sources) else 0} primary rows")
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+def matched_galaxies(sources: pd.DataFrame, truth: pd.DataFrame, pixel_scale: float, bands: list[str],
+                     ref: str, kind: str = "aper") -> pd.DataFrame:
+    """The rows of `sources` (primary rows with field, x, y in field pixels) matched one to one (mutual
+    nearest within MATCH_ARCSEC) to a true galaxy of their field: field, flux_<b>, fluxerr_<b> (nJy, of the
+    photometry `kind`: see nJy) for every band, z (true), mag_true (the truth's `ref` magnitude), blendedness
+    (the truth's) and the source's row index (`row`)."""
+    from scipy.spatial import cKDTree
+    out = []
+    radius = MATCH_ARCSEC / pixel_scale
+    for name, s in sources.groupby("field", sort=False):
+        t = truth[(truth.field == name) & truth.kind.isin(GALAXY_KINDS)]
+        if not len(t) or not len(s):
+            continue
+        sxy = np.c_[s.x.to_numpy(float), s.y.to_numpy(float)]
+        txy = np.c_[t.x.to_numpy(float), t.y.to_numpy(float)]
+        d1, j = cKDTree(txy).query(sxy, distance_upper_bound=radius)
+        _, i = cKDTree(sxy).query(txy, distance_upper_bound=radius)
+        ok = np.isfinite(d1)
+        ok[ok] = i[j[ok]] == np.flatnonzero(ok)  # mutual nearest
+        ms, mt = s[ok], t.iloc[j[ok]]
+        cols = {"field": name, "row": ms.index.to_numpy()}
+        for b in bands:
+            cols[f"flux_{b}"], cols[f"fluxerr_{b}"] = nJy(ms, b, kind)
+        cols["z"] = mt.z.to_numpy(float)
+        cols["mag_true"] = mt[f"mag_{ref}"].to_numpy(float)
+        cols["blendedness"] = mt.blendedness.to_numpy(float) if "blendedness" in mt else np.nan
+        out.append(pd.DataFrame(cols))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def measured_fields(seeds: list[int], size: int, work: Path, stages: list[tuple[str, dict]], halo: int,
+                    workers: int = 2, device: str = "cpu", progress: Callable[[str], None] | None = None,
+                    timings: dict | None = None, kind: str = "aper", bands: list[str] | None = None
+                    ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """One simulated field of `size`^2 px per seed (the simulator's defaults, in `bands` when given; reused under
+    `work`/seed<N>), through `stages` ([(name, params)]) with `halo`: (matched galaxies of every field with the
+    photometry `kind`, every primary row, the bands)."""
+    matched, rows, bands = [], [], []
+    for seed in seeds:
+        cfg = SimConfig(seed=seed, size=size, fields=1, **({"bands": list(bands)} if bands else {}))
+        out = Path(work) / f"seed{seed}"
+        if progress:
+            progress(f"field of seed {seed}: simulating and ingesting {size}^2 px, bands {','.join(cfg.bands)} ...")
+        store = simulate_fields(cfg, out, workers, progress)
+        truth = pd.read_parquet(out / "sim" / "truth" / "objects.parquet")
+        sources = process_store(store, stages, halo, device, progress, timings)
+        if not len(sources):
+            continue
+        sources["field"] = sources.field.astype(str) + f"@{seed}"  # names repeat across seeds
+        truth = truth.assign(field=truth.field.astype(str) + f"@{seed}")
+        bands = list(cfg.bands)
+        m = matched_galaxies(sources, truth, cfg.pixel_scale, bands, cfg.reference_band, kind)
+        m["row"] += sum(len(r) for r in rows)
+        matched.append(m)
+        rows.append(sources)
+    return (pd.concat(matched, ignore_index=True) if matched else pd.DataFrame(),
+            pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(), bands)
+
+
+def seed_tables(seeds: list[int], size: int, work: Path, stages: list[tuple[str, dict]], halo: int,
+                workers: int = 2, kind: str = "aper", bands: list[str] | None = None, device: str = "cpu",
+                progress: Callable[[str], None] | None = None) -> list[pd.DataFrame]:
+    """The matched galaxies of each seed's field (measured_fields), each kept as `work`/seed<N>/photoz_<kind>.parquet
+    (written atomically) and read back from there on a rerun: a killed run resumes from the seeds it finished."""
+    out = []
+    for seed in seeds:
+        path = Path(work) / f"seed{seed}" / f"photoz_{kind}.parquet"
+        if path.exists():
+            if progress:
+                progress(f"seed {seed}: {path} (measured before)")
+            out.append(pd.read_parquet(path))
+            continue
+        matched, _, _ = measured_fields([seed], size, Path(work), stages, halo, workers, device, progress, kind=kind,
+                                        bands=bands)
+        matched["seed"] = seed
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        matched.to_parquet(tmp)
+        os.replace(tmp, path)
+        if progress:
+            progress(f"seed {seed}: {len(matched)} galaxies matched to the truth")
+        out.append(matched)
+    return out
