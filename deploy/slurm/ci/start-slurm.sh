@@ -8,7 +8,9 @@
 # configuration is deploy/slurm/ci/slurm.conf.in filled in for this host (name, CPUs, memory) and
 # written with all daemon state under $DEEPFIELD_SLURM_STATE (default /var/tmp/deepfield-slurm).
 # Idempotent: daemons already running with the same configuration are kept; a changed configuration
-# restarts them (only the ones whose pid files this script wrote).
+# restarts them (only the ones whose pid files this script wrote). A slurmctld it starts recovers no jobs from
+# an earlier run's saved state, and jobs still queued on daemons it finds running are cancelled: the CI's
+# tests are the only users of this Slurm.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -71,8 +73,10 @@ else
     rm -f "$conf.new"
 fi
 if ! alive "$state/slurmctld.pid"; then
-    /usr/sbin/slurmctld -f "$conf"
-    log "slurmctld started"
+    # -c: no jobs recovered from the saved state of an earlier run (a CI run killed with a job running left
+    # one that Slurm kept "running" on both CPUs, so every later job waited until the tests timed out)
+    /usr/sbin/slurmctld -c -f "$conf"
+    log "slurmctld started (state cleared)"
 fi
 if ! alive "$state/slurmd.pid"; then
     /usr/sbin/slurmd -f "$conf"
@@ -92,6 +96,15 @@ done
 if [[ $ok -ne 1 ]]; then
     log "node $host not ready (state: ${node_state:-none}); logs in $state/slurmctld.log, $state/slurmd.log"
     exit 1
+fi
+# jobs still queued from an earlier run on running daemons belong to no one now: cancel them
+left="$(squeue -h -o %i 2>/dev/null | tr '\n' ' ')"
+if [[ -n "${left// /}" ]]; then
+    log "cancelling jobs left by an earlier run: $left"
+    # shellcheck disable=SC2086
+    scancel $left >/dev/null 2>&1 || true
+    for _ in $(seq 60); do [[ -z "$(squeue -h -o %i 2>/dev/null)" ]] && break; sleep 0.5; done
+    node_state="$(sinfo -h -N -n "$host" -o %T 2>/dev/null || true)"
 fi
 log "Slurm ready: node $host is ${node_state} (SLURM_CONF=$conf)"
 [[ $print_env -eq 1 ]] && echo "export SLURM_CONF=$conf"
