@@ -84,13 +84,14 @@ def input_keys(root, fields, reach_arcsec: float = 0.0) -> dict[str, str]:
     a stage reads other fields' pixels within `reach_arcsec` of a field (the cluster stage's halo), the
     fingerprints of the store's complete fields within that reach are folded in, so that re-ingesting, adding
     or removing a neighbour redoes the field's tiles, not only re-ingesting the field."""
-    from .zarr_store import complete_fields, field_footprint, fields_near, input_fingerprint
-    own = {f: input_fingerprint(root, f) for f in fields}
+    from .zarr_store import COMPLETE, field_footprint, fields_attrs, fields_near, record_fingerprint
+    attrs = fields_attrs(root, None if reach_arcsec > 0 else list(fields))  # each field's metadata read once
+    own = {f: record_fingerprint((attrs.get(f) or {}).get(COMPLETE)) for f in fields}
     if reach_arcsec <= 0:
         return own
-    complete = complete_fields(root)
-    footprints = {n: field_footprint(root["fields"][n].attrs.asdict()) for n in complete}
-    prints = {n: own.get(n) or input_fingerprint(root, n) for n in complete}
+    complete = sorted(n for n, a in attrs.items() if a and isinstance(a.get(COMPLETE), dict))
+    footprints = {n: field_footprint(attrs[n]) for n in complete}
+    prints = {n: own.get(n) or record_fingerprint(attrs[n][COMPLETE]) for n in complete}
     out = {}
     for f in fields:
         near = sorted(fields_near(footprints, f, reach_arcsec)) if f in footprints else []

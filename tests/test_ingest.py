@@ -71,6 +71,31 @@ def test_store_attributes(ingested, manifest):
     assert g.attrs["deepfield_version"]
 
 
+def test_the_field_listing_reads_what_zarr_reads_and_a_damaged_group_is_not_complete(ingested, tmp_path):
+    """fields_attrs reads each field group's zarr.json itself (issue 22: 30x faster than zarr per field): the same
+    attributes as zarr gives, the same tiles; a field whose metadata is damaged counts as not complete."""
+    from deepfield.tasks.provenance import input_keys
+    from deepfield.tasks.zarr_store import StoreError, all_tiles, fields_attrs, input_fingerprint
+    store, _, _ = ingested
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    root = open_store(copy)
+    names = sorted(root["fields"].group_keys())
+    assert fields_attrs(root) == {n: root["fields"][n].attrs.asdict() for n in names}
+    keys = input_keys(root, names, 128.0)
+    assert {n: input_keys(root, [n])[n] for n in names} == {n: input_fingerprint(root, n) for n in names}
+    tiles = all_tiles(root, 32)
+    assert len(tiles) == sum(((s[1] + 255) // 256) * ((s[2] + 255) // 256)
+                             for s in (root["fields"][n].attrs["shape"] for n in names))
+    (copy / "fields" / names[0] / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gr')  # cut short
+    root = open_store(copy)
+    assert fields_attrs(root)[names[0]] is None and complete_fields(root) == names[1:]
+    assert [t.field for t in all_tiles(root, 32)] == [t.field for t in tiles if t.field != names[0]]
+    with pytest.raises(StoreError, match="not complete"):
+        all_tiles(root, 32, [names[0]])
+    assert input_keys(root, names[1:], 128.0) != {n: keys[n] for n in names[1:]}  # a neighbour's change counts
+
+
 def test_rerun_skips_and_changed_input_is_reingested(ingested, survey, tmp_path):
     from deepfield.flows.ingest import ingest_flow
     store, cfg, _ = ingested
