@@ -162,14 +162,16 @@ def process_task(cfg: RunConfig, fields: list[str]) -> dict:
     if pruned:
         log.info("removed %d tile(s) of another configuration", len(pruned))
     update, prog = _progress_bar("processing tiles")
-    todo = Counter(t.field for t in ledger.pending(tiles, keys))  # each field's log read once
+    pending = ledger.pending(tiles, keys)  # each field's log read once, for the count and for run_tiles
+    todo = Counter(t.field for t in pending)
     tracker = _Tracker(fields, tiles, Counter(t.field for t in tiles) - todo, update)
     try:
         summary = run_tiles(str(cfg.store_path), str(cfg.run_dir), cfg.stage_list(), cfg.halo,
                             cfg.processing_hash(), address=cfg.ray.address, num_actors=cfg.ray.num_actors,
                             use_gpus=cfg.ray.use_gpus, in_flight_per_actor=cfg.ray.in_flight_per_actor,
                             max_attempts=cfg.ray.max_attempts, progress=tracker, stop_grace=cfg.ray.stop_grace,
-                            plugins=cfg.plugins, fields=fields, actor_start_timeout=cfg.ray.actor_start_timeout)
+                            plugins=cfg.plugins, fields=fields, actor_start_timeout=cfg.ray.actor_start_timeout,
+                            prepared=(tiles, keys, pending))
     finally:
         if prog.live.is_started:
             prog.stop()

@@ -90,7 +90,7 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
               in_flight_per_actor: int = 2, max_attempts: int = 3, progress: Progress | None = None,
               actor_env: dict[str, str] | None = None, stop_grace: float = 600.0,
               plugins: list[str] | tuple[str, ...] = (), fields: list[str] | None = None,
-              actor_start_timeout: float = 120.0) -> dict:
+              actor_start_timeout: float = 120.0, prepared: tuple | None = None) -> dict:
     """Process every tile of `fields` (default: every complete field of the store) not yet done under
     `config_hash`; returns a summary of the run.
 
@@ -98,13 +98,19 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
     stop_grace: after a stop request, seconds to wait for the tiles in flight before releasing them.
     plugins: modules or .py files each actor imports before building its stages (tasks.stages.load_plugins).
     actor_start_timeout: seconds a replacement actor may take to start; past that, while other actors
-        remain, its slot is given up (the node it would run on is gone) and they take its tiles."""
+        remain, its slot is given up (the node it would run on is gone) and they take its tiles.
+    prepared: (tiles, keys, todo) that the caller has just listed and scanned for these same arguments (the
+        tiles of `fields`, their RunKeys, the tiles not done): the store is not listed and the ledger not read
+        again (at 10^6 tiles each costs 10-15 s; flows/process.py does both before it calls)."""
     ledger = Ledger(run_dir)
     root = open_store(store)
-    fields = complete_fields(root) if fields is None else list(fields)
-    tiles = all_tiles(root, halo, fields)
-    keys = run_keys(stages, config_hash, root, fields)
-    todo = ledger.pending(tiles, keys)  # each field's log read once (tasks/ledger.py)
+    if prepared is not None:
+        tiles, keys, todo = prepared
+    else:
+        fields = complete_fields(root) if fields is None else list(fields)
+        tiles = all_tiles(root, halo, fields)
+        keys = run_keys(stages, config_hash, root, fields)
+        todo = ledger.pending(tiles, keys)  # each field's log read once (tasks/ledger.py)
     summary = dict(tiles=len(tiles), skipped=len(tiles) - len(todo), done=0, failed=0, retries=0,
                    actors=0, seconds=0.0, stage_seconds={}, stopped=False, released=0, damaged_fields=[],
                    actors_given_up=0)

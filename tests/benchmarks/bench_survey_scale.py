@@ -13,7 +13,8 @@ planning (flows/merge.py's choice of tables) over 10^5 and 10^6 synthetic tiles,
   that finds every tile done.
 - Scan part (`--scan-tiles`, no Ray): a ledger of that many done records (written with Ledger.put, timed) and
   an empty table file per tile; then, each in a fresh process (for its peak RSS): the driver's start-up (the
-  store listing, flows/process.py's prune and done count, run_tiles up to where it would start Ray), and the
+  store listing, flows/process.py's prune and done count, run_tiles up to where it would start Ray, given the
+  listing and the scan as flows/process.py gives them), and the
   merge planning (Ledger.done_tables over the run's tiles and the tables left out, as flows/merge.py).
 - `--legacy-tiles`: the same scan part over a ledger written by the code on PYTHONPATH first (run it with the
   code from before the per-field logs on PYTHONPATH for the old figures), at a smaller size, since 10^6 files of
@@ -237,13 +238,19 @@ def scan_part(work: Path, tag: str) -> dict:
     t_prune = time.perf_counter() - t0
     t0 = time.perf_counter()
     if hasattr(ledger, "pending"):
-        before = Counter(t.field for t in tiles) - Counter(t.field for t in ledger.pending(tiles, keys))
+        pending = ledger.pending(tiles, keys)
+        before = Counter(t.field for t in tiles) - Counter(t.field for t in pending)
     else:  # the ledger of one file per tile
+        pending = None
         before = Counter(t.field for t in tiles if ledger.is_done(t, keys))
     t_count = time.perf_counter() - t0
     assert not pruned and sum(before.values()) == len(tiles)
     t0 = time.perf_counter()
-    s = run_tiles(str(store), str(run_dir), stages, 64, "bench")
+    # as flows/process.py calls it: with what it has just listed and scanned (code that takes them)
+    import inspect
+    given = {"prepared": (tiles, keys, pending)} if pending is not None and \
+        "prepared" in inspect.signature(run_tiles).parameters else {}
+    s = run_tiles(str(store), str(run_dir), stages, 64, "bench", **given)
     t_run = time.perf_counter() - t0
     assert s["skipped"] == len(tiles), s
     from collections import deque
@@ -292,15 +299,15 @@ def ok(value: float, target: float) -> str:
 def report_scan(n: int, made: dict, scan: dict, merge: dict, scale: float = 1.0) -> None:
     note = f"  (measured at {n:,} tiles x {scale:g})" if scale != 1 else ""
     startup = scan["store_s"] + scan["prune_s"] + scan["count_s"] + scan["run_tiles_s"]
-    ledger_scan = scan["prune_s"] + scan["count_s"] + scan["run_tiles_s"] - scan["store_s"]
+    ledger_scan = scan["prune_s"] + scan["count_s"] + max(scan["run_tiles_s"] - scan["store_s"], 0.0)
     print(f"  ledger write (Ledger.put) per tile          {made['put_ms']:8.3f} ms")
     print(f"  ledger on disk                              {made['ledger_files'] * scale:10,.0f} files, "
           f"{made['ledger_bytes'] * scale / 1e6:8.1f} MB{note}")
     print(f"  store listing (fields, tiles, run keys)     {scan['store_s'] * scale:8.1f} s{note}")
     print(f"  flows/process.py prune                      {scan['prune_s'] * scale:8.1f} s{note}")
     print(f"  flows/process.py count of done tiles        {scan['count_s'] * scale:8.1f} s{note}")
-    print(f"  run_tiles to its decision (listing + scan)  {scan['run_tiles_s'] * scale:8.1f} s{note}")
-    print(f"  ledger scan at start-up (prune + count + run_tiles less a listing) {ledger_scan * scale:6.1f} s"
+    print(f"  run_tiles to its decision                   {scan['run_tiles_s'] * scale:8.1f} s{note}")
+    print(f"  ledger scan at start-up (prune, count, run_tiles' own, if any) {ledger_scan * scale:6.1f} s"
           f"   target <= {TARGET_SCAN_S:g} s at 10^6: {ok(ledger_scan * 1e6 / n, TARGET_SCAN_S)}{note}")
     print(f"  driver start-up in all                      {startup * scale:8.1f} s{note}")
     print(f"  driver peak RSS, start-up + a queue of all  {scan['rss_gb']:8.2f} GB   target <= {TARGET_RSS_GB:g} GB: "
