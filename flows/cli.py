@@ -311,7 +311,7 @@ def demo(
     """Simulate a small two-field survey, run it end to end, and print what was found and where."""
     import yaml
 
-    from deepfield.flows.evaluate.demo import demo_completeness
+    from deepfield.flows.evaluate.demo import demo_completeness, demo_photoz
     from deepfield.flows.run_config import RunConfig
     from deepfield.tasks.preview import write_preview
     from deepfield.tasks.sim.config import SimConfig
@@ -342,6 +342,10 @@ def demo(
                f"ran them in {summary['seconds']['total']:.1f} s; total {time.perf_counter() - t0:.1f} s")
     typer.echo(f"  completeness at i < 24 (primary truth galaxies and stars matched within 1\"): "
                f"{comp['matched']}/{comp['n']} = {comp['fraction']:.1%}")
+    pz = demo_photoz(out / "sim" / "truth" / "objects.parquet", summary["merge"])
+    if pz and pz["n"]:
+        typer.echo(f"  photo-z at i < 24 ({pz['n']} truth galaxies matched within 0.5\"): sigma_NMAD "
+                   f"{pz['sigma_nmad']:.3f}, outliers {pz['outliers']:.1%}, bias {pz['bias']:+.3f}")
     items = [("run configuration", rel(run_yaml)),
              *((k, rel(v)) for k, v in summary["merge"].get("paths", {}).items()),
              ("ledger", f"{rel(cfg.run_dir / 'ledger')}  (deepfield status {rel(cfg.run_dir)})"),
