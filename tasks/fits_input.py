@@ -18,15 +18,11 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from . import maskbits
 from .fits_align import resample_band, same_grid
 from .fits_files import IMAGE_HDUS, FitsFiles, InputError, file_digest, sha256_file  # noqa: F401  (re-exported)
+from .fits_headers import FWHM_KEYS, celestial_wcs, header_value, zeropoint
 from .fits_noise import check_pixels
 from .ingest_config import FieldSpec
 from .psf_measure import measure_fwhm
 
-ZP_KEYS = ("MAGZERO", "ZEROPNT", "MAGZPT", "PHOTZP")  # AB magnitude of one image unit
-# BUNIT of calibrated images -> the AB zero point of one such unit (m = ZP - 2.5 log10 flux)
-BUNIT_ZP = {"nanomaggy": 22.5, "nanomaggies": 22.5, "nmgy": 22.5, "njy": 31.4, "ujy": 23.9, "microjy": 23.9,
-            "mjy": 16.4, "jy": 8.9}
-FWHM_KEYS = ("PSF_FWHM", "SEEING", "FWHM")
 MEF_KINDS = {"IMAGE": "image", "INVVAR": "invvar", "WEIGHT": "invvar", "VARIANCE": "variance", "MASK": "mask"}
 
 
@@ -61,68 +57,6 @@ class _Band:
 
 
 HUGE = 1e30  # |pixel| at or above this is no measurement (float32 tops out at 3.4e38): masked NO_DATA
-
-
-def _celestial_wcs(path, header: fits.Header, where: str) -> WCS | None:
-    """The image's celestial WCS; None when it has none at all (no CTYPE); InputError when invalid."""
-    if "CTYPE1" not in header and "CTYPE2" not in header:
-        return None
-    try:
-        w = WCS(header, naxis=2)
-    except Exception as exc:
-        raise InputError(path, f"invalid WCS{where}: {exc}") from None
-    if not w.has_celestial:
-        raise InputError(path, f"no celestial WCS{where} (CTYPE {header.get('CTYPE1')!r}, {header.get('CTYPE2')!r})")
-    if "CRVAL1" not in header or "CRVAL2" not in header:
-        raise InputError(path, f"invalid celestial WCS{where}: CRVAL1/CRVAL2 missing")
-    c = w.celestial
-    try:
-        m = c.pixel_scale_matrix
-        scale = float(np.max(np.abs(m))) if np.all(np.isfinite(m)) else 0.0
-        if scale == 0 or abs(np.linalg.det(m)) <= 1e-10 * scale * scale:
-            raise ValueError("singular CD/PC matrix")
-        world = c.all_pix2world([[0.0, 0.0], [10.0, 10.0]], 0)
-        if not np.all(np.isfinite(world)):
-            raise ValueError("pixel to sky transform gives non-finite coordinates")
-    except Exception as exc:
-        raise InputError(path, f"invalid celestial WCS{where}: {exc}") from None
-    return c
-
-
-def _header_value(headers, keys, path, what):
-    for h in headers:
-        for k in keys:
-            if k in h and h[k] is not None and str(h[k]).strip() != "":
-                try:
-                    v = float(h[k])
-                except (TypeError, ValueError):
-                    raise InputError(path, f"invalid {what} {k} = {h[k]!r}") from None
-                if not math.isfinite(v):
-                    raise InputError(path, f"invalid {what} {k} = {h[k]!r}")
-                return v
-    return None
-
-
-def _zeropoint(headers, path, where: str, band: str, notes: list[str]) -> float:
-    """The AB zero point of an image from its headers: MAGZERO, ZEROPNT, MAGZPT or PHOTZP (AB magnitude of one
-    unit); else FLUXMAG0 (the flux of magnitude 0: ZP = 2.5 log10 FLUXMAG0); else a calibrated BUNIT
-    (nanomaggies 22.5, nJy 31.4, uJy 23.9, Jy 8.9). InputError naming the file when none is there."""
-    zp = _header_value(headers, ZP_KEYS, path, "zero point")
-    if zp is not None:
-        return zp
-    f0 = _header_value(headers, ("FLUXMAG0",), path, "FLUXMAG0")
-    if f0 is not None:
-        if f0 <= 0:
-            raise InputError(path, f"invalid FLUXMAG0 = {f0!r}{where}: the flux of magnitude 0 must be positive")
-        notes.append(f"band {band}: zero point 2.5 log10(FLUXMAG0) = {2.5 * math.log10(f0):.4f}")
-        return 2.5 * math.log10(f0)
-    for h in headers:
-        unit = str(h.get("BUNIT", "")).strip().lower().replace(" ", "").replace("µ", "u")
-        if unit in BUNIT_ZP:
-            notes.append(f"band {band}: zero point {BUNIT_ZP[unit]} from BUNIT = {h['BUNIT']!r}")
-            return BUNIT_ZP[unit]
-    raise InputError(path, f"no zero point in header{where} ({', '.join(ZP_KEYS)}, FLUXMAG0 or a calibrated "
-                           "BUNIT such as nanomaggy) and none configured (zeropoint:)")
 
 
 def _mask_bits(raw: np.ndarray, header: fits.Header, path, band: str, notes: list[str],
@@ -182,11 +116,11 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
     if raw.dtype.kind == "f" and raw.dtype.itemsize > 4:
         notes.append(f"band {band}: {raw.dtype} image converted to float32")
     shape = image.shape
-    wcs = _celestial_wcs(path, header, where)
+    wcs = celestial_wcs(path, header, where)
     if zp is None:
-        zp = _zeropoint(headers, path, where, band, notes)
+        zp = zeropoint(headers, path, where, band, notes)
     if fwhm is None:
-        fwhm = _header_value(headers, FWHM_KEYS, path, "PSF FWHM")
+        fwhm = header_value(headers, FWHM_KEYS, path, "PSF FWHM")
         if fwhm is not None and fwhm <= 0:
             notes.append(f"band {band}: ignored non-positive PSF FWHM {fwhm}")
             fwhm = None

@@ -1,4 +1,5 @@
-"""tasks.fits_input: reading and validating one field's FITS inputs (tiny hand-made files)."""
+"""tasks.fits_input: reading one field's FITS inputs (tiny hand-made files): bands, HDUs, noise, masks, zero
+points, resampling, multi-extension files. The refusals of bad inputs are in test_fits_input_errors.py."""
 from __future__ import annotations
 
 import hashlib
@@ -11,90 +12,16 @@ from astropy.wcs import WCS
 
 from deepfield.tasks import maskbits
 from deepfield.tasks.fits_files import file_digest
-from deepfield.tasks.fits_input import InputError, load_field, sha256_file
+from deepfield.tasks.fits_input import load_field, sha256_file
 from deepfield.tasks.ingest_config import FieldSpec
 
-NY, NX = 64, 80
-SCALE = 0.2  # arcsec
-
-
-def make_wcs(crpix=(40.5, 32.5), rot_deg=0.0, scale=SCALE, shape=(NY, NX)) -> WCS:
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = [150.0, 2.0]
-    w.wcs.crpix = list(crpix)
-    c, s = np.cos(np.radians(rot_deg)), np.sin(np.radians(rot_deg))
-    w.wcs.cd = scale / 3600 * np.array([[-c, s], [s, c]])
-    w.pixel_shape = shape[::-1]
-    return w
-
-
-def header(w: WCS | None = None, **cards) -> fits.Header:
-    h = w.to_header() if w is not None else fits.Header()
-    for k, v in cards.items():
-        h[k] = v
-    return h
-
-
-def smooth_sky(w: WCS, shape) -> np.ndarray:
-    """A smooth blob defined on the sky, sampled at the pixel centres of `w`."""
-    y, x = np.mgrid[: shape[0], : shape[1]]
-    ra, dec = w.all_pix2world(x, y, 0)
-    du = (ra - 150.0) * np.cos(np.radians(2.0)) * 3600
-    dv = (dec - 2.0) * 3600
-    return (100.0 + 50.0 * np.exp(-(du ** 2 + dv ** 2) / (2 * 4.0 ** 2))).astype(np.float32)
-
-
-def write_band(d, band, image, w=None, invvar=None, mask=None, mask_cards=True, zp=27.0, fwhm=0.8):
-    cards = {"BAND": band}
-    if zp is not None:
-        cards["MAGZERO"] = zp
-    if fwhm is not None:
-        cards["PSF_FWHM"] = fwhm
-    out = {"image": d / f"f-{band}-image.fits"}
-    fits.PrimaryHDU(image, header(w, **cards)).writeto(out["image"])
-    if invvar is not None:
-        out["invvar"] = d / f"f-{band}-invvar.fits"
-        fits.PrimaryHDU(invvar, header(w)).writeto(out["invvar"])
-    if mask is not None:
-        out["mask"] = d / f"f-{band}-mask.fits"
-        mh = header(w)
-        if mask_cards:
-            for key, bit, comment in maskbits.header_cards():
-                mh[key] = (bit, comment)
-        fits.PrimaryHDU(mask, mh).writeto(out["mask"])
-    return {k: str(v) for k, v in out.items()}
+from _fits_inputs import NX, NY, SCALE, header, make_field, make_wcs, mef, raises, smooth_sky, spec, write_band
 
 
 @pytest.fixture
 def field(tmp_path):
-    """A 64 x 80 field in g, r, i on one TAN grid with image, invvar and (our) mask files."""
-    rng = np.random.default_rng(1)
-    w = make_wcs()
-    data = {}
-    for k, b in enumerate("gri"):
-        img = rng.normal(0, 1 + k, (NY, NX)).astype(np.float32)
-        iv = np.full((NY, NX), 1 / (1 + k) ** 2, np.float32)
-        m = np.zeros((NY, NX), np.int16)
-        m[5, 7] = maskbits.SAT | maskbits.BLEED
-        m[:, 3] = maskbits.BAD
-        data[b] = dict(image=img, invvar=iv, mask=m)
-    files = {b: write_band(tmp_path, b, **data[b], w=w, zp=27.0 + k / 10, fwhm=0.7 + k / 10)
-             for k, b in enumerate("gri")}
-    return tmp_path, files, data
-
-
-def spec(files, **kw) -> FieldSpec:
-    return FieldSpec.model_validate(dict(name="f1", bands=files, **kw))
-
-
-def raises(s: FieldSpec, path, phrase: str) -> InputError:
-    with pytest.raises(InputError) as e:
-        load_field(s)
-    msg = str(e.value)
-    assert "\n" not in msg and str(path) in msg and phrase in msg, msg
-    assert str(e.value.path) == str(path) and phrase in e.value.problem
-    return e.value
+    """A 64 x 80 field in g, r, i on one TAN grid with image, invvar and (our) mask files (make_field)."""
+    return make_field(tmp_path)
 
 
 def test_happy_path(field):
@@ -149,110 +76,6 @@ def test_noise_estimate_and_variance(tmp_path):
     f = load_field(spec(files))
     assert f.invvar[0, 1, 1] == 0.25 and np.all(f.invvar[0, 0, :5] == 0)
     assert np.all(f.mask[0, 0, :5] == maskbits.ZERO_WEIGHT)
-
-
-def test_missing_file(field):
-    d, files, _ = field
-    files["r"]["invvar"] = str(d / "nope.fits")
-    raises(spec(files), d / "nope.fits", "no such file")
-
-
-def test_not_fits(field):
-    d, files, _ = field
-    (d / "text.fits").write_text("hello, I am not a FITS file\n" * 200)
-    files["g"]["mask"] = str(d / "text.fits")
-    raises(spec(files), d / "text.fits", "not a FITS file")
-
-
-@pytest.mark.parametrize("cut", [100, 3000, 2880 * 2])
-@pytest.mark.filterwarnings("ignore:File may have been truncated")
-def test_truncated(field, cut):
-    _d, files, _ = field
-    p = files["r"]["image"]
-    raw = open(p, "rb").read()
-    open(p, "wb").write(raw[: len(raw) - cut] if cut != 100 else raw[:2880 + 100])
-    raises(spec(files), p, "truncated")
-
-
-def test_empty_image(tmp_path):
-    p = tmp_path / "empty.fits"
-    fits.PrimaryHDU(header=header(make_wcs(), MAGZERO=27.0)).writeto(p)
-    raises(spec({"i": {"image": str(p)}}), p, "empty image")
-    p3 = tmp_path / "cube.fits"
-    fits.PrimaryHDU(np.zeros((2, NY, NX), np.float32)).writeto(p3)
-    raises(spec({"i": {"image": str(p3)}}), p3, "empty image")
-    raises(spec({"i": {"image": str(p3), "hdu": 0}}), p3, "empty image")
-
-
-@pytest.mark.parametrize("case,phrase", [
-    ("none", "no celestial WCS"), ("linear", "no celestial WCS"), ("singular", "singular CD/PC matrix"),
-    ("nocrval", "CRVAL1/CRVAL2 missing")])
-def test_bad_wcs(tmp_path, case, phrase):
-    w = make_wcs()
-    h = header(None if case == "none" else w, MAGZERO=27.0)
-    if case == "linear":
-        h["CTYPE1"], h["CTYPE2"] = "LINEAR", "LINEAR"
-    if case == "singular":
-        h["CD1_1"], h["CD1_2"], h["CD2_1"], h["CD2_2"] = 1e-5, 2e-5, 1e-5, 2e-5
-        for k in ("PC1_1", "PC1_2", "PC2_1", "PC2_2"):
-            h.remove(k, ignore_missing=True)
-    if case == "nocrval":
-        del h["CRVAL1"], h["CRVAL2"]
-    p = tmp_path / "i.fits"
-    fits.PrimaryHDU(np.random.default_rng(0).normal(size=(NY, NX)).astype(np.float32), h).writeto(p)
-    raises(spec({"i": {"image": str(p), "invvar": None}}), p, phrase)
-
-
-def noise(shape, seed=0) -> np.ndarray:
-    """Unit-sigma Gaussian sky noise (matching an invvar of 1)."""
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-
-
-def test_shape_mismatch_without_wcs(tmp_path):
-    files = {"i": write_band(tmp_path, "i", noise((NY, NX)), make_wcs(), invvar=np.ones((NY, NX)))}
-    files["g"] = write_band(tmp_path, "g", noise((NY, NX - 2), 1), None, invvar=np.ones((NY, NX - 2)))
-    raises(spec(files), files["g"]["image"], "no celestial WCS to align it")
-    same = {"i": files["i"], "r": write_band(tmp_path, "r", noise((NY, NX), 2), None, invvar=np.ones((NY, NX)))}
-    f = load_field(spec(same))  # no WCS but the same shape: taken to be on the reference grid
-    assert f.resampled == [] and any("no WCS" in n for n in f.notes)
-
-
-def test_duplicate_band_case(field):
-    _d, files, _ = field
-    files["G"] = dict(files["g"])
-    raises(spec(files), files["G"]["image"], "duplicate band")
-
-
-def test_all_pixels_masked(field):
-    """An inverse variance of zeros or NaNs is blamed on the invvar file, a mask that masks everything on the
-    mask file."""
-    _d, files, data = field
-    p = files["r"]["invvar"]
-    fits.PrimaryHDU(np.zeros((NY, NX), np.float32)).writeto(p, overwrite=True)
-    raises(spec(files), p, "no pixel of band r has a positive, finite inverse variance")
-    fits.PrimaryHDU(np.full((NY, NX), np.nan, np.float32)).writeto(p, overwrite=True)
-    raises(spec(files), p, "no pixel of band r has a positive, finite inverse variance")
-    m = np.full((NY, NX), maskbits.BAD, np.int16)
-    fits.PrimaryHDU(data["r"]["invvar"]).writeto(p, overwrite=True)
-    fits.PrimaryHDU(m).writeto(files["r"]["mask"], overwrite=True)
-    raises(spec(files), files["r"]["mask"], "all pixels masked")
-
-
-@pytest.mark.parametrize("kind", ["invvar", "variance", "mask"])
-def test_aux_shape_mismatch(field, kind):
-    d, files, _ = field
-    p = d / f"small-{kind}.fits"
-    fits.PrimaryHDU(np.ones((NY, NX - 1), np.int16 if kind == "mask" else np.float32)).writeto(p)
-    if kind == "variance":
-        del files["g"]["invvar"]
-    files["g"][kind] = str(p)
-    raises(spec(files), p, "differs from the image shape")
-
-
-def test_float_mask(field):
-    _d, files, _ = field
-    fits.PrimaryHDU(np.zeros((NY, NX), np.float32)).writeto(files["i"]["mask"], overwrite=True)
-    raises(spec(files), files["i"]["mask"], "not an integer image")
 
 
 def test_zero_point(tmp_path):
@@ -326,10 +149,6 @@ def test_resampled_band(tmp_path):
     assert ((f.mask[k] & maskbits.BAD) != 0).sum() > NY  # the bad column follows, rotated
     assert np.allclose(f.invvar[k][inner][ok], ivg[0, 0])
     assert np.array_equal(f.image[0], smooth_sky(wi, (NY, NX)))  # the reference band is untouched
-
-
-def mef(path, hdus):
-    fits.HDUList([fits.PrimaryHDU(header=header(MAGZERO=26.5))] + hdus).writeto(path)
 
 
 def test_mef(tmp_path):

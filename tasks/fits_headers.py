@@ -1,0 +1,83 @@
+"""What an input image's FITS headers say, read the same way for every survey: its celestial WCS (checked: a
+singular or non-finite transform is an InputError naming the file), a numeric keyword from a list of synonyms,
+and its AB zero point (header keywords, FLUXMAG0 or a calibrated BUNIT). tasks/fits_input.py assembles a
+field from them."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from .fits_files import InputError
+
+__all__ = ["ZP_KEYS", "BUNIT_ZP", "FWHM_KEYS", "celestial_wcs", "header_value", "zeropoint"]
+
+ZP_KEYS = ("MAGZERO", "ZEROPNT", "MAGZPT", "PHOTZP")  # AB magnitude of one image unit
+# BUNIT of calibrated images -> the AB zero point of one such unit (m = ZP - 2.5 log10 flux)
+BUNIT_ZP = {"nanomaggy": 22.5, "nanomaggies": 22.5, "nmgy": 22.5, "njy": 31.4, "ujy": 23.9, "microjy": 23.9,
+            "mjy": 16.4, "jy": 8.9}
+FWHM_KEYS = ("PSF_FWHM", "SEEING", "FWHM")
+
+
+def celestial_wcs(path, header: fits.Header, where: str) -> WCS | None:
+    """The image's celestial WCS; None when it has none at all (no CTYPE); InputError when invalid."""
+    if "CTYPE1" not in header and "CTYPE2" not in header:
+        return None
+    try:
+        w = WCS(header, naxis=2)
+    except Exception as exc:
+        raise InputError(path, f"invalid WCS{where}: {exc}") from None
+    if not w.has_celestial:
+        raise InputError(path, f"no celestial WCS{where} (CTYPE {header.get('CTYPE1')!r}, {header.get('CTYPE2')!r})")
+    if "CRVAL1" not in header or "CRVAL2" not in header:
+        raise InputError(path, f"invalid celestial WCS{where}: CRVAL1/CRVAL2 missing")
+    c = w.celestial
+    try:
+        m = c.pixel_scale_matrix
+        scale = float(np.max(np.abs(m))) if np.all(np.isfinite(m)) else 0.0
+        if scale == 0 or abs(np.linalg.det(m)) <= 1e-10 * scale * scale:
+            raise ValueError("singular CD/PC matrix")
+        world = c.all_pix2world([[0.0, 0.0], [10.0, 10.0]], 0)
+        if not np.all(np.isfinite(world)):
+            raise ValueError("pixel to sky transform gives non-finite coordinates")
+    except Exception as exc:
+        raise InputError(path, f"invalid celestial WCS{where}: {exc}") from None
+    return c
+
+
+def header_value(headers, keys, path, what):
+    for h in headers:
+        for k in keys:
+            if k in h and h[k] is not None and str(h[k]).strip() != "":
+                try:
+                    v = float(h[k])
+                except (TypeError, ValueError):
+                    raise InputError(path, f"invalid {what} {k} = {h[k]!r}") from None
+                if not math.isfinite(v):
+                    raise InputError(path, f"invalid {what} {k} = {h[k]!r}")
+                return v
+    return None
+
+
+def zeropoint(headers, path, where: str, band: str, notes: list[str]) -> float:
+    """The AB zero point of an image from its headers: MAGZERO, ZEROPNT, MAGZPT or PHOTZP (AB magnitude of one
+    unit); else FLUXMAG0 (the flux of magnitude 0: ZP = 2.5 log10 FLUXMAG0); else a calibrated BUNIT
+    (nanomaggies 22.5, nJy 31.4, uJy 23.9, Jy 8.9). InputError naming the file when none is there."""
+    zp = header_value(headers, ZP_KEYS, path, "zero point")
+    if zp is not None:
+        return zp
+    f0 = header_value(headers, ("FLUXMAG0",), path, "FLUXMAG0")
+    if f0 is not None:
+        if f0 <= 0:
+            raise InputError(path, f"invalid FLUXMAG0 = {f0!r}{where}: the flux of magnitude 0 must be positive")
+        notes.append(f"band {band}: zero point 2.5 log10(FLUXMAG0) = {2.5 * math.log10(f0):.4f}")
+        return 2.5 * math.log10(f0)
+    for h in headers:
+        unit = str(h.get("BUNIT", "")).strip().lower().replace(" ", "").replace("µ", "u")
+        if unit in BUNIT_ZP:
+            notes.append(f"band {band}: zero point {BUNIT_ZP[unit]} from BUNIT = {h['BUNIT']!r}")
+            return BUNIT_ZP[unit]
+    raise InputError(path, f"no zero point in header{where} ({', '.join(ZP_KEYS)}, FLUXMAG0 or a calibrated "
+                           "BUNIT such as nanomaggy) and none configured (zeropoint:)")
