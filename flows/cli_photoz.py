@@ -44,7 +44,7 @@ def train_photoz(
 ) -> None:
     """Build the photo-z reference set (models/photoz.py): simulated fields measured by the pipeline's own
     stages, matched to their truth; k and the intervals' spread fitted on the last seed's field."""
-    from deepfield.flows.evaluate.photoz import measuring_stages
+    from deepfield.flows.evaluate.detection import detection_stages
     from deepfield.models.progress import say
     from deepfield.models.train_photoz import train
     from deepfield.tasks.trainsets.photoz import seed_tables
@@ -53,7 +53,7 @@ def train_photoz(
     seed_list, band_list = _seeds(seeds), _bands(bands)
 
     def fit(command: str):
-        stages, halo = measuring_stages()
+        stages, halo = detection_stages()  # the default run's background, detect, measure, deblend
         tables = seed_tables(seed_list, size, work, stages, halo, workers, flux, band_list, device, say)
         return train(command, tables, seed_list, size, flux, band_list)
     rec = _train("photoz", MODEL, fit, out)

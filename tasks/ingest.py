@@ -32,8 +32,8 @@ from pathlib import Path
 from .fits_files import file_digest
 from .fits_input import InputError, load_field
 from .ingest_config import FieldSpec, StoreSpec
-from .zarr_store import (StoreIntegrityError, field_record, open_store, refresh_metadata, update_record, verify_shards,
-                         write_field)
+from .zarr_store import StoreIntegrityError, field_record, open_store, refresh_metadata, update_record, verify_shards
+from .zarr_write import write_field
 
 __all__ = ["input_files", "ingest_one"]
 

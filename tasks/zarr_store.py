@@ -44,26 +44,20 @@ untouched. The `band` array is metadata for outside readers, outside the shard r
 """
 from __future__ import annotations
 
-import contextlib
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import tensorstore
 import zarr
 from astropy.io import fits
 from astropy.wcs import WCS
-from zarr.codecs import BloscCodec, Crc32cCodec
 
 from . import maskbits
-from .ingest_config import CodecSpec, StoreSpec
 from .zarr_metadata import (AB_UNITS, BAND, _create_band_array, _group_dir, array_attributes,  # noqa: F401
                             consolidate, image_unit, metadata_lock, refresh_metadata)
 from .tiling import Box, TileGrid, TileId
-from .version import __version__
 
 STORE_FORMAT = 1
 FIELD_FORMAT = 2  # 2: CRC-32C per chunk, every chunk stored, shard sizes in the completion record
@@ -79,10 +73,6 @@ class StoreError(RuntimeError):
 
 class StoreIntegrityError(StoreError):
     """A shard of a complete field is missing, truncated or fails its checksum."""
-
-
-def codec(spec: CodecSpec) -> BloscCodec:
-    return BloscCodec(cname=spec.cname, clevel=spec.clevel, shuffle=spec.shuffle)
 
 
 def shard_key(array: str, sy: int, sx: int) -> str:
@@ -265,29 +255,26 @@ def fields_attrs(root: zarr.Group, names: list[str] | None = None) -> dict[str, 
     return out
 
 
+def is_complete(attrs: dict | None) -> bool:
+    """True when a field's group attributes (fields_attrs) hold its completion record."""
+    return bool(attrs) and isinstance(attrs.get(COMPLETE), dict)
+
+
 def complete_fields(root: zarr.Group) -> list[str]:
-    return sorted(n for n, a in fields_attrs(root).items() if a and isinstance(a.get(COMPLETE), dict))
+    return sorted(n for n, a in fields_attrs(root).items() if is_complete(a))
 
 
 def all_tiles(root: zarr.Group, halo: int, fields: list[str] | None = None) -> list[TileId]:
     """Every tile of `fields` (default: every complete field) of an open store, field by field in row-major
     tile order; StoreError for a named field that is not complete. Each field's metadata is read once."""
     attrs = fields_attrs(root, None if fields is None else list(fields))
-    names = sorted(n for n, a in attrs.items() if a and isinstance(a.get(COMPLETE), dict)) if fields is None \
-        else fields
+    names = sorted(n for n, a in attrs.items() if is_complete(a)) if fields is None else fields
     out = []
     for name in names:
-        a = attrs.get(name)
-        if not a or not isinstance(a.get(COMPLETE), dict):
+        if not is_complete(attrs.get(name)):
             raise StoreError(f"field {name!r} is not complete in the store")
-        _, ny, nx = a["shape"]
-        out += TileGrid(ny, nx, int(a["tile"]), halo).tiles(name)
+        out += _grid(attrs[name], halo).tiles(name)
     return out
-
-
-def _array_path(arr: zarr.Array) -> str:
-    """Filesystem directory of a zarr array in a local store."""
-    return str(Path(str(arr.store_path.store.root)) / arr.path)
 
 
 def header_to_attrs(header: fits.Header) -> list[list]:
@@ -300,90 +287,6 @@ def attrs_to_header(cards: list[list]) -> fits.Header:
     for key, value, comment in cards:
         h[key] = (value, comment)
     return h
-
-
-def write_field(root: zarr.Group, fimg, spec: StoreSpec, record: dict,
-                progress: Callable[[int, int], None] | None = None, consolidated: bool = True) -> dict:
-    """Write one field (a tasks.fits_input.FieldImages) tile core by tile core, then its attributes,
-    then the completion marker `record` (which should hold the inputs' checksums), then the store's
-    consolidated metadata (also when the write fails, so that outside readers do not go on seeing the old
-    field complete; consolidated=False: the caller consolidates). Returns byte and timing statistics."""
-    fields = root.require_group("fields")
-    nb, ny, nx = fimg.image.shape
-    grid = TileGrid(ny, nx, spec.tile, 0)
-    tiles = grid.tiles(fimg.name)
-    attrs = array_attributes(list(fimg.bands), list(fimg.zeropoints))
-    data = {"image": fimg.image, "invvar": fimg.invvar, "mask": fimg.mask}
-    try:
-        with metadata_lock(root):
-            if fimg.name in fields:
-                del fields[fimg.name]  # the old marker goes first: a crash now leaves the field absent
-            g = fields.create_group(fimg.name)
-            arrays = {name: g.create_array(
-                name, shape=(nb, ny, nx), dtype=dtype, chunks=(1, spec.chunk, spec.chunk),
-                shards=(nb, spec.tile, spec.tile), compressors=(codec(spec.codec), Crc32cCodec()),
-                fill_value=FILL[name], dimension_names=(BAND, "y", "x"), attributes=attrs[name])
-                for name, dtype in ARRAYS.items()}
-            _create_band_array(g, list(fimg.bands), attrs[BAND])
-        t0 = time.perf_counter()
-        _write_pixels(arrays, data, grid, tiles, spec, progress)
-        where = _group_dir(g)
-        shards = {shard_key(name, t.ty, t.tx): (where / shard_key(name, t.ty, t.tx)).stat().st_size
-                  for name in arrays for t in tiles}
-        with metadata_lock(root):
-            g.attrs.update({
-                "bands": list(fimg.bands), "zeropoints": [float(z) for z in fimg.zeropoints],
-                "psf_fwhm": [None if f is None else float(f) for f in fimg.psf_fwhm],
-                "pixel_scale": float(fimg.pixel_scale), "wcs_header": header_to_attrs(fimg.wcs_header),
-                "shape": [int(nb), int(ny), int(nx)], "tile": spec.tile, "chunk": spec.chunk,
-                "codec": spec.codec.model_dump(), "resampled": list(fimg.resampled), "notes": list(fimg.notes),
-                "deepfield_version": __version__,
-            })
-            g.attrs[COMPLETE] = dict(record, format=FIELD_FORMAT, shards=shards,
-                                     completed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-            if consolidated:
-                consolidate(root)
-    except BaseException:
-        if consolidated:  # best effort: the error that got here is the one the caller must see
-            with contextlib.suppress(Exception), metadata_lock(root):
-                consolidate(root)
-        raise
-    raw = sum(a.nbytes for a in data.values())
-    return dict(seconds=time.perf_counter() - t0, raw_bytes=int(raw),
-                stored_bytes={n: int(a.nbytes_stored()) for n, a in arrays.items()},
-                raw_by_array={n: int(a.nbytes) for n, a in data.items()})
-
-
-def _write_pixels(arrays: dict[str, zarr.Array], data: dict[str, np.ndarray], grid: TileGrid, tiles: list[TileId],
-                  spec: StoreSpec, progress: Callable[[int, int], None] | None) -> None:
-    """Write `data` into the new `arrays` tile core by tile core."""
-    # The arrays' metadata is zarr-python's (write_field); the pixels are written with TensorStore, whose
-    # C++ sharded writer encodes and writes a 512^2 x 4-band field about 4x faster than zarr-python's
-    # asyncio pipeline (tests/benchmarks/bench_ingest.py). zarr-python reads the result back.
-    ctx = tensorstore.Context({"data_copy_concurrency": {"limit": spec.write_threads},
-                               "file_io_concurrency": {"limit": spec.write_threads}})
-    # every chunk stored, even one equal to the fill value: a missing shard is then always damage
-    handles = {name: tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": _array_path(arr)},
-                                       "store_data_equal_to_fill_value": True}, context=ctx, open=True).result()
-               for name, arr in arrays.items()}
-    pending = []
-    try:
-        for t in tiles:  # a tile core is whole shards: exactly one write touches each shard
-            box = grid.core(t.ty, t.tx)
-            sl = (slice(None),) + box.slices
-            pending.append([handles[name][sl].write(data[name][sl]) for name in arrays])
-        for k, futures in enumerate(pending):
-            for f in futures:
-                f.result()  # raises the writer's error, before any attribute or the marker is written
-            if progress:
-                progress(k + 1, len(tiles))
-    except BaseException:
-        for f in (f for futures in pending for f in futures):  # no write may outlive this call (a
-            try:                                                 # re-run deletes and rewrites the group)
-                f.result()
-            except Exception:
-                pass
-        raise
 
 
 @dataclass
@@ -414,9 +317,13 @@ class Tile:
 
 
 def field_grid(root: zarr.Group, field: str, halo: int) -> TileGrid:
-    g = root["fields"][field]
-    _, ny, nx = g.attrs["shape"]
-    return TileGrid(ny, nx, int(g.attrs["tile"]), halo)
+    return _grid(root["fields"][field].attrs, halo)
+
+
+def _grid(attrs, halo: int) -> TileGrid:
+    """The tile grid of a field from its group attributes."""
+    _, ny, nx = attrs["shape"]
+    return TileGrid(ny, nx, int(attrs["tile"]), halo)
 
 
 def read_tile(root: zarr.Group, tile: TileId, halo: int) -> Tile:

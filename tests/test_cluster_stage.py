@@ -20,8 +20,8 @@ from deepfield.tasks.zarr_store import (
     field_grid,
     open_store,
     read_tile,
-    write_field,
 )
+from deepfield.tasks.zarr_write import write_field
 
 BANDS = ["g", "r", "i", "z"]
 N, SCALE, BIN = 256, 0.2, 8  # field side (px), arcsec per pixel, the network's binning

@@ -29,7 +29,8 @@ from deepfield.catalogs.cutouts import cutout_origin, read_cutout, write_cutouts
 from deepfield.catalogs.report import LISTS, REPORT_TOP
 from deepfield.tasks.fits_input import FieldImages
 from deepfield.tasks.ingest_config import StoreSpec
-from deepfield.tasks.zarr_store import open_store, write_field
+from deepfield.tasks.zarr_store import open_store
+from deepfield.tasks.zarr_write import write_field
 
 N, SCALE = 200, 0.2
 

@@ -26,22 +26,12 @@ from deepfield.models.photoz import QUANTILE_COLUMNS as QCOLS
 from deepfield.models.photoz import binned_figures as score
 from deepfield.models.progress import say
 
+from .detection import detection_stages
+
 EVAL_SEED = 20261201
 BAND_SETS = (("g", "r", "i", "z"), ("g", "r", "z"), ("g", "r", "i"), ("r", "i", "z"), ("r", "i"), ("g", "r"))
 TARGETS = {"sigma_nmad": 0.03, "outliers": 0.05, "abs_bias": 0.005, "coverage_68": (0.60, 0.76),
            "cpu_seconds_per_mpx": 0.2}
-
-
-MEASURING_STAGES = ("background", "detect", "measure", "deblend")
-
-
-def measuring_stages() -> tuple[list[tuple[str, dict]], int]:
-    """([(name, params)] of the default run configuration's measuring stages, in its order; the default halo):
-    what the photo-z reference set is measured with, and what the evaluation runs before the photo-z stage."""
-    from ..run_config import RunConfig
-    specs = RunConfig.model_fields["stages"].default_factory()
-    return ([(s.name, dict(s.params)) for s in specs if s.name in MEASURING_STAGES],
-            int(RunConfig.model_fields["halo"].default))
 
 
 def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, seed: int = EVAL_SEED,
@@ -63,7 +53,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     try:
         seeds = [seed + i for i in range(n_fields)]
         say(f"measuring {n_fields} held-out field(s) of {size}^2 px (seeds {seeds}) with the photo-z stage ...")
-        stages, halo = measuring_stages()
+        stages, halo = detection_stages()  # the measuring stages the reference set was made with
         matched, rows, bands = measured_fields(seeds, size, work, [*stages, ("photoz", params)], halo, workers,
                                                device, say, timings=timings, kind=model.flux_kind)
     finally:
