@@ -31,8 +31,8 @@ from deepfield.tasks.zarr_store import (
     open_store,
     read_tile,
     verify_shards,
-    write_field,
 )
+from deepfield.tasks.zarr_write import write_field
 
 SPEC = StoreSpec(tile=256, chunk=128)
 
@@ -186,12 +186,12 @@ def test_consolidated_metadata_follows_invalidation_reingest_and_failure(ingeste
     assert _without_mtimes(consolidated_marker(copy, spec.name)) == _without_mtimes(rec)
 
     # a re-ingest that fails half way leaves the field incomplete for outside readers too
-    import deepfield.tasks.zarr_store as zs
+    import deepfield.tasks.zarr_write as zw
 
     def dying_write(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(zs, "_write_pixels", dying_write)
+    monkeypatch.setattr(zw, "_write_pixels", dying_write)
     other = tmp_path / "other.zarr"
     shutil.copytree(copy, other)
     fimg = _field(spec.name, [27.0] * 4)
