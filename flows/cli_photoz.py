@@ -8,9 +8,10 @@ from pathlib import Path
 import typer
 
 from .cli_common import console, fail
-from .cli_models import _bands, _evaluate, _train, eval_app, train_app
+from .cli_models import _bands, _checkpoint, _evaluate, _train, eval_app, train_app
 
 MODEL = "photoz_knn"
+CNN = "photoz_cnn"
 
 
 def _seeds(text: str) -> list[int]:
@@ -62,6 +63,59 @@ def train_photoz(
                   f"bias {f['bias']:+.4f}, 68 % coverage {f.get('coverage_68', float('nan')):.3f}")
 
 
+@train_app.command("photoz-cnn")
+def train_photoz_cnn(
+    out: Path = typer.Option(None, "--out", "-o", help="weights file (default: the shipped "
+                             "models/weights/photoz_cnn.pt)"),
+    seeds: str = typer.Option("1001-1010", help="simulated fields, one per seed (comma-separated or FIRST-LAST); "
+                              "the last one is held out (spread of the intervals, figures)"),
+    size: int = typer.Option(2048, min=256, help="side of each field, pixels"),
+    work: Path = typer.Option(Path(".cache") / "photoz", help="where the fields, each seed's measured galaxies and "
+                              "their stamps are kept (shared with `train photoz`); a rerun reads them back"),
+    epochs: int = typer.Option(40, min=1, help="passes over the training galaxies"),
+    width: int = typer.Option(8, min=2, help="channels of the first convolution (models/photoz_cnn.py)"),
+    bins: int = typer.Option(100, min=10, help="redshift bins of the softmax over [0, 4]"),
+    batch: int = typer.Option(128, min=8, help="galaxies per training step"),
+    lr: float = typer.Option(2e-3, min=0, help="Adam's learning rate (cosine schedule to 0)"),
+    band_dropout: float = typer.Option(0.2, min=0, max=1, help="fraction of examples that keep only a random two "
+                                       "or more bands"),
+    seed: int = typer.Option(0, help="seed of the initialisation, order, augmentation and band dropout"),
+    threads: int = typer.Option(2, min=1, help="torch threads"),
+    checkpoint: Path = typer.Option(None, help="checkpoint file, written after every epoch and resumed from "
+                                    "(default: <out>.ckpt)"),
+    stop_after: int = typer.Option(None, min=1, help="stop after this many epochs (resume later from the checkpoint)"),
+    workers: int = typer.Option(2, min=1, help="processes simulating the fields"),
+    device: str = typer.Option("cpu", help="torch device of the measuring stages' networks"),
+) -> None:
+    """Train the photo-z CNN (models/photoz_cnn.py) on stamps and aperture photometry of simulated galaxies measured
+    by the pipeline's own stages, matched to their truth; the colour baseline is fitted on the same fields for the
+    comparison in the record."""
+    import numpy as np
+    import torch
+
+    from deepfield.flows.evaluate.detection import detection_stages
+    from deepfield.models import train_photoz, train_photoz_cnn
+    from deepfield.models.progress import say
+    from deepfield.tasks.trainsets.photoz import seed_tables, stamps_path
+    seed_list = _seeds(seeds)
+    torch.set_num_threads(threads)
+    ck = _checkpoint(checkpoint, out, CNN)
+
+    def fit(command: str):
+        stages, halo = detection_stages()
+        tables = seed_tables(seed_list, size, work, stages, halo, workers, "aper", None, device, say, stamps=True)
+        stamps = [np.load(stamps_path(work, s), mmap_mode="r") for s in seed_list]
+        base, _ = train_photoz.train(command, tables, seed_list, size, "aper")
+        return train_photoz_cnn.train(command, tables, stamps, seed_list, epochs=epochs, width=width, nbins=bins, batch=batch,
+                                      lr=lr, band_dropout=band_dropout, seed=seed, checkpoint=ck,
+                                      stop_after=stop_after, baseline=base["metrics"]["held_out"])
+    rec = _train("photoz-cnn", CNN, fit, out)
+    f, b = rec["metrics"]["held_out"]["i_lt_24"], rec["metrics"]["colour_baseline_held_out"]["i_lt_24"]
+    console.print(f"held out, i < 24: sigma_NMAD {f['sigma_nmad']:.4f} (colour baseline {b['sigma_nmad']:.4f}), "
+                  f"outliers {f['outliers']:.3f} ({b['outliers']:.3f}), bias {f['bias']:+.4f}, "
+                  f"68 % coverage {f['coverage_68']:.3f}")
+
+
 @eval_app.command("photoz")
 def eval_photoz(
     weights: Path = typer.Option(None, help="reference set (default: the shipped models/weights/photoz_knn.pt)"),
@@ -72,9 +126,14 @@ def eval_photoz(
     work: Path = typer.Option(None, help="keep the simulated fields here and reuse them next time"),
     device: str = typer.Option("cpu", help="torch device of the measuring stages' networks"),
     out: Path = typer.Option(None, help="write the figures as JSON here"),
+    cnn_weights: Path = typer.Option(None, help="photo-z CNN weights (default: the shipped "
+                                     "models/weights/photoz_cnn.pt)"),
 ) -> None:
     """sigma_NMAD, outliers, bias and the calibration of p(z) (PIT histogram, 68 % coverage) by i magnitude, for
-    each method and band set, with the stage's CPU cost, on held-out simulated fields against their truth."""
+    each method (knn, cnn) and band set, with the stage's CPU cost, on held-out simulated fields against their
+    truth."""
     from deepfield.flows.evaluate.photoz import evaluate, format_report
+    if cnn_weights is not None and not cnn_weights.exists():
+        fail(f"--cnn-weights {cnn_weights}: no such file")
     _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=size, seed=seed, workers=workers,
-              work=work, device=device)
+              work=work, device=device, cnn_weights=cnn_weights)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 __all__ = ["Z_MAX", "QUANTILES", "QUANTILE_COLUMNS", "MAG_BINS", "PhotoZKNN", "PhotoZReference", "pdf", "cdf",
-           "nmad_figures", "binned_figures"]
+           "nmad_figures", "binned_figures", "fit_spread"]
 
 Z_MAX = 4.0  # the simulator draws galaxies at z < 3.4
 QUANTILES = (0.025, 0.16, 0.5, 0.84, 0.975)
@@ -185,6 +185,18 @@ def pdf(q: np.ndarray, grid: np.ndarray) -> np.ndarray:
         c = np.interp(edges, kk, pk, left=0.0, right=1.0)
         out[i] = np.diff(c) / width
     return out
+
+
+def fit_spread(quantiles_at, z: np.ndarray, target: float = 0.68) -> float:
+    """The spread (bisection on [0.5, 3], rounded to 1e-4) that makes the 16-84 % intervals of the galaxies with
+    true redshifts `z` cover `target` of them; `quantiles_at(spread)` gives their (n, len(QUANTILES)) quantiles."""
+    lo, hi = 0.5, 3.0
+    for _ in range(30):
+        mid = 0.5 * (lo + hi)
+        q = quantiles_at(mid)
+        cov = np.mean((z >= q[:, QUANTILES.index(0.16)]) & (z <= q[:, QUANTILES.index(0.84)]))
+        lo, hi = (mid, hi) if cov < target else (lo, mid)
+    return round(0.5 * (lo + hi), 4)
 
 
 MAG_BINS = ((0.0, 22.0), (22.0, 23.0), (23.0, 24.0), (0.0, 24.0), (24.0, 25.0))

@@ -113,6 +113,9 @@ _ENTRIES = (
     ModelEntry("photoz_knn", "deepfield.models.photoz:PhotoZReference",
                "k-nearest-neighbour photo-z reference set: simulated galaxies measured by the pipeline, any 2+ of "
                "its bands", gpu=GpuSettings(batch=1), network=False),
+    ModelEntry("photoz_cnn", "deepfield.models.photoz_cnn:PhotoZCNN",
+               "photo-z CNN on 32x32 stamps with the aperture photometry, any 2+ of g r i z (Pasquet et al. 2019)",
+               gpu=GpuSettings(batch=4096, autocast="float16", tolerance=0.01)),
 )
 _REGISTRY: dict[str, ModelEntry] = {e.name: e for e in _ENTRIES}
 

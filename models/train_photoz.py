@@ -20,17 +20,23 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .photoz import QUANTILE_COLUMNS, QUANTILES, PhotoZKNN, binned_figures
+from .photoz import QUANTILE_COLUMNS, PhotoZKNN, binned_figures
+from .photoz import fit_spread as bisect_spread
 from .progress import say
 
 K_CHOICES = (16, 24, 32, 48, 64)
 
 
-def usable(t: pd.DataFrame, bands: list[str]) -> pd.DataFrame:
-    """Rows with a finite flux and a positive error in every band."""
+def usable_mask(t: pd.DataFrame, bands: list[str]) -> np.ndarray:
+    """True for the rows with a finite flux and a positive error in every band."""
     f = t[[f"flux_{b}" for b in bands]].to_numpy(float)
     e = t[[f"fluxerr_{b}" for b in bands]].to_numpy(float)
-    return t[np.isfinite(f).all(axis=1) & (e > 0).all(axis=1)]
+    return np.isfinite(f).all(axis=1) & (e > 0).all(axis=1)
+
+
+def usable(t: pd.DataFrame, bands: list[str]) -> pd.DataFrame:
+    """Rows with a finite flux and a positive error in every band."""
+    return t[usable_mask(t, bands)]
 
 
 def estimator(t: pd.DataFrame, bands: list[str], k: int, spread: float = 1.0) -> PhotoZKNN:
@@ -48,16 +54,9 @@ def figures(est: PhotoZKNN, t: pd.DataFrame, bands: list[str]) -> dict:
 
 
 def fit_spread(est: PhotoZKNN, t: pd.DataFrame, bands: list[str], target: float = 0.68) -> float:
-    """The spread that makes the 68 % intervals of `t` cover `target` (bisection on [0.5, 3])."""
+    """The spread that makes the 68 % intervals of `t` cover `target` (models.photoz.fit_spread)."""
     zn = est.neighbours(t[[f"flux_{b}" for b in bands]].to_numpy(float), bands)
-    z = t.z.to_numpy(float)
-    lo, hi = 0.5, 3.0
-    for _ in range(30):
-        mid = 0.5 * (lo + hi)
-        q = est.quantiles(zn, mid)
-        cov = np.mean((z >= q[:, QUANTILES.index(0.16)]) & (z <= q[:, QUANTILES.index(0.84)]))
-        lo, hi = (mid, hi) if cov < target else (lo, mid)
-    return round(0.5 * (lo + hi), 4)
+    return bisect_spread(lambda s: est.quantiles(zn, s), t.z.to_numpy(float), target)
 
 
 def train(command: str, tables: list[pd.DataFrame], seeds: list[int], size: int = 2048, flux: str = "aper",

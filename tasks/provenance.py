@@ -45,7 +45,7 @@ def model_versions(stages: list[tuple[str, dict]]) -> dict[str, str]:
         cls = stage_class(name)
         cfg = cls.configure(params)
         weights, variant = getattr(cfg, "weights", None), getattr(cfg, "variant", None)
-        for k, m in enumerate(cls.models):
+        for k, m in enumerate(cls.used_models(cfg)):
             if weights and k == 0:
                 out[m] = "file:" + weights_version(weights)
             elif variant and k == 0:

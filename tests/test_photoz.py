@@ -93,7 +93,7 @@ def test_the_stage_in_the_default_run_against_the_truth(default_run, survey):
     from astropy.coordinates import SkyCoord
 
     from deepfield.catalogs.schema import describe
-    _, summary, cat = default_run
+    _, _, cat = default_run
     cols = ["z_phot", "z_phot_err", "z_phot_q025", "z_phot_q16", "z_phot_q50", "z_phot_q84", "z_phot_q975",
             "z_phot_flag"]
     for c in cols:
@@ -125,4 +125,89 @@ def test_red_sequence_members_of_the_default_run_clusters_are_at_their_cluster_r
     assert m.sum() >= 10, m.sum()
     z = members.z.to_numpy(float)[m]
     dz = np.abs(cat.z_phot.to_numpy(float)[idx[m]] - z) / (1 + z)
+    assert np.mean(dz < 0.05) >= 0.8 and np.median(dz) < 0.03, (np.round(dz, 3), z)
+
+
+def test_cnn_quantiles_of_a_binned_density_by_hand():
+    """p(z) uniform within its bins: all mass in the bin [0.40, 0.44) puts the median at 0.42 and the 16 % quantile
+    at 0.40 + 0.16 x 0.04; two equal neighbouring bins put the median on the edge between them; spread widens
+    about the median."""
+    from deepfield.models.photoz_cnn import quantiles_from_probs
+    edges = np.linspace(0.0, Z_MAX, 101)
+    p = np.zeros((2, 100))
+    p[0, 10] = 1.0
+    p[1, [10, 11]] = 0.5
+    q = quantiles_from_probs(p, edges)
+    np.testing.assert_allclose(q[0], 0.40 + 0.04 * np.array(QUANTILES), atol=1e-12)
+    np.testing.assert_allclose(q[1, QUANTILES.index(0.5)], 0.44, atol=1e-12)  # half the mass below 0.44
+    np.testing.assert_allclose(q[1, QUANTILES.index(0.84)], 0.44 + 0.04 * 0.34 / 0.5, atol=1e-12)
+    wide = quantiles_from_probs(p[:1], edges, spread=2.0)
+    np.testing.assert_allclose(wide[0] - 0.42, 2.0 * (q[0] - 0.42), atol=1e-12)
+    grid = np.linspace(0.0, Z_MAX, 801)
+    width = np.diff(np.concatenate([[grid[0] - 0.0025], 0.5 * (grid[1:] + grid[:-1]), [grid[-1] + 0.0025]]))
+    np.testing.assert_allclose((pdf(q, grid) * width).sum(axis=1), 1.0, atol=1e-9)
+
+
+def test_cnn_stamps_are_centred_in_nJy_with_unusable_pixels_and_missing_bands_zero():
+    """A hand-made two-band tile: a source at (x, y) lies within half a pixel of the centre of its 32 px stamp
+    (15.5, 15.5): (40.2, 29.8) puts pixel (40, 30) at stamp index (15, 16); values converted with each band's zero point (ZP 27: 1 unit = 10^(0.4 x 4.4)
+    nJy), a masked pixel and the part outside the tile at 0, and a band the tile lacks all 0."""
+    from types import SimpleNamespace
+
+    from deepfield.tasks.maskbits import UNUSABLE
+    from deepfield.tasks.stages.photoz import stamps_nJy
+    ny, nx = 60, 80
+    image = np.zeros((2, ny, nx), np.float32)
+    image[0, 30, 40] = 5.0
+    image[1, 30, 40] = 2.0
+    image[0, 31, 40] = 1.0
+    mask = np.zeros((2, ny, nx), np.int32)
+    bit = int(UNUSABLE & -UNUSABLE)  # the lowest unusable bit
+    mask[0, 31, 40] = bit
+    tile = SimpleNamespace(bands=["r", "g"], image=image, invvar=np.ones_like(image), mask=mask,
+                           zeropoints=[27.0, 31.4])
+    st = stamps_nJy(tile, np.array([40.2, 2.0]), np.array([29.8, 3.0]), ["g", "r", "i"], 32)
+    assert st.shape == (2, 3, 32, 32) and st.dtype == np.float32
+    np.testing.assert_allclose(st[0, 1, 16, 15], 5.0 * 10 ** (0.4 * 4.4), rtol=1e-6)  # r, ZP 27
+    np.testing.assert_allclose(st[0, 0, 16, 15], 2.0, rtol=1e-6)  # g, ZP 31.4: nJy already
+    assert st[0, 1, 17, 15] == 0.0  # masked
+    assert np.count_nonzero(st[0]) == 2 and not st[:, 2].any()  # band i absent
+    # near the corner, (2.3, 3.4): the stamp starts at pixel (-13, -12); what lies before the tile is 0
+    image[1, 3, 2] = 7.0
+    image[1, 0, :] = 1.0
+    st = stamps_nJy(tile, np.array([2.3]), np.array([3.4]), ["g"], 32)
+    assert st[0, 0, 15, 15] == np.float32(7.0) and not st[0, 0, :12].any() and not st[0, 0, :, :13].any()
+    assert st[0, 0, 12, 13:].all()  # the tile's first row
+
+
+def test_the_cnn_method_with_the_shipped_weights_on_the_default_runs_fields(default_run, survey):
+    """The photoz stage with method cnn (the shipped photoz_cnn) on the default run's store, in this process after
+    the default run's measuring stages: every row gets ordered quantiles; bright isolated galaxies matched to the
+    truth have redshifts within the method's accuracy, and the red-sequence members of the simulated clusters
+    (E template at the cluster's z) are recovered within 0.05 (1 + z)."""
+    from deepfield.flows.evaluate.detection import detection_stages
+    from deepfield.tasks.sim.config import SimConfig
+    from deepfield.tasks.trainsets.photoz import matched_galaxies, process_store
+    cfg, _, _ = default_run
+    stages, halo = detection_stages()
+    rows = process_store(cfg.store_path, [*stages, ("photoz", {"method": "cnn"})], halo)
+    q = rows[["z_phot_q025", "z_phot_q16", "z_phot_q50", "z_phot_q84", "z_phot_q975"]].to_numpy(float)
+    ok = np.isfinite(q).all(axis=1)
+    assert ok.mean() > 0.95 and np.all(np.diff(q[ok], axis=1) >= 0)
+    truth = pd.read_parquet(survey / "truth" / "objects.parquet")
+    m = matched_galaxies(rows, truth, SimConfig().pixel_scale, ["i"], "i")
+    zp = rows.z_phot.to_numpy(float)[m.row.to_numpy()]
+    bright = (m.mag_true < 23).to_numpy() & (m.blendedness < 0.1).to_numpy()
+    assert bright.sum() > 100, bright.sum()
+    f = nmad_figures(zp[bright], m.z.to_numpy(float)[bright])
+    assert f["sigma_nmad"] < 0.08 and f["outliers"] < 0.2 and abs(f["bias"]) < 0.03, f
+    # red-sequence members: the truth's rows of the matched galaxies
+    from scipy.spatial import cKDTree
+    red = truth[(truth.cluster_id >= 0) & (truth.sed == "E") & (truth.mag_i < 22)]
+    tree = cKDTree(np.c_[m.x.to_numpy(float), m.y.to_numpy(float)])
+    d, j = tree.query(np.c_[red.x.to_numpy(float), red.y.to_numpy(float)], distance_upper_bound=2.5)
+    hit = np.isfinite(d) & (m.field.to_numpy()[np.minimum(j, len(m) - 1)] == red.field.to_numpy())
+    assert hit.sum() >= 10, hit.sum()
+    z = red.z.to_numpy(float)[hit]
+    dz = np.abs(zp[j[hit]] - z) / (1 + z)
     assert np.mean(dz < 0.05) >= 0.8 and np.median(dz) < 0.03, (np.round(dz, 3), z)

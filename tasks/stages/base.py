@@ -100,6 +100,12 @@ class Stage(ABC):
         0 for stages that read only their own tile."""
         return 0.0
 
+    @classmethod
+    def used_models(cls, config: StageConfig) -> tuple[str, ...]:
+        """The models a stage of this configuration runs, the one it builds first (`models` by default; a stage
+        whose configuration chooses among its models narrows it). `weights` and `variant` apply to the first."""
+        return cls.models
+
     def required_bands(self) -> list[str] | None:
         """The bands this stage needs in every field, or None when it works on whatever bands a field has."""
         return None
@@ -153,15 +159,20 @@ class ModelStage(Stage):
         self.model = None
         self.device = "cpu"
 
+    @property
+    def model_name(self) -> str:
+        """The registry name of the network this stage builds and runs."""
+        return self.used_models(self.config)[0]
+
     def model_bands(self) -> list[str]:
         """The bands the stage's network takes, in channel order (from its weights' training record)."""
         from deepfield.models.registry import input_bands
-        return input_bands(self.models[0], self.config.weights_file(self.models[0]))
+        return input_bands(self.model_name, self.config.weights_file(self.model_name))
 
     def training_record(self) -> dict:
         """The training record of the weights the stage runs (no torch needed)."""
         from deepfield.models.registry import training_record
-        return training_record(self.models[0], self.config.weights_file(self.models[0]))
+        return training_record(self.model_name, self.config.weights_file(self.model_name))
 
     def required_bands(self) -> list[str] | None:
         return self.model_bands()
@@ -169,7 +180,7 @@ class ModelStage(Stage):
     def setup(self, device: str) -> None:
         from deepfield.models.registry import create_model
         self.device = device
-        self.model = create_model(self.models[0], device=device, weights=self.config.weights_file(self.models[0]))
+        self.model = create_model(self.model_name, device=device, weights=self.config.weights_file(self.model_name))
 
     def inference_batch(self) -> int:
         """Network inputs per batch: the configuration's `batch` on the CPU or where the user set it, else on a
@@ -178,7 +189,7 @@ class ModelStage(Stage):
         if self.device == "cpu" or "batch" in self.config.model_fields_set:
             return batch
         from deepfield.models.registry import gpu_settings
-        return int(gpu_settings(self.models[0]).batch)
+        return int(gpu_settings(self.model_name).batch)
 
     def ensure_setup(self) -> None:
         """Set the model up on the stage's device when `setup` has not been called (a stage used directly)."""

@@ -1,15 +1,19 @@
-"""Photometric redshifts from the catalog's colours (issue 23's colour baseline): the k-nearest-neighbour
-estimator of models/photoz.py against the shipped reference set `photoz_knn` (simulated galaxies measured by
-these same stages, with their true redshifts; `deepfield train photoz`).
+"""Photometric redshifts for every row (issue 23), by one of two methods trained on the simulator's truth:
 
-For every row, the fluxes `flux_<flux>_<b>` and errors of the bands that the field and the reference set share
-(at least two; a field with fewer is refused before the run, naming the bands) are converted to nJy with the
-row's `zeropoint_<b>` and compared, as colours and a magnitude, with the reference galaxies' (models/photoz.py).
-The default `flux` is `aper` (the measure stage's circular aperture of one PSF FWHM, the same in every band):
-on the simulated fields its colours gave sigma_NMAD 0.073 against 0.097 for the Kron fluxes and 0.098 for the
-deblended ones (one 2048^2 field, i < 24, reference set from another field), because a small aperture has the
-least sky noise and the least of the neighbours' light. The reference set was measured with the same `flux`
-(its training record says which); another `flux` than the record's is refused.
+- `knn`, the colour baseline: the k-nearest-neighbour estimator of models/photoz.py against the shipped
+  reference set `photoz_knn` (simulated galaxies measured by these same stages, with their true redshifts;
+  `deepfield train photoz`);
+- `cnn`: the network of models/photoz_cnn.py (after Pasquet et al. 2019) on 32x32 px stamps of the tile's
+  background-subtracted pixels in every band (`stamps_nJy`) with the catalog's photometry as extra input,
+  shipped as `photoz_cnn` (`deepfield train photoz-cnn`, trained on the galaxies of the same fields).
+
+For every row, the fluxes `flux_<flux>_<b>` and errors of the bands that the field and the method's weights
+share (at least two; a field with fewer is refused before the run, naming the bands) are converted to nJy with
+the row's `zeropoint_<b>`. The default `flux` is `aper` (the measure stage's circular aperture of one PSF FWHM,
+the same in every band): on the simulated fields its colours gave sigma_NMAD 0.073 against 0.097 for the Kron
+fluxes and 0.098 for the deblended ones (one 2048^2 field, i < 24, reference set from another field), because
+a small aperture has the least sky noise and the least of the neighbours' light. The weights were made with one
+`flux` (their training record says which); another `flux` is refused.
 
 Columns added: `z_phot` (median of p(z)), `z_phot_err` (half the 16-84 % width), the p(z) summary
 `z_phot_q025`, `z_phot_q16`, `z_phot_q50`, `z_phot_q84`, `z_phot_q975` (its quantiles; p(z) is uniform between
@@ -27,34 +31,48 @@ from pydantic import Field
 
 from .base import ModelStage, ModelStageConfig, StageConfig
 
-__all__ = ["PhotoZStage", "PhotoZConfig", "nJy"]
+__all__ = ["PhotoZStage", "PhotoZConfig", "nJy", "stamps_nJy", "STAMP_SIZE"]
+
+STAMP_SIZE = 32  # px side of the CNN's stamps (6.4" at 0.2"/px): a galaxy at i < 25 and its surroundings
+
+
+METHOD_MODELS = {"knn": "photoz_knn", "cnn": "photoz_cnn"}
 
 
 class PhotoZConfig(ModelStageConfig):
+    method: Literal["knn", "cnn"] = Field("knn", description="knn: the colour baseline (reference set "
+                                          "photoz_knn); cnn: the network on stamps and photometry (photoz_cnn)")
     flux: Literal["aper", "auto", "deblend"] = Field("aper", description="photometry the colours come from: aper "
                                                      "(flux_aper_<b>), auto (flux_auto_<b>), deblend "
                                                      "(flux_deblend_<b>, the Kron flux for isolated sources); "
-                                                     "must be what the reference set was measured with")
-    k: Optional[int] = Field(None, ge=4, le=1024, description="neighbours per galaxy (default: the reference "
+                                                     "must be what the method's weights were made with")
+    k: Optional[int] = Field(None, ge=4, le=1024, description="knn: neighbours per galaxy (default: the reference "
                              "set's, fitted in training)")
+    batch: int = Field(1024, ge=1, description="cnn: stamps per network call on the CPU")
 
 
 class PhotoZStage(ModelStage):
     name: ClassVar[str] = "photoz"
     version: ClassVar[str] = "1"
     Config: ClassVar[type[StageConfig]] = PhotoZConfig
-    models: ClassVar[tuple[str, ...]] = ("photoz_knn",)
-    reads: ClassVar[tuple[str, ...]] = ("flux_aper_{band}", "fluxerr_aper_{band}", "zeropoint_{band}")
+    models: ClassVar[tuple[str, ...]] = ("photoz_knn", "photoz_cnn")
+    reads: ClassVar[tuple[str, ...]] = ("x_tile", "y_tile", "flux_aper_{band}", "fluxerr_aper_{band}",
+                                        "zeropoint_{band}")
     adds: ClassVar[tuple[str, ...]] = ("z_phot", "z_phot_err", "z_phot_q025", "z_phot_q16", "z_phot_q50",
                                        "z_phot_q84", "z_phot_q975", "z_phot_flag")
 
+    @classmethod
+    def used_models(cls, config: StageConfig) -> tuple[str, ...]:
+        return (METHOD_MODELS[config.method],)
+
     def required_bands(self) -> list[str] | None:
-        return None  # any two of the reference set's bands (band_problem)
+        return None  # any two of the weights' bands (band_problem)
 
     def band_problem(self, have: list[str]) -> str | None:
         ref = self.model_bands()
         if len([b for b in ref if b in have]) < 2:
-            return (f"needs bands: at least two of the photo-z reference set's {', '.join(ref)} "
+            what = "reference set" if self.method == "knn" else "CNN"
+            return (f"needs bands: at least two of the photo-z {what}'s {', '.join(ref)} "
                     f"(missing {', '.join(b for b in ref if b not in have)})")
         return None
 
@@ -62,24 +80,35 @@ class PhotoZStage(ModelStage):
         super().setup(device)
         trained = getattr(self.model, "flux_kind", "aper")
         if self.flux != trained:
-            raise ValueError(f"stage 'photoz': flux {self.flux!r}, but the reference set was measured with "
-                             f"{trained!r} (retrain with `deepfield train photoz --flux {self.flux}`)")
-        self.estimator = self.model.estimator()
-        if self.k is not None:
-            self.estimator.k = int(self.k)
+            raise ValueError(f"stage 'photoz': flux {self.flux!r}, but the {self.method} weights were made with "
+                             f"{trained!r} (retrain with `deepfield train "
+                             f"{'photoz' if self.method == 'knn' else 'photoz-cnn'} --flux {self.flux}`)")
+        if self.method == "cnn":
+            from deepfield.models.photoz_cnn import for_inference
+            self.model = for_inference(self.model)
+        else:
+            self.estimator = self.model.estimator()
+            if self.k is not None:
+                self.estimator.k = int(self.k)
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
         self.ensure_setup()
         out = sources.copy()
-        bands = [b for b in tile.bands if b in self.estimator.bands]
-        if len(sources) == 0 or len(bands) < 2:
-            res = self.estimator.predict(np.zeros((len(sources), 0)), np.zeros((len(sources), 0)), [])
-        else:
-            flux = np.empty((len(sources), len(bands)))
-            err = np.empty_like(flux)
+        have = self.model.bands if self.method == "cnn" else self.estimator.bands
+        bands = [b for b in tile.bands if b in have]
+        flux = np.empty((len(sources), len(bands)))
+        err = np.empty_like(flux)
+        if len(sources) and len(bands) >= 2:
             for i, b in enumerate(bands):
-                f, e = self.flux_nJy(sources, b)
-                flux[:, i], err[:, i] = f, e
+                flux[:, i], err[:, i] = self.flux_nJy(sources, b)
+        else:
+            bands, flux, err = [], np.zeros((len(sources), 0)), np.zeros((len(sources), 0))
+        if self.method == "cnn":
+            from deepfield.models.photoz_cnn import estimates
+            stamps = stamps_nJy(tile, sources["x_tile"].to_numpy(float), sources["y_tile"].to_numpy(float),
+                                bands, self.model.size) if bands else np.zeros((len(sources), 0, 1, 1), np.float32)
+            res = estimates(self.model, stamps, flux, err, bands, batch=self.inference_batch(), device=self.device)
+        else:
             res = self.estimator.predict(flux, err, bands)
         for c in self.adds:
             out[c] = res[c].astype(np.float32) if c != "z_phot_flag" else res[c]
@@ -103,3 +132,34 @@ def nJy(sources: pd.DataFrame, band: str, kind: str = "aper") -> tuple[np.ndarra
         use = np.isfinite(fd) & np.isfinite(ed)
         f[use], e[use] = fd[use], ed[use]
     return f * scale, e * scale
+
+
+def stamps_nJy(tile, x: np.ndarray, y: np.ndarray, bands: list[str], size: int = STAMP_SIZE) -> np.ndarray:
+    """(n, len(bands), size, size) float32 stamps of the tile's (background-subtracted) pixels in nJy, centred on
+    the pixels nearest to (x, y) (tile array coordinates: x_tile, y_tile), as the CNN of models/photoz_cnn.py
+    takes them: 0 where a pixel is unusable (mask bits of UNUSABLE, no weight, not finite) or outside the tile
+    arrays, and 0 in every pixel of a band the tile does not have. One fancy-indexing cut for all stamps (a
+    loop over stamps costs 10x more at a thousand galaxies per tile)."""
+    from ._pixels import UNUSABLE
+    n = len(x)
+    out = np.zeros((n, len(bands), size, size), np.float32)
+    have = [b for b in bands if b in tile.bands]
+    if n == 0 or not have:
+        return out
+    idx = [tile.bands.index(b) for b in have]
+    ny, nx = tile.image.shape[1:]
+    c = (size - 1) / 2.0
+    x0 = np.rint(np.asarray(x, float) - c).astype(np.int64)
+    y0 = np.rint(np.asarray(y, float) - c).astype(np.int64)
+    off = np.arange(size)
+    yy, xx = y0[:, None] + off[None, :], x0[:, None] + off[None, :]  # (n, size)
+    iny, inx = (yy >= 0) & (yy < ny), (xx >= 0) & (xx < nx)
+    yc, xc = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
+    inside = iny[:, :, None] & inx[:, None, :]
+    for k, (j, b) in enumerate(zip(idx, have)):
+        img = tile.image[j][yc[:, :, None], xc[:, None, :]].astype(np.float32)
+        ok = inside & ((tile.mask[j][yc[:, :, None], xc[:, None, :]] & UNUSABLE) == 0) \
+            & (tile.invvar[j][yc[:, :, None], xc[:, None, :]] > 0) & np.isfinite(img)
+        scale = 10 ** (-0.4 * (float(tile.zeropoints[j]) - 31.4))
+        out[:, bands.index(b)] = np.where(ok, img * scale, 0.0)
+    return out

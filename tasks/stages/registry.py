@@ -147,7 +147,7 @@ def _variant_candidates(name: str, params: dict) -> list[dict]:
     if not issubclass(cls, ModelStage) or cfg.weights is not None or cfg.variant is not None:
         return [dict(params)]
     from deepfield.models.registry import variants
-    tags = sorted(variants(cls.models[0]).items(), key=lambda kv: (-len(kv[1]), kv[0] != "", kv[0]))
+    tags = sorted(variants(cls.used_models(cfg)[0]).items(), key=lambda kv: (-len(kv[1]), kv[0] != "", kv[0]))
     # the main weights as the parameters are (variant none), so a survey with the main weights' bands keeps
     # its configuration hash and its ledger
     return [dict(params, variant=tag) if tag else dict(params) for tag, _ in tags] or [dict(params)]
@@ -181,7 +181,8 @@ def resolve_bands(stages: list[tuple[str, dict]], field_bands: dict[str, list[st
         lines = _band_problems(make_stage(name, **tries[0]), field_bands)
         if len(tries) > 1:
             from deepfield.models.registry import variants
-            sets = "; ".join(",".join(b) for b in variants(stage_class(name).models[0]).values())
+            cls = stage_class(name)
+            sets = "; ".join(",".join(b) for b in variants(cls.used_models(cls.configure(params))[0]).values())
             lines = [f"{ln} (its shipped weights take {sets})" for ln in lines]
         problems += [f"stage {name!r}{'' if ln.startswith(':') else ' '}{ln}" for ln in lines]
         skipped.append(f"stage {name!r} skipped: {lines[0].removeprefix(': ')}")

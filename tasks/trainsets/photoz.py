@@ -19,21 +19,23 @@ import numpy as np
 import pandas as pd
 
 from ..sim.config import SimConfig
-from ..stages.photoz import nJy
+from ..stages.photoz import STAMP_SIZE, nJy, stamps_nJy
 from .fields import simulate_fields
 
 __all__ = ["MATCH_ARCSEC", "GALAXY_KINDS", "process_store", "nJy", "matched_galaxies",
-           "measured_fields", "seed_tables"]
+           "measured_fields", "seed_tables", "stamps_path"]
 
 MATCH_ARCSEC = 0.6
 GALAXY_KINDS = ("galaxy", "bcg")
 
 
 def process_store(store: Path, stages: list[tuple[str, dict]], halo: int, device: str = "cpu",
-                  progress: Callable[[str], None] | None = None, timings: dict | None = None) -> pd.DataFrame:
+                  progress: Callable[[str], None] | None = None, timings: dict | None = None,
+                  stamps: tuple[list[str], int, list] | None = None) -> pd.DataFrame:
     """Every tile of `store` through `stages` in this process; the primary rows of all tiles, with `field`.
     `timings`, when given, collects each stage's CPU seconds (time.process_time) and the pixels of tile cores
-    under "pixels"."""
+    under "pixels" (and the cutting of `stamps` under "stamps"). `stamps` = (bands, size, out): the photo-z stamps (tasks.stages.photoz.stamps_nJy) of the
+    primary rows, in the order of the returned rows, are appended to the list `out`, one array per tile."""
     import time
 
     from deepfield.tasks.stages.registry import make_stage
@@ -58,6 +60,12 @@ def process_store(store: Path, stages: list[tuple[str, dict]], halo: int, device
             prim = sources[sources.is_primary.to_numpy(bool)].copy()
             prim.insert(0, "field", tid.field)
             rows.append(prim)
+            if stamps is not None:
+                t0 = time.process_time()
+                stamps[2].append(stamps_nJy(tile, prim.x_tile.to_numpy(float), prim.y_tile.to_numpy(float),
+                                            stamps[0], stamps[1]))
+                if timings is not None:
+                    timings["stamps"] = timings.get("stamps", 0.0) + time.process_time() - t0
         if progress:
             progress(f"  tile {tid} ({n}/{len(tiles)}): {len(rows[-1]) if rows and len(sources) else 0} primary rows")
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
@@ -66,9 +74,10 @@ def process_store(store: Path, stages: list[tuple[str, dict]], halo: int, device
 def matched_galaxies(sources: pd.DataFrame, truth: pd.DataFrame, pixel_scale: float, bands: list[str],
                      ref: str, kind: str = "aper") -> pd.DataFrame:
     """The rows of `sources` (primary rows with field, x, y in field pixels) matched one to one (mutual
-    nearest within MATCH_ARCSEC) to a true galaxy of their field: field, flux_<b>, fluxerr_<b> (nJy, of the
-    photometry `kind`: see nJy) for every band, z (true), mag_true (the truth's `ref` magnitude), blendedness
-    (the truth's) and the source's row index (`row`)."""
+    nearest within MATCH_ARCSEC) to a true galaxy of their field: field, row (the source's index), x, y (its
+    field pixel position), flux_<b>, fluxerr_<b> (nJy, of the
+    photometry `kind`: see nJy) for every band, z (true), mag_true (the truth's `ref` magnitude) and blendedness
+    (the truth's)."""
     from scipy.spatial import cKDTree
     out = []
     radius = MATCH_ARCSEC / pixel_scale
@@ -83,7 +92,7 @@ def matched_galaxies(sources: pd.DataFrame, truth: pd.DataFrame, pixel_scale: fl
         ok = np.isfinite(d1)
         ok[ok] = i[j[ok]] == np.flatnonzero(ok)  # mutual nearest
         ms, mt = s[ok], t.iloc[j[ok]]
-        cols = {"field": name, "row": ms.index.to_numpy()}
+        cols = {"field": name, "row": ms.index.to_numpy(), "x": sxy[ok, 0], "y": sxy[ok, 1]}
         for b in bands:
             cols[f"flux_{b}"], cols[f"fluxerr_{b}"] = nJy(ms, b, kind)
         cols["z"] = mt.z.to_numpy(float)
@@ -95,11 +104,13 @@ def matched_galaxies(sources: pd.DataFrame, truth: pd.DataFrame, pixel_scale: fl
 
 def measured_fields(seeds: list[int], size: int, work: Path, stages: list[tuple[str, dict]], halo: int,
                     workers: int = 2, device: str = "cpu", progress: Callable[[str], None] | None = None,
-                    timings: dict | None = None, kind: str = "aper", bands: list[str] | None = None
+                    timings: dict | None = None, kind: str = "aper", bands: list[str] | None = None,
+                    stamp_out: list | None = None, stamp_size: int = STAMP_SIZE
                     ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """One simulated field of `size`^2 px per seed (the simulator's defaults, in `bands` when given; reused under
     `work`/seed<N>), through `stages` ([(name, params)]) with `halo`: (matched galaxies of every field with the
-    photometry `kind`, every primary row, the bands)."""
+    photometry `kind`, every primary row, the bands). With `stamp_out` (a list), each seed's stamps of its matched
+    galaxies (stamps_nJy, `stamp_size` px, in the field's bands), in the order of the matched rows, are appended."""
     matched, rows, bands = [], [], []
     for seed in seeds:
         cfg = SimConfig(seed=seed, size=size, fields=1, **({"bands": list(bands)} if bands else {}))
@@ -108,13 +119,17 @@ def measured_fields(seeds: list[int], size: int, work: Path, stages: list[tuple[
             progress(f"field of seed {seed}: simulating and ingesting {size}^2 px, bands {','.join(cfg.bands)} ...")
         store = simulate_fields(cfg, out, workers, progress)
         truth = pd.read_parquet(out / "sim" / "truth" / "objects.parquet")
-        sources = process_store(store, stages, halo, device, progress, timings)
+        tiles_stamps: list = []
+        sources = process_store(store, stages, halo, device, progress, timings,
+                                (list(cfg.bands), stamp_size, tiles_stamps) if stamp_out is not None else None)
         if not len(sources):
             continue
         sources["field"] = sources.field.astype(str) + f"@{seed}"  # names repeat across seeds
         truth = truth.assign(field=truth.field.astype(str) + f"@{seed}")
         bands = list(cfg.bands)
         m = matched_galaxies(sources, truth, cfg.pixel_scale, bands, cfg.reference_band, kind)
+        if stamp_out is not None:
+            stamp_out.append(np.concatenate(tiles_stamps)[m.row.to_numpy()])
         m["row"] += sum(len(r) for r in rows)
         matched.append(m)
         rows.append(sources)
@@ -122,26 +137,40 @@ def measured_fields(seeds: list[int], size: int, work: Path, stages: list[tuple[
             pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(), bands)
 
 
+def stamps_path(work: Path, seed: int, size: int = STAMP_SIZE) -> Path:
+    """Where seed_tables keeps a seed's stamps of its matched galaxies (float32 nJy, (n, bands, size, size))."""
+    return Path(work) / f"seed{seed}" / f"photoz_stamps{size}.npy"
+
+
+def _atomic_save(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def seed_tables(seeds: list[int], size: int, work: Path, stages: list[tuple[str, dict]], halo: int,
                 workers: int = 2, kind: str = "aper", bands: list[str] | None = None, device: str = "cpu",
-                progress: Callable[[str], None] | None = None) -> list[pd.DataFrame]:
+                progress: Callable[[str], None] | None = None, stamps: bool = False) -> list[pd.DataFrame]:
     """The matched galaxies of each seed's field (measured_fields), each kept as `work`/seed<N>/photoz_<kind>.parquet
-    (written atomically) and read back from there on a rerun: a killed run resumes from the seeds it finished."""
+    (written atomically) and read back from there on a rerun: a killed run resumes from the seeds it finished.
+    With `stamps`, each seed's stamps of those galaxies are kept too (stamps_path, in the table's row order,
+    written before the table) and a seed without them is measured again."""
     out = []
     for seed in seeds:
         path = Path(work) / f"seed{seed}" / f"photoz_{kind}.parquet"
-        if path.exists():
+        if path.exists() and (not stamps or stamps_path(work, seed).exists()):
             if progress:
                 progress(f"seed {seed}: {path} (measured before)")
             out.append(pd.read_parquet(path))
             continue
+        got: list = []
         matched, _, _ = measured_fields([seed], size, Path(work), stages, halo, workers, device, progress, kind=kind,
-                                        bands=bands)
+                                        bands=bands, stamp_out=got if stamps else None)
         matched["seed"] = seed
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        matched.to_parquet(tmp)
-        os.replace(tmp, path)
+        if stamps:
+            _atomic_save(stamps_path(work, seed), lambda p: np.save(p, got[0] if got else np.zeros((0,), np.float32)))
+        _atomic_save(path, matched.to_parquet)
         if progress:
             progress(f"seed {seed}: {len(matched)} galaxies matched to the truth")
         out.append(matched)

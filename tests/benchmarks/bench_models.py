@@ -27,8 +27,8 @@ import time
 
 import numpy as np
 
-MODELS = ("lens_resnet", "deblend_unet", "anomaly_wgan", "cluster_net", "detect_net")
-STAGE_OF = {"lens_resnet": "lens", "deblend_unet": "deblend", "anomaly_wgan": "anomaly"}
+MODELS = ("lens_resnet", "deblend_unet", "anomaly_wgan", "cluster_net", "detect_net", "photoz_cnn")
+STAGE_OF = {"lens_resnet": "lens", "deblend_unet": "deblend", "anomaly_wgan": "anomaly", "photoz_cnn": "photoz"}
 
 
 def sky(rng, n: int, c: int, s: int, sources: int) -> np.ndarray:
@@ -97,6 +97,14 @@ def case(name: str, device: str, batch: int, n: int, tiles: int, tile_size: int,
         t[:, -1] = 0.0  # the unusable-fraction plane: every pixel usable
         return (model.to(device), lambda m: np.stack([heat_and_offsets(m, q, device)[0] for q in t]),
                 f"{c}x{tile_size}x{tile_size}", tiles)
+    if name == "photoz_cnn":
+        from deepfield.models.photoz_cnn import estimates
+        nb, s = len(model.bands), model.size
+        x = sky(rng, n, nb, s, 1) * model.pix_soft.numpy()[None, :, None, None]  # nJy, noise at pix_soft
+        flux = x[:, :, s // 2 - 2:s // 2 + 2, s // 2 - 2:s // 2 + 2].sum(axis=(2, 3)).astype(float)
+        err = np.ones_like(flux)
+        return (model.to(device), lambda m: estimates(m, x, flux, err, list(m.bands), batch=batch,
+                                                      device=device)["z_phot"], f"{nb}x{s}x{s}", n)
     raise KeyError(name)
 
 
