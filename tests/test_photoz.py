@@ -211,3 +211,23 @@ def test_the_cnn_method_with_the_shipped_weights_on_the_default_runs_fields(defa
     z = red.z.to_numpy(float)[hit]
     dz = np.abs(zp[j[hit]] - z) / (1 + z)
     assert np.mean(dz < 0.05) >= 0.8 and np.median(dz) < 0.03, (np.round(dz, 3), z)
+
+
+def test_the_method_chooses_the_model_the_ledger_and_band_checks_follow(tmp_path):
+    """model_versions (what a tile's ledger record must match) names the method's model alone, with a `weights`
+    file applying to it; the band check before a run reads the method's weights."""
+    import shutil
+
+    from deepfield.models.registry import entry, model_version
+    from deepfield.tasks.provenance import model_versions
+    from deepfield.tasks.stages.registry import make_stage
+    assert model_versions([("photoz", {})]) == {"photoz_knn": model_version("photoz_knn")}
+    assert model_versions([("photoz", {"method": "cnn"})]) == {"photoz_cnn": model_version("photoz_cnn")}
+    copy = tmp_path / "cnn.pt"
+    shutil.copy(entry("photoz_cnn").weights, copy)
+    shutil.copy(entry("photoz_cnn").weights.with_suffix(".train.json"), copy.with_suffix(".train.json"))
+    v = model_versions([("photoz", {"method": "cnn", "weights": str(copy)})])
+    assert list(v) == ["photoz_cnn"] and v["photoz_cnn"].startswith("file:")
+    stage = make_stage("photoz", method="cnn")
+    assert stage.model_bands() == ["g", "r", "i", "z"]
+    assert stage.band_problem(["g", "r"]) is None and "CNN" in stage.band_problem(["g", "y"])
