@@ -84,7 +84,7 @@ def input_keys(root, fields, reach_arcsec: float = 0.0) -> dict[str, str]:
     a stage reads other fields' pixels within `reach_arcsec` of a field (the cluster stage's halo), the
     fingerprints of the store's complete fields within that reach are folded in, so that re-ingesting, adding
     or removing a neighbour redoes the field's tiles, not only re-ingesting the field."""
-    from .zarr_store import COMPLETE, field_footprint, fields_attrs, fields_near, is_complete, record_fingerprint
+    from .zarr_store import COMPLETE, field_footprint, fields_attrs, is_complete, neighbours_within, record_fingerprint
     attrs = fields_attrs(root, None if reach_arcsec > 0 else list(fields))  # each field's metadata read once
     own = {f: record_fingerprint((attrs.get(f) or {}).get(COMPLETE)) for f in fields}
     if reach_arcsec <= 0:
@@ -92,9 +92,10 @@ def input_keys(root, fields, reach_arcsec: float = 0.0) -> dict[str, str]:
     complete = sorted(n for n, a in attrs.items() if is_complete(a))
     footprints = {n: field_footprint(attrs[n]) for n in complete}
     prints = {n: own.get(n) or record_fingerprint(attrs[n][COMPLETE]) for n in complete}
+    neighbours = neighbours_within(footprints, reach_arcsec)
     out = {}
     for f in fields:
-        near = sorted(fields_near(footprints, f, reach_arcsec)) if f in footprints else []
+        near = neighbours.get(f, [])
         blob = json.dumps([own[f], [(n, prints[n]) for n in near]])
         out[f] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return out

@@ -229,6 +229,32 @@ def fields_near(footprints: dict[str, tuple[float, float, float]], name: str, ma
     return [n for n, k in zip(others, near) if k]
 
 
+def neighbours_within(footprints: dict[str, tuple[float, float, float]], margin_arcsec: float) -> dict[str, list[str]]:
+    """For every field of `footprints`, the others that fields_near gives (the same test), sorted, found for all
+    fields at once: astropy's search_around_sky (a KD-tree of unit vectors) pairs the centres within the largest
+    distance the test can pass, and the test then runs on those pairs alone: O(n log n) in the number of fields
+    rather than fields_near's comparison of every pair (10^11 pairs for a Rubin-sized survey, issue 22)."""
+    import numpy as np
+    from astropy import units as u
+    from astropy.coordinates import SkyCoord
+
+    from .astro import separation_arcsec
+    names = list(footprints)
+    out: dict[str, list[str]] = {n: [] for n in names}
+    if len(names) < 2:
+        return out
+    fp = np.array([footprints[n] for n in names], float)
+    grow = margin_arcsec * np.sqrt(2) + 60.0
+    sky = SkyCoord(fp[:, 0] * u.deg, fp[:, 1] * u.deg)
+    i, j, _, _ = sky.search_around_sky(sky, (2 * fp[:, 2].max() + grow) * u.arcsec)
+    keep = i != j
+    i, j = i[keep], j[keep]
+    near = separation_arcsec(fp[i, 0], fp[i, 1], fp[j, 0], fp[j, 1]) < fp[i, 2] + fp[j, 2] + grow
+    for a, b in zip(i[near], j[near]):
+        out[names[a]].append(names[b])
+    return {n: sorted(v) for n, v in out.items()}
+
+
 def fields_attrs(root: zarr.Group, names: list[str] | None = None) -> dict[str, dict | None]:
     """The group attributes of the fields `names` (default: every field group of the store), each read once;
     None for a field without a group or whose metadata cannot be read (as field_record: not complete).

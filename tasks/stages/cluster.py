@@ -48,7 +48,7 @@ import pandas as pd
 from pydantic import Field
 
 from ._pixels import UNUSABLE
-from ..zarr_store import field_footprint, field_wcs, fields_near
+from ..zarr_store import field_footprint, field_wcs, fields_attrs, fields_near
 from .base import ModelStage, ModelStageConfig, StageConfig
 
 __all__ = ["BACKGROUND_MESH", "BLOCK_HALO", "MAX_SIDE", "SOFTENING", "ClusterConfig", "ClusterStage", "binned_planes",
@@ -304,12 +304,11 @@ class ClusterStage(ModelStage):
         from ..zarr_store import COMPLETE
         name, store, record = self._key(group)
         if self._sky is None or self._sky[0] != store or self._sky[1].get(name, (None,))[0] != record:
-            fields = zarr.open_group(store=group.store, mode="r", use_consolidated=False)["fields"]
-            sky = {}
-            for n in sorted(fields.group_keys()):
-                attrs = fields[n].attrs.asdict()
-                if COMPLETE in attrs:
-                    sky[n] = (repr(attrs[COMPLETE]), field_footprint(attrs))
+            # every field's attributes read straight from its zarr.json (fields_attrs: 0.05 ms a field against
+            # 1.5 ms through zarr, once per actor and store change; a survey has 10^4-10^5 fields)
+            root = zarr.open_group(store=group.store, mode="r", use_consolidated=False)
+            sky = {n: (repr(a[COMPLETE]), field_footprint(a)) for n, a in sorted(fields_attrs(root).items())
+                   if a and COMPLETE in a}
             self._sky = (store, sky)
         sky = self._sky[1]
         footprints = {n: v[1] for n, v in sky.items()}
