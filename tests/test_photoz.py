@@ -231,3 +231,15 @@ def test_the_method_chooses_the_model_the_ledger_and_band_checks_follow(tmp_path
     stage = make_stage("photoz", method="cnn")
     assert stage.model_bands() == ["g", "r", "i", "z"]
     assert stage.band_problem(["g", "r"]) is None and "CNN" in stage.band_problem(["g", "y"])
+
+
+def test_a_flux_other_than_the_weights_is_refused_when_the_configuration_is_read(tmp_path):
+    """`flux: auto` against weights made with aperture fluxes is a one-line configuration error naming both,
+    raised by the run configuration's validation (before any actor starts), for either method."""
+    from deepfield.tasks.stages.base import StageConfigError
+    from deepfield.tasks.stages.registry import make_stage
+    for method in ("knn", "cnn"):
+        with pytest.raises(StageConfigError) as exc:
+            make_stage("photoz", method=method, flux="auto")
+        assert "flux 'auto'" in str(exc.value) and "'aper'" in str(exc.value) and method in str(exc.value)
+    assert make_stage("photoz", method="cnn").flux == "aper"

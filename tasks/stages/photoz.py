@@ -65,6 +65,25 @@ class PhotoZStage(ModelStage):
     def used_models(cls, config: StageConfig) -> tuple[str, ...]:
         return (METHOD_MODELS[config.method],)
 
+    @classmethod
+    def configure(cls, params: dict | None = None) -> StageConfig:
+        """The validated configuration; StageConfigError, before any run, when `flux` is not the photometry the
+        method's weights were made with (their training record says which)."""
+        from .base import StageConfigError
+        cfg = super().configure(params)
+        model = cls.used_models(cfg)[0]
+        try:
+            from deepfield.models.registry import training_record
+            trained = training_record(model, cfg.weights_file(model)).get("arch", {}).get("flux_kind", "aper")
+        except Exception:  # noqa: BLE001 - no readable record: loading the weights reports it, naming the file
+            return cfg
+        if cfg.flux != trained:
+            fix = (f"or build a reference set with `deepfield train photoz --flux {cfg.flux}`" if cfg.method == "knn"
+                   else "the CNN takes aperture photometry only")
+            raise StageConfigError(f"stage 'photoz': flux {cfg.flux!r}, but the {cfg.method} weights ({model}) were "
+                                   f"made with {trained!r}: set flux: {trained} ({fix})")
+        return cfg
+
     def required_bands(self) -> list[str] | None:
         return None  # any two of the weights' bands (band_problem)
 
@@ -79,10 +98,9 @@ class PhotoZStage(ModelStage):
     def setup(self, device: str) -> None:
         super().setup(device)
         trained = getattr(self.model, "flux_kind", "aper")
-        if self.flux != trained:
+        if self.flux != trained:  # configure checks the record beside the weights; this, the weights themselves
             raise ValueError(f"stage 'photoz': flux {self.flux!r}, but the {self.method} weights were made with "
-                             f"{trained!r} (retrain with `deepfield train "
-                             f"{'photoz' if self.method == 'knn' else 'photoz-cnn'} --flux {self.flux}`)")
+                             f"{trained!r}")
         if self.method == "cnn":
             from deepfield.models.photoz_cnn import for_inference
             self.model = for_inference(self.model)
