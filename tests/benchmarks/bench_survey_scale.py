@@ -319,31 +319,6 @@ def report_scan(n: int, made: dict, scan: dict, merge: dict, scale: float = 1.0)
           f"{'  (at the measured size)' if scale != 1 else ''}")
 
 
-def neighbour_part(n_fields: int, sample: int = 200) -> dict:
-    """The neighbours of every field within the cluster stage's reach (provenance.input_keys, when a stage reads
-    other fields' pixels): all fields at once (zarr_store.neighbours_within), against the field-by-field test
-    (fields_near, which input_keys used before) timed on `sample` fields and scaled to all. Fields of 4096 px at
-    0.2" (579" from centre to corner) on a grid 0.22 deg apart in RA and at most 0.2 deg in declination, from
-    -60 to +60 deg (overlapping neighbours)."""
-    import numpy as np
-
-    from deepfield.tasks.zarr_store import fields_near, neighbours_within
-    side = int(np.ceil(np.sqrt(n_fields)))
-    dec_step = min(0.2, 120.0 / side)
-    fp = {f"f{k:07d}": (float((k % side) * 0.22 % 360), float(-60 + (k // side) * dec_step), 579.3)
-          for k in range(n_fields)}
-    t0 = time.perf_counter()
-    near = neighbours_within(fp, 128.0)
-    t_all = time.perf_counter() - t0
-    names = list(fp)[:: max(1, n_fields // sample)][:sample]
-    t0 = time.perf_counter()
-    for name in names:
-        fields_near(fp, name, 128.0)
-    t_one = (time.perf_counter() - t0) / len(names)
-    return dict(fields=n_fields, all_s=t_all, pairwise_s=t_one * n_fields,
-                mean_neighbours=float(np.mean([len(v) for v in near.values()])))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ray-tiles", type=int, default=100_000, help="tiles through the Ray actors (0: none)")
@@ -354,8 +329,6 @@ def main() -> None:
     ap.add_argument("--per-field", type=int, default=64, help="tiles per field (a square number)")
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--in-flight", type=int, default=2, help="tiles in flight per actor")
-    ap.add_argument("--neighbour-fields", type=int, default=360_000, help="fields of the neighbour search part "
-                    "(0: none; 3.6e5 is a Rubin-sized survey in fields of 64 tiles)")
     ap.add_argument("--work", type=Path, help="work directory (default: a temporary one, removed)")
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--tag", help=argparse.SUPPRESS)
@@ -392,12 +365,6 @@ def main() -> None:
             report_scan(args.scan_tiles, made, scan, merge)
             shutil.rmtree(work / "scan-run", ignore_errors=True)
             shutil.rmtree(work / "scan-store.zarr", ignore_errors=True)
-        if args.neighbour_fields:
-            nb = neighbour_part(args.neighbour_fields)
-            print(f"\nNeighbours within the cluster stage's reach (128\"), {nb['fields']:,} fields "
-                  f"({nb['mean_neighbours']:.1f} each): provenance.input_keys at a run's start")
-            print(f"  every field at once (neighbours_within)     {nb['all_s']:8.1f} s")
-            print(f"  field by field (fields_near, before)        {nb['pairwise_s']:8.1f} s   (scaled from a sample)")
         if args.legacy_tiles:
             made = make_ledger(work, args.legacy_tiles, args.per_field, "legacy")
             scan, merge = in_process("scan", work, "legacy"), in_process("merge", work, "legacy")
