@@ -86,10 +86,17 @@ def network_inputs(model: PhotoZCNN, stamps: np.ndarray, flux: np.ndarray, prese
     mu = asinh_mag(np.where(present, flux, 0.0), soft[None, :])
     mag = np.where(present, (mu - MAG_CENTRE) / MAG_SCALE, 0.0)
     pairs = _pairs(present.shape[1])
-    both = np.stack([present[:, i] & present[:, j] for i, j in pairs], axis=1) if pairs else np.zeros((len(mu), 0))
+    both = pair_presence(present)
     col = np.stack([(mu[:, i] - mu[:, j]) / COLOUR_SCALE for i, j in pairs], axis=1) if pairs else both
     phot = np.concatenate([mag, np.where(both, col, 0.0), present.astype(float)], axis=1).astype(np.float32)
     return image, phot
+
+
+def pair_presence(present: np.ndarray) -> np.ndarray:
+    """(n, pairs) bool: both bands of each pair (_pairs order) present, of `present` (n, bands)."""
+    pairs = _pairs(present.shape[1])
+    return (np.stack([present[:, i] & present[:, j] for i, j in pairs], axis=1) if pairs
+            else np.zeros((len(present), 0), bool))
 
 
 def _pairs(nb: int) -> list[tuple[int, int]]:

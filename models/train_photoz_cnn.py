@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .photoz import QUANTILE_COLUMNS, Z_MAX, band_order, binned_figures, fit_spread
-from .photoz_cnn import PhotoZCNN, estimates, network_inputs
+from .photoz_cnn import PhotoZCNN, estimates, network_inputs, pair_presence
 from .progress import say
 from .train_photoz import usable_mask
 
@@ -68,9 +68,8 @@ def network_inputs_masked(phot: np.ndarray, mask: np.ndarray) -> np.ndarray:
     only the bands `mask` (n, bands) present: magnitudes, colours of pairs with a band absent and flags
     zeroed."""
     nb = mask.shape[1]
-    pairs = [(i, j) for i in range(nb) for j in range(i + 1, nb)]
-    both = np.stack([mask[:, i] & mask[:, j] for i, j in pairs], axis=1) if pairs else mask[:, :0]
-    return np.concatenate([phot[:, :nb] * mask, phot[:, nb:nb + len(pairs)] * both, mask], axis=1
+    both = pair_presence(mask)
+    return np.concatenate([phot[:, :nb] * mask, phot[:, nb:nb + both.shape[1]] * both, mask], axis=1
                           ).astype(np.float32)
 
 
