@@ -62,9 +62,20 @@ def catalog(run_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(run_dir / "catalogs" / "sources_flat").sort_values("source_id").reset_index(drop=True)
 
 
-def actor_pids() -> list[int]:
+def carries_home(pid: int | str, run_dir: Path) -> bool:
+    """Whether the process runs with the run's Prefect home in its environment (the driver sets it, and Ray's
+    agents and actors inherit it): the processes of this run, not of another run on the same machine."""
+    home = f"PREFECT_HOME={run_dir / '.deepfield-prefect'}".encode()
+    try:
+        return home in (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def actor_pids(run_dir: Path) -> list[int]:
+    """The tile actors of this run only: another test session may run its own on this machine."""
     out = subprocess.run(["pgrep", "-f", "ray::TileRunner"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    return [int(p) for p in out.split() if carries_home(p, run_dir)]
 
 
 def leftovers(run_dir: Path) -> list[str]:
@@ -75,13 +86,12 @@ def leftovers(run_dir: Path) -> list[str]:
     versions = list(run_dir.glob(".catalogs-v-*"))
     if len(versions) != 1:
         bad.append(f"{len(versions)} catalog versions")
-    home = f"PREFECT_HOME={run_dir / '.deepfield-prefect'}".encode()
     for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if home in (proc / "environ").read_bytes().split(b"\0"):
+        if carries_home(proc.name, run_dir):
+            try:
                 bad.append(f"process {proc.name}: {(proc / 'cmdline').read_bytes()[:80]!r}")
-        except OSError:
-            continue
+            except OSError:
+                continue
     return bad
 
 
@@ -94,15 +104,15 @@ def drill(k: int, cfg_dir: Path, survey: Path, reference: pd.DataFrame, clean_se
     t0 = time.perf_counter()
     p = run(cfg, log)
     if target == "actor":  # once the actors are up, a moment into their tiles
-        while not actor_pids() and p.poll() is None and time.perf_counter() - t0 < 2 * clean_seconds:
+        while not actor_pids(run_dir) and p.poll() is None and time.perf_counter() - t0 < 2 * clean_seconds:
             time.sleep(0.2)
         time.sleep(rng.uniform(0.0, 3.0))
-        pids = actor_pids()
+        pids = actor_pids(run_dir)
         what = f"actor at {time.perf_counter() - t0:.1f} s"
-        if pids and p.poll() is None:
-            os.kill(rng.choice(pids), signal.SIGKILL)
-        else:
-            what += " (no actor alive: nothing killed)"
+        if not pids or p.poll() is not None:  # a drill that kills nothing must not pass as one
+            p.wait(timeout=900)
+            return False, f"{what}: no actor of the run was found alive to kill (see {log})"
+        os.kill(rng.choice(pids), signal.SIGKILL)
         code = p.wait(timeout=900)
     else:
         at = rng.uniform(0.15, 0.95) * clean_seconds
