@@ -69,6 +69,8 @@ def write_hats(flat_dir: Path, staging: Path, client, highest_order: int, thresh
     from hats_import.collection.arguments import CollectionArguments
     from hats_import.pipeline import pipeline_with_client
 
+    from .jit_cache import cache_hats_kernels
+    cache_hats_kernels()  # the margin cache's plan aligns pixel trees with numba: compiled once per machine
     assert SPATIAL_INDEX_COLUMN == HEALPIX_COLUMN
     props = _hats_properties(provenance)
     args = CollectionArguments(output_path=staging, output_artifact_name=CATALOG_NAME, tmp_dir=staging / "hats_tmp",

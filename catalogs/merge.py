@@ -292,5 +292,7 @@ def open_catalog(path: Path | str, **kwargs):
     """The lsdb Catalog at `path` (a merge's out_dir/sources); kwargs go to lsdb (columns, search_filter)."""
     import lsdb
 
+    from .jit_cache import cache_hats_kernels
+    cache_hats_kernels()  # lsdb's cross-matches align pixel trees with hats' numba functions
     reader = getattr(lsdb, "open_catalog", None) or lsdb.read_hats
     return reader(Path(path), **kwargs)

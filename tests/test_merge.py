@@ -262,3 +262,27 @@ def test_crossmatch_across_partition_edges_uses_the_margin_cache(merged):
     assert found(cat) == set(rows["source_id"])
     missed = set(rows["source_id"]) - found(lsdb.open_catalog(coll / "sources"))  # no margin
     assert len(missed) > 0  # the pairs across partition edges, found only with the margin
+
+
+def test_hats_kernels_compile_once_per_machine_with_the_same_results(tmp_path):
+    """catalogs/jit_cache.py: hats' pixel-tree alignment (a margin cache's plan, lsdb's cross-matches) gives the
+    same mappings as hats' plain Python code (numba off), and a second process loads the compiled kernels from
+    the cache the first one wrote instead of compiling them again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent / "_hats_align.py"
+
+    def align(**env):
+        out = subprocess.run([sys.executable, str(script)], env={**os.environ, **env}, capture_output=True,
+                             text=True, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    plain = align(NUMBA_DISABLE_JIT="1")
+    first = align(NUMBA_CACHE_DIR=str(tmp_path))
+    second = align(NUMBA_CACHE_DIR=str(tmp_path))
+    assert plain["swapped"] == 0 and first["swapped"] >= 4  # perform_align_trees and the functions it calls
+    assert first["out"] == plain["out"] == second["out"] and len(plain["out"]["OUTER"]) > len(plain["out"]["INNER"])
+    assert first["hits"] == 0 and second["hits"] >= 2
