@@ -31,7 +31,10 @@ pixel scatter), so the threshold means the same false-detection rate on any imag
   most of its pixels (else the one at its centroid pixel).
 
 A parent with at most one source is reported as itself (the footprint's centroid, shape and footprint); a
-parent with two or more is replaced by them. `blend_id` is the parent's index (unique within the tile),
+parent with two or more is replaced by them. With `reject_sharp` (default), a detection whose light is sharper
+than the band's PSF in one band and absent from the others (an unrejected cosmic ray or a hot pixel:
+tasks/stages/_artefacts.py) is left out; its pixels keep a segmap value above the row count, so measure and
+deblend treat them as another detection's. `blend_id` is the parent's index (unique within the tile),
 `n_blend` the rows sharing it, `is_blended` = n_blend > 1.
 
 Output columns (one row per detection, ordered by blend_id):
@@ -107,18 +110,26 @@ class DetectConfig(ModelStageConfig):
     deblend_filter_scale: float = Field(0.25, ge=0, description="FWHM of the deblending pass's Gaussian filter "
                                         "in units of the PSF FWHM (0: no filter)")
     default_fwhm_px: float = Field(3.0, gt=0, description="PSF FWHM (pixels) assumed when the tile gives none")
+    reject_sharp: bool = Field(True, description="drop detections whose light is sharper than the PSF in one band "
+                               "and absent from the others (unrejected cosmic rays, hot pixels; "
+                               "tasks/stages/_artefacts.py); their pixels stay masked for the other sources")
+    sharp_snr: float = Field(6.0, gt=0, description="reject_sharp: least S/N of a pixel's excess over its "
+                             "neighbours beyond what the band's PSF allows")
+    sharp_other_snr: float = Field(3.0, gt=0, description="reject_sharp: a detection whose matched-filter S/N "
+                                   "reaches this in another band is a source (a cosmic ray on a galaxy is kept)")
 
 
 class DetectStage(ModelStage):
     """Detect and deblend sources on the inverse-variance weighted band mean (parameters: DetectConfig).
 
-    After `run`, `segmap` ((y, x) int32 over the halo arrays, 0 = sky, k = row k-1) and
+    After `run`, `segmap` ((y, x) int32 over the halo arrays, 0 = sky, k = row k-1, above the row count: a
+    left-out artefact) and
     `parent_segmap` (the un-deblended footprints) hold the last tile's segmentation; `segmap` is also left in
     `tile.meta["segmap"]` for the stages after this one (measure masks neighbours with it).
     """
 
     name: ClassVar[str] = "detect"
-    version: ClassVar[str] = "3"
+    version: ClassVar[str] = "4"
     Config: ClassVar[type[StageConfig]] = DetectConfig
     models: ClassVar[tuple[str, ...]] = ("detect_net",)
     adds: ClassVar[tuple[str, ...]] = tuple(COLUMNS)
@@ -235,7 +246,7 @@ class DetectStage(ModelStage):
                                                          self.confirm_threshold, self.keep_area * fwhm ** 2,
                                                          fwhm if self.outside_peaks else None, bad)
             tile.meta["segmap"] = self.segmap
-            return self._table(tile, objs, blend_id)
+            return self._without_artefacts(tile, self._table(tile, objs, blend_id))
 
         owner = assign_parents(cseg, pseg, children["x"], children["y"], len(parents))
         nchild = np.bincount(owner[owner < len(parents)], minlength=len(parents))
@@ -254,7 +265,37 @@ class DetectStage(ModelStage):
         label_child[np.flatnonzero(keep_child) + 1] = rank[n_par:]
         self.segmap = _final_segmap(pseg, cseg, label_parent, label_child, objs, blend_id)
         tile.meta["segmap"] = self.segmap
-        return self._table(tile, objs, blend_id)
+        return self._without_artefacts(tile, self._table(tile, objs, blend_id))
+
+    def _without_artefacts(self, tile, table: pd.DataFrame) -> pd.DataFrame:
+        """The table without the detections that are artefacts (reject_sharp; tasks/stages/_artefacts.py). The
+        rows left are numbered again (seg_id, segmap 1..n); an artefact's pixels take values above n, so the
+        stages after this one mask them as another detection's; blend groups are counted again."""
+        from ._artefacts import artefacts, sharp_and_present
+        tile.meta["detect_artefacts"] = 0
+        if not self.reject_sharp or table.empty:
+            return table
+        scale = float(tile.pixel_scale or 0)
+        fwhm = [float(f) / scale if f is not None and np.isfinite(f) and f > 0 and scale > 0 else self.default_fwhm_px
+                for f in (tile.psf_fwhm or [None] * len(tile.bands))]
+        sharp, present = sharp_and_present(tile, table.x_tile.to_numpy(), table.y_tile.to_numpy(), fwhm)
+        drop = artefacts(sharp, present, self.sharp_snr, self.sharp_other_snr)
+        if not drop.any():
+            return table
+        n, keep = len(table), ~drop
+        lut = np.zeros(n + 1, np.int32)
+        lut[1:][keep] = np.arange(1, keep.sum() + 1)
+        lut[1:][drop] = np.arange(keep.sum() + 1, n + 1)
+        self.segmap = lut[self.segmap]
+        tile.meta["segmap"] = self.segmap
+        tile.meta["detect_artefacts"] = int(drop.sum())
+        log.debug("detect: tile %s: %d detection(s) sharper than the PSF in one band only left out",
+                  getattr(tile, "id", "?"), int(drop.sum()))
+        out = table[keep].reset_index(drop=True)
+        out["seg_id"] = np.arange(1, len(out) + 1, dtype=np.int64)
+        out["n_blend"] = out.groupby("blend_id")["blend_id"].transform("size").astype(np.int64)
+        out["is_blended"] = out["n_blend"] > 1
+        return out.astype(COLUMNS)
 
     def _table(self, tile, objs, blend_id: np.ndarray) -> pd.DataFrame:
         """The output table of detections `objs` (SEP's record fields) in blend groups `blend_id` (sorted)."""
