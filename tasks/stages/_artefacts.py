@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import erf
 
-from ._pixels import band_pixels, gaussian_kernel
+from ._pixels import gaussian_kernel
 
 SAFETY = 0.8
 REACH = 2  # pixels around the detection's centre where its sharpest pixel is looked for
@@ -37,16 +37,31 @@ def neighbour_ratio(fwhm_px: float) -> float:
     return float((4 * d0 * d1 + 4 * d1 * d1) / (8 * d0 * d0))
 
 
-def _stamps(arr: np.ndarray, yi: np.ndarray, xi: np.ndarray, h: int, fill) -> np.ndarray:
-    """(n, 2h+1, 2h+1) windows of `arr` centred on the pixels (yi, xi); outside the array: `fill`."""
-    pad = np.pad(arr, h, constant_values=fill)
+def _windows(tile, b: int, yi: np.ndarray, xi: np.ndarray, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data, err, bad) of band index b in (n, 2h+1, 2h+1) windows centred on the pixels (yi, xi), taken from
+    the tile's arrays by index (no copy of the whole band): as _pixels.band_pixels gives them, and bad outside
+    the arrays."""
+    ny, nx = tile.image.shape[1:]
     d = np.arange(-h, h + 1)
-    return pad[(yi + h)[:, None, None] + d[None, :, None], (xi + h)[:, None, None] + d[None, None, :]]
+    yy, xx = yi[:, None, None] + d[None, :, None], xi[:, None, None] + d[None, None, :]
+    outside = (yy < 0) | (yy >= ny) | (xx < 0) | (xx >= nx)
+    yy, xx = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
+    img = np.asarray(tile.image[b])[yy, xx].astype(np.float64)
+    iv = np.asarray(tile.invvar[b])[yy, xx].astype(np.float64)
+    finite = np.isfinite(img) & np.isfinite(iv)
+    bad = outside | (np.asarray(tile.mask[b])[yy, xx] != 0) | ~finite | ~(iv > 0)
+    data = np.where(finite & ~outside, img, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        err = np.where(bad, 0.0, 1.0 / np.sqrt(np.where(bad, 1.0, iv)))
+    return data, err, bad
 
 
-def sharp_and_present(tile, x: np.ndarray, y: np.ndarray, fwhm_px: list[float]) -> tuple[np.ndarray, np.ndarray]:
+def sharp_and_present(tile, x: np.ndarray, y: np.ndarray, fwhm_px: list[float], only_sharp: float | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """Per detection (tile-frame centres x, y) and band: (sharp S/N, matched-filter S/N), each (n, bands);
-    NaN where the band has no usable pixels there. fwhm_px: each band's PSF FWHM in pixels."""
+    NaN where the band has no usable pixels there. fwhm_px: each band's PSF FWHM in pixels. only_sharp: the
+    matched filter only for the detections whose sharp S/N reaches it in some band (NaN for the others: the
+    stage asks no more, and most detections are not sharp)."""
     n, nb = len(x), len(tile.bands)
     sharp = np.full((n, nb), np.nan)
     present = np.full((n, nb), np.nan)
@@ -55,30 +70,31 @@ def sharp_and_present(tile, x: np.ndarray, y: np.ndarray, fwhm_px: list[float]) 
     ny, nx = tile.image.shape[1:]
     xi = np.clip(np.floor(np.asarray(x) + 0.5).astype(np.int64), 0, nx - 1)
     yi = np.clip(np.floor(np.asarray(y) + 0.5).astype(np.int64), 0, ny - 1)
+    w, k = REACH + 1, 2 * REACH + 1
     for b in range(nb):
-        data, err, bad = band_pixels(tile, b)
         rho = SAFETY * neighbour_ratio(fwhm_px[b])
-        w = REACH + 1
-        d, e, m = _stamps(data, yi, xi, w, 0.0), _stamps(err, yi, xi, w, 0.0), _stamps(bad, yi, xi, w, True)
-        # every 3x3 block of the (2w+1)^2 window, centred on its inner (2 REACH + 1)^2 pixels
-        k = 2 * REACH + 1
-        blocks = np.lib.stride_tricks.sliding_window_view(d, (3, 3), axis=(1, 2))  # (n, k, k, 3, 3)
+        data, err, bad = _windows(tile, b, yi, xi, w)
+        # every 3x3 block of the (2w+1)^2 window, centred on its inner k x k pixels
+        blocks = np.lib.stride_tricks.sliding_window_view(data, (3, 3), axis=(1, 2))  # (n, k, k, 3, 3)
         centre = blocks[..., 1, 1]
         n8 = (blocks.sum(axis=(-1, -2)) - centre) / 8
-        usable = ~np.lib.stride_tricks.sliding_window_view(m, (3, 3), axis=(1, 2)).any(axis=(-1, -2))
-        sigma = e[:, 1:1 + k, 1:1 + k] * np.sqrt(1 + 1 / (8 * rho * rho))
+        usable = ~np.lib.stride_tricks.sliding_window_view(bad, (3, 3), axis=(1, 2)).any(axis=(-1, -2))
+        sigma = err[:, 1:1 + k, 1:1 + k] * np.sqrt(1 + 1 / (8 * rho * rho))
         with np.errstate(divide="ignore", invalid="ignore"):
             snr = np.where(usable & (sigma > 0), (centre - n8 / rho) / sigma, -np.inf)
-        best = snr.reshape(n, -1).max(axis=1)
+        best = snr.reshape(n, k * k).max(axis=1)
         sharp[:, b] = np.where(np.isfinite(best), best, np.nan)
-        # matched filter: sum(k d) / sqrt(sum(k^2 sigma^2)) over the usable pixels
+    rows = np.arange(n) if only_sharp is None else np.flatnonzero((np.nan_to_num(sharp, nan=-np.inf)
+                                                                    >= only_sharp).any(axis=1))
+    if len(rows) == 0:
+        return sharp, present
+    for b in range(nb):  # matched filter: sum(k d) / sqrt(sum(k^2 sigma^2)) over the usable pixels
         kern = gaussian_kernel(fwhm_px[b])
-        h = kern.shape[0] // 2
-        d, e, m = _stamps(data, yi, xi, h, 0.0), _stamps(err, yi, xi, h, 0.0), _stamps(bad, yi, xi, h, True)
-        wk = np.where(m, 0.0, kern[None])
-        var = (wk * wk * e * e).sum(axis=(1, 2))
+        data, err, bad = _windows(tile, b, yi[rows], xi[rows], kern.shape[0] // 2)
+        wk = np.where(bad, 0.0, kern[None])
+        var = (wk * wk * err * err).sum(axis=(1, 2))
         with np.errstate(divide="ignore", invalid="ignore"):
-            present[:, b] = np.where(var > 0, (wk * d).sum(axis=(1, 2)) / np.sqrt(var), np.nan)
+            present[rows, b] = np.where(var > 0, (wk * data).sum(axis=(1, 2)) / np.sqrt(var), np.nan)
     return sharp, present
 
 

@@ -278,7 +278,8 @@ class DetectStage(ModelStage):
         scale = float(tile.pixel_scale or 0)
         fwhm = [float(f) / scale if f is not None and np.isfinite(f) and f > 0 and scale > 0 else self.default_fwhm_px
                 for f in (tile.psf_fwhm or [None] * len(tile.bands))]
-        sharp, present = sharp_and_present(tile, table.x_tile.to_numpy(), table.y_tile.to_numpy(), fwhm)
+        sharp, present = sharp_and_present(tile, table.x_tile.to_numpy(), table.y_tile.to_numpy(), fwhm,
+                                           only_sharp=self.sharp_snr)
         drop = artefacts(sharp, present, self.sharp_snr, self.sharp_other_snr)
         if not drop.any():
             return table
