@@ -1,6 +1,7 @@
 """Shared fixtures: one small simulated survey per test session (about 30 s on 2 cores)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,35 @@ def survey_cfg() -> SimConfig:
     return SimConfig.model_validate(SURVEY_CONFIG)
 
 
+# The heaviest test files (minutes each on 2 cores), started first: `make test` spreads whole files over two
+# pytest-xdist workers in collection order, and a heavy file that starts last keeps one worker busy alone.
+HEAVY_FIRST = ("test_faults.py", "test_slurm.py", "test_drill.py", "test_schedule.py", "test_survey_bands.py",
+               "test_distributed.py", "test_run.py", "test_catalog_product.py", "test_any_survey.py",
+               "test_progress.py", "test_photoz.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: k for k, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: file order kept
+
+
 @pytest.fixture(scope="session")
-def survey(tmp_path_factory, survey_cfg) -> Path:
-    """Directory of the session's simulated survey (manifest.yaml inside)."""
-    out = tmp_path_factory.mktemp("survey")
-    simulate_survey(survey_cfg, out, workers=2)
+def survey(tmp_path_factory, survey_cfg, worker_id) -> Path:
+    """Directory of the session's simulated survey (manifest.yaml inside; tests copy it before changing it).
+    Under pytest-xdist the workers share one: the first to get here simulates it, the others wait for it."""
+    if worker_id == "master":
+        out = tmp_path_factory.mktemp("survey")
+        simulate_survey(survey_cfg, out, workers=2)
+        return out
+    import fcntl
+    shared = tmp_path_factory.getbasetemp().parent  # the session's directory, above each worker's
+    out, done = shared / "survey", shared / "survey.done"
+    with open(shared / "survey.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a worker that died half-way
+            simulate_survey(survey_cfg, out, workers=2)
+            done.write_text("done\n")
     return out
 
 
