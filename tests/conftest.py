@@ -85,16 +85,44 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def default_run(survey, tmp_path_factory, prefect_harness, ray_session):
+def default_run(survey, tmp_path_factory, worker_id, request):
     """The session's survey run once with the default stages (tile 512, chunk 128, halo 48): (RunConfig,
-    run summary, merged catalog as a DataFrame). Tests must not change its run directory."""
+    run summary, merged catalog as a DataFrame). Tests must not change its run directory. Under pytest-xdist the
+    workers share one run, as they share the survey (the first to get here runs it, in its own Prefect and Ray,
+    the others wait); every worker reads the summary back from the same JSON, so all see the same values."""
+    import json
+
     import pandas as pd
 
-    from deepfield.flows.run import run_flow
     from deepfield.flows.run_config import RunConfig
     from deepfield.tasks.ingest_config import StoreSpec
 
-    cfg = RunConfig(inputs=survey / "manifest.yaml", run_dir=tmp_path_factory.mktemp("run"),
-                    store_layout=StoreSpec(tile=512, chunk=128), halo=48)
-    summary = run_flow(cfg)
-    return cfg, summary, pd.read_parquet(summary["merge"]["paths"]["parquet"])
+    def make_cfg(run_dir: Path) -> RunConfig:
+        return RunConfig(inputs=survey / "manifest.yaml", run_dir=run_dir,
+                         store_layout=StoreSpec(tile=512, chunk=128), halo=48)
+
+    def run(run_dir: Path) -> Path:
+        request.getfixturevalue("prefect_harness")
+        request.getfixturevalue("ray_session")
+        from deepfield.flows.run import run_flow
+        out = run_dir.parent / "default-run-summary.json"
+        out.write_text(json.dumps(run_flow(make_cfg(run_dir)), default=str))
+        return out
+
+    if worker_id == "master":
+        run_dir = tmp_path_factory.mktemp("run")
+        written = run(run_dir)
+    else:
+        import fcntl
+        shared = tmp_path_factory.getbasetemp().parent
+        run_dir, written, done = shared / "default-run" / "run", shared / "default-run" / "default-run-summary.json", \
+            shared / "default-run.done"
+        with open(shared / "default-run.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                shutil.rmtree(run_dir.parent, ignore_errors=True)
+                run_dir.mkdir(parents=True)
+                run(run_dir)
+                done.write_text("done\n")
+    summary = json.loads(written.read_text())
+    return make_cfg(run_dir), summary, pd.read_parquet(summary["merge"]["paths"]["parquet"])
