@@ -378,8 +378,12 @@ def test_a_changed_stage_parameter_redoes_every_tile(survey, clean, tmp_path, pr
     from deepfield.flows.run import run_flow
     clean_dir, reference = clean
     run_dir = copy_run(clean_dir, tmp_path)
-    stages = [dict(s, params={"thresh": 3.0}) if s["name"] == "detect" else s for s in CLASSICAL]
+    # the learned detector's peaks outside the footprints are sources too, so the threshold alone hardly changes
+    # the count (2665 sources at 1.5 sigma, 2664 at 3 before the artefact test; 2657 and 2660 with it): without
+    # them, 3 sigma leaves about 800
+    params = {"thresh": 3.0, "outside_peaks": False}
+    stages = [dict(s, params=params) if s["name"] == "detect" else s for s in CLASSICAL]
     cfg = RunConfig.model_validate(dict(config(survey, run_dir).model_dump(), stages=stages))
     s = run_flow(cfg)
     assert s["process"]["done"] == 8 and s["process"]["skipped"] == 0
-    assert 0 < s["merge"]["rows_out"] < len(reference)  # a higher threshold, fewer sources
+    assert 0 < s["merge"]["rows_out"] < 0.5 * len(reference)  # a higher threshold, fewer sources
