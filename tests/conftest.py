@@ -41,18 +41,26 @@ def pytest_collection_modifyitems(config, items):
 def survey(tmp_path_factory, survey_cfg, worker_id) -> Path:
     """Directory of the session's simulated survey (manifest.yaml inside; tests copy it before changing it).
     Under pytest-xdist the workers share one: the first to get here simulates it, the others wait for it."""
+    return made_once(tmp_path_factory, worker_id, "survey", lambda out: simulate_survey(survey_cfg, out, workers=2))
+
+
+def made_once(tmp_path_factory, worker_id: str, name: str, make) -> Path:
+    """The directory `name` that `make(directory)` fills, made once per test session: under pytest-xdist the
+    first worker to get here makes it in the session's directory (above each worker's), holding a file lock, and
+    the others wait for it and take it as it is."""
     if worker_id == "master":
-        out = tmp_path_factory.mktemp("survey")
-        simulate_survey(survey_cfg, out, workers=2)
+        out = tmp_path_factory.mktemp(name)
+        make(out)
         return out
     import fcntl
-    shared = tmp_path_factory.getbasetemp().parent  # the session's directory, above each worker's
-    out, done = shared / "survey", shared / "survey.done"
-    with open(shared / "survey.lock", "w") as lock:
+    shared = tmp_path_factory.getbasetemp().parent
+    out, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not done.exists():
             shutil.rmtree(out, ignore_errors=True)  # a worker that died half-way
-            simulate_survey(survey_cfg, out, workers=2)
+            out.mkdir(parents=True)
+            make(out)
             done.write_text("done\n")
     return out
 
@@ -101,28 +109,13 @@ def default_run(survey, tmp_path_factory, worker_id, request):
         return RunConfig(inputs=survey / "manifest.yaml", run_dir=run_dir,
                          store_layout=StoreSpec(tile=512, chunk=128), halo=48)
 
-    def run(run_dir: Path) -> Path:
+    def run(where: Path) -> None:
         request.getfixturevalue("prefect_harness")
         request.getfixturevalue("ray_session")
         from deepfield.flows.run import run_flow
-        out = run_dir.parent / "default-run-summary.json"
-        out.write_text(json.dumps(run_flow(make_cfg(run_dir)), default=str))
-        return out
+        (where / "summary.json").write_text(json.dumps(run_flow(make_cfg(where / "run")), default=str))
 
-    if worker_id == "master":
-        run_dir = tmp_path_factory.mktemp("run")
-        written = run(run_dir)
-    else:
-        import fcntl
-        shared = tmp_path_factory.getbasetemp().parent
-        run_dir, written, done = shared / "default-run" / "run", shared / "default-run" / "default-run-summary.json", \
-            shared / "default-run.done"
-        with open(shared / "default-run.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not done.exists():
-                shutil.rmtree(run_dir.parent, ignore_errors=True)
-                run_dir.mkdir(parents=True)
-                run(run_dir)
-                done.write_text("done\n")
-    summary = json.loads(written.read_text())
+    where = made_once(tmp_path_factory, worker_id, "default-run", run)
+    run_dir = where / "run"
+    summary = json.loads((where / "summary.json").read_text())
     return make_cfg(run_dir), summary, pd.read_parquet(summary["merge"]["paths"]["parquet"])

@@ -25,7 +25,8 @@ import yaml
 from deepfield.tasks.ledger import Ledger
 
 BIN = Path(sys.executable).parent
-CLASSICAL = [{"name": n} for n in ("background", "detect", "measure")]
+# the classical stages, with SEP's detection (the learned detector is tested elsewhere)
+CLASSICAL = [{"name": "background"}, {"name": "detect", "params": {"method": "sep"}}, {"name": "measure"}]
 
 
 def free_port() -> int:

@@ -16,7 +16,9 @@ import yaml
 from deepfield.flows.run_config import RunConfig
 from deepfield.tasks.ingest_config import StoreSpec
 
-CLASSICAL = [{"name": n} for n in ("background", "detect", "measure")]
+# the classical stages, with SEP's detection: the faults are the orchestration's, and the learned detector would
+# double each run's time
+CLASSICAL = [{"name": "background"}, {"name": "detect", "params": {"method": "sep"}}, {"name": "measure"}]
 KEY = ["field", "tile", "tile_index"]
 
 
@@ -378,12 +380,9 @@ def test_a_changed_stage_parameter_redoes_every_tile(survey, clean, tmp_path, pr
     from deepfield.flows.run import run_flow
     clean_dir, reference = clean
     run_dir = copy_run(clean_dir, tmp_path)
-    # the learned detector's peaks outside the footprints are sources too, so the threshold alone hardly changes
-    # the count (2665 sources at 1.5 sigma, 2664 at 3 before the artefact test; 2657 and 2660 with it): without
-    # them, 3 sigma leaves about 800
-    params = {"thresh": 3.0, "outside_peaks": False}
+    params = {"method": "sep", "thresh": 3.0}
     stages = [dict(s, params=params) if s["name"] == "detect" else s for s in CLASSICAL]
     cfg = RunConfig.model_validate(dict(config(survey, run_dir).model_dump(), stages=stages))
     s = run_flow(cfg)
     assert s["process"]["done"] == 8 and s["process"]["skipped"] == 0
-    assert 0 < s["merge"]["rows_out"] < 0.5 * len(reference)  # a higher threshold, fewer sources
+    assert 0 < s["merge"]["rows_out"] < 0.75 * len(reference)  # a higher threshold, fewer sources (689 of 1093)

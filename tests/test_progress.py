@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from deepfield.flows.cli import app
 
-STAGES = [{"name": "background"}, {"name": "detect"}, {"name": "measure"}]
+# the classical stages, with SEP's detection (the learned detector is tested elsewhere)
+STAGES = [{"name": "background"}, {"name": "detect", "params": {"method": "sep"}}, {"name": "measure"}]
 runner = CliRunner()
 
 

@@ -174,13 +174,16 @@ def test_bad_run_configuration_names_the_file(tmp_path):
 def test_changed_input_redoes_that_field_and_the_tiles_that_read_it(survey, tmp_path, prefect_harness, ray_session):
     """A changed input re-ingests its field alone; its tiles are redone, and so are the other field's: the
     default stages include the cluster stage, which reads the overlapping field's pixels within 128" of its own
-    (with the classical stages alone only the changed field's tiles are redone: tests/test_slurm.py)."""
+    (with the classical stages alone only the changed field's tiles are redone: tests/test_slurm.py). The
+    classical stages and the cluster stage: the other learned stages read their own tile alone."""
     from astropy.io import fits
 
     from deepfield.flows.run import run_flow
     copy = tmp_path / "sim"
     shutil.copytree(survey, copy)
-    cfg = make_cfg(copy, tmp_path / "run")
+    stages = [{"name": "background"}, {"name": "detect", "params": {"method": "sep"}}, {"name": "measure"},
+              {"name": "cluster"}]
+    cfg = RunConfig.model_validate(dict(make_cfg(copy, tmp_path / "run").model_dump(), stages=stages))
     first = run_flow(cfg)
     assert first["process"]["done"] == 8
     with fits.open(copy / "fields" / "field001" / "field001-i-image.fits", mode="update") as hdul:

@@ -19,7 +19,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-STAGES = [{"name": "background"}, {"name": "detect"}, {"name": "measure"}]
+# the classical stages, with SEP's detection (the learned detector is tested elsewhere)
+STAGES = [{"name": "background"}, {"name": "detect", "params": {"method": "sep"}}, {"name": "measure"}]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -182,8 +182,9 @@ def test_a_stage_from_a_plugin_module_runs_with_its_own_merge_step(toy, survey, 
     from deepfield.flows.run import run_flow
     from deepfield.tasks.ledger import Ledger
     cfg_path = run_yaml(tmp_path, survey, plugins=["plugins/toy_stage.py"],  # relative to the file
-                        stages=[{"name": n} for n in ("background", "detect", "measure")]
-                        + [{"name": "toy", "params": {"scale": 2.0}}], merge={"toy": {"top": 3}})
+                        stages=[{"name": "background"}, {"name": "detect", "params": {"method": "sep"}},
+                                {"name": "measure"}, {"name": "toy", "params": {"scale": 2.0}}],
+                        merge={"toy": {"top": 3}})
     cfg = load_run_config(cfg_path)
     assert cfg.plugins == [str(toy)]
     summary = run_flow(cfg)

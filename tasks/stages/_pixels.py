@@ -52,7 +52,7 @@ def detection_image(tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     num = np.zeros(tile.image.shape[1:], dtype=np.float64)
     wsum = np.zeros_like(num)
     for b in range(tile.image.shape[0]):
-        data, err, bad = band_pixels(tile, b)
+        data, _err, bad = band_pixels(tile, b)
         w = np.where(bad, 0.0, np.asarray(tile.invvar[b], dtype=np.float64))
         num += w * data
         wsum += w
@@ -95,14 +95,19 @@ def filtered_noise_scale(det: np.ndarray, noise: np.ndarray, bad: np.ndarray, fw
     return sigma / white if np.isfinite(sigma) and sigma > 0 else 1.0
 
 
+def band_fwhm_pixels(tile) -> list[float | None]:
+    """Each band's PSF FWHM in pixels (its FWHM in arcsec over the pixel scale in arcsec/pixel); None for a band
+    without a usable FWHM, and every band None without a pixel scale."""
+    scale = float(tile.pixel_scale or 0)
+    fwhm = list(tile.psf_fwhm or [None] * len(tile.bands))
+    return [float(f) / scale if f is not None and np.isfinite(f) and f > 0 and scale > 0 else None for f in fwhm]
+
+
 def fwhm_pixels(tile, default_px: float) -> float:
-    """The tile's reference PSF FWHM in pixels: the largest known band FWHM (arcsec) over the pixel
-    scale (arcsec/pixel), so that apertures and filters suit the worst-seeing band;
-    `default_px` where no band has a FWHM."""
-    known = [float(f) for f in (tile.psf_fwhm or []) if f is not None and np.isfinite(f) and f > 0]
-    if not known or not tile.pixel_scale or tile.pixel_scale <= 0:
-        return float(default_px)
-    return max(known) / float(tile.pixel_scale)
+    """The tile's reference PSF FWHM in pixels: the largest known band FWHM, so that apertures and filters suit
+    the worst-seeing band; `default_px` where no band has a FWHM."""
+    known = [f for f in band_fwhm_pixels(tile) if f is not None]
+    return max(known) if known else float(default_px)
 
 
 def gaussian_kernel(fwhm_px: float) -> np.ndarray:

@@ -63,7 +63,8 @@ from pydantic import Field
 
 from .. import maskbits
 from ._learned_split import fill_thin_defects, split_by_peaks
-from ._pixels import UNUSABLE, configure_sep, detection_image, filtered_noise_scale, fwhm_pixels, gaussian_kernel
+from ._pixels import (UNUSABLE, band_fwhm_pixels, configure_sep, detection_image, filtered_noise_scale, fwhm_pixels,
+                      gaussian_kernel)
 from .base import ModelStage, ModelStageConfig, StageConfig
 
 __all__ = ["DetectStage", "DetectConfig", "COLUMNS", "INT8_KEY"]
@@ -275,9 +276,7 @@ class DetectStage(ModelStage):
         tile.meta["detect_artefacts"] = 0
         if not self.reject_sharp or table.empty:
             return table
-        scale = float(tile.pixel_scale or 0)
-        fwhm = [float(f) / scale if f is not None and np.isfinite(f) and f > 0 and scale > 0 else self.default_fwhm_px
-                for f in (tile.psf_fwhm or [None] * len(tile.bands))]
+        fwhm = [self.default_fwhm_px if f is None else f for f in band_fwhm_pixels(tile)]
         sharp, present = sharp_and_present(tile, table.x_tile.to_numpy(), table.y_tile.to_numpy(), fwhm,
                                            only_sharp=self.sharp_snr)
         drop = artefacts(sharp, present, self.sharp_snr, self.sharp_other_snr)
