@@ -23,9 +23,10 @@ from deepfield.tasks.zarr_store import open_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _resample import resample_band, run_in_process  # noqa: E402
+from _stages import CLASSICAL_STAGES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSICAL = [("background", {}), ("detect", {"method": "sep"}), ("measure", {})]
+CLASSICAL = [(s["name"], s.get("params", {})) for s in CLASSICAL_STAGES]  # as run_in_process takes them
 
 
 def _wcs(n: int, scale: float = 0.2) -> WCS:

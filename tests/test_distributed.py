@@ -23,10 +23,9 @@ import pytest
 import yaml
 
 from deepfield.tasks.ledger import Ledger
+from _stages import CLASSICAL_STAGES
 
 BIN = Path(sys.executable).parent
-# the classical stages, with SEP's detection (the learned detector is tested elsewhere)
-CLASSICAL = [{"name": "background"}, {"name": "detect", "params": {"method": "sep"}}, {"name": "measure"}]
 
 
 def free_port() -> int:
@@ -55,7 +54,7 @@ def test_a_run_survives_losing_a_ray_node_and_a_dask_worker(survey, tmp_path, pr
     from deepfield.flows.run import run_flow
     from deepfield.flows.run_config import RunConfig
     cfg = dict(inputs=str(survey / "manifest.yaml"), store_layout=dict(tile=512, chunk=128), halo=32,
-               stages=CLASSICAL)
+               stages=CLASSICAL_STAGES)
     clean = run_flow(RunConfig.model_validate(dict(cfg, run_dir=tmp_path / "clean")))
     reference = pd.read_parquet(clean["merge"]["paths"]["parquet"]).sort_values("source_id").reset_index(drop=True)
 

@@ -15,16 +15,14 @@ import yaml
 
 from deepfield.flows.run_config import RunConfig
 from deepfield.tasks.ingest_config import StoreSpec
+from _stages import CLASSICAL_STAGES
 
-# the classical stages, with SEP's detection: the faults are the orchestration's, and the learned detector would
-# double each run's time
-CLASSICAL = [{"name": "background"}, {"name": "detect", "params": {"method": "sep"}}, {"name": "measure"}]
 KEY = ["field", "tile", "tile_index"]
 
 
 def config(survey: Path, run_dir: Path, tile: int = 512, inputs: Path | None = None) -> RunConfig:
     return RunConfig.model_validate(dict(inputs=inputs or survey / "manifest.yaml", run_dir=run_dir,
-                                         store_layout=StoreSpec(tile=tile, chunk=128), halo=32, stages=CLASSICAL))
+                                         store_layout=StoreSpec(tile=tile, chunk=128), halo=32, stages=CLASSICAL_STAGES))
 
 
 def catalog(summary: dict) -> pd.DataFrame:
@@ -381,7 +379,7 @@ def test_a_changed_stage_parameter_redoes_every_tile(survey, clean, tmp_path, pr
     clean_dir, reference = clean
     run_dir = copy_run(clean_dir, tmp_path)
     params = {"method": "sep", "thresh": 3.0}
-    stages = [dict(s, params=params) if s["name"] == "detect" else s for s in CLASSICAL]
+    stages = [dict(s, params=params) if s["name"] == "detect" else s for s in CLASSICAL_STAGES]
     cfg = RunConfig.model_validate(dict(config(survey, run_dir).model_dump(), stages=stages))
     s = run_flow(cfg)
     assert s["process"]["done"] == 8 and s["process"]["skipped"] == 0

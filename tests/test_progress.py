@@ -13,9 +13,8 @@ import yaml
 from typer.testing import CliRunner
 
 from deepfield.flows.cli import app
+from _stages import CLASSICAL_STAGES
 
-# the classical stages, with SEP's detection (the learned detector is tested elsewhere)
-STAGES = [{"name": "background"}, {"name": "detect", "params": {"method": "sep"}}, {"name": "measure"}]
 runner = CliRunner()
 
 
@@ -35,7 +34,7 @@ def cli_run(survey, tmp_path_factory, prefect_harness, ray_session):
     where = tmp_path_factory.mktemp("cli_run")
     cfg = where / "survey.yaml"
     cfg.write_text(yaml.safe_dump(dict(inputs=str(survey / "manifest.yaml"), run_dir="run", halo=48,
-                                       store_layout=dict(tile=512, chunk=128), stages=STAGES,
+                                       store_layout=dict(tile=512, chunk=128), stages=CLASSICAL_STAGES,
                                        merge=dict(fits_export=False))))
     r = invoke(["run", str(cfg)])
     assert r.exit_code == 0, r.output

@@ -13,6 +13,7 @@ from astropy.coordinates import SkyCoord
 from deepfield.flows.run_config import RunConfig
 from deepfield.tasks.ingest_config import StoreSpec
 from deepfield.tasks.ledger import summarise
+from _stages import CLASSICAL_STAGES
 
 
 def make_cfg(survey, run_dir) -> RunConfig:
@@ -181,8 +182,7 @@ def test_changed_input_redoes_that_field_and_the_tiles_that_read_it(survey, tmp_
     from deepfield.flows.run import run_flow
     copy = tmp_path / "sim"
     shutil.copytree(survey, copy)
-    stages = [{"name": "background"}, {"name": "detect", "params": {"method": "sep"}}, {"name": "measure"},
-              {"name": "cluster"}]
+    stages = [*CLASSICAL_STAGES, {"name": "cluster"}]
     cfg = RunConfig.model_validate(dict(make_cfg(copy, tmp_path / "run").model_dump(), stages=stages))
     first = run_flow(cfg)
     assert first["process"]["done"] == 8

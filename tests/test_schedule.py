@@ -16,11 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from _stages import CLASSICAL_STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-# the classical stages, with SEP's detection (the learned detector is tested elsewhere)
-STAGES = [{"name": "background"}, {"name": "detect", "params": {"method": "sep"}}, {"name": "measure"}]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -87,7 +86,7 @@ def survey_config(survey, tmp_path_factory) -> Path:
     shutil.copytree(survey, where / "sim")
     cfg = where / "survey.yaml"
     cfg.write_text(yaml.safe_dump(dict(inputs="sim/manifest.yaml", run_dir="run", halo=48,
-                                       store_layout=dict(tile=512, chunk=128), stages=STAGES,
+                                       store_layout=dict(tile=512, chunk=128), stages=CLASSICAL_STAGES,
                                        merge=dict(fits_export=False), ray=dict(num_actors=2))))
     return cfg
 

@@ -22,10 +22,9 @@ import yaml
 from astropy.coordinates import SkyCoord
 
 from deepfield.tasks.ledger import Ledger
+from _stages import CLASSICAL_STAGES
 from slurm_jobs import job_env, require_slurm, submit, wait_for, wait_job
 
-# the classical stages only, with SEP's detection: the learned ones would triple the time and are tested elsewhere
-STAGES = [{"name": "background"}, {"name": "detect", "params": {"method": "sep"}}, {"name": "measure"}]
 N_TILES = 8  # 2 fields x 4 tiles of 512 px
 
 
@@ -39,7 +38,7 @@ def make_survey(survey: Path, where: Path) -> Path:
     shutil.copytree(survey, where / "sim")
     cfg = where / "survey.yaml"
     cfg.write_text(yaml.safe_dump(dict(inputs="sim/manifest.yaml", run_dir="run", halo=48,
-                                       store_layout=dict(tile=512, chunk=128), stages=STAGES,
+                                       store_layout=dict(tile=512, chunk=128), stages=CLASSICAL_STAGES,
                                        merge=dict(fits_export=False))))
     return cfg
 

@@ -16,6 +16,7 @@ import yaml
 from deepfield.flows.run_config import RunConfig, RunConfigError, load_run_config
 from deepfield.tasks.stages import registry
 from deepfield.tasks.stages.base import expand_columns
+from _stages import CLASSICAL_STAGES
 
 TOY = '''
 """A toy stage from outside deepfield: `toy_flux` = scale x the AUTO flux in `band`, a per-tile side table
@@ -182,8 +183,7 @@ def test_a_stage_from_a_plugin_module_runs_with_its_own_merge_step(toy, survey, 
     from deepfield.flows.run import run_flow
     from deepfield.tasks.ledger import Ledger
     cfg_path = run_yaml(tmp_path, survey, plugins=["plugins/toy_stage.py"],  # relative to the file
-                        stages=[{"name": "background"}, {"name": "detect", "params": {"method": "sep"}},
-                                {"name": "measure"}, {"name": "toy", "params": {"scale": 2.0}}],
+                        stages=[*CLASSICAL_STAGES, {"name": "toy", "params": {"scale": 2.0}}],
                         merge={"toy": {"top": 3}})
     cfg = load_run_config(cfg_path)
     assert cfg.plugins == [str(toy)]

@@ -31,7 +31,8 @@ import pandas as pd
 import yaml
 
 BIN = Path(sys.executable).parent
-# the classical stages, with SEP's detection (the learned detector is tested elsewhere)
+# tests/_stages.py's CLASSICAL_STAGES: this script also runs from its own directory, where that module is not
+# importable
 STAGES = [{"name": "background"}, {"name": "detect", "params": {"method": "sep"}}, {"name": "measure"}]
 
 
