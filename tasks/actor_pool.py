@@ -25,8 +25,10 @@ import threading
 import time
 import traceback
 from collections import deque
+from pathlib import Path
 from typing import Callable
 
+from .atomic import clean_stale_temporaries
 from .ledger import Ledger, TileRecord
 from .provenance import run_keys
 from .tile_runner import TileRunner
@@ -217,6 +219,9 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
     for a in actors:
         if a is not None:
             ray.kill(a)
+    if not summary["released"]:  # no tile left in flight: nobody writes under tiles/ any more, and the
+        for f in sorted({t.field for t in todo}):  # temporaries of actors killed mid-write go (their tiles
+            clean_stale_temporaries(Path(run_dir) / "tiles" / f)  # were done again by others)
     for f in sorted(damaged):  # after every actor is gone: none reads the field while its marker goes
         invalidate_field(store, f)
     summary.update(actors=n_actors, seconds=time.perf_counter() - t_start, stage_seconds=stage_time,

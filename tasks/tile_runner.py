@@ -9,7 +9,8 @@ it declares in `side_tables` (a table it does not declare fails the tile); each 
 modules (the run configuration's `plugins`) are imported before the stages are built.
 
 Fault injection for tests and drills: DEEPFIELD_FAULT="kill:<tile>" makes the process exit on the
-first attempt at that tile (an actor killed mid-tile); "raise:<tile>" makes every attempt fail;
+first attempt at that tile (an actor killed mid-tile); "killwrite:<tile>" the same while it writes the tile's
+source table (its temporary file is left behind); "raise:<tile>" makes every attempt fail;
 "delay:<seconds>" makes every tile take that much longer (a slow survey, to cancel or stop a job
 mid-run). Items are separated by commas.
 """
@@ -61,10 +62,14 @@ def source_tables(run_dir: str | Path) -> list[Path]:
     return sorted(f for f in (Path(run_dir) / "tiles").glob("*/*.parquet") if "." not in f.stem)
 
 
-def _fault(tile: str, attempt: int) -> None:
+def _fault(tile: str, attempt: int, writing: bool = False) -> None:
     spec = os.environ.get("DEEPFIELD_FAULT", "")
     for item in filter(None, spec.split(",")):
         kind, _, target = item.partition(":")
+        if writing:
+            if target == tile and kind == "killwrite" and attempt == 1:
+                os._exit(17)
+            continue
         if kind == "delay":
             time.sleep(float(target))
         if target == tile and kind == "kill" and attempt == 1:
@@ -125,6 +130,7 @@ class TileRunner:
         out = tile_output(self.run_dir, tid)
         with atomic_path(out) as tmp:
             sources.to_parquet(tmp, index=False)
+            _fault(tile, attempt, writing=True)
         timings["write"] = time.perf_counter() - t
         primary = int(sources["is_primary"].sum()) if "is_primary" in sources else 0
         return dict(tile=str(tid), timings=timings, counts=dict(sources=len(sources), primary=primary),

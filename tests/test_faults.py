@@ -271,15 +271,18 @@ def _run_tiles_with_fault(survey: Path, clean_dir: Path, tmp_path: Path, fault: 
 
 
 def test_killed_actor_is_replaced_and_the_tables_are_unchanged(survey, clean, tmp_path, ray_session):
-    """An actor process that dies mid-tile is replaced, the tile retried, and every tile table equals the
-    clean run's."""
+    """Actor processes that die mid-tile (one while it writes the tile's table) are replaced, the tiles retried,
+    every tile table equals the clean run's, and no temporary file is left."""
     from deepfield.tasks.ledger import Ledger
     from deepfield.tasks.tiling import TileId
     clean_dir, _ = clean
-    run_dir, s = _run_tiles_with_fault(survey, clean_dir, tmp_path, "kill:field000/0_1")
-    assert s["done"] == 8 and s["failed"] == 0 and s["retries"] >= 1
-    assert Ledger(run_dir).get(TileId.parse("field000/0_1")).attempts >= 2
+    run_dir, s = _run_tiles_with_fault(survey, clean_dir, tmp_path, "kill:field000/0_1,killwrite:field001/1_0")
+    assert s["done"] == 8 and s["failed"] == 0 and s["retries"] >= 2
+    for tile in ("field000/0_1", "field001/1_0"):
+        assert Ledger(run_dir).get(TileId.parse(tile)).attempts >= 2
     _tables_equal(clean_dir, run_dir)
+    # the actor killed while writing field001/1_0's table left its temporary file; the run removed it
+    assert not [p for p in (run_dir / "tiles").rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_tile_failing_three_times_is_marked_failed(survey, clean, tmp_path, ray_session):
