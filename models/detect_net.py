@@ -129,10 +129,12 @@ def heat_and_offsets(model: nn.Module, inputs: np.ndarray, device=None) -> tuple
     return torch.sigmoid(out[0]).numpy(), out[1:].numpy()
 
 
-def find_peaks(heat: np.ndarray, offsets: np.ndarray, threshold: float) -> np.ndarray:
+def find_peaks(heat: np.ndarray, offsets: np.ndarray, threshold: float, merge_radius: float = 0.0) -> np.ndarray:
     """(n, 3) array of (x, y, p): local maxima of `heat` over 3 x 3 pixels with p >= threshold, at the pixel
     plus the predicted offset (clipped to +-1.5 px), brightest first. Adjacent pixels of equal heat (a plateau,
-    common in the int8 network's coarser output) are one peak: the pixel whose offset is smallest."""
+    common in the int8 network's coarser output) are one peak: the pixel whose offset is smallest. With
+    `merge_radius` > 0, a peak whose centre (pixel plus offset) lies within that many pixels of a higher
+    peak's centre is the same source seen twice (the offsets of both point at one centre) and is dropped."""
     t = torch.as_tensor(heat)[None, None]
     peak = (t == F.max_pool2d(t, 3, stride=1, padding=1))[0, 0].numpy() & (heat >= threshold)
     yy, xx = np.nonzero(peak)
@@ -149,7 +151,16 @@ def find_peaks(heat: np.ndarray, offsets: np.ndarray, threshold: float) -> np.nd
             continue
         taken[max(yy[k] - 1, 0):min(yy[k] + 2, ny), max(xx[k] - 1, 0):min(xx[k] + 2, nx)] = True
     order = order[keep[order]]
-    return np.c_[xx + dx, yy + dy, p][order]
+    out = np.c_[xx + dx, yy + dy, p][order]
+    if merge_radius > 0 and len(out) > 1:
+        from scipy.spatial import cKDTree
+        pairs = cKDTree(out[:, :2]).query_pairs(merge_radius, output_type="ndarray")
+        drop = np.zeros(len(out), bool)
+        for i, j in pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]:  # i < j: i is the higher peak
+            if not drop[i]:
+                drop[j] = True
+        out = out[~drop]
+    return out
 
 
 OFFSET_NEAR_WEIGHT = 0.25  # offset-loss weight of the pixels next to a centre pixel (heat_targets' reach)

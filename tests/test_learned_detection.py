@@ -183,6 +183,21 @@ def test_find_peaks_takes_one_pixel_of_a_plateau():
     assert p.tolist() == [[pytest.approx(5.8), pytest.approx(5.1), pytest.approx(0.7)]]
 
 
+def test_find_peaks_merges_peaks_pointing_at_one_centre():
+    """Two peaks 3 px apart whose offsets point at centres 1.0 px apart are one source (the higher) with
+    merge_radius 2; a third peak whose centre is 2.5 px from the higher one stays, and nothing merges with
+    merge_radius 0."""
+    from deepfield.models.detect_net import find_peaks
+    heat = np.zeros((16, 16), np.float32)
+    heat[8, 5], heat[8, 8], heat[11, 6] = 0.9, 0.6, 0.5
+    off = np.zeros((2, 16, 16), np.float32)
+    off[:, 8, 5], off[:, 8, 8] = (0.5, 0.0), (-1.5, 0.0)  # centres (5.5, 8) and (6.5, 8)
+    off[:, 11, 6] = (0.0, -0.5)  # centre (6, 10.5): 2.55 px from (5.5, 8)
+    assert len(find_peaks(heat, off, 0.4)) == 3
+    p = find_peaks(heat, off, 0.4, merge_radius=2.0)
+    assert p.tolist() == [[5.5, 8.0, pytest.approx(0.9)], [6.0, 10.5, pytest.approx(0.5)]]
+
+
 def test_a_peak_in_a_saturated_core_is_not_a_second_source():
     """A star's masked core is a hole in its footprint; the detector's peak there lies outside every footprint
     but on unusable pixels, and must not become a source beside the star's footprint."""

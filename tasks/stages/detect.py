@@ -15,7 +15,8 @@ pixel scatter), so the threshold means the same false-detection rate on any imag
 
 - `learned` (default): the learned detector (models/detect_net.py, trained on scenes composed from rendered
   galaxies) computes its centre heat map over the tile; its peaks (local maxima at or above `peak_threshold`,
-  default the threshold chosen at training) inside a parent footprint are that footprint's sources. A footprint
+  default the threshold chosen at training) inside a parent footprint are that footprint's sources; of two peaks
+  whose centres (with the offsets) lie within `merge_radius` PSF FWHM (0.7), only the higher is kept. A footprint
   with two or more peaks is split among them by a watershed of the PSF-filtered detection image seeded at the
   peaks (scikit-image); each child's centre is its peak (with the network's sub-pixel offset), its shape the
   second moments of the detection image over its part of the footprint, its flag sep.OBJ_MERGED. A footprint
@@ -86,6 +87,9 @@ class DetectConfig(ModelStageConfig):
                                               "SEP's multi-threshold deblending or the learned detector's peaks")
     peak_threshold: Optional[float] = Field(None, gt=0, lt=1, description="learned: least heat-map peak that "
                                             "is a source; none: the threshold chosen at training")
+    merge_radius: float = Field(0.7, ge=0, description="learned: two peaks whose centres (with the network's "
+                                "sub-pixel offsets) lie within this many PSF FWHM are one source (the higher "
+                                "peak): closer than the seeing resolves, most are one galaxy seen twice")
     confirm_threshold: float = Field(0.3, ge=0, le=1, description="learned: a footprint without a peak is kept "
                                      "when its heat map reaches this (0 keeps every footprint)")
     keep_area: float = Field(10.0, ge=0, description="learned: a footprint without a peak is kept whatever its "
@@ -207,7 +211,8 @@ class DetectStage(ModelStage):
                 fill_thin_defects(image[j], invvar[j], unusable[j], (mask & maskbits.BAD) != 0)
         heat, off = heat_and_offsets(self.model, detector_input(image, invvar, unusable), self.device)
         thr = self.peak_threshold or float(self.model.training_info.get("threshold", 0.4))
-        return find_peaks(heat, off, thr), heat
+        fwhm = fwhm_pixels(tile, self.default_fwhm_px)
+        return find_peaks(heat, off, thr, self.merge_radius * fwhm), heat
 
     def _extract(self, det, noise, bad, kernel, deblend_cont: float):
         # filter_type "conv": the threshold is `thresh` times the unfiltered pixel noise, as in
