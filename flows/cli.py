@@ -189,6 +189,7 @@ def _run(cfg) -> dict:
     try:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         prefect_env.configure(cfg.run_dir / ".deepfield-prefect")
+        prefect_env.reserve_local_api()  # before prefect is imported (flows/prefect_env.py)
     except OSError as exc:
         fail(f"{exc.filename or cfg.run_dir}: {exc.strerror or exc}")
     from deepfield.flows.run import run_flow
