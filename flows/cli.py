@@ -189,7 +189,9 @@ def _run(cfg) -> dict:
     try:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         prefect_env.configure(cfg.run_dir / ".deepfield-prefect")
-        prefect_env.reserve_local_api()  # before prefect is imported (flows/prefect_env.py)
+        # before prefect is imported (flows/prefect_env.py): the API server's process starts now, beside the
+        # imports below and Ray's start
+        api_ready = prefect_env.start_ephemeral_api() if prefect_env.reserve_local_api() else None
     except OSError as exc:
         fail(f"{exc.filename or cfg.run_dir}: {exc.strerror or exc}")
     from deepfield.flows.run import run_flow
@@ -200,7 +202,7 @@ def _run(cfg) -> dict:
     from deepfield.tasks.stages.registry import BandError
     try:
         # Prefect's ephemeral API and Ray each take seconds to start: side by side (flows/prefect_env.py)
-        api_ready = prefect_env.start_ephemeral_api()
+        api_ready = api_ready or prefect_env.start_ephemeral_api()
         start_ray(cfg.ray.address, cfg.ray.num_actors)
         api_ready()
         return run_flow(cfg)

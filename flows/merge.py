@@ -14,8 +14,6 @@ import logging
 
 from prefect import task
 
-from deepfield.catalogs.merge import merge_catalog
-from deepfield.catalogs.report import write_report
 from deepfield.tasks.ledger import Ledger
 from deepfield.tasks.provenance import run_keys
 from deepfield.tasks.tile_runner import source_tables
@@ -34,6 +32,10 @@ def run_provenance(cfg: RunConfig, keys) -> dict:
 
 @task(name="merge-catalogs")
 def merge_task(cfg: RunConfig, fields: list[str]) -> dict:
+    # imported here, not with the run's flow: dask.dataframe, hats and the report's plotting cost 1.5 s of every
+    # run's start-up, merge or not
+    from deepfield.catalogs.merge import merge_catalog
+    from deepfield.catalogs.report import write_report
     for name in ("distributed", "hats_import", "hats", "lsdb"):  # their INFO lines drown the progress
         logging.getLogger(name).setLevel(logging.WARNING)
     root = open_store(cfg.store_path)
