@@ -159,6 +159,10 @@ def reserve_local_api() -> bool:
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
+    for key in ("NO_PROXY", "no_proxy"):  # Prefect's client (httpx) would send a local server's calls to an http_proxy
+        have = os.environ.get(key, "")
+        if "127.0.0.1" not in have.split(","):
+            os.environ[key] = f"{have},127.0.0.1" if have else "127.0.0.1"
     _LOCAL_API["socket"] = sock
     return True
 
@@ -195,13 +199,14 @@ def _start_local_api():
 
     def wait() -> None:
         limit = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a local server: no http_proxy
         t0 = time.monotonic()
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"Prefect's local API server exited with code {proc.returncode} before it "
                                    "answered (its errors are above)")
             try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                with direct.open(f"{url}/health", timeout=5) as r:
                     if r.status == 200:
                         break
             except OSError:  # not answering yet (URLError and timeouts are OSErrors)

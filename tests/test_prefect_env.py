@@ -82,3 +82,47 @@ def test_a_damaged_template_costs_only_the_migrations(cache, tmp_path):
     assert not prefect_env.seed_database(home)
     assert not (home / "prefect.db").exists()
     assert not list(home.iterdir())  # no half-written copy left
+
+
+LOCAL_API_SCRIPT = """
+import os, sys
+from deepfield.flows import prefect_env
+prefect_env.configure(sys.argv[1])
+assert prefect_env.reserve_local_api()
+assert "prefect" not in sys.modules
+url = os.environ["PREFECT_API_URL"]
+prefect_env.start_ephemeral_api()()  # the server answers, through no http_proxy
+from prefect import flow
+
+@flow
+def twice(x):
+    return 2 * x
+
+assert twice(21) == 42  # the client reaches the server too
+assert "prefect.server.api.server" not in sys.modules  # never imported by the run's own process
+print(url)
+"""
+
+
+@pytest.mark.slow
+def test_the_local_api_serves_a_flow_run_through_a_proxy_and_stops_at_exit(tmp_path):
+    """`deepfield run`'s own Prefect API server (reserve_local_api, then start_ephemeral_api): the port is named
+    before prefect is imported, a flow runs against it with an unreachable http_proxy in the environment, the
+    run's process never imports Prefect's server module, and nothing answers on the port after the process
+    exits (its server was stopped)."""
+    import os
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and "proxy" not in k.lower()}
+    env.update(http_proxy="http://192.0.2.1:9", HTTP_PROXY="http://192.0.2.1:9",  # TEST-NET-1: unreachable
+               DEEPFIELD_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", LOCAL_API_SCRIPT, str(tmp_path / "home")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    url = out.stdout.strip().splitlines()[-1]
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/api")
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with pytest.raises(urllib.error.URLError):
+        direct.open(f"{url}/health", timeout=5)
