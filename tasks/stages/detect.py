@@ -190,8 +190,9 @@ class DetectStage(ModelStage):
                             "running float32")
                 return None
 
-    def _peaks(self, tile) -> tuple[np.ndarray, np.ndarray]:
-        """The learned detector's peaks ((n, 3) x, y, p in the halo arrays) and heat map over the tile."""
+    def _peaks(self, tile, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
+        """The learned detector's peaks ((n, 3) x, y, p in the halo arrays) and heat map over the tile; `fwhm`:
+        the tile's reference PSF FWHM in pixels (merge_radius is in its units)."""
         from deepfield.models.detect_net import detector_input, find_peaks, heat_and_offsets
         if self.model is None:
             self.setup(self.device)
@@ -211,7 +212,6 @@ class DetectStage(ModelStage):
                 fill_thin_defects(image[j], invvar[j], unusable[j], (mask & maskbits.BAD) != 0)
         heat, off = heat_and_offsets(self.model, detector_input(image, invvar, unusable), self.device)
         thr = self.peak_threshold or float(self.model.training_info.get("threshold", 0.4))
-        fwhm = fwhm_pixels(tile, self.default_fwhm_px)
         return find_peaks(heat, off, thr, self.merge_radius * fwhm), heat
 
     def _extract(self, det, noise, bad, kernel, deblend_cont: float):
@@ -247,7 +247,7 @@ class DetectStage(ModelStage):
             tile.meta["segmap"] = self.segmap
             return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
         if self.method == "learned":
-            peaks, heat = self._peaks(tile)
+            peaks, heat = self._peaks(tile, fwhm)
             objs, blend_id, self.segmap = split_by_peaks(det, kernel, parents, pseg, peaks, heat,
                                                          self.confirm_threshold, self.keep_area * fwhm ** 2,
                                                          fwhm if self.outside_peaks else None, bad)

@@ -31,9 +31,8 @@ import pandas as pd
 import yaml
 
 BIN = Path(sys.executable).parent
-# tests/_stages.py's CLASSICAL_STAGES: this script also runs from its own directory, where that module is not
-# importable
-STAGES = [{"name": "background"}, {"name": "detect", "params": {"method": "sep"}}, {"name": "measure"}]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, also when run as a script from here
+from _stages import CLASSICAL_STAGES as STAGES  # noqa: E402
 
 
 def make_survey(work: Path) -> Path:
