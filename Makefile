@@ -23,7 +23,8 @@ CONSTRAINTS ?= -c $(LOCK)
 EXTRAS      := test,eval
 DEMO_DIR    ?= demo
 # pytest-xdist workers for `make test`, each with its own test session (its own simulated survey, Ray and Prefect
-# API); test files are spread whole over the workers (--dist loadfile), so a file's shared fixtures are made once.
+# API); test files are spread whole over the workers (--dist loadfile), so a file's shared fixtures are made once,
+# heaviest first (tests/conftest.py's HEAVY_FIRST; --no-loadscope-reorder keeps that order).
 # Two keeps a 2-core machine busy while one worker waits on a subprocess; TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 PY          := $(VENV)/bin/python
@@ -52,7 +53,7 @@ demo: $(STAMP)
 	$(VENV)/bin/deepfield demo --out $(DEMO_DIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_simulate.py

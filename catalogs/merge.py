@@ -163,7 +163,7 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
                   keep_field_duplicates: bool = False, client=None, n_threads: int | None = None,
                   write_fits: bool = True, plugins: list[str] | tuple[str, ...] = (),
                   tables: list[Path] | None = None, missing_tiles: list[str] | None = None,
-                  provenance: dict | None = None) -> dict:
+                  provenance: dict | None = None, key: str | None = None) -> dict:
     """Merge tile source tables into the source catalog under `out_dir` (default run_dir/catalogs).
 
     fields: the SkyFields of the run (every field named in the tile tables must be among them).
@@ -173,6 +173,8 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
     provenance: what made the catalog (deepfield version, configuration hash, stage and model versions, input
         fingerprints: flows/merge.py's `run_provenance`); the time and the deepfield version are added. It goes
         into every output's metadata (Parquet schema, FITS primary header, hats.properties) and the summary.
+    key: what the caller identifies this merge's inputs by (flows/merge.py's `merge_key`), kept in the summary as
+        `merge_key` so that a later run can tell the catalogs are already those of its tables.
     steps: the merge steps of the run's stages, in stage order (catalogs.steps.build_steps).
     store_path: the run's Zarr store, for steps that cut stamps from it (none: no stamps).
     highest_healpix_order: finest HEALPix order of a partition (8: ~14 arcmin pixels). hats-import's
@@ -204,7 +206,7 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
         try:
             summary = _merge_into(version, out_dir, run_dir, files, ownership, steps, store_path,
                                   highest_healpix_order, pixel_threshold, keep_field_duplicates, client, n_threads,
-                                  write_fits, plugins, missing_tiles, provenance, t0)
+                                  write_fits, plugins, missing_tiles, provenance, t0, key)
             publish_version(version, out_dir)
         finally:
             if version.exists() and not (out_dir.is_symlink() and out_dir.resolve() == version.resolve()):
@@ -216,7 +218,7 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
 def _merge_into(staging: Path, out_dir: Path, run_dir: Path, files: list[Path], ownership: FieldOwnership,
                 steps: tuple[MergeStep, ...], store_path, highest_healpix_order: int, pixel_threshold,
                 keep_field_duplicates: bool, client, n_threads, write_fits: bool, plugins, missing_tiles,
-                provenance: dict, t0: float) -> dict:
+                provenance: dict, t0: float, key: str | None = None) -> dict:
     """Everything of merge_catalog inside `staging`, under the names it will have at `out_dir`."""
     own_client = client is None
     cluster = None
@@ -282,6 +284,8 @@ def _merge_into(staging: Path, out_dir: Path, run_dir: Path, files: list[Path], 
         "margin_arcsec": MARGIN_ARCSEC, "paths": {k: str(v) for k, v in paths.items()},
         "seconds": round(time.perf_counter() - t0, 3), "provenance": provenance,
     })
+    if key is not None:
+        summary["merge_key"] = key
     written = dict(summary, paths={k: relative(v, run_dir) for k, v in paths.items()})
     write_text(staging / f"{CATALOG_NAME}.summary.json", json.dumps(written, indent=2) + "\n")
     write_text(staging / "provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")

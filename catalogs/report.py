@@ -37,10 +37,11 @@ from deepfield.tasks.version import __version__
 
 from .report_images import completeness, completeness_plot, cutout_pictures, field_preview
 
-__all__ = ["write_report", "simulation_truth", "stage_timings", "REPORT_DIR", "REPORT_TOP"]
+__all__ = ["write_report", "simulation_truth", "stage_timings", "REPORT_DIR", "REPORT_TOP", "MERGE_KEY_FILE"]
 
 REPORT_DIR = "report"
 REPORT_TOP = 50  # candidates shown per list
+MERGE_KEY_FILE = "merge.key"  # the merge_key of the catalogs the report shows
 MAX_FIELDS = 24  # field previews
 # kind -> (table key, cutout file key, id column, EXTNAME prefix, label prefix, title)
 LISTS = {"lens": ("lens_candidates", "lens_cutouts", "lens_rank", "LENS", "L", "Lens candidates"),
@@ -202,17 +203,20 @@ def _path(summary: dict, key: str, run_dir: Path) -> Path | None:
 
 def write_report(run_dir: Path, summary: dict, fields: list[str], store_path: Path | None = None,
                  inputs: Path | None = None, tables: list[Path] | None = None, stages: list[str] | None = None,
-                 top: int = REPORT_TOP, max_fields: int = MAX_FIELDS) -> Path:
+                 top: int = REPORT_TOP, max_fields: int = MAX_FIELDS, key: str | None = None) -> Path:
     """Write `run_dir/report/index.html` (module docstring) for the merge `summary` of the run's `fields`;
     returns its path. store_path: the run's store (none: no pictures); inputs: the run's inputs (a simulation's
     manifest gives completeness); tables: the merged tile tables (their ledger timings); stages: the run's
-    stage names, in order (the order of the timings)."""
+    stage names, in order (the order of the timings); key: the merge's `merge_key`, written beside the page
+    (`MERGE_KEY_FILE`) so that a later run can tell the report is that of its catalogs."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     link = run_dir / REPORT_DIR
     build = version_dir(link)
     try:
         _build(build, run_dir, summary, fields, store_path, inputs, tables, stages, top, max_fields, t0)
+        if key is not None:
+            (build / MERGE_KEY_FILE).write_text(key + "\n")
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise

@@ -71,7 +71,8 @@ def print_run(summary: dict, cfg, log_file=None, paths: bool = True) -> None:
     elif not mer:
         console.print("merge:   skipped: no tile of this run is done")
     else:
-        console.print(f"merge:   {mer.get('rows_out', '?')} sources in the catalog ({sec['merge']:.1f} s)")
+        note = ", up to date: nothing changed since they were merged" if mer.get("up_to_date") else ""
+        console.print(f"merge:   {mer.get('rows_out', '?')} sources in the catalog ({sec['merge']:.1f} s{note})")
         missing, ignored = mer.get("missing_tiles") or [], mer.get("ignored_tables") or []
         if missing:
             console.print(f"         {len(missing)} tile(s) of the run are not in it (not done): "

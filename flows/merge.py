@@ -7,10 +7,21 @@ whose ledger record says done under the run's keys (configuration hash, stage an
 fingerprint). A failed tile's old table, a field dropped from the inputs or whose new inputs failed, tables
 of another tile grid: never merged. The summary lists the run's tiles that are missing from the catalog
 (`missing_tiles`) and the tables found under `tiles/` that were left out (`ignored_tables`). Last, the run's
-review report, `RUN/report/index.html` (catalogs/report.py), its path in the summary's `paths`."""
+review report, `RUN/report/index.html` (catalogs/report.py), its path in the summary's `paths`.
+
+A run that changed nothing merges nothing: the merge's `merge_key` (`merge_key`: the run's provenance, the
+merge configuration, the fields, and each merged table's path, size and modification time) is kept in
+`RUN/catalogs/sources.summary.json` and beside the report. When the published catalogs and report carry the
+key of this run's tables and every output they list is there (the flat catalog with the row count the summary
+gives), the task returns their summary, marked `up_to_date`, in a fraction of a second; otherwise (a tile
+redone, a table touched, a catalog file gone or cut short, another merge setting) it merges again. At survey
+scale this is what keeps a nightly run with nothing new from rebuilding the catalogs."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from pathlib import Path
 
 from prefect import task
 
@@ -30,6 +41,45 @@ def run_provenance(cfg: RunConfig, keys) -> dict:
             "inputs": dict(keys.inputs)}
 
 
+def merge_key(cfg: RunConfig, fields: list[str], tables: list[Path], missing: list[str], provenance: dict) -> str:
+    """What the merge's outputs are made from, as one hash (the module docstring): a table rewritten by a redone
+    tile has another size or modification time; `created` is left out of the provenance (it is the time)."""
+    from deepfield.tasks.version import __version__
+    prov = {k: v for k, v in provenance.items() if k != "created"}
+    files = []
+    for t in sorted(Path(p) for p in tables):
+        st = t.stat()
+        files.append([str(t), st.st_size, st.st_mtime_ns])
+    doc = {"version": __version__, "provenance": prov, "merge": cfg.merge.model_dump(mode="json"),
+           "plugins": list(cfg.plugins), "store": str(cfg.store_path), "fields": sorted(fields),
+           "missing": sorted(missing), "tables": files}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def published_summary(cfg: RunConfig, key: str) -> dict | None:
+    """The published merge summary of the run directory when its catalogs and report are those of `key` and
+    every output it lists is there, with its paths made absolute; None otherwise (merge again)."""
+    import pyarrow.dataset as pads
+
+    from deepfield.catalogs.report import MERGE_KEY_FILE, REPORT_DIR
+    catalogs = cfg.run_dir / "catalogs"
+    report = cfg.run_dir / REPORT_DIR
+    try:
+        summary = json.loads((catalogs / "sources.summary.json").read_text())
+        if summary.get("merge_key") != key or (report / MERGE_KEY_FILE).read_text().strip() != key:
+            return None
+        paths = {k: cfg.run_dir / v for k, v in summary["paths"].items()}
+        if not all(p.exists() for p in paths.values()) or not (report / "index.html").is_file():
+            return None
+        # a damaged or cut-short flat catalog: its Parquet footers do not read, or hold other row counts
+        if pads.dataset(paths["parquet"], format="parquet").count_rows() != summary["rows_out"]:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    paths["report"] = report / "index.html"
+    return dict(summary, paths={k: str(v) for k, v in paths.items()}, up_to_date=True)
+
+
 @task(name="merge-catalogs")
 def merge_task(cfg: RunConfig, fields: list[str]) -> dict:
     # imported here, not with the run's flow: dask.dataframe, hats and the report's plotting cost 1.5 s of every
@@ -43,6 +93,12 @@ def merge_task(cfg: RunConfig, fields: list[str]) -> dict:
     tables, missing = Ledger(cfg.run_dir).done_tables(all_tiles(root, cfg.halo, fields), keys)
     merged = set(tables)
     ignored = [str(p.relative_to(cfg.run_dir)) for p in source_tables(cfg.run_dir) if p not in merged]
+    provenance = run_provenance(cfg, keys)
+    key = merge_key(cfg, fields, tables, missing, provenance)
+    done = published_summary(cfg, key)
+    if done is not None:
+        done["report"] = [line for step in cfg.merge_steps() for line in step.report(done, done["paths"])]
+        return dict(done, ignored_tables=ignored)
     client = None
     if cfg.dask.address:
         from dask.distributed import Client
@@ -51,10 +107,11 @@ def merge_task(cfg: RunConfig, fields: list[str]) -> dict:
         summary = merge_catalog(cfg.run_dir, [f for f in sky_fields(root) if f.name in fields],
                                 cfg.run_dir / "catalogs", tables=tables, steps=cfg.merge_steps(),
                                 store_path=cfg.store_path, write_fits=cfg.merge.fits_export, client=client,
-                                plugins=cfg.plugins, missing_tiles=missing, provenance=run_provenance(cfg, keys))
+                                plugins=cfg.plugins, missing_tiles=missing, provenance=provenance, key=key)
         # what the run found, to look at (catalogs/report.py), once the catalogs are published
         report = write_report(cfg.run_dir, summary, fields, store_path=cfg.store_path, inputs=cfg.inputs,
-                              tables=tables, stages=[n for n, _ in cfg.stage_list()], top=cfg.merge.report_top)
+                              tables=tables, stages=[n for n, _ in cfg.stage_list()], top=cfg.merge.report_top,
+                              key=key)
         summary["paths"]["report"] = str(report)
         return dict(summary, ignored_tables=ignored)
     finally:

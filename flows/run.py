@@ -145,7 +145,8 @@ def _run(cfg: RunConfig, t0: float) -> dict:
     merge = {} if process["stopped"] or not any_done or not merged_fields else merge_task(cfg, merged_fields)
     merge_s = time.perf_counter() - t
     if merge:
-        log.info("merge: %s source(s) in the catalog in %.1f s", merge.get("rows_out", "?"), merge_s)
+        log.info("merge: %s source(s) in the catalog in %.1f s%s", merge.get("rows_out", "?"), merge_s,
+                 " (up to date: the catalogs of these tables were already published)" if merge.get("up_to_date") else "")
     else:
         log.info("merge skipped: %s", "stopped on request" if process["stopped"] else "no tile of this run is done")
     summary = dict(ingest=ingest, process=process, merge=merge, stopped=process["stopped"],

@@ -25,11 +25,16 @@ def survey_cfg() -> SimConfig:
     return SimConfig.model_validate(SURVEY_CONFIG)
 
 
-# The heaviest test files (minutes each on 2 cores), started first: `make test` spreads whole files over two
-# pytest-xdist workers in collection order, and a heavy file that starts last keeps one worker busy alone.
-HEAVY_FIRST = ("test_faults.py", "test_slurm.py", "test_drill.py", "test_schedule.py", "test_survey_bands.py",
-               "test_distributed.py", "test_run.py", "test_catalog_product.py", "test_any_survey.py",
-               "test_progress.py", "test_photoz.py")
+# The test files by their total time, heaviest first (worker-seconds of `pytest --durations=0` under `make test`,
+# 2026-12-01: faults 600, slurm 440, run 300, survey_bands 280 ... prefect_env 40; the rest less): `make test`
+# hands whole files to two pytest-xdist workers in this order (--no-loadscope-reorder: xdist's own order is by
+# number of tests, which left the Slurm file and the kill drill to the end, one worker busy alone).
+HEAVY_FIRST = ("test_faults.py", "test_slurm.py", "test_run.py", "test_survey_bands.py", "test_schedule.py",
+               "test_drill.py", "test_distributed.py", "test_cluster.py", "test_redsequence.py", "test_any_survey.py",
+               "test_sim_reproducible.py", "test_merge.py", "test_lens.py", "test_shipped_models.py",
+               "test_bad_inputs.py", "test_learned_detection.py", "test_stages.py", "test_cli.py",
+               "test_stage_contract.py", "test_cluster_render.py", "test_progress.py", "test_anomaly_grid.py",
+               "test_prefect_env.py", "test_catalog_product.py", "test_photoz.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -99,6 +99,37 @@ def test_a_tile_failing_in_a_rerun_keeps_no_old_rows(survey, clean, tmp_path, pr
     pd.testing.assert_frame_equal(catalog(again), reference)
 
 
+def test_a_merge_with_nothing_changed_keeps_the_catalogs_unless_one_is_damaged_or_a_table_rewritten(
+        survey, clean, tmp_path):
+    """The merge task with the tables of the last merge keeps its published catalogs and report (their files
+    untouched); a flat catalog part cut short, or a tile table written again, makes it merge again, to the
+    clean run's catalog."""
+    import os
+
+    from deepfield.flows.merge import merge_task
+    clean_dir, reference = clean
+    run_dir = copy_run(clean_dir, tmp_path)  # other paths than the clean run's: merged once more
+    cfg = config(survey, run_dir)
+    fields = ["field000", "field001"]
+    first = merge_task.fn(cfg, fields)
+    assert not first.get("up_to_date")
+    flat = Path(first["paths"]["parquet"])
+    parts = sorted(flat.glob("*.parquet"))
+    stamps = {p: p.stat().st_mtime_ns for p in [*parts, Path(first["paths"]["report"])]}
+    same = merge_task.fn(cfg, fields)
+    assert same["up_to_date"] and same["rows_out"] == first["rows_out"] == len(reference)
+    assert same["paths"] == first["paths"] and same["missing_tiles"] == [] and same["ignored_tables"] == []
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing written again
+    with open(parts[0], "r+b") as f:  # a part cut short: its footer is gone
+        f.truncate(parts[0].stat().st_size // 2)
+    repaired = merge_task.fn(cfg, fields)
+    assert not repaired.get("up_to_date")
+    pd.testing.assert_frame_equal(catalog(dict(merge=repaired)), reference)
+    table = run_dir / "tiles" / "field001" / "1_0.parquet"  # as a redone tile's table would be
+    os.utime(table, ns=(table.stat().st_atime_ns, table.stat().st_mtime_ns + 10**9))
+    assert not merge_task.fn(cfg, fields).get("up_to_date")
+
+
 def test_a_field_dropped_from_the_inputs_is_not_in_the_catalog(survey, clean, tmp_path, prefect_harness,
                                                               ray_session):
     """The inputs list field000 alone: field001's tables stay on disk, left out and reported, and field000

@@ -97,6 +97,8 @@ def test_rerun_is_a_no_op(run, survey):
     again = run_flow(cfg)
     assert again["process"]["done"] == 0 and again["process"]["skipped"] == 8
     assert {r["status"] for r in again["ingest"]} == {"skipped"}
+    # nothing changed: the published catalogs are those of the same tables, and stay as they are
+    assert again["merge"]["up_to_date"] and again["merge"]["paths"] == first["merge"]["paths"]
     cat2 = pd.read_parquet(again["merge"]["paths"]["parquet"])
     assert sorted(cat2.source_id) == sorted(cat.source_id)
 
