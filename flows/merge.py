@@ -48,7 +48,11 @@ def merge_key(cfg: RunConfig, fields: list[str], tables: list[Path], missing: li
     prov = {k: v for k, v in provenance.items() if k != "created"}
     files = []
     for t in sorted(Path(p) for p in tables):
-        st = t.stat()
+        try:
+            st = t.stat()
+        except OSError:  # gone since the ledger listed it: the merge says so, with its own error
+            files.append([str(t), None, None])
+            continue
         files.append([str(t), st.st_size, st.st_mtime_ns])
     doc = {"version": __version__, "provenance": prov, "merge": cfg.merge.model_dump(mode="json"),
            "plugins": list(cfg.plugins), "store": str(cfg.store_path), "fields": sorted(fields),
