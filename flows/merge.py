@@ -12,10 +12,10 @@ review report, `RUN/report/index.html` (catalogs/report.py), its path in the sum
 A run that changed nothing merges nothing: the merge's `merge_key` (`merge_key`: the run's provenance, the
 merge configuration, the fields, and each merged table's path, size and modification time) is kept in
 `RUN/catalogs/sources.summary.json` and beside the report. When the published catalogs and report carry the
-key of this run's tables and every output they list is there (the flat catalog with the row count the summary
-gives), the task returns their summary, marked `up_to_date`, in a fraction of a second; otherwise (a tile
-redone, a table touched, a catalog file gone or cut short, another merge setting) it merges again. At survey
-scale this is what keeps a nightly run with nothing new from rebuilding the catalogs."""
+key of this run's tables and every output they list is there (the flat catalog, the HATS partitions and the FITS
+table with the row count the summary gives), the task returns their summary, marked `up_to_date`, in a fraction
+of a second; otherwise (a tile redone, a table touched, a catalog file gone or cut short, another merge setting)
+it merges again. At survey scale this is what keeps a nightly run with nothing new from rebuilding the catalogs."""
 from __future__ import annotations
 
 import hashlib
@@ -75,9 +75,17 @@ def published_summary(cfg: RunConfig, key: str) -> dict | None:
         paths = {k: cfg.run_dir / v for k, v in summary["paths"].items()}
         if not all(p.exists() for p in paths.values()) or not (report / "index.html").is_file():
             return None
-        # a damaged or cut-short flat catalog: its Parquet footers do not read, or hold other row counts
-        if pads.dataset(paths["parquet"], format="parquet").count_rows() != summary["rows_out"]:
+        # a damaged or cut-short catalog: its Parquet footers (the flat catalog's, the HATS partitions') or its
+        # FITS header do not read, or give another row count
+        n = summary["rows_out"]
+        if pads.dataset(paths["parquet"], format="parquet").count_rows() != n:
             return None
+        if pads.dataset(paths["hats"] / "sources" / "dataset", format="parquet").count_rows() != n:  # not _metadata
+            return None
+        if "fits" in paths:
+            from astropy.io import fits
+            if fits.getheader(paths["fits"], 1)["NAXIS2"] != n:
+                return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     paths["report"] = report / "index.html"

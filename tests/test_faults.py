@@ -102,8 +102,8 @@ def test_a_tile_failing_in_a_rerun_keeps_no_old_rows(survey, clean, tmp_path, pr
 def test_a_merge_with_nothing_changed_keeps_the_catalogs_unless_one_is_damaged_or_a_table_rewritten(
         survey, clean, tmp_path):
     """The merge task with the tables of the last merge keeps its published catalogs and report (their files
-    untouched); a flat catalog part cut short, or a tile table written again, makes it merge again, to the
-    clean run's catalog."""
+    untouched); a flat catalog part or a HATS partition cut short, or a tile table written again, makes it merge
+    again, to the clean run's catalog."""
     import os
 
     from deepfield.flows.merge import merge_task
@@ -125,6 +125,10 @@ def test_a_merge_with_nothing_changed_keeps_the_catalogs_unless_one_is_damaged_o
     repaired = merge_task.fn(cfg, fields)
     assert not repaired.get("up_to_date")
     pd.testing.assert_frame_equal(catalog(dict(merge=repaired)), reference)
+    partition = sorted(Path(repaired["paths"]["hats"]).glob("sources/dataset/Norder=*/Dir=*/Npix=*.parquet"))[0]
+    partition.write_bytes(partition.read_bytes()[:100])  # a HATS partition cut short
+    assert merge_task.fn(cfg, fields).get("up_to_date") is None
+    assert merge_task.fn(cfg, fields)["up_to_date"]  # and whole again
     table = run_dir / "tiles" / "field001" / "1_0.parquet"  # as a redone tile's table would be
     os.utime(table, ns=(table.stat().st_atime_ns, table.stat().st_mtime_ns + 10**9))
     assert not merge_task.fn(cfg, fields).get("up_to_date")
