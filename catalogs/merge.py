@@ -72,7 +72,7 @@ from . import schema
 from .calibrate import calibrate
 from .dedup import FieldOwnership, overlap_decisions, source_ids
 from .exports import MARGIN_ARCSEC, annotate_file, export_fits, relative, write_hats
-from .steps import MergeContext, MergeStep
+from .steps import MergeContext, MergeStep, report_lines
 
 __all__ = ["merge_catalog", "open_catalog", "export_fits", "HEALPIX_COLUMN"]
 
@@ -211,7 +211,7 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
         finally:
             if version.exists() and not (out_dir.is_symlink() and out_dir.resolve() == version.resolve()):
                 shutil.rmtree(version, ignore_errors=True)
-    summary["report"] = [line for step in steps for line in step.report(summary, summary["paths"])]
+    summary["report"] = report_lines(steps, summary)
     return summary
 
 

@@ -29,7 +29,8 @@ from deepfield.tasks.stages.base import config_error
 from deepfield.tasks.stages.registry import stage_class
 from deepfield.tasks.tile_runner import side_table
 
-__all__ = ["MergeStep", "MergeStepConfig", "MergeContext", "StepResult", "merge_step_class", "build_steps"]
+__all__ = ["MergeStep", "MergeStepConfig", "MergeContext", "StepResult", "merge_step_class", "build_steps",
+           "report_lines"]
 
 
 class MergeStepConfig(BaseModel):
@@ -125,3 +126,8 @@ def build_steps(stages: list[tuple[str, Any]], configs: dict[str, dict] | None =
         raise ValueError(f"merge: {', '.join(sorted(configs))}: not a stage of this run with a merge step "
                          f"(those are: {', '.join(with_steps) or 'none'})")
     return steps
+
+
+def report_lines(steps, summary: dict) -> list[str]:
+    """The lines the `steps` give about their outputs, in step order, for a merge `summary` with its `paths`."""
+    return [line for step in steps for line in step.report(summary, summary["paths"])]

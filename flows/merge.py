@@ -94,10 +94,7 @@ def published_summary(cfg: RunConfig, key: str) -> dict | None:
 
 @task(name="merge-catalogs")
 def merge_task(cfg: RunConfig, fields: list[str]) -> dict:
-    # imported here, not with the run's flow: dask.dataframe, hats and the report's plotting cost 1.5 s of every
-    # run's start-up, merge or not
-    from deepfield.catalogs.merge import merge_catalog
-    from deepfield.catalogs.report import write_report
+    from deepfield.catalogs.steps import report_lines
     for name in ("distributed", "hats_import", "hats", "lsdb"):  # their INFO lines drown the progress
         logging.getLogger(name).setLevel(logging.WARNING)
     root = open_store(cfg.store_path)
@@ -109,8 +106,12 @@ def merge_task(cfg: RunConfig, fields: list[str]) -> dict:
     key = merge_key(cfg, fields, tables, missing, provenance)
     done = published_summary(cfg, key)
     if done is not None:
-        done["report"] = [line for step in cfg.merge_steps() for line in step.report(done, done["paths"])]
+        done["report"] = report_lines(cfg.merge_steps(), done)
         return dict(done, ignored_tables=ignored)
+    # imported here, not with the run's flow and not for catalogs that are up to date: dask.dataframe, hats and
+    # the report's plotting cost 1.5 s
+    from deepfield.catalogs.merge import merge_catalog
+    from deepfield.catalogs.report import write_report
     client = None
     if cfg.dask.address:
         from dask.distributed import Client
