@@ -26,11 +26,11 @@ def survey_cfg() -> SimConfig:
 
 
 # The test files by their total time, heaviest first (worker-seconds of `pytest --durations=0` under `make test`,
-# 2026-12-01: faults 600, slurm 440, run 300, survey_bands 280 ... prefect_env 40; the rest less): `make test`
+# 2026-12-01: faults 600 (now with test_resume.py, about 200 of it), slurm 440, run 300, survey_bands 280 ... prefect_env 40; the rest less): `make test`
 # hands whole files to two pytest-xdist workers in this order (--no-loadscope-reorder: xdist's own order is by
 # number of tests, which left the Slurm file and the kill drill to the end, one worker busy alone).
 HEAVY_FIRST = ("test_faults.py", "test_slurm.py", "test_run.py", "test_survey_bands.py", "test_schedule.py",
-               "test_drill.py", "test_distributed.py", "test_cluster.py", "test_redsequence.py", "test_any_survey.py",
+               "test_drill.py", "test_resume.py", "test_distributed.py", "test_cluster.py", "test_redsequence.py", "test_any_survey.py",
                "test_sim_reproducible.py", "test_merge.py", "test_lens.py", "test_shipped_models.py",
                "test_bad_inputs.py", "test_learned_detection.py", "test_stages.py", "test_cli.py",
                "test_stage_contract.py", "test_cluster_render.py", "test_progress.py", "test_anomaly_grid.py",
@@ -95,6 +95,29 @@ def ray_session():
     yield ray
     if started:
         ray.shutdown()  # no Ray of the tests outlives them
+
+
+@pytest.fixture(scope="session")
+def clean(survey, tmp_path_factory, worker_id, request):
+    """The session's survey run once with the classical stages (tests/_classical_run.py's `config`: tiles of
+    512 px, halo 32): (run directory, its catalog sorted by source_id), the reference of test_faults.py and
+    test_resume.py. Tests copy the directory (copy_run) before changing anything in it. Under pytest-xdist the
+    workers share one run, as they share the survey."""
+    from _classical_run import config, flat_catalog
+    # the run directory as deep under the session's directory as a test's tmp_path (a worker's directory, then
+    # the test's): the store's ingest record keeps the inputs' paths relative to the run directory, and a copy
+    # made in a test's tmp_path must find them the same, or it ingests the survey again
+    depth = Path("run") if worker_id == "master" else Path("worker") / "run"
+
+    def run(where: Path) -> None:
+        request.getfixturevalue("prefect_harness")
+        request.getfixturevalue("ray_session")
+        from deepfield.flows.run import run_flow
+        summary = run_flow(config(survey, where / depth))
+        assert summary["process"]["done"] == 8 and not summary["failed_tiles"]
+
+    run_dir = made_once(tmp_path_factory, worker_id, "clean-run", run) / depth
+    return run_dir, flat_catalog(run_dir / "catalogs" / "sources_flat")
 
 
 @pytest.fixture(scope="session")
