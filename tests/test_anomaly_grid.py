@@ -155,3 +155,22 @@ def test_candidates_one_per_region_with_shape_hints_and_fields_merged():
     assert list(cand.anomaly_rank) == [1, 2, 3] and cand.anomaly_sigma.is_monotonic_decreasing
     p = cand[cand["shape"] == "point"].iloc[0]
     assert (p.x, p.y) == (5 * 16 + 15.5 + 8, 5 * 16 + 15.5 + 8)
+
+
+def test_a_cosmic_ray_on_a_trail_is_its_own_candidate_and_the_trail_stays_whole():
+    """A trail two windows wide and 16 long (sigma 12, each window's worst pixel its own place along it) with
+    a cosmic ray on it (the four windows that hold its pixel all find it the worst, sigma 40-50): two candidates,
+    the cosmic ray at its pixel and the trail in one piece on both sides of it, placed at its middle. Before the
+    points were split out they were one candidate, at the cosmic ray: the trail was not listed."""
+    trail = {(10 + r, 2 + k): (12.0, 0, 0) for r in (0, 1) for k in range(16)}
+    ray = {(10, 8): (50.0, 8, 8), (10, 9): (45.0, -8, 8), (11, 8): (44.0, 8, -8), (11, 9): (40.0, -8, -8)}
+    w = _grid("f", 30, 10.0, {**trail, **ray})
+    sigma, stats = window_sigma(w.score.to_numpy())
+    cut = float((10.0 - stats["median"]) / stats["scale"])
+    cand, _ = build_candidates(w, cut, 16)
+    assert len(cand) == 2, cand
+    ray_row, trail_row = cand.iloc[0], cand.iloc[1]
+    assert ray_row["shape"] == "point" and ray_row.n_windows == 4
+    assert (ray_row.x, ray_row.y) == (8 * 16 + 15.5 + 8, 10 * 16 + 15.5 + 8)
+    assert trail_row["shape"] == "linear" and trail_row.n_windows == 28  # both sides of the ray, one piece
+    assert abs(trail_row.x - (2 + 7.5) * 16 - 15.5) <= 16  # the middle of the trail, not one end
