@@ -252,15 +252,21 @@ def train_anomaly(
                                           "bright peak (stars, bright galaxies; 0.5 was tried, see the card)"),
     checkpoint: Path = typer.Option(None, help="GAN checkpoint, resumed from when it matches (default: <out>.ckpt)"),
     stop_after: int = typer.Option(None, min=1, help="stop after this many GAN steps (checkpoint kept)"),
+    bands: str = typer.Option(None, help="bands of the windows, comma-separated (default g,r,i); other bands "
+                              "write the band-set variant models/weights/anomaly_wgan.<bands>.pt, e.g. g,r,i,z"),
 ) -> None:
     """Train the WGAN-GP anomaly scorer and its encoder (models/anomaly_gan.py) on simulated normal sources."""
     from deepfield.models.train_anomaly import MODEL, train
     from deepfield.tasks.trainsets.anomaly import training_stamps, training_windows
+    band_list = _bands(bands)
+    if band_list and not windows:
+        fail("--bands needs --windows > 0 (the source stamps are cut in the main weights' bands)")
+    out = _variant_out(out, MODEL, band_list, ["g", "r", "i"])
 
     def fit(command: str):
         if windows:
             x, data = training_windows(fields, field_size, seed, windows, workers, cache, progress=say,
-                                       bright_fraction=bright_fraction)
+                                       bright_fraction=bright_fraction, bands=band_list)
         else:
             x, data = training_stamps(fields, field_size, seed, workers, cache, progress=say)
         ck = _checkpoint(checkpoint, out, MODEL)

@@ -58,7 +58,8 @@ def print_run(summary: dict, cfg, log_file=None, paths: bool = True) -> None:
     print_ingest_notes(ing)
     for stage, variant in (summary.get("weights_variants") or {}).items():
         if variant:
-            console.print(f"         stage {stage}: the {variant} weights (the fields lack bands of the main weights)")
+            console.print(f"         stage {stage}: the {variant} weights (of the shipped band sets, the one with the "
+                          "most of the fields' bands)")
     console.print(f"process: {proc['done']} tile(s) processed, {proc['skipped']} already done, {proc['failed']} failed, "
                   f"{proc['retries']} retried, on {proc['actors']} actor(s) ({sec['process']:.1f} s)")
     if proc.get("stage_seconds"):

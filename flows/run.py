@@ -129,8 +129,8 @@ def _run(cfg: RunConfig, t0: float) -> dict:
         before = dict(cfg.stage_list())
         for name, params in stages:
             if params.get("variant") and not before[name].get("variant"):
-                log.info("stage %r: the %s weights (the survey's fields lack bands of the main weights)", name,
-                         params["variant"])
+                log.info("stage %r: the %s weights (of the shipped band sets, the one with the most of the "
+                         "fields' bands)", name, params["variant"])
         cfg = cfg.with_stages(stages)
         variants = {n: p.get("variant") or "" for n, p in stages if "variant" in p}
         process = process_task(cfg, fields)

@@ -100,7 +100,7 @@ _ENTRIES = (
                "position-conditioned U-Net flux-fraction deblender, g r i z 48x48 stamps",
                gpu=GpuSettings(batch=1024, autocast="float16", tolerance=0.02)),
     ModelEntry("anomaly_wgan", "deepfield.models.anomaly_gan:AnomalyGAN",
-               "WGAN-GP generator, critic and encoder for anomaly scores, g r i 32x32",
+               "WGAN-GP generator, critic and encoder for anomaly scores, g r i 32x32 (variants g r i z, g r z)",
                gpu=GpuSettings(batch=2048, autocast="float16", tolerance=0.05,
                                modules=("encoder", "generator", "critic.conv"))),
     ModelEntry("cluster_net", "deepfield.models.cluster_net:ClusterNet",

@@ -152,15 +152,19 @@ def train(stamps: np.ndarray, iters: int = 3000, enc_iters: int = 3000, batch: i
           seed: int = 0, device: str = "cpu", threads: int = 1, command: str = "", data: dict | None = None,
           arch: dict | None = None, checkpoint: Path | None = None, stop_after: int | None = None
           ) -> tuple[dict, dict] | None:
-    """Train on scaled `stamps` (N, 3, S, S) of normal sources; returns the training record and the weights
-    (state dict). data: how the stamps were made (recorded)."""
+    """Train on scaled `stamps` (N, B, S, S) of normal sources; returns the training record and the weights
+    (state dict). data: how the stamps were made (recorded; its `bands`, comma-separated, name the B bands,
+    default g r i)."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(stamps))
     n_val = max(1, len(stamps) // 20)
     x_va, x_tr = torch.as_tensor(stamps[order[:n_val]]), torch.as_tensor(stamps[order[n_val:]])
-    arch = dict(dict(bands=["g", "r", "i"], size=int(stamps.shape[-1])), **(arch or {}))
+    bands = str((data or {}).get("bands") or "g,r,i").split(",")
+    if len(bands) != stamps.shape[1]:
+        raise ValueError(f"{stamps.shape[1]} bands in the stamps, but they are said to be {','.join(bands)}")
+    arch = dict(dict(bands=bands, size=int(stamps.shape[-1])), **(arch or {}))
     model = AnomalyGAN(**arch).to(device)
     say(f"training the WGAN-GP on {len(x_tr)} stamps ({n_val} kept for validation) for {iters} generator steps ...")
     t0 = time.perf_counter()

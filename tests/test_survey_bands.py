@@ -16,14 +16,14 @@ from deepfield.tasks.sim.survey import simulate_survey
 
 ALL_BANDS = ("u", "g", "r", "i", "z", "y")
 # band set -> (the learned stages that run, with the weights variant they take; those left out) with the shipped
-# weights: lens, cluster and deblend have g,r,i,z and g,r,z weights, anomaly g,r,i, the detector any of g,r,i,z,
-# the photo-z reference set any two of g,r,i,z
+# weights: lens, cluster and deblend have g,r,i,z and g,r,z weights, anomaly g,r,i, g,r,i,z and g,r,z, the detector
+# any of g,r,i,z, the photo-z reference set any two of g,r,i,z
 CASES = {
-    "grz": (["g", "r", "z"], {"detect": "", "deblend": "grz", "photoz": "", "lens": "grz", "cluster": "grz"},
-            {"anomaly"}),
+    "grz": (["g", "r", "z"], {"detect": "", "deblend": "grz", "photoz": "", "lens": "grz", "cluster": "grz",
+                              "anomaly": "grz"}, set()),
     "ugri": (["u", "g", "r", "i"], {"detect": "", "photoz": "", "anomaly": ""}, {"deblend", "lens", "cluster"}),
     "grizy": (["g", "r", "i", "z", "y"], {"detect": "", "deblend": "", "photoz": "", "lens": "", "cluster": "",
-                                          "anomaly": ""}, set()),
+                                          "anomaly": "griz"}, set()),
     "r": (["r"], {"detect": ""}, {"deblend", "photoz", "lens", "cluster", "anomaly"}),
 }
 # a column each learned stage adds to the source catalog

@@ -97,12 +97,17 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     from deepfield.tasks.zarr_store import all_tiles, open_store, read_tile
 
     torch.set_num_threads(1)
-    stage = AnomalyStage(steps=steps, weights=str(weights) if weights else None)
+    cfg = evaluation_fields(seed, n_fields, size)
+    if weights:
+        stage = AnomalyStage(steps=steps, weights=str(weights))
+    else:  # the shipped weights the pipeline would run on these fields: the band-set variant with the most bands
+        from deepfield.models.registry import choose_variant
+        stage = AnomalyStage(steps=steps, variant=choose_variant("anomaly_wgan", cfg.bands) or None)
     stage.setup(device)  # the stage's own model, stamp size and bands
     work = Path(tempfile.mkdtemp(prefix="deepfield-eval-anomaly-"))
     try:
         say(f"simulating {n_fields} held-out {size}x{size} fields (seed {seed}) ...")
-        root = open_store(simulate_fields(evaluation_fields(seed, n_fields, size), work, workers, say))
+        root = open_store(simulate_fields(cfg, work, workers, say))
         truth = work / "sim" / "truth"
         anomalies, lenses = pd.read_parquet(truth / "anomalies.parquet"), pd.read_parquet(truth / "lenses.parquet")
         xs, noises, tables = [], [], []
@@ -128,7 +133,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     subjects = _best_windows(windows, anomalies, lenses, stage, core)
     say(f"scoring {len(x)} windows ({int(np.isin(label, ['normal', 'contaminated'], invert=True).sum())} "
         f"anomalous, {len(subjects)} injected anomalies) in the fast and full modes ...")
-    out = dict(n_fields=n_fields, field_size=size, seed=seed, steps=steps, stride=stage.stride,
+    out = dict(n_fields=n_fields, field_size=size, seed=seed, steps=steps, stride=stage.stride, bands=stage.bands,
                labels=pd.Series(label).value_counts().to_dict(), modes={})
     for mode, k in (("fast", 0), ("full", steps)):
         t = time.perf_counter()
@@ -143,8 +148,8 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
 
 
 def format_report(r: dict) -> str:
-    lines = [f"anomaly scores of the dense grid (stride {r['stride']} px) on {r['n_fields']} held-out "
-             f"{r['field_size']}^2 fields (seed {r['seed']}): {r['labels']}"]
+    lines = [f"anomaly scores of the dense grid (stride {r['stride']} px, bands {','.join(r.get('bands', []))}) "
+             f"on {r['n_fields']} held-out {r['field_size']}^2 fields (seed {r['seed']}): {r['labels']}"]
     for mode, m in r["modes"].items():
         for which in ("score", "paper"):
             f = m[which]

@@ -8,7 +8,7 @@ pixel lies in at least one window, so a cosmic ray or a trail in one band, or a 
 detected, is scored whatever the detection found. The halo (64 px by default) must be at least half a window
 for the windows of a core's edge to hold their pixels. Each window is a row of the tile's side table
 `anomaly_map` (`tiles/<field>/<ty>_<tx>.anomaly_map.parquet`): field, ky, kx (grid indices), x, y (window
-centre) and peak_x, peak_y (the centre of its worst 2 x 2 px cell; field pixels), ra, dec (of the peak,
+centre) and peak_x, peak_y (its worst pixel; field pixels), ra, dec (of the peak,
 degrees), score, score_paper, local_pixel, local_feature, band (of the peak), mode. The merge step
 (catalogs/anomalies.py) turns high-scoring windows into anomaly candidates.
 
@@ -24,7 +24,7 @@ without data (invvar 0, NaN) are 0 and carry no noise, other masked pixels keep 
 what is sought). Scaled by the bands' sky noise as in training (models.anomaly_gan.scale_stamps).
 
 Scores (models.anomaly_gan.grid_scores): `score` is the local score, L = 0.7 L_res + 0.3 L_feat with L_res
-the larger of the mean of the two worst 2 x 2 px cells of |x - G(z)| in units of each pixel's noise (from the
+the larger of the worst pixel of |x - G(z)| in units of each pixel's noise (from the
 inverse variance), the largest over bands, and the worst quarter's signed residual over the model's sky pixels
 (a trail), and L_feat the worst spatial cell of the critic's feature residual, each over its median on normal
 training windows; `score_paper` is the paper's sum over all pixels and features. Saturated and bleed-trail

@@ -189,8 +189,9 @@ def _bright_peaks(snr: np.ndarray, level: float = 20.0) -> tuple[np.ndarray, np.
 
 def training_windows(fields: int = 6, field_size: int = 2048, seed: int = 0, per_tile: int = 400, workers: int = 2,
                      cache: Path | None = None, progress: Callable[[str], None] | None = None,
-                     halo: int = 64, bright_fraction: float = 0.0) -> tuple[np.ndarray, dict]:
-    """Scaled windows (N, 3, S, S) in `fields` simulated fields of normal sources (field seed seed * 1000 + 1;
+                     halo: int = 64, bright_fraction: float = 0.0, bands: list[str] | None = None
+                     ) -> tuple[np.ndarray, dict]:
+    """Scaled windows (N, B, S, S) of `bands` (default the stage's, g r i) in `fields` simulated fields of normal sources (field seed seed * 1000 + 1;
     `training_fields`), cut from the background-subtracted tile as the anomaly stage cuts its grid windows
     (tasks.stages._anomaly_grid.window_stamps): `per_tile` windows whose centre lies in each tile core, a
     `bright_fraction` of them centred within 14 px of a random bright peak (a local maximum above 20 sky sigma
@@ -203,11 +204,11 @@ def training_windows(fields: int = 6, field_size: int = 2048, seed: int = 0, per
 
     from ..stages._anomaly_grid import window_stamps
     say = progress or (lambda msg: None)
-    stage = AnomalyStage()
+    stage = AnomalyStage(**({"bands": tuple(bands)} if bands else {}))
     data = dict(fields=fields, field_size=field_size, field_seed=seed * 1000 + 1, per_tile=per_tile,
-                bright_fraction=bright_fraction,
+                bright_fraction=bright_fraction, bands=",".join(stage.bands),
                 selection=f"random windows, {bright_fraction:.0%} of them within 14 px of a bright peak")
-    keys = ("fields", "field_size", "field_seed", "per_tile", "bright_fraction")
+    keys = ("fields", "field_size", "field_seed", "per_tile", "bright_fraction", "bands")
     if cache is not None and Path(cache).exists():
         z = np.load(cache, allow_pickle=False)
         if all(k in z.files for k in keys) and {k: z[k].item() for k in keys} == {k: data[k] for k in keys}:
