@@ -201,3 +201,22 @@ def test_generator_with_transposed_convolutions_as_pixel_shuffles_gives_the_same
     z = torch.randn(16, 64)
     with torch.no_grad():
         np.testing.assert_allclose(fast(z).numpy(), g(z).numpy(), atol=2e-6)
+
+
+def test_training_windows_of_another_band_set(tmp_path):
+    """--bands: windows in the bands asked for, the record naming them; a cache made for other bands is not
+    reused; g, r, i and g, r, z windows come from the same fields and positions (their g, r planes agree); u,
+    which the default fields lack, is simulated besides g, r, i, z."""
+    from deepfield.tasks.trainsets.anomaly import training_windows
+    cache = tmp_path / "w.npz"
+    kw = dict(fields=1, field_size=256, seed=3, per_tile=5, workers=1)
+    gri, d1 = training_windows(cache=cache, bands=["g", "r", "i"], **kw)
+    assert gri.shape[1:] == (3, 32, 32) and d1["bands"] == "g,r,i" and len(gri) > 0
+    np.testing.assert_array_equal(training_windows(cache=cache, bands=["g", "r", "i"], **kw)[0], gri)  # reused
+    grz, d2 = training_windows(cache=cache, bands=["g", "r", "z"], **kw)
+    assert d2["bands"] == "g,r,z"
+    np.testing.assert_array_equal(grz[:, :2], gri[:, :2])
+    assert not np.array_equal(grz[:, 2], gri[:, 2])
+    ugr, d3 = training_windows(bands=["u", "g", "r"], **kw)
+    assert ugr.shape[1:] == (3, 32, 32) and d3["bands"] == "u,g,r"
+    assert np.isfinite(ugr).all() and (np.abs(ugr) > 0).any(axis=(0, 2, 3)).all()  # every band has pixels

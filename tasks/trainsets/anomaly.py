@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_path
-from ..sim.config import SimConfig
+from ..sim.config import DEFAULT_BANDS, SimConfig
 from ..stages.anomaly import AnomalyStage
 from ..stages.background import BackgroundStage
 from ..stages.detect import DetectStage
@@ -145,11 +145,14 @@ def field_stamps(cfg: SimConfig, stage, workers: int = 2, halo: int = 64, keep: 
             shutil.rmtree(work, ignore_errors=True)
 
 
-def training_fields(seed: int, n_fields: int, size: int = 2048) -> SimConfig:
+def training_fields(seed: int, n_fields: int, size: int = 2048, bands: list[str] | None = None) -> SimConfig:
     """Fields of normal sources only: the simulator's galaxies, stars, clusters and detector defects (masked
     bad columns and pixels), without its anomalies (lenses, ring galaxies, mergers) and artefacts (trails,
-    cosmic rays, ghosts, hot pixels, amplifier offsets)."""
-    return SimConfig(seed=seed, size=size, fields=n_fields,
+    cosmic rays, ghosts, hot pixels, amplifier offsets). bands: besides the simulator's default g, r, i, z
+    (which stay, so that the fields of g, r, i, z and of any subset are the same fields), these."""
+    default = SimConfig().bands
+    extra = {"bands": [b for b in DEFAULT_BANDS if b in {*default, *bands}]} if set(bands or ()) - set(default) else {}
+    return SimConfig(seed=seed, size=size, fields=n_fields, **extra,
                      population=dict(lenses_per_field=0, ring_galaxies_per_field=0, mergers_per_field=0),
                      artefacts=dict(satellite_trails=0, cosmic_rays=0, ghosts_per_bright_star=0,
                                     hot_pixel_clusters=0, amp_artefact_prob=0))
@@ -191,8 +194,8 @@ def training_windows(fields: int = 6, field_size: int = 2048, seed: int = 0, per
                      cache: Path | None = None, progress: Callable[[str], None] | None = None,
                      halo: int = 64, bright_fraction: float = 0.0, bands: list[str] | None = None
                      ) -> tuple[np.ndarray, dict]:
-    """Scaled windows (N, B, S, S) of `bands` (default the stage's, g r i) in `fields` simulated fields of normal sources (field seed seed * 1000 + 1;
-    `training_fields`), cut from the background-subtracted tile as the anomaly stage cuts its grid windows
+    """Scaled windows (N, B, S, S) of `bands` (default the stage's, g r i) in `fields` simulated fields of normal
+    sources (field seed seed * 1000 + 1; `training_fields`), cut from the background-subtracted tile as the anomaly stage cuts its grid windows
     (tasks.stages._anomaly_grid.window_stamps): `per_tile` windows whose centre lies in each tile core, a
     `bright_fraction` of them centred within 14 px of a random bright peak (a local maximum above 20 sky sigma
     in any band: stars, bright galaxies, saturated cores), the rest at uniformly random positions (the default,
@@ -219,8 +222,8 @@ def training_windows(fields: int = 6, field_size: int = 2048, seed: int = 0, per
     work = Path(tempfile.mkdtemp(prefix="deepfield-anomaly-windows-"))
     try:
         say(f"simulating {fields} fields of {field_size}^2 px of normal sources and cutting windows ...")
-        root = open_store(simulate_fields(training_fields(data["field_seed"], fields, field_size), work, workers,
-                                          progress))
+        sim = training_fields(data["field_seed"], fields, field_size, stage.bands)
+        root = open_store(simulate_fields(sim, work, workers, progress))
         out = []
         s = stage.size
         for name in complete_fields(root):
