@@ -231,24 +231,26 @@ def test_anomaly_scores_and_ranked_list(run, survey):
         assert np.isfinite(np.stack([h.data for h in stamps])).mean() > 0.9  # NaN only beyond the field's edges
     anomalies = pd.read_parquet(survey / "truth" / "anomalies.parquet")
     lenses = pd.read_parquet(survey / "truth" / "lenses.parquet")
-    trails = anomalies[(anomalies.type == "satellite_trail") & anomalies.band.isin(["g", "r", "i"])]
+    from deepfield.models.registry import variants
+    bands = variants("anomaly_wgan")[summary["weights_variants"].get("anomaly", "")]  # the weights the run chose
+    assert bands == ["g", "r", "i", "z"]  # this g, r, i, z survey gets the griz weights: z artefacts are scored
+    trails = anomalies[(anomalies.type == "satellite_trail") & anomalies.band.isin(bands)]
     for f, tr in trails.groupby("field"):  # each trail: one candidate on it, whatever tiles it crosses
         on = top[top.field == f]
         for _, kind, d, hit, _ in anomaly_geometry(on.x.to_numpy(float), on.y.to_numpy(float), tr,
-                                                   lenses.iloc[:0], 32, ["g", "r", "i"], 4.0):
+                                                   lenses.iloc[:0], 32, bands, 4.0):
             assert hit.sum() == 1, (kind, on[hit])
     labels = np.concatenate([label_sources(g, anomalies[anomalies.field == f], lenses[lenses.field == f], 32,
-                                           ["g", "r", "i"]) for f, g in sel.groupby("field")])
+                                           bands) for f, g in sel.groupby("field")])
     # the simulator's astrophysical anomalies (lenses, ring galaxies, mergers) against the normal sources: the
-    # paper's sum over the stamp ranks morphology best; the local score (dominated by the worst 2 x 2 px cells,
-    # made for artefacts) less well (0.71 when written). The paper's score gave 0.75-0.76 until the detection
-    # threshold followed the measured noise of the filtered image (about 1.2 sigma on the simulator's sky, whose
-    # faint galaxies add to the noise): smaller isophotes change which sources count as extended, and it
-    # gives 0.74 on these two fields
+    # paper's sum over the stamp ranks morphology best; the local score (dominated by the worst pixel, made for
+    # artefacts) less well. With the g, r, i weights: 0.74 and 0.71 on these two fields; with the griz weights
+    # (2026-12-02), which a g, r, i, z survey now runs: 0.711 and 0.677, of 22 anomalous sources (an AUROC's
+    # spread there is about 0.06, so 0.68 and 0.62 stay well above a scorer that does not see them, 0.5)
     keep = np.isin(labels, ["normal", "lens", "ring_galaxy", "merger"])
     y = labels[keep] != "normal"
     assert y.sum() >= 5
-    for column, floor in (("anomaly_score_paper", 0.72), ("anomaly_score", 0.65)):
+    for column, floor in (("anomaly_score_paper", 0.68), ("anomaly_score", 0.62)):
         scores = np.concatenate([g[column].to_numpy() for _, g in sel.groupby("field")])
         assert roc_auc_score(y, scores[keep]) > floor, column
 
