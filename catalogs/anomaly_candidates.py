@@ -97,6 +97,10 @@ def _watershed(ky: np.ndarray, kx: np.ndarray, px: np.ndarray, py: np.ndarray, s
     def near(i, j):
         return np.hypot(px[i] - px[j], py[i] - py[j]) <= POINT_PX
 
+    def neighbours(i):  # the warm windows among the eight grid neighbours of window i
+        return [j for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy or dx)
+                for j in [index.get((int(ky[i]) + dy, int(kx[i]) + dx))] if j is not None]
+
     def find(i):
         while parent[i] != i:
             parent[i] = parent[parent[i]]
@@ -104,8 +108,7 @@ def _watershed(ky: np.ndarray, kx: np.ndarray, px: np.ndarray, py: np.ndarray, s
         return i
 
     for i in warm[np.argsort(-sigma[warm], kind="stable")]:
-        roots = {find(j) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy or dx)
-                 for j in [index.get((int(ky[i]) + dy, int(kx[i]) + dx))] if j is not None and j in parent}
+        roots = {find(j) for j in neighbours(i) if j in parent}  # those already taken
         parent[i], peak[i], core[i], size[i] = i, i, 1, 1
         if not roots:
             continue
@@ -128,10 +131,8 @@ def _watershed(ky: np.ndarray, kx: np.ndarray, px: np.ndarray, py: np.ndarray, s
             size[top] += size[r]
     # the groups a point lies across (a trail's two sides, a galaxy's skirts) are one again
     sides: dict = {}
-    for i in [i for i in warm if i in parent and find(i) in kept]:
-        sides.setdefault(find(i), set()).update(
-            j for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-            for j in [index.get((int(ky[i]) + dy, int(kx[i]) + dx))] if j is not None and j in parent)
+    for i in [i for i in warm if find(i) in kept]:
+        sides.setdefault(find(i), set()).update(neighbours(i))
     for touching in sides.values():
         side = sorted({find(j) for j in touching} - kept, key=lambda r: -sigma[peak[r]])
         for r in side[1:]:
