@@ -168,13 +168,20 @@ def train_deblend(
     stop_after: int = typer.Option(None, min=1, help="--composed: stop after this many steps (checkpoint kept)"),
     bands: str = typer.Option(None, help="bands of the blends, comma-separated (default g,r,i,z; not with "
                               "--composed); other bands write the band-set variant models/weights/deblend_unet.<bands>.pt"),
+    output: str = typer.Option("fraction", help="the network's output: 'fraction' (each pixel's share of the "
+                               "member) or 'image' (the member's noiseless image, a template whose amplitude the "
+                               "stage fits; --composed only)"),
 ) -> None:
-    """Train the learned deblender (models/deblend_unet.py) on blends of 2-4 galaxies."""
+    """Train the learned deblender (models/deblend_unet.py) on blends of galaxies."""
     from deepfield.models.train_deblend import MODEL, train, train_stream
     from deepfield.tasks.trainsets.blend_stamps import BlendConfig, training_examples
     band_list = _bands(bands)
     if band_list and composed:
         fail("--bands: the composed blends come from the g, r, i, z galaxy library; use the GalSim blends (--galsim)")
+    if output not in ("fraction", "image"):
+        fail(f"--output {output!r}: 'fraction' or 'image'")
+    if output == "image" and not composed:
+        fail("--output image trains on composed blends only: add --composed")
     out = _variant_out(out, MODEL, band_list, BlendConfig().bands)
 
     def fit_composed(command: str):
@@ -190,6 +197,7 @@ def train_deblend(
                             ref_index=lib.bands.index(lib.cfg.reference_band), zeropoint=lib.cfg.zeropoint,
                             steps=steps, lr=lr, seed=seed, device=device, threads=threads,
                             widths=tuple(int(w) for w in widths.split(",")), checkpoint=ck, stop_after=stop_after,
+                            output=output,
                             record=dict(blend_config=dict(size=cfg.size, bands=lib.bands,
                                                           reference_band=lib.cfg.reference_band,
                                                           pixel_scale=lib.cfg.pixel_scale, zeropoint=lib.cfg.zeropoint),

@@ -9,8 +9,9 @@ the isolated image itself, so that the fractions of all members add up to at mos
 the training target, and the measured flux inherits the observed pixels' noise as aperture photometry does.
 
 Input channels: asinh(image / sigma) per band; a unit-height Gaussian (sigma 1.5 px) at the target's
-detected centre; the same at every other detected member of the blend. Output: sigmoid fractions,
-(N, bands, S, S). Widths (8, 16, 32, 64) at strides 1, 2, 4, 8 by default (0.12 M parameters): small
+detected centre; the same at every other detected member of the blend. Output (`output`): "fraction", sigmoid
+fractions (N, bands, S, S); or "image", the member's noiseless image alone as asinh(T / sigma), a template whose
+amplitude the deblend stage fits to the pixels together with the other members' (`fit_fluxes`). Widths (8, 16, 32, 64) at strides 1, 2, 4, 8 by default (0.12 M parameters): small
 enough to train on a 2-core CPU in minutes.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ from torch import nn
 
 
 POSITION_SIGMA = 1.5  # px, width of the position channels
+OUTPUTS = ("fraction", "image")
+IMAGE_MAX = 12.0  # asinh(T / sigma) above this (T > 8e4 sigma) is clipped
 
 
 def position_map(centres: np.ndarray, size: int, sigma: float = POSITION_SIGMA) -> np.ndarray:
@@ -47,9 +50,12 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class DeblendUNet(nn.Module):
-    def __init__(self, in_bands: int = 4, widths=(8, 16, 32, 64)):
+    def __init__(self, in_bands: int = 4, widths=(8, 16, 32, 64), output: str = "fraction"):
         super().__init__()
+        if output not in OUTPUTS:
+            raise ValueError(f"deblend_unet output {output!r}: one of {OUTPUTS}")
         self.in_bands = in_bands
+        self.output = output
         self.down = nn.ModuleList()
         cin = in_bands + 2
         for w in widths:
@@ -73,7 +79,8 @@ class DeblendUNet(nn.Module):
         for up, merge in zip(self.up, self.merge):
             x = up(x)
             x = merge(torch.cat([x, skips.pop()], dim=1))
-        return torch.sigmoid(self.out(x))
+        y = self.out(x)
+        return torch.sigmoid(y) if self.output == "fraction" else y  # image: asinh(T / sigma), unbounded in training
 
 
 
@@ -85,9 +92,47 @@ def share(frac: np.ndarray, floor: float = 0.05) -> np.ndarray:
     return np.where(tot > floor, frac / np.maximum(tot, 1e-12), frac)
 
 
+def member_images(y: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """The image head's output asinh(T / sigma) (N, B, S, S) as templates in image units (sigma: (B,))."""
+    return (np.sinh(np.clip(y, 0.0, IMAGE_MAX)) * np.asarray(sigma, np.float32)[None, :, None, None]).astype(np.float32)
+
+
+def fit_fluxes(templates: np.ndarray, stamp: np.ndarray, var: np.ndarray, ridge: float = 0.01
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Amplitudes of the members' templates (k, B, S, S) fitted to the blend `stamp` (B, S, S) by weighted least
+    squares (weights 1 / var; var 0: a masked pixel, left out), band by band, with a ridge pulling each amplitude
+    towards 1 (strength `ridge` times the template's own information, so that two nearly equal templates of a
+    close pair stay defined). Returns (flux (k, B) = amplitude x template sum, its 1-sigma error (k, B),
+    amplitudes (k, B)). The fit gives each member the light its template explains, where summing fractions of
+    the pixels gives it the noise and unmodelled light of every pixel it is given a share of; with the true
+    templates this measures the blended galaxies of the held-out fields to a median 0.046 against 0.103 for
+    perfect fractions (models/cards/deblend_unet.md)."""
+    k, nb = templates.shape[:2]
+    amp, err = np.ones((k, nb)), np.full((k, nb), np.nan)
+    tot = templates.sum(axis=(2, 3)).astype(np.float64)
+    for b in range(nb):
+        w = np.where(var[b] > 0, 1.0 / np.maximum(var[b], 1e-30), 0.0).ravel()
+        a = templates[:, b].reshape(k, -1).astype(np.float64)
+        m = a @ (a * w).T
+        lam = ridge * np.diag(m)
+        rhs = a @ (w * stamp[b].ravel().astype(np.float64)) + lam
+        ok = np.diag(m) > 0
+        if not ok.any():
+            continue
+        mm = m[np.ix_(ok, ok)] + np.diag(lam[ok])
+        try:
+            amp[ok, b] = np.linalg.solve(mm, rhs[ok])
+            cov = np.linalg.inv(mm)
+            err[ok, b] = np.sqrt(np.clip(np.diag(cov @ m[np.ix_(ok, ok)] @ cov), 0, None))
+        except np.linalg.LinAlgError:
+            continue
+    return amp * tot, err * tot, amp
+
+
 @torch.no_grad()
 def fractions(model: nn.Module, inputs: np.ndarray, batch: int = 128, device=None) -> np.ndarray:
-    """Fraction maps (N, B, S, S) for network inputs (N, B + 2, S, S), in batches on the model's device
+    """Network outputs (N, B, S, S): fraction maps, or asinh(T / sigma) for an image head, for network inputs
+    (N, B + 2, S, S), in batches on the model's device
     (channels-last inputs: the stage runs the model through models.inference.for_inference)."""
     device = device or next(model.parameters()).device
     out = []

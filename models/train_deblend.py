@@ -8,7 +8,9 @@ f = T_m / (sum_k T_k + 0.1 sigma) per band, T the noiseless images.
 
 Loss: the pixel term is the squared fraction error weighted by the blend's S/N per pixel (clipped at 20), and
 the flux term is the mean over bands of |sum(f_pred T_total) - sum(T_m)| / sum(T_m), so that the fractions
-give the member's flux. Adam with a one-cycle schedule, quarter turns and flips of every batch. Same command,
+give the member's flux. With the image head (`output` "image") the network predicts asinh(T_m / sigma): the
+pixel term is its squared error over every pixel (asinh is linear near zero, so the faint wings, where most of
+an extended galaxy's light lies, count as much as the core), the flux term the same with sigma x sum(sinh). Adam with a one-cycle schedule, quarter turns and flips of every batch. Same command,
 same seed, same software: same weights on a CPU.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from .augment import dihedral
 from .checkpoint import load_checkpoint, save_checkpoint
-from .deblend_unet import DeblendUNet
+from .deblend_unet import IMAGE_MAX, DeblendUNet
 from .progress import say
 
 MODEL = "deblend_unet"
@@ -30,11 +32,16 @@ MODEL = "deblend_unet"
 
 
 def loss_terms(pred: torch.Tensor, f: torch.Tensor, w: torch.Tensor, total: torch.Tensor, flux: torch.Tensor,
-               floor: torch.Tensor):
+               floor: torch.Tensor, tm: torch.Tensor | None = None):
     """Pixel and flux loss. floor: (N, B) flux added to the flux-error denominator (20 sky sigma), so that
-    members near the noise, whose relative errors mean little, do not dominate."""
-    pix = (w * (pred - f) ** 2).sum() / w.sum()
-    est = (pred * total).sum(dim=(2, 3))
+    members near the noise, whose relative errors mean little, do not dominate. With `tm` (the member's image
+    in units of sigma) the prediction is the image head's asinh(T / sigma) and `f`, `w`, `total` are unused."""
+    if tm is not None:
+        pix = ((pred - torch.asinh(tm)) ** 2).mean()
+        est = torch.sinh(pred.clamp(max=IMAGE_MAX)).sum(dim=(2, 3)) * floor / 20.0
+    else:
+        pix = (w * (pred - f) ** 2).sum() / w.sum()
+        est = (pred * total).sum(dim=(2, 3))
     fl = ((est - flux).abs() / (flux + floor)).mean()
     return pix, fl
 
@@ -45,15 +52,20 @@ def validate(model: DeblendUNet, va: dict, ri: int, zeropoint: float, device="cp
     the validation examples `va` (tensors)."""
     model.eval()
     vp, vf, m = 0.0, 0.0, len(va["x"])
+    image = getattr(model, "output", "fraction") == "image"
     errs = []
     for k in range(0, m, 256):
         sl = slice(k, k + 256)
         pred = model(va["x"][sl].to(device))
         p, f_ = loss_terms(pred, va["f"][sl].to(device), va["w"][sl].to(device), va["total"][sl].to(device),
-                           va["flux"][sl].to(device), va["floor"][sl].to(device))
+                           va["flux"][sl].to(device), va["floor"][sl].to(device),
+                           va["tm"][sl].to(device) if image else None)
         vp += p.item() * len(va["x"][sl])
         vf += f_.item() * len(va["x"][sl])
-        est = (pred.cpu() * va["total"][sl]).sum(dim=(2, 3))
+        if image:
+            est = torch.sinh(pred.cpu().clamp(max=IMAGE_MAX)).sum(dim=(2, 3)) * va["floor"][sl] / 20.0
+        else:
+            est = (pred.cpu() * va["total"][sl]).sum(dim=(2, 3))
         bright = va["flux"][sl][:, ri] > 10 ** (-0.4 * (23.5 - zeropoint))  # brighter than 23.5
         errs.append(((est - va["flux"][sl]) / va["flux"][sl]).abs()[bright].flatten())
     return vp / m, vf / m, float(torch.cat(errs).median())
@@ -112,6 +124,7 @@ def train(tr: dict, va: dict, ref_index: int, zeropoint: float, epochs: int = 12
 
 def train_stream(make_batch: Callable[[int], dict], va: dict, ref_index: int, zeropoint: float, steps: int = 6000,
                  lr: float = 3e-3, seed: int = 0, device: str = "cpu", widths=(8, 16, 32, 64), threads: int = 1,
+                 output: str = "fraction",
                  checkpoint: Path | None = None, checkpoint_every: int = 200, validate_every: int = 500,
                  stop_after: int | None = None, record: dict | None = None) -> tuple[dict, dict] | None:
     """Train the deblender on `steps` batches `make_batch(step)` (dicts as tasks.trainsets.blend_stamps.examples
@@ -123,6 +136,8 @@ def train_stream(make_batch: Callable[[int], dict], va: dict, ref_index: int, ze
     torch.set_num_threads(threads)
     va = {k: torch.as_tensor(v) for k, v in va.items()}
     arch = dict(in_bands=int(va["f"].shape[1]), widths=list(widths))
+    if output != "fraction":  # the fraction head's weights files keep their arch as before
+        arch["output"] = output
     config = dict(steps=steps, lr=lr, seed=seed, arch=arch)
     model = DeblendUNet(**arch).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -147,9 +162,9 @@ def train_stream(make_batch: Callable[[int], dict], va: dict, ref_index: int, ze
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         t = {k: torch.as_tensor(v) for k, v in b.items()}
         model.train()
-        x, f, w, total = dihedral([t["x"], t["f"], t["w"], t["total"]], g)
+        x, f, w, total, tm = dihedral([t["x"], t["f"], t["w"], t["total"], t["tm"]], g)
         pix, fl = loss_terms(model(x.to(device)), f.to(device), w.to(device), total.to(device),
-                             t["flux"].to(device), t["floor"].to(device))
+                             t["flux"].to(device), t["floor"].to(device), tm.to(device) if output == "image" else None)
         opt.zero_grad()
         (pix + fl).backward()
         opt.step()

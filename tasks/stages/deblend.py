@@ -25,6 +25,14 @@ two held-out 2048^2 fields this moved 37 members of such groups from Kron fluxes
 network's, and the median |dF|/F of the galaxies with truth blendedness > 0.1 at i < 24 from 0.427 to 0.39
 (`deepfield eval detect --size 2048`).
 
+Weights with an image head (`deepfield train deblend --output image`) predict each member's noiseless image
+instead (a template, models.deblend_unet.member_images). With `template_flux: fit` (default) the members'
+templates are fitted to the stamp together, band by band (models.deblend_unet.fit_fluxes: inverse-variance
+weighted least squares, masked pixels left out): `flux_deblend_<b>` is the amplitude times the template's sum,
+`fluxerr_deblend_<b>` from the fit's covariance, and the deblended image for shape and blendedness is the scaled
+template; a member whose template is empty in some band keeps its Kron fluxes (`auto_fallback`). With
+`template_flux: share` each pixel's light is shared in proportion to the templates, as with fractions.
+
 With `mask_others` (the default), the pixels of a stamp that the detect stage's segmentation map
 (`tile.meta["segmap"]`, valued `seg_id`) gives to a detection that is not one of the stamp's members are set to
 0 before the network, as the measure stage masks neighbours' segments in its Kron sums: a faint member whose own
@@ -35,7 +43,7 @@ with truth blendedness > 0.1 at i < 24 0.403 -> 0.378 (bias +0.133 -> +0.058), o
 """
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional
 
 import numpy as np
 import pandas as pd
@@ -70,6 +78,9 @@ class DeblendConfig(ModelStageConfig):
     batch: int = Field(128, ge=1, description="network inputs per inference batch")
     mask_others: bool = Field(True, description="zero the pixels of a stamp that the detect stage's segmentation "
                               "gives to detections outside the stamp's members")
+    template_flux: Literal["fit", "share"] = Field(
+        "fit", description="weights with an image head (the members' noiseless images): 'fit', the templates' "
+        "amplitudes fitted to the pixels together; 'share', each pixel's light shared in proportion to the templates")
 
 
 class DeblendStage(ModelStage):
@@ -107,7 +118,7 @@ class DeblendStage(ModelStage):
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
         self.ensure_setup()
-        from deepfield.models.deblend_unet import fractions, network_input, share
+        from deepfield.models.deblend_unet import fit_fluxes, fractions, member_images, network_input, share
         self.require(sources, self.bands)
         out = sources.copy()
         n = len(out)
@@ -176,17 +187,34 @@ class DeblendStage(ModelStage):
                 order = np.argsort(d, kind="stable")[:self.max_members]
                 add_job([int(k) for k in rows[order][d[order] <= c]], [int(r)], x[r], y[r])
         if jobs:
-            frac_all = fractions(self.model, np.stack(inputs), batch=self.inference_batch(), device=self.device)
+            out_all = fractions(self.model, np.stack(inputs), batch=self.inference_batch(), device=self.device)
+            image_head = getattr(self.model, "output", "fraction") == "image"
             k0 = 0
             for rows, measured, stamp, vstamp in jobs:
-                frac = share(frac_all[k0:k0 + len(rows)])  # each pixel's light goes to the members, once
+                net = out_all[k0:k0 + len(rows)]
                 k0 += len(rows)
+                if image_head:  # templates of the members' light
+                    tmpl = member_images(net, sigma)
+                    if self.template_flux == "fit":  # their amplitudes fitted to the pixels together
+                        fit_flux, fit_err, amp = fit_fluxes(tmpl, stamp, vstamp)
+                    else:
+                        tot = tmpl.sum(axis=0, keepdims=True)
+                        frac = np.where(tot > 0, tmpl / np.maximum(tot, 1e-30), 0.0).astype(np.float32)
+                else:
+                    frac = share(net)  # each pixel's light goes to the members, once
                 for k, r in enumerate(rows):
                     if r not in measured:  # a neighbour on another member's own stamp
                         continue
-                    child = frac[k] * stamp
-                    flux[r] = child.sum(axis=(1, 2))
-                    ferr[r] = np.sqrt((frac[k] ** 2 * vstamp).sum(axis=(1, 2)))
+                    if image_head and self.template_flux == "fit":
+                        if not np.isfinite(fit_err[k]).all():  # the network drew no template in some band
+                            method[r] = "auto_fallback"  # its Kron fluxes stay
+                            continue
+                        child = tmpl[k] * amp[k][:, None, None].astype(np.float32)
+                        flux[r], ferr[r] = fit_flux[k], fit_err[k]
+                    else:
+                        child = frac[k] * stamp
+                        flux[r] = child.sum(axis=(1, 2))
+                        ferr[r] = np.sqrt((frac[k] ** 2 * vstamp).sum(axis=(1, 2)))
                     cpos, tpos = np.clip(child[ref], 0, None), np.clip(stamp[ref], 0, None)
                     denom = (cpos * tpos).sum()
                     blended[r] = 1.0 - (cpos ** 2).sum() / denom if denom > 0 else np.nan
