@@ -10,8 +10,9 @@ Loss: the pixel term is the squared fraction error weighted by the blend's S/N p
 the flux term is the mean over bands of |sum(f_pred T_total) - sum(T_m)| / sum(T_m), so that the fractions
 give the member's flux. With the image head (`output` "image") the network predicts asinh(T_m / sigma): the
 pixel term is its squared error over every pixel (asinh is linear near zero, so the faint wings, where most of
-an extended galaxy's light lies, count as much as the core), the flux term the same with sigma x sum(sinh). Adam with a one-cycle schedule, quarter turns and flips of every batch. Same command,
-same seed, same software: same weights on a CPU.
+an extended galaxy's light lies, count as much as the core), the flux term the same with sigma x sum(sinh).
+Adam with a one-cycle schedule, quarter turns and flips of every batch. Same command, same seed, same software:
+same weights on a CPU.
 """
 from __future__ import annotations
 
