@@ -11,7 +11,8 @@ the training target, and the measured flux inherits the observed pixels' noise a
 Input channels: asinh(image / sigma) per band; a unit-height Gaussian (sigma 1.5 px) at the target's
 detected centre; the same at every other detected member of the blend. Output (`output`): "fraction", sigmoid
 fractions (N, bands, S, S); or "image", the member's noiseless image alone as asinh(T / sigma), a template whose
-amplitude the deblend stage fits to the pixels together with the other members' (`fit_fluxes`). Widths (8, 16, 32, 64) at strides 1, 2, 4, 8 by default (0.12 M parameters): small
+amplitude the deblend stage fits to the pixels together with the other members' (`fit_fluxes`).
+Widths (8, 16, 32, 64) at strides 1, 2, 4, 8 by default (0.12 M parameters): small
 enough to train on a 2-core CPU in minutes.
 """
 from __future__ import annotations
