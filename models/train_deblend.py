@@ -32,18 +32,26 @@ MODEL = "deblend_unet"
 
 
 
+def flux_estimate(pred: torch.Tensor, total: torch.Tensor, floor: torch.Tensor, image: bool) -> torch.Tensor:
+    """(N, B) member fluxes the prediction gives: fractions of the noiseless blend total, or the image head's
+    template summed (sigma = floor / 20)."""
+    if image:
+        return torch.sinh(pred.clamp(max=IMAGE_MAX)).sum(dim=(2, 3)) * floor / 20.0
+    return (pred * total).sum(dim=(2, 3))
+
+
 def loss_terms(pred: torch.Tensor, f: torch.Tensor, w: torch.Tensor, total: torch.Tensor, flux: torch.Tensor,
-               floor: torch.Tensor, tm: torch.Tensor | None = None):
+               floor: torch.Tensor, image: bool = False):
     """Pixel and flux loss. floor: (N, B) flux added to the flux-error denominator (20 sky sigma), so that
-    members near the noise, whose relative errors mean little, do not dominate. With `tm` (the member's image
-    in units of sigma) the prediction is the image head's asinh(T / sigma) and `f`, `w`, `total` are unused."""
-    if tm is not None:
-        pix = ((pred - torch.asinh(tm)) ** 2).mean()
-        est = torch.sinh(pred.clamp(max=IMAGE_MAX)).sum(dim=(2, 3)) * floor / 20.0
+    members near the noise, whose relative errors mean little, do not dominate. With `image` the prediction is
+    the image head's asinh(T_m / sigma), its target the member alone, T_m / sigma = f (T / sigma + 0.1) from the
+    fraction target f = T_m / (T + 0.1 sigma)."""
+    if image:
+        member = f * (total / (floor[:, :, None, None] / 20.0) + 0.1)
+        pix = ((pred - torch.asinh(member)) ** 2).mean()
     else:
         pix = (w * (pred - f) ** 2).sum() / w.sum()
-        est = (pred * total).sum(dim=(2, 3))
-    fl = ((est - flux).abs() / (flux + floor)).mean()
+    fl = ((flux_estimate(pred, total, floor, image) - flux).abs() / (flux + floor)).mean()
     return pix, fl
 
 
@@ -59,14 +67,10 @@ def validate(model: DeblendUNet, va: dict, ri: int, zeropoint: float, device="cp
         sl = slice(k, k + 256)
         pred = model(va["x"][sl].to(device))
         p, f_ = loss_terms(pred, va["f"][sl].to(device), va["w"][sl].to(device), va["total"][sl].to(device),
-                           va["flux"][sl].to(device), va["floor"][sl].to(device),
-                           va["tm"][sl].to(device) if image else None)
+                           va["flux"][sl].to(device), va["floor"][sl].to(device), image)
         vp += p.item() * len(va["x"][sl])
         vf += f_.item() * len(va["x"][sl])
-        if image:
-            est = torch.sinh(pred.cpu().clamp(max=IMAGE_MAX)).sum(dim=(2, 3)) * va["floor"][sl] / 20.0
-        else:
-            est = (pred.cpu() * va["total"][sl]).sum(dim=(2, 3))
+        est = flux_estimate(pred.cpu(), va["total"][sl], va["floor"][sl], image)
         bright = va["flux"][sl][:, ri] > 10 ** (-0.4 * (23.5 - zeropoint))  # brighter than 23.5
         errs.append(((est - va["flux"][sl]) / va["flux"][sl]).abs()[bright].flatten())
     return vp / m, vf / m, float(torch.cat(errs).median())
@@ -163,9 +167,9 @@ def train_stream(make_batch: Callable[[int], dict], va: dict, ref_index: int, ze
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         t = {k: torch.as_tensor(v) for k, v in b.items()}
         model.train()
-        x, f, w, total, tm = dihedral([t["x"], t["f"], t["w"], t["total"], t["tm"]], g)
+        x, f, w, total = dihedral([t["x"], t["f"], t["w"], t["total"]], g)
         pix, fl = loss_terms(model(x.to(device)), f.to(device), w.to(device), total.to(device),
-                             t["flux"].to(device), t["floor"].to(device), tm.to(device) if output == "image" else None)
+                             t["flux"].to(device), t["floor"].to(device), output == "image")
         opt.zero_grad()
         (pix + fl).backward()
         opt.step()

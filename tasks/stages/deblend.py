@@ -198,8 +198,7 @@ class DeblendStage(ModelStage):
                     if self.template_flux == "fit":  # their amplitudes fitted to the pixels together
                         fit_flux, fit_err, amp = fit_fluxes(tmpl, stamp, vstamp)
                     else:
-                        tot = tmpl.sum(axis=0, keepdims=True)
-                        frac = np.where(tot > 0, tmpl / np.maximum(tot, 1e-30), 0.0).astype(np.float32)
+                        frac = share(tmpl, floor=0.0)  # in proportion to the templates wherever they have light
                 else:
                     frac = share(net)  # each pixel's light goes to the members, once
                 for k, r in enumerate(rows):

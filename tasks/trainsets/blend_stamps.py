@@ -125,11 +125,10 @@ def simulate_blends(n: int, seed: int, cfg: BlendConfig | None = None, workers: 
 
 
 def examples(d: dict, rng: np.random.Generator, jitter: float = 0.5) -> dict:
-    """Network inputs, target fractions, the member's noiseless image alone in units of sigma ("tm", the
-    image head's target), pixel weights, noiseless blend totals and in-stamp member fluxes for every member of
-    every blend in `d` (simulate_blends output)."""
+    """Network inputs, target fractions, pixel weights, noiseless blend totals and in-stamp member fluxes for
+    every member of every blend in `d` (simulate_blends output)."""
     from deepfield.models.deblend_unet import network_input  # torch: only where examples are made
-    xs, fs, tms, ws, tots, fl, fls = [], [], [], [], [], [], []
+    xs, fs, ws, tots, fl, fls = [], [], [], [], [], []
     mem = d["members"]
     for b, truth in enumerate(d["truth"]):
         rows = mem[mem.blend == b].sort_values("member")
@@ -140,12 +139,11 @@ def examples(d: dict, rng: np.random.Generator, jitter: float = 0.5) -> dict:
             others = np.delete(centres, m, axis=0)
             xs.append(network_input(d["images"][b], sigma, tuple(centres[m]), others))
             fs.append(truth[m] / (total + 0.1 * sigma[:, None, None]))
-            tms.append(truth[m] / sigma[:, None, None])
             ws.append(np.clip(total / sigma[:, None, None], 0, 20) + 0.01)
             tots.append(total)
             fl.append(truth[m].sum(axis=(1, 2)))
             fls.append(20.0 * sigma)
-    return dict(x=np.stack(xs), f=np.stack(fs).astype(np.float32), tm=np.stack(tms).astype(np.float32), w=np.stack(ws).astype(np.float32),
+    return dict(x=np.stack(xs), f=np.stack(fs).astype(np.float32), w=np.stack(ws).astype(np.float32),
                 total=np.stack(tots).astype(np.float32), flux=np.stack(fl).astype(np.float32),
                 floor=np.stack(fls).astype(np.float32))
 
