@@ -256,7 +256,6 @@ def local_terms(x: torch.Tensor, g: torch.Tensor, fx: torch.Tensor, fg: torch.Te
     - the band index and (y, x) stamp position of the worst pixel cell's centre;
     - diffuse: over each quarter of the stamp, the signed residual of the model's sky pixels summed in units
       of its noise, the worst quarter (below)."""
-    x, g = x.contiguous(), g.contiguous()  # one memory layout for the elementwise steps (x comes channels-last)
     ug = unscale(g)
     m = ug.abs()
     near = m  # reach 0: each band's own model at each pixel (the encoder's training loss)
@@ -265,15 +264,11 @@ def local_terms(x: torch.Tensor, g: torch.Tensor, fx: torch.Tensor, fg: torch.Te
     eff = noise * torch.sqrt(1 + near / MODEL_SCALE + (MODEL_FRAC * near) ** 2)
     signed = torch.where(noise > 0, (unscale(x) - ug) / eff.clamp_min(1e-6), torch.zeros_like(x))
     r = signed.abs()
-    pooled = torch.nn.functional.avg_pool2d(r, POOL) if POOL > 1 else r  # (N, B, S/P, S/P)
+    pooled = torch.nn.functional.avg_pool2d(r, POOL) if POOL > 1 else r  # (N, B, S/P, S/P); 1 x 1: a copy
     best, band = pooled.max(dim=1)  # (N, S/P, S/P)
     flat = best.flatten(1)
-    if TOP_K == 1:
-        top, w = flat.max(dim=1)
-        top = top[:, None]
-    else:
-        top, where = flat.topk(min(TOP_K, flat.shape[1]), dim=1)
-        w = where[:, 0]
+    top, where = flat.topk(min(TOP_K, flat.shape[1]), dim=1)
+    w = where[:, 0]
     band0 = band.flatten(1).gather(1, w[:, None])[:, 0]
     cy = torch.div(w, best.shape[2], rounding_mode="floor") * POOL + (POOL - 1) / 2
     cx = (w % best.shape[2]) * POOL + (POOL - 1) / 2
