@@ -146,6 +146,15 @@ def gpu_settings(name: str) -> GpuSettings:
     return entry(name).gpu
 
 
+def user_cache_dir() -> Path:
+    """deepfield's per-user cache (things made once per machine and reused by every run: Prefect's database
+    template, the int8 detector compiled for this torch): $DEEPFIELD_CACHE_DIR, else $XDG_CACHE_HOME/deepfield,
+    else ~/.cache/deepfield. Not created here."""
+    import os
+    root = os.environ.get("DEEPFIELD_CACHE_DIR")
+    return Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepfield"
+
+
 def weights_version(path: str | Path) -> str:
     """sha256 (12 hex digits) of a weights file."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]

@@ -179,6 +179,41 @@ def test_the_int8_detector_finds_what_the_float_one_does():
     assert np.abs(heat_and_offsets(q.model, inp)[0] - heat_and_offsets(f.model, inp)[0]).max() < 0.1
 
 
+def test_the_int8_detector_is_cached_traced_and_gives_the_same_heat_maps(tmp_path, monkeypatch):
+    """The int8 detector is built once (FX quantisation, about 2 s) and kept traced in the user's cache: a second
+    stage loads it without building, and both give the heat maps and offsets of the network built in this
+    process, to the bit, on inputs of sizes neither was traced at; a damaged cache file is made again."""
+    import deepfield.models.detect_net as dn
+    from deepfield.models.registry import create_model
+    from deepfield.tasks.stages.detect import INT8_KEY, DetectStage
+
+    monkeypatch.setenv("DEEPFIELD_CACHE_DIR", str(tmp_path))
+    first = DetectStage()
+    first.setup("cpu")
+    (cached,) = list((tmp_path / "torch").glob("detect-int8-*.pt"))
+    built = dn.quantized_for_inference(net := create_model("detect_net"), net.training_info[INT8_KEY])
+
+    def no_build(*a, **k):
+        raise AssertionError("built again although cached")
+    with monkeypatch.context() as m:
+        m.setattr(dn, "quantized_for_inference", no_build)
+        second = DetectStage()
+        second.setup("cpu")
+    assert second.model.quantized and second.model.bands == list(net.bands)
+    rng = np.random.default_rng(5)
+    for shape in [(1 + len(net.bands), 333, 517), (1 + len(net.bands), 128, 96)]:
+        x = (rng.normal(size=shape) * 3).astype(np.float32)
+        x[-1] = (rng.random(shape[1:]) < 0.05).astype(np.float32)
+        want = dn.heat_and_offsets(built, x)
+        for stage in (first, second):
+            got = dn.heat_and_offsets(stage.model, x)
+            assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    cached.write_bytes(cached.read_bytes()[:5000])  # cut short: not loadable, made again
+    third = DetectStage()
+    third.setup("cpu")
+    assert cached.stat().st_size > 5000 and np.array_equal(dn.heat_and_offsets(third.model, x)[0], want[0])
+
+
 def test_a_field_without_the_detectors_bands_is_refused_before_the_run():
     """The learned detector runs on any of its bands (g, r, i, z) that a field has; a field with none of them is
     refused by the band check before any tile (with SEP's method it is not)."""

@@ -177,12 +177,13 @@ class DetectStage(ModelStage):
         import warnings
 
         import torch
-        from deepfield.models.detect_net import quantized_for_inference
+        from deepfield.models.detect_net import int8_cached
+        from deepfield.models.registry import user_cache_dir
         with warnings.catch_warnings():  # torch's notices on its quantised-tensor API, not the user's concern
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             try:
-                return quantized_for_inference(self.model, cal)
+                return int8_cached(self.model, cal, user_cache_dir() / "torch")
             except (ImportError, AttributeError, NotImplementedError, RuntimeError) as exc:
                 # torch.ao.quantization is deprecated upstream (torchao replaces it); the pinned torch 2.13 has
                 # it, another build may not
