@@ -164,7 +164,8 @@ def ingest(
     t0 = time.perf_counter()
     console.print(f"ingesting {len(cfg.fields)} field(s) from {config} into {store} "
                   f"(tiles {cfg.store.tile} px, chunks {cfg.store.chunk} px, blosc-{cfg.store.codec.cname})")
-    results = ingest_flow(cfg, str(store))
+    with prefect_env.flow_settings():
+        results = ingest_flow(cfg, str(store))
     failed = [r for r in results if r["status"] == "failed"]
     print_ingest_notes(results)
     raw = sum(r.get("raw_bytes", 0) for r in results)
@@ -205,7 +206,8 @@ def _run(cfg) -> dict:
         api_ready = api_ready or prefect_env.start_ephemeral_api()
         start_ray(cfg.ray.address, cfg.ray.num_actors)
         api_ready()
-        return run_flow(cfg)
+        with prefect_env.flow_settings():
+            return run_flow(cfg)
     except BandError as exc:  # the survey's fields lack bands a stage needs: nothing was processed
         fail(f"{cfg.inputs}: {exc}")
     except LockedError as exc:  # another run of this run directory is under way

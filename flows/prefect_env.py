@@ -24,9 +24,14 @@ import os
 from pathlib import Path
 
 
+_API_NAMED: list[bool] = []  # whether PREFECT_API_URL named a server when `configure` was first called
+
+
 def configure(state_dir: str | Path, quiet: bool = True) -> None:
     """Point Prefect's home (database, logs) at state_dir unless PREFECT_HOME or an API URL is set; a new
     home's database starts as a copy of the migrated template when there is one."""
+    if not _API_NAMED:
+        _API_NAMED.append("PREFECT_API_URL" in os.environ)
     if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
         home = Path(state_dir).resolve()
         home.mkdir(parents=True, exist_ok=True)  # the ephemeral server does not start without it
@@ -44,6 +49,21 @@ def configure(state_dir: str | Path, quiet: bool = True) -> None:
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     if "PREFECT_LOGGING_SETTINGS_PATH" not in os.environ:
         os.environ["PREFECT_LOGGING_SETTINGS_PATH"] = str(_logging_settings(Path(state_dir)))
+
+
+def flow_settings():
+    """The context to call this process's flows in: with an API of its own (Prefect's ephemeral one, or the
+    local one of `reserve_local_api`, which live as long as the process), flow-run heartbeats are off. Prefect
+    sends them (every 180 s) so that a server's automations can mark a run whose process died as crashed;
+    an API that dies with the process has no use for them, and each flow run's end waits up to a second for
+    the heartbeat thread, which sleeps in steps of one second (about 1 s per flow run, two per `deepfield run`:
+    the run and its ingest). With a server named in PREFECT_API_URL before `configure` (a user's server,
+    `deepfield serve`'s, a worker's), Prefect's settings are left as they are."""
+    from contextlib import nullcontext
+    if not _API_NAMED or _API_NAMED[0]:
+        return nullcontext()
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 def _logging_settings(state_dir: Path) -> Path:
@@ -80,9 +100,9 @@ def template_database() -> Path:
     """The empty, migrated Prefect database that new run directories start from: one per Prefect version, under
     $DEEPFIELD_CACHE_DIR, else $XDG_CACHE_HOME/deepfield, else ~/.cache/deepfield."""
     from importlib.metadata import version
-    root = os.environ.get("DEEPFIELD_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME")
-                                                          or Path.home() / ".cache") / "deepfield"
-    return Path(root) / f"prefect-{version('prefect')}" / "prefect.db"
+
+    from deepfield.models.registry import user_cache_dir
+    return user_cache_dir() / f"prefect-{version('prefect')}" / "prefect.db"
 
 
 def _copy_database(source: Path, target: Path, immutable: bool = False) -> None:

@@ -81,7 +81,7 @@ def prefect_harness(tmp_path_factory):
     from deepfield.flows import prefect_env
     prefect_env.configure(tmp_path_factory.mktemp("prefect"))
     from prefect.testing.utilities import prefect_test_harness
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=120), prefect_env.flow_settings():  # as `deepfield run`'s
         yield
 
 

@@ -50,13 +50,12 @@ def listening(port: int) -> bool:
 
 
 @pytest.mark.slow
-def test_a_run_survives_losing_a_ray_node_and_a_dask_worker(survey, tmp_path, prefect_harness, ray_session):
-    from deepfield.flows.run import run_flow
-    from deepfield.flows.run_config import RunConfig
+def test_a_run_survives_losing_a_ray_node_and_a_dask_worker(survey, clean, tmp_path):
+    """The reference is the session's clean run (tests/_classical_run.py's configuration, the same as this
+    run's), made once for the fault tests."""
+    _, reference = clean
     cfg = dict(inputs=str(survey / "manifest.yaml"), store_layout=dict(tile=512, chunk=128), halo=32,
                stages=CLASSICAL_STAGES)
-    clean = run_flow(RunConfig.model_validate(dict(cfg, run_dir=tmp_path / "clean")))
-    reference = pd.read_parquet(clean["merge"]["paths"]["parquet"]).sort_values("source_id").reset_index(drop=True)
 
     work = Path(tempfile.mkdtemp(prefix="dfd", dir="/tmp"))  # short: Ray's socket paths are length-limited
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_"))}
