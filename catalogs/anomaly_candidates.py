@@ -1,9 +1,24 @@
 """Anomaly candidates from the anomaly stage's dense grid (the tiles' `anomaly_map` side tables): regions of
 high-scoring windows, each listed once however many windows, tiles or fields cover it.
 
-- sigma-score of a window: (score - median) / (1.4826 MAD) over every window of the run. Robust statistics,
-  because the anomalies themselves are the tail; a window's meaning depends on the survey's depth and seeing,
-  its rank within the run does not (Storey-Fisher et al. 2021 use sigma-scores the same way).
+- sigma-score of a window, compared with the windows of the run as bright as it: the generator reproduces
+  bright stars and galaxies less well than the sky, so their scores run higher and, ranked against every
+  window alone, they filled the top of the list. The windows are put in up to 20 bins of equal counts (at least
+  MIN_BIN, 500, windows each) by the brightness of their reconstruction (`model_peak`, the model's brightest
+  pixel in sky sigmas); with l = log(score), sigma = (l - (m + m_b) / 2) / sqrt(s * s_b), with m, s the median
+  and 1.4826 MAD of l over every window and m_b, s_b over the window's bin: half the way from the plain
+  sigma-score to one within its bin. Robust statistics, because the anomalies themselves are the tail; a
+  window's meaning depends on the survey's depth and seeing, its rank within the run does not (Storey-Fisher
+  et al. 2021 use sigma-scores the same way). Measured on `deepfield eval anomaly`'s fields (griz weights, fast
+  mode, two held-out pairs of 2048^2 fields, seeds 20261125 and 20261201), ranking by this sigma instead of the
+  score: AUROC 0.822 -> 0.837 and 0.918 -> 0.937, injected anomalies in the top 1 % 34 -> 49 % and 40 -> 54 %
+  (cosmic rays 38 -> 54 %, 46 -> 62 %; hot pixels 33 -> 68 %, 33 -> 57 %); lenses, mergers and ring galaxies,
+  bright themselves, lose 0.02-0.04 of AUROC (0.87-0.97 still) and the few of them in the top 1 %. Fully within
+  the bin (not half-way) took lenses to AUROC 0.55-0.64. The normal windows' sigma is then nearly Gaussian
+  (99th and 99.9th percentiles 4.1-4.2 and 6.6-7.2), and of the windows at sigma >= 5, 6-7 % are normal,
+  against 59-65 % (and a 99th percentile of 31) with (score - median) / (1.4826 MAD) over every window, the
+  sigma-score before 2026-12-02, which `window_sigma` still gives without `model_peak` (windows written by
+  an older stage version have none).
 - regions: in each field, the windows of sigma >= `sigma_grow` (default half of `sigma_cut`) connected through
   their grid neighbours (eight around each; tasks/stages/_anomaly_grid.py's grid is the field's, so a region
   crossing a tile boundary is one region) that hold at least one window of sigma >= `sigma_cut`: the cut finds
@@ -42,14 +57,45 @@ CANDIDATE_COLUMNS = ("anomaly_rank", "field", "ra", "dec", "x", "y", "anomaly_si
                      "extent_arcsec", "n_windows", "bands", "shape", "source_id", "source_anomaly_sigma")
 
 
-def window_sigma(score: np.ndarray) -> tuple[np.ndarray, dict]:
-    """sigma-scores of the windows' scores (module docstring) and the statistics (median, scale, n)."""
+MAX_BINS = 20  # brightness bins of the sigma-scores (module docstring)
+MIN_BIN = 500  # windows per bin at least: fewer windows, fewer bins; under 2 x MIN_BIN, no bins
+
+
+def _robust(v: np.ndarray) -> tuple[float, float]:
+    """Median and 1.4826 MAD of v (the scale 1 when it is 0)."""
+    med = float(np.median(v))
+    mad = float(np.median(np.abs(v - med))) * 1.4826
+    return med, (mad if mad > 0 else 1.0)
+
+
+def window_sigma(score: np.ndarray, model_peak: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """sigma-scores of the windows' scores and the statistics (module docstring): with `model_peak`, each
+    window against the run's windows and those of its brightness bin (log scores); without it (or with fewer
+    than 2 x MIN_BIN usable windows), (score - median) / (1.4826 MAD) over every window. Windows whose score
+    is not finite get NaN."""
     s = np.asarray(score, np.float64)
     ok = np.isfinite(s)
-    med = float(np.median(s[ok])) if ok.any() else 0.0
-    mad = float(np.median(np.abs(s[ok] - med))) * 1.4826 if ok.any() else 1.0
-    scale = mad if mad > 0 else 1.0
-    return (s - med) / scale, dict(median=med, scale=scale, n=int(ok.sum()))
+    peak = None if model_peak is None else np.asarray(model_peak, np.float64)
+    if peak is not None and np.isfinite(peak[ok]).all():  # a window without one (older tables): none binned
+        good = ok & np.isfinite(peak) & (s > 0)
+        nb = min(MAX_BINS, int(good.sum()) // MIN_BIN)
+        if nb >= 2:
+            ls = np.log(np.where(good, s, 1.0))
+            feat = np.log1p(np.maximum(peak, 0.0))
+            edges = np.quantile(feat[good], np.linspace(0, 1, nb + 1))
+            b = np.clip(np.searchsorted(edges, feat, side="right") - 1, 0, nb - 1)
+            med, scale = _robust(ls[good])
+            mb, sb = np.zeros(nb), np.ones(nb)
+            for k in range(nb):
+                in_k = good & (b == k)
+                if in_k.any():  # tied edges (many equal peaks) can leave a bin empty
+                    mb[k], sb[k] = _robust(ls[in_k])
+            sigma = np.where(good, (ls - 0.5 * (med + mb[b])) / np.sqrt(scale * sb[b]), np.nan)
+            return sigma, dict(median=med, scale=scale, n=int(good.sum()), log=True, bins=nb,
+                               bin_edges_model_peak=[float(x) for x in np.expm1(edges)],
+                               bin_median=[float(x) for x in mb], bin_scale=[float(x) for x in sb])
+    med, scale = _robust(s[ok]) if ok.any() else (0.0, 1.0)
+    return np.where(ok, (s - med) / scale, np.nan), dict(median=med, scale=scale, n=int(ok.sum()), log=False)
 
 
 def _unit(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
@@ -202,7 +248,8 @@ def build_candidates(maps: pd.DataFrame, sigma_cut: float, stride: float, source
     catalog's primary sources (source_id, ra, dec and anomaly_sigma when scored) for the coincidences.
     sigma_grow: regions grow through windows of at least this sigma (default sigma_cut / 2)."""
     grow = sigma_cut / 2 if sigma_grow is None else sigma_grow
-    sigma, stats = window_sigma(maps["score"].to_numpy())
+    sigma, stats = window_sigma(maps["score"].to_numpy(),
+                                maps["model_peak"].to_numpy() if "model_peak" in maps.columns else None)
     rows = []
     for _, w in maps.assign(_sigma=sigma).groupby("field", sort=True):
         rows += _regions(w.reset_index(drop=True), w._sigma.to_numpy(), sigma_cut, grow, stride)

@@ -255,7 +255,9 @@ def local_terms(x: torch.Tensor, g: torch.Tensor, fx: torch.Tensor, fg: torch.Te
       the stamp), the worst cell;
     - the band index and (y, x) stamp position of the worst pixel cell's centre;
     - diffuse: over each quarter of the stamp, the signed residual of the model's sky pixels summed in units
-      of its noise, the worst quarter (below)."""
+      of its noise, the worst quarter (below);
+    - the model's brightest pixel over bands, in units of the stamp's sky sigma (how bright a source the
+      reconstruction holds: the merge compares a window's score with those of windows as bright)."""
     ug = unscale(g)
     m = ug.abs()
     near = m  # reach 0: each band's own model at each pixel (the encoder's training loss)
@@ -280,7 +282,7 @@ def local_terms(x: torch.Tensor, g: torch.Tensor, fx: torch.Tensor, fg: torch.Te
     total = torch.nn.functional.avg_pool2d(signed * sky, q) * q * q
     n = torch.nn.functional.avg_pool2d(sky.expand_as(signed), q) * q * q
     diffuse = torch.where(n >= MIN_SKY, total.abs() / n.clamp_min(1).sqrt(), torch.zeros_like(n)).flatten(1).max(1).values
-    return top.mean(1), cells, band0, torch.stack([cy, cx], 1), diffuse
+    return top.mean(1), cells, band0, torch.stack([cy, cx], 1), diffuse, ug.flatten(1).amax(1)
 
 
 def grid_scores(model: AnomalyGAN, x: np.ndarray, noise: np.ndarray, steps: int = 0, lr: float = 0.05,
@@ -290,12 +292,13 @@ def grid_scores(model: AnomalyGAN, x: np.ndarray, noise: np.ndarray, steps: int 
     (`paper`, with its terms `pixel` and `feature`, as anomaly_scores) and the local one, L = (1 - lam)
     local_pixel / n_pixel + lam local_feature / n_feature (`score`; local_terms), each term over its median
     on normal stamps (the model's `score_norm`, measured at training; 1 where the model has none), and
-    `band` and `peak` (the worst pixel cell's band index and (y, x) in the stamp). z: E(x), refined by
+    `band` and `peak` (the worst pixel cell's band index and (y, x) in the stamp), `model_peak` (G(z)'s
+    brightest pixel over bands, in sky sigmas). z: E(x), refined by
     `steps` Adam steps on the paper's L (the full mode) or not (steps = 0, the fast mode)."""
     device = device or next(model.parameters()).device
     norm = norm or getattr(model, "training_info", {}).get("score_norm") or {"pixel": 1.0, "feature": 1.0}
     out: dict[str, list] = {k: [] for k in ("score", "paper", "pixel", "feature", "local_pixel", "local_feature",
-                                            "diffuse", "band", "peak")}
+                                            "diffuse", "band", "peak", "model_peak")}
     was_training = model.training
     model.eval()
     try:
@@ -313,8 +316,9 @@ def grid_scores(model: AnomalyGAN, x: np.ndarray, noise: np.ndarray, steps: int 
                     fgm = model.critic.conv(g)
                     pix = (xb - g).abs().flatten(1).sum(1)
                     feat = (fx - fgm.flatten(1)).abs().sum(1)
-                    lp, lf, band, peak, diffuse = local_terms(xb, g, fxm, fgm, nb)
+                    lp, lf, band, peak, diffuse, model_peak = local_terms(xb, g, fxm, fgm, nb)
                 out["diffuse"].append(diffuse)
+                out["model_peak"].append(model_peak)
                 out["paper"].append((1 - lam) * pix + lam * feat)
                 out["pixel"].append(pix)
                 out["feature"].append(feat)

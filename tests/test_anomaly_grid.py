@@ -100,7 +100,8 @@ def test_artefacts_score_above_the_99th_percentile_of_normal_windows(field):
     # the trail is one candidate, however many windows and tiles it crosses
     both = pd.concat([field["clean"][~field["clean"].set_index(["ky", "kx"]).index.isin(
         w.set_index(["ky", "kx"]).index)], w], ignore_index=True)
-    sigma, _ = window_sigma(both.score.to_numpy())
+    sigma, stats = window_sigma(both.score.to_numpy(), both.model_peak.to_numpy())  # as build_candidates
+    assert stats["log"] and stats["bins"] >= 2  # by brightness: the stage's windows carry model_peak
     cut = float(np.percentile(sigma, 99))
     cand, _ = build_candidates(both, cut, stage.stride)
     on_trail = cand[(cand.x.between(380, 660)) & (cand.y.between(80, 210))
@@ -174,3 +175,36 @@ def test_a_cosmic_ray_on_a_trail_is_its_own_candidate_and_the_trail_stays_whole(
     assert (ray_row.x, ray_row.y) == (8 * 16 + 15.5 + 8, 10 * 16 + 15.5 + 8)
     assert trail_row["shape"] == "linear" and trail_row.n_windows == 28  # both sides of the ray, one piece
     assert abs(trail_row.x - (2 + 7.5) * 16 - 15.5) <= 16  # the middle of the trail, not one end
+
+
+def test_window_sigma_compares_a_window_with_those_as_bright():
+    """Faint windows (model peak 2 sky sigma, log score N(0, 0.1)) and bright ones (peak 100, N(1.5, 0.3)):
+    a score that is ordinary among the bright windows is a high sigma on a faint one. The sigma-score is the
+    formula of the module docstring, checked against medians and MADs computed here; without model_peak, with a
+    window lacking it, or with too few windows for two bins, it is the plain (score - median) / (1.4826 MAD)."""
+    from deepfield.catalogs.anomaly_candidates import MIN_BIN
+    rng = np.random.default_rng(3)
+    n = 2 * MIN_BIN
+    ls = np.concatenate([rng.normal(0.0, 0.1, n), rng.normal(1.5, 0.3, n), [2.1, 2.1]])
+    peak = np.concatenate([np.full(n, 2.0), np.full(n, 100.0), [100.0, 2.0]])
+    sigma, stats = window_sigma(np.exp(ls), peak)
+    assert stats["log"] and stats["bins"] == 4
+
+    def robust(v):
+        m = np.median(v)
+        return m, 1.4826 * np.median(np.abs(v - m))
+    med, scale = robust(ls)
+    bright, faint = peak == 100.0, peak == 2.0  # four bins of equal counts: two of each, split at the tie
+    for who, k in ((bright, -2), (faint, -1)):
+        edges = np.quantile(np.log1p(peak), np.linspace(0, 1, 5))
+        b = np.clip(np.searchsorted(edges, np.log1p(peak), side="right") - 1, 0, 3)
+        mb, sb = robust(ls[b == b[k]])
+        assert sigma[k] == pytest.approx((ls[k] - 0.5 * (med + mb)) / np.sqrt(scale * sb), rel=1e-9)
+    assert sigma[-1] > 5 and sigma[-2] < 2  # the same score: 5.3 on a faint window, 1.7 on a bright one
+    plain = (np.exp(ls) - np.median(np.exp(ls))) / (1.4826 * np.median(np.abs(np.exp(ls) - np.median(np.exp(ls)))))
+    for args in ((np.exp(ls),), (np.exp(ls), np.where(np.arange(len(ls)) == 5, np.nan, peak)),
+                 (np.exp(ls[:MIN_BIN]), peak[:MIN_BIN])):
+        s, st = window_sigma(*args)
+        assert not st["log"]
+        np.testing.assert_allclose(s, plain if len(s) == len(ls) else
+                                   window_sigma(np.exp(ls[:MIN_BIN]))[0], rtol=1e-12)

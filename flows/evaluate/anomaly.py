@@ -4,8 +4,9 @@
 The fields (`evaluation_fields`: the simulator's anomalies and artefacts, with more ring galaxies, mergers,
 lenses and trails than by default) are background-subtracted by the pipeline's background stage; every tile's
 grid windows (tasks/stages/_anomaly_grid.py, the anomaly stage's stride) are scored in the fast mode (encoder
-only) and in the full mode (`steps` Adam steps on z), with the local score (the stage's `score`) and the paper's
-sum (`score_paper`).
+only) and in the full mode (`steps` Adam steps on z), with the local score (the stage's `score`), the paper's
+sum (`score_paper`) and the local score's sigma-score as the merge ranks the candidates by it (`sigma`: against
+the windows as bright, catalogs/anomaly_candidates.window_sigma, over the evaluation's windows as over a run's).
 
 Truth: a window is *anomalous* (of a type) when an anomaly is its subject: a point-like one (cosmic ray, hot
 pixels, ring galaxy, merger, lens) within 0.75 stride of its centre (so that every point of the field is the
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deepfield.catalogs.anomaly_candidates import window_sigma
 from deepfield.models.progress import say
 from deepfield.tasks.sim.config import SimConfig
 from deepfield.tasks.stages.anomaly import AnomalyStage
@@ -139,9 +141,12 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
         t = time.perf_counter()
         r = grid_scores(stage.model, x, noise, steps=k, batch=batch, device=device)
         dt = time.perf_counter() - t
+        sigma = window_sigma(r["score"], r["model_peak"])[0]
+        sigma = np.where(np.isfinite(sigma), sigma, np.nanmin(sigma) - 1.0)  # no score: ranked last
         out["modes"][mode] = {"windows_per_second": float(len(x) / dt),
                               "score": figures(r["score"], label, subjects),
-                              "paper": figures(r["paper"], label, subjects)}
+                              "paper": figures(r["paper"], label, subjects),
+                              "sigma": figures(sigma, label, subjects)}
         say(f"  {mode}: {len(x) / dt:.0f} windows/s")
     out["fast_speedup"] = out["modes"]["fast"]["windows_per_second"] / out["modes"]["full"]["windows_per_second"]
     return out
@@ -151,7 +156,9 @@ def format_report(r: dict) -> str:
     lines = [f"anomaly scores of the dense grid (stride {r['stride']} px, bands {','.join(r.get('bands', []))}) "
              f"on {r['n_fields']} held-out {r['field_size']}^2 fields (seed {r['seed']}): {r['labels']}"]
     for mode, m in r["modes"].items():
-        for which in ("score", "paper"):
+        for which in ("score", "paper", "sigma"):
+            if which not in m:  # a record of an older evaluation
+                continue
             f = m[which]
             lines.append(f"  {mode:4s} {which:6s} AUROC {f['auroc']:.3f}  injected anomalies in the top 1% "
                          f"{f['top1']:.2f}, top 0.1% {f['top01']:.2f} (of {f['injected']})")

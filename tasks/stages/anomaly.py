@@ -9,7 +9,8 @@ detected, is scored whatever the detection found. The halo (64 px by default) mu
 for the windows of a core's edge to hold their pixels. Each window is a row of the tile's side table
 `anomaly_map` (`tiles/<field>/<ty>_<tx>.anomaly_map.parquet`): field, ky, kx (grid indices), x, y (window
 centre) and peak_x, peak_y (its worst pixel; field pixels), ra, dec (of the peak,
-degrees), score, score_paper, local_pixel, local_feature, band (of the peak), mode. The merge step
+degrees), score, score_paper, local_pixel, local_feature, model_peak (the reconstruction's brightest pixel, sky
+sigmas), band (of the peak), mode. The merge step
 (catalogs/anomalies.py) turns high-scoring windows into anomaly candidates.
 
 Sources (as before), for the rows of the tile that
@@ -78,7 +79,7 @@ class AnomalyConfig(ModelStageConfig):
 
 class AnomalyStage(ModelStage):
     name: ClassVar[str] = "anomaly"
-    version: ClassVar[str] = "2"
+    version: ClassVar[str] = "3"  # 3: the grid's model_peak (the merge's sigma-scores by brightness)
     Config: ClassVar[type[StageConfig]] = AnomalyConfig
     models: ClassVar[tuple[str, ...]] = ("anomaly_wgan",)
     reads: ClassVar[tuple[str, ...]] = ("flux_auto_{band}", "fluxerr_auto_{band}", "a", "x_tile", "y_tile")
@@ -185,6 +186,7 @@ class AnomalyStage(ModelStage):
             "peak_y": py.astype(float), "ra": np.asarray(ra, float), "dec": np.asarray(dec, float),
             "score": r["score"].astype(np.float32), "score_paper": r["paper"].astype(np.float32),
             "local_pixel": r["local_pixel"].astype(np.float32), "local_feature": r["local_feature"].astype(np.float32),
+            "model_peak": r["model_peak"].astype(np.float32),
             "band": pd.array([self.bands[int(b)] for b in r["band"]], dtype="string"),
             "mode": pd.array(r["mode"].astype(str), dtype="string")})
 
