@@ -158,6 +158,13 @@ def int8_cached(model: DetectNet, calibration: dict[str, torch.Tensor], cache_di
     import os
     import tempfile
 
+    import warnings
+    # torch's one-time notice that its quantised-tensor functions are deprecated: raised from the TorchScript
+    # interpreter it goes to the process's stderr (every actor's log), past Python's warning filters; raised
+    # once from Python first, as the FX network does, it is an ordinary warning, ignored here, and not again
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
     h = hashlib.sha256(f"detect-int8|torch {torch.__version__}|bands {','.join(model.bands)}".encode())
     for name, t in sorted({**model.state_dict(), **calibration}.items()):
         h.update(name.encode())
