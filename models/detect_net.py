@@ -119,6 +119,9 @@ def quantized_for_inference(model: DetectNet, calibration: dict[str, torch.Tenso
     return q
 
 
+INT8_CACHE_VERSION = 1  # int8_cached's files: a new number when quantized_for_inference makes another network
+
+
 class _Traced(nn.Module):
     """A traced (TorchScript) detector with the attributes the detect stage reads from a DetectNet."""
 
@@ -157,15 +160,18 @@ def int8_cached(model: DetectNet, calibration: dict[str, torch.Tensor], cache_di
     import io
     import os
     import tempfile
-
     import warnings
+
     # torch's one-time notice that its quantised-tensor functions are deprecated: raised from the TorchScript
     # interpreter it goes to the process's stderr (every actor's log), past Python's warning filters; raised
     # once from Python first, as the FX network does, it is an ordinary warning, ignored here, and not again
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
-    h = hashlib.sha256(f"detect-int8|torch {torch.__version__}|bands {','.join(model.bands)}".encode())
+    # the key: this code's version (bump INT8_CACHE_VERSION when quantized_for_inference changes), torch's, the
+    # CPU's vector capability (nodes of a cluster sharing a home directory keep one file each), bands, tensors
+    h = hashlib.sha256(f"detect-int8 {INT8_CACHE_VERSION}|torch {torch.__version__}|"
+                       f"{torch.backends.cpu.get_cpu_capability()}|bands {','.join(model.bands)}".encode())
     for name, t in sorted({**model.state_dict(), **calibration}.items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
