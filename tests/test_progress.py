@@ -101,9 +101,10 @@ def test_default_output_is_the_summary_alone(cli_run):
     assert not re.search(r"\bINFO\b", err) and "Token authentication" not in err, err
     assert not re.search(r"^(?:DEBUG|INFO)\b|\| (?:DEBUG|INFO) +\|", err, flags=re.M), err
     lines = err.splitlines()
+    from deepfield.flows.cli_common import rel
     for path in summary["merge"]["paths"].values():  # relative to the run directory in run-summary.json
-        full = str(run_dir / path)
-        assert any(line.endswith(full) for line in lines), full  # whole, on one line (the shorter form: absolute)
+        full = rel(run_dir / path)  # as printed: relative to the current directory where that is shorter
+        assert any(line.endswith(" " + full) for line in lines), (full, err)  # whole, on one line
     assert r.stdout.strip() == str(run_dir)
 
 
