@@ -24,14 +24,9 @@ import os
 from pathlib import Path
 
 
-_API_NAMED: list[bool] = []  # whether PREFECT_API_URL named a server when `configure` was first called
-
-
 def configure(state_dir: str | Path, quiet: bool = True) -> None:
     """Point Prefect's home (database, logs) at state_dir unless PREFECT_HOME or an API URL is set; a new
     home's database starts as a copy of the migrated template when there is one."""
-    if not _API_NAMED:
-        _API_NAMED.append("PREFECT_API_URL" in os.environ)
     if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
         home = Path(state_dir).resolve()
         home.mkdir(parents=True, exist_ok=True)  # the ephemeral server does not start without it
@@ -57,10 +52,10 @@ def flow_settings():
     sends them (every 180 s) so that a server's automations can mark a run whose process died as crashed;
     an API that dies with the process has no use for them, and each flow run's end waits up to a second for
     the heartbeat thread, which sleeps in steps of one second (about 1 s per flow run, two per `deepfield run`:
-    the run and its ingest). With a server named in PREFECT_API_URL before `configure` (a user's server,
-    `deepfield serve`'s, a worker's), Prefect's settings are left as they are."""
+    the run and its ingest). With a server named in PREFECT_API_URL other than the one `reserve_local_api`
+    named (a user's server, `deepfield serve`'s, a worker's), Prefect's settings are left as they are."""
     from contextlib import nullcontext
-    if not _API_NAMED or _API_NAMED[0]:
+    if "PREFECT_API_URL" in os.environ and not _LOCAL_API:
         return nullcontext()
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
     return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})

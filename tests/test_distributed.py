@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from deepfield.tasks.ledger import Ledger
-from _stages import CLASSICAL_STAGES
+from _classical_run import config
 
 BIN = Path(sys.executable).parent
 
@@ -51,11 +51,10 @@ def listening(port: int) -> bool:
 
 @pytest.mark.slow
 def test_a_run_survives_losing_a_ray_node_and_a_dask_worker(survey, clean, tmp_path):
-    """The reference is the session's clean run (tests/_classical_run.py's configuration, the same as this
-    run's), made once for the fault tests."""
+    """The reference is the session's clean run, made once for the fault tests: this run's configuration is
+    that run's (tests/_classical_run.py's `config`) with the addresses and the run directory changed."""
     _, reference = clean
-    cfg = dict(inputs=str(survey / "manifest.yaml"), store_layout=dict(tile=512, chunk=128), halo=32,
-               stages=CLASSICAL_STAGES)
+    cfg = config(survey, tmp_path / "run").model_dump(mode="json", include={"inputs", "store_layout", "halo", "stages"})
 
     work = Path(tempfile.mkdtemp(prefix="dfd", dir="/tmp"))  # short: Ray's socket paths are length-limited
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_"))}
