@@ -208,3 +208,27 @@ def test_window_sigma_compares_a_window_with_those_as_bright():
         assert not st["log"]
         np.testing.assert_allclose(s, plain if len(s) == len(ls) else
                                    window_sigma(np.exp(ls[:MIN_BIN]))[0], rtol=1e-12)
+
+
+def test_evaluation_ghost_snr_and_a_group_row():
+    """`deepfield eval anomaly`'s helpers: a ghost's S/N in a window, computed by hand (amplitudes over the
+    sky noise added in quadrature over the bands, a band without its own amplitude taking the ghost's; times the
+    square root of size x min(width, size) pixels); and a group's row (its windows against the normal ones, its
+    anomalies' best windows against the 99th percentile), here with scores whose ranks are known."""
+    from deepfield.flows.evaluate.anomaly import figures, ghost_window_snr
+    p = dict(amplitude=0.3, width_pix=10.0, amplitude_by_band={"g": 0.1, "r": 0.2})
+    assert ghost_window_snr(p, {"g": 1.0, "r": 0.5}, 32) == pytest.approx(np.sqrt(0.01 + 0.16) * np.sqrt(320))
+    assert ghost_window_snr(dict(p, width_pix=50.0), {"g": 1.0, "r": 0.5, "i": 0.3}, 32) == pytest.approx(
+        np.sqrt(0.01 + 0.16 + 1.0) * 32)
+    # 1000 normal windows scored 0..999; a faint ghost on windows 1000-1001 (scores 1.5, 2.5: below almost
+    # every normal window), a visible one on 1002-1003 (scores 500.5 and 1500: above every normal window)
+    scores = np.concatenate([np.arange(1000.0), [1.5, 2.5, 500.5, 1500.0]])
+    label = np.array(["normal"] * 1000 + ["ghost"] * 4)
+    faint, visible = np.array([1000, 1001]), np.array([1002, 1003])
+    f = figures(scores, label, [("ghost", faint), ("ghost", visible)], {"visible": [visible]})
+    auroc_visible = (501 / 1000 + 1.0) / 2  # the share of normal windows below each of its windows (0..500), averaged
+    assert f["types"]["visible"]["auroc"] == pytest.approx(auroc_visible)
+    assert f["types"]["visible"]["windows"] == 2 and f["types"]["visible"]["injected"] == 1
+    assert f["types"]["visible"]["top1"] == 1.0
+    assert f["types"]["ghost"]["injected"] == 2 and f["types"]["ghost"]["top1"] == 0.5
+    assert f["types"]["ghost"]["auroc"] == pytest.approx((0.002 + 0.003 + 0.501 + 1.0) / 4)

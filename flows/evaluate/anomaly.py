@@ -18,10 +18,16 @@ subject of at least one window), a trail passing as close, a ghost's annulus as 
 - per injected anomaly, its best window (the highest score among the windows it is the subject of): the
   fraction of the anomalies, overall and per type, whose best window is in the top 1 % and top 0.1 % of all
   the windows' scores (normal and anomalous);
-- throughput in windows per second (one torch thread) and the fast mode's speed-up over the full mode.
+- throughput in windows per second (one torch thread) and the fast mode's speed-up over the full mode;
+- a row of its own for the ghosts bright enough to be seen in a window, S/N >= VISIBLE_SNR (5) in a window
+  their annulus covers (`ghost_window_snr`: amplitude over the sky noise in each of the scorer's bands, added
+  in quadrature, times the square root of the window pixels the annulus can cover), and every ghost's S/N:
+  the simulator draws most of them below 5, under the noise of any window whatever scores it; the `ghost` row
+  and every other figure still count them all.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -36,6 +42,7 @@ from deepfield.tasks.stages.anomaly import AnomalyStage
 from deepfield.tasks.trainsets.anomaly import anomaly_geometry, label_sources
 
 EVAL_SEED = 20261125
+VISIBLE_SNR = 5.0  # a ghost's S/N in a window it covers (ghost_window_snr) from which it is counted as visible
 
 
 def evaluation_fields(seed: int, n_fields: int, size: int = 1024) -> SimConfig:
@@ -52,22 +59,36 @@ def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
 
 
-def _best_windows(windows, anomalies, lenses, stage, core: float) -> list[tuple[str, np.ndarray]]:
-    """(type, window indices it is the subject of) for every visible injected anomaly of every field."""
+def _best_windows(windows, anomalies, lenses, stage, core: float, keys: bool = False) -> list[tuple]:
+    """(type, window indices it is the subject of) for every visible injected anomaly of every field; with
+    `keys`, (type, window indices, the truth row's label)."""
     out = []
     for name, w in windows.groupby("field"):
         a = anomalies[anomalies.field == name] if len(anomalies) else anomalies
         lz = lenses[lenses.field == name] if len(lenses) else lenses
-        for _, kind, _, hit, _ in anomaly_geometry(w.x.to_numpy(float), w.y.to_numpy(float), a, lz, stage.size,
+        for key, kind, _, hit, _ in anomaly_geometry(w.x.to_numpy(float), w.y.to_numpy(float), a, lz, stage.size,
                                                     stage.bands, core):
             if hit.any():
-                out.append((kind, w.index.to_numpy()[hit]))
+                out.append((kind, w.index.to_numpy()[hit], key) if keys else (kind, w.index.to_numpy()[hit]))
     return out
 
 
-def figures(scores: np.ndarray, label: np.ndarray, subjects: list[tuple[str, np.ndarray]]) -> dict:
+def ghost_window_snr(params: dict, sky_sigma: dict[str, float], size: int) -> float:
+    """Signal-to-noise ratio of an optical ghost (truth parameters) in a grid window of `size` px that its
+    annulus covers, seen by a scorer of the bands of `sky_sigma` (band -> the field's sky noise, the image's
+    units): its flat amplitude over the sky noise, added in quadrature over the bands (a matched filter), times
+    the square root of the window pixels the annulus can cover, size x min(width, size). A ghost far below
+    VISIBLE_SNR is under the noise of every window whatever scores it."""
+    amp = params.get("amplitude_by_band") or {}
+    per_px = np.sqrt(sum((amp.get(b, params["amplitude"]) / s) ** 2 for b, s in sky_sigma.items()))
+    return float(per_px * np.sqrt(size * min(params["width_pix"], size)))
+
+
+def figures(scores: np.ndarray, label: np.ndarray, subjects: list[tuple[str, np.ndarray]],
+            groups: dict[str, list[np.ndarray]] | None = None) -> dict:
     """The figures of one mode and score (module docstring); label per window: a type, "normal" or
-    "contaminated"."""
+    "contaminated". groups: name -> the window indices of each of its anomalies (a subset of `subjects`), given
+    a row of its own among the types (its windows against the normal ones)."""
     keep = label != "contaminated"
     s, lab = scores[keep], label[keep]
     y = lab != "normal"
@@ -81,6 +102,16 @@ def figures(scores: np.ndarray, label: np.ndarray, subjects: list[tuple[str, np.
         types[t] = dict(windows=int(m.sum()), auroc=_auroc(s[sel], m[sel].astype(int)), injected=int(len(b)),
                         top1=float((b >= p99).mean()) if len(b) else None,
                         top01=float((b >= p999).mean()) if len(b) else None)
+    for name, members in (groups or {}).items():
+        m = np.zeros(len(label), bool)
+        for ix in members:
+            m[ix] = True
+        m = m[keep]
+        sel = m | ~y
+        b = np.array([scores[ix].max() for ix in members])
+        types[name] = dict(windows=int(m.sum()), auroc=_auroc(s[sel], m[sel].astype(int)) if m.any() else float("nan"),
+                           injected=int(len(b)), top1=float((b >= p99).mean()) if len(b) else None,
+                           top01=float((b >= p999).mean()) if len(b) else None)
     allb = np.concatenate([v for v in best.values()]) if best else np.zeros(0)
     return dict(windows=int(len(s)), anomalous_windows=int(y.sum()), auroc=_auroc(s, y.astype(int)),
                 injected=int(len(allb)), top1=float((allb >= p99).mean()) if len(allb) else None,
@@ -112,9 +143,13 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
         root = open_store(simulate_fields(cfg, work, workers, say))
         truth = work / "sim" / "truth"
         anomalies, lenses = pd.read_parquet(truth / "anomalies.parquet"), pd.read_parquet(truth / "lenses.parquet")
-        xs, noises, tables = [], [], []
+        xs, noises, tables, sky = [], [], [], {}
         for tid in all_tiles(root, halo):
             tile = read_tile(root, tid, halo)
+            image, invvar, usable = stage._pixels(tile)
+            for b, iv, ok in zip(stage.bands, invvar, usable):
+                if (ok & (iv > 0)).any():
+                    sky.setdefault(tid.field, {}).setdefault(b, []).append(float(np.median(iv[ok & (iv > 0)]) ** -0.5))
             BackgroundStage().run(tile, pd.DataFrame())
             w = tile_windows(tile, stage.size, stage.stride)
             x, noise = extract(list(tile_inputs(*stage._pixels(tile, counted=True))), w.y0.to_numpy() - tile.box.y0,
@@ -132,11 +167,19 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
         label[w.index.to_numpy()] = label_sources(w, anomalies[anomalies.field == name],
                                                   lenses[lenses.field == name], stage.size, stage.bands, core)
     label = label.astype(str)
-    subjects = _best_windows(windows, anomalies, lenses, stage, core)
+    keyed = _best_windows(windows, anomalies, lenses, stage, core, keys=True)
+    subjects = [(kind, ix) for kind, ix, _ in keyed]
+    ghost_snr = {key: ghost_window_snr(json.loads(anomalies.loc[key, "params"]),
+                                       {b: float(np.median(v)) for b, v in sky[anomalies.loc[key, "field"]].items()},
+                                       stage.size)
+                 for kind, _, key in keyed if kind == "ghost"}
+    visible = f"ghost, S/N >= {VISIBLE_SNR:g}"
+    groups = {visible: [ix for kind, ix, key in keyed if kind == "ghost" and ghost_snr[key] >= VISIBLE_SNR]}
     say(f"scoring {len(x)} windows ({int(np.isin(label, ['normal', 'contaminated'], invert=True).sum())} "
         f"anomalous, {len(subjects)} injected anomalies) in the fast and full modes ...")
     out = dict(n_fields=n_fields, field_size=size, seed=seed, steps=steps, stride=stage.stride, bands=stage.bands,
-               labels=pd.Series(label).value_counts().to_dict(), modes={})
+               labels=pd.Series(label).value_counts().to_dict(), modes={},
+               ghost_window_snr=sorted(round(v, 2) for v in ghost_snr.values()))
     for mode, k in (("fast", 0), ("full", steps)):
         t = time.perf_counter()
         r = grid_scores(stage.model, x, noise, steps=k, batch=batch, device=device)
@@ -144,9 +187,9 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
         sigma = window_sigma(r["score"], r["model_peak"])[0]
         sigma = np.where(np.isfinite(sigma), sigma, np.nanmin(sigma) - 1.0)  # no score: ranked last
         out["modes"][mode] = {"windows_per_second": float(len(x) / dt),
-                              "score": figures(r["score"], label, subjects),
-                              "paper": figures(r["paper"], label, subjects),
-                              "sigma": figures(sigma, label, subjects)}
+                              "score": figures(r["score"], label, subjects, groups),
+                              "paper": figures(r["paper"], label, subjects, groups),
+                              "sigma": figures(sigma, label, subjects, groups)}
         say(f"  {mode}: {len(x) / dt:.0f} windows/s")
     out["fast_speedup"] = out["modes"]["fast"]["windows_per_second"] / out["modes"]["full"]["windows_per_second"]
     return out
@@ -168,4 +211,7 @@ def format_report(r: dict) -> str:
                              f"{v['injected']:3d}  in top 1% {top1}")
         lines.append(f"  {mode:4s} {m['windows_per_second']:.0f} windows/s")
     lines.append(f"  fast mode {r['fast_speedup']:.1f}x faster than the full mode")
+    if "ghost_window_snr" in r:
+        lines.append(f"  ghosts' S/N in a window they cover (all bands): {r['ghost_window_snr']}; those at S/N >= "
+                     f"{VISIBLE_SNR:g} have their own row")
     return "\n".join(lines)
