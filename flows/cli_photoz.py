@@ -36,7 +36,8 @@ def train_photoz(
     seeds: str = typer.Option("1001-1010", help="simulated fields, one per seed (comma-separated or FIRST-LAST); "
                               "the last one is held out to fit k and the intervals' spread"),
     size: int = typer.Option(2048, min=256, help="side of each field, pixels"),
-    flux: str = typer.Option("aper", help="photometry of the colours: aper, auto or deblend (the stage's `flux`)"),
+    flux: str = typer.Option("gaap", help="photometry of the colours: gaap, aper, auto or deblend (the stage's "
+                             "`flux`)"),
     bands: str = typer.Option(None, help="bands of the simulated fields, comma-separated (default g,r,i,z)"),
     work: Path = typer.Option(Path(".cache") / "photoz", help="where the fields and each seed's measured galaxies "
                               "are kept; a rerun reads them back (resume)"),
@@ -49,8 +50,8 @@ def train_photoz(
     from deepfield.models.progress import say
     from deepfield.models.train_photoz import train
     from deepfield.tasks.trainsets.photoz import seed_tables
-    if flux not in ("aper", "auto", "deblend"):
-        fail(f"--flux {flux!r}: one of aper, auto, deblend")
+    if flux not in ("gaap", "aper", "auto", "deblend"):
+        fail(f"--flux {flux!r}: one of gaap, aper, auto, deblend")
     seed_list, band_list = _seeds(seeds), _bands(bands)
 
     def fit(command: str):

@@ -13,6 +13,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from deepfield.catalogs import schema
+from deepfield.tasks.stages.measure import MeasureStage
 from deepfield.catalogs.calibrate import calibrate_fluxes, njy_per_unit, sky_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +88,7 @@ def test_every_catalog_column_is_declared_in_every_output(default_run):
     chosen = summary.get("weights_variants") or {}  # the band-set weights the run chose (anomaly: griz) are in it
     ran = cfg.with_stages([(n, dict(p, variant=chosen[n]) if chosen.get(n) else p) for n, p in cfg.stage_list()])
     assert prov["config_hash"] == ran.processing_hash()
-    assert prov["stage_versions"]["measure"] == "5" and prov["model_versions"]
+    assert prov["stage_versions"]["measure"] == MeasureStage.version and prov["model_versions"]
     assert set(prov["inputs"]) == {"field000", "field001"} and prov["deepfield_version"]
     # HATS: the partitions' and _common_metadata's fields, and hats.properties
     hats_dir = Path(paths["hats"]) / "sources"
@@ -103,7 +104,7 @@ def test_every_catalog_column_is_declared_in_every_output(default_run):
         n = names.index("flux_deblend_i") + 1
         assert h[f"TUNIT{n}"] == "nJy" and h[f"TUCD{n}"] == "phot.flux.density" and h[f"TCOMM{n}"]
         assert all(f"TCOMM{k}" in h for k in range(1, len(names) + 1))
-        assert p["CFGHASH"] == prov["config_hash"] and p["HIERARCH DF STAGE measure"] == "5"
+        assert p["CFGHASH"] == prov["config_hash"] and p["HIERARCH DF STAGE measure"] == MeasureStage.version
     # the candidate tables: their own declarations and the sources'
     for key, table in (("lens_candidates", "lens_candidates"), ("clusters", "clusters"), ("anomalies", "anomalies")):
         s = pq.read_schema(paths[key])

@@ -42,10 +42,11 @@ METHOD_MODELS = {"knn": "photoz_knn", "cnn": "photoz_cnn"}
 class PhotoZConfig(ModelStageConfig):
     method: Literal["knn", "cnn"] = Field("knn", description="knn: the colour baseline (reference set "
                                           "photoz_knn); cnn: the network on stamps and photometry (photoz_cnn)")
-    flux: Literal["aper", "auto", "deblend"] = Field("aper", description="photometry the colours come from: aper "
-                                                     "(flux_aper_<b>), auto (flux_auto_<b>), deblend "
-                                                     "(flux_deblend_<b>, the Kron flux for isolated sources); "
-                                                     "must be what the method's weights were made with")
+    flux: Optional[Literal["gaap", "aper", "auto", "deblend"]] = Field(
+        None, description="photometry the colours come from: gaap (flux_gaap_<b>, Gaussian apertures the same "
+        "before seeing in every band), aper (flux_aper_<b>), auto (flux_auto_<b>), deblend (flux_deblend_<b>, the "
+        "Kron flux for isolated sources); default: what the method's weights were made with (their training "
+        "record), which a value given must match")
     k: Optional[int] = Field(None, ge=4, le=1024, description="knn: neighbours per galaxy (default: the reference "
                              "set's, fitted in training)")
     batch: int = Field(1024, ge=1, description="cnn: stamps per network call on the CPU")
@@ -56,7 +57,8 @@ class PhotoZStage(ModelStage):
     version: ClassVar[str] = "1"
     Config: ClassVar[type[StageConfig]] = PhotoZConfig
     models: ClassVar[tuple[str, ...]] = ("photoz_knn", "photoz_cnn")
-    reads: ClassVar[tuple[str, ...]] = ("x_tile", "y_tile", "flux_aper_{band}", "fluxerr_aper_{band}",
+    reads: ClassVar[tuple[str, ...]] = ("x_tile", "y_tile", "flux_gaap_{band}", "fluxerr_gaap_{band}",
+                                        "flux_aper_{band}", "fluxerr_aper_{band}",
                                         "zeropoint_{band}")
     adds: ClassVar[tuple[str, ...]] = ("z_phot", "z_phot_err", "z_phot_q025", "z_phot_q16", "z_phot_q50",
                                        "z_phot_q84", "z_phot_q975", "z_phot_flag")
@@ -77,7 +79,7 @@ class PhotoZStage(ModelStage):
             trained = training_record(model, cfg.weights_file(model)).get("arch", {}).get("flux_kind", "aper")
         except Exception:  # noqa: BLE001 - no readable record: loading the weights reports it, naming the file
             return cfg
-        if cfg.flux != trained:
+        if cfg.flux is not None and cfg.flux != trained:
             fix = (f"or build a reference set with `deepfield train photoz --flux {cfg.flux}`" if cfg.method == "knn"
                    else "the CNN takes aperture photometry only")
             raise StageConfigError(f"stage 'photoz': flux {cfg.flux!r}, but the {cfg.method} weights ({model}) were "
@@ -98,6 +100,8 @@ class PhotoZStage(ModelStage):
     def setup(self, device: str) -> None:
         super().setup(device)
         trained = getattr(self.model, "flux_kind", "aper")
+        if self.flux is None:
+            self.flux = trained
         if self.flux != trained:  # configure checks the record beside the weights; this, the weights themselves
             raise ValueError(f"stage 'photoz': flux {self.flux!r}, but the {self.method} weights were made with "
                              f"{trained!r}")
