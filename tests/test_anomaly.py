@@ -220,3 +220,66 @@ def test_training_windows_of_another_band_set(tmp_path):
     ugr, d3 = training_windows(bands=["u", "g", "r"], **kw)
     assert ugr.shape[1:] == (3, 32, 32) and d3["bands"] == "u,g,r"
     assert np.isfinite(ugr).all() and (np.abs(ugr) > 0).any(axis=(0, 2, 3)).all()  # every band has pixels
+
+
+def _local_terms_as_written(x, g, fx, fg, noise, reach):
+    """The local terms of models/anomaly_gan.local_terms in their plain form (its docstring), as they were
+    written before the function was made faster: the reference it must match to the bit."""
+    from deepfield.models import anomaly_gan as ag
+    ug = ag.unscale(g)
+    m = ug.abs()
+    near = ag._square_max(m.amax(1, keepdim=True), reach) if reach else m
+    eff = noise * torch.sqrt(1 + near / ag.MODEL_SCALE + (ag.MODEL_FRAC * near) ** 2)
+    signed = torch.where(noise > 0, (ag.unscale(x) - ug) / eff.clamp_min(1e-6), torch.zeros_like(x))
+    r = signed.abs()
+    pooled = torch.nn.functional.avg_pool2d(r, ag.POOL) if ag.POOL > 1 else r
+    best, band = pooled.max(dim=1)
+    flat = best.flatten(1)
+    top, where = flat.topk(min(ag.TOP_K, flat.shape[1]), dim=1)
+    w = where[:, 0]
+    band0 = band.flatten(1).gather(1, w[:, None])[:, 0]
+    cy = torch.div(w, best.shape[2], rounding_mode="floor") * ag.POOL + (ag.POOL - 1) / 2
+    cx = (w % best.shape[2]) * ag.POOL + (ag.POOL - 1) / 2
+    cells = (fx - fg).abs().sum(1).flatten(1).max(1).values
+    q = x.shape[-1] // 2
+    sky = ((m.amax(1, keepdim=True) < ag.SKY_LEVEL) & (noise > 0)).to(signed.dtype)
+    total = torch.nn.functional.avg_pool2d(signed * sky, q) * q * q
+    n = torch.nn.functional.avg_pool2d(sky.expand_as(signed), q) * q * q
+    diffuse = torch.where(n >= ag.MIN_SKY, total.abs() / n.clamp_min(1).sqrt(), torch.zeros_like(n)).flatten(1).max(1).values
+    return top.mean(1), cells, band0, torch.stack([cy, cx], 1), diffuse, ug.flatten(1).amax(1)
+
+
+@pytest.mark.parametrize("reach", [0, 5])
+def test_local_terms_match_their_plain_form_to_the_bit(reach):
+    """The fast local terms (in place, one memory layout, band maxima as plane maxima) equal the plain
+    expressions exactly on windows with bright sources, sky, pixels and a whole band without noise, and a
+    window without data, in the networks' channels-last layout; under autograd (the encoder's training) they
+    give the same value and gradient."""
+    from deepfield.models.anomaly_gan import local_terms, scale_stamps
+    rng = np.random.default_rng(5)
+    n, nb, s = 64, 4, 32
+    sky = rng.normal(size=(n, nb, s, s))
+    yy, xx = np.mgrid[0:s, 0:s]
+    src = np.exp(-((xx - 15.3) ** 2 + (yy - 16.1) ** 2) / 6.0) * rng.uniform(0, 400, size=(n, 1, 1, 1))
+    x = torch.as_tensor(scale_stamps((sky + src).astype(np.float32), np.ones((n, nb), np.float32)))
+    g = torch.as_tensor(scale_stamps((0.9 * src + 0.1 * rng.normal(size=(n, nb, s, s))).astype(np.float32),
+                                     np.ones((n, nb), np.float32)))
+    noise = torch.as_tensor(rng.uniform(0.8, 1.5, size=(n, nb, s, s)).astype(np.float32))
+    noise[3, :, :5] = 0
+    noise[4, 2] = 0
+    noise[5] = 0
+    fx, fg = torch.randn(n, 64, 4, 4), torch.randn(n, 64, 4, 4)
+    cl = torch.channels_last
+    with torch.no_grad():
+        got = local_terms(x.contiguous(memory_format=cl), g.contiguous(memory_format=cl), fx, fg, noise, reach)
+        want = _local_terms_as_written(x, g, fx, fg, noise, reach)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert got[0][5] == 0 and got[4][5] == 0  # no data: no pixel or diffuse term
+    grads = []
+    for f in (local_terms, _local_terms_as_written):
+        gg = g.clone().requires_grad_(True)
+        v = f(x, gg, fx, fg, noise, reach)[0].mean()
+        v.backward()
+        grads.append((v.detach(), gg.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
