@@ -80,33 +80,32 @@ def gaussian_aperture(data: np.ndarray, err: np.ndarray, bad: np.ndarray, x: np.
     centres at integers) out to `reach` sigma, and their errors sqrt(sum w^2 err^2). Pixels that are `bad`,
     outside the array or (with `segmap`, `seg_id`) in another detection's segment are left out, and both sums
     are scaled up by the weight of every pixel over the weight of those kept; NaN where under 30 % of the weight
-    is kept."""
+    is kept. `data` and `err` must be finite where `bad` is False (as band_pixels gives them)."""
     n = len(x)
     f, e = np.full(n, np.nan), np.full(n, np.nan)
     if n == 0:
         return f, e
     ny, nx = data.shape
     h = int(math.ceil(reach * sigma))
-    oy, ox = np.mgrid[-h:h + 1, -h:h + 1]
+    off = np.arange(-h, h + 1)
     for k in range(0, n, chunk):
         xs, ys = np.asarray(x[k:k + chunk], float), np.asarray(y[k:k + chunk], float)
         xi, yi = np.rint(xs).astype(np.int64), np.rint(ys).astype(np.int64)
-        yy, xx = yi[:, None, None] + oy, xi[:, None, None] + ox
-        inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-        yc, xc = np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)
-        gx = np.exp(-0.5 * ((xi[:, None] + ox[0][None, :]) - xs[:, None]) ** 2 / sigma ** 2)  # separable: 2 x
-        gy = np.exp(-0.5 * ((yi[:, None] + oy[:, 0][None, :]) - ys[:, None]) ** 2 / sigma ** 2)  # (n, 2h+1) exps
-        w = gy[:, :, None] * gx[:, None, :]
-        d, ev = data[yc, xc], err[yc, xc]
-        keep = inside & ~bad[yc, xc] & np.isfinite(d) & np.isfinite(ev)
+        cols, rows = xi[:, None] + off, yi[:, None] + off  # (m, 2h+1)
+        gx = np.exp(-0.5 * (cols - xs[:, None]) ** 2 / sigma ** 2)  # the weight is separable: 2 x (m, 2h+1) exps
+        gy = np.exp(-0.5 * (rows - ys[:, None]) ** 2 / sigma ** 2)
+        total = gy.sum(1) * gx.sum(1)
+        inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
+        yc, xc = np.clip(rows, 0, ny - 1)[:, :, None], np.clip(cols, 0, nx - 1)[:, None, :]
+        keep = inside & ~bad[yc, xc]
         if segmap is not None and seg_id is not None:
             sv = segmap[yc, xc]
             keep &= (sv == 0) | (sv == np.asarray(seg_id[k:k + chunk])[:, None, None])
-        wk = np.where(keep, w, 0.0)
-        total, kept = w.sum((1, 2)), wk.sum((1, 2))
+        wk = np.where(keep, gy[:, :, None] * gx[:, None, :], 0.0)
+        kept = wk.sum((1, 2))
         scale = np.where(kept > 0.3 * total, total / np.maximum(kept, 1e-300), np.nan)
-        f[k:k + chunk] = (wk * np.where(keep, d, 0.0)).sum((1, 2)) * scale
-        e[k:k + chunk] = np.sqrt(((wk * np.where(keep, ev, 0.0)) ** 2).sum((1, 2))) * scale
+        f[k:k + chunk] = (wk * data[yc, xc]).sum((1, 2)) * scale
+        e[k:k + chunk] = np.sqrt(((wk * err[yc, xc]) ** 2).sum((1, 2))) * scale
     return f, e
 
 
