@@ -23,13 +23,14 @@ For each detection (the `detect` stage's table) and band b, on the background-su
   with sigma_g = `gaap_sigma_psf` (1.5) x the widest band's PSF sigma (FWHM / 2.355); for a Gaussian PSF this is
   the source's own (pre-seeing) profile weighted by a Gaussian of sigma_g in every band, whatever each band's
   seeing, so colours do not mix the bands' PSFs. The sum is scaled by sigma_g^2 / sigma_b^2, which makes it the
-  total flux of a point source: `flux_gaap_<b>`, `fluxerr_gaap_<b>`; each further factor of `gaap_sigma_psf`
-  gets `flux_gaap_<tag>_<b>` (tag as for the apertures, unitless: 2.0 -> "2", 1.2 -> "1p2"). Pixels of other detections' segments
-  (with `mask_neighbours`) and masked pixels are left out, the sum scaled up by the Gaussian's total weight over
-  its weight on the pixels kept; where under 30 % of the weight is kept, a blend member mostly inside its
-  neighbours' segments (about 2 % of the galaxies), the neighbours' pixels are counted after all. The PSFs of the simulator and of real surveys are not Gaussian (Moffat wings):
-  the colours keep a small part of the seeing difference. Written here because SEP and photutils measure
-  fluxes in sharp-edged apertures only.
+  total flux of a point source: `flux_gaap_<b>`, `fluxerr_gaap_<b>`; each further factor of `gaap_sigma_psf` gets
+  `flux_gaap_<tag>_<b>` (tag as for the apertures, unitless: 2.0 -> "2", 1.2 -> "1p2"). Pixels of other
+  detections' segments (with `mask_neighbours`) and masked pixels are left out, the sum scaled up by the
+  Gaussian's total weight over its weight on the pixels kept; where under 30 % of the weight is kept, a blend
+  member mostly inside its neighbours' segments (about 2 % of the galaxies), the neighbours' pixels are counted
+  after all. The PSFs of the simulator and of real surveys are not Gaussian (Moffat wings): the colours keep a
+  small part of the seeing difference. Written here because SEP and photutils measure fluxes in sharp-edged
+  apertures only.
 - errors: from the inverse variance, err = sqrt(sum 1/invvar); masked or zero-weight pixels are
   left out and the sum is scaled up by the aperture area over the unmasked area (SEP).
 - magnitudes: AB, mag = zp_b - 2.5 log10(flux), magerr = 1.0857 fluxerr / flux; NaN for flux <= 0.
@@ -182,7 +183,8 @@ class MeasureStage(Stage):
     adds: ClassVar[tuple[str, ...]] = (
         "x", "y", "x_tile", "y_tile", "kron_radius", "flux_aper_{band}", "fluxerr_aper_{band}", "mag_aper_{band}",
         "magerr_aper_{band}", "flux_auto_{band}", "fluxerr_auto_{band}", "mag_auto_{band}", "magerr_auto_{band}",
-        "flux_gaap_{band}", "fluxerr_gaap_{band}", "zeropoint_{band}", "flag_masked", "flag_saturated", "flag_edge", "flag_blended", "phot_flag", "ra", "dec")
+        "flux_gaap_{band}", "fluxerr_gaap_{band}", "zeropoint_{band}", "flag_masked", "flag_saturated", "flag_edge",
+        "flag_blended", "phot_flag", "ra", "dec")
 
     def setup(self, device: str) -> None:
         """Nothing to load; SEP runs on the CPU whatever `device` is."""
