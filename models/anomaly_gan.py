@@ -219,10 +219,14 @@ SKY_LEVEL = 3.0  # sky sigmas: pixels the model puts below this in every band ar
 MIN_SKY = 64  # a quarter of the stamp with fewer sky pixels has no diffuse term
 
 
+_UNSCALE_K = float(np.arcsinh(FULL_SCALE / SOFTENING))  # unscale's factor (local_terms applies it in place too)
+
+
 def unscale(x: np.ndarray | torch.Tensor):
     """The inverse of scale_snr: network values -> pixels in units of the stamp's sky sigma (unclipped)."""
-    k = float(np.arcsinh(FULL_SCALE / SOFTENING))
-    return SOFTENING * (torch.sinh(x * k) if isinstance(x, torch.Tensor) else np.sinh(np.asarray(x) * k))
+    if isinstance(x, torch.Tensor):
+        return SOFTENING * torch.sinh(x * _UNSCALE_K)
+    return SOFTENING * np.sinh(np.asarray(x) * _UNSCALE_K)
 
 
 def _square_max(a: torch.Tensor, width: int) -> torch.Tensor:
@@ -278,8 +282,7 @@ def local_terms(x: torch.Tensor, g: torch.Tensor, fx: torch.Tensor, fg: torch.Te
         return getattr(t, op)(*args) if grad else getattr(t, op + "_")(*args)
 
     x, g, noise = x.contiguous(), g.contiguous(), noise.contiguous()
-    k = float(np.arcsinh(FULL_SCALE / SOFTENING))
-    ug = ip(ip(torch.mul(g, k), "sinh"), "mul", SOFTENING)  # unscale(g)
+    ug = ip(ip(torch.mul(g, _UNSCALE_K), "sinh"), "mul", SOFTENING)  # unscale(g), in place (2 % of the scoring)
     m = ug.abs()
     brightest = _band_max(m)  # (N, 1, S, S)
     near = m  # reach 0: each band's own model at each pixel (the encoder's training loss)
@@ -288,7 +291,7 @@ def local_terms(x: torch.Tensor, g: torch.Tensor, fx: torch.Tensor, fg: torch.Te
     fac = ip(ip(ip(near / MODEL_SCALE, "add", 1), "add", ip(MODEL_FRAC * near, "pow", 2)), "sqrt")
     eff = ip(noise * fac, "clamp_min", 1e-6)
     has = noise > 0
-    signed = ip(ip(torch.mul(x, k), "sinh"), "mul", SOFTENING)  # unscale(x)
+    signed = ip(ip(torch.mul(x, _UNSCALE_K), "sinh"), "mul", SOFTENING)  # unscale(x), in place
     signed = ip(ip(ip(signed, "sub", ug), "div", eff), "masked_fill", ~has, 0.0)  # (unscale(x) - ug) / eff, 0 without noise
     r = signed.abs()
     pooled = torch.nn.functional.avg_pool2d(r, POOL) if POOL > 1 else r  # (N, B, S/P, S/P)

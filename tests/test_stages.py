@@ -327,7 +327,7 @@ def test_gaussian_aperture_colours_do_not_depend_on_the_seeing():
         assert got == pytest.approx([expect, expect], rel=2e-3)
         if sig_s:
             assert abs(sharp[0] / sharp[1] - 1) > 0.1  # what the colour of a fixed aperture would carry
-    # a masked block and a neighbour's segment: left out, the rest scaled up (a symmetric source: exact)
+    # a masked block and a neighbour's segment: left out, the rest scaled up by the weight kept
     img = _gauss_image(shape, 40.0, 40.0, 2.0, 1000.0)
     full = gaussian_aperture(img, err, bad, np.array([40.0]), np.array([40.0]), 3.0)[0][0]
     holes = bad.copy()

@@ -59,9 +59,9 @@ def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
 
 
-def _best_windows(windows, anomalies, lenses, stage, core: float, keys: bool = False) -> list[tuple]:
-    """(type, window indices it is the subject of) for every visible injected anomaly of every field; with
-    `keys`, (type, window indices, the truth row's label)."""
+def _best_windows(windows, anomalies, lenses, stage, core: float) -> list[tuple[str, np.ndarray, object]]:
+    """(type, window indices it is the subject of, the truth row's label) for every visible injected anomaly
+    of every field."""
     out = []
     for name, w in windows.groupby("field"):
         a = anomalies[anomalies.field == name] if len(anomalies) else anomalies
@@ -69,7 +69,7 @@ def _best_windows(windows, anomalies, lenses, stage, core: float, keys: bool = F
         for key, kind, _, hit, _ in anomaly_geometry(w.x.to_numpy(float), w.y.to_numpy(float), a, lz, stage.size,
                                                     stage.bands, core):
             if hit.any():
-                out.append((kind, w.index.to_numpy()[hit], key) if keys else (kind, w.index.to_numpy()[hit]))
+                out.append((kind, w.index.to_numpy()[hit], key))
     return out
 
 
@@ -92,26 +92,20 @@ def figures(scores: np.ndarray, label: np.ndarray, subjects: list[tuple[str, np.
     keep = label != "contaminated"
     s, lab = scores[keep], label[keep]
     y = lab != "normal"
-    types = {}
     p99, p999 = np.percentile(s, 99), np.percentile(s, 99.9)
-    best = {t: np.array([scores[ix].max() for k, ix in subjects if k == t]) for t in sorted({k for k, _ in subjects})}
-    for t in sorted(set(lab[y]) | set(best)):
-        m = lab == t
+
+    def row(m: np.ndarray, b: np.ndarray) -> dict:  # windows m (of the kept ones) against the normal ones
         sel = m | ~y
-        b = best.get(t, np.zeros(0))
-        types[t] = dict(windows=int(m.sum()), auroc=_auroc(s[sel], m[sel].astype(int)), injected=int(len(b)),
-                        top1=float((b >= p99).mean()) if len(b) else None,
-                        top01=float((b >= p999).mean()) if len(b) else None)
+        return dict(windows=int(m.sum()), auroc=_auroc(s[sel], m[sel].astype(int)), injected=int(len(b)),
+                    top1=float((b >= p99).mean()) if len(b) else None,
+                    top01=float((b >= p999).mean()) if len(b) else None)
+    best = {t: np.array([scores[ix].max() for k, ix in subjects if k == t]) for t in sorted({k for k, _ in subjects})}
+    types = {t: row(lab == t, best.get(t, np.zeros(0))) for t in sorted(set(lab[y]) | set(best))}
     for name, members in (groups or {}).items():
         m = np.zeros(len(label), bool)
         for ix in members:
             m[ix] = True
-        m = m[keep]
-        sel = m | ~y
-        b = np.array([scores[ix].max() for ix in members])
-        types[name] = dict(windows=int(m.sum()), auroc=_auroc(s[sel], m[sel].astype(int)) if m.any() else float("nan"),
-                           injected=int(len(b)), top1=float((b >= p99).mean()) if len(b) else None,
-                           top01=float((b >= p999).mean()) if len(b) else None)
+        types[name] = row(m[keep], np.array([scores[ix].max() for ix in members]))
     allb = np.concatenate([v for v in best.values()]) if best else np.zeros(0)
     return dict(windows=int(len(s)), anomalous_windows=int(y.sum()), auroc=_auroc(s, y.astype(int)),
                 injected=int(len(allb)), top1=float((allb >= p99).mean()) if len(allb) else None,
@@ -146,13 +140,13 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
         xs, noises, tables, sky = [], [], [], {}
         for tid in all_tiles(root, halo):
             tile = read_tile(root, tid, halo)
-            image, invvar, usable = stage._pixels(tile)
-            for b, iv, ok in zip(stage.bands, invvar, usable):
+            BackgroundStage().run(tile, pd.DataFrame())
+            pixels = stage._pixels(tile, counted=True)  # image, invvar, usable, counted
+            for b, iv, ok in zip(stage.bands, pixels[1], pixels[2]):  # each tile's sky noise per band
                 if (ok & (iv > 0)).any():
                     sky.setdefault(tid.field, {}).setdefault(b, []).append(float(np.median(iv[ok & (iv > 0)]) ** -0.5))
-            BackgroundStage().run(tile, pd.DataFrame())
             w = tile_windows(tile, stage.size, stage.stride)
-            x, noise = extract(list(tile_inputs(*stage._pixels(tile, counted=True))), w.y0.to_numpy() - tile.box.y0,
+            x, noise = extract(list(tile_inputs(*pixels)), w.y0.to_numpy() - tile.box.y0,
                                w.x0.to_numpy() - tile.box.x0, stage.size)
             xs.append(x)
             noises.append(noise)
@@ -167,7 +161,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
         label[w.index.to_numpy()] = label_sources(w, anomalies[anomalies.field == name],
                                                   lenses[lenses.field == name], stage.size, stage.bands, core)
     label = label.astype(str)
-    keyed = _best_windows(windows, anomalies, lenses, stage, core, keys=True)
+    keyed = _best_windows(windows, anomalies, lenses, stage, core)
     subjects = [(kind, ix) for kind, ix, _ in keyed]
     ghost_snr = {key: ghost_window_snr(json.loads(anomalies.loc[key, "params"]),
                                        {b: float(np.median(v)) for b, v in sky[anomalies.loc[key, "field"]].items()},

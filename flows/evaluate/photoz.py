@@ -82,13 +82,10 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     # the CNN on the same galaxies; its CPU time per Mpx: cutting every primary row's stamps (process_store) and
     # the network's time on the matched galaxies scaled to every primary row, as the stage runs it on every row
     st = np.concatenate(stamps)
-    cnn_kind = getattr(cnn, "flux_kind", "aper")  # the CNN's own photometry, which may not be the reference set's
-    if cnn_kind == model.flux_kind:
-        flux = matched[[f"flux_{b}" for b in bands]].to_numpy(float)
-        ferr = matched[[f"fluxerr_{b}" for b in bands]].to_numpy(float)
-    else:
-        pairs = [nJy(stage_rows, b, cnn_kind) for b in bands]
-        flux, ferr = np.stack([f for f, _ in pairs], 1), np.stack([e for _, e in pairs], 1)
+    # the CNN's own photometry (which may not be the reference set's) of the matched rows, in nJy as matched_galaxies
+    # converts it
+    pairs = [nJy(stage_rows, b, getattr(cnn, "flux_kind", "aper")) for b in bands]
+    flux, ferr = np.stack([f for f, _ in pairs], 1), np.stack([e for _, e in pairs], 1)
     c0 = time.process_time()
     res = estimates(cnn, st, flux, ferr, list(bands))
     cnn_seconds = (time.process_time() - c0) * len(rows) / max(len(matched), 1)
