@@ -87,6 +87,8 @@ def train_photoz_cnn(
     stop_after: int = typer.Option(None, min=1, help="stop after this many epochs (resume later from the checkpoint)"),
     workers: int = typer.Option(2, min=1, help="processes simulating the fields"),
     device: str = typer.Option("cpu", help="torch device of the measuring stages' networks"),
+    flux: str = typer.Option("gaap", help="photometry given to the network beside the stamps, and of the colour "
+                             "baseline fitted for the comparison: gaap, aper or auto (the stage then uses the same)"),
 ) -> None:
     """Train the photo-z CNN (models/photoz_cnn.py) on stamps and aperture photometry of simulated galaxies measured
     by the pipeline's own stages, matched to their truth; the colour baseline is fitted on the same fields for the
@@ -98,18 +100,20 @@ def train_photoz_cnn(
     from deepfield.models import train_photoz, train_photoz_cnn
     from deepfield.models.progress import say
     from deepfield.tasks.trainsets.photoz import seed_tables, stamps_path
+    if flux not in ("gaap", "aper", "auto"):
+        fail(f"--flux {flux!r}: one of gaap, aper, auto")
     seed_list = _seeds(seeds)
     torch.set_num_threads(threads)
     ck = _checkpoint(checkpoint, out, CNN)
 
     def fit(command: str):
         stages, halo = detection_stages()
-        tables = seed_tables(seed_list, size, work, stages, halo, workers, "aper", None, device, say, stamps=True)
-        stamps = [np.load(stamps_path(work, s), mmap_mode="r") for s in seed_list]
-        base, _ = train_photoz.train(command, tables, seed_list, size, "aper")
+        tables = seed_tables(seed_list, size, work, stages, halo, workers, flux, None, device, say, stamps=True)
+        stamps = [np.load(stamps_path(work, s, flux), mmap_mode="r") for s in seed_list]
+        base, _ = train_photoz.train(command, tables, seed_list, size, flux)
         return train_photoz_cnn.train(command, tables, stamps, seed_list, epochs=epochs, width=width, nbins=bins, batch=batch,
                                       lr=lr, band_dropout=band_dropout, seed=seed, checkpoint=ck,
-                                      stop_after=stop_after, baseline=base["metrics"]["held_out"])
+                                      stop_after=stop_after, baseline=base["metrics"]["held_out"], flux_kind=flux)
     rec = _train("photoz-cnn", CNN, fit, out)
     f, b = rec["metrics"]["held_out"]["i_lt_24"], rec["metrics"]["colour_baseline_held_out"]["i_lt_24"]
     console.print(f"held out, i < 24: sigma_NMAD {f['sigma_nmad']:.4f} (colour baseline {b['sigma_nmad']:.4f}), "

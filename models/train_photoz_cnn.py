@@ -2,8 +2,8 @@
 photo-z reference set's simulated fields with their stamps (tasks/trainsets/photoz.py: seed_tables with
 stamps, the same fields and measuring stages as the colour baseline's).
 
-- Data: each seed's matched galaxies (aperture fluxes in nJy, true z, true i magnitude) and their 32x32 stamps
-  in nJy. The last seed's field is held out: the spread of the intervals is fitted on it and the figures are
+- Data: each seed's matched galaxies (fluxes of one photometry in nJy, Gaussian apertures by default; true z,
+  true i magnitude) and their 32x32 stamps in nJy. The last seed's field is held out: the spread of the intervals is fitted on it and the figures are
   measured on it, beside the colour baseline's on the same field (fitted on the same other seeds).
 - Inputs are scaled once (models/photoz_cnn.py: network_inputs). Each batch is turned by a random multiple of
   90 degrees and flipped at random (a galaxy's redshift does not depend on its orientation), and `band_dropout`
@@ -83,11 +83,12 @@ def _figures(model: PhotoZCNN, t: pd.DataFrame, stamps: np.ndarray, bands: list[
 
 def train(command: str, tables: list[pd.DataFrame], stamps: list[np.ndarray], seeds: list[int], epochs: int = 40,
           width: int = 8, nbins: int = 100, batch: int = 128, lr: float = 2e-3, band_dropout: float = 0.2, seed: int = 0,
-          checkpoint: Path | None = None, stop_after: int | None = None, baseline: dict | None = None
-          ) -> tuple[dict, dict] | None:
+          checkpoint: Path | None = None, stop_after: int | None = None, baseline: dict | None = None,
+          flux_kind: str = "aper") -> tuple[dict, dict] | None:
     """(record, state) of a CNN trained on every seed's galaxies but the last one's (module docstring); None when
     stopped by `stop_after` epochs (the checkpoint holds the run). `baseline`: the colour baseline's held-out
-    figures on the same field, kept in the record for the comparison."""
+    figures on the same field, kept in the record for the comparison. `flux_kind`: the measure stage's photometry
+    the tables' `flux_<band>` columns hold (`flux_<kind>_<band>`), recorded so the stage feeds the same."""
     if len(tables) < 2:
         raise ValueError("train photoz-cnn: give at least two seeds (the last one's field is held out)")
     torch.manual_seed(seed)
@@ -103,7 +104,7 @@ def train(command: str, tables: list[pd.DataFrame], stamps: list[np.ndarray], se
     size = train_s.shape[-1]
     say(f"train photoz-cnn: {len(train_t)} galaxies from seeds {seeds[:-1]}, held out {len(held_t)} (seed "
         f"{seeds[-1]}), bands {','.join(bands)}, stamps {size}x{size}")
-    model = PhotoZCNN(bands, size=size, width=width, nbins=nbins)
+    model = PhotoZCNN(bands, size=size, width=width, nbins=nbins, flux_kind=flux_kind)
     model.pix_soft.copy_(torch.from_numpy(pixel_noise(train_s, seed=seed)))
     model.flux_soft.copy_(torch.from_numpy(np.median(train_t[[f"fluxerr_{b}" for b in bands]].to_numpy(float),
                                                      axis=0)))
@@ -113,7 +114,8 @@ def train(command: str, tables: list[pd.DataFrame], stamps: list[np.ndarray], se
     nb = len(bands)
     target = np.clip((train_t.z.to_numpy(float) / Z_MAX * model.nbins).astype(np.int64), 0, model.nbins - 1)
     steps_per_epoch = len(image) // batch
-    config = dict(bands=bands, size=size, width=width, nbins=nbins, batch=batch, lr=lr, band_dropout=band_dropout, seed=seed,
+    config = dict(bands=bands, size=size, width=width, nbins=nbins, flux_kind=flux_kind, batch=batch, lr=lr,
+                  band_dropout=band_dropout, seed=seed,
                   epochs=epochs, steps=epochs * steps_per_epoch, n=len(image))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
@@ -173,12 +175,12 @@ def train(command: str, tables: list[pd.DataFrame], stamps: list[np.ndarray], se
     say(f"spread {model.spread}: held out i < 24 sigma_NMAD {f['sigma_nmad']:.4f}, outliers {f['outliers']:.3f}, "
         f"bias {f['bias']:+.4f}, 68 % coverage {f['coverage_68']:.3f}")
     arch = {"bands": bands, "size": size, "width": width, "nbins": model.nbins, "spread": model.spread,
-            "flux_kind": "aper"}
+            "flux_kind": flux_kind}
     record = {"arch": arch, "command": command, "seed": int(seed), "seeds": [int(s) for s in seeds],
-              "config": {k: v for k, v in config.items() if k not in ("bands", "size", "width", "nbins")},
+              "config": {k: v for k, v in config.items() if k not in ("bands", "size", "width", "nbins", "flux_kind")},
               "data": {"fields": len(seeds), "field_size": 2048, "train_galaxies": int(len(train_t)),
                        "held_out_galaxies": int(len(held_t)), "held_out_seed": int(seeds[-1]),
-                       "photometry": "flux_aper_<band>", "stamps": f"{size}x{size} px, nJy"},
+                       "photometry": f"flux_{flux_kind}_<band>", "stamps": f"{size}x{size} px, nJy"},
               "history": history, "train_seconds": round(time.perf_counter() - t0, 1),
               "metrics": {"held_out": held, "held_out_band_sets_i_lt_24": by_set,
                           "colour_baseline_held_out": baseline or {}}}

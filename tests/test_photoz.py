@@ -234,12 +234,12 @@ def test_the_method_chooses_the_model_the_ledger_and_band_checks_follow(tmp_path
 
 
 def test_a_flux_other_than_the_weights_is_refused_when_the_configuration_is_read(tmp_path):
-    """`flux: auto` against weights made with other fluxes (the shipped reference set: Gaussian apertures; the
-    CNN: circular apertures) is a one-line configuration error naming both, raised by the run configuration's
+    """`flux: auto` against weights made with other fluxes (the shipped reference set and CNN: Gaussian
+    apertures) is a one-line configuration error naming both, raised by the run configuration's
     validation (before any actor starts), for either method; without `flux` the stage takes the weights'."""
     from deepfield.tasks.stages.base import StageConfigError
     from deepfield.tasks.stages.registry import make_stage
-    for method, trained in (("knn", "gaap"), ("cnn", "aper")):
+    for method, trained in (("knn", "gaap"), ("cnn", "gaap")):
         with pytest.raises(StageConfigError) as exc:
             make_stage("photoz", method=method, flux="auto")
         assert "flux 'auto'" in str(exc.value) and f"'{trained}'" in str(exc.value) and method in str(exc.value)

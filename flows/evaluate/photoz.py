@@ -108,7 +108,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
                               "flux": model.flux_kind, "weights": str(weights) if weights else "shipped"},
             "matched_galaxies": int(len(matched)),
             "cnn": {"bands": cnn.bands, "size": cnn.size, "width": cnn.width, "spread": cnn.spread,
-                    "weights": str(cnn_weights) if cnn_weights else "shipped"},
+                    "flux": getattr(cnn, "flux_kind", "aper"), "weights": str(cnn_weights) if cnn_weights else "shipped"},
             "methods": {"knn": {"stage": stage, "band_sets": band_sets},
                         "cnn": {"stage": cnn_stage, "band_sets": cnn_sets}},
             "flag_fractions": {str(b): float(np.mean(flags & b > 0)) for b in (1, 2, 4, 8)},
@@ -138,7 +138,7 @@ def format_report(r: dict) -> str:
     lines += [_row(k, f) for k, f in r["methods"]["knn"]["stage"].items()]
     c = r["cnn"]
     lines += ["", f"method cnn ({c['size']}x{c['size']} stamps, width {c['width']}, spread {c['spread']}, bands "
-              f"{','.join(c['bands'])}), every band of the fields:", head]
+              f"{','.join(c['bands'])}, flux_{c.get('flux', 'aper')}), every band of the fields:", head]
     lines += [_row(k, f) for k, f in r["methods"]["cnn"]["stage"].items()]
     lines += ["", "i < 24 by band set (the same galaxies, the other bands left out):",
               f"  {'bands':12s} {'knn s_NMAD':>10s} {'cnn s_NMAD':>10s} {'knn outl':>9s} {'cnn outl':>9s} "

@@ -9,11 +9,11 @@
 
 For every row, the fluxes `flux_<flux>_<b>` and errors of the bands that the field and the method's weights
 share (at least two; a field with fewer is refused before the run, naming the bands) are converted to nJy with
-the row's `zeropoint_<b>`. The default `flux` is `aper` (the measure stage's circular aperture of one PSF FWHM,
-the same in every band): on the simulated fields its colours gave sigma_NMAD 0.073 against 0.097 for the Kron
-fluxes and 0.098 for the deblended ones (one 2048^2 field, i < 24, reference set from another field), because
-a small aperture has the least sky noise and the least of the neighbours' light. The weights were made with one
-`flux` (their training record says which); another `flux` is refused.
+the row's `zeropoint_<b>`. `flux` is the photometry the method's weights were made with (their training record
+says which; another `flux` is refused): the shipped reference set and CNN take `gaap`, the measure stage's
+Gaussian apertures, the same weight before seeing in every band (models/cards/photoz_knn.md: on the simulated
+fields, sigma_NMAD 0.043 against 0.053 for the circular apertures of one PSF FWHM and 0.071 for Kron fluxes, one
+held-out 2048^2 field at i < 24).
 
 Columns added: `z_phot` (median of p(z)), `z_phot_err` (half the 16-84 % width), the p(z) summary
 `z_phot_q025`, `z_phot_q16`, `z_phot_q50`, `z_phot_q84`, `z_phot_q975` (its quantiles; p(z) is uniform between
@@ -81,7 +81,7 @@ class PhotoZStage(ModelStage):
             return cfg
         if cfg.flux is not None and cfg.flux != trained:
             fix = (f"or build a reference set with `deepfield train photoz --flux {cfg.flux}`" if cfg.method == "knn"
-                   else "the CNN takes aperture photometry only")
+                   else f"or train the CNN with `deepfield train photoz-cnn --flux {cfg.flux}`")
             raise StageConfigError(f"stage 'photoz': flux {cfg.flux!r}, but the {cfg.method} weights ({model}) were "
                                    f"made with {trained!r}: set flux: {trained} ({fix})")
         return cfg

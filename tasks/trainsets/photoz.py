@@ -137,9 +137,11 @@ def measured_fields(seeds: list[int], size: int, work: Path, stages: list[tuple[
             pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(), bands)
 
 
-def stamps_path(work: Path, seed: int, size: int = STAMP_SIZE) -> Path:
-    """Where seed_tables keeps a seed's stamps of its matched galaxies (float32 nJy, (n, bands, size, size))."""
-    return Path(work) / f"seed{seed}" / f"photoz_stamps{size}.npy"
+def stamps_path(work: Path, seed: int, kind: str = "aper", size: int = STAMP_SIZE) -> Path:
+    """Where seed_tables keeps a seed's stamps of its matched galaxies (float32 nJy, (n, bands, size, size)), in the
+    row order of that seed's table of photometry `kind` (one file per table: tables measured apart need not have
+    the same rows)."""
+    return Path(work) / f"seed{seed}" / f"photoz_{kind}_stamps{size}.npy"
 
 
 def _atomic_save(path: Path, write: Callable[[Path], None]) -> None:
@@ -159,7 +161,7 @@ def seed_tables(seeds: list[int], size: int, work: Path, stages: list[tuple[str,
     out = []
     for seed in seeds:
         path = Path(work) / f"seed{seed}" / f"photoz_{kind}.parquet"
-        if path.exists() and (not stamps or stamps_path(work, seed).exists()):
+        if path.exists() and (not stamps or stamps_path(work, seed, kind).exists()):
             if progress:
                 progress(f"seed {seed}: {path} (measured before)")
             out.append(pd.read_parquet(path))
@@ -169,7 +171,7 @@ def seed_tables(seeds: list[int], size: int, work: Path, stages: list[tuple[str,
                                         bands=bands, stamp_out=got if stamps else None)
         matched["seed"] = seed
         if stamps:
-            _atomic_save(stamps_path(work, seed), lambda p: np.save(p, got[0] if got else np.zeros((0,), np.float32)))
+            _atomic_save(stamps_path(work, seed, kind), lambda p: np.save(p, got[0] if got else np.zeros((0,), np.float32)))
         _atomic_save(path, matched.to_parquet)
         if progress:
             progress(f"seed {seed}: {len(matched)} galaxies matched to the truth")
