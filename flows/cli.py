@@ -195,16 +195,21 @@ def _run(cfg) -> dict:
         api_ready = prefect_env.start_ephemeral_api() if prefect_env.reserve_local_api() else None
     except OSError as exc:
         fail(f"{exc.filename or cfg.run_dir}: {exc.strerror or exc}")
-    from deepfield.flows.run import run_flow
-    prefect_env.quiet_run_logs(console=verbosity() >= 2)
-    adopt_third_party_logs()
-    from deepfield.tasks.actor_pool import start_ray
+    adopt_third_party_logs()  # Ray's loggers through the run's handlers, before Ray starts
+    from deepfield.flows.prestart import prestart_pool
+    from deepfield.tasks.actor_pool import discard_prestarted, start_ray
     from deepfield.tasks.locks import LockedError
     from deepfield.tasks.stages.registry import BandError
     try:
-        # Prefect's ephemeral API and Ray each take seconds to start: side by side (flows/prefect_env.py)
+        # Prefect's API server, Ray and the actors each take seconds to start: side by side. The server's
+        # process is started first (flows/prefect_env.py), then Ray, then the actors when the store holds the
+        # fields already (flows/prestart.py); Prefect's own modules are imported while they start.
         api_ready = api_ready or prefect_env.start_ephemeral_api()
         start_ray(cfg.ray.address, cfg.ray.num_actors)
+        prestart_pool(cfg)
+        from deepfield.flows.run import run_flow
+        prefect_env.quiet_run_logs(console=verbosity() >= 2)  # after Prefect's import, which sets its loggers
+        adopt_third_party_logs()
         api_ready()
         with prefect_env.flow_settings():
             return run_flow(cfg)
@@ -223,6 +228,8 @@ def _run(cfg) -> dict:
             log = None
         fail(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
              + (f" (traceback in {log})" if log else ""), code=1)
+    finally:
+        discard_prestarted()  # none left once run_tiles took them; else (no tile to do, a failure) stopped here
 
 
 @app.command()

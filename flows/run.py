@@ -17,11 +17,11 @@ from prefect import flow
 from deepfield.tasks.atomic import clean_stale_temporaries, write_text
 from deepfield.tasks.ingest_config import load_ingest_config
 from deepfield.tasks.locks import exclusive, reap_orphans
-from deepfield.tasks.stages.registry import resolve_bands
 from deepfield.tasks.zarr_store import open_store
 
 from .ingest import ingest_flow
 from .merge import merge_task
+from .prestart import run_stages
 from .process import process_task
 from .run_config import RunConfig
 
@@ -122,8 +122,7 @@ def _run(cfg: RunConfig, t0: float) -> dict:
         root = open_store(cfg.store_path)
         # before any tile: each model stage's weights for the survey's bands, and the stages that cannot run
         # on them (tasks.stages.registry.BandError, or left out with missing_bands: skip)
-        stages, skipped = resolve_bands(cfg.stage_list(), {f: list(root["fields"][f].attrs["bands"]) for f in fields},
-                                        cfg.missing_bands)
+        stages, skipped = run_stages(cfg, root, fields)
         for line in skipped:
             log.info(line)
         before = dict(cfg.stage_list())

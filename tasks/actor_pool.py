@@ -13,6 +13,12 @@ marked failed in the ledger and the run goes on. A tile that finds its field dam
 removed, so that the next run ingests it again from its inputs (`damaged_fields` in the summary). The
 driver writes the ledger; actors write the tile outputs.
 
+The pool can be started ahead (`prestart_actors`, by `deepfield run` while Prefect's API comes up and the
+ingest checks its fields): the actors' start-up (worker processes, imports, networks) then overlaps the
+driver's. run_tiles takes such actors when they were made for exactly its arguments (store, run directory,
+stages with their parameters, halo, plugins, actor options), makes each reopen the store first (a field the
+ingest rewrote meanwhile is read as it is now), and stops any others.
+
 A stop request (`request_stop`, e.g. from the SIGUSR1 a Slurm job receives before its walltime) makes
 the driver dispatch nothing more and wait for the tiles in flight; a second request, or `stop_grace`
 seconds, releases those too (they are not in the ledger, so the next run does them). The run then
@@ -20,7 +26,10 @@ returns with `stopped` set and the ledger holds every tile that finished.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+import sys
 import threading
 import time
 import traceback
@@ -34,12 +43,15 @@ from .provenance import run_keys
 from .tile_runner import TileRunner
 from .zarr_store import StoreIntegrityError, all_tiles, complete_fields, invalidate_field, open_store
 
-__all__ = ["run_tiles", "start_ray", "actor_plan", "request_stop", "clear_stop", "stop_requested"]
+__all__ = ["run_tiles", "start_ray", "actor_plan", "request_stop", "clear_stop", "stop_requested", "prestart_actors",
+           "discard_prestarted"]
 
 Progress = Callable[[int, int, str], None]
+log = logging.getLogger(__name__)
 
 _stop = threading.Event()
 _release = threading.Event()
+_prestarted: dict[str, list] = {}  # pool key (_pool_key) -> actor handles made ahead by prestart_actors
 
 
 def request_stop() -> None:
@@ -87,6 +99,38 @@ def actor_plan(resources: dict, use_gpus: bool, num_actors: int | None) -> tuple
     return num_actors or int(resources.get("CPU", os.cpu_count() or 1)), dict(num_cpus=1)
 
 
+def _pool_key(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: int, plugins, opts: dict) -> str:
+    """What makes two actor pools interchangeable: the TileRunner's arguments and the actors' Ray options."""
+    return json.dumps([str(store), str(run_dir), [[n, p] for n, p in stages], int(halo), [str(p) for p in plugins],
+                       opts], sort_keys=True, default=str)
+
+
+def prestart_actors(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: int, address: str | None = None,
+                    num_actors: int | None = None, use_gpus: bool = True, plugins: list[str] | tuple[str, ...] = ()
+                    ) -> int:
+    """Create, now, the actors run_tiles would create for these arguments (without actor_env), and keep them for
+    it (module docstring); returns how many. Their start-up runs in the background: this returns at once."""
+    ray = start_ray(address, num_actors)
+    n, opts = actor_plan(ray.cluster_resources(), use_gpus, num_actors)
+    discard_prestarted()
+    Actor = ray.remote(max_restarts=0, **opts)(TileRunner)
+    _prestarted[_pool_key(store, run_dir, stages, halo, plugins, opts)] = [
+        Actor.remote(store, run_dir, stages, halo, plugins=tuple(plugins)) for _ in range(n)]
+    return n
+
+
+def discard_prestarted() -> None:
+    """Stop every actor prestart_actors made that run_tiles has not taken."""
+    ray = sys.modules.get("ray")
+    for actors in _prestarted.values():
+        for a in actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - Ray already shut down: the actor is gone with it
+                pass
+    _prestarted.clear()
+
+
 def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: int, config_hash: str,
               address: str | None = None, num_actors: int | None = None, use_gpus: bool = True,
               in_flight_per_actor: int = 2, max_attempts: int = 3, progress: Progress | None = None,
@@ -119,6 +163,7 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
     if progress:
         progress(0, len(todo), f"{summary['skipped']} of {len(tiles)} tiles already done")
     if not todo or stop_requested():
+        discard_prestarted()
         summary["stopped"] = bool(todo)
         return summary
     t_start = time.perf_counter()
@@ -132,7 +177,17 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
     def new_actor():
         return Actor.remote(store, run_dir, stages, halo, plugins=tuple(plugins))
 
-    actors: list = [new_actor() for _ in range(n_actors)]  # None: a slot given up (its node is gone)
+    ahead = _prestarted.pop(_pool_key(store, run_dir, stages, halo, plugins, opts), [])
+    if ahead or _prestarted:
+        log.debug("actors started ahead: %d taken, %d made for other arguments stopped", len(ahead),
+                  sum(map(len, _prestarted.values())))
+    discard_prestarted()  # made for other arguments
+    for a in ahead[n_actors:]:
+        ray.kill(a)
+    for a in ahead[:n_actors]:
+        a.reopen.remote()  # runs before its first tile (an actor runs its calls in order)
+    # None: a slot given up (its node is gone)
+    actors: list = ahead[:n_actors] + [new_actor() for _ in range(n_actors - len(ahead[:n_actors]))]
     starting: dict[int, tuple] = {}  # slot -> (readiness ref, since): replacements not yet up
     load = [0] * n_actors
     queue = deque((t, 1) for t in todo)

@@ -92,6 +92,11 @@ class TileRunner:
         for s in self.stages:
             s.setup(self.device)
 
+    def reopen(self) -> None:
+        """Open the store again: an actor made before the run's ingest (tasks/actor_pool.py: prestart_actors)
+        then reads every field as the ingest left it."""
+        self.root = open_store(self.store)
+
     def info(self) -> dict:
         node = None
         ray = sys.modules.get("ray")  # inside a Ray actor: the Ray node it runs on (several may share a host)

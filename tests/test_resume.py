@@ -179,3 +179,71 @@ def test_a_changed_stage_parameter_redoes_every_tile(survey, clean, tmp_path, pr
     s = run_flow(cfg)
     assert s["process"]["done"] == 8 and s["process"]["skipped"] == 0
     assert 0 < s["merge"]["rows_out"] < 0.75 * len(reference)  # a higher threshold, fewer sources (689 of 1093)
+
+
+def test_actors_started_ahead_take_the_run_only_with_its_own_arguments(survey, clean, tmp_path, prefect_harness,
+                                                                       ray_session):
+    """`deepfield run` starts the actor pool before its flow when the store already holds the inputs' fields
+    (flows/prestart.py). A re-run's redone tiles are processed by those very actors (their ledger records name
+    the actors' processes) and the catalog is the clean run's; actors started for other arguments (another halo)
+    are stopped, the run's own actors do the tiles, and the catalog is again the clean run's."""
+    import json
+
+    import pytest
+    import ray
+
+    from deepfield.flows.prestart import prestart_pool
+    from deepfield.flows.run import run_flow
+    from deepfield.tasks import actor_pool
+    clean_dir, reference = clean
+    run_dir = copy_run(clean_dir, tmp_path)
+    cfg = config(survey, run_dir)
+    redo = ["field000/0_1", "field001/1_0"]
+    for other in (False, True):
+        for t in redo:
+            edit_record(run_dir, t, None)
+        assert prestart_pool(cfg.model_copy(update={"halo": 48}) if other else cfg) == 2
+        ahead = [a for actors in actor_pool._prestarted.values() for a in actors]
+        pids = {ray.get(a.info.remote())["pid"] for a in ahead}
+        summary = run_flow(cfg)
+        assert summary["process"]["done"] == 2 and not actor_pool._prestarted
+        records = [json.loads(line) for f in ("field000", "field001")
+                   for line in (run_dir / "ledger" / f / "records.jsonl").read_text().splitlines()]
+        workers = {r["worker"]["pid"] for r in records if r["tile"] in redo}
+        if other:
+            assert not workers & pids
+            with pytest.raises(ray.exceptions.RayActorError):
+                ray.get(ahead[0].info.remote())
+        else:
+            assert workers <= pids and workers
+        pd.testing.assert_frame_equal(catalog(summary), reference)
+
+
+def test_a_runner_started_before_the_ingest_reads_the_field_as_the_ingest_left_it(survey, clean, tmp_path):
+    """An actor started ahead (flows/prestart.py) opened the store before the run's ingest; run_tiles makes it
+    reopen the store before its first tile. A runner made, then field000 rewritten with another field's inputs,
+    then reopened, writes the same table as a runner made after the rewrite, and not the old field's."""
+    from deepfield.tasks.ingest import ingest_one
+    from deepfield.tasks.ingest_config import load_ingest_config
+    from deepfield.tasks.tile_runner import TileRunner
+    clean_dir, _ = clean
+    run_dir = copy_run(clean_dir, tmp_path)
+    cfg = config(survey, run_dir)
+    store = str(cfg.store_path)
+    early = TileRunner(store, str(tmp_path / "early"), cfg.stage_list(), cfg.halo)
+    early.process("field000/0_0")
+    table = "tiles/field000/0_0.parquet"
+    old = pd.read_parquet(tmp_path / "early" / table)
+    spec = load_ingest_config(cfg.inputs, store=cfg.store_layout).fields[1].model_copy(update={"name": "field000"})
+    assert ingest_one(spec, store, cfg.store_layout)["status"] == "ingested"
+    early.reopen()
+    early.process("field000/0_0")
+    late = TileRunner(store, str(tmp_path / "late"), cfg.stage_list(), cfg.halo)
+    late.process("field000/0_0")
+    a, b = pd.read_parquet(tmp_path / "early" / table), pd.read_parquet(tmp_path / "late" / table)
+    pd.testing.assert_frame_equal(a, b)
+    # field001's pixels and sky now: its own tile's sources, under field000's name
+    other = pd.read_parquet(clean_dir / "tiles/field001/0_0.parquet")
+    same = [c for c in other.columns if c not in ("field", "tile")]
+    pd.testing.assert_frame_equal(a[same], other[same])
+    assert len(a) != len(old) or not a[same].equals(old[same])
