@@ -185,14 +185,67 @@ def _version() -> str:
     return __version__
 
 
-def _run(cfg) -> dict:
+def _early_api(config: Path, run_dir: Optional[Path]):
+    """Start the run's Prefect API server before the run configuration is validated (which imports every stage,
+    about 1 s of a 2-core machine): (the run directory it is for, the wait function of
+    prefect_env.start_ephemeral_api, what `_undo_early_api` needs), or None when the file gives no run directory
+    as a string, Prefect is imported or its home or API set already, or the directory cannot be made."""
+    import os
+    import sys
+    from deepfield.flows import prefect_env
+    from deepfield.tasks.yaml_io import read_mapping
+    if os.environ.get("PREFECT_API_URL") or os.environ.get("PREFECT_HOME") or "prefect" in sys.modules:
+        return None
+    try:
+        data = read_mapping(config)
+    except ValueError:
+        return None  # the validation reports it
+    given = str(run_dir.resolve()) if run_dir else data.get("run_dir")
+    if not isinstance(given, str) or not given:
+        return None
+    rd = Path(given) if Path(given).is_absolute() else config.resolve().parent / given
+    made = next((p for p in (rd, rd / ".deepfield-prefect") if not p.exists()), None)
+    env = dict(os.environ)
+    try:
+        prefect_env.configure(rd / ".deepfield-prefect")
+        if prefect_env.reserve_local_api():
+            return rd, prefect_env.start_ephemeral_api(), (made, env)
+    except OSError:
+        pass
+    _undo_early_api((rd, None, (made, env)))
+    return None
+
+
+def _undo_early_api(early) -> None:
+    """The command stops before its run: the early API server stopped, the environment as it was, and the
+    directory made for the server's state removed."""
+    import os
+    import shutil
+    from deepfield.flows import prefect_env
+    if early is None:
+        return
+    made, env = early[2]
+    prefect_env.stop_local_api()
+    for key in set(os.environ) - set(env):
+        del os.environ[key]
+    os.environ.update(env)
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+
+
+def _run(cfg, early=None) -> dict:
+    """The run of `cfg` (the `run` and `demo` commands); `early`: what _early_api started for this run
+    directory, else None."""
     from deepfield.flows import prefect_env
     try:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        prefect_env.configure(cfg.run_dir / ".deepfield-prefect")
-        # before prefect is imported (flows/prefect_env.py): the API server's process starts now, beside the
-        # imports below and Ray's start
-        api_ready = prefect_env.start_ephemeral_api() if prefect_env.reserve_local_api() else None
+        if early is not None and early[0].resolve() == cfg.run_dir.resolve():
+            api_ready = early[1]
+        else:
+            prefect_env.configure(cfg.run_dir / ".deepfield-prefect")
+            # before prefect is imported (flows/prefect_env.py): the API server's process starts now, beside
+            # the imports below and Ray's start
+            api_ready = prefect_env.start_ephemeral_api() if prefect_env.reserve_local_api() else None
     except OSError as exc:
         fail(f"{exc.filename or cfg.run_dir}: {exc.strerror or exc}")
     adopt_third_party_logs()  # Ray's loggers through the run's handlers, before Ray starts
@@ -246,27 +299,33 @@ def run(
     SIGUSR1 (a Slurm job's walltime warning) stops dispatching tiles: the tiles in flight finish (a
     second SIGUSR1 releases them), the merge is skipped and the exit status is 3; run again to resume."""
     import signal
-
-    from deepfield.flows.run_config import RunConfigError, load_run_config
-    from deepfield.tasks.actor_pool import request_stop
-
-    from deepfield.tasks.ingest_config import ConfigError, load_ingest_config
-
+    early = _early_api(config, run_dir)  # Prefect's API server starts beside the imports and checks below
+    try:
+        from deepfield.flows.run_config import RunConfigError, load_run_config
+        from deepfield.tasks.actor_pool import request_stop
+        from deepfield.tasks.ingest_config import ConfigError, load_ingest_config
+    except BaseException:
+        _undo_early_api(early)
+        raise
     try:
         cfg = load_run_config(config, run_dir=str(run_dir.resolve()) if run_dir else None)
         load_ingest_config(cfg.inputs, store=cfg.store_layout)  # the inputs' configuration, before anything starts
+        if cfg.store_path.exists() and not cfg.store_path.is_dir():
+            raise ConfigError(f"{cfg.store_path}: not a directory (a Zarr store is one)")
+        cfg = cfg.with_addresses(ray_address, dask_address)
     except (RunConfigError, ConfigError) as exc:
+        _undo_early_api(early)
         fail(str(exc))
-    if cfg.store_path.exists() and not cfg.store_path.is_dir():
-        fail(f"{cfg.store_path}: not a directory (a Zarr store is one)")
-    cfg = cfg.with_addresses(ray_address, dask_address)
+    except BaseException:
+        _undo_early_api(early)
+        raise
     signal.signal(signal.SIGUSR1, lambda *_: request_stop())
     # SIGTERM (kill, scancel, a scheduler's stop) unwinds like an error: locks released, and the local Ray
     # and Prefect server this process started are stopped by their exit handlers instead of left running
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with run_log(cfg.run_dir) as log_file:
         log.info("deepfield %s: run of %s in %s", _version(), config, cfg.run_dir)
-        summary = _run(cfg)
+        summary = _run(cfg, early)
         print_run(summary, cfg, log_file=log_file)
     typer.echo(str(cfg.run_dir))
     if summary["failed_fields"] or summary["failed_tiles"]:

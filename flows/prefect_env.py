@@ -182,6 +182,20 @@ def reserve_local_api() -> bool:
     return True
 
 
+def stop_local_api() -> None:
+    """Stop the API server this process started on its reserved socket (if any) and forget the reservation:
+    PREFECT_API_URL is removed, and a later reserve_local_api may reserve again (`deepfield run` undoing the
+    server it started before a run configuration that is then refused)."""
+    stop = _LOCAL_API.get("stop")
+    if stop is not None:
+        stop()
+    sock = _LOCAL_API.get("socket")
+    if sock is not None:
+        sock.close()
+    _LOCAL_API.clear()
+    os.environ.pop("PREFECT_API_URL", None)
+
+
 def _start_local_api():
     """Start Prefect's API server (uvicorn, Prefect's app factory) on the socket `reserve_local_api` bound, with
     the settings Prefect's ephemeral server gets; stopped when this process exits. Returns the wait function of
@@ -211,6 +225,7 @@ def _start_local_api():
                 proc.kill()
                 proc.wait()
     atexit.register(stop)
+    _LOCAL_API["stop"] = stop
 
     def wait() -> None:
         limit = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))

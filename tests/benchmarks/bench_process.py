@@ -311,11 +311,15 @@ def main() -> None:
             cache = work / "user-cache"
             print("  `deepfield run`, new run directory, fields ingested: command to the first tile's ledger record,"
                   "\n  that tile's own processing (its record's timings), and the difference, the start-up:")
+            later = []
             for label, tag in (("first run on this machine (no Prefect database template)", "first"),
-                               ("any later run", "again")):
+                               *((f"a later run ({k} of 3)", f"again{k}") for k in (1, 2, 3))):
                 first, tile = command_startup(work, work / "startup.yaml", store, tag, cache)
-                print(f"    {label:56s} {first:5.1f} s - {tile:4.1f} s = {first - tile:5.1f} s"
-                      + ("   (target <= 8 s)" if tag == "again" else ""), flush=True)
+                print(f"    {label:56s} {first:5.1f} s - {tile:4.1f} s = {first - tile:5.1f} s", flush=True)
+                if tag != "first":
+                    later.append(first - tile)
+            print(f"    {'start-up of a later run, median of 3':56s} {sorted(later)[1]:27.1f} s   (target <= 8 s)",
+                  flush=True)
 
         if "overhead" in sections:
             fields = [dict(f, name=f"{f['name']}-{c}") for f in sim_fields for c in range(args.copies)]
