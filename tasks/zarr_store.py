@@ -229,14 +229,15 @@ def fields_near(footprints: dict[str, tuple[float, float, float]], name: str, ma
     return [n for n, k in zip(others, near) if k]
 
 
-def neighbours_within(footprints: dict[str, tuple[float, float, float]], margin_arcsec: float) -> dict[str, list[str]]:
+def neighbours_within(footprints: dict[str, tuple[float, float, float]], margin_arcsec: float,
+                      direct_below: int = 256) -> dict[str, list[str]]:
     """For every field of `footprints`, the others that fields_near gives (the same test), sorted, found for all
     fields at once: astropy's search_around_sky (a KD-tree of unit vectors) pairs the centres within the largest
     distance the test can pass, and the test then runs on those pairs alone: O(n log n) in the number of fields
-    rather than fields_near's comparison of every pair (10^11 pairs for a Rubin-sized survey, issue 22)."""
+    rather than fields_near's comparison of every pair (10^11 pairs for a Rubin-sized survey, issue 22). Under
+    `direct_below` fields every pair is tested at once instead (at most 65,000 pairs by default): the KD-tree's
+    import alone (scipy.spatial, 0.3-0.5 s) is most of a small survey's run keys, on `deepfield run`'s start-up."""
     import numpy as np
-    from astropy import units as u
-    from astropy.coordinates import SkyCoord
 
     from .astro import separation_arcsec
     names = list(footprints)
@@ -245,8 +246,13 @@ def neighbours_within(footprints: dict[str, tuple[float, float, float]], margin_
         return out
     fp = np.array([footprints[n] for n in names], float)
     grow = margin_arcsec * np.sqrt(2) + 60.0
-    sky = SkyCoord(fp[:, 0] * u.deg, fp[:, 1] * u.deg)
-    i, j, _, _ = sky.search_around_sky(sky, (2 * fp[:, 2].max() + grow) * u.arcsec)
+    if len(names) < direct_below:
+        i, j = np.nonzero(~np.eye(len(names), dtype=bool))
+    else:
+        from astropy import units as u
+        from astropy.coordinates import SkyCoord
+        sky = SkyCoord(fp[:, 0] * u.deg, fp[:, 1] * u.deg)
+        i, j, _, _ = sky.search_around_sky(sky, (2 * fp[:, 2].max() + grow) * u.arcsec)
     keep = i != j
     i, j = i[keep], j[keep]
     near = separation_arcsec(fp[i, 0], fp[i, 1], fp[j, 0], fp[j, 1]) < fp[i, 2] + fp[j, 2] + grow

@@ -278,7 +278,7 @@ def test_neighbours_of_every_field_at_once_match_the_pairwise_test():
     """zarr_store.neighbours_within (one search over all fields, as provenance.input_keys uses it) gives what
     fields_near gives field by field: on a hand-computed row of fields (600" radius, 128" margin: centres closer
     than 600 + 600 + 128 sqrt(2) + 60 = 1441" are neighbours: 1080" yes, 1476" no) and on 300 random fields across RA 0/360 at high
-    declination."""
+    declination, through the KD-tree's pairs and through every pair tested at once."""
     import numpy as np
 
     from deepfield.tasks.zarr_store import fields_near, neighbours_within
@@ -287,7 +287,8 @@ def test_neighbours_of_every_field_at_once_match_the_pairwise_test():
     rng = np.random.default_rng(7)
     fp = {f"f{k:03d}": (float((rng.uniform(-5, 5)) % 360), float(rng.uniform(55, 65)), float(rng.uniform(300, 900)))
           for k in range(300)}
-    got = neighbours_within(fp, 128.0)
+    got = neighbours_within(fp, 128.0, direct_below=0)  # the KD-tree's pairs
     assert sum(len(v) for v in got.values()) > 300  # a dense patch: most fields have neighbours
     for name in fp:
         assert got[name] == sorted(fields_near(fp, name, 128.0)), name
+    assert neighbours_within(fp, 128.0, direct_below=1000) == got  # every pair tested at once
