@@ -204,7 +204,8 @@ def _early_api(config: Path, run_dir: Optional[Path]):
     if not isinstance(given, str) or not given:
         return None
     rd = Path(given) if Path(given).is_absolute() else config.resolve().parent / given
-    made = next((p for p in (rd, rd / ".deepfield-prefect") if not p.exists()), None)
+    home = rd / ".deepfield-prefect"
+    made = next((p for p in [*reversed(home.parents), home] if not p.exists()), None)  # the first directory made
     env = dict(os.environ)
     try:
         prefect_env.configure(rd / ".deepfield-prefect")
@@ -242,6 +243,7 @@ def _run(cfg, early=None) -> dict:
         if early is not None and early[0].resolve() == cfg.run_dir.resolve():
             api_ready = early[1]
         else:
+            _undo_early_api(early)  # (for another directory: not expected, as both read the same file)
             prefect_env.configure(cfg.run_dir / ".deepfield-prefect")
             # before prefect is imported (flows/prefect_env.py): the API server's process starts now, beside
             # the imports below and Ray's start
