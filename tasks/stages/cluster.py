@@ -131,8 +131,6 @@ def binned_planes(image: np.ndarray, invvar: np.ndarray, mask: np.ndarray, bin: 
 def field_sums(group, bands: list[str], bin: int, strip: int = 512) -> np.ndarray:
     """`block_sums` of `bands` of a whole field of the store (its Zarr group), read `strip` rows at a time so
     that a large field never sits in memory at full resolution; a damaged shard is an error naming the field."""
-    import zarr
-
     from ..zarr_store import read_checked, verify_shards
     field = group.path.rsplit("/", 1)[-1]
     verify_shards(group, field)
@@ -145,14 +143,11 @@ def field_sums(group, bands: list[str], bin: int, strip: int = 512) -> np.ndarra
     lo, hi = min(idx), max(idx) + 1
     pick = None if idx == list(range(lo, hi)) else [i - lo for i in idx]
     parts = []
-    # zarr decodes the chunks of a read in batches of `codec_pipeline.batch_size`, by default 1 (a hand-off
-    # to a thread per chunk): in batches of 64 a field's strips take about a quarter less CPU
-    with zarr.config.set({"codec_pipeline.batch_size": max(64, zarr.config.get("codec_pipeline.batch_size"))}):
-        for y0 in range(0, ny, step):
-            sl = (slice(lo, hi), slice(y0, min(y0 + step, ny)), slice(0, nx))
-            what = f"rows {y0}-{sl[1].stop}"
-            arrays = [read_checked(group, field, a, sl, what) for a in ("image", "invvar", "mask")]
-            parts.append(block_sums(*(a if pick is None else a[pick] for a in arrays), bin))
+    for y0 in range(0, ny, step):  # read by TensorStore (tasks/zarr_store.py: read_checked)
+        sl = (slice(lo, hi), slice(y0, min(y0 + step, ny)), slice(0, nx))
+        what = f"rows {y0}-{sl[1].stop}"
+        arrays = [read_checked(group, field, a, sl, what) for a in ("image", "invvar", "mask")]
+        parts.append(block_sums(*(a if pick is None else a[pick] for a in arrays), bin))
     return np.concatenate(parts, axis=2)
 
 
