@@ -375,3 +375,35 @@ def test_measure_writes_gaussian_aperture_fluxes(scene):
         assert all(src[f"fluxerr_gaap_{b}"].iloc[k] > 0 for b in BANDS)
     with pytest.raises(ValueError, match="gaap_sigma_psf"):
         MeasureStage(gaap_sigma_psf=(0.9,))
+
+
+def test_band_pixels_match_their_plain_form_to_the_bit():
+    """stages._pixels.band_pixels (made in place, for speed) gives what its plain form gives, to the bit, with
+    NaN and infinite pixels, an infinite, a negative and a NaN inverse variance and masked pixels: the image with
+    non-finite values set to 0, 1/sqrt(invvar) with 0 where unusable, and the unusable pixels."""
+    from types import SimpleNamespace
+
+    from deepfield.tasks.stages._pixels import band_pixels
+    rng = np.random.default_rng(3)
+    image = rng.normal(0, 1, (3, 40, 50)).astype(np.float32)
+    invvar = rng.uniform(0.5, 2, (3, 40, 50)).astype(np.float32)
+    mask = np.zeros((3, 40, 50), np.uint16)
+    image[0, 5:7, 5:9] = np.nan
+    image[1, 8, 8] = np.inf
+    invvar[1, 20:22, 5:9] = np.inf
+    invvar[2, 30, 30] = -1
+    invvar[2, 31, 30] = 0
+    invvar[0, 12, 12] = np.nan
+    mask[2, 1:4, 1:4] = maskbits.SAT
+    tile = SimpleNamespace(image=image, invvar=invvar, mask=mask)
+    for b in range(3):
+        img, iv = image[b].astype(np.float64), invvar[b].astype(np.float64)
+        finite = np.isfinite(img) & np.isfinite(iv)
+        with np.errstate(invalid="ignore"):
+            bad = (mask[b] != 0) | ~finite | ~(iv > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            plain = (np.where(finite, img, 0.0), np.where(bad, 0.0, 1.0 / np.sqrt(np.where(bad, 1.0, iv))), bad)
+        for got, want in zip(band_pixels(tile, b), plain):
+            assert got.dtype == want.dtype and got.flags["C_CONTIGUOUS"]
+            assert got.tobytes() == want.tobytes()
+    assert band_pixels(tile, 2)[2][30, 30] and band_pixels(tile, 2)[2][2, 2] and band_pixels(tile, 0)[1][12, 12] == 0

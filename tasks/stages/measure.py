@@ -241,8 +241,9 @@ class MeasureStage(Stage):
         # indicator images of masked and saturated pixels, any band
         anymask = np.zeros(det.shape, dtype=np.float64)
         satmask = np.zeros(det.shape, dtype=np.float64)
+        pixels = [band_pixels(tile, ib) for ib in range(len(tile.bands))]  # (data, err, bad), used again below
         for ib in range(len(tile.bands)):
-            anymask += band_pixels(tile, ib)[2]
+            anymask += pixels[ib][2]
             satmask += (np.asarray(tile.mask[ib]) & (maskbits.SAT | maskbits.BLEED)) != 0
 
         def auto_sum(img, err=None, mask=None, nb=None):
@@ -264,7 +265,7 @@ class MeasureStage(Stage):
         gaap = [("gaap" if k == 0 else f"gaap_{_tag(g, '')}", g * float(sig_psf.max()))
                 for k, g in enumerate(self.gaap_sigma_psf)]
         for ib, band in enumerate(tile.bands):
-            data, err, bad = band_pixels(tile, ib)
+            data, err, bad = pixels[ib]
             zp = float(tile.zeropoints[ib])
             for infix, r in apers:
                 f, e, fl = (np.zeros(n), np.zeros(n), np.zeros(n, np.int64)) if n == 0 else \
