@@ -28,7 +28,8 @@ from astropy.io import fits
 from astropy.wcs import WCS, Sip
 
 from deepfield.tasks.atomic import atomic_path
-from deepfield.tasks.zarr_store import field_wcs, open_store
+from deepfield.tasks.zarr_sky import field_wcs
+from deepfield.tasks.zarr_store import open_store
 
 __all__ = ["cutout_origin", "cutout_wcs", "write_cutouts", "read_cutout", "Cutout"]
 

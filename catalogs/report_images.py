@@ -21,7 +21,7 @@ import pandas as pd
 
 from deepfield.tasks.atomic import atomic_path
 from deepfield.tasks.preview import default_rgb, rgb_image, save_png, store_picture
-from deepfield.tasks.zarr_store import field_footprint, field_wcs, fields_near
+from deepfield.tasks.zarr_sky import field_footprint, field_wcs, fields_near
 
 __all__ = ["field_preview", "cutout_pictures", "completeness", "completeness_plot", "MATCH_ARCSEC"]
 

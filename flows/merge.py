@@ -28,7 +28,8 @@ from prefect import task
 from deepfield.tasks.ledger import Ledger
 from deepfield.tasks.provenance import run_keys
 from deepfield.tasks.tile_runner import source_tables
-from deepfield.tasks.zarr_store import all_tiles, open_store, sky_fields
+from deepfield.tasks.zarr_sky import sky_fields
+from deepfield.tasks.zarr_store import all_tiles, open_store
 
 from .run_config import RunConfig
 

@@ -84,7 +84,8 @@ def input_keys(root, fields, reach_arcsec: float = 0.0) -> dict[str, str]:
     a stage reads other fields' pixels within `reach_arcsec` of a field (the cluster stage's halo), the
     fingerprints of the store's complete fields within that reach are folded in, so that re-ingesting, adding
     or removing a neighbour redoes the field's tiles, not only re-ingesting the field."""
-    from .zarr_store import COMPLETE, field_footprint, fields_attrs, is_complete, neighbours_within, record_fingerprint
+    from .zarr_sky import field_footprint, neighbours_within
+    from .zarr_store import COMPLETE, fields_attrs, is_complete, record_fingerprint
     attrs = fields_attrs(root, None if reach_arcsec > 0 else list(fields))  # each field's metadata read once
     own = {f: record_fingerprint((attrs.get(f) or {}).get(COMPLETE)) for f in fields}
     if reach_arcsec <= 0:

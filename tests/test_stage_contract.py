@@ -217,7 +217,8 @@ def test_a_stage_from_a_plugin_module_runs_with_its_own_merge_step(toy, survey, 
     from dask.distributed import Client, LocalCluster
 
     from deepfield.catalogs.merge import merge_catalog
-    from deepfield.tasks.zarr_store import open_store, sky_fields
+    from deepfield.tasks.zarr_sky import sky_fields
+    from deepfield.tasks.zarr_store import open_store
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
             Client(lc) as client:
         again = merge_catalog(cfg.run_dir, sky_fields(open_store(cfg.store_path)), tmp_path / "distributed",

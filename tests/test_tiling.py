@@ -275,13 +275,13 @@ def test_owner_matches_simulator_nearest_field(fields, size, ofrac, seed):
 
 
 def test_neighbours_of_every_field_at_once_match_the_pairwise_test():
-    """zarr_store.neighbours_within (one search over all fields, as provenance.input_keys uses it) gives what
+    """zarr_sky.neighbours_within (one search over all fields, as provenance.input_keys uses it) gives what
     fields_near gives field by field: on a hand-computed row of fields (600" radius, 128" margin: centres closer
     than 600 + 600 + 128 sqrt(2) + 60 = 1441" are neighbours: 1080" yes, 1476" no) and on 300 random fields across RA 0/360 at high
     declination, through the KD-tree's pairs and through every pair tested at once."""
     import numpy as np
 
-    from deepfield.tasks.zarr_store import fields_near, neighbours_within
+    from deepfield.tasks.zarr_sky import fields_near, neighbours_within
     row = {"a": (0.0, 0.0, 600.0), "b": (0.3, 0.0, 600.0), "c": (1.0, 0.0, 600.0), "d": (0.0, 0.41, 600.0)}
     assert neighbours_within(row, 128.0) == {"a": ["b"], "b": ["a"], "c": [], "d": []}
     rng = np.random.default_rng(7)

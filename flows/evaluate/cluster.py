@@ -41,7 +41,8 @@ from deepfield.tasks.astro import arcsec_per_mpc, separation_arcsec
 from deepfield.tasks.tile_runner import TileRunner, source_tables
 from deepfield.tasks.sim.config import SimConfig
 from deepfield.tasks.trainsets.fields import simulate_fields
-from deepfield.tasks.zarr_store import all_tiles, open_store, sky_fields
+from deepfield.tasks.zarr_sky import sky_fields
+from deepfield.tasks.zarr_store import all_tiles, open_store
 
 from .baseline_redsequence import find_clusters
 

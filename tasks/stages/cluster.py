@@ -48,7 +48,8 @@ import pandas as pd
 from pydantic import Field
 
 from ._pixels import UNUSABLE
-from ..zarr_store import field_footprint, field_wcs, fields_attrs, fields_near
+from ..zarr_sky import field_footprint, field_wcs, fields_near
+from ..zarr_store import fields_attrs
 from .base import ModelStage, ModelStageConfig, StageConfig
 
 __all__ = ["BACKGROUND_MESH", "BLOCK_HALO", "MAX_SIDE", "SOFTENING", "ClusterConfig", "ClusterStage", "binned_planes",

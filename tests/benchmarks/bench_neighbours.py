@@ -1,7 +1,7 @@
 """Benchmark: the neighbours of every field within the cluster stage's reach, as a run's start finds them
 (tasks/provenance.py: input_keys, when a stage reads other fields' pixels), for a survey of many fields (issue 22).
 
-All fields at once (tasks/zarr_store.py: neighbours_within, one astropy search_around_sky) against the
+All fields at once (tasks/zarr_sky.py: neighbours_within, one astropy search_around_sky) against the
 field-by-field test that input_keys used before (fields_near), the latter timed on a sample of fields and
 scaled to all. No store: the fields' footprints alone.
 
@@ -15,13 +15,13 @@ import time
 
 def measure(n_fields: int, sample: int = 200) -> dict:
     """The neighbours of every field within the cluster stage's reach (provenance.input_keys, when a stage reads
-    other fields' pixels): all fields at once (zarr_store.neighbours_within), against the field-by-field test
+    other fields' pixels): all fields at once (zarr_sky.neighbours_within), against the field-by-field test
     (fields_near, which input_keys used before) timed on `sample` fields and scaled to all. Fields of 4096 px at
     0.2" (579" from centre to corner) on a grid 0.22 deg apart in RA and at most 0.2 deg in declination, from
     -60 to +60 deg (overlapping neighbours)."""
     import numpy as np
 
-    from deepfield.tasks.zarr_store import fields_near, neighbours_within
+    from deepfield.tasks.zarr_sky import fields_near, neighbours_within
     side = int(np.ceil(np.sqrt(n_fields)))
     dec_step = min(0.2, 120.0 / side)
     fp = {f"f{k:07d}": (float((k % side) * 0.22 % 360), float(-60 + (k // side) * dec_step), 579.3)
