@@ -13,13 +13,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from deepfield.tasks.ingest_config import StoreSpec
 
-from .cli_common import (VerboseGroup, adopt_third_party_logs, console, errors, fail, rel, run_log, show_info,
+from .cli_common import (VerboseGroup, console, errors, fail, rel, run_log, show_info,
                          verbosity)
 from . import cli_detect  # noqa: F401  (registers train library, train detect and eval detect)
 from . import cli_inspect
 from . import cli_photoz  # noqa: F401  (registers train photoz and eval photoz)
 from .cli_models import eval_app, train_app
 from .cli_report import output_lines, print_ingest_notes, print_run
+from .cli_run import run_survey, start_api_early, undo_early_api
 
 app = typer.Typer(cls=VerboseGroup, add_completion=False, no_args_is_help=True,
                   help="deepfield: survey-scale processing of astronomical imaging. Every command takes -v "
@@ -185,108 +186,6 @@ def _version() -> str:
     return __version__
 
 
-def _early_api(config: Path, run_dir: Optional[Path]):
-    """Start the run's Prefect API server before the run configuration is validated (which imports every stage,
-    about 1 s of a 2-core machine): (the run directory it is for, the wait function of
-    prefect_env.start_ephemeral_api, what `_undo_early_api` needs), or None when the file gives no run directory
-    as a string, Prefect is imported or its home or API set already, or the directory cannot be made."""
-    import os
-    import sys
-    from deepfield.flows import prefect_env
-    from deepfield.tasks.yaml_io import read_mapping
-    if os.environ.get("PREFECT_API_URL") or os.environ.get("PREFECT_HOME") or "prefect" in sys.modules:
-        return None
-    try:
-        data = read_mapping(config)
-    except ValueError:
-        return None  # the validation reports it
-    given = str(run_dir.resolve()) if run_dir else data.get("run_dir")
-    if not isinstance(given, str) or not given:
-        return None
-    rd = Path(given) if Path(given).is_absolute() else config.resolve().parent / given
-    home = rd / ".deepfield-prefect"
-    made = next((p for p in [*reversed(home.parents), home] if not p.exists()), None)  # the first directory made
-    env = dict(os.environ)
-    try:
-        prefect_env.configure(rd / ".deepfield-prefect")
-        if prefect_env.reserve_local_api():
-            return rd, prefect_env.start_ephemeral_api(), (made, env)
-    except OSError:
-        pass
-    _undo_early_api((rd, None, (made, env)))
-    return None
-
-
-def _undo_early_api(early) -> None:
-    """The command stops before its run: the early API server stopped, the environment as it was, and the
-    directory made for the server's state removed."""
-    import os
-    import shutil
-    from deepfield.flows import prefect_env
-    if early is None:
-        return
-    made, env = early[2]
-    prefect_env.stop_local_api()
-    for key in set(os.environ) - set(env):
-        del os.environ[key]
-    os.environ.update(env)
-    if made is not None:
-        shutil.rmtree(made, ignore_errors=True)
-
-
-def _run(cfg, early=None) -> dict:
-    """The run of `cfg` (the `run` and `demo` commands); `early`: what _early_api started for this run
-    directory, else None."""
-    from deepfield.flows import prefect_env
-    try:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        if early is not None and early[0].resolve() == cfg.run_dir.resolve():
-            api_ready = early[1]
-        else:
-            _undo_early_api(early)  # (for another directory: not expected, as both read the same file)
-            prefect_env.configure(cfg.run_dir / ".deepfield-prefect")
-            # before prefect is imported (flows/prefect_env.py): the API server's process starts now, beside
-            # the imports below and Ray's start
-            api_ready = prefect_env.start_ephemeral_api() if prefect_env.reserve_local_api() else None
-    except OSError as exc:
-        fail(f"{exc.filename or cfg.run_dir}: {exc.strerror or exc}")
-    adopt_third_party_logs()  # Ray's loggers through the run's handlers, before Ray starts
-    from deepfield.flows.prestart import prestart_pool
-    from deepfield.tasks.actor_pool import discard_prestarted, start_ray
-    from deepfield.tasks.locks import LockedError
-    from deepfield.tasks.stages.registry import BandError
-    try:
-        # Prefect's API server, Ray and the actors each take seconds to start: side by side. The server's
-        # process is started first (flows/prefect_env.py), then Ray, then the actors when the store holds the
-        # fields already (flows/prestart.py); Prefect's own modules are imported while they start.
-        api_ready = api_ready or prefect_env.start_ephemeral_api()
-        start_ray(cfg.ray.address, cfg.ray.num_actors)
-        prestart_pool(cfg)
-        from deepfield.flows.run import run_flow
-        prefect_env.quiet_run_logs(console=verbosity() >= 2)  # after Prefect's import, which sets its loggers
-        adopt_third_party_logs()
-        api_ready()
-        with prefect_env.flow_settings():
-            return run_flow(cfg)
-    except BandError as exc:  # the survey's fields lack bands a stage needs: nothing was processed
-        fail(f"{cfg.inputs}: {exc}")
-    except LockedError as exc:  # another run of this run directory is under way
-        fail(str(exc))
-    except OSError as exc:  # the run directory or the store cannot be written: a read-only place, a file
-        fail(f"{exc.filename or cfg.run_dir}: {exc.strerror or exc}")
-    except Exception as exc:  # anything else: one line here, the traceback in the run directory
-        import traceback
-        log = cfg.run_dir / "run-error.log"
-        try:
-            log.write_text("".join(traceback.format_exception(exc)))
-        except OSError:
-            log = None
-        fail(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-             + (f" (traceback in {log})" if log else ""), code=1)
-    finally:
-        discard_prestarted()  # none left once run_tiles took them; else (no tile to do, a failure) stopped here
-
-
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="run configuration (YAML); see the README, 'Run configuration'"),
@@ -301,33 +200,32 @@ def run(
     SIGUSR1 (a Slurm job's walltime warning) stops dispatching tiles: the tiles in flight finish (a
     second SIGUSR1 releases them), the merge is skipped and the exit status is 3; run again to resume."""
     import signal
-    early = _early_api(config, run_dir)  # Prefect's API server starts beside the imports and checks below
+    early = start_api_early(config, run_dir)  # Prefect's API server starts beside the imports and checks below
+    accepted = False
     try:
         from deepfield.flows.run_config import RunConfigError, load_run_config
         from deepfield.tasks.actor_pool import request_stop
         from deepfield.tasks.ingest_config import ConfigError, load_ingest_config
-    except BaseException:
-        _undo_early_api(early)
-        raise
-    try:
-        cfg = load_run_config(config, run_dir=str(run_dir.resolve()) if run_dir else None)
-        load_ingest_config(cfg.inputs, store=cfg.store_layout)  # the inputs' configuration, before anything starts
-        if cfg.store_path.exists() and not cfg.store_path.is_dir():
-            raise ConfigError(f"{cfg.store_path}: not a directory (a Zarr store is one)")
-        cfg = cfg.with_addresses(ray_address, dask_address)
-    except (RunConfigError, ConfigError) as exc:
-        _undo_early_api(early)
-        fail(str(exc))
-    except BaseException:
-        _undo_early_api(early)
-        raise
+        try:
+            cfg = load_run_config(config, run_dir=str(run_dir.resolve()) if run_dir else None)
+            # the inputs' configuration, before anything starts
+            load_ingest_config(cfg.inputs, store=cfg.store_layout)
+            if cfg.store_path.exists() and not cfg.store_path.is_dir():
+                raise ConfigError(f"{cfg.store_path}: not a directory (a Zarr store is one)")
+            cfg = cfg.with_addresses(ray_address, dask_address)
+        except (RunConfigError, ConfigError) as exc:
+            fail(str(exc))
+        accepted = True
+    finally:
+        if not accepted:  # refused (or interrupted): the early server stopped, what it made removed
+            undo_early_api(early)
     signal.signal(signal.SIGUSR1, lambda *_: request_stop())
     # SIGTERM (kill, scancel, a scheduler's stop) unwinds like an error: locks released, and the local Ray
     # and Prefect server this process started are stopped by their exit handlers instead of left running
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with run_log(cfg.run_dir) as log_file:
         log.info("deepfield %s: run of %s in %s", _version(), config, cfg.run_dir)
-        summary = _run(cfg, early)
+        summary = run_survey(cfg, early)
         print_run(summary, cfg, log_file=log_file)
     typer.echo(str(cfg.run_dir))
     if summary["failed_fields"] or summary["failed_tiles"]:
@@ -407,7 +305,7 @@ def demo(
         run_yaml = out / "survey.yaml"
         run_yaml.write_text(yaml.safe_dump({"inputs": "sim/manifest.yaml", "run_dir": "run"}))
         cfg = RunConfig(inputs=manifest, run_dir=out / "run")
-        summary = _run(cfg)
+        summary = run_survey(cfg)
         png = write_preview(out / "sim" / "fields" / "field000", out / "field000.png", binning=2)
         print_run(summary, cfg, log_file=log_file, paths=False)  # the paths are the demo's result lines below
     comp = demo_completeness(out / "sim" / "truth" / "objects.parquet", summary["merge"])
