@@ -9,19 +9,19 @@ from __future__ import annotations
 
 from deepfield.tasks.actor_pool import prestart_actors
 from deepfield.tasks.stages.registry import BandError, resolve_bands
-from deepfield.tasks.zarr_store import StoreError, complete_fields, open_store
+from deepfield.tasks.zarr_store import StoreError, fields_attrs, is_complete, open_store
 
 from .run_config import RunConfig
 
 __all__ = ["run_stages", "prestart_pool"]
 
 
-def run_stages(cfg: RunConfig, root, fields: list[str]) -> tuple[list[tuple[str, dict]], list[str]]:
-    """(stages, lines of stages left out): the configuration's stages as the store's `fields` can run them, each
-    model stage with the weights for their bands (tasks.stages.registry.resolve_bands; BandError when a stage
-    cannot run and `missing_bands` is error)."""
-    return resolve_bands(cfg.stage_list(), {f: list(root["fields"][f].attrs["bands"]) for f in fields},
-                         cfg.missing_bands)
+def run_stages(cfg: RunConfig, attrs: dict[str, dict]) -> tuple[list[tuple[str, dict]], list[str]]:
+    """(stages, lines of stages left out): the configuration's stages as the fields of `attrs` (name -> group
+    attributes, tasks.zarr_store.fields_attrs: one small file read per field) can run them, each model stage
+    with the weights for their bands (tasks.stages.registry.resolve_bands; BandError when a stage cannot run
+    and `missing_bands` is error)."""
+    return resolve_bands(cfg.stage_list(), {f: list(a["bands"]) for f, a in attrs.items()}, cfg.missing_bands)
 
 
 def prestart_pool(cfg: RunConfig) -> int:
@@ -33,11 +33,11 @@ def prestart_pool(cfg: RunConfig) -> int:
     these actors and starts its own: the pool is only ever an earlier start of the same actors."""
     from deepfield.tasks.ingest_config import ConfigError, load_ingest_config
     try:
-        root = open_store(cfg.store_path)
         fields = [f.name for f in load_ingest_config(cfg.inputs, store=cfg.store_layout).fields]
-        if not fields or not set(fields) <= set(complete_fields(root)):
+        attrs = fields_attrs(open_store(cfg.store_path), fields)
+        if not fields or not all(is_complete(a) for a in attrs.values()):
             return 0
-        stages, _ = run_stages(cfg, root, fields)
+        stages, _ = run_stages(cfg, attrs)
     except (StoreError, ConfigError, BandError, KeyError, OSError):
         return 0
     return prestart_actors(str(cfg.store_path), str(cfg.run_dir), cfg.with_stages(stages).stage_list(), cfg.halo,

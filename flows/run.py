@@ -17,7 +17,7 @@ from prefect import flow
 from deepfield.tasks.atomic import clean_stale_temporaries, write_text
 from deepfield.tasks.ingest_config import load_ingest_config
 from deepfield.tasks.locks import exclusive, reap_orphans
-from deepfield.tasks.zarr_store import open_store
+from deepfield.tasks.zarr_store import fields_attrs, open_store
 
 from .ingest import ingest_flow
 from .merge import merge_task
@@ -119,10 +119,9 @@ def _run(cfg: RunConfig, t0: float) -> dict:
     skipped: list[str] = []
     variants: dict[str, str] = {}
     if fields:
-        root = open_store(cfg.store_path)
         # before any tile: each model stage's weights for the survey's bands, and the stages that cannot run
         # on them (tasks.stages.registry.BandError, or left out with missing_bands: skip)
-        stages, skipped = run_stages(cfg, root, fields)
+        stages, skipped = run_stages(cfg, fields_attrs(open_store(cfg.store_path), fields))
         for line in skipped:
             log.info(line)
         before = dict(cfg.stage_list())
