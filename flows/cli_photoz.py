@@ -90,9 +90,9 @@ def train_photoz_cnn(
     flux: str = typer.Option("gaap", help="photometry given to the network beside the stamps, and of the colour "
                              "baseline fitted for the comparison: gaap, aper or auto (the stage then uses the same)"),
 ) -> None:
-    """Train the photo-z CNN (models/photoz_cnn.py) on stamps and aperture photometry of simulated galaxies measured
-    by the pipeline's own stages, matched to their truth; the colour baseline is fitted on the same fields for the
-    comparison in the record."""
+    """Train the photo-z CNN (models/photoz_cnn.py) on stamps and the --flux photometry of simulated galaxies
+    measured by the pipeline's own stages, matched to their truth; the colour baseline is fitted on the same
+    fields for the comparison in the record."""
     import numpy as np
     import torch
 

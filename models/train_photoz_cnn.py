@@ -3,8 +3,9 @@ photo-z reference set's simulated fields with their stamps (tasks/trainsets/phot
 stamps, the same fields and measuring stages as the colour baseline's).
 
 - Data: each seed's matched galaxies (fluxes of one photometry in nJy, Gaussian apertures by default; true z,
-  true i magnitude) and their 32x32 stamps in nJy. The last seed's field is held out: the spread of the intervals is fitted on it and the figures are
-  measured on it, beside the colour baseline's on the same field (fitted on the same other seeds).
+  true i magnitude) and their 32x32 stamps in nJy. The last seed's field is held out: the spread of the
+  intervals is fitted on it and the figures are measured on it, beside the colour baseline's on the same field
+  (fitted on the same other seeds).
 - Inputs are scaled once (models/photoz_cnn.py: network_inputs). Each batch is turned by a random multiple of
   90 degrees and flipped at random (a galaxy's redshift does not depend on its orientation), and `band_dropout`
   of its examples keep only a random two or more of the bands (zero channel, magnitude and flag for the others).

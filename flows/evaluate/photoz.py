@@ -84,7 +84,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     st = np.concatenate(stamps)
     # the CNN's own photometry (which may not be the reference set's) of the matched rows, in nJy as matched_galaxies
     # converts it
-    pairs = [nJy(stage_rows, b, getattr(cnn, "flux_kind", "aper")) for b in bands]
+    pairs = [nJy(stage_rows, b, cnn.flux_kind) for b in bands]
     flux, ferr = np.stack([f for f, _ in pairs], 1), np.stack([e for _, e in pairs], 1)
     c0 = time.process_time()
     res = estimates(cnn, st, flux, ferr, list(bands))
@@ -108,7 +108,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
                               "flux": model.flux_kind, "weights": str(weights) if weights else "shipped"},
             "matched_galaxies": int(len(matched)),
             "cnn": {"bands": cnn.bands, "size": cnn.size, "width": cnn.width, "spread": cnn.spread,
-                    "flux": getattr(cnn, "flux_kind", "aper"), "weights": str(cnn_weights) if cnn_weights else "shipped"},
+                    "flux": cnn.flux_kind, "weights": str(cnn_weights) if cnn_weights else "shipped"},
             "methods": {"knn": {"stage": stage, "band_sets": band_sets},
                         "cnn": {"stage": cnn_stage, "band_sets": cnn_sets}},
             "flag_fractions": {str(b): float(np.mean(flags & b > 0)) for b in (1, 2, 4, 8)},

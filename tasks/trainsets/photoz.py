@@ -137,7 +137,7 @@ def measured_fields(seeds: list[int], size: int, work: Path, stages: list[tuple[
             pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(), bands)
 
 
-def stamps_path(work: Path, seed: int, kind: str = "aper", size: int = STAMP_SIZE) -> Path:
+def stamps_path(work: Path, seed: int, kind: str, size: int = STAMP_SIZE) -> Path:
     """Where seed_tables keeps a seed's stamps of its matched galaxies (float32 nJy, (n, bands, size, size)), in the
     row order of that seed's table of photometry `kind` (one file per table: tables measured apart need not have
     the same rows)."""
