@@ -36,11 +36,18 @@ __all__ = ["DetectNet", "detector_input", "find_peaks", "heat_and_offsets", "foc
 def detector_input(image: np.ndarray, invvar: np.ndarray, unusable: np.ndarray) -> np.ndarray:
     """(B + 1, H, W) float32 network input from image, inverse variance and a boolean unusable mask, (B, H, W)
     each (see the module docstring)."""
-    ok = (~unusable) & (invvar > 0) & np.isfinite(image)
-    snr = np.where(ok, image * np.sqrt(np.where(ok, invvar, 0.0)), 0.0)
-    x = np.arcsinh(snr.astype(np.float32))
-    bad = 1.0 - ok.mean(axis=0, dtype=np.float32)
-    return np.concatenate([x, bad[None]]).astype(np.float32)
+    b = image.shape[0]
+    ok = invvar > 0  # in place from here on: a third of the time of the same arithmetic in temporaries
+    ok &= ~unusable
+    ok &= np.isfinite(image)
+    out = np.empty((b + 1,) + image.shape[1:], np.float32)
+    x = out[:b]
+    np.sqrt(invvar, out=x, where=ok)
+    np.multiply(x, image, out=x, where=ok)
+    x[~ok] = 0.0
+    np.arcsinh(x, out=x)
+    np.subtract(1.0, ok.mean(axis=0, dtype=np.float32), out=out[b])
+    return out
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

@@ -219,6 +219,43 @@ def test_a_peak_in_a_saturated_core_is_not_a_second_source():
         assert len(objs) == expect
 
 
+def test_footprints_are_split_at_their_ridges_and_outside_peaks_share_by_order():
+    """Two footprints, each holding two equal blobs 6 px apart, and two peaks outside both, 3 px apart with
+    discs of radius 3: each footprint's pixels go to its own two peaks, split at the ridge between them (x = 18
+    and x = 43, equidistant, to either), each half of the light (the ridge's column to one); the two outside peaks' discs share pixels,
+    which the first takes; the segmentation map gives every row exactly its pixels."""
+    from deepfield.tasks.stages._learned_split import OBJ_FIELDS, split_by_peaks
+    from deepfield.tasks.stages._pixels import gaussian_kernel
+    yy, xx = np.mgrid[0:60, 0:60]
+    det = np.zeros((60, 60))
+    for cx, cy in ((15, 15), (21, 15), (40, 40), (46, 40)):
+        det += 50 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 1.5 ** 2))
+    pseg = np.zeros((60, 60), np.int32)
+    pseg[10:21, 8:29] = 1
+    pseg[35:46, 33:54] = 2
+    parents = np.zeros(2, [(f, "f8") for f in OBJ_FIELDS])
+    for j, (x0, x1, y0, y1) in enumerate(((8, 28, 10, 20), (33, 53, 35, 45))):
+        parents[j] = (x0 + 10, y0 + 5, 3, 2, 0, 231, x0, x1, y0, y1, det[pseg == j + 1].sum(), 50, 0)
+    peaks = np.array([[15, 15, .9], [21, 15, .9], [40, 40, .9], [46, 40, .9], [10, 50, .8], [13, 50, .7]], float)
+    heat = np.zeros((60, 60))
+    objs, blend_id, seg = split_by_peaks(det, gaussian_kernel(3.0), parents, pseg, peaks, heat, 0.3, np.inf, 3.0)
+    assert len(objs) == 6
+    assert blend_id.tolist() == [0, 0, 1, 1, 6, 7]
+    assert objs["x"].tolist() == [15, 21, 40, 46, 10, 13]
+    for k in range(6):
+        assert (seg == k + 1).sum() == objs["npix"][k]
+    for k, (lo, hi) in enumerate(((8, 18), (18, 28), (33, 43), (43, 53))):
+        mine = seg == k + 1
+        assert np.all(pseg[mine] == 1 + k // 2)
+        assert xx[mine].min() >= lo and xx[mine].max() <= hi
+        assert objs["flux"][k] == pytest.approx(det[pseg == 1 + k // 2].sum() / 2, rel=0.05)  # the ridge: one
+    assert ((seg == 1) | (seg == 2)).sum() == (pseg == 1).sum()  # every pixel of the footprint to a member
+    disc = [np.hypot(xx - cx, yy - 50) <= 3 for cx in (10, 13)]
+    assert objs["npix"][4] == disc[0].sum()  # 29 pixels: a disc of radius 3
+    assert objs["npix"][5] == (disc[1] & ~disc[0]).sum()
+    assert np.all(seg[disc[0]] == 5)
+
+
 @pytest.mark.slow
 def test_a_short_training_run_lowers_the_loss(library, tmp_path):
     """60 steps on composed scenes lower the heat-map loss (mean over steps 41-60 against 1-20); a run stopped

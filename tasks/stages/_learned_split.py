@@ -12,20 +12,6 @@ __all__ = ["OBJ_FIELDS", "fill_thin_defects", "split_by_peaks"]
 OBJ_FIELDS = ("x", "y", "a", "b", "theta", "npix", "xmin", "xmax", "ymin", "ymax", "flux", "peak", "flag")
 
 
-def _moments(w: np.ndarray, xx: np.ndarray, yy: np.ndarray) -> tuple[float, float, float]:
-    """Semi-axes and angle (a, b, theta) of the second moments of weights `w` at pixels (xx, yy), with a
-    pixel's own variance (1/12) added so that a one-pixel source has a finite size; SEP's conventions."""
-    t = w.sum()
-    if t <= 0:
-        w, t = np.ones_like(w), float(len(w))
-    x0, y0 = (w * xx).sum() / t, (w * yy).sum() / t
-    x2 = (w * (xx - x0) ** 2).sum() / t + 1 / 12
-    y2 = (w * (yy - y0) ** 2).sum() / t + 1 / 12
-    xy = (w * (xx - x0) * (yy - y0)).sum() / t
-    half, root = (x2 + y2) / 2, np.sqrt(((x2 - y2) / 2) ** 2 + xy ** 2)
-    return float(np.sqrt(half + root)), float(np.sqrt(max(half - root, 1e-6))), float(0.5 * np.arctan2(2 * xy, x2 - y2))
-
-
 def fill_thin_defects(image: np.ndarray, invvar: np.ndarray, unusable: np.ndarray, defect: np.ndarray) -> None:
     """In place, for one band: pixels of `defect` (detector defects, maskbits.BAD) whose left and right
     neighbours are usable get the mean of those two (image and inverse variance) and become usable. A bad
@@ -47,6 +33,83 @@ def fill_thin_defects(image: np.ndarray, invvar: np.ndarray, unusable: np.ndarra
     unusable[yy, xx] = False
 
 
+def _smoothed(det: np.ndarray, kernel: np.ndarray, boxes) -> np.ndarray:
+    """`det` convolved with `kernel` (edges: nearest pixel) over `boxes` ((x0, x1, y0, y1) each; 0 elsewhere),
+    each box convolved with the kernel's margin; by two 1-d passes when the kernel is separable, as
+    gaussian_kernel's is (the outer product of its normalised marginals)."""
+    from scipy import ndimage
+    g = kernel.sum(axis=0)
+    g = g[::-1] if np.allclose(np.outer(g, g), kernel, rtol=1e-9, atol=1e-12) else None
+    ny, nx = det.shape
+    h = kernel.shape[0] // 2
+    out = np.zeros_like(det)
+    for x0, x1, y0, y1 in boxes:
+        cy0, cx0 = max(y0 - h, 0), max(x0 - h, 0)
+        part = det[cy0:min(y1 + h, ny), cx0:min(x1 + h, nx)]
+        if g is None:
+            part = ndimage.convolve(part, kernel, mode="nearest")
+        else:
+            part = ndimage.correlate1d(ndimage.correlate1d(part, g, axis=0, mode="nearest"), g, axis=1, mode="nearest")
+        out[y0:y1, x0:x1] = part[y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0]
+    return out
+
+
+def _member_labels(smooth: np.ndarray, pseg: np.ndarray, split: np.ndarray, box: tuple[int, int, int, int],
+                   mx: np.ndarray, my: np.ndarray, mfoot: np.ndarray) -> np.ndarray:
+    """(y, x) int32: k + 1 on the pixels of member k (a peak at pixel (mx[k], my[k]) in footprint mfoot[k],
+    segmap value), 0 elsewhere: one watershed of the smoothed image from the members' peaks over the footprints
+    flagged in `split` (indexed by segmap value; all within `box`, x0, x1, y0, y1), each footprint flooded from
+    its own peaks only. Footprints are SEP's separate (8-connected) components, so a 4-connected flood never
+    crosses from one to another; should two touch, they are flooded again one by one."""
+    from skimage.segmentation import watershed
+    x0, x1, y0, y1 = box
+    ps = pseg[y0:y1, x0:x1]
+    markers = np.zeros(ps.shape, np.int32)
+    markers[my - y0, mx - x0] = np.arange(1, len(mx) + 1, dtype=np.int32)  # two peaks on one pixel: the later
+    sm = -smooth[y0:y1, x0:x1]
+    lab = watershed(sm, markers, mask=split[ps])
+    foot = np.concatenate([[0], mfoot]).astype(pseg.dtype)
+    for f in np.unique(ps[(lab > 0) & (foot[lab] != ps)]):
+        inside = ps == f
+        lab[inside] = 0
+        lab[inside] = watershed(sm, np.where(inside, markers, 0), mask=inside)[inside]
+    out = np.zeros(pseg.shape, np.int32)
+    out[y0:y1, x0:x1] = lab
+    return out
+
+
+def _records(pix: np.ndarray, k: np.ndarray, det: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Each of `n` sources' pixel count, box, flux, peak and second-moment shape (a, b, theta with a pixel's
+    own variance 1/12 added, SEP's conventions; weights: the detection image clipped at 0, or equal where it
+    sums to 0) from its pixels: flat indices `pix` into `det` of source `k`."""
+    nx = det.shape[1]
+    order = np.argsort(k, kind="stable")
+    pix, k = pix[order], k[order]
+    yy, xx = np.divmod(pix, nx)
+    d = det.ravel()[pix]
+    npix = np.bincount(k, minlength=n)
+    w = np.clip(d, 0, None)
+    t = np.bincount(k, w, minlength=n)
+    w = np.where(t[k] > 0, w, 1.0)
+    t = np.bincount(k, w, minlength=n)
+    safe = np.where(npix > 0, t, 1.0)
+    x0, y0 = np.bincount(k, w * xx, n) / safe, np.bincount(k, w * yy, n) / safe
+    dx, dy = xx - x0[k], yy - y0[k]
+    x2 = np.bincount(k, w * dx * dx, n) / safe + 1 / 12
+    y2 = np.bincount(k, w * dy * dy, n) / safe + 1 / 12
+    xy = np.bincount(k, w * dx * dy, n) / safe
+    half, root = (x2 + y2) / 2, np.sqrt(((x2 - y2) / 2) ** 2 + xy ** 2)
+    out = {"npix": npix, "a": np.sqrt(half + root), "b": np.sqrt(np.maximum(half - root, 1e-6)),
+           "theta": 0.5 * np.arctan2(2 * xy, x2 - y2), "flux": np.bincount(k, d, n)}
+    starts = np.searchsorted(k, np.flatnonzero(npix))
+    for name, fn, v in (("xmin", np.minimum, xx), ("xmax", np.maximum, xx), ("ymin", np.minimum, yy),
+                        ("ymax", np.maximum, yy), ("peak", np.maximum, d)):
+        out[name] = np.zeros(n, v.dtype)
+        if len(starts):
+            out[name][npix > 0] = fn.reduceat(v, starts)
+    return out
+
+
 def split_by_peaks(det: np.ndarray, kernel: np.ndarray, parents, pseg: np.ndarray, peaks: np.ndarray,
                    heat: np.ndarray, confirm: float, keep_npix: float = np.inf, outside_radius: float | None = None,
                    bad: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -54,77 +117,86 @@ def split_by_peaks(det: np.ndarray, kernel: np.ndarray, parents, pseg: np.ndarra
     A footprint without a peak is kept when its heat map reaches `confirm` or it has `keep_npix` pixels.
     outside_radius: peaks outside every footprint become sources with the pixels within this radius (px) that
     no other source has; None: they are dropped. A peak on a `bad` pixel (no usable band) outside every
-    footprint is dropped: it is the masked core of a saturated star, whose footprint rings it."""
-    from scipy import ndimage
-    from skimage.segmentation import watershed
+    footprint is dropped: it is the masked core of a saturated star, whose footprint rings it.
+    Rows are in blend-group order: footprints in SEP's order (a split one's members in the peaks' order), then
+    the peaks outside every footprint."""
     npar = len(parents)
     ny, nx = pseg.shape
     px = np.clip(np.floor(peaks[:, 0] + 0.5).astype(np.int64), 0, nx - 1)
     py = np.clip(np.floor(peaks[:, 1] + 0.5).astype(np.int64), 0, ny - 1)
     owner = pseg[py, px].astype(np.int64) - 1  # -1: outside every footprint
     npeak = np.bincount(owner[owner >= 0], minlength=npar)
-    hmax = np.full(npar + 1, -np.inf)  # the heat map's maximum over each footprint (ndimage.maximum sorts)
-    np.maximum.at(hmax, pseg.ravel(), heat.ravel().astype(float))
-    hmax = hmax[1:]
-    rows: list[tuple] = []
-    bids: list[int] = []
-    seg = np.zeros(pseg.shape, np.int32)
-    whole = np.zeros(npar + 1, np.int32)  # the row of each footprint kept whole (segmap value), 0 for none
-    h = kernel.shape[0] // 2
-    for j in range(npar):
-        p = parents[j]
-        if npeak[j] == 0 and hmax[j] < confirm and p["npix"] < keep_npix:
-            continue
-        if npeak[j] <= 1:
-            rows.append(tuple(p[f] for f in OBJ_FIELDS))
-            bids.append(j)
-            whole[j + 1] = len(rows)
-            continue
-        x0, x1, y0, y1 = int(p["xmin"]), int(p["xmax"]) + 1, int(p["ymin"]), int(p["ymax"]) + 1
-        inside = pseg[y0:y1, x0:x1] == j + 1
-        mine = np.flatnonzero(owner == j)
-        markers = np.zeros(inside.shape, np.int32)
-        markers[py[mine] - y0, px[mine] - x0] = np.arange(1, len(mine) + 1)
-        # the PSF-filtered detection image over the footprint's box (with the kernel's margin)
-        cy0, cx0 = max(y0 - h, 0), max(x0 - h, 0)
-        smooth = ndimage.convolve(det[cy0:min(y1 + h, ny), cx0:min(x1 + h, nx)], kernel, mode="nearest")
-        lab = watershed(-smooth[y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0], markers, mask=inside)
-        d = det[y0:y1, x0:x1]
-        for k, m in enumerate(mine):
-            yy, xx = np.nonzero(lab == k + 1)
-            if len(yy) == 0:
-                continue
-            w = np.clip(d[yy, xx], 0, None)
-            a, b, theta = _moments(w, xx + x0, yy + y0)
-            rows.append((float(peaks[m, 0]), float(peaks[m, 1]), a, b, theta, len(yy), int(xx.min() + x0),
-                         int(xx.max() + x0), int(yy.min() + y0), int(yy.max() + y0), float(d[yy, xx].sum()),
-                         float(d[yy, xx].max()), int(sep.OBJ_MERGED)))
-            bids.append(j)
-            seg[yy + y0, xx + x0] = len(rows)
-    seg = np.where(seg > 0, seg, whole[pseg])
-    if outside_radius is not None:
-        r = max(float(outside_radius), 1.5)
-        h = int(np.ceil(r))
-        for m in np.flatnonzero(owner < 0):
-            cx, cy = int(px[m]), int(py[m])
-            if bad is not None and bad[cy, cx]:
-                continue
-            y0, y1, x0, x1 = max(cy - h, 0), min(cy + h + 1, ny), max(cx - h, 0), min(cx + h + 1, nx)
-            yy, xx = np.mgrid[y0:y1, x0:x1]
-            inside = (np.hypot(xx - peaks[m, 0], yy - peaks[m, 1]) <= r) & (seg[y0:y1, x0:x1] == 0)
-            yy, xx = yy[inside], xx[inside]
-            if len(yy) == 0:
-                continue
-            w = np.clip(det[yy, xx], 0, None)
-            a, b, theta = _moments(w, xx, yy)
-            rows.append((float(peaks[m, 0]), float(peaks[m, 1]), a, b, theta, len(yy), int(xx.min()), int(xx.max()),
-                         int(yy.min()), int(yy.max()), float(det[yy, xx].sum()), float(det[yy, xx].max()), 0))
-            bids.append(npar + int(m))
-            seg[yy, xx] = len(rows)
+    hmax = np.full(npar + 1, -np.inf)  # the heat map's maximum over each footprint without a peak
+    need = np.concatenate([[False], npeak == 0])[pseg]  # (ndimage.maximum would sort every pixel)
+    np.maximum.at(hmax, pseg[need], heat[need].astype(float))
+    kept = (npeak > 0) | (hmax[1:] >= confirm) | (parents["npix"] >= keep_npix)
+    whole = np.flatnonzero(kept & (npeak <= 1))
+    split = np.zeros(npar + 1, bool)
+    split[1:] = kept & (npeak >= 2)
+    mem = np.flatnonzero((owner >= 0) & split[owner + 1])  # the split footprints' members, in peak order
     dtype = [(f, "f8") for f in OBJ_FIELDS]
-    objs = np.array(rows, dtype=dtype) if rows else np.zeros(0, dtype)
-    blend_id = np.asarray(bids, np.int64)
-    order = np.argsort(blend_id, kind="stable")
-    relabel = np.zeros(len(rows) + 1, np.int32)
-    relabel[order + 1] = np.arange(1, len(rows) + 1, dtype=np.int32)
-    return objs[order], blend_id[order], relabel[seg]
+    rows = np.zeros(len(whole) + len(mem), dtype)
+    for f in OBJ_FIELDS:
+        rows[f][:len(whole)] = parents[f][whole]
+    lab = np.zeros(pseg.shape, np.int32)
+    if len(mem):
+        p = parents[split[1:]]
+        boxes = np.c_[p["xmin"], p["xmax"] + 1, p["ymin"], p["ymax"] + 1].astype(np.int64)
+        union = (boxes[:, 0].min(), boxes[:, 1].max(), boxes[:, 2].min(), boxes[:, 3].max())
+        lab = _member_labels(_smoothed(det, kernel, boxes), pseg, split, union, px[mem], py[mem], owner[mem] + 1)
+        pix = np.flatnonzero(lab)
+        rec = _records(pix, lab.ravel()[pix] - 1, det, len(mem))
+        m = rows[len(whole):]
+        m["x"], m["y"] = peaks[mem, 0], peaks[mem, 1]
+        for f in ("a", "b", "theta", "npix", "xmin", "xmax", "ymin", "ymax", "flux", "peak"):
+            m[f] = rec[f]
+        m["flag"] = sep.OBJ_MERGED
+    group = np.concatenate([whole, owner[mem]])
+    has = np.concatenate([np.ones(len(whole), bool), rows["npix"][len(whole):] > 0])  # a member without pixels
+    order = np.lexsort((np.concatenate([np.full(len(whole), -1), mem]), group))   # lost its peak's pixel
+    order = order[has[order]]
+    rank = np.zeros(len(rows), np.int32)  # segmap value of each row, 0 for none
+    rank[order] = np.arange(1, len(order) + 1, dtype=np.int32)
+    lut_whole = np.zeros(npar + 1, np.int32)
+    lut_whole[whole + 1] = rank[:len(whole)]
+    seg = np.where(lab > 0, np.concatenate([[0], rank[len(whole):]]).astype(np.int32)[lab], lut_whole[pseg])
+    objs, bids = [rows[order]], [group[order]]
+    if outside_radius is not None:
+        out_rows, out_ids = _outside_sources(det, seg, peaks, px, py, np.flatnonzero(owner < 0),
+                                             max(float(outside_radius), 1.5), bad, len(order))
+        objs.append(out_rows)
+        bids.append(npar + out_ids)
+    return np.concatenate(objs), np.concatenate(bids).astype(np.int64), seg
+
+
+def _outside_sources(det, seg, peaks, px, py, idx, r: float, bad, n0: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sources of the peaks `idx` outside every footprint: each takes the pixels within `r` of its centre that
+    no source has, and of those that two such discs share, the earlier peak's (as if they took their pixels one
+    after the other); written into `seg` (values from n0 + 1, in the peaks' order); none on a `bad` pixel.
+    Returns their records and peak indices."""
+    ny, nx = seg.shape
+    if bad is not None:
+        idx = idx[~bad[py[idx], px[idx]]]
+    h = int(np.ceil(r))
+    oy, ox = (o.ravel() for o in np.mgrid[-h:h + 1, -h:h + 1])
+    yy, xx = py[idx, None] + oy, px[idx, None] + ox
+    take = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+    take &= np.hypot(xx - peaks[idx, 0, None], yy - peaks[idx, 1, None]) <= r
+    q = np.broadcast_to(np.arange(len(idx))[:, None], take.shape)[take]
+    pix = yy[take] * nx + xx[take]
+    free = seg.ravel()[pix] == 0
+    q, pix = q[free], pix[free]
+    first = np.full(ny * nx, len(idx))
+    np.minimum.at(first, pix, q)
+    mine = first[pix] == q
+    q, pix = q[mine], pix[mine]
+    rec = _records(pix, q, det, len(idx))
+    has = rec["npix"] > 0
+    rows = np.zeros(int(has.sum()), [(f, "f8") for f in OBJ_FIELDS])
+    rows["x"], rows["y"] = peaks[idx[has], 0], peaks[idx[has], 1]
+    for f in ("a", "b", "theta", "npix", "xmin", "xmax", "ymin", "ymax", "flux", "peak"):
+        rows[f] = rec[f][has]
+    value = np.zeros(len(idx), np.int32)
+    value[has] = n0 + np.arange(1, len(rows) + 1)
+    seg.ravel()[pix] = value[q]
+    return rows, idx[has].astype(np.int64)
