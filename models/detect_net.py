@@ -237,9 +237,13 @@ def find_peaks(heat: np.ndarray, offsets: np.ndarray, threshold: float, merge_ra
     common in the int8 network's coarser output) are one peak: the pixel whose offset is smallest. With
     `merge_radius` > 0, a peak whose centre (pixel plus offset) lies within that many pixels of a higher
     peak's centre is the same source seen twice (the offsets of both point at one centre) and is dropped."""
-    t = torch.as_tensor(heat)[None, None]
-    peak = (t == F.max_pool2d(t, 3, stride=1, padding=1))[0, 0].numpy() & (heat >= threshold)
-    yy, xx = np.nonzero(peak)
+    yy, xx = np.nonzero(heat >= threshold)
+    p = heat[yy, xx]
+    padded = np.pad(heat, 1, constant_values=-np.inf)
+    peak = np.ones(len(yy), bool)  # at least each of its 8 neighbours (torch's 3 x 3 max-pool: 4x the time)
+    for dy, dx in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
+        peak &= padded[yy + 1 + dy, xx + 1 + dx] <= p
+    yy, xx = yy[peak], xx[peak]
     p = heat[yy, xx]
     dx = np.clip(offsets[0, yy, xx], -1.5, 1.5)
     dy = np.clip(offsets[1, yy, xx], -1.5, 1.5)
