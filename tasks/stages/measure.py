@@ -335,13 +335,15 @@ class MeasureStage(Stage):
         or wanders more than 1 pixel. The window's sigma is at most `max_sigma` (half the PSF FWHM): a
         galaxy's centre needs no window wider than the PSF, and a wide one costs CPU time in proportion to its
         area (two 2048^2 fields, isolated galaxies i 22-24: median offset from the true centre 0.11 px capped,
-        0.15 px uncapped; i < 20: 0.007 and 0.009 px; a third of the time)."""
+        0.15 px uncapped; i < 20: 0.007 and 0.009 px; a third of the time). The window's edge pixels are weighted
+        by their exact overlap (subpix=0; Source Extractor samples 11 x 11 sub-pixels): a third of the time again,
+        positions within 4e-4 px of the sampled ones for 99 % of the isolated sources of two 2048^2 fields."""
         if len(x) == 0:
             return x, y
         x, y, a = (np.array(v, dtype=np.float64) for v in (x, y, a))  # writable copies for sep
         r50, _ = sep.flux_radius(det, x, y, 6.0 * a, 0.5, mask=bad, subpix=1)
         sig = np.clip(2.0 * np.nan_to_num(np.asarray(r50, float), nan=1.0) / 2.35, 0.5, max(max_sigma, 0.5))
-        xw, yw, wflag = sep.winpos(det, x, y, sig, mask=bad)
+        xw, yw, wflag = sep.winpos(det, x, y, sig, mask=bad, subpix=0)
         ok = (np.asarray(wflag) == 0) & np.isfinite(xw) & np.isfinite(yw) & (np.hypot(xw - x, yw - y) < 1.0)
         return np.where(ok, xw, x), np.where(ok, yw, y)
 
