@@ -29,20 +29,32 @@ IMAGE_MAX = 12.0  # asinh(T / sigma) above this (T > 8e4 sigma) is clipped
 
 def position_map(centres: np.ndarray, size: int, sigma: float = POSITION_SIGMA) -> np.ndarray:
     """(size, size) float32: the maximum over `centres` ((k, 2) as (y, x) px) of unit Gaussians."""
+    g = _gaussians(centres, size, sigma)
+    return g.max(axis=0) if len(g) else np.zeros((size, size), np.float32)
+
+
+def _gaussians(centres: np.ndarray, size: int, sigma: float = POSITION_SIGMA) -> np.ndarray:
+    """(k, size, size) float32: a unit Gaussian at each of `centres` ((k, 2) as (y, x) px)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    out = np.zeros((size, size), np.float32)
-    for y, x in np.asarray(centres, np.float32).reshape(-1, 2):
-        out = np.maximum(out, np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * sigma ** 2)))
+    c = np.asarray(centres, np.float32).reshape(-1, 2)
+    return np.exp(-((yy - c[:, 0, None, None]) ** 2 + (xx - c[:, 1, None, None]) ** 2) / (2 * sigma ** 2))
+
+
+def member_inputs(image: np.ndarray, sigma: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """(K, B + 2, S, S) float32 network inputs of the K members at `centres` ((K, 2) as (y, x) px) of one stamp:
+    for each, the scaled bands, its position and the other members' (position_map of the rest); the scaled bands
+    and each member's Gaussian made once."""
+    b, s = image.shape[0], image.shape[-1]
+    g = _gaussians(centres, s)
+    k = len(g)
+    out = np.empty((k, b + 2, s, s), np.float32)
+    out[:, :b] = np.arcsinh(image / np.maximum(sigma, 1e-12)[:, None, None]).astype(np.float32)
+    out[:, b] = g
+    out[:, b + 1] = 0.0
+    for m in range(k):
+        if k > 1:
+            out[m, b + 1] = np.delete(g, m, axis=0).max(axis=0)
     return out
-
-
-def network_input(image: np.ndarray, sigma: np.ndarray, target: tuple[float, float],
-                  others: np.ndarray) -> np.ndarray:
-    """(B + 2, S, S) float32 input for one target: scaled bands, target position, other members."""
-    s = image.shape[-1]
-    x = np.arcsinh(image / np.maximum(sigma, 1e-12)[:, None, None]).astype(np.float32)
-    return np.concatenate([x, position_map(np.array([target]), s)[None],
-                           position_map(np.asarray(others).reshape(-1, 2), s)[None]])
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:

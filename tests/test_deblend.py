@@ -37,6 +37,28 @@ def test_position_map_peaks_at_the_centres():
     assert p[40, 40] < 1e-6
 
 
+def test_member_inputs_mark_each_target_against_the_others():
+    """Three members of one stamp: member k's input holds asinh(image / sigma) per band, a unit Gaussian at its
+    own centre, and the maximum of the others' Gaussians (none at its own centre); one member alone has an empty
+    others channel."""
+    from deepfield.models.deblend_unet import member_inputs
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 1, (3, 48, 48)).astype(np.float32)
+    sigma = np.array([0.5, 1.0, 2.0], np.float32)
+    centres = np.array([[10.0, 20.0], [30.0, 5.0], [24.0, 40.0]])
+    x = member_inputs(image, sigma, centres)
+    assert x.shape == (3, 5, 48, 48) and x.dtype == np.float32
+    assert np.allclose(x[:, :3], np.arcsinh(image / sigma[:, None, None]), atol=1e-6)
+    for k, (cy, cx) in enumerate(centres.astype(int)):
+        assert x[k, 3, cy, cx] == pytest.approx(1.0) and x[k, 4, cy, cx] < 1e-6
+        others = np.delete(centres, k, axis=0)
+        assert np.array_equal(x[k, 3], position_map(centres[k:k + 1], 48))
+        assert np.array_equal(x[k, 4], position_map(others, 48))
+        assert all(x[k, 4, int(y), int(xx)] == pytest.approx(1.0) for y, xx in others)
+    one = member_inputs(image, sigma, centres[:1])
+    assert one.shape == (1, 5, 48, 48) and not one[0, 4].any()
+
+
 def test_blends_and_training_targets(blends):
     mem = blends["members"]
     assert blends["images"].shape == (24, 4, 48, 48)
@@ -231,15 +253,15 @@ def test_stage_fits_image_head_templates_to_the_pixels(blends, monkeypatch):
     st.setup("cpu")
     st.model.output = "image"
     seen = {"origin": None, "inputs": []}  # each network input's target centre and its stamp's origin
-    real_cut, real_input = stage_module.cut_stamp, du.network_input
+    real_cut, real_inputs = stage_module.cut_stamp, du.member_inputs
 
     def cut_stamp(arr, y0, x0, s):
         seen["origin"] = (y0, x0)
         return real_cut(arr, y0, x0, s)
 
-    def network_input(image, sig, target, others):
-        seen["inputs"].append((target, seen["origin"]))
-        return real_input(image, sig, target, others)
+    def member_inputs(image, sig, centres):
+        seen["inputs"].extend((tuple(c), seen["origin"]) for c in centres)
+        return real_inputs(image, sig, centres)
 
     def templates(model, inputs, batch=128, device=None):
         out = np.zeros((len(inputs), 4, 48, 48), np.float32)
@@ -250,7 +272,7 @@ def test_stage_fits_image_head_templates_to_the_pixels(blends, monkeypatch):
             out[n] = np.arcsinh(img[:, y0:y0 + 48, x0:x0 + 48] / sigma[:, None, None])
         return out
     monkeypatch.setattr(stage_module, "cut_stamp", cut_stamp)
-    monkeypatch.setattr(du, "network_input", network_input)
+    monkeypatch.setattr(du, "member_inputs", member_inputs)
     monkeypatch.setattr(du, "fractions", templates)
     grouped = (table.n_blend >= 2).to_numpy()
     assert grouped.sum() >= 2

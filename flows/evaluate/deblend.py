@@ -29,7 +29,7 @@ import pandas as pd
 import sep
 from astropy.wcs import WCS
 
-from deepfield.models.deblend_unet import fit_fluxes, fractions, member_images, network_input, share
+from deepfield.models.deblend_unet import fit_fluxes, fractions, member_images, member_inputs, share
 from deepfield.models.progress import say
 from deepfield.models.registry import create_model
 from deepfield.tasks.stages.detect import DetectStage
@@ -103,8 +103,7 @@ def unet_fluxes(model, image: np.ndarray, sigma: np.ndarray, centres: np.ndarray
     """(N, B) learned-deblender fluxes of the members at `centres` ((N, 2) as (y, x) px) of one stamp;
     normalise: share each pixel's light among the members (deblend_unet.share). An image head's templates are
     fitted to the stamp together (deblend_unet.fit_fluxes, the sky noise `sigma` as the pixels' variance)."""
-    inputs = np.stack([network_input(image, sigma, tuple(c), np.delete(centres, k, axis=0))
-                       for k, c in enumerate(centres)])
+    inputs = member_inputs(image, sigma, centres)
     f = fractions(model, inputs)
     if getattr(model, "output", "fraction") == "image":
         var = np.broadcast_to(np.asarray(sigma, np.float64)[:, None, None] ** 2, image.shape)

@@ -118,7 +118,7 @@ class DeblendStage(ModelStage):
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
         self.ensure_setup()
-        from deepfield.models.deblend_unet import fit_fluxes, fractions, member_images, network_input, share
+        from deepfield.models.deblend_unet import fit_fluxes, fractions, member_images, member_inputs, share
         self.require(sources, self.bands)
         out = sources.copy()
         n = len(out)
@@ -163,9 +163,7 @@ class DeblendStage(ModelStage):
                 other = (sstamp > 0) & ~np.isin(sstamp, seg_ids[rows])
                 stamp = np.where(other, 0.0, stamp).astype(np.float32)
                 vstamp = np.where(other, 0.0, vstamp)
-            centres = np.c_[y[rows] - y0, x[rows] - x0]
-            for k in range(len(rows)):
-                inputs.append(network_input(stamp, sigma, tuple(centres[k]), np.delete(centres, k, axis=0)))
+            inputs.append(member_inputs(stamp, sigma, np.c_[y[rows] - y0, x[rows] - x0]))
             jobs.append((rows, measured, stamp, vstamp))
             method[measured] = "unet"
 
@@ -187,7 +185,7 @@ class DeblendStage(ModelStage):
                 order = np.argsort(d, kind="stable")[:self.max_members]
                 add_job([int(k) for k in rows[order][d[order] <= c]], [int(r)], x[r], y[r])
         if jobs:
-            out_all = fractions(self.model, np.stack(inputs), batch=self.inference_batch(), device=self.device)
+            out_all = fractions(self.model, np.concatenate(inputs), batch=self.inference_batch(), device=self.device)
             image_head = getattr(self.model, "output", "fraction") == "image"
             k0 = 0
             for rows, measured, stamp, vstamp in jobs:

@@ -127,7 +127,7 @@ def simulate_blends(n: int, seed: int, cfg: BlendConfig | None = None, workers: 
 def examples(d: dict, rng: np.random.Generator, jitter: float = 0.5) -> dict:
     """Network inputs, target fractions, pixel weights, noiseless blend totals and in-stamp member fluxes for
     every member of every blend in `d` (simulate_blends output)."""
-    from deepfield.models.deblend_unet import network_input  # torch: only where examples are made
+    from deepfield.models.deblend_unet import member_inputs  # torch: only where examples are made
     xs, fs, ws, tots, fl, fls = [], [], [], [], [], []
     mem = d["members"]
     for b, truth in enumerate(d["truth"]):
@@ -135,9 +135,8 @@ def examples(d: dict, rng: np.random.Generator, jitter: float = 0.5) -> dict:
         centres = rows[["y", "x"]].to_numpy(float) + rng.uniform(-jitter, jitter, (len(rows), 2))
         sigma = d["sigma"][b]
         total = truth.sum(axis=0)
+        xs.extend(member_inputs(d["images"][b], sigma, centres))
         for m in range(len(rows)):
-            others = np.delete(centres, m, axis=0)
-            xs.append(network_input(d["images"][b], sigma, tuple(centres[m]), others))
             fs.append(truth[m] / (total + 0.1 * sigma[:, None, None]))
             ws.append(np.clip(total / sigma[:, None, None], 0, 20) + 0.01)
             tots.append(total)
