@@ -60,7 +60,7 @@ bench: $(STAMP)
 	$(VENV)/bin/deepfield simulate --out bench-out/sim --size 2048 --fields 2
 	$(PY) tests/benchmarks/bench_ingest.py --sim bench-out/sim
 	$(PY) tests/benchmarks/bench_process.py --sim bench-out/sim
-	$(PY) tests/benchmarks/bench_stages.py --sim bench-out/sim
+	$(PY) tests/benchmarks/bench_stages.py --sim bench-out/sim --rounds 2
 	$(PY) tests/benchmarks/bench_models.py
 
 clean:
