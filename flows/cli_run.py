@@ -20,7 +20,7 @@ def start_api_early(config: Path, run_dir: Optional[Path]):
     import os
     import sys
     from deepfield.flows import prefect_env
-    from deepfield.tasks.yaml_io import read_mapping
+    from deepfield.tasks.yaml_io import read_mapping, relative_to_file
     if os.environ.get("PREFECT_API_URL") or os.environ.get("PREFECT_HOME") or "prefect" in sys.modules:
         return None
     try:
@@ -30,7 +30,7 @@ def start_api_early(config: Path, run_dir: Optional[Path]):
     given = str(run_dir.resolve()) if run_dir else data.get("run_dir")
     if not isinstance(given, str) or not given:
         return None
-    rd = Path(given) if Path(given).is_absolute() else config.resolve().parent / given
+    rd = relative_to_file(config, given)  # as load_run_config reads it
     home = rd / ".deepfield-prefect"
     made = next((p for p in [*reversed(home.parents), home] if not p.exists()), None)  # the first directory made
     env = dict(os.environ)

@@ -17,7 +17,7 @@ from deepfield.catalogs.steps import build_steps
 from deepfield.tasks.ingest_config import StoreSpec
 from deepfield.tasks.provenance import processing_hash
 from deepfield.tasks.stages.registry import DEFAULT_STAGES, check_order, load_plugins, stage_class
-from deepfield.tasks.yaml_io import read_mapping
+from deepfield.tasks.yaml_io import read_mapping, relative_to_file
 
 # merge keys of deepfield 0.1 that moved under their stage's merge step
 _MOVED_MERGE_KEYS = {"lens_threshold": "merge.lens.threshold", "anomaly_top": "merge.anomaly.top",
@@ -182,18 +182,16 @@ def load_run_config(path: str | Path, **overrides) -> RunConfig:
     path = Path(path)
     data = read_mapping(path, RunConfigError, "run configuration")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    base = path.resolve().parent
     if isinstance(data.get("plugins"), list):
-        data["plugins"] = [str(base / p) if str(p).endswith(".py") and not Path(p).is_absolute() else p
-                           for p in data["plugins"]]
+        data["plugins"] = [str(relative_to_file(path, p)) if str(p).endswith(".py") else p for p in data["plugins"]]
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
         raise RunConfigError("\n".join(f"{path}: {p}" for p in _problems(exc))) from None
     except ValueError as exc:  # a plugin that cannot be imported
         raise RunConfigError(f"{path}: {exc}") from None
-    fix = {k: (base / getattr(cfg, k)) for k in ("inputs", "run_dir", "store")
-           if getattr(cfg, k) is not None and not getattr(cfg, k).is_absolute()}
+    fix = {k: relative_to_file(path, getattr(cfg, k)) for k in ("inputs", "run_dir", "store")
+           if getattr(cfg, k) is not None}
     return cfg.model_copy(update=fix)
 
 

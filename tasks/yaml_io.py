@@ -59,3 +59,10 @@ def read_mapping(path: str | Path, error: type[Exception] = ValueError, what: st
     if not isinstance(data, dict):
         raise error(f"{path}: {what} must be a YAML mapping, got {type(data).__name__}")
     return data
+
+
+def relative_to_file(config: str | Path, value: str | Path) -> Path:
+    """`value` as a path: as given when absolute, else relative to the directory of the file `config` (how
+    every path in deepfield's configuration files is read)."""
+    p = Path(value)
+    return p if p.is_absolute() else Path(config).resolve().parent / p

@@ -44,6 +44,7 @@ untouched. The `band` array is metadata for outside readers, outside the shard r
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,7 +317,11 @@ def read_tile(root: zarr.Group, tile: TileId, halo: int) -> Tile:
                 field_shape=(grid.ny, grid.nx), group=g)
 
 
-_TS_CONTEXT: list = []  # TensorStore's context of this process's reads (made on first use)
+@functools.cache
+def _ts_context():
+    """TensorStore's context of this process's reads: one thread to copy data, one for file I/O."""
+    import tensorstore
+    return tensorstore.Context({"data_copy_concurrency": {"limit": 1}, "file_io_concurrency": {"limit": 1}})
 
 
 def _tensorstore_read(path: Path, selection) -> np.ndarray:
@@ -328,11 +333,8 @@ def _tensorstore_read(path: Path, selection) -> np.ndarray:
     through its asyncio pipeline). Its checksum (crc32c) fails a damaged chunk with DATA_LOSS. The array is
     opened for each read, without a cache pool: a field the ingest rewrote is read as it is now."""
     import tensorstore
-    if not _TS_CONTEXT:
-        _TS_CONTEXT.append(tensorstore.Context({"data_copy_concurrency": {"limit": 1},
-                                                "file_io_concurrency": {"limit": 1}}))
     handle = tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}},
-                              read=True, context=_TS_CONTEXT[0]).result()
+                              read=True, context=_ts_context()).result()
     return np.asarray(handle[tuple(selection)].read().result())
 
 
