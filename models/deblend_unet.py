@@ -51,8 +51,8 @@ def member_inputs(image: np.ndarray, sigma: np.ndarray, centres: np.ndarray) -> 
     out[:, :b] = np.arcsinh(image / np.maximum(sigma, 1e-12)[:, None, None]).astype(np.float32)
     out[:, b] = g
     out[:, b + 1] = 0.0
-    for m in range(k):
-        if k > 1:
+    if k > 1:
+        for m in range(k):
             out[m, b + 1] = np.delete(g, m, axis=0).max(axis=0)
     return out
 

@@ -116,20 +116,6 @@ class DeblendStage(ModelStage):
         self.size = int(cfg.get("size", 48))
         self.bands = list(cfg.get("bands", ["g", "r", "i", "z"]))
 
-    def _network(self, fractions, inputs: list[np.ndarray]):
-        """The network's outputs for each stamp's inputs (K, C, S, S) in `inputs`, in order, a batch of stamps at
-        a time: concatenating every stamp's inputs first moved a few hundred MB per tile through memory."""
-        batch = self.inference_batch()
-        start = 0
-        while start < len(inputs):
-            stop, n = start, 0
-            while stop < len(inputs) and (n == 0 or n + len(inputs[stop]) <= batch):
-                n += len(inputs[stop])
-                stop += 1
-            out = fractions(self.model, np.concatenate(inputs[start:stop]), batch=batch, device=self.device)
-            yield from np.split(out, np.cumsum([len(a) for a in inputs[start:stop - 1]]))
-            start = stop
-
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
         self.ensure_setup()
         from deepfield.models.deblend_unet import fit_fluxes, fractions, member_images, member_inputs, share
@@ -199,8 +185,12 @@ class DeblendStage(ModelStage):
                 order = np.argsort(d, kind="stable")[:self.max_members]
                 add_job([int(k) for k in rows[order][d[order] <= c]], [int(r)], x[r], y[r])
         if jobs:
+            out_all = fractions(self.model, np.concatenate(inputs), batch=self.inference_batch(), device=self.device)
             image_head = getattr(self.model, "output", "fraction") == "image"
-            for (rows, measured, stamp, vstamp), net in zip(jobs, self._network(fractions, inputs)):
+            k0 = 0
+            for rows, measured, stamp, vstamp in jobs:
+                net = out_all[k0:k0 + len(rows)]
+                k0 += len(rows)
                 if image_head:  # templates of the members' light
                     tmpl = member_images(net, sigma)
                     if self.template_flux == "fit":  # their amplitudes fitted to the pixels together
