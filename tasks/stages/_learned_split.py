@@ -198,5 +198,5 @@ def _outside_sources(det, seg, peaks, px, py, idx, r: float, bad, n0: int) -> tu
         rows[f] = rec[f][has]
     value = np.zeros(len(idx), np.int32)
     value[has] = n0 + np.arange(1, len(rows) + 1)
-    seg.ravel()[pix] = value[q]
+    np.put(seg, pix, value[q])  # flat (C-order) indices, whatever the layout of seg
     return rows, idx[has].astype(np.int64)
