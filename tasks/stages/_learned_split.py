@@ -152,8 +152,9 @@ def split_by_peaks(det: np.ndarray, kernel: np.ndarray, parents, pseg: np.ndarra
             m[f] = rec[f]
         m["flag"] = sep.OBJ_MERGED
     group = np.concatenate([whole, owner[mem]])
-    has = np.concatenate([np.ones(len(whole), bool), rows["npix"][len(whole):] > 0])  # a member without pixels
-    order = np.lexsort((np.concatenate([np.full(len(whole), -1), mem]), group))   # lost its peak's pixel
+    # a member without pixels (a later peak took its pixel's marker) is left out
+    has = np.concatenate([np.ones(len(whole), bool), rows["npix"][len(whole):] > 0])
+    order = np.lexsort((np.concatenate([np.full(len(whole), -1), mem]), group))
     order = order[has[order]]
     rank = np.zeros(len(rows), np.int32)  # segmap value of each row, 0 for none
     rank[order] = np.arange(1, len(order) + 1, dtype=np.int32)
