@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["fold_batch_norms", "for_inference", "transposed_as_shuffle", "autocast_modules", "plain_modules"]
+__all__ = ["fold_batch_norms", "for_inference", "transposed_as_shuffle", "autocast_modules", "plain_modules",
+           "cpu_has_bf16"]
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
@@ -115,3 +116,13 @@ def plain_modules(model: nn.Module, paths=("",)) -> nn.Module:
     for path in paths:
         vars(_submodule(model, path)).pop("forward", None)
     return model
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX instructions), where torch.autocast to
+    bfloat16 is faster than float32; elsewhere it is emulated, and slower. torch's own checks (private API, so
+    False where this torch lacks them)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -170,6 +170,28 @@ def _brightest_blend_on_a_tile(blends) -> tuple[int, object]:
     return k, tile
 
 
+def test_bfloat16_arithmetic_gives_the_float32_fluxes(blends):
+    """precision bfloat16 (torch.autocast; the default on CPUs that compute it natively) and float32 deblend the
+    brightest blend's members alike: fluxes within 2 % in every band, blendedness within 0.02, and not to the
+    bit (the option takes effect)."""
+    from deepfield.tasks.stages.registry import make_stage
+    _, tile = _brightest_blend_on_a_tile(blends)
+    table = detect(tile)[0]
+    out = {}
+    for precision in ("float32", "bfloat16"):
+        st = make_stage("deblend", precision=precision)
+        st.setup("cpu")
+        out[precision] = st.run(tile, table)
+    a, b = out["float32"], out["bfloat16"]
+    unet = (a.deblend_method == "unet").to_numpy()
+    assert unet.sum() >= 2 and (b.deblend_method == a.deblend_method).all()
+    for band in "griz":
+        fa, fb = a[f"flux_deblend_{band}"].to_numpy()[unet], b[f"flux_deblend_{band}"].to_numpy()[unet]
+        assert np.all(np.abs(fb - fa) <= 0.02 * np.abs(fa)), (band, fa, fb)
+    assert np.allclose(a.blendedness[unet], b.blendedness[unet], atol=0.02)
+    assert not np.array_equal(a.flux_deblend_i[unet], b.flux_deblend_i[unet])  # bfloat16 did run
+
+
 def test_stage_leaves_other_detections_light_out(blends):
     """A detection of another footprint whose segment lies inside a blend's stamp keeps its light: with
     `mask_others` the members' fluxes are those measured without it (within 1 %); without, they change."""
