@@ -19,7 +19,6 @@ def start_api_early(config: Path, run_dir: Optional[Path]):
     as a string, Prefect is imported or its home or API set already, or the directory cannot be made."""
     import os
     import sys
-    from deepfield.flows import prefect_env
     from deepfield.tasks.yaml_io import read_mapping, relative_to_file
     if os.environ.get("PREFECT_API_URL") or os.environ.get("PREFECT_HOME") or "prefect" in sys.modules:
         return None
@@ -35,13 +34,22 @@ def start_api_early(config: Path, run_dir: Optional[Path]):
     made = next((p for p in [*reversed(home.parents), home] if not p.exists()), None)  # the first directory made
     env = dict(os.environ)
     try:
-        prefect_env.configure(rd / ".deepfield-prefect")
-        if prefect_env.reserve_local_api():
-            return rd, prefect_env.start_ephemeral_api(), (made, env)
+        api_ready = _start_api(rd)
+        if api_ready is not None:
+            return rd, api_ready, (made, env)
     except OSError:
         pass
     undo_early_api((rd, None, (made, env)))
     return None
+
+
+def _start_api(run_dir: Path):
+    """Prefect set up for `run_dir` (its state in `.deepfield-prefect/`, flows/prefect_env.py) and, when a local
+    port can be reserved, its API server's process started: the wait function of
+    prefect_env.start_ephemeral_api, else None."""
+    from deepfield.flows import prefect_env
+    prefect_env.configure(run_dir / ".deepfield-prefect")
+    return prefect_env.start_ephemeral_api() if prefect_env.reserve_local_api() else None
 
 
 def undo_early_api(early) -> None:
@@ -71,10 +79,8 @@ def run_survey(cfg, early=None) -> dict:
             api_ready = early[1]
         else:
             undo_early_api(early)  # (for another directory: not expected, as both read the same file)
-            prefect_env.configure(cfg.run_dir / ".deepfield-prefect")
-            # before prefect is imported (flows/prefect_env.py): the API server's process starts now, beside
-            # the imports below and Ray's start
-            api_ready = prefect_env.start_ephemeral_api() if prefect_env.reserve_local_api() else None
+            # before prefect is imported: the API server's process starts now, beside the imports below and Ray's
+            api_ready = _start_api(cfg.run_dir)
     except OSError as exc:
         fail(f"{exc.filename or cfg.run_dir}: {exc.strerror or exc}")
     adopt_third_party_logs()  # Ray's loggers through the run's handlers, before Ray starts

@@ -23,6 +23,12 @@ def field_footprint(attrs) -> tuple[float, float, float]:
     return float(ra), float(dec), 0.5 * float(np.hypot(nx, ny)) * float(attrs["pixel_scale"])
 
 
+def _grow(margin_arcsec: float) -> float:
+    """What two fields' corner circles are grown by in fields_near's test (arcsec): the margin's diagonal and 1'
+    for distortion."""
+    return margin_arcsec * 2 ** 0.5 + 60.0
+
+
 def fields_near(footprints: dict[str, tuple[float, float, float]], name: str, margin_arcsec: float) -> list[str]:
     """The fields of `footprints` (name -> field_footprint) other than `name` that may cover sky within
     `margin_arcsec` of field `name`: their corner circles, grown by the margin's diagonal and 1' for distortion,
@@ -35,7 +41,7 @@ def fields_near(footprints: dict[str, tuple[float, float, float]], name: str, ma
         return []
     ra, dec, r = footprints[name]
     fp = np.array([footprints[n] for n in others])
-    near = separation_arcsec(ra, dec, fp[:, 0], fp[:, 1]) < r + fp[:, 2] + margin_arcsec * np.sqrt(2) + 60.0
+    near = separation_arcsec(ra, dec, fp[:, 0], fp[:, 1]) < r + fp[:, 2] + _grow(margin_arcsec)
     return [n for n, k in zip(others, near) if k]
 
 
@@ -55,7 +61,7 @@ def neighbours_within(footprints: dict[str, tuple[float, float, float]], margin_
     if len(names) < 2:
         return out
     fp = np.array([footprints[n] for n in names], float)
-    grow = margin_arcsec * np.sqrt(2) + 60.0
+    grow = _grow(margin_arcsec)
     if len(names) < direct_below:
         i, j = np.nonzero(~np.eye(len(names), dtype=bool))
     else:
