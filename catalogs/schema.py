@@ -95,7 +95,7 @@ _SOURCES = [
     Column("deblend_b", "float64", "arcsec", "phys.angSize.sminAxis", "semi-minor axis of the deblended member"),
     Column("deblend_pa", "float64", "deg", "pos.posAng", "position angle of the deblended member, east of north, [0, 180)"),
     Column("blendedness", "float64", "", "stat.value;src.morph", "1 - sum(c^2)/sum(c t) of the deblended image c and the blend t (Bosch et al. 2018): 0 isolated, towards 1 buried"),
-    Column("deblend_method", "string", "", "meta.code", "'unet' (learned deblender), 'isolated' (alone: Kron flux), 'auto_fallback' (Kron flux kept)"),
+    Column("deblend_method", "string", "", "meta.code", "'symmetric' (shared by symmetric, monotonic templates), 'unet' (by the learned deblender), 'isolated' (alone: Kron flux), 'auto_fallback' (Kron flux kept)"),
     Column("z_phot", "float32", "", "src.redshift.phot", "photometric redshift (photoz stage): the median of p(z); NaN: no estimate (z_phot_flag 8)"),
     Column("z_phot_err", "float32", "", "stat.error;src.redshift.phot", "half the width of p(z)'s 16-84 % interval"),
     Column("z_phot_q025", "float32", "", "stat.min;src.redshift.phot", "2.5 % quantile of p(z); p(z) is uniform between its quantiles"),

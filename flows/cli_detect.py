@@ -33,7 +33,8 @@ def _stage_params(items: list[str] | None, option: str) -> dict:
 
 @eval_app.command("detect")
 def eval_detect(
-    weights: Path = typer.Option(None, help="deblender weights (default: the shipped weights)"),
+    weights: Path = typer.Option(None, help="U-Net deblender weights: run the deblend stage with templates: unet "
+                                 "and these weights (default: the default run's deblender, symmetric templates)"),
     fields: int = typer.Option(2, min=1, help="held-out simulated fields"),
     size: int = typer.Option(1024, "--size", "--field-size", min=256, help="side of each field, pixels"),
     seed: int = typer.Option(20261127, min=0, help="seed of the held-out fields"),

@@ -73,21 +73,21 @@ def _close_pair(seed: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
 @pytest.mark.slow
 def test_a_close_pair_gives_two_sources():
     """The pair gives two detections, each within 1 px of a true centre, deblended together, and their deblended
-    i fluxes add up to the pair's light within 15 % (they miss 7-10 %: the fractions are small in the faint wings,
-    where the training target T_m / (T + 0.1 sigma) is)."""
+    i fluxes add up to the pair's light within 5 % (within 0.5 % with the symmetric templates; the U-Net's
+    fractions missed 7-10 %, small in the faint wings)."""
     for seed in range(3):
         t, x, f = _close_pair(seed)
         assert len(t) == 2, t[["x_tile", "y_tile"]]
         near = np.hypot(t.x_tile.to_numpy()[:, None] - x[None], t.y_tile.to_numpy()[:, None] - 31.5)
         assert (near.min(axis=0) < 1.0).all() and len(set(near.argmin(axis=0))) == 2, near
-        assert (t.deblend_method == "unet").all() and t.blend_id.nunique() == 1
-        assert t.flux_deblend_i.sum() == pytest.approx(f.sum(), rel=0.15)
+        assert (t.deblend_method == "symmetric").all() and t.blend_id.nunique() == 1
+        assert t.flux_deblend_i.sum() == pytest.approx(f.sum(), rel=0.05)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 17 open: the brighter member comes out 14-27 % low and the fainter "
-                   "7-12 % high, the detector placing the fainter one's centre 0.35-0.5 px towards its neighbour; "
-                   "at the true centres the U-Net gives both 7-16 % low, so the deblender misses it too")
+@pytest.mark.xfail(strict=True, reason="issue 17 open: the brighter member comes out 14-23 % low and the fainter "
+                   "19-35 % high with the symmetric templates (the U-Net: 14-27 % and 7-12 %), the detector placing "
+                   "the fainter one's centre 0.35-0.5 px towards its neighbour; the sum is within 0.5 %")
 def test_a_close_pair_is_measured_within_15_percent():
     """Issue 17's target: each member's deblended i flux within 15 % of its truth."""
     for seed in range(3):

@@ -116,21 +116,22 @@ def test_lsdb_opens_and_crossmatches(run, truth):
 
 
 def test_deblend_stage_ran_in_the_run(run):
-    """Blended sources went through the learned deblender, isolated ones passed through unchanged. With the
-    learned detector 0.73 of the blended rows are deblended by the U-Net (0.8 and more with SEP's deblending):
-    the rest are in groups of more than 6 members or wider than a stamp, which keep their Kron fluxes."""
+    """Blended sources went through the deblender (symmetric templates, the default), isolated ones passed
+    through unchanged. With the learned detector 0.96 of the blended rows are deblended (the rest are near
+    the edge of the tile arrays and keep their Kron fluxes); a member whose light all went to brighter ones has
+    blendedness 1."""
     _, _, cat = run
     blended = cat.n_blend >= 2
     assert blended.sum() > 10
-    assert set(cat.deblend_method[blended]) <= {"unet", "auto_fallback"}
-    assert (cat.deblend_method[blended] == "unet").mean() > 0.65
+    assert set(cat.deblend_method[blended]) <= {"symmetric", "auto_fallback"}
+    assert (cat.deblend_method[blended] == "symmetric").mean() > 0.9
     assert (cat.deblend_method[~blended] == "isolated").all()
     iso = cat[~blended]
     assert np.allclose(iso.flux_deblend_i, iso.flux_auto_i, equal_nan=True)
-    unet = cat[cat.deblend_method == "unet"]
-    assert unet.blendedness.between(0, 1).all()
+    deb = cat[cat.deblend_method == "symmetric"]
+    assert deb.blendedness.between(0, 1).all()
     # the members of a blend share its light: their deblended fluxes are positive for real members
-    assert (unet.flux_deblend_i > 0).mean() > 0.9
+    assert (deb.flux_deblend_i > 0).mean() > 0.9
 
 
 def test_lens_candidate_table_holds_the_visible_lenses(run, survey):
@@ -294,19 +295,18 @@ def test_cluster_catalog_and_members(run, survey, truth):
 
 
 def test_deblended_fluxes_against_the_truth(run, truth):
-    """The learned deblender's i fluxes of blend members brighter than i = 23.5, matched to their truth galaxy
-    within 0.3": median |dF|/F against the truth's total flux. Measured 0.25 on this survey with the learned
-    detector (0.21 with SEP's deblending), where the members' Kron fluxes, now with the neighbours' segments
-    masked, are off by 0.18 (0.87 unmasked): on these members the U-Net no longer beats masked Kron (on the
-    eval detect fields' blended galaxies it does, 0.43 against 0.57), the gap issue 17 still has to close.
-    Two-sided, about the measured value: within [0.12, 0.32], and within 1.6 times the masked Kron error."""
+    """The deblender's i fluxes of blend members brighter than i = 23.5, matched to their truth galaxy within
+    0.3": median |dF|/F against the truth's total flux. Measured 0.090 on this survey (207 members) with the
+    symmetric templates, where the U-Net's fractions gave 0.25 and the members' Kron fluxes, with the
+    neighbours' segments masked, are off by 0.205. Two-sided, about the measured value: within [0.05, 0.15],
+    and under 0.7 times the masked Kron error."""
     _, _, cat = run
-    unet = cat[cat.deblend_method == "unet"]
+    deb = cat[cat.deblend_method == "symmetric"]
     t = truth[truth.kind.isin(["galaxy", "bcg"]) & (truth.mag_i < 23.5)]
-    _, idx, sep = match(unet, t, 0.3)
+    _, idx, sep = match(deb, t, 0.3)
     ok = sep < 0.3
-    assert ok.sum() >= 60
+    assert ok.sum() >= 100
     ftrue = 10 ** (-0.4 * (t.mag_i.to_numpy()[idx[ok]] - 31.4))  # nJy, as the catalog's fluxes
-    err_unet = np.median(np.abs(unet.flux_deblend_i.to_numpy()[ok] / ftrue - 1))
-    err_kron = np.median(np.abs(unet.flux_auto_i.to_numpy()[ok] / ftrue - 1))
-    assert 0.12 < err_unet < 0.32 and err_unet < 1.6 * err_kron, (err_unet, err_kron)
+    err_deb = np.median(np.abs(deb.flux_deblend_i.to_numpy()[ok] / ftrue - 1))
+    err_kron = np.median(np.abs(deb.flux_auto_i.to_numpy()[ok] / ftrue - 1))
+    assert 0.05 < err_deb < 0.15 and err_deb < 0.7 * err_kron, (err_deb, err_kron)

@@ -42,3 +42,7 @@ def test_deblend_unet_flux_errors_on_fresh_blends():
     assert abs(got["median_abs"] - recorded["median_abs"]) <= 0.05, (got, recorded)
     assert abs(got["median"] - recorded["median"]) <= 0.06, (got, recorded)
     assert np.isfinite(r["methods"]["sep"]["bands"]["i"]["median_abs"])
+    # the stage's default, symmetric templates, on the same blends and detections (no weights)
+    sym = r["methods"]["symmetric"]["bands"]["i"]
+    recorded_sym = json.loads((WEIGHTS / "deblend_unet.eval.json").read_text())["methods"]["symmetric"]["bands"]["i"]
+    assert abs(sym["median_abs"] - recorded_sym["median_abs"]) <= 0.04, (sym, recorded_sym)

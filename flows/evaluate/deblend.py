@@ -7,8 +7,10 @@ The same detected centres then go to each method:
 - sep: the pipeline's SEP deblending; each child's flux is its Kron ellipse (3.5 Kron radii, as `measure`)
   summed with the pixels of the other deblended children masked (SEP's segmentation-map masking);
 - unet: the learned deblender (models/deblend_unet.py), flux = sum of fraction x observed pixels;
+- symmetric: the deblend stage's default, each pixel's light shared in proportion to the members' symmetric,
+  monotonic templates (tasks/stages/_templates.py), flux = sum of that share x observed pixels;
 - scarlet2: scarlet2 fitted with one source per detected centre (flows/evaluate/baseline_scarlet2.py).
-A member that is not detected counts as not recovered for all three. F_true is the member's flux as if it
+A member that is not detected counts as not recovered for every method. F_true is the member's flux as if it
 were alone in the same stamp: the sum of its noiseless isolated image over the stamp's pixels. (The
 catalogue's total flux is up to 26% larger for bright members near the stamp's edge; that light is outside
 what any method sees, so it would measure the stamp size rather than the deblending. The median of that
@@ -32,6 +34,7 @@ from astropy.wcs import WCS
 from deepfield.models.deblend_unet import fit_fluxes, fractions, member_images, member_inputs, share
 from deepfield.models.progress import say
 from deepfield.models.registry import create_model
+from deepfield.tasks.stages._templates import blend_templates
 from deepfield.tasks.stages.detect import DetectStage
 from deepfield.tasks.stages.measure import MeasureStage
 from deepfield.tasks.tiling import Box, TileId
@@ -128,7 +131,7 @@ def evaluate(n: int = 300, seed: int = EVAL_SEED, weights: Path | None = None, s
     ref_band = next(b for b in (cfg.reference_band, "r", cfg.bands[-1]) if b in cfg.bands)
     ri = cfg.bands.index(ref_band)
     rows, pairs = [], []
-    times = {"sep": 0.0, "unet": 0.0, "scarlet2": 0.0}
+    times = {"sep": 0.0, "unet": 0.0, "symmetric": 0.0, "scarlet2": 0.0}
     t_first = None
     for b in range(n):
         members = d["members"][d["members"].blend == b].sort_values("member").reset_index(drop=True)
@@ -144,6 +147,10 @@ def evaluate(n: int = 300, seed: int = EVAL_SEED, weights: Path | None = None, s
             t = time.perf_counter()
             est["unet"] = unet_fluxes(model, d["images"][b], d["sigma"][b], centres)
             times["unet"] += time.perf_counter() - t
+            t = time.perf_counter()
+            est["symmetric"] = (share(blend_templates(d["images"][b], centres), floor=0.0)
+                                * d["images"][b][None]).sum(axis=(2, 3))
+            times["symmetric"] += time.perf_counter() - t
             if scarlet:
                 t = time.perf_counter()
                 try:
@@ -174,7 +181,7 @@ def evaluate(n: int = 300, seed: int = EVAL_SEED, weights: Path | None = None, s
         if (b + 1) % 50 == 0 or b + 1 == n:
             say(f"  {b + 1}/{n} blends")
     res = pd.DataFrame(rows)
-    methods = ["sep", "unet"] + (["scarlet2"] if scarlet else [])
+    methods = ["sep", "unet", "symmetric"] + (["scarlet2"] if scarlet else [])
     bright = res[(res.mag_ref < mag_limit) & res.detected]
     out = dict(n_blends=n, n_members=int(len(res)), n_bright=int((res.mag_ref < mag_limit).sum()),
                n_bright_detected=int(len(bright)), mag_limit=mag_limit, seed=seed, truth="in-stamp flux alone",

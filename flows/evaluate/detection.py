@@ -6,7 +6,8 @@ artefacts) at a seed no training uses, ingested into a Zarr store (tasks.trainse
 tile of the store (with the default run's halo) goes in-process through:
 - deepfield: the detection stages of the default run configuration (`DETECTION_STAGES` as
   flows/run_config.py lists them, with its parameters; `detect_params` override the detect stage's, so a
-  detection method of that stage is evaluated by naming it), the deblender with the shipped weights. Flux:
+  detection method of that stage is evaluated by naming it), the deblender as configured there (symmetric
+  templates; the U-Net with `weights`). Flux:
   `flux_deblend_<ref>` (`flux_auto_<ref>` where the stages give no deblended flux).
 - SEP alone (flows/evaluate/baseline_sep.py): SEP on the reference band of the same background-subtracted
   tile (the background stage's output), `sep.extract` at 1.5 sigma after a Gaussian filter of the band's PSF
@@ -90,7 +91,8 @@ def detection_stages(detect_params: dict | None = None, deblend_weights: Path | 
                      ) -> tuple[list[tuple[str, dict]], int]:
     """([(name, full configuration)] of the default run configuration's stages that are in DETECTION_STAGES,
     in its order, the detect stage's parameters updated with `detect_params` and the deblender's weights set
-    where given; the default halo). StageConfigError (a ValueError naming the stage and key) for a bad one."""
+    where given, with `templates: unet`; the default halo). StageConfigError (a ValueError naming the stage and
+    key) for a bad one."""
     specs = RunConfig.model_fields["stages"].default_factory()
     out = []
     for s in specs:
@@ -99,8 +101,8 @@ def detection_stages(detect_params: dict | None = None, deblend_weights: Path | 
         params = dict(s.params)
         if s.name == "detect":
             params.update(detect_params or {})
-        if s.name == "deblend" and deblend_weights is not None:
-            params["weights"] = str(deblend_weights)
+        if s.name == "deblend" and deblend_weights is not None:  # weights: the U-Net's
+            params.update(weights=str(deblend_weights), templates="unet")
         out.append((s.name, stage_class(s.name).configure(params).model_dump(mode="json")))
     return out, int(RunConfig.model_fields["halo"].default)
 

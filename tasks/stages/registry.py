@@ -144,7 +144,8 @@ def _variant_candidates(name: str, params: dict) -> list[dict]:
     from .base import ModelStage
     cls = stage_class(name)
     cfg = cls.configure(params)
-    if not issubclass(cls, ModelStage) or cfg.weights is not None or cfg.variant is not None:
+    if not issubclass(cls, ModelStage) or cfg.weights is not None or cfg.variant is not None \
+            or not cls.used_models(cfg):
         return [dict(params)]
     from deepfield.models.registry import variants
     tags = sorted(variants(cls.used_models(cfg)[0]).items(), key=lambda kv: (-len(kv[1]), kv[0] != "", kv[0]))
