@@ -1,6 +1,6 @@
 """CPU cost of every stage of the default run per megapixel, against SEP alone on the same pixels, and what the
 detect stage's method costs the run: `python tests/benchmarks/bench_stages.py [--sim DIR] [--tiles N]
-[--rounds R] [--profile K]`.
+[--rounds R] [--profile K] [--param STAGE.KEY=VALUE ...]`.
 
 Ingests the simulated fields (two 2048^2 g, r, i, z fields by default, or `--sim`; tiles of the default size)
 and runs, in one process (no Ray, no Prefect: the stages' own cost), what a tile runner does with each tile:
@@ -139,7 +139,18 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="K", help="also profile every step, K functions each")
     ap.add_argument("--rounds", type=int, default=1, help="alternate the two detect methods' passes this many "
                     "times (a shared machine's load drifts; the figures are the rounds' means)")
+    ap.add_argument("--param", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                    help="a stage parameter over the default run configuration's (repeatable; the value as YAML), "
+                    "e.g. --param deblend.templates=unet")
     args = ap.parse_args()
+    import yaml
+    over: dict[str, dict] = {}
+    for item in args.param:
+        key, sep_, value = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not sep_ or not dot or not stage or not name:
+            ap.error(f"--param {item!r}: expected STAGE.KEY=VALUE")
+        over.setdefault(stage, {})[name] = yaml.safe_load(value)
     import torch
     torch.set_num_threads(1)
     from deepfield.flows.run_config import RunConfig
@@ -160,7 +171,11 @@ def main() -> None:
         if args.tiles:
             tiles = tiles[:args.tiles]
         mpx = len(tiles) * cfg.store.tile ** 2 / 1e6
-        base = [(st.name, dict(st.params)) for st in RunConfig.model_fields["stages"].default_factory()]
+        base = [(st.name, {**st.params, **over.get(st.name, {})})
+                for st in RunConfig.model_fields["stages"].default_factory()]
+        unknown = set(over) - {n for n, _ in base}
+        if unknown:
+            ap.error(f"--param: no stage {', '.join(sorted(unknown))} in the default run configuration")
         m = stage_class("measure").configure(dict(base).get("measure", {}))
         kron = dict(kron_k=m.kron_k, kron_rmax=m.kron_rmax, min_radius=m.min_radius)
         costs: dict[str, dict[str, float]] = {}
