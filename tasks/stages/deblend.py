@@ -42,10 +42,11 @@ i < 24 from 0.427 to 0.39 (`deepfield eval detect --size 2048`).
 With `templates: unet`, weights with an image head (`deepfield train deblend --output image`) predict each
 member's noiseless image instead (a template, models.deblend_unet.member_images). With `template_flux: fit`
 (default) the members' templates are fitted to the stamp together, band by band (models.deblend_unet.fit_fluxes:
-inverse-variance weighted least squares, masked pixels left out): `flux_deblend_<b>` is the amplitude times the template's sum,
-`fluxerr_deblend_<b>` from the fit's covariance, and the deblended image for shape and blendedness is the scaled
-template; a member whose template is empty in some band keeps its Kron fluxes (`auto_fallback`). With
-`template_flux: share` each pixel's light is shared in proportion to the templates, as with fractions.
+inverse-variance weighted least squares, masked pixels left out): `flux_deblend_<b>` is the amplitude times the
+template's sum, `fluxerr_deblend_<b>` from the fit's covariance, and the deblended image for shape and
+blendedness is the scaled template; a member whose template is empty in some band keeps its Kron fluxes
+(`auto_fallback`). With `template_flux: share` each pixel's light is shared in proportion to the templates, as
+with fractions.
 
 With `mask_others` (the default), the pixels of a stamp that the detect stage's segmentation map
 (`tile.meta["segmap"]`, valued `seg_id`) gives to a detection that is not one of the stamp's members are set to
@@ -94,16 +95,17 @@ class DeblendConfig(ModelStageConfig):
     mask_others: bool = Field(True, description="zero the pixels of a stamp that the detect stage's segmentation "
                               "gives to detections outside the stamp's members")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="templates 'unet': the network's arithmetic on a CPU: 'auto', bfloat16 (torch.autocast) where the CPU "
-        "computes it natively (AVX512-BF16 or AMX), else float32")
+        "auto", description="templates 'unet': the network's arithmetic on a CPU: 'auto', bfloat16 "
+        "(torch.autocast) where the CPU computes it natively (AVX512-BF16 or AMX), else float32")
     templates: Literal["symmetric", "unet"] = Field(
         "symmetric", description="how each pixel's light is shared among a blend's members: 'symmetric', in "
         "proportion to their symmetric, monotonic templates (tasks/stages/_templates.py); 'unet', the network's")
     template_smooth: float = Field(0.5, ge=0, description="templates 'symmetric': the Gaussian (sigma, px) that "
                                    "smooths the blend before its templates are made")
     template_flux: Literal["fit", "share"] = Field(
-        "fit", description="templates 'unet', weights with an image head (the members' noiseless images): 'fit', the templates' "
-        "amplitudes fitted to the pixels together; 'share', each pixel's light shared in proportion to the templates")
+        "fit", description="templates 'unet', weights with an image head (the members' noiseless images): 'fit', "
+        "the templates' amplitudes fitted to the pixels together; 'share', each pixel's light shared in proportion "
+        "to the templates")
 
 
 class DeblendStage(ModelStage):
@@ -243,8 +245,8 @@ class DeblendStage(ModelStage):
                     frac = share(blend_templates(stamp, centres, self.template_smooth), floor=0.0)
                 elif image_head:
                     net = out_all[k0:k0 + len(rows)]
-                    k0 += len(rows)  # templates of the members' light
-                    tmpl = member_images(net, sigma)
+                    k0 += len(rows)
+                    tmpl = member_images(net, sigma)  # templates of the members' light
                     if self.template_flux == "fit":  # their amplitudes fitted to the pixels together
                         fit_flux, fit_err, amp = fit_fluxes(tmpl, stamp, vstamp)
                     else:
