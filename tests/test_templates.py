@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deepfield.models.deblend_unet import share
-from deepfield.tasks.stages._templates import blend_templates, geometry, symmetric_monotonic
+from deepfield.tasks.stages._templates import blend_templates, geometry, symmetric_monotonic, template_fractions
 
 
 def _path_minimum(img: np.ndarray, centre: tuple[float, float]) -> np.ndarray:
@@ -64,6 +63,6 @@ def test_noiseless_pair_is_shared_by_the_templates():
             np.exp(-((yy - 24) ** 2 + (xx - 27) ** 2) / (2 * 2.0 ** 2)) / (2 * np.pi * 2.0 ** 2)]
     image = (prof[0] + prof[1]).astype(np.float32)[None] * 1000
     t = blend_templates(image, centres, smooth=0.0)
-    flux = (share(t, floor=0.0) * image[None]).sum(axis=(1, 2, 3))
+    flux = (template_fractions(image, centres, smooth=0.0) * image[None]).sum(axis=(1, 2, 3))
     np.testing.assert_allclose(flux, [4000, 1000], rtol=0.02)
     assert t[1, 0, 24, 19] < 0.02 * t[1, 0, 24, 27]

@@ -34,7 +34,7 @@ from astropy.wcs import WCS
 from deepfield.models.deblend_unet import fit_fluxes, fractions, member_images, member_inputs, share
 from deepfield.models.progress import say
 from deepfield.models.registry import create_model
-from deepfield.tasks.stages._templates import blend_templates
+from deepfield.tasks.stages._templates import template_fractions
 from deepfield.tasks.stages.detect import DetectStage
 from deepfield.tasks.stages.measure import MeasureStage
 from deepfield.tasks.tiling import Box, TileId
@@ -148,8 +148,7 @@ def evaluate(n: int = 300, seed: int = EVAL_SEED, weights: Path | None = None, s
             est["unet"] = unet_fluxes(model, d["images"][b], d["sigma"][b], centres)
             times["unet"] += time.perf_counter() - t
             t = time.perf_counter()
-            est["symmetric"] = (share(blend_templates(d["images"][b], centres), floor=0.0)
-                                * d["images"][b][None]).sum(axis=(2, 3))
+            est["symmetric"] = (template_fractions(d["images"][b], centres) * d["images"][b][None]).sum(axis=(2, 3))
             times["symmetric"] += time.perf_counter() - t
             if scarlet:
                 t = time.perf_counter()

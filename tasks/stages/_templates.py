@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-__all__ = ["symmetric_monotonic", "blend_templates"]
+__all__ = ["symmetric_monotonic", "blend_templates", "template_fractions"]
 
 PASSES = 2  # passes of templates made from the blend less the others' (|dF|/F after 1, 2, 3: docstring)
 FULL_RATIO = 10.0  # a member this many times brighter (its template's sum) than another counts in full
@@ -110,3 +110,10 @@ def blend_templates(stamp: np.ndarray, centres: np.ndarray, smooth: float = 0.5,
         blurred = gaussian_filter(t, (0, 0, smooth, smooth), truncate=3.0) if smooth > 0 else t
         t = symmetric_monotonic(img[None] - np.tensordot(w.T.astype(np.float32), blurred, axes=1), geom)
     return t
+
+
+def template_fractions(stamp: np.ndarray, centres: np.ndarray, smooth: float = 0.5) -> np.ndarray:
+    """Each member's share (K, B, S, S) of each pixel's light: its template over the sum of the members'
+    templates wherever they have light, 0 elsewhere (what the deblend stage multiplies the pixels by)."""
+    from deepfield.models.deblend_unet import share
+    return share(blend_templates(stamp, centres, smooth), floor=0.0)

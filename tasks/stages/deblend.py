@@ -65,7 +65,7 @@ import pandas as pd
 from pydantic import Field
 
 from ._pixels import UNUSABLE, cut_stamp
-from ._templates import blend_templates
+from ._templates import template_fractions
 from .base import ModelStage, ModelStageConfig, StageConfig
 from .measure import magnitudes
 
@@ -178,8 +178,8 @@ class DeblendStage(ModelStage):
         bad = (tile.mask[idx] & UNUSABLE) != 0
         image = np.where(bad, 0.0, image).astype(np.float32)
         var = np.where(tile.invvar[idx] > 0, 1.0 / np.maximum(tile.invvar[idx], 1e-30), 0.0)
-        sigma = np.array([1.0 / np.sqrt(np.median(v[v > 0])) if np.any(v > 0) else 1.0
-                          for v in tile.invvar[idx]], np.float32)
+        sigma = np.array([1.0 / np.sqrt(np.median(v[v > 0])) if np.any(v > 0) else 1.0  # the network's scale
+                          for v in tile.invvar[idx]], np.float32) if self.templates == "unet" else None
         method = np.full(n, "isolated", object)
         flux = np.full((n, len(idx)), np.nan)
         ferr = np.full((n, len(idx)), np.nan)
@@ -242,19 +242,18 @@ class DeblendStage(ModelStage):
             k0 = 0
             for rows, measured, stamp, vstamp, centres in jobs:
                 if self.templates == "symmetric":
-                    frac = share(blend_templates(stamp, centres, self.template_smooth), floor=0.0)
-                elif image_head:
-                    net = out_all[k0:k0 + len(rows)]
-                    k0 += len(rows)
-                    tmpl = member_images(net, sigma)  # templates of the members' light
-                    if self.template_flux == "fit":  # their amplitudes fitted to the pixels together
-                        fit_flux, fit_err, amp = fit_fluxes(tmpl, stamp, vstamp)
-                    else:
-                        frac = share(tmpl, floor=0.0)  # in proportion to the templates wherever they have light
+                    frac = template_fractions(stamp, centres, self.template_smooth)
                 else:
                     net = out_all[k0:k0 + len(rows)]
                     k0 += len(rows)
-                    frac = share(net)  # each pixel's light goes to the members, once
+                    if not image_head:
+                        frac = share(net)  # each pixel's light goes to the members, once
+                    else:
+                        tmpl = member_images(net, sigma)  # templates of the members' light
+                        if self.template_flux == "fit":  # their amplitudes fitted to the pixels together
+                            fit_flux, fit_err, amp = fit_fluxes(tmpl, stamp, vstamp)
+                        else:  # in proportion to the templates wherever they have light
+                            frac = share(tmpl, floor=0.0)
                 for k, r in enumerate(rows):
                     if r not in measured:  # a neighbour on another member's own stamp
                         continue
