@@ -38,8 +38,9 @@ def _galaxy(x, y, mag, n_blend, hlr=0.5, kind="galaxy", swallow=np.nan, blendedn
             "swallow_flux": swallow, "blendedness": blendedness}
 
 
-def _scored():
-    """A 200 x 200 px field with hand-placed truth and detections (fluxes in units of each object's F_true)."""
+def _scored(n_blend=None):
+    """A 200 x 200 px field with hand-placed truth and detections (fluxes in units of each object's F_true);
+    `n_blend`: the detections' blend group sizes, if given."""
     f = _flux
     truth = pd.DataFrame([
         _galaxy(50, 50, 23.0, 1),                         # 0 isolated, detected 0.3" away, +10 %
@@ -63,6 +64,8 @@ def _scored():
         {"x": 180.0, "y": 20.0, "flux": 5.0},               # 7 nothing there: unmatched
         {"x": 4.0, "y": 100.0, "flux": f(22.0)},            # 8 -> truth 7, but near the edge: not counted
     ])
+    if n_blend is not None:
+        det["n_blend"] = n_blend
     return score_field(truth, det, RADIUS, (200, 200))
 
 
@@ -75,6 +78,17 @@ def test_score_field_outcomes():
     assert t.interior.tolist() == [True] * 7 + [False, True]
     assert d.truth_index.tolist() == [0, -1, 1, 2, 3, 6, -1, -1, 7]
     assert t.shredded.tolist() == [True, False, False, False, False, False, False, False, False]
+
+
+def test_flux_error_by_part():
+    # the pair's detections (2, 3) deblended together; truth 3's detection (4) alone, holding 4's light too
+    t, d = _scored(n_blend=[1, 1, 2, 2, 1, 1, 1, 1, 1])
+    assert t.det_n_blend.tolist()[:4] == [1, 2, 2, 1] and np.isnan(t.det_n_blend[4:6]).all()
+    r = figures(t, d.assign(label="none"), np.zeros(0, bool))
+    parts = r["flux_blended"]["median_abs_by_part"]
+    assert parts["deblended"] == {"n": 2, "median_abs": pytest.approx(0.2)}  # truth 1, 2: -0.2, +0.2
+    assert parts["alone"] == {"n": 1, "median_abs": pytest.approx(0.3)}  # truth 3: +0.3
+    assert parts["swallowed"]["n"] == 1
 
 
 def test_figures_by_hand():
@@ -97,6 +111,9 @@ def test_figures_by_hand():
     fb = r["flux_blended"]
     assert fb["n"] == 5 and fb["outcomes"] == {"matched": 3, "swallowed": 1, "missed": 1}
     assert fb["median_abs"] == pytest.approx(np.median(np.abs(errors)))
+    parts = fb["median_abs_by_part"]  # no n_blend on the detections: matched ones are neither deblended nor alone
+    assert parts["deblended"] == {"n": 0, "median_abs": None} and parts["alone"]["n"] == 0
+    assert parts["swallowed"] == {"n": 1, "median_abs": pytest.approx(abs(e4))}
     assert fb["bias"] == pytest.approx(np.median(errors))
     assert r["flux_isolated"]["median_abs"] == pytest.approx(0.1)
     # overlapped by light (blendedness > 0.1): 4 and 5, neither found
@@ -162,13 +179,18 @@ def test_the_command_on_a_small_field(tmp_path):
     r = runner.invoke(app, ["eval", "detect", "--fields", "1", "--size", "256", "--seed", "5", "--workers", "1",
                             "--work", str(tmp_path / "work"), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert "SEP alone" in r.output and "close pairs" in r.output
+    assert "SEP alone" in r.output and "close pairs" in r.output and "deblended / alone / swallowed" in r.output
     fig = json.loads(out.read_text())
     assert fig["swallow_method"] == "segmap" and fig["flux_column"] == "flux_deblend_i"
     for m in ("sep", "deepfield"):
         f = fig["methods"][m]
         assert f["n_detections"] > 20 and 0 < f["purity"] <= 1
         assert f["flux_blended"]["n"] == sum(f["flux_blended"]["outcomes"].values())
+        parts = f["flux_blended"]["median_abs_by_part"]
+        assert parts["swallowed"]["n"] == f["flux_blended"]["outcomes"]["swallowed"]
+        # SEP alone's detections carry no blend group: its matched galaxies are in neither part
+        assert parts["deblended"]["n"] + parts["alone"]["n"] == (f["flux_blended"]["outcomes"]["matched"]
+                                                                  if m == "deepfield" else 0)
         assert f["cpu_seconds_per_mpx"] > 0
     # both are scored against the same true galaxies
     sep_, net = fig["methods"]["sep"], fig["methods"]["deepfield"]

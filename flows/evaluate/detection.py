@@ -36,7 +36,10 @@ or not: each field is scored as its own image), in the reference band (i):
   F_meas: the matched detection's flux; for a galaxy not found, the flux of the detection that swallowed it,
   the one whose segment (the detect stage's segmentation map, SEP's own for SEP alone) holds its true centre
   pixel (where the detect stage gives no segmentation map: the nearest detection within 2 PSF-convolved
-  half-light radii); a galaxy in no detection's segment counts with F_meas = 0 (|dF|/F = 1).
+  half-light radii); a galaxy in no detection's segment counts with F_meas = 0 (|dF|/F = 1). The median is
+  also given apart for the matched galaxies whose detection the deblend stage shared with others (the
+  detection's `n_blend` >= 2), those whose detection was alone in its footprint (so that a neighbour's light
+  there, undetected, is in its flux), and the swallowed ones (SEP alone: the swallowed only).
 - purity: fraction of interior primary detections matched to a true object; the true objects are galaxies,
   stars and the anomalies' sources (lenses, ring galaxies, mergers), not the artefacts (cosmic rays, hot
   pixels, ghosts, trails), whose detections count against purity as they would in a survey; the unmatched
@@ -180,7 +183,8 @@ def run_fields(store: Path, stages: list[tuple[str, dict]], halo: int, truth: pd
         prim = sources.is_primary.to_numpy(bool) if len(sources) else np.zeros(0, bool)
         if prim.any():
             rows["deepfield"].append(pd.DataFrame({"field": tid.field, "x": sources.x.to_numpy(float)[prim],
-                                                   "y": sources.y.to_numpy(float)[prim], "flux": flux[prim]}))
+                                                   "y": sources.y.to_numpy(float)[prim], "flux": flux[prim],
+                                                   "n_blend": sources.n_blend.to_numpy(float)[prim]}))
         xf, yf = sep_tab.x_tile.to_numpy() + tile.box.x0, sep_tab.y_tile.to_numpy() + tile.box.y0
         sprim = _in_core(xf, yf, tile.core)
         rows["sep"].append(pd.DataFrame({"field": tid.field, "x": xf[sprim], "y": yf[sprim],
@@ -277,6 +281,9 @@ def format_report(r: dict) -> str:
             return lambda f: f"{_cell(f[k]['median_abs'], '.3f')} ({f[k]['n']})"
         if what == "bias":
             return lambda f: _cell(f[k]["bias"], "+.3f")
+        if what == "parts":
+            return lambda f: "/".join(_cell(f[k]["median_abs_by_part"][p]["median_abs"], ".2f")
+                                      for p in ("deblended", "alone", "swallowed"))
         return lambda f: "/".join(str(f[k]["outcomes"][o]) for o in ("matched", "swallowed", "missed"))
 
     rows = [(f"completeness, {label} (n)", comp(k), TARGETS.get(k)) for k, label in (
@@ -293,7 +300,8 @@ def format_report(r: dict) -> str:
                      ("flux_isolated", "isolated galaxies")):
         rows += [(f"|dF|/F median, {label}, i < 24 (n)", flux(k, "median"), TARGETS.get(f"{k}_median_abs")),
                  ("  bias, median (F - F_true) / F_true", flux(k, "bias"), TARGETS.get(f"{k}_bias")),
-                 ("  matched / swallowed / missed", flux(k, "outcomes"), None)]
+                 ("  matched / swallowed / missed", flux(k, "outcomes"), None),
+                 ("  median: deblended / alone / swallowed", flux(k, "parts"), None)]
     rows += [("purity, interior primary detections (n)",
               lambda f: f"{_cell(f['purity'], '.4f')} ({f['n_detections']})", TARGETS["purity"]),
              ("true objects with an extra detection < 0.6\"", lambda f: str(f["shredded_truth"]), None),
@@ -306,8 +314,8 @@ def format_report(r: dict) -> str:
             f"{r['reference_band']}, matched one-to-one within {r['match_arcsec']}\" to true objects brighter than "
             f"{r['truth_mag_limit']}; deepfield: {', '.join(n for n, _ in r['stages'])} with detect "
             f"{r['detect_params'] or 'defaults'}, flux {r['flux_column']}, swallowed members by {r['swallow_method']}")
-    lines = [head, "", f"{'':46s}{'SEP alone':>14s}{'deepfield':>14s}{'target':>14s}"]
-    lines += [f"{label:46s}{fmt(s):>14s}{fmt(d):>14s}{_target(target):>14s}" for label, fmt, target in rows]
+    lines = [head, "", f"{'':46s}{'SEP alone':>16s}{'deepfield':>16s}{'target':>16s}"]
+    lines += [f"{label:46s}{fmt(s):>16s}{fmt(d):>16s}{_target(target):>16s}" for label, fmt, target in rows]
     for name, f in (("SEP alone", s), ("deepfield", d)):
         by = sorted(f["unmatched_by_label"].items(), key=lambda kv: -kv[1])
         lines.append(f"unmatched {name} detections by what lies within 8 px: " + ", ".join(f"{k} {v}" for k, v in by))

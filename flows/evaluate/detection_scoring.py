@@ -84,10 +84,11 @@ def score_field(truth: pd.DataFrame, det: pd.DataFrame, radius_px: float, shape:
 
     truth: the field's true objects with x, y (field pixels), kind, mag_<ref>, flux_<ref>, n_blend, hlr
     (arcsec) and swallow_flux (the flux of the detection whose segment holds the true centre, NaN for none);
-    det: the field's primary detections with x, y and flux. Returns copies: truth with `interior`,
-    `det_index` (matched detection row or -1), `found`, `outcome` ("matched", "swallowed", "missed"),
-    `flux_meas` (matched flux, else swallow_flux, else 0) and `shredded` (an unmatched detection within
-    radius_px); det with `interior` and `truth_index` (matched truth row or -1)."""
+    det: the field's primary detections with x, y, flux and optionally n_blend (the detect stage's blend
+    group size). Returns copies: truth with `interior`, `det_index` (matched detection row or -1), `found`,
+    `outcome` ("matched", "swallowed", "missed"), `flux_meas` (matched flux, else swallow_flux, else 0),
+    `shredded` (an unmatched detection within radius_px) and, when det has n_blend, `det_n_blend` (the
+    matched detection's, NaN for none); det with `interior` and `truth_index` (matched truth row or -1)."""
     truth, det = truth.reset_index(drop=True).copy(), det.reset_index(drop=True).copy()
     usable = (truth[f"mag_{ref}"] < TRUTH_MAG_LIMIT).to_numpy()
     sub = np.flatnonzero(usable)
@@ -104,6 +105,9 @@ def score_field(truth: pd.DataFrame, det: pd.DataFrame, radius_px: float, shape:
     matched_flux = det.flux.to_numpy(float)[np.maximum(det_index, 0)] if len(det) else np.zeros(len(truth))
     truth["outcome"] = np.where(truth.found, "matched", np.where(np.isfinite(swallow), "swallowed", "missed"))
     truth["flux_meas"] = np.where(truth.found, matched_flux, np.where(np.isfinite(swallow), swallow, 0.0))
+    if "n_blend" in det.columns:  # the size of the matched detection's blend group (NaN: none matched)
+        truth["det_n_blend"] = np.where(truth.found, det.n_blend.to_numpy(float)[np.maximum(det_index, 0)]
+                                        if len(det) else np.nan, np.nan)
     shredded = np.zeros(len(truth), bool)
     extra = det[(det.truth_index < 0).to_numpy()]
     if len(extra) and len(truth):
@@ -142,9 +146,17 @@ def _flux(t: pd.DataFrame, ref: str) -> dict:
     """Median |F_meas - F_true| / F_true and median (F_meas - F_true) / F_true of the rows of `t` (scored
     truth), with how each was measured."""
     e = (t.flux_meas.to_numpy(float) - t[f"flux_{ref}"].to_numpy(float)) / t[f"flux_{ref}"].to_numpy(float)
+    # where the error comes from: matched galaxies whose detection was deblended among others (the detections'
+    # `n_blend` >= 2) or alone in its footprint (whatever else lies there undetected), and the swallowed ones
+    group = t.det_n_blend.to_numpy(float) if "det_n_blend" in t.columns else np.full(len(t), np.nan)
+    matched = (t.outcome == "matched").to_numpy()
+    parts = {"deblended": matched & (group >= 2), "alone": matched & (group == 1),
+             "swallowed": (t.outcome == "swallowed").to_numpy()}
     return {"n": int(e.size), "median_abs": float(np.median(np.abs(e))) if e.size else None,
             "bias": float(np.median(e)) if e.size else None,
-            "outcomes": {k: int((t.outcome == k).sum()) for k in ("matched", "swallowed", "missed")}}
+            "outcomes": {k: int((t.outcome == k).sum()) for k in ("matched", "swallowed", "missed")},
+            "median_abs_by_part": {k: {"n": int(m.sum()), "median_abs": float(np.median(np.abs(e[m])))
+                                       if m.any() else None} for k, m in parts.items()}}
 
 
 def figures(truth: pd.DataFrame, det: pd.DataFrame, pair_found: np.ndarray, ref: str = "i") -> dict:
