@@ -113,7 +113,9 @@ def _mag_table(template: str, bandpass_file: str) -> np.ndarray:
 
 def _mag(template: str, bandpass_file: str, z: float | np.ndarray) -> np.ndarray:
     z = np.asarray(z, dtype=float)
-    if np.any(z < 0) or np.any(z > _ZGRID[-1]):
+    # the simulator calls this once per galaxy and band with a scalar z: its range test by plain comparisons
+    # (np.any on a 0-d array costs more than the interpolation: 70 % of the population sampling's time)
+    if (z < 0 or z > _ZGRID[-1]) if z.ndim == 0 else (np.any(z < 0) or np.any(z > _ZGRID[-1])):
         raise ValueError(f"redshift outside the template grid [0, {_ZGRID[-1]}]")
     return np.interp(z, _ZGRID, _mag_table(template, bandpass_file))
 
