@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from .cli_common import console, fail
-from .cli_models import _bands, _checkpoint, _evaluate, _train, eval_app, train_app
+from .cli_models import _bands, _checkpoint, _evaluate, _train, _variant_out, eval_app, train_app
 
 MODEL = "photoz_knn"
 CNN = "photoz_cnn"
@@ -32,13 +32,16 @@ def _seeds(text: str) -> list[int]:
 @train_app.command("photoz")
 def train_photoz(
     out: Path = typer.Option(None, "--out", "-o", help="weights file (default: the shipped "
-                             "models/weights/photoz_knn.pt)"),
+                             "models/weights/photoz_knn.pt, or for other --bands the band-set variant "
+                             "models/weights/photoz_knn.<bands>.pt)"),
     seeds: str = typer.Option("1001-1010", help="simulated fields, one per seed (comma-separated or FIRST-LAST); "
                               "the last one is held out to fit k and the intervals' spread"),
     size: int = typer.Option(2048, min=256, help="side of each field, pixels"),
     flux: str = typer.Option("gaap", help="photometry of the colours: gaap, aper, auto or deblend (the stage's "
                              "`flux`)"),
-    bands: str = typer.Option(None, help="bands of the simulated fields, comma-separated (default g,r,i,z)"),
+    bands: str = typer.Option(None, help="bands of the simulated fields, comma-separated (default g,r,i,z); "
+                              "a reference set of other bands is a band-set variant, run for surveys that have "
+                              "all of them (u,g,r,i,z,y and u,g,r,i ship)"),
     work: Path = typer.Option(Path(".cache") / "photoz", help="where the fields and each seed's measured galaxies "
                               "are kept; a rerun reads them back (resume)"),
     workers: int = typer.Option(2, min=1, help="processes simulating the fields"),
@@ -53,6 +56,9 @@ def train_photoz(
     if flux not in ("gaap", "aper", "auto", "deblend"):
         fail(f"--flux {flux!r}: one of gaap, aper, auto, deblend")
     seed_list, band_list = _seeds(seeds), _bands(bands)
+    if band_list is not None and len(band_list) < 2:
+        fail(f"--bands {bands!r}: colours need at least two bands")
+    out = _variant_out(out, MODEL, band_list, ["g", "r", "i", "z"])
 
     def fit(command: str):
         stages, halo = detection_stages()  # the default run's background, detect, measure, deblend
@@ -133,6 +139,9 @@ def eval_photoz(
     out: Path = typer.Option(None, help="write the figures as JSON here"),
     cnn_weights: Path = typer.Option(None, help="photo-z CNN weights (default: the shipped "
                                      "models/weights/photoz_cnn.pt)"),
+    bands: str = typer.Option(None, help="bands of the held-out fields, comma-separated (default g,r,i,z); "
+                              "without --weights the reference set is the one a run on these bands chooses "
+                              "(a band-set variant that has them all, else the main one)"),
 ) -> None:
     """sigma_NMAD, outliers, bias and the calibration of p(z) (PIT histogram, 68 % coverage) by i magnitude, for
     each method (knn, cnn) and band set, with the stage's CPU cost, on held-out simulated fields against their
@@ -140,5 +149,8 @@ def eval_photoz(
     from deepfield.flows.evaluate.photoz import evaluate, format_report
     if cnn_weights is not None and not cnn_weights.exists():
         fail(f"--cnn-weights {cnn_weights}: no such file")
+    band_list = _bands(bands)
+    if band_list is not None and len(band_list) < 2:
+        fail(f"--bands {bands!r}: colours need at least two bands")
     _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=size, seed=seed, workers=workers,
-              work=work, device=device, cnn_weights=cnn_weights)
+              work=work, device=device, cnn_weights=cnn_weights, bands=band_list)

@@ -111,8 +111,8 @@ _ENTRIES = (
                gpu=GpuSettings(batch=1, autocast="float16", tolerance=0.01)),
     # not a network: the photo-z reference set, whose neighbour search runs on the CPU wherever the stage runs
     ModelEntry("photoz_knn", "deepfield.models.photoz:PhotoZReference",
-               "k-nearest-neighbour photo-z reference set: simulated galaxies measured by the pipeline, any 2+ of "
-               "its bands", gpu=GpuSettings(batch=1), network=False),
+               "k-nearest-neighbour photo-z reference set: simulated galaxies measured by the pipeline, g r i z "
+               "(any 2+; variants u g r i z y, u g r i for surveys with all of their bands)", gpu=GpuSettings(batch=1), network=False),
     ModelEntry("photoz_cnn", "deepfield.models.photoz_cnn:PhotoZCNN",
                "photo-z CNN on 32x32 stamps with the aperture photometry, any 2+ of g r i z (Pasquet et al. 2019)",
                gpu=GpuSettings(batch=4096, autocast="float16", tolerance=0.01)),

@@ -248,3 +248,51 @@ def test_a_flux_other_than_the_weights_is_refused_when_the_configuration_is_read
         stage.setup("cpu")
         assert stage.flux == trained
         assert make_stage("photoz", method=method, flux=trained).flux == trained
+
+
+def test_a_survey_with_all_of_a_band_set_variants_bands_gets_that_reference_set():
+    """The band-set variants of the reference set (photoz_knn.<bands>.pt) are measured with all of their bands,
+    so a run gets one only where every field has all of them (the most bands first); any other survey with two
+    of g, r, i, z gets the main set, a u or y band then left unused."""
+    from deepfield.models.registry import variants
+    from deepfield.tasks.stages.registry import BandError, make_stage, resolve_bands
+    shipped = variants("photoz_knn")
+    assert shipped[""] == ["g", "r", "i", "z"] and shipped["ugrizy"] == list("ugrizy") and shipped["ugri"] == list("ugri")
+
+    def chosen(fields):
+        stages = [("background", {}), ("detect", {}), ("measure", {}), ("photoz", {})]
+        return dict(resolve_bands(stages, fields)[0])["photoz"].get("variant", "")
+    assert chosen({"a": list("ugrizy")}) == "ugrizy"
+    assert chosen({"a": list("ugri")}) == "ugri"
+    assert chosen({"a": list("ugri"), "b": list("ugrizy")}) == "ugri"  # every field must have the variant's bands
+    assert chosen({"a": list("grizy")}) == ""  # HSC: the main set, y unused
+    assert chosen({"a": list("griz")}) == "" and chosen({"a": list("grz")}) == ""
+    with pytest.raises(BandError, match="at least two"):  # no variant fits, and the main set shares g alone
+        chosen({"a": ["u", "g"]})
+    assert "variant 'ugri'" in make_stage("photoz", variant="ugri").band_problem(list("griz"))
+    stage = make_stage("photoz", variant="ugrizy")
+    stage.setup("cpu")
+    assert stage.estimator.bands == list("ugrizy") and len(stage.estimator.z) > 10000
+
+
+def test_training_tables_of_fields_in_other_bands_are_kept_apart(tmp_path):
+    """`train photoz --bands`: the fields are simulated in those bands (they were once simulated in the default
+    bands whatever was asked), their tables kept under seed<N>_<bands>, read back on a rerun, and a table that
+    lacks a band asked for is refused, naming the file."""
+    from deepfield.flows.evaluate.detection import detection_stages
+    from deepfield.tasks.trainsets.photoz import seed_tables, table_path
+    stages, halo = detection_stages()
+    said: list[str] = []
+    (t,) = seed_tables([7], 256, tmp_path, stages, halo, workers=1, kind="gaap", bands=["u", "g", "r"],
+                       progress=said.append)
+    assert {"flux_u", "flux_g", "flux_r"} <= set(t.columns) and "flux_i" not in t.columns and len(t) > 0
+    path = table_path(tmp_path, 7, "gaap", ["u", "g", "r"])
+    assert path.parent.name == "seed7_ugr" and path.exists()
+    assert (path.parent / "sim" / "truth" / "objects.parquet").exists()
+    said.clear()
+    (again,) = seed_tables([7], 256, tmp_path, stages, halo, workers=1, kind="gaap", bands=["u", "g", "r"],
+                           progress=said.append)
+    assert any("measured before" in s for s in said) and again.equals(t)
+    t.drop(columns=["flux_u"]).to_parquet(path)
+    with pytest.raises(ValueError, match="seed7_ugr.*band"):
+        seed_tables([7], 256, tmp_path, stages, halo, workers=1, kind="gaap", bands=["u", "g", "r"])

@@ -33,23 +33,38 @@ from deepfield.models.progress import say
 from .detection import detection_stages
 
 EVAL_SEED = 20261201
-BAND_SETS = (("g", "r", "i", "z"), ("g", "r", "z"), ("g", "r", "i"), ("r", "i", "z"), ("r", "i"), ("g", "r"))
+# the band sets scored through the stage's reference set, those the fields have: Rubin (u g r i z y), HSC
+# (g r i z y), KiDS (u g r i), Legacy Surveys (g r z), and fewer bands
+BAND_SETS = (("u", "g", "r", "i", "z", "y"), ("u", "g", "r", "i", "z"), ("g", "r", "i", "z", "y"),
+             ("u", "g", "r", "i"), ("g", "r", "i", "z"), ("g", "r", "z"), ("g", "r", "i"), ("r", "i", "z"),
+             ("r", "i"), ("g", "r"))
 TARGETS = {"sigma_nmad": 0.03, "outliers": 0.05, "abs_bias": 0.005, "coverage_68": (0.60, 0.76),
            "cpu_seconds_per_mpx": 0.2}
 
 
 def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, seed: int = EVAL_SEED,
-             workers: int = 2, work: Path | None = None, device: str = "cpu", cnn_weights: Path | None = None) -> dict:
-    """Simulate (or reuse, under `work`) the held-out fields, measure them with the photo-z stage (method knn,
-    reference set `weights`) and the CNN (`cnn_weights`, default the shipped photoz_cnn) and score both (module
-    docstring). Returns the figures as a dict (JSON-ready)."""
+             workers: int = 2, work: Path | None = None, device: str = "cpu", cnn_weights: Path | None = None,
+             bands: list[str] | None = None) -> dict:
+    """Simulate (or reuse, under `work`) the held-out fields (in `bands`, default the simulator's), measure them
+    with the photo-z stage (method knn, reference set `weights`, default the one a run on these bands chooses:
+    tasks.stages.registry.resolve_bands) and the CNN (`cnn_weights`, default the shipped photoz_cnn) and score both
+    (module docstring). Returns the figures as a dict (JSON-ready)."""
     import torch
 
     from deepfield.models.photoz_cnn import estimates, for_inference
     from deepfield.models.registry import create_model
     from deepfield.tasks.trainsets.photoz import measured_fields, nJy
     torch.set_num_threads(1)
+    from deepfield.tasks.sim.config import SimConfig
+    from deepfield.tasks.stages.registry import resolve_bands
     params = {"method": "knn", **({"weights": str(weights)} if weights else {})}
+    field_bands = list(bands) if bands else list(SimConfig().bands)
+    stages, halo = detection_stages()  # the measuring stages the reference set was made with
+    params = dict(resolve_bands([*stages, ("photoz", params)], {"held-out": field_bands})[0])["photoz"]
+    variant = params.get("variant") or ""
+    if weights is None and variant:
+        from deepfield.models.registry import variant_weights
+        weights = variant_weights("photoz_knn", variant)
     model = create_model("photoz_knn", weights=weights)
     est = model.estimator()
     cnn = for_inference(create_model("photoz_cnn", weights=cnn_weights))  # as the stage runs it
@@ -61,9 +76,8 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     try:
         seeds = [seed + i for i in range(n_fields)]
         say(f"measuring {n_fields} held-out field(s) of {size}^2 px (seeds {seeds}) with the photo-z stage ...")
-        stages, halo = detection_stages()  # the measuring stages the reference set was made with
         matched, rows, bands = measured_fields(seeds, size, work, [*stages, ("photoz", params)], halo, workers,
-                                               device, say, timings=timings, kind=model.flux_kind,
+                                               device, say, timings=timings, kind=model.flux_kind, bands=bands,
                                                stamp_out=stamps, stamp_size=cnn.size)
     finally:
         if tmp:
@@ -105,7 +119,8 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     flags = stage_rows.z_phot_flag.to_numpy(int)
     return {"n_fields": n_fields, "size": size, "seeds": seeds, "bands": bands,
             "reference_set": {"bands": est.bands, "galaxies": int(len(est.z)), "k": est.k, "spread": est.spread,
-                              "flux": model.flux_kind, "weights": str(weights) if weights else "shipped"},
+                              "flux": model.flux_kind, "variant": variant,
+                              "weights": str(weights) if weights else "shipped"},
             "matched_galaxies": int(len(matched)),
             "cnn": {"bands": cnn.bands, "size": cnn.size, "width": cnn.width, "spread": cnn.spread,
                     "flux": cnn.flux_kind, "weights": str(cnn_weights) if cnn_weights else "shipped"},
@@ -130,7 +145,7 @@ def format_report(r: dict) -> str:
             "PIT histogram (10 bins)")
     lines = [f"photo-z on {r['n_fields']} held-out field(s) of {r['size']}^2 px (seeds {r['seeds']}), bands "
              f"{','.join(r['bands'])}: {r['matched_galaxies']} galaxies matched to the truth",
-             f"reference set: {ref['galaxies']} galaxies, bands {','.join(ref['bands'])}, k {ref['k']}, spread "
+             f"reference set{' (variant ' + ref['variant'] + ')' if ref.get('variant') else ''}: {ref['galaxies']} galaxies, bands {','.join(ref['bands'])}, k {ref['k']}, spread "
              f"{ref['spread']}, flux_{ref['flux']}",
              f"targets at i < 24 with g, r, i, z: sigma_NMAD <= {t['sigma_nmad']}, outliers <= {t['outliers']}, "
              f"|bias| <= {t['abs_bias']}, 68 % coverage {t['coverage_68'][0]}-{t['coverage_68'][1]}",

@@ -91,10 +91,17 @@ class PhotoZStage(ModelStage):
 
     def band_problem(self, have: list[str]) -> str | None:
         ref = self.model_bands()
-        if len([b for b in ref if b in have]) < 2:
-            what = "reference set" if self.method == "knn" else "CNN"
+        what = "reference set" if self.method == "knn" else "CNN"
+        lack = [b for b in ref if b not in have]
+        if self.config.variant and self.config.weights is None and lack:
+            # a band-set variant (e.g. photoz_knn.ugrizy.pt) is measured with all of its bands: the Gaussian
+            # apertures follow the widest PSF among a tile's bands, so its colours are those of a survey that
+            # has them all; a survey with fewer runs the main weights on the bands it shares with them
+            return (f"needs bands: the photo-z {what} variant {self.config.variant!r} takes {', '.join(ref)} "
+                    f"(missing {', '.join(lack)})")
+        if len(ref) - len(lack) < 2:
             return (f"needs bands: at least two of the photo-z {what}'s {', '.join(ref)} "
-                    f"(missing {', '.join(b for b in ref if b not in have)})")
+                    f"(missing {', '.join(lack)})")
         return None
 
     def setup(self, device: str) -> None:

@@ -137,10 +137,12 @@ def _band_problems(stage: Stage, field_bands: dict[str, list[str]]) -> list[str]
     return out
 
 
-def _variant_candidates(name: str, params: dict) -> list[dict]:
+def _variant_candidates(name: str, params: dict, field_bands: dict[str, list[str]] | None = None) -> list[dict]:
     """The parameter sets to try for stage `name` on a survey: for a model stage whose configuration names
-    neither weights nor variant, one per shipped band-set variant of its model, best first (the most bands,
-    the main weights on a tie: models.registry.choose_variant's order); otherwise `params` as they are."""
+    neither weights nor variant, one per shipped band-set variant of its model, best first (the most of the
+    survey's bands used, counted in the field that has fewest of them: weights that take any subset of their
+    bands, such as the photo-z reference sets, use only those a field has; then the most bands, the main weights
+    on a tie: models.registry.choose_variant's order); otherwise `params` as they are."""
     from .base import ModelStage
     cls = stage_class(name)
     cfg = cls.configure(params)
@@ -148,7 +150,12 @@ def _variant_candidates(name: str, params: dict) -> list[dict]:
             or not cls.used_models(cfg):
         return [dict(params)]
     from deepfield.models.registry import variants
-    tags = sorted(variants(cls.used_models(cfg)[0]).items(), key=lambda kv: (-len(kv[1]), kv[0] != "", kv[0]))
+    fields = list((field_bands or {}).values())
+
+    def used(bands: list[str]) -> int:
+        return min((len(set(bands) & set(f)) for f in fields), default=len(bands))
+    tags = sorted(variants(cls.used_models(cfg)[0]).items(),
+                  key=lambda kv: (-used(kv[1]), -len(kv[1]), kv[0] != "", kv[0]))
     # the main weights as the parameters are (variant none), so a survey with the main weights' bands keeps
     # its configuration hash and its ledger
     return [dict(params, variant=tag) if tag else dict(params) for tag, _ in tags] or [dict(params)]
@@ -170,7 +177,7 @@ def resolve_bands(stages: list[tuple[str, dict]], field_bands: dict[str, list[st
         raise ValueError(f"missing bands: {missing!r} is not 'error' or 'skip'")
     kept, skipped, problems = [], [], []
     for name, params in stages:
-        tries = _variant_candidates(name, params)
+        tries = _variant_candidates(name, params, field_bands)
         found = None
         for p in tries:
             if not _band_problems(make_stage(name, **p), field_bands):
@@ -179,7 +186,9 @@ def resolve_bands(stages: list[tuple[str, dict]], field_bands: dict[str, list[st
         if found is not None:
             kept.append((name, found))
             continue
-        lines = _band_problems(make_stage(name, **tries[0]), field_bands)
+        # report the weights that the fewest fields cannot run (the main weights on a tie)
+        lines = min(((_band_problems(make_stage(name, **p), field_bands), bool(p.get("variant"))) for p in tries),
+                    key=lambda lv: (len(lv[0]), lv[1]))[0]
         if len(tries) > 1:
             from deepfield.models.registry import variants
             cls = stage_class(name)

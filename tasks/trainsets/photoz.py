@@ -23,7 +23,7 @@ from ..stages.photoz import STAMP_SIZE, nJy, stamps_nJy
 from .fields import simulate_fields
 
 __all__ = ["MATCH_ARCSEC", "GALAXY_KINDS", "process_store", "nJy", "matched_galaxies",
-           "measured_fields", "seed_tables", "stamps_path"]
+           "measured_fields", "seed_tables", "seed_dir", "table_path", "stamps_path"]
 
 MATCH_ARCSEC = 0.6
 GALAXY_KINDS = ("galaxy", "bcg")
@@ -76,7 +76,7 @@ def matched_galaxies(sources: pd.DataFrame, truth: pd.DataFrame, pixel_scale: fl
     """The rows of `sources` (primary rows with field, x, y in field pixels) matched one to one (mutual
     nearest within MATCH_ARCSEC) to a true galaxy of their field: field, row (the source's index), x, y (its
     field pixel position), flux_<b>, fluxerr_<b> (nJy, of the
-    photometry `kind`: see nJy) for every band, z (true), mag_true (the truth's `ref` magnitude) and blendedness
+    photometry `kind`: see nJy) for every band, z (true), mag_true (the truth's `ref` magnitude; the last band's for fields without it) and blendedness
     (the truth's)."""
     from scipy.spatial import cKDTree
     out = []
@@ -96,7 +96,8 @@ def matched_galaxies(sources: pd.DataFrame, truth: pd.DataFrame, pixel_scale: fl
         for b in bands:
             cols[f"flux_{b}"], cols[f"fluxerr_{b}"] = nJy(ms, b, kind)
         cols["z"] = mt.z.to_numpy(float)
-        cols["mag_true"] = mt[f"mag_{ref}"].to_numpy(float)
+        # fields without the reference band: the truth has magnitudes in the simulated bands only
+        cols["mag_true"] = mt[f"mag_{ref}" if f"mag_{ref}" in mt else f"mag_{bands[-1]}"].to_numpy(float)
         cols["blendedness"] = mt.blendedness.to_numpy(float) if "blendedness" in mt else np.nan
         out.append(pd.DataFrame(cols))
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
@@ -108,13 +109,13 @@ def measured_fields(seeds: list[int], size: int, work: Path, stages: list[tuple[
                     stamp_out: list | None = None, stamp_size: int = STAMP_SIZE
                     ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """One simulated field of `size`^2 px per seed (the simulator's defaults, in `bands` when given; reused under
-    `work`/seed<N>), through `stages` ([(name, params)]) with `halo`: (matched galaxies of every field with the
+    seed_dir), through `stages` ([(name, params)]) with `halo`: (matched galaxies of every field with the
     photometry `kind`, every primary row, the bands). With `stamp_out` (a list), each seed's stamps of its matched
     galaxies (stamps_nJy, `stamp_size` px, in the field's bands), in the order of the matched rows, are appended."""
-    matched, rows, bands = [], [], []
+    matched, rows, field_bands = [], [], list(bands or [])
     for seed in seeds:
         cfg = SimConfig(seed=seed, size=size, fields=1, **({"bands": list(bands)} if bands else {}))
-        out = Path(work) / f"seed{seed}"
+        out = seed_dir(work, seed, bands)
         if progress:
             progress(f"field of seed {seed}: simulating and ingesting {size}^2 px, bands {','.join(cfg.bands)} ...")
         store = simulate_fields(cfg, out, workers, progress)
@@ -126,22 +127,35 @@ def measured_fields(seeds: list[int], size: int, work: Path, stages: list[tuple[
             continue
         sources["field"] = sources.field.astype(str) + f"@{seed}"  # names repeat across seeds
         truth = truth.assign(field=truth.field.astype(str) + f"@{seed}")
-        bands = list(cfg.bands)
-        m = matched_galaxies(sources, truth, cfg.pixel_scale, bands, cfg.reference_band, kind)
+        field_bands = list(cfg.bands)
+        m = matched_galaxies(sources, truth, cfg.pixel_scale, field_bands, cfg.reference_band, kind)
         if stamp_out is not None:
             stamp_out.append(np.concatenate(tiles_stamps)[m.row.to_numpy()])
         m["row"] += sum(len(r) for r in rows)
         matched.append(m)
         rows.append(sources)
     return (pd.concat(matched, ignore_index=True) if matched else pd.DataFrame(),
-            pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(), bands)
+            pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(), field_bands)
 
 
-def stamps_path(work: Path, seed: int, kind: str, size: int = STAMP_SIZE) -> Path:
+def seed_dir(work: Path, seed: int, bands: list[str] | None = None) -> Path:
+    """Where a seed's field (simulation, store) and its tables are kept: `work`/seed<N> for the simulator's
+    default bands (None), `work`/seed<N>_<bands> (e.g. seed1001_ugrizy) for other bands, so that fields
+    simulated in other bands are kept apart."""
+    return Path(work) / (f"seed{seed}" if bands is None else f"seed{seed}_{''.join(bands)}")
+
+
+def table_path(work: Path, seed: int, kind: str, bands: list[str] | None = None) -> Path:
+    """Where seed_tables keeps a seed's matched galaxies of photometry `kind` (fields in `bands`, None: the
+    simulator's default bands)."""
+    return seed_dir(work, seed, bands) / f"photoz_{kind}.parquet"
+
+
+def stamps_path(work: Path, seed: int, kind: str, size: int = STAMP_SIZE, bands: list[str] | None = None) -> Path:
     """Where seed_tables keeps a seed's stamps of its matched galaxies (float32 nJy, (n, bands, size, size)), in the
     row order of that seed's table of photometry `kind` (one file per table: tables measured apart need not have
     the same rows)."""
-    return Path(work) / f"seed{seed}" / f"photoz_{kind}_stamps{size}.npy"
+    return seed_dir(work, seed, bands) / f"photoz_{kind}_stamps{size}.npy"
 
 
 def _atomic_save(path: Path, write: Callable[[Path], None]) -> None:
@@ -160,18 +174,22 @@ def seed_tables(seeds: list[int], size: int, work: Path, stages: list[tuple[str,
     written before the table) and a seed without them is measured again."""
     out = []
     for seed in seeds:
-        path = Path(work) / f"seed{seed}" / f"photoz_{kind}.parquet"
-        if path.exists() and (not stamps or stamps_path(work, seed, kind).exists()):
+        path = table_path(work, seed, kind, bands)
+        if path.exists() and (not stamps or stamps_path(work, seed, kind, bands=bands).exists()):
             if progress:
                 progress(f"seed {seed}: {path} (measured before)")
-            out.append(pd.read_parquet(path))
+            t = pd.read_parquet(path)
+            lack = [b for b in (bands or []) if f"flux_{b}" not in t.columns]
+            if lack:
+                raise ValueError(f"{path}: has no flux in band(s) {', '.join(lack)}; remove it to measure again")
+            out.append(t)
             continue
         got: list = []
         matched, _, _ = measured_fields([seed], size, Path(work), stages, halo, workers, device, progress, kind=kind,
                                         bands=bands, stamp_out=got if stamps else None)
         matched["seed"] = seed
         if stamps:
-            _atomic_save(stamps_path(work, seed, kind), lambda p: np.save(p, got[0] if got else np.zeros((0,), np.float32)))
+            _atomic_save(stamps_path(work, seed, kind, bands=bands), lambda p: np.save(p, got[0] if got else np.zeros((0,), np.float32)))
         _atomic_save(path, matched.to_parquet)
         if progress:
             progress(f"seed {seed}: {len(matched)} galaxies matched to the truth")
