@@ -18,7 +18,9 @@ high-scoring windows, each listed once however many windows, tiles or fields cov
   (99th and 99.9th percentiles 4.1-4.2 and 6.6-7.2), and of the windows at sigma >= 5, 6-7 % are normal,
   against 59-65 % (and a 99th percentile of 31) with (score - median) / (1.4826 MAD) over every window, the
   sigma-score before 2026-12-02, which `window_sigma` still gives without `model_peak` (windows written by
-  an older stage version have none).
+  an older stage version have none). The statistics are taken over the stage's coarse windows (the `coarse`
+  column, since stage version 4: a uniform sample of the grid; the stage scores the other windows only around
+  high-scoring ones, which would bias them high), over every window where the column is absent.
 - regions: in each field, the windows of sigma >= `sigma_grow` (default half of `sigma_cut`) connected through
   their grid neighbours (eight around each; tasks/stages/_anomaly_grid.py's grid is the field's, so a region
   crossing a tile boundary is one region) that hold at least one window of sigma >= `sigma_cut`: the cut finds
@@ -68,34 +70,40 @@ def _robust(v: np.ndarray) -> tuple[float, float]:
     return med, (mad if mad > 0 else 1.0)
 
 
-def window_sigma(score: np.ndarray, model_peak: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+def window_sigma(score: np.ndarray, model_peak: np.ndarray | None = None, reference: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, dict]:
     """sigma-scores of the windows' scores and the statistics (module docstring): with `model_peak`, each
     window against the run's windows and those of its brightness bin (log scores); without it (or with fewer
-    than 2 x MIN_BIN usable windows), (score - median) / (1.4826 MAD) over every window. Windows whose score
-    is not finite get NaN."""
+    than 2 x MIN_BIN usable windows), (score - median) / (1.4826 MAD) over every window. `reference` (bool per
+    window; default all): the windows the statistics are taken over, a uniform sample of the grid (the
+    coarse grid's windows: those the stage scored around high-scoring ones would bias them high). Windows whose
+    score is not finite get NaN."""
     s = np.asarray(score, np.float64)
     ok = np.isfinite(s)
+    ref = np.ones(len(s), bool) if reference is None else np.asarray(reference, bool)
+    if not (ok & ref).any():
+        ref = np.ones(len(s), bool)
     peak = None if model_peak is None else np.asarray(model_peak, np.float64)
     if peak is not None and np.isfinite(peak[ok]).all():  # a window without one (older tables): none binned
         good = ok & np.isfinite(peak) & (s > 0)
-        nb = min(MAX_BINS, int(good.sum()) // MIN_BIN)
+        nb = min(MAX_BINS, int((good & ref).sum()) // MIN_BIN)
         if nb >= 2:
             ls = np.log(np.where(good, s, 1.0))
             feat = np.log1p(np.maximum(peak, 0.0))
-            edges = np.quantile(feat[good], np.linspace(0, 1, nb + 1))
+            edges = np.quantile(feat[good & ref], np.linspace(0, 1, nb + 1))
             b = np.clip(np.searchsorted(edges, feat, side="right") - 1, 0, nb - 1)
-            med, scale = _robust(ls[good])
+            med, scale = _robust(ls[good & ref])
             mb, sb = np.zeros(nb), np.ones(nb)
             for k in range(nb):
-                in_k = good & (b == k)
+                in_k = good & ref & (b == k)
                 if in_k.any():  # tied edges (many equal peaks) can leave a bin empty
                     mb[k], sb[k] = _robust(ls[in_k])
             sigma = np.where(good, (ls - 0.5 * (med + mb[b])) / np.sqrt(scale * sb[b]), np.nan)
-            return sigma, dict(median=med, scale=scale, n=int(good.sum()), log=True, bins=nb,
+            return sigma, dict(median=med, scale=scale, n=int((good & ref).sum()), log=True, bins=nb,
                                bin_edges_model_peak=[float(x) for x in np.expm1(edges)],
                                bin_median=[float(x) for x in mb], bin_scale=[float(x) for x in sb])
-    med, scale = _robust(s[ok]) if ok.any() else (0.0, 1.0)
-    return np.where(ok, (s - med) / scale, np.nan), dict(median=med, scale=scale, n=int(ok.sum()), log=False)
+    med, scale = _robust(s[ok & ref]) if (ok & ref).any() else (0.0, 1.0)
+    return np.where(ok, (s - med) / scale, np.nan), dict(median=med, scale=scale, n=int((ok & ref).sum()), log=False)
 
 
 def _unit(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
@@ -249,7 +257,8 @@ def build_candidates(maps: pd.DataFrame, sigma_cut: float, stride: float, source
     sigma_grow: regions grow through windows of at least this sigma (default sigma_cut / 2)."""
     grow = sigma_cut / 2 if sigma_grow is None else sigma_grow
     sigma, stats = window_sigma(maps["score"].to_numpy(),
-                                maps["model_peak"].to_numpy() if "model_peak" in maps.columns else None)
+                                maps["model_peak"].to_numpy() if "model_peak" in maps.columns else None,
+                                maps["coarse"].to_numpy(bool) if "coarse" in maps.columns else None)
     rows = []
     for _, w in maps.assign(_sigma=sigma).groupby("field", sort=True):
         rows += _regions(w.reset_index(drop=True), w._sigma.to_numpy(), sigma_cut, grow, stride)

@@ -294,13 +294,18 @@ def eval_anomaly(
     steps: int = typer.Option(20, min=1, help="Adam steps on the latent vector in the full mode"),
     workers: int = typer.Option(2, min=1, help="processes simulating the fields"),
     device: str = typer.Option("cpu", help="torch device"),
+    refine: float = typer.Option(None, min=0, max=1, help="the stage's `refine` for the coarse-to-fine figures "
+                                 "(default: the stage's default)"),
+    refine_above: float = typer.Option(None, help="the stage's `refine_above` (default: the stage's default)"),
+    full: bool = typer.Option(True, "--full/--fast-only", help="also score the full mode (20x the fast mode's time)"),
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """AUROC by anomaly type, injected anomalies in the top 1% and 0.1%, and throughput, of the anomaly stage's
-    grid windows in the full and fast modes, for the local score and the paper's."""
+    grid windows in the full and fast modes, for the local score and the paper's, over the dense grid and as
+    the stage scores it (coarse to fine)."""
     from deepfield.flows.evaluate.anomaly import evaluate, format_report
     _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=field_size, seed=seed, steps=steps,
-              workers=workers, device=device)
+              workers=workers, device=device, refine=refine, refine_above=refine_above, full=full)
 
 
 @train_app.command("cluster")

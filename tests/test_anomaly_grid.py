@@ -10,7 +10,7 @@ import pytest
 
 from deepfield.catalogs.anomaly_candidates import build_candidates, window_sigma
 from deepfield.tasks.sim.artefacts import add_ghost, add_satellite_trail
-from deepfield.tasks.stages._anomaly_grid import grid_starts, tile_windows
+from deepfield.tasks.stages._anomaly_grid import extract, grid_starts, refined, tile_windows
 from deepfield.tasks.stages.anomaly import AnomalyStage
 from deepfield.tasks.stages.background import BackgroundStage
 from deepfield.tasks.trainsets.anomaly import training_fields
@@ -20,26 +20,83 @@ from deepfield.tasks.zarr_store import all_tiles, open_store, read_tile
 HALO = 64
 
 
+class _Box:
+    def __init__(self, y0, y1, x0, x1):
+        self.y0, self.y1, self.x0, self.x1 = y0, y1, x0, x1
+
+
+class _FieldTile:
+    def __init__(self, shape, core):
+        self.field_shape, self.core, self.box = shape, core, _Box(0, shape[0], 0, shape[1])
+
+
 def test_grid_starts_and_every_pixel_in_one_tiles_windows():
     assert list(grid_starts(100, 32, 16)) == [0, 16, 32, 48, 64, 68]
     assert list(grid_starts(32, 32, 16)) == [0] and list(grid_starts(20, 32, 16)) == [0]
-
-    class _Box:
-        def __init__(self, y0, y1, x0, x1):
-            self.y0, self.y1, self.x0, self.x1 = y0, y1, x0, x1
-
-    class _Tile:
-        def __init__(self, core):
-            self.field_shape, self.core, self.box = (300, 250), core, _Box(0, 300, 0, 250)
-
     cores = [_Box(y0, min(y0 + 128, 300), x0, min(x0 + 128, 250)) for y0 in (0, 128, 256) for x0 in (0, 128)]
-    w = pd.concat([tile_windows(_Tile(c), 32, 16) for c in cores], ignore_index=True)
+    w = pd.concat([tile_windows(_FieldTile((300, 250), c), 32, 16) for c in cores], ignore_index=True)
     assert not w.duplicated(["ky", "kx"]).any()  # each window scored by one tile
     assert len(w) == len(grid_starts(300, 32, 16)) * len(grid_starts(250, 32, 16))
     cover = np.zeros((300, 250), int)
     for r in w.itertuples():
         cover[r.y0:r.y0 + 32, r.x0:r.x0 + 32] += 1
     assert cover.min() >= 1  # every pixel in at least one window
+
+
+def test_extract_cuts_the_windows_with_zeros_outside():
+    a = np.arange(3 * 50 * 61, dtype=np.float32).reshape(3, 50, 61) + 1
+    y0, x0 = np.array([-5, 0, 10, 30, 40]), np.array([-3, 50, 7, 40, 0])
+    got, twice = extract([a, 2 * a], y0, x0, 16)
+    for k, (y, x) in enumerate(zip(y0, x0)):
+        want = np.zeros((3, 16, 16), np.float32)
+        ys, xs = slice(max(y, 0), min(y + 16, 50)), slice(max(x, 0), min(x + 16, 61))
+        want[:, ys.start - y:ys.stop - y, xs.start - x:xs.stop - x] = a[:, ys, xs]
+        np.testing.assert_array_equal(got[k], want)
+    np.testing.assert_array_equal(twice, 2 * got)
+    assert got.flags["C_CONTIGUOUS"] and got.shape == (5, 3, 16, 16)
+
+
+@pytest.mark.parametrize("shape,stride", [((300, 250), 16), ((1000, 1000), 16), ((300, 250), 8), ((40, 33), 16)])
+def test_coarse_windows_hold_every_pixel_and_refinement_adds_the_neighbours(shape, stride):
+    core = 128
+    cores = [_Box(y0, min(y0 + core, shape[0]), x0, min(x0 + core, shape[1]))
+             for y0 in range(0, shape[0], core) for x0 in range(0, shape[1], core)]
+    tiles = [tile_windows(_FieldTile(shape, c), 32, stride).assign(tile=k) for k, c in enumerate(cores)]
+    w = pd.concat(tiles, ignore_index=True)
+    c = w[w.coarse]
+    cover = np.zeros(shape, int)
+    for r in c.itertuples():
+        cover[r.y0:r.y0 + 32, r.x0:r.x0 + 32] += 1
+    assert cover.min() >= 1  # the coarse windows alone hold every pixel
+    n = len(grid_starts(shape[0], 32, stride)) * len(grid_starts(shape[1], 32, stride))
+    assert len(w) == n and len(c) < 0.3 * n + 2 * np.sqrt(n) + 1  # about a quarter of the grid
+    t = tiles[0]
+    ky, kx, co = t.ky.to_numpy(), t.kx.to_numpy(), t.coarse.to_numpy()
+    score = np.where(co, 1.0, np.nan)
+    assert (refined(ky, kx, co, score, 0.0) == co).all()  # nothing flagged: the coarse windows only
+    assert refined(ky, kx, co, score, 1.0).all()  # every window
+    hot = int(np.flatnonzero(co & (ky == min(2, ky.max())) & (kx == min(2, kx.max())))[0])  # inside the tile
+    score[hot] = 10.0
+    for keep in (refined(ky, kx, co, score, 0.0, above=5.0), refined(ky, kx, co, score, 1e-9)):
+        near = (np.abs(ky - ky[hot]) <= 1) & (np.abs(kx - kx[hot]) <= 1)
+        assert (keep == (co | near)).all()  # the hot window's eight neighbours, nothing else
+
+
+def test_coarse_to_fine_scores_its_windows_as_the_dense_grid_does(field):
+    """The default stage (coarse to fine) against every window of the grid (refine 1), tile by tile: the same
+    scores where both score, about half the windows, and every window of the dense grid's top 1 % kept."""
+    stage = field["stage"]
+    dense_stage = AnomalyStage(rescore=0, refine=1.0)
+    dense_stage.setup("cpu")
+    assert stage.refine < 1
+    dense = pd.concat([dense_stage.windows(t) for t in field["tiles"]], ignore_index=True)
+    fine = field["clean"]
+    assert len(fine) < 0.6 * len(dense) and fine.coarse.sum() < 0.3 * len(dense)
+    both = fine.merge(dense, on=["field", "ky", "kx"], suffixes=("", "_dense"))
+    assert len(both) == len(fine)
+    np.testing.assert_allclose(both.score, both.score_dense, rtol=1e-5, atol=1e-5)
+    top = dense[dense.score >= np.percentile(dense.score, 99)]
+    assert top.set_index(["ky", "kx"]).index.isin(fine.set_index(["ky", "kx"]).index).all()
 
 
 @pytest.fixture(scope="module")

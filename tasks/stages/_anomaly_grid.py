@@ -6,6 +6,12 @@ min(kx stride, nx - size)): the grid is the field's, not the tile's, so the wind
 interlock and a region that crosses a tile boundary is one connected set of windows (catalogs/anomalies.py).
 A tile scores the windows whose centre pixel lies in its core (`tile_windows`); its halo (at least half a
 window, see AnomalyStage) holds the rest of their pixels.
+
+Coarse to fine (`refined`): the windows of even grid index on both axes, and the last window of each axis, are
+the *coarse* grid. Its step is two strides, at most one window (the stride is at most half a window), so the
+coarse windows alone hold every pixel of the field, and they are a uniform subsample of the grid. The stage
+scores them first and then only the windows next to (one grid step from) the coarse windows that score highest;
+the windows it leaves out lie where every coarse window around them scored low.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 
-__all__ = ["grid_starts", "tile_windows", "window_stamps"]
+__all__ = ["grid_starts", "tile_windows", "window_stamps", "refined"]
 
 
 def grid_starts(n: int, size: int, stride: int) -> np.ndarray:
@@ -25,20 +31,45 @@ def grid_starts(n: int, size: int, stride: int) -> np.ndarray:
 
 
 def tile_windows(tile, size: int, stride: int) -> pd.DataFrame:
-    """The windows the tile scores: ky, kx (grid indices in the field), y0, x0 (first field pixel) and yc, xc
-    (centre, field pixels), for every window whose centre pixel lies in the tile core."""
+    """The windows the tile scores: ky, kx (grid indices in the field), y0, x0 (first field pixel), yc, xc
+    (centre, field pixels) and `coarse` (on the coarse grid: module docstring), for every window whose centre
+    pixel lies in the tile core."""
     ny, nx = tile.field_shape if tile.field_shape[0] else (tile.box.y1, tile.box.x1)
     cols = {}
     for axis, n, lo, hi in (("y", ny, tile.core.y0, tile.core.y1), ("x", nx, tile.core.x0, tile.core.x1)):
         s = grid_starts(int(n), size, stride)
         centre = s + (min(size, int(n)) - 1) / 2.0
         keep = (np.floor(centre + 0.5) >= lo) & (np.floor(centre + 0.5) < hi)
-        cols[axis] = (np.flatnonzero(keep), s[keep], centre[keep])
+        k = np.flatnonzero(keep)
+        cols[axis] = (k, s[keep], centre[keep], (k % 2 == 0) | (k == len(s) - 1))
     ky, kx = np.meshgrid(cols["y"][0], cols["x"][0], indexing="ij")
     y0, x0 = np.meshgrid(cols["y"][1], cols["x"][1], indexing="ij")
     yc, xc = np.meshgrid(cols["y"][2], cols["x"][2], indexing="ij")
+    cy, cx = np.meshgrid(cols["y"][3], cols["x"][3], indexing="ij")
     return pd.DataFrame({"ky": ky.ravel(), "kx": kx.ravel(), "y0": y0.ravel(), "x0": x0.ravel(),
-                         "yc": yc.ravel(), "xc": xc.ravel()})
+                         "yc": yc.ravel(), "xc": xc.ravel(), "coarse": (cy & cx).ravel()})
+
+
+def refined(ky: np.ndarray, kx: np.ndarray, coarse: np.ndarray, score: np.ndarray, fraction: float,
+            above: float = np.inf) -> np.ndarray:
+    """Which of a tile's windows (grid indices ky, kx; `coarse` as tile_windows gives it) to score: the coarse
+    ones, and every window within one grid step (of the eight around) of a *flagged* coarse window, flagged
+    being among the ceil(`fraction` x n) highest of the n coarse windows' `score` (NaN for the others) or at
+    least `above`. fraction 1 (or above -inf): every window."""
+    ky, kx, coarse = np.asarray(ky), np.asarray(kx), np.asarray(coarse, bool)
+    if fraction >= 1 or len(ky) == 0:
+        return np.ones(len(ky), bool)
+    s = np.asarray(score, np.float64)[coarse]
+    flagged = np.zeros(len(s), bool)
+    n_top = int(np.ceil(fraction * len(s)))
+    if n_top:
+        flagged[np.argsort(-np.nan_to_num(s, nan=-np.inf), kind="stable")[:n_top]] = True
+    flagged |= s >= above
+    from scipy.ndimage import binary_dilation
+    y, x = ky - ky.min(), kx - kx.min()
+    grid = np.zeros((y.max() + 1, x.max() + 1), bool)
+    grid[y[coarse][flagged], x[coarse][flagged]] = True
+    return coarse | binary_dilation(grid, np.ones((3, 3), bool))[y, x]
 
 
 def window_stamps(image: np.ndarray, invvar: np.ndarray, usable: np.ndarray, y0: np.ndarray, x0: np.ndarray,
@@ -94,11 +125,13 @@ def extract(arrays: list[np.ndarray], y0: np.ndarray, x0: np.ndarray, size: int)
     ny, nx = arrays[0].shape[1:]
     py0, px0 = max(0, -int(y0.min())), max(0, -int(x0.min()))
     py1, px1 = max(0, int(y0.max()) + size - ny), max(0, int(x0.max()) + size - nx)
-    ys = (y0 + py0)[:, None] + np.arange(size)
-    xs = (x0 + px0)[:, None] + np.arange(size)
+    from numpy.lib.stride_tricks import sliding_window_view
     out = []
     for a in arrays:
         if py0 or px0 or py1 or px1:
             a = np.pad(a, ((0, 0), (py0, py1), (px0, px1)))
-        out.append(np.ascontiguousarray(a[:, ys[:, :, None], xs[:, None, :]].transpose(1, 0, 2, 3)))
+        # every size x size window of `a` as a view (y, x, band, size, size), then the windows wanted copied
+        # block by block: a fifteenth of the time of indexing each pixel
+        view = sliding_window_view(a, (size, size), axis=(1, 2)).transpose(1, 2, 0, 3, 4)
+        out.append(np.ascontiguousarray(view[y0 + py0, x0 + px0]))
     return out

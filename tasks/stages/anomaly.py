@@ -6,11 +6,22 @@ Grid (`grid`, default on; tasks/stages/_anomaly_grid.py): windows of the model's
 `stride` (16, at most half a window) px of the field, each scored by the tile whose core holds its centre. Every
 pixel lies in at least one window, so a cosmic ray or a trail in one band, or a ghost too diffuse to be
 detected, is scored whatever the detection found. The halo (64 px by default) must be at least half a window
-for the windows of a core's edge to hold their pixels. Each window is a row of the tile's side table
+for the windows of a core's edge to hold their pixels.
+
+Coarse to fine (`refine`, `refine_above`): the tile first scores the grid's coarse windows (every second one on
+each axis, and the last: a step of at most one window, so they alone hold every pixel once or more), then every
+window one grid step from a coarse window that scored at least `refine_above` (3.0) or among the `refine`
+(0.1) highest of the tile's coarse windows. The windows left out lie where every coarse window around them
+scored low. On `deepfield eval anomaly`'s fields (seed 20261125, two 2048^2 fields) 51 % of the windows are
+scored; the injected anomalies in the top 1 % are the same (0.475 of 326 by the sigma-score, the windows left
+out ranked last) and the AUROC over windows 0.834 against 0.837. `refine` 1 scores every window.
+
+Each window scored is a row of the tile's side table
 `anomaly_map` (`tiles/<field>/<ty>_<tx>.anomaly_map.parquet`): field, ky, kx (grid indices), x, y (window
 centre) and peak_x, peak_y (its worst pixel; field pixels), ra, dec (of the peak,
 degrees), score, score_paper, local_pixel, local_feature, model_peak (the reconstruction's brightest pixel, sky
-sigmas), band (of the peak), mode. The merge step
+sigmas), band (of the peak), mode, coarse (on the coarse grid: the merge's sigma-scores are taken against those,
+a uniform sample of the grid). The merge step
 (catalogs/anomalies.py) turns high-scoring windows into anomaly candidates.
 
 Sources (as before), for the rows of the tile that
@@ -48,7 +59,7 @@ import pandas as pd
 from pydantic import Field
 
 from .. import maskbits
-from ._anomaly_grid import extract, tile_inputs, tile_windows, window_stamps
+from ._anomaly_grid import extract, refined, tile_inputs, tile_windows, window_stamps
 from ._pixels import fwhm_pixels
 from .base import ModelStage, ModelStageConfig, StageConfig
 
@@ -56,6 +67,7 @@ __all__ = ["AnomalyStage", "AnomalyConfig"]
 
 NO_PIXEL = maskbits.NO_DATA | maskbits.ZERO_WEIGHT
 NOT_COUNTED = maskbits.SAT | maskbits.BLEED  # in the input, out of the score
+REFINE_ABOVE = 3.0  # 82 % of the grid's windows score less (`deepfield eval anomaly`, seed 20261125)
 
 
 class AnomalyConfig(ModelStageConfig):
@@ -69,6 +81,11 @@ class AnomalyConfig(ModelStageConfig):
     rescore: int = Field(0, ge=0, description="per tile, this many of the highest-scoring windows and as many "
                          "sources are scored again in the full mode (0: none; on the held-out fields, re-scoring "
                          "the top 3 % of the windows changed no figure, at 40x their cost)")
+    refine: float = Field(0.1, ge=0, le=1, description="coarse to fine: the grid's coarse windows (every second "
+                          "one on each axis, which alone hold every pixel) are scored first, then the windows around "
+                          "this fraction of them that score highest in the tile (1: every window of the grid)")
+    refine_above: float = Field(REFINE_ABOVE, description="the windows around every coarse window scoring at least "
+                                "this are scored too, however many")
     steps: int = Field(20, ge=0, description="Adam steps on the latent vector in the full mode")
     batch: int = Field(256, ge=1, description="stamps per inference batch")
     size: Optional[int] = Field(None, ge=8, description="stamp size before the model is loaded (the model's own "
@@ -79,7 +96,7 @@ class AnomalyConfig(ModelStageConfig):
 
 class AnomalyStage(ModelStage):
     name: ClassVar[str] = "anomaly"
-    version: ClassVar[str] = "3"  # 3: the grid's model_peak (the merge's sigma-scores by brightness)
+    version: ClassVar[str] = "4"  # 3: the grid's model_peak (the merge's sigma-scores by brightness); 4: coarse to fine
     Config: ClassVar[type[StageConfig]] = AnomalyConfig
     models: ClassVar[tuple[str, ...]] = ("anomaly_wgan",)
     reads: ClassVar[tuple[str, ...]] = ("flux_auto_{band}", "fluxerr_auto_{band}", "a", "x_tile", "y_tile")
@@ -154,28 +171,62 @@ class AnomalyStage(ModelStage):
         noise *= extract([counted.astype(np.float32)], y0, x0, self.size)[0]  # saturated, bleeding: not scored
         return scale_stamps(stamps, sig), noise
 
-    def _score(self, x: np.ndarray, noise: np.ndarray) -> dict:
-        """Scores in the configured mode, the `rescore` best again in the full mode; adds `mode` (str)."""
+    def _score(self, x: np.ndarray, noise: np.ndarray, rescore: bool = True) -> dict:
+        """Scores in the configured mode, with `rescore` the `rescore` best again in the full mode; adds `mode`
+        (str)."""
         from deepfield.models.anomaly_gan import grid_scores
         full = self.mode == "full"
         r = grid_scores(self.model, x, noise, steps=self.steps if full else 0, batch=self.inference_batch(), device=self.device)
         r["mode"] = np.full(len(x), self.mode, object)
-        if not full and self.rescore and len(x):
-            best = np.argsort(-r["score"], kind="stable")[:self.rescore]
-            again = grid_scores(self.model, x[best], noise[best], steps=self.steps, batch=self.inference_batch(),
-                                device=self.device)
-            for k, v in again.items():
-                r[k][best] = v
-            r["mode"][best] = "full"
+        if rescore:
+            self._rescore(r, lambda ix: (x[ix], noise[ix]))
         return r
 
+    def _rescore(self, r: dict, stamps) -> None:
+        """The `rescore` highest of the scores `r` again in the full mode, in place; stamps(ix) gives their
+        inputs (x, noise)."""
+        from deepfield.models.anomaly_gan import grid_scores
+        if self.mode == "full" or not self.rescore or not len(r["score"]):
+            return
+        best = np.argsort(-r["score"], kind="stable")[:self.rescore]
+        again = grid_scores(self.model, *stamps(best), steps=self.steps, batch=self.inference_batch(),
+                            device=self.device)
+        for k, v in again.items():
+            r[k][best] = v
+        r["mode"][best] = "full"
+
     def windows(self, tile) -> pd.DataFrame:
-        """The tile's grid windows scored (the `anomaly_map` table, module docstring)."""
+        """The tile's grid windows scored (the `anomaly_map` table, module docstring): the coarse grid, then the
+        windows around its highest-scoring windows (`refine`, `refine_above`; tasks/stages/_anomaly_grid.py)."""
         w = tile_windows(tile, self.size, self.stride)
-        x, noise = extract(list(tile_inputs(*self._pixels(tile, counted=True))), w.y0.to_numpy() - tile.box.y0,
-                           w.x0.to_numpy() - tile.box.x0, self.size)
-        r = self._score(x, noise)
-        py, px = w.y0.to_numpy() + r["peak"][:, 0], w.x0.to_numpy() + r["peak"][:, 1]
+        inputs = list(tile_inputs(*self._pixels(tile, counted=True)))
+        y0, x0 = w.y0.to_numpy() - tile.box.y0, w.x0.to_numpy() - tile.box.x0
+
+        def stamps(ix: np.ndarray) -> list[np.ndarray]:
+            return extract(inputs, y0[ix], x0[ix], self.size)
+
+        def score(ix: np.ndarray) -> dict:
+            return self._score(*stamps(ix), rescore=False)
+
+        coarse = w.coarse.to_numpy(bool)
+        if self.refine >= 1:  # every window in one pass
+            keep = np.arange(len(w))
+            r = score(keep)
+        else:
+            first = np.flatnonzero(coarse)
+            r0 = score(first)
+            s = np.full(len(w), np.nan)
+            s[first] = r0["score"]
+            keep = np.flatnonzero(refined(w.ky.to_numpy(), w.kx.to_numpy(), coarse, s, self.refine,
+                                          self.refine_above))
+            more = keep[~coarse[keep]]
+            r1 = score(more)
+            order = np.argsort(np.concatenate([first, more]), kind="stable")  # back in grid order
+            r = {k: np.concatenate([r0[k], r1[k]])[order] for k in r0}
+            w = w.iloc[keep].reset_index(drop=True)
+        self._rescore(r, lambda ix: stamps(keep[ix]))
+        w0 = w.y0.to_numpy(), w.x0.to_numpy()
+        py, px = w0[0] + r["peak"][:, 0], w0[1] + r["peak"][:, 1]
         if len(w):
             ra, dec = tile.wcs.pixel_to_world_values(px - tile.box.x0, py - tile.box.y0)
         else:
@@ -188,7 +239,7 @@ class AnomalyStage(ModelStage):
             "local_pixel": r["local_pixel"].astype(np.float32), "local_feature": r["local_feature"].astype(np.float32),
             "model_peak": r["model_peak"].astype(np.float32),
             "band": pd.array([self.bands[int(b)] for b in r["band"]], dtype="string"),
-            "mode": pd.array(r["mode"].astype(str), dtype="string")})
+            "mode": pd.array(r["mode"].astype(str), dtype="string"), "coarse": w.coarse.to_numpy(bool)})
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
         self.ensure_setup()
