@@ -10,8 +10,10 @@ magnitude), prior included: no template fitting, no noise model of our own.
 - Features, for the bands the survey and the reference set share (any subset of two or more, in wavelength
   order): asinh magnitudes (Lupton et al. 1999, softened at each band's typical 1-sigma flux of the reference
   set, so faint and negative fluxes keep a place) of adjacent band pairs as colours, and the reference band's
-  asinh magnitude (i, else the reddest shared band) weighted by `MAG_WEIGHT`, which brings in the magnitude
-  prior and the noise level.
+  asinh magnitude (i, else the reddest shared band) weighted by the reference set's `mag_weight` (chosen with k
+  at training, models/train_photoz.py; `MAG_WEIGHT` for sets made before it was; a band set the survey shares
+  with it may have its own, `mag_weights`: with fewer colours the magnitude prior counts for more), which brings
+  in the magnitude prior and the noise level.
 - The density summary: `QUANTILES` of the neighbours' redshifts, the interval about the median widened by the
   factor `spread` (fitted on held-out reference galaxies so that the 68 % interval covers 68 %: a finite set of
   neighbours spans less than the density it samples) and clipped to [0, Z_MAX]. p(z) between quantiles is
@@ -39,7 +41,7 @@ __all__ = ["Z_MAX", "QUANTILES", "QUANTILE_COLUMNS", "MAG_BINS", "PhotoZKNN", "P
 Z_MAX = 4.0  # the simulator draws galaxies at z < 3.4
 QUANTILES = (0.025, 0.16, 0.5, 0.84, 0.975)
 QUANTILE_COLUMNS = ("z_phot_q025", "z_phot_q16", "z_phot_q50", "z_phot_q84", "z_phot_q975")
-MAG_WEIGHT = 0.25  # one magnitude of brightness counts as a quarter magnitude of colour
+MAG_WEIGHT = 0.25  # one magnitude of brightness counts as a quarter magnitude of colour (sets before 2026-12-04)
 NJY_AB = 31.4  # AB magnitude of 1 nJy
 WAVELENGTH_ORDER = "ugrizy"  # as tasks/astro.py (models import nothing else of deepfield)
 
@@ -71,6 +73,8 @@ class PhotoZKNN:
     k: int = 48
     spread: float = 1.0
     ref_band: str = "i"
+    mag_weight: float = MAG_WEIGHT
+    mag_weights: dict = field(default_factory=dict)  # band set ("grz") -> its own weight, chosen at training
     info: dict = field(default_factory=dict)
     _trees: dict = field(default_factory=dict, repr=False)
 
@@ -86,8 +90,13 @@ class PhotoZKNN:
         idx = [self.bands.index(b) for b in use]
         mu = asinh_mag(flux, self.soft[idx])
         cols = [mu[:, i] - mu[:, i + 1] for i in range(len(use) - 1)]
-        cols.append(MAG_WEIGHT * mu[:, use.index(self.feature_band(use))])
+        cols.append(self.weight(use) * mu[:, use.index(self.feature_band(use))])
         return np.stack(cols, axis=1)
+
+    def weight(self, use: list[str]) -> float:
+        """The magnitude's weight among the features of the bands `use`: the band set's own (`mag_weights`),
+        else `mag_weight`."""
+        return float(self.mag_weights.get("".join(use), self.mag_weight))
 
     def tree(self, use: list[str]):
         key = tuple(use)
@@ -240,9 +249,10 @@ class PhotoZReference(torch.nn.Module):
     (bands,) nJy; `estimator()` is the PhotoZKNN that answers the queries (on the CPU, with numpy)."""
 
     def __init__(self, bands: list[str], n: int, k: int = 48, spread: float = 1.0, ref_band: str = "i",
-                 flux_kind: str = "aper"):
+                 flux_kind: str = "aper", mag_weight: float = MAG_WEIGHT, mag_weights: dict | None = None):
         super().__init__()
         self.bands, self.k, self.spread, self.ref_band, self.flux_kind = list(bands), k, spread, ref_band, flux_kind
+        self.mag_weight, self.mag_weights = float(mag_weight), {str(b): float(w) for b, w in (mag_weights or {}).items()}
         self.register_buffer("flux", torch.zeros(n, len(bands), dtype=torch.float32))
         self.register_buffer("z", torch.zeros(n, dtype=torch.float32))
         self.register_buffer("soft", torch.ones(len(bands), dtype=torch.float64))
@@ -251,6 +261,7 @@ class PhotoZReference(torch.nn.Module):
     def estimator(self) -> PhotoZKNN:
         if self._estimator is None:
             self._estimator = PhotoZKNN(self.bands, self.flux.cpu().double().numpy(), self.z.cpu().double().numpy(),
-                                        self.soft.cpu().numpy(), k=self.k, spread=self.spread, ref_band=self.ref_band)
+                                        self.soft.cpu().numpy(), k=self.k, spread=self.spread, ref_band=self.ref_band,
+                                        mag_weight=self.mag_weight, mag_weights=dict(self.mag_weights))
         return self._estimator
 

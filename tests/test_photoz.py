@@ -296,3 +296,51 @@ def test_training_tables_of_fields_in_other_bands_are_kept_apart(tmp_path):
     t.drop(columns=["flux_u"]).to_parquet(path)
     with pytest.raises(ValueError, match="seed7_ugr.*band"):
         seed_tables([7], 256, tmp_path, stages, halo, workers=1, kind="gaap", bands=["u", "g", "r"])
+
+
+def test_training_chooses_k_and_the_magnitude_weight_and_the_weights_carry_them():
+    """train photoz's fit on three synthetic seeds: the (k, magnitude weight) with the smallest leave-one-seed-out
+    sigma_NMAD of its recorded grid is the one saved, each smaller band set's own weight likewise, and the
+    reference set loaded from the record and state answers as the fitted estimator; a set saved before the
+    weights were chosen keeps the weight it was fitted with (0.25)."""
+    from deepfield.models.photoz import MAG_WEIGHT, PhotoZReference
+    from deepfield.models.train_photoz import K_CHOICES, MAG_WEIGHTS, estimator, train
+    rng = np.random.default_rng(23)
+    bands = ["g", "r", "i", "z"]
+    tables = []
+    for _ in range(3):
+        flux, err, z, mag = synthetic_reference(rng, 3000, sigma=0.08)
+        tables.append(pd.DataFrame({**{f"flux_{b}": flux[:, i] for i, b in enumerate(bands)},
+                                    **{f"fluxerr_{b}": err[:, i] for i, b in enumerate(bands)}, "z": z,
+                                    "mag_true": mag}))
+    record, state = train("test", tables, [1, 2, 3], flux="gaap")
+    grid = record["model_selection"]["k_mag_weight_sigma_nmad_i_lt_24"]
+    assert len(grid) == len(K_CHOICES) * len(MAG_WEIGHTS)
+    arch = record["arch"]
+    best = min(grid.values())
+    assert round(grid[f"{arch['k']},{arch['mag_weight']}"], 4) == round(best, 4)
+    ref = PhotoZReference(**arch)
+    ref.load_state_dict(state)
+    est = ref.estimator()
+    assert est.mag_weight == arch["mag_weight"] and est.k == arch["k"]
+    # every band set of two or three of the four bands has its own weight, the best of its own recorded grid
+    per_set = record["model_selection"]["band_set_mag_weight_sigma_nmad_i_lt_24"]
+    assert set(arch["mag_weights"]) == set(per_set) and len(per_set) == 10 and "grz" in per_set
+    for key, got in per_set.items():
+        assert round(got[str(arch["mag_weights"][key])], 4) == round(min(got.values()), 4)
+        assert est.weight(list(key)) == arch["mag_weights"][key]
+    assert est.weight(bands) == arch["mag_weight"]
+    fitted = estimator(pd.concat(tables, ignore_index=True), bands, arch["k"], arch["spread"], arch["mag_weight"])
+    fitted.mag_weights = dict(arch["mag_weights"])
+    f, e = tables[0][[f"flux_{b}" for b in bands]].to_numpy(), tables[0][[f"fluxerr_{b}" for b in bands]].to_numpy()
+    for use in (bands, ["g", "r", "z"]):
+        cols = [bands.index(b) for b in use]
+        np.testing.assert_allclose(est.predict(f[:300, cols], e[:300, cols], use)["z_phot"],
+                                   fitted.predict(f[:300, cols], e[:300, cols], use)["z_phot"], rtol=1e-5)
+    old = {k: v for k, v in arch.items() if k not in ("mag_weight", "mag_weights")}
+    before = PhotoZReference(**old)
+    assert before.mag_weight == MAG_WEIGHT == 0.25 and before.mag_weights == {}
+    # the weight enters the features: the last column is it times the reference band's magnitude
+    a, b = est.features(f[:5], bands), PhotoZReference(**{**arch, "mag_weight": 1.0, "mag_weights": {}})
+    b.load_state_dict(state)
+    np.testing.assert_allclose(b.estimator().features(f[:5], bands)[:, -1] * arch["mag_weight"], a[:, -1], rtol=1e-9)
