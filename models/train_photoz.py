@@ -138,18 +138,17 @@ def train(command: str, tables: list[pd.DataFrame], seeds: list[int], size: int 
         raise ValueError("train photoz: give at least two seeds (the last one's field is held out for fitting)")
     have = [c[len("flux_"):] for c in tables[0].columns if c.startswith("flux_")]
     use = [b for b in (bands or have) if b in have]
-    ref = pd.concat(tables[:-1], ignore_index=True)
-    held = tables[-1]
-    ref_u, held_u = usable(ref, use), usable(held, use)
+    tabs = [usable(t, use) for t in tables]
+    ref_u, held_u = pd.concat(tabs[:-1], ignore_index=True), tabs[-1]
     say(f"choosing k and the magnitude weight by leaving each of the {len(tables)} seeds out in turn; "
         f"held out for the record: {len(held_u)} galaxies of seed {seeds[-1]}")
-    scores, cv = cross_validation([usable(t, use) for t in tables], use)
+    scores, cv = cross_validation(tabs, use)
     for (k, mw), f in cv.items():
         say(f"  k {k}, magnitude weight {mw}: i < 24 sigma_NMAD {f['sigma_nmad']:.4f}, outliers "
             f"{f['outliers']:.3f}, bias {f['bias']:+.4f}")
     k, mw = min(scores, key=lambda km: (round(scores[km], 4), -km[0], -km[1]))
-    spread = cv_spread([usable(t, use) for t in tables], use, k, mw)
-    per_set, per_set_scores = subset_weights([usable(t, use) for t in tables], use, k)
+    spread = cv_spread(tabs, use, k, mw)
+    per_set, per_set_scores = subset_weights(tabs, use, k)
     say("magnitude weight of the band sets fewer than all: " + ", ".join(f"{b} {w}" for b, w in per_set.items()))
     est = estimator(ref_u, use, k, mag_weight=mw)
     est.mag_weights = dict(per_set)
@@ -157,7 +156,7 @@ def train(command: str, tables: list[pd.DataFrame], seeds: list[int], size: int 
     held_figs = figures(est, held_u, use)
     say(f"k {k}, magnitude weight {mw}, spread {spread}: held out i < 24 " + ", ".join(f"{key} {v}" for key, v in held_figs["i_lt_24"].items()
                                                                 if key != "pit_histogram"))
-    final = usable(pd.concat(tables, ignore_index=True), use)
+    final = pd.concat(tabs, ignore_index=True)
     fl = final[[f"flux_{b}" for b in use]].to_numpy(np.float32)
     soft = np.median(final[[f"fluxerr_{b}" for b in use]].to_numpy(float), axis=0)
     arch = {"bands": use, "n": int(len(final)), "k": int(k), "spread": float(spread),
