@@ -281,6 +281,28 @@ def test_background_removes_sky():
         assert stage.last_stats[band]["rms"] == pytest.approx(SIGMA[b], rel=0.1)  # gradient within a mesh adds a little
 
 
+def test_grown_source_mask_is_the_city_block_dilation():
+    """The background's source mask grown by r pixels is every pixel within |dy| + |dx| <= r of a masked one
+    (computed by hand from the distances), as scipy's iterated cross dilation gives it, at the image's edges,
+    for r = 0 and for r beyond the image's size."""
+    from scipy import ndimage
+
+    from deepfield.tasks.stages.background import grow_mask
+    rng = np.random.default_rng(3)
+    for shape, r, p in (((64, 80), 6, 0.01), ((17, 9), 3, 0.05), ((5, 7), 9, 0.1), ((40, 40), 0, 0.02)):
+        m = rng.random(shape) < p
+        m[0, -1] = True  # a corner pixel
+        before = m.copy()
+        yy, xx = np.mgrid[:shape[0], :shape[1]]
+        ys, xs = np.nonzero(m)
+        d = np.min(np.abs(yy[..., None] - ys) + np.abs(xx[..., None] - xs), axis=-1)
+        grown = grow_mask(m, r)
+        np.testing.assert_array_equal(grown, d <= r)
+        if r:
+            np.testing.assert_array_equal(grown, ndimage.binary_dilation(m, iterations=r))
+        np.testing.assert_array_equal(m, before)  # the input is left as it was
+
+
 def test_kron_flux_leaves_out_a_neighbours_light():
     """A faint galaxy 16 px from a bright star: with the detect stage's segmentation masking (measure's default)
     its Kron flux is within 30 % of the truth in every band (what is left is the star's wing inside the galaxy's
