@@ -289,3 +289,20 @@ def test_evaluation_ghost_snr_and_a_group_row():
     assert f["types"]["visible"]["top1"] == 1.0
     assert f["types"]["ghost"]["injected"] == 2 and f["types"]["ghost"]["top1"] == 0.5
     assert f["types"]["ghost"]["auroc"] == pytest.approx((0.002 + 0.003 + 0.501 + 1.0) / 4)
+    assert f["types"]["visible"]["top1_normal"] == 1.0 and f["types"]["ghost"]["top1_normal"] == 0.5
+    assert f["top1_normal_type_mean"] == 0.5  # one type (ghost) among the injected anomalies
+
+
+def test_evaluation_top_percent_against_the_normal_windows():
+    """Many anomalies crowd the top 1 % of all windows: 30 cosmic rays, each on one window scoring 995-997.9,
+    above every normal window but five (scores 0..999; their 99th percentile is 989.01), hold 9 of the top 1 %
+    of all 1,030 windows (the 99th percentile of all is 997.07); against the normal windows alone every one is
+    above the 99th percentile and none reaches the 99.9th (998.0)."""
+    from deepfield.flows.evaluate.anomaly import figures
+    cr = 995.0 + 0.1 * np.arange(30)
+    scores = np.concatenate([np.arange(1000.0), cr])
+    label = np.array(["normal"] * 1000 + ["cosmic_ray"] * 30)
+    f = figures(scores, label, [("cosmic_ray", np.array([1000 + i])) for i in range(30)])
+    assert np.percentile(scores, 99) == pytest.approx(997.07, abs=0.01)
+    assert f["top1"] == pytest.approx(9 / 30) and f["top1_normal"] == 1.0 and f["top01_normal"] == 0.0
+    assert f["types"]["cosmic_ray"]["top1_normal"] == 1.0 and f["top1_normal_type_mean"] == 1.0
