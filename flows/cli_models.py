@@ -262,14 +262,26 @@ def train_anomaly(
     stop_after: int = typer.Option(None, min=1, help="stop after this many GAN steps (checkpoint kept)"),
     bands: str = typer.Option(None, help="bands of the windows, comma-separated (default g,r,i); other bands "
                               "write the band-set variant models/weights/anomaly_wgan.<bands>.pt, e.g. g,r,i,z"),
+    encoder_from: Path = typer.Option(None, help="keep the generator and critic of these weights and train only a "
+                                      "new encoder for them (--enc-iters steps, from --encoder-seed)"),
+    encoder_seed: int = typer.Option(1, min=0, help="with --encoder-from: torch seed of the new encoder's start"),
 ) -> None:
     """Train the WGAN-GP anomaly scorer and its encoder (models/anomaly_gan.py) on simulated normal sources."""
-    from deepfield.models.train_anomaly import MODEL, train
+    from deepfield.models.train_anomaly import MODEL, retrain_encoder, train
     from deepfield.tasks.trainsets.anomaly import training_stamps, training_windows
     band_list = _bands(bands)
     if band_list and not windows:
         fail("--bands needs --windows > 0 (the source stamps are cut in the main weights' bands)")
     out = _variant_out(out, MODEL, band_list, ["g", "r", "i"])
+    source_weights = None
+    if encoder_from is not None:
+        import torch
+        try:  # read before any simulation: a wrong file is reported at once
+            source_weights = torch.load(encoder_from, map_location="cpu", weights_only=False)
+            if source_weights.get("model") != MODEL or "state_dict" not in source_weights:
+                raise ValueError(f"not {MODEL} weights")
+        except Exception as e:
+            fail(f"--encoder-from {encoder_from}: {e}")
 
     def fit(command: str):
         if windows:
@@ -277,6 +289,13 @@ def train_anomaly(
                                        bright_fraction=bright_fraction, bands=band_list)
         else:
             x, data = training_stamps(fields, field_size, seed, workers, cache, progress=say)
+        if encoder_from is not None:
+            try:
+                return retrain_encoder(x, source_weights, enc_iters=enc_iters, batch=batch, seed=seed,
+                                       encoder_seed=encoder_seed, device=device, threads=threads, command=command,
+                                       data=data, source=str(encoder_from))
+            except ValueError as e:
+                fail(str(e))
         ck = _checkpoint(checkpoint, out, MODEL)
         return train(x, iters=iters, enc_iters=enc_iters, batch=batch, seed=seed, device=device, threads=threads,
                      command=command, data=data, checkpoint=ck, stop_after=stop_after)

@@ -174,16 +174,68 @@ def train(stamps: np.ndarray, iters: int = 3000, enc_iters: int = 3000, batch: i
     t_gan = time.perf_counter() - t0
     say(f"training the encoder for {enc_iters} steps ...")
     enc_log = train_encoder(model, x_tr, enc_iters, batch, seed, device)
+    if stalled(enc_log):
+        say(f"warning: the encoder's loss did not fall ({enc_log[0]['loss']:.4f} at step {enc_log[0]['iter']}, "
+            f"{enc_log[-1]['loss']:.4f} at the end): train a new one for these weights with --encoder-from "
+            "<these weights> --encoder-seed N (models/cards/anomaly_wgan.md)")
     t_enc = time.perf_counter() - t0 - t_gan
+    record = dict(model=MODEL, arch=arch, seed=seed, n_stamps=int(len(stamps)), n_val=int(n_val), iters=iters,
+                  enc_iters=enc_iters, batch=batch, n_critic=N_CRITIC, gp_weight=GP_WEIGHT, lam=LAMBDA,
+                  gan_log=gan_log, encoder_log=enc_log, command=command, data=data or {},
+                  gan_seconds=round(t_gan, 1), encoder_seconds=round(t_enc, 1), torch=torch.__version__,
+                  device=device, threads=threads)
+    return _validated(model, x_va, record, device), model.state_dict()
+
+
+def stalled(enc_log: list[dict], fall: float = 0.9) -> bool:
+    """Whether an encoder's training log shows no learning: its last loss above `fall` times its first logged
+    one (a stalled start: 0.187 -> 0.188 for the g, r, z weights of 2026-12-01; trained ones end at 0.55-0.65)."""
+    return len(enc_log) >= 2 and enc_log[-1]["loss"] > fall * enc_log[0]["loss"]
+
+
+def _validated(model: AnomalyGAN, x_va: torch.Tensor, record: dict, device) -> dict:
+    """`record` with the validation stamps' scores in both modes and the local score's normalisation."""
     model.eval()
     val = {mode: anomaly_scores(model, x_va.numpy(), steps=steps, device=device)["score"]
            for mode, steps in (("fast", 0), ("full", 20))}
     norm = score_norm(model, x_va.numpy(), device=device)
     say(f"local score's normalisation on the validation stamps: {norm}")
-    record = dict(model=MODEL, arch=arch, score_norm=norm, seed=seed, n_stamps=int(len(stamps)), n_val=int(n_val), iters=iters,
-                  enc_iters=enc_iters, batch=batch, n_critic=N_CRITIC, gp_weight=GP_WEIGHT, lam=LAMBDA,
-                  gan_log=gan_log, encoder_log=enc_log, command=command, data=data or {},
-                  val_score=dict({m: dict(mean=float(v.mean()), std=float(v.std())) for m, v in val.items()}),
-                  gan_seconds=round(t_gan, 1), encoder_seconds=round(t_enc, 1), torch=torch.__version__,
-                  device=device, threads=threads)
-    return record, model.state_dict()
+    return dict(record, score_norm=norm,
+                val_score=dict({m: dict(mean=float(v.mean()), std=float(v.std())) for m, v in val.items()}))
+
+
+def retrain_encoder(stamps: np.ndarray, weights: dict, enc_iters: int = 3000, batch: int = 64, seed: int = 0,
+                    encoder_seed: int = 1, device: str = "cpu", threads: int = 1, command: str = "",
+                    data: dict | None = None, source: str = "", log_every: int = 200) -> tuple[dict, dict]:
+    """A new encoder for trained weights (the contents of a weights file: their generator and critic kept):
+    initialised afresh from torch seed `encoder_seed`, then trained as by `train` (step 2) on the same stamps
+    and split (`seed`). An encoder can stall from its first steps (the g, r, z weights of 2026-12-01: loss 0.187
+    at step 200 and at step 3,000, against 0.21 -> 0.12 for g, r, i, z), the fast mode then reconstructing
+    every window alike; another start escapes it (models/cards/anomaly_wgan.md). Returns the record (the
+    weights' own, with this encoder's log, seed, `encoder_from` = `source` and the command) and the state."""
+    torch.set_num_threads(threads)
+    arch = dict(weights["arch"])
+    bands = list(arch.get("bands") or ["g", "r", "i"])
+    have = str((data or {}).get("bands") or "g,r,i").split(",")
+    if have != bands or stamps.shape[1] != len(bands) or stamps.shape[-1] != int(arch.get("size", 32)):
+        raise ValueError(f"stamps of bands {','.join(have)} and size {stamps.shape[-1]} do not fit the weights "
+                         f"{source} (bands {','.join(bands)}, size {arch.get('size', 32)})")
+    model = AnomalyGAN(**arch).to(device)
+    model.load_state_dict(weights["state_dict"])
+    torch.manual_seed(encoder_seed)
+    model.encoder.load_state_dict(AnomalyGAN(**arch).encoder.state_dict())  # a fresh start
+    model.to(device)
+    rng = np.random.default_rng(seed)  # the split of `train`
+    order = rng.permutation(len(stamps))
+    n_val = max(1, len(stamps) // 20)
+    x_va, x_tr = torch.as_tensor(stamps[order[:n_val]]), torch.as_tensor(stamps[order[n_val:]])
+    say(f"training a new encoder (seed {encoder_seed}) for the generator and critic of {source} for {enc_iters} "
+        f"steps on {len(x_tr)} stamps ...")
+    t0 = time.perf_counter()
+    enc_log = train_encoder(model, x_tr, enc_iters, batch, seed, device, log_every=log_every)
+    keep = {k: v for k, v in weights.items() if k not in ("state_dict", "score_norm", "val_score")}
+    record = dict(keep, enc_iters=enc_iters, encoder_log=enc_log, encoder_seed=encoder_seed, encoder_from=source,
+                  encoder_from_command=weights.get("command", ""), command=command,
+                  encoder_seconds=round(time.perf_counter() - t0, 1), torch=torch.__version__, device=device,
+                  threads=threads)
+    return _validated(model, x_va, record, device), model.state_dict()

@@ -116,6 +116,33 @@ def test_gan_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
     assert log_a[-1]["w"] == log_b[-1]["w"] and log_b[-1]["iter"] == 6
 
 
+def test_a_new_encoder_keeps_the_generator_and_critic_and_lowers_its_loss():
+    """retrain_encoder: the generator and critic of the given weights unchanged to the bit, the encoder started
+    afresh from its own seed (not the old one) and trained (its loss falls over 60 steps on toy galaxies), the
+    record naming the source; stamps of other bands than the weights' are refused."""
+    from deepfield.models.train_anomaly import retrain_encoder, stalled
+    x = _blobs(96, 2).numpy()
+    torch.manual_seed(0)
+    m = AnomalyGAN()
+    weights = dict(model="anomaly_wgan", arch=dict(bands=["g", "r", "i"], size=32), command="deepfield train anomaly",
+                   gan_log=[{"iter": 1, "w": 0.0}], state_dict=m.state_dict())
+    rec, state = retrain_encoder(x, weights, enc_iters=60, batch=16, seed=0, encoder_seed=3,
+                                 data={"bands": "g,r,i"}, source="old.pt", log_every=20)
+    old = m.state_dict()
+    for k in old:
+        same = torch.equal(old[k], state[k])
+        assert same == (not k.startswith("encoder.")) or "num_batches" in k, k
+    torch.manual_seed(3)
+    start = AnomalyGAN().encoder.state_dict()
+    assert any(not torch.equal(start[k], state["encoder." + k]) for k in start)  # trained from that start
+    log = [e["loss"] for e in rec["encoder_log"]]
+    assert rec["encoder_from"] == "old.pt" and rec["encoder_seed"] == 3 and rec["gan_log"] == weights["gan_log"]
+    assert log[-1] < log[0] and set(rec["score_norm"]) >= {"pixel", "feature"}
+    assert not stalled(rec["encoder_log"]) and stalled([{"iter": 200, "loss": 0.187}, {"iter": 3000, "loss": 0.188}])
+    with pytest.raises(ValueError, match="do not fit"):
+        retrain_encoder(x, weights, enc_iters=2, data={"bands": "g,r,z"}, source="old.pt")
+
+
 def test_labels_against_the_truth():
     src = pd.DataFrame(dict(x=[100.0, 200.0, 300.0, 400.0, 500.0, 600.0, 700.0],
                             y=[100.0, 100.0, 100.0, 100.0, 500.0, 500.0, 900.0]))
