@@ -306,3 +306,22 @@ def test_evaluation_top_percent_against_the_normal_windows():
     assert np.percentile(scores, 99) == pytest.approx(997.07, abs=0.01)
     assert f["top1"] == pytest.approx(9 / 30) and f["top1_normal"] == 1.0 and f["top01_normal"] == 0.0
     assert f["types"]["cosmic_ray"]["top1_normal"] == 1.0 and f["top1_normal_type_mean"] == 1.0
+
+
+def test_evaluation_figures_of_the_anomalies_a_window_can_show():
+    """The `visible` figures leave out the windows and the anomalies that no window can show: 1000 normal windows
+    scored 0..999, a faint ghost on windows 1000-1001 (scores 1.5, 2.5) and a cosmic ray on window 1002 (1500).
+    All counted, the AUROC is (0.002 + 0.003 + 1) / 3 and half the anomalies are above the normal 99th
+    percentile; without the faint ghost the AUROC is 1 and every anomaly is above it."""
+    from deepfield.flows.evaluate.anomaly import figures
+    scores = np.concatenate([np.arange(1000.0), [1.5, 2.5, 1500.0]])
+    label = np.array(["normal"] * 1000 + ["ghost", "ghost", "cosmic_ray"])
+    subjects = [("ghost", np.array([1000, 1001])), ("cosmic_ray", np.array([1002]))]
+    unseen = np.zeros(len(scores), bool)
+    unseen[1000:1002] = True
+    f = figures(scores, label, subjects, None, unseen, [False, True])
+    assert f["auroc"] == pytest.approx((0.002 + 0.003 + 1.0) / 3) and f["top1_normal"] == 0.5
+    v = f["visible"]
+    assert v["auroc"] == 1.0 and v["anomalous_windows"] == 1 and v["injected"] == 1
+    assert v["top1_normal"] == 1.0 and v["top1_normal_type_mean"] == 1.0
+    assert "visible" not in figures(scores, label, subjects)

@@ -24,6 +24,9 @@ subject of at least one window), a trail passing as close, a ghost's annulus as 
   windows, which no scorer could then hold 75 % of. In a survey, where anomalies are rare, the top 1 % of the
   ranking is the normal windows' 99th percentile; the mean over the types weighs each type alike, as a field
   with a few anomalies of each type does;
+- the same without the ghosts under the noise of any window (S/N < VISIBLE_SNR, below) and their windows:
+  the overall AUROC and the fractions above the normal windows' 99th percentile of the anomalies a window can
+  show (`visible`; every other figure counts them all);
 - throughput in windows per second (one torch thread) and the fast mode's speed-up over the full mode;
 - a row of its own for the ghosts bright enough to be seen in a window, S/N >= VISIBLE_SNR (5) in a window
   their annulus covers (`ghost_window_snr`: amplitude over the sky noise in each of the scorer's bands, added
@@ -91,10 +94,14 @@ def ghost_window_snr(params: dict, sky_sigma: dict[str, float], size: int) -> fl
 
 
 def figures(scores: np.ndarray, label: np.ndarray, subjects: list[tuple[str, np.ndarray]],
-            groups: dict[str, list[np.ndarray]] | None = None) -> dict:
+            groups: dict[str, list[np.ndarray]] | None = None, unseen: np.ndarray | None = None,
+            seen: list[bool] | None = None) -> dict:
     """The figures of one mode and score (module docstring); label per window: a type, "normal" or
     "contaminated". groups: name -> the window indices of each of its anomalies (a subset of `subjects`), given
-    a row of its own among the types (its windows against the normal ones)."""
+    a row of its own among the types (its windows against the normal ones). With `unseen` (per window: the
+    anomalous windows whose anomaly no window can show) and `seen` (per subject: whether it can be shown), also
+    the overall AUROC without the unseen windows and the fractions above the normal windows' 99th percentile of
+    the subjects that can be seen (`visible`)."""
     keep = label != "contaminated"
     s, lab = scores[keep], label[keep]
     y = lab != "normal"
@@ -117,10 +124,22 @@ def figures(scores: np.ndarray, label: np.ndarray, subjects: list[tuple[str, np.
         types[name] = row(m[keep], np.array([scores[ix].max() for ix in members]))
     allb = np.concatenate([v for v in best.values()]) if best else np.zeros(0)
     per_type = [types[t]["top1_normal"] for t in best if len(best[t])]
-    return dict(windows=int(len(s)), anomalous_windows=int(y.sum()), auroc=_auroc(s, y.astype(int)),
-                injected=int(len(allb)), top1=frac(allb, p99), top01=frac(allb, p999),
-                top1_normal=frac(allb, n99), top01_normal=frac(allb, n999),
-                top1_normal_type_mean=float(np.mean(per_type)) if per_type else None, types=types)
+    out = dict(windows=int(len(s)), anomalous_windows=int(y.sum()), auroc=_auroc(s, y.astype(int)),
+               injected=int(len(allb)), top1=frac(allb, p99), top01=frac(allb, p999),
+               top1_normal=frac(allb, n99), top01_normal=frac(allb, n999),
+               top1_normal_type_mean=float(np.mean(per_type)) if per_type else None, types=types)
+    if unseen is not None and seen is not None:
+        m = ~np.asarray(unseen, bool)[keep]
+        vb: dict[str, list[float]] = {}
+        for (k, ix), ok in zip(subjects, seen):
+            if ok:
+                vb.setdefault(k, []).append(float(scores[ix].max()))
+        allv = np.array([v for b in vb.values() for v in b])
+        out["visible"] = dict(anomalous_windows=int((y & m).sum()), auroc=_auroc(s[m], y[m].astype(int)),
+                              injected=int(len(allv)), top1_normal=frac(allv, n99),
+                              top1_normal_type_mean=float(np.mean([frac(np.array(b), n99) for b in vb.values()]))
+                              if vb else None)
+    return out
 
 
 def scored_windows(windows, score: np.ndarray, fraction: float, above: float) -> np.ndarray:
@@ -197,6 +216,12 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
                  for kind, _, key in keyed if kind == "ghost"}
     visible = f"ghost, S/N >= {VISIBLE_SNR:g}"
     groups = {visible: [ix for kind, ix, key in keyed if kind == "ghost" and ghost_snr[key] >= VISIBLE_SNR]}
+    # the ghosts under the noise of any window: their windows and themselves left out of the `visible` figures
+    seen = [kind != "ghost" or ghost_snr[key] >= VISIBLE_SNR for kind, _, key in keyed]
+    shown = np.zeros(len(windows), bool)
+    for ix in groups[visible]:
+        shown[ix] = True
+    unseen = (label == "ghost") & ~shown
     say(f"scoring {len(x)} windows ({int(np.isin(label, ['normal', 'contaminated'], invert=True).sum())} "
         f"anomalous, {len(subjects)} injected anomalies) in the fast and full modes ...")
     out = dict(n_fields=n_fields, field_size=size, seed=seed, steps=steps, stride=stage.stride, bands=stage.bands,
@@ -211,17 +236,18 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
         sigma = window_sigma(r["score"], r["model_peak"])[0]
         sigma = np.where(np.isfinite(sigma), sigma, np.nanmin(sigma) - 1.0)  # no score: ranked last
         out["modes"][mode] = {"windows_per_second": float(len(x) / dt),
-                              "score": figures(r["score"], label, subjects, groups),
-                              "paper": figures(r["paper"], label, subjects, groups),
-                              "sigma": figures(sigma, label, subjects, groups)}
+                              "score": figures(r["score"], label, subjects, groups, unseen, seen),
+                              "paper": figures(r["paper"], label, subjects, groups, unseen, seen),
+                              "sigma": figures(sigma, label, subjects, groups, unseen, seen)}
         # the grid as the stage scores it, coarse to fine: the windows it leaves out ranked last
         keep = scored_windows(windows, r["score"], refine, refine_above)
         low = float(np.min(r["score"])) - 1.0
         sig = window_sigma(np.where(keep, r["score"], np.nan), r["model_peak"], coarse)[0]
         sig = np.where(np.isfinite(sig), sig, np.nanmin(sig) - 1.0)
         out["modes"][mode]["refined"] = {"fraction_scored": float(keep.mean()),
-                                         "score": figures(np.where(keep, r["score"], low), label, subjects, groups),
-                                         "sigma": figures(sig, label, subjects, groups)}
+                                         "score": figures(np.where(keep, r["score"], low), label, subjects, groups,
+                                                          unseen, seen),
+                                         "sigma": figures(sig, label, subjects, groups, unseen, seen)}
         say(f"  {mode}: {len(x) / dt:.0f} windows/s; coarse to fine scores {keep.mean():.3f} of the windows")
     if full:
         out["fast_speedup"] = out["modes"]["fast"]["windows_per_second"] / out["modes"]["full"]["windows_per_second"]
@@ -241,6 +267,12 @@ def format_report(r: dict) -> str:
             if "top1_normal" in f:  # not in an older record
                 lines.append(f"       above the normal windows' 99th / 99.9th percentile {f['top1_normal']:.2f} / "
                              f"{f['top01_normal']:.2f}; mean over the types {f['top1_normal_type_mean']:.2f}")
+            if "visible" in f:
+                v = f["visible"]
+                lines.append(f"       the anomalies a window can show (ghosts at S/N >= {VISIBLE_SNR:g} only: "
+                             f"{v['injected']} injected, {v['anomalous_windows']} windows): AUROC {v['auroc']:.3f}, "
+                             f"above the normal 99th {v['top1_normal']:.2f}, mean over the types "
+                             f"{v['top1_normal_type_mean']:.2f}")
             for t, v in f["types"].items():
                 top1 = "-" if v["top1"] is None else f"{v['top1']:.2f}"
                 top1n = "" if v.get("top1_normal") is None else f"  above the normal 99th {v['top1_normal']:.2f}"
