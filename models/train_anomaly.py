@@ -189,7 +189,8 @@ def train(stamps: np.ndarray, iters: int = 3000, enc_iters: int = 3000, batch: i
 
 def stalled(enc_log: list[dict], fall: float = 0.9) -> bool:
     """Whether an encoder's training log shows no learning: its last loss above `fall` times its first logged
-    one (a stalled start: 0.187 -> 0.188 for the g, r, z weights of 2026-12-01; trained ones end at 0.55-0.65)."""
+    one (a stalled start: 0.187 -> 0.188 for the g, r, z weights of 2026-12-01; encoders that learned end at
+    0.55-0.65 times their first logged loss)."""
     return len(enc_log) >= 2 and enc_log[-1]["loss"] > fall * enc_log[0]["loss"]
 
 
