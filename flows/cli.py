@@ -15,6 +15,7 @@ from deepfield.tasks.ingest_config import StoreSpec
 
 from .cli_common import (VerboseGroup, console, errors, fail, rel, run_log, show_info,
                          verbosity)
+from . import cli_anomaly  # noqa: F401  (registers train anomaly and eval anomaly)
 from . import cli_detect  # noqa: F401  (registers train library, train detect and eval detect)
 from . import cli_inspect
 from . import cli_photoz  # noqa: F401  (registers train photoz and eval photoz)
