@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 __all__ = ["Z_MAX", "QUANTILES", "QUANTILE_COLUMNS", "MAG_BINS", "PhotoZKNN", "PhotoZReference", "pdf", "cdf",
-           "nmad_figures", "binned_figures", "fit_spread"]
+           "nmad_figures", "binned_figures", "fit_spread", "neighbour_quantiles"]
 
 Z_MAX = 4.0  # the simulator draws galaxies at z < 3.4
 QUANTILES = (0.025, 0.16, 0.5, 0.84, 0.975)
@@ -116,12 +116,8 @@ class PhotoZKNN:
         return np.sort(self.z[j], axis=1)
 
     def quantiles(self, zn: np.ndarray, spread: float | None = None) -> np.ndarray:
-        """(n, len(QUANTILES)) quantiles from sorted neighbour redshifts, widened about the median by `spread`."""
-        s = self.spread if spread is None else spread
-        q = np.quantile(zn, QUANTILES, axis=1).T
-        med = q[:, [QUANTILES.index(0.5)]]
-        q = np.clip(med + s * (q - med), 0.0, Z_MAX)
-        return np.maximum.accumulate(q, axis=1)
+        """neighbour_quantiles of `zn` with `spread`, else the set's own."""
+        return neighbour_quantiles(zn, self.spread if spread is None else spread)
 
     def predict(self, flux: np.ndarray, fluxerr: np.ndarray, bands: list[str]) -> dict[str, np.ndarray]:
         """Estimates for fluxes and errors (n, len(bands)) in nJy: z_phot, z_phot_err, the quantile columns and
@@ -160,6 +156,15 @@ class PhotoZKNN:
         flag[broad] |= FLAG_BROAD
         out["z_phot_flag"] = flag
         return out
+
+
+def neighbour_quantiles(zn: np.ndarray, spread: float) -> np.ndarray:
+    """(n, len(QUANTILES)) quantiles from sorted neighbour redshifts (n, k), widened about the median by `spread`
+    and clipped to [0, Z_MAX]."""
+    q = np.quantile(zn, QUANTILES, axis=1).T
+    med = q[:, [QUANTILES.index(0.5)]]
+    q = np.clip(med + spread * (q - med), 0.0, Z_MAX)
+    return np.maximum.accumulate(q, axis=1)
 
 
 def _knots(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .photoz import MAG_WEIGHT, QUANTILE_COLUMNS, PhotoZKNN, binned_figures, nmad_figures
+from .photoz import MAG_WEIGHT, QUANTILE_COLUMNS, PhotoZKNN, binned_figures, neighbour_quantiles, nmad_figures
 from .photoz import fit_spread as bisect_spread
 from .progress import say
 
@@ -63,12 +63,6 @@ def figures(est: PhotoZKNN, t: pd.DataFrame, bands: list[str]) -> dict:
     return binned_figures(res["z_phot"], q, t.z.to_numpy(float), t.mag_true.to_numpy(float))
 
 
-def fit_spread(est: PhotoZKNN, t: pd.DataFrame, bands: list[str], target: float = 0.68) -> float:
-    """The spread that makes the 68 % intervals of `t` cover `target` (models.photoz.fit_spread)."""
-    zn = est.neighbours(t[[f"flux_{b}" for b in bands]].to_numpy(float), bands)
-    return bisect_spread(lambda s: est.quantiles(zn, s), t.z.to_numpy(float), target)
-
-
 def _oof_neighbours(tabs: list[pd.DataFrame], bands: list[str], mag_weight: float, k_max: int
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each galaxy of `tabs` (one table per seed) with the other seeds as the reference set: the true redshifts of
@@ -84,29 +78,30 @@ def _oof_neighbours(tabs: list[pd.DataFrame], bands: list[str], mag_weight: floa
     return np.concatenate(zn), np.concatenate(z), np.concatenate(mag)
 
 
-def cross_validation(tabs: list[pd.DataFrame], bands: list[str]) -> tuple[dict, dict]:
+def cross_validation(tabs: list[pd.DataFrame], bands: list[str]) -> tuple[dict, dict, dict]:
     """sigma_NMAD at true i < 24 of every (k, magnitude weight) of K_CHOICES x MAG_WEIGHTS, each seed's galaxies
-    estimated from the other seeds', pooled: ({(k, w): sigma_NMAD}, {(k, w): nmad_figures}). Pooling ten
-    fields' galaxies (about 11,000 at i < 24) rather than one held-out field's (about 1,100) makes the choice
-    steadier: on one field the figures of neighbouring choices differ by 0.001-0.003, as much as the choices."""
-    scores, figs = {}, {}
+    estimated from the other seeds', pooled: ({(k, w): sigma_NMAD}, {(k, w): nmad_figures}, {w: the
+    _oof_neighbours of weight w, max(K_CHOICES) of them}). Pooling ten fields' galaxies (about 11,000 at
+    i < 24) rather than one held-out field's (about 1,100) makes the choice steadier: on one field the figures
+    of neighbouring choices differ by 0.001-0.003, as much as the choices."""
+    scores, figs, oof = {}, {}, {}
     for mw in MAG_WEIGHTS:
-        zn, z, mag = _oof_neighbours(tabs, bands, mw, max(K_CHOICES))
+        zn, z, mag = oof[mw] = _oof_neighbours(tabs, bands, mw, max(K_CHOICES))
         sel = mag < 24
         for k in K_CHOICES:
             f = nmad_figures(np.median(zn[sel, :k], axis=1), z[sel])
             scores[(k, mw)], figs[(k, mw)] = f["sigma_nmad"], f
-    return scores, figs
+    return scores, figs, oof
 
 
-def cv_spread(tabs: list[pd.DataFrame], bands: list[str], k: int, mag_weight: float, target: float = 0.68) -> float:
+def cv_spread(oof: tuple[np.ndarray, np.ndarray, np.ndarray], k: int, target: float = 0.68) -> float:
     """The spread (models.photoz.fit_spread) that makes the 68 % intervals of every seed's galaxies at true
-    i < 25, each estimated from the other seeds', cover `target`."""
-    zn, z, mag = _oof_neighbours(tabs, bands, mag_weight, k)
+    i < 25, each estimated from its `k` nearest in the other seeds' (`oof`: cross_validation's neighbours of the
+    chosen weight, nearest first, at least k of them), cover `target`."""
+    zn, z, mag = oof
     sel = mag < 25
-    zs = np.sort(zn[sel], axis=1)
-    est = PhotoZKNN(bands, np.zeros((1, len(bands))), np.zeros(1), np.ones(len(bands)), k=k)
-    return bisect_spread(lambda s: est.quantiles(zs, s), z[sel], target)
+    zs = np.sort(zn[sel, :k], axis=1)
+    return bisect_spread(lambda s: neighbour_quantiles(zs, s), z[sel], target)
 
 
 def subset_weights(tabs: list[pd.DataFrame], bands: list[str], k: int) -> tuple[dict, dict]:
@@ -142,12 +137,12 @@ def train(command: str, tables: list[pd.DataFrame], seeds: list[int], size: int 
     ref_u, held_u = pd.concat(tabs[:-1], ignore_index=True), tabs[-1]
     say(f"choosing k and the magnitude weight by leaving each of the {len(tables)} seeds out in turn; "
         f"held out for the record: {len(held_u)} galaxies of seed {seeds[-1]}")
-    scores, cv = cross_validation(tabs, use)
+    scores, cv, oof = cross_validation(tabs, use)
     for (k, mw), f in cv.items():
         say(f"  k {k}, magnitude weight {mw}: i < 24 sigma_NMAD {f['sigma_nmad']:.4f}, outliers "
             f"{f['outliers']:.3f}, bias {f['bias']:+.4f}")
     k, mw = min(scores, key=lambda km: (round(scores[km], 4), -km[0], -km[1]))
-    spread = cv_spread(tabs, use, k, mw)
+    spread = cv_spread(oof[mw], k)
     per_set, per_set_scores = subset_weights(tabs, use, k)
     say("magnitude weight of the band sets fewer than all: " + ", ".join(f"{b} {w}" for b, w in per_set.items()))
     est = estimator(ref_u, use, k, mag_weight=mw)
