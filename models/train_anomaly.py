@@ -157,10 +157,8 @@ def train(stamps: np.ndarray, iters: int = 3000, enc_iters: int = 3000, batch: i
     default g r i)."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(stamps))
-    n_val = max(1, len(stamps) // 20)
-    x_va, x_tr = torch.as_tensor(stamps[order[:n_val]]), torch.as_tensor(stamps[order[n_val:]])
+    x_va, x_tr = _split(stamps, seed)
+    n_val = len(x_va)
     bands = str((data or {}).get("bands") or "g,r,i").split(",")
     if len(bands) != stamps.shape[1]:
         raise ValueError(f"{stamps.shape[1]} bands in the stamps, but they are said to be {','.join(bands)}")
@@ -185,6 +183,13 @@ def train(stamps: np.ndarray, iters: int = 3000, enc_iters: int = 3000, batch: i
                   gan_seconds=round(t_gan, 1), encoder_seconds=round(t_enc, 1), torch=torch.__version__,
                   device=device, threads=threads)
     return _validated(model, x_va, record, device), model.state_dict()
+
+
+def _split(stamps: np.ndarray, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation, training) stamps: 5 % (at least one) kept back, drawn by `seed`."""
+    order = np.random.default_rng(seed).permutation(len(stamps))
+    n_val = max(1, len(stamps) // 20)
+    return torch.as_tensor(stamps[order[:n_val]]), torch.as_tensor(stamps[order[n_val:]])
 
 
 def stalled(enc_log: list[dict], fall: float = 0.9) -> bool:
@@ -225,11 +230,7 @@ def retrain_encoder(stamps: np.ndarray, weights: dict, enc_iters: int = 3000, ba
     model.load_state_dict(weights["state_dict"])
     torch.manual_seed(encoder_seed)
     model.encoder.load_state_dict(AnomalyGAN(**arch).encoder.state_dict())  # a fresh start
-    model.to(device)
-    rng = np.random.default_rng(seed)  # the split of `train`
-    order = rng.permutation(len(stamps))
-    n_val = max(1, len(stamps) // 20)
-    x_va, x_tr = torch.as_tensor(stamps[order[:n_val]]), torch.as_tensor(stamps[order[n_val:]])
+    x_va, x_tr = _split(stamps, seed)  # the split of `train`
     say(f"training a new encoder (seed {encoder_seed}) for the generator and critic of {source} for {enc_iters} "
         f"steps on {len(x_tr)} stamps ...")
     t0 = time.perf_counter()
