@@ -115,7 +115,9 @@ def figures(scores: np.ndarray, label: np.ndarray, subjects: list[tuple[str, np.
         sel = m | ~y
         return dict(windows=int(m.sum()), auroc=_auroc(s[sel], m[sel].astype(int)), injected=int(len(b)),
                     top1=frac(b, p99), top01=frac(b, p999), top1_normal=frac(b, n99), top01_normal=frac(b, n999))
-    best = {t: np.array([scores[ix].max() for k, ix in subjects if k == t]) for t in sorted({k for k, _ in subjects})}
+    kinds = np.array([k for k, _ in subjects], dtype=object)
+    top = np.array([scores[ix].max() for _, ix in subjects])  # each subject's best window
+    best = {t: top[kinds == t] for t in sorted(set(kinds))}
     types = {t: row(lab == t, best.get(t, np.zeros(0))) for t in sorted(set(lab[y]) | set(best))}
     for name, members in (groups or {}).items():
         m = np.zeros(len(label), bool)
@@ -130,15 +132,12 @@ def figures(scores: np.ndarray, label: np.ndarray, subjects: list[tuple[str, np.
                top1_normal_type_mean=float(np.mean(per_type)) if per_type else None, types=types)
     if unseen is not None and seen is not None:
         m = ~np.asarray(unseen, bool)[keep]
-        vb: dict[str, list[float]] = {}
-        for (k, ix), ok in zip(subjects, seen):
-            if ok:
-                vb.setdefault(k, []).append(float(scores[ix].max()))
-        allv = np.array([v for b in vb.values() for v in b])
+        vis = np.asarray(seen, bool)
+        vtypes = list(dict.fromkeys(kinds[vis]))
         out["visible"] = dict(anomalous_windows=int((y & m).sum()), auroc=_auroc(s[m], y[m].astype(int)),
-                              injected=int(len(allv)), top1_normal=frac(allv, n99),
-                              top1_normal_type_mean=float(np.mean([frac(np.array(b), n99) for b in vb.values()]))
-                              if vb else None)
+                              injected=int(vis.sum()), top1_normal=frac(top[vis], n99),
+                              top1_normal_type_mean=float(np.mean([frac(top[vis & (kinds == t)], n99)
+                                                                   for t in vtypes])) if vtypes else None)
     return out
 
 
