@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deepfield.models.photoz import MAG_WEIGHT
 from deepfield.models.photoz import QUANTILE_COLUMNS as QCOLS
 from deepfield.models.photoz import binned_figures as score
 from deepfield.models.progress import say
@@ -147,7 +148,7 @@ def format_report(r: dict) -> str:
     lines = [f"photo-z on {r['n_fields']} held-out field(s) of {r['size']}^2 px (seeds {r['seeds']}), bands "
              f"{','.join(r['bands'])}: {r['matched_galaxies']} galaxies matched to the truth",
              f"reference set{' (variant ' + ref['variant'] + ')' if ref.get('variant') else ''}: {ref['galaxies']} galaxies, bands {','.join(ref['bands'])}, k {ref['k']}, spread "
-             f"{ref['spread']}, magnitude weight {ref.get('mag_weight', 0.25)}, flux_{ref['flux']}",
+             f"{ref['spread']}, magnitude weight {ref.get('mag_weight', MAG_WEIGHT)}, flux_{ref['flux']}",
              f"targets at i < 24 with g, r, i, z: sigma_NMAD <= {t['sigma_nmad']}, outliers <= {t['outliers']}, "
              f"|bias| <= {t['abs_bias']}, 68 % coverage {t['coverage_68'][0]}-{t['coverage_68'][1]}",
              "", "method knn (colour baseline), the stage's output:", head]
