@@ -140,9 +140,11 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
     else:
         mask[:] = 0
     nodata = None  # pixels without a measurement, where there are any
+    # every |pixel| < HUGE (no NaN, inf or huge: the common case) by two reductions without a temporary; NaN
+    # propagates into the minimum and maximum and fails the comparisons
     with np.errstate(invalid="ignore"):
-        fine = np.abs(image) < HUGE  # False for NaN, inf and the huge: one test for the common case
-    if not fine.all():
+        lo, hi = image.min(), image.max()
+    if not (-HUGE < lo and hi < HUGE):
         nodata = ~np.isfinite(image)
         if nodata.any():
             image[nodata] = 0
@@ -155,15 +157,19 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
             mask[huge] |= maskbits.NO_DATA
             nodata |= huge
             notes.append(f"band {band}: {int(huge.sum())} pixels with |value| >= {HUGE:g} masked NO_DATA")
-    del fine
     invvar = slots[1]
     good = None  # positive and finite inverse variance
     if inv is not None:
         np.copyto(invvar, aux(inv, "invvar")[1], casting="unsafe")
         with np.errstate(invalid="ignore"):
-            good = (invvar > 0) & (invvar < np.inf)
-        if not good.any():
-            raise InputError(inv[0], f"no pixel of band {band} has a positive, finite inverse variance")
+            lo, hi = invvar.min(), invvar.max()
+        if not (lo > 0 and hi < np.inf):  # some pixel is not positive and finite (NaN fails both)
+            with np.errstate(invalid="ignore"):
+                good = (invvar > 0) & (invvar < np.inf)
+            if not good.any():
+                raise InputError(inv[0], f"no pixel of band {band} has a positive, finite inverse variance")
+        else:
+            good = True  # every pixel
     elif var is not None:
         v = np.asarray(aux(var, "variance")[1], dtype=np.float64)
         good = np.isfinite(v) & (v > 0)
@@ -186,7 +192,7 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
     if good is None:
         with np.errstate(invalid="ignore"):
             good = (invvar > 0) & (invvar < np.inf)  # NaN compares False: not good
-    nzero = good.size - np.count_nonzero(good)
+    nzero = 0 if good is True else good.size - np.count_nonzero(good)
     if nzero:  # usually a few pixels: their indices, found once, serve the mask and the invvar
         zero = np.unravel_index(np.flatnonzero(np.logical_not(good, out=good)), good.shape)
         mask[zero] |= maskbits.ZERO_WEIGHT

@@ -84,11 +84,13 @@ class CodecSpec(BaseModel):
 
 
 CHECK_KEYS = ("checksum", "checksum_always")  # how inputs are compared: not part of the store's layout
+NOT_LAYOUT = CHECK_KEYS + ("sync",)  # ... nor is how the shards are written
 
 
 class StoreSpec(BaseModel):
     """Layout of the Zarr store: tile cores (one shard each, so one writer each) and chunks; and how a
-    re-ingest tells changed inputs (CHECK_KEYS, which are not layout: `layout()` leaves them out)."""
+    re-ingest tells changed inputs (CHECK_KEYS) and whether shards are flushed to disk (`sync`): these are not
+    layout, `layout()` leaves them out (NOT_LAYOUT)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -104,10 +106,17 @@ class StoreSpec(BaseModel):
     checksum_always: Optional[bool] = Field(
         None, description="read and hash every input on every ingest, whatever its size and mtime (default: true "
         "with checksum sha256, false with xxh3)")
+    sync: bool = Field(
+        False, description="flush every shard to the disk (fsync) before the field's completion record is written, "
+        "so that a power loss (not only a kill) cannot leave a record over shards the disk never received. Off by "
+        "default, as for every other file deepfield writes: a killed process's writes are in the page cache and "
+        "reach the disk; after a power loss a shard that did not is seen by its size, which every reader checks "
+        "against the record (tasks.zarr_store.verify_shards), and a damaged chunk by its crc32c. Costs the disk's "
+        "write time: the write of a 2048^2 field in g, r, i, z takes 0.22-0.24 s with it, 0.12-0.13 s without, here")
 
     def layout(self) -> dict:
-        """The store layout, as the completion record keeps it (without CHECK_KEYS)."""
-        return self.model_dump(exclude=set(CHECK_KEYS))
+        """The store layout, as the completion record keeps it (without NOT_LAYOUT)."""
+        return self.model_dump(exclude=set(NOT_LAYOUT))
 
     @property
     def read_always(self) -> bool:

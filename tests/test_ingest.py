@@ -343,3 +343,33 @@ def test_record_of_an_older_deepfield_is_compared_by_sha256_and_upgraded(one_fie
     assert input_fingerprint(open_store(store), "f") == old_fp
     hashed.clear()
     assert _ingest(spec, store) == "skipped" and hashed == []
+
+
+def test_sync_flushes_the_shards_and_is_not_layout(one_field, monkeypatch):
+    """`store.sync: true` fsyncs the shards TensorStore writes and stores the same bytes; it is not part of the
+    store's layout, so switching it neither re-ingests a field nor changes its record."""
+    import deepfield.tasks.zarr_write as zarr_write
+    spec, store = one_field
+    contexts = []
+    real = zarr_write.tensorstore.Context
+
+    def context(spec_dict, *a, **k):
+        contexts.append(spec_dict)
+        return real(spec_dict, *a, **k)
+    monkeypatch.setattr(zarr_write.tensorstore, "Context", context)
+    assert _ingest(spec, store) == "ingested" and contexts[-1]["file_io_sync"] is False  # the default
+    rec = field_record(open_store(store), "f")
+    assert "sync" not in rec["store"]
+    group = store / "fields" / "f"
+
+    def shards():
+        return {p.relative_to(group): p.read_bytes() for a in ("image", "invvar", "mask")
+                for p in sorted((group / a / "c").rglob("*")) if p.is_file()}
+    written = shards()
+    assert set(map(str, written)) == set(rec["shards"]) and len(written) == 3 * 16  # 256^2 cores of 1024^2
+    assert _ingest(spec, store, sync=True) == "skipped"  # not layout: nothing to redo
+    shutil.rmtree(store)
+    assert _ingest(spec, store, sync=True) == "ingested" and contexts[-1]["file_io_sync"] is True
+    assert shards() == written
+    assert {k: v for k, v in field_record(open_store(store), "f").items() if k != "completed_at"} == \
+        {k: v for k, v in rec.items() if k != "completed_at"}
