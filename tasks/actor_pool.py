@@ -3,7 +3,9 @@ the run flow's processing task, flows/process.py).
 
 One actor per GPU when the Ray cluster has GPUs (num_gpus=1: Ray gives each actor its own
 CUDA_VISIBLE_DEVICES), otherwise N CPU actors. Work in flight is bounded (a few tiles per actor). The
-tiles to do come from one read of each field's ledger log; the driver hands tiles out as actors free up and
+tiles to do come from one read of each field's ledger log, one tile of each field in turn (`fields_in_turn`:
+the actors then start on different fields, and a field's shared work, done once for the run, is there when
+its later tiles come); the driver hands tiles out as actors free up and
 takes every result that is in at each pass (one `ray.wait` for all, waiting only when none is), so that
 its cost per tile stays small (tests/benchmarks/bench_survey_scale.py).
 An actor that dies is replaced and its tiles retried (a replacement that cannot start, its node lost
@@ -44,7 +46,7 @@ from .tile_runner import TileRunner
 from .zarr_store import StoreIntegrityError, all_tiles, complete_fields, invalidate_field, open_store
 
 __all__ = ["run_tiles", "start_ray", "actor_plan", "request_stop", "clear_stop", "stop_requested", "prestart_actors",
-           "discard_prestarted"]
+           "discard_prestarted", "fields_in_turn"]
 
 Progress = Callable[[int, int, str], None]
 log = logging.getLogger(__name__)
@@ -52,6 +54,22 @@ log = logging.getLogger(__name__)
 _stop = threading.Event()
 _release = threading.Event()
 _prestarted: dict[str, list] = {}  # pool key (_pool_key) -> actor handles made ahead by prestart_actors
+
+
+def fields_in_turn(tiles: list) -> list:
+    """`tiles` (TileIds) in the order they are handed out: one tile of each field in turn (the fields in the
+    order of their first tile, each field's tiles in their own order). Given out field by field, every actor
+    would reach each field at once and wait for, or repeat, its field-level work (the cluster stage's binning of
+    the whole field, tasks/stages/cluster.py); in turn, the actors start on different fields and the later tiles
+    of a field find that work done."""
+    by_field: dict[str, deque] = {}
+    for t in tiles:
+        by_field.setdefault(t.field, deque()).append(t)
+    out, queues = [], list(by_field.values())
+    while queues:
+        out += [q.popleft() for q in queues]
+        queues = [q for q in queues if q]
+    return out
 
 
 def request_stop() -> None:
@@ -190,7 +208,7 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
     actors: list = ahead[:n_actors] + [new_actor() for _ in range(n_actors - len(ahead[:n_actors]))]
     starting: dict[int, tuple] = {}  # slot -> (readiness ref, since): replacements not yet up
     load = [0] * n_actors
-    queue = deque((t, 1) for t in todo)
+    queue = deque((t, 1) for t in fields_in_turn(todo))
     inflight: dict = {}  # ObjectRef -> (actor index, actor handle, tile, attempt)
     done = 0
     stage_time: dict[str, float] = {}
@@ -212,14 +230,17 @@ def run_tiles(store: str, run_dir: str, stages: list[tuple[str, dict]], halo: in
                 actors[k] = None
                 del starting[k]
                 summary["actors_given_up"] += 1
-        for k in range(n_actors):
-            if actors[k] is None or k in starting:
-                continue
-            while queue and load[k] < in_flight_per_actor:
+        given = True
+        while queue and given:  # one tile to each actor with room in turn, so that the actors' next tiles are
+            given = False       # the queue's next ones in order (of different fields: fields_in_turn)
+            for k in range(n_actors):
+                if not queue or actors[k] is None or k in starting or load[k] >= in_flight_per_actor:
+                    continue
                 tile, attempt = queue.popleft()
                 ref = actors[k].process.remote(str(tile), attempt)
                 inflight[ref] = (k, actors[k], tile, attempt)
                 load[k] += 1
+                given = True
         if not inflight:
             if not starting:
                 break

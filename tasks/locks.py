@@ -1,5 +1,6 @@
 """Exclusive locks on run directories and catalogs: one `deepfield run` at a time per run directory, one merge
-at a time per catalog directory.
+at a time per catalog directory (`exclusive`, which refuses when the lock is held); and `waiting`, which waits
+for the holder to let go (the actors of a run computing a field-level result once: tasks/stages/cluster.py).
 
 A lock is an advisory `fcntl.flock` on a lock file, held for the duration of a `with` block. The kernel
 releases it when the holding process ends, however it ends (`kill -9` included), so a lock is never stale
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["LockedError", "exclusive", "reap_orphans"]
+__all__ = ["LockedError", "exclusive", "reap_orphans", "waiting"]
 
 
 class LockedError(RuntimeError):
@@ -49,6 +50,24 @@ def exclusive(path: str | Path, what: str) -> Iterator[Path]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(dict(host=socket.gethostname(), pid=os.getpid(),
                                       since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))).encode(), 0)
+        try:
+            yield path
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def waiting(path: str | Path) -> Iterator[Path]:
+    """Hold the exclusive lock `path` (created with its parent) for the block, waiting as long as another
+    process holds it. The kernel releases a holder's lock when it ends however it ends, so a killed holder
+    cannot leave the others waiting."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield path
         finally:

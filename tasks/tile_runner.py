@@ -90,6 +90,7 @@ class TileRunner:
         self.stages = [make_stage(name, **params) for name, params in stages]
         self.device = device or pick_device()
         for s in self.stages:
+            s.shared_dir = self.run_dir / "cache" / s.name
             s.setup(self.device)
 
     def reopen(self) -> None:

@@ -246,3 +246,93 @@ def test_a_neighbours_reingest_redoes_the_tiles_that_read_it(tmp_path):
     assert after["A"] != before["A"] and after["B"] != before["B"] and after["C"] == before["C"]
     keys = run_keys(stages, "h", root, ["A", "C"])
     assert keys.inputs == {"A": after["A"], "C": after["C"]}
+
+
+def test_the_actors_of_a_run_share_each_fields_planes_and_detections(tmp_path, weights, monkeypatch):
+    """Inside a run (a shared directory, as the tile runner gives every stage), the first actor to need a
+    field's binned planes or detections computes them and the others read them: the same tables, each field
+    binned once and the network run once for all; another threshold computes the detections again (not the
+    planes), a damaged file is computed again, a re-ingested neighbour makes the field's detections and the
+    neighbour's planes new."""
+    import multiprocessing
+    import threading
+
+    from deepfield.tasks.locks import waiting
+    root = _store(tmp_path / "store.zarr", _field("A", _wcs(), 1),
+                  _field("B", _wcs(*SHIFT), 2, bright=(40, 48, 80, 88)))
+    shared = tmp_path / "run" / "cache" / "cluster"
+    binned, ran = [], []
+    fp, dp = stage_mod.field_planes, stage_mod.detect_planes
+    monkeypatch.setattr(stage_mod, "field_planes", lambda g, *a, **k: binned.append(g.path) or fp(g, *a, **k))
+    monkeypatch.setattr(stage_mod, "detect_planes", lambda *a, **k: ran.append(1) or dp(*a, **k))
+
+    def actor(threshold=0.01):  # a new stage object: another actor's
+        s = _stage(weights, halo_arcsec=16.0, threshold=threshold)
+        s.shared_dir = shared
+        return s
+
+    def tables(stage, field="A"):
+        out = []
+        for t in _tiles(root, field):
+            stage.run(t, pd.DataFrame())
+            out.append(t.tables["clusters"])
+        return pd.concat(out, ignore_index=True)
+
+    def counts():
+        out = (sorted(binned), len(ran))
+        binned.clear()
+        ran.clear()
+        return out
+
+    want = tables(_stage(weights, halo_arcsec=16.0, threshold=0.01))  # outside a run: computed by itself
+    assert len(want) > 3 and counts() == (["fields/A", "fields/B"], 1)
+    pd.testing.assert_frame_equal(tables(actor()), want)  # the first actor of a run
+    assert counts() == (["fields/A", "fields/B"], 1)
+    assert len(list((shared / "A").glob("detections.*.npz"))) == 1
+    assert [len(list((shared / f).glob("planes.*.npy"))) for f in "AB"] == [1, 1]
+    pd.testing.assert_frame_equal(tables(actor()), want)  # a second actor: read, nothing computed
+    assert counts() == ([], 0)
+    tables(actor(), "B")  # field B's tiles: its planes and A's (its neighbour) are there
+    assert counts() == ([], 1)
+
+    # the lock is waited for: held by another process, a reader gets the file only after it lets go
+    ctx = multiprocessing.get_context("fork")
+    held, release = ctx.Event(), ctx.Event()
+
+    def hold():
+        with waiting(shared / "A" / ".detections.lock"):
+            held.set()
+            release.wait(30)
+    p = ctx.Process(target=hold)
+    p.start()
+    assert held.wait(30)
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(t=tables(actor())))
+    reader.start()
+    reader.join(1.0)
+    assert reader.is_alive() and not got  # waiting for the lock
+    release.set()
+    reader.join(60)
+    p.join(30)
+    pd.testing.assert_frame_equal(got["t"], want)
+    assert counts() == ([], 0)
+
+    # another configuration: its own detections (the older file goes), the same planes
+    other = tables(actor(threshold=0.1))
+    assert 0 < len(other) < len(want) and counts() == ([], 1)
+    assert len(list((shared / "A").glob("detections.*.npz"))) == 1
+
+    # damaged files: computed again and rewritten
+    path = next((shared / "A").glob("detections.*.npz"))
+    path.write_bytes(b"not an npz")
+    next((shared / "B").glob("planes.*.npy")).write_bytes(b"not an npy")
+    pd.testing.assert_frame_equal(tables(actor(threshold=0.1)), other)
+    assert counts() == (["fields/B"], 1) and np.load(path)["x"].size > 0
+
+    # the neighbour re-ingested (another completion record): A's detections and B's planes are new
+    write_field(open_store(tmp_path / "store.zarr", mode="a"), _field("B", _wcs(*SHIFT), 3),
+                StoreSpec(tile=64, chunk=32), {"inputs": "B again"})
+    root = open_store(tmp_path / "store.zarr")
+    tables(actor())
+    assert counts() == (["fields/B"], 1)
+    assert [len(list((shared / f).glob("planes.*.npy"))) for f in "AB"] == [1, 1]

@@ -247,3 +247,14 @@ def test_a_runner_started_before_the_ingest_reads_the_field_as_the_ingest_left_i
     same = [c for c in other.columns if c not in ("field", "tile")]
     pd.testing.assert_frame_equal(a[same], other[same])
     assert len(a) != len(old) or not a[same].equals(old[same])
+
+
+def test_tiles_are_handed_out_one_field_at_a_time_in_turn():
+    """The driver's order (tasks.actor_pool.fields_in_turn): one tile of each field in turn, each field's tiles
+    in their own order, a field with fewer tiles dropping out; every tile once."""
+    from deepfield.tasks.actor_pool import fields_in_turn
+    from deepfield.tasks.tiling import TileId
+    tiles = [TileId("b", 0, k) for k in range(3)] + [TileId("a", 1, k) for k in range(5)] + [TileId("c", 0, 0)]
+    got = [f"{t.field}{t.tx}" for t in fields_in_turn(tiles)]
+    assert got == ["b0", "a0", "c0", "b1", "a1", "b2", "a2", "a3", "a4"]
+    assert fields_in_turn([]) == []

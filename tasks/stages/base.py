@@ -15,12 +15,15 @@ and an instance says which bands it needs (`required_bands`; None: it works on w
 `setup(device)` is called once per actor (load models there); `run(tile, sources)` once per tile with the
 tile's pixels (a `tasks.zarr_store.Tile`, with halo) and the source table built so far by the earlier
 stages; it returns the table with its new columns or rows. Adding a science stage means one new module and
-one registry entry (`tasks.stages.registry`), not a change to the runner or the merge.
+one registry entry (`tasks.stages.registry`), not a change to the runner or the merge. Inside a run, the tile
+runner gives every stage `shared_dir`, a directory all the run's actors share, for results that many tiles
+use and that one actor should compute for all (as the cluster stage's field-level detections).
 """
 from __future__ import annotations
 
 import difflib
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import pandas as pd
@@ -76,6 +79,10 @@ class Stage(ABC):
     side_tables: ClassVar[tuple[str, ...]] = ()
     models: ClassVar[tuple[str, ...]] = ()
     merge_step: ClassVar[Any] = None  # "module:Class", a MergeStep class, or None
+    # a directory that every actor of a run shares (<run directory>/cache/<stage name>, set by the tile runner),
+    # where a stage may keep a result that many tiles use (the cluster stage's field-level detections); None
+    # outside a run
+    shared_dir: Path | None = None
 
     def __init__(self, config: StageConfig | None = None, **params: Any):
         if config is not None and params:

@@ -2,11 +2,21 @@
 (Grishin et al. 2023): the network sees a cluster as a concentration of galaxies of one colour, not a
 list of sources.
 
-The network runs once per field and actor, not once per tile: the stage bins the tile's whole field from the
-store (`field_planes`, a strip at a time), 8 x 8 (1.6" pixels) and scaled (`planes_from_sums`), extends the
-planes by `halo_arcsec` (128") on each side (`extend_planes`), runs the network on the whole (`detect_planes`)
-and keeps the detections; each tile of the field takes those whose position lies in its core. The run's own
-halo (64 px = 13") is far smaller than a cluster, so the stage reads its pixels itself.
+The network runs once per field, not once per tile: the stage bins the tile's whole field from the store
+(`field_planes`, a strip at a time), 8 x 8 (1.6" pixels) and scaled (`planes_from_sums`), extends the planes by
+`halo_arcsec` (128") on each side (`extend_planes`), runs the network on the whole (`detect_planes`) and keeps
+the detections; each tile of the field takes those whose position lies in its core. The run's own halo (64 px
+= 13") is far smaller than a cluster, so the stage reads its pixels itself.
+
+Once per field for the whole run, not per actor: the tiles of a field go to every actor of the pool at once,
+and each actor binning the whole field (and its neighbours) again cost the run (actors - 1) times the work, a
+field read at full resolution each (about 0.5 core-s for a 2048^2 field in four bands). Inside a run
+(`shared_dir`, the run directory's cache/cluster) the first actor to need a field's detections computes them
+under the field's lock (tasks.locks.waiting) and writes them (`<field>/detections.<key>.npz`, atomically);
+the others wait for the lock and read them. The key is a hash of everything they depend on: the completion
+records of the field and of every neighbour within `halo_arcsec` (a re-ingest makes a new key), the stage's
+configuration and version, the weights file's content and deepfield's version. A file that cannot be read is computed
+again. Outside a run (no `shared_dir`) they are computed once per stage object, as before.
 
 Across field edges: the extension is filled from the other complete fields of the same store that cover that
 sky (neighbours that overlap or adjoin the field), each binned whole as its own tiles see it and resampled
@@ -40,7 +50,11 @@ key of a field covers them (tasks/provenance.py), so re-ingesting a neighbour re
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from collections import OrderedDict
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -56,6 +70,8 @@ __all__ = ["BACKGROUND_MESH", "BLOCK_HALO", "MAX_SIDE", "SOFTENING", "ClusterCon
            "detect_planes", "extend_planes", "field_planes", "field_sums"]
 
 SOFTENING = 3.0  # asinh softening, in units of the binned sky noise
+SHARED_FORMAT = 1  # of the shared detections' files: bump when what they hold changes
+log = logging.getLogger(__name__)
 BACKGROUND_MESH = 32  # binned pixels (51" at bin 8): the smooth sky left over after the ingest's
 MAX_SIDE = 4096  # binned pixels: planes larger than this on a side run through the network in blocks
 BLOCK_HALO = 80  # binned pixels (128" at bin 8) around each block's core
@@ -238,6 +254,31 @@ def detect_planes(model, planes: np.ndarray, threshold: float, device: str = "cp
     return {k: v[order] for k, v in found.items()}
 
 
+def _shared(lock: Path, path: Path, compute, load, save):
+    """What `compute()` returns, kept at `path` in a run's shared directory: read when it is there, else computed
+    and written (atomically) by the first process to take `lock` while the others wait for it; one that cannot
+    be read is computed again. Files beside it of the same kind (other keys: older inputs or configurations)
+    are removed. `save(file, value)` writes to an open binary file, `load(path)` reads."""
+    from ..atomic import atomic_path
+    from ..locks import waiting
+    kind = path.name.split(".", 1)[0]
+    with waiting(lock):
+        if path.exists():
+            try:
+                return load(path)
+            except Exception as exc:  # damaged: computed again below
+                log.warning(f"cluster: {path} cannot be read ({type(exc).__name__}: {exc}); computing it again")
+        for tmp in path.parent.glob(f".{kind}.*.tmp"):  # atomic_path's, of a writer killed holding this lock
+            tmp.unlink(missing_ok=True)
+        value = compute()
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            save(fh, value)
+        for old in path.parent.glob(f"{kind}.*{path.suffix}"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        return value
+
+
 class ClusterConfig(ModelStageConfig):
     halo_arcsec: float = Field(128.0, ge=0, description="sky around the field the network sees (filled from the "
                                                         "store's neighbouring fields), arcsec")
@@ -261,6 +302,7 @@ class ClusterStage(ModelStage):
         self._found: tuple[tuple, dict] | None = None  # the last field's detections
         self._planes: OrderedDict[tuple, np.ndarray] = OrderedDict()  # fields' binned planes, least recent first
         self._sky: tuple[str, dict] | None = None  # (store, {field: (record, footprint)}) of its complete fields
+        self._weights_digest: str | None = None  # sha256 of the weights file (shared_key)
 
     def setup(self, device: str) -> None:
         super().setup(device)
@@ -284,7 +326,7 @@ class ClusterStage(ModelStage):
         if key in self._planes:
             self._planes.move_to_end(key)
             return self._planes[key]
-        planes = field_planes(group, self.bands, self.bin)
+        planes = field_planes(group, self.bands, self.bin) if self.shared_dir is None else self._shared_planes(group)
         self._planes[key] = planes
         while len(self._planes) > 1 and sum(p.nbytes for p in self._planes.values()) > PLANES_CACHE_BYTES:
             self._planes.popitem(last=False)
@@ -334,17 +376,61 @@ class ClusterStage(ModelStage):
 
     def field_detections(self, tile) -> dict[str, np.ndarray]:
         """The network's detections over the tile's whole field and its halo (`extended_planes`,
-        `detect_planes`), once per field and actor: x and y in field pixels (binned pixel j is field pixels
-        j bin to (j + 1) bin - 1, its centre j bin + (bin - 1) / 2), score, z, richness, highest score first.
-        Those off the field belong to no tile."""
+        `detect_planes`), once per field (module docstring): x and y in field pixels (binned pixel j is field
+        pixels j bin to (j + 1) bin - 1, its centre j bin + (bin - 1) / 2), score, z, richness, highest score
+        first. Those off the field belong to no tile."""
         key = self._key(tile.group)
         if self._found is None or self._found[0] != key:
-            found = detect_planes(self.model, self.extended_planes(tile), self.threshold, device=self.device)
-            b, halo = self.bin, self.halo_bins(tile)
-            found["x"] = (found["x"] - halo) * b + (b - 1) / 2.0
-            found["y"] = (found["y"] - halo) * b + (b - 1) / 2.0
+            found = self._detect(tile) if self.shared_dir is None else self._shared_detections(tile)
             self._found = (key, found)
         return self._found[1]
+
+    def _detect(self, tile) -> dict[str, np.ndarray]:
+        found = detect_planes(self.model, self.extended_planes(tile), self.threshold, device=self.device)
+        b, halo = self.bin, self.halo_bins(tile)
+        found["x"] = (found["x"] - halo) * b + (b - 1) / 2.0
+        found["y"] = (found["y"] - halo) * b + (b - 1) / 2.0
+        return found
+
+    def shared_key(self, tile) -> str:
+        """The hash of what the field's detections depend on (module docstring)."""
+        from deepfield.models.registry import _weights_path
+
+        from ..version import __version__
+        if self._weights_digest is None:
+            path = _weights_path(self.model_name, self.config.weights_file(self.model_name))
+            self._weights_digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        name, _, record = self._key(tile.group)
+        near = self.neighbours(tile.group, self.halo_arcsec) if self.halo_bins(tile) else []
+        what = dict(format=SHARED_FORMAT, version=__version__, stage=self.version, field=record,
+                    weights=self._weights_digest,
+                    config=self.config.model_dump(mode="json"), bin=self.bin, halo=self.halo_bins(tile),
+                    neighbours={n: self._sky[1][n][0] for n in near})
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def _shared_detections(self, tile) -> dict[str, np.ndarray]:
+        """The field's detections from the run's shared directory, computed there by the first actor to need
+        them (module docstring)."""
+        def load(path):
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        where = Path(self.shared_dir) / tile.id.field
+        return _shared(where / ".detections.lock", where / f"detections.{self.shared_key(tile)}.npz",
+                       lambda: self._detect(tile), load, lambda fh, found: np.savez(fh, **found))
+
+    def _shared_planes(self, group) -> np.ndarray:
+        """`field_planes` of a field from the run's shared directory, computed there by the first actor to need
+        them: keyed by the field's completion record, the model's bands and binning, the stage's and
+        deepfield's versions."""
+        from ..version import __version__
+        name, _, record = self._key(group)
+        what = dict(format=SHARED_FORMAT, version=__version__, stage=self.version, field=record, bands=self.bands,
+                    bin=self.bin)
+        key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        where = Path(self.shared_dir) / name
+        return _shared(where / ".planes.lock", where / f"planes.{key}.npy",
+                       lambda: field_planes(group, self.bands, self.bin), lambda p: np.load(p, allow_pickle=False),
+                       np.save)
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
         self.ensure_setup()
