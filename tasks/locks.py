@@ -28,30 +28,20 @@ class LockedError(RuntimeError):
 
 
 @contextlib.contextmanager
-def exclusive(path: str | Path, what: str) -> Iterator[Path]:
-    """Hold the exclusive lock `path` (created with its parent) for the block; LockedError naming `what` and
-    the holder (host, pid, since) when another process holds it."""
-    path = Path(path)
+def _locked(path: Path, wait: bool, refused) -> Iterator[int]:
+    """The open lock file `path` (created with its parent), locked exclusively for the block: waiting for the
+    holder when `wait`, else `refused(fd)` raises when another process holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if wait or exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            try:
-                holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-            except (OSError, ValueError):
-                holder = {}
-            who = (f"process {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
-                   if holder else "another process")
-            raise LockedError(f"{path.parent}: {what} is in use by {who} (lock {path.name}); wait for it to end")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(dict(host=socket.gethostname(), pid=os.getpid(),
-                                      since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))).encode(), 0)
+            refused(fd)
         try:
-            yield path
+            yield fd
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
@@ -59,21 +49,33 @@ def exclusive(path: str | Path, what: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def exclusive(path: str | Path, what: str) -> Iterator[Path]:
+    """Hold the exclusive lock `path` (created with its parent) for the block; LockedError naming `what` and
+    the holder (host, pid, since) when another process holds it."""
+    path = Path(path)
+
+    def refused(fd: int):
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        who = (f"process {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
+               if holder else "another process")
+        raise LockedError(f"{path.parent}: {what} is in use by {who} (lock {path.name}); wait for it to end")
+    with _locked(path, False, refused) as fd:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(dict(host=socket.gethostname(), pid=os.getpid(),
+                                      since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))).encode(), 0)
+        yield path
+
+
+@contextlib.contextmanager
 def waiting(path: str | Path) -> Iterator[Path]:
     """Hold the exclusive lock `path` (created with its parent) for the block, waiting as long as another
     process holds it. The kernel releases a holder's lock when it ends however it ends, so a killed holder
     cannot leave the others waiting."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield path
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with _locked(Path(path), True, None):
+        yield Path(path)
 
 
 def reap_orphans(marker: str, value: str) -> list[int]:
