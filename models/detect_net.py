@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .inference import asinh32
+
 __all__ = ["DetectNet", "detector_input", "find_peaks", "heat_and_offsets", "focal_loss",
            "heat_targets", "int8_calibration", "quantized_for_inference", "int8_cached"]
 
@@ -45,7 +47,7 @@ def detector_input(image: np.ndarray, invvar: np.ndarray, unusable: np.ndarray) 
     np.sqrt(invvar, out=x, where=ok)
     np.multiply(x, image, out=x, where=ok)
     x[~ok] = 0.0
-    np.arcsinh(x, out=x)
+    asinh32(x, out=x)
     np.subtract(1.0, ok.mean(axis=0, dtype=np.float32), out=out[b])
     return out
 

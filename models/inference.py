@@ -2,14 +2,38 @@
 convolutions before them, channels-last tensors, and transposed convolutions as convolutions and pixel shuffles
 (the same outputs to float rounding, less CPU time); and on a GPU, mixed precision (`autocast_modules`: the
 forward of the modules a stage calls under torch.autocast, outputs back in float32, so that the code after
-them sees the tensors it sees on a CPU; the registry's GPU settings say which and in what dtype)."""
+them sees the tensors it sees on a CPU; the registry's GPU settings say which and in what dtype). And the
+inputs' asinh scaling in float32 (`asinh32`)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 __all__ = ["fold_batch_norms", "for_inference", "transposed_as_shuffle", "autocast_modules", "plain_modules",
-           "cpu_has_bf16"]
+           "cpu_has_bf16", "asinh32"]
+
+
+def asinh32(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """asinh of a float32 array, as sign(x) log(|x| + sqrt(x^2 + 1)) (into `out` when given, which may be `x`).
+    numpy's float32 log and sqrt have SIMD loops on any x86-64 CPU and its arcsinh has none without AVX-512: a
+    fifth to a quarter of np.arcsinh's time here (6-9 against 31-33 ms for a tile's 4 x 640^2 detector input,
+    AMD EPYC), within a few float32 steps of it (2e-7 relative; 1.5e-7 absolute near 0). Above 1e18, where x^2
+    would overflow, as log(2 |x|), the same to float32; infinities and NaN come out as np.arcsinh gives them."""
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        raise TypeError(f"asinh32 takes float32, not {x.dtype}")
+    a = np.abs(x)
+    t = np.minimum(a, np.float32(1e18))  # NaN stays NaN
+    np.square(t, out=t)
+    t += 1
+    np.sqrt(t, out=t)
+    t += a
+    np.log(t, out=t)
+    big = a > 1e18  # NaN compares False
+    if big.any():
+        t[big] = np.log(a[big]) + np.float32(np.log(2.0))
+    return np.copysign(t, x, out=t if out is None else out)
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
