@@ -178,9 +178,11 @@ def int8_cached(model: DetectNet, calibration: dict[str, torch.Tensor], cache_di
         warnings.simplefilter("ignore")
         torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
     # the key: this code's version (bump INT8_CACHE_VERSION when quantized_for_inference changes), torch's, the
-    # CPU's vector capability (nodes of a cluster sharing a home directory keep one file each), bands, tensors
+    # CPU's vector capability (nodes of a cluster sharing a home directory keep one file each), the quantized
+    # engine (its kernels round differently), bands, tensors
     h = hashlib.sha256(f"detect-int8 {INT8_CACHE_VERSION}|torch {torch.__version__}|"
-                       f"{torch.backends.cpu.get_cpu_capability()}|bands {','.join(model.bands)}".encode())
+                       f"{torch.backends.cpu.get_cpu_capability()}|engine {torch.backends.quantized.engine}|"
+                       f"bands {','.join(model.bands)}".encode())
     for name, t in sorted({**model.state_dict(), **calibration}.items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())

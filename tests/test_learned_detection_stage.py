@@ -214,6 +214,36 @@ def test_the_int8_detector_is_cached_traced_and_gives_the_same_heat_maps(tmp_pat
     assert cached.stat().st_size > 5000 and np.array_equal(dn.heat_and_offsets(third.model, x)[0], want[0])
 
 
+def test_the_int8_detector_runs_on_the_configured_quantized_engine(tmp_path, monkeypatch):
+    """`int8_engine` (default onednn) is the engine the int8 network is packed and run with: one cached network
+    per engine, a stage sets its own engine again before each tile (the setting is the process's), and the two
+    engines' heat maps agree within int8's tolerance (0.1, as against float32 above)."""
+    import torch
+    from deepfield.models.detect_net import detector_input, heat_and_offsets
+    from deepfield.tasks.stages.detect import DetectStage
+
+    monkeypatch.setenv("DEEPFIELD_CACHE_DIR", str(tmp_path))
+    before = torch.backends.quantized.engine
+    try:
+        one = DetectStage()
+        one.setup("cpu")
+        assert one.int8_engine == "onednn" and torch.backends.quantized.engine == "onednn"
+        other = DetectStage(int8_engine="x86")
+        other.setup("cpu")
+        assert torch.backends.quantized.engine == "x86"
+        assert len(list((tmp_path / "torch").glob("detect-int8-*.pt"))) == 2  # one per engine
+        tile = _scene_tile([_galaxy(21.0, 0.6, -4.0, -3.0), _galaxy(24.0, 0.3, 6.0, 6.0)], 96, 4)
+        one.run(tile, pd.DataFrame())
+        assert torch.backends.quantized.engine == "onednn"
+        inp = detector_input(tile.image, tile.invvar, np.zeros(tile.image.shape, bool))
+        h1 = heat_and_offsets(one.model, inp)[0]
+        torch.backends.quantized.engine = "x86"
+        h2 = heat_and_offsets(other.model, inp)[0]
+        assert np.abs(h1 - h2).max() < 0.1 and h1.max() > 0.5
+    finally:
+        torch.backends.quantized.engine = before
+
+
 def test_a_field_without_the_detectors_bands_is_refused_before_the_run():
     """The learned detector runs on any of its bands (g, r, i, z) that a field has; a field with none of them is
     refused by the band check before any tile (with SEP's method it is not)."""
