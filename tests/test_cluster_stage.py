@@ -336,3 +336,35 @@ def test_the_actors_of_a_run_share_each_fields_planes_and_detections(tmp_path, w
     tables(actor())
     assert counts() == (["fields/B"], 1)
     assert [len(list((shared / f).glob("planes.*.npy"))) for f in "AB"] == [1, 1]
+
+
+def test_a_shared_directory_that_cannot_be_written_only_costs_the_sharing(tmp_path, weights, monkeypatch, caplog):
+    """No lock possible (the shared directory's place is a file) or no room to write: a warning, and the stage's
+    tables are those it gives outside a run."""
+    import errno
+
+    from deepfield.tasks import atomic
+    root = _store(tmp_path / "store.zarr", _field("A", _wcs(), 1))
+    tiles = _tiles(root, "A")
+
+    def tables(shared):
+        s = _stage(weights, threshold=0.01)
+        s.shared_dir = shared
+        out = []
+        for t in tiles:
+            s.run(t, pd.DataFrame())
+            out.append(t.tables["clusters"])
+        return pd.concat(out, ignore_index=True)
+    want = tables(None)
+    (tmp_path / "afile").write_text("")
+    with caplog.at_level("WARNING", logger="deepfield.tasks.stages.cluster"):
+        pd.testing.assert_frame_equal(tables(tmp_path / "afile" / "cache"), want)
+    assert "no lock in" in caplog.text
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(atomic, "atomic_path", full)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="deepfield.tasks.stages.cluster"):
+        pd.testing.assert_frame_equal(tables(tmp_path / "run" / "cache"), want)
+    assert "cannot write" in caplog.text and not list((tmp_path / "run" / "cache").rglob("*.np*"))

@@ -50,6 +50,7 @@ key of a field covers them (tasks/provenance.py), so re-ingesting a neighbour re
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -258,11 +259,17 @@ def _shared(lock: Path, path: Path, compute, load, save):
     """What `compute()` returns, kept at `path` in a run's shared directory: read when it is there, else computed
     and written (atomically) by the first process to take `lock` while the others wait for it; one that cannot
     be read is computed again. Files beside it of the same kind (other keys: older inputs or configurations)
-    are removed. `save(file, value)` writes to an open binary file, `load(path)` reads."""
+    are removed. `save(file, value)` writes to an open binary file, `load(path)` reads. A directory that cannot
+    be written (read-only, full) only costs the sharing: a warning, and each process computes for itself."""
     from ..atomic import atomic_path
     from ..locks import waiting
     kind = path.name.split(".", 1)[0]
-    with waiting(lock):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(waiting(lock))
+        except OSError as exc:
+            log.warning(f"cluster: no lock in {path.parent} ({exc}); computing without the run's shared copy")
+            return compute()
         if path.exists():
             try:
                 return load(path)
@@ -271,8 +278,12 @@ def _shared(lock: Path, path: Path, compute, load, save):
         for tmp in path.parent.glob(f".{kind}.*.tmp"):  # atomic_path's, of a writer killed holding this lock
             tmp.unlink(missing_ok=True)
         value = compute()
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            save(fh, value)
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                save(fh, value)
+        except OSError as exc:
+            log.warning(f"cluster: cannot write {path} ({exc}); the other actors compute it for themselves")
+            return value
         for old in path.parent.glob(f"{kind}.*{path.suffix}"):
             if old != path:
                 old.unlink(missing_ok=True)
