@@ -8,15 +8,18 @@ The network runs once per field, not once per tile: the stage bins the tile's wh
 the detections; each tile of the field takes those whose position lies in its core. The run's own halo (64 px
 = 13") is far smaller than a cluster, so the stage reads its pixels itself.
 
-Once per field for the whole run, not per actor: the tiles of a field go to every actor of the pool at once,
-and each actor binning the whole field (and its neighbours) again cost the run (actors - 1) times the work, a
-field read at full resolution each (about 0.5 core-s for a 2048^2 field in four bands). Inside a run
-(`shared_dir`, the run directory's cache/cluster) the first actor to need a field's detections computes them
-under the field's lock (tasks.locks.waiting) and writes them (`<field>/detections.<key>.npz`, atomically);
-the others wait for the lock and read them. The key is a hash of everything they depend on: the completion
-records of the field and of every neighbour within `halo_arcsec` (a re-ingest makes a new key), the stage's
-configuration and version, the weights file's content and deepfield's version. A file that cannot be read is computed
-again. Outside a run (no `shared_dir`) they are computed once per stage object, as before.
+Once per field for the whole run, not per actor: the tiles of a field go to several actors, and each actor
+binning the whole field (and its neighbours) again cost the run up to (actors - 1) times the work, a field read
+at full resolution each (about 0.5 core-s for a 2048^2 field in four bands). Inside a run (`shared_dir`, the run
+directory's cache/cluster, and the driver handing out the fields' tiles in turn: tasks/actor_pool.py) the first
+actor to need a field's binned planes, or its detections, computes them under the field's lock for them
+(tasks.locks.waiting) and writes them atomically (`<field>/planes.<key>.npy`, `<field>/detections.<key>.npz`);
+the others wait for the lock and read them. The keys are hashes of everything the files depend on: the
+completion records of the field and, for the detections, of every neighbour within `halo_arcsec` (a re-ingest
+makes a new key), the model's bands and binning, the stage's configuration and version, the weights file's
+content (detections) and deepfield's version. A file that cannot be read is computed again; a directory that
+cannot be locked or written is a warning, and the actor computes for itself. Outside a run (no `shared_dir`)
+they are computed once per stage object.
 
 Across field edges: the extension is filled from the other complete fields of the same store that cover that
 sky (neighbours that overlap or adjoin the field), each binned whole as its own tiles see it and resampled
@@ -71,7 +74,7 @@ __all__ = ["BACKGROUND_MESH", "BLOCK_HALO", "MAX_SIDE", "SOFTENING", "ClusterCon
            "detect_planes", "extend_planes", "field_planes", "field_sums"]
 
 SOFTENING = 3.0  # asinh softening, in units of the binned sky noise
-SHARED_FORMAT = 1  # of the shared detections' files: bump when what they hold changes
+SHARED_FORMAT = 1  # of the shared planes' and detections' files: bump when what they hold changes
 log = logging.getLogger(__name__)
 BACKGROUND_MESH = 32  # binned pixels (51" at bin 8): the smooth sky left over after the ingest's
 MAX_SIDE = 4096  # binned pixels: planes larger than this on a side run through the network in blocks
@@ -411,12 +414,11 @@ class ClusterStage(ModelStage):
         if self._weights_digest is None:
             path = _weights_path(self.model_name, self.config.weights_file(self.model_name))
             self._weights_digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        name, _, record = self._key(tile.group)
+        _, _, record = self._key(tile.group)
         near = self.neighbours(tile.group, self.halo_arcsec) if self.halo_bins(tile) else []
         what = dict(format=SHARED_FORMAT, version=__version__, stage=self.version, field=record,
-                    weights=self._weights_digest,
-                    config=self.config.model_dump(mode="json"), bin=self.bin, halo=self.halo_bins(tile),
-                    neighbours={n: self._sky[1][n][0] for n in near})
+                    weights=self._weights_digest, config=self.config.model_dump(mode="json"), bin=self.bin,
+                    halo=self.halo_bins(tile), neighbours={n: self._sky[1][n][0] for n in near})
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     def _shared_detections(self, tile) -> dict[str, np.ndarray]:
