@@ -8,7 +8,7 @@ centre, redshift and richness are what a catalog needs. The heat map has one cha
 redshifts are two peaks, in two channels, and `peaks` keeps both (a peak is a maximum over its 3 x 3
 pixels and the neighbouring slices).
 
-Input: (bands + 1, H, W) planes from tasks.stages.cluster.binned_planes (each band binned 8 x 8 to 1.6"
+Input: (bands + 1, H, W) planes from tasks.stages.cluster_planes.binned_planes (each band binned 8 x 8 to 1.6"
 pixels, background-subtracted, in asinh-scaled units of the binned sky noise, plus a coverage plane);
 H and W are padded up to a multiple of 32 inside `forward`.
 Output at stride 4 (6.4" pixels), per redshift slice: a heat-map logit whose peaks are cluster centres,

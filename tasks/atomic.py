@@ -1,16 +1,21 @@
 """Atomic file and directory writes: write under a temporary name beside the target, then rename.
 
 A crash or kill at any moment leaves either the previous complete file or the new complete file,
-never a half-written one (os.replace is atomic on POSIX within a file system).
+never a half-written one (os.replace is atomic on POSIX within a file system). `shared_result` builds on it a
+file that one of several processes computes and the others read (a run's actors: tasks/stages/cluster.py).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -115,3 +120,39 @@ def clean_stale_temporaries(directory: str | os.PathLike) -> int:
             p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+def shared_result(lock: Path, path: Path, compute: Callable[[], T], load: Callable[[Path], T],
+                  save: Callable[..., None]) -> T:
+    """What `compute()` returns, kept at `path` in a directory several processes share: read when it is there,
+    else computed and written (atomic_path) by the first process to take `lock` (tasks.locks.waiting) while the
+    others wait for it; one that cannot be read is computed again. Files beside it of the same kind (the name
+    up to its first dot; other keys: older inputs or configurations) are removed. `save(file, value)` writes to
+    an open binary file, `load(path)` reads. A directory that cannot be locked or written (read-only, full) only
+    costs the sharing: a warning, and each process computes for itself."""
+    from .locks import waiting
+    kind = path.name.split(".", 1)[0]
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(waiting(lock))
+        except OSError as exc:
+            log.warning(f"no lock in {path.parent} ({exc}); computing {kind} without the shared copy")
+            return compute()
+        if path.exists():
+            try:
+                return load(path)
+            except Exception as exc:  # damaged: computed again below
+                log.warning(f"{path} cannot be read ({type(exc).__name__}: {exc}); computing it again")
+        for tmp in path.parent.glob(f".{kind}.*.tmp"):  # atomic_path's, of a writer killed holding this lock
+            tmp.unlink(missing_ok=True)
+        value = compute()
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                save(fh, value)
+        except OSError as exc:
+            log.warning(f"cannot write {path} ({exc}); the other processes compute it for themselves")
+            return value
+        for old in path.parent.glob(f"{kind}.*{path.suffix}"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        return value

@@ -11,7 +11,7 @@ from deepfield.catalogs.clusters import assign_members, suppress
 from deepfield.tasks.astro import separation_arcsec
 from deepfield.models.cluster_net import ClusterNet, from_output, predict, targets, to_output
 from deepfield.tasks import maskbits
-from deepfield.tasks.stages.cluster import SOFTENING, binned_planes
+from deepfield.tasks.stages.cluster_planes import SOFTENING, binned_planes
 
 
 def test_forward_shapes_padding_and_determinism():
@@ -279,7 +279,7 @@ def test_shipped_weights_keep_two_clusters_on_one_line_of_sight():
     from deepfield.tasks.sim.field import plan_field
     from deepfield.tasks.sim.layout import survey_layout
     from deepfield.tasks.sim.render import Placed
-    from deepfield.tasks.stages.cluster import planes_from_sums
+    from deepfield.tasks.stages.cluster_planes import planes_from_sums
     from deepfield.tasks.trainsets.binned_render import render_binned
 
     cfg = SimConfig(seed=41, size=2048, fields=1, population=dict(clusters_per_field=0.0))

@@ -67,7 +67,7 @@ def test_fast_field_matches_the_galsim_field_binned_by_the_stage(galsim_field):
     percentiles 1-99.9 of every band within 0.1 (asinh units of the binned sky noise; measured <= 0.075 on this
     field with three noise seeds, the largest at 99.9 %), and the pixels correlated (> 0.7; the two noise
     realisations are independent; measured 0.84-0.94 on 2048^2 fields)."""
-    from deepfield.tasks.stages.cluster import field_planes, planes_from_sums
+    from deepfield.tasks.stages.cluster_planes import field_planes, planes_from_sums
     group, plan = galsim_field
     bands = ["g", "r", "i", "z"]
     ref = field_planes(group, bands, 8)

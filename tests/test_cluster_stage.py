@@ -13,7 +13,8 @@ from deepfield.models import cluster_net
 from deepfield.tasks.fits_input import FieldImages
 from deepfield.tasks.ingest_config import StoreSpec
 from deepfield.tasks.stages import cluster as stage_mod
-from deepfield.tasks.stages.cluster import ClusterStage, detect_planes, field_planes
+from deepfield.tasks.stages.cluster import ClusterStage
+from deepfield.tasks.stages.cluster_planes import detect_planes, field_planes
 from deepfield.tasks.tiling import TileId
 from deepfield.tasks.zarr_store import (
     StoreIntegrityError,
@@ -357,7 +358,7 @@ def test_a_shared_directory_that_cannot_be_written_only_costs_the_sharing(tmp_pa
         return pd.concat(out, ignore_index=True)
     want = tables(None)
     (tmp_path / "afile").write_text("")
-    with caplog.at_level("WARNING", logger="deepfield.tasks.stages.cluster"):
+    with caplog.at_level("WARNING", logger="deepfield.tasks.atomic"):
         pd.testing.assert_frame_equal(tables(tmp_path / "afile" / "cache"), want)
     assert "no lock in" in caplog.text
 
@@ -365,6 +366,6 @@ def test_a_shared_directory_that_cannot_be_written_only_costs_the_sharing(tmp_pa
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(atomic, "atomic_path", full)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="deepfield.tasks.stages.cluster"):
+    with caplog.at_level("WARNING", logger="deepfield.tasks.atomic"):
         pd.testing.assert_frame_equal(tables(tmp_path / "run" / "cache"), want)
     assert "cannot write" in caplog.text and not list((tmp_path / "run" / "cache").rglob("*.np*"))

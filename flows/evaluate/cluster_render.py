@@ -55,7 +55,7 @@ def compare(weights: Path | None = None, n_fields: int = 4, size: int = 2048, se
     from deepfield.tasks.sim.catalog import build_survey_catalog
     from deepfield.tasks.sim.field import plan_field
     from deepfield.tasks.sim.layout import survey_layout
-    from deepfield.tasks.stages.cluster import field_sums, planes_from_sums
+    from deepfield.tasks.stages.cluster_planes import field_sums, planes_from_sums
     from deepfield.tasks.trainsets.binned_render import render_binned
     from deepfield.tasks.trainsets.fields import simulate_fields
     from deepfield.tasks.zarr_store import open_store

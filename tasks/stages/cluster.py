@@ -4,16 +4,17 @@ list of sources.
 
 The network runs once per field, not once per tile: the stage bins the tile's whole field from the store
 (`field_planes`, a strip at a time), 8 x 8 (1.6" pixels) and scaled (`planes_from_sums`), extends the planes by
-`halo_arcsec` (128") on each side (`extend_planes`), runs the network on the whole (`detect_planes`) and keeps
-the detections; each tile of the field takes those whose position lies in its core. The run's own halo (64 px
-= 13") is far smaller than a cluster, so the stage reads its pixels itself.
+`halo_arcsec` (128") on each side (`extend_planes`), runs the network on the whole (`detect_planes`; those four
+in tasks/stages/cluster_planes.py) and keeps the detections; each tile of the field takes those whose position
+lies in its core. The run's own halo (64 px = 13") is far smaller than a cluster, so the stage reads its pixels
+itself.
 
 Once per field for the whole run, not per actor: the tiles of a field go to several actors, and each actor
 binning the whole field (and its neighbours) again cost the run up to (actors - 1) times the work, a field read
 at full resolution each (about 0.5 core-s for a 2048^2 field in four bands). Inside a run (`shared_dir`, the run
 directory's cache/cluster, and the driver handing out the fields' tiles in turn: tasks/actor_pool.py) the first
-actor to need a field's binned planes, or its detections, computes them under the field's lock for them
-(tasks.locks.waiting) and writes them atomically (`<field>/planes.<key>.npy`, `<field>/detections.<key>.npz`);
+actor to need a field's binned planes, or its detections, computes them under the field's lock for them and
+writes them atomically (tasks.atomic.shared_result: `<field>/planes.<key>.npy`, `<field>/detections.<key>.npz`);
 the others wait for the lock and read them. The keys are hashes of everything the files depend on: the
 completion records of the field and, for the detections, of every neighbour within `halo_arcsec` (a re-ingest
 makes a new key), the model's bands and binning, the stage's configuration and version, the weights file's
@@ -53,10 +54,8 @@ key of a field covers them (tasks/provenance.py), so re-ingesting a neighbour re
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import ClassVar
@@ -65,232 +64,16 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from ._pixels import UNUSABLE
+from ..atomic import shared_result
 from ..zarr_sky import field_footprint, field_wcs, fields_near
 from ..zarr_store import fields_attrs
 from .base import ModelStage, ModelStageConfig, StageConfig
+from .cluster_planes import detect_planes, extend_planes, field_planes
 
-__all__ = ["BACKGROUND_MESH", "BLOCK_HALO", "MAX_SIDE", "SOFTENING", "ClusterConfig", "ClusterStage", "binned_planes",
-           "detect_planes", "extend_planes", "field_planes", "field_sums"]
+__all__ = ["ClusterConfig", "ClusterStage"]
 
-SOFTENING = 3.0  # asinh softening, in units of the binned sky noise
 SHARED_FORMAT = 1  # of the shared planes' and detections' files: bump when what they hold changes
-log = logging.getLogger(__name__)
-BACKGROUND_MESH = 32  # binned pixels (51" at bin 8): the smooth sky left over after the ingest's
-MAX_SIDE = 4096  # binned pixels: planes larger than this on a side run through the network in blocks
-BLOCK_HALO = 80  # binned pixels (128" at bin 8) around each block's core
 PLANES_CACHE_BYTES = 1 << 30  # binned planes of fields kept per actor (a 2048^2 px field's are 1.3 MB)
-
-
-def _block_sum(a: np.ndarray, b: int) -> np.ndarray:
-    """Sum over b x b blocks of the last two axes (their lengths are multiples of b)."""
-    *lead, ny, nx = a.shape
-    return a.reshape(*lead, ny // b, b, nx // b, b).sum(axis=(-1, -3))
-
-
-def block_sums(image: np.ndarray, invvar: np.ndarray, mask: np.ndarray, bin: int) -> np.ndarray:
-    """Per band and bin x bin block: the sum of the usable pixels' values, their number and the sum of their
-    inverse variances, (3, band, ny // bin, nx // bin) float64. Usable: no mask bit in UNUSABLE, invvar > 0,
-    finite. Rows and columns beyond a multiple of `bin` are dropped."""
-    nb, ny, nx = image.shape
-    ny, nx = ny // bin * bin, nx // bin * bin
-    img, iv = np.asarray(image[:, :ny, :nx]), np.asarray(invvar[:, :ny, :nx])
-    good = (np.asarray(mask[:, :ny, :nx]) & UNUSABLE) == 0
-    good &= iv > 0
-    good &= np.isfinite(img)
-    good &= np.isfinite(iv)
-    # one float64 buffer for the three sums (the values and their order of summation as in float64 copies of
-    # the inputs, without the copies, which cost most of the time)
-    buf = np.zeros(img.shape, np.float64)
-    out = np.empty((3, nb, ny // bin, nx // bin))
-    np.copyto(buf, img, where=good)
-    out[0] = _block_sum(buf, bin)
-    np.copyto(buf, good)
-    out[1] = _block_sum(buf, bin)
-    buf[...] = 0.0
-    np.copyto(buf, iv, where=good)
-    out[2] = _block_sum(buf, bin)
-    return out
-
-
-def planes_from_sums(sums: np.ndarray, bin: int) -> np.ndarray:
-    """Network input planes, (bands + 1, H, W) float32, from `block_sums` (module docstring of the scaling).
-
-    Per band: the mean of each block's usable pixels, minus a smooth background (SEP on `BACKGROUND_MESH`
-    binned-pixel meshes), divided by the binned sky noise (sigma / bin, sigma = 1 / sqrt of the median over
-    blocks of the mean inverse variance), then asinh(x / SOFTENING). The last plane is the coverage: the
-    fraction of usable pixels in the block, the least over the bands (0 outside the field or where all is
-    masked, where the band planes are 0 too)."""
-    import sep
-    total, n, ivsum = sums
-    nb, h, w = n.shape
-    out = np.zeros((nb + 1, h, w), np.float32)
-    if h == 0 or w == 0:
-        return out
-    cover = np.ones((h, w))
-    for b in range(nb):
-        cover = np.minimum(cover, n[b] / bin**2)
-        empty = n[b] == 0
-        if empty.all():
-            continue
-        mean = total[b] / np.maximum(n[b], 1)
-        sigma = 1.0 / np.sqrt(np.median(ivsum[b][~empty] / n[b][~empty])) / bin
-        mesh = min(BACKGROUND_MESH, h, w)
-        bkg = sep.Background(np.ascontiguousarray(mean), mask=np.ascontiguousarray(empty), bw=mesh, bh=mesh,
-                             fw=3, fh=3).back()
-        out[b] = np.where(empty, 0.0, np.arcsinh((mean - bkg) / sigma / SOFTENING))
-    out[nb] = cover
-    out[:nb] *= cover > 0
-    return out
-
-
-def binned_planes(image: np.ndarray, invvar: np.ndarray, mask: np.ndarray, bin: int) -> np.ndarray:
-    """Network input planes of in-memory (band, y, x) pixels (see `planes_from_sums`)."""
-    return planes_from_sums(block_sums(image, invvar, mask, bin), bin)
-
-
-def field_sums(group, bands: list[str], bin: int, strip: int = 512) -> np.ndarray:
-    """`block_sums` of `bands` of a whole field of the store (its Zarr group), read `strip` rows at a time so
-    that a large field never sits in memory at full resolution; a damaged shard is an error naming the field."""
-    from ..zarr_store import read_checked, verify_shards
-    field = group.path.rsplit("/", 1)[-1]
-    verify_shards(group, field)
-    idx = [list(group.attrs["bands"]).index(b) for b in bands]
-    _, ny, nx = group.attrs["shape"]
-    ny, nx = ny // bin * bin, nx // bin * bin
-    step = max(strip // bin, 1) * bin
-    # the bands as one slice, picked after the read: zarr reads a list of bands (orthogonal indexing) about
-    # 15x slower than a slice of the same pixels
-    lo, hi = min(idx), max(idx) + 1
-    pick = None if idx == list(range(lo, hi)) else [i - lo for i in idx]
-    parts = []
-    for y0 in range(0, ny, step):  # read by TensorStore (tasks/zarr_store.py: read_checked)
-        sl = (slice(lo, hi), slice(y0, min(y0 + step, ny)), slice(0, nx))
-        what = f"rows {y0}-{sl[1].stop}"
-        arrays = [read_checked(group, field, a, sl, what) for a in ("image", "invvar", "mask")]
-        parts.append(block_sums(*(a if pick is None else a[pick] for a in arrays), bin))
-    return np.concatenate(parts, axis=2)
-
-
-def field_planes(group, bands: list[str], bin: int, strip: int = 512) -> np.ndarray:
-    """Network input planes of a whole field of the store (its Zarr group): `planes_from_sums` of `field_sums`."""
-    return planes_from_sums(field_sums(group, bands, bin, strip), bin)
-
-
-def _world_to_pixel(wcs, ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """0-based pixel coordinates of (ra, dec) in `wcs`, NaN where a distortion's inversion does not converge
-    (far off the field)."""
-    from astropy.wcs import NoConvergence
-    try:
-        x, y = wcs.all_world2pix(ra, dec, 0)
-        return np.asarray(x, float), np.asarray(y, float)
-    except NoConvergence as exc:
-        sol = np.array(exc.best_solution, float)
-        for bad in (exc.divergent, exc.slow_conv):
-            if bad is not None:
-                sol[bad] = np.nan
-        return sol[:, 0], sol[:, 1]
-
-
-def extend_planes(planes: np.ndarray, wcs, bin: int, halo: int, neighbours) -> np.ndarray:
-    """`planes` (C, H, W) of a field grown by `halo` binned pixels on each side, (C, H + 2 halo, W + 2 halo):
-    the field's own planes in the middle; around them, where the field has no binned pixel, the planes of the
-    first of `neighbours` ((wcs, planes) of other fields, each binned whole by `field_planes`) that covers the
-    spot (coverage > 0 there); 0 (coverage 0) where none does. `wcs`: the field's WCS (full-resolution
-    pixels, 0-based); binned pixel (i, j) of the field holds its pixels [i bin, (i + 1) bin) x [j bin, ...).
-
-    Nearest binned pixel: the fields of a survey share the pixel scale, so the neighbour's binned pixel that
-    fills a spot is centred within half a binned pixel (0.8") of it on each axis; the network's first level
-    is 3.2", its output 6.4" and a cluster's core tens of arcsec, so the shift is far below what it
-    resolves, while interpolating (or reproject's flux-conserving resampling) would average neighbouring
-    binned pixels, lowering their noise below the unit noise of every other binned pixel the network sees
-    and was trained on."""
-    c, h, w = planes.shape
-    out = np.zeros((c, h + 2 * halo, w + 2 * halo), np.float32)
-    out[:, halo:halo + h, halo:halo + w] = planes
-    if halo == 0 or not neighbours:
-        return out
-    ring = np.ones(out.shape[1:], bool)
-    ring[halo:halo + h, halo:halo + w] = False
-    iy, ix = np.nonzero(ring)
-    ra, dec = wcs.all_pix2world((ix - halo) * bin + (bin - 1) / 2.0, (iy - halo) * bin + (bin - 1) / 2.0, 0)
-    for nwcs, nplanes in neighbours:
-        if not len(iy):
-            break
-        x, y = _world_to_pixel(nwcs, ra, dec)
-        with np.errstate(invalid="ignore"):
-            jx, jy = np.floor((x + 0.5) / bin), np.floor((y + 0.5) / bin)  # the binned pixel holding (x, y)
-        nh, nw = nplanes.shape[1:]
-        ok = np.isfinite(jx) & np.isfinite(jy) & (jx >= 0) & (jx < nw) & (jy >= 0) & (jy < nh)
-        jx, jy = np.where(ok, jx, 0).astype(int), np.where(ok, jy, 0).astype(int)
-        ok &= nplanes[-1, jy, jx] > 0
-        out[:, iy[ok], ix[ok]] = nplanes[:, jy[ok], jx[ok]]
-        iy, ix, ra, dec = iy[~ok], ix[~ok], ra[~ok], dec[~ok]  # the first neighbour that covers a spot fills it
-    return out
-
-
-def detect_planes(model, planes: np.ndarray, threshold: float, device: str = "cpu", max_side: int = 0,
-                  halo: int = 0) -> dict[str, np.ndarray]:
-    """models.cluster_net.detect on `planes` (C, H, W), run at once when both sides are at most `max_side`
-    (default MAX_SIDE), else in blocks: cores of max_side - 2 halo (default BLOCK_HALO) binned pixels, each
-    seen with `halo` around it (zero beyond the planes), each keeping the detections in its core. Detections
-    in binned pixels of `planes`, highest score first."""
-    from deepfield.models.cluster_net import detect, window
-    max_side, halo = max_side or MAX_SIDE, halo or BLOCK_HALO
-    _, h, w = planes.shape
-    if h <= max_side and w <= max_side:
-        return detect(model, planes, threshold, device=device)
-    core = (max_side - 2 * halo) // 4 * 4  # every block's output grid (stride 4) on the whole planes' grid
-    if core <= 0 or halo % 4:
-        raise ValueError(f"cluster stage: blocks of {max_side} binned px with a halo of {halo}: the halo must be a "
-                         "multiple of 4 and under half the block")
-    parts = []
-    for y0 in range(0, h, core):
-        for x0 in range(0, w, core):
-            bh, bw = min(core, h - y0), min(core, w - x0)
-            f = detect(model, window(planes, y0 - halo, x0 - halo, bh + 2 * halo, bw + 2 * halo), threshold,
-                       device=device)
-            f["x"], f["y"] = f["x"] + (x0 - halo), f["y"] + (y0 - halo)
-            keep = (f["x"] >= x0 - 0.5) & (f["x"] < x0 + bw - 0.5) & (f["y"] >= y0 - 0.5) & (f["y"] < y0 + bh - 0.5)
-            parts.append({k: v[keep] for k, v in f.items()})
-    found = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.argsort(-found["score"], kind="stable")
-    return {k: v[order] for k, v in found.items()}
-
-
-def _shared(lock: Path, path: Path, compute, load, save):
-    """What `compute()` returns, kept at `path` in a run's shared directory: read when it is there, else computed
-    and written (atomically) by the first process to take `lock` while the others wait for it; one that cannot
-    be read is computed again. Files beside it of the same kind (other keys: older inputs or configurations)
-    are removed. `save(file, value)` writes to an open binary file, `load(path)` reads. A directory that cannot
-    be written (read-only, full) only costs the sharing: a warning, and each process computes for itself."""
-    from ..atomic import atomic_path
-    from ..locks import waiting
-    kind = path.name.split(".", 1)[0]
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(waiting(lock))
-        except OSError as exc:
-            log.warning(f"cluster: no lock in {path.parent} ({exc}); computing without the run's shared copy")
-            return compute()
-        if path.exists():
-            try:
-                return load(path)
-            except Exception as exc:  # damaged: computed again below
-                log.warning(f"cluster: {path} cannot be read ({type(exc).__name__}: {exc}); computing it again")
-        for tmp in path.parent.glob(f".{kind}.*.tmp"):  # atomic_path's, of a writer killed holding this lock
-            tmp.unlink(missing_ok=True)
-        value = compute()
-        try:
-            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-                save(fh, value)
-        except OSError as exc:
-            log.warning(f"cluster: cannot write {path} ({exc}); the other actors compute it for themselves")
-            return value
-        for old in path.parent.glob(f"{kind}.*{path.suffix}"):
-            if old != path:
-                old.unlink(missing_ok=True)
-        return value
 
 
 class ClusterConfig(ModelStageConfig):
@@ -316,7 +99,7 @@ class ClusterStage(ModelStage):
         self._found: tuple[tuple, dict] | None = None  # the last field's detections
         self._planes: OrderedDict[tuple, np.ndarray] = OrderedDict()  # fields' binned planes, least recent first
         self._sky: tuple[str, dict] | None = None  # (store, {field: (record, footprint)}) of its complete fields
-        self._weights_digest: str | None = None  # sha256 of the weights file (shared_key)
+        self._weights_version: str | None = None  # of the weights file it runs (shared_key)
 
     def setup(self, device: str) -> None:
         super().setup(device)
@@ -406,20 +189,23 @@ class ClusterStage(ModelStage):
         found["y"] = (found["y"] - halo) * b + (b - 1) / 2.0
         return found
 
-    def shared_key(self, tile) -> str:
-        """The hash of what the field's detections depend on (module docstring)."""
-        from deepfield.models.registry import _weights_path
-
+    def _digest(self, **what) -> str:
+        """A shared file's key: 24 hex digits of the sha256 of `what`, the files' format, the stage's version and
+        deepfield's."""
         from ..version import __version__
-        if self._weights_digest is None:
-            path = _weights_path(self.model_name, self.config.weights_file(self.model_name))
-            self._weights_digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        _, _, record = self._key(tile.group)
-        near = self.neighbours(tile.group, self.halo_arcsec) if self.halo_bins(tile) else []
-        what = dict(format=SHARED_FORMAT, version=__version__, stage=self.version, field=record,
-                    weights=self._weights_digest, config=self.config.model_dump(mode="json"), bin=self.bin,
-                    halo=self.halo_bins(tile), neighbours={n: self._sky[1][n][0] for n in near})
+        what = dict(what, format=SHARED_FORMAT, stage=self.version, version=__version__)
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def shared_key(self, tile) -> str:
+        """The key of the field's detections: what they depend on (module docstring)."""
+        from deepfield.models.registry import entry, weights_version
+        if self._weights_version is None:  # the file the stage runs: the configured one or the shipped one
+            self._weights_version = weights_version(self.config.weights_file(self.model_name)
+                                                    or entry(self.model_name).weights)
+        near = self.neighbours(tile.group, self.halo_arcsec) if self.halo_bins(tile) else []
+        return self._digest(field=self._key(tile.group)[2], weights=self._weights_version,
+                            config=self.config.model_dump(mode="json"), bin=self.bin, halo=self.halo_bins(tile),
+                            neighbours={n: self._sky[1][n][0] for n in near})
 
     def _shared_detections(self, tile) -> dict[str, np.ndarray]:
         """The field's detections from the run's shared directory, computed there by the first actor to need
@@ -428,22 +214,18 @@ class ClusterStage(ModelStage):
             with np.load(path) as z:
                 return {k: z[k] for k in z.files}
         where = Path(self.shared_dir) / tile.id.field
-        return _shared(where / ".detections.lock", where / f"detections.{self.shared_key(tile)}.npz",
-                       lambda: self._detect(tile), load, lambda fh, found: np.savez(fh, **found))
+        return shared_result(where / ".detections.lock", where / f"detections.{self.shared_key(tile)}.npz",
+                             lambda: self._detect(tile), load, lambda fh, found: np.savez(fh, **found))
 
     def _shared_planes(self, group) -> np.ndarray:
         """`field_planes` of a field from the run's shared directory, computed there by the first actor to need
-        them: keyed by the field's completion record, the model's bands and binning, the stage's and
-        deepfield's versions."""
-        from ..version import __version__
+        them: keyed by the field's completion record, the model's bands and binning and the versions."""
         name, _, record = self._key(group)
-        what = dict(format=SHARED_FORMAT, version=__version__, stage=self.version, field=record, bands=self.bands,
-                    bin=self.bin)
-        key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
         where = Path(self.shared_dir) / name
-        return _shared(where / ".planes.lock", where / f"planes.{key}.npy",
-                       lambda: field_planes(group, self.bands, self.bin), lambda p: np.load(p, allow_pickle=False),
-                       np.save)
+        return shared_result(where / ".planes.lock",
+                             where / f"planes.{self._digest(field=record, bands=self.bands, bin=self.bin)}.npy",
+                             lambda: field_planes(group, self.bands, self.bin),
+                             lambda p: np.load(p, allow_pickle=False), np.save)
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
         self.ensure_setup()

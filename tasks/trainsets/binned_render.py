@@ -1,6 +1,6 @@
 """Fast rendering of the simulator's catalogs straight into binned images (the cluster finder's 1.6" pixels).
 
-The cluster network reads images binned 8 x 8 (tasks/stages/cluster.py), where most galaxies are barely
+The cluster network reads images binned 8 x 8 (tasks/stages/cluster_planes.py), where most galaxies are barely
 resolved. Drawing a 2048^2 field with GalSim and binning it costs ~40 s; drawing the same catalog straight
 into the binned pixels costs ~1 s, so the network can be trained on thousands of clusters at a realistic
 sky density on two cores.

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ..sim.config import SimConfig
-from ..stages.cluster import planes_from_sums
+from ..stages.cluster_planes import planes_from_sums
 from .binned_render import binned_noise, coverage_defects, noiseless_binned, render_band_binned
 
 RICHNESS = (5.0, 160.0)  # library: target richness, log-uniform
