@@ -185,7 +185,9 @@ class DetectStage(ModelStage):
         from deepfield.models.detect_net import int8_cached
         from deepfield.models.registry import user_cache_dir
         if self.int8_engine in torch.backends.quantized.supported_engines:
-            torch.backends.quantized.engine = self.int8_engine  # packs the weights at load, runs the kernels
+            # the engine packs the weights when the network is built or loaded; the packed weights then run with
+            # their own kernels whatever the process's engine is later
+            torch.backends.quantized.engine = self.int8_engine
         else:
             log.warning(f"detect: this torch ({torch.__version__}) has no quantized engine {self.int8_engine!r}; "
                         f"running the int8 detector with {torch.backends.quantized.engine!r}")
@@ -221,10 +223,6 @@ class DetectStage(ModelStage):
                 mask = np.asarray(tile.mask[k])
                 unusable[j] = (mask & UNUSABLE) != 0
                 fill_thin_defects(image[j], invvar[j], unusable[j], (mask & maskbits.BAD) != 0)
-        if getattr(self.model, "quantized", False):
-            import torch
-            if self.int8_engine in torch.backends.quantized.supported_engines:  # the process's setting: another
-                torch.backends.quantized.engine = self.int8_engine            # may have changed it since setup
         heat, off = heat_and_offsets(self.model, detector_input(image, invvar, unusable), self.device)
         thr = self.peak_threshold or float(self.model.training_info.get("threshold", 0.4))
         return find_peaks(heat, off, thr, self.merge_radius * fwhm), heat
