@@ -5,9 +5,9 @@ of apertures (`_block_noise`), where a resampled coadd keeps its full noise.
 
 Cost. These checks were the largest part of an ingest's CPU time (0.53 s of the 1.46 s of one 2048^2 field in
 g, r, i, z; 0.16 s, then 0.07 s with SAMPLE pixels picked by stride; tests/benchmarks/bench_ingest.py): the
-robust statistics are exact medians by selection on the float32 samples (`_median`, the same values as numpy's median of the float64 samples), and
-the aperture-scale noise is measured on at most about MAX_BLOCKS blocks (stripes of them, one in every
-`step`), summed with a few whole-array operations.
+robust statistics are exact medians by selection on the float32 samples (`_median`, the same values as numpy's
+median of the float64 samples), and the aperture-scale noise is measured on at most about MAX_BLOCKS blocks
+(stripes of them, one in every `step`), summed with a few whole-array operations.
 """
 from __future__ import annotations
 
