@@ -18,10 +18,12 @@ from torch import nn
 
 
 
-def preprocess(images, sigma) -> torch.Tensor:
-    """(N, B, S, S) images and (N, B) noise sigmas -> float32 tensor asinh(image / sigma)."""
-    x = torch.as_tensor(np.asarray(images, np.float32))
-    s = torch.as_tensor(np.asarray(sigma, np.float32)).clamp_min(1e-12)
+def preprocess(images, sigma, device=None) -> torch.Tensor:
+    """(N, B, S, S) images and (N, B) noise sigmas -> float32 tensor asinh(image / sigma), computed on `device`
+    (default the CPU): on a GPU the raw pixels are copied and scaled there (one CPU thread's asinh held an H200 to
+    about 4,000 stamps per second)."""
+    x = torch.as_tensor(np.asarray(images, np.float32)).to(device)
+    s = torch.as_tensor(np.asarray(sigma, np.float32)).to(device).clamp_min(1e-12)
     return torch.asinh(x / s[:, :, None, None])
 
 
@@ -67,6 +69,6 @@ def score(model: nn.Module, images, sigma, batch: int = 256, device: str | None 
     device = device or next(model.parameters()).device
     out = []
     for k in range(0, len(images), batch):
-        x = preprocess(images[k:k + batch], sigma[k:k + batch]).to(device)
+        x = preprocess(images[k:k + batch], sigma[k:k + batch], device)
         out.append(torch.sigmoid(model(x)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)

@@ -101,3 +101,10 @@ def test_preprocess_scales_by_noise():
     out = preprocess(x, np.array([[2.0, 3.0]], np.float32))
     assert torch.allclose(out[0, 0], torch.asinh(torch.tensor(3.0)))
     assert torch.allclose(out[0, 1], torch.asinh(torch.tensor(2.0)))
+
+
+def test_preprocess_scales_on_the_device_it_is_given():
+    """On a GPU the raw pixels are copied and scaled there (the meta device stands for it here)."""
+    x = np.full((3, 2, 4, 4), 6.0, np.float32)
+    out = preprocess(x, np.ones((3, 2), np.float32), device="meta")
+    assert out.device.type == "meta" and out.shape == (3, 2, 4, 4) and out.dtype == torch.float32

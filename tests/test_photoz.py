@@ -343,3 +343,27 @@ def test_training_chooses_k_and_the_magnitude_weight_and_the_weights_carry_them(
     a, b = est.features(f[:5], bands), PhotoZReference(**{**arch, "mag_weight": 1.0, "mag_weights": {}})
     b.load_state_dict(state)
     np.testing.assert_allclose(b.estimator().features(f[:5], bands)[:, -1] * arch["mag_weight"], a[:, -1], rtol=1e-9)
+
+
+def test_cnn_inputs_scaled_on_the_networks_device_give_the_cpus_probabilities():
+    """On a GPU the stamps are scaled where the network runs (network_inputs with a device: a tensor there; here
+    the meta device stands for a GPU); probabilities take that tensor as they take the CPU's array, to the same
+    p(z)."""
+    import torch
+
+    from deepfield.models.photoz_cnn import network_inputs, probabilities
+    from deepfield.models.registry import create_model
+    model = create_model("photoz_cnn").eval()
+    nb, s = len(model.bands), model.size
+    rng = np.random.default_rng(4)
+    stamps = (rng.standard_normal((5, nb, s, s)) * 3.0).astype(np.float32)
+    flux = rng.uniform(50, 500, (5, nb))
+    present = np.ones((5, nb), bool)
+    present[1, 0] = False
+    image, phot = network_inputs(model, stamps, flux, present)
+    assert isinstance(image, np.ndarray) and not image[1, 0].any()
+    on_meta, phot_meta = network_inputs(model, stamps, flux, present, device="meta")
+    assert isinstance(on_meta, torch.Tensor) and on_meta.device.type == "meta" and on_meta.shape == image.shape
+    np.testing.assert_array_equal(phot_meta, phot)
+    np.testing.assert_allclose(probabilities(model, torch.from_numpy(image), phot),
+                               probabilities(model, image, phot), rtol=0, atol=1e-7)
