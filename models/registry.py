@@ -22,10 +22,9 @@ the weights shipped in `models/weights/<name>.pt`; the weights file also holds t
 - GPU settings (`GpuSettings`, the entry's `gpu`): the inputs per inference call and the autocast precision each
   network runs with on a CUDA device, and the tolerance that precision was accepted at. `create_model` on a
   cuda device runs the entry's `gpu.modules` (the model, or the submodules its stage calls) under
-  torch.autocast (models.inference.autocast_modules); on a CPU nothing changes. The precisions were chosen by
-  the outputs' differences from float32 under autocast on this project's CPU, as a proxy
-  (tests/benchmarks/bench_models.py prints them with the inputs per second, per model, device and dtype); the
-  batch sizes are a first guess for a GPU's memory and occupancy: both to be confirmed on a GPU.
+  torch.autocast (models.inference.autocast_modules) where `autocast` is set; on a CPU nothing changes. Both
+  were chosen on an H200 by tests/benchmarks/bench_models.py (inputs per second per model, device, batch size
+  and dtype, with the outputs' differences from float32): float32 for every network today (see _ENTRIES).
 
 A new network is one module and one line in `_ENTRIES`.
 """
@@ -88,34 +87,38 @@ class ModelEntry:
         return getattr(importlib.import_module(module), attr)
 
 
-# GPU settings: float16 autocast (a GPU runs it at bfloat16's speed, with 3 more significant bits: bfloat16's
-# differences from float32 were 3 to 25 times float16's, bench_models.py on the CPU). Tolerances on the outputs the
-# stages use: lens probability; deblend flux fraction per pixel; the anomaly local score in units of its median on
-# normal stamps; cluster and detection heat maps (0-1). Measured float16 differences: README, Performance.
+# GPU settings, measured on an NVIDIA H200 (2026-12-04, tests/benchmarks/bench_models.py; README, Performance):
+# float16 autocast ran every network at 0.83-1.07 times float32's speed (these small networks keep the GPU busy
+# with their memory traffic and launches, not with arithmetic), and the anomaly score moved by 0.089 of its normal
+# median under it (over its 0.05), so every network runs in float32 on a GPU; `autocast` stays available for
+# larger networks. The tolerances are what a precision must keep to be chosen, on the outputs the stages use:
+# lens probability; deblend flux fraction per pixel; the anomaly local score in units of its median on normal
+# stamps; cluster and detection heat maps (0-1); photo-z quantiles. Batch sizes: the fastest of 256, 1024, 4096
+# and 16384 stamps, or within 6 % of it at a quarter of its memory (anomaly: 4096, 0.64 GB).
 _ENTRIES = (
     ModelEntry("lens_resnet", "deepfield.models.lens_cnn:LensResNet",
                "pre-activation ResNet strong-lens classifier, g r i z 48x48 stamps",
-               gpu=GpuSettings(batch=1024, autocast="float16", tolerance=0.01)),
+               gpu=GpuSettings(batch=1024, tolerance=0.01)),
     ModelEntry("deblend_unet", "deepfield.models.deblend_unet:DeblendUNet",
                "position-conditioned U-Net flux-fraction deblender, g r i z 48x48 stamps",
-               gpu=GpuSettings(batch=1024, autocast="float16", tolerance=0.02)),
+               gpu=GpuSettings(batch=1024, tolerance=0.02)),
     ModelEntry("anomaly_wgan", "deepfield.models.anomaly_gan:AnomalyGAN",
                "WGAN-GP generator, critic and encoder for anomaly scores, g r i 32x32 (variants g r i z, g r z)",
-               gpu=GpuSettings(batch=2048, autocast="float16", tolerance=0.05,
+               gpu=GpuSettings(batch=4096, tolerance=0.05,
                                modules=("encoder", "generator", "critic.conv"))),
     ModelEntry("cluster_net", "deepfield.models.cluster_net:ClusterNet",
                "centre-heat-map cluster finder on 8x-binned g,r,i,z images",
-               gpu=GpuSettings(batch=1, autocast="float16", tolerance=0.01)),
+               gpu=GpuSettings(batch=1, tolerance=0.01)),
     ModelEntry("detect_net", "deepfield.models.detect_net:DetectNet",
                "centre-heat-map source detector at the image's pixels, g r i z (any subset)",
-               gpu=GpuSettings(batch=1, autocast="float16", tolerance=0.01)),
+               gpu=GpuSettings(batch=1, tolerance=0.01)),
     # not a network: the photo-z reference set, whose neighbour search runs on the CPU wherever the stage runs
     ModelEntry("photoz_knn", "deepfield.models.photoz:PhotoZReference",
                "k-nearest-neighbour photo-z reference set: simulated galaxies measured by the pipeline, g r i z "
                "(any 2+; variants u g r i z y, u g r i for surveys with all of their bands)", gpu=GpuSettings(batch=1), network=False),
     ModelEntry("photoz_cnn", "deepfield.models.photoz_cnn:PhotoZCNN",
                "photo-z CNN on 32x32 stamps with the aperture photometry, any 2+ of g r i z (Pasquet et al. 2019)",
-               gpu=GpuSettings(batch=4096, autocast="float16", tolerance=0.01)),
+               gpu=GpuSettings(batch=4096, tolerance=0.01)),
 )
 _REGISTRY: dict[str, ModelEntry] = {e.name: e for e in _ENTRIES}
 

@@ -12,9 +12,11 @@ For each network, device and autocast dtype (`--dtypes`, bfloat16 and float16): 
 and under torch.autocast, and the largest difference between the two of the output the stage uses (lens
 probability, deblend fractions, anomaly local score in units of its median on normal stamps, cluster and
 detection heat maps), beside the tolerance the registry accepts and its GPU setting (the row of the chosen
-dtype marked ok or OVER). On a CPU the differences are the proxy for a GPU's (the rounding of inputs and weights
-to 8 or 11 significant bits is the same; a GPU accumulates in float32 as well); the CPU's speeds are not (its
-float16 convolutions are emulated and slow; bfloat16 ones use AVX-512 BF16 where the CPU has it). One "input" is a
+dtype marked ok or OVER), and on a CUDA device the peak memory it allocated. A CPU's differences are only a
+rough proxy for a GPU's (the anomaly score's float16 difference was 0.039 on this project's CPU and 0.089 on an
+H200), and its speeds none (its float16 convolutions are emulated and slow; bfloat16 ones use AVX-512 BF16
+where the CPU has it). `--batch 256,1024,4096` tries several batch sizes for the stamp networks on a CUDA
+device (how the registry's were chosen). One "input" is a
 stamp for the stamp networks, one tile (`--tile-size` px with halo) for the detector and one field's binned
 planes (`--planes` binned px a side) for the cluster finder. The CPU runs on `--threads` threads (default 1,
 as in a one-core actor; 0 leaves torch's setting).
@@ -122,34 +124,46 @@ def timed(call, model, device: str) -> tuple[np.ndarray, float]:
 
 
 def measure(devices, n: int, tiles: int, tile_size: int, planes: int, dtypes=("bfloat16", "float16"),
-            seed: int = 0) -> list[dict]:
-    """One row per network, device and autocast dtype of `dtypes` (see the module docstring)."""
+            seed: int = 0, batches=None) -> list[dict]:
+    """One row per network, device, batch size and autocast dtype of `dtypes` (see the module docstring).
+    `batches`: batch sizes to try for the stamp networks on a CUDA device (default: the registry's)."""
+    import torch
+
     from deepfield.models import inference
     from deepfield.models.registry import gpu_settings
     from deepfield.tasks.stages.registry import stage_class
     rows = []
     for device in devices:
+        cuda = device.startswith("cuda")
         for name in MODELS:
             gpu = gpu_settings(name)
-            if device.startswith("cuda"):
-                batch = gpu.batch
+            if cuda:
+                sizes = list(batches) if batches and name in STAGE_OF else [gpu.batch]
             elif name in STAGE_OF:
-                batch = int(stage_class(STAGE_OF[name]).Config.model_fields["batch"].default)
+                sizes = [int(stage_class(STAGE_OF[name]).Config.model_fields["batch"].default)]
             else:
-                batch = 1
-            model, call, shape, count = case(name, device, batch, n, tiles, tile_size, planes,
-                                             np.random.default_rng(seed))
-            ref, t32 = timed(call, model, device)
-            for cast in dtypes:
-                inference.autocast_modules(model, gpu.modules, cast, device.split(":")[0])
-                try:
-                    mixed, tmix = timed(call, model, device)
-                finally:
-                    inference.plain_modules(model, gpu.modules)
-                rows.append(dict(model=name, device=device, batch=batch, input=shape, n=count, dtype=cast,
-                                 float32_per_s=count / t32, mixed_per_s=count / tmix,
-                                 max_diff=float(np.max(np.abs(mixed - ref))) if ref.size else 0.0,
-                                 tolerance=gpu.tolerance, chosen=gpu.autocast or "float32"))
+                sizes = [1]
+            for batch in sizes:
+                model, call, shape, count = case(name, device, batch, n, tiles, tile_size, planes,
+                                                 np.random.default_rng(seed))
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                ref, t32 = timed(call, model, device)
+                for cast in dtypes:
+                    inference.autocast_modules(model, gpu.modules, cast, device.split(":")[0])
+                    try:
+                        mixed, tmix = timed(call, model, device)
+                    finally:
+                        inference.plain_modules(model, gpu.modules)
+                    rows.append(dict(model=name, device=device, batch=batch, input=shape, n=count, dtype=cast,
+                                     float32_per_s=count / t32, mixed_per_s=count / tmix,
+                                     max_diff=float(np.max(np.abs(mixed - ref))) if ref.size else 0.0,
+                                     tolerance=gpu.tolerance, chosen=gpu.autocast or "float32",
+                                     gpu_batch=gpu.batch,
+                                     peak_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")))
+                del model
+                if cuda:
+                    torch.cuda.empty_cache()
     return rows
 
 
@@ -163,6 +177,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--device", default=None, help="comma-separated devices (default: cpu, and cuda when available)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's setting)")
     ap.add_argument("--dtypes", default="bfloat16,float16", help="comma-separated autocast dtypes to try")
+    ap.add_argument("--batch", default=None, help="comma-separated batch sizes to try for the stamp networks on a "
+                    "CUDA device (default: the registry's GPU batch)")
     args = ap.parse_args(argv)
     import torch
     devices = args.device.split(",") if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -170,18 +186,21 @@ def main(argv=None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        rows = measure(devices, args.n, args.tiles, args.tile_size, args.planes, args.dtypes.split(","))
+        rows = measure(devices, args.n, args.tiles, args.tile_size, args.planes, args.dtypes.split(","),
+                       batches=[int(b) for b in args.batch.split(",")] if args.batch else None)
     finally:
         torch.set_num_threads(threads)
     print(f"inputs per second, float32 and autocast (torch {torch.__version__}, CPU threads "
           f"{args.threads or threads}{', ' + torch.cuda.get_device_name() if 'cuda' in devices else ''})")
     print(f"  {'model':13s}{'device':>7s}{'batch':>6s}{'input':>12s}{'float32/s':>11s}{'autocast':>10s}"
-          f"{'/s':>9s}{'speed-up':>9s}{'max diff':>10s}{'tolerance':>10s}  GPU setting")
+          f"{'/s':>9s}{'speed-up':>9s}{'max diff':>10s}{'tolerance':>10s}{'peak GB':>8s}  GPU setting")
     for r in rows:
         ok = "" if r["chosen"] != r["dtype"] else ("  <- " + ("ok" if r["max_diff"] <= r["tolerance"] else "OVER"))
+        if r["batch"] != r["gpu_batch"] and r["device"].startswith("cuda"):
+            ok += f" (registry batch {r['gpu_batch']})"
         print(f"  {r['model']:13s}{r['device']:>7s}{r['batch']:6d}{r['input']:>12s}{r['float32_per_s']:11.1f}"
               f"{r['dtype']:>10s}{r['mixed_per_s']:9.1f}{r['mixed_per_s'] / r['float32_per_s']:9.2f}"
-              f"{r['max_diff']:10.4f}{r['tolerance']:10.4f}  {r['chosen']}{ok}")
+              f"{r['max_diff']:10.4f}{r['tolerance']:10.4f}{r['peak_gb']:8.2f}  {r['chosen']}{ok}")
     sys.stdout.flush()
     return rows
 
