@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .inference import asinh32
 from .photoz import (FLAG_BANDS_MISSING, FLAG_BROAD, FLAG_LOW_SNR, FLAG_NO_ESTIMATE, QUANTILE_COLUMNS, QUANTILES,
                      Z_MAX, asinh_mag, band_order)
 
@@ -80,12 +81,17 @@ def network_inputs(model: PhotoZCNN, stamps: np.ndarray, flux: np.ndarray, prese
     present = np.asarray(present, bool)
     gpu = device is not None and torch.device(device).type != "cpu"
     pix = model.pix_soft.detach().float().to(device if gpu else "cpu")
-    with torch.no_grad():  # torch's asinh: 10 % faster than numpy's on float32, and no float64 copy
-        raw = torch.as_tensor(np.asarray(stamps, np.float32))
-        image = torch.asinh(raw.to(pix.device) / pix[None, :, None, None])
+    if not gpu:  # models.inference.asinh32: a quarter of torch.asinh's time on this CPU
+        image = np.asarray(stamps, np.float32) / pix.numpy()[None, :, None, None]
+        asinh32(image, out=image)
         if not present.all():
-            image *= torch.as_tensor(present).to(image.device)[:, :, None, None]
-        image = image if gpu else image.numpy()
+            image *= present[:, :, None, None]
+    else:
+        with torch.no_grad():
+            image = torch.asinh(torch.as_tensor(np.asarray(stamps, np.float32)).to(pix.device)
+                                / pix[None, :, None, None])
+            if not present.all():
+                image *= torch.as_tensor(present).to(image.device)[:, :, None, None]
     soft = model.flux_soft.cpu().numpy()
     mu = asinh_mag(np.where(present, flux, 0.0), soft[None, :])
     mag = np.where(present, (mu - MAG_CENTRE) / MAG_SCALE, 0.0)
