@@ -6,12 +6,17 @@ sigma-clipped mode per mesh, ignoring masked pixels), median-filters the mesh gr
 pixel. The stage subtracts that map from `tile.image` in place: the runner gives each actor its own
 copy of the tile, and the later stages (detect, measure) read the subtracted pixels.
 
+Before that model, with `steps` (the default), sharp steps of the sky level across the columns or the rows (an
+amplifier's offset), which a smooth model spreads over its meshes and so leaves beside the step as false
+sources, are found and taken out (tasks/stages/_sky_steps.py); `last_stats[band]["steps"]` lists them.
+
 The source table passes through untouched. The per-band global background level and rms (image
 units, the mean of the mesh values) are kept on the stage as `last_stats` and, where the tile
 carries a dict attribute `meta`, in `tile.meta["background"]`.
 """
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import numpy as np
@@ -20,9 +25,12 @@ import sep
 from pydantic import Field
 
 from ._pixels import band_pixels
+from ._sky_steps import find_steps, remove_steps
 from .base import Stage, StageConfig
 
 __all__ = ["BackgroundStage", "BackgroundConfig", "grow_mask"]
+
+log = logging.getLogger(__name__)
 
 
 def grow_mask(mask: np.ndarray, r: int) -> np.ndarray:
@@ -54,13 +62,18 @@ class BackgroundConfig(StageConfig):
     source_mask_sigma: float = Field(3.0, description="second pass: pixels more than this many sigma above the "
                                      "first-pass background are left out (0: one pass)")
     source_mask_grow: int = Field(6, ge=0, description="pixels the second pass's source mask is grown by")
+    steps: bool = Field(True, description="find sharp steps in the sky level across the columns and the rows (an "
+                        "amplifier's offset) and take them out before the smooth model (tasks/stages/_sky_steps.py)")
+    step_nsigma: float = Field(8.0, gt=0, description="a step's height, at least this many times the robust scatter "
+                               "of the column-to-column jumps over the tile")
+    step_min: float = Field(0.15, ge=0, description="and at least this many sky sigma")
 
 
 class BackgroundStage(Stage):
     """Subtract a SEP background model from every band of a tile, in place (parameters: BackgroundConfig)."""
 
     name: ClassVar[str] = "background"
-    version: ClassVar[str] = "2"
+    version: ClassVar[str] = "3"  # 3: sky steps
     Config: ClassVar[type[StageConfig]] = BackgroundConfig
 
     def __init__(self, config: StageConfig | None = None, **params) -> None:
@@ -77,6 +90,9 @@ class BackgroundStage(Stage):
         few per cent low), so pixels more than `source_mask_sigma` above the first-pass background,
         grown by `source_mask_grow` pixels, are left out of the second pass."""
         data, _, bad = band_pixels(tile, b)
+        return self._model(data, bad)
+
+    def _model(self, data: np.ndarray, bad: np.ndarray) -> sep.Background:
         ny, nx = data.shape
         # a mesh larger than the image would leave SEP with a single, partly empty mesh
         bw, bh = min(self.box, nx), min(self.box, ny)
@@ -92,19 +108,55 @@ class BackgroundStage(Stage):
             return bkg
         return sep.Background(data, mask=both, **kw)
 
+    def sky_steps(self, tile, b: int, data: np.ndarray, err: np.ndarray, bad: np.ndarray) -> list[dict]:
+        """Find the band's sky steps (across the columns, then the rows) and take them out of `data` and of
+        `tile.image[b]`, in place; returns them with `axis` ("x": between columns, "y": between rows) and `at`
+        in field pixels (the first column or row beyond the step)."""
+        if not self.steps:
+            return []
+        good = ~bad
+        if good.sum() < 64:
+            return []
+        sigma = float(np.median(err[::7, ::7][good[::7, ::7]]))  # the sky noise: a sample's median will do
+        taken: dict[tuple[str, int], float] = {}
+        # a second pass when the first found steps: the steps across one axis widen the scatter of the other's
+        # lines' levels (a step across the rows puts a share of every column's pixels higher), which can hide
+        # a smaller step across the other axis until they are out
+        for _ in range(2):
+            new = False
+            for axis, name, origin in ((0, "x", tile.box.x0), (1, "y", tile.box.y0)):
+                found = find_steps(data, good, sigma, axis, nsigma=self.step_nsigma, min_jump=self.step_min)
+                if found:
+                    new = True
+                    remove_steps(data, found, axis)
+                    remove_steps(tile.image[b], found, axis)
+                    for s in found:
+                        key = (name, int(origin + s["at"]))
+                        taken[key] = taken.get(key, 0.0) + s["jump"]
+            if not new:
+                break
+        out = [dict(axis=a, at=at, jump=round(j, 6)) for (a, at), j in sorted(taken.items())]
+        for s in out:
+            log.info(f"background: tile {tile.id}, band {tile.bands[b]}: a sky step of {s['jump']:+.4g} image units "
+                     f"({s['jump'] / sigma:+.2f} sky sigma) at {s['axis']} = {s['at']} taken out")
+        return out
+
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
-        """Subtract the background of each band from `tile.image` (band, y, x) in place; return
-        `sources` unchanged."""
-        stats: dict[str, dict[str, float]] = {}
+        """Subtract the background of each band from `tile.image` (band, y, x) in place (its sky steps first,
+        `steps`); return `sources` unchanged."""
+        stats: dict[str, dict] = {}
         for b, band in enumerate(tile.bands):
-            bkg = self.model(tile, b)
+            data, err, bad = band_pixels(tile, b)
+            steps = self.sky_steps(tile, b, data, err, bad)
+            bkg = self._model(data, bad)
             level = bkg.back()
             img = tile.image[b]
             img -= level.astype(img.dtype, copy=False)
             stats[band] = {"level": float(bkg.globalback), "rms": float(bkg.globalrms)}
+            if steps:
+                stats[band]["steps"] = steps
         self.last_stats = stats
         meta = getattr(tile, "meta", None)
         if isinstance(meta, dict):
             meta["background"] = stats
         return sources
-
