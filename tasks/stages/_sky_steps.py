@@ -23,7 +23,9 @@ Found per band on the tile with its halo, before the smooth model (masked pixels
    `width` (the slope of that line); the simulator's amplifiers drift
    along their length, and a real one's bias can too.
 The correction subtracts each step's height from the image beyond it, which leaves the band continuous across
-it; the smooth model then takes the level as before. A band without steps is left as it was, to the bit.
+it; the smooth model then takes the level as before. A band without steps is left as it was, to the bit. Steps
+across the columns are not looked for in a tile (with its halo) under 256 px high, nor across the rows in one
+under 256 px wide: their lines are too short to tell a step from the noise.
 
 Written here: source-extraction libraries (SEP, photutils' Background2D) model smooth backgrounds only, and the
 instrument pipelines that fix amplifier offsets (overscan, per-amplifier flats) need the raw frames and their
