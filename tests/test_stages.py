@@ -346,13 +346,15 @@ def test_sky_steps_are_found_and_taken_out():
 
 
 def test_no_sky_steps_are_found_in_smooth_skies_with_sources():
-    """Smooth skies with a bright extended galaxy, stars, a bad column and a sky ramp over 30 columns (a
-    gradient, not a step) give no steps, and the background is the plain model's to the bit."""
+    """Smooth skies with a bright extended galaxy, stars, a bad column, a sky ramp over 30 columns (a gradient,
+    not a step) and a bright line along two columns (a diffraction spike or a trail, unmasked, 8 sigma over 500
+    rows) give no steps, and the background is the plain model's to the bit."""
     n = 640
     tile, _, _ = _stepped_tile([], seed=12)
     xx = np.arange(n)
     ramp = np.clip((xx - 350) / 30.0, 0, 1) * 1.0 * SIGMA[2]  # one sigma over 30 columns
     tile.image[2] += ramp[None, :].astype(np.float32)
+    tile.image[1, 60:560, 480:482] += np.float32(8 * SIGMA[1])
     before = tile.image.copy()
     stage = BackgroundStage()
     stage.run(tile, pd.DataFrame())

@@ -16,7 +16,8 @@ Found per band on the tile with its halo, before the smooth model (masked pixels
 2. A step: a local maximum of |J| at least `nsigma` times J's robust scatter over the tile (1.4826 times its
    median absolute deviation) and at least `min_jump` sky sigma, that is sharp: a line with a step, fitted to
    the levels of the 2 `width` columns about it (at the best of the positions within two columns), gives a
-   step of at least 0.6 J (a ramp over the `width` columns, or a galaxy's outskirts, goes into the line).
+   step of at least 0.6 J (a ramp over the `width` columns, or a galaxy's outskirts, goes into the line; a
+   bright line along a column or two, a diffraction spike or a trail, fits no step at all).
 3. Its height along the step: a straight line fitted (Theil and Sen's, robust to a block with a bright source
    beside the step) to its height in blocks of rows (columns), each the median
    of the `width` columns after the step less that of those before, less the sky's slope across the step times
