@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
         app.command(**kwargs)(fn)
 
 
+COUNT_NAMES = {"sky_steps": "sky steps (amplifier offsets) taken out by the background stage (its INFO log lines "
+                             "give the band, position and height)"}
 STATUS_KEYS = {
     "run_dir": "the run directory, as given",
     "tiles": "tiles with a sound ledger record",
@@ -34,6 +36,9 @@ STATUS_KEYS = {
     "retried": "tiles that took more than one attempt",
     "sources": "sources detected, over every tile",
     "primary": "sources primary in their tile",
+    "counts": "what the stages counted besides the sources, summed over the tiles, and in how many tiles "
+              "({name: {total, tiles}}; sky_steps: sky steps, such as amplifier offsets, that the background "
+              "stage took out)",
     "stage_seconds": "seconds per stage, summed over the tiles ({stage: seconds})",
     "config_hashes": "the configuration hashes the records were made under",
     "failed": "the failed tiles and their errors ([{tile, error}])",
@@ -61,6 +66,8 @@ def status(run_dir: Path = typer.Argument(..., help="a run directory"),
         typer.echo(f"sources: {s['sources']} detected, {s['primary']} primary in their tile")
         typer.echo("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in s["stage_seconds"].items()))
         typer.echo(f"configuration hashes: {', '.join(s['config_hashes'])}")
+        for name, c in s["counts"].items():
+            typer.echo(f"{COUNT_NAMES.get(name, name)}: {c['total']} in {c['tiles']} tile(s)")
         for tile, err in s["failed"]:
             typer.echo(f"failed {tile}: {err}")
         for problem in s["problems"]:

@@ -359,9 +359,10 @@ def check(run_dir: str | Path) -> tuple[list[TileRecord], list[str]]:
 
 
 def summarise(run_dir: str | Path) -> dict:
-    """Counts by status, per-stage total time, sources, attempts and the failed tiles' errors, over the records
+    """Counts by status, per-stage total time, sources, the stages' other counts (`counts`: {name: {total, tiles}},
+    e.g. the background's `sky_steps`), attempts and the failed tiles' errors, over the records
     that `check` finds sound; its problems under `problems`. The records are counted as they are read, not kept."""
-    status, timing, hashes = Counter(), Counter(), set()
+    status, timing, hashes, other, other_tiles = Counter(), Counter(), set(), Counter(), Counter()
     retried = sources = primary = 0
     failed, problems = [], []
     for r, problem in _check(run_dir):
@@ -373,9 +374,14 @@ def summarise(run_dir: str | Path) -> dict:
         retried += r.attempts > 1
         sources += r.counts.get("sources", 0)
         primary += r.counts.get("primary", 0)
+        for k, v in r.counts.items():
+            if k not in ("sources", "primary") and v:
+                other[k] += v
+                other_tiles[k] += 1
         hashes.add(r.config_hash)
         if r.status == "failed":
             failed.append((r.tile, r.error))
     return dict(tiles=sum(status.values()), status=dict(status), retried=retried, sources=sources, primary=primary,
+                counts={k: dict(total=other[k], tiles=other_tiles[k]) for k in sorted(other)},
                 stage_seconds={k: round(v, 3) for k, v in timing.items()}, failed=failed,
                 config_hashes=sorted(hashes), problems=problems)

@@ -139,5 +139,8 @@ class TileRunner:
             _fault(tile, attempt, writing=True)
         timings["write"] = time.perf_counter() - t
         primary = int(sources["is_primary"].sum()) if "is_primary" in sources else 0
-        return dict(tile=str(tid), timings=timings, counts=dict(sources=len(sources), primary=primary),
+        # what else the stages counted (tile.meta["counts"], e.g. the background's sky steps), for the ledger
+        counts = {str(k): int(v) for k, v in getattr(data, "meta", {}).get("counts", {}).items()}
+        counts.update(sources=len(sources), primary=primary)
+        return dict(tile=str(tid), timings=timings, counts=counts,
                     output=str(out.relative_to(self.run_dir)), pid=os.getpid(), worker=self.info())

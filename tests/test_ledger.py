@@ -22,7 +22,8 @@ def record(tile: TileId, status: str = "done", keys: RunKeys = KEYS, **kw) -> Ti
     return TileRecord(tile=str(tile), status=status, attempts=kw.pop("attempts", 1), config_hash=keys.config_hash,
                       stage_versions=dict(keys.stage_versions), model_versions=dict(keys.model_versions),
                       input_hash=keys.inputs.get(tile.field, ""), output=f"tiles/{tile.field}/{tile.ty}_{tile.tx}.parquet"
-                      if status == "done" else None, counts=dict(sources=2, primary=1), timings=dict(detect=0.5), **kw)
+                      if status == "done" else None, counts=kw.pop("counts", dict(sources=2, primary=1)),
+                      timings=dict(detect=0.5), **kw)
 
 
 def table(run: Path, tile: TileId) -> Path:
@@ -115,9 +116,15 @@ def test_unreadable_and_misfiled_lines_are_problems_and_not_records(run):
 
 def test_summarise_keeps_its_shape(run):
     s = summarise(run)
-    assert s == dict(tiles=8, status={"done": 7, "failed": 1}, retried=1, sources=16, primary=8,
+    assert s == dict(tiles=8, status={"done": 7, "failed": 1}, retried=1, sources=16, primary=8, counts={},
                      stage_seconds={"detect": 4.0}, failed=[("fb/1_1", "RuntimeError: boom")],
                      config_hashes=["cfg1"], problems=[])
+    # what the stages counted besides the sources (the background's sky steps): summed, with their tiles
+    ledger = Ledger(run)
+    for t, n in ((TileId("fa", 0, 0), 2), (TileId("fa", 0, 1), 1), (TileId("fa", 1, 0), 0)):
+        ledger.put(record(t, counts=dict(sources=2, primary=1, sky_steps=n)))
+    s = summarise(run)
+    assert s["counts"] == {"sky_steps": {"total": 3, "tiles": 2}} and s["sources"] == 16
     (run / "tiles" / "fa" / "1_1.parquet").write_bytes(b"PAR1 cut")
     s = summarise(run)
     assert s["tiles"] == 7 and s["problems"] == [

@@ -114,7 +114,7 @@ def test_status_json_states_the_text_facts(cli_run):
     js = invoke(["status", str(run_dir), "--json"])
     assert text.exit_code == js.exit_code == 0
     facts = json.loads(js.stdout)
-    assert set(facts) == {"run_dir", "tiles", "status", "retried", "sources", "primary", "stage_seconds",
+    assert set(facts) == {"run_dir", "tiles", "status", "retried", "sources", "primary", "counts", "stage_seconds",
                           "config_hashes", "failed", "problems"}
     assert facts["tiles"] == 8 and facts["status"] == {"done": 8} and facts["failed"] == [] == facts["problems"]
     first, second, stages, hashes = text.stdout.splitlines()[:4]
@@ -123,6 +123,8 @@ def test_status_json_states_the_text_facts(cli_run):
     assert stages == "time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in facts["stage_seconds"].items())
     assert set(facts["stage_seconds"]) >= {"background", "detect", "measure"}
     assert hashes == f"configuration hashes: {', '.join(facts['config_hashes'])}"
+    for name, c in facts["counts"].items():  # e.g. the background's sky steps, where the fields have any
+        assert any(line.endswith(f": {c['total']} in {c['tiles']} tile(s)") for line in text.stdout.splitlines()), name
 
 
 def test_quiet_and_verbose_runs(cli_run):

@@ -314,7 +314,9 @@ def test_sky_steps_are_found_and_taken_out():
     plain, _, _ = _stepped_tile(cases)
     stage = BackgroundStage()
     stage.run(tile, pd.DataFrame())
+    assert tile.meta["counts"] == {"sky_steps": 3}  # for the ledger (tasks/tile_runner.py)
     BackgroundStage(steps=False).run(plain, pd.DataFrame())
+    assert "counts" not in plain.meta
     for b, band in enumerate(BANDS):
         want = sorted(("x" if axis == 0 else "y", at + (2000 if axis == 0 else 1000), h)
                       for bb, axis, at, h, _ in cases if bb == b)

@@ -8,7 +8,8 @@ copy of the tile, and the later stages (detect, measure) read the subtracted pix
 
 Before that model, with `steps` (the default), sharp steps of the sky level across the columns or the rows (an
 amplifier's offset), which a smooth model spreads over its meshes and so leaves beside the step as false
-sources, are found and taken out (tasks/stages/_sky_steps.py); `last_stats[band]["steps"]` lists them.
+sources, are found and taken out (tasks/stages/_sky_steps.py); `last_stats[band]["steps"]` lists them, each is
+logged (INFO), and their number is the tile's `sky_steps` count in the ledger (`deepfield status`).
 
 The source table passes through untouched. The per-band global background level and rms (image
 units, the mean of the mesh values) are kept on the stage as `last_stats` and, where the tile
@@ -159,4 +160,7 @@ class BackgroundStage(Stage):
         meta = getattr(tile, "meta", None)
         if isinstance(meta, dict):
             meta["background"] = stats
+            taken = sum(len(s.get("steps", [])) for s in stats.values())
+            if taken:  # the ledger keeps it (tasks.tile_runner), `deepfield status` sums it
+                meta.setdefault("counts", {})["sky_steps"] = taken
         return sources
