@@ -84,16 +84,12 @@ class BackgroundStage(Stage):
     def setup(self, device: str) -> None:
         """Nothing to load; SEP runs on the CPU whatever `device` is."""
 
-    def model(self, tile, b: int) -> sep.Background:
-        """The SEP background of band index `b` (masked, NaN and zero-weight pixels ignored).
+    def model(self, data: np.ndarray, bad: np.ndarray) -> sep.Background:
+        """The SEP background of one band's pixels `data` (band_pixels's; `bad` pixels ignored).
 
         Two passes: the wings of bright sources bias a mesh's mode upwards (fluxes then come out a
         few per cent low), so pixels more than `source_mask_sigma` above the first-pass background,
         grown by `source_mask_grow` pixels, are left out of the second pass."""
-        data, _, bad = band_pixels(tile, b)
-        return self._model(data, bad)
-
-    def _model(self, data: np.ndarray, bad: np.ndarray) -> sep.Background:
         ny, nx = data.shape
         # a mesh larger than the image would leave SEP with a single, partly empty mesh
         bw, bh = min(self.box, nx), min(self.box, ny)
@@ -149,7 +145,7 @@ class BackgroundStage(Stage):
         for b, band in enumerate(tile.bands):
             data, err, bad = band_pixels(tile, b)
             steps = self.sky_steps(tile, b, data, err, bad)
-            bkg = self._model(data, bad)
+            bkg = self.model(data, bad)
             level = bkg.back()
             img = tile.image[b]
             img -= level.astype(img.dtype, copy=False)
