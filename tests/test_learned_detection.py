@@ -219,6 +219,41 @@ def test_a_peak_in_a_saturated_core_is_not_a_second_source():
         assert len(objs) == expect
 
 
+def test_a_one_peak_footprint_is_centred_on_its_peak():
+    """A galaxy at (20, 20) whose footprint also holds a faint neighbour's light below the network's threshold at
+    (32, 20): the footprint's barycentre lies between them, the source at the galaxy's peak; not when the
+    footprint holds an unusable pixel (a saturated core), when the peak lies beyond `peak_reach` of the
+    barycentre, or with `peak_reach` 0 (the barycentre, as before)."""
+    from deepfield.tasks.stages._learned_split import OBJ_FIELDS, split_by_peaks
+    from deepfield.tasks.stages._pixels import gaussian_kernel
+    yy, xx = np.mgrid[0:40, 0:50]
+    det = 60 * np.exp(-np.hypot(xx - 20, yy - 20) / 2.0) + 30 * np.exp(-np.hypot(xx - 32, yy - 20) / 3.0)
+    pseg = (det > 1.0).astype(np.int32)
+    w = det * pseg
+    bx, by = (w * xx).sum() / w.sum(), (w * yy).sum() / w.sum()
+    assert bx - 20 > 3  # the barycentre, off the galaxy by more than the 0.6" (3 px) match
+    parent = np.zeros(1, [(f, "f8") for f in OBJ_FIELDS])
+    parent[0] = (bx, by, 6, 3, 0, pseg.sum(), 5, 45, 8, 32, w.sum(), 60, 0)
+    peaks = np.array([[20.2, 19.9, 0.8]])
+    heat = np.zeros(det.shape)
+    kern = gaussian_kernel(3.0)
+
+    def centre(reach, bad=None):
+        objs = split_by_peaks(det, kern, parent, pseg, peaks, heat, 0.3, np.inf, 3.0, bad, reach)[0]
+        assert len(objs) == 1
+        return objs["x"][0], objs["y"][0]
+
+    assert centre(6.0) == (20.2, 19.9)
+    assert centre(0.0) == (bx, by)
+    assert centre(bx - 20.2 - 0.1) == (bx, by)  # the peak beyond reach
+    core = np.zeros(det.shape, bool)
+    core[20, 20] = True
+    assert centre(6.0, core) == (bx, by)  # a footprint with an unusable pixel
+    far = np.zeros(det.shape, bool)
+    far[0, 0] = True  # outside the footprint: no matter
+    assert centre(6.0, far) == (20.2, 19.9)
+
+
 def test_footprints_are_split_at_their_ridges_and_outside_peaks_share_by_order():
     """Two footprints, each holding two equal blobs 6 px apart, and two peaks outside both, 3 px apart with
     discs of radius 3: each footprint's pixels go to its own two peaks, split at the ridge between them (x = 18

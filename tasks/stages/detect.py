@@ -31,7 +31,8 @@ pixel scatter), so the threshold means the same false-detection rate on any imag
   peak; the narrow one keeps pairs 1.5 FWHM apart resolved. Each child goes to the parent segment holding
   most of its pixels (else the one at its centroid pixel).
 
-A parent with at most one source is reported as itself (the footprint's centroid, shape and footprint); a
+A parent with at most one source is reported as itself (the footprint's centroid, shape and footprint; with the
+learned method and `peak_centres`, centred on its one peak: tasks/stages/_learned_split.py, `peak_centres`); a
 parent with two or more is replaced by them. With `reject_sharp` (default), a detection whose light is sharper
 than the band's PSF in one band and absent from the others (an unrejected cosmic ray or a hot pixel:
 tasks/stages/_artefacts.py) is left out; its pixels keep a segmap value above the row count, so measure and
@@ -97,6 +98,10 @@ class DetectConfig(ModelStageConfig):
                              "dropped)")
     outside_peaks: bool = Field(True, description="learned: a peak outside every footprint is a source too, "
                                 "with a footprint of the pixels within one PSF FWHM")
+    peak_centres: bool = Field(True, description="learned: a footprint with one peak is centred on the peak, not "
+                               "on its barycentre, when the peak lies within two PSF FWHM of the barycentre and "
+                               "no pixel of the footprint is unusable in any band (a faint neighbour merged into "
+                               "the footprint pulls the barycentre off the galaxy)")
     precision: Literal["int8", "float32"] = Field("int8", description="learned: the detector's arithmetic on a "
                                                   "CPU; int8 (post-training quantisation with the activation "
                                                   "ranges saved in the weights) takes about a quarter of float32's "
@@ -139,7 +144,7 @@ class DetectStage(ModelStage):
     """
 
     name: ClassVar[str] = "detect"
-    version: ClassVar[str] = "4"
+    version: ClassVar[str] = "5"  # 5: one-peak footprints centred on their peak (peak_centres)
     Config: ClassVar[type[StageConfig]] = DetectConfig
     models: ClassVar[tuple[str, ...]] = ("detect_net",)
     adds: ClassVar[tuple[str, ...]] = tuple(COLUMNS)
@@ -263,7 +268,9 @@ class DetectStage(ModelStage):
             peaks, heat = self._peaks(tile, fwhm)
             objs, blend_id, self.segmap = split_by_peaks(det, kernel, parents, pseg, peaks, heat,
                                                          self.confirm_threshold, self.keep_area * fwhm ** 2,
-                                                         fwhm if self.outside_peaks else None, bad)
+                                                         fwhm if self.outside_peaks else None, bad,
+                                                         2.0 * fwhm if self.peak_centres else 0.0,
+                                                         self._unusable(tile, bad) if self.peak_centres else None)
             tile.meta["segmap"] = self.segmap
             return self._without_artefacts(tile, self._table(tile, objs, blend_id))
 
@@ -285,6 +292,16 @@ class DetectStage(ModelStage):
         self.segmap = _final_segmap(pseg, cseg, label_parent, label_child, objs, blend_id)
         tile.meta["segmap"] = self.segmap
         return self._without_artefacts(tile, self._table(tile, objs, blend_id))
+
+    @staticmethod
+    def _unusable(tile, bad: np.ndarray) -> np.ndarray:
+        """Pixels unusable in any band (an UNUSABLE mask bit or no positive inverse variance), or in all (`bad`,
+        the detection image's)."""
+        out = bad.copy()
+        for b in range(tile.image.shape[0]):
+            out |= (np.asarray(tile.mask[b]) & UNUSABLE) != 0
+            out |= ~(np.asarray(tile.invvar[b]) > 0)
+        return out
 
     def _without_artefacts(self, tile, table: pd.DataFrame) -> pd.DataFrame:
         """The table without the detections that are artefacts (reject_sharp; tasks/stages/_artefacts.py). The
