@@ -219,6 +219,42 @@ def test_a_peak_in_a_saturated_core_is_not_a_second_source():
         assert len(objs) == expect
 
 
+def test_a_saturated_star_ringed_by_its_footprint_keeps_its_centre():
+    """A bright star's masked core is a hole in its footprint, which also holds a galaxy 10 px away with its own
+    peak. The detector's peak in the core makes the star a member of that footprint, at its centre, with its
+    side of the watershed (the core flooded as the footprint's brightest); without the peak in the core the
+    footprint had only the galaxy's peak, and the star was lost in it. With peak_reach, a footprint whose one
+    peak is in its core is centred there."""
+    from deepfield.tasks.stages._learned_split import OBJ_FIELDS, split_by_peaks
+    from deepfield.tasks.stages._pixels import gaussian_kernel
+    n = 48
+    yy, xx = np.mgrid[0:n, 0:n]
+    r = np.hypot(xx - 20, yy - 20)
+    g = np.hypot(xx - 30, yy - 21)
+    det = 200 * np.exp(-r / 3) + 20 * np.exp(-g / 1.5)
+    bad = r < 2.5
+    det[bad] = 0
+    pseg = ((det > 0.5) & ~bad).astype(np.int32)
+    parent = np.zeros(1, [(f, "f8") for f in OBJ_FIELDS])
+    w = det * pseg
+    parent[0] = ((w * xx).sum() / w.sum(), (w * yy).sum() / w.sum(), 5, 4, 0, pseg.sum(), 5, 40, 5, 36, w.sum(),
+                 det.max(), 0)
+    kern = gaussian_kernel(3.0)
+    both = np.array([[30.1, 21.0, 0.9], [20.2, 19.9, 0.6]])
+    objs, blend, seg = split_by_peaks(det, kern, parent, pseg, both, np.zeros(det.shape), 0.3, np.inf, 3.0, bad)
+    assert len(objs) == 2 and len(set(blend)) == 1
+    star = int(np.argmin(np.hypot(objs["x"] - 20, objs["y"] - 20)))
+    assert (objs["x"][star], objs["y"][star]) == (20.2, 19.9)
+    assert objs["flux"][star] > 0.8 * det[r < 7].sum()  # the star's own light is its member's
+    assert seg[20, 20] == star + 1  # the core belongs to the star's member
+    galaxy_only = both[:1]
+    objs = split_by_peaks(det, kern, parent, pseg, galaxy_only, np.zeros(det.shape), 0.3, np.inf, 3.0, bad)[0]
+    assert len(objs) == 1  # one source, at the galaxy's peak or the barycentre: the star is not a source
+    core_only = both[1:]
+    objs = split_by_peaks(det, kern, parent, pseg, core_only, np.zeros(det.shape), 0.3, np.inf, 3.0, bad, 6.0)[0]
+    assert len(objs) == 1 and (objs["x"][0], objs["y"][0]) == (20.2, 19.9)
+
+
 def test_a_one_peak_footprint_is_centred_on_its_peak():
     """A galaxy at (20, 20) whose footprint also holds a faint neighbour's light below the network's threshold at
     (32, 20): the footprint's barycentre lies between them, the source at the galaxy's peak; not when the

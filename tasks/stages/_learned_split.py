@@ -129,6 +129,11 @@ def split_by_peaks(det: np.ndarray, kernel: np.ndarray, parents, pseg: np.ndarra
     px = np.clip(np.floor(peaks[:, 0] + 0.5).astype(np.int64), 0, nx - 1)
     py = np.clip(np.floor(peaks[:, 1] + 0.5).astype(np.int64), 0, ny - 1)
     owner = pseg[py, px].astype(np.int64) - 1  # -1: outside every footprint
+    cored = np.zeros(len(peaks), bool)  # peaks in a masked core that a footprint rings (saturated stars)
+    ws_det = det  # the image the watershed floods: a masked core as high as its footprint's brightest pixel
+    if bad is not None and np.any((owner < 0) & bad[py, px]):
+        pseg, cored, ws_det = _masked_cores(det, pseg, bad, px, py, owner)
+        owner = pseg[py, px].astype(np.int64) - 1
     npeak = np.bincount(owner[owner >= 0], minlength=npar)
     hmax = np.full(npar + 1, -np.inf)  # the heat map's maximum over each footprint without a peak
     need = np.concatenate([[False], npeak == 0])[pseg]  # (ndimage.maximum would sort every pixel)
@@ -144,13 +149,13 @@ def split_by_peaks(det: np.ndarray, kernel: np.ndarray, parents, pseg: np.ndarra
         rows[f][:len(whole)] = parents[f][whole]
     if peak_reach > 0:
         peak_centres(rows[:len(whole)], whole, owner, npeak, peaks, pseg, bad if unusable is None else unusable,
-                     peak_reach)
+                     peak_reach, cored)
     lab = np.zeros(pseg.shape, np.int32)
     if len(mem):
         p = parents[split[1:]]
         boxes = np.c_[p["xmin"], p["xmax"] + 1, p["ymin"], p["ymax"] + 1].astype(np.int64)
         union = (boxes[:, 0].min(), boxes[:, 1].max(), boxes[:, 2].min(), boxes[:, 3].max())
-        lab = _member_labels(_smoothed(det, kernel, boxes), pseg, split, union, px[mem], py[mem], owner[mem] + 1)
+        lab = _member_labels(_smoothed(ws_det, kernel, boxes), pseg, split, union, px[mem], py[mem], owner[mem] + 1)
         pix = np.flatnonzero(lab)
         rec = _records(pix, lab.ravel()[pix] - 1, det, len(mem))
         m = rows[len(whole):]
@@ -177,8 +182,45 @@ def split_by_peaks(det: np.ndarray, kernel: np.ndarray, parents, pseg: np.ndarra
     return np.concatenate(objs), np.concatenate(bids).astype(np.int64), seg
 
 
+def _masked_cores(det: np.ndarray, pseg: np.ndarray, bad: np.ndarray, px: np.ndarray, py: np.ndarray,
+                  owner: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Peaks on `bad` pixels outside every footprint that lie in a hole of one footprint (pixels outside every
+    footprint, not reaching the image's edge, bordered by that footprint alone): a saturated star's masked core,
+    which its footprint rings. The detector marks the star's centre there; left out, the star was lost whenever the
+    ring held other peaks (the footprint split among its neighbouring galaxies: three stars at i 14.5-16.6 on one
+    held-out pair of fields, two of them found with this). Returns the segmentation with each such hole given to its
+    footprint, which peaks are in such holes, and the image for the watershed with the holes at their footprint's
+    brightest."""
+    from scipy import ndimage
+    ny, nx = pseg.shape
+    holes, _ = ndimage.label(pseg == 0)
+    edge = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
+    pseg, ws_det = pseg.copy(), det
+    cored = np.zeros(len(px), bool)
+    done: dict[int, int] = {}
+    for k in np.flatnonzero((owner < 0) & bad[py, px]):
+        h = int(holes[py[k], px[k]])
+        if h in edge:
+            continue
+        if h not in done:
+            ys, xs = np.nonzero(holes == h)
+            y0, y1, x0, x1 = max(ys.min() - 1, 0), min(ys.max() + 2, ny), max(xs.min() - 1, 0), min(xs.max() + 2, nx)
+            region = holes[y0:y1, x0:x1] == h
+            ring = ndimage.binary_dilation(region) & ~region
+            around = np.unique(pseg[y0:y1, x0:x1][ring])
+            done[h] = int(around[0]) if len(around) == 1 and around[0] > 0 else 0
+            if done[h]:
+                if ws_det is det:
+                    ws_det = det.copy()
+                inside = pseg[y0:y1, x0:x1]
+                ws_det[y0:y1, x0:x1][region] = det[pseg == done[h]].max()
+                inside[region] = done[h]
+        cored[k] = done[h] > 0
+    return pseg, cored, ws_det
+
+
 def peak_centres(rows: np.ndarray, whole: np.ndarray, owner: np.ndarray, npeak: np.ndarray, peaks: np.ndarray,
-                 pseg: np.ndarray, bad: np.ndarray | None, reach: float) -> None:
+                 pseg: np.ndarray, bad: np.ndarray | None, reach: float, cored: np.ndarray | None = None) -> None:
     """In place: `rows` (the records of footprints `whole`, reported whole) of the footprints with one peak
     take the peak's position when it lies within `reach` px of the barycentre and the footprint holds no `bad`
     pixel (the stage passes the pixels unusable in any band).
@@ -204,6 +246,8 @@ def peak_centres(rows: np.ndarray, whole: np.ndarray, owner: np.ndarray, npeak: 
     if bad is not None and bad.any():
         tainted = np.bincount(pseg[bad & (pseg > 0)], minlength=len(npeak) + 1)[1:] > 0
         ok &= ~tainted[whole[one]]
+    if cored is not None:  # a saturated star's centre, marked in its masked core (_masked_cores)
+        ok |= cored[pk]
     rows["x"][one[ok]], rows["y"][one[ok]] = peaks[pk[ok], 0], peaks[pk[ok], 1]
 
 
