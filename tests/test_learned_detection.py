@@ -248,11 +248,30 @@ def test_a_saturated_star_ringed_by_its_footprint_keeps_its_centre():
     assert objs["flux"][star] > 0.8 * det[r < 7].sum()  # the star's own light is its member's
     assert seg[20, 20] == star + 1  # the core belongs to the star's member
     galaxy_only = both[:1]
-    objs = split_by_peaks(det, kern, parent, pseg, galaxy_only, np.zeros(det.shape), 0.3, np.inf, 3.0, bad)[0]
+    none = np.zeros(det.shape)
+    objs = split_by_peaks(det, kern, parent, pseg, galaxy_only, none, 0.3, np.inf, 3.0, bad)[0]
     assert len(objs) == 1  # one source, at the galaxy's peak or the barycentre: the star is not a source
     core_only = both[1:]
-    objs = split_by_peaks(det, kern, parent, pseg, core_only, np.zeros(det.shape), 0.3, np.inf, 3.0, bad, 6.0)[0]
+    objs = split_by_peaks(det, kern, parent, pseg, core_only, none, 0.3, np.inf, 3.0, bad, 6.0)[0]
     assert len(objs) == 1 and (objs["x"][0], objs["y"][0]) == (20.2, 19.9)
+
+
+def test_saturated_regions_seed_a_source_at_their_core():
+    """saturated_seeds: a saturated core of radius 3 at (20, 30) with an unflagged bleed trail one pixel wide
+    running 30 px up from it gets a peak at the core (its centroid would lie 5 px up the trail); a second region
+    with a peak within reach gets none; no saturation leaves the peaks as they were."""
+    from deepfield.tasks.stages._learned_split import saturated_seeds
+    yy, xx = np.mgrid[0:80, 0:60]
+    sat = np.hypot(xx - 20, yy - 30) <= 3
+    sat |= (xx == 20) & (yy > 30) & (yy < 64)
+    assert (yy[sat].mean() - 30) > 4
+    sat |= np.hypot(xx - 45, yy - 10) <= 1.5
+    peaks = np.array([[46.0, 11.0, 0.9]])
+    heat = np.full(sat.shape, 0.2)
+    out = saturated_seeds(peaks, heat, sat, 6.0)
+    assert out.shape == (2, 3) and out[0].tolist() == [46.0, 11.0, 0.9]
+    assert np.hypot(out[1, 0] - 20, out[1, 1] - 30) < 1.0 and out[1, 2] == pytest.approx(0.2)
+    assert saturated_seeds(peaks, heat, np.zeros(sat.shape, bool), 6.0) is peaks
 
 
 def test_a_one_peak_footprint_is_centred_on_its_peak():

@@ -24,9 +24,11 @@ pixel scatter), so the threshold means the same false-detection rate on any imag
   at least `keep_area` PSF FWHM^2 (a large object is never dropped), and dropped otherwise (noise and
   artefacts the network was taught to ignore). A peak in a hole of one footprint on unusable pixels (a saturated
   star's masked core, which its footprint rings) is that footprint's peak, at the star's centre, the hole flooded as
-  the footprint's brightest in the watershed. With `outside_peaks`, a peak outside every footprint is a source of
-  its own (footprint: the pixels within one PSF FWHM of the peak, its own blend group). The network runs on any
-  subset of the bands it was trained on (a missing band is a channel of zeros, as in training).
+  the footprint's brightest in the watershed. A region of saturated pixels (any band, bleed trails left out) with no
+  peak within two PSF FWHM gets one at its core (`saturated_seeds`: a star saturated in some bands only leaves holes
+  in some of the detector's channels and can stay under its threshold). With `outside_peaks`, a peak outside every
+  footprint is a source of its own (footprint: the pixels within one PSF FWHM of the peak, its own blend group). The
+  network runs on any subset of the bands it was trained on (a missing band is a channel of zeros, as in training).
 - `sep`: `sep.extract` again inside the parent footprints only, with a narrow filter (Gaussian of
   `deblend_filter_scale` x PSF FWHM; 0 = none) and multi-threshold deblending (`deblend_nthresh` levels,
   minimum contrast `deblend_cont`). A PSF-wide filter merges two point sources closer than ~1.7 FWHM into one
@@ -66,7 +68,7 @@ import sep
 from pydantic import Field
 
 from .. import maskbits
-from ._learned_split import fill_thin_defects, split_by_peaks
+from ._learned_split import fill_thin_defects, saturated_seeds, split_by_peaks
 from ._pixels import (UNUSABLE, band_fwhm_pixels, configure_sep, detection_image, filtered_noise_scale, fwhm_pixels,
                       gaussian_kernel)
 from .base import ModelStage, ModelStageConfig, StageConfig
@@ -146,8 +148,9 @@ class DetectStage(ModelStage):
     """
 
     name: ClassVar[str] = "detect"
-    # 6: a peak in a saturated star's masked core, ringed by its footprint, is the star's; 5: peak_centres
-    version: ClassVar[str] = "6"
+    # 7: saturated regions seed sources; 6: a peak in a saturated star's masked core, ringed by its footprint,
+    # is the star's; 5: peak_centres
+    version: ClassVar[str] = "7"
     Config: ClassVar[type[StageConfig]] = DetectConfig
     models: ClassVar[tuple[str, ...]] = ("detect_net",)
     adds: ClassVar[tuple[str, ...]] = tuple(COLUMNS)
@@ -269,6 +272,11 @@ class DetectStage(ModelStage):
             return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
         if self.method == "learned":
             peaks, heat = self._peaks(tile, fwhm)
+            sat = np.zeros(det.shape, bool)
+            for k in range(tile.image.shape[0]):
+                m = np.asarray(tile.mask[k])
+                sat |= ((m & maskbits.SAT) != 0) & ((m & maskbits.BLEED) == 0)
+            peaks = saturated_seeds(peaks, heat, sat, 2.0 * fwhm)
             objs, blend_id, self.segmap = split_by_peaks(det, kernel, parents, pseg, peaks, heat,
                                                          self.confirm_threshold, self.keep_area * fwhm ** 2,
                                                          fwhm if self.outside_peaks else None, bad,
