@@ -254,6 +254,13 @@ def test_a_saturated_star_ringed_by_its_footprint_keeps_its_centre():
     core_only = both[1:]
     objs = split_by_peaks(det, kern, parent, pseg, core_only, none, 0.3, np.inf, 3.0, bad, 6.0)[0]
     assert len(objs) == 1 and (objs["x"][0], objs["y"][0]) == (20.2, 19.9)
+    # a bleed trail, masked in every band, runs from the core out of the footprint to the image's edge: the
+    # core is still the footprint's (most of its border within CORE_NEAR is the footprint)
+    trail = bad | ((np.abs(xx - 20) <= 1) & (yy <= 20))
+    det2, pseg2 = np.where(trail, 0.0, det), np.where(trail, 0, pseg).astype(np.int32)
+    objs, _, seg = split_by_peaks(det2, kern, parent, pseg2, both, none, 0.3, np.inf, 3.0, trail)
+    star = int(np.argmin(np.hypot(objs["x"] - 20, objs["y"] - 20)))
+    assert len(objs) == 2 and (objs["x"][star], objs["y"][star]) == (20.2, 19.9) and seg[20, 20] == star + 1
 
 
 def test_saturated_regions_seed_a_source_at_their_core():

@@ -10,6 +10,7 @@ import sep
 __all__ = ["OBJ_FIELDS", "fill_thin_defects", "peak_centres", "saturated_seeds", "split_by_peaks"]
 
 OBJ_FIELDS = ("x", "y", "a", "b", "theta", "npix", "xmin", "xmax", "ymin", "ymax", "flux", "peak", "flag")
+CORE_NEAR = 12.0  # px: how far from a peak in a masked core its region is looked at (_masked_cores)
 
 
 def fill_thin_defects(image: np.ndarray, invvar: np.ndarray, unusable: np.ndarray, defect: np.ndarray) -> None:
@@ -121,7 +122,8 @@ def split_by_peaks(det: np.ndarray, kernel: np.ndarray, parents, pseg: np.ndarra
     pixel (unusable in any band; default: `bad`) (0: always the barycentre; see `peak_centres`).
     outside_radius: peaks outside every footprint become sources with the pixels within this radius (px) that
     no other source has; None: they are dropped. A peak on a `bad` pixel (no usable band) outside every
-    footprint is dropped: it is the masked core of a saturated star, whose footprint rings it.
+    footprint is a saturated star's masked core: the peak of the footprint that rings it (_masked_cores), else
+    dropped.
     Rows are in blend-group order: footprints in SEP's order (a split one's members in the peaks' order), then
     the peaks outside every footprint."""
     npar = len(parents)
@@ -211,39 +213,38 @@ def saturated_seeds(peaks: np.ndarray, heat: np.ndarray, saturated: np.ndarray, 
 
 
 def _masked_cores(det: np.ndarray, pseg: np.ndarray, bad: np.ndarray, px: np.ndarray, py: np.ndarray,
-                  owner: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Peaks on `bad` pixels outside every footprint that lie in a hole of one footprint (pixels outside every
-    footprint, not reaching the image's edge, bordered by that footprint alone): a saturated star's masked core,
-    which its footprint rings. The detector marks the star's centre there; left out, the star was lost whenever the
-    ring held other peaks (the footprint split among its neighbouring galaxies: three stars at i 14.5-16.6 on one
-    held-out pair of fields, two of them found with this). Returns the segmentation with each such hole given to its
-    footprint, which peaks are in such holes, and the image for the watershed with the holes at their footprint's
-    brightest."""
+                  owner: np.ndarray, near: float = CORE_NEAR) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Peaks on `bad` pixels (no usable band) outside every footprint, in a masked region that one footprint
+    rings: a saturated star's masked core. The region is the peak's connected `bad` pixels outside every
+    footprint, within `near` px of the peak (a bleed trail, masked too, can run from the core out of the
+    footprint); it is the footprint's that holds most of its border there, if that is more than half the border
+    (the rest sky or other footprints). The detector marks the star's centre there; left out, the star was lost
+    whenever the ring held other peaks (the footprint split among its neighbouring galaxies) or was reported at
+    the barycentre of a footprint that a bleed trail cut: four stars at i 14.5-16.6 on one held-out pair of
+    fields. Returns the segmentation with each such region given to its footprint, which peaks are in such
+    regions, and the image for the watershed with the regions at their footprint's brightest."""
     from scipy import ndimage
     ny, nx = pseg.shape
-    holes, _ = ndimage.label(pseg == 0)
-    edge = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
+    masked, _ = ndimage.label(bad & (pseg == 0), structure=np.ones((3, 3)))
     pseg, ws_det = pseg.copy(), det
     cored = np.zeros(len(px), bool)
-    done: dict[int, int] = {}
+    r = int(np.ceil(near))
     for k in np.flatnonzero((owner < 0) & bad[py, px]):
-        h = int(holes[py[k], px[k]])
-        if h in edge:
+        y0, y1, x0, x1 = max(py[k] - r - 1, 0), min(py[k] + r + 2, ny), max(px[k] - r - 1, 0), min(px[k] + r + 2, nx)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        close = np.hypot(yy - py[k], xx - px[k]) <= near
+        region = (masked[y0:y1, x0:x1] == masked[py[k], px[k]]) & close
+        ring = ndimage.binary_dilation(region, structure=np.ones((3, 3))) & ~region & close
+        around, count = np.unique(pseg[y0:y1, x0:x1][ring], return_counts=True)
+        count = np.where(around > 0, count, 0)
+        if not count.size or count.max() <= 0.5 * ring.sum():
             continue
-        if h not in done:
-            ys, xs = np.nonzero(holes == h)
-            y0, y1, x0, x1 = max(ys.min() - 1, 0), min(ys.max() + 2, ny), max(xs.min() - 1, 0), min(xs.max() + 2, nx)
-            region = holes[y0:y1, x0:x1] == h
-            ring = ndimage.binary_dilation(region) & ~region
-            around = np.unique(pseg[y0:y1, x0:x1][ring])
-            done[h] = int(around[0]) if len(around) == 1 and around[0] > 0 else 0
-            if done[h]:
-                if ws_det is det:
-                    ws_det = det.copy()
-                inside = pseg[y0:y1, x0:x1]
-                ws_det[y0:y1, x0:x1][region] = det[pseg == done[h]].max()
-                inside[region] = done[h]
-        cored[k] = done[h] > 0
+        f = int(around[np.argmax(count)])
+        if ws_det is det:
+            ws_det = det.copy()
+        ws_det[y0:y1, x0:x1][region] = det[pseg == f].max()
+        pseg[y0:y1, x0:x1][region] = f
+        cored[k] = True
     return pseg, cored, ws_det
 
 

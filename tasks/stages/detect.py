@@ -22,13 +22,14 @@ pixel scatter), so the threshold means the same false-detection rate on any imag
   second moments of the detection image over its part of the footprint, its flag sep.OBJ_MERGED. A footprint
   with no peak is kept as one source when the heat map reaches `confirm_threshold` inside it or when it covers
   at least `keep_area` PSF FWHM^2 (a large object is never dropped), and dropped otherwise (noise and
-  artefacts the network was taught to ignore). A peak in a hole of one footprint on unusable pixels (a saturated
-  star's masked core, which its footprint rings) is that footprint's peak, at the star's centre, the hole flooded as
-  the footprint's brightest in the watershed. A region of saturated pixels (any band, bleed trails left out) with no
-  peak within two PSF FWHM gets one at its core (`saturated_seeds`: a star saturated in some bands only leaves holes
-  in some of the detector's channels and can stay under its threshold). With `outside_peaks`, a peak outside every
-  footprint is a source of its own (footprint: the pixels within one PSF FWHM of the peak, its own blend group). The
-  network runs on any subset of the bands it was trained on (a missing band is a channel of zeros, as in training).
+  artefacts the network was taught to ignore). A peak on pixels with no usable band outside every footprint, in a
+  region that one footprint rings (a saturated star's masked core, with or without a bleed trail: _learned_split.py,
+  `_masked_cores`) is that footprint's peak, at the star's centre, the region flooded as the footprint's brightest in
+  the watershed. A region of saturated pixels (any band, bleed trails left out) with no peak within two PSF FWHM
+  gets one at its core (`saturated_seeds`: a star saturated in some bands only leaves holes in some of the
+  detector's channels and can stay under its threshold). With `outside_peaks`, a peak outside every footprint is a
+  source of its own (footprint: the pixels within one PSF FWHM of the peak, its own blend group). The network runs
+  on any subset of the bands it was trained on (a missing band is a channel of zeros, as in training).
 - `sep`: `sep.extract` again inside the parent footprints only, with a narrow filter (Gaussian of
   `deblend_filter_scale` x PSF FWHM; 0 = none) and multi-threshold deblending (`deblend_nthresh` levels,
   minimum contrast `deblend_cont`). A PSF-wide filter merges two point sources closer than ~1.7 FWHM into one
@@ -148,9 +149,9 @@ class DetectStage(ModelStage):
     """
 
     name: ClassVar[str] = "detect"
-    # 7: saturated regions seed sources; 6: a peak in a saturated star's masked core, ringed by its footprint,
-    # is the star's; 5: peak_centres
-    version: ClassVar[str] = "7"
+    # 8: masked cores with bleed trails; 7: saturated regions seed sources; 6: a peak in a saturated star's masked
+    # core, ringed by its footprint, is the star's; 5: peak_centres
+    version: ClassVar[str] = "8"
     Config: ClassVar[type[StageConfig]] = DetectConfig
     models: ClassVar[tuple[str, ...]] = ("detect_net",)
     adds: ClassVar[tuple[str, ...]] = tuple(COLUMNS)
