@@ -34,7 +34,7 @@ pixel scatter), so the threshold means the same false-detection rate on any imag
   `deblend_filter_scale` x PSF FWHM; 0 = none) and multi-threshold deblending (`deblend_nthresh` levels,
   minimum contrast `deblend_cont`). A PSF-wide filter merges two point sources closer than ~1.7 FWHM into one
   peak; the narrow one keeps pairs 1.5 FWHM apart resolved. Each child goes to the parent segment holding
-  most of its pixels (else the one at its centroid pixel).
+  most of its pixels (else the one at its centroid pixel; tasks/stages/_sep_split.py).
 
 A parent with at most one source is reported as itself (the footprint's centroid, shape and footprint; with the
 learned method and `peak_centres`, centred on its one peak: tasks/stages/_learned_split.py, `peak_centres`); a
@@ -72,6 +72,7 @@ from .. import maskbits
 from ._learned_split import fill_thin_defects, saturated_seeds, split_by_peaks
 from ._pixels import (UNUSABLE, band_fwhm_pixels, configure_sep, detection_image, filtered_noise_scale, fwhm_pixels,
                       gaussian_kernel)
+from ._sep_split import split_by_sep
 from .base import ModelStage, ModelStageConfig, StageConfig
 
 __all__ = ["DetectStage", "DetectConfig", "COLUMNS", "INT8_KEY"]
@@ -273,47 +274,31 @@ class DetectStage(ModelStage):
             return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
         if self.method == "learned":
             peaks, heat = self._peaks(tile, fwhm)
-            sat = np.zeros(det.shape, bool)
-            for k in range(tile.image.shape[0]):
-                m = np.asarray(tile.mask[k])
-                sat |= ((m & maskbits.SAT) != 0) & ((m & maskbits.BLEED) == 0)
-            peaks = saturated_seeds(peaks, heat, sat, 2.0 * fwhm)
+            unusable, saturated = self._mask_planes(tile, bad)
+            peaks = saturated_seeds(peaks, heat, saturated, 2.0 * fwhm)
             objs, blend_id, self.segmap = split_by_peaks(det, kernel, parents, pseg, peaks, heat,
                                                          self.confirm_threshold, self.keep_area * fwhm ** 2,
                                                          fwhm if self.outside_peaks else None, bad,
-                                                         2.0 * fwhm if self.peak_centres else 0.0,
-                                                         self._unusable(tile, bad) if self.peak_centres else None)
+                                                         2.0 * fwhm if self.peak_centres else 0.0, unusable)
             tile.meta["segmap"] = self.segmap
             return self._without_artefacts(tile, self._table(tile, objs, blend_id))
 
-        owner = assign_parents(cseg, pseg, children["x"], children["y"], len(parents))
-        nchild = np.bincount(owner[owner < len(parents)], minlength=len(parents))
-        split = nchild > 1
-        keep_child = (owner < len(parents)) & split[np.minimum(owner, len(parents) - 1)]
-        objs = np.concatenate([parents[~split], children[keep_child]])
-        blend_id = np.concatenate([np.flatnonzero(~split), owner[keep_child]]).astype(np.int64)
-        order = np.argsort(blend_id, kind="stable")
-        objs, blend_id = objs[order], blend_id[order]
-        rank = np.empty(len(order), dtype=np.int32)
-        rank[order] = np.arange(1, len(order) + 1, dtype=np.int32)
-        n_par = int((~split).sum())
-        label_parent = np.zeros(len(parents) + 1, dtype=np.int32)
-        label_parent[np.flatnonzero(~split) + 1] = rank[:n_par]
-        label_child = np.zeros(len(children) + 1, dtype=np.int32)
-        label_child[np.flatnonzero(keep_child) + 1] = rank[n_par:]
-        self.segmap = _final_segmap(pseg, cseg, label_parent, label_child, objs, blend_id)
+        objs, blend_id, self.segmap = split_by_sep(parents, pseg, children, cseg)
         tile.meta["segmap"] = self.segmap
         return self._without_artefacts(tile, self._table(tile, objs, blend_id))
 
     @staticmethod
-    def _unusable(tile, bad: np.ndarray) -> np.ndarray:
-        """Pixels unusable in any band (an UNUSABLE mask bit or no positive inverse variance), or in all (`bad`,
-        the detection image's)."""
-        out = bad.copy()
+    def _mask_planes(tile, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """From one pass over the bands' masks: the pixels unusable in any band (an UNUSABLE mask bit or no
+        positive inverse variance) or in all (`bad`, the detection image's), for peak_centres; and the pixels
+        saturated in any band outside flagged bleed trails, for saturated_seeds."""
+        unusable, saturated = bad.copy(), np.zeros(bad.shape, bool)
         for b in range(tile.image.shape[0]):
-            out |= (np.asarray(tile.mask[b]) & UNUSABLE) != 0
-            out |= ~(np.asarray(tile.invvar[b]) > 0)
-        return out
+            m = np.asarray(tile.mask[b])
+            unusable |= (m & UNUSABLE) != 0
+            unusable |= ~(np.asarray(tile.invvar[b]) > 0)
+            saturated |= ((m & maskbits.SAT) != 0) & ((m & maskbits.BLEED) == 0)
+        return unusable, saturated
 
     def _without_artefacts(self, tile, table: pd.DataFrame) -> pd.DataFrame:
         """The table without the detections that are artefacts (reject_sharp; tasks/stages/_artefacts.py). The
@@ -368,54 +353,3 @@ class DetectStage(ModelStage):
             "is_primary": primary,
         })
         return out.astype(COLUMNS)
-
-
-def _final_segmap(pseg, cseg, label_parent, label_child, objs, blend_id) -> np.ndarray:
-    """Segmentation of the output rows (row k has value k+1), (y, x) int32.
-
-    label_parent / label_child: output value of each parent / child segment value (index = segment
-    value, 0 = not an output row). Unsplit parents keep their footprint; a split parent's footprint
-    goes to its children, and pixels outside the children's (narrower) footprints to the nearest
-    child centroid."""
-    seg = label_parent[pseg]
-    seg = np.where((seg == 0) & (cseg > 0), label_child[cseg], seg).astype(np.int32)
-    left = (seg == 0) & (pseg > 0)
-    if left.any():
-        yy, xx = np.nonzero(left)
-        owners = pseg[yy, xx] - 1
-        for p in np.unique(owners):
-            sel = owners == p
-            rows = np.flatnonzero(blend_id == p)
-            if len(rows) == 0:
-                continue
-            d = np.hypot(xx[sel, None] - objs["x"][rows][None], yy[sel, None] - objs["y"][rows][None])
-            seg[yy[sel], xx[sel]] = rows[d.argmin(axis=1)] + 1
-    return seg
-
-
-def assign_parents(seg: np.ndarray, pseg: np.ndarray, x: np.ndarray, y: np.ndarray,
-                   nparents: int) -> np.ndarray:
-    """Parent (blend) index of each child, (n,) int64.
-
-    seg: deblended segmentation (child k has value k+1); pseg: un-deblended segmentation (parent j
-    has value j+1); x, y: child centroids in array pixels. A child takes the parent segment holding
-    most of its pixels, else the one at its centroid pixel, else a fresh id >= nparents."""
-    n = len(x)
-    best = np.zeros(n + 1, dtype=np.int64)  # 1-based parent per 1-based child, 0 = none
-    both = (seg > 0) & (pseg > 0)
-    if both.any():
-        pairs = seg[both].astype(np.int64) * (nparents + 1) + pseg[both].astype(np.int64)
-        uniq, counts = np.unique(pairs, return_counts=True)
-        order = np.argsort(counts, kind="stable")  # larger overlaps written last win
-        best[uniq[order] // (nparents + 1)] = uniq[order] % (nparents + 1)
-    pid = best[1:]
-    missing = pid == 0
-    if missing.any():
-        ny, nx = pseg.shape
-        xi = np.clip(np.floor(x[missing] + 0.5).astype(np.int64), 0, nx - 1)
-        yi = np.clip(np.floor(y[missing] + 0.5).astype(np.int64), 0, ny - 1)
-        pid[missing] = pseg[yi, xi]
-    blend = pid - 1
-    orphans = blend < 0
-    blend[orphans] = nparents + np.arange(int(orphans.sum()))
-    return blend.astype(np.int64)
