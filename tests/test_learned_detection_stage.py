@@ -1,6 +1,7 @@
 """The shipped learned detector inside the stages (issue 17): a close pair gives two sources, a large clumpy
-spiral one, a star crossed by a bad column one; one-pixel defects are interpolated before detection; the int8
-detector finds what the float one does; a field without the detector's bands is refused before the run."""
+spiral one, a star crossed by a bad column one; one-pixel defects are interpolated before detection and do not
+keep a footprint from its peak's centre; the int8 detector finds what the float one does; a field without the
+detector's bands is refused before the run."""
 from __future__ import annotations
 
 import numpy as np
@@ -132,6 +133,30 @@ def test_one_pixel_defects_are_interpolated_before_detection():
     fill_thin_defects(img, ivar, unusable, defect)
     assert (img[:, 3] == 6.0).all() and not unusable[:, 3].any() and (ivar[:, 3] == 1.0).all()
     assert unusable[0, 6:9].all() and (img[0, 6:9] == -99.0).all() and unusable[2, 5]
+
+
+def test_thin_defects_do_not_keep_a_footprint_from_its_peak():
+    """The detect stage's unusable plane for peak_centres (DetectStage._mask_planes): a bad column the network saw
+    interpolated does not count; a wide defect, a saturated pixel, a pixel without inverse variance and the
+    detection image's own bad pixels do, in whichever band."""
+    from types import SimpleNamespace
+
+    from deepfield.tasks import maskbits
+    from deepfield.tasks.stages.detect import DetectStage
+    mask = np.zeros((2, 6, 10), np.uint16)
+    invvar = np.ones((2, 6, 10), np.float32)
+    mask[0, :, 3] = maskbits.BAD          # a bad column in one band, usable pixels either side
+    mask[1, 1, 5:8] = maskbits.BAD        # a defect three pixels wide
+    mask[1, 4, 8] = maskbits.SAT
+    invvar[0, 5, 0] = 0.0
+    bad = np.zeros((6, 10), bool)
+    bad[0, 9] = True
+    tile = SimpleNamespace(image=np.zeros((2, 6, 10), np.float32), invvar=invvar, mask=mask)
+    unusable, saturated = DetectStage._mask_planes(tile, bad)
+    expect = np.zeros((6, 10), bool)
+    expect[1, 5:8] = expect[4, 8] = expect[5, 0] = expect[0, 9] = True
+    assert (unusable == expect).all()
+    assert saturated.sum() == 1 and saturated[4, 8]
 
 
 @pytest.mark.slow

@@ -7,10 +7,21 @@ from __future__ import annotations
 import numpy as np
 import sep
 
-__all__ = ["OBJ_FIELDS", "fill_thin_defects", "peak_centres", "saturated_seeds", "split_by_peaks"]
+__all__ = ["OBJ_FIELDS", "fill_thin_defects", "peak_centres", "saturated_seeds", "split_by_peaks", "thin_defects"]
 
 OBJ_FIELDS = ("x", "y", "a", "b", "theta", "npix", "xmin", "xmax", "ymin", "ymax", "flux", "peak", "flag")
 CORE_NEAR = 12.0  # px: how far from a peak in a masked core its region is looked at (_masked_cores)
+
+
+def thin_defects(unusable: np.ndarray, defect: np.ndarray) -> np.ndarray | None:
+    """The pixels fill_thin_defects interpolates over in one band: unusable pixels of `defect` whose left and
+    right neighbours are usable; None when there are none."""
+    if unusable.shape[1] < 3 or not defect.any():
+        return None
+    ok = ~unusable
+    fill = np.zeros_like(defect)
+    fill[:, 1:-1] = defect[:, 1:-1] & unusable[:, 1:-1] & ok[:, :-2] & ok[:, 2:]
+    return fill if fill.any() else None
 
 
 def fill_thin_defects(image: np.ndarray, invvar: np.ndarray, unusable: np.ndarray, defect: np.ndarray) -> None:
@@ -20,13 +31,8 @@ def fill_thin_defects(image: np.ndarray, invvar: np.ndarray, unusable: np.ndarra
     LSST instrument-signature removal interpolates over defects), and it leaves the detector an image like those
     it learned from: with the column left masked, the detector split an i 18.7 star crossed by one in two.
     Saturated cores and bleed trails (not BAD) stay masked, as in training."""
-    nx = image.shape[1]
-    if nx < 3 or not defect.any():
-        return
-    ok = ~unusable
-    fill = np.zeros_like(defect)
-    fill[:, 1:-1] = defect[:, 1:-1] & unusable[:, 1:-1] & ok[:, :-2] & ok[:, 2:]
-    if not fill.any():
+    fill = thin_defects(unusable, defect)
+    if fill is None:
         return
     yy, xx = np.nonzero(fill)
     image[yy, xx] = 0.5 * (image[yy, xx - 1] + image[yy, xx + 1])
@@ -252,7 +258,9 @@ def peak_centres(rows: np.ndarray, whole: np.ndarray, owner: np.ndarray, npeak: 
                  pseg: np.ndarray, bad: np.ndarray | None, reach: float, cored: np.ndarray | None = None) -> None:
     """In place: `rows` (the records of footprints `whole`, reported whole) of the footprints with one peak
     take the peak's position when it lies within `reach` px of the barycentre and the footprint holds no `bad`
-    pixel (the stage passes the pixels unusable in any band).
+    pixel (the stage passes the pixels unusable in any band, but for the one-pixel defects it interpolates for the
+    network, which see the footprint as well as its other pixels: one more isolated galaxy found on each of two
+    held-out pairs).
 
     A footprint's barycentre is its isophotal light's, and a faint neighbour below the network's threshold, or
     a noise excursion, merged into the footprint pulls it off the galaxy: on two held-out 2048^2 fields

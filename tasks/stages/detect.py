@@ -69,7 +69,7 @@ import sep
 from pydantic import Field
 
 from .. import maskbits
-from ._learned_split import fill_thin_defects, saturated_seeds, split_by_peaks
+from ._learned_split import fill_thin_defects, saturated_seeds, split_by_peaks, thin_defects
 from ._pixels import (UNUSABLE, band_fwhm_pixels, configure_sep, detection_image, filtered_noise_scale, fwhm_pixels,
                       gaussian_kernel)
 from ._sep_split import split_by_sep
@@ -106,8 +106,9 @@ class DetectConfig(ModelStageConfig):
                                 "with a footprint of the pixels within one PSF FWHM")
     peak_centres: bool = Field(True, description="learned: a footprint with one peak is centred on the peak, not "
                                "on its barycentre, when the peak lies within two PSF FWHM of the barycentre and "
-                               "no pixel of the footprint is unusable in any band (a faint neighbour merged into "
-                               "the footprint pulls the barycentre off the galaxy)")
+                               "no pixel of the footprint is unusable in any band, a one-pixel defect interpolated "
+                               "for the network excepted (a faint neighbour merged into the footprint pulls the "
+                               "barycentre off the galaxy)")
     precision: Literal["int8", "float32"] = Field("int8", description="learned: the detector's arithmetic on a "
                                                   "CPU; int8 (post-training quantisation with the activation "
                                                   "ranges saved in the weights) takes about a quarter of float32's "
@@ -150,9 +151,10 @@ class DetectStage(ModelStage):
     """
 
     name: ClassVar[str] = "detect"
-    # 8: masked cores with bleed trails; 7: saturated regions seed sources; 6: a peak in a saturated star's masked
+    # 9: a thin defect (interpolated for the network) no longer keeps a footprint from its peak's centre; 8: masked
+    # cores with bleed trails; 7: saturated regions seed sources; 6: a peak in a saturated star's masked
     # core, ringed by its footprint, is the star's; 5: peak_centres
-    version: ClassVar[str] = "8"
+    version: ClassVar[str] = "9"
     Config: ClassVar[type[StageConfig]] = DetectConfig
     models: ClassVar[tuple[str, ...]] = ("detect_net",)
     adds: ClassVar[tuple[str, ...]] = tuple(COLUMNS)
@@ -290,13 +292,17 @@ class DetectStage(ModelStage):
     @staticmethod
     def _mask_planes(tile, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """From one pass over the bands' masks: the pixels unusable in any band (an UNUSABLE mask bit or no
-        positive inverse variance) or in all (`bad`, the detection image's), for peak_centres; and the pixels
-        saturated in any band outside flagged bleed trails, for saturated_seeds."""
+        positive inverse variance; not a thin defect the detector saw interpolated, fill_thin_defects) or in all
+        (`bad`, the detection image's), for peak_centres; and the pixels saturated in any band outside flagged
+        bleed trails, for saturated_seeds."""
         unusable, saturated = bad.copy(), np.zeros(bad.shape, bool)
         for b in range(tile.image.shape[0]):
             m = np.asarray(tile.mask[b])
-            unusable |= (m & UNUSABLE) != 0
-            unusable |= ~(np.asarray(tile.invvar[b]) > 0)
+            u = ((m & UNUSABLE) != 0) | ~(np.asarray(tile.invvar[b]) > 0)
+            thin = thin_defects(u, (m & maskbits.BAD) != 0)
+            if thin is not None:  # a bad column or pixel: the detector's peak near it is as good as elsewhere
+                u &= ~thin
+            unusable |= u
             saturated |= ((m & maskbits.SAT) != 0) & ((m & maskbits.BLEED) == 0)
         return unusable, saturated
 
