@@ -46,13 +46,18 @@ def train_photoz(
                               "are kept; a rerun reads them back (resume)"),
     workers: int = typer.Option(2, min=1, help="processes simulating the fields"),
     device: str = typer.Option("cpu", help="torch device of the measuring stages' networks"),
+    library: bool = typer.Option(True, "--library/--measured", help="library: the seeds' true galaxies as noiseless "
+                                 "references, weighed by each galaxy's likelihood (the shipped g, r, i, z set); "
+                                 "measured: the seeds' measured galaxies, k nearest neighbours"),
 ) -> None:
     """Build the photo-z reference set (models/photoz.py): simulated fields measured by the pipeline's own
-    stages, matched to their truth; k and the intervals' spread fitted on the last seed's field."""
+    stages and matched to their truth; with --library (the default) the truth's galaxies are the references and
+    the measured ones fit the photometry's scale and the intervals' spread, with --measured the measured
+    galaxies are the references, k and the spread chosen by leaving each seed out in turn."""
     from deepfield.flows.evaluate.detection import detection_stages
     from deepfield.models.progress import say
-    from deepfield.models.train_photoz import train
-    from deepfield.tasks.trainsets.photoz import seed_tables
+    from deepfield.models.train_photoz import train, train_library
+    from deepfield.tasks.trainsets.photoz import seed_tables, seed_truth
     if flux not in ("gaap", "aper", "auto", "deblend"):
         fail(f"--flux {flux!r}: one of gaap, aper, auto, deblend")
     seed_list, band_list = _seeds(seeds), _bands(bands)
@@ -63,6 +68,9 @@ def train_photoz(
     def fit(command: str):
         stages, halo = detection_stages()  # the default run's background, detect, measure, deblend
         tables = seed_tables(seed_list, size, work, stages, halo, workers, flux, band_list, device, say)
+        if library:
+            truths = [seed_truth(work, s, band_list) for s in seed_list]
+            return train_library(command, tables, truths, seed_list, size, flux, band_list)
         return train(command, tables, seed_list, size, flux, band_list)
     rec = _train("photoz", MODEL, fit, out)
     f = rec["metrics"]["held_out"]["i_lt_24"]

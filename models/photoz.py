@@ -1,11 +1,22 @@
-"""Photometric redshifts from a catalog's colours: the k-nearest-neighbour baseline of issue 23.
+"""Photometric redshifts from a catalog's colours: the colour baseline of issue 23, from a reference set of two
+kinds.
 
-The estimator keeps a *reference set*: simulated galaxies measured by the pipeline's own stages (their
-deblended fluxes in every band, in nJy) with their true redshifts (`deepfield train photoz`, tasks/trainsets/
-photoz.py). A galaxy's redshift density is the distribution of the true redshifts of its k nearest reference
-galaxies in colour-magnitude space. Because the reference galaxies went through the same simulator depth, the
-same measurement and the same noise, the neighbours of an observed colour are drawn from p(z | observed colours,
-magnitude), prior included: no template fitting, no noise model of our own.
+- *Library* sets (`noiseless`, the shipped g, r, i, z set since 2026-12-04): the true galaxies of simulated fields,
+  every one the simulator drew, with their noiseless fluxes in nJy on the photometry's scale (the true total
+  fluxes times each band's median measured-over-true ratio of bright matched galaxies) and their true redshifts
+  (`deepfield train photoz`, models/train_photoz.py: train_library). A galaxy's redshift density is the
+  library's redshifts weighted by the likelihood of its measured fluxes (Gaussian, its own errors widened by
+  SYS_FLOOR of the flux) given each library galaxy's fluxes scaled by the best factor, times a prior of width
+  MAG_SIGMA on that factor in magnitudes: the library's own magnitude and redshift distribution is the prior.
+  Weighing every library galaxy costs too much, so the CANDIDATES nearest in the features below (an approximate
+  search) are weighed. The noise enters once, the galaxy's own: with measured references it enters twice (the
+  reference's too), which left sigma_NMAD 10 % worse (models/cards/photoz_knn.md).
+- *Measured* sets: simulated galaxies measured by the pipeline's own stages (their fluxes in every band, in nJy)
+  with their true redshifts. A galaxy's redshift density is the distribution of the true redshifts of its k
+  nearest reference galaxies in colour-magnitude space. Because the reference galaxies went through the same
+  simulator depth, the same measurement and the same noise, the neighbours of an observed colour are drawn from
+  p(z | observed colours, magnitude), prior included: no template fitting, no noise model of our own. The
+  u g r i z y and u g r i sets are of this kind.
 
 - Features, for the bands the survey and the reference set share (any subset of two or more, in wavelength
   order): asinh magnitudes (Lupton et al. 1999, softened at each band's typical 1-sigma flux of the reference
@@ -14,9 +25,11 @@ magnitude), prior included: no template fitting, no noise model of our own.
   at training, models/train_photoz.py; `MAG_WEIGHT` for sets made before it was; a band set the survey shares
   with it may have its own, `mag_weights`: with fewer colours the magnitude prior counts for more), which brings
   in the magnitude prior and the noise level.
-- The density summary: `QUANTILES` of the neighbours' redshifts, the interval about the median widened by the
-  factor `spread` (fitted on held-out reference galaxies so that the 68 % interval covers 68 %: a finite set of
-  neighbours spans less than the density it samples) and clipped to [0, Z_MAX]. p(z) between quantiles is
+- The density summary: `QUANTILES` of the neighbours' redshifts (a library's: weighted), the interval about the
+  median widened by the factor `spread` (fitted on held-out reference galaxies so that the 68 % interval covers
+  68 %: a finite set of neighbours spans less than the density it samples; a library set has one per bin of
+  the reference band's S/N, `spread_snr`, as its likelihood is too narrow for faint galaxies) and clipped to
+  [0, Z_MAX]. p(z) between quantiles is
   uniform (`pdf`), so it integrates to one by construction and the PIT of a true z is the piecewise-linear CDF
   (`cdf`).
 - Point estimate `z_phot`: the median; `z_phot_err`: half the 16-84 % width.
@@ -25,8 +38,9 @@ The reference set ships as the registry's model `photoz_knn` (`PhotoZReference`:
 softenings as a torch module's buffers in `models/weights/photoz_knn.pt`, with its training record), so that the
 ledger, the provenance and the band checks treat it as every other model.
 
-Why k nearest neighbours rather than a library: scipy's cKDTree answers the queries (about 10 us per galaxy);
-what is specific to photo-z (the features, the quantile summary and its calibration) is a few lines here.
+Written here rather than taken from a photo-z package: scipy's cKDTree answers the queries (about 10 us per
+galaxy for k nearest, 60 us for a library's candidates) and what is specific to photo-z (the features, the
+likelihood, the quantile summary and its calibration) is a few lines here.
 """
 from __future__ import annotations
 
@@ -36,13 +50,21 @@ import numpy as np
 import torch
 
 __all__ = ["Z_MAX", "QUANTILES", "QUANTILE_COLUMNS", "MAG_BINS", "PhotoZKNN", "PhotoZReference", "pdf", "cdf",
-           "nmad_figures", "binned_figures", "fit_spread", "neighbour_quantiles"]
+           "nmad_figures", "binned_figures", "fit_spread", "neighbour_quantiles", "weighted_quantiles"]
 
 Z_MAX = 4.0  # the simulator draws galaxies at z < 3.4
 QUANTILES = (0.025, 0.16, 0.5, 0.84, 0.975)
 QUANTILE_COLUMNS = ("z_phot_q025", "z_phot_q16", "z_phot_q50", "z_phot_q84", "z_phot_q975")
 MAG_WEIGHT = 0.25  # one magnitude of brightness counts as a quarter magnitude of colour (sets before 2026-12-04)
 NJY_AB = 31.4  # AB magnitude of 1 nJy
+# library sets (`noiseless`): a flux error floor of this fraction of the flux per band (the measured colours'
+# departures from the library's, which the errors do not hold: colour gradients in the aperture, blending), the
+# magnitude prior's width (a library galaxy scaled by more than this in magnitude counts less) and the candidates
+# weighed per galaxy. Chosen by leaving each of the ten training seeds out in turn (models/cards/photoz_knn.md)
+SYS_FLOOR = 0.03
+MAG_SIGMA = 0.5
+CANDIDATES = 200
+SEARCH_EPS = 1.0
 WAVELENGTH_ORDER = "ugrizy"  # as tasks/astro.py (models import nothing else of deepfield)
 
 # z_phot_flag bits
@@ -75,8 +97,17 @@ class PhotoZKNN:
     ref_band: str = "i"
     mag_weight: float = MAG_WEIGHT
     mag_weights: dict = field(default_factory=dict)  # band set ("grz") -> its own weight, chosen at training
+    noiseless: bool = False  # a library: `flux` holds noiseless fluxes (library_quantiles), not measured ones
+    sys_floor: float = SYS_FLOOR
+    mag_sigma: float = MAG_SIGMA
+    candidates: int = CANDIDATES
+    # library sets: ((lowest S/N, spread), ...) by the reference band's measured S/N, increasing; the intervals of a
+    # galaxy in a bin are widened by its spread instead of `spread` (faint galaxies' errors are wider than
+    # Gaussian: blends, noise peaks)
+    spread_snr: tuple = ()
     info: dict = field(default_factory=dict)
     _trees: dict = field(default_factory=dict, repr=False)
+    _sorted: bool | None = field(default=None, repr=False)  # z in increasing order (found once)
 
     def shared(self, have) -> list[str]:
         """The reference bands among `have`, wavelength order."""
@@ -115,6 +146,57 @@ class PhotoZKNN:
             j = j[:, 1:]
         return np.sort(self.z[j], axis=1)
 
+    def library_weights(self, flux: np.ndarray, fluxerr: np.ndarray, use: list[str]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """For a library (`noiseless`): the `candidates` library galaxies nearest in colour-magnitude space to
+        each row of fluxes and errors (n, len(use)) in nJy, (n, c) indices, and each one's weight, the
+        likelihood of the measured fluxes given its noiseless fluxes scaled by the best factor a (weighted
+        least squares), errors widened by `sys_floor` x |flux|, times a Gaussian prior of width `mag_sigma` on
+        2.5 log10 a (the library's own magnitudes carry the prior on magnitude and redshift)."""
+        idx = [self.bands.index(b) for b in use]
+        c = min(self.candidates, len(self.z))
+        # approximate neighbours (each within 1 + SEARCH_EPS of the true k-th distance): the candidates are weighed
+        # by their likelihood next, and the search takes half the time of an exact one
+        _, j = self.tree(use).query(self.features(flux, use), k=c, eps=SEARCH_EPS)
+        j = np.atleast_2d(j).reshape(len(flux), c)
+        if self._z_sorted():  # the library in redshift order (as training saves it): candidates in z order too
+            j.sort(axis=1)
+        w = 1.0 / (fluxerr ** 2 + (self.sys_floor * flux) ** 2)  # (n, b)
+        out = np.empty(j.shape)
+        for k in range(0, len(flux), 256):  # (rows, candidates, bands) blocks of a few MB
+            lib = self.flux[j[k:k + 256]][:, :, idx]
+            f, wk = flux[k:k + 256, None, :], w[k:k + 256, None, :]
+            a = np.clip((lib * f * wk).sum(2) / np.maximum((lib * lib * wk).sum(2), 1e-300), 1e-3, 1e3)
+            chi2 = ((f - a[:, :, None] * lib) ** 2 * wk).sum(2) + (2.5 * np.log10(a) / self.mag_sigma) ** 2
+            out[k:k + 256] = np.exp(-0.5 * (chi2 - chi2.min(axis=1, keepdims=True)))
+        return j, out
+
+    def library_quantiles(self, flux: np.ndarray, fluxerr: np.ndarray, use: list[str],
+                          spread: float | np.ndarray | None = None) -> np.ndarray:
+        """(n, len(QUANTILES)) quantiles of the library's redshifts weighted by library_weights, widened about
+        the median by `spread` (a number or one per row; by default the set's own: `spread_snr` by the reference
+        band's S/N where the set has it, else `spread`) and clipped to [0, Z_MAX]."""
+        j, w = self.library_weights(flux, fluxerr, use)
+        if spread is None:
+            r = use.index(self.feature_band(use))
+            spread = self.row_spread(flux[:, r] / fluxerr[:, r])[:, None]
+        return weighted_quantiles(self.z[j], w, spread, self._z_sorted())
+
+    def row_spread(self, snr: np.ndarray) -> np.ndarray:
+        """The spread of rows with reference-band S/N `snr`: that of their `spread_snr` bin (below the first
+        edge, the first), else `spread` for all."""
+        if not self.spread_snr:
+            return np.full(len(snr), self.spread)
+        edges = np.array([e for e, _ in self.spread_snr], float)
+        values = np.array([v for _, v in self.spread_snr], float)
+        k = np.searchsorted(edges, np.nan_to_num(snr, nan=0.0), side="right") - 1
+        return values[np.clip(k, 0, len(values) - 1)]
+
+    def _z_sorted(self) -> bool:
+        if self._sorted is None:
+            self._sorted = bool(np.all(np.diff(self.z) >= 0))
+        return self._sorted
+
     def quantiles(self, zn: np.ndarray, spread: float | None = None) -> np.ndarray:
         """neighbour_quantiles of `zn` with `spread`, else the set's own."""
         return neighbour_quantiles(zn, self.spread if spread is None else spread)
@@ -144,7 +226,12 @@ class PhotoZKNN:
                 flag[rows] |= FLAG_NO_ESTIMATE
                 continue
             sel = [i for i, ok in enumerate(pat) if ok]
-            q = self.quantiles(self.neighbours(f[np.ix_(rows, sel)], use))
+            if self.noiseless:
+                ee = e[np.ix_(rows, sel)]
+                ee = np.where(np.isfinite(ee) & (ee > 0), ee, self.soft[[self.bands.index(b) for b in use]])
+                q = self.library_quantiles(f[np.ix_(rows, sel)], ee, use)
+            else:
+                q = self.quantiles(self.neighbours(f[np.ix_(rows, sel)], use))
             for i, c in enumerate(QUANTILE_COLUMNS):
                 out[c][rows] = q[:, i]
             ref = use.index(self.feature_band(use))
@@ -162,6 +249,24 @@ def neighbour_quantiles(zn: np.ndarray, spread: float) -> np.ndarray:
     """(n, len(QUANTILES)) quantiles from sorted neighbour redshifts (n, k), widened about the median by `spread`
     and clipped to [0, Z_MAX]."""
     q = np.quantile(zn, QUANTILES, axis=1).T
+    med = q[:, [QUANTILES.index(0.5)]]
+    q = np.clip(med + spread * (q - med), 0.0, Z_MAX)
+    return np.maximum.accumulate(q, axis=1)
+
+
+def weighted_quantiles(z: np.ndarray, w: np.ndarray, spread, rows_sorted: bool = False) -> np.ndarray:
+    """(n, len(QUANTILES)) quantiles of each row's redshifts z (n, c) with weights w (n, c) (the first z whose
+    cumulative weight reaches each quantile), widened about the median by `spread` (a number, or (n, 1) one per
+    row) and clipped to [0, Z_MAX]; `rows_sorted`: each row of z is in increasing order already."""
+    if rows_sorted:
+        zs, ws = z, w
+    else:
+        o = np.argsort(z, axis=1)
+        zs, ws = np.take_along_axis(z, o, 1), np.take_along_axis(w, o, 1)
+    cw = np.cumsum(ws, axis=1)
+    cw /= cw[:, -1:]
+    pos = np.stack([(cw < p).sum(1) for p in QUANTILES], axis=1).clip(0, z.shape[1] - 1)
+    q = np.take_along_axis(zs, pos, 1)
     med = q[:, [QUANTILES.index(0.5)]]
     q = np.clip(med + spread * (q - med), 0.0, Z_MAX)
     return np.maximum.accumulate(q, axis=1)
@@ -254,9 +359,14 @@ class PhotoZReference(torch.nn.Module):
     (bands,) nJy; `estimator()` is the PhotoZKNN that answers the queries (on the CPU, with numpy)."""
 
     def __init__(self, bands: list[str], n: int, k: int = 48, spread: float = 1.0, ref_band: str = "i",
-                 flux_kind: str = "aper", mag_weight: float = MAG_WEIGHT, mag_weights: dict | None = None):
+                 flux_kind: str = "aper", mag_weight: float = MAG_WEIGHT, mag_weights: dict | None = None,
+                 noiseless: bool = False, sys_floor: float = SYS_FLOOR, mag_sigma: float = MAG_SIGMA,
+                 candidates: int = CANDIDATES, spread_snr: list | None = None):
         super().__init__()
         self.bands, self.k, self.spread, self.ref_band, self.flux_kind = list(bands), k, spread, ref_band, flux_kind
+        self.noiseless, self.sys_floor = bool(noiseless), float(sys_floor)
+        self.mag_sigma, self.candidates = float(mag_sigma), int(candidates)
+        self.spread_snr = tuple((float(e), float(v)) for e, v in (spread_snr or ()))
         self.mag_weight, self.mag_weights = float(mag_weight), {str(b): float(w) for b, w in (mag_weights or {}).items()}
         self.register_buffer("flux", torch.zeros(n, len(bands), dtype=torch.float32))
         self.register_buffer("z", torch.zeros(n, dtype=torch.float32))
@@ -267,6 +377,9 @@ class PhotoZReference(torch.nn.Module):
         if self._estimator is None:
             self._estimator = PhotoZKNN(self.bands, self.flux.cpu().double().numpy(), self.z.cpu().double().numpy(),
                                         self.soft.cpu().numpy(), k=self.k, spread=self.spread, ref_band=self.ref_band,
-                                        mag_weight=self.mag_weight, mag_weights=dict(self.mag_weights))
+                                        mag_weight=self.mag_weight, mag_weights=dict(self.mag_weights),
+                                        noiseless=self.noiseless, sys_floor=self.sys_floor,
+                                        mag_sigma=self.mag_sigma, candidates=self.candidates,
+                                        spread_snr=self.spread_snr)
         return self._estimator
 

@@ -1,6 +1,8 @@
 """Training of the photo-z reference set (`deepfield train photoz`): simulated fields measured by the pipeline,
-matched to their truth (tasks/trainsets/photoz.py), become the k-nearest-neighbour reference set of
-models/photoz.py.
+matched to their truth (tasks/trainsets/photoz.py), become a reference set of models/photoz.py: a library set
+(`train_library`, the default: the fields' true galaxies as noiseless references, the measured ones giving the
+photometry's share of each band's total flux, the intervals' spreads and the figures, each seed left out in
+turn) or a measured set (`train`, `--measured`, as below).
 
 - Data: one 2048^2 field per seed (the simulator's defaults: HSC-like depth, bands g, r, i, z unless --bands),
   each measured by the default run's measuring stages in this process (tasks/trainsets/photoz.py: seed_tables,
@@ -25,7 +27,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .photoz import MAG_WEIGHT, QUANTILE_COLUMNS, PhotoZKNN, binned_figures, neighbour_quantiles, nmad_figures
+from .photoz import (CANDIDATES, MAG_SIGMA, MAG_WEIGHT, NJY_AB, QUANTILE_COLUMNS, SYS_FLOOR, Z_MAX, PhotoZKNN,
+                     binned_figures, neighbour_quantiles, nmad_figures, weighted_quantiles)
 from .photoz import fit_spread as bisect_spread
 from .progress import say
 
@@ -33,6 +36,7 @@ K_CHOICES = (16, 24, 32, 48, 64)
 # On the shipped g, r, i, z set, leave-one-out over its own galaxies at measured i < 24 (2026-12-04): weight 0.25
 # (the only one before) 0.0408-0.0429 for k 24-48, 0.1 0.0383-0.0397, 0.05 0.0384-0.0389, 0 0.0460-0.0494
 MAG_WEIGHTS = (0.05, 0.1, 0.25)
+LIBRARY_MAG_WEIGHT = 0.05  # the magnitude's weight in the library's candidate search (the best k-NN weight)
 
 
 def usable_mask(t: pd.DataFrame, bands: list[str]) -> np.ndarray:
@@ -170,3 +174,147 @@ def train(command: str, tables: list[pd.DataFrame], seeds: list[int], size: int 
     state = {"flux": torch.tensor(fl), "z": torch.tensor(final.z.to_numpy(np.float32)),
              "soft": torch.as_tensor(soft, dtype=torch.float64)}
     return record, state
+
+
+SNR_EDGES = (0.0, 8.0, 15.0, 30.0, 60.0)  # library sets: the reference band's S/N bins of their own spread
+BRIGHT_SNR = 30.0  # library band ratios: from matched galaxies above this S/N in every band ...
+BRIGHT_MAG = 23.0  # ... and brighter than this true magnitude
+
+
+def truth_fluxes(truth: pd.DataFrame, bands: list[str]) -> np.ndarray:
+    """(n, bands) true total fluxes in nJy of the truth rows, from their AB magnitudes `mag_<band>`."""
+    return 10 ** (-0.4 * (truth[[f"mag_{b}" for b in bands]].to_numpy(float) - NJY_AB))
+
+
+def matched_truth(t: pd.DataFrame, truth: pd.DataFrame, ref: str) -> tuple[np.ndarray, np.ndarray]:
+    """For the measured galaxies `t` of one seed (x, y in field pixels, `mag_true`): the index of each one's
+    truth row (the nearest within 3 px whose `mag_<ref>` is its mag_true) and whether there is one."""
+    from scipy.spatial import cKDTree
+    j = np.zeros(len(t), np.int64)
+    ok = np.zeros(len(t), bool)
+    fields = t.field.astype(str).str.split("@").str[0].to_numpy()
+    for name in np.unique(fields):
+        rows = np.flatnonzero(fields == name)
+        cand = np.flatnonzero(truth.field.astype(str).to_numpy() == name)
+        if not len(cand):
+            continue
+        d, k = cKDTree(truth[["x", "y"]].to_numpy(float)[cand]).query(t[["x", "y"]].to_numpy(float)[rows])
+        j[rows] = cand[k]
+        ok[rows] = (d < 3.0) & (np.abs(truth[f"mag_{ref}"].to_numpy(float)[cand[k]]
+                                       - t.mag_true.to_numpy(float)[rows]) < 1e-3)
+    return j, ok
+
+
+def band_ratios(tabs: list[pd.DataFrame], truths: list[pd.DataFrame], bands: list[str], ref: str) -> np.ndarray:
+    """(bands,) median measured / true flux of the bright matched galaxies of every seed, per band: what the
+    photometry (a Gaussian aperture, PSF-corrected for a Gaussian PSF) keeps of a galaxy's total flux."""
+    meas, true = [], []
+    for t, tr in zip(tabs, truths):
+        j, ok = matched_truth(t, tr, ref)
+        f = t[[f"flux_{b}" for b in bands]].to_numpy(float)
+        e = t[[f"fluxerr_{b}" for b in bands]].to_numpy(float)
+        bright = ok & (f / e > BRIGHT_SNR).all(axis=1) & (t.mag_true.to_numpy(float) < BRIGHT_MAG)
+        meas.append(f[bright])
+        true.append(truth_fluxes(tr.iloc[j[bright]], bands))
+    m, tt = np.concatenate(meas), np.concatenate(true)
+    if len(m) < 50:
+        raise ValueError(f"train photoz --library: {len(m)} bright matched galaxies (S/N > {BRIGHT_SNR:g} in every "
+                         f"band, true {ref} < {BRIGHT_MAG:g}) to measure the photometry's share of the total flux; "
+                         "give more or larger fields")
+    return np.median(m / tt, axis=0)
+
+
+def library(truths: list[pd.DataFrame], bands: list[str], ratios: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The library of the seeds' true galaxies (kind galaxy or bcg, every one the simulator drew): noiseless fluxes
+    (n, bands) in nJy on the photometry's scale (true fluxes x `ratios`) and their true redshifts, in redshift
+    order."""
+    gal = [tr[tr.kind.astype(str).isin(["galaxy", "bcg"])] for tr in truths]
+    flux = np.concatenate([truth_fluxes(g, bands) for g in gal]) * ratios
+    z = np.concatenate([g.z.to_numpy(float) for g in gal])
+    good = np.flatnonzero(np.isfinite(flux).all(axis=1) & np.isfinite(z))
+    good = good[np.argsort(z[good], kind="stable")]  # in redshift order: the estimator's quantiles need no sort
+    return flux[good], z[good]
+
+
+def library_estimator(tabs: list[pd.DataFrame], truths: list[pd.DataFrame], bands: list[str], soft: np.ndarray,
+                      spread: float = 1.0, mag_weight: float = LIBRARY_MAG_WEIGHT, **likelihood) -> PhotoZKNN:
+    """A library set (models/photoz.py: `noiseless`) from the truth of the seeds `truths`, its band ratios from
+    their measured galaxies `tabs`; `soft` the asinh softenings (the measured galaxies' median errors);
+    `likelihood`: sys_floor, mag_sigma, candidates (models/photoz.py's defaults)."""
+    ref = "i" if "i" in bands else bands[-1]
+    flux, z = library(truths, bands, band_ratios(tabs, truths, bands, ref))
+    return PhotoZKNN(bands, flux, z, soft, spread=spread, ref_band=ref, mag_weight=mag_weight, noiseless=True,
+                     **likelihood)
+
+
+def train_library(command: str, tables: list[pd.DataFrame], truths: list[pd.DataFrame], seeds: list[int],
+                  size: int = 2048, flux: str = "gaap", bands: list[str] | None = None, sys_floor: float = SYS_FLOOR,
+                  mag_sigma: float = MAG_SIGMA, candidates: int = CANDIDATES) -> tuple[dict, dict]:
+    """The library set (`deepfield train photoz`, the default): every seed's true galaxies as noiseless references,
+    each measured galaxy's redshift density their redshifts weighted by the likelihood of its fluxes
+    (models/photoz.py: library_weights). Figures and the spread by leaving each seed out in turn (its galaxies
+    estimated from the other seeds' library and band ratios, pooled); the record's held-out figures are the last
+    seed's from that pass. Returns (record, state) for the weights file."""
+    import torch
+    if len(tables) < 2:
+        raise ValueError("train photoz: give at least two seeds (each is left out in turn)")
+    have = [c[len("flux_"):] for c in tables[0].columns if c.startswith("flux_")]
+    use = [b for b in (bands or have) if b in have]
+    tabs = [usable(t, use) for t in tables]
+    final = pd.concat(tabs, ignore_index=True)
+    soft = np.median(final[[f"fluxerr_{b}" for b in use]].to_numpy(float), axis=0)
+    like = dict(sys_floor=sys_floor, mag_sigma=mag_sigma, candidates=candidates)
+    say(f"library: estimating each of the {len(tabs)} seeds' galaxies from the other seeds' true galaxies")
+    parts = []
+    for i, t in enumerate(tabs):
+        est = library_estimator(tabs[:i] + tabs[i + 1:], truths[:i] + truths[i + 1:], use, soft, **like)
+        j, w = est.library_weights(t[[f"flux_{b}" for b in use]].to_numpy(float),
+                                   t[[f"fluxerr_{b}" for b in use]].to_numpy(float), use)
+        r = est.feature_band(use)
+        snr = (t[f"flux_{r}"] / t[f"fluxerr_{r}"]).to_numpy(float)
+        parts.append((weighted_quantiles(est.z[j], w, 1.0), t.z.to_numpy(float), t.mag_true.to_numpy(float), snr))
+    q1, z, mag, snr = (np.concatenate([p[k] for p in parts]) for k in range(4))
+    # one spread per bin of the reference band's S/N (one for all left faint galaxies' intervals too narrow: at
+    # i 24-25 they covered 0.47 when i < 24 covered 0.68), each fitted on the bin's galaxies at every magnitude
+    spread = bisect_spread(lambda s: _respread(q1[mag < 24], s), z[mag < 24])
+    spread_snr = []
+    for lo, hi in zip(SNR_EDGES, SNR_EDGES[1:] + (np.inf,)):
+        b = (snr >= lo) & (snr < hi)
+        if lo == SNR_EDGES[0]:
+            b |= ~(snr >= lo)  # negative or NaN: the lowest bin, as the estimator puts them
+        spread_snr.append((float(lo), bisect_spread(lambda s: _respread(q1[b], s), z[b]) if b.sum() >= 200
+                           else spread))
+    row = PhotoZKNN(use, np.zeros((1, len(use))), np.zeros(1), soft, spread=spread,
+                    spread_snr=tuple(spread_snr)).row_spread(snr)
+    q = _respread(q1, row[:, None])
+    zp = q[:, QUANTILE_COLUMNS.index("z_phot_q50")]
+    pooled = binned_figures(zp, q, z, mag)
+    last = np.arange(len(z)) >= len(z) - len(tabs[-1])
+    held = binned_figures(zp[last], q[last], z[last], mag[last])
+    f = pooled["i_lt_24"]
+    say("spread by S/N " + ", ".join(f">= {lo:g}: {v}" for lo, v in spread_snr) + ": every seed left out in turn, "
+        f"i < 24: sigma_NMAD {f['sigma_nmad']:.4f}, outliers {f['outliers']:.3f}, bias {f['bias']:+.4f}, 68 % "
+        f"coverage {f['coverage_68']:.3f} (i 24-25: {pooled['i_24_25'].get('coverage_68', np.nan):.3f})")
+    est = library_estimator(tabs, truths, use, soft, spread, **like)
+    ratios = band_ratios(tabs, truths, use, est.ref_band)
+    arch = {"bands": use, "n": int(len(est.z)), "k": int(candidates), "spread": float(spread),
+            "ref_band": est.ref_band, "flux_kind": flux, "mag_weight": float(LIBRARY_MAG_WEIGHT), "mag_weights": {},
+            "noiseless": True, "sys_floor": float(sys_floor), "mag_sigma": float(mag_sigma),
+            "candidates": int(candidates), "spread_snr": [list(p) for p in spread_snr]}
+    record = {"arch": arch, "command": command, "seed": int(seeds[0]), "seeds": [int(s) for s in seeds],
+              "data": {"field_size": size, "fields": len(seeds), "library_galaxies": int(len(est.z)),
+                       "measured_galaxies": int(len(final)), "held_out_seed": int(seeds[-1]),
+                       "photometry": f"flux_{flux}_<band>",
+                       "band_ratios": {b: float(r) for b, r in zip(use, ratios)}},
+              "model_selection": {"method": "leave one seed out, pooled (each seed's measured galaxies against the "
+                                            "other seeds' library)", "pooled": pooled},
+              "metrics": {"held_out": held}}
+    state = {"flux": torch.tensor(est.flux.astype(np.float32)), "z": torch.tensor(est.z.astype(np.float32)),
+             "soft": torch.as_tensor(soft, dtype=torch.float64)}
+    return record, state
+
+
+def _respread(q1: np.ndarray, spread) -> np.ndarray:
+    """Quantiles q1 (widened by 1) widened about the median by `spread` instead, clipped as models.photoz does."""
+    med = q1[:, [QUANTILE_COLUMNS.index("z_phot_q50")]]
+    return np.maximum.accumulate(np.clip(med + spread * (q1 - med), 0.0, Z_MAX), axis=1)

@@ -120,6 +120,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     flags = stage_rows.z_phot_flag.to_numpy(int)
     return {"n_fields": n_fields, "size": size, "seeds": seeds, "bands": bands,
             "reference_set": {"bands": est.bands, "galaxies": int(len(est.z)), "k": est.k, "spread": est.spread,
+                              "library": bool(est.noiseless),
                               "mag_weight": est.mag_weight,
                               "flux": model.flux_kind, "variant": variant,
                               "weights": str(weights) if weights else "shipped"},
@@ -147,7 +148,7 @@ def format_report(r: dict) -> str:
             "PIT histogram (10 bins)")
     lines = [f"photo-z on {r['n_fields']} held-out field(s) of {r['size']}^2 px (seeds {r['seeds']}), bands "
              f"{','.join(r['bands'])}: {r['matched_galaxies']} galaxies matched to the truth",
-             f"reference set{' (variant ' + ref['variant'] + ')' if ref.get('variant') else ''}: {ref['galaxies']} galaxies, bands {','.join(ref['bands'])}, k {ref['k']}, spread "
+             f"reference set{' (variant ' + ref['variant'] + ')' if ref.get('variant') else ''}: {ref['galaxies']} galaxies{' (library: noiseless, likelihood-weighted candidates)' if ref.get('library') else ''}, bands {','.join(ref['bands'])}, k {ref['k']}, spread "
              f"{ref['spread']}, magnitude weight {ref.get('mag_weight', MAG_WEIGHT)}, flux_{ref['flux']}",
              f"targets at i < 24 with g, r, i, z: sigma_NMAD <= {t['sigma_nmad']}, outliers <= {t['outliers']}, "
              f"|bias| <= {t['abs_bias']}, 68 % coverage {t['coverage_68'][0]}-{t['coverage_68'][1]}",

@@ -1,8 +1,9 @@
 """Photometric redshifts for every row (issue 23), by one of two methods trained on the simulator's truth:
 
-- `knn`, the colour baseline: the k-nearest-neighbour estimator of models/photoz.py against the shipped
-  reference set `photoz_knn` (simulated galaxies measured by these same stages, with their true redshifts;
-  `deepfield train photoz`);
+- `knn`, the colour baseline: the estimator of models/photoz.py against the shipped reference set `photoz_knn`
+  (`deepfield train photoz`): for g, r, i, z a library of the simulator's true galaxies, noiseless, whose
+  redshifts are weighted by the likelihood of the row's fluxes and errors; for the u g r i z y and u g r i
+  variants simulated galaxies measured by these same stages, the true redshifts of the k nearest;
 - `cnn`: the network of models/photoz_cnn.py (after Pasquet et al. 2019) on 32x32 px stamps of the tile's
   background-subtracted pixels in every band (`stamps_nJy`) with the catalog's photometry as extra input,
   shipped as `photoz_cnn` (`deepfield train photoz-cnn`, trained on the galaxies of the same fields).
@@ -47,14 +48,14 @@ class PhotoZConfig(ModelStageConfig):
         "before seeing in every band), aper (flux_aper_<b>), auto (flux_auto_<b>), deblend (flux_deblend_<b>, the "
         "Kron flux for isolated sources); default: what the method's weights were made with (their training "
         "record), which a value given must match")
-    k: Optional[int] = Field(None, ge=4, le=1024, description="knn: neighbours per galaxy (default: the reference "
-                             "set's, fitted in training)")
+    k: Optional[int] = Field(None, ge=4, le=1024, description="knn: neighbours per galaxy of a measured reference "
+                             "set, candidates weighed per galaxy of a library set (default: the set's own)")
     batch: int = Field(1024, ge=1, description="cnn: stamps per network call on the CPU")
 
 
 class PhotoZStage(ModelStage):
     name: ClassVar[str] = "photoz"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: library reference sets (the shipped g, r, i, z set)
     Config: ClassVar[type[StageConfig]] = PhotoZConfig
     models: ClassVar[tuple[str, ...]] = ("photoz_knn", "photoz_cnn")
     reads: ClassVar[tuple[str, ...]] = ("x_tile", "y_tile", "flux_gaap_{band}", "fluxerr_gaap_{band}",
@@ -118,7 +119,7 @@ class PhotoZStage(ModelStage):
         else:
             self.estimator = self.model.estimator()
             if self.k is not None:
-                self.estimator.k = int(self.k)
+                self.estimator.k = self.estimator.candidates = int(self.k)
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
         self.ensure_setup()

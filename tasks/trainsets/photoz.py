@@ -145,6 +145,15 @@ def seed_dir(work: Path, seed: int, bands: list[str] | None = None) -> Path:
     return Path(work) / (f"seed{seed}" if bands is None else f"seed{seed}_{''.join(bands)}")
 
 
+def seed_truth(work: Path, seed: int, bands: list[str] | None = None) -> pd.DataFrame:
+    """The truth objects of the seed's simulated field (measured_fields simulates it under seed_dir)."""
+    path = seed_dir(work, seed, bands) / "sim" / "truth" / "objects.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no truth of seed {seed}; remove {table_path(work, seed, 'gaap', bands).parent} "
+                                "to simulate and measure the field again")
+    return pd.read_parquet(path)
+
+
 def table_path(work: Path, seed: int, kind: str, bands: list[str] | None = None) -> Path:
     """Where seed_tables keeps a seed's matched galaxies of photometry `kind` (fields in `bands`, None: the
     simulator's default bands)."""
