@@ -1,11 +1,14 @@
 """Photometric redshifts (issue 23): the p(z) summary, the neighbour estimator against a known colour-redshift
-relation, the band checks before a run, and the stage with the shipped reference set in the session's default
-run against the simulated truth: its galaxies, and the red-sequence members of its clusters at known z."""
+relation, the band checks before a run, and the stage with the shipped reference set and CNN in the session's
+default run against the simulated truth: its galaxies, and the red-sequence members of its clusters at known z.
+Training the reference sets: tests/test_photoz_training.py."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
+
+from _photoz_synthetic import synthetic_reference
 
 from deepfield.models.photoz import QUANTILES, Z_MAX, PhotoZKNN, cdf, nmad_figures, pdf
 
@@ -34,17 +37,6 @@ def test_pz_integrates_to_one_and_its_cdf_gives_the_quantile_levels():
     at_zero = np.array([max([lv for lv, v in zip(QUANTILES, row) if v == 0.0], default=0.0) for row in q])
     np.testing.assert_allclose(cdf(q, np.zeros(len(q))), at_zero, atol=1e-12)
     assert np.all(cdf(q, np.full(len(q), Z_MAX)) == 1.0)
-
-
-def synthetic_reference(rng, n, sigma=0.03):
-    """Galaxies whose g-r and r-i colours are known functions of z (a smooth, non-degenerate track), with
-    Gaussian flux noise of `sigma` (fractional) in every band."""
-    z = rng.uniform(0.05, 1.5, n)
-    mag_i = rng.uniform(20, 23, n)
-    mags = np.stack([mag_i + 1.2 * z + 0.3, mag_i + 0.6 * z, mag_i, mag_i - 0.4 * z], axis=1)  # g r i z
-    flux = 10 ** (-0.4 * (mags - 31.4))
-    err = sigma * flux
-    return flux + rng.normal(size=flux.shape) * err, err, z, mag_i
 
 
 def test_neighbours_recover_a_known_colour_redshift_relation_with_calibrated_intervals():
@@ -274,77 +266,6 @@ def test_a_survey_with_all_of_a_band_set_variants_bands_gets_that_reference_set(
     assert stage.estimator.bands == list("ugrizy") and len(stage.estimator.z) > 10000
 
 
-def test_training_tables_of_fields_in_other_bands_are_kept_apart(tmp_path):
-    """`train photoz --bands`: the fields are simulated in those bands (they were once simulated in the default
-    bands whatever was asked), their tables kept under seed<N>_<bands>, read back on a rerun, and a table that
-    lacks a band asked for is refused, naming the file."""
-    from deepfield.flows.evaluate.detection import detection_stages
-    from deepfield.tasks.trainsets.photoz import seed_tables, table_path
-    stages, halo = detection_stages()
-    said: list[str] = []
-    (t,) = seed_tables([7], 256, tmp_path, stages, halo, workers=1, kind="gaap", bands=["u", "g", "r"],
-                       progress=said.append)
-    assert {"flux_u", "flux_g", "flux_r"} <= set(t.columns) and "flux_i" not in t.columns and len(t) > 0
-    path = table_path(tmp_path, 7, "gaap", ["u", "g", "r"])
-    assert path.parent.name == "seed7_ugr" and path.exists()
-    assert (path.parent / "sim" / "truth" / "objects.parquet").exists()
-    said.clear()
-    (again,) = seed_tables([7], 256, tmp_path, stages, halo, workers=1, kind="gaap", bands=["u", "g", "r"],
-                           progress=said.append)
-    assert any("measured before" in s for s in said) and again.equals(t)
-    t.drop(columns=["flux_u"]).to_parquet(path)
-    with pytest.raises(ValueError, match="seed7_ugr.*band"):
-        seed_tables([7], 256, tmp_path, stages, halo, workers=1, kind="gaap", bands=["u", "g", "r"])
-
-
-def test_training_chooses_k_and_the_magnitude_weight_and_the_weights_carry_them():
-    """train photoz's fit on three synthetic seeds: the (k, magnitude weight) with the smallest leave-one-seed-out
-    sigma_NMAD of its recorded grid is the one saved, each smaller band set's own weight likewise, and the
-    reference set loaded from the record and state answers as the fitted estimator; a set saved before the
-    weights were chosen keeps the weight it was fitted with (0.25)."""
-    from deepfield.models.photoz import MAG_WEIGHT, PhotoZReference
-    from deepfield.models.train_photoz import K_CHOICES, MAG_WEIGHTS, estimator, train
-    rng = np.random.default_rng(23)
-    bands = ["g", "r", "i", "z"]
-    tables = []
-    for _ in range(3):
-        flux, err, z, mag = synthetic_reference(rng, 3000, sigma=0.08)
-        tables.append(pd.DataFrame({**{f"flux_{b}": flux[:, i] for i, b in enumerate(bands)},
-                                    **{f"fluxerr_{b}": err[:, i] for i, b in enumerate(bands)}, "z": z,
-                                    "mag_true": mag}))
-    record, state = train("test", tables, [1, 2, 3], flux="gaap")
-    grid = record["model_selection"]["k_mag_weight_sigma_nmad_i_lt_24"]
-    assert len(grid) == len(K_CHOICES) * len(MAG_WEIGHTS)
-    arch = record["arch"]
-    best = min(grid.values())
-    assert round(grid[f"{arch['k']},{arch['mag_weight']}"], 4) == round(best, 4)
-    ref = PhotoZReference(**arch)
-    ref.load_state_dict(state)
-    est = ref.estimator()
-    assert est.mag_weight == arch["mag_weight"] and est.k == arch["k"]
-    # every band set of two or three of the four bands has its own weight, the best of its own recorded grid
-    per_set = record["model_selection"]["band_set_mag_weight_sigma_nmad_i_lt_24"]
-    assert set(arch["mag_weights"]) == set(per_set) and len(per_set) == 10 and "grz" in per_set
-    for key, got in per_set.items():
-        assert round(got[str(arch["mag_weights"][key])], 4) == round(min(got.values()), 4)
-        assert est.weight(list(key)) == arch["mag_weights"][key]
-    assert est.weight(bands) == arch["mag_weight"]
-    fitted = estimator(pd.concat(tables, ignore_index=True), bands, arch["k"], arch["spread"], arch["mag_weight"])
-    fitted.mag_weights = dict(arch["mag_weights"])
-    f, e = tables[0][[f"flux_{b}" for b in bands]].to_numpy(), tables[0][[f"fluxerr_{b}" for b in bands]].to_numpy()
-    for use in (bands, ["g", "r", "z"]):
-        cols = [bands.index(b) for b in use]
-        np.testing.assert_allclose(est.predict(f[:300, cols], e[:300, cols], use)["z_phot"],
-                                   fitted.predict(f[:300, cols], e[:300, cols], use)["z_phot"], rtol=1e-5)
-    old = {k: v for k, v in arch.items() if k not in ("mag_weight", "mag_weights")}
-    before = PhotoZReference(**old)
-    assert before.mag_weight == MAG_WEIGHT == 0.25 and before.mag_weights == {}
-    # the weight enters the features: the last column is it times the reference band's magnitude
-    a, b = est.features(f[:5], bands), PhotoZReference(**{**arch, "mag_weight": 1.0, "mag_weights": {}})
-    b.load_state_dict(state)
-    np.testing.assert_allclose(b.estimator().features(f[:5], bands)[:, -1] * arch["mag_weight"], a[:, -1], rtol=1e-9)
-
-
 def test_cnn_inputs_scaled_on_the_networks_device_give_the_cpus_probabilities():
     """On a GPU the stamps are scaled where the network runs (network_inputs with a device: a tensor there; here
     the meta device stands for a GPU); probabilities take that tensor as they take the CPU's array, to the same
@@ -367,62 +288,3 @@ def test_cnn_inputs_scaled_on_the_networks_device_give_the_cpus_probabilities():
     np.testing.assert_array_equal(phot_meta, phot)
     np.testing.assert_allclose(probabilities(model, torch.from_numpy(image), phot),
                                probabilities(model, image, phot), rtol=0, atol=1e-7)
-
-
-def synthetic_seed(rng, n, ratio=0.5, depth=25.3, field="field000"):
-    """One seed of a library fit: its truth (n galaxies on the synthetic colour track, positions, total
-    magnitudes) and the measured table of its first 70 % (the photometry keeps `ratio` of the total flux in every
-    band, with sky-limited noise: S/N 5 at magnitude `depth`), as tasks/trainsets/photoz.py and the simulator
-    give them."""
-    bands = ["g", "r", "i", "z"]
-    z = rng.uniform(0.05, 1.5, n)
-    mag_i = rng.uniform(19.5, 23.5, n)
-    mags = np.stack([mag_i + 1.2 * z + 0.3, mag_i + 0.6 * z, mag_i, mag_i - 0.4 * z], axis=1)
-    x, y = rng.uniform(0, 2048, n), rng.uniform(0, 2048, n)
-    truth = pd.DataFrame({"kind": "galaxy", "field": field, "x": x, "y": y, "z": z,
-                          **{f"mag_{b}": mags[:, i] for i, b in enumerate(bands)}})
-    m = int(0.7 * n)
-    flux = ratio * 10 ** (-0.4 * (mags[:m] - 31.4))
-    err = np.full(flux.shape, ratio * 10 ** (-0.4 * (depth - 31.4)) / 5)
-    meas = flux + rng.normal(size=flux.shape) * err
-    table = pd.DataFrame({"field": f"{field}@1", "x": x[:m] + rng.normal(0, 0.3, m), "y": y[:m], "z": z[:m],
-                          "mag_true": mag_i[:m], **{f"flux_{b}": meas[:, i] for i, b in enumerate(bands)},
-                          **{f"fluxerr_{b}": err[:, i] for i, b in enumerate(bands)}})
-    return truth, table
-
-
-def test_a_library_of_the_truths_galaxies_counts_the_noise_once():
-    """train photoz --library on three synthetic seeds: the photometry's share of the total flux (0.5) is found
-    from the bright matched galaxies; each seed's galaxies estimated from the other seeds' noiseless library come
-    out with a smaller sigma_NMAD than from their measured neighbours (whose noise adds to the galaxy's own),
-    with calibrated 68 % intervals; the reference set loaded from the record and state answers as fitted, two
-    bands still give an estimate, and a library galaxy's own fluxes give its redshift back."""
-    from deepfield.models.photoz import PhotoZReference
-    from deepfield.models.train_photoz import train, train_library
-    rng = np.random.default_rng(5)
-    seeds = [synthetic_seed(rng, 4000, depth=24.0) for _ in range(3)]
-    truths, tables = [s[0] for s in seeds], [s[1] for s in seeds]
-    # no systematic floor (these colours have none) and candidates enough for the libraries' 8,000 galaxies on one
-    # track; the shipped set's are chosen on the simulator's fields (models/cards/photoz_knn.md)
-    record, state = train_library("test", tables, truths, [1, 2, 3], flux="gaap", sys_floor=0.0, candidates=2000)
-    ratios = record["data"]["band_ratios"]
-    assert all(abs(r - 0.5) < 0.01 for r in ratios.values()), ratios
-    lib = record["model_selection"]["pooled"]["i_lt_24"]
-    knn = train("test", tables, [1, 2, 3], flux="gaap")[0]["model_selection"]["cross_validation_i_lt_24"]
-    assert lib["sigma_nmad"] < 0.9 * knn["sigma_nmad"], (lib, knn)  # 0.0141 against 0.0165 (seed 5)
-    assert 0.62 < lib["coverage_68"] < 0.74, lib
-    arch = record["arch"]
-    assert arch["noiseless"] and record["data"]["library_galaxies"] == 12000
-    ref = PhotoZReference(**arch)
-    ref.load_state_dict(state)
-    est = ref.estimator()
-    bands = ["g", "r", "i", "z"]
-    f, e = tables[0][[f"flux_{b}" for b in bands]].to_numpy(), tables[0][[f"fluxerr_{b}" for b in bands]].to_numpy()
-    res = est.predict(f[:500], e[:500], bands)
-    q = np.stack([res[c] for c in ("z_phot_q025", "z_phot_q16", "z_phot_q50", "z_phot_q84", "z_phot_q975")], 1)
-    assert np.isfinite(q).all() and np.all(np.diff(q, axis=1) >= 0) and (res["z_phot"] == q[:, 2]).all()
-    two = est.predict(f[:200, 1:3], e[:200, 1:3], ["r", "i"])
-    assert np.isfinite(two["z_phot"]).all()
-    own = est.predict(est.flux[::40], 0.01 * est.flux[::40], bands)["z_phot"]
-    np.testing.assert_allclose(own, est.z[::40], atol=0.03)
-    assert np.all(np.diff(est.z) >= 0)  # saved in redshift order: the quantiles take the candidates unsorted
