@@ -239,12 +239,13 @@ def library(truths: list[pd.DataFrame], bands: list[str], ratios: np.ndarray) ->
 def library_estimator(tabs: list[pd.DataFrame], truths: list[pd.DataFrame], bands: list[str], soft: np.ndarray,
                       spread: float = 1.0, mag_weight: float = LIBRARY_MAG_WEIGHT, **likelihood) -> PhotoZKNN:
     """A library set (models/photoz.py: `noiseless`) from the truth of the seeds `truths`, its band ratios from
-    their measured galaxies `tabs`; `soft` the asinh softenings (the measured galaxies' median errors);
-    `likelihood`: sys_floor, mag_sigma, candidates (models/photoz.py's defaults)."""
+    their measured galaxies `tabs` (kept in its `info`); `soft` the asinh softenings (the measured galaxies'
+    median errors); `likelihood`: sys_floor, mag_sigma, candidates (models/photoz.py's defaults)."""
     ref = "i" if "i" in bands else bands[-1]
-    flux, z = library(truths, bands, band_ratios(tabs, truths, bands, ref))
+    ratios = band_ratios(tabs, truths, bands, ref)
+    flux, z = library(truths, bands, ratios)
     return PhotoZKNN(bands, flux, z, soft, spread=spread, ref_band=ref, mag_weight=mag_weight, noiseless=True,
-                     **likelihood)
+                     info={"band_ratios": {b: float(r) for b, r in zip(bands, ratios)}}, **likelihood)
 
 
 def train_library(command: str, tables: list[pd.DataFrame], truths: list[pd.DataFrame], seeds: list[int],
@@ -296,7 +297,6 @@ def train_library(command: str, tables: list[pd.DataFrame], truths: list[pd.Data
         f"i < 24: sigma_NMAD {f['sigma_nmad']:.4f}, outliers {f['outliers']:.3f}, bias {f['bias']:+.4f}, 68 % "
         f"coverage {f['coverage_68']:.3f} (i 24-25: {pooled['i_24_25'].get('coverage_68', np.nan):.3f})")
     est = library_estimator(tabs, truths, use, soft, spread, **like)
-    ratios = band_ratios(tabs, truths, use, est.ref_band)
     arch = {"bands": use, "n": int(len(est.z)), "k": int(candidates), "spread": float(spread),
             "ref_band": est.ref_band, "flux_kind": flux, "mag_weight": float(LIBRARY_MAG_WEIGHT), "mag_weights": {},
             "noiseless": True, "sys_floor": float(sys_floor), "mag_sigma": float(mag_sigma),
@@ -305,7 +305,7 @@ def train_library(command: str, tables: list[pd.DataFrame], truths: list[pd.Data
               "data": {"field_size": size, "fields": len(seeds), "library_galaxies": int(len(est.z)),
                        "measured_galaxies": int(len(final)), "held_out_seed": int(seeds[-1]),
                        "photometry": f"flux_{flux}_<band>",
-                       "band_ratios": {b: float(r) for b, r in zip(use, ratios)}},
+                       "band_ratios": est.info["band_ratios"]},
               "model_selection": {"method": "leave one seed out, pooled (each seed's measured galaxies against the "
                                             "other seeds' library)", "pooled": pooled},
               "metrics": {"held_out": held}}
