@@ -116,3 +116,42 @@ def test_a_library_of_the_truths_galaxies_counts_the_noise_once():
     own = est.predict(est.flux[::40], 0.01 * est.flux[::40], bands)["z_phot"]
     np.testing.assert_allclose(own, est.z[::40], atol=0.03)
     assert np.all(np.diff(est.z) >= 0)  # saved in redshift order: the quantiles take the candidates unsorted
+
+
+def test_the_depth_floor_tells_a_photometry_at_its_noise_from_one_with_errors_of_its_own():
+    """eval photoz's truth_floor: the reference set on the true fluxes (on the photometry's scale) with noise at the
+    measured errors is what the depth allows. On synthetic seeds whose photometry is exactly the true flux x 0.5
+    plus its stated noise, the floor finds the ratio 0.5 and the measured sigma_NMAD is the floor's (within 25 %);
+    a photometry with 12 % errors of its own in every band (colours it does not state) is well above the floor,
+    which does not change; without noise the floor is lower still."""
+    from deepfield.flows.evaluate.photoz import truth_floor
+    from deepfield.models.photoz import QUANTILE_COLUMNS, binned_figures
+    from deepfield.models.train_photoz import library_estimator
+    rng = np.random.default_rng(11)
+    seeds = [synthetic_seed(rng, 4000, depth=24.0) for _ in range(3)]
+    bands = ["g", "r", "i", "z"]
+    soft = np.array([np.median(seeds[0][1][f"fluxerr_{b}"]) for b in bands])
+    est = library_estimator([s[1] for s in seeds[:2]], [s[0] for s in seeds[:2]], bands, soft, sys_floor=0.0,
+                            candidates=1000)
+    truth, table = seeds[2]
+    true = truth.iloc[:len(table)]
+    matched = table.assign(**{f"true_flux_{b}": 10 ** (-0.4 * (true[f"mag_{b}"].to_numpy() - 31.4)) for b in bands})
+    z, mag = matched.z.to_numpy(), matched.mag_true.to_numpy()
+
+    def measured(m):
+        res = est.predict(m[[f"flux_{b}" for b in bands]].to_numpy(), m[[f"fluxerr_{b}" for b in bands]].to_numpy(),
+                          bands)
+        return binned_figures(res["z_phot"], np.stack([res[c] for c in QUANTILE_COLUMNS], 1), z, mag)["i_lt_24"]
+
+    floor = truth_floor(est, matched, z, mag)
+    assert all(abs(r - 0.5) < 0.01 for r in floor["ratios"].values()), floor["ratios"]
+    noise, none = floor["noise"]["i_lt_24"]["sigma_nmad"], floor["noiseless"]["i_lt_24"]["sigma_nmad"]
+    at_depth = measured(matched)["sigma_nmad"]
+    assert 0.8 < at_depth / noise < 1.25, (at_depth, noise)  # 0.0152 against 0.0150 (seed 11)
+    worse = matched.assign(**{f"flux_{b}": matched[f"flux_{b}"] * (1 + 0.12 * rng.normal(size=len(matched)))
+                              for b in bands})
+    off = measured(worse)["sigma_nmad"]
+    floor2 = truth_floor(est, worse, z, mag)
+    assert off > 2 * noise, (off, noise)  # 0.077
+    assert abs(floor2["noise"]["i_lt_24"]["sigma_nmad"] / noise - 1) < 0.1  # the floor is the depth's, not the errors'
+    assert none < 0.5 * noise, (none, noise)  # 0.0016

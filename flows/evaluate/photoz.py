@@ -10,7 +10,10 @@ galaxy (mutual nearest within 0.6") are scored, in bins of true i magnitude:
   each 0.1 for a calibrated p(z));
 - for the stage's own output (every band of the fields) and, through the same reference set, for the band sets
   a survey may have (`BAND_SETS`: what each band costs);
-- the stage's CPU time per Mpx of tile core (time.process_time, torch on one thread).
+- the stage's CPU time per Mpx of tile core (time.process_time, torch on one thread);
+- what the fields' depth allows (`truth_floor`): the stage's reference set on the matched galaxies' true fluxes,
+  on the photometry's scale, with noise drawn at their measured errors (a perfect photometry of the same depth)
+  and without noise (the colours' own degeneracy).
 Methods, side by side on the same galaxies: `knn`, the colour baseline, as the stage wrote it into the rows;
 `cnn`, the network of models/photoz_cnn.py on the stamps the stage cuts (tasks/stages/photoz.py: stamps_nJy,
 cut from the same tiles after the same stages) and the same photometry, through the same function the stage
@@ -34,6 +37,7 @@ from deepfield.models.progress import say
 from .detection import detection_stages
 
 EVAL_SEED = 20261201
+FLOOR_SEED = 0  # numpy seed of the noise truth_floor draws
 # the band sets scored through the stage's reference set, those the fields have: Rubin (u g r i z y), HSC
 # (g r i z y), KiDS (u g r i), Legacy Surveys (g r z), and fewer bands
 BAND_SETS = (("u", "g", "r", "i", "z", "y"), ("u", "g", "r", "i", "z"), ("g", "r", "i", "z", "y"),
@@ -118,6 +122,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     if mpx:  # the photoz stage's time with method cnn: the rows' photometry (as knn's), stamps and network
         cpu["photoz_cnn"] = (cut + cnn_seconds) / mpx
     flags = stage_rows.z_phot_flag.to_numpy(int)
+    floor = truth_floor(est, matched, z, mag)
     return {"n_fields": n_fields, "size": size, "seeds": seeds, "bands": bands,
             "reference_set": {"bands": est.bands, "galaxies": int(len(est.z)), "k": est.k, "spread": est.spread,
                               "library": bool(est.noiseless),
@@ -129,8 +134,38 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
                     "flux": cnn.flux_kind, "weights": str(cnn_weights) if cnn_weights else "shipped"},
             "methods": {"knn": {"stage": stage, "band_sets": band_sets},
                         "cnn": {"stage": cnn_stage, "band_sets": cnn_sets}},
+            "truth_floor": floor,
             "flag_fractions": {str(b): float(np.mean(flags & b > 0)) for b in (1, 2, 4, 8)},
             "cpu_seconds_per_mpx": cpu, "targets": TARGETS, "total_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def truth_floor(est, matched, z: np.ndarray, mag: np.ndarray, seed: int = FLOOR_SEED) -> dict | None:
+    """What the photometry's depth alone allows the reference set `est` (models.photoz.PhotoZKNN): its estimates
+    of the `matched` galaxies (matched_galaxies: flux_<b>, fluxerr_<b>, true_flux_<b> in its bands; true `z` and
+    `mag`) from their true fluxes put on the photometry's scale (x each band's median measured / true flux of the
+    bright galaxies, S/N > BRIGHT_SNR in every band and true magnitude < BRIGHT_MAG, as the library's ratios are
+    measured), once with Gaussian noise drawn at each galaxy's measured errors (`noise`: a perfect photometry of
+    the same depth) and once without (`noiseless`: the colours' own degeneracy, with the same error bars). A
+    stage's figures close to `noise` are limited by the depth, not by its photometry. Returns {"ratios": {band:
+    ratio}, "noise": binned_figures, "noiseless": binned_figures}; None where under 50 bright galaxies give the
+    ratios."""
+    from deepfield.models.train_photoz import BRIGHT_MAG, BRIGHT_SNR
+    use = list(est.bands)
+    flux = matched[[f"flux_{b}" for b in use]].to_numpy(float)
+    err = matched[[f"fluxerr_{b}" for b in use]].to_numpy(float)
+    true = matched[[f"true_flux_{b}" for b in use]].to_numpy(float)
+    ok = np.isfinite(true).all(axis=1) & np.isfinite(flux).all(axis=1) & (err > 0).all(axis=1)
+    bright = ok & (flux / np.where(err > 0, err, np.inf) > BRIGHT_SNR).all(axis=1) & (mag < BRIGHT_MAG)
+    if bright.sum() < 50:
+        return None
+    ratios = np.median(flux[bright] / true[bright], axis=0)
+    scaled = true[ok] * ratios
+    rng = np.random.default_rng(seed)
+    out = {"ratios": {b: float(r) for b, r in zip(use, ratios)}}
+    for name, f in (("noise", scaled + rng.normal(size=scaled.shape) * err[ok]), ("noiseless", scaled)):
+        res = est.predict(f, err[ok], use)
+        out[name] = score(res["z_phot"], np.stack([res[c] for c in QCOLS], 1), z[ok], mag[ok])
+    return out
 
 
 def _row(label: str, f: dict) -> str:
@@ -154,6 +189,14 @@ def format_report(r: dict) -> str:
              f"|bias| <= {t['abs_bias']}, 68 % coverage {t['coverage_68'][0]}-{t['coverage_68'][1]}",
              "", "method knn (colour baseline), the stage's output:", head]
     lines += [_row(k, f) for k, f in r["methods"]["knn"]["stage"].items()]
+    fl = r.get("truth_floor")
+    if fl:
+        rat = ", ".join(f"{b} {v:.3f}" for b, v in fl["ratios"].items())
+        lines += ["", f"the same reference set on the matched galaxies' true fluxes (x measured / true: {rat}), what "
+                  "the depth allows:", head,
+                  _row("noise i<24", fl["noise"]["i_lt_24"]), _row("none i<24", fl["noiseless"]["i_lt_24"]),
+                  "  (noise: drawn at each galaxy's measured errors, a perfect photometry of this depth; none: the "
+                  "colours' own degeneracy)"]
     c = r["cnn"]
     lines += ["", f"method cnn ({c['size']}x{c['size']} stamps, width {c['width']}, spread {c['spread']}, bands "
               f"{','.join(c['bands'])}, flux_{c.get('flux', 'aper')}), every band of the fields:", head]

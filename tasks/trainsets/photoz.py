@@ -76,9 +76,12 @@ def matched_galaxies(sources: pd.DataFrame, truth: pd.DataFrame, pixel_scale: fl
     """The rows of `sources` (primary rows with field, x, y in field pixels) matched one to one (mutual
     nearest within MATCH_ARCSEC) to a true galaxy of their field: field, row (the source's index), x, y (its
     field pixel position), flux_<b>, fluxerr_<b> (nJy, of the
-    photometry `kind`: see nJy) for every band, z (true), mag_true (the truth's `ref` magnitude; the last band's for fields without it) and blendedness
-    (the truth's)."""
+    photometry `kind`: see nJy) for every band, true_flux_<b> (the truth's total flux in nJy, from its AB magnitude
+    in b; NaN where the truth has none), z (true), mag_true (the truth's `ref` magnitude; the last band's for fields
+    without it) and blendedness (the truth's)."""
     from scipy.spatial import cKDTree
+
+    from deepfield.models.photoz import NJY_AB
     out = []
     radius = MATCH_ARCSEC / pixel_scale
     for name, s in sources.groupby("field", sort=False):
@@ -95,6 +98,8 @@ def matched_galaxies(sources: pd.DataFrame, truth: pd.DataFrame, pixel_scale: fl
         cols = {"field": name, "row": ms.index.to_numpy(), "x": sxy[ok, 0], "y": sxy[ok, 1]}
         for b in bands:
             cols[f"flux_{b}"], cols[f"fluxerr_{b}"] = nJy(ms, b, kind)
+            cols[f"true_flux_{b}"] = (10 ** (-0.4 * (mt[f"mag_{b}"].to_numpy(float) - NJY_AB)) if f"mag_{b}" in mt
+                                      else np.full(len(mt), np.nan))
         cols["z"] = mt.z.to_numpy(float)
         # fields without the reference band: the truth has magnitudes in the simulated bands only
         cols["mag_true"] = mt[f"mag_{ref}" if f"mag_{ref}" in mt else f"mag_{bands[-1]}"].to_numpy(float)
