@@ -12,10 +12,11 @@ from _photoz_synthetic import synthetic_reference, synthetic_seed
 
 def test_training_tables_of_fields_in_other_bands_are_kept_apart(tmp_path):
     """`train photoz --bands`: the fields are simulated in those bands (they were once simulated in the default
-    bands whatever was asked), their tables kept under seed<N>_<bands>, read back on a rerun, and a table that
-    lacks a band asked for is refused, naming the file."""
+    bands whatever was asked), their tables kept under seed<N>_<bands>, read back on a rerun, a table that
+    lacks a band asked for is refused, naming the file, and one that other stage versions measured is measured
+    again."""
     from deepfield.flows.evaluate.detection import detection_stages
-    from deepfield.tasks.trainsets.photoz import seed_tables, table_path
+    from deepfield.tasks.trainsets.photoz import seed_tables, stage_versions, table_path
     stages, halo = detection_stages()
     said: list[str] = []
     (t,) = seed_tables([7], 256, tmp_path, stages, halo, workers=1, kind="gaap", bands=["u", "g", "r"],
@@ -31,6 +32,14 @@ def test_training_tables_of_fields_in_other_bands_are_kept_apart(tmp_path):
     t.drop(columns=["flux_u"]).to_parquet(path)
     with pytest.raises(ValueError, match="seed7_ugr.*band"):
         seed_tables([7], 256, tmp_path, stages, halo, workers=1, kind="gaap", bands=["u", "g", "r"])
+    # a table that an older measure stage made is measured again, not read back: its fluxes are of another kind
+    assert set(t["stages"]) == {stage_versions(stages)} and "measure:" in stage_versions(stages)
+    stale = t.assign(stages=stage_versions(stages).replace("measure:", "measure:old"), flux_u=-1.0)
+    stale.to_parquet(path)
+    said.clear()
+    (fresh,) = seed_tables([7], 256, tmp_path, stages, halo, workers=1, kind="gaap", bands=["u", "g", "r"],
+                           progress=said.append)
+    assert any("measuring again" in s for s in said) and fresh.equals(t)
 
 
 def test_training_chooses_k_and_the_magnitude_weight_and_the_weights_carry_them():

@@ -23,7 +23,7 @@ from ..stages.photoz import STAMP_SIZE, nJy, stamps_nJy
 from .fields import simulate_fields
 
 __all__ = ["MATCH_ARCSEC", "GALAXY_KINDS", "process_store", "nJy", "matched_galaxies",
-           "measured_fields", "seed_tables", "seed_dir", "table_path", "stamps_path"]
+           "measured_fields", "seed_tables", "seed_dir", "table_path", "stamps_path", "stage_versions"]
 
 MATCH_ARCSEC = 0.6
 GALAXY_KINDS = ("galaxy", "bcg")
@@ -179,29 +179,45 @@ def _atomic_save(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
+def stage_versions(stages: list[tuple[str, dict]]) -> str:
+    """The stages' names and code versions, e.g. "background:3,detect:9,measure:7,deblend:5": what seed_tables
+    records in each table (column `stages`) and checks when it reads one back."""
+    from deepfield.tasks.stages.registry import stage_class
+    return ",".join(f"{name}:{stage_class(name).version}" for name, _ in stages)
+
+
 def seed_tables(seeds: list[int], size: int, work: Path, stages: list[tuple[str, dict]], halo: int,
                 workers: int = 2, kind: str = "aper", bands: list[str] | None = None, device: str = "cpu",
                 progress: Callable[[str], None] | None = None, stamps: bool = False) -> list[pd.DataFrame]:
     """The matched galaxies of each seed's field (measured_fields), each kept as `work`/seed<N>/photoz_<kind>.parquet
-    (written atomically) and read back from there on a rerun: a killed run resumes from the seeds it finished.
+    (written atomically, with the `stages`' versions in a column of that name) and read back from there on a rerun:
+    a killed run resumes from the seeds it finished; a table that other stage versions measured is measured again.
     With `stamps`, each seed's stamps of those galaxies are kept too (stamps_path, in the table's row order,
     written before the table) and a seed without them is measured again."""
     out = []
+    made_by = stage_versions(stages)
     for seed in seeds:
         path = table_path(work, seed, kind, bands)
         if path.exists() and (not stamps or stamps_path(work, seed, kind, bands=bands).exists()):
-            if progress:
-                progress(f"seed {seed}: {path} (measured before)")
             t = pd.read_parquet(path)
-            lack = [b for b in (bands or []) if f"flux_{b}" not in t.columns]
-            if lack:
-                raise ValueError(f"{path}: has no flux in band(s) {', '.join(lack)}; remove it to measure again")
-            out.append(t)
-            continue
+            was = str(t["stages"].iloc[0]) if "stages" in t.columns and len(t) else "unrecorded"
+            if was != made_by:  # measured by other stage versions (e.g. an older measure stage): measure again
+                if progress:
+                    progress(f"seed {seed}: {path} was measured by stages {was}, these are {made_by}: measuring again")
+                stamps_path(work, seed, kind, bands=bands).unlink(missing_ok=True)
+            else:
+                if progress:
+                    progress(f"seed {seed}: {path} (measured before)")
+                lack = [b for b in (bands or []) if f"flux_{b}" not in t.columns]
+                if lack:
+                    raise ValueError(f"{path}: has no flux in band(s) {', '.join(lack)}; remove it to measure again")
+                out.append(t)
+                continue
         got: list = []
         matched, _, _ = measured_fields([seed], size, Path(work), stages, halo, workers, device, progress, kind=kind,
                                         bands=bands, stamp_out=got if stamps else None)
         matched["seed"] = seed
+        matched["stages"] = made_by
         if stamps:
             _atomic_save(stamps_path(work, seed, kind, bands=bands), lambda p: np.save(p, got[0] if got else np.zeros((0,), np.float32)))
         _atomic_save(path, matched.to_parquet)
