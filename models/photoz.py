@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 __all__ = ["Z_MAX", "QUANTILES", "QUANTILE_COLUMNS", "MAG_BINS", "PhotoZKNN", "PhotoZReference", "pdf", "cdf",
-           "nmad_figures", "binned_figures", "fit_spread", "neighbour_quantiles", "weighted_quantiles"]
+           "nmad_figures", "binned_figures", "fit_spread", "neighbour_quantiles", "weighted_quantiles", "snr_spread"]
 
 Z_MAX = 4.0  # the simulator draws galaxies at z < 3.4
 QUANTILES = (0.025, 0.16, 0.5, 0.84, 0.975)
@@ -185,12 +185,7 @@ class PhotoZKNN:
     def row_spread(self, snr: np.ndarray) -> np.ndarray:
         """The spread of rows with reference-band S/N `snr`: that of their `spread_snr` bin (below the first
         edge, the first), else `spread` for all."""
-        if not self.spread_snr:
-            return np.full(len(snr), self.spread)
-        edges = np.array([e for e, _ in self.spread_snr], float)
-        values = np.array([v for _, v in self.spread_snr], float)
-        k = np.searchsorted(edges, np.nan_to_num(snr, nan=0.0), side="right") - 1
-        return values[np.clip(k, 0, len(values) - 1)]
+        return snr_spread(snr, self.spread_snr, self.spread)
 
     def _z_sorted(self) -> bool:
         if self._sorted is None:
@@ -252,6 +247,17 @@ def neighbour_quantiles(zn: np.ndarray, spread: float) -> np.ndarray:
     med = q[:, [QUANTILES.index(0.5)]]
     q = np.clip(med + spread * (q - med), 0.0, Z_MAX)
     return np.maximum.accumulate(q, axis=1)
+
+
+def snr_spread(snr: np.ndarray, spread_snr: tuple, spread: float) -> np.ndarray:
+    """The spread of rows with reference-band S/N `snr` by the bins `spread_snr` ((lowest S/N, spread), ...,
+    increasing; below the first edge or NaN, the first bin's), or `spread` for all where there are no bins."""
+    if not spread_snr:
+        return np.full(len(snr), spread)
+    edges = np.array([e for e, _ in spread_snr], float)
+    values = np.array([v for _, v in spread_snr], float)
+    k = np.searchsorted(edges, np.nan_to_num(snr, nan=0.0), side="right") - 1
+    return values[np.clip(k, 0, len(values) - 1)]
 
 
 def weighted_quantiles(z: np.ndarray, w: np.ndarray, spread, rows_sorted: bool = False) -> np.ndarray:

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .photoz import (CANDIDATES, MAG_SIGMA, MAG_WEIGHT, NJY_AB, QUANTILE_COLUMNS, SYS_FLOOR, Z_MAX, PhotoZKNN,
-                     binned_figures, neighbour_quantiles, nmad_figures, weighted_quantiles)
+                     binned_figures, neighbour_quantiles, nmad_figures, snr_spread, weighted_quantiles)
 from .photoz import fit_spread as bisect_spread
 from .progress import say
 
@@ -186,6 +186,17 @@ def truth_fluxes(truth: pd.DataFrame, bands: list[str]) -> np.ndarray:
     return 10 ** (-0.4 * (truth[[f"mag_{b}" for b in bands]].to_numpy(float) - NJY_AB))
 
 
+def bright_ratios(flux: np.ndarray, err: np.ndarray, true: np.ndarray, mag: np.ndarray) -> tuple[np.ndarray, int]:
+    """(bands,) median measured / true flux of the rows (fluxes, errors, true fluxes (n, bands); true reference
+    magnitudes (n,)) bright in every band (S/N > BRIGHT_SNR) and in true magnitude (< BRIGHT_MAG), and how many
+    rows that is: what the photometry keeps of a galaxy's total flux. The library's band ratios and eval photoz's
+    depth floor (flows/evaluate/photoz.py: truth_floor) both take them so."""
+    bright = (flux / err > BRIGHT_SNR).all(axis=1) & (mag < BRIGHT_MAG)
+    if not bright.any():
+        return np.full(flux.shape[1], np.nan), 0
+    return np.median(flux[bright] / true[bright], axis=0), int(bright.sum())
+
+
 def matched_truth(t: pd.DataFrame, truth: pd.DataFrame, ref: str) -> tuple[np.ndarray, np.ndarray]:
     """For the measured galaxies `t` of one seed (x, y in field pixels, `mag_true`): the index of each one's
     truth row (the nearest within 3 px whose `mag_<ref>` is its mag_true) and whether there is one."""
@@ -206,22 +217,20 @@ def matched_truth(t: pd.DataFrame, truth: pd.DataFrame, ref: str) -> tuple[np.nd
 
 
 def band_ratios(tabs: list[pd.DataFrame], truths: list[pd.DataFrame], bands: list[str], ref: str) -> np.ndarray:
-    """(bands,) median measured / true flux of the bright matched galaxies of every seed, per band: what the
-    photometry (a Gaussian aperture, PSF-corrected for a Gaussian PSF) keeps of a galaxy's total flux."""
-    meas, true = [], []
+    """(bands,) bright_ratios of the matched galaxies of every seed, per band."""
+    flux, err, true, mag = [], [], [], []
     for t, tr in zip(tabs, truths):
         j, ok = matched_truth(t, tr, ref)
-        f = t[[f"flux_{b}" for b in bands]].to_numpy(float)
-        e = t[[f"fluxerr_{b}" for b in bands]].to_numpy(float)
-        bright = ok & (f / e > BRIGHT_SNR).all(axis=1) & (t.mag_true.to_numpy(float) < BRIGHT_MAG)
-        meas.append(f[bright])
-        true.append(truth_fluxes(tr.iloc[j[bright]], bands))
-    m, tt = np.concatenate(meas), np.concatenate(true)
-    if len(m) < 50:
-        raise ValueError(f"train photoz --library: {len(m)} bright matched galaxies (S/N > {BRIGHT_SNR:g} in every "
+        flux.append(t[[f"flux_{b}" for b in bands]].to_numpy(float)[ok])
+        err.append(t[[f"fluxerr_{b}" for b in bands]].to_numpy(float)[ok])
+        true.append(truth_fluxes(tr.iloc[j[ok]], bands))
+        mag.append(t.mag_true.to_numpy(float)[ok])
+    ratios, n = bright_ratios(*(np.concatenate(a) for a in (flux, err, true, mag)))
+    if n < 50:
+        raise ValueError(f"train photoz --library: {n} bright matched galaxies (S/N > {BRIGHT_SNR:g} in every "
                          f"band, true {ref} < {BRIGHT_MAG:g}) to measure the photometry's share of the total flux; "
                          "give more or larger fields")
-    return np.median(m / tt, axis=0)
+    return ratios
 
 
 def library(truths: list[pd.DataFrame], bands: list[str], ratios: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -285,8 +294,7 @@ def train_library(command: str, tables: list[pd.DataFrame], truths: list[pd.Data
             b |= ~(snr >= lo)  # negative or NaN: the lowest bin, as the estimator puts them
         spread_snr.append((float(lo), bisect_spread(lambda s: _respread(q1[b], s), z[b]) if b.sum() >= 200
                            else spread))
-    row = PhotoZKNN(use, np.zeros((1, len(use))), np.zeros(1), soft, spread=spread,
-                    spread_snr=tuple(spread_snr)).row_spread(snr)
+    row = snr_spread(snr, tuple(spread_snr), spread)
     q = _respread(q1, row[:, None])
     zp = q[:, QUANTILE_COLUMNS.index("z_phot_q50")]
     pooled = binned_figures(zp, q, z, mag)

@@ -21,8 +21,8 @@ def synthetic_reference(rng, n, sigma=0.03):
 def synthetic_seed(rng, n, ratio=0.5, depth=25.3, field="field000"):
     """One seed of a library fit: its truth (n galaxies on the synthetic colour track, positions, total
     magnitudes) and the measured table of its first 70 % (the photometry keeps `ratio` of the total flux in every
-    band, with sky-limited noise: S/N 5 at magnitude `depth`), as tasks/trainsets/photoz.py and the simulator
-    give them."""
+    band, with sky-limited noise: S/N 5 at magnitude `depth`; the true total fluxes as `true_flux_<b>`), as
+    tasks/trainsets/photoz.py and the simulator give them."""
     bands = ["g", "r", "i", "z"]
     z = rng.uniform(0.05, 1.5, n)
     mag_i = rng.uniform(19.5, 23.5, n)
@@ -36,5 +36,6 @@ def synthetic_seed(rng, n, ratio=0.5, depth=25.3, field="field000"):
     meas = flux + rng.normal(size=flux.shape) * err
     table = pd.DataFrame({"field": f"{field}@1", "x": x[:m] + rng.normal(0, 0.3, m), "y": y[:m], "z": z[:m],
                           "mag_true": mag_i[:m], **{f"flux_{b}": meas[:, i] for i, b in enumerate(bands)},
-                          **{f"fluxerr_{b}": err[:, i] for i, b in enumerate(bands)}})
+                          **{f"fluxerr_{b}": err[:, i] for i, b in enumerate(bands)},
+                          **{f"true_flux_{b}": 10 ** (-0.4 * (mags[:m, i] - 31.4)) for i, b in enumerate(bands)}})
     return truth, table

@@ -142,23 +142,21 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
 def truth_floor(est, matched, z: np.ndarray, mag: np.ndarray, seed: int = FLOOR_SEED) -> dict | None:
     """What the photometry's depth alone allows the reference set `est` (models.photoz.PhotoZKNN): its estimates
     of the `matched` galaxies (matched_galaxies: flux_<b>, fluxerr_<b>, true_flux_<b> in its bands; true `z` and
-    `mag`) from their true fluxes put on the photometry's scale (x each band's median measured / true flux of the
-    bright galaxies, S/N > BRIGHT_SNR in every band and true magnitude < BRIGHT_MAG, as the library's ratios are
-    measured), once with Gaussian noise drawn at each galaxy's measured errors (`noise`: a perfect photometry of
+    `mag`) from their true fluxes put on the photometry's scale (x the bright galaxies' median measured / true
+    flux per band, models.train_photoz.bright_ratios, as the library's ratios are measured), once with Gaussian noise drawn at each galaxy's measured errors (`noise`: a perfect photometry of
     the same depth) and once without (`noiseless`: the colours' own degeneracy, with the same error bars). A
     stage's figures close to `noise` are limited by the depth, not by its photometry. Returns {"ratios": {band:
     ratio}, "noise": binned_figures, "noiseless": binned_figures}; None where under 50 bright galaxies give the
     ratios."""
-    from deepfield.models.train_photoz import BRIGHT_MAG, BRIGHT_SNR
+    from deepfield.models.train_photoz import bright_ratios
     use = list(est.bands)
     flux = matched[[f"flux_{b}" for b in use]].to_numpy(float)
     err = matched[[f"fluxerr_{b}" for b in use]].to_numpy(float)
     true = matched[[f"true_flux_{b}" for b in use]].to_numpy(float)
     ok = np.isfinite(true).all(axis=1) & np.isfinite(flux).all(axis=1) & (err > 0).all(axis=1)
-    bright = ok & (flux / np.where(err > 0, err, np.inf) > BRIGHT_SNR).all(axis=1) & (mag < BRIGHT_MAG)
-    if bright.sum() < 50:
+    ratios, n = bright_ratios(flux[ok], err[ok], true[ok], mag[ok])
+    if n < 50:
         return None
-    ratios = np.median(flux[bright] / true[bright], axis=0)
     scaled = true[ok] * ratios
     rng = np.random.default_rng(seed)
     out = {"ratios": {b: float(r) for b, r in zip(use, ratios)}}

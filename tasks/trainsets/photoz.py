@@ -81,7 +81,7 @@ def matched_galaxies(sources: pd.DataFrame, truth: pd.DataFrame, pixel_scale: fl
     without it) and blendedness (the truth's)."""
     from scipy.spatial import cKDTree
 
-    from deepfield.models.photoz import NJY_AB
+    from deepfield.models.train_photoz import truth_fluxes
     out = []
     radius = MATCH_ARCSEC / pixel_scale
     for name, s in sources.groupby("field", sort=False):
@@ -98,8 +98,7 @@ def matched_galaxies(sources: pd.DataFrame, truth: pd.DataFrame, pixel_scale: fl
         cols = {"field": name, "row": ms.index.to_numpy(), "x": sxy[ok, 0], "y": sxy[ok, 1]}
         for b in bands:
             cols[f"flux_{b}"], cols[f"fluxerr_{b}"] = nJy(ms, b, kind)
-            cols[f"true_flux_{b}"] = (10 ** (-0.4 * (mt[f"mag_{b}"].to_numpy(float) - NJY_AB)) if f"mag_{b}" in mt
-                                      else np.full(len(mt), np.nan))
+            cols[f"true_flux_{b}"] = truth_fluxes(mt, [b])[:, 0] if f"mag_{b}" in mt else np.full(len(mt), np.nan)
         cols["z"] = mt.z.to_numpy(float)
         # fields without the reference band: the truth has magnitudes in the simulated bands only
         cols["mag_true"] = mt[f"mag_{ref}" if f"mag_{ref}" in mt else f"mag_{bands[-1]}"].to_numpy(float)
