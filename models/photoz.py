@@ -50,7 +50,8 @@ import numpy as np
 import torch
 
 __all__ = ["Z_MAX", "QUANTILES", "QUANTILE_COLUMNS", "MAG_BINS", "PhotoZKNN", "PhotoZReference", "pdf", "cdf",
-           "nmad_figures", "binned_figures", "fit_spread", "neighbour_quantiles", "weighted_quantiles", "snr_spread"]
+           "nmad_figures", "binned_figures", "fit_spread", "neighbour_quantiles", "weighted_quantiles", "snr_spread",
+           "widened"]
 
 Z_MAX = 4.0  # the simulator draws galaxies at z < 3.4
 QUANTILES = (0.025, 0.16, 0.5, 0.84, 0.975)
@@ -243,10 +244,15 @@ class PhotoZKNN:
 def neighbour_quantiles(zn: np.ndarray, spread: float) -> np.ndarray:
     """(n, len(QUANTILES)) quantiles from sorted neighbour redshifts (n, k), widened about the median by `spread`
     and clipped to [0, Z_MAX]."""
-    q = np.quantile(zn, QUANTILES, axis=1).T
+    return widened(np.quantile(zn, QUANTILES, axis=1).T, spread)
+
+
+def widened(q: np.ndarray, spread) -> np.ndarray:
+    """Quantiles q (n, len(QUANTILES)) widened about their median by `spread` (a number, or (n, 1) one per row),
+    clipped to [0, Z_MAX] and kept non-decreasing: every p(z) summary's last step (neighbours, a library's
+    weighted candidates, the CNN's binned density)."""
     med = q[:, [QUANTILES.index(0.5)]]
-    q = np.clip(med + spread * (q - med), 0.0, Z_MAX)
-    return np.maximum.accumulate(q, axis=1)
+    return np.maximum.accumulate(np.clip(med + spread * (q - med), 0.0, Z_MAX), axis=1)
 
 
 def snr_spread(snr: np.ndarray, spread_snr: tuple, spread: float) -> np.ndarray:
@@ -272,10 +278,7 @@ def weighted_quantiles(z: np.ndarray, w: np.ndarray, spread, rows_sorted: bool =
     cw = np.cumsum(ws, axis=1)
     cw /= cw[:, -1:]
     pos = np.stack([(cw < p).sum(1) for p in QUANTILES], axis=1).clip(0, z.shape[1] - 1)
-    q = np.take_along_axis(zs, pos, 1)
-    med = q[:, [QUANTILES.index(0.5)]]
-    q = np.clip(med + spread * (q - med), 0.0, Z_MAX)
-    return np.maximum.accumulate(q, axis=1)
+    return widened(np.take_along_axis(zs, pos, 1), spread)
 
 
 def _knots(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -36,7 +36,7 @@ from torch import nn
 
 from .inference import scaled_asinh
 from .photoz import (FLAG_BANDS_MISSING, FLAG_BROAD, FLAG_LOW_SNR, FLAG_NO_ESTIMATE, QUANTILE_COLUMNS, QUANTILES,
-                     Z_MAX, asinh_mag, band_order)
+                     Z_MAX, asinh_mag, band_order, widened)
 
 __all__ = ["NBINS", "PhotoZCNN", "network_inputs", "quantiles_from_probs", "estimates", "for_inference"]
 
@@ -118,9 +118,7 @@ def quantiles_from_probs(probs: np.ndarray, edges: np.ndarray, spread: float = 1
     q = np.empty((len(probs), len(QUANTILES)))
     for i, c in enumerate(cdf):
         q[i] = np.interp(QUANTILES, c, edges)
-    med = q[:, [QUANTILES.index(0.5)]]
-    q = np.clip(med + spread * (q - med), 0.0, Z_MAX)
-    return np.maximum.accumulate(q, axis=1)
+    return widened(q, spread)
 
 
 def for_inference(model: PhotoZCNN) -> PhotoZCNN:

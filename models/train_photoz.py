@@ -27,8 +27,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .photoz import (CANDIDATES, MAG_SIGMA, MAG_WEIGHT, NJY_AB, QUANTILE_COLUMNS, SYS_FLOOR, Z_MAX, PhotoZKNN,
-                     binned_figures, neighbour_quantiles, nmad_figures, snr_spread, weighted_quantiles)
+from .photoz import (CANDIDATES, MAG_SIGMA, MAG_WEIGHT, NJY_AB, QUANTILE_COLUMNS, SYS_FLOOR, PhotoZKNN,
+                     binned_figures, neighbour_quantiles, nmad_figures, snr_spread, weighted_quantiles, widened)
 from .photoz import fit_spread as bisect_spread
 from .progress import say
 
@@ -286,16 +286,16 @@ def train_library(command: str, tables: list[pd.DataFrame], truths: list[pd.Data
     q1, z, mag, snr = (np.concatenate([p[k] for p in parts]) for k in range(4))
     # one spread per bin of the reference band's S/N (one for all left faint galaxies' intervals too narrow: at
     # i 24-25 they covered 0.47 when i < 24 covered 0.68), each fitted on the bin's galaxies at every magnitude
-    spread = bisect_spread(lambda s: _respread(q1[mag < 24], s), z[mag < 24])
+    spread = bisect_spread(lambda s: widened(q1[mag < 24], s), z[mag < 24])
     spread_snr = []
     for lo, hi in zip(SNR_EDGES, SNR_EDGES[1:] + (np.inf,)):
         b = (snr >= lo) & (snr < hi)
         if lo == SNR_EDGES[0]:
             b |= ~(snr >= lo)  # negative or NaN: the lowest bin, as the estimator puts them
-        spread_snr.append((float(lo), bisect_spread(lambda s: _respread(q1[b], s), z[b]) if b.sum() >= 200
+        spread_snr.append((float(lo), bisect_spread(lambda s: widened(q1[b], s), z[b]) if b.sum() >= 200
                            else spread))
     row = snr_spread(snr, tuple(spread_snr), spread)
-    q = _respread(q1, row[:, None])
+    q = widened(q1, row[:, None])
     zp = q[:, QUANTILE_COLUMNS.index("z_phot_q50")]
     pooled = binned_figures(zp, q, z, mag)
     last = np.arange(len(z)) >= len(z) - len(tabs[-1])
@@ -322,7 +322,3 @@ def train_library(command: str, tables: list[pd.DataFrame], truths: list[pd.Data
     return record, state
 
 
-def _respread(q1: np.ndarray, spread) -> np.ndarray:
-    """Quantiles q1 (widened by 1) widened about the median by `spread` instead, clipped as models.photoz does."""
-    med = q1[:, [QUANTILE_COLUMNS.index("z_phot_q50")]]
-    return np.maximum.accumulate(np.clip(med + spread * (q1 - med), 0.0, Z_MAX), axis=1)
