@@ -14,6 +14,16 @@ MODEL = "photoz_knn"
 CNN = "photoz_cnn"
 
 
+def _photometry(done, flux: str, stages: list[tuple[str, dict]]):
+    """A trainer's (record, state, ...) with the record's `photometry`: what the fluxes it was made on depend
+    on in the measure stage of `stages` (tasks/stages/photoz.py: photometry_settings), which a run checks against
+    its own measure stage before it starts; None (stopped early) as it is."""
+    from deepfield.tasks.stages.photoz import photometry_settings
+    if done is not None:
+        done[0]["photometry"] = photometry_settings(flux, dict(stages).get("measure", {}))
+    return done
+
+
 def _seeds(text: str) -> list[int]:
     """--seeds: comma-separated integers, or a range FIRST-LAST."""
     try:
@@ -70,8 +80,8 @@ def train_photoz(
         tables = seed_tables(seed_list, size, work, stages, halo, workers, flux, band_list, device, say)
         if library:
             truths = [seed_truth(work, s, band_list) for s in seed_list]
-            return train_library(command, tables, truths, seed_list, size, flux, band_list)
-        return train(command, tables, seed_list, size, flux, band_list)
+            return _photometry(train_library(command, tables, truths, seed_list, size, flux, band_list), flux, stages)
+        return _photometry(train(command, tables, seed_list, size, flux, band_list), flux, stages)
     rec = _train("photoz", MODEL, fit, out)
     f = rec["metrics"]["held_out"]["i_lt_24"]
     console.print(f"held out, i < 24: sigma_NMAD {f['sigma_nmad']:.4f}, outliers {f['outliers']:.3f}, "
@@ -125,9 +135,10 @@ def train_photoz_cnn(
         tables = seed_tables(seed_list, size, work, stages, halo, workers, flux, None, device, say, stamps=True)
         stamps = [np.load(stamps_path(work, s, flux), mmap_mode="r") for s in seed_list]
         base, _ = train_photoz.train(command, tables, seed_list, size, flux)
-        return train_photoz_cnn.train(command, tables, stamps, seed_list, epochs=epochs, width=width, nbins=bins, batch=batch,
-                                      lr=lr, band_dropout=band_dropout, seed=seed, checkpoint=ck,
-                                      stop_after=stop_after, baseline=base["metrics"]["held_out"], flux_kind=flux)
+        return _photometry(train_photoz_cnn.train(
+            command, tables, stamps, seed_list, epochs=epochs, width=width, nbins=bins, batch=batch, lr=lr,
+            band_dropout=band_dropout, seed=seed, checkpoint=ck, stop_after=stop_after,
+            baseline=base["metrics"]["held_out"], flux_kind=flux), flux, stages)
     rec = _train("photoz-cnn", CNN, fit, out)
     f, b = rec["metrics"]["held_out"]["i_lt_24"], rec["metrics"]["colour_baseline_held_out"]["i_lt_24"]
     console.print(f"held out, i < 24: sigma_NMAD {f['sigma_nmad']:.4f} (colour baseline {b['sigma_nmad']:.4f}), "

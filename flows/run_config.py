@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from deepfield.catalogs.steps import build_steps
 from deepfield.tasks.ingest_config import StoreSpec
 from deepfield.tasks.provenance import processing_hash
-from deepfield.tasks.stages.registry import DEFAULT_STAGES, check_order, load_plugins, stage_class
+from deepfield.tasks.stages.registry import DEFAULT_STAGES, check_order, check_upstream, load_plugins, stage_class
 from deepfield.tasks.yaml_io import read_mapping, relative_to_file
 
 # merge keys of deepfield 0.1 that moved under their stage's merge step
@@ -125,6 +125,7 @@ class RunConfig(BaseModel):
         if dup:
             raise ValueError(f"stages: {', '.join(dup)} listed more than once")
         check_order(names)
+        check_upstream(self.stage_list())  # e.g. photo-z weights made on another measure stage's photometry
         build_steps(self.stage_list(), self.merge.steps)  # each merge step's parameters, and only real ones
         return self
 

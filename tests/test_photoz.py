@@ -241,6 +241,47 @@ def test_a_flux_other_than_the_weights_is_refused_when_the_configuration_is_read
         assert make_stage("photoz", method=method, flux=trained).flux == trained
 
 
+def test_weights_made_on_another_measure_stages_photometry_are_refused_before_the_run(tmp_path):
+    """The shipped photo-z weights record what their Gaussian-aperture fluxes depend on (the measure stage's
+    photometry version and the aperture's width, gaap_sigma_psf), and it is the default measure stage's; a run
+    configuration whose measure stage would measure those fluxes otherwise is refused when it is read, naming the
+    key and both values, for either method and for a band-set variant that resolve_bands chooses; measure settings
+    the weights do not depend on (other apertures, further Gaussian apertures, the PSF's Moffat index, which
+    describes the survey) pass."""
+    import yaml
+
+    from deepfield.flows.run_config import RunConfigError, load_run_config
+    from deepfield.models.registry import training_record, variant_weights
+    from deepfield.tasks.stages.base import StageConfigError
+    from deepfield.tasks.stages.photoz import photometry_settings
+    from deepfield.tasks.stages.registry import resolve_bands
+    default = photometry_settings("gaap", {})
+    assert default == {"photometry_version": "2", "gaap_sigma_psf": 1.5}
+    for model, tag in (("photoz_knn", None), ("photoz_knn", "ugri"), ("photoz_knn", "ugrizy"), ("photoz_cnn", None)):
+        rec = training_record(model, variant_weights(model, tag) if tag else None)
+        assert rec["photometry"] == default, (model, tag)
+
+    def config(measure: dict, photoz: dict):
+        stages = [{"name": n} for n in ("background", "detect")] + [{"name": "measure", "params": measure},
+                                                                     {"name": "photoz", "params": photoz}]
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump({"inputs": "manifest.yaml", "run_dir": "run", "stages": stages}))
+        return load_run_config(path)
+    for method in ("knn", "cnn"):
+        with pytest.raises(RunConfigError) as exc:
+            config({"gaap_sigma_psf": [2.0, 3.0]}, {"method": method})
+        text = str(exc.value)
+        assert "run.yaml" in text and "stage 'photoz'" in text and "gaap_sigma_psf 2.0 (weights: 1.5)" in text \
+            and f"{method} weights" in text
+        cfg = config({"radii_fwhm": [2.0], "gaap_sigma_psf": [1.5, 3.0], "gaap_psf_beta": 2.5}, {"method": method})
+        assert dict(cfg.stage_list())["measure"]["gaap_sigma_psf"] == [1.5, 3.0]
+    stages = [("background", {}), ("detect", {}), ("measure", {"gaap_sigma_psf": [1.2]}), ("photoz", {})]
+    with pytest.raises(StageConfigError, match=r"photoz_knn.ugrizy.pt\).*gaap_sigma_psf 1.2 \(weights: 1.5\)"):
+        resolve_bands(stages, {"a": list("ugrizy")})
+    kept, _ = resolve_bands([("background", {}), ("detect", {}), ("measure", {}), ("photoz", {})], {"a": list("ugrizy")})
+    assert dict(kept)["photoz"]["variant"] == "ugrizy"
+
+
 def test_a_survey_with_all_of_a_band_set_variants_bands_gets_that_reference_set():
     """The band-set variants of the reference set (photoz_knn.<bands>.pt) are measured with all of their bands,
     so a run gets one only where every field has all of them (the most bands first); any other survey with two

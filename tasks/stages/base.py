@@ -113,6 +113,13 @@ class Stage(ABC):
         whose configuration chooses among its models narrows it). `weights` and `variant` apply to the first."""
         return cls.models
 
+    @classmethod
+    def upstream_problem(cls, config: StageConfig, before: dict[str, StageConfig]) -> str | None:
+        """Why this stage's configuration cannot follow the stages before it in a run (`before`: name -> their
+        validated configurations), beyond the columns that `reads` and `adds` check: for example weights made on
+        photometry that the configured measure stage does not produce; None when it can."""
+        return None
+
     def required_bands(self) -> list[str] | None:
         """The bands this stage needs in every field, or None when it works on whatever bands a field has."""
         return None

@@ -202,6 +202,10 @@ class MeasureStage(Stage):
 
     name: ClassVar[str] = "measure"
     version: ClassVar[str] = "7"
+    # bump (with `version`) when the values of flux_gaap/aper/auto change, not for new columns: the photo-z
+    # weights' records keep it (tasks/stages/photoz.py: photometry_settings) and a run refuses weights made on
+    # another photometry. 2: Gaussian apertures normalised for a Moffat PSF (version 7)
+    photometry_version: ClassVar[str] = "2"
     Config: ClassVar[type[StageConfig]] = MeasureConfig
     reads: ClassVar[tuple[str, ...]] = _NEEDS
     adds: ClassVar[tuple[str, ...]] = (

@@ -32,12 +32,35 @@ from pydantic import Field
 
 from .base import ModelStage, ModelStageConfig, StageConfig
 
-__all__ = ["PhotoZStage", "PhotoZConfig", "nJy", "stamps_nJy", "STAMP_SIZE"]
+__all__ = ["PhotoZStage", "PhotoZConfig", "nJy", "stamps_nJy", "STAMP_SIZE", "photometry_settings"]
 
 STAMP_SIZE = 32  # px side of the CNN's stamps (6.4" at 0.2"/px): a galaxy at i < 25 and its surroundings
 
 
 METHOD_MODELS = {"knn": "photoz_knn", "cnn": "photoz_cnn"}
+
+# the measure stage's parameters that each photometry's fluxes depend on (and its photometry_version): weights made
+# on one setting give wrong redshifts on fluxes measured with another (a Gaussian aperture of another width takes
+# another share of each galaxy's light in each band: other colours), so a run refuses the pair before it starts
+# (upstream_problem). Of a tuple of apertures the first makes the flux the photo-z reads (flux_gaap_<b>,
+# flux_aper_<b>). Not gaap_psf_beta: it describes the survey's PSF (the normalisation is right when it is the
+# PSF's own index), not the measurement the weights were made on.
+_KRON = ("kron_k", "kron_rmax", "min_radius", "kron_max_footprint", "mask_neighbours")
+PHOTOMETRY_PARAMS = {"gaap": ("gaap_sigma_psf",), "aper": ("radii_fwhm", "subpix"),
+                     "auto": _KRON, "deblend": _KRON}
+
+
+def photometry_settings(flux: str, measure) -> dict:
+    """What the photometry `flux` (gaap, aper, auto, deblend) depends on in the measure stage's configuration
+    `measure` (its parameters, a dict or MeasureConfig): {"photometry_version": the measure stage's, parameter:
+    value, ...}, as the photo-z weights' training records keep it (`photometry`)."""
+    from .measure import MeasureStage
+    cfg = MeasureStage.configure(dict(measure) if not isinstance(measure, MeasureStage.Config) else measure)
+    out = {"photometry_version": MeasureStage.photometry_version}
+    for key in PHOTOMETRY_PARAMS[flux]:
+        v = getattr(cfg, key)
+        out[key] = float(v[0]) if isinstance(v, tuple) else v
+    return out
 
 
 class PhotoZConfig(ModelStageConfig):
@@ -86,6 +109,31 @@ class PhotoZStage(ModelStage):
             raise StageConfigError(f"stage 'photoz': flux {cfg.flux!r}, but the {cfg.method} weights ({model}) were "
                                    f"made with {trained!r}: set flux: {trained} ({fix})")
         return cfg
+
+    @classmethod
+    def upstream_problem(cls, config: StageConfig, before: dict[str, StageConfig]) -> str | None:
+        """The measure stage before it must measure the photometry as it was when the weights were made (their
+        training record's `photometry`, photometry_settings); weights without that record are not checked."""
+        model = cls.used_models(config)[0]
+        try:
+            from deepfield.models.registry import training_record
+            rec = training_record(model, config.weights_file(model))
+        except Exception:  # noqa: BLE001 - no readable record: loading the weights reports it, naming the file
+            return None
+        made = rec.get("photometry")
+        if not made or "measure" not in before:
+            return None
+        flux = rec.get("arch", {}).get("flux_kind", "aper")
+        now = photometry_settings(flux, before["measure"])
+        diff = [k for k in made if now.get(k) != made[k]]
+        if not diff:
+            return None
+        what = ", ".join(f"{k} {now.get(k)!r} (weights: {made[k]!r})" for k in diff)
+        retrain = "deepfield train photoz" if config.method == "knn" else "deepfield train photoz-cnn"
+        return (f"the {config.method} weights ({config.weights_file(model) or model}) were made on flux_{flux}_<b> "
+                f"from another measure stage than this run's: {what}; their redshifts would be wrong on these fluxes. "
+                f"Give the measure stage the weights' settings (`{retrain}` makes weights on the default "
+                f"measure stage's), or leave the photoz stage out")
 
     def required_bands(self) -> list[str] | None:
         return None  # any two of the weights' bands (band_problem)

@@ -27,7 +27,7 @@ from .measure import MeasureStage
 from .photoz import PhotoZStage
 
 __all__ = ["STAGES", "DEFAULT_STAGES", "make_stage", "stage_class", "register_stage", "load_plugins",
-           "check_order", "check_bands", "resolve_bands", "BandError"]
+           "check_order", "check_upstream", "check_bands", "resolve_bands", "BandError"]
 
 STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (
     BackgroundStage, DetectStage, MeasureStage, DeblendStage, PhotoZStage, LensStage, ClusterStage, AnomalyStage)}
@@ -116,6 +116,23 @@ def check_order(names: list[str]) -> None:
         for c in cls.adds:
             added.setdefault(c, name)
 
+
+
+def check_upstream(stages: list[tuple[str, dict]]) -> None:
+    """StageConfigError, one line per stage, when a stage of `stages` ([(name, params)], in run order) cannot
+    follow the configured stages before it (Stage.upstream_problem): checked before any run."""
+    from .base import StageConfigError
+    before: dict = {}
+    problems = []
+    for name, params in stages:
+        cls = stage_class(name)
+        cfg = cls.configure(params)
+        why = cls.upstream_problem(cfg, dict(before))
+        if why:
+            problems.append(f"stage {name!r}: {why}")
+        before[name] = cfg
+    if problems:
+        raise StageConfigError("\n".join(problems))
 
 
 class BandError(ValueError):
@@ -211,6 +228,7 @@ def resolve_bands(stages: list[tuple[str, dict]], field_bands: dict[str, list[st
             added |= set(cls.adds)
         else:
             break
+    check_upstream(kept)  # with the band-set variants chosen (their weights' training records)
     return kept, skipped
 
 
