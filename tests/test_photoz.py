@@ -102,6 +102,31 @@ def test_the_stage_in_the_default_run_against_the_truth(default_run, survey):
     assert f["sigma_nmad"] < 0.12 and f["outliers"] < 0.25 and abs(f["bias"]) < 0.05, f
 
 
+def test_the_gaussian_apertures_psf_index_of_the_default_runs_fields(default_run):
+    """The measure stage measured each field's PSF index once and kept it in the run's shared directory
+    (cache/measure/<field>/psf_beta.*.json), the same as measuring the store again gives; a field with enough
+    stars has one index for its bands, the simulator's 3.5 within 0.3 (3.45 and 3.65 measured on these 1024^2
+    fields, 10-20 stars per band), a field without has none (the stage's 3.5 then)."""
+    import json
+
+    import zarr
+
+    from deepfield.tasks.stages._pixels import band_fwhm_pixels
+    from deepfield.tasks.stages._psf_shape import field_betas
+    from deepfield.tasks.zarr_store import read_tile
+    from deepfield.tasks.tiling import TileId
+    cfg, _, _ = default_run
+    root = zarr.open_group(str(cfg.store_path), mode="r", use_consolidated=False)
+    for name in root["fields"].group_keys():
+        kept = list((cfg.run_dir / "cache" / "measure" / name).glob("psf_beta.*.json"))
+        assert len(kept) == 1, kept
+        got = json.loads(kept[0].read_text())
+        tile = read_tile(root, TileId(name, 0, 0), 0)
+        assert got == field_betas(tile.group, tile.bands, band_fwhm_pixels(tile))
+        assert len(got) == len(tile.bands)
+        assert all(b is None for b in got) or (len(set(got)) == 1 and abs(got[0] - 3.5) < 0.3), got
+
+
 def test_red_sequence_members_of_the_default_run_clusters_are_at_their_cluster_redshift(default_run, survey):
     """The simulated clusters (z 0.3-0.6) have red-sequence members (the E template at the cluster's z): each bright
     member (i < 22) the run measured gets z_phot from the shipped reference set within 0.05 (1 + z), but for a
@@ -256,7 +281,7 @@ def test_weights_made_on_another_measure_stages_photometry_are_refused_before_th
     from deepfield.tasks.stages.photoz import photometry_settings
     from deepfield.tasks.stages.registry import resolve_bands
     default = photometry_settings("gaap", {})
-    assert default == {"photometry_version": "2", "gaap_sigma_psf": 1.5}
+    assert default == {"photometry_version": "3", "gaap_sigma_psf": 1.5}
     for model, tag in (("photoz_knn", None), ("photoz_knn", "ugri"), ("photoz_knn", "ugrizy"), ("photoz_cnn", None)):
         rec = training_record(model, variant_weights(model, tag) if tag else None)
         assert rec["photometry"] == default, (model, tag)

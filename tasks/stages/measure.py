@@ -24,9 +24,13 @@ For each detection (the `detect` stage's table) and band b, on the background-su
   the source's own (pre-seeing) profile weighted by a Gaussian of sigma_g in every band, whatever each band's
   seeing, so colours do not mix the bands' PSFs. The PSFs of the simulator and of real surveys are not Gaussian
   but Moffat-like, with wings that the weight sees less of in a band of sharper seeing; so the sum is divided by
-  the weight's response to a point source under a circular Moffat PSF of the band's FWHM and index
-  `gaap_psf_beta` (3.5; `moffat_weight`), which makes it a point source's total flux under such a PSF and takes
-  the first-order dependence on each band's seeing out of the colours: `flux_gaap_<b>`, `fluxerr_gaap_<b>`. (Before
+  the weight's response to a point source under a circular Moffat PSF of the band's FWHM and index, integrated over
+  the pixels (`point_response`, from `moffat_weight`), which makes it a point source's total flux under such a PSF
+  and takes the first-order dependence on each band's seeing out of the colours: `flux_gaap_<b>`,
+  `fluxerr_gaap_<b>`. The index is the field's, measured from its stars once per field (`gaap_psf_stars`,
+  tasks/stages/_psf_shape.py: 3.49 and 2.49 on simulated fields of index 3.5 and 2.5), else `gaap_psf_beta` (3.5):
+  for one FWHM, an index of 2.5 instead of 3.5 moves the response by 10-13 %, by different amounts in bands of
+  different seeing. (Before
   2026-12-04 the sum was scaled by sigma_g^2 / sigma_b^2, the response for a Gaussian PSF: a point source's
   colours then moved by up to 10 % between fields whose bands had their seeing in another order, and a k-NN
   photo-z on them by 35 % in sigma_NMAD.) Each further factor of `gaap_sigma_psf` gets `flux_gaap_<tag>_<b>` (tag
@@ -56,6 +60,7 @@ Units: fluxes in image units (AB magnitude `zeropoint_<b>` for 1 unit); radii in
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -67,7 +72,7 @@ from .. import maskbits
 from ._pixels import band_fwhm_pixels, band_pixels, configure_sep, detection_image, fwhm_pixels
 from .base import Stage, StageConfig
 
-__all__ = ["MeasureStage", "MeasureConfig", "magnitudes", "moffat_weight"]
+__all__ = ["MeasureStage", "MeasureConfig", "magnitudes", "moffat_weight", "point_response"]
 
 _NEEDS = ("x_tile", "y_tile", "a", "b", "theta")
 _MAG = 2.5 / np.log(10.0)
@@ -78,6 +83,25 @@ def _tag(r: float, unit: str) -> str:
     return f"{r:g}".replace(".", "p") + unit
 
 
+PIXEL_VAR = 1.0 / 12.0  # px^2: the variance of a pixel's box, by which pixel integration widens what it samples
+
+
+def point_response(fwhm, sigma, beta):
+    """The response of the Gaussian weight of `sigma` pixels, sampled at pixel centres, to a star of unit flux
+    whose image is a circular Moffat PSF (FWHM `fwhm` pixels, index `beta`) integrated over the pixels: the pixel
+    box convolved into the weight makes it, to second order, a Gaussian of variance sigma^2 + 1/12 and the same
+    integral, so the response is sigma^2 / (sigma^2 + 1/12) moffat_weight(fwhm, sqrt(sigma^2 + 1/12), beta). On
+    GalSim's pixel-integrated Moffat stars of index 2.5, 3.5 and 4.5 this recovers the index to 0.1 from the
+    stars' responses (tasks/stages/_psf_shape.py), where the bare moffat_weight gives 0.1-0.4 less (more for
+    sharper seeing), and a star's normalised flux is its total to 0.5 %, not 1 % under it. Takes arrays."""
+    from scipy.special import hyperu
+    fwhm, sigma, beta = (np.asarray(v, float) for v in (fwhm, sigma, beta))
+    var = sigma ** 2 + PIXEL_VAR
+    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    out = sigma ** 2 / var * (beta - 1.0) * hyperu(1.0, 2.0 - beta, alpha ** 2 / (2.0 * var))
+    return float(out) if out.ndim == 0 else out
+
+
 def moffat_weight(fwhm: float, sigma: float, beta: float) -> float:
     """The response of a circular Gaussian weight exp(-r^2 / 2 sigma^2) to a point source of unit flux under a
     circular Moffat PSF of FWHM `fwhm` (the same unit as sigma) and index `beta` > 1, the PSF
@@ -85,8 +109,8 @@ def moffat_weight(fwhm: float, sigma: float, beta: float) -> float:
     the integral of M(r) exp(-r^2 / 2 sigma^2) 2 pi r dr, which with u = r^2 / alpha^2 is
     (beta - 1) U(1, 2 - beta, alpha^2 / (2 sigma^2)), U Tricomi's confluent hypergeometric function. It tends to 1
     for a weight much wider than the PSF; for a Gaussian PSF of sigma s the response would be
-    sigma^2 / (sigma^2 + s^2). The pixel's own width is left out: it widens the PSF a little, and a star's flux
-    comes out about 1 % under its total at the simulator's 0.2" pixels (the same in every band to 0.1 %)."""
+    sigma^2 / (sigma^2 + s^2). The pixel's own width is left out here (point_response puts it in): without it a
+    star's flux comes out about 1 % under its total at the simulator's 0.2" pixels."""
     from scipy.special import hyperu
     alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
     return float((beta - 1.0) * hyperu(1.0, 2.0 - beta, alpha ** 2 / (2.0 * sigma ** 2)))
@@ -178,7 +202,11 @@ class MeasureConfig(StageConfig):
                                               "others flux_gaap_<tag>_<b>")
     gaap_psf_beta: float = Field(3.5, gt=1.0, description="Gaussian-aperture photometry: Moffat index of the PSF "
                                  "model whose point source the fluxes are normalised to (its total flux), each band "
-                                 "at its own FWHM")
+                                 "at its own FWHM, where the field's stars give none (gaap_psf_stars) or that is off")
+    gaap_psf_stars: bool = Field(True, description="Gaussian-aperture photometry: the PSF's Moffat index measured "
+                                 "from the bright isolated stars of the field's central 2048^2 pixels, one for all "
+                                 "its bands (tasks/stages/_psf_shape.py), once per field; a field with fewer than 8 "
+                                 "such stars gets gaap_psf_beta")
     default_fwhm_px: float = Field(3.0, gt=0, description="PSF FWHM (pixels) assumed when the tile gives none")
 
     @field_validator("radii_fwhm", "radii_arcsec")
@@ -201,11 +229,12 @@ class MeasureStage(Stage):
     MeasureConfig)."""
 
     name: ClassVar[str] = "measure"
-    version: ClassVar[str] = "7"
+    version: ClassVar[str] = "8"
     # bump (with `version`) when the values of flux_gaap/aper/auto change, not for new columns: the photo-z
     # weights' records keep it (tasks/stages/photoz.py: photometry_settings) and a run refuses weights made on
-    # another photometry. 2: Gaussian apertures normalised for a Moffat PSF (version 7)
-    photometry_version: ClassVar[str] = "2"
+    # another photometry. 2: Gaussian apertures normalised for a Moffat PSF (version 7); 3: its index measured
+    # from the field's stars, the pixel's width in the normalisation (version 8)
+    photometry_version: ClassVar[str] = "3"
     Config: ClassVar[type[StageConfig]] = MeasureConfig
     reads: ClassVar[tuple[str, ...]] = _NEEDS
     adds: ClassVar[tuple[str, ...]] = (
@@ -216,6 +245,40 @@ class MeasureStage(Stage):
 
     def setup(self, device: str) -> None:
         """Nothing to load; SEP runs on the CPU whatever `device` is."""
+
+    def psf_betas(self, tile) -> list[float]:
+        """Each band's Moffat index for the Gaussian apertures' normalisation: the field's, from its stars
+        (gaap_psf_stars; tasks/stages/_psf_shape.py: field_betas), measured once per field and kept per process,
+        and in a run's shared directory for the other actors; gaap_psf_beta for a field without enough stars, a
+        band without a FWHM, a tile not read from a store, or with gaap_psf_stars off."""
+        nb = len(tile.bands)
+        if not self.gaap_psf_stars or getattr(tile, "group", None) is None:
+            return [self.gaap_psf_beta] * nb
+        from ..zarr_store import COMPLETE
+        g = tile.group
+        key = (g.path.rsplit("/", 1)[-1], str(g.store), repr(g.attrs.get(COMPLETE)))
+        cache = self.__dict__.setdefault("_betas", {})
+        if key not in cache:
+            cache.clear()  # one field at a time: its tiles come together
+            cache[key] = self._field_betas(tile, key)
+        return [b if b is not None else self.gaap_psf_beta for b in cache[key]]
+
+    def _field_betas(self, tile, key: tuple) -> list[float | None]:
+        from ._psf_shape import field_betas
+        fwhm = band_fwhm_pixels(tile)
+
+        def compute() -> list[float | None]:
+            return field_betas(tile.group, list(tile.bands), fwhm)
+        if self.shared_dir is None:
+            return compute()
+        import hashlib
+        import json
+
+        from ..atomic import shared_result
+        where = Path(self.shared_dir) / key[0]
+        digest = hashlib.sha256(json.dumps([key[2], fwhm, self.version], default=str).encode()).hexdigest()[:24]
+        return shared_result(where / ".psf_beta.lock", where / f"psf_beta.{digest}.json", compute,
+                             lambda p: json.loads(p.read_text()), lambda fh, v: fh.write(json.dumps(v).encode()))
 
     def apertures(self, tile) -> list[tuple[str, float]]:
         """(column infix, radius in pixels) of every circular aperture on this tile; the reference
@@ -289,6 +352,7 @@ class MeasureStage(Stage):
 
         phot_flag = kflag.copy()
         fwhm_b = [f or self.default_fwhm_px for f in band_fwhm_pixels(tile)]
+        beta_b = self.psf_betas(tile)
         sig_psf = np.asarray(fwhm_b, float) / _FWHM_SIGMA
         gaap = [("gaap" if k == 0 else f"gaap_{_tag(g, '')}", g * float(sig_psf.max()))
                 for k, g in enumerate(self.gaap_sigma_psf)]
@@ -307,7 +371,7 @@ class MeasureStage(Stage):
                 lost = np.isnan(f)  # mostly in other detections' segments: the weight over every pixel instead
                 if neighbours and lost.any():
                     f[lost], e[lost] = gaussian_aperture(data, err, bad, x[lost], y[lost], sig_b)
-                norm = moffat_weight(float(fwhm_b[ib]), float(sig_b), self.gaap_psf_beta)
+                norm = point_response(float(fwhm_b[ib]), float(sig_b), float(beta_b[ib]))
                 cols[f"flux_{infix}_{band}"] = f / norm
                 cols[f"fluxerr_{infix}_{band}"] = e / norm
             f, e, fl = auto_sum(data, err, bad, neighbours)
