@@ -110,6 +110,12 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
     return root
 
 
+def field_key(group: zarr.Group) -> tuple[str, str, str]:
+    """A field's key for results computed once per field (its name, its store, its completion record): a
+    re-ingest makes a new key, so nothing computed from the old pixels is taken for the new."""
+    return group.path.rsplit("/", 1)[-1], str(group.store), repr(group.attrs.get(COMPLETE))
+
+
 def field_record(root: zarr.Group, name: str) -> dict | None:
     """The completion record of a field, or None when the field is absent or incomplete."""
     try:

@@ -52,7 +52,7 @@ def moffat_ratios(fwhm: float, beta) -> np.ndarray:
     """(len(beta), len(SIGMAS)): a pixel-integrated circular Moffat's (FWHM `fwhm` px, indices `beta`) response to
     each Gaussian weight of SIGMAS (measure.point_response) over its flux within RADIUS FWHM less the annulus mean
     (as band_betas measures stars)."""
-    from ._moffat import point_response
+    from ._gaap import point_response
     beta = np.atleast_1d(np.asarray(beta, float))[:, None]
     sig = np.asarray(SIGMAS, float)[None, :] * (fwhm / _FWHM_SIGMA)
     resp = point_response(fwhm, sig, beta)

@@ -109,8 +109,8 @@ class ClusterStage(ModelStage):
     @staticmethod
     def _key(group) -> tuple:
         """A field's cache key: its name, store and completion record (a re-ingest makes a new key)."""
-        from ..zarr_store import COMPLETE
-        return group.path.rsplit("/", 1)[-1], str(group.store), repr(group.attrs.get(COMPLETE))
+        from ..zarr_store import field_key
+        return field_key(group)
 
     def halo_bins(self, tile) -> int:
         """`halo_arcsec` in binned pixels of the tile's field."""

@@ -69,7 +69,7 @@ import sep
 from pydantic import Field, field_validator
 
 from .. import maskbits
-from ._moffat import PIXEL_VAR, moffat_weight, point_response  # noqa: F401 - re-exported
+from ._gaap import PIXEL_VAR, gaussian_aperture, moffat_weight, point_response  # noqa: F401 - re-exported
 from ._pixels import band_fwhm_pixels, band_pixels, configure_sep, detection_image, fwhm_pixels
 from .base import Stage, StageConfig
 
@@ -82,45 +82,6 @@ _FWHM_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # a Gaussian's FWHM over its
 
 def _tag(r: float, unit: str) -> str:
     return f"{r:g}".replace(".", "p") + unit
-
-
-def gaussian_aperture(data: np.ndarray, err: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray,
-                      sigma: float, segmap: np.ndarray | None = None, seg_id: np.ndarray | None = None,
-                      reach: float = 4.0, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Sums of `data` (2-d) weighted by exp(-r^2 / 2 sigma^2) about each (x, y) (array pixel coordinates, pixel
-    centres at integers) out to `reach` sigma, and their errors sqrt(sum w^2 err^2). Pixels that are `bad`,
-    outside the array or (with `segmap`, `seg_id`) in another detection's segment are left out, and both sums
-    are scaled up by the weight of every pixel over the weight of those kept; NaN where under 30 % of the weight
-    is kept. `data` and `err` must be finite where `bad` is False (as band_pixels gives them)."""
-    n = len(x)
-    f, e = np.full(n, np.nan), np.full(n, np.nan)
-    if n == 0:
-        return f, e
-    ny, nx = data.shape
-    h = int(math.ceil(reach * sigma))
-    off = np.arange(-h, h + 1)
-    flat_data, flat_err, flat_bad = data.ravel(), err.ravel(), bad.ravel()
-    flat_seg = np.ravel(segmap) if segmap is not None and seg_id is not None else None
-    for k in range(0, n, chunk):
-        xs, ys = np.asarray(x[k:k + chunk], float), np.asarray(y[k:k + chunk], float)
-        xi, yi = np.rint(xs).astype(np.int64), np.rint(ys).astype(np.int64)
-        cols, rows = xi[:, None] + off, yi[:, None] + off  # (m, 2h+1)
-        gx = np.exp(-0.5 * (cols - xs[:, None]) ** 2 / sigma ** 2)  # the weight is separable: 2 x (m, 2h+1) exps
-        gy = np.exp(-0.5 * (rows - ys[:, None]) ** 2 / sigma ** 2)
-        total = gy.sum(1) * gx.sum(1)
-        inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
-        # flat indices once, np.take for each array: 0.6 of the time of indexing every array by (y, x)
-        idx = (np.clip(rows, 0, ny - 1) * nx)[:, :, None] + np.clip(cols, 0, nx - 1)[:, None, :]
-        keep = inside & ~np.take(flat_bad, idx)
-        if flat_seg is not None:
-            sv = np.take(flat_seg, idx)
-            keep &= (sv == 0) | (sv == np.asarray(seg_id[k:k + chunk])[:, None, None])
-        wk = np.where(keep, gy[:, :, None] * gx[:, None, :], 0.0)
-        kept = wk.sum((1, 2))
-        scale = np.where(kept > 0.3 * total, total / np.maximum(kept, 1e-300), np.nan)
-        f[k:k + chunk] = (wk * np.take(flat_data, idx)).sum((1, 2)) * scale
-        e[k:k + chunk] = np.sqrt(((wk * np.take(flat_err, idx)) ** 2).sum((1, 2))) * scale
-    return f, e
 
 
 def magnitudes(flux, fluxerr, zp: float) -> tuple[np.ndarray, np.ndarray]:
@@ -222,9 +183,8 @@ class MeasureStage(Stage):
         nb = len(tile.bands)
         if not self.gaap_psf_stars or getattr(tile, "group", None) is None:
             return [self.gaap_psf_beta] * nb
-        from ..zarr_store import COMPLETE
-        g = tile.group
-        key = (g.path.rsplit("/", 1)[-1], str(g.store), repr(g.attrs.get(COMPLETE)))
+        from ..zarr_store import field_key
+        key = field_key(tile.group)
         cache = self.__dict__.setdefault("_betas", {})
         if key not in cache:
             cache.clear()  # one field at a time: its tiles come together
