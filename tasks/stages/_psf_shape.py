@@ -18,8 +18,9 @@ their concentration (the response at 1 sigma, which for a PSF of this FWHM lies 
 BETA_MIN, 2, and the Gaussian: flatter is a galaxy, sharper a cosmic ray or a hot pixel; the locus is the most
 concentrated group of three within 2 LOCUS, and its stars every candidate within LOCUS of their median, at least
 MIN_STARS), found in the band that finds most and taken in every band. On simulated fields of index 3.5 and 2.5
-(19-26 stars per band in 2048^2 px) it gives 3.49 and 2.49. A field with fewer than MIN_STARS stars (most
-1024^2 fields), or a band without a FWHM, gets None: the stage's `gaap_psf_beta`.
+(19-26 stars per band in 2048^2 px) it gives 3.49 and 2.49; on Gaussian stars (the Moffat's limit of large
+index, the last of BETAS) 193, with which their normalised fluxes are their totals to 0.3 %. A field with fewer
+than MIN_STARS stars (most 1024^2 fields), or a band without a FWHM, gets None: the stage's `gaap_psf_beta`.
 
 Written here rather than taken from a PSF-modelling package (PSFEx, piff): those need catalogs and configuration
 outside the pipeline and model much more than the one number the normalisation needs.
@@ -30,6 +31,8 @@ import math
 
 import numpy as np
 
+from ._gaap import FWHM_SIGMA as _FWHM_SIGMA
+
 __all__ = ["band_betas", "field_betas", "moffat_ratios", "SIGMAS", "MIN_STARS"]
 
 SIGMAS = (1.0, 1.25, 1.5, 2.0)  # Gaussian weights' sigmas in units of the band's PSF sigma (FWHM / 2.3548)
@@ -38,9 +41,10 @@ MIN_STARS = 8
 LOCUS = 0.03  # stars: the response at 1 sigma within this of the locus's median
 RADIUS, ANNULUS, ISOLATION = 3.0, 4.0, 8.0  # in FWHM: total flux within, background annulus to, no neighbour within
 MAX_SIDE = 2048
-BETAS = np.geomspace(1.3, 60.0, 121)  # candidates, 3.2 % apart (60: nearly a Gaussian); an end is no measurement
+# candidates, 3.2 % apart; the last, about 1000, is the Gaussian to 0.05 % at the weights used (a Gaussian PSF is the
+# limit of the Moffat's at large index): a fit there is a Gaussian PSF, one at the first no measurement
+BETAS = 1.3 * (60.0 / 1.3) ** (np.arange(209) / 120.0)  # 1.3 .. 997; the first 121 the grid to 60 of before
 BETA_MIN = 2.0  # the flattest PSF whose stars are taken for stars (flatter sources are galaxies)
-_FWHM_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
 def _enclosed(r: float, alpha: float, beta: np.ndarray) -> np.ndarray:
@@ -165,9 +169,13 @@ def _stars(data: np.ndarray, good: np.ndarray, sky: float, sigma: float, fwhm: f
 
 def _vertex(fit: np.ndarray) -> float | None:
     """The index at the least of `fit` (over BETAS): the vertex of the parabola in log(beta) through the least
-    value and its neighbours; None at either end of BETAS (no Moffat in the range matches)."""
+    value and its neighbours; BETAS[-1] at the last (a Gaussian PSF: before 2026-12-05 the last was 60 and a
+    no measurement, so a field of Gaussian stars got `gaap_psf_beta` 3.5, its stars' normalised fluxes 16-23 %
+    high and its colours 5.7 % off); None at the first (flatter than any Moffat in the range)."""
     k = int(np.argmin(fit))
-    if not 0 < k < len(BETAS) - 1:
+    if k == len(BETAS) - 1:
+        return float(BETAS[-1])
+    if k == 0:
         return None
     a, b, c = fit[k - 1], fit[k], fit[k + 1]
     den = a - 2.0 * b + c

@@ -28,7 +28,8 @@ For each detection (the `detect` stage's table) and band b, on the background-su
   the pixels (`point_response`, from `moffat_weight`), which makes it a point source's total flux under such a PSF
   and takes the first-order dependence on each band's seeing out of the colours: `flux_gaap_<b>`,
   `fluxerr_gaap_<b>`. The index is the field's, measured from its stars once per field (`gaap_psf_stars`,
-  tasks/stages/_psf_shape.py: 3.49 and 2.49 on simulated fields of index 3.5 and 2.5), else `gaap_psf_beta` (3.5):
+  tasks/stages/_psf_shape.py: 3.49 and 2.49 on simulated fields of index 3.5 and 2.5; a Gaussian PSF, the limit of
+  large index, as about 200-1000, which normalises as the Gaussian to 0.1 %), else `gaap_psf_beta` (3.5):
   for one FWHM, an index of 2.5 instead of 3.5 moves the response by 10-13 %, by different amounts in bands of
   different seeing. (Before
   2026-12-04 the sum was scaled by sigma_g^2 / sigma_b^2, the response for a Gaussian PSF: a point source's
@@ -59,7 +60,6 @@ Units: fluxes in image units (AB magnitude `zeropoint_<b>` for 1 unit); radii in
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import ClassVar
 
@@ -69,6 +69,7 @@ import sep
 from pydantic import Field, field_validator
 
 from .. import maskbits
+from ._gaap import FWHM_SIGMA as _FWHM_SIGMA
 from ._gaap import PIXEL_VAR, gaussian_aperture, moffat_weight, point_response  # noqa: F401 - re-exported
 from ._pixels import band_fwhm_pixels, band_pixels, configure_sep, detection_image, fwhm_pixels
 from .base import Stage, StageConfig
@@ -77,7 +78,6 @@ __all__ = ["MeasureStage", "MeasureConfig", "magnitudes", "moffat_weight", "poin
 
 _NEEDS = ("x_tile", "y_tile", "a", "b", "theta")
 _MAG = 2.5 / np.log(10.0)
-_FWHM_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # a Gaussian's FWHM over its sigma
 
 
 def _tag(r: float, unit: str) -> str:
@@ -131,7 +131,8 @@ class MeasureConfig(StageConfig):
                                               "others flux_gaap_<tag>_<b>")
     gaap_psf_beta: float = Field(3.5, gt=1.0, description="Gaussian-aperture photometry: Moffat index of the PSF "
                                  "model whose point source the fluxes are normalised to (its total flux), each band "
-                                 "at its own FWHM, where the field's stars give none (gaap_psf_stars) or that is off")
+                                 "at its own FWHM (a Gaussian PSF: 1000), where the field's stars give none "
+                                 "(gaap_psf_stars) or that is off")
     gaap_psf_stars: bool = Field(True, description="Gaussian-aperture photometry: the PSF's Moffat index measured "
                                  "from the bright isolated stars of the field's central 2048^2 pixels, one for all "
                                  "its bands (tasks/stages/_psf_shape.py), once per field; a field with fewer than 8 "
@@ -158,11 +159,14 @@ class MeasureStage(Stage):
     MeasureConfig)."""
 
     name: ClassVar[str] = "measure"
-    version: ClassVar[str] = "8"
+    version: ClassVar[str] = "9"
     # bump (with `version`) when the values of flux_gaap/aper/auto change, not for new columns: the photo-z
     # weights' records keep it (tasks/stages/photoz.py: photometry_settings) and a run refuses weights made on
     # another photometry. 2: Gaussian apertures normalised for a Moffat PSF (version 7); 3: its index measured
-    # from the field's stars, the pixel's width in the normalisation (version 8)
+    # from the field's stars, the pixel's width in the normalisation (version 8). Version 9 (the fit's range
+    # extended to the Gaussian, _psf_shape.BETAS) keeps 3: it changes the fluxes only of fields whose stars are
+    # sharper than a Moffat of index 60, which before got gaap_psf_beta; the simulator's (the photo-z training
+    # fields') index 3.5 is measured as before
     photometry_version: ClassVar[str] = "3"
     Config: ClassVar[type[StageConfig]] = MeasureConfig
     reads: ClassVar[tuple[str, ...]] = _NEEDS
