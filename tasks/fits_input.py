@@ -21,7 +21,7 @@ from .fits_files import IMAGE_HDUS, FitsFiles, InputError, file_digest, sha256_f
 from .fits_headers import FWHM_KEYS, celestial_wcs, header_value, zeropoint
 from .fits_noise import check_pixels
 from .ingest_config import FieldSpec
-from .psf_measure import measure_fwhm
+from .psf_measure import measure_fwhms
 
 MEF_KINDS = {"IMAGE": "image", "INVVAR": "invvar", "WEIGHT": "invvar", "VARIANCE": "variance", "MASK": "mask"}
 
@@ -351,16 +351,17 @@ def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> Fiel
         if not np.shares_memory(b.image, image[k]):  # resampled or on another grid: copy in
             image[k], invvar[k], mask[k] = b.image, b.invvar, b.mask
     scales = proj_plane_pixel_scales(rb.wcs) * 3600.0
-    for b in bands:
-        if b.psf_fwhm is None:  # neither header nor configuration: measured from the band's stars
-            px, n = measure_fwhm(b.image, b.invvar, b.mask)
-            if px is not None:
-                b.psf_fwhm = px * float(np.mean(scales))
-                notes.append(f"band {b.name}: no PSF FWHM in the header or configuration; measured from {n} stars: "
-                             f"{b.psf_fwhm:.3f}\" ({px:.2f} px)")
-            else:
-                notes.append(f"band {b.name}: no PSF FWHM in the header or configuration and too few isolated stars "
-                             f"to measure it; the stages assume 3 px (set psf_fwhm for this band)")
+    missing = [b for b in bands if b.psf_fwhm is None]  # neither header nor configuration: from the stars
+    measured = measure_fwhms([b.image for b in missing], [b.invvar for b in missing], [b.mask for b in missing]) \
+        if missing else []
+    for b, (px, n, how) in zip(missing, measured):
+        if px is not None:
+            b.psf_fwhm = px * float(np.mean(scales))
+            notes.append(f"band {b.name}: no PSF FWHM in the header or configuration; measured from {n} stars ({how}): "
+                         f"{b.psf_fwhm:.3f}\" ({px:.2f} px)")
+        else:
+            notes.append(f"band {b.name}: no PSF FWHM in the header or configuration and too few isolated stars "
+                         f"to measure it; the stages assume 3 px (set psf_fwhm for this band)")
     return FieldImages(
         name=spec.name, bands=names, image=image, invvar=invvar, mask=mask,
         wcs_header=rb.wcs.to_header(relax=True), zeropoints=[b.zeropoint for b in bands],
