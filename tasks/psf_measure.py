@@ -31,6 +31,12 @@ MIN_R50 = 1.0  # px: half-light radius of a Gaussian of FWHM 2 px; anything smal
 PIXEL_TERM = 8.0 * math.log(2.0) / 12.0  # FWHM^2 that integrating over a pixel adds to a Gaussian, px^2
 
 
+def _central(shape: tuple[int, int], side: int) -> tuple[slice, slice]:
+    """The slices of the central (at most) side x side pixels of an image of `shape`."""
+    y0, x0 = max(0, (shape[0] - side) // 2), max(0, (shape[1] - side) // 2)
+    return slice(y0, y0 + side), slice(x0, x0 + side)
+
+
 def measure_fwhm(image: np.ndarray, invvar: np.ndarray, mask: np.ndarray, max_side: int = 2048
                  ) -> tuple[float | None, int]:
     """(FWHM in pixels or None, stars used) of one band (module docstring); the central `max_side`^2
@@ -38,9 +44,7 @@ def measure_fwhm(image: np.ndarray, invvar: np.ndarray, mask: np.ndarray, max_si
     import sep
     from photutils.psf import fit_fwhm
 
-    ny, nx = image.shape
-    y0, x0 = max(0, (ny - max_side) // 2), max(0, (nx - max_side) // 2)
-    sl = (slice(y0, y0 + max_side), slice(x0, x0 + max_side))
+    sl = _central(image.shape, max_side)
     data = np.ascontiguousarray(image[sl], dtype=np.float64)
     iv = np.asarray(invvar[sl], dtype=np.float64)
     bad = np.ascontiguousarray((np.asarray(mask[sl]) != 0) | ~(iv > 0) | ~np.isfinite(data))
@@ -98,9 +102,7 @@ def measure_fwhms(images: list[np.ndarray], invvars: list[np.ndarray], masks: li
     first = [measure_fwhm(im, iv, m, max_side) for im, iv, m in zip(images, invvars, masks)]
     if not any(f for f, _ in first):
         return [(f, n, "core") for f, n in first]
-    ny, nx = images[0].shape
-    y0, x0 = max(0, (ny - max_side) // 2), max(0, (nx - max_side) // 2)
-    sl = (slice(y0, y0 + max_side), slice(x0, x0 + max_side))
+    sl = _central(images[0].shape, max_side)
     fitted, beta, counts = fwhms_from_stars([im[sl] for im in images], [m[sl] for m in masks],
                                             [f or 0.0 for f, _ in first])
     return [(f, c, f"Moffat fit, index {beta:.2f}") if f is not None else (f0, n0, "core")
