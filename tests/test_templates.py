@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from deepfield.tasks.stages._templates import blend_templates, geometry, symmetric_monotonic, template_fractions
+from deepfield.tasks.stages._templates import (blend_templates, geometry, mirror_pad, symmetric_monotonic,
+                                               template_fractions)
 
 
 def _path_minimum(img: np.ndarray, centre: tuple[float, float]) -> np.ndarray:
@@ -66,3 +67,29 @@ def test_noiseless_pair_is_shared_by_the_templates():
     flux = (template_fractions(image, centres, smooth=0.0) * image[None]).sum(axis=(1, 2, 3))
     np.testing.assert_allclose(flux, [4000, 1000], rtol=0.02)
     assert t[1, 0, 24, 19] < 0.02 * t[1, 0, 24, 27]
+
+
+def test_mirror_images_beyond_the_stamp_come_from_the_grown_stamp():
+    """A bright exponential disk (scale 4 px, flux 50,000) 12 px right of a 48 px stamp's centre and a faint
+    Gaussian (sigma 1.5 px, flux 300) 22 px left of it, noiseless: the bright one's mirror image of the faint
+    one's pixels lies beyond the stamp. Read from the grown stamp (mirror_pad: 25 px), each member gets its own
+    light within 1 %; counted as 0 there, as before 2026-12-05, the bright one had no template on the faint one's
+    side and the faint one took the wing: 8.8 times its flux."""
+    s, margin = 48, 48
+    yy, xx = np.mgrid[0:s + 2 * margin, 0:s + 2 * margin] - margin
+    disk = 50000 * np.exp(-np.hypot(yy - 24, xx - 36) / 4.0) / (2 * np.pi * 4.0 ** 2)
+    faint = 300 * np.exp(-((yy - 24) ** 2 + (xx - 14) ** 2) / (2 * 1.5 ** 2)) / (2 * np.pi * 1.5 ** 2)
+    centres = np.array([(24.0, 36.0), (24.0, 14.0)])
+    pad = mirror_pad(s, centres)
+    assert pad == 25  # the mirror of the stamp's first column about the disk's centre: x = 2 x 36 - 0 = 72 = 47 + 25
+    image = (disk + faint).astype(np.float32)[None]
+    stamp = image[:, margin:margin + s, margin:margin + s]
+    grown = image[:, margin - pad:margin + s + pad, margin - pad:margin + s + pad]
+    true = [disk[margin:margin + s, margin:margin + s].sum(), faint[margin:margin + s, margin:margin + s].sum()]
+    flux = (template_fractions(stamp, centres, smooth=0.0, grown=grown) * stamp[None]).sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(flux, true, rtol=0.01)
+    before = (template_fractions(stamp, centres, smooth=0.0) * stamp[None]).sum(axis=(1, 2, 3))
+    assert before[1] > 5 * true[1]
+    # smoothed as the stage does, the same
+    flux = (template_fractions(stamp, centres, smooth=0.5, grown=grown) * stamp[None]).sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(flux, true, rtol=0.02)

@@ -41,6 +41,12 @@ against 0.39-0.42 (one AMD EPYC core, the 32 tiles of the first pair). Measured 
 core-s per Mpx (1.5 Kron radii: 0.233 / 0.250); the large galaxies (half-light radius > 1.2") lost 27 % of
 their light in 48 px stamps and 23 % up to 96 px, the compact ones' +13 % fell to +10 %.
 
+With the symmetric templates the stamp is cut with a margin that holds the mirror image of each of its pixels
+about each member, from which the templates read the mirror images beyond the stamp (a bright member off the
+stamp's centre had no template on the stamp's far side, and its wing went to the faint members there;
+tasks/stages/_templates.py): on the same fields 0.245 -> 0.231 and 0.224 -> 0.218 (seeds 20261201 and 20261127,
+2026-12-05).
+
 A group larger than `max_members` (6), or whose members do not fit in one stamp (6 px margin), or centred
 within a quarter stamp of the arrays' edge, is deblended member by member instead: a stamp centred on each
 member, shared (as above) among the members whose centres lie in that stamp (the `max_members` nearest). On
@@ -74,7 +80,7 @@ import pandas as pd
 from pydantic import Field
 
 from ._pixels import UNUSABLE, cut_stamp
-from ._templates import template_fractions
+from ._templates import mirror_pad, template_fractions
 from .base import ModelStage, ModelStageConfig, StageConfig
 from .measure import magnitudes
 
@@ -123,8 +129,8 @@ class DeblendConfig(ModelStageConfig):
 
 class DeblendStage(ModelStage):
     name: ClassVar[str] = "deblend"
-    # 6: stamps grow to hold the members (max_stamp); 5: symmetric templates by default; 4: bfloat16 on CPUs
-    version: ClassVar[str] = "6"
+    # 7: mirror images beyond the stamp read from the tile; 6: stamps grow to hold the members (max_stamp); 5: symmetric templates by default; 4: bfloat16 on CPUs
+    version: ClassVar[str] = "7"
     Config: ClassVar[type[StageConfig]] = DeblendConfig
     models: ClassVar[tuple[str, ...]] = ("deblend_unet",)
     reads: ClassVar[tuple[str, ...]] = ("x_tile", "y_tile", "blend_id", "n_blend")
@@ -230,16 +236,22 @@ class DeblendStage(ModelStage):
 
         def add_job(rows: list[int], measured: list[int], cx: float, cy: float, size: int = s) -> None:
             x0, y0 = int(np.rint(cx - (size - 1) / 2.0)), int(np.rint(cy - (size - 1) / 2.0))
-            stamp, vstamp = cut_stamp(image, y0, x0, size), cut_stamp(var, y0, x0, size)
-            if seg_ids is not None:  # other detections' light: not the members' to share
-                sstamp = cut_stamp(seg, y0, x0, size)
-                other = (sstamp > 0) & ~np.isin(sstamp, seg_ids[rows])
-                stamp = np.where(other, 0.0, stamp).astype(np.float32)
-                vstamp = np.where(other, 0.0, vstamp)
             centres = np.c_[y[rows] - y0, x[rows] - x0]
+            # symmetric templates: the stamp with a margin holding the mirror image of its every pixel about
+            # every member (less than a stamp's side: the members lie on the stamp)
+            pad = mirror_pad(size, centres) if self.templates == "symmetric" else 0
+            grown = cut_stamp(image, y0 - pad, x0 - pad, size + 2 * pad)
+            inner = (slice(pad, pad + size), slice(pad, pad + size))
+            vstamp = cut_stamp(var, y0, x0, size)
+            if seg_ids is not None:  # other detections' light: not the members' to share
+                sgrown = cut_stamp(seg, y0 - pad, x0 - pad, size + 2 * pad)
+                other = (sgrown > 0) & ~np.isin(sgrown, seg_ids[rows])
+                grown = np.where(other, 0.0, grown).astype(np.float32)
+                vstamp = np.where(other[inner], 0.0, vstamp)
+            stamp = np.ascontiguousarray(grown[(slice(None),) + inner])
             if self.templates == "unet":
                 inputs.append(member_inputs(stamp, sigma, centres))
-            jobs.append((rows, measured, stamp, vstamp, centres))
+            jobs.append((rows, measured, stamp, vstamp, centres, grown if pad else None))
             method[measured] = self.templates
 
         for bid, members in out.loc[groups].groupby("blend_id").groups.items():
@@ -267,9 +279,9 @@ class DeblendStage(ModelStage):
                                     device=self.device)
             image_head = self.templates == "unet" and getattr(self.model, "output", "fraction") == "image"
             k0 = 0
-            for rows, measured, stamp, vstamp, centres in jobs:
+            for rows, measured, stamp, vstamp, centres, grown in jobs:
                 if self.templates == "symmetric":
-                    frac = template_fractions(stamp, centres, self.template_smooth)
+                    frac = template_fractions(stamp, centres, self.template_smooth, grown)
                 else:
                     net = out_all[k0:k0 + len(rows)]
                     k0 += len(rows)
