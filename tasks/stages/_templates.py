@@ -54,9 +54,10 @@ Mirror images about the exact centre (the member's image shifted by its centre's
 before the integer mirror; a 1.5 px Gaussian's template then keeps 96-97 % of its light against 85-90 % about the
 nearest half-pixel): on the four pairs (seeds 20261201, 20261127, 7, 8) 0.231 / 0.218 / 0.189 / 0.205 -> 0.192 /
 0.234 / 0.174 / 0.198, but the bias +2.9 / +7.0 / -0.6 / +2.2 % -> +8.2 / +12.0 / +4.5 / +6.4 %: the small members
-(< 0.4") take more (+8 -> +13 % where no undetected neighbour is near them), so the snapping stays. The min of a
-pixel and its mirror image is biased low by the noise (0.56 sigma where both hold the same light); taking the
-mean where they agree within sigma (min + min(|a - b| / 2, sigma)) gave 0.264 / 0.312 (the small ones +35-39 %).
+(< 0.4") take more (+8 -> +13 % and +6 -> +15 % on the first two pairs where no undetected neighbour is near
+them), so the snapping stays. The min of a pixel and its mirror image is biased low by the noise (0.56 sigma where
+both hold the same light); taking the mean where they agree within sigma (min + min(|a - b| / 2, sigma)) gave
+0.264 / 0.312 on the first two pairs (the small ones +35-39 %).
 
 Written here rather than taken from scarlet/scarlet2: those fit the templates iteratively (about 0.3 s per blend
 stamp on this project's 2-core CPU, `deepfield eval deblend`), where the deblend stage must stay within a
