@@ -40,6 +40,9 @@ class FieldImages:
     checksums: dict[str, str] = field(default_factory=dict)  # absolute path -> content digest (file_digest)
     resampled: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # the PSF's Moffat index per band where the ingest fitted it with the FWHM (bands without a FWHM in their header
+    # or configuration, tasks/psf_measure.py: measure_fwhms), else None; empty: none fitted
+    psf_beta: list[float | None] = field(default_factory=list)
 
 
 @dataclass
@@ -354,9 +357,12 @@ def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> Fiel
     missing = [b for b in bands if b.psf_fwhm is None]  # neither header nor configuration: from the stars
     measured = measure_fwhms([b.image for b in missing], [b.invvar for b in missing], [b.mask for b in missing]) \
         if missing else []
-    for b, (px, n, how) in zip(missing, measured):
+    beta: dict[str, float] = {}
+    for b, (px, n, how, index) in zip(missing, measured):
         if px is not None:
             b.psf_fwhm = px * float(np.mean(scales))
+            if index is not None:
+                beta[b.name] = float(index)
             notes.append(f"band {b.name}: no PSF FWHM in the header or configuration; measured from {n} stars ({how}): "
                          f"{b.psf_fwhm:.3f}\" ({px:.2f} px)")
         else:
@@ -367,4 +373,4 @@ def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> Fiel
         wcs_header=rb.wcs.to_header(relax=True), zeropoints=[b.zeropoint for b in bands],
         psf_fwhm=[b.psf_fwhm for b in bands], pixel_scale=float(np.mean(scales)),
         checksums={str(p): (checksums or {}).get(str(p)) or file_digest(p) for p in paths},
-        resampled=resampled, notes=notes)
+        resampled=resampled, notes=notes, psf_beta=[beta.get(b) for b in names] if beta else [])

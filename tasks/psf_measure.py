@@ -92,18 +92,21 @@ def measure_fwhm(image: np.ndarray, invvar: np.ndarray, mask: np.ndarray, max_si
 
 
 def measure_fwhms(images: list[np.ndarray], invvars: list[np.ndarray], masks: list[np.ndarray], max_side: int = 2048
-                  ) -> list[tuple[float | None, int, str]]:
-    """(FWHM in pixels or None, stars used, how) of each of a field's bands (on one pixel grid): measure_fwhm's
+                  ) -> list[tuple[float | None, int, str, float | None]]:
+    """(FWHM in pixels or None, stars used, how, Moffat index or None) of each of a field's bands (on one pixel
+    grid): measure_fwhm's
     estimate from the stars' cores ("core"), then, from the stars of the stellar locus of the central `max_side`^2
     pixels, the FWHMs of Moffat PSFs of one index for all the bands fitted to them
     (tasks/stages/_psf_shape.py: fwhms_from_stars; "Moffat fit, index <beta>"), where a band has enough stars.
-    On the simulator's Moffat stars the fit is within 1 % of the true FWHMs, the core's estimate 3-9 % above."""
+    On the simulator's Moffat stars the fit is within 1 % of the true FWHMs, the core's estimate 3-9 % above. The
+    fit's index (the same for every band it fitted, None for the others) goes into the store beside the FWHMs, and
+    the measure stage takes it rather than fitting the same stars again (MeasureStage.psf_betas)."""
     from .stages._psf_shape import fwhms_from_stars
     first = [measure_fwhm(im, iv, m, max_side) for im, iv, m in zip(images, invvars, masks)]
     if not any(f for f, _ in first):
-        return [(f, n, "core") for f, n in first]
+        return [(f, n, "core", None) for f, n in first]
     sl = _central(images[0].shape, max_side)
     fitted, beta, counts = fwhms_from_stars([im[sl] for im in images], [m[sl] for m in masks],
                                             [f or 0.0 for f, _ in first])
-    return [(f, c, f"Moffat fit, index {beta:.2f}") if f is not None else (f0, n0, "core")
+    return [(f, c, f"Moffat fit, index {beta:.2f}", beta) if f is not None else (f0, n0, "core", None)
             for (f0, n0), f, c in zip(first, fitted, counts)]

@@ -63,6 +63,7 @@ def write_field(root: zarr.Group, fimg, spec: StoreSpec, record: dict,
             g.attrs.update({
                 "bands": list(fimg.bands), "zeropoints": [float(z) for z in fimg.zeropoints],
                 "psf_fwhm": [None if f is None else float(f) for f in fimg.psf_fwhm],
+                "psf_beta": [None if f is None else float(f) for f in fimg.psf_beta] or None,
                 "pixel_scale": float(fimg.pixel_scale), "wcs_header": header_to_attrs(fimg.wcs_header),
                 "shape": [int(nb), int(ny), int(nx)], "tile": spec.tile, "chunk": spec.chunk,
                 "codec": spec.codec.model_dump(), "resampled": list(fimg.resampled), "notes": list(fimg.notes),

@@ -163,7 +163,8 @@ def test_missing_psf_fwhm_is_measured_from_the_stars(survey, manifest, tmp_path)
     FWHM from its stars (Moffats of one index fitted to the stellar locus, tasks/psf_measure.py: measure_fwhms)
     within 2 % of the simulator's true FWHM (a Moffat, beta 3.5; 0.4-0.6 % measured), where the estimate from
     Gaussians fitted to the cores of the most compact sources (measure_fwhm, the FWHM before 2026-12-05) is more than
-    2 % off in some band (3-9 % on a 2048^2 field)."""
+    2 % off in some band (3-9 % on a 2048^2 field). The fit's Moffat index (3.39 here) is stored with the field and
+    the measure stage takes it without fitting the stars again (its own fit gives 3.40)."""
     from deepfield.tasks.fits_input import load_field
     from deepfield.tasks.psf_measure import measure_fwhm
     f0 = manifest["fields"][0]
@@ -185,6 +186,33 @@ def test_missing_psf_fwhm_is_measured_from_the_stars(survey, manifest, tmp_path)
     core = [measure_fwhm(f.image[k], f.invvar[k], f.mask[k])[0] * f.pixel_scale / truth[b] - 1
             for k, b in enumerate(f.bands)]
     assert max(abs(c) for c in core) > 0.02, core
+    # the fit's Moffat index (the simulator's 3.5) goes into the store, and the measure stage's Gaussian apertures
+    # take it from there instead of fitting the same stars again
+    assert len(f.psf_beta) == len(f.bands) and len(set(f.psf_beta)) == 1 and abs(f.psf_beta[0] - 3.5) < 0.3, \
+        f.psf_beta
+    import zarr
+
+    import deepfield.tasks.stages._psf_shape as psf_shape
+    from deepfield.tasks.stages._pixels import band_fwhm_pixels
+    from deepfield.tasks.stages.measure import MeasureStage
+    from deepfield.tasks.tiling import TileId
+    from deepfield.tasks.zarr_store import read_tile
+    assert ingest_one(load_ingest_config(cfg).fields[0], str(tmp_path / "s.zarr"),
+                      StoreSpec(tile=512, chunk=128))["status"] == "ingested"
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r", use_consolidated=False)
+    tile = read_tile(root, TileId("f", 0, 0), 0)
+    assert tile.group.attrs["psf_beta"] == f.psf_beta
+    refit = psf_shape.field_betas(tile.group, tile.bands, band_fwhm_pixels(tile))
+    assert all(abs(b - f.psf_beta[0]) < 0.15 for b in refit), (refit, f.psf_beta)  # the stage's own fit agrees
+
+    def no_refit(*a, **k):
+        raise AssertionError("the measure stage fitted the PSF index the store holds")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(psf_shape, "field_betas", no_refit)
+    try:
+        assert MeasureStage().psf_betas(tile) == f.psf_beta
+    finally:
+        mp.undo()
 
 
 def test_band_names_map_to_physical_bands(tmp_path):

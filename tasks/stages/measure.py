@@ -183,7 +183,9 @@ class MeasureStage(Stage):
         """Each band's Moffat index for the Gaussian apertures' normalisation: the field's, from its stars
         (gaap_psf_stars; tasks/stages/_psf_shape.py: field_betas), measured once per field and kept per process,
         and in a run's shared directory for the other actors; gaap_psf_beta for a field without enough stars, a
-        band without a FWHM, a tile not read from a store, or with gaap_psf_stars off."""
+        band without a FWHM, a tile not read from a store, or with gaap_psf_stars off. Where the ingest measured
+        every band's FWHM from the stars (no FWHM in the headers or configuration), it fitted the index with them
+        (tasks/psf_measure.py: measure_fwhms) and stored it: that one is taken, not fitted again."""
         nb = len(tile.bands)
         if not self.gaap_psf_stars or getattr(tile, "group", None) is None:
             return [self.gaap_psf_beta] * nb
@@ -192,7 +194,11 @@ class MeasureStage(Stage):
         cache = self.__dict__.setdefault("_betas", {})
         if key not in cache:
             cache.clear()  # one field at a time: its tiles come together
-            cache[key] = self._field_betas(tile, key)
+            stored = tile.group.attrs.get("psf_beta")
+            if stored and len(stored) == nb and all(b is not None for b in stored):
+                cache[key] = [float(b) for b in stored]
+            else:
+                cache[key] = self._field_betas(tile, key)
         return [b if b is not None else self.gaap_psf_beta for b in cache[key]]
 
     def _field_betas(self, tile, key: tuple) -> list[float | None]:
