@@ -197,35 +197,17 @@ def bright_ratios(flux: np.ndarray, err: np.ndarray, true: np.ndarray, mag: np.n
     return np.median(flux[bright] / true[bright], axis=0), int(bright.sum())
 
 
-def matched_truth(t: pd.DataFrame, truth: pd.DataFrame, ref: str) -> tuple[np.ndarray, np.ndarray]:
-    """For the measured galaxies `t` of one seed (x, y in field pixels, `mag_true`): the index of each one's
-    truth row (the nearest within 3 px whose `mag_<ref>` is its mag_true) and whether there is one."""
-    from scipy.spatial import cKDTree
-    j = np.zeros(len(t), np.int64)
-    ok = np.zeros(len(t), bool)
-    fields = t.field.astype(str).str.split("@").str[0].to_numpy()
-    for name in np.unique(fields):
-        rows = np.flatnonzero(fields == name)
-        cand = np.flatnonzero(truth.field.astype(str).to_numpy() == name)
-        if not len(cand):
-            continue
-        d, k = cKDTree(truth[["x", "y"]].to_numpy(float)[cand]).query(t[["x", "y"]].to_numpy(float)[rows])
-        j[rows] = cand[k]
-        ok[rows] = (d < 3.0) & (np.abs(truth[f"mag_{ref}"].to_numpy(float)[cand[k]]
-                                       - t.mag_true.to_numpy(float)[rows]) < 1e-3)
-    return j, ok
-
-
-def band_ratios(tabs: list[pd.DataFrame], truths: list[pd.DataFrame], bands: list[str], ref: str) -> np.ndarray:
-    """(bands,) bright_ratios of the matched galaxies of every seed, per band."""
-    flux, err, true, mag = [], [], [], []
-    for t, tr in zip(tabs, truths):
-        j, ok = matched_truth(t, tr, ref)
-        flux.append(t[[f"flux_{b}" for b in bands]].to_numpy(float)[ok])
-        err.append(t[[f"fluxerr_{b}" for b in bands]].to_numpy(float)[ok])
-        true.append(truth_fluxes(tr.iloc[j[ok]], bands))
-        mag.append(t.mag_true.to_numpy(float)[ok])
-    ratios, n = bright_ratios(*(np.concatenate(a) for a in (flux, err, true, mag)))
+def band_ratios(tabs: list[pd.DataFrame], bands: list[str], ref: str) -> np.ndarray:
+    """(bands,) bright_ratios of the matched galaxies of every seed, per band: their measured fluxes against the true
+    fluxes `true_flux_<b>` of the truth galaxy each was matched to when its table was made (tasks/trainsets/photoz.py:
+    matched_galaxies, one to one)."""
+    lack = [b for b in bands if f"true_flux_{b}" not in tabs[0].columns]
+    if lack:
+        raise ValueError(f"train photoz --library: the matched galaxies have no true flux in band(s) {', '.join(lack)} "
+                         "(true_flux_<band>); remove the seeds' tables from the work directory to measure them again")
+    cols = [[f"{kind}_{b}" for b in bands] for kind in ("flux", "fluxerr", "true_flux")]
+    ratios, n = bright_ratios(*(np.concatenate([t[c].to_numpy(float) for t in tabs]) for c in cols),
+                              np.concatenate([t.mag_true.to_numpy(float) for t in tabs]))
     if n < 50:
         raise ValueError(f"train photoz --library: {n} bright matched galaxies (S/N > {BRIGHT_SNR:g} in every "
                          f"band, true {ref} < {BRIGHT_MAG:g}) to measure the photometry's share of the total flux; "
@@ -251,7 +233,7 @@ def library_estimator(tabs: list[pd.DataFrame], truths: list[pd.DataFrame], band
     their measured galaxies `tabs` (kept in its `info`); `soft` the asinh softenings (the measured galaxies'
     median errors); `likelihood`: sys_floor, mag_sigma, candidates (models/photoz.py's defaults)."""
     ref = "i" if "i" in bands else bands[-1]
-    ratios = band_ratios(tabs, truths, bands, ref)
+    ratios = band_ratios(tabs, bands, ref)
     flux, z = library(truths, bands, ratios)
     return PhotoZKNN(bands, flux, z, soft, spread=spread, ref_band=ref, mag_weight=mag_weight, noiseless=True,
                      info={"band_ratios": {b: float(r) for b, r in zip(bands, ratios)}}, **likelihood)
