@@ -370,6 +370,39 @@ def test_a_gaussian_psf_is_measured_as_the_moffats_limit():
         assert near[2] == pytest.approx(gauss, rel=2e-4), (fwhm, sig, near, gauss)
 
 
+def test_a_nearly_gaussian_moffats_response_is_right_at_every_index():
+    """point_response across the index fit's whole grid (_psf_shape.BETAS, 1.3-997) for the weights the fit and the
+    measure stage use: within 1e-9 of scipy's adaptive quad at indices where scipy's hyperu, which it used before
+    2026-12-05, returns finite nonsense (the fit's weight of 1.5 PSF sigma: index 100 at FWHM 5.7 px 7,666 for 0.774,
+    index 117 at 1.7 px -0.71 for 0.751, index 125 at 3.7 px -1,065 for 0.771), between 0 and the Gaussian's response, and rising with the index towards the Gaussian's: a PSF
+    sharpens towards its core as its wings fall off faster."""
+    import math
+
+    from scipy.integrate import quad
+
+    from deepfield.tasks.stages._psf_shape import BETAS
+    from deepfield.tasks.stages.measure import PIXEL_VAR, point_response
+
+    def by_quad(fwhm, sig, b):
+        var = sig ** 2 + PIXEL_VAR
+        a = (fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / b) - 1.0))) ** 2 / (2.0 * var)
+        c = b + a
+        val = quad(lambda v: math.exp(-b * math.log1p(v / c) - a * v / c), 0.0, math.inf, epsabs=0.0,
+                   epsrel=1e-11, limit=500)[0]
+        return sig ** 2 / var * (b - 1.0) * val / c
+    for fwhm, b in ((7.1034, 100.0105), (2.1724, 117.3242), (4.6379, 125.0617), (3.0, 3.5), (2.5, 997.0)):
+        sig = 1.5 * fwhm / 2.3548  # the fit's third weight (SIGMAS[2]) for a FWHM estimate 0.8 times too wide
+        got = point_response(0.8 * fwhm, sig, b)
+        assert got == pytest.approx(by_quad(0.8 * fwhm, sig, b), rel=1e-9, abs=0), (fwhm, b, got)
+    for fwhm in (1.5, 3.0, 6.0):
+        for k in (1.0, 1.5, 2.0):
+            sig = k * fwhm / 2.3548
+            var = sig ** 2 + PIXEL_VAR
+            gauss = sig ** 2 / (var + (fwhm / 2.3548) ** 2)
+            r = point_response(fwhm, sig, BETAS)
+            assert np.all(r > 0) and np.all(r < gauss) and np.all(np.diff(r) > 0), (fwhm, k)
+
+
 def test_gaussian_aperture_colours_do_not_follow_each_bands_seeing():
     """A star and a small galaxy of flat colours, each band at its own seeing (Moffat, index 3.5: the stage's
     PSF model), in two orders of seeing: the Gaussian-aperture fluxes are the same in every band, within 0.5 % for

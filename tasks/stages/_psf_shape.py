@@ -270,7 +270,8 @@ def fwhms_from_stars(images: list[np.ndarray], masks: list[np.ndarray], fwhm0: l
         return np.array([((moffat_ratios(fwhm0[k], BETAS[bj], fwhm0[k] * FWHM_FACTORS[i]) - meds[k][None, :]) ** 2
                           ).sum(axis=1) for i in fi])
     # every 6th FWHM and 8th index, then each band's FWHMs within 12 steps of its least and the indices within 8 of
-    # the least (scipy's hyperu takes 15-140 us a value: the whole grid would take 7 s a band, this 0.2 s)
+    # the least (the response takes about 15 us a value, _gaap._moffat_integral: the whole grid would take seconds a
+    # band)
     fc, bc = np.arange(0, nf, 6), np.arange(0, nbeta, 8)
     coarse = {k: cost(k, fc, bc) for k in use}
     jc = int(np.argmin(sum(counts[k] * coarse[k].min(axis=0) for k in use)))
