@@ -159,14 +159,16 @@ class MeasureStage(Stage):
     MeasureConfig)."""
 
     name: ClassVar[str] = "measure"
-    version: ClassVar[str] = "9"
+    version: ClassVar[str] = "10"
     # bump (with `version`) when the values of flux_gaap/aper/auto change, not for new columns: the photo-z
     # weights' records keep it (tasks/stages/photoz.py: photometry_settings) and a run refuses weights made on
     # another photometry. 2: Gaussian apertures normalised for a Moffat PSF (version 7); 3: its index measured
     # from the field's stars, the pixel's width in the normalisation (version 8). Version 9 (the fit's range
     # extended to the Gaussian, _psf_shape.BETAS) keeps 3: it changes the fluxes only of fields whose stars are
     # sharper than a Moffat of index 60, which before got gaap_psf_beta; the simulator's (the photo-z training
-    # fields') index 3.5 is measured as before
+    # fields') index 3.5 is measured as before. Version 10 (the Moffat's response integrated without scipy's
+    # hyperu, _gaap._moffat_integral) keeps 3 likewise: the responses change by 1e-12 but at indices of about 54-167,
+    # where hyperu gave nonsense, so only fields of nearly Gaussian stars change
     photometry_version: ClassVar[str] = "3"
     Config: ClassVar[type[StageConfig]] = MeasureConfig
     reads: ClassVar[tuple[str, ...]] = _NEEDS
