@@ -278,3 +278,39 @@ def test_a_field_without_the_detectors_bands_is_refused_before_the_run():
     with pytest.raises(BandError, match=r"stage 'detect': the learned detector takes bands g, r, i, z .*field 'vis'"):
         check_bands([("detect", {})], {"legacy": ["g", "r", "z"], "vis": ["VIS"]})
     check_bands([("detect", {"method": "sep"})], {"vis": ["VIS"]})
+
+
+def test_the_network_runs_where_the_core_needs_it_and_finds_what_it_finds_over_the_tile(monkeypatch):
+    """A 256^2 tile with a 128^2 core: the detector's network runs on the core, the footprints that reach it and
+    its reach about them (DetectStage._network_box; here under two thirds of the tile), its heat map there equal to
+    the whole tile's to the last bit beyond NET_REACH of the box's edges, and the primary sources (a close pair in
+    the core, a spiral across the core's edge, a faint galaxy) those of the network run over the whole tile,
+    while galaxies in the halo alone stay outside the box."""
+    from deepfield.tasks.stages.detect import NET_REACH, DetectStage
+    from deepfield.tasks.tiling import Box
+
+    n, d = 256, CLOSE_PAIR_SEP
+    tile = _scene_tile([_galaxy(21.0, 0.6, -d / 2 - 2, -3, q=0.7, beta=20), _galaxy(21.4, 0.5, d / 2 - 2, -3, q=0.6),
+                        _galaxy(24.3, 0.3, 4.0, 5.0), _galaxy(19.0, 1.2, 12.5, -4.0, knots=0.3),
+                        _galaxy(21.5, 0.5, -22.0, 22.0), _galaxy(22.0, 0.4, 22.0, 22.5)], n, 5)
+    tile.core = Box(64, 192, 64, 192)
+    stage = DetectStage()
+    stage.setup("cpu")
+    boxed = stage.run(tile, pd.DataFrame())
+    region = DetectStage._network_box(tile, stage.parent_segmap, 2.0 * 3.0)
+    assert region is not None
+    y0, y1, x0, x1 = region
+    assert y0 % 4 == 0 and x0 % 4 == 0 and (y1 - y0) * (x1 - x0) < 0.67 * n * n, region
+    _, heat, known = stage._peaks(tile, 3.0, region)
+    monkeypatch.setattr(DetectStage, "_network_box", staticmethod(lambda *a: None))
+    whole = stage.run(tile, pd.DataFrame())
+    _, full, none = stage._peaks(tile, 3.0, None)
+    assert none is None and known.sum() == (y1 - y0) * (x1 - x0)
+    inner = (slice(y0 + NET_REACH if y0 else 0, y1 - NET_REACH if y1 < n else n),
+             slice(x0 + NET_REACH if x0 else 0, x1 - NET_REACH if x1 < n else n))
+    assert np.array_equal(heat[inner], full[inner])
+    cols = ["x", "y", "a", "b", "npix", "flux_det", "n_blend", "det_flag"]
+    a, b = (t[t.is_primary][cols].reset_index(drop=True) for t in (boxed, whole))
+    assert len(a) >= 4 and len(a) == len(b)
+    np.testing.assert_allclose(a.to_numpy(float), b.to_numpy(float), rtol=0, atol=1e-9)
+    assert len(whole[~whole.is_primary]) >= 2  # the halo's galaxies, found by the whole tile's network

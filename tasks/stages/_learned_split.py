@@ -119,8 +119,8 @@ def _records(pix: np.ndarray, k: np.ndarray, det: np.ndarray, n: int) -> dict[st
 
 def split_by_peaks(det: np.ndarray, kernel: np.ndarray, parents, pseg: np.ndarray, peaks: np.ndarray,
                    heat: np.ndarray, confirm: float, keep_npix: float = np.inf, outside_radius: float | None = None,
-                   bad: np.ndarray | None = None, peak_reach: float = 0.0, unusable: np.ndarray | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   bad: np.ndarray | None = None, peak_reach: float = 0.0, unusable: np.ndarray | None = None,
+                   known: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The learned method's sources (module docstring): (objs with OBJ_FIELDS, blend_id sorted, segmap).
     A footprint without a peak is kept when its heat map reaches `confirm` or it has `keep_npix` pixels.
     peak_reach: a footprint with one peak is centred on the peak (its sub-pixel position) rather than on the
@@ -130,6 +130,8 @@ def split_by_peaks(det: np.ndarray, kernel: np.ndarray, parents, pseg: np.ndarra
     no other source has; None: they are dropped. A peak on a `bad` pixel (no usable band) outside every
     footprint is a saturated star's masked core: the peak of the footprint that rings it (_masked_cores), else
     dropped.
+    known: where the heat map was computed (None: everywhere); a footprint with a pixel outside it and no peak
+    is kept whole, whatever its heat map.
     Rows are in blend-group order: footprints in SEP's order (a split one's members in the peaks' order), then
     the peaks outside every footprint."""
     npar = len(parents)
@@ -147,6 +149,8 @@ def split_by_peaks(det: np.ndarray, kernel: np.ndarray, parents, pseg: np.ndarra
     need = np.concatenate([[False], npeak == 0])[pseg]  # (ndimage.maximum would sort every pixel)
     np.maximum.at(hmax, pseg[need], heat[need].astype(float))
     kept = (npeak > 0) | (hmax[1:] >= confirm) | (parents["npix"] >= keep_npix)
+    if known is not None:  # footprints the heat map does not cover: kept whole, as SEP found them
+        kept |= np.bincount(pseg[~known], minlength=npar + 1)[1:] > 0
     whole = np.flatnonzero(kept & (npeak <= 1))
     split = np.zeros(npar + 1, bool)
     split[1:] = kept & (npeak >= 2)

@@ -29,7 +29,11 @@ pixel scatter), so the threshold means the same false-detection rate on any imag
   gets one at its core (`saturated_seeds`: a star saturated in some bands only leaves holes in some of the
   detector's channels and can stay under its threshold). With `outside_peaks`, a peak outside every footprint is a
   source of its own (footprint: the pixels within one PSF FWHM of the peak, its own blend group). The network runs
-  on any subset of the bands it was trained on (a missing band is a channel of zeros, as in training).
+  on any subset of the bands it was trained on (a missing band is a channel of zeros, as in training), and only
+  over the part of the tile the core's sources need: the core, the footprints that reach it and the network's
+  reach about them (`_network_box`; the heat map there is the whole tile's to the bit, the primary sources the
+  same; about 0.93 of a 640^2 tile's pixels on simulated fields, whose footprints reach far into the halo); the
+  footprints of the halo alone are then kept whole.
 - `sep`: `sep.extract` again inside the parent footprints only, with a narrow filter (Gaussian of
   `deblend_filter_scale` x PSF FWHM; 0 = none) and multi-threshold deblending (`deblend_nthresh` levels,
   minimum contrast `deblend_cont`). A PSF-wide filter merges two point sources closer than ~1.7 FWHM into one
@@ -80,6 +84,10 @@ __all__ = ["DetectStage", "DetectConfig", "COLUMNS", "INT8_KEY"]
 
 log = logging.getLogger(__name__)
 INT8_KEY = "int8_calibration"  # the detector's weights file: int8 activation ranges (detect_net.int8_calibration)
+
+# px: how far the detector network's output reaches into its input (its receptive field's half-width, 19 px for
+# DetectNet's three convolutions at each of its three scales, and some more): _network_box's margin
+NET_REACH = 24
 
 COLUMNS = {
     "x": "f8", "y": "f8", "x_tile": "f8", "y_tile": "f8", "a": "f8", "b": "f8", "theta": "f8",
@@ -151,10 +159,12 @@ class DetectStage(ModelStage):
     """
 
     name: ClassVar[str] = "detect"
-    # 9: a thin defect (interpolated for the network) no longer keeps a footprint from its peak's centre; 8: masked
+    # 10: the network over the part of the tile the core needs (the primary sources as before, the halo's own
+    # footprints kept whole); 9: a thin defect (interpolated for the network) no longer keeps a footprint from its
+    # peak's centre; 8: masked
     # cores with bleed trails; 7: saturated regions seed sources; 6: a peak in a saturated star's masked
     # core, ringed by its footprint, is the star's; 5: peak_centres
-    version: ClassVar[str] = "9"
+    version: ClassVar[str] = "10"
     Config: ClassVar[type[StageConfig]] = DetectConfig
     models: ClassVar[tuple[str, ...]] = ("detect_net",)
     adds: ClassVar[tuple[str, ...]] = tuple(COLUMNS)
@@ -218,9 +228,43 @@ class DetectStage(ModelStage):
                             "running float32")
                 return None
 
-    def _peaks(self, tile, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
-        """The learned detector's peaks ((n, 3) x, y, p in the halo arrays) and heat map over the tile; `fwhm`:
-        the tile's reference PSF FWHM in pixels (merge_radius is in its units)."""
+    @staticmethod
+    def _network_box(tile, pseg: np.ndarray, reach: float) -> tuple[int, int, int, int] | None:
+        """(y0, y1, x0, x1) in the halo arrays: where the detector's heat map is needed, with the network's reach
+        (NET_REACH) about it; None for the whole tile. Needed: the tile core and `reach` px about it (a peak
+        outside every footprint is a source there), and every SEP footprint that holds a pixel of that (its peaks
+        split it). The box starts at a multiple of 4 px, so that the network's two stride-2 steps sample the same
+        pixels as over the whole tile and its heat map inside matches the whole tile's (the int8 network's
+        exactly: tests/test_learned_detection_stage.py). The footprints of the halo alone, which hold only other
+        tiles' primary sources, are then kept whole (split_by_peaks: `known`), their pixels still another
+        detection's for the stages after."""
+        core = getattr(tile, "core", None)
+        box = getattr(tile, "box", None)
+        if core is None or box is None:
+            return None
+        ny, nx = pseg.shape
+        cy, cx = box.offset_of(core)
+        r = int(np.ceil(reach))
+        y0, y1, x0, x1 = max(cy.start - r, 0), min(cy.stop + r, ny), max(cx.start - r, 0), min(cx.stop + r, nx)
+        from scipy import ndimage
+        ids = np.unique(pseg[y0:y1, x0:x1])
+        ids = ids[ids > 0]
+        if len(ids):
+            found = ndimage.find_objects(pseg, max_label=int(ids.max()))
+            for i in ids:
+                sy, sx = found[i - 1]
+                y0, y1, x0, x1 = min(y0, sy.start), max(y1, sy.stop), min(x0, sx.start), max(x1, sx.stop)
+        y0, x0 = max(y0 - NET_REACH, 0) // 4 * 4, max(x0 - NET_REACH, 0) // 4 * 4
+        y1, x1 = min(y1 + NET_REACH, ny), min(x1 + NET_REACH, nx)
+        if (y1 - y0) * (x1 - x0) >= 0.95 * ny * nx:
+            return None
+        return y0, y1, x0, x1
+
+    def _peaks(self, tile, fwhm: float, region: tuple[int, int, int, int] | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The learned detector's peaks ((n, 3) x, y, p in the halo arrays), heat map over the tile (0 beyond
+        `region`, _network_box's, where the network ran) and the footprint mask of `region` (None: the whole
+        tile); `fwhm`: the tile's reference PSF FWHM in pixels (merge_radius is in its units)."""
         from deepfield.models.detect_net import detector_input, find_peaks, heat_and_offsets
         if self.model is None:
             self.setup(self.device)
@@ -228,19 +272,31 @@ class DetectStage(ModelStage):
         if not set(bands) & set(tile.bands):
             raise ValueError(f"detect: the learned detector takes bands {', '.join(bands)}; tile {tile.id} has "
                              f"{', '.join(tile.bands)} (set method: sep for these bands)")
-        shape = (len(bands),) + tuple(tile.image.shape[1:])
+        full = tuple(tile.image.shape[1:])
+        y0, y1, x0, x1 = region or (0, full[0], 0, full[1])
+        sl = (slice(y0, y1), slice(x0, x1))
+        shape = (len(bands), y1 - y0, x1 - x0)
         image, invvar = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         unusable = np.ones(shape, bool)
         for j, b in enumerate(bands):
             if b in tile.bands:
                 k = tile.bands.index(b)
-                image[j], invvar[j] = tile.image[k], tile.invvar[k]
-                mask = np.asarray(tile.mask[k])
+                image[j], invvar[j] = tile.image[k][sl], tile.invvar[k][sl]
+                mask = np.asarray(tile.mask[k][sl])
                 unusable[j] = (mask & UNUSABLE) != 0
                 fill_thin_defects(image[j], invvar[j], unusable[j], (mask & maskbits.BAD) != 0)
         heat, off = heat_and_offsets(self.model, detector_input(image, invvar, unusable), self.device)
         thr = self.peak_threshold or float(self.model.training_info.get("threshold", 0.4))
-        return find_peaks(heat, off, thr, self.merge_radius * fwhm), heat
+        peaks = find_peaks(heat, off, thr, self.merge_radius * fwhm)
+        if region is None:
+            return peaks, heat, None
+        peaks[:, 0] += x0
+        peaks[:, 1] += y0
+        whole = np.zeros(full, heat.dtype)
+        whole[sl] = heat
+        known = np.zeros(full, bool)
+        known[sl] = True
+        return peaks, whole, known
 
     def _extract(self, det, noise, bad, kernel, deblend_cont: float):
         # filter_type "conv": the threshold is `thresh` times the unfiltered pixel noise, as in
@@ -275,13 +331,14 @@ class DetectStage(ModelStage):
             tile.meta["segmap"] = self.segmap
             return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
         if self.method == "learned":
-            peaks, heat = self._peaks(tile, fwhm)
+            peaks, heat, known = self._peaks(tile, fwhm, self._network_box(tile, pseg, 2.0 * fwhm))
             unusable, saturated = self._mask_planes(tile, bad)
             peaks = saturated_seeds(peaks, heat, saturated, 2.0 * fwhm)
             objs, blend_id, self.segmap = split_by_peaks(det, kernel, parents, pseg, peaks, heat,
                                                          self.confirm_threshold, self.keep_area * fwhm ** 2,
                                                          fwhm if self.outside_peaks else None, bad,
-                                                         2.0 * fwhm if self.peak_centres else 0.0, unusable)
+                                                         2.0 * fwhm if self.peak_centres else 0.0, unusable,
+                                                         known=known)
             tile.meta["segmap"] = self.segmap
             return self._without_artefacts(tile, self._table(tile, objs, blend_id))
 
