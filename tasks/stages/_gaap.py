@@ -28,13 +28,14 @@ def _moffat_integral(beta, x):
     (broadcast). Integrated numerically, all entries at once: u = v / (beta + x), so that the integrand falls off
     over about one unit of v, by the exp-sinh rule (the trapezoid rule in t for v = exp(pi/2 sinh t), whose error
     falls double-exponentially with the nodes for an integrand analytic on the half line): within 2e-12 of scipy's
-    adaptive quad (epsrel 1e-11) for indices 1.01-1000 and x 1e-4 to 1e4, about 10 us an entry.
+    adaptive quad (epsrel 1e-11) for indices 1.01-1000 and x 1e-4 to 1e4, about 15 us an entry.
 
     Not scipy.special.hyperu, which this used before 2026-12-05: besides NaN for a nearly Gaussian Moffat under a
     wide weight (which was integrated one entry at a time with quad, 0.2 of the 0.8 core-s of a field's index fit),
-    it returns finite and wrong values (0.80 for 0.78, -0.74, 7,691, -1,075: the response lies in 0-1) for indices
-    of about 54-167 at the arguments the measure stage asks for (x about 0.2-0.3 times the index), so that a PSF
-    with an index there (nearly Gaussian) was fitted and normalised with nonsense."""
+    it returns finite and wrong values (7,666 for 0.774, -0.71 for 0.751, -1,065 for 0.771 at the fit's weight of
+    1.5 PSF sigma: the response lies in 0-1) for indices of about 54-167 at the arguments the measure stage asks
+    for (x about 0.2-0.3 times the index), so that a PSF with an index there (nearly Gaussian) was fitted and
+    normalised with nonsense."""
     beta, x = np.broadcast_arrays(np.asarray(beta, float), np.asarray(x, float))
     b, a = beta.reshape(-1, 1), x.reshape(-1, 1)
     c = b + a
