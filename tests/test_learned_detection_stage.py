@@ -282,11 +282,13 @@ def test_a_field_without_the_detectors_bands_is_refused_before_the_run():
 
 def test_the_network_runs_where_the_core_needs_it_and_finds_what_it_finds_over_the_tile(monkeypatch):
     """A 256^2 tile with a 128^2 core: the detector's network runs on the core, the footprints that reach it and
-    its reach about them (DetectStage._network_box; here under two thirds of the tile), its heat map there equal to
+    its reach about them (_learned_split.network_box; here under two thirds of the tile), its heat map there equal to
     the whole tile's to the last bit beyond NET_REACH of the box's edges, and the primary sources (a close pair in
     the core, a spiral across the core's edge, a faint galaxy) those of the network run over the whole tile,
     while galaxies in the halo alone stay outside the box."""
-    from deepfield.tasks.stages.detect import NET_REACH, DetectStage
+    import deepfield.tasks.stages.detect as detect
+    from deepfield.tasks.stages._learned_split import NET_REACH, network_box
+    from deepfield.tasks.stages.detect import DetectStage
     from deepfield.tasks.tiling import Box
 
     n, d = 256, CLOSE_PAIR_SEP
@@ -297,12 +299,12 @@ def test_the_network_runs_where_the_core_needs_it_and_finds_what_it_finds_over_t
     stage = DetectStage()
     stage.setup("cpu")
     boxed = stage.run(tile, pd.DataFrame())
-    region = DetectStage._network_box(tile, stage.parent_segmap, 2.0 * 3.0)
+    region = network_box(tile, stage.parent_segmap, 2.0 * 3.0)
     assert region is not None
     y0, y1, x0, x1 = region
     assert y0 % 4 == 0 and x0 % 4 == 0 and (y1 - y0) * (x1 - x0) < 0.67 * n * n, region
     _, heat, known = stage._peaks(tile, 3.0, region)
-    monkeypatch.setattr(DetectStage, "_network_box", staticmethod(lambda *a: None))
+    monkeypatch.setattr(detect, "network_box", lambda *a: None)
     whole = stage.run(tile, pd.DataFrame())
     _, full, none = stage._peaks(tile, 3.0, None)
     assert none is None and known.sum() == (y1 - y0) * (x1 - x0)

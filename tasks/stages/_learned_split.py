@@ -1,14 +1,19 @@
 """The learned detection method's pixel work (tasks/stages/detect.py, `method: learned`): one-pixel detector
 defects interpolated before the network (`fill_thin_defects`), and the SEP footprints split into sources at the
 network's peaks (`split_by_peaks`, a watershed of the PSF-filtered detection image), each source's record in
-SEP's object fields (`OBJ_FIELDS`) with second-moment shapes."""
+SEP's object fields (`OBJ_FIELDS`) with second-moment shapes, and the part of a tile the network runs over
+(`network_box`)."""
 from __future__ import annotations
 
 import numpy as np
 import sep
 
-__all__ = ["OBJ_FIELDS", "fill_thin_defects", "peak_centres", "saturated_seeds", "split_by_peaks", "thin_defects"]
+__all__ = ["NET_REACH", "OBJ_FIELDS", "fill_thin_defects", "network_box", "peak_centres", "saturated_seeds",
+           "split_by_peaks", "thin_defects"]
 
+# px: how far the detector network's output reaches into its input (its receptive field's half-width, 19 px for
+# DetectNet's three convolutions at each of its three scales, and some more): network_box's margin
+NET_REACH = 24
 OBJ_FIELDS = ("x", "y", "a", "b", "theta", "npix", "xmin", "xmax", "ymin", "ymax", "flux", "peak", "flag")
 CORE_NEAR = 12.0  # px: how far from a peak in a masked core its region is looked at (_masked_cores)
 
@@ -323,3 +328,35 @@ def _outside_sources(det, seg, peaks, px, py, idx, r: float, bad, n0: int) -> tu
     value[has] = n0 + np.arange(1, len(rows) + 1)
     np.put(seg, pix, value[q])  # flat (C-order) indices, whatever the layout of seg
     return rows, idx[has].astype(np.int64)
+
+
+def network_box(tile, pseg: np.ndarray, reach: float) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1) in the halo arrays: where the detector's heat map is needed, with the network's reach
+    (NET_REACH) about it; None for the whole tile. Needed: the tile core and `reach` px about it (a peak
+    outside every footprint is a source there), and every SEP footprint that holds a pixel of that (its peaks
+    split it). The box starts at a multiple of 4 px, so that the network's two stride-2 steps sample the same
+    pixels as over the whole tile and its heat map inside matches the whole tile's (the int8 network's
+    exactly: tests/test_learned_detection_stage.py). The footprints of the halo alone, which hold only other
+    tiles' primary sources, are then kept whole (split_by_peaks: `known`), their pixels still another
+    detection's for the stages after."""
+    from scipy import ndimage
+    core = getattr(tile, "core", None)
+    box = getattr(tile, "box", None)
+    if core is None or box is None:
+        return None
+    ny, nx = pseg.shape
+    cy, cx = box.offset_of(core)
+    r = int(np.ceil(reach))
+    y0, y1, x0, x1 = max(cy.start - r, 0), min(cy.stop + r, ny), max(cx.start - r, 0), min(cx.stop + r, nx)
+    ids = np.unique(pseg[y0:y1, x0:x1])
+    ids = ids[ids > 0]
+    if len(ids):
+        found = ndimage.find_objects(pseg, max_label=int(ids.max()))
+        for i in ids:
+            sy, sx = found[i - 1]
+            y0, y1, x0, x1 = min(y0, sy.start), max(y1, sy.stop), min(x0, sx.start), max(x1, sx.stop)
+    y0, x0 = max(y0 - NET_REACH, 0) // 4 * 4, max(x0 - NET_REACH, 0) // 4 * 4
+    y1, x1 = min(y1 + NET_REACH, ny), min(x1 + NET_REACH, nx)
+    if (y1 - y0) * (x1 - x0) >= 0.95 * ny * nx:
+        return None
+    return y0, y1, x0, x1

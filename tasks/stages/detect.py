@@ -31,9 +31,9 @@ pixel scatter), so the threshold means the same false-detection rate on any imag
   source of its own (footprint: the pixels within one PSF FWHM of the peak, its own blend group). The network runs
   on any subset of the bands it was trained on (a missing band is a channel of zeros, as in training), and only
   over the part of the tile the core's sources need: the core, the footprints that reach it and the network's
-  reach about them (`_network_box`; the heat map there is the whole tile's to the bit, the primary sources the
-  same; about 0.93 of a 640^2 tile's pixels on simulated fields, whose footprints reach far into the halo); the
-  footprints of the halo alone are then kept whole.
+  reach about them (tasks/stages/_learned_split.py: `network_box`; the heat map there is the whole tile's to the
+  bit, the primary sources the same; about 0.93 of a 640^2 tile's pixels on simulated fields, whose footprints
+  reach far into the halo); the footprints of the halo alone are then kept whole.
 - `sep`: `sep.extract` again inside the parent footprints only, with a narrow filter (Gaussian of
   `deblend_filter_scale` x PSF FWHM; 0 = none) and multi-threshold deblending (`deblend_nthresh` levels,
   minimum contrast `deblend_cont`). A PSF-wide filter merges two point sources closer than ~1.7 FWHM into one
@@ -73,7 +73,7 @@ import sep
 from pydantic import Field
 
 from .. import maskbits
-from ._learned_split import fill_thin_defects, saturated_seeds, split_by_peaks, thin_defects
+from ._learned_split import fill_thin_defects, network_box, saturated_seeds, split_by_peaks, thin_defects
 from ._pixels import (UNUSABLE, band_fwhm_pixels, configure_sep, detection_image, filtered_noise_scale, fwhm_pixels,
                       gaussian_kernel)
 from ._sep_split import split_by_sep
@@ -84,10 +84,6 @@ __all__ = ["DetectStage", "DetectConfig", "COLUMNS", "INT8_KEY"]
 
 log = logging.getLogger(__name__)
 INT8_KEY = "int8_calibration"  # the detector's weights file: int8 activation ranges (detect_net.int8_calibration)
-
-# px: how far the detector network's output reaches into its input (its receptive field's half-width, 19 px for
-# DetectNet's three convolutions at each of its three scales, and some more): _network_box's margin
-NET_REACH = 24
 
 COLUMNS = {
     "x": "f8", "y": "f8", "x_tile": "f8", "y_tile": "f8", "a": "f8", "b": "f8", "theta": "f8",
@@ -228,42 +224,10 @@ class DetectStage(ModelStage):
                             "running float32")
                 return None
 
-    @staticmethod
-    def _network_box(tile, pseg: np.ndarray, reach: float) -> tuple[int, int, int, int] | None:
-        """(y0, y1, x0, x1) in the halo arrays: where the detector's heat map is needed, with the network's reach
-        (NET_REACH) about it; None for the whole tile. Needed: the tile core and `reach` px about it (a peak
-        outside every footprint is a source there), and every SEP footprint that holds a pixel of that (its peaks
-        split it). The box starts at a multiple of 4 px, so that the network's two stride-2 steps sample the same
-        pixels as over the whole tile and its heat map inside matches the whole tile's (the int8 network's
-        exactly: tests/test_learned_detection_stage.py). The footprints of the halo alone, which hold only other
-        tiles' primary sources, are then kept whole (split_by_peaks: `known`), their pixels still another
-        detection's for the stages after."""
-        core = getattr(tile, "core", None)
-        box = getattr(tile, "box", None)
-        if core is None or box is None:
-            return None
-        ny, nx = pseg.shape
-        cy, cx = box.offset_of(core)
-        r = int(np.ceil(reach))
-        y0, y1, x0, x1 = max(cy.start - r, 0), min(cy.stop + r, ny), max(cx.start - r, 0), min(cx.stop + r, nx)
-        from scipy import ndimage
-        ids = np.unique(pseg[y0:y1, x0:x1])
-        ids = ids[ids > 0]
-        if len(ids):
-            found = ndimage.find_objects(pseg, max_label=int(ids.max()))
-            for i in ids:
-                sy, sx = found[i - 1]
-                y0, y1, x0, x1 = min(y0, sy.start), max(y1, sy.stop), min(x0, sx.start), max(x1, sx.stop)
-        y0, x0 = max(y0 - NET_REACH, 0) // 4 * 4, max(x0 - NET_REACH, 0) // 4 * 4
-        y1, x1 = min(y1 + NET_REACH, ny), min(x1 + NET_REACH, nx)
-        if (y1 - y0) * (x1 - x0) >= 0.95 * ny * nx:
-            return None
-        return y0, y1, x0, x1
-
     def _peaks(self, tile, fwhm: float, region: tuple[int, int, int, int] | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The learned detector's peaks ((n, 3) x, y, p in the halo arrays), heat map over the tile (0 beyond
-        `region`, _network_box's, where the network ran) and the footprint mask of `region` (None: the whole
+        `region`, _learned_split.network_box's, where the network ran) and the pixels where it ran (None: the whole
         tile); `fwhm`: the tile's reference PSF FWHM in pixels (merge_radius is in its units)."""
         from deepfield.models.detect_net import detector_input, find_peaks, heat_and_offsets
         if self.model is None:
@@ -331,7 +295,7 @@ class DetectStage(ModelStage):
             tile.meta["segmap"] = self.segmap
             return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
         if self.method == "learned":
-            peaks, heat, known = self._peaks(tile, fwhm, self._network_box(tile, pseg, 2.0 * fwhm))
+            peaks, heat, known = self._peaks(tile, fwhm, network_box(tile, pseg, 2.0 * fwhm))
             unusable, saturated = self._mask_planes(tile, bad)
             peaks = saturated_seeds(peaks, heat, saturated, 2.0 * fwhm)
             objs, blend_id, self.segmap = split_by_peaks(det, kernel, parents, pseg, peaks, heat,
