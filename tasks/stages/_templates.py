@@ -59,6 +59,16 @@ them), so the snapping stays. The min of a pixel and its mirror image is biased 
 both hold the same light); taking the mean where they agree within sigma (min + min(|a - b| / 2, sigma)) gave
 0.264 / 0.312 on the first two pairs (the small ones +35-39 %).
 
+Tried 2026-12-05 and not kept (the deblend stage replayed on the cached tiles of seed 20261201's pair, the
+members it deblends, 0.186 over all 32 tiles and 0.191 over every fourth):
+- the truth's centres in place of the detected ones (2,443 of the 2,558 rows in blend groups, matched one to one
+  within 2 px): 0.186 -> 0.177. The centres are not what limits these templates on real blends;
+- a joint fit of PSF-convolved elliptical exponentials (analytic Fourier transforms times the Moffat PSF's,
+  position, size and ellipticity of every member fitted by least squares in i, fluxes linear in every band),
+  each pixel shared in proportion to the fitted models: the close pair of the tests within 1-9 % of its truth
+  (against 14-35 % here), but on the fields 0.191 -> 0.316 (members with blendedness > 0.3 +116 to +237 %: a
+  free model grows over the light of neighbours that were not detected) at about 70 s per tile against 0.5.
+
 Written here rather than taken from scarlet/scarlet2: those fit the templates iteratively (about 0.3 s per blend
 stamp on this project's 2-core CPU, `deepfield eval deblend`), where the deblend stage must stay within a
 millisecond per member; these are projections of the data, no fit.
