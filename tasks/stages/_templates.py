@@ -66,8 +66,11 @@ members it deblends, 0.186 over all 32 tiles and 0.191 over every fourth):
 - a joint fit of PSF-convolved elliptical exponentials (analytic Fourier transforms times the Moffat PSF's,
   position, size and ellipticity of every member fitted by least squares in i, fluxes linear in every band),
   each pixel shared in proportion to the fitted models: the close pair of the tests within 1-9 % of its truth
-  (against 14-35 % here), but on the fields 0.191 -> 0.316 (members with blendedness > 0.3 +116 to +237 %: a
-  free model grows over the light of neighbours that were not detected) at about 70 s per tile against 0.5.
+  (against 14-35 % here), but on the fields 0.191 -> 0.316 (members with blendedness > 0.3 +116 to +237 %) at
+  about 70 s per tile against 0.5; with the sizes held under 6 px (scale length) and the fluxes non-negative,
+  0.316 and, on every fourth tile of seed 20261127's pair, 0.521 against 0.173 (faint members beside bright ones
+  +190 to +740 %). The likely cause, not checked: what one exponential leaves of a bright bulge-and-disk galaxy
+  goes to its faint neighbour's model, and so does that galaxy's light in those pixels.
 
 Written here rather than taken from scarlet/scarlet2: those fit the templates iteratively (about 0.3 s per blend
 stamp on this project's 2-core CPU, `deepfield eval deblend`), where the deblend stage must stay within a
