@@ -132,8 +132,9 @@ def test_a_nearly_gaussian_moffats_response_is_right_at_every_index():
     """point_response across the index fit's whole grid (_psf_shape.BETAS, 1.3-997) for the weights the fit and the
     measure stage use: within 1e-9 of scipy's adaptive quad at indices where scipy's hyperu, which it used before
     2026-12-05, returns finite nonsense (the fit's weight of 1.5 PSF sigma: index 100 at FWHM 5.7 px 7,666 for 0.774,
-    index 117 at 1.7 px -0.71 for 0.751, index 125 at 3.7 px -1,065 for 0.771), between 0 and the Gaussian's response, and rising with the index towards the Gaussian's: a PSF
-    sharpens towards its core as its wings fall off faster."""
+    index 117 at 1.7 px -0.71 for 0.751, index 125 at 3.7 px -1,065 for 0.771), between 0 and the Gaussian's
+    response, and rising with the index towards the Gaussian's: a PSF sharpens towards its core as its wings fall
+    off faster."""
     import math
 
     from scipy.integrate import quad

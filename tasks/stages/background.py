@@ -11,15 +11,16 @@ amplifier's offset), which a smooth model spreads over its meshes and so leaves 
 sources, are found and taken out (tasks/stages/_sky_steps.py); `last_stats[band]["steps"]` lists them, each is
 logged (INFO), and their number is the tile's `sky_steps` count in the ledger (`deepfield status`).
 
-Tried and not kept (2026-12-05): the first pass on every second pixel of every second row (meshes of half the
-side), its model repeated over each 2 x 2 block, took the stage from 0.127 to 0.094 CPU s per 640^2 tile of four
-bands, the final model within 0.003 sky sigma on average (0.13 at most) of the full first pass's; but on `deepfield
-eval detect --size 2048` the blended galaxies' |dF|/F went 0.231 -> 0.236 and 0.218 -> 0.228 (seeds 20261201,
-20261127) and the second pair's purity 0.9909 -> 0.9903.
-
 The source table passes through untouched. The per-band global background level and rms (image
 units, the mean of the mesh values) are kept on the stage as `last_stats` and, where the tile
 carries a dict attribute `meta`, in `tile.meta["background"]`.
+
+Tried and not kept (2026-12-05): the first of `model`'s two passes (which only finds the sources to leave out of
+the second) on every second pixel of every second row (meshes of half the side), its model repeated over each
+2 x 2 block, took the stage from 0.127 to 0.094 CPU s per 640^2 tile of four bands, the final model within 0.003
+sky sigma on average (0.13 at most) of the full first pass's; but on `deepfield eval detect --size 2048` the
+blended galaxies' |dF|/F went 0.231 -> 0.236 and 0.218 -> 0.228 (seeds 20261201, 20261127) and the second pair's
+purity 0.9909 -> 0.9903.
 """
 from __future__ import annotations
 
