@@ -32,7 +32,8 @@ from pathlib import Path
 from .fits_files import file_digest
 from .fits_input import InputError, load_field
 from .ingest_config import FieldSpec, StoreSpec
-from .zarr_store import StoreIntegrityError, field_record, open_store, refresh_metadata, update_record, verify_shards
+from .zarr_store import (StoreIntegrityError, drop_consolidated, field_record, metadata_lock, open_store,
+                         refresh_metadata, update_record, verify_shards)
 from .zarr_write import write_field
 
 __all__ = ["input_files", "ingest_one"]
@@ -113,12 +114,15 @@ def _entries(paths: list[Path], rel: dict[str, str], old: dict, algorithm: str, 
 
 def ingest_one(spec: FieldSpec, store: str, store_spec: StoreSpec, consolidated: bool = True) -> dict:
     """Ingest one field; returns a summary {field, status: ingested|skipped|failed, ...}. consolidated=False:
-    the caller consolidates the store's metadata (tasks.zarr_store.consolidate) after writing many fields.
+    the caller consolidates the store's metadata (tasks.zarr_store.consolidate_fields) after writing many fields;
+    with store_spec.consolidated false the store keeps none (consolidated=True: this call removes it).
 
     Input errors are returned as status "failed" with a one-line error naming the file, so that
     the other fields go on.
     """
     t0 = time.perf_counter()
+    drop = consolidated and not store_spec.consolidated
+    consolidated = consolidated and store_spec.consolidated
     summary = dict(field=spec.name, status="failed", error=None, seconds=0.0, notes=[])
     try:
         paths = list(dict.fromkeys(input_files(spec)))  # a file may hold several HDUs of the field
@@ -161,5 +165,10 @@ def ingest_one(spec: FieldSpec, store: str, store_spec: StoreSpec, consolidated:
                        shape=list(fimg.image.shape), **stats)
     except InputError as exc:
         summary["error"] = str(exc)
+    finally:
+        if drop and Path(store, "zarr.json").exists():
+            root = open_store(store, mode="a")
+            with metadata_lock(root):
+                drop_consolidated(root)
     summary["seconds"] = time.perf_counter() - t0
     return summary

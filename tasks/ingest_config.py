@@ -84,13 +84,14 @@ class CodecSpec(BaseModel):
 
 
 CHECK_KEYS = ("checksum", "checksum_always")  # how inputs are compared: not part of the store's layout
-NOT_LAYOUT = CHECK_KEYS + ("sync",)  # ... nor is how the shards are written
+NOT_LAYOUT = CHECK_KEYS + ("sync", "consolidated")  # ... nor is how the shards are written, nor the outside
+# readers' consolidated metadata
 
 
 class StoreSpec(BaseModel):
     """Layout of the Zarr store: tile cores (one shard each, so one writer each) and chunks; and how a
-    re-ingest tells changed inputs (CHECK_KEYS) and whether shards are flushed to disk (`sync`): these are not
-    layout, `layout()` leaves them out (NOT_LAYOUT)."""
+    re-ingest tells changed inputs (CHECK_KEYS), whether shards are flushed to disk (`sync`) and whether the root
+    keeps consolidated metadata (`consolidated`): these are not layout, `layout()` leaves them out (NOT_LAYOUT)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -113,6 +114,13 @@ class StoreSpec(BaseModel):
         "reach the disk; after a power loss a shard that did not is seen by its size, which every reader checks "
         "against the record (tasks.zarr_store.verify_shards), and a damaged chunk by its crc32c. Costs the disk's "
         "write time: the write of a 2048^2 field in g, r, i, z takes 0.22-0.24 s with it, 0.12-0.13 s without, here")
+
+    consolidated: bool = Field(
+        True, description="keep the store's consolidated metadata (a copy of every field's metadata in the root "
+        "zarr.json, which xarray.open_zarr reads by default) up to date: the ingest flow rewrites the entries of the "
+        "fields it wrote, at most a tenth of its time. false: the root keeps none (the ingest removes it), for stores "
+        "of so many fields that one file of all their metadata is too big to read (16 kB per field: 1.6 GB at 10^5); "
+        "outside readers then open a field with xarray.open_zarr(STORE, group='fields/<field>', consolidated=False)")
 
     def layout(self) -> dict:
         """The store layout, as the completion record keeps it (without NOT_LAYOUT)."""

@@ -16,7 +16,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from .ingest_config import CodecSpec, StoreSpec
 from .tiling import TileGrid, TileId
 from .version import __version__
-from .zarr_metadata import BAND, _create_band_array, _group_dir, array_attributes, consolidate, metadata_lock
+from .zarr_metadata import BAND, _create_band_array, _group_dir, array_attributes, consolidate_fields, metadata_lock
 from .zarr_store import ARRAYS, COMPLETE, FIELD_FORMAT, FILL, header_to_attrs, shard_key
 
 __all__ = ["codec", "write_field"]
@@ -34,9 +34,10 @@ def _array_path(arr: zarr.Array) -> str:
 def write_field(root: zarr.Group, fimg, spec: StoreSpec, record: dict,
                 progress: Callable[[int, int], None] | None = None, consolidated: bool = True) -> dict:
     """Write one field (a tasks.fits_input.FieldImages) tile core by tile core, then its attributes,
-    then the completion marker `record` (which should hold the inputs' checksums), then the store's
-    consolidated metadata (also when the write fails, so that outside readers do not go on seeing the old
-    field complete; consolidated=False: the caller consolidates). Returns byte and timing statistics."""
+    then the completion marker `record` (which should hold the inputs' checksums), then the field's entries in
+    the store's consolidated metadata (consolidate_fields; also when the write fails, so that outside readers do
+    not go on seeing the old field complete; consolidated=False: the caller consolidates). Returns byte and
+    timing statistics."""
     fields = root.require_group("fields")
     nb, ny, nx = fimg.image.shape
     grid = TileGrid(ny, nx, spec.tile, 0)
@@ -72,11 +73,11 @@ def write_field(root: zarr.Group, fimg, spec: StoreSpec, record: dict,
             g.attrs[COMPLETE] = dict(record, format=FIELD_FORMAT, shards=shards,
                                      completed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             if consolidated:
-                consolidate(root)
+                consolidate_fields(root, [fimg.name])
     except BaseException:
         if consolidated:  # best effort: the error that got here is the one the caller must see
             with contextlib.suppress(Exception), metadata_lock(root):
-                consolidate(root)
+                consolidate_fields(root, [fimg.name])
         raise
     raw = sum(a.nbytes for a in data.values())
     return dict(seconds=time.perf_counter() - t0, raw_bytes=int(raw),

@@ -54,6 +54,37 @@ def test_fits_to_zarr_to_tile_reproduces_pixels(ingested, manifest, survey):
         assert abs(x - 7.0) < 1e-6 and abs(y - 3.0) < 1e-6
 
 
+def test_the_flow_leaves_the_consolidated_metadata_whole(ingested):
+    """The flow's fields do not consolidate, the flow does (flows/ingest.py): at its end the root's document is the
+    one zarr's consolidation of the whole store gives, every field complete in it."""
+    import json
+    import warnings
+
+    import zarr
+    store, cfg, _ = ingested
+    doc = json.loads((store / "zarr.json").read_text())
+    view = zarr.open_group(str(store), mode="r", use_consolidated=True)["fields"]
+    assert {n: view[n].attrs.get("deepfield_complete") for n in view.group_keys()} == \
+        {f.name: field_record(open_store(store), f.name) for f in cfg.fields}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(store))
+    assert json.loads((store / "zarr.json").read_text()) == doc
+
+
+def test_a_flow_keeping_no_consolidated_metadata_removes_it(ingested, tmp_path):
+    import json
+
+    from deepfield.flows.ingest import ingest_flow
+    store, cfg, _ = ingested
+    copy = tmp_path / "s.zarr"
+    shutil.copytree(store, copy)
+    off = cfg.model_copy(update={"store": cfg.store.model_copy(update={"consolidated": False})})
+    assert [r["status"] for r in ingest_flow(off, str(copy))] == ["skipped"] * len(cfg.fields)
+    assert "consolidated_metadata" not in json.loads((copy / "zarr.json").read_text())
+    assert complete_fields(open_store(copy)) == sorted(f.name for f in cfg.fields)
+
+
 def test_store_attributes(ingested, manifest):
     store, _, _ = ingested
     g = open_store(store)["fields"][manifest["fields"][0]["name"]]

@@ -25,6 +25,7 @@ from deepfield.tasks.zarr_store import (
     COMPLETE,
     complete_fields,
     consolidate,
+    consolidate_fields,
     field_record,
     invalidate_field,
     metadata_lock,
@@ -155,6 +156,70 @@ def test_a_writer_of_many_fields_can_consolidate_once(tmp_path):
     with metadata_lock(root):
         consolidate(root)
     assert consolidated_marker(store, "b") == field_record(open_store(store), "b") is not None
+
+
+def _whole(store) -> dict:
+    """The root's metadata document as zarr's consolidation of the whole store makes it (the store is left so)."""
+    with metadata_lock(open_store(store, mode="a")), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(store))
+    return json.loads((store / "zarr.json").read_text())
+
+
+def test_one_fields_consolidation_is_what_zarr_makes_of_the_whole_store(tmp_path):
+    """consolidate_fields rewrites the entries of the fields it is given and no others: after writes, a change of
+    attributes, a field removed and a field whose entries were lost, the root's document is the one zarr's
+    whole-store consolidation gives."""
+    store = tmp_path / "s.zarr"
+    root = open_store(store, mode="a")
+    spec = StoreSpec(tile=64, chunk=32)
+    for n in ("b", "a", "a-1", "a.2"):  # names that sort around each other's paths
+        write_field(root, _field(n, [27.0] * 2), spec, {"inputs": n})  # each rewrites only its own entries
+    doc = json.loads((store / "zarr.json").read_text())
+    assert doc == _whole(store)
+    assert {k for k in doc["consolidated_metadata"]["metadata"] if k.startswith("fields/a.2")} == \
+        {"fields/a.2", *(f"fields/a.2/{a}" for a in ("band", "image", "invvar", "mask"))}
+    with metadata_lock(root):
+        assert not consolidate_fields(root, ["a", "b"])  # nothing changed: nothing written
+        root["fields"]["a"]["image"].update_attributes({"units": "nJy"})
+        shutil.rmtree(store / "fields" / "b")
+        assert consolidate_fields(root, ["a", "b", "a-1"])
+    assert json.loads((store / "zarr.json").read_text()) == _whole(store)
+    assert open_field(store, "a").image.attrs["units"] == "nJy"
+    # entries lost (a kill between a write and its consolidation), and a store with no consolidated metadata
+    doc = json.loads((store / "zarr.json").read_text())
+    del doc["consolidated_metadata"]["metadata"]["fields/a-1/mask"]
+    (store / "zarr.json").write_text(json.dumps(doc))
+    with metadata_lock(root):
+        assert consolidate_fields(root, ["a-1"])
+    assert json.loads((store / "zarr.json").read_text()) == _whole(store)
+    (store / "zarr.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "consolidated_metadata"}))
+    with metadata_lock(root):
+        assert consolidate_fields(root, ["a"])  # the whole store consolidated, every field in it
+    assert json.loads((store / "zarr.json").read_text()) == _whole(store)
+    assert consolidated_marker(store, "a-1") == field_record(open_store(store), "a-1") is not None
+
+
+def test_a_store_can_keep_no_consolidated_metadata(tmp_path):
+    """store.consolidated false: the ingest leaves the root no consolidated metadata (none that goes stale), an
+    invalidation makes none, xarray reads the field's own metadata, and true makes it whole again."""
+    from deepfield.tasks.ingest_config import FieldSpec
+    store = tmp_path / "s.zarr"
+    root = open_store(store, mode="a")
+    write_field(root, _field("a", [27.0] * 2), StoreSpec(tile=64, chunk=32), {"inputs": "a"})
+    assert "consolidated_metadata" in json.loads((store / "zarr.json").read_text())
+    off = StoreSpec(tile=64, chunk=32, consolidated=False)
+    assert off.layout() == StoreSpec(tile=64, chunk=32).layout()  # not layout: nothing is ingested again for it
+    spec = FieldSpec(name="missing", bands={"g": {"image": tmp_path / "none.fits"}})
+    assert ingest_one(spec, str(store), off)["status"] == "failed"  # a failed field: the copy goes all the same
+    assert "consolidated_metadata" not in json.loads((store / "zarr.json").read_text())
+    assert invalidate_field(store, "a")
+    assert "consolidated_metadata" not in json.loads((store / "zarr.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert COMPLETE not in xr.open_zarr(store, group="fields/a", consolidated=False).attrs
+    write_field(root, _field("a", [27.0] * 2), StoreSpec(tile=64, chunk=32), {"inputs": "a"})
+    assert consolidated_marker(store, "a") == field_record(open_store(store), "a") is not None
 
 
 def test_consolidated_metadata_follows_invalidation_reingest_and_failure(ingested, tmp_path, monkeypatch):

@@ -15,6 +15,13 @@ one thread per field, and prints:
 - the candidate codecs measured on one image and one inverse-variance map: fraction and speed, the
   measurement behind the default codec.
 
+With --consolidation it prints instead what keeping the store's consolidated metadata up to date costs as the
+store grows: the first field of the survey ingested, then its metadata (group and arrays, no pixels) copied
+under new names until the store holds each of --consolidation-fields; at each size the time of zarr's whole-store
+consolidation (`consolidate`, what every field's write ran before 2026-12-05) and of rewriting one field's
+entries (`consolidate_fields`), and what either would add to an ingest that consolidates after every field, by
+the trapezoid rule over the sizes measured (both grow linearly with the store).
+
 With --noise it prints instead what measuring the aperture-scale noise (tasks/fits_noise.py) on one stripe
 of blocks in every `step` costs in accuracy: per band of the first field, and for its i band resampled onto a
 turned grid as a coadd is (the case the rescale is for), the noise over 4x4-pixel sums relative to the pixel
@@ -116,6 +123,47 @@ def run_ingest(cfg, store: Path, spec: StoreSpec, threads: int) -> tuple[float, 
     return t, results
 
 
+def consolidation_table(cfg, work: Path, sizes: list[int]) -> None:
+    """The consolidated metadata's cost as the store grows (--consolidation)."""
+    import warnings
+
+    from deepfield.tasks.zarr_store import consolidate, consolidate_fields, metadata_lock, open_store
+    store = work / "meta.zarr"
+    first = cfg.fields[0]
+    assert ingest_one(first, str(store), cfg.store)["status"] == "ingested"
+    src = store / "fields" / first.name
+    root = open_store(store, mode="a")
+    print(f"consolidated metadata of a store of n fields (each a copy of field {first.name}'s metadata, "
+          f"{sum(f.stat().st_size for f in src.rglob('zarr.json')) / 1e3:.0f} kB, without its pixels):")
+    print(f"  {'fields':>7s} {'root zarr.json MB':>18s} {'consolidate s':>14s} {'consolidate_fields s':>21s}")
+    n, rows = 1, []
+    for size in sorted(sizes):
+        for k in range(n, size):
+            for meta in src.rglob("zarr.json"):
+                dest = store / "fields" / f"copy{k:07d}" / meta.relative_to(src)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(meta, dest)
+        n = size
+        with metadata_lock(root), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t0 = time.perf_counter()
+            consolidate(root)
+            t_full = time.perf_counter() - t0
+            t_one = float("inf")
+            for _ in range(3):  # the field's entries removed and put back: a rewrite each time
+                shutil.move(src, work / "aside")
+                consolidate_fields(root, [first.name])
+                shutil.move(work / "aside", src)
+                t0 = time.perf_counter()
+                assert consolidate_fields(root, [first.name])
+                t_one = min(t_one, time.perf_counter() - t0)
+        rows.append((size, t_full, t_one))
+        print(f"  {size:7d} {(store / 'zarr.json').stat().st_size / 1e6:18.1f} {t_full:14.3f} {t_one:21.4f}")
+    for label, col in (("consolidate after each field (before)", 1), ("consolidate_fields after each field", 2)):
+        total = sum((b[0] - a[0]) * (a[col] + b[col]) / 2 for a, b in zip(rows, rows[1:]))
+        print(f"  {label:40s} adds {total:10.1f} s to an ingest of {rows[-1][0] - rows[0][0]} fields")
+
+
 def noise_table(cfg, work: Path) -> None:
     """The aperture-scale noise from all rows of blocks and from each row offset (--noise)."""
     import sys
@@ -163,6 +211,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each contender; the best counts")
     ap.add_argument("--cold", action="store_true", help="also with the page cache dropped before each contender "
                                                         "(root)")
+    ap.add_argument("--consolidation", action="store_true", help="only the consolidated metadata's cost as the "
+                                                                 "store grows")
+    ap.add_argument("--consolidation-fields", default="1,100,300,1000",
+                    help="store sizes (fields) of --consolidation, comma-separated")
     ap.add_argument("--noise", action="store_true", help="only the accuracy of the aperture-scale noise measured on "
                                                          "every step-th row of blocks")
     args = ap.parse_args()
@@ -176,6 +228,9 @@ def main() -> None:
         cfg = load_ingest_config(sim / "manifest.yaml")
         if args.noise:
             noise_table(cfg, work)
+            return
+        if args.consolidation:
+            consolidation_table(cfg, work, [int(v) for v in args.consolidation_fields.split(",")])
             return
         spec: StoreSpec = cfg.store
         files = [p for f in cfg.fields for b in f.bands.values() for p in (b.image, b.invvar, b.mask)]
