@@ -84,20 +84,25 @@ class CodecSpec(BaseModel):
 
 
 CHECK_KEYS = ("checksum", "checksum_always")  # how inputs are compared: not part of the store's layout
-NOT_LAYOUT = CHECK_KEYS + ("sync", "consolidated")  # ... nor is how the shards are written, nor the outside
-# readers' consolidated metadata
+NOT_LAYOUT = CHECK_KEYS + ("sync", "consolidated", "fields_at_once")  # ... nor how the shards are written, the
+# outside readers' consolidated metadata or how many fields are written at once
 
 
 class StoreSpec(BaseModel):
     """Layout of the Zarr store: tile cores (one shard each, so one writer each) and chunks; and how a
-    re-ingest tells changed inputs (CHECK_KEYS), whether shards are flushed to disk (`sync`) and whether the root
-    keeps consolidated metadata (`consolidated`): these are not layout, `layout()` leaves them out (NOT_LAYOUT)."""
+    re-ingest tells changed inputs (CHECK_KEYS), whether shards are flushed to disk (`sync`), whether the root
+    keeps consolidated metadata (`consolidated`) and how many fields are ingested at a time (`fields_at_once`):
+    these are not layout, `layout()` leaves them out (NOT_LAYOUT)."""
 
     model_config = ConfigDict(extra="forbid")
 
     tile: int = Field(512, ge=64, le=8192, description="tile core size, pixels; one shard per tile core")
     chunk: int = Field(256, ge=16, le=2048, description="chunk size, pixels; a halo read touches whole chunks")
     write_threads: int = Field(2, ge=1, le=64, description="threads writing one field's tile cores (one shard each)")
+    fields_at_once: Optional[int] = Field(
+        None, ge=1, le=256, description="fields the ingest flow reads and writes at a time (default: the cores this "
+        "process may use, at most 8); each holds its pixels in memory, about 10 bytes per pixel and band (0.17 GB "
+        "for a 2048^2 field in four bands, 1.7 GB for 4096^2 in six)")
     codec: CodecSpec = Field(default_factory=CodecSpec)
     checksum: Literal["xxh3", "sha256"] = Field(
         "xxh3", description="content hash of each input file kept in the field's completion record: xxh3 (xxh3_128, "

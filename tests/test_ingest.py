@@ -85,6 +85,36 @@ def test_a_flow_keeping_no_consolidated_metadata_removes_it(ingested, tmp_path):
     assert complete_fields(open_store(copy)) == sorted(f.name for f in cfg.fields)
 
 
+def test_the_flow_ingests_fields_at_once_as_configured(prefect_harness, tmp_path, monkeypatch):
+    """At most store.fields_at_once fields in flight (each holds its pixels in memory; Prefect's thread pool has
+    no limit), the next one started as one finishes, the summaries in the configuration's order."""
+    import threading
+    import time
+
+    import deepfield.flows.ingest as ingest_mod
+    from deepfield.tasks.ingest_config import FieldSpec, IngestConfig
+    lock, now, most, order = threading.Lock(), [0], [0], []
+
+    def fake_ingest_one(spec, store, store_spec, consolidated=True):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+            order.append(spec.name)
+        time.sleep(0.3 if spec.name == "f0" else 0.05)  # f0 the slowest: the others pass it
+        with lock:
+            now[0] -= 1
+        return dict(field=spec.name, status="failed", error="not a real field", seconds=0.0, notes=[])
+
+    monkeypatch.setattr(ingest_mod, "ingest_one", fake_ingest_one)
+    fields = [FieldSpec(name=f"f{k}", bands={"g": {"image": tmp_path / f"f{k}.fits"}}) for k in range(7)]
+    cfg = IngestConfig(fields=fields, store=StoreSpec(tile=256, chunk=64, fields_at_once=2))
+    results = ingest_mod.ingest_flow(cfg, str(tmp_path / "s.zarr"))
+    assert most[0] == 2 and sorted(order) == [f.name for f in fields]
+    assert [r["field"] for r in results] == [f.name for f in fields]
+    assert not (tmp_path / "s.zarr").exists()  # every field failed before writing: no store made
+    assert ingest_mod.fields_at_once(StoreSpec()) == min(len(os.sched_getaffinity(0)), ingest_mod.DEFAULT_MAX_AT_ONCE)
+
+
 def test_store_attributes(ingested, manifest):
     store, _, _ = ingested
     g = open_store(store)["fields"][manifest["fields"][0]["name"]]

@@ -22,6 +22,10 @@ consolidation (`consolidate`, what every field's write ran before 2026-12-05) an
 entries (`consolidate_fields`), and what either would add to an ingest that consolidates after every field, by
 the trapezoid rule over the sizes measured (both grow linearly with the store).
 
+With --flow-fields N it prints instead the ingest flow's peak memory and wall time over N fields (the --sim fields'
+inputs under N names), each in a fresh process: all N fields at once (`store.fields_at_once` N, what the flow
+did before 2026-12-05) and the default (the usable cores, at most 8).
+
 With --noise it prints instead what measuring the aperture-scale noise (tasks/fits_noise.py) on one stripe
 of blocks in every `step` costs in accuracy: per band of the first field, and for its i band resampled onto a
 turned grid as a coadd is (the case the rescale is for), the noise over 4x4-pixel sums relative to the pixel
@@ -164,6 +168,44 @@ def consolidation_table(cfg, work: Path, sizes: list[int]) -> None:
         print(f"  {label:40s} adds {total:10.1f} s to an ingest of {rows[-1][0] - rows[0][0]} fields")
 
 
+def flow_memory(sim: Path, work: Path, n: int) -> None:
+    """Peak RSS and wall time of the ingest flow over n fields, all at once and by default (--flow-fields)."""
+    import subprocess
+    import sys
+
+    import yaml
+    m = yaml.safe_load((sim / "manifest.yaml").read_text())
+    fields = []
+    for k in range(n):
+        f = dict(m["fields"][k % len(m["fields"])], name=f"copy{k:04d}")
+        f["bands"] = {b: {key: str((sim / v).resolve()) if key in ("image", "invvar", "mask", "variance") else v
+                          for key, v in e.items()} for b, e in f["bands"].items()}
+        fields.append(f)
+    (work / "many.yaml").write_text(yaml.safe_dump(dict(m, fields=fields)))
+    code = (
+        "import resource, sys, time\n"
+        "from deepfield.flows.ingest import fields_at_once, ingest_flow\n"
+        "from deepfield.tasks.ingest_config import load_ingest_config\n"
+        "cfg = load_ingest_config(sys.argv[1])\n"
+        "if sys.argv[3] != 'default':\n"
+        "    store = cfg.store.model_copy(update={'fields_at_once': int(sys.argv[3])})\n"
+        "    cfg = cfg.model_copy(update={'store': store})\n"
+        "t0 = time.perf_counter()\n"
+        "res = ingest_flow(cfg, sys.argv[2])\n"
+        "assert all(r['status'] == 'ingested' for r in res), res\n"
+        "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(fields_at_once(cfg.store), time.perf_counter() - t0, rss)\n")
+    print(f"ingest flow over {n} fields ({len(m['fields'])} simulated fields' inputs under {n} names), a fresh process "
+          "each; wall time of the flow's call, the start of Prefect's temporary API (about 10 s) included:")
+    for what in (str(n), "default"):
+        shutil.rmtree(work / "many.zarr", ignore_errors=True)
+        out = subprocess.run([sys.executable, "-c", code, str(work / "many.yaml"), str(work / "many.zarr"), what],
+                             capture_output=True, text=True, check=True).stdout.split()
+        at_once, wall, rss_kb = int(out[-3]), float(out[-2]), int(out[-1])
+        print(f"  fields at once {at_once:4d}{' (default)' if what == 'default' else ' (before 2026-12-05)':20s} "
+              f"wall {wall:6.1f} s   peak RSS {rss_kb / 1e6:5.2f} GB")
+
+
 def noise_table(cfg, work: Path) -> None:
     """The aperture-scale noise from all rows of blocks and from each row offset (--noise)."""
     import sys
@@ -215,6 +257,7 @@ def main() -> None:
                                                                  "store grows")
     ap.add_argument("--consolidation-fields", default="1,100,300,1000",
                     help="store sizes (fields) of --consolidation, comma-separated")
+    ap.add_argument("--flow-fields", type=int, default=0, help="only the ingest flow's memory over this many fields")
     ap.add_argument("--noise", action="store_true", help="only the accuracy of the aperture-scale noise measured on "
                                                          "every step-th row of blocks")
     args = ap.parse_args()
@@ -228,6 +271,9 @@ def main() -> None:
         cfg = load_ingest_config(sim / "manifest.yaml")
         if args.noise:
             noise_table(cfg, work)
+            return
+        if args.flow_fields:
+            flow_memory(sim, work, args.flow_fields)
             return
         if args.consolidation:
             consolidation_table(cfg, work, [int(v) for v in args.consolidation_fields.split(",")])
