@@ -115,6 +115,56 @@ def test_the_flow_ingests_fields_at_once_as_configured(prefect_harness, tmp_path
     assert ingest_mod.fields_at_once(StoreSpec()) == min(len(os.sched_getaffinity(0)), ingest_mod.DEFAULT_MAX_AT_ONCE)
 
 
+def test_a_survey_of_many_fields_is_ingested_in_batches(prefect_harness, tmp_path, monkeypatch):
+    """Beyond MAX_TASK_RUNS fields, Prefect tasks of several fields each (each task run costs the flow Prefect's
+    API calls); a field that raises fails alone, the next of its batch goes on; summaries in order."""
+    import deepfield.flows.ingest as ingest_mod
+    from deepfield.tasks.ingest_config import FieldSpec, IngestConfig
+    calls = []
+
+    def fake_ingest_one(spec, store, store_spec, consolidated=True):
+        calls.append(spec.name)
+        if spec.name == "f4":
+            raise OSError("disk full (simulated)")
+        return dict(field=spec.name, status="failed", error="not a real field", seconds=0.0, notes=[])
+
+    monkeypatch.setattr(ingest_mod, "ingest_one", fake_ingest_one)
+    monkeypatch.setattr(ingest_mod, "MAX_TASK_RUNS", 3)
+    submitted = []
+    real_submit = ingest_mod.ingest_fields_task.submit
+    monkeypatch.setattr(ingest_mod.ingest_fields_task, "submit",
+                        lambda specs, *a: submitted.append([s.name for s in specs]) or real_submit(specs, *a))
+    fields = [FieldSpec(name=f"f{k}", bands={"g": {"image": tmp_path / f"f{k}.fits"}}) for k in range(8)]
+    results = ingest_mod.ingest_flow(IngestConfig(fields=fields, store=StoreSpec(fields_at_once=2)),
+                                     str(tmp_path / "s.zarr"))
+    assert submitted == [["f0", "f1", "f2"], ["f3", "f4", "f5"], ["f6", "f7"]]  # ceil(8 / 3) = 3 per task
+    assert sorted(calls) == [f.name for f in fields] and [r["field"] for r in results] == [f.name for f in fields]
+    assert results[4]["error"] == "OSError: disk full (simulated)" and results[5]["error"] == "not a real field"
+    assert [ingest_mod.batch_size(n) for n in (1, 3, 4, 7, 9, 10)] == [1, 1, 2, 3, 3, 4]  # at most 3 tasks
+
+
+def test_the_flow_run_records_a_summary_not_the_configuration(prefect_harness, tmp_path, monkeypatch):
+    """Prefect's API refuses flow-run parameters over 512 kB (about 350 fields of four bands): the flow's
+    parameters are a summary, and 600 fields of four bands, 0.9 MB of configuration, are ingested."""
+    import json
+
+    from fastapi.encoders import jsonable_encoder
+
+    import deepfield.flows.ingest as ingest_mod
+    from deepfield.tasks.ingest_config import FieldSpec, IngestConfig
+    monkeypatch.setattr(ingest_mod, "ingest_one", lambda spec, store, store_spec, consolidated=True: dict(
+        field=spec.name, status="failed", error="not a real field", seconds=0.0, notes=[]))
+    files = {k: tmp_path / f"{k}.fits" for k in ("image", "invvar", "mask")}
+    fields = [FieldSpec(name=f"field{k:04d}", bands={b: files for b in "griz"}) for k in range(600)]
+    cfg = IngestConfig(fields=fields)
+    assert len(json.dumps(jsonable_encoder(cfg))) > 524_288
+    call = ingest_mod.IngestCall.of(cfg)
+    assert jsonable_encoder(call) == {"source": None, "fields": 600, "first_field": "field0000",
+                                      "last_field": "field0599", "store": jsonable_encoder(cfg.store)}
+    results = ingest_mod.ingest_flow(cfg, str(tmp_path / "s.zarr"))
+    assert [r["field"] for r in results] == [f.name for f in fields]
+
+
 def test_store_attributes(ingested, manifest):
     store, _, _ = ingested
     g = open_store(store)["fields"][manifest["fields"][0]["name"]]

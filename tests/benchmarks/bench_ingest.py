@@ -26,6 +26,10 @@ With --flow-fields N it prints instead the ingest flow's peak memory and wall ti
 inputs under N names), each in a fresh process: all N fields at once (`store.fields_at_once` N, what the flow
 did before 2026-12-05) and the default (the usable cores, at most 8).
 
+With --flow-overhead N it prints instead what the ingest flow itself costs per field over N fields whose ingest
+does nothing (flows.ingest.ingest_one replaced by a no-op in this process; Prefect's temporary API started
+before the clock): one Prefect task per field, and the flow's batches (flows.ingest.batch_size).
+
 With --noise it prints instead what measuring the aperture-scale noise (tasks/fits_noise.py) on one stripe
 of blocks in every `step` costs in accuracy: per band of the first field, and for its i band resampled onto a
 turned grid as a coadd is (the case the rescale is for), the noise over 4x4-pixel sums relative to the pixel
@@ -184,6 +188,8 @@ def flow_memory(sim: Path, work: Path, n: int) -> None:
     (work / "many.yaml").write_text(yaml.safe_dump(dict(m, fields=fields)))
     code = (
         "import resource, sys, time\n"
+        "from deepfield.flows import prefect_env\n"
+        "prefect_env.configure(sys.argv[4])\n"
         "from deepfield.flows.ingest import fields_at_once, ingest_flow\n"
         "from deepfield.tasks.ingest_config import load_ingest_config\n"
         "cfg = load_ingest_config(sys.argv[1])\n"
@@ -191,7 +197,8 @@ def flow_memory(sim: Path, work: Path, n: int) -> None:
         "    store = cfg.store.model_copy(update={'fields_at_once': int(sys.argv[3])})\n"
         "    cfg = cfg.model_copy(update={'store': store})\n"
         "t0 = time.perf_counter()\n"
-        "res = ingest_flow(cfg, sys.argv[2])\n"
+        "with prefect_env.flow_settings():\n"
+        "    res = ingest_flow(cfg, sys.argv[2])\n"
         "assert all(r['status'] == 'ingested' for r in res), res\n"
         "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print(fields_at_once(cfg.store), time.perf_counter() - t0, rss)\n")
@@ -199,11 +206,47 @@ def flow_memory(sim: Path, work: Path, n: int) -> None:
           "each; wall time of the flow's call, the start of Prefect's temporary API (about 10 s) included:")
     for what in (str(n), "default"):
         shutil.rmtree(work / "many.zarr", ignore_errors=True)
-        out = subprocess.run([sys.executable, "-c", code, str(work / "many.yaml"), str(work / "many.zarr"), what],
+        out = subprocess.run([sys.executable, "-c", code, str(work / "many.yaml"), str(work / "many.zarr"), what,
+                              str(work / "prefect")],
                              capture_output=True, text=True, check=True).stdout.split()
         at_once, wall, rss_kb = int(out[-3]), float(out[-2]), int(out[-1])
         print(f"  fields at once {at_once:4d}{' (default)' if what == 'default' else ' (before 2026-12-05)':20s} "
               f"wall {wall:6.1f} s   peak RSS {rss_kb / 1e6:5.2f} GB")
+
+
+def flow_overhead(n: int, work: Path) -> None:
+    """The ingest flow's own cost per field, over n no-op fields (--flow-overhead)."""
+    from deepfield.flows import prefect_env
+    prefect_env.configure(work / "prefect")  # Prefect's home and settings as deepfield's commands have them
+    from deepfield.flows.prefect_env import flow_settings
+    import deepfield.flows.ingest as flow_mod  # noqa: I001 - after configure, which must precede prefect
+    from deepfield.tasks.ingest_config import FieldSpec, IngestConfig
+
+    def noop(spec, store, store_spec, consolidated=True):
+        return dict(field=spec.name, status="skipped", error=None, seconds=0.0, notes=[])
+
+    flow_mod.ingest_one = noop
+    settings = flow_settings()
+    settings.__enter__()  # as deepfield's commands call their flows
+    fields = [FieldSpec(name=f"f{k:07d}", bands={"g": {"image": Path(f"/nowhere/f{k}.fits")}}) for k in range(n)]
+    store = "/nonexistent/store.zarr"  # never made: no field writes
+    flow_mod.ingest_flow(IngestConfig(fields=fields[:2]), store)  # Prefect's temporary API started
+    print(f"ingest flow over {n} no-op fields (flows.ingest.ingest_one replaced; Prefect's API started before):")
+    default = flow_mod.MAX_TASK_RUNS
+    for label, max_runs in (("batch_size (default)", default), ("one task per field (before 2026-12-05)", n)):
+        flow_mod.MAX_TASK_RUNS = max_runs
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            res = flow_mod.ingest_flow(IngestConfig(fields=fields), store)
+        except Exception as exc:  # Prefect's temporary API gives up under too many task runs (503)
+            print(f"  {label:40s} FAILED after {time.perf_counter() - t0:.1f} s: {type(exc).__name__}: "
+                  f"{str(exc)[:100]}")
+            continue
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        assert [r["field"] for r in res] == [f.name for f in fields]
+        print(f"  {label:40s} {flow_mod.batch_size(n):5d} field(s) per task   {wall / n * 1e3:7.2f} ms per field "
+              f"(this process's CPU {cpu / n * 1e3:.2f})")
+    flow_mod.MAX_TASK_RUNS = default
 
 
 def noise_table(cfg, work: Path) -> None:
@@ -258,10 +301,18 @@ def main() -> None:
     ap.add_argument("--consolidation-fields", default="1,100,300,1000",
                     help="store sizes (fields) of --consolidation, comma-separated")
     ap.add_argument("--flow-fields", type=int, default=0, help="only the ingest flow's memory over this many fields")
+    ap.add_argument("--flow-overhead", type=int, default=0, help="only the ingest flow's own cost per field over "
+                                                                 "this many no-op fields")
     ap.add_argument("--noise", action="store_true", help="only the accuracy of the aperture-scale noise measured on "
                                                          "every step-th row of blocks")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="deepfield-bench-ingest-"))
+    if args.flow_overhead:
+        try:
+            flow_overhead(args.flow_overhead, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     try:
         sim = args.sim
         if sim is None:
