@@ -13,7 +13,7 @@ re-ingested.
 The store's consolidated metadata (for readers outside deepfield, tasks/zarr_store.py) is brought up to date
 by the flow, not by each field's task: as fields finish, their entries are rewritten together
 (tasks.zarr_metadata.consolidate_fields), at most as often as keeps that work under a tenth of the time
-(`CONSOLIDATION_SHARE`; at a few hundred fields or fewer, after every field), and once more for the
+(`CONSOLIDATION_SHARE`; in a store of a few dozen fields, after every field), and once more for the
 fields left when the flow ends, fails or is interrupted. Its cost grows with the store (the root's one
 metadata file holds every field's), so one rewrite per field made a survey's ingest quadratic. With
 `store.consolidated: false` the flow removes the root's consolidated metadata instead.
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Optional
 
 from prefect import flow, task
-from pydantic import BaseModel, PrivateAttr
 from prefect.futures import as_completed
+from pydantic import BaseModel, PrivateAttr
 
 from deepfield.tasks.ingest import ingest_one
 from deepfield.tasks.ingest_config import FieldSpec, IngestConfig, StoreSpec

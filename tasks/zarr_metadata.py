@@ -126,7 +126,8 @@ def _write_root(meta: Path, doc: dict) -> None:
     """The root's zarr.json replaced by `doc`, written to zarr's LocalStore's own temporary name and renamed."""
     tmp = meta.with_suffix(f".{uuid.uuid4().hex}.partial")
     try:
-        tmp.write_bytes(json.dumps(doc, allow_nan=True).encode())  # no indent: the C encoder, 4x faster
+        # no indent: the C encoder (the whole rewrite 3.6x faster at 300 fields)
+        tmp.write_bytes(json.dumps(doc, allow_nan=True).encode())
         tmp.replace(meta)
     finally:
         tmp.unlink(missing_ok=True)
