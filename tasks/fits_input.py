@@ -68,9 +68,11 @@ def _mask_bits(raw: np.ndarray, header: fits.Header, path, band: str, notes: lis
     any other nonzero bit (or any nonzero pixel of a mask without MP keywords) becomes BAD.
     Written into `out` (uint16, the mask's shape) when given."""
     planes = {}
-    for key, val in header.items():
-        if key.startswith("MP") and key[2:] in maskbits.PLANES and isinstance(val, int) and 0 <= val < 63:
-            planes[key[2:]] = val
+    for key in header.keys():  # the keywords first: items() parses every card's value
+        if key.startswith("MP") and key[2:] in maskbits.PLANES:
+            val = header[key]
+            if isinstance(val, int) and not isinstance(val, bool) and 0 <= val < 63:
+                planes[key[2:]] = val
     m = raw
     if out is None:
         out = np.zeros(m.shape, np.uint16)
@@ -93,10 +95,12 @@ def _mask_bits(raw: np.ndarray, header: fits.Header, path, band: str, notes: lis
     else:
         for name, bit in planes.items():
             out[(m >> bit) & 1 == 1] |= maskbits.PLANES[name]
-    out[other] |= maskbits.BAD
+    undeclared = bool(other.any())
+    if undeclared:  # a boolean index costs a pass even when it selects nothing
+        out[other] |= maskbits.BAD
     notes.append(f"band {band}: mask bits of {Path(path).name} " + ("kept (our MP keywords)" if same else
                  "translated by their MP keywords") + (f"; {int(other.sum())} pixels with undeclared bits set BAD"
-                                                       if other.any() else ""))
+                                                       if undeclared else ""))
     return out
 
 

@@ -121,6 +121,22 @@ def test_foreign_mask_becomes_bad(tmp_path):
     assert any("no MP<NAME> keywords" in n and "3 nonzero pixels set BAD" in n for n in f.notes)
 
 
+def test_foreign_mask_planes_translated_by_their_mp_keywords(tmp_path):
+    """A mask whose MP<NAME> keywords put our planes at other bits: each pixel's bits are translated, a bit no
+    keyword declares sets BAD, and an MP keyword whose value is not a bit number (a logical T) declares nothing."""
+    m = np.zeros((NY, NX), np.int32)
+    m[1, 1], m[2, 2], m[3, 3], m[4, 4], m[5, 5] = 1 << 5, 1 << 9, (1 << 5) | (1 << 9), 1 << 12, 1 << 1
+    files = {"i": write_band(tmp_path, "i", np.random.default_rng(0).normal(size=(NY, NX)).astype(np.float32),
+                             make_wcs(), invvar=np.ones((NY, NX), np.float32), mask=m, mask_cards=False)}
+    with fits.open(files["i"]["mask"], mode="update") as h:
+        h[0].header["MPSAT"], h[0].header["MPBLEED"], h[0].header["MPBAD"] = 5, 9, True
+    f = load_field(spec(files))
+    assert f.mask[0, 1, 1] == maskbits.SAT and f.mask[0, 2, 2] == maskbits.BLEED
+    assert f.mask[0, 3, 3] == maskbits.SAT | maskbits.BLEED and f.mask[0, 4, 4] == f.mask[0, 5, 5] == maskbits.BAD
+    assert np.count_nonzero(f.mask[0]) == 5
+    assert any("translated by their MP keywords; 2 pixels with undeclared bits set BAD" in n for n in f.notes)
+
+
 def test_resampled_band(tmp_path):
     wi = make_wcs()
     wg = make_wcs(crpix=(38.2, 35.7), rot_deg=17.0)
