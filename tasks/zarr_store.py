@@ -48,6 +48,7 @@ untouched. The `band` array is metadata for outside readers, outside the shard r
 from __future__ import annotations
 
 import functools
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,9 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
         return root
     if path.exists() and not path.is_dir():
         raise StoreError(f"{path}: not a directory (a Zarr store is one)")
+    known = _WRITABLE.get(_identity(path))
+    if known is not None and _marked(path):
+        return known
     with _CREATE_LOCK:
         root = zarr.open_group(str(path), mode="a", use_consolidated=False)
         if root.attrs.get("deepfield_store") is None:
@@ -111,7 +115,52 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
             with metadata_lock(root):
                 consolidate(root)
         root.require_group("fields")
+        key = _identity(path)
+        if key is not None:
+            while len(_WRITABLE) >= _WRITABLE_MAX:
+                _WRITABLE.pop(next(iter(_WRITABLE)))
+            _WRITABLE[key] = root
     return root
+
+
+# Stores opened for writing by this process: (directory, device, inode) -> the root group. The root's zarr.json
+# holds the consolidated metadata, about 20 kB per field, which zarr reads and parses on every open (and then
+# drops: use_consolidated=False): 0.31 s per open at 1,000 fields here, once per field ingested, which made an
+# ingest or a no-op re-ingest of N fields cost N^2 / 2 of those (tests/benchmarks/bench_ingest.py --store-opens).
+# The group is the same for every later open in this process: deepfield reads every node's metadata from its own
+# file and the root's attributes (the deepfield_store marker) never change. A later open takes it only while the
+# directory is the same (device and inode) and its zarr.json begins with the marker (_marked); a directory made
+# again in its place, which may get the same inode, is opened afresh unless it is a deepfield store too.
+_WRITABLE: dict[tuple[str, int, int], zarr.Group] = {}
+_WRITABLE_MAX = 64
+_MARKED = re.compile(rb'\A\s*\{\s*"attributes"\s*:\s*\{\s*"deepfield_store"\s*:\s*' + str(STORE_FORMAT).encode()
+                     + rb'\s*[,}]')
+
+
+def _marked(path: Path) -> bool:
+    """Whether the store's root zarr.json begins with the deepfield_store marker as the root's first attribute
+    (as zarr and tasks.zarr_metadata write it; False, and so a full open, for any other layout)."""
+    try:
+        with open(path / "zarr.json", "rb") as f:
+            return _MARKED.match(f.read(256)) is not None
+    except OSError:
+        return False
+
+
+def _identity(path: Path) -> tuple[str, int, int] | None:
+    """(resolved directory, device, inode) of a store directory with a root zarr.json; None otherwise."""
+    try:
+        st = path.stat()
+        if not (path / "zarr.json").is_file():
+            return None
+        return str(path.resolve()), st.st_dev, st.st_ino
+    except OSError:
+        return None
+
+
+def forget_stores() -> None:
+    """Open every store afresh from now on (benchmarks and tests compare against a first open)."""
+    _WRITABLE.clear()
 
 
 def field_key(group: zarr.Group) -> tuple[str, str, str]:

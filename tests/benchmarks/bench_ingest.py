@@ -20,7 +20,10 @@ store grows: the first field of the survey ingested, then its metadata (group an
 under new names until the store holds each of --consolidation-fields; at each size the time of zarr's whole-store
 consolidation (`consolidate`, what every field's write ran before 2026-12-05) and of rewriting one field's
 entries (`consolidate_fields`), and what either would add to an ingest that consolidates after every field, by
-the trapezoid rule over the sizes measured (both grow linearly with the store).
+the trapezoid rule over the sizes measured (both grow linearly with the store); and at each size what opening the
+store for writing costs (zarr reads and parses the root's zarr.json, consolidated metadata included), and the
+re-ingest of the real field with nothing to do (the flow's call, which leaves the consolidation to the flow) with the
+store opened afresh by the call (each field's call did so before 2026-12-06) and already opened by this process.
 
 With --flow-fields N it prints instead the ingest flow's peak memory and wall time over N fields (the --sim fields'
 inputs under N names), each in a fresh process: all N fields at once (`store.fields_at_once` N, what the flow
@@ -135,7 +138,7 @@ def consolidation_table(cfg, work: Path, sizes: list[int]) -> None:
     """The consolidated metadata's cost as the store grows (--consolidation)."""
     import warnings
 
-    from deepfield.tasks.zarr_store import consolidate, consolidate_fields, metadata_lock, open_store
+    from deepfield.tasks.zarr_store import consolidate, consolidate_fields, forget_stores, metadata_lock, open_store
     store = work / "meta.zarr"
     first = cfg.fields[0]
     assert ingest_one(first, str(store), cfg.store)["status"] == "ingested"
@@ -143,7 +146,8 @@ def consolidation_table(cfg, work: Path, sizes: list[int]) -> None:
     root = open_store(store, mode="a")
     print(f"consolidated metadata of a store of n fields (each a copy of field {first.name}'s metadata, "
           f"{sum(f.stat().st_size for f in src.rglob('zarr.json')) / 1e3:.0f} kB, without its pixels):")
-    print(f"  {'fields':>7s} {'root zarr.json MB':>18s} {'consolidate s':>14s} {'consolidate_fields s':>21s}")
+    print(f"  {'fields':>7s} {'root zarr.json MB':>18s} {'consolidate s':>14s} {'consolidate_fields s':>21s} "
+          f"{'first open s':>13s} {'no-op re-ingest s: first open':>30s} {'opened before':>14s}")
     n, rows = 1, []
     for size in sorted(sizes):
         for k in range(n, size):
@@ -165,11 +169,30 @@ def consolidation_table(cfg, work: Path, sizes: list[int]) -> None:
                 t0 = time.perf_counter()
                 assert consolidate_fields(root, [first.name])
                 t_one = min(t_one, time.perf_counter() - t0)
-        rows.append((size, t_full, t_one))
-        print(f"  {size:7d} {(store / 'zarr.json').stat().st_size / 1e6:18.1f} {t_full:14.3f} {t_one:21.4f}")
-    for label, col in (("consolidate after each field (before)", 1), ("consolidate_fields after each field", 2)):
+        t_open, t_first, t_again = float("inf"), float("inf"), float("inf")
+        for _ in range(3):  # the field re-ingested with nothing to do (the flow's call: it consolidates itself)
+            forget_stores()
+            t0 = time.perf_counter()
+            open_store(store, mode="a")
+            t_open = min(t_open, time.perf_counter() - t0)
+            forget_stores()  # every store opened afresh by each call, as before 2026-12-06
+            t0 = time.perf_counter()
+            assert ingest_one(first, str(store), cfg.store, consolidated=False)["status"] == "skipped"
+            t_first = min(t_first, time.perf_counter() - t0)
+            t0 = time.perf_counter()  # the store already opened by this process (the flow's other fields)
+            assert ingest_one(first, str(store), cfg.store, consolidated=False)["status"] == "skipped"
+            t_again = min(t_again, time.perf_counter() - t0)
+        rows.append((size, t_full, t_one, t_open, t_first, t_again))
+        print(f"  {size:7d} {(store / 'zarr.json').stat().st_size / 1e6:18.1f} {t_full:14.3f} {t_one:21.4f} "
+              f"{t_open:13.4f} {t_first:30.4f} {t_again:14.4f}")
+    for label, col in (("consolidate after each field (before)", 1), ("consolidate_fields after each field", 2),
+                       ("store opened by each field (before)", 3)):
         total = sum((b[0] - a[0]) * (a[col] + b[col]) / 2 for a, b in zip(rows, rows[1:]))
         print(f"  {label:40s} adds {total:10.1f} s to an ingest of {rows[-1][0] - rows[0][0]} fields")
+    for label, col in (("no-op re-ingest, store opened by each field (before)", 4),
+                       ("no-op re-ingest, store opened once", 5)):
+        total = sum((b[0] - a[0]) * (a[col] + b[col]) / 2 for a, b in zip(rows, rows[1:]))
+        print(f"  {label:52s} {total:10.1f} s for {rows[-1][0] - rows[0][0]} unchanged fields")
 
 
 def flow_memory(sim: Path, work: Path, n: int) -> None:
