@@ -8,7 +8,8 @@ Settings given in the environment win; call `configure` before importing prefect
 Prefect's logging configuration (its logging.yml, read by this process and by the ephemeral API server it
 starts) is used with two loggers added at CRITICAL: sqlalchemy's and aiosqlite's. The ephemeral server's
 database pool logs an ERROR with a traceback when the server is stopped while a connection is being reset
-(seen once in CI under load), which is the server's shutdown, not the run's business.
+(seen once in CI under load), which is the server's shutdown, not the run's business. For the same reason the
+task-run recorder's flush cancelled by the server's shutdown is dropped (`ShutdownCancellation`).
 
 Start-up (issue 22). The ephemeral API costs 9-12 s in a new run directory, of which 4-6 s are the database's
 migrations and block registration, and 5-7 s the server's own start. So a new run directory's database is a copy
@@ -20,6 +21,7 @@ so that the run's own process never imports the server's module (3.5-4.5 s).
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -73,10 +75,28 @@ def _logging_settings(state_dir: Path) -> Path:
     config = yaml.safe_load(source.read_text())
     for name in ("sqlalchemy", "aiosqlite"):
         config.setdefault("loggers", {})[name] = {"level": "CRITICAL"}
+    config.setdefault("filters", {})["deepfield_shutdown"] = {"()": f"{__name__}.ShutdownCancellation"}
+    config["loggers"][ShutdownCancellation.LOGGER] = {"filters": ["deepfield_shutdown"]}
     path = Path(state_dir).resolve() / "prefect-logging.yml"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+class ShutdownCancellation(logging.Filter):
+    """Drops the API server's task-run recorder's "Error flushing N events" records whose exception is a
+    cancellation: the server stopped (with the run's process) while the recorder still held task-run events, which
+    it flushes in batches every few seconds. Each is an ERROR with two tracebacks, after every flow of some
+    hundreds of task runs (an ingest of 5,000 fields: two of them, 150 lines, once the run had finished well). What
+    is lost is the last task runs' states in the server's own database (the UI's history), not anything the run
+    wrote. Other errors of the recorder, such as events dropped after failed retries, are kept."""
+
+    LOGGER = "prefect.server.services.task_run_recorder"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import asyncio
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, asyncio.CancelledError) and str(record.msg).startswith("Error flushing"))
 
 
 def quiet_run_logs(console: bool = False) -> None:

@@ -126,3 +126,33 @@ def test_the_local_api_serves_a_flow_run_through_a_proxy_and_stops_at_exit(tmp_p
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with pytest.raises(urllib.error.URLError):
         direct.open(f"{url}/health", timeout=5)
+
+
+def test_the_servers_flush_cancelled_at_its_shutdown_is_not_logged(tmp_path):
+    """The logging configuration the API server gets drops the task-run recorder's "Error flushing" record whose
+    exception is the cancellation of its shutdown (an ERROR with two tracebacks after a flow of some hundreds of
+    task runs that went well), and keeps its other records."""
+    import asyncio
+    import importlib
+    import logging
+    import sys
+
+    import yaml
+    from prefect.logging.configuration import load_logging_config
+
+    config = load_logging_config(prefect_env._logging_settings(tmp_path))
+    name = prefect_env.ShutdownCancellation.LOGGER
+    assert config["loggers"][name]["filters"] == ["deepfield_shutdown"]
+    module, _, cls = config["filters"]["deepfield_shutdown"]["()"].rpartition(".")
+    flt = getattr(importlib.import_module(module), cls)()
+    assert yaml.safe_load((tmp_path / "prefect-logging.yml").read_text())["loggers"]["sqlalchemy"]["level"] == "CRITICAL"
+
+    def record(msg, exc):
+        try:
+            raise exc
+        except BaseException:  # noqa: BLE001 - the record's exc_info, as logger.error(..., exc_info=True) makes it
+            return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, None, sys.exc_info())
+
+    assert not flt.filter(record("Error flushing 1 events (1 to retry, 0 dropped)", asyncio.CancelledError()))
+    assert flt.filter(record("Error flushing 3 events (0 to retry, 3 dropped)", RuntimeError("database is locked")))
+    assert flt.filter(record("Dropping event 1 after 4 failed attempts", asyncio.CancelledError()))
