@@ -32,8 +32,8 @@ from pathlib import Path
 from .fits_files import file_digest
 from .fits_input import InputError, load_field
 from .ingest_config import FieldSpec, StoreSpec
-from .zarr_store import (StoreIntegrityError, drop_consolidated, field_record, metadata_lock, open_store,
-                         refresh_metadata, update_record, verify_shards)
+from .zarr_store import (StoreIntegrityError, drop_consolidated, field_group, group_record, metadata_lock,
+                         open_store, refresh_metadata, update_record, verify_shards)
 from .zarr_write import write_field
 
 __all__ = ["input_files", "ingest_one"]
@@ -51,11 +51,11 @@ def input_files(spec: FieldSpec) -> list[Path]:
     return out
 
 
-def _intact(root, name: str) -> bool:
-    """True when every shard of the complete field `name` is there with the size its record says (a field
-    written by an older deepfield, or damaged, is ingested again)."""
+def _intact(group, name: str) -> bool:
+    """True when every shard of the complete field `name` (its group `group`) is there with the size its record
+    says (a field written by an older deepfield, or damaged, is ingested again)."""
     try:
-        verify_shards(root["fields"][name], name)
+        verify_shards(group, name)
     except StoreIntegrityError:
         return False
     return True
@@ -137,18 +137,19 @@ def ingest_one(spec: FieldSpec, store: str, store_spec: StoreSpec, consolidated:
         base = Path(store).absolute().parent
         rel = {str(p): _relative_paths(str(p), base) for p in paths}
         rel_spec = _relative_paths(spec.model_dump(mode="json"), base)
-        old = field_record(root, spec.name)
+        group = field_group(root, spec.name)
+        old = group_record(group)
         recorded = old.get("checksums") if old is not None else None
         recorded = recorded if isinstance(recorded, dict) else {}
         entries: dict[str, dict] = {}
         if old is not None and set(recorded) == set(rel.values()) and old.get("store") == layout \
-                and old.get("spec") == rel_spec and _intact(root, spec.name):
+                and old.get("spec") == rel_spec and _intact(group, spec.name):
             entries = _entries(paths, rel, recorded, algorithm, store_spec.read_always)
             if all(_same(e, recorded[rel[p]]) for p, e in entries.items()):
                 now = {rel[p]: e for p, e in entries.items()}
                 if now != recorded:  # touched files (or an older deepfield's record): their new size and mtime
                     update_record(root, spec.name, checksums=now)
-                refresh_metadata(root, spec.name, consolidated)
+                refresh_metadata(root, spec.name, consolidated, group)
                 summary.update(status="skipped", seconds=time.perf_counter() - t0)
                 return summary
         # to be ingested: every input's entry by the configured hash; an entry found just now by it is kept, and

@@ -171,10 +171,23 @@ def field_key(group: zarr.Group) -> tuple[str, str, str]:
 
 def field_record(root: zarr.Group, name: str) -> dict | None:
     """The completion record of a field, or None when the field is absent or incomplete."""
+    return group_record(field_group(root, name))
+
+
+def field_group(root: zarr.Group, name: str) -> zarr.Group | None:
+    """The group of the field `name` (one lookup in zarr), or None when there is none."""
     try:
-        g = root["fields"][name]
-        return dict(g.attrs[COMPLETE])
+        g = root[f"fields/{name}"]
     except (KeyError, ValueError, OSError):
+        return None
+    return g if isinstance(g, zarr.Group) else None
+
+
+def group_record(group: zarr.Group | None) -> dict | None:
+    """The completion record of a field's group (field_group), or None when it is absent or incomplete."""
+    try:
+        return dict(group.attrs[COMPLETE]) if group is not None else None
+    except (KeyError, TypeError, ValueError):
         return None
 
 
