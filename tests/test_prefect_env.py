@@ -145,7 +145,8 @@ def test_the_servers_flush_cancelled_at_its_shutdown_is_not_logged(tmp_path):
     assert config["loggers"][name]["filters"] == ["deepfield_shutdown"]
     module, _, cls = config["filters"]["deepfield_shutdown"]["()"].rpartition(".")
     flt = getattr(importlib.import_module(module), cls)()
-    assert yaml.safe_load((tmp_path / "prefect-logging.yml").read_text())["loggers"]["sqlalchemy"]["level"] == "CRITICAL"
+    written = yaml.safe_load((tmp_path / "prefect-logging.yml").read_text())
+    assert written["loggers"]["sqlalchemy"]["level"] == "CRITICAL"
 
     def record(msg, exc):
         try:

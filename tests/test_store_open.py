@@ -37,8 +37,8 @@ def _field(name: str) -> FieldImages:
     rng = np.random.default_rng(0)
     return FieldImages(name=name, bands=["g", "r"], image=rng.normal(size=(2, 64, 64)).astype(np.float32),
                        invvar=np.ones((2, 64, 64), np.float32), mask=np.zeros((2, 64, 64), np.uint16),
-                       wcs_header=fits.Header(), zeropoints=[27.0, 27.0], psf_fwhm=[0.8, 0.8], pixel_scale=0.2, checksums={},
-                       resampled=[], notes=[])
+                       wcs_header=fits.Header(), zeropoints=[27.0, 27.0], psf_fwhm=[0.8, 0.8], pixel_scale=0.2,
+                       checksums={}, resampled=[], notes=[])
 
 
 def test_a_store_is_opened_once_and_its_fields_written_through_it(tmp_path, opens):
