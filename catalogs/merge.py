@@ -51,6 +51,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -60,6 +61,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from astropy.wcs import WCS
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from deepfield.tasks.atomic import publish_version, version_dir, write_text
@@ -79,6 +81,46 @@ __all__ = ["merge_catalog", "open_catalog", "export_fits", "HEALPIX_COLUMN"]
 HEALPIX_COLUMN = "_healpix_29"  # hats.pixel_math.spatial_index.SPATIAL_INDEX_COLUMN
 CATALOG_NAME = "sources"
 FILES_PER_PARTITION = 16  # tile tables per Dask partition (and per hats-import input file)
+
+
+class FieldWCS(Mapping):
+    """Field name -> astropy WCS for the merge's partitions, carried as each field's FITS header text and made into
+    a WCS where a partition first asks for it (cached in this object).
+
+    Dask tokenizes map_partitions' arguments (by pickling what it cannot hash otherwise) and pickles them into
+    every partition's task, even on the threads-only cluster. A dict of astropy WCS objects cost 0.04 s per field
+    to tokenize, and each partition rebuilt every field's WCS: fields times partitions, 10,600 s over the
+    partitions of a 1,000-field survey (tests/benchmarks/bench_merge_fields.py). Header text hashes at memory
+    speed, and a partition builds the WCS of the few fields whose rows it holds; it still unpickles every field's
+    text (0.02 s per partition at 1,000 fields: 20 s over them)."""
+
+    def __init__(self, headers: dict[str, str]):
+        self._headers = dict(headers)
+        self._made: dict[str, WCS] = {}
+
+    @classmethod
+    def of(cls, fields: list[SkyField]) -> "FieldWCS":
+        out = cls({f.name: f.wcs.to_header_string(relax=True) for f in fields})
+        out._made.update({f.name: f.wcs for f in fields})  # the caller's own, where it asks in this process
+        return out
+
+    def __getitem__(self, name: str) -> WCS:
+        w = self._made.get(name)
+        if w is None:
+            w = self._made[name] = WCS(self._headers[name])
+        return w
+
+    def __iter__(self):
+        return iter(self._headers)
+
+    def __len__(self) -> int:
+        return len(self._headers)
+
+    def __reduce__(self):
+        return FieldWCS, (self._headers,)
+
+    def __dask_tokenize__(self):
+        return "deepfield.FieldWCS", sorted(self._headers.items())
 
 
 def _prepare(df: pd.DataFrame, dropped: pd.MultiIndex, keep_duplicates: bool,
@@ -235,7 +277,7 @@ def _merge_into(staging: Path, out_dir: Path, run_dir: Path, files: list[Path], 
         for step in steps:
             step.prepare(ctx)
         dropped = _dropped(files, ownership)  # once per object, over the whole run
-        wcs_by_field = {f.name: f.wcs for f in ownership.fields}
+        wcs_by_field = FieldWCS.of(ownership.fields)
         meta = _prepare(primary._meta, dropped, keep_field_duplicates, steps, wcs_by_field)
         merged = primary.map_partitions(_prepare, dropped, keep_field_duplicates, steps, wcs_by_field, meta=meta)
         flat_dir = staging / f"{CATALOG_NAME}_flat"

@@ -286,3 +286,30 @@ def test_hats_kernels_compile_once_per_machine_with_the_same_results(tmp_path):
     assert plain["swapped"] == 0 and first["swapped"] >= 4  # perform_align_trees and the functions it calls
     assert first["out"] == plain["out"] == second["out"] and len(plain["out"]["OUTER"]) > len(plain["out"]["INNER"])
     assert first["hits"] == 0 and second["hits"] >= 2
+
+
+def test_the_fields_wcs_travel_as_header_text_with_the_same_sky():
+    """The merge hands every partition each field's WCS as header text (catalogs.merge.FieldWCS): what a
+    partition gets back after pickling gives the same sky positions as the fields' own WCS (a TAN-SIP one too),
+    makes only the WCS it is asked for, and Dask's token follows the headers."""
+    import pickle
+
+    from astropy.wcs import Sip
+    from dask.base import tokenize
+
+    from deepfield.catalogs.merge import FieldWCS
+    fields = [SkyField(f"field00{k}", field_wcs(150.0 + 0.05 * k, 2.0, 256, 1.0), 256, 256) for k in range(2)]
+    sip = fields[1].wcs.deepcopy()
+    a, b = np.zeros((3, 3)), np.zeros((3, 3))
+    a[2, 0], b[0, 2] = 2e-5, -3e-5
+    sip.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
+    sip.sip = Sip(a, b, None, None, sip.wcs.crpix)
+    fields[1] = SkyField("field001", sip, 256, 256)
+    got = pickle.loads(pickle.dumps(FieldWCS.of(fields)))
+    assert list(got) == ["field000", "field001"] and got._made == {}
+    x, y = np.array([0.0, 17.5, 255.0]), np.array([3.0, 128.0, 250.0])
+    for f in fields:
+        assert np.allclose(np.array(got[f.name].pixel_to_world_values(x, y)),
+                           np.array(f.wcs.pixel_to_world_values(x, y)), rtol=0, atol=1e-10)
+    assert set(got._made) == {"field000", "field001"}
+    assert tokenize(got) == tokenize(FieldWCS.of(fields)) != tokenize(FieldWCS.of(fields[:1]))
