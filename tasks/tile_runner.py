@@ -27,7 +27,8 @@ import pandas as pd
 from .atomic import atomic_path
 from .stages.registry import load_plugins, make_stage
 from .tiling import TileId
-from .zarr_store import open_store, read_tile
+from .zarr_store import open_store
+from .zarr_read import read_tile
 
 
 def device_for(visible: str | None, cuda_available: bool) -> str:

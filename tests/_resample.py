@@ -61,7 +61,8 @@ def run_in_process(store: Path, stages: list[tuple[str, dict]], halo: int = 64) 
     """The stages over every tile of `store` in this process; the primary rows of every tile, with ra, dec."""
     from deepfield.tasks.stages.registry import make_stage
     from deepfield.tasks.zarr_sky import field_wcs
-    from deepfield.tasks.zarr_store import all_tiles, open_store, read_tile
+    from deepfield.tasks.zarr_store import all_tiles, open_store
+    from deepfield.tasks.zarr_read import read_tile
     built = [make_stage(n, **p) for n, p in stages]
     for s in built:
         s.setup("cpu")

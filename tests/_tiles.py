@@ -8,7 +8,7 @@ import numpy as np
 from astropy.wcs import WCS
 
 from deepfield.tasks.tiling import Box, TileId
-from deepfield.tasks.zarr_store import Tile
+from deepfield.tasks.zarr_read import Tile
 
 SCALE = 0.25  # arcsec / pixel
 FWHM = 1.0  # arcsec, every band -> 4 px

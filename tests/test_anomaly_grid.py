@@ -15,7 +15,8 @@ from deepfield.tasks.stages.anomaly import AnomalyStage
 from deepfield.tasks.stages.background import BackgroundStage
 from deepfield.tasks.trainsets.anomaly import training_fields
 from deepfield.tasks.trainsets.fields import simulate_fields
-from deepfield.tasks.zarr_store import all_tiles, open_store, read_tile
+from deepfield.tasks.zarr_store import all_tiles, open_store
+from deepfield.tasks.zarr_read import read_tile
 
 HALO = 64
 

@@ -196,7 +196,7 @@ def test_missing_psf_fwhm_is_measured_from_the_stars(survey, manifest, tmp_path)
     from deepfield.tasks.stages._pixels import band_fwhm_pixels
     from deepfield.tasks.stages.measure import MeasureStage
     from deepfield.tasks.tiling import TileId
-    from deepfield.tasks.zarr_store import read_tile
+    from deepfield.tasks.zarr_read import read_tile
     assert ingest_one(load_ingest_config(cfg).fields[0], str(tmp_path / "s.zarr"),
                       StoreSpec(tile=512, chunk=128))["status"] == "ingested"
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r", use_consolidated=False)

@@ -175,7 +175,8 @@ def boundary_cluster_run(tmp_path_factory):
     from deepfield.tasks.sim.config import SimConfig
     from deepfield.tasks.sim.survey import simulate_survey
     from deepfield.tasks.tile_runner import TileRunner
-    from deepfield.tasks.zarr_store import field_grid, open_store
+    from deepfield.tasks.zarr_store import open_store
+    from deepfield.tasks.zarr_read import field_grid
 
     work = tmp_path_factory.mktemp("cluster-boundary")
     cfg = SimConfig(seed=7, size=1024, fields=1, population=dict(

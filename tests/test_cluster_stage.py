@@ -16,12 +16,8 @@ from deepfield.tasks.stages import cluster as stage_mod
 from deepfield.tasks.stages.cluster import ClusterStage
 from deepfield.tasks.stages.cluster_planes import detect_planes, field_planes
 from deepfield.tasks.tiling import TileId
-from deepfield.tasks.zarr_store import (
-    StoreIntegrityError,
-    field_grid,
-    open_store,
-    read_tile,
-)
+from deepfield.tasks.zarr_read import field_grid, read_tile
+from deepfield.tasks.zarr_store import StoreIntegrityError, open_store
 from deepfield.tasks.zarr_write import write_field
 
 BANDS = ["g", "r", "i", "z"]

@@ -120,7 +120,8 @@ def test_a_missing_or_truncated_shard_is_found_and_ingested_again(how, survey, c
     field's record of shard sizes and writes the field again; the catalog is the clean one."""
     from deepfield.flows.run import run_flow
     from deepfield.tasks.tiling import TileId
-    from deepfield.tasks.zarr_store import StoreIntegrityError, open_store, read_tile
+    from deepfield.tasks.zarr_store import StoreIntegrityError, open_store
+    from deepfield.tasks.zarr_read import read_tile
     clean_dir, reference = clean
     run_dir = copy_run(clean_dir, tmp_path)
     shard = _corrupt(run_dir, how)

@@ -16,7 +16,8 @@ from astropy.io import fits
 
 from deepfield.tasks.ingest_config import StoreSpec, load_ingest_config
 from deepfield.tasks.tiling import TileId
-from deepfield.tasks.zarr_store import field_record, open_store, read_tile
+from deepfield.tasks.zarr_store import field_record, open_store
+from deepfield.tasks.zarr_read import read_tile
 
 SPEC = StoreSpec(tile=256, chunk=64)
 

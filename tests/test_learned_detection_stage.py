@@ -18,7 +18,7 @@ def _scene_tile(profiles: list, n: int, seed: int):
     from deepfield.tasks.sim.config import DEFAULT_BANDS
     from deepfield.tasks.tiling import Box, TileId
     from deepfield.tasks.trainsets.stamp_survey import StampSurvey
-    from deepfield.tasks.zarr_store import Tile
+    from deepfield.tasks.zarr_read import Tile
 
     bands, scale, zp = ["g", "r", "i", "z"], 0.2, 27.0
     ss = StampSurvey()

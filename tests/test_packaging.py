@@ -41,7 +41,7 @@ import deepfield
 from deepfield.models.registry import create_model, entry
 from deepfield.tasks.stages import make_stage
 from deepfield.tasks.tiling import Box, TileId
-from deepfield.tasks.zarr_store import Tile
+from deepfield.tasks.zarr_read import Tile
 
 n = 128
 yy, xx = np.mgrid[:n, :n]

@@ -113,7 +113,7 @@ def test_the_gaussian_apertures_psf_index_of_the_default_runs_fields(default_run
 
     from deepfield.tasks.stages._pixels import band_fwhm_pixels
     from deepfield.tasks.stages._psf_shape import field_betas
-    from deepfield.tasks.zarr_store import read_tile
+    from deepfield.tasks.zarr_read import read_tile
     from deepfield.tasks.tiling import TileId
     cfg, _, _ = default_run
     root = zarr.open_group(str(cfg.store_path), mode="r", use_consolidated=False)

@@ -18,7 +18,7 @@ def _seeing_tile(fwhms: list[float], n: int = 96):
     import galsim
 
     from deepfield.tasks.tiling import Box, TileId
-    from deepfield.tasks.zarr_store import Tile
+    from deepfield.tasks.zarr_read import Tile
     scale, bands = 0.2, ["g", "r", "i", "z"]
     img = np.zeros((4, n, n), np.float32)
     for j, fw in enumerate(fwhms):

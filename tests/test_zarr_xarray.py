@@ -30,9 +30,9 @@ from deepfield.tasks.zarr_store import (
     invalidate_field,
     metadata_lock,
     open_store,
-    read_tile,
     verify_shards,
 )
+from deepfield.tasks.zarr_read import read_tile
 from deepfield.tasks.zarr_write import write_field
 
 SPEC = StoreSpec(tile=256, chunk=128)

@@ -163,7 +163,8 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     from deepfield.tasks.stages._anomaly_grid import extract, tile_inputs, tile_windows
     from deepfield.tasks.stages.background import BackgroundStage
     from deepfield.tasks.trainsets.fields import simulate_fields
-    from deepfield.tasks.zarr_store import all_tiles, open_store, read_tile
+    from deepfield.tasks.zarr_store import all_tiles, open_store
+    from deepfield.tasks.zarr_read import read_tile
 
     torch.set_num_threads(1)
     cfg = evaluation_fields(seed, n_fields, size)

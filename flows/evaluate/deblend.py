@@ -39,7 +39,7 @@ from deepfield.tasks.stages.detect import DetectStage
 from deepfield.tasks.stages.measure import MeasureStage
 from deepfield.tasks.tiling import Box, TileId
 from deepfield.tasks.trainsets.blend_stamps import BlendConfig, simulate_blends
-from deepfield.tasks.zarr_store import Tile
+from deepfield.tasks.zarr_read import Tile
 
 EVAL_SEED = 20261124
 

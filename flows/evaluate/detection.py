@@ -66,7 +66,8 @@ from deepfield.tasks.stages._pixels import band_pixels
 from deepfield.tasks.stages.registry import make_stage, stage_class
 from deepfield.tasks.trainsets.anomaly import label_sources
 from deepfield.tasks.trainsets.fields import simulate_fields
-from deepfield.tasks.zarr_store import all_tiles, open_store, read_tile
+from deepfield.tasks.zarr_store import all_tiles, open_store
+from deepfield.tasks.zarr_read import read_tile
 
 from ..run_config import RunConfig
 from .baseline_sep import sep_alone

@@ -297,7 +297,7 @@ def field_betas(group, bands: list[str], fwhm_px: list[float | None]) -> list[fl
     """The field's Moffat index (band_betas) for each of its bands (None for a band without a FWHM, and for all
     without enough stars) from the central at most MAX_SIDE^2 pixels of the field of the store group `group` (its
     bands `bands`, FWHMs in pixels `fwhm_px`), read with the store's checksums."""
-    from ..zarr_store import read_checked
+    from ..zarr_read import read_checked
     _, ny, nx = group.attrs["shape"]
     field = group.path.rsplit("/", 1)[-1]
     y0, x0 = max(0, (ny - MAX_SIDE) // 2), max(0, (nx - MAX_SIDE) // 2)

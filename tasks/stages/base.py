@@ -13,7 +13,7 @@ A stage is a named unit of work on one tile. Its class declares, before anything
 and an instance says which bands it needs (`required_bands`; None: it works on whatever bands a field has).
 
 `setup(device)` is called once per actor (load models there); `run(tile, sources)` once per tile with the
-tile's pixels (a `tasks.zarr_store.Tile`, with halo) and the source table built so far by the earlier
+tile's pixels (a `tasks.zarr_read.Tile`, with halo) and the source table built so far by the earlier
 stages; it returns the table with its new columns or rows. Adding a science stage means one new module and
 one registry entry (`tasks.stages.registry`), not a change to the runner or the merge. Inside a run, the tile
 runner gives every stage `shared_dir`, a directory all the run's actors share, for results that many tiles

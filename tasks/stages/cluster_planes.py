@@ -89,7 +89,8 @@ def binned_planes(image: np.ndarray, invvar: np.ndarray, mask: np.ndarray, bin: 
 def field_sums(group, bands: list[str], bin: int, strip: int = 512) -> np.ndarray:
     """`block_sums` of `bands` of a whole field of the store (its Zarr group), read `strip` rows at a time so
     that a large field never sits in memory at full resolution; a damaged shard is an error naming the field."""
-    from ..zarr_store import read_checked, verify_shards
+    from ..zarr_store import verify_shards
+    from ..zarr_read import read_checked
     field = group.path.rsplit("/", 1)[-1]
     verify_shards(group, field)
     idx = [list(group.attrs["bands"]).index(b) for b in bands]

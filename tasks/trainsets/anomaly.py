@@ -37,7 +37,8 @@ from ..stages.background import BackgroundStage
 from ..stages.detect import DetectStage
 from ..stages.measure import MeasureStage
 from ..tiling import TileId
-from ..zarr_store import complete_fields, field_grid, open_store, read_tile
+from ..zarr_store import complete_fields, open_store
+from ..zarr_read import field_grid, read_tile
 from .fields import simulate_fields
 
 POINT_TYPES = ("ring_galaxy", "merger", "lens", "cosmic_ray", "hot_pixels")

@@ -39,7 +39,8 @@ def process_store(store: Path, stages: list[tuple[str, dict]], halo: int, device
     import time
 
     from deepfield.tasks.stages.registry import make_stage
-    from deepfield.tasks.zarr_store import all_tiles, open_store, read_tile
+    from deepfield.tasks.zarr_store import all_tiles, open_store
+    from deepfield.tasks.zarr_read import read_tile
     built = [make_stage(name, **params) for name, params in stages]
     for s in built:
         s.setup(device)

@@ -79,7 +79,8 @@ def run(store: str, tiles, stages, halo: int, out: Path, sep_kron: dict | None =
     import pandas as pd
 
     from deepfield.tasks.stages.registry import make_stage
-    from deepfield.tasks.zarr_store import open_store, read_tile
+    from deepfield.tasks.zarr_store import open_store
+    from deepfield.tasks.zarr_read import read_tile
     root = open_store(store)
     out.mkdir(parents=True, exist_ok=True)
 

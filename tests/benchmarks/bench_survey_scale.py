@@ -6,7 +6,7 @@ planning (flows/merge.py's choice of tables) over 10^5 and 10^6 synthetic tiles,
   square for 64), with the attributes and completion record the real code reads (shape, tile, bands, the
   record's input checksums and shard sizes), and no arrays.
 - Ray part (`--ray-tiles`): run_tiles drives `--actors` real Ray actors whose tile runner reads no pixels (a
-  1 x 1 px synthetic tile instead of tasks.zarr_store.read_tile) and runs one registered no-op stage, then
+  1 x 1 px synthetic tile instead of tasks.zarr_read.read_tile) and runs one registered no-op stage, then
   writes the tile's (empty) source table as usual. Measured in the driver process: wall and CPU time per tile of
   the dispatch loop (dispatch, results, ledger writes, the progress callback of flows/process.py without its
   Prefect API calls), the time in the ledger writes alone, peak RSS; then the start-up scan of a second run
@@ -101,7 +101,7 @@ def synthetic_runner():
             import numpy as np
 
             from deepfield.tasks.tiling import Box
-            from deepfield.tasks.zarr_store import Tile
+            from deepfield.tasks.zarr_read import Tile
 
             def read_tile(root, tid, halo):
                 one = np.zeros((4, 1, 1), np.float32)
