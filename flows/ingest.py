@@ -6,7 +6,7 @@ serialised, 3.4 hours for a Rubin-sized survey's 3.6e5 fields), `store.fields_at
 flight holds its pixels in memory (about 10 bytes per pixel and band, 0.17 GB for a 2048^2 field in four bands),
 and before 2026-12-05 every field of the configuration ran at once (Prefect's thread pool has no limit), so that
 the memory grew with the survey (24 such fields: 5.2 GB peak, against 0.95 GB two at a time;
-tests/benchmarks/bench_ingest.py --flow-fields). A field whose inputs fail validation is reported and skipped;
+tests/benchmarks/bench_ingest_scale.py --flow-fields). A field whose inputs fail validation is reported and skipped;
 the others proceed. A complete field whose input checksums and store layout match is skipped; a changed one is
 re-ingested.
 
@@ -133,7 +133,7 @@ def _ingest_flow(call: IngestCall, store: str) -> list[dict]:
 
 def batch_size(n_fields: int) -> int:
     """Fields per Prefect task: one, unless that makes more than MAX_TASK_RUNS tasks (each costs the flow about
-    34 ms of Prefect's API, serialised: tests/benchmarks/bench_ingest.py --flow-overhead)."""
+    34 ms of Prefect's API, serialised: tests/benchmarks/bench_ingest_scale.py --flow-overhead)."""
     return max(1, -(-n_fields // MAX_TASK_RUNS))
 
 

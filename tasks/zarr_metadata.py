@@ -78,7 +78,7 @@ def consolidate_fields(root: zarr.Group, names, create: bool = True) -> bool:
     consolidate() reads the metadata of every node of the store, 8.7 ms per field here (8.7 s at 1,000 fields): a
     consolidation after each field made an ingest of N fields cost N^2 / 2 of those, 1.2 hours at 1,000 fields. This
     reads the few files of the fields named and parses and writes the root's one file, 0.7 ms per field of the store
-    (tests/benchmarks/bench_ingest.py --consolidation). zarr has no call that consolidates part of a tree, so the
+    (tests/benchmarks/bench_ingest_scale.py --consolidation). zarr has no call that consolidates part of a tree, so the
     root's `zarr.json` is rewritten here, in the layout zarr.consolidate_metadata gives it (each node's own document
     under its path; a group's with an empty consolidated_metadata of its own), with zarr's temporary name and
     rename. Where the root has no consolidated metadata with the `fields` group in it (a store older than it, one

@@ -121,7 +121,7 @@ def open_store(path: str | Path, mode: str = "r") -> zarr.Group:
 # Stores opened for writing by this process: (directory, device, inode) -> the root group. The root's zarr.json
 # holds the consolidated metadata, about 11 kB per field, which zarr reads and parses on every open (and then
 # drops: use_consolidated=False): 0.33 s per open at 1,000 fields here, once per field ingested, which made an
-# ingest or a no-op re-ingest of N fields cost N^2 / 2 of those (tests/benchmarks/bench_ingest.py --consolidation).
+# ingest or a no-op re-ingest of N fields cost N^2 / 2 of those (tests/benchmarks/bench_ingest_scale.py --consolidation).
 # The group is the same for every later open in this process: deepfield reads every node's metadata from its own
 # file and the root's attributes (the deepfield_store marker) never change. A later open takes it only while the
 # directory is the same (device and inode) and its zarr.json begins with the marker (_marked); a directory made
