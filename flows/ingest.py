@@ -40,6 +40,11 @@ DEFAULT_MAX_AT_ONCE = 8  # fields at a time without store.fields_at_once: the us
 MAX_TASK_RUNS = 500  # Prefect tasks per ingest at most: a larger survey's fields go in batches (batch_size)
 
 
+def _failed(spec: FieldSpec, exc: BaseException) -> dict:
+    """The summary of a field whose ingest raised `exc`."""
+    return dict(field=spec.name, status="failed", error=f"{type(exc).__name__}: {exc}", seconds=0.0, notes=[])
+
+
 @task(name="ingest-fields", task_run_name="ingest-{label}")
 def ingest_fields_task(specs: list[FieldSpec], store: str, store_spec: StoreSpec, label: str) -> list[dict]:
     """Ingest `specs` one after the other (a field, or a batch of them: batch_size); one summary per field. An
@@ -50,8 +55,7 @@ def ingest_fields_task(specs: list[FieldSpec], store: str, store_spec: StoreSpec
             result = ingest_one(spec, store, store_spec, consolidated=False)  # the flow consolidates
         except Exception as exc:
             traceback.print_exc()
-            result = dict(field=spec.name, status="failed", error=f"{type(exc).__name__}: {exc}", seconds=0.0,
-                          notes=[])
+            result = _failed(spec, exc)
         line = {"ingested": f"ingested {spec.name} in {result['seconds']:.1f} s",
                 "skipped": f"skipped  {spec.name}: complete, inputs unchanged",
                 "failed": f"FAILED   {spec.name}: {result['error']}"}[result["status"]]
@@ -117,8 +121,7 @@ def _ingest_flow(call: IngestCall, store: str) -> list[dict]:
             try:
                 results.update((r["field"], r) for r in fut.result())
             except Exception as exc:  # the task itself failed (Prefect, memory): its fields failed, the others go on
-                results.update((spec.name, dict(field=spec.name, status="failed", seconds=0.0, notes=[],
-                                                error=f"{type(exc).__name__}: {exc}")) for spec in specs)
+                results.update((spec.name, _failed(spec, exc)) for spec in specs)
             submit()
             waiting += [spec.name for spec in specs]
             if time.monotonic() - since >= cost * (1 - CONSOLIDATION_SHARE) / CONSOLIDATION_SHARE:

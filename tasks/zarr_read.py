@@ -15,7 +15,8 @@ from astropy.wcs import WCS
 
 from .tiling import Box, TileGrid, TileId
 from .zarr_metadata import _group_dir
-from .zarr_store import ARRAYS, StoreError, StoreIntegrityError, _grid, attrs_to_header, field_record, verify_shards
+from .zarr_store import (ARRAYS, StoreError, StoreIntegrityError, _grid, attrs_to_header, field_group, group_record,
+                          verify_shards)
 
 __all__ = ["Tile", "field_grid", "read_tile", "read_checked"]
 
@@ -53,10 +54,10 @@ def field_grid(root: zarr.Group, field: str, halo: int) -> TileGrid:
 
 def read_tile(root: zarr.Group, tile: TileId, halo: int) -> Tile:
     """Read one tile with `halo` pixels around its core (clipped to the field) and its WCS."""
-    if field_record(root, tile.field) is None:
+    g = field_group(root, tile.field)
+    if group_record(g) is None:
         raise StoreError(f"field {tile.field!r} is not complete in the store")
-    g = root["fields"][tile.field]
-    grid = field_grid(root, tile.field, halo)
+    grid = _grid(g.attrs, halo)
     if not (0 <= tile.ty < grid.n_ty and 0 <= tile.tx < grid.n_tx):
         raise StoreError(f"tile {tile} outside the field's {grid.n_ty} x {grid.n_tx} tiles")
     box, core = grid.halo_box(tile.ty, tile.tx), grid.core(tile.ty, tile.tx)
