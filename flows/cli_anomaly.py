@@ -91,6 +91,8 @@ def eval_anomaly(
                                  "(default: the stage's default)"),
     refine_above: float = typer.Option(None, help="the stage's `refine_above` (default: the stage's default)"),
     full: bool = typer.Option(True, "--full/--fast-only", help="also score the full mode (20x the fast mode's time)"),
+    precision: str = typer.Option("auto", help="the stage's `precision` on a CPU: auto (bfloat16 where the CPU "
+                                  "computes it natively), float32 or bfloat16"),
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """AUROC by anomaly type, injected anomalies in the top 1% and 0.1%, and throughput, of the anomaly stage's
@@ -98,4 +100,5 @@ def eval_anomaly(
     the stage scores it (coarse to fine)."""
     from deepfield.flows.evaluate.anomaly import evaluate, format_report
     _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=field_size, seed=seed, steps=steps,
-              workers=workers, device=device, refine=refine, refine_above=refine_above, full=full)
+              workers=workers, device=device, refine=refine, refine_above=refine_above, full=full,
+              precision=precision)

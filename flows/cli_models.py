@@ -134,13 +134,16 @@ def eval_lens(
     workers: int = typer.Option(2, min=1, help="processes simulating stamps"),
     device: str = typer.Option("cpu", help="torch device"),
     batch: int = typer.Option(256, min=1, help="stamps per inference batch"),
+    precision: str = typer.Option("auto", help="the lens stage's `precision` on a CPU: auto (bfloat16 where the "
+                                  "CPU computes it natively), float32 or bfloat16"),
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """AUROC, TPR0, TPR10 (Metcalf et al. 2019), completeness and throughput of the lens CNN."""
     from deepfield.flows.evaluate.lens import evaluate, format_report
 
     def both(weights):  # the same configuration, then the shifted one
-        return [evaluate(weights, n, lens_fraction, seed, s, workers, device, batch) for s in (False, True)[:1 + shifted]]
+        return [evaluate(weights, n, lens_fraction, seed, s, workers, device, batch, precision)
+                for s in (False, True)[:1 + shifted]]
     _evaluate(both, lambda results: "\n".join(format_report(r) for r in results), weights, out)
 
 

@@ -2,8 +2,9 @@
 convolutions before them, channels-last tensors, and transposed convolutions as convolutions and pixel shuffles
 (the same outputs to float rounding, less CPU time); and on a GPU, mixed precision (`autocast_modules`: the
 forward of the modules a stage calls under torch.autocast, outputs back in float32, so that the code after
-them sees the tensors it sees on a CPU; the registry's GPU settings say which and in what dtype). And the
-inputs' asinh scaling in float32 (`asinh32`)."""
+them sees the tensors it sees on a CPU; the registry's GPU settings say which and in what dtype), and on a CPU
+that computes bfloat16 natively the same autocast to bfloat16 (`cpu_precision`, the stages' `precision`). And
+the inputs' asinh scaling in float32 (`asinh32`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 __all__ = ["fold_batch_norms", "for_inference", "transposed_as_shuffle", "autocast_modules", "plain_modules",
-           "cpu_has_bf16", "asinh32", "scaled_asinh"]
+           "cpu_has_bf16", "cpu_precision", "asinh32", "scaled_asinh"]
 
 
 def asinh32(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -154,6 +155,17 @@ def plain_modules(model: nn.Module, paths=("",)) -> nn.Module:
     for path in paths:
         vars(_submodule(model, path)).pop("forward", None)
     return model
+
+
+def cpu_precision(model: nn.Module, paths, precision: str, device: str) -> str:
+    """A stage's `precision` setting on its device: on a CPU, the submodules `paths` of `model` run under
+    torch.autocast to bfloat16 (autocast_modules) with precision "bfloat16", or "auto" where the CPU computes it
+    natively (cpu_has_bf16); float32 otherwise, and on a GPU (whose precision is the registry's GPU settings').
+    Returns the arithmetic chosen, "bfloat16" or "float32"."""
+    if str(device).startswith("cpu") and (precision == "bfloat16" or precision == "auto" and cpu_has_bf16()):
+        autocast_modules(model, paths, "bfloat16", "cpu")
+        return "bfloat16"
+    return "float32"
 
 
 def cpu_has_bf16() -> bool:

@@ -155,7 +155,8 @@ def scored_windows(windows, score: np.ndarray, fraction: float, above: float) ->
 
 def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, seed: int = EVAL_SEED,
              steps: int = 20, workers: int = 2, batch: int = 256, device: str = "cpu", halo: int = 64,
-             refine: float | None = None, refine_above: float | None = None, full: bool = True) -> dict:
+             refine: float | None = None, refine_above: float | None = None, full: bool = True,
+             precision: str = "auto") -> dict:
     import pandas as pd
     import torch
 
@@ -169,10 +170,11 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     torch.set_num_threads(1)
     cfg = evaluation_fields(seed, n_fields, size)
     if weights:
-        stage = AnomalyStage(steps=steps, weights=str(weights))
+        stage = AnomalyStage(steps=steps, weights=str(weights), precision=precision)
     else:  # the shipped weights the pipeline would run on these fields: the band-set variant with the most bands
         from deepfield.models.registry import choose_variant
-        stage = AnomalyStage(steps=steps, variant=choose_variant("anomaly_wgan", cfg.bands) or None)
+        stage = AnomalyStage(steps=steps, variant=choose_variant("anomaly_wgan", cfg.bands) or None,
+                             precision=precision)
     refine = stage.refine if refine is None else refine
     refine_above = stage.refine_above if refine_above is None else refine_above
     stage.setup(device)  # the stage's own model, stamp size and bands
@@ -225,6 +227,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     say(f"scoring {len(x)} windows ({int(np.isin(label, ['normal', 'contaminated'], invert=True).sum())} "
         f"anomalous, {len(subjects)} injected anomalies) in the fast and full modes ...")
     out = dict(n_fields=n_fields, field_size=size, seed=seed, steps=steps, stride=stage.stride, bands=stage.bands,
+               precision=stage.arithmetic,
                refine=refine, refine_above=refine_above,
                labels=pd.Series(label).value_counts().to_dict(), modes={},
                ghost_window_snr=sorted(round(v, 2) for v in ghost_snr.values()))
@@ -256,7 +259,8 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
 
 def format_report(r: dict) -> str:
     lines = [f"anomaly scores of the dense grid (stride {r['stride']} px, bands {','.join(r.get('bands', []))}) "
-             f"on {r['n_fields']} held-out {r['field_size']}^2 fields (seed {r['seed']}): {r['labels']}"]
+             f"on {r['n_fields']} held-out {r['field_size']}^2 fields (seed {r['seed']}): {r['labels']}"
+             + (f"; networks in {r['precision']}" if "precision" in r else "")]
     for mode, m in r["modes"].items():
         rows = [(w, m[w]) for w in ("score", "paper", "sigma") if w in m]  # not all in an older record
         if "refined" in m:

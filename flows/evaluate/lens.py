@@ -37,9 +37,13 @@ def _binned(values: np.ndarray, found: np.ndarray, edges) -> list[dict]:
 
 
 def evaluate(weights: Path | None = None, n: int = 10000, lens_fraction: float = 0.02, seed: int = EVAL_SEED,
-             shifted: bool = False, workers: int = 2, device: str = "cpu", batch: int = 256) -> dict:
-    """Score a held-out set and return the challenge metrics, completeness and throughput."""
-    model = create_model(MODEL, device=device, weights=weights)
+             shifted: bool = False, workers: int = 2, device: str = "cpu", batch: int = 256,
+             precision: str = "auto") -> dict:
+    """Score a held-out set and return the challenge metrics, completeness and throughput, with the network
+    as the lens stage runs it (its `precision`)."""
+    from deepfield.models.inference import cpu_precision, for_inference
+    model = for_inference(create_model(MODEL, device=device, weights=weights))
+    arithmetic = cpu_precision(model, ("",), precision, device)
     info = getattr(model, "training_info", {})
     cfg = StampConfig.model_validate(info.get("stamp_config", {}))
     if shifted:
@@ -64,6 +68,7 @@ def evaluate(weights: Path | None = None, n: int = 10000, lens_fraction: float =
         false_positives_by_kind={k: float((g.score > THRESHOLD).mean())
                                  for k, g in meta[meta.label == 0].groupby("kind")},
         throughput_stamps_per_s=float(n / dt), batch=batch, device=device, torch_threads=torch.get_num_threads(),
+        precision=arithmetic,
         weights=str(weights or entry(MODEL).weights))
     return res
 
@@ -82,6 +87,6 @@ def format_report(r: dict) -> str:
                  if b["n"]),
              "  false-positive rate by kind: " + ", ".join(f"{k} {v:.4f}" for k, v in r["false_positives_by_kind"].items()),
              f"  throughput {r['throughput_stamps_per_s']:.0f} stamps/s ({r['device']}, batch {r['batch']}, "
-             f"{r['torch_threads']} threads)"]
+             f"{r['torch_threads']} threads" + (f", {r['precision']}" if "precision" in r else "") + ")"]
     return "\n".join(lines)
 

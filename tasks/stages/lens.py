@@ -19,10 +19,15 @@ sky noise, sigma = 1 / sqrt(median invvar) over the stamp, as in training. Stamp
 on the actor's device. Columns added: `lens_candidate` (bool: passed the cuts) and `lens_score` (the
 CNN's lens probability; NaN for non-candidates). The stage's merge step (catalogs/lenses.py) writes those
 above its `threshold` to the lens-candidate table, ranked by score.
+
+The network runs with the batch normalisations that follow a convolution folded into it, channels-last
+(the same scores to 2e-7 in 0.6 of the time), and with `precision` "auto" (the default) under torch.autocast to
+bfloat16 on a CPU that computes it natively (AVX512-BF16 or AMX): 0.25 of float32's time there, probabilities
+within 0.005 and `deepfield eval lens` the same to its third decimal (models/cards/lens_resnet.md).
 """
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional
 
 import numpy as np
 import pandas as pd
@@ -43,11 +48,14 @@ class LensConfig(ModelStageConfig):
     blue_band: Optional[str] = Field(None, description="blue band of the colour cut (default: g, or the bluest band "
                                      "of the weights without g)")
     batch: int = Field(256, ge=1, description="stamps per inference batch")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="the network's arithmetic on a CPU: 'auto', bfloat16 (torch.autocast) where the CPU "
+        "computes it natively (AVX512-BF16 or AMX), else float32")
 
 
 class LensStage(ModelStage):
     name: ClassVar[str] = "lens"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: bfloat16 on CPUs that compute it (precision)
     Config: ClassVar[type[StageConfig]] = LensConfig
     models: ClassVar[tuple[str, ...]] = ("lens_resnet",)
     reads: ClassVar[tuple[str, ...]] = ("mag_auto_{band}", "a", "x_tile", "y_tile")
@@ -66,7 +74,12 @@ class LensStage(ModelStage):
         return list(dict.fromkeys([*self.model_bands(), *self.cut_bands()]))
 
     def setup(self, device: str) -> None:
+        from deepfield.models.inference import cpu_precision, for_inference
         super().setup(device)
+        # batch norms folded where a convolution precedes them, channels-last: the same scores (1e-7) in 0.6 of
+        # the time; bfloat16 on a CPU that computes it natively: 0.25 of float32's time (module docstring)
+        self.model = for_inference(self.model)
+        self.arithmetic = cpu_precision(self.model, ("",), self.precision, device)
         cfg = self.model.training_info.get("stamp_config", {})
         self.size = int(cfg.get("size", 48))
         self.bands = list(cfg.get("bands", ["g", "r", "i", "z"]))
