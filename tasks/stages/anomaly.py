@@ -48,7 +48,7 @@ the full mode changed none of `deepfield eval anomaly`'s figures.
 
 Precision (`precision`, default "auto"): on a CPU that computes bfloat16 natively (AVX512-BF16 or AMX) the
 encoder, generator and critic run under torch.autocast to bfloat16, elsewhere in float32. On an AMD EPYC with
-AVX512-BF16 the windows are scored 1.5 times faster (fast mode; 1.4 in the full mode), the scores within 0.5 % of
+AVX512-BF16 the windows are scored 1.3 times faster (fast mode, one thread, on a quiet machine), the scores within 0.5 % of
 float32's (median; 5 % at most) and `deepfield eval anomaly`'s figures within 0.006 (models/cards/anomaly_wgan.md).
 
 Columns added to the sources: `anomaly_selected` (bool), `anomaly_score`, `anomaly_score_paper`,
@@ -131,7 +131,7 @@ class AnomalyStage(ModelStage):
         # convolutions and pixel shuffles (batch norms folded), channels-last tensors (models/inference.py)
         self.model.generator = transposed_as_shuffle(self.model.generator)
         self.model = self.model.to(memory_format=torch.channels_last)
-        # bfloat16: 1.6x faster scoring on AVX512-BF16 cores, scores within 0.5 % of float32's (module docstring)
+        # bfloat16: 1.3x faster scoring on AVX512-BF16 cores, scores within 0.5 % of float32's (module docstring)
         self.arithmetic = cpu_precision(self.model, AUTOCAST, self.precision, device)
         self.size, self.bands = self.model.size, list(self.model.bands)
         self.ref_band = self.bands[-1]

@@ -21,8 +21,8 @@ CNN's lens probability; NaN for non-candidates). The stage's merge step (catalog
 above its `threshold` to the lens-candidate table, ranked by score.
 
 The network runs with the batch normalisations that follow a convolution folded into it, channels-last
-(the same scores to 2e-7 in 0.6 of the time), and with `precision` "auto" (the default) under torch.autocast to
-bfloat16 on a CPU that computes it natively (AVX512-BF16 or AMX): 0.25 of float32's time there, probabilities
+(the same scores to 2e-7 in 0.8 of the time), and with `precision` "auto" (the default) under torch.autocast to
+bfloat16 on a CPU that computes it natively (AVX512-BF16 or AMX): a third of float32's time there, probabilities
 within 0.005 and `deepfield eval lens` the same to its third decimal (models/cards/lens_resnet.md).
 """
 from __future__ import annotations
@@ -76,8 +76,8 @@ class LensStage(ModelStage):
     def setup(self, device: str) -> None:
         from deepfield.models.inference import cpu_precision, for_inference
         super().setup(device)
-        # batch norms folded where a convolution precedes them, channels-last: the same scores (1e-7) in 0.6 of
-        # the time; bfloat16 on a CPU that computes it natively: 0.25 of float32's time (module docstring)
+        # batch norms folded where a convolution precedes them, channels-last: the same scores (1e-7) in 0.8 of
+        # the time; bfloat16 on a CPU that computes it natively: a third of float32's time (module docstring)
         self.model = for_inference(self.model)
         self.arithmetic = cpu_precision(self.model, ("",), self.precision, device)
         cfg = self.model.training_info.get("stamp_config", {})
