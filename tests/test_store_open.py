@@ -19,12 +19,14 @@ from deepfield.tasks.zarr_write import write_field
 
 @pytest.fixture
 def opens(monkeypatch):
-    """Counts zarr.open_group calls made by open_store."""
+    """Counts zarr.open_group calls made by open_store (of a path)."""
     calls = []
     real = zarr.open_group
 
     def counted(*args, **kwargs):
-        calls.append(args[0] if args else kwargs.get("store"))
+        store = args[0] if args else kwargs.get("store")
+        if not isinstance(store, zarr.abc.store.Store):  # write_field opens `fields` as a LocalStore of its own
+            calls.append(store)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(zarr_store.zarr, "open_group", counted)
@@ -68,3 +70,29 @@ def test_a_directory_replaced_in_its_place_is_opened_afresh(tmp_path, opens):
     root = open_store(path, mode="a")
     assert root.attrs["deepfield_store"] == 1 and "fields" in root
     assert len(opens) == 3
+
+
+def test_a_field_is_created_without_reading_the_root_metadata(tmp_path, monkeypatch):
+    """write_field makes a field's group and arrays without zarr reading the store root's zarr.json, which holds
+    every field's consolidated metadata (zarr checks each parent of a node it makes up to its store's root: through
+    the root that file was parsed five times a field, O(fields) per field). The field reads back whole."""
+    path = tmp_path / "s.zarr"
+    root = open_store(path, mode="a")
+    spec = StoreSpec(tile=64, chunk=64)
+    write_field(root, _field("a"), spec, {"checksums": {}})  # the root now holds consolidated metadata
+    assert "consolidated_metadata" in (path / "zarr.json").read_text()
+    reads = []
+    real = zarr.storage.LocalStore.get
+
+    async def get(self, key, *args, **kwargs):
+        reads.append((str(self.root), key))
+        return await real(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", get)
+    write_field(root, _field("b"), spec, {"checksums": {}})
+    assert reads and (str(path), "zarr.json") not in reads, reads
+    monkeypatch.undo()
+    zarr_store.forget_stores()
+    again = open_store(path)
+    assert field_record(again, "b")["checksums"] == {} and sorted(again["fields"].group_keys()) == ["a", "b"]
+    np.testing.assert_array_equal(again["fields/b/image"][:], _field("b").image)
