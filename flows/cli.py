@@ -169,7 +169,7 @@ def ingest(
     with prefect_env.flow_settings():
         results = ingest_flow(cfg, str(store))
     failed = [r for r in results if r["status"] == "failed"]
-    print_ingest_notes(results)
+    print_ingest_notes(results, str(store))
     raw = sum(r.get("raw_bytes", 0) for r in results)
     stored = sum(sum(r.get("stored_bytes", {}).values()) for r in results)
     n = {s: sum(r["status"] == s for r in results) for s in ("ingested", "skipped", "failed")}

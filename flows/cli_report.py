@@ -13,31 +13,58 @@ __all__ = ["print_ingest_notes", "print_run", "output_lines"]
 _BAND_COUNT = re.compile(r"band (\S+): (\d+) (.+)")
 
 
-def print_ingest_notes(results: list[dict]) -> None:
+MAX_NOTE_FIELDS = 12  # fields (or groups of fields with the same notes) whose notes are printed in full
+
+
+def _note_lines(notes: list[str]) -> list[str]:
+    """A field's notes as printed: routine ones left out, those that differ only in band and count as one line."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    lines: list[str | tuple] = []
+    for note in notes:
+        if "kept (our MP keywords)" in note:
+            continue
+        m = _BAND_COUNT.fullmatch(note)
+        if m is None:
+            lines.append(note)
+            continue
+        if m[3] not in groups:
+            groups[m[3]] = []
+            lines.append(("group", m[3]))
+        groups[m[3]].append((m[1], m[2]))
+    out = []
+    for line in lines:
+        if isinstance(line, tuple):
+            members = groups[line[1]]
+            line = (f"band {members[0][0]}: {members[0][1]} {line[1]}" if len(members) == 1 else
+                    ", ".join(f"{b} {n}" for b, n in members) + f" {line[1]}")
+        out.append(line)
+    return out
+
+
+def print_ingest_notes(results: list[dict], store: str | None = None) -> None:
     """The ingest's notes on what changed the pixels or their meaning (estimated or rescaled noise, a measured
     PSF, resampling, a zero point from FLUXMAG0 or BUNIT), one line each; routine ones stay in the store's
     attributes. A field's notes that differ only in band and count ("band g: 12 pixels ... masked") are one
-    line: "g 12, r 30 pixels ... masked"."""
+    line: "g 12, r 30 pixels ... masked". Fields with the same notes are printed once, as a group ("f0000,
+    f0001 and 198 more fields: ..."), and at most MAX_NOTE_FIELDS fields or groups are printed: a survey of
+    thousands of fields would otherwise print thousands of lines; every field's notes are in its store
+    attributes (`notes`)."""
+    by_lines: dict[tuple[str, ...], list[str]] = {}
     for r in results:
-        groups: dict[str, list[tuple[str, str]]] = {}
-        lines: list[str | tuple] = []
-        for note in r.get("notes", []):
-            if "kept (our MP keywords)" in note:
-                continue
-            m = _BAND_COUNT.fullmatch(note)
-            if m is None:
-                lines.append(note)
-                continue
-            if m[3] not in groups:
-                groups[m[3]] = []
-                lines.append(("group", m[3]))
-            groups[m[3]].append((m[1], m[2]))
+        lines = tuple(_note_lines(r.get("notes", [])))
+        if lines:
+            by_lines.setdefault(lines, []).append(r["field"])
+    for k, (lines, names) in enumerate(by_lines.items()):
+        if k == MAX_NOTE_FIELDS:
+            rest = sum(len(v) for v in list(by_lines.values())[k:])
+            where = f" of the store {rel(store)}" if store else ""
+            console.print(f"  ... and the notes of {rest} more field(s): in each field's attributes (`notes`)"
+                          f"{where}", markup=False)
+            break
+        who = names[0] if len(names) == 1 else \
+            (", ".join(names) if len(names) <= 3 else f"{names[0]}, {names[1]} and {len(names) - 2} more fields")
         for line in lines:
-            if isinstance(line, tuple):
-                members = groups[line[1]]
-                line = (f"band {members[0][0]}: {members[0][1]} {line[1]}" if len(members) == 1 else
-                        ", ".join(f"{b} {n}" for b, n in members) + f" {line[1]}")
-            console.print(f"  {r['field']}: {line}", markup=False)
+            console.print(f"  {who}: {line}", markup=False)
 
 
 def output_lines(items) -> list[str]:
@@ -55,7 +82,7 @@ def print_run(summary: dict, cfg, log_file=None, paths: bool = True) -> None:
     n = {s: sum(r["status"] == s for r in ing) for s in ("ingested", "skipped", "failed")}
     console.print(f"ingest:  {n['ingested']} field(s) ingested, {n['skipped']} unchanged, {n['failed']} failed "
                   f"({sec['ingest']:.1f} s)")
-    print_ingest_notes(ing)
+    print_ingest_notes(ing, str(cfg.store_path))
     for stage, variant in (summary.get("weights_variants") or {}).items():
         if variant:
             console.print(f"         stage {stage}: the {variant} weights (of the shipped band sets, the one with the "

@@ -123,3 +123,33 @@ def test_measure_docstring_states_the_defaults():
     for name, value in said.items():
         default = getattr(measure.MeasureConfig(), name)
         assert float(value) == (default[0] if isinstance(default, tuple) else default), name
+
+
+def test_ingest_notes_are_grouped_and_capped_for_a_survey(monkeypatch):
+    """Fields with the same notes print them once, as a group; a field's per-band counts are one line; past
+    MAX_NOTE_FIELDS fields or groups one line says how many more there are and where their notes are."""
+    import io
+
+    from rich.console import Console
+
+    from deepfield.flows import cli_report
+    out = Console(width=300, record=True, file=io.StringIO())
+    monkeypatch.setattr(cli_report, "console", out)
+    same = ["band g: 12 pixels with non-positive invvar masked", "band r: 30 pixels with non-positive invvar masked",
+            "band g: kept (our MP keywords)", "PSF FWHM of band i measured from the stars"]
+    results = [dict(field=f"f{k:04d}", notes=list(same)) for k in range(200)]
+    results += [dict(field="odd", notes=["band z: image resampled onto the field's grid"]),
+                dict(field="quiet", notes=["band g: kept (our MP keywords)"])]
+    cli_report.print_ingest_notes(results, "/data/s.zarr")
+    lines = out.export_text().splitlines()
+    assert lines == ["  f0000, f0001 and 198 more fields: g 12, r 30 pixels with non-positive invvar masked",
+                     "  f0000, f0001 and 198 more fields: PSF FWHM of band i measured from the stars",
+                     "  odd: band z: image resampled onto the field's grid"]
+    many = [dict(field=f"g{k:03d}", notes=[f"band g: noise rescaled by {1 + k / 1000:.3f}"]) for k in range(40)]
+    out = Console(width=300, record=True, file=io.StringIO())
+    monkeypatch.setattr(cli_report, "console", out)
+    cli_report.print_ingest_notes(many, "/data/s.zarr")
+    lines = out.export_text().splitlines()
+    assert len(lines) == cli_report.MAX_NOTE_FIELDS + 1 and lines[0] == "  g000: band g: noise rescaled by 1.000"
+    assert lines[-1].startswith(f"  ... and the notes of {40 - cli_report.MAX_NOTE_FIELDS} more field(s): in each "
+                                "field's attributes (`notes`) of the store")
