@@ -35,7 +35,7 @@ from deepfield.tasks.ledger import Ledger
 from deepfield.tasks.tiling import TileId
 from deepfield.tasks.version import __version__
 
-from .report_images import completeness, completeness_plot, cutout_pictures, field_preview
+from .report_images import completeness, completeness_plot, cutout_pictures, field_preview, preview_footprints
 
 __all__ = ["write_report", "simulation_truth", "stage_timings", "REPORT_DIR", "REPORT_TOP", "MERGE_KEY_FILE"]
 
@@ -255,10 +255,12 @@ def _field_section(build: Path, flat: Path | None, store_path: Path, fields: lis
     det = (pads.dataset(flat, format="parquet").to_table(
         columns=["field", "x", "y", "ra", "dec"], filter=pads.field("field").isin(shown)).to_pandas()
         if flat is not None else pd.DataFrame(dict(field=[], x=[], y=[], ra=[], dec=[])))
+    from deepfield.tasks.zarr_store import open_store
     figures = []
+    footprints = preview_footprints(open_store(Path(store_path)), set(det["field"]) | set(shown))
     for k, f in enumerate(shown):
         name = f"{k:03d}_{_safe(f)}.png"
-        info = field_preview(Path(store_path), f, det, candidates, build / "fields" / name)
+        info = field_preview(Path(store_path), f, det, candidates, build / "fields" / name, footprints=footprints)
         figures.append(
             f'<figure><img src="fields/{_e(name)}" alt="field {_e(f)}" width="{info["width"]}" '
             f'height="{info["height"]}"><figcaption><b>{_e(f)}</b>: {int((det["field"] == f).sum())} source(s) it '

@@ -23,7 +23,7 @@ from deepfield.tasks.atomic import atomic_path
 from deepfield.tasks.preview import default_rgb, rgb_image, save_png, store_picture
 from deepfield.tasks.zarr_sky import field_footprint, field_wcs, fields_near
 
-__all__ = ["field_preview", "cutout_pictures", "completeness", "completeness_plot", "MATCH_ARCSEC"]
+__all__ = ["field_preview", "preview_footprints", "cutout_pictures", "completeness", "completeness_plot", "MATCH_ARCSEC"]
 
 MATCH_ARCSEC = 1.0
 COLOURS = {"source": (0, 230, 255, 150), "lens": (255, 225, 0, 255), "anomaly": (255, 60, 255, 255),
@@ -58,11 +58,18 @@ def _draw(rgb: np.ndarray, marks: pd.DataFrame, binning: int):
     return Image.alpha_composite(base, over).convert("RGB")
 
 
+def preview_footprints(root, fields) -> dict:
+    """field -> tasks.zarr_sky.field_footprint of each of `fields` of the store `root`."""
+    return {f: field_footprint(root["fields"][f].attrs.asdict()) for f in fields}
+
+
 def field_preview(store_path: Path, field: str, detections: pd.DataFrame, candidates: pd.DataFrame, out: Path,
-                  max_px: int = 600) -> dict:
+                  max_px: int = 600, footprints: dict | None = None) -> dict:
     """Write the preview PNG of `field` (module docstring) and return its width, height, binning and bands.
     detections: ra, dec, field, x, y of catalog rows (those of this field and of overlapping fields are
-    drawn); candidates: kind, ra, dec, label, radius_arcsec."""
+    drawn); candidates: kind, ra, dec, label, radius_arcsec; footprints: field -> tasks.zarr_sky.field_footprint
+    of the fields in `detections` and of `field` (made here when not given: a WCS each, about 5 ms, so a report
+    of many previews makes them once)."""
     from deepfield.tasks.zarr_store import open_store
     root = open_store(store_path)
     g = root["fields"][field]
@@ -72,8 +79,9 @@ def field_preview(store_path: Path, field: str, detections: pd.DataFrame, candid
     bands = default_rgb(list(attrs["bands"]))
     rgb = store_picture(store_path, field, binning)
     wcs = field_wcs(attrs)
-    near = set(fields_near({f: field_footprint(root["fields"][f].attrs.asdict())
-                            for f in set(detections["field"]) | {field}}, field, 0.0))
+    if footprints is None:
+        footprints = preview_footprints(root, set(detections["field"]) | {field})
+    near = set(fields_near(footprints, field, 0.0))
     own = detections[detections["field"] == field]
     other = detections[detections["field"].isin(near)]
     ox, oy = wcs.world_to_pixel_values(other["ra"].to_numpy(float), other["dec"].to_numpy(float))
