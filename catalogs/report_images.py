@@ -23,7 +23,8 @@ from deepfield.tasks.atomic import atomic_path
 from deepfield.tasks.preview import default_rgb, rgb_image, save_png, store_picture
 from deepfield.tasks.zarr_sky import field_footprint, field_wcs, fields_near
 
-__all__ = ["field_preview", "preview_footprints", "cutout_pictures", "completeness", "completeness_plot", "MATCH_ARCSEC"]
+__all__ = ["field_preview", "preview_footprints", "cutout_pictures", "completeness", "completeness_plot",
+           "MATCH_ARCSEC"]
 
 MATCH_ARCSEC = 1.0
 COLOURS = {"source": (0, 230, 255, 150), "lens": (255, 225, 0, 255), "anomaly": (255, 60, 255, 255),

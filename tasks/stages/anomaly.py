@@ -48,8 +48,9 @@ the full mode changed none of `deepfield eval anomaly`'s figures.
 
 Precision (`precision`, default "auto"): on a CPU that computes bfloat16 natively (AVX512-BF16 or AMX) the
 encoder, generator and critic run under torch.autocast to bfloat16, elsewhere in float32. On an AMD EPYC with
-AVX512-BF16 the windows are scored 1.3 times faster (fast mode, one thread, on a quiet machine), the scores within 0.5 % of
-float32's (median; 5 % at most) and `deepfield eval anomaly`'s figures within 0.006 (models/cards/anomaly_wgan.md).
+AVX512-BF16 the windows are scored 1.3 times faster (fast mode, one thread, on a quiet machine), the scores
+within 0.5 % of float32's (median; 5 % at most) and `deepfield eval anomaly`'s figures within 0.006
+(models/cards/anomaly_wgan.md).
 
 Columns added to the sources: `anomaly_selected` (bool), `anomaly_score`, `anomaly_score_paper`,
 `anomaly_pixel` and `anomaly_feature` (the paper's two sums); NaN for unselected rows. The merge turns the
