@@ -92,6 +92,12 @@ MATCH_ARCSEC = 1.0  # two fields' measurements of one object lie closer than thi
 MARGIN_ARCSEC = 3.0  # rows this close to another field's footprint are matched across the fields
 
 
+def _unit_vectors(ra, dec) -> np.ndarray:
+    """(n, 3) unit vectors of positions (deg)."""
+    r, d = np.radians(np.atleast_1d(np.asarray(ra, float))), np.radians(np.atleast_1d(np.asarray(dec, float)))
+    return np.column_stack([np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)])
+
+
 def _pixel_scale_arcsec(f: SkyField) -> float:
     from astropy.wcs.utils import proj_plane_pixel_scales
     return float(np.mean(proj_plane_pixel_scales(f.wcs.celestial)) * 3600.0)
@@ -126,11 +132,18 @@ def overlap_decisions(rows: pd.DataFrame, ownership: FieldOwnership, match_arcse
         raise ValueError(f"rows of fields {unknown} but these fields are not among the SkyFields of the merge")
     ra, dec = rows["ra"].to_numpy(float), rows["dec"].to_numpy(float)
     near = np.zeros(len(rows), bool)
+    # each field's WCS is asked only about the rows within its cap (centre-to-corner radius, grown by twice the
+    # margin and 1' for distortion), found in a k-d tree of the rows' unit vectors: every other field's rows
+    # through every field's WCS cost fields x rows (12 of a 1,000-field run's 86 s merge, 2026-12-06)
+    from scipy.spatial import cKDTree
+    tree = cKDTree(_unit_vectors(ra, dec))
     for k, f in enumerate(ownership.fields):  # rows of other fields in f's grown footprint, and f's rows near them
-        others = field_idx != k
-        if not others.any():
+        reach = np.radians(min(ownership._radius[k] + (2 * margin_arcsec + 60.0) / 3600.0, 180.0))
+        cand = np.asarray(tree.query_ball_point(_unit_vectors(ownership._ra[k], ownership._dec[k])[0],
+                                                2 * np.sin(reach / 2)), dtype=np.int64)
+        cand = np.sort(cand[field_idx[cand] != k])
+        if not cand.size:
             continue
-        cand = np.flatnonzero(others)
         hit = f.contains(ra[cand], dec[cand], margin_px=margin_arcsec / _pixel_scale_arcsec(f))
         near[cand[hit]] = True
     if not near.any():

@@ -64,8 +64,8 @@ def simulation_truth(inputs: Path | None) -> Path | None:
     if inputs is None:
         return None
     import yaml
-    try:
-        data = yaml.safe_load(Path(inputs).read_text())
+    try:  # libyaml's parser where PyYAML has it: the pure-Python one took 6 s over a 1,000-field manifest
+        data = yaml.load(Path(inputs).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     if not isinstance(data, dict) or data.get("kind") != "deepfield-simulation":
@@ -257,10 +257,12 @@ def _field_section(build: Path, flat: Path | None, store_path: Path, fields: lis
         if flat is not None else pd.DataFrame(dict(field=[], x=[], y=[], ra=[], dec=[])))
     from deepfield.tasks.zarr_store import open_store
     figures = []
-    footprints = preview_footprints(open_store(Path(store_path)), set(det["field"]) | set(shown))
+    root = open_store(Path(store_path))  # once: each open parses the consolidated metadata of every field
+    footprints = preview_footprints(root, set(det["field"]) | set(shown))
     for k, f in enumerate(shown):
         name = f"{k:03d}_{_safe(f)}.png"
-        info = field_preview(Path(store_path), f, det, candidates, build / "fields" / name, footprints=footprints)
+        info = field_preview(Path(store_path), f, det, candidates, build / "fields" / name, footprints=footprints,
+                             root=root)
         figures.append(
             f'<figure><img src="fields/{_e(name)}" alt="field {_e(f)}" width="{info["width"]}" '
             f'height="{info["height"]}"><figcaption><b>{_e(f)}</b>: {int((det["field"] == f).sum())} source(s) it '

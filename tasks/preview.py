@@ -127,19 +127,21 @@ def rgb_image(planes: dict[str, np.ndarray], zeropoints: dict[str, float], bands
 
 def _store_field(path: Path, field: str | None) -> tuple[dict, str]:
     """The store's field group (its name checked, or the only one) and its name."""
-    from .zarr_store import COMPLETE, open_store
+    from .zarr_store import COMPLETE, field_group, open_store
     try:
         root = open_store(path)
     except Exception as exc:
         raise PreviewError(f"{path}: not a deepfield store ({exc})") from None
-    names = sorted(root["fields"].group_keys()) if "fields" in root else []
-    if field is None:
-        if len(names) != 1:
-            raise PreviewError(f"{path}: the store has fields {', '.join(names) or 'none'}; name one with --field")
-        field = names[0]
-    if field not in names:
-        raise PreviewError(f"{path}: no field {field!r} (the store has {', '.join(names) or 'none'})")
-    g = root["fields"][field]
+    g = field_group(root, field) if field is not None else None
+    if g is None:  # the store's fields listed only for the choice or the message (a zarr lookup each)
+        names = sorted(root["fields"].group_keys()) if "fields" in root else []
+        if field is None:
+            if len(names) != 1:
+                raise PreviewError(f"{path}: the store has fields {', '.join(names) or 'none'}; name one with --field")
+            field = names[0]
+        if field not in names:
+            raise PreviewError(f"{path}: no field {field!r} (the store has {', '.join(names) or 'none'})")
+        g = root["fields"][field]
     if COMPLETE not in g.attrs:
         raise PreviewError(f"{path}: field {field!r} is not completely ingested; ingest it again")
     return g, field
@@ -161,12 +163,12 @@ def _store_plane(g, k: int, crop, binning: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, (x1 - x0) // binning), np.float32)
 
 
-def _planes(source: Path, field: str | None, bands, crop, binning: int = 1
+def _planes(source: Path, field: str | None, bands, crop, binning: int = 1, group=None
             ) -> tuple[list[np.ndarray], list[float], str]:
     """The images and zero points of `bands` ("" for the mean of the first and last) of a simulated field's
     directory or of a field of a deepfield store, defects set to 0, cropped, binned; and a label for
     messages."""
-    if (source / "field.json").exists() or not (source / "zarr.json").exists():
+    if group is None and ((source / "field.json").exists() or not (source / "zarr.json").exists()):
         files = field_band_files(source)
         have = list(files)
 
@@ -182,7 +184,7 @@ def _planes(source: Path, field: str | None, bands, crop, binning: int = 1
             return bin_image(np.nan_to_num(data), binning), zp
         label = str(source)
     else:
-        g, name = _store_field(source, field)
+        g, name = (group, field) if group is not None else _store_field(source, field)
         have = list(g.attrs["bands"])
         zps = list(g.attrs["zeropoints"])
 
@@ -196,10 +198,12 @@ def _planes(source: Path, field: str | None, bands, crop, binning: int = 1
 
 
 def store_picture(store: str | Path, field: str, binning: int = 1, bands=None, stretch: float | None = None,
-                  q: float = 8.0) -> np.ndarray:
+                  q: float = 8.0, group=None) -> np.ndarray:
     """uint8 (ny // binning, nx // binning, 3) Lupton RGB of field `field` of a deepfield store, row 0 the
-    field's first row (flip it for a picture with north up); bands and stretch as `write_preview`'s."""
-    ims, zps, _ = _planes(Path(store), field, bands, None, max(int(binning), 1))
+    field's first row (flip it for a picture with north up); bands and stretch as `write_preview`'s. `group`:
+    the field's group, already opened (the store is not opened again: each open parses the root's
+    consolidated metadata, 0.4 s at 1,000 fields)."""
+    ims, zps, _ = _planes(Path(store), field, bands, None, max(int(binning), 1), group)
     return _picture(ims, zps, stretch, q)
 
 
