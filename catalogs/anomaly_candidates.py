@@ -53,6 +53,8 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
+from deepfield.tasks.astro import unit_vectors
+
 __all__ = ["CANDIDATE_COLUMNS", "build_candidates", "window_sigma"]
 
 CANDIDATE_COLUMNS = ("anomaly_rank", "field", "ra", "dec", "x", "y", "anomaly_sigma", "score", "score_paper",
@@ -104,11 +106,6 @@ def window_sigma(score: np.ndarray, model_peak: np.ndarray | None = None, refere
                                bin_median=[float(x) for x in mb], bin_scale=[float(x) for x in sb])
     med, scale = _robust(s[ok & ref]) if (ok & ref).any() else (0.0, 1.0)
     return np.where(ok, (s - med) / scale, np.nan), dict(median=med, scale=scale, n=int((ok & ref).sum()), log=False)
-
-
-def _unit(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
-    r, d = np.radians(ra), np.radians(dec)
-    return np.column_stack([np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)])
 
 
 def _arcsec(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -214,7 +211,7 @@ def _regions(w: pd.DataFrame, sigma: np.ndarray, cut: float, grow: float, stride
         point = np.count_nonzero(np.hypot(px[ix] - px[p], py[ix] - py[p]) <= POINT_PX) >= 2
         long = shape == "linear" and not point and np.hypot(np.ptp(px[ix]), np.ptp(py[ix])) >= TRAIL_PX
         at = ix[int(np.argmin(np.hypot(px[ix] - px[ix].mean(), py[ix] - py[ix].mean())))] if long else p
-        u = _unit(w.ra.to_numpy()[ix], w.dec.to_numpy()[ix])
+        u = unit_vectors(w.ra.to_numpy()[ix], w.dec.to_numpy()[ix])
         extent = float(_arcsec(u[:, None, :], u[None, :, :]).max()) if len(ix) > 1 else 0.0
         out.append(dict(field=w.field.iloc[p], ra=float(w.ra.iloc[at]), dec=float(w.dec.iloc[at]),
                         x=float(px[at]), y=float(py[at]), anomaly_sigma=float(sigma[p]),
@@ -229,7 +226,7 @@ def _merge_fields(c: pd.DataFrame, match_arcsec: float) -> pd.DataFrame:
     if len(c) < 2 or c.field.nunique() < 2:
         return c
     c = c.sort_values("anomaly_sigma", ascending=False, kind="stable").reset_index(drop=True)
-    u = _unit(c.ra.to_numpy(), c.dec.to_numpy())
+    u = unit_vectors(c.ra.to_numpy(), c.dec.to_numpy())
     tree = cKDTree(u)
     reach = np.radians((c.extent_arcsec.max() + match_arcsec) / 3600.0)
     taken = np.zeros(len(c), bool)
@@ -268,8 +265,8 @@ def build_candidates(maps: pd.DataFrame, sigma_cut: float, stride: float, source
     c["source_id"] = pd.array([pd.NA] * len(c), dtype="Int64")
     c["source_anomaly_sigma"] = np.full(len(c), np.nan, np.float32)
     if sources is not None and len(sources) and len(c):
-        d, j = cKDTree(_unit(sources.ra.to_numpy(), sources.dec.to_numpy())).query(_unit(c.ra.to_numpy(),
-                                                                                         c.dec.to_numpy()))
+        d, j = cKDTree(unit_vectors(sources.ra.to_numpy(), sources.dec.to_numpy())).query(
+            unit_vectors(c.ra.to_numpy(), c.dec.to_numpy()))
         near = np.degrees(2 * np.arcsin(np.clip(d / 2, 0, 1))) * 3600.0 <= match_arcsec
         c.loc[near, "source_id"] = sources.source_id.to_numpy()[j[near]]
         if "anomaly_sigma" in sources.columns:

@@ -20,6 +20,7 @@ import pandas as pd
 from astropy import units as u
 from astropy.coordinates import SkyCoord
 
+from deepfield.tasks.astro import unit_vectors
 from deepfield.tasks.tiling import SkyField, owner
 
 __all__ = ["source_id", "source_ids", "FieldOwnership", "overlap_decisions", "ID_MASK"]
@@ -92,12 +93,6 @@ MATCH_ARCSEC = 1.0  # two fields' measurements of one object lie closer than thi
 MARGIN_ARCSEC = 3.0  # rows this close to another field's footprint are matched across the fields
 
 
-def _unit_vectors(ra, dec) -> np.ndarray:
-    """(n, 3) unit vectors of positions (deg)."""
-    r, d = np.radians(np.atleast_1d(np.asarray(ra, float))), np.radians(np.atleast_1d(np.asarray(dec, float)))
-    return np.column_stack([np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)])
-
-
 def _pixel_scale_arcsec(f: SkyField) -> float:
     from astropy.wcs.utils import proj_plane_pixel_scales
     return float(np.mean(proj_plane_pixel_scales(f.wcs.celestial)) * 3600.0)
@@ -136,10 +131,10 @@ def overlap_decisions(rows: pd.DataFrame, ownership: FieldOwnership, match_arcse
     # margin and 1' for distortion), found in a k-d tree of the rows' unit vectors: every other field's rows
     # through every field's WCS cost fields x rows (12 of a 1,000-field run's 86 s merge, 2026-12-06)
     from scipy.spatial import cKDTree
-    tree = cKDTree(_unit_vectors(ra, dec))
+    tree = cKDTree(unit_vectors(ra, dec))
     for k, f in enumerate(ownership.fields):  # rows of other fields in f's grown footprint, and f's rows near them
         reach = np.radians(min(ownership._radius[k] + (2 * margin_arcsec + 60.0) / 3600.0, 180.0))
-        cand = np.asarray(tree.query_ball_point(_unit_vectors(ownership._ra[k], ownership._dec[k])[0],
+        cand = np.asarray(tree.query_ball_point(unit_vectors(ownership._ra[k], ownership._dec[k])[0],
                                                 2 * np.sin(reach / 2)), dtype=np.int64)
         cand = np.sort(cand[field_idx[cand] != k])
         if not cand.size:

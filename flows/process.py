@@ -6,8 +6,8 @@ in tasks.actor_pool.run_tiles, which calls the task's progress callback):
 - a progress bar on standard error (the command line's console: none with -q);
 - deepfield INFO log lines (the run's log file, -v), every 10 % of the tiles or every LOG_SECONDS;
 - Prefect artifacts on the flow run, for the UI: the run's progress over all its tiles (key
-  `deepfield-run-progress`) and each field's with tiles to process (up to MAX_FIELD_ARTIFACTS), updated at most every
-  UPDATE_SECONDS or every 1 % of the tiles, and when the last tile finishes; then a table of the fields' tiles
+  `deepfield-run-progress`) and each field's with tiles to process (up to MAX_FIELD_ARTIFACTS), updated at most
+  every UPDATE_SECONDS or every 1 % of the tiles, and when the last tile finishes; then a table of the fields' tiles
   (key `deepfield-run-fields`). A finished tile is done or failed; tiles done by an earlier run count as
   finished. An artifact the API refuses is a warning, never a reason to stop processing.
 """

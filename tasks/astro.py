@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["separation_arcsec", "arcsec_per_mpc", "r_lambda_mpc", "distance_modulus", "BANDPASSES",
+__all__ = ["separation_arcsec", "unit_vectors", "arcsec_per_mpc", "r_lambda_mpc", "distance_modulus", "BANDPASSES",
            "WAVELENGTH_ORDER", "bandpass", "TEMPLATES", "colour", "k_correction", "apparent_mag", "band_mags",
            "m_star", "RedSequenceModel", "red_sequence_model"]
 
@@ -39,6 +39,13 @@ def _planck18():
     start otherwise)."""
     from astropy.cosmology import Planck18
     return Planck18
+
+
+def unit_vectors(ra, dec) -> np.ndarray:
+    """(n, 3) unit vectors of positions (ra, dec) in degrees (for k-d trees of sky positions: a chord of
+    2 sin(theta / 2) is an angle theta)."""
+    r, d = np.radians(np.atleast_1d(np.asarray(ra, float))), np.radians(np.atleast_1d(np.asarray(dec, float)))
+    return np.column_stack([np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)])
 
 
 def separation_arcsec(ra0, dec0, ra, dec) -> np.ndarray:

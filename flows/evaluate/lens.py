@@ -17,7 +17,7 @@ import torch
 
 from deepfield.models.lens_cnn import score
 from deepfield.models.progress import say
-from deepfield.models.registry import create_model, entry
+from deepfield.models.registry import entry
 from deepfield.models.train_lens import MODEL, metrics
 from deepfield.tasks.trainsets.lens_stamps import StampConfig, count_lines, simulate_stamps
 
@@ -41,9 +41,10 @@ def evaluate(weights: Path | None = None, n: int = 10000, lens_fraction: float =
              precision: str = "auto") -> dict:
     """Score a held-out set and return the challenge metrics, completeness and throughput, with the network
     as the lens stage runs it (its `precision`)."""
-    from deepfield.models.inference import cpu_precision, for_inference
-    model = for_inference(create_model(MODEL, device=device, weights=weights))
-    arithmetic = cpu_precision(model, ("",), precision, device)
+    from deepfield.tasks.stages.lens import LensStage
+    stage = LensStage(weights=None if weights is None else str(weights), precision=precision)
+    stage.setup(device)  # the network as the stage runs it (folded, its precision)
+    model, arithmetic = stage.model, stage.arithmetic
     info = getattr(model, "training_info", {})
     cfg = StampConfig.model_validate(info.get("stamp_config", {}))
     if shifted:
