@@ -71,36 +71,60 @@ def detection_image(tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return det, noise, np.ascontiguousarray(bad)
 
 
-def filtered_noise_scale(det: np.ndarray, noise: np.ndarray, bad: np.ndarray, fwhm_px: float,
-                         mask_snr: float = 5.0, grow: int = 5) -> float:
-    """How much noisier the detection image is after the detection filter (a Gaussian of `fwhm_px`) than its
-    per-pixel `noise` predicts for white noise: the robust scatter (1.4826 MAD) of the filtered S/N image
-    det / noise over sky pixels, over the white-noise value. About 1 for independent pixels; other than 1
-    when neighbouring pixels share their noise (a resampled coadd: the filter then averages less of it away,
-    and the same threshold would cut into the noise) or when `noise` is off by a factor. Sky pixels: usable,
-    the whole filter on usable pixels, and more than `grow` pixels from any filtered S/N above `mask_snr`
-    (sources). Written here because SEP and photutils measure the RMS of the unfiltered image, not of the
-    filtered one that the threshold applies to."""
+def tile_detection_image(tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """detection_image(tile), made once per tile: kept in `tile.meta["detection_image"]` for the stages after the
+    first that asks (detect, measure, anomaly). Only the background stage changes a tile's pixels, before them,
+    and it drops what is kept."""
+    meta = getattr(tile, "meta", None)
+    if not isinstance(meta, dict):
+        return detection_image(tile)
+    if "detection_image" not in meta:
+        meta["detection_image"] = detection_image(tile)
+    return meta["detection_image"]
+
+
+def filtered_snr(det: np.ndarray, noise: np.ndarray, bad: np.ndarray, fwhm_px: float, mask_snr: float = 5.0,
+                 grow: int = 5) -> tuple[np.ndarray, float]:
+    """The detection image's S/N filtered by a Gaussian of `fwhm_px`, in units of its measured noise (float32),
+    and that noise's scale: how much noisier the detection image is after the detection filter (a Gaussian of
+    `fwhm_px`) than its per-pixel `noise` predicts for white noise: the robust scatter (1.4826 MAD) of the
+    filtered S/N image det / noise over sky pixels, over the white-noise value. About 1 for independent pixels;
+    other than 1 when neighbouring pixels share their noise (a resampled coadd: the filter then averages less of
+    it away, and the same threshold would cut into the noise) or when `noise` is off by a factor. Sky pixels:
+    usable, the whole filter on usable pixels, and more than `grow` pixels from any filtered S/N above
+    `mask_snr` (sources). Written here because SEP and photutils measure the RMS of the unfiltered image, not of
+    the filtered one that the threshold applies to. The map is the anomaly stage's ring term's
+    (tasks/stages/_rings.py)."""
     from scipy import ndimage
     good = ~bad
-    if good.sum() < 2000:
-        return 1.0
     sig = max(float(fwhm_px), 0.5) / (2.0 * math.sqrt(2.0 * math.log(2.0)))
     snr = np.where(good, det / np.where(good, noise, 1.0), 0.0).astype(np.float32)
     filt = ndimage.gaussian_filter(snr, sig, truncate=3.5)
     delta = np.zeros((2 * int(4 * sig) + 3,) * 2, np.float32)
     delta[delta.shape[0] // 2, delta.shape[1] // 2] = 1
     white = float(np.sqrt((ndimage.gaussian_filter(delta, sig, truncate=3.5) ** 2).sum()))
+
+    def result(scale: float) -> tuple[np.ndarray, float]:
+        return filt * np.float32(1.0 / (white * scale)), scale
+
+    if good.sum() < 2000:
+        return result(1.0)
     inner = ndimage.minimum_filter(good, size=2 * int(math.ceil(3.5 * sig)) + 1)  # the whole filter usable
     src = ndimage.maximum_filter(filt > mask_snr * white, size=2 * grow + 1)
     sky = inner & ~src
     vals = filt[sky]
     if vals.size < 1000:
-        return 1.0
+        return result(1.0)
     step = max(1, vals.size // 300_000)
     vals = vals[::step].astype(np.float64)
     sigma = 1.4826 * float(np.median(np.abs(vals - np.median(vals))))
-    return sigma / white if np.isfinite(sigma) and sigma > 0 else 1.0
+    return result(sigma / white if np.isfinite(sigma) and sigma > 0 else 1.0)
+
+
+def filtered_noise_scale(det: np.ndarray, noise: np.ndarray, bad: np.ndarray, fwhm_px: float,
+                         mask_snr: float = 5.0, grow: int = 5) -> float:
+    """filtered_snr's scale alone."""
+    return filtered_snr(det, noise, bad, fwhm_px, mask_snr, grow)[1]
 
 
 def band_fwhm_pixels(tile) -> list[float | None]:

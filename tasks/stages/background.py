@@ -163,6 +163,8 @@ class BackgroundStage(Stage):
         meta = getattr(tile, "meta", None)
         if isinstance(meta, dict):
             meta["background"] = stats
+            meta.pop("detection_image", None)  # of the pixels before (_pixels.tile_detection_image)
+            meta.pop("detection_snr", None)
             taken = sum(len(s.get("steps", [])) for s in stats.values())
             if taken:  # the ledger keeps it (tasks.tile_runner), `deepfield status` sums it
                 meta.setdefault("counts", {})["sky_steps"] = taken

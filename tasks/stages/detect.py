@@ -74,8 +74,8 @@ from pydantic import Field
 
 from .. import maskbits
 from ._learned_split import fill_thin_defects, network_box, saturated_seeds, split_by_peaks, thin_defects
-from ._pixels import (UNUSABLE, band_fwhm_pixels, configure_sep, detection_image, filtered_noise_scale, fwhm_pixels,
-                      gaussian_kernel)
+from ._pixels import (UNUSABLE, band_fwhm_pixels, configure_sep, filtered_snr, fwhm_pixels, gaussian_kernel,
+                      tile_detection_image)
 from ._sep_split import split_by_sep
 from .base import ModelStage, ModelStageConfig, StageConfig
 
@@ -272,12 +272,15 @@ class DetectStage(ModelStage):
 
     def run(self, tile, sources: pd.DataFrame | None = None) -> pd.DataFrame:
         """Detect sources on `tile`; returns a new table (the incoming `sources` is not used)."""
-        det, noise, bad = detection_image(tile)
+        det, noise, bad = tile_detection_image(tile)
         configure_sep(det.size)
         fwhm = fwhm_pixels(tile, self.default_fwhm_px)
         # the threshold in units of the filtered image's measured noise: a resampled coadd's correlated
         # noise (or a noise map off by a factor) then gives the false-detection rate of white noise
-        scale = filtered_noise_scale(det, noise, bad, self.filter_fwhm or fwhm) if self.measure_noise else 1.0
+        scale = 1.0
+        if self.measure_noise:
+            # the filtered S/N map, in units of its measured noise, is the anomaly stage's too (its ring term)
+            tile.meta["detection_snr"], scale = filtered_snr(det, noise, bad, self.filter_fwhm or fwhm)
         tile.meta["detect_noise_scale"] = scale
         noise = noise * scale
         kernel = gaussian_kernel(self.filter_fwhm or fwhm)

@@ -71,7 +71,7 @@ from pydantic import Field, field_validator
 from .. import maskbits
 from ._gaap import FWHM_SIGMA as _FWHM_SIGMA
 from ._gaap import PIXEL_VAR, gaussian_aperture, moffat_weight, point_response  # noqa: F401 - re-exported
-from ._pixels import band_fwhm_pixels, band_pixels, configure_sep, detection_image, fwhm_pixels
+from ._pixels import band_fwhm_pixels, band_pixels, configure_sep, fwhm_pixels, tile_detection_image
 from .base import Stage, StageConfig
 
 __all__ = ["MeasureStage", "MeasureConfig", "magnitudes", "moffat_weight", "point_response"]
@@ -240,7 +240,7 @@ class MeasureStage(Stage):
         b = np.clip(out["b"].to_numpy(float), 1e-3, None)
         theta = np.clip(out["theta"].to_numpy(float), -np.pi / 2, np.pi / 2)
         apers = self.apertures(tile)
-        det, _, det_bad = detection_image(tile)
+        det, _, det_bad = tile_detection_image(tile)
         configure_sep(det.size)
         alone = out["n_blend"].to_numpy() <= 1 if "n_blend" in out.columns else np.ones(n, bool)
         x, y = x.copy(), y.copy()
