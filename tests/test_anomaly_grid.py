@@ -117,9 +117,12 @@ def field(tmp_path_factory):
 
 
 def _copy(tile):
+    """A copy of `tile` whose pixels the test may change: without the detection image made of the old ones
+    (_pixels.tile_detection_image)."""
     import copy
     t = copy.copy(tile)
-    t.image, t.tables, t.meta = tile.image.copy(), {}, dict(tile.meta)
+    t.image, t.tables = tile.image.copy(), {}
+    t.meta = {k: v for k, v in tile.meta.items() if k not in ("detection_image", "detection_snr")}
     return t
 
 
@@ -166,6 +169,41 @@ def test_artefacts_score_above_the_99th_percentile_of_normal_windows(field):
                     & (np.abs((cand.y - 90) - (cand.x - 380) * 110 / 280) < 20)]
     assert len(on_trail) == 1, cand.head(10)
     assert on_trail.n_windows.iloc[0] >= 8
+
+
+def test_a_ring_galaxy_is_a_ring_candidate_and_normal_light_none(field):
+    """The simulator's ring galaxy (i = 21, ring radius 2", two knots, a nucleus 2.5 mag fainter) drawn into a
+    tile of the normal field: the windows about it carry the ring term, many times the noise, and the merge lists
+    it as one "ring" candidate inside the ring (the deepest point of the moat about the nucleus); no window of the normal field (galaxies, stars, masked
+    defects: 1024^2 px) has a ring term that the merge would rank at 2.5 sigma (sigma_grow)."""
+    import galsim
+
+    from deepfield.tasks.sim.anomalies import RingGalaxy
+    from deepfield.tasks.stages._rings import RING_OFFSET
+    stage, clean = field["stage"], field["clean"]
+    assert (clean.ring - RING_OFFSET).max() < 2.5, clean.sort_values("ring").tail(3)
+    tile = field["tiles"][0]
+    t = _copy(tile)
+    cx, cy = 300.0, 280.0  # field pixels, in the tile's core
+    bands = list(t.bands)
+    ring = RingGalaxy(id=1, ra=0.0, dec=0.0, z=0.1, ring_mag={b: 21.2 for b in bands},
+                      nucleus_mag={b: 23.7 for b in bands}, ring_radius=2.0, ring_width=0.25, q=0.8, pa=30.0,
+                      knot_angles=(40.0, 200.0), knot_fracs=(0.15, 0.1))
+    for k, b in enumerate(bands):
+        psf = galsim.Gaussian(fwhm=float(t.psf_fwhm[k]))
+        img = galsim.Convolve(ring.profile(b, float(t.zeropoints[k])), psf).drawImage(
+            nx=81, ny=81, scale=float(t.pixel_scale)).array
+        y0, x0 = int(cy) - 40 - t.box.y0, int(cx) - 40 - t.box.x0
+        t.image[k, y0:y0 + 81, x0:x0 + 81] += img.astype(t.image.dtype)
+    w = stage.windows(t)
+    near = _near(w, cx, cy, 16)
+    assert near.ring.max() >= RING_OFFSET + 10, near[["x", "y", "ring", "score"]]
+    both = pd.concat([clean[~clean.set_index(["ky", "kx"]).index.isin(w.set_index(["ky", "kx"]).index)], w],
+                     ignore_index=True)
+    cand, _ = build_candidates(both, 5.0, stage.stride)
+    ringed = cand[cand["shape"] == "ring"]
+    assert len(ringed) == 1, cand.head()
+    assert np.hypot(ringed.x.iloc[0] - cx, ringed.y.iloc[0] - cy) <= 0.8 * 2.0 / float(t.pixel_scale)
 
 
 def test_scores_unchanged_by_a_constant_sky(field):

@@ -3,6 +3,7 @@ against the truth catalog, no duplicates across tile and field boundaries, re-ru
 killed mid-tile, a tile that keeps failing, and the merged catalog opened with lsdb."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -223,7 +224,7 @@ def test_anomaly_scores_and_ranked_list(run, survey):
     cut = 5.0
     assert 0 < len(top) <= 100 and list(top.anomaly_rank) == list(range(1, len(top) + 1))
     assert (np.diff(top.anomaly_sigma) <= 0).all() and (top.anomaly_sigma >= cut).all()
-    assert set(top["shape"]) <= {"point", "linear", "extended"}
+    assert set(top["shape"]) <= {"ring", "point", "linear", "extended"}
     with fits.open(paths["anomaly_stamps"]) as hdul:  # one HDU (band, y, x) with WCS each: catalogs/cutouts.py
         stamps = [hdul[f"ANOMALY_{k}"] for k in top.anomaly_rank]
         assert len(hdul) == len(top) + 2 and all(h.data.shape == (4, 64, 64) for h in stamps)
@@ -241,6 +242,12 @@ def test_anomaly_scores_and_ranked_list(run, survey):
         for _, kind, d, hit, _ in anomaly_geometry(on.x.to_numpy(float), on.y.to_numpy(float), tr,
                                                    lenses.iloc[:0], 32, bands, 4.0):
             assert hit.sum() == 1, (kind, on[hit])
+    # a candidate ranked by the ring term lies inside one of the simulator's ring galaxies
+    rings = anomalies[anomalies.type == "ring_galaxy"]
+    for _, c in top[top["shape"] == "ring"].iterrows():
+        r = rings[rings.field == c.field]
+        radius = np.array([json.loads(p)["ring_radius"] for p in r.params]) / 0.2  # arcsec -> px of 0.2"
+        assert (np.hypot(r.x - c.x, r.y - c.y) <= radius).any(), c
     labels = np.concatenate([label_sources(g, anomalies[anomalies.field == f], lenses[lenses.field == f], 32,
                                            bands) for f, g in sel.groupby("field")])
     # the simulator's astrophysical anomalies (lenses, ring galaxies, mergers) against the normal sources: the

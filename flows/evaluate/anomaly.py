@@ -6,7 +6,8 @@ lenses and trails than by default) are background-subtracted by the pipeline's b
 grid windows (tasks/stages/_anomaly_grid.py, the anomaly stage's stride) are scored in the fast mode (encoder
 only) and in the full mode (`steps` Adam steps on z), with the local score (the stage's `score`), the paper's
 sum (`score_paper`) and the local score's sigma-score as the merge ranks the candidates by it (`sigma`: against
-the windows as bright, catalogs/anomaly_candidates.window_sigma, over the evaluation's windows as over a run's).
+the windows as bright, catalogs/anomaly_candidates.window_sigma, over the evaluation's windows as over a run's,
+with the stage's ring term beside it, ranked_sigma; `sigma_gan` without the ring term).
 
 Truth: a window is *anomalous* (of a type) when an anomaly is its subject: a point-like one (cosmic ray, hot
 pixels, ring galaxy, merger, lens) within 0.75 stride of its centre (so that every point of the field is the
@@ -44,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepfield.catalogs.anomaly_candidates import window_sigma
+from deepfield.catalogs.anomaly_candidates import ranked_sigma, window_sigma
 from deepfield.models.progress import say
 from deepfield.tasks.sim.config import SimConfig
 from deepfield.tasks.stages.anomaly import AnomalyStage
@@ -184,7 +185,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
         root = open_store(simulate_fields(cfg, work, workers, say))
         truth = work / "sim" / "truth"
         anomalies, lenses = pd.read_parquet(truth / "anomalies.parquet"), pd.read_parquet(truth / "lenses.parquet")
-        xs, noises, tables, sky = [], [], [], {}
+        xs, noises, tables, rings, sky = [], [], [], [], {}
         for tid in all_tiles(root, halo):
             tile = read_tile(root, tid, halo)
             BackgroundStage().run(tile, pd.DataFrame())
@@ -197,12 +198,13 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
                                w.x0.to_numpy() - tile.box.x0, stage.size)
             xs.append(x)
             noises.append(noise)
+            rings.append(stage.ring_terms(tile, w.y0.to_numpy() - tile.box.y0, w.x0.to_numpy() - tile.box.x0)[0])
             tables.append(pd.DataFrame({"field": tid.field, "tile": str(tid), "x": w.xc.to_numpy(float),
                                         "y": w.yc.to_numpy(float), "ky": w.ky.to_numpy(), "kx": w.kx.to_numpy(),
                                         "coarse": w.coarse.to_numpy(bool)}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    x, noise = np.concatenate(xs), np.concatenate(noises)
+    x, noise, ring = np.concatenate(xs), np.concatenate(noises), np.concatenate(rings)
     windows = pd.concat(tables, ignore_index=True)
     core = 0.75 * stage.stride
     label = np.empty(len(windows), object)
@@ -236,16 +238,18 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
         t = time.perf_counter()
         r = grid_scores(stage.model, x, noise, steps=k, batch=batch, device=device)
         dt = time.perf_counter() - t
-        sigma = window_sigma(r["score"], r["model_peak"])[0]
-        sigma = np.where(np.isfinite(sigma), sigma, np.nanmin(sigma) - 1.0)  # no score: ranked last
+        gan = window_sigma(r["score"], r["model_peak"])[0]
+        sigma = ranked_sigma(gan, ring)[0]
+        gan, sigma = (np.where(np.isfinite(v), v, np.nanmin(v) - 1.0) for v in (gan, sigma))  # no score: last
         out["modes"][mode] = {"windows_per_second": float(len(x) / dt),
                               "score": figures(r["score"], label, subjects, groups, unseen, seen),
                               "paper": figures(r["paper"], label, subjects, groups, unseen, seen),
-                              "sigma": figures(sigma, label, subjects, groups, unseen, seen)}
+                              "sigma": figures(sigma, label, subjects, groups, unseen, seen),
+                              "sigma_gan": figures(gan, label, subjects, groups, unseen, seen)}
         # the grid as the stage scores it, coarse to fine: the windows it leaves out ranked last
         keep = scored_windows(windows, r["score"], refine, refine_above)
         low = float(np.min(r["score"])) - 1.0
-        sig = window_sigma(np.where(keep, r["score"], np.nan), r["model_peak"], coarse)[0]
+        sig = ranked_sigma(window_sigma(np.where(keep, r["score"], np.nan), r["model_peak"], coarse)[0], ring)[0]
         sig = np.where(np.isfinite(sig), sig, np.nanmin(sig) - 1.0)
         out["modes"][mode]["refined"] = {"fraction_scored": float(keep.mean()),
                                          "score": figures(np.where(keep, r["score"], low), label, subjects, groups,
@@ -263,6 +267,8 @@ def format_report(r: dict) -> str:
              + (f"; networks in {r['precision']}" if "precision" in r else "")]
     for mode, m in r["modes"].items():
         rows = [(w, m[w]) for w in ("score", "paper", "sigma") if w in m]  # not all in an older record
+        if "sigma_gan" in m:
+            rows.append(("sigma without the ring term", m["sigma_gan"]))
         if "refined" in m:
             rows += [(f"{w}, coarse to fine", m["refined"][w]) for w in ("score", "sigma")]
         for which, f in rows:

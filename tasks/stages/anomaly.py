@@ -21,8 +21,16 @@ Each window scored is a row of the tile's side table
 centre) and peak_x, peak_y (its worst pixel; field pixels), ra, dec (of the peak,
 degrees), score, score_paper, local_pixel, local_feature, model_peak (the reconstruction's brightest pixel, sky
 sigmas), band (of the peak), mode, coarse (on the coarse grid: the merge's sigma-scores are taken against those,
-a uniform sample of the grid). The merge step
-(catalogs/anomalies.py) turns high-scoring windows into anomaly candidates.
+a uniform sample of the grid), and the ring term's ring (depth, S/N; 0 for none), ring_x, ring_y (field pixels)
+and ring_ra, ring_dec (NaN for none). The merge step (catalogs/anomalies.py) turns high-scoring windows into
+anomaly candidates.
+
+Ring term (`ring`, default on; tasks/stages/_rings.py): the deepest depression of the light enclosed all round by
+a rim of at least `ring_rim` (8) times the noise, in each window, on the detection image of every band filtered by
+the PSF (the detect stage's S/N map where it ran): a ring galaxy's ring about its fainter centre, which the
+generator's residual hardly sees (a smooth blob drawn where the ring is, and bright galaxies' residuals large
+anyway). The merge ranks a window by the larger of its sigma-score and the depth less RING_OFFSET (4). On the
+simulator's fields the ring galaxies' depressions are 12 to 135 times the noise, everything else's at most 4.4.
 
 Sources (as before), for the rows of the tile that
 - are primary (the core owns them) and not saturated (saturated stars are bright, normal and masked);
@@ -33,7 +41,11 @@ get a stamp centred on the nearest pixel to the centroid.
 
 Stamps and windows are cut from the background-subtracted tile with halo; pixels outside the field or
 without data (invvar 0, NaN) are 0 and carry no noise, other masked pixels keep their values (an artefact is
-what is sought). Scaled by the bands' sky noise as in training (models.anomaly_gan.scale_stamps).
+what is sought). Scaled by the bands' sky noise as in training (models.anomaly_gan.scale_stamps): the tile's,
+1 / sqrt(median invvar) of each band over the tile (_anomaly_grid.tile_inputs), scaled once per tile for the
+sources' stamps and the grid's windows alike (training scales each stamp by its own median, which differs from
+the tile's only where the depth changes within a tile; the sources' stamps were scaled one by one so before
+stage version 6, at 0.06 core-s per Mpx more).
 
 Scores (models.anomaly_gan.grid_scores): `score` is the local score, L = 0.7 L_res + 0.3 L_feat with L_res
 the larger of the worst pixel of |x - G(z)| in units of each pixel's noise (from the
@@ -66,7 +78,8 @@ from pydantic import Field
 
 from .. import maskbits
 from ._anomaly_grid import extract, refined, tile_inputs, tile_windows, window_stamps
-from ._pixels import fwhm_pixels
+from ._pixels import filtered_snr, fwhm_pixels, gaussian_kernel, tile_detection_image
+from ._rings import ring_depth, ring_search
 from .base import ModelStage, ModelStageConfig, StageConfig
 
 __all__ = ["AnomalyStage", "AnomalyConfig"]
@@ -75,6 +88,7 @@ NO_PIXEL = maskbits.NO_DATA | maskbits.ZERO_WEIGHT
 NOT_COUNTED = maskbits.SAT | maskbits.BLEED  # in the input, out of the score
 AUTOCAST = ("encoder", "generator", "critic.conv")  # the networks grid_scores calls (precision bfloat16)
 REFINE_ABOVE = 3.0  # 82 % of the grid's windows score less (`deepfield eval anomaly`, seed 20261125)
+DEFAULT_FWHM_PX = 3.0  # the detect stage's default_fwhm_px: the PSF FWHM where the tile gives none
 
 
 class AnomalyConfig(ModelStageConfig):
@@ -94,6 +108,9 @@ class AnomalyConfig(ModelStageConfig):
     refine_above: float = Field(REFINE_ABOVE, description="the windows around every coarse window scoring at least "
                                 "this are scored too, however many")
     steps: int = Field(20, ge=0, description="Adam steps on the latent vector in the full mode")
+    ring: bool = Field(True, description="the ring term: each window's deepest enclosed depression of the light "
+                       "(a ring galaxy's centre; tasks/stages/_rings.py), which the merge ranks beside the score")
+    ring_rim: float = Field(8.0, gt=0, description="ring term: the least S/N of the rim all round a depression")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="the networks' arithmetic on a CPU: 'auto', bfloat16 (torch.autocast) where the CPU "
         "computes it natively (AVX512-BF16 or AMX), else float32")
@@ -107,8 +124,8 @@ class AnomalyConfig(ModelStageConfig):
 class AnomalyStage(ModelStage):
     name: ClassVar[str] = "anomaly"
     # 3: the grid's model_peak (the merge's sigma-scores by brightness); 4: coarse to fine; 5: bfloat16 on CPUs
-    # that compute it (precision)
-    version: ClassVar[str] = "5"
+    # that compute it (precision); 6: the ring term, the sources' stamps scaled by the tile's sky sigma
+    version: ClassVar[str] = "6"
     Config: ClassVar[type[StageConfig]] = AnomalyConfig
     models: ClassVar[tuple[str, ...]] = ("anomaly_wgan",)
     reads: ClassVar[tuple[str, ...]] = ("flux_auto_{band}", "fluxerr_auto_{band}", "a", "x_tile", "y_tile")
@@ -175,7 +192,8 @@ class AnomalyStage(ModelStage):
 
     def scaled_stamps(self, tile, sources: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(N, bands, S, S) network inputs of the rows of `sources` (background-subtracted tile) and each
-        pixel's noise in units of its stamp's sky sigma."""
+        pixel's noise in units of its stamp's sky sigma, each stamp scaled by its own (training's stamps,
+        tasks/trainsets/anomaly.py; the stage scales by the tile's, module docstring)."""
         from deepfield.models.anomaly_gan import scale_stamps
         image, invvar, usable, counted = self._pixels(tile, counted=True)
         c = (self.size - 1) / 2.0
@@ -209,11 +227,30 @@ class AnomalyStage(ModelStage):
             r[k][best] = v
         r["mode"][best] = "full"
 
-    def windows(self, tile) -> pd.DataFrame:
+    def ring_terms(self, tile, y0: np.ndarray, x0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The ring term of the windows starting at tile-array pixels (y0, x0): each one's deepest enclosed
+        depression (S/N; 0 for none) and where it lies (tile-array pixels; NaN for none). The PSF-filtered S/N
+        map is the detect stage's (`tile.meta["detection_snr"]`) where it ran, else made the same way."""
+        if not len(y0):
+            return np.zeros(0, np.float32), np.zeros(0), np.zeros(0)
+        det, noise, bad = tile_detection_image(tile)
+        meta = getattr(tile, "meta", None)
+        meta = meta if isinstance(meta, dict) else {}
+        fwhm = fwhm_pixels(tile, DEFAULT_FWHM_PX)
+        snr, scale = meta.get("detection_snr"), meta.get("detect_noise_scale", 1.0)
+        if snr is None:
+            snr, scale = filtered_snr(det, noise, bad, fwhm)
+        guard = gaussian_kernel(fwhm).shape[0] // 2  # a pixel without data in the filter: no test there
+        box = (int(y0.min()), int(y0.max()) + self.size, int(x0.min()), int(x0.max()) + self.size)
+        x, y, depth = ring_search(snr, det, noise, bad, fwhm, scale, self.size // 2, self.ring_rim, guard, box)
+        return ring_depth(x, y, depth, y0, x0, self.size)
+
+    def windows(self, tile, inputs: list[np.ndarray] | None = None) -> pd.DataFrame:
         """The tile's grid windows scored (the `anomaly_map` table, module docstring): the coarse grid, then the
-        windows around its highest-scoring windows (`refine`, `refine_above`; tasks/stages/_anomaly_grid.py)."""
+        windows around its highest-scoring windows (`refine`, `refine_above`; tasks/stages/_anomaly_grid.py).
+        inputs: the tile's tile_inputs, when made already."""
         w = tile_windows(tile, self.size, self.stride)
-        inputs = list(tile_inputs(*self._pixels(tile, counted=True)))
+        inputs = inputs if inputs is not None else list(tile_inputs(*self._pixels(tile, counted=True)))
         y0, x0 = w.y0.to_numpy() - tile.box.y0, w.x0.to_numpy() - tile.box.x0
 
         def stamps(ix: np.ndarray) -> list[np.ndarray]:
@@ -245,6 +282,14 @@ class AnomalyStage(ModelStage):
             ra, dec = tile.wcs.pixel_to_world_values(px - tile.box.x0, py - tile.box.y0)
         else:
             ra = dec = np.zeros(0)
+        ring = np.zeros(len(w), np.float32)
+        rx, ry, rra, rdec = (np.full(len(w), np.nan) for _ in range(4))
+        if self.ring and len(w):
+            ring, rx, ry = self.ring_terms(tile, w.y0.to_numpy() - tile.box.y0, w.x0.to_numpy() - tile.box.x0)
+            at = np.isfinite(rx)
+            if at.any():
+                rra[at], rdec[at] = tile.wcs.pixel_to_world_values(rx[at], ry[at])
+            rx, ry = rx + tile.box.x0, ry + tile.box.y0
         return pd.DataFrame({
             "field": tile.id.field, "ky": w.ky.to_numpy(np.int32), "kx": w.kx.to_numpy(np.int32),
             "x": w.xc.to_numpy(float), "y": w.yc.to_numpy(float), "peak_x": px.astype(float),
@@ -253,16 +298,22 @@ class AnomalyStage(ModelStage):
             "local_pixel": r["local_pixel"].astype(np.float32), "local_feature": r["local_feature"].astype(np.float32),
             "model_peak": r["model_peak"].astype(np.float32),
             "band": pd.array([self.bands[int(b)] for b in r["band"]], dtype="string"),
-            "mode": pd.array(r["mode"].astype(str), dtype="string"), "coarse": w.coarse.to_numpy(bool)})
+            "mode": pd.array(r["mode"].astype(str), dtype="string"), "coarse": w.coarse.to_numpy(bool),
+            "ring": ring.astype(np.float32), "ring_x": rx, "ring_y": ry, "ring_ra": rra, "ring_dec": rdec})
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
         self.ensure_setup()
         out = sources.copy()
         sel = self.select(tile, sources)
         cols = {k: np.full(len(sources), np.nan, np.float32) for k in ("score", "paper", "pixel", "feature")}
+        # the network's inputs over the whole tile, once for the sources' stamps and the grid's windows (the tile's
+        # image is background-subtracted by the background stage, in place)
+        inputs = list(tile_inputs(*self._pixels(tile, counted=True))) if sel.any() or self.grid else None
         if sel.any():
-            # the tile's image is background-subtracted by the background stage (in place)
-            r = self._score(*self.scaled_stamps(tile, sources[sel]))
+            c = (self.size - 1) / 2.0
+            y0 = np.rint(sources["y_tile"].to_numpy(float)[sel] - c).astype(int)
+            x0 = np.rint(sources["x_tile"].to_numpy(float)[sel] - c).astype(int)
+            r = self._score(*extract(inputs, y0, x0, self.size))
             for k in cols:
                 cols[k][sel] = r[k]
         out["anomaly_selected"] = sel
@@ -271,5 +322,5 @@ class AnomalyStage(ModelStage):
         out["anomaly_pixel"] = cols["pixel"]
         out["anomaly_feature"] = cols["feature"]
         if self.grid:
-            tile.tables["anomaly_map"] = self.windows(tile)
+            tile.tables["anomaly_map"] = self.windows(tile, inputs)
         return out
