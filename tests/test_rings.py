@@ -30,9 +30,9 @@ def _blob(yy, xx, x0, y0, scale, q, flux, exponential=True):
 def _scene(seed: int = 7):
     """A 320^2 image of unit white noise with two ring galaxies (a large one, R = 11 px, and a small bright
     one, R = 6 px with q = 0.6, which only the finer scale resolves), each with a faint nucleus, and normal light:
-    a bright exponential disc, an elongated one, two pairs of galaxies and a saturated star whose core has
-    no data. (Three galaxies close about a fainter middle do enclose a depression: a compact group can be listed
-    as a ring.)"""
+    a bright exponential disc, an elongated one, two pairs of galaxies, a compact group of three galaxies about
+    a fainter middle (a depression, but its rim uneven: deep saddles between the cores) and a saturated
+    star whose core has no data."""
     n = 320
     yy, xx = np.mgrid[:n, :n].astype(float)
     rng = np.random.default_rng(seed)
@@ -44,6 +44,8 @@ def _scene(seed: int = 7):
     img += _blob(yy, xx, 200, 200, 6.0, 0.3, 8000)  # an elongated one
     img += _blob(yy, xx, 270, 180, 2.0, 0.8, 3000) + _blob(yy, xx, 278, 184, 2.0, 0.8, 2500)  # a close pair
     img += _blob(yy, xx, 140, 260, 1.5, 1.0, 2000) + _blob(yy, xx, 152, 262, 3.0, 0.5, 4000)  # a wider pair
+    for a in (0, 120, 240):  # a compact group: three galaxies 9 px about a middle
+        img += _blob(yy, xx, 140 + 9 * np.cos(np.radians(a)), 160 + 9 * np.sin(np.radians(a)), 1.5, 1.0, 4000)
     img += _blob(yy, xx, 260, 260, 1.2, 1.0, 2e5, False)  # a star, its core saturated
     bad = np.hypot(xx - 260, yy - 260) <= 3
     img[bad] = 0.0
