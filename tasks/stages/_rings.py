@@ -14,9 +14,8 @@ times the measured scale):
 
 - candidates: local minima (3 x 3) whose highest S/N along each of the four axis directions out to `reach` px
   (coarsely, over 4 x 4 px blocks: a superset) is at least `rim` and at least `min_depth` above them, with no
-  masked pixel within the filter's half-width: a saturated star's masked core is a hole in the detection image,
-  not in the sky, and a red star saturated in i and z alone can be one where g and r are left (the stage excludes
-  pixels without data, saturated or in a bleed trail in any band);
+  pixel without data within the filter's half-width (a saturated star's masked core is a hole in the detection
+  image, not in the sky);
 - depth of each: along 16 rays from the minimum out to `reach` px, the highest S/N of each ray; the depth is the
   lowest of those 16 highs less S/N at the minimum, kept where that lowest high is at least `rim`. A depression
   enclosed all round has a bright rim on every ray; the sky beside a galaxy, the saddle between two galaxies and
@@ -69,15 +68,14 @@ def fine_snr(det: np.ndarray, noise: np.ndarray, bad: np.ndarray, fwhm_px: float
 
 
 def ring_search(psf_snr: np.ndarray, det: np.ndarray, noise: np.ndarray, bad: np.ndarray, fwhm_px: float,
-                scale: float, reach: int, rim: float, guard: int, box: tuple[int, int, int, int] | None = None,
-                exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                scale: float, reach: int, rim: float, guard: int, box: tuple[int, int, int, int] | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(x, y, depth) of the enclosed depressions at least RING_OFFSET deep on the S/N maps of both scales (module
     docstring): `psf_snr`, filtered by the PSF, and the detection image (det, noise, bad) filtered by FINE x the
     PSF FWHM `fwhm_px`; of those within `reach` px of each other, the deepest; box (y0, y1, x0, x1): only minima
-    inside it; exclude: no minimum within `guard` px of these pixels (default `bad`)."""
+    inside it."""
     fine = fine_snr(det, noise, bad, FINE * fwhm_px, scale)
-    found = [depressions(m, bad if exclude is None else exclude, reach, RING_OFFSET, rim, guard, box)
-             for m in (psf_snr, fine)]
+    found = [depressions(m, bad, reach, RING_OFFSET, rim, guard, box) for m in (psf_snr, fine)]
     x, y, depth = (np.concatenate([f[k] for f in found]) for k in range(3))
     # one per ring: the deepest of those within `reach` of each other (a nucleus leaves a minimum on each side of
     # it in the moat, and both scales see most rings)

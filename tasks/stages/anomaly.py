@@ -240,15 +240,9 @@ class AnomalyStage(ModelStage):
         snr, scale = meta.get("detection_snr"), meta.get("detect_noise_scale", 1.0)
         if snr is None:
             snr, scale = filtered_snr(det, noise, bad, fwhm)
-        guard = gaussian_kernel(fwhm).shape[0] // 2
-        # no test with a pixel in the filter that has no data, or is saturated or bleeding, in any band: a star
-        # saturated in some bands is a hole in the detection image's light
-        exclude = bad.copy()
-        for b in range(tile.image.shape[0]):
-            exclude |= (np.asarray(tile.mask[b]) & (NO_PIXEL | NOT_COUNTED)) != 0
+        guard = gaussian_kernel(fwhm).shape[0] // 2  # a pixel without data in the filter: no test there
         box = (int(y0.min()), int(y0.max()) + self.size, int(x0.min()), int(x0.max()) + self.size)
-        x, y, depth = ring_search(snr, det, noise, bad, fwhm, scale, self.size // 2, self.ring_rim, guard, box,
-                                  exclude)
+        x, y, depth = ring_search(snr, det, noise, bad, fwhm, scale, self.size // 2, self.ring_rim, guard, box)
         return ring_depth(x, y, depth, y0, x0, self.size)
 
     def windows(self, tile, inputs: list[np.ndarray] | None = None) -> pd.DataFrame:
