@@ -119,3 +119,54 @@ def test_the_merge_ranks_a_window_by_its_ring():
     assert abs(c.ra - (10 + 140 * 0.2 / 3600)) < 1e-12
     none, _ = build_candidates(w.drop(columns=["ring"]), 5.0, 16)
     assert len(none) == 0
+
+
+def _ring_tile(seed: int = 3):
+    """A synthetic tile (tests/_tiles.py: 160^2 px, 0.25"/px, PSF FWHM 4 px, bands g, r, i) with a ring galaxy in
+    its core (ring radius 10 px at q 0.85, three bright knots on it, a faint nucleus) and a pair of galaxies 9 px
+    apart beside it."""
+    from _tiles import BANDS, galaxy, make_tile, draw
+    ny, nx = 160, 160
+    yy, xx = np.mgrid[:ny, :nx].astype(float)
+    cx, cy = 70.0, 75.0
+    sig = 4.0 / 2.3548
+    img = np.zeros((len(BANDS), ny, nx), np.float32)
+    for b in range(len(BANDS)):
+        r = np.hypot(xx - cx, (yy - cy) / 0.85)
+        ring = np.exp(-0.5 * ((r - 10.0) / 1.2) ** 2)
+        ring = ring / ring.sum() * 6000.0
+        for a in (20.0, 150.0, 260.0):  # knots
+            kx, ky = cx + 10 * np.cos(np.radians(a)), cy + 8.5 * np.sin(np.radians(a))
+            ring += 900.0 * np.exp(-0.5 * ((xx - kx) ** 2 + (yy - ky) ** 2) / 0.6 ** 2) / (2 * np.pi * 0.36)
+        ring += 300.0 * np.exp(-0.5 * ((xx - cx) ** 2 + (yy - cy) ** 2) / 0.8 ** 2) / (2 * np.pi * 0.64)
+        img[b] = ndimage.gaussian_filter(ring, sig)
+    pair = [galaxy(112.0, 60.0, [2500.0] * 3, hlr=0.4), galaxy(112.0, 69.0, [2000.0] * 3, hlr=0.4)]
+    img += draw(pair)
+    tile, _, _ = make_tile([], seed=seed, noiseless=img)
+    return tile, (cx + tile.box.x0, cy + tile.box.y0), [(112.0 + tile.box.x0, 60.0 + tile.box.y0),
+                                                        (112.0 + tile.box.x0, 69.0 + tile.box.y0)]
+
+
+def test_the_detect_stage_makes_a_ring_galaxy_one_source():
+    """The ring galaxy's knots and arcs, which the detector finds as sources of their own, are one source centred
+    on the ring within 2 px, its segment all of theirs; the pair beside it stays two; merge_rings: false keeps
+    the pieces."""
+    from deepfield.tasks.stages.detect import DetectStage
+    found = {}
+    for merge in (False, True):
+        tile, (cx, cy), pair = _ring_tile()
+        stage = DetectStage(merge_rings=merge)
+        stage.setup("cpu")
+        out = stage.run(tile, pd.DataFrame())
+        found[merge] = (out, tile.meta.get("detect_rings_merged", 0), stage.segmap)
+    pieces, _, _ = found[False]
+    on_ring = pieces[np.hypot(pieces.x - cx, pieces.y - cy) <= 13]
+    assert len(on_ring) >= 2, on_ring  # the detector splits it
+    out, merged, segmap = found[True]
+    assert merged == 1
+    near = out[np.hypot(out.x - cx, out.y - cy) <= 13]
+    assert len(near) == 1 and np.hypot(near.x.iloc[0] - cx, near.y.iloc[0] - cy) <= 2.0, near
+    assert (segmap == near.seg_id.iloc[0]).sum() == sum((found[False][2] == k).sum() for k in on_ring.seg_id)
+    assert list(out.seg_id) == list(range(1, len(out) + 1)) and segmap.max() <= len(out)
+    for px, py in pair:
+        assert (np.hypot(out.x - px, out.y - py) <= 2).sum() == 1, out

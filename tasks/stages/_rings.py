@@ -33,7 +33,9 @@ the simulator's fields (four 2048^2 fields, seeds 20261125 and 20261201, `reach`
 galaxies' depths 12 to 171 but for the faintest and smallest (i 21.7-23 with a ring radius of 1.2-1.6", or
 an i 22.7 ring seen at q 0.55: 0 to 6); no other depression deeper than 4.4 but a cosmic ray's curved track (7.9).
 The merge ranks a window by the larger of its sigma-score and the depth less RING_OFFSET
-(catalogs/anomaly_candidates.py). Cost: 0.035 core-s per Mpx of tile core (8 tiles, one thread).
+(catalogs/anomaly_candidates.py). Cost: 0.035 core-s per Mpx of tile core (8 tiles, one thread), spent once:
+the detect stage searches the tile for its `merge_rings` (tasks/stages/_ring_merge.py) and keeps what it found
+for the anomaly stage (`tile.meta["detect_rings"]`).
 
 Written here: photutils and SEP measure sources, not depressions; scikit-image's grey-level hole filling
 (morphological reconstruction) gives the exact depth but took 0.3 core-s per Mpx over the bright footprints of
@@ -43,7 +45,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["FINE", "RAYS", "RING_OFFSET", "depressions", "fine_snr", "ring_depth", "ring_search"]
+__all__ = ["FINE", "RAYS", "RING_OFFSET", "depressions", "fine_snr", "ring_depth", "ring_search", "rims"]
 
 RAYS = 16  # directions from a candidate minimum
 BLOCK = 4  # px: the blocks of the candidates' coarse search
@@ -152,3 +154,28 @@ def ring_depth(x: np.ndarray, y: np.ndarray, depth: np.ndarray, y0: np.ndarray, 
         inside = (x[k] >= x0) & (x[k] < x0 + size) & (y[k] >= y0) & (y[k] < y0 + size)
         best[inside], bx[inside], by[inside] = depth[k], x[k], y[k]
     return best, bx, by
+
+
+def rims(s: np.ndarray, x: np.ndarray, y: np.ndarray, reach: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rings about the depressions at pixels (x, y) of the S/N map `s`: each one's centre (x, y; the mean of
+    the brightest point of each of the RAYS rays out to `reach` px, the rim, which the nucleus and the knots do not
+    pull as they pull the light's centroid; the rays cast again from it twice, as a depression beside a nucleus
+    lies off the centre) and radius (the upper quartile of the rim points' distances from it: a
+    ray that meets a bright nucleus before the ring stops short of it, an inclined ring's rim is nearer on its
+    minor axis, and a ray that meets a brighter neighbour beyond the ring goes past it)."""
+    if not len(x):
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    ang = np.arange(RAYS) * (2 * np.pi / RAYS)
+    r = np.arange(1, reach + 1)
+    dy = np.rint(np.sin(ang)[:, None] * r[None]).astype(np.int64)
+    dx = np.rint(np.cos(ang)[:, None] * r[None]).astype(np.int64)
+    ny, nx = s.shape
+    ray = np.arange(RAYS)[None]
+    cx, cy = np.asarray(x, float), np.asarray(y, float)
+    for _ in range(3):  # from the depression (off the centre beside a nucleus), then from the rim's mean
+        xi = np.clip(np.rint(cx).astype(np.int64), reach, nx - 1 - reach)
+        yi = np.clip(np.rint(cy).astype(np.int64), reach, ny - 1 - reach)
+        k = s[yi[:, None, None] + dy[None], xi[:, None, None] + dx[None]].argmax(axis=2)  # (n, RAYS)
+        px, py = xi[:, None] + dx[ray, k], yi[:, None] + dy[ray, k]
+        cx, cy = px.mean(axis=1), py.mean(axis=1)
+    return cx, cy, np.percentile(np.hypot(px - cx[:, None], py - cy[:, None]), 75, axis=1)

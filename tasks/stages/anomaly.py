@@ -240,9 +240,13 @@ class AnomalyStage(ModelStage):
         snr, scale = meta.get("detection_snr"), meta.get("detect_noise_scale", 1.0)
         if snr is None:
             snr, scale = filtered_snr(det, noise, bad, fwhm)
-        guard = gaussian_kernel(fwhm).shape[0] // 2  # a pixel without data in the filter: no test there
-        box = (int(y0.min()), int(y0.max()) + self.size, int(x0.min()), int(x0.max()) + self.size)
-        x, y, depth = ring_search(snr, det, noise, bad, fwhm, scale, self.size // 2, self.ring_rim, guard, box)
+        found = meta.get("detect_rings")  # the detect stage's search, where it ran with these parameters
+        if found is not None and found[0] == (self.size // 2, self.ring_rim):
+            x, y, depth = found[1]
+        else:
+            guard = gaussian_kernel(fwhm).shape[0] // 2  # a pixel without data in the filter: no test there
+            box = (int(y0.min()), int(y0.max()) + self.size, int(x0.min()), int(x0.max()) + self.size)
+            x, y, depth = ring_search(snr, det, noise, bad, fwhm, scale, self.size // 2, self.ring_rim, guard, box)
         return ring_depth(x, y, depth, y0, x0, self.size)
 
     def windows(self, tile, inputs: list[np.ndarray] | None = None) -> pd.DataFrame:

@@ -165,6 +165,7 @@ class BackgroundStage(Stage):
             meta["background"] = stats
             meta.pop("detection_image", None)  # of the pixels before (_pixels.tile_detection_image)
             meta.pop("detection_snr", None)
+            meta.pop("detect_rings", None)
             taken = sum(len(s.get("steps", [])) for s in stats.values())
             if taken:  # the ledger keeps it (tasks.tile_runner), `deepfield status` sums it
                 meta.setdefault("counts", {})["sky_steps"] = taken

@@ -136,6 +136,9 @@ class DetectConfig(ModelStageConfig):
     deblend_filter_scale: float = Field(0.25, ge=0, description="FWHM of the deblending pass's Gaussian filter "
                                         "in units of the PSF FWHM (0: no filter)")
     default_fwhm_px: float = Field(3.0, gt=0, description="PSF FWHM (pixels) assumed when the tile gives none")
+    merge_rings: bool = Field(True, description="a ring galaxy (an enclosed depression of the light with an even "
+                              "rim: the anomaly stage's ring term) is one source: the detections of its footprint "
+                              "within 1.2 ring radii of its centre are joined (tasks/stages/_ring_merge.py)")
     reject_sharp: bool = Field(True, description="drop detections whose light is sharper than the PSF in one band "
                                "and absent from the others (unrejected cosmic rays, hot pixels; "
                                "tasks/stages/_artefacts.py); their pixels stay masked for the other sources")
@@ -155,12 +158,12 @@ class DetectStage(ModelStage):
     """
 
     name: ClassVar[str] = "detect"
-    # 10: the network over the part of the tile the core needs (the primary sources as before, the halo's own
+    # 11: a ring galaxy's detections joined (merge_rings); 10: the network over the part of the tile the core needs (the primary sources as before, the halo's own
     # footprints kept whole); 9: a thin defect (interpolated for the network) no longer keeps a footprint from its
     # peak's centre; 8: masked
     # cores with bleed trails; 7: saturated regions seed sources; 6: a peak in a saturated star's masked
     # core, ringed by its footprint, is the star's; 5: peak_centres
-    version: ClassVar[str] = "10"
+    version: ClassVar[str] = "11"
     Config: ClassVar[type[StageConfig]] = DetectConfig
     models: ClassVar[tuple[str, ...]] = ("detect_net",)
     adds: ClassVar[tuple[str, ...]] = tuple(COLUMNS)
@@ -277,7 +280,7 @@ class DetectStage(ModelStage):
         fwhm = fwhm_pixels(tile, self.default_fwhm_px)
         # the threshold in units of the filtered image's measured noise: a resampled coadd's correlated
         # noise (or a noise map off by a factor) then gives the false-detection rate of white noise
-        scale = 1.0
+        scale, noise0 = 1.0, noise
         if self.measure_noise:
             # the filtered S/N map, in units of its measured noise, is the anomaly stage's too (its ring term)
             tile.meta["detection_snr"], scale = filtered_snr(det, noise, bad, self.filter_fwhm or fwhm)
@@ -307,11 +310,30 @@ class DetectStage(ModelStage):
                                                          2.0 * fwhm if self.peak_centres else 0.0, unusable,
                                                          known=known)
             tile.meta["segmap"] = self.segmap
-            return self._without_artefacts(tile, self._table(tile, objs, blend_id))
+        else:
+            objs, blend_id, self.segmap = split_by_sep(parents, pseg, children, cseg)
+            tile.meta["segmap"] = self.segmap
+        table = self._rings_merged(tile, self._table(tile, objs, blend_id), det, noise0, bad, fwhm, scale)
+        return self._without_artefacts(tile, table)
 
-        objs, blend_id, self.segmap = split_by_sep(parents, pseg, children, cseg)
+    def _rings_merged(self, tile, table: pd.DataFrame, det, noise, bad, fwhm: float, scale: float) -> pd.DataFrame:
+        """The table with each ring galaxy's detections joined into one (merge_rings; _ring_merge.py); keeps the
+        rings found in `tile.meta["detect_rings"]` ((reach, rim), (x, y, depth)) for the anomaly stage's ring
+        term, and their number in `tile.meta["detect_rings_merged"]`."""
+        from ._ring_merge import REACH, RIM, merge_rings
+        from ._rings import ring_search
+        tile.meta["detect_rings_merged"] = 0
+        if not self.merge_rings or table.empty:
+            return table
+        snr = tile.meta.get("detection_snr")
+        if snr is None:
+            snr, scale = filtered_snr(det, noise, bad, fwhm)
+        rings = ring_search(snr, det, noise, bad, fwhm, scale, REACH, RIM, gaussian_kernel(fwhm).shape[0] // 2)
+        tile.meta["detect_rings"] = ((REACH, RIM), rings)
+        table, self.segmap, n = merge_rings(table, self.segmap, det, snr, rings, tile.core)
         tile.meta["segmap"] = self.segmap
-        return self._without_artefacts(tile, self._table(tile, objs, blend_id))
+        tile.meta["detect_rings_merged"] = n
+        return table
 
     @staticmethod
     def _mask_planes(tile, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
