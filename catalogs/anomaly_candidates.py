@@ -23,7 +23,7 @@ high-scoring windows, each listed once however many windows, tiles or fields cov
   high-scoring ones, which would bias them high), over every window where the column is absent.
 - the ring term (tasks/stages/_rings.py; the `ring` column, since stage version 6): a window whose enclosed
   depression's depth less RING_OFFSET (4) is more than its sigma-score is ranked by that instead
-  (`ranked_sigma`), its position the depression's; the noise's depressions stay below RING_OFFSET, a ring
+  (`ranked_sigma`), its position the ring's centre; the noise's depressions stay below RING_OFFSET, a ring
   galaxy's went 12 to 135 deep on the simulator's fields, where the sigma-score had none above the normal windows'
   99th percentile. A candidate whose peak window is ranked by its ring has the shape hint "ring".
 - regions: in each field, the windows of sigma >= `sigma_grow` (default half of `sigma_cut`) connected through
@@ -278,7 +278,7 @@ def build_candidates(maps: pd.DataFrame, sigma_cut: float, stride: float, source
                                 maps["coarse"].to_numpy(bool) if "coarse" in maps.columns else None)
     sigma, ringed = ranked_sigma(sigma, maps["ring"].to_numpy() if "ring" in maps.columns else None)
     stats["ring_windows"] = int(ringed.sum())
-    if ringed.any():  # a window ranked by its ring term is placed at the depression
+    if ringed.any():  # a window ranked by its ring term is placed at its ring's centre
         maps = maps.copy()
         for c in ("peak_x", "peak_y", "ra", "dec"):
             maps.loc[ringed, c] = maps.loc[ringed, f"ring_{c.removeprefix('peak_')}"].to_numpy()

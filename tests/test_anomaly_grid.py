@@ -174,7 +174,8 @@ def test_artefacts_score_above_the_99th_percentile_of_normal_windows(field):
 def test_a_ring_galaxy_is_a_ring_candidate_and_normal_light_none(field):
     """The simulator's ring galaxy (i = 21, ring radius 2", two knots, a nucleus 2.5 mag fainter) drawn into a
     tile of the normal field: the windows about it carry the ring term, many times the noise, and the merge lists
-    it as one "ring" candidate inside the ring (the deepest point of the moat about the nucleus); no window of the normal field (galaxies, stars, masked
+    it as one "ring" candidate within 3 px of its centre (the rim's, not the moat's deepest point beside the
+    nucleus); no window of the normal field (galaxies, stars, masked
     defects: 1024^2 px) has a ring term that the merge would rank at 2.5 sigma (sigma_grow)."""
     import galsim
 
@@ -203,7 +204,7 @@ def test_a_ring_galaxy_is_a_ring_candidate_and_normal_light_none(field):
     cand, _ = build_candidates(both, 5.0, stage.stride)
     ringed = cand[cand["shape"] == "ring"]
     assert len(ringed) == 1, cand.head()
-    assert np.hypot(ringed.x.iloc[0] - cx, ringed.y.iloc[0] - cy) <= 0.8 * 2.0 / float(t.pixel_scale)
+    assert np.hypot(ringed.x.iloc[0] - cx, ringed.y.iloc[0] - cy) <= 3.0  # at the ring's centre (its rim's)
 
 
 def test_scores_unchanged_by_a_constant_sky(field):

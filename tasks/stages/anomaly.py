@@ -22,7 +22,7 @@ centre) and peak_x, peak_y (its worst pixel; field pixels), ra, dec (of the peak
 degrees), score, score_paper, local_pixel, local_feature, model_peak (the reconstruction's brightest pixel, sky
 sigmas), band (of the peak), mode, coarse (on the coarse grid: the merge's sigma-scores are taken against those,
 a uniform sample of the grid), and the ring term's ring (depth, S/N; 0 for none), ring_x, ring_y (field pixels)
-and ring_ra, ring_dec (NaN for none). The merge step (catalogs/anomalies.py) turns high-scoring windows into
+and ring_ra, ring_dec (NaN for none): the ring's centre, the mean of its rim (_rings.rims). The merge step (catalogs/anomalies.py) turns high-scoring windows into
 anomaly candidates.
 
 Ring term (`ring`, default on; tasks/stages/_rings.py): the deepest depression of the light enclosed all round by
@@ -79,7 +79,7 @@ from pydantic import Field
 from .. import maskbits
 from ._anomaly_grid import extract, refined, tile_inputs, tile_windows, window_stamps
 from ._pixels import filtered_snr, fwhm_pixels, gaussian_kernel, tile_detection_image
-from ._rings import ring_depth, ring_search
+from ._rings import rims, ring_depth, ring_search
 from .base import ModelStage, ModelStageConfig, StageConfig
 
 __all__ = ["AnomalyStage", "AnomalyConfig"]
@@ -228,8 +228,9 @@ class AnomalyStage(ModelStage):
         r["mode"][best] = "full"
 
     def ring_terms(self, tile, y0: np.ndarray, x0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The ring term of the windows starting at tile-array pixels (y0, x0): each one's deepest enclosed
-        depression (S/N; 0 for none) and where it lies (tile-array pixels; NaN for none). The PSF-filtered S/N
+        """The ring term of the windows starting at tile-array pixels (y0, x0): the depth of the deepest enclosed
+        depression whose ring's centre lies in each (S/N; 0 for none) and that centre (tile-array pixels; NaN for
+        none). The PSF-filtered S/N
         map is the detect stage's (`tile.meta["detection_snr"]`) where it ran, else made the same way."""
         if not len(y0):
             return np.zeros(0, np.float32), np.zeros(0), np.zeros(0)
@@ -247,7 +248,10 @@ class AnomalyStage(ModelStage):
             guard = gaussian_kernel(fwhm).shape[0] // 2  # a pixel without data in the filter: no test there
             box = (int(y0.min()), int(y0.max()) + self.size, int(x0.min()), int(x0.max()) + self.size)
             x, y, depth = ring_search(snr, det, noise, bad, fwhm, scale, self.size // 2, self.ring_rim, guard, box)
-        return ring_depth(x, y, depth, y0, x0, self.size)
+        # placed at the ring's centre (its rim's), not at the depression: beside a nucleus that is the moat's
+        # deepest point, up to half the ring's radius off
+        cx, cy, _ = rims(snr, x, y, self.size // 2)
+        return ring_depth(cx, cy, depth, y0, x0, self.size)
 
     def windows(self, tile, inputs: list[np.ndarray] | None = None) -> pd.DataFrame:
         """The tile's grid windows scored (the `anomaly_map` table, module docstring): the coarse grid, then the
