@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ._detect_table import in_core, without_rows
 from ._learned_split import _records
 
 __all__ = ["REACH", "merge_rings"]
@@ -65,18 +66,11 @@ def merge_rings(table: pd.DataFrame, segmap: np.ndarray, det: np.ndarray, snr: n
         for c, f in (("xmin_tile", "xmin"), ("xmax_tile", "xmax"), ("ymin_tile", "ymin"), ("ymax_tile", "ymax")):
             table.loc[row, c] = int(rec[f][0])
         table.loc[row, "det_flag"] = int(np.bitwise_or.reduce(table.det_flag.to_numpy()[members]))
-        px, py = np.floor(cx[k] + ox + 0.5), np.floor(cy[k] + oy + 0.5)
-        table.loc[row, "is_primary"] = bool(core.x0 <= px < core.x1 and core.y0 <= py < core.y1)
+        table.loc[row, "is_primary"] = bool(in_core(cx[k] + ox, cy[k] + oy, core))
         drop[members[members != keep]] = True
         merged += 1
     if not merged:
         return table, segmap, 0
-    n, kept = len(table), ~drop
-    lut = np.zeros(n + 1, np.int32)
-    lut[table.seg_id.to_numpy()[kept]] = np.arange(1, kept.sum() + 1)
-    segmap = lut[segmap]  # a dropped member's pixels are its ring's kept row's already
-    out = table[kept].reset_index(drop=True)
-    out["seg_id"] = np.arange(1, len(out) + 1, dtype=np.int64)
-    out["n_blend"] = out.groupby("blend_id")["blend_id"].transform("size").astype(np.int64)
-    out["is_blended"] = out["n_blend"] > 1
+    # a dropped member's pixels are its ring's kept row's already
+    out, segmap = without_rows(table, segmap, drop)
     return out, segmap, merged

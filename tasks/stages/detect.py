@@ -76,6 +76,7 @@ from .. import maskbits
 from ._learned_split import fill_thin_defects, network_box, saturated_seeds, split_by_peaks, thin_defects
 from ._pixels import (UNUSABLE, band_fwhm_pixels, configure_sep, filtered_snr, fwhm_pixels, gaussian_kernel,
                       tile_detection_image)
+from ._detect_table import COLUMNS, detections_table, empty_table, without_rows
 from ._sep_split import split_by_sep
 from .base import ModelStage, ModelStageConfig, StageConfig
 
@@ -84,13 +85,6 @@ __all__ = ["DetectStage", "DetectConfig", "COLUMNS", "INT8_KEY"]
 
 log = logging.getLogger(__name__)
 INT8_KEY = "int8_calibration"  # the detector's weights file: int8 activation ranges (detect_net.int8_calibration)
-
-COLUMNS = {
-    "x": "f8", "y": "f8", "x_tile": "f8", "y_tile": "f8", "a": "f8", "b": "f8", "theta": "f8",
-    "npix": "i8", "xmin_tile": "i8", "xmax_tile": "i8", "ymin_tile": "i8", "ymax_tile": "i8",
-    "flux_det": "f8", "peak_det": "f8", "det_flag": "i8", "seg_id": "i8", "blend_id": "i8",
-    "n_blend": "i8", "is_blended": "bool", "is_primary": "bool",
-}
 
 
 class DetectConfig(ModelStageConfig):
@@ -299,7 +293,7 @@ class DetectStage(ModelStage):
         if len(parents) == 0:
             self.segmap = np.zeros_like(pseg)
             tile.meta["segmap"] = self.segmap
-            return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
+            return empty_table()
         if self.method == "learned":
             peaks, heat, known = self._peaks(tile, fwhm, network_box(tile, pseg, 2.0 * fwhm))
             unusable, saturated = self._mask_planes(tile, bad)
@@ -313,7 +307,7 @@ class DetectStage(ModelStage):
         else:
             objs, blend_id, self.segmap = split_by_sep(parents, pseg, children, cseg)
             tile.meta["segmap"] = self.segmap
-        table = self._rings_merged(tile, self._table(tile, objs, blend_id), det, noise0, bad, fwhm, scale)
+        table = self._rings_merged(tile, detections_table(tile, objs, blend_id), det, noise0, bad, fwhm, scale)
         return self._without_artefacts(tile, table)
 
     def _rings_merged(self, tile, table: pd.DataFrame, det, noise, bad, fwhm: float, scale: float) -> pd.DataFrame:
@@ -366,42 +360,9 @@ class DetectStage(ModelStage):
         drop = artefacts(sharp, present, self.sharp_snr, self.sharp_other_snr)
         if not drop.any():
             return table
-        n, keep = len(table), ~drop
-        lut = np.zeros(n + 1, np.int32)
-        lut[1:][keep] = np.arange(1, keep.sum() + 1)
-        lut[1:][drop] = np.arange(keep.sum() + 1, n + 1)
-        self.segmap = lut[self.segmap]
+        out, self.segmap = without_rows(table, self.segmap, drop)
         tile.meta["segmap"] = self.segmap
         tile.meta["detect_artefacts"] = int(drop.sum())
         log.debug("detect: tile %s: %d detection(s) sharper than the PSF in one band only left out",
                   getattr(tile, "id", "?"), int(drop.sum()))
-        out = table[keep].reset_index(drop=True)
-        out["seg_id"] = np.arange(1, len(out) + 1, dtype=np.int64)
-        out["n_blend"] = out.groupby("blend_id")["blend_id"].transform("size").astype(np.int64)
-        out["is_blended"] = out["n_blend"] > 1
-        return out.astype(COLUMNS)
-
-    def _table(self, tile, objs, blend_id: np.ndarray) -> pd.DataFrame:
-        """The output table of detections `objs` (SEP's record fields) in blend groups `blend_id` (sorted)."""
-        n = len(objs)
-        if n == 0:
-            return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
-        _, inverse, counts = np.unique(blend_id, return_inverse=True, return_counts=True)
-        n_blend = counts[inverse]
-        x_t, y_t = objs["x"].astype(float), objs["y"].astype(float)
-        x_f, y_f = x_t + tile.box.x0, y_t + tile.box.y0
-        c = tile.core
-        px, py = np.floor(x_f + 0.5), np.floor(y_f + 0.5)
-        primary = (px >= c.x0) & (px < c.x1) & (py >= c.y0) & (py < c.y1)
-        out = pd.DataFrame({
-            "x": x_f, "y": y_f, "x_tile": x_t, "y_tile": y_t,
-            "a": objs["a"].astype(float), "b": objs["b"].astype(float), "theta": objs["theta"].astype(float),
-            "npix": objs["npix"].astype(np.int64),
-            "xmin_tile": objs["xmin"].astype(np.int64), "xmax_tile": objs["xmax"].astype(np.int64),
-            "ymin_tile": objs["ymin"].astype(np.int64), "ymax_tile": objs["ymax"].astype(np.int64),
-            "flux_det": objs["flux"].astype(float), "peak_det": objs["peak"].astype(float),
-            "det_flag": objs["flag"].astype(np.int64), "seg_id": np.arange(1, n + 1, dtype=np.int64),
-            "blend_id": blend_id, "n_blend": n_blend.astype(np.int64), "is_blended": n_blend > 1,
-            "is_primary": primary,
-        })
-        return out.astype(COLUMNS)
+        return out
