@@ -24,7 +24,7 @@ high-scoring windows, each listed once however many windows, tiles or fields cov
 - the ring term (tasks/stages/_rings.py; the `ring` column, since stage version 6): a window whose enclosed
   depression's depth less RING_OFFSET (4) is more than its sigma-score is ranked by that instead
   (`ranked_sigma`), its position the ring's centre; the noise's depressions stay below RING_OFFSET, a ring
-  galaxy's went 12 to 135 deep on the simulator's fields, where the sigma-score had none above the normal windows'
+  galaxy's went 12 to 171 deep on the simulator's fields, where the sigma-score had none above the normal windows'
   99th percentile. A candidate whose peak window is ranked by its ring has the shape hint "ring".
 - regions: in each field, the windows of sigma >= `sigma_grow` (default half of `sigma_cut`) connected through
   their grid neighbours (eight around each; tasks/stages/_anomaly_grid.py's grid is the field's, so a region

@@ -11,6 +11,7 @@ import pytest
 from deepfield.catalogs.anomaly_candidates import build_candidates, window_sigma
 from deepfield.tasks.sim.artefacts import add_ghost, add_satellite_trail
 from deepfield.tasks.stages._anomaly_grid import extract, grid_starts, refined, tile_windows
+from deepfield.tasks.stages._pixels import forget_pixel_products
 from deepfield.tasks.stages.anomaly import AnomalyStage
 from deepfield.tasks.stages.background import BackgroundStage
 from deepfield.tasks.trainsets.anomaly import training_fields
@@ -118,11 +119,12 @@ def field(tmp_path_factory):
 
 def _copy(tile):
     """A copy of `tile` whose pixels the test may change: without the detection image made of the old ones
-    (_pixels.tile_detection_image)."""
+    (_pixels.forget_pixel_products)."""
     import copy
     t = copy.copy(tile)
     t.image, t.tables = tile.image.copy(), {}
-    t.meta = {k: v for k, v in tile.meta.items() if k not in ("detection_image", "detection_snr")}
+    t.meta = dict(tile.meta)
+    forget_pixel_products(t.meta)
     return t
 
 

@@ -71,10 +71,22 @@ def detection_image(tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return det, noise, np.ascontiguousarray(bad)
 
 
+# what the stages keep in tile.meta that is made of the tile's pixels: the detection image
+# (tile_detection_image), the detect stage's filtered S/N map (filtered_snr) and the rings it found
+# (tasks/stages/_rings.py); the background stage, which changes the pixels, drops them (forget_pixel_products)
+PIXEL_PRODUCTS = ("detection_image", "detection_snr", "detect_rings")
+
+
+def forget_pixel_products(meta: dict) -> None:
+    """Drop from a tile's `meta` what was made of its pixels before they changed (PIXEL_PRODUCTS)."""
+    for key in PIXEL_PRODUCTS:
+        meta.pop(key, None)
+
+
 def tile_detection_image(tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """detection_image(tile), made once per tile: kept in `tile.meta["detection_image"]` for the stages after the
     first that asks (detect, measure, anomaly). Only the background stage changes a tile's pixels, before them,
-    and it drops what is kept."""
+    and it drops what is kept (forget_pixel_products)."""
     meta = getattr(tile, "meta", None)
     if not isinstance(meta, dict):
         return detection_image(tile)
@@ -98,11 +110,7 @@ def filtered_snr(det: np.ndarray, noise: np.ndarray, bad: np.ndarray, fwhm_px: f
     from scipy import ndimage
     good = ~bad
     sig = max(float(fwhm_px), 0.5) / (2.0 * math.sqrt(2.0 * math.log(2.0)))
-    snr = np.where(good, det / np.where(good, noise, 1.0), 0.0).astype(np.float32)
-    filt = ndimage.gaussian_filter(snr, sig, truncate=3.5)
-    delta = np.zeros((2 * int(4 * sig) + 3,) * 2, np.float32)
-    delta[delta.shape[0] // 2, delta.shape[1] // 2] = 1
-    white = float(np.sqrt((ndimage.gaussian_filter(delta, sig, truncate=3.5) ** 2).sum()))
+    filt, white = snr_filtered(det, noise, bad, fwhm_px)
 
     def result(scale: float) -> tuple[np.ndarray, float]:
         return filt * np.float32(1.0 / (white * scale)), scale
@@ -121,10 +129,17 @@ def filtered_snr(det: np.ndarray, noise: np.ndarray, bad: np.ndarray, fwhm_px: f
     return result(sigma / white if np.isfinite(sigma) and sigma > 0 else 1.0)
 
 
-def filtered_noise_scale(det: np.ndarray, noise: np.ndarray, bad: np.ndarray, fwhm_px: float,
-                         mask_snr: float = 5.0, grow: int = 5) -> float:
-    """filtered_snr's scale alone."""
-    return filtered_snr(det, noise, bad, fwhm_px, mask_snr, grow)[1]
+def snr_filtered(det: np.ndarray, noise: np.ndarray, bad: np.ndarray, fwhm_px: float) -> tuple[np.ndarray, float]:
+    """The detection image's S/N (det / noise, 0 where `bad`) filtered by a Gaussian of `fwhm_px` (3.5 sigma
+    wide), float32, and the filtered image's sigma for unit white noise (the root sum of the kernel's squares)."""
+    from scipy import ndimage
+    sig = max(float(fwhm_px), 0.5) / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    good = ~bad
+    snr = np.where(good, det / np.where(good, noise, 1.0), 0.0).astype(np.float32)
+    filt = ndimage.gaussian_filter(snr, sig, truncate=3.5)
+    delta = np.zeros((2 * int(4 * sig) + 3,) * 2, np.float32)
+    delta[delta.shape[0] // 2, delta.shape[1] // 2] = 1
+    return filt, float(np.sqrt((ndimage.gaussian_filter(delta, sig, truncate=3.5) ** 2).sum()))
 
 
 def band_fwhm_pixels(tile) -> list[float | None]:

@@ -58,14 +58,8 @@ def fine_snr(det: np.ndarray, noise: np.ndarray, bad: np.ndarray, fwhm_px: float
              ) -> np.ndarray:
     """The detection image's S/N filtered by a Gaussian of `fwhm_px`, in units of the filtered noise of white
     noise times `scale` (the measured correlated-noise scale at the PSF's, _pixels.filtered_snr's), float32."""
-    from scipy import ndimage
-    sig = max(float(fwhm_px), 0.5) / (2.0 * np.sqrt(2.0 * np.log(2.0)))
-    snr = np.where(bad, 0.0, det / np.where(bad, 1.0, noise)).astype(np.float32)
-    filt = ndimage.gaussian_filter(snr, sig, truncate=3.5)
-    h = int(3.5 * sig + 0.5)
-    g = np.exp(-0.5 * (np.arange(-h, h + 1) / sig) ** 2)
-    g /= g.sum()
-    white = float((g * g).sum())  # sqrt(sum of the 2-d kernel's squares) = sum of the 1-d one's squares
+    from ._pixels import snr_filtered
+    filt, white = snr_filtered(det, noise, bad, fwhm_px)
     return filt * np.float32(1.0 / (white * scale))
 
 

@@ -22,15 +22,15 @@ centre) and peak_x, peak_y (its worst pixel; field pixels), ra, dec (of the peak
 degrees), score, score_paper, local_pixel, local_feature, model_peak (the reconstruction's brightest pixel, sky
 sigmas), band (of the peak), mode, coarse (on the coarse grid: the merge's sigma-scores are taken against those,
 a uniform sample of the grid), and the ring term's ring (depth, S/N; 0 for none), ring_x, ring_y (field pixels)
-and ring_ra, ring_dec (NaN for none): the ring's centre, the mean of its rim (_rings.rims). The merge step (catalogs/anomalies.py) turns high-scoring windows into
-anomaly candidates.
+and ring_ra, ring_dec (NaN for none): the ring's centre, the mean of its rim (_rings.rims). The merge step
+(catalogs/anomalies.py) turns high-scoring windows into anomaly candidates.
 
 Ring term (`ring`, default on; tasks/stages/_rings.py): the deepest depression of the light enclosed all round by
 a rim of at least `ring_rim` (8) times the noise, in each window, on the detection image of every band filtered by
 the PSF (the detect stage's S/N map where it ran): a ring galaxy's ring about its fainter centre, which the
 generator's residual hardly sees (a smooth blob drawn where the ring is, and bright galaxies' residuals large
 anyway). The merge ranks a window by the larger of its sigma-score and the depth less RING_OFFSET (4). On the
-simulator's fields the ring galaxies' depressions are 12 to 135 times the noise, everything else's at most 4.4.
+simulator's fields the ring galaxies' depressions are 12 to 171 times the noise, everything else's at most 4.4.
 
 Sources (as before), for the rows of the tile that
 - are primary (the core owns them) and not saturated (saturated stars are bright, normal and masked);
@@ -230,8 +230,8 @@ class AnomalyStage(ModelStage):
     def ring_terms(self, tile, y0: np.ndarray, x0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ring term of the windows starting at tile-array pixels (y0, x0): the depth of the deepest enclosed
         depression whose ring's centre lies in each (S/N; 0 for none) and that centre (tile-array pixels; NaN for
-        none). The PSF-filtered S/N
-        map is the detect stage's (`tile.meta["detection_snr"]`) where it ran, else made the same way."""
+        none). The PSF-filtered S/N map and the depressions are the detect stage's (`tile.meta["detection_snr"]`,
+        `tile.meta["detect_rings"]`) where it ran, else made the same way."""
         if not len(y0):
             return np.zeros(0, np.float32), np.zeros(0), np.zeros(0)
         det, noise, bad = tile_detection_image(tile)

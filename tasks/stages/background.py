@@ -32,7 +32,7 @@ import pandas as pd
 import sep
 from pydantic import Field
 
-from ._pixels import band_pixels
+from ._pixels import band_pixels, forget_pixel_products
 from ._sky_steps import find_steps, remove_steps
 from .base import Stage, StageConfig
 
@@ -163,9 +163,7 @@ class BackgroundStage(Stage):
         meta = getattr(tile, "meta", None)
         if isinstance(meta, dict):
             meta["background"] = stats
-            meta.pop("detection_image", None)  # of the pixels before (_pixels.tile_detection_image)
-            meta.pop("detection_snr", None)
-            meta.pop("detect_rings", None)
+            forget_pixel_products(meta)  # made of the pixels before
             taken = sum(len(s.get("steps", [])) for s in stats.values())
             if taken:  # the ledger keeps it (tasks.tile_runner), `deepfield status` sums it
                 meta.setdefault("counts", {})["sky_steps"] = taken

@@ -7,7 +7,7 @@ det = sum_b w_b img_b / sum_b w_b with w_b = invvar_b on unmasked pixels, whose 
 
 Footprints: `sep.extract` at `thresh` sigma (in units of the unfiltered pixel noise, as in Source Extractor)
 after filtering with a Gaussian of the PSF FWHM. With `measure_noise` (default) the pixel noise is first scaled
-by the filtered image's measured noise over what white noise would give (`_pixels.filtered_noise_scale`:
+by the filtered image's measured noise over what white noise would give (`_pixels.filtered_snr`:
 1.00 for independent pixels, about 1.4 for a bilinearly resampled coadd whose inverse variance matches its
 pixel scatter), so the threshold means the same false-detection rate on any image; footprints of at least `minarea` pixels, deblending off
 (deblend_cont = 1). Its segments are the parent footprints, the blend groups. They are split into sources by
