@@ -88,7 +88,8 @@ def write_candidates(maps: list[Path], flat_dir: Path, store_path: Path | None, 
     from .anomaly_candidates import build_candidates
     windows = pd.concat([pd.read_parquet(f) for f in maps], ignore_index=True)
     ds = pads.dataset(flat_dir, format="parquet")
-    cols = [c for c in ("source_id", "ra", "dec", "anomaly_sigma") if c in ds.schema.names]
+    cols = [c for c in ("source_id", "field", "ra", "dec", "x", "y", "anomaly_sigma", "lens_score")
+            if c in ds.schema.names]
     sources = ds.to_table(columns=cols, filter=pads.field("is_primary_field")).to_pandas()
     cand, stats = build_candidates(windows, sigma_cut, stride, sources, sigma_grow=sigma_grow)
     stats["candidates"] = int(len(cand))
@@ -114,6 +115,7 @@ class AnomalyMergeConfig(MergeStepConfig):
 class AnomalyMerge(MergeStep):
     stage: ClassVar[str] = "anomaly"
     Config: ClassVar[type[MergeStepConfig]] = AnomalyMergeConfig
+    version: ClassVar[str] = "2"  # 2: the lens term (catalogs/anomaly_candidates.py)
 
     stats: dict | None = None
 

@@ -26,6 +26,19 @@ high-scoring windows, each listed once however many windows, tiles or fields cov
   (`ranked_sigma`), its position the ring's centre; the noise's depressions stay below RING_OFFSET, a ring
   galaxy's went 12 to 171 deep on the simulator's fields, where the sigma-score had none above the normal windows'
   99th percentile. A candidate whose peak window is ranked by its ring has the shape hint "ring".
+- the lens term: the lens stage's candidates (catalog sources with `lens_score` >= LENS_MIN_SCORE, 0.5, the
+  lens merge step's threshold) are strong lenses, anomalies the generator's residual hardly sees (a faint blue
+  arc on a bright red galaxy: above the normal windows' 99th percentile 0.17-0.23 of the lenses by the
+  sigma-score). Each goes to the window whose centre is nearest it (`lens_term`), which is ranked by the larger of
+  its sigma and `lens_sigma(lens_score)`, at the source, with the shape hint "lens". lens_sigma is LENS_SIGMA
+  interpolated in logit(score): a lens candidate ranks with the windows whose sigma the normal windows exceed as
+  often as the lens stage's false candidates of that score or more occur per window (the two detectors'
+  false alarms per area made equal). Calibrated on `deepfield eval anomaly`'s two pairs of fields (seeds
+  20261125 and 20261201, 64,516 windows, the normal windows' sigma quantiles recorded by the evaluation): 14 of
+  the 38 candidates at >= 0.5 were false (5 and 9), 4 at >= 0.99, 1 at >= 0.999, false rates per window of
+  2.2e-4, 6.2e-5 and 1.6e-5, where the normal windows' sigma quantiles are 13.6 and 11.3 (the two pairs), 15.2
+  and 13.6, 15.3 and 14.5: LENS_SIGMA is their mean. With it the lenses above the normal windows' 99th
+  percentile went 0.23 -> 1.00 and 0.17 -> 0.92, in the top 1 % of all windows 0.00 -> 0.92 (both pairs).
 - regions: in each field, the windows of sigma >= `sigma_grow` (default half of `sigma_cut`) connected through
   their grid neighbours (eight around each; tasks/stages/_anomaly_grid.py's grid is the field's, so a region
   crossing a tile boundary is one region) that hold at least one window of sigma >= `sigma_cut`: the cut finds
@@ -46,7 +59,7 @@ high-scoring windows, each listed once however many windows, tiles or fields cov
   all three trails (1), 9 of 12 ring galaxies (7), and the first 100 candidates are all true anomalies (95).
 - across fields: regions of overlapping fields within (extent_a + extent_b) / 2 + `match_arcsec` of each other
   on the sky are one candidate (the highest sigma kept, bands and window counts joined).
-- shape hint: "ring" (above); "point" when the windows' worst pixels all lie within 3 px of the peak's (one
+- shape hint: "ring" and "lens" (above); "point" when the windows' worst pixels all lie within 3 px of the peak's (one
   feature seen by every window: a cosmic ray, a hot pixel cluster, a compact galaxy), "linear" when they spread
   along one direction (the second-moment axis ratio >= 4 over at least two grid steps: a trail), "extended"
   otherwise.
@@ -62,12 +75,16 @@ from scipy.spatial import cKDTree
 from deepfield.tasks.astro import unit_vectors
 from deepfield.tasks.stages._rings import RING_OFFSET
 
-__all__ = ["CANDIDATE_COLUMNS", "build_candidates", "ranked_sigma", "window_sigma"]
+__all__ = ["CANDIDATE_COLUMNS", "LENS_MIN_SCORE", "build_candidates", "lens_sigma", "lens_term", "ranked_sigma",
+           "window_sigma", "with_lens_term"]
 
 CANDIDATE_COLUMNS = ("anomaly_rank", "field", "ra", "dec", "x", "y", "anomaly_sigma", "score", "score_paper",
                      "extent_arcsec", "n_windows", "bands", "shape", "source_id", "source_anomaly_sigma")
 
 
+LENS_MIN_SCORE = 0.5  # the lens merge step's default threshold: lens candidates from this score up
+# the lens term's calibration: (lens_score, sigma) points, interpolated in logit(lens_score) (module docstring)
+LENS_SIGMA = ((0.5, 12.5), (0.99, 14.4), (0.999, 14.9))
 MAX_BINS = 20  # brightness bins of the sigma-scores (module docstring)
 MIN_BIN = 500  # windows per bin at least: fewer windows, fewer bins; under 2 x MIN_BIN, no bins
 
@@ -125,6 +142,54 @@ def ranked_sigma(sigma: np.ndarray, ring: np.ndarray | None) -> tuple[np.ndarray
     r = np.nan_to_num(np.asarray(ring, np.float64), nan=0.0) - RING_OFFSET
     wins = (r > 0) & ~(sigma >= r)
     return np.where(wins, r, sigma), wins
+
+
+def lens_sigma(score: np.ndarray) -> np.ndarray:
+    """The lens term's sigma of lens scores (module docstring): LENS_SIGMA interpolated in logit(score), held at
+    its ends; NaN below LENS_MIN_SCORE or for no score."""
+    p = np.asarray(score, np.float64)
+    ok = np.isfinite(p) & (p >= LENS_MIN_SCORE)
+    q = np.clip(np.where(ok, p, 0.5), 1e-7, 1 - 1e-7)
+    at, val = np.array(LENS_SIGMA).T
+    return np.where(ok, np.interp(np.log(q / (1 - q)), np.log(at / (1 - at)), val), np.nan)
+
+
+def lens_term(maps: pd.DataFrame, sources: pd.DataFrame | None, stride: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per window of `maps` (field, x, y: its centre, field pixels), the lens term's sigma (NaN for none) and the
+    row of `sources` (field, x, y, lens_score) it comes from (-1 for none): each source of lens_score >=
+    LENS_MIN_SCORE goes to the window whose centre is nearest it, if that window holds it (no more than `stride`,
+    half a window, from its centre on either axis; the stage's coarse windows alone hold every pixel so); a
+    window given several keeps the highest."""
+    sig, row = np.full(len(maps), np.nan), np.full(len(maps), -1, np.int64)
+    if sources is None or not len(sources) or not {"lens_score", "field", "x", "y"} <= set(sources.columns):
+        return sig, row
+    ls = lens_sigma(sources["lens_score"].to_numpy(np.float64))
+    have = np.flatnonzero(np.isfinite(ls))
+    if not len(have) or not len(maps):
+        return sig, row
+    fields = maps["field"].to_numpy().astype(str)
+    sfield = sources["field"].to_numpy().astype(str)
+    for f in np.unique(sfield[have]):
+        ix = np.flatnonzero(fields == f)
+        if not len(ix):
+            continue
+        xy = np.c_[maps["x"].to_numpy(float)[ix], maps["y"].to_numpy(float)[ix]]
+        mine = have[sfield[have] == f]
+        sxy = np.c_[sources["x"].to_numpy(float)[mine], sources["y"].to_numpy(float)[mine]]
+        _, j = cKDTree(xy).query(sxy, p=np.inf)
+        for n, (k, jj) in enumerate(zip(mine, j)):
+            w = ix[jj]
+            if np.max(np.abs(xy[jj] - sxy[n])) <= stride and not ls[k] <= sig[w]:
+                sig[w], row[w] = ls[k], k
+    return sig, row
+
+
+def with_lens_term(sigma: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The windows' ranking sigma with the lens term (lens_term's): the larger of the two, and where the lens term
+    is the larger (bool)."""
+    sigma = np.asarray(sigma, np.float64)
+    wins = np.isfinite(lens) & ~(sigma >= lens)
+    return np.where(wins, lens, sigma), wins
 
 
 def _arcsec(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -220,13 +285,14 @@ def _regions(w: pd.DataFrame, sigma: np.ndarray, cut: float, grow: float, stride
         return []
     px, py = w.peak_x.to_numpy(float), w.peak_y.to_numpy(float)
     ringed = w._ring.to_numpy(bool) if "_ring" in w.columns else np.zeros(len(w), bool)
+    lensed = w._lens.to_numpy(bool) if "_lens" in w.columns else np.zeros(len(w), bool)
     region = _watershed(w.ky.to_numpy(), w.kx.to_numpy(), px, py, sigma, cut, min(grow, cut))
     out = []
     for r in np.unique(region[region > 0]):
         ix = np.flatnonzero(region == r)
         k = int(np.argmax(sigma[ix]))
         p = ix[k]
-        shape = "ring" if ringed[p] else _shape(px[ix], py[ix], k, stride)
+        shape = "ring" if ringed[p] else "lens" if lensed[p] else _shape(px[ix], py[ix], k, stride)
         # a trail's position: its window nearest the middle of the region (its peak is anywhere along it)
         point = np.count_nonzero(np.hypot(px[ix] - px[p], py[ix] - py[p]) <= POINT_PX) >= 2
         long = shape == "linear" and not point and np.hypot(np.ptp(px[ix]), np.ptp(py[ix])) >= TRAIL_PX
@@ -270,20 +336,28 @@ def build_candidates(maps: pd.DataFrame, sigma_cut: float, stride: float, source
                      match_arcsec: float = 1.5, sigma_grow: float | None = None) -> tuple[pd.DataFrame, dict]:
     """Candidates (CANDIDATE_COLUMNS, ranked by anomaly_sigma, rank 1 the highest) from the run's windows `maps`
     (the anomaly_map tables concatenated) and the statistics of the windows' sigma-scores. sources: the
-    catalog's primary sources (source_id, ra, dec and anomaly_sigma when scored) for the coincidences.
+    catalog's primary sources (source_id, ra, dec and anomaly_sigma when scored) for the coincidences, and with
+    field, x, y and lens_score (the lens stage's) for the lens term.
     sigma_grow: regions grow through windows of at least this sigma (default sigma_cut / 2)."""
     grow = sigma_cut / 2 if sigma_grow is None else sigma_grow
     sigma, stats = window_sigma(maps["score"].to_numpy(),
                                 maps["model_peak"].to_numpy() if "model_peak" in maps.columns else None,
                                 maps["coarse"].to_numpy(bool) if "coarse" in maps.columns else None)
     sigma, ringed = ranked_sigma(sigma, maps["ring"].to_numpy() if "ring" in maps.columns else None)
-    stats["ring_windows"] = int(ringed.sum())
     if ringed.any():  # a window ranked by its ring term is placed at its ring's centre
         maps = maps.copy()
         for c in ("peak_x", "peak_y", "ra", "dec"):
             maps.loc[ringed, c] = maps.loc[ringed, f"ring_{c.removeprefix('peak_')}"].to_numpy()
+    lens, at = lens_term(maps, sources, stride)
+    sigma, lensed = with_lens_term(sigma, lens)
+    ringed &= ~lensed
+    stats["ring_windows"], stats["lens_windows"] = int(ringed.sum()), int(lensed.sum())
+    if lensed.any():  # a window ranked by its lens term is placed at the lens candidate (the deflector's centre)
+        maps = maps.copy()
+        for c in ("peak_x", "peak_y", "ra", "dec"):
+            maps.loc[lensed, c] = sources[c.removeprefix("peak_")].to_numpy(float)[at[lensed]]
     rows = []
-    for _, w in maps.assign(_sigma=sigma, _ring=ringed).groupby("field", sort=True):
+    for _, w in maps.assign(_sigma=sigma, _ring=ringed, _lens=lensed).groupby("field", sort=True):
         rows += _regions(w.reset_index(drop=True), w._sigma.to_numpy(), sigma_cut, grow, stride)
     c = pd.DataFrame(rows, columns=[k for k in CANDIDATE_COLUMNS if k not in
                                     ("anomaly_rank", "source_id", "source_anomaly_sigma")])

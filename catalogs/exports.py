@@ -34,7 +34,7 @@ def _hats_properties(provenance: dict) -> dict:
            "deepfield_created": provenance.get("created", "")}
     if provenance.get("config_hash"):
         out["deepfield_config_hash"] = provenance["config_hash"]
-    for key in ("stage_versions", "model_versions", "inputs"):
+    for key in ("stage_versions", "merge_versions", "model_versions", "inputs"):
         if provenance.get(key):
             out[f"deepfield_{key}"] = " ".join(f"{k}:{v}" for k, v in sorted(provenance[key].items()))
     return out
@@ -115,7 +115,8 @@ def export_fits(table: pd.DataFrame, path: Path, provenance: dict | None = None,
     h["DATE"] = (prov.get("created", ""), "UTC time the catalog was made")
     if prov.get("config_hash"):
         h["CFGHASH"] = (prov["config_hash"], "processing configuration hash")
-    for key, label in (("stage_versions", "STAGE"), ("model_versions", "MODEL"), ("inputs", "INPUT")):
+    for key, label in (("stage_versions", "STAGE"), ("merge_versions", "MERGE"), ("model_versions", "MODEL"),
+                       ("inputs", "INPUT")):
         for name, value in sorted((prov.get(key) or {}).items()):
             h[f"HIERARCH DF {label} {name}"] = str(value)
     with atomic_path(path) as tmp:

@@ -140,7 +140,7 @@ _ANOMALIES = [
     Column("extent_arcsec", "float64", "arcsec", "phys.angSize", "extent of the candidate's region"),
     Column("n_windows", "int64", "", "meta.number", "grid windows in the candidate's region"),
     Column("bands", "string", "", "instr.bandpass", "bands where the candidate shows, comma-separated"),
-    Column("shape", "string", "", "src.morph.type", "shape hint: ring, point, linear or extended"),
+    Column("shape", "string", "", "src.morph.type", "shape hint: ring, lens, point, linear or extended"),
     Column("source_id", "int64", "", "meta.id.cross", "the catalog source it coincides with; -1 none"),
     Column("source_anomaly_sigma", "float64", "", "stat.value;arith.ratio", "that source's own anomaly_sigma"),
 ]

@@ -68,6 +68,9 @@ class MergeStep:
 
     stage: ClassVar[str] = ""
     Config: ClassVar[type[MergeStepConfig]] = MergeStepConfig
+    # bumped when the step's code changes what it writes: it is part of the run's provenance and of the merge key
+    # (flows/merge.py), so that a re-run with the new code merges again instead of keeping the catalogs it finds
+    version: ClassVar[str] = "1"
 
     def __init__(self, config: MergeStepConfig | None = None, stage_config: BaseModel | None = None, **params):
         self.config = config if config is not None else self.configure(params)

@@ -36,9 +36,11 @@ from .run_config import RunConfig
 
 def run_provenance(cfg: RunConfig, keys) -> dict:
     """What made the run's catalogs (catalogs/merge.py adds the time and deepfield's version): the configuration
-    hash, the stages in order, their and their models' versions, and each field's input fingerprint."""
+    hash, the stages in order, their, their merge steps' and their models' versions, and each field's input
+    fingerprint."""
     return {"config_hash": keys.config_hash, "stages": [name for name, _ in cfg.stage_list()],
             "stage_versions": dict(keys.stage_versions), "model_versions": dict(keys.model_versions),
+            "merge_versions": {type(s).stage: type(s).version for s in cfg.merge_steps()},
             "inputs": dict(keys.inputs)}
 
 

@@ -224,7 +224,7 @@ def test_anomaly_scores_and_ranked_list(run, survey):
     cut = 5.0
     assert 0 < len(top) <= 100 and list(top.anomaly_rank) == list(range(1, len(top) + 1))
     assert (np.diff(top.anomaly_sigma) <= 0).all() and (top.anomaly_sigma >= cut).all()
-    assert set(top["shape"]) <= {"ring", "point", "linear", "extended"}
+    assert set(top["shape"]) <= {"ring", "lens", "point", "linear", "extended"}
     with fits.open(paths["anomaly_stamps"]) as hdul:  # one HDU (band, y, x) with WCS each: catalogs/cutouts.py
         stamps = [hdul[f"ANOMALY_{k}"] for k in top.anomaly_rank]
         assert len(hdul) == len(top) + 2 and all(h.data.shape == (4, 64, 64) for h in stamps)
@@ -248,6 +248,25 @@ def test_anomaly_scores_and_ranked_list(run, survey):
         r = rings[rings.field == c.field]
         radius = np.array([json.loads(p)["ring_radius"] for p in r.params]) / 0.2  # arcsec -> px of 0.2"
         assert (np.hypot(r.x - c.x, r.y - c.y) <= radius).any(), c
+    # a candidate ranked by the lens term is one of the lens stage's candidates, placed on it; and each of the
+    # simulator's lenses that the lens stage found (a source of lens_score >= 0.5 within 4 px of its deflector) is
+    # listed there, at least as high as its lens term (6 of 6 lenses in this survey)
+    from deepfield.catalogs.anomaly_candidates import LENS_MIN_SCORE, lens_sigma
+    on_lens = top[top["shape"] == "lens"]
+    for _, c in on_lens.iterrows():
+        src = cat[cat.source_id == c.source_id]
+        assert len(src) == 1 and src.lens_score.iloc[0] >= LENS_MIN_SCORE, c
+        assert abs(src.x.iloc[0] - c.x) < 1e-6 and abs(src.y.iloc[0] - c.y) < 1e-6
+    found = 0
+    for _, t in lenses.iterrows():
+        src = cat[(cat.field == t.field) & (np.hypot(cat.x - t.x, cat.y - t.y) <= 4)
+                  & (cat.lens_score >= LENS_MIN_SCORE)]
+        if len(src):
+            found += 1
+            # within the Einstein radius and 1": a detected piece of the arc passes the deflector cuts too
+            near = top[(top.field == t.field) & (np.hypot(top.x - t.x, top.y - t.y) <= t.theta_e / 0.2 + 5)]
+            assert len(near) and near.anomaly_sigma.max() >= lens_sigma(src.lens_score.to_numpy()).max() - 1e-6, t
+    assert found >= 1
     labels = np.concatenate([label_sources(g, anomalies[anomalies.field == f], lenses[lenses.field == f], 32,
                                            bands) for f, g in sel.groupby("field")])
     # the simulator's astrophysical anomalies (lenses, ring galaxies, mergers) against the normal sources: the
