@@ -99,3 +99,25 @@ def test_a_merge_step_version_is_in_the_provenance_and_makes_the_merge_key_chang
     assert merge_key(cfg, ["f"], [], [], run_provenance(cfg, keys)) == before
     monkeypatch.setattr(AnomalyMerge, "version", "999")
     assert merge_key(cfg, ["f"], [], [], run_provenance(cfg, keys)) != before
+
+
+def test_the_merge_reads_the_lens_scores_of_the_flat_catalog_unless_told_not_to(tmp_path):
+    """catalogs/anomalies.write_candidates on a grid's map and a flat catalog with one lens candidate (primary in
+    its field) and one that another field owns (is_primary_field false: left out): one candidate, shape "lens";
+    with merge.anomaly.lens_term false, none."""
+    from deepfield.catalogs.anomalies import AnomalyMergeConfig, write_candidates
+    w = _windows()
+    w.to_parquet(tmp_path / "f_0_0.anomaly_map.parquet")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    src = _sources([("f", 130.2, 141.7, 0.99), ("f", 250.0, 250.0, 0.999)])
+    src["is_primary_field"] = [True, False]
+    src.to_parquet(flat / "part0.parquet")
+    maps = [tmp_path / "f_0_0.anomaly_map.parquet"]
+    n, stats = write_candidates(maps, flat, None, tmp_path / "a.parquet", tmp_path / "a.fits", 5.0, 100, 16)
+    cand = pd.read_parquet(tmp_path / "a.parquet")
+    assert n == 1 and list(cand["shape"]) == ["lens"] and cand.source_id.iloc[0] == 100 and stats["lens_windows"] == 1
+    assert AnomalyMergeConfig().lens_term is True
+    n, stats = write_candidates(maps, flat, None, tmp_path / "b.parquet", tmp_path / "b.fits", 5.0, 100, 16,
+                                lens_term=False)
+    assert n == 0 and stats["lens_windows"] == 0
