@@ -29,8 +29,15 @@ from deepfield.tasks.stages.base import config_error
 from deepfield.tasks.stages.registry import stage_class
 from deepfield.tasks.tile_runner import side_table
 
-__all__ = ["MergeStep", "MergeStepConfig", "MergeContext", "StepResult", "merge_step_class", "build_steps",
+__all__ = ["MERGE_VERSION", "MergeStep", "MergeStepConfig", "MergeContext", "StepResult", "merge_step_class", "build_steps",
            "report_lines"]
+
+
+# bumped when the merge's own code (catalogs/merge.py, dedup.py, calibrate.py, exports.py) changes what the
+# catalogs hold: part of the merge key (flows/merge.py), with the merge steps' versions and the schema's text, so
+# that a re-run with the new code merges again. Kept here, not in catalogs/merge.py, whose imports (Dask, hats)
+# cost a second that a run with up-to-date catalogs does not pay
+MERGE_VERSION = "1"
 
 
 class MergeStepConfig(BaseModel):

@@ -9,8 +9,9 @@ of another tile grid: never merged. The summary lists the run's tiles that are m
 (`missing_tiles`) and the tables found under `tiles/` that were left out (`ignored_tables`). Last, the run's
 review report, `RUN/report/index.html` (catalogs/report.py), its path in the summary's `paths`.
 
-A run that changed nothing merges nothing: the merge's `merge_key` (`merge_key`: the run's provenance, the
-merge configuration, the fields, and each merged table's path, size and modification time) is kept in
+A run that changed nothing merges nothing: the merge's `merge_key` (`merge_key`: the run's provenance with the
+merge steps' versions, the merge's own code version (catalogs/steps.MERGE_VERSION) and a hash of the schema's
+text, the merge configuration, the fields, and each merged table's path, size and modification time) is kept in
 `RUN/catalogs/sources.summary.json` and beside the report. When the published catalogs and report carry the
 key of this run's tables and every output they list is there (the flat catalog, the HATS partitions and the FITS
 table with the row count the summary gives), the task returns their summary, marked `up_to_date`, in a fraction
@@ -47,6 +48,8 @@ def run_provenance(cfg: RunConfig, keys) -> dict:
 def merge_key(cfg: RunConfig, fields: list[str], tables: list[Path], missing: list[str], provenance: dict) -> str:
     """What the merge's outputs are made from, as one hash (the module docstring): a table rewritten by a redone
     tile has another size or modification time; `created` is left out of the provenance (it is the time)."""
+    from deepfield.catalogs.schema import markdown
+    from deepfield.catalogs.steps import MERGE_VERSION
     from deepfield.tasks.version import __version__
     prov = {k: v for k, v in provenance.items() if k != "created"}
     files = []
@@ -57,7 +60,10 @@ def merge_key(cfg: RunConfig, fields: list[str], tables: list[Path], missing: li
             files.append([str(t), None, None])
             continue
         files.append([str(t), st.st_size, st.st_mtime_ns])
-    doc = {"version": __version__, "provenance": prov, "merge": cfg.merge.model_dump(mode="json"),
+    # the merge's own code and the schema's units and descriptions, which every output file carries: a re-run with
+    # either changed merges again (the merge steps' versions are in the provenance)
+    code = {"merge": MERGE_VERSION, "schema": hashlib.sha256(markdown().encode()).hexdigest()[:16]}
+    doc = {"version": __version__, "code": code, "provenance": prov, "merge": cfg.merge.model_dump(mode="json"),
            "plugins": list(cfg.plugins), "store": str(cfg.store_path), "fields": sorted(fields),
            "missing": sorted(missing), "tables": files}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()

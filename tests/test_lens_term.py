@@ -81,8 +81,9 @@ def test_a_lens_beyond_every_window_is_not_placed():
 
 def test_a_merge_step_version_is_in_the_provenance_and_makes_the_merge_key_change(monkeypatch):
     """A merge step's `version` (bumped when its code changes what it writes, as the lens term did the anomaly
-    step's) is in the run's provenance and its merge key: a re-run with the new code merges again instead of
-    keeping catalogs written by the old (flows/merge.py: published_summary compares the keys)."""
+    step's) is in the run's provenance and its merge key, and so are the merge's own code version and the schema's
+    text: a re-run with the new code merges again instead of keeping catalogs written by the old (flows/merge.py:
+    published_summary compares the keys)."""
     from types import SimpleNamespace
 
     from deepfield.catalogs.anomalies import AnomalyMerge
@@ -99,6 +100,17 @@ def test_a_merge_step_version_is_in_the_provenance_and_makes_the_merge_key_chang
     assert merge_key(cfg, ["f"], [], [], run_provenance(cfg, keys)) == before
     monkeypatch.setattr(AnomalyMerge, "version", "999")
     assert merge_key(cfg, ["f"], [], [], run_provenance(cfg, keys)) != before
+    monkeypatch.undo()
+    assert merge_key(cfg, ["f"], [], [], run_provenance(cfg, keys)) == before
+    # the merge's own code version and the schema's text (units, descriptions) are in the key too
+    import deepfield.catalogs.schema as schema
+    import deepfield.catalogs.steps as steps
+    monkeypatch.setattr(steps, "MERGE_VERSION", steps.MERGE_VERSION + "x")
+    assert merge_key(cfg, ["f"], [], [], prov) != before
+    monkeypatch.undo()
+    text = schema.markdown()
+    monkeypatch.setattr(schema, "markdown", lambda: text.replace("shape hint", "shape"))
+    assert merge_key(cfg, ["f"], [], [], prov) != before
 
 
 def test_the_merge_reads_the_lens_scores_of_the_flat_catalog_unless_told_not_to(tmp_path):
