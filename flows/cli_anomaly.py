@@ -1,5 +1,6 @@
-"""`deepfield train anomaly` and `deepfield eval anomaly`: the GAN anomaly scorer (models/anomaly_gan.py), its
-training on simulated normal fields and its evaluation on held-out fields with injected anomalies (registered on
+"""`deepfield train anomaly`, `deepfield eval anomaly` and `deepfield eval anomaly-list`: the GAN anomaly scorer
+(models/anomaly_gan.py), its training on simulated normal fields, its evaluation on held-out fields with injected
+anomalies, and a run's anomaly list scored against a simulation's truth (registered on
 flows/cli_models.py's command groups; flows/cli.py imports this module). The README's command reference mirrors
 every option."""
 from __future__ import annotations
@@ -102,3 +103,21 @@ def eval_anomaly(
     _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=field_size, seed=seed, steps=steps,
               workers=workers, device=device, refine=refine, refine_above=refine_above, full=full,
               precision=precision)
+
+
+@eval_app.command("anomaly-list")
+def eval_anomaly_list(
+    run_dir: Path = typer.Argument(..., help="a run directory (its catalogs/anomalies.parquet is scored)"),
+    truth: Path = typer.Option(..., help="the simulation's truth directory (anomalies.parquet, lenses.parquet), "
+                               "e.g. the `truth/` of `deepfield simulate --out`"),
+    top: int = typer.Option(100, min=1, help="the list's first candidates the `top` figures count"),
+    match_px: float = typer.Option(12.0, min=0, help="a candidate this many pixels from an injected anomaly "
+                                   "lists it"),
+    out: Path = typer.Option(None, help="write the figures as JSON here"),
+) -> None:
+    """Score a run's anomaly list against the simulation's injected anomalies: per type the fraction listed, the
+    fraction in the first `top` candidates and the median rank, and the fraction of the first `top` candidates
+    that lie on an injected anomaly (flows/evaluate/anomaly_list.py)."""
+    from deepfield.flows.evaluate.anomaly_list import format_list_report, score_list
+    _evaluate(lambda weights, **kw: score_list(**kw), format_list_report, None, out, run_dir=run_dir,
+              truth_dir=truth, top=top, match_px=match_px)

@@ -133,3 +133,4 @@ def test_the_merge_reads_the_lens_scores_of_the_flat_catalog_unless_told_not_to(
     n, stats = write_candidates(maps, flat, None, tmp_path / "b.parquet", tmp_path / "b.fits", 5.0, 100, 16,
                                 lens_term=False)
     assert n == 0 and stats["lens_windows"] == 0
+
