@@ -344,18 +344,19 @@ def build_candidates(maps: pd.DataFrame, sigma_cut: float, stride: float, source
                                 maps["model_peak"].to_numpy() if "model_peak" in maps.columns else None,
                                 maps["coarse"].to_numpy(bool) if "coarse" in maps.columns else None)
     sigma, ringed = ranked_sigma(sigma, maps["ring"].to_numpy() if "ring" in maps.columns else None)
-    if ringed.any():  # a window ranked by its ring term is placed at its ring's centre
-        maps = maps.copy()
-        for c in ("peak_x", "peak_y", "ra", "dec"):
-            maps.loc[ringed, c] = maps.loc[ringed, f"ring_{c.removeprefix('peak_')}"].to_numpy()
     lens, at = lens_term(maps, sources, stride)
     sigma, lensed = with_lens_term(sigma, lens)
     ringed &= ~lensed
     stats["ring_windows"], stats["lens_windows"] = int(ringed.sum()), int(lensed.sum())
-    if lensed.any():  # a window ranked by its lens term is placed at the lens candidate (the deflector's centre)
+    if ringed.any() or lensed.any():  # one copy of the windows for both placements
         maps = maps.copy()
         for c in ("peak_x", "peak_y", "ra", "dec"):
-            maps.loc[lensed, c] = sources[c.removeprefix("peak_")].to_numpy(float)[at[lensed]]
+            # a window ranked by its ring term is placed at its ring's centre, one ranked by its lens term at the
+            # lens candidate (the deflector's centre); windows without a ring term have no ring columns
+            if ringed.any():
+                maps.loc[ringed, c] = maps.loc[ringed, f"ring_{c.removeprefix('peak_')}"].to_numpy()
+            if lensed.any():
+                maps.loc[lensed, c] = sources[c.removeprefix("peak_")].to_numpy(float)[at[lensed]]
     rows = []
     for _, w in maps.assign(_sigma=sigma, _ring=ringed, _lens=lensed).groupby("field", sort=True):
         rows += _regions(w.reset_index(drop=True), w._sigma.to_numpy(), sigma_cut, grow, stride)

@@ -179,6 +179,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     import torch
 
     from deepfield.models.anomaly_gan import grid_scores
+    from deepfield.models.registry import choose_variant
     from deepfield.tasks.stages._anomaly_grid import extract, tile_inputs, tile_windows
     from deepfield.tasks.stages.background import BackgroundStage
     from deepfield.tasks.stages.registry import make_stage
@@ -191,14 +192,12 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     if weights:
         stage = AnomalyStage(steps=steps, weights=str(weights), precision=precision)
     else:  # the shipped weights the pipeline would run on these fields: the band-set variant with the most bands
-        from deepfield.models.registry import choose_variant
         stage = AnomalyStage(steps=steps, variant=choose_variant("anomaly_wgan", cfg.bands) or None,
                              precision=precision)
     refine = stage.refine if refine is None else refine
     refine_above = stage.refine_above if refine_above is None else refine_above
     stage.setup(device)  # the stage's own model, stamp size and bands
     # the lens term's lens candidates: the pipeline's detect, measure and lens stages, defaults, as a run has them
-    from deepfield.models.registry import choose_variant
     finders = [make_stage("detect"), make_stage("measure"),
                make_stage("lens", variant=choose_variant("lens_resnet", cfg.bands) or None)]
     for f in finders:

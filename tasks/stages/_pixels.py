@@ -150,6 +150,9 @@ def band_fwhm_pixels(tile) -> list[float | None]:
     return [float(f) / scale if f is not None and np.isfinite(f) and f > 0 and scale > 0 else None for f in fwhm]
 
 
+DEFAULT_FWHM_PX = 3.0  # the PSF FWHM (pixels) the stages assume where the tile gives none (fwhm_pixels's default)
+
+
 def fwhm_pixels(tile, default_px: float) -> float:
     """The tile's reference PSF FWHM in pixels: the largest known band FWHM, so that apertures and filters suit
     the worst-seeing band; `default_px` where no band has a FWHM."""

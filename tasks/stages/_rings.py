@@ -122,10 +122,7 @@ def depressions(s: np.ndarray, bad: np.ndarray, reach: int, min_depth: float, ri
     y, x = y + y0, x + x0
     if not len(y):
         return np.zeros(0), np.zeros(0), np.zeros(0)
-    ang = np.arange(RAYS) * (2 * np.pi / RAYS)
-    r = np.arange(1, reach + 1)
-    dy = np.rint(np.sin(ang)[:, None] * r[None]).astype(np.int64)  # (rays, reach)
-    dx = np.rint(np.cos(ang)[:, None] * r[None]).astype(np.int64)
+    dy, dx = _rays(reach)
     highs = s[y[:, None, None] + dy[None], x[:, None, None] + dx[None]].max(axis=2)  # (n, RAYS)
     lowest = highs.min(axis=1)
     keep = (lowest - s[y, x] >= min_depth) & (lowest >= rim) & (lowest >= EVEN * np.median(highs, axis=1))
@@ -136,6 +133,14 @@ def depressions(s: np.ndarray, bad: np.ndarray, reach: int, min_depth: float, ri
                   np.clip(x[:, None, None] + d[None, None, :], 0, nx - 1)].any(axis=(1, 2))
         y, x, lowest = y[ok], x[ok], lowest[ok]
     return x.astype(float), y.astype(float), (lowest - s[y, x]).astype(float)
+
+
+def _rays(reach: int) -> tuple[np.ndarray, np.ndarray]:
+    """(dy, dx), each (RAYS, reach) int: the pixel offsets of RAYS evenly spaced rays, 1 to `reach` px out."""
+    ang = np.arange(RAYS) * (2 * np.pi / RAYS)
+    r = np.arange(1, reach + 1)
+    return (np.rint(np.sin(ang)[:, None] * r[None]).astype(np.int64),
+            np.rint(np.cos(ang)[:, None] * r[None]).astype(np.int64))
 
 
 def ring_depth(x: np.ndarray, y: np.ndarray, depth: np.ndarray, y0: np.ndarray, x0: np.ndarray, size: int
@@ -159,10 +164,7 @@ def rims(s: np.ndarray, x: np.ndarray, y: np.ndarray, reach: int) -> tuple[np.nd
     minor axis, and a ray that meets a brighter neighbour beyond the ring goes past it)."""
     if not len(x):
         return np.zeros(0), np.zeros(0), np.zeros(0)
-    ang = np.arange(RAYS) * (2 * np.pi / RAYS)
-    r = np.arange(1, reach + 1)
-    dy = np.rint(np.sin(ang)[:, None] * r[None]).astype(np.int64)
-    dx = np.rint(np.cos(ang)[:, None] * r[None]).astype(np.int64)
+    dy, dx = _rays(reach)
     ny, nx = s.shape
     ray = np.arange(RAYS)[None]
     cx, cy = np.asarray(x, float), np.asarray(y, float)

@@ -78,7 +78,7 @@ from pydantic import Field
 
 from .. import maskbits
 from ._anomaly_grid import extract, refined, tile_inputs, tile_windows, window_stamps
-from ._pixels import filtered_snr, fwhm_pixels, gaussian_kernel, tile_detection_image
+from ._pixels import DEFAULT_FWHM_PX, filtered_snr, fwhm_pixels, gaussian_kernel, tile_detection_image
 from ._rings import rims, ring_depth, ring_search
 from .base import ModelStage, ModelStageConfig, StageConfig
 
@@ -88,7 +88,6 @@ NO_PIXEL = maskbits.NO_DATA | maskbits.ZERO_WEIGHT
 NOT_COUNTED = maskbits.SAT | maskbits.BLEED  # in the input, out of the score
 AUTOCAST = ("encoder", "generator", "critic.conv")  # the networks grid_scores calls (precision bfloat16)
 REFINE_ABOVE = 3.0  # 82 % of the grid's windows score less (`deepfield eval anomaly`, seed 20261125)
-DEFAULT_FWHM_PX = 3.0  # the detect stage's default_fwhm_px: the PSF FWHM where the tile gives none
 
 
 class AnomalyConfig(ModelStageConfig):
@@ -171,7 +170,7 @@ class AnomalyStage(ModelStage):
         if len(sources) == 0:
             return np.zeros(0, bool)
         self.require(sources, self.bands)
-        sigma_px = fwhm_pixels(tile, 3.0) / 2.3548
+        sigma_px = fwhm_pixels(tile, DEFAULT_FWHM_PX) / 2.3548
         size = sources["a"].to_numpy(float) / sigma_px
         ok = (self.snr(sources) >= self.min_snr) & (np.abs(size - 1) > self.point_tol)
         if "is_primary" in sources.columns:

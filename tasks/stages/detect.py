@@ -74,8 +74,8 @@ from pydantic import Field
 
 from .. import maskbits
 from ._learned_split import fill_thin_defects, network_box, saturated_seeds, split_by_peaks, thin_defects
-from ._pixels import (UNUSABLE, band_fwhm_pixels, configure_sep, filtered_snr, fwhm_pixels, gaussian_kernel,
-                      tile_detection_image)
+from ._pixels import (DEFAULT_FWHM_PX, UNUSABLE, band_fwhm_pixels, configure_sep, filtered_snr, fwhm_pixels,
+                      gaussian_kernel, tile_detection_image)
 from ._detect_table import COLUMNS, detections_table, empty_table, without_rows
 from ._sep_split import split_by_sep
 from .base import ModelStage, ModelStageConfig, StageConfig
@@ -129,7 +129,8 @@ class DetectConfig(ModelStageConfig):
                                          "none: the tile's PSF FWHM")
     deblend_filter_scale: float = Field(0.25, ge=0, description="FWHM of the deblending pass's Gaussian filter "
                                         "in units of the PSF FWHM (0: no filter)")
-    default_fwhm_px: float = Field(3.0, gt=0, description="PSF FWHM (pixels) assumed when the tile gives none")
+    default_fwhm_px: float = Field(DEFAULT_FWHM_PX, gt=0, description="PSF FWHM (pixels) assumed when the tile gives "
+                                   "none")
     merge_rings: bool = Field(True, description="a ring galaxy (an enclosed depression of the light with an even "
                               "rim: the anomaly stage's ring term) is one source: the detections of its footprint "
                               "within 1.2 ring radii of its centre are joined (tasks/stages/_ring_merge.py)")
@@ -152,11 +153,11 @@ class DetectStage(ModelStage):
     """
 
     name: ClassVar[str] = "detect"
-    # 11: a ring galaxy's detections joined (merge_rings); 10: the network over the part of the tile the core needs (the primary sources as before, the halo's own
-    # footprints kept whole); 9: a thin defect (interpolated for the network) no longer keeps a footprint from its
-    # peak's centre; 8: masked
-    # cores with bleed trails; 7: saturated regions seed sources; 6: a peak in a saturated star's masked
-    # core, ringed by its footprint, is the star's; 5: peak_centres
+    # 11: a ring galaxy's detections joined (merge_rings); 10: the network over the part of the tile the core
+    # needs (the primary sources as before, the halo's own footprints kept whole); 9: a thin defect (interpolated
+    # for the network) no longer keeps a footprint from its peak's centre; 8: masked cores with bleed trails;
+    # 7: saturated regions seed sources; 6: a peak in a saturated star's masked core, ringed by its footprint, is
+    # the star's; 5: peak_centres
     version: ClassVar[str] = "11"
     Config: ClassVar[type[StageConfig]] = DetectConfig
     models: ClassVar[tuple[str, ...]] = ("detect_net",)

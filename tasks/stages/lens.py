@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from ._pixels import UNUSABLE, centred_stamps, fwhm_pixels
+from ._pixels import DEFAULT_FWHM_PX, UNUSABLE, centred_stamps, fwhm_pixels
 from .base import ModelStage, ModelStageConfig, StageConfig
 
 __all__ = ["LensStage", "LensConfig"]
@@ -92,7 +92,7 @@ class LensStage(ModelStage):
         ref_band, blue_band = self.cut_bands()
         ref, blue = f"mag_auto_{ref_band}", f"mag_auto_{blue_band}"
         self.require(sources, [blue_band, ref_band])
-        sigma_px = fwhm_pixels(tile, 3.0) / 2.3548
+        sigma_px = fwhm_pixels(tile, DEFAULT_FWHM_PX) / 2.3548
         m = sources[ref].to_numpy(float)
         colour = sources[blue].to_numpy(float) - m
         ok = (m < self.max_mag) & (colour > self.min_colour) & (sources["a"].to_numpy(float) > self.min_size * sigma_px)

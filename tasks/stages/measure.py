@@ -71,7 +71,8 @@ from pydantic import Field, field_validator
 from .. import maskbits
 from ._gaap import FWHM_SIGMA as _FWHM_SIGMA
 from ._gaap import PIXEL_VAR, gaussian_aperture, moffat_weight, point_response  # noqa: F401 - re-exported
-from ._pixels import band_fwhm_pixels, band_pixels, configure_sep, fwhm_pixels, tile_detection_image
+from ._pixels import (DEFAULT_FWHM_PX, band_fwhm_pixels, band_pixels, configure_sep, fwhm_pixels,
+                      tile_detection_image)
 from .base import Stage, StageConfig
 
 __all__ = ["MeasureStage", "MeasureConfig", "magnitudes", "moffat_weight", "point_response"]
@@ -137,7 +138,8 @@ class MeasureConfig(StageConfig):
                                  "from the bright isolated stars of the field's central 2048^2 pixels, one for all "
                                  "its bands (tasks/stages/_psf_shape.py), once per field; a field with fewer than 8 "
                                  "such stars gets gaap_psf_beta")
-    default_fwhm_px: float = Field(3.0, gt=0, description="PSF FWHM (pixels) assumed when the tile gives none")
+    default_fwhm_px: float = Field(DEFAULT_FWHM_PX, gt=0, description="PSF FWHM (pixels) assumed when the tile gives "
+                                   "none")
 
     @field_validator("radii_fwhm", "radii_arcsec")
     @classmethod
