@@ -106,6 +106,8 @@ _SOURCES = [
     Column("z_phot_flag", "int16", "", "meta.code.qual", "photo-z bits: 1 reference-band S/N < 5, 2 broad (z_phot_err > 0.15 (1 + z_phot)), 4 a band missing, 8 no estimate (fewer than two bands)"),
     Column("lens_candidate", "bool", "", "meta.code.class", "lens_score above the lens stage's threshold"),
     Column("lens_score", "float32", "", "stat.probability", "lens finder's probability that the source is a strong lens (NaN: not scored)"),
+    Column("merger_candidate", "bool", "", "meta.code.class", "the source passed the merger stage's cuts (bright, resolved, primary)"),
+    Column("merger_score", "float32", "", "stat.probability", "merger finder's probability that the source is (a nucleus of) a merger with tidal tails (NaN: not scored)"),
     Column("anomaly_selected", "bool", "", "meta.code", "the source got a centred anomaly stamp (primary, unsaturated, extended, S/N >= min_snr)"),
     Column("anomaly_score", "float32", "", "stat.value", "local anomaly score of the centred stamp: 0.7 L_res + 0.3 L_feat of the worst region (NaN: not selected)"),
     Column("anomaly_score_paper", "float32", "", "stat.value", "Storey-Fisher et al. 2021 score: sums over all pixels and features"),
@@ -140,7 +142,7 @@ _ANOMALIES = [
     Column("extent_arcsec", "float64", "arcsec", "phys.angSize", "extent of the candidate's region"),
     Column("n_windows", "int64", "", "meta.number", "grid windows in the candidate's region"),
     Column("bands", "string", "", "instr.bandpass", "bands where the candidate shows, comma-separated"),
-    Column("shape", "string", "", "src.morph.type", "shape hint: ring, lens, point, linear or extended"),
+    Column("shape", "string", "", "src.morph.type", "shape hint: ring, lens, merger, point, linear or extended"),
     Column("source_id", "int64", "", "meta.id.cross", "the catalog source it coincides with; -1 none"),
     Column("source_anomaly_sigma", "float64", "", "stat.value;arith.ratio", "that source's own anomaly_sigma"),
 ]

@@ -1,4 +1,5 @@
-"""Training of the strong-lens classifier (`deepfield train lens`) on stamps it is given.
+"""Training of the strong-lens classifier (`deepfield train lens`), and of the merger classifier (`deepfield train
+merger`, the same network and loop on the merger finder's stamps), on stamps it is given.
 
 Data: the stamp sets of tasks.trainsets.lens_stamps (training and validation made from different seeds;
 the command line makes them). Training: binary cross-entropy on a class-balanced set (half lenses), AdamW
@@ -24,6 +25,7 @@ from .lens_cnn import LensResNet, preprocess, score
 from .progress import say
 
 MODEL = "lens_resnet"
+MERGER_MODEL = "merger_resnet"  # the same network trained on mergers against close pairs and other look-alikes
 
 
 def tpr_at_fp(scores: np.ndarray, labels: np.ndarray, n_fp: int) -> float:
@@ -46,8 +48,9 @@ def metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def train(tr: dict, va: dict, epochs: int = 10, batch: int = 128, lr: float = 2e-3, seed: int = 0,
-          device: str = "cpu", record: dict | None = None) -> tuple[dict, dict]:
-    """Train the lens classifier on the stamp sets `tr` and `va` (tasks.trainsets.lens_stamps.simulate_stamps:
+          device: str = "cpu", record: dict | None = None, model_name: str = MODEL) -> tuple[dict, dict]:
+    """Train the lens classifier (or, with `model_name` MERGER_MODEL, the merger classifier: the same network
+    on the merger finder's stamps) on the stamp sets `tr` and `va` (tasks.trainsets.lens_stamps.simulate_stamps:
     images, sigma, label); returns the training record (`record`, the data's description, with the
     architecture, settings and history added) and the weights (state dict)."""
     torch.manual_seed(seed)
@@ -85,7 +88,7 @@ def train(tr: dict, va: dict, epochs: int = 10, batch: int = 128, lr: float = 2e
         history.append(dict(epoch=ep + 1, train_loss=total / n_train, val_loss=vl, val_auroc=m["auroc"]))
         say(f"epoch {ep + 1}/{epochs}: train loss {total / n_train:.4f}  val loss {vl:.4f}  "
              f"val AUROC {m['auroc']:.4f}  ({time.perf_counter() - t1:.0f} s)")
-    record = dict(record or {}, model=MODEL, arch=arch, seed=seed, epochs=epochs, batch=batch, lr=lr,
+    record = dict(record or {}, model=model_name, arch=arch, seed=seed, epochs=epochs, batch=batch, lr=lr,
                   history=history, train_seconds=round(time.perf_counter() - t1, 1), torch=torch.__version__,
                   device=device)
     return record, model.state_dict()

@@ -66,7 +66,8 @@ def test_protocol_and_registry():
         st = make_stage(name)
         assert isinstance(st, Stage) and st.name == name and isinstance(st.version, str)
         st.setup("cpu")
-    assert set(STAGES) == {"anomaly", "background", "cluster", "deblend", "detect", "lens", "measure", "photoz"}
+    assert set(STAGES) == {"anomaly", "background", "cluster", "deblend", "detect", "lens", "measure", "merger",
+                           "photoz"}
     assert make_stage("detect", thresh=3.0).thresh == 3.0
     with pytest.raises(ValueError, match="known stages: anomaly, background, cluster, deblend, detect, lens, measure"):
         make_stage("no-such-stage")

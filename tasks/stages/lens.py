@@ -36,21 +36,26 @@ from pydantic import Field
 from ._pixels import DEFAULT_FWHM_PX, UNUSABLE, centred_stamps, fwhm_pixels
 from .base import ModelStage, ModelStageConfig, StageConfig
 
-__all__ = ["LensStage", "LensConfig"]
+__all__ = ["LensStage", "LensConfig", "CandidateStampConfig"]
 
 
-class LensConfig(ModelStageConfig):
+class CandidateStampConfig(ModelStageConfig):
+    """What the lens and merger stages share: the candidates' magnitude and size cuts and the network's batch and
+    arithmetic."""
     max_mag: float = Field(22.5, description="candidates are brighter than this AUTO magnitude in ref_band")
-    min_colour: float = Field(1.0, description="candidates are redder than this in blue_band - ref_band, mag")
     min_size: float = Field(1.3, gt=0, description="candidates have a > min_size x the PSF sigma (not stars)")
-    ref_band: Optional[str] = Field(None, description="reference band of the magnitude and colour cuts (default: i, "
-                                    "or the reddest band of the weights without i)")
-    blue_band: Optional[str] = Field(None, description="blue band of the colour cut (default: g, or the bluest band "
-                                     "of the weights without g)")
+    ref_band: Optional[str] = Field(None, description="reference band of the candidate cuts (default: i, or the "
+                                    "reddest band of the weights without i)")
     batch: int = Field(256, ge=1, description="stamps per inference batch")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="the network's arithmetic on a CPU: 'auto', bfloat16 (torch.autocast) where the CPU "
         "computes it natively (AVX512-BF16 or AMX), else float32")
+
+
+class LensConfig(CandidateStampConfig):
+    min_colour: float = Field(1.0, description="candidates are redder than this in blue_band - ref_band, mag")
+    blue_band: Optional[str] = Field(None, description="blue band of the colour cut (default: g, or the bluest band "
+                                     "of the weights without g)")
 
 
 class LensStage(ModelStage):
@@ -61,6 +66,7 @@ class LensStage(ModelStage):
     reads: ClassVar[tuple[str, ...]] = ("mag_auto_{band}", "a", "x_tile", "y_tile")
     adds: ClassVar[tuple[str, ...]] = ("lens_candidate", "lens_score")
     merge_step: ClassVar[str] = "deepfield.catalogs.lenses:LensMerge"
+    columns: ClassVar[tuple[str, str]] = ("lens_candidate", "lens_score")  # (passed the cuts, score)
 
     def cut_bands(self) -> tuple[str, str]:
         """(reference band, blue band) of the deflector cuts: as configured, else i and g when the weights take
@@ -111,7 +117,7 @@ class LensStage(ModelStage):
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
         self.ensure_setup()
-        from deepfield.models.lens_cnn import score
+        from deepfield.models.lens_cnn import score  # the merger stage (merger.py) runs the same network
         out = sources.copy()
         cand = self.candidates(tile, sources)
         scores = np.full(len(sources), np.nan, np.float32)
@@ -121,6 +127,6 @@ class LensStage(ModelStage):
             y = sources["y_tile"].to_numpy(float)[cand]
             st, sg = self.stamps(tile, x, y)
             scores[cand] = score(self.model, st, sg, batch=self.inference_batch(), device=self.device)
-        out["lens_candidate"] = cand
-        out["lens_score"] = scores
+        out[self.columns[0]] = cand
+        out[self.columns[1]] = scores
         return out

@@ -24,13 +24,15 @@ from .deblend import DeblendStage
 from .detect import DetectStage
 from .lens import LensStage
 from .measure import MeasureStage
+from .merger import MergerStage
 from .photoz import PhotoZStage
 
 __all__ = ["STAGES", "DEFAULT_STAGES", "make_stage", "stage_class", "register_stage", "load_plugins",
            "check_order", "check_upstream", "check_bands", "resolve_bands", "BandError"]
 
 STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (
-    BackgroundStage, DetectStage, MeasureStage, DeblendStage, PhotoZStage, LensStage, ClusterStage, AnomalyStage)}
+    BackgroundStage, DetectStage, MeasureStage, DeblendStage, PhotoZStage, LensStage, MergerStage, ClusterStage,
+    AnomalyStage)}
 
 # the order the runner uses when the configuration names no stages (the merge steps run in this order too)
 DEFAULT_STAGES: list[str] = ["background", "detect", "measure", "deblend", "photoz", "lens", "cluster", "anomaly"]

@@ -1,9 +1,11 @@
-"""Multi-band stamps of strong lenses and of look-alike non-lenses, for training and evaluating the lens
-finder (`deepfield train lens`, `deepfield eval lens`).
+"""Multi-band stamps of strong lenses, of mergers and of their look-alikes, for training and evaluating the
+lens finder (`deepfield train lens`, `deepfield eval lens`) and the merger finder (`deepfield train merger`,
+`deepfield eval merger`).
 
 Every stamp is `size` x `size` pixels in each band, centred (to within half a pixel) on a galaxy that
-the lens stage would take for a candidate deflector, with Gaussian sky noise of the configured depth.
-Kinds (label 1 for "lens", 0 for the rest):
+the lens (or merger) stage would take for a candidate, with Gaussian sky noise of the configured depth.
+Kinds (label 1 for the configuration's `positive` kind, "lens" by default and "merger" for the merger
+finder's `merger_config()`, 0 for the rest):
 
 - lens: an SIE + external shear deflector (the simulator's lens population, tasks.sim.lensing:
   Faber-Jackson red ellipticals, z_d 0.2-0.8) lensing a compact blue Sersic source; Einstein radius in
@@ -14,6 +16,8 @@ Kinds (label 1 for "lens", 0 for the rest):
 - spiral: a red bulge in a disk with 2-3 blue logarithmic spiral arms (mimics arcs).
 - ring: a ring galaxy (tasks.sim.anomalies.sample_ring_galaxy: blue knotted ring round a red nucleus).
 - merger: two merging galaxies with tidal tails (tasks.sim.anomalies.sample_merger).
+- pair: the same two galaxies drawn without their tails (the merger finder's hardest negative: a close
+  pair seen in projection, or a merger whose tails are too faint to see).
 - field: a field galaxy of either type (tasks.sim.population.make_galaxy), i 18-22.
 
 Any stamp may also hold an unrelated field galaxy somewhere in it (`neighbour_rate`).
@@ -40,7 +44,7 @@ from typing import Callable
 import galsim
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 from scipy.signal import fftconvolve
 
 from .. import astro
@@ -52,12 +56,14 @@ from ..sim.sources import mag_to_flux, pa_to_beta
 from .stamp_survey import StampSurvey
 
 CHUNK = 64  # stamps per random stream: the unit of reproducibility and of work per process
-KINDS = ("lens", "lone_red", "red_blue_companion", "spiral", "ring", "merger", "field")
+KINDS = ("lens", "lone_red", "red_blue_companion", "spiral", "ring", "merger", "pair", "field")
 _OVERSAMPLE = 6
 
 
 class StampConfig(StampSurvey):
-    """What a set of lens-finder stamps looks like (see the module docstring)."""
+    """What a set of lens-finder (or merger-finder) stamps looks like (see the module docstring)."""
+
+    positive: str = Field("lens", description="the kind labelled 1: lens (the lens finder) or merger")
 
     theta_e: tuple[float, float] = Field((0.8, 3.0), description="Einstein radius range, arcsec")
     src_mag: tuple[float, float] = Field((22.0, 25.5), description="unlensed source magnitude range (reference band)")
@@ -66,10 +72,44 @@ class StampConfig(StampSurvey):
                                  "merger": 0.05, "field": 0.15},
         description="relative frequency of each non-lens kind")
     neighbour_rate: float = Field(0.3, ge=0, le=1, description="probability of an unrelated galaxy in a stamp")
+    neighbours: int = Field(1, ge=0, le=10, description="unrelated galaxies tried per stamp, each present with "
+                            "probability neighbour_rate")
+    neighbour_min_r: float = Field(3.5, ge=0, description="unrelated galaxies lie at least this far from the "
+                                   "centre, arcsec")
+    field_mag: tuple[float, float] = Field((18.0, 22.0), description="reference-band magnitude range of the field "
+                                           "galaxies (kind field)")
+    nucleus_centred: float = Field(0.0, ge=0, le=1, description="probability that a merger or pair stamp is "
+                                   "centred on one of its two nuclei (as when detection splits them) rather than on "
+                                   "their flux-weighted barycentre")
+
+    @model_validator(mode="after")
+    def _kinds_known(self) -> "StampConfig":
+        unknown = [k for k in [self.positive, *self.negatives] if k not in KINDS]
+        if unknown:
+            raise ValueError(f"unknown stamp kind(s) {', '.join(map(repr, unknown))}; known: {', '.join(KINDS)}")
+        if self.positive in self.negatives:
+            raise ValueError(f"the positive kind {self.positive!r} is also among the negatives")
+        if not self.negatives or min(self.negatives.values()) < 0 or sum(self.negatives.values()) <= 0:
+            raise ValueError("negatives: give each non-positive kind a frequency >= 0, not all 0")
+        return self
 
     def shifted(self) -> "StampConfig":
         """The evaluation's shifted configuration: 30% wider PSF and 0.7 mag shallower."""
         return self.model_copy(update={"psf_scale": self.psf_scale * 1.3, "depth_offset": self.depth_offset - 0.7})
+
+
+def merger_config(**kw) -> StampConfig:
+    """The merger finder's stamps: mergers are the positives; close pairs without tails (25 %), field
+    galaxies of i 18-23 (35 %: the merger stage's candidates reach i 22.5), spirals, ring galaxies, red galaxies
+    alone or with blue companions, and lenses the negatives; up to three unrelated neighbours per stamp, 2" or
+    more from its centre (each with probability 0.4: a field's bright galaxy has about one within the stamp); half of the merger and pair
+    stamps centred on a nucleus. A first training with the lens finder's negatives (field galaxies to i 22, one
+    neighbour at most) scored 31 % of a simulated field's candidates above 0.5, mostly single galaxies of
+    i 21.5-22.5 with a neighbour, fainter than any of its negatives."""
+    negatives = {"pair": 0.25, "field": 0.35, "spiral": 0.1, "ring": 0.05, "lone_red": 0.1,
+                 "red_blue_companion": 0.1, "lens": 0.05}
+    return StampConfig(**dict(dict(positive="merger", negatives=negatives, nucleus_centred=0.5, neighbours=3,
+                                   neighbour_rate=0.4, neighbour_min_r=2.0, field_mag=(18.0, 23.0)), **kw))
 
 
 def arc_map(p: LensParams, n: int, scale: float, dx: float = 0.0, dy: float = 0.0) -> tuple[np.ndarray, float]:
@@ -162,8 +202,8 @@ def _one_stamp(kind: str, cfg: StampConfig, rng: np.random.Generator, bp: dict[s
     r = _Renderer(cfg, rng)
     zp, s = cfg.zeropoint, cfg.pixel_scale
     dx, dy = (float(v) for v in rng.uniform(-0.5, 0.5, 2) * s)  # the candidate centre is the nearest pixel
-    meta = dict(kind=kind, label=int(kind == "lens"), theta_e=np.nan, arc_snr=np.nan, src_mag=np.nan,
-                magnification=np.nan, defl_mag=np.nan)
+    meta = dict(kind=kind, label=int(kind == cfg.positive), theta_e=np.nan, arc_snr=np.nan, src_mag=np.nan,
+                magnification=np.nan, defl_mag=np.nan, mag=np.nan, separation=np.nan)
     if kind in ("lens", "lone_red", "red_blue_companion"):
         p = _deflector(rng, cfg, bp)
         system = LensSystem(id=0, params=p, pixel_scale=s)
@@ -200,45 +240,59 @@ def _one_stamp(kind: str, cfg: StampConfig, rng: np.random.Generator, bp: dict[s
     elif kind == "ring":
         g = sample_ring_galaxy(rng, 0, 0.0, 0.0, bp, cfg.reference_band)
         r.nopsf(lambda b: g.profile(b, zp), dx, dy)
-    elif kind == "merger":
+    elif kind in ("merger", "pair"):
         g = sample_merger(rng, 0, 0.0, 0.0, bp, cfg.reference_band)
-        r.nopsf(lambda b: g.profile(b, zp), dx, dy)
+        if rng.uniform() < cfg.nucleus_centred:  # the stamp centred on one nucleus
+            ox, oy = (g.dx1, g.dy1) if rng.uniform() < 0.5 else (g.dx2, g.dy2)
+            dx, dy = dx - ox, dy - oy
+        if kind == "merger":
+            r.nopsf(lambda b: g.profile(b, zp), dx, dy)
+            meta["mag"] = g.mag[cfg.reference_band]
+        else:
+            r.analytic(lambda b: galsim.Add([g.gal1.profile(b, zp).shift(g.dx1, g.dy1),
+                                             g.gal2.profile(b, zp).shift(g.dx2, g.dy2)]), dx, dy)
+            meta["mag"] = float(-2.5 * np.log10(10 ** (-0.4 * g.gal1.mag[cfg.reference_band])
+                                                + 10 ** (-0.4 * g.gal2.mag[cfg.reference_band])))
+        meta["separation"] = g.separation
     elif kind == "field":
         sim = SimConfig(bands=cfg.bands, reference_band=cfg.reference_band)
         red = bool(rng.uniform() < 0.5)
-        g = make_galaxy(rng, 0, 0.0, 0.0, float(rng.uniform(18.0, 22.0)), float(rng.uniform(0.1, 0.8)), red, sim, bp)
+        g = make_galaxy(rng, 0, 0.0, 0.0, float(rng.uniform(*cfg.field_mag)), float(rng.uniform(0.1, 0.8)), red, sim,
+                        bp)
         r.analytic(lambda b: g.profile(b, zp), dx, dy)
     else:
         raise ValueError(f"unknown stamp kind {kind!r}; known: {', '.join(KINDS)}")
-    if rng.uniform() < cfg.neighbour_rate:
+    for _ in range(cfg.neighbours):
+        if rng.uniform() >= cfg.neighbour_rate:
+            continue
         sim = SimConfig(bands=cfg.bands, reference_band=cfg.reference_band)
         g = make_galaxy(rng, 0, 0.0, 0.0, float(rng.uniform(19.0, 24.5)), float(rng.uniform(0.1, 1.5)),
                         bool(rng.uniform() < 0.4), sim, bp)
         half = r.n * s / 2
         pos = rng.uniform(-half, half, 2)
-        if np.hypot(*pos) > 3.5:  # outside the region where arcs live
+        if np.hypot(*pos) > cfg.neighbour_min_r:  # the lens finder's: outside the region where arcs live
             r.analytic(lambda b: g.profile(b, zp), float(pos[0]), float(pos[1]))
     sigma = np.array([cfg.noise_sigma(b, r.fwhm[b]) for b in cfg.bands])
     noisy = r.image + rng.normal(size=r.image.shape) * sigma[:, None, None]
     return noisy.astype(np.float32), sigma.astype(np.float32), meta
 
 
-def _kinds(n: int, lens_fraction: float, cfg: StampConfig, rng: np.random.Generator) -> list[str]:
+def _kinds(n: int, positive_fraction: float, cfg: StampConfig, rng: np.random.Generator) -> list[str]:
     names = list(cfg.negatives)
     w = np.array([cfg.negatives[k] for k in names], float)
     out = []
     for _ in range(n):
-        out.append("lens" if rng.uniform() < lens_fraction else str(names[rng.choice(len(names), p=w / w.sum())]))
+        out.append(cfg.positive if rng.uniform() < positive_fraction else str(names[rng.choice(len(names), p=w / w.sum())]))
     return out
 
 
 def _chunk(args) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    seed, index, count, lens_fraction, cfg_json = args
+    seed, index, count, positive_fraction, cfg_json = args
     cfg = StampConfig.model_validate_json(cfg_json)
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     bp = cfg.bandpasses()
     imgs, sigs, metas = [], [], []
-    for kind in _kinds(count, lens_fraction, cfg, rng):
+    for kind in _kinds(count, positive_fraction, cfg, rng):
         im, sg, meta = _one_stamp(kind, cfg, rng, bp)
         imgs.append(im)
         sigs.append(sg)
@@ -246,17 +300,18 @@ def _chunk(args) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     return np.stack(imgs), np.stack(sigs), metas
 
 
-def simulate_stamps(n: int, lens_fraction: float, seed: int, cfg: StampConfig | None = None,
+def simulate_stamps(n: int, positive_fraction: float, seed: int, cfg: StampConfig | None = None,
                     workers: int = 1, progress: Callable[[int, int], None] | None = None) -> dict:
-    """`n` stamps, each a lens with probability `lens_fraction`. Returns dict(images float32 (n, bands,
-    size, size), sigma float32 (n, bands) sky noise per band, label int8 (n,), meta DataFrame with kind,
-    theta_e, arc_snr (matched-filter S/N of the arcs alone in their best band), src_mag, magnification,
-    defl_mag)."""
-    if n < 1 or not 0 <= lens_fraction <= 1:
-        raise ValueError(f"need n >= 1 and 0 <= lens_fraction <= 1, got {n}, {lens_fraction}")
+    """`n` stamps, each of the configuration's positive kind (a lens by default) with probability
+    `positive_fraction`. Returns dict(images float32 (n, bands, size, size), sigma float32 (n, bands) sky noise
+    per band, label int8 (n,), meta DataFrame with kind, theta_e, arc_snr (matched-filter S/N of the arcs alone
+    in their best band), src_mag, magnification, defl_mag, and for mergers and pairs mag (reference-band total)
+    and separation (of the nuclei, arcsec))."""
+    if n < 1 or not 0 <= positive_fraction <= 1:
+        raise ValueError(f"need n >= 1 and 0 <= positive_fraction <= 1, got {n}, {positive_fraction}")
     cfg = cfg or StampConfig()
     cfg.check_bands()
-    jobs = [(seed, k, min(CHUNK, n - k * CHUNK), lens_fraction, cfg.model_dump_json())
+    jobs = [(seed, k, min(CHUNK, n - k * CHUNK), positive_fraction, cfg.model_dump_json())
             for k in range((n + CHUNK - 1) // CHUNK)]
     parts = []
     if workers <= 1:
@@ -275,7 +330,7 @@ def simulate_stamps(n: int, lens_fraction: float, seed: int, cfg: StampConfig | 
                 label=meta["label"].to_numpy(np.int8), meta=meta)
 
 
-TRAIN_SEED_OFFSET, VAL_SEED_OFFSET = 1, 2  # stamps of `deepfield train lens --seed S`: seeds S*1000 + these
+TRAIN_SEED_OFFSET, VAL_SEED_OFFSET = 1, 2  # stamps of `deepfield train lens|merger --seed S`: seeds S*1000 + these
 
 
 def count_lines(what: str, say: Callable[[str], None], every: float = 10.0) -> Callable[[int, int], None]:
@@ -294,12 +349,12 @@ def count_lines(what: str, say: Callable[[str], None], every: float = 10.0) -> C
 
 def training_sets(n_train: int, n_val: int, seed: int, cfg: StampConfig | None = None, workers: int = 2,
                   say: Callable[[str], None] = lambda msg: None) -> tuple[dict, dict, float]:
-    """The lens finder's training and validation stamps (half lenses each, seeds seed*1000 + 1 and + 2) and
-    the seconds it took to make them."""
+    """The lens (or merger) finder's training and validation stamps (half of them the configuration's positive
+    kind, seeds seed*1000 + 1 and + 2) and the seconds it took to make them."""
     import time
     cfg = cfg or StampConfig()
     t0 = time.perf_counter()
-    say(f"simulating {n_train} training and {n_val} validation stamps (half lenses) ...")
+    say(f"simulating {n_train} training and {n_val} validation stamps (half {cfg.positive}s) ...")
     tr = simulate_stamps(n_train, 0.5, seed * 1000 + TRAIN_SEED_OFFSET, cfg, workers, count_lines("training", say))
     va = simulate_stamps(n_val, 0.5, seed * 1000 + VAL_SEED_OFFSET, cfg, workers, count_lines("validation", say))
     return tr, va, time.perf_counter() - t0

@@ -29,8 +29,9 @@ import time
 
 import numpy as np
 
-MODELS = ("lens_resnet", "deblend_unet", "anomaly_wgan", "cluster_net", "detect_net", "photoz_cnn")
-STAGE_OF = {"lens_resnet": "lens", "deblend_unet": "deblend", "anomaly_wgan": "anomaly", "photoz_cnn": "photoz"}
+MODELS = ("lens_resnet", "merger_resnet", "deblend_unet", "anomaly_wgan", "cluster_net", "detect_net", "photoz_cnn")
+STAGE_OF = {"lens_resnet": "lens", "merger_resnet": "merger", "deblend_unet": "deblend", "anomaly_wgan": "anomaly",
+            "photoz_cnn": "photoz"}
 
 
 def sky(rng, n: int, c: int, s: int, sources: int) -> np.ndarray:
@@ -61,7 +62,7 @@ def case(name: str, device: str, batch: int, n: int, tiles: int, tile_size: int,
     from deepfield.models import inference
     from deepfield.models.registry import create_model
     model = create_model(name, device="cpu", mixed_precision=False)
-    if name == "lens_resnet":
+    if name in ("lens_resnet", "merger_resnet"):  # one network, two trainings
         from deepfield.models.lens_cnn import score
         c = first_conv_channels(model)
         x = sky(rng, n, c, 48, 2)
