@@ -82,15 +82,16 @@ def write_anomaly_list(flat_dir: Path, store_path: Path | None, table_path: Path
 
 def write_candidates(maps: list[Path], flat_dir: Path, store_path: Path | None, table_path: Path, stamps_path: Path,
                      sigma_cut: float, top: int, stride: float, stamp: int = 64, sigma_grow: float | None = None,
-                     lens_term: bool = True) -> tuple[int, dict]:
+                     lens_term: bool = True, merger_term: bool = True) -> tuple[int, dict]:
     """Write the ranked anomaly candidates of the grid (catalogs/anomaly_candidates.py) with sigma >= sigma_cut,
-    at most `top`, and their stamps; returns their number and the windows' statistics. lens_term false: the
-    catalog's lens scores are not read (no lens term)."""
+    at most `top`, and their stamps; returns their number and the windows' statistics. lens_term (merger_term)
+    false: the catalog's lens (merger) scores are not read (no lens or merger term)."""
     from .anomaly_candidates import build_candidates
     windows = pd.concat([pd.read_parquet(f) for f in maps], ignore_index=True)
     ds = pads.dataset(flat_dir, format="parquet")
     cols = [c for c in ("source_id", "field", "ra", "dec", "x", "y", "anomaly_sigma")
-            + (("lens_score",) if lens_term else ()) if c in ds.schema.names]
+            + (("lens_score",) if lens_term else ()) + (("merger_score",) if merger_term else ())
+            if c in ds.schema.names]
     sources = ds.to_table(columns=cols, filter=pads.field("is_primary_field")).to_pandas()
     cand, stats = build_candidates(windows, sigma_cut, stride, sources, sigma_grow=sigma_grow)
     stats["candidates"] = int(len(cand))
@@ -114,12 +115,14 @@ class AnomalyMergeConfig(MergeStepConfig):
     lens_term: bool = Field(True, description="rank the lens stage's candidates (lens_score >= 0.5) among the grid's "
                             "windows, shape hint 'lens' (catalogs/anomaly_candidates.py); false: the grid's own "
                             "scores and ring term alone")
+    merger_term: bool = Field(True, description="rank the merger stage's candidates (merger_score >= 0.5) among the "
+                              "grid's windows, shape hint 'merger' (catalogs/anomaly_candidates.py); false: not")
 
 
 class AnomalyMerge(MergeStep):
     stage: ClassVar[str] = "anomaly"
     Config: ClassVar[type[MergeStepConfig]] = AnomalyMergeConfig
-    version: ClassVar[str] = "2"  # 2: the lens term (catalogs/anomaly_candidates.py)
+    version: ClassVar[str] = "3"  # 2: the lens term; 3: the merger term (catalogs/anomaly_candidates.py)
 
     stats: dict | None = None
 
@@ -135,7 +138,8 @@ class AnomalyMerge(MergeStep):
             stride = float(getattr(self.stage_config, "stride", 16))
             n, wstats = write_candidates(maps, flat_dir, ctx.store_path, staging / ANOMALY_TABLE,
                                          staging / ANOMALY_STAMPS, self.config.sigma_cut, self.config.top, stride,
-                                         self.config.stamp, self.config.sigma_grow, self.config.lens_term)
+                                         self.config.stamp, self.config.sigma_grow, self.config.lens_term,
+                                         self.config.merger_term)
             files = {"anomalies": ANOMALY_TABLE}
             if ctx.store_path is not None:
                 files["anomaly_stamps"] = ANOMALY_STAMPS

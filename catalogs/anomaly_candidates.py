@@ -39,6 +39,14 @@ high-scoring windows, each listed once however many windows, tiles or fields cov
   2.2e-4, 6.2e-5 and 1.6e-5, where the normal windows' sigma quantiles are 13.6 and 11.3 (the two pairs), 15.2
   and 13.6, 15.3 and 14.5: LENS_SIGMA is their mean. With it the lenses above the normal windows' 99th
   percentile went 0.23 -> 1.00 and 0.17 -> 0.92, in the top 1 % of all windows 0.00 -> 0.92 (both pairs).
+- the merger term: the same for the merger stage's candidates (tasks/stages/merger.py: `merger_score` >=
+  MERGER_MIN_SCORE, 0.5), with MERGER_SIGMA and the shape hint "merger": mergers with tidal tails are the other
+  anomaly the generator's residual does not see (above the normal windows' 99th percentile 0.00-0.31 of them by
+  the sigma-score). A window both terms reach takes the larger. Calibrated as the lens term, on the same two
+  pairs of fields run with the shipped weights of 2026-12-06: of the candidates at >= 0.5, 0.9, 0.99, 14 / 2 / 0
+  and 19 / 4 / 1 were false (26 and 36 candidates, 12 and 17 on a merger), where the normal windows' sigma
+  quantiles are 10.3 / 15.2 / 15.4 and 7.2 / 11.8 / 14.4 (a rate under one false candidate taken as half of
+  one); MERGER_SIGMA is their mean, held above 0.99.
 - regions: in each field, the windows of sigma >= `sigma_grow` (default half of `sigma_cut`) connected through
   their grid neighbours (eight around each; tasks/stages/_anomaly_grid.py's grid is the field's, so a region
   crossing a tile boundary is one region) that hold at least one window of sigma >= `sigma_cut`: the cut finds
@@ -59,7 +67,7 @@ high-scoring windows, each listed once however many windows, tiles or fields cov
   all three trails (1), 9 of 12 ring galaxies (7), and the first 100 candidates are all true anomalies (95).
 - across fields: regions of overlapping fields within (extent_a + extent_b) / 2 + `match_arcsec` of each other
   on the sky are one candidate (the highest sigma kept, bands and window counts joined).
-- shape hint: "ring" and "lens" (above); "point" when the windows' worst pixels all lie within 3 px of the peak's (one
+- shape hint: "ring", "lens" and "merger" (above); "point" when the windows' worst pixels all lie within 3 px of the peak's (one
   feature seen by every window: a cosmic ray, a hot pixel cluster, a compact galaxy), "linear" when they spread
   along one direction (the second-moment axis ratio >= 4 over at least two grid steps: a trail), "extended"
   otherwise.
@@ -68,6 +76,8 @@ high-scoring windows, each listed once however many windows, tiles or fields cov
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
@@ -75,8 +85,9 @@ from scipy.spatial import cKDTree
 from deepfield.tasks.astro import unit_vectors
 from deepfield.tasks.stages._rings import RING_OFFSET
 
-__all__ = ["CANDIDATE_COLUMNS", "LENS_MIN_SCORE", "build_candidates", "lens_sigma", "lens_term", "ranked_sigma",
-           "window_sigma", "with_lens_term"]
+__all__ = ["CANDIDATE_COLUMNS", "LENS_MIN_SCORE", "LENS_TERM", "MERGER_MIN_SCORE", "MERGER_TERM", "SCORE_TERMS",
+           "ScoreTerm", "build_candidates", "lens_sigma", "lens_term", "ranked_sigma", "score_term", "window_sigma",
+           "with_lens_term"]
 
 CANDIDATE_COLUMNS = ("anomaly_rank", "field", "ra", "dec", "x", "y", "anomaly_sigma", "score", "score_paper",
                      "extent_arcsec", "n_windows", "bands", "shape", "source_id", "source_anomaly_sigma")
@@ -85,6 +96,9 @@ CANDIDATE_COLUMNS = ("anomaly_rank", "field", "ra", "dec", "x", "y", "anomaly_si
 LENS_MIN_SCORE = 0.5  # the lens merge step's default threshold: lens candidates from this score up
 # the lens term's calibration: (lens_score, sigma) points, interpolated in logit(lens_score) (module docstring)
 LENS_SIGMA = ((0.5, 12.5), (0.99, 14.4), (0.999, 14.9))
+MERGER_MIN_SCORE = 0.5  # merger candidates from this merger_score up
+# the merger term's calibration: (merger_score, sigma) points, as the lens term's (module docstring)
+MERGER_SIGMA = ((0.5, 8.7), (0.9, 13.5), (0.99, 14.9))
 MAX_BINS = 20  # brightness bins of the sigma-scores (module docstring)
 MIN_BIN = 500  # windows per bin at least: fewer windows, fewer bins; under 2 x MIN_BIN, no bins
 
@@ -144,26 +158,53 @@ def ranked_sigma(sigma: np.ndarray, ring: np.ndarray | None) -> tuple[np.ndarray
     return np.where(wins, r, sigma), wins
 
 
+@dataclass(frozen=True)
+class ScoreTerm:
+    """A stage's per-source probability ranked among the windows (module docstring: the lens and merger terms):
+    the catalog column, the lowest score that counts, the (score, sigma) calibration points interpolated in
+    logit(score), and the shape hint of a candidate ranked by it."""
+    column: str
+    min_score: float
+    table: tuple[tuple[float, float], ...]
+    hint: str
+
+    def sigma(self, score: np.ndarray) -> np.ndarray:
+        """The term's sigma of scores: the table interpolated in logit(score), held at its ends; NaN below
+        min_score or for no score."""
+        p = np.asarray(score, np.float64)
+        ok = np.isfinite(p) & (p >= self.min_score)
+        q = np.clip(np.where(ok, p, 0.5), 1e-7, 1 - 1e-7)
+        at, val = np.array(self.table).T
+        return np.where(ok, np.interp(np.log(q / (1 - q)), np.log(at / (1 - at)), val), np.nan)
+
+
+LENS_TERM = ScoreTerm("lens_score", LENS_MIN_SCORE, LENS_SIGMA, "lens")
+MERGER_TERM = ScoreTerm("merger_score", MERGER_MIN_SCORE, MERGER_SIGMA, "merger")
+SCORE_TERMS = (LENS_TERM, MERGER_TERM)
+
+
 def lens_sigma(score: np.ndarray) -> np.ndarray:
     """The lens term's sigma of lens scores (module docstring): LENS_SIGMA interpolated in logit(score), held at
     its ends; NaN below LENS_MIN_SCORE or for no score."""
-    p = np.asarray(score, np.float64)
-    ok = np.isfinite(p) & (p >= LENS_MIN_SCORE)
-    q = np.clip(np.where(ok, p, 0.5), 1e-7, 1 - 1e-7)
-    at, val = np.array(LENS_SIGMA).T
-    return np.where(ok, np.interp(np.log(q / (1 - q)), np.log(at / (1 - at)), val), np.nan)
+    return LENS_TERM.sigma(score)
 
 
 def lens_term(maps: pd.DataFrame, sources: pd.DataFrame | None, stride: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per window of `maps` (field, x, y: its centre, field pixels), the lens term's sigma (NaN for none) and the
-    row of `sources` (field, x, y, lens_score) it comes from (-1 for none): each source of lens_score >=
-    LENS_MIN_SCORE goes to the window whose centre is nearest it, if that window holds it (no more than `stride`,
-    half a window, from its centre on either axis; the stage's coarse windows alone hold every pixel so); a
-    window given several keeps the highest."""
+    """score_term with the lens term."""
+    return score_term(maps, sources, stride, LENS_TERM)
+
+
+def score_term(maps: pd.DataFrame, sources: pd.DataFrame | None, stride: float, term: ScoreTerm = LENS_TERM
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Per window of `maps` (field, x, y: its centre, field pixels), `term`'s sigma (NaN for none) and the
+    row of `sources` (field, x, y and the term's column) it comes from (-1 for none): each source of score >=
+    the term's min_score goes to the window whose centre is nearest it, if that window holds it (no more than
+    `stride`, half a window, from its centre on either axis; the stage's coarse windows alone hold every pixel
+    so); a window given several keeps the highest."""
     sig, row = np.full(len(maps), np.nan), np.full(len(maps), -1, np.int64)
-    if sources is None or not len(sources) or not {"lens_score", "field", "x", "y"} <= set(sources.columns):
+    if sources is None or not len(sources) or not {term.column, "field", "x", "y"} <= set(sources.columns):
         return sig, row
-    ls = lens_sigma(sources["lens_score"].to_numpy(np.float64))
+    ls = term.sigma(sources[term.column].to_numpy(np.float64))
     have = np.flatnonzero(np.isfinite(ls))
     if not len(have) or not len(maps):
         return sig, row
@@ -185,8 +226,8 @@ def lens_term(maps: pd.DataFrame, sources: pd.DataFrame | None, stride: float) -
 
 
 def with_lens_term(sigma: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The windows' ranking sigma with the lens term (lens_term's): the larger of the two, and where the lens term
-    is the larger (bool)."""
+    """The windows' ranking sigma with a score term (score_term's, e.g. the lens term): the larger of the two, and
+    where the term is the larger (bool)."""
     sigma = np.asarray(sigma, np.float64)
     wins = np.isfinite(lens) & ~(sigma >= lens)
     return np.where(wins, lens, sigma), wins
@@ -284,15 +325,14 @@ def _regions(w: pd.DataFrame, sigma: np.ndarray, cut: float, grow: float, stride
     if not (sigma >= cut).any():
         return []
     px, py = w.peak_x.to_numpy(float), w.peak_y.to_numpy(float)
-    ringed = w._ring.to_numpy(bool) if "_ring" in w.columns else np.zeros(len(w), bool)
-    lensed = w._lens.to_numpy(bool) if "_lens" in w.columns else np.zeros(len(w), bool)
+    hint = w._hint.to_numpy() if "_hint" in w.columns else np.full(len(w), "")
     region = _watershed(w.ky.to_numpy(), w.kx.to_numpy(), px, py, sigma, cut, min(grow, cut))
     out = []
     for r in np.unique(region[region > 0]):
         ix = np.flatnonzero(region == r)
         k = int(np.argmax(sigma[ix]))
         p = ix[k]
-        shape = "ring" if ringed[p] else "lens" if lensed[p] else _shape(px[ix], py[ix], k, stride)
+        shape = hint[p] or _shape(px[ix], py[ix], k, stride)
         # a trail's position: its window nearest the middle of the region (its peak is anywhere along it)
         point = np.count_nonzero(np.hypot(px[ix] - px[p], py[ix] - py[p]) <= POINT_PX) >= 2
         long = shape == "linear" and not point and np.hypot(np.ptp(px[ix]), np.ptp(py[ix])) >= TRAIL_PX
@@ -333,32 +373,39 @@ def _merge_fields(c: pd.DataFrame, match_arcsec: float) -> pd.DataFrame:
 
 
 def build_candidates(maps: pd.DataFrame, sigma_cut: float, stride: float, sources: pd.DataFrame | None = None,
-                     match_arcsec: float = 1.5, sigma_grow: float | None = None) -> tuple[pd.DataFrame, dict]:
+                     match_arcsec: float = 1.5, sigma_grow: float | None = None,
+                     terms: tuple[ScoreTerm, ...] = SCORE_TERMS) -> tuple[pd.DataFrame, dict]:
     """Candidates (CANDIDATE_COLUMNS, ranked by anomaly_sigma, rank 1 the highest) from the run's windows `maps`
     (the anomaly_map tables concatenated) and the statistics of the windows' sigma-scores. sources: the
     catalog's primary sources (source_id, ra, dec and anomaly_sigma when scored) for the coincidences, and with
-    field, x, y and lens_score (the lens stage's) for the lens term.
+    field, x, y and the `terms`' columns (lens_score, merger_score: the lens and merger stages') for the score
+    terms (a term whose column is absent ranks nothing).
     sigma_grow: regions grow through windows of at least this sigma (default sigma_cut / 2)."""
     grow = sigma_cut / 2 if sigma_grow is None else sigma_grow
     sigma, stats = window_sigma(maps["score"].to_numpy(),
                                 maps["model_peak"].to_numpy() if "model_peak" in maps.columns else None,
                                 maps["coarse"].to_numpy(bool) if "coarse" in maps.columns else None)
     sigma, ringed = ranked_sigma(sigma, maps["ring"].to_numpy() if "ring" in maps.columns else None)
-    lens, at = lens_term(maps, sources, stride)
-    sigma, lensed = with_lens_term(sigma, lens)
-    ringed &= ~lensed
-    stats["ring_windows"], stats["lens_windows"] = int(ringed.sum()), int(lensed.sum())
-    if ringed.any() or lensed.any():  # one copy of the windows for both placements
+    hint = np.where(ringed, "ring", "").astype(object)  # the term that ranks each window ("" the sigma-score)
+    at = np.full(len(maps), -1, np.int64)  # the source a score term's window is placed at
+    for term in terms:  # each a larger sigma than all before it takes the window
+        t, src = score_term(maps, sources, stride, term)
+        sigma, won = with_lens_term(sigma, t)
+        hint[won], at[won] = term.hint, src[won]
+    ringed, scored = hint == "ring", at >= 0
+    stats["ring_windows"] = int(ringed.sum())
+    stats.update({f"{term.hint}_windows": int((hint == term.hint).sum()) for term in terms})
+    if ringed.any() or scored.any():  # one copy of the windows for both placements
         maps = maps.copy()
         for c in ("peak_x", "peak_y", "ra", "dec"):
-            # a window ranked by its ring term is placed at its ring's centre, one ranked by its lens term at the
-            # lens candidate (the deflector's centre); windows without a ring term have no ring columns
+            # a window ranked by its ring term is placed at its ring's centre, one ranked by a score term at its
+            # source (a lens's deflector, a merger's nucleus); windows without a ring term have no ring columns
             if ringed.any():
                 maps.loc[ringed, c] = maps.loc[ringed, f"ring_{c.removeprefix('peak_')}"].to_numpy()
-            if lensed.any():
-                maps.loc[lensed, c] = sources[c.removeprefix("peak_")].to_numpy(float)[at[lensed]]
+            if scored.any():
+                maps.loc[scored, c] = sources[c.removeprefix("peak_")].to_numpy(float)[at[scored]]
     rows = []
-    for _, w in maps.assign(_sigma=sigma, _ring=ringed, _lens=lensed).groupby("field", sort=True):
+    for _, w in maps.assign(_sigma=sigma, _hint=hint).groupby("field", sort=True):
         rows += _regions(w.reset_index(drop=True), w._sigma.to_numpy(), sigma_cut, grow, stride)
     c = pd.DataFrame(rows, columns=[k for k in CANDIDATE_COLUMNS if k not in
                                     ("anomaly_rank", "source_id", "source_anomaly_sigma")])

@@ -1,12 +1,13 @@
-"""The anomaly candidates' lens term (catalogs/anomaly_candidates.py): the lens stage's candidates ranked among
-the grid's windows, checked on hand-made window grids and catalogs whose answer is known."""
+"""The anomaly candidates' lens and merger terms (catalogs/anomaly_candidates.py): the lens and merger stages'
+candidates ranked among the grid's windows, checked on hand-made window grids and catalogs whose answer is
+known."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from deepfield.catalogs.anomaly_candidates import (LENS_MIN_SCORE, LENS_SIGMA, build_candidates, lens_sigma,
-                                                   lens_term)
+from deepfield.catalogs.anomaly_candidates import (LENS_MIN_SCORE, LENS_SIGMA, MERGER_MIN_SCORE, MERGER_TERM,
+                                                   build_candidates, lens_sigma, lens_term, score_term)
 
 
 def _windows(n: int = 20, field: str = "f", seed: int = 1) -> pd.DataFrame:
@@ -134,3 +135,21 @@ def test_the_merge_reads_the_lens_scores_of_the_flat_catalog_unless_told_not_to(
                                 lens_term=False)
     assert n == 0 and stats["lens_windows"] == 0
 
+
+def test_a_merger_candidate_is_one_candidate_at_its_source_with_shape_merger():
+    """A source of merger_score 0.995 on a grid of plain windows: one anomaly candidate, shape "merger", at the
+    source with its source_id and MERGER_TERM's sigma; one below MERGER_MIN_SCORE makes none; a lens candidate
+    on the same window with a lower term's sigma leaves it to the merger term."""
+    w = _windows(seed=2)
+    src = pd.DataFrame({"field": ["f", "f"], "x": [130.2, 250.0], "y": [141.7, 60.0],
+                        "merger_score": [0.995, MERGER_MIN_SCORE - 0.1], "lens_score": [0.5, np.nan]})
+    src["source_id"] = [100, 101]
+    src["ra"], src["dec"] = 10 + src.x * 0.2 / 3600, src.y * 0.2 / 3600
+    sig, row = score_term(w, src, 16, MERGER_TERM)
+    assert np.isfinite(sig).sum() == 1 and row[np.isfinite(sig)][0] == 0
+    cand, stats = build_candidates(w, 5.0, 16, src)
+    assert len(cand) == 1 and stats["merger_windows"] == 1 and stats["lens_windows"] == 0, (cand, stats)
+    c = cand.iloc[0]
+    assert c["shape"] == "merger" and (c.x, c.y) == (130.2, 141.7) and c.source_id == 100
+    assert abs(c.anomaly_sigma - float(MERGER_TERM.sigma(np.array([0.995]))[0])) < 1e-9
+    assert len(build_candidates(w, 5.0, 16, src, terms=())[0]) == 0  # without the score terms: nothing

@@ -7,9 +7,9 @@ grid windows (tasks/stages/_anomaly_grid.py, the anomaly stage's stride) are sco
 only) and in the full mode (`steps` Adam steps on z), with the local score (the stage's `score`), the paper's
 sum (`score_paper`) and the local score's sigma-score as the merge ranks the candidates by it (`sigma`: against
 the windows as bright, catalogs/anomaly_candidates.window_sigma, over the evaluation's windows as over a run's,
-with the stage's ring term beside it, ranked_sigma, and the merge's lens term, with_lens_term: the lens stage's
-candidates, for which the fields go through the pipeline's detect, measure and lens stages as in a run;
-`sigma_ring` without the lens term, `sigma_gan` without either).
+with the stage's ring term beside it, ranked_sigma, and the merge's score terms, score_term and with_lens_term:
+the lens and merger stages' candidates, for which the fields go through the pipeline's detect, measure, lens and
+merger stages as in a run; `sigma_ring` without the score terms, `sigma_gan` without them and the ring term).
 
 Truth: a window is *anomalous* (of a type) when an anomaly is its subject: a point-like one (cosmic ray, hot
 pixels, ring galaxy, merger, lens) within 0.75 stride of its centre (so that every point of the field is the
@@ -31,8 +31,9 @@ subject of at least one window), a trail passing as close, a ghost's annulus as 
   the overall AUROC and the fractions above the normal windows' 99th percentile of the anomalies a window can
   show (`visible`; every other figure counts them all);
 - the lens stage's deflector candidates (`lens_candidates`: position, score, whether a true lens lies within 4
-  px) and the normal windows' sigma quantiles (`normal_sigma_quantiles`), the lens term's calibration
-  (catalogs/anomaly_candidates.py);
+  px), the merger stage's candidates at merger_score >= 0.5 (`merger_candidates`: whether a true merger's
+  centre lies within 12 px, its nuclei being up to 3" apart) and the normal windows' sigma quantiles
+  (`normal_sigma_quantiles`), the score terms' calibration (catalogs/anomaly_candidates.py);
 - throughput in windows per second (one torch thread) and the fast mode's speed-up over the full mode;
 - a row of its own for the ghosts bright enough to be seen in a window, S/N >= VISIBLE_SNR (5) in a window
   their annulus covers (`ghost_window_snr`: amplitude over the sky noise in each of the scorer's bands, added
@@ -50,7 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
-from deepfield.catalogs.anomaly_candidates import LENS_MIN_SCORE, lens_term, ranked_sigma, window_sigma, with_lens_term
+from deepfield.catalogs.anomaly_candidates import (LENS_MIN_SCORE, MERGER_MIN_SCORE, SCORE_TERMS, ranked_sigma,
+                                                   score_term, window_sigma, with_lens_term)
 from deepfield.models.progress import say
 from deepfield.tasks.sim.config import SimConfig
 from deepfield.tasks.stages.anomaly import AnomalyStage
@@ -147,16 +149,24 @@ def figures(scores: np.ndarray, label: np.ndarray, subjects: list[tuple[str, np.
     return out
 
 
-def lens_candidates(found, lenses, match_px: float = 4.0) -> list[dict]:
+def lens_candidates(found, lenses, match_px: float = 4.0, column: str = "lens_score") -> list[dict]:
     """The lens stage's candidates of the evaluation's fields (field, x, y, lens_score), each with whether a true
-    lens lies within `match_px` px of it (the truth's deflector centre)."""
+    lens lies within `match_px` px of it (the truth's deflector centre); with `column` merger_score and the
+    truth's mergers for `lenses`, the merger stage's."""
     out = []
-    for r in found.itertuples():
+    for r in found[np.isfinite(found[column].to_numpy(float))].itertuples():
         t = lenses[lenses.field == r.field] if len(lenses) else lenses
         d = np.hypot(t.x.to_numpy(float) - r.x, t.y.to_numpy(float) - r.y) if len(t) else np.zeros(0)
         out.append(dict(field=str(r.field), x=round(float(r.x), 2), y=round(float(r.y), 2),
-                        lens_score=round(float(r.lens_score), 5), true=bool(len(d) and d.min() <= match_px)))
+                        **{column: round(float(getattr(r, column)), 5)}, true=bool(len(d) and d.min() <= match_px)))
     return out
+
+
+def with_terms(sigma: np.ndarray, windows, found, stride: float) -> np.ndarray:
+    """The windows' sigma with every score term of the merge (the lens and merger stages' candidates `found`)."""
+    for term in SCORE_TERMS:
+        sigma = with_lens_term(sigma, score_term(windows, found, stride, term)[0])[0]
+    return sigma
 
 
 def scored_windows(windows, score: np.ndarray, fraction: float, above: float) -> np.ndarray:
@@ -197,9 +207,10 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     refine = stage.refine if refine is None else refine
     refine_above = stage.refine_above if refine_above is None else refine_above
     stage.setup(device)  # the stage's own model, stamp size and bands
-    # the lens term's lens candidates: the pipeline's detect, measure and lens stages, defaults, as a run has them
+    # the score terms' candidates: the pipeline's detect, measure, lens and merger stages, defaults, as a run has them
     finders = [make_stage("detect"), make_stage("measure"),
-               make_stage("lens", variant=choose_variant("lens_resnet", cfg.bands) or None)]
+               make_stage("lens", variant=choose_variant("lens_resnet", cfg.bands) or None),
+               make_stage("merger", variant=choose_variant("merger_resnet", cfg.bands) or None)]
     for f in finders:
         f.setup(device)
     work = Path(tempfile.mkdtemp(prefix="deepfield-eval-anomaly-"))
@@ -214,7 +225,8 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
             src = BackgroundStage().run(tile, pd.DataFrame())
             for f in finders:
                 src = f.run(tile, src)
-            found.append(src.loc[src.lens_candidate.to_numpy(bool), ["x", "y", "lens_score"]].assign(field=tid.field))
+            cand = src.lens_candidate.to_numpy(bool) | src.merger_candidate.to_numpy(bool)
+            found.append(src.loc[cand, ["x", "y", "lens_score", "merger_score"]].assign(field=tid.field))
             pixels = stage._pixels(tile, counted=True)  # image, invvar, usable, counted
             for b, iv, ok in zip(stage.bands, pixels[1], pixels[2]):  # each tile's sky noise per band
                 if (ok & (iv > 0)).any():
@@ -233,7 +245,6 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     x, noise, ring = np.concatenate(xs), np.concatenate(noises), np.concatenate(rings)
     windows = pd.concat(tables, ignore_index=True)
     found = pd.concat(found, ignore_index=True)
-    lens = lens_term(windows, found, stage.stride)[0]
     core = 0.75 * stage.stride
     label = np.empty(len(windows), object)
     for name, w in windows.groupby("field"):
@@ -261,7 +272,9 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
                refine=refine, refine_above=refine_above,
                labels=pd.Series(label).value_counts().to_dict(), modes={},
                ghost_window_snr=sorted(round(v, 2) for v in ghost_snr.values()),
-               lens_candidates=lens_candidates(found, lenses), lens_windows=int(np.isfinite(lens).sum()))
+               lens_candidates=lens_candidates(found, lenses),
+               merger_candidates=lens_candidates(found[found.merger_score >= MERGER_MIN_SCORE],
+                                                 anomalies[anomalies.type == "merger"], 12.0, "merger_score"))
     coarse = windows.coarse.to_numpy(bool)
     for mode, k in (("fast", 0), ("full", steps))[:2 if full else 1]:
         t = time.perf_counter()
@@ -269,9 +282,9 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
         dt = time.perf_counter() - t
         gan = window_sigma(r["score"], r["model_peak"])[0]
         ringed = ranked_sigma(gan, ring)[0]
-        sigma = with_lens_term(ringed, lens)[0]
+        sigma = with_terms(ringed, windows, found, stage.stride)
         gan, ringed, sigma = (np.where(np.isfinite(v), v, np.nanmin(v) - 1.0) for v in (gan, ringed, sigma))
-        normal = ringed[label == "normal"]  # the lens term's calibration (catalogs/anomaly_candidates.py)
+        normal = ringed[label == "normal"]  # the score terms' calibration (catalogs/anomaly_candidates.py)
         out["modes"][mode] = {"windows_per_second": float(len(x) / dt),
                               "score": figures(r["score"], label, subjects, groups, unseen, seen),
                               "paper": figures(r["paper"], label, subjects, groups, unseen, seen),
@@ -279,15 +292,14 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
                               "sigma_ring": figures(ringed, label, subjects, groups, unseen, seen),
                               "sigma_gan": figures(gan, label, subjects, groups, unseen, seen),
                               "normal_sigma_quantiles": {str(q): float(np.quantile(normal, q)) for q in
-                                                         (0.99, 0.999, 0.9995, 0.9999, 0.99995, 0.99999)}}
+                                                         (0.99, 0.995, 0.998, 0.999, 0.9995, 0.9998, 0.9999,
+                                                          0.99995, 0.99999)}}
         # the grid as the stage scores it, coarse to fine: the windows it leaves out ranked last
         keep = scored_windows(windows, r["score"], refine, refine_above)
         low = float(np.min(r["score"])) - 1.0
         sig = ranked_sigma(window_sigma(np.where(keep, r["score"], np.nan), r["model_peak"], coarse)[0], ring)[0]
-        kept = np.flatnonzero(keep)  # the lens term goes to the nearest window the stage scored
-        kept_lens = np.full(len(windows), np.nan)
-        kept_lens[kept] = lens_term(windows.iloc[kept].reset_index(drop=True), found, stage.stride)[0]
-        sig = with_lens_term(sig, kept_lens)[0]
+        kept = np.flatnonzero(keep)  # the score terms go to the nearest window the stage scored
+        sig[kept] = with_terms(sig[kept], windows.iloc[kept].reset_index(drop=True), found, stage.stride)
         sig = np.where(np.isfinite(sig), sig, np.nanmin(sig) - 1.0)
         out["modes"][mode]["refined"] = {"fraction_scored": float(keep.mean()),
                                          "score": figures(np.where(keep, r["score"], low), label, subjects, groups,
@@ -306,9 +318,9 @@ def format_report(r: dict) -> str:
     for mode, m in r["modes"].items():
         rows = [(w, m[w]) for w in ("score", "paper", "sigma") if w in m]  # not all in an older record
         if "sigma_ring" in m:
-            rows.append(("sigma without the lens term", m["sigma_ring"]))
+            rows.append(("sigma without the lens and merger terms", m["sigma_ring"]))
         if "sigma_gan" in m:
-            rows.append(("sigma without the ring and lens terms" if "sigma_ring" in m else
+            rows.append(("sigma without the ring, lens and merger terms" if "sigma_ring" in m else
                          "sigma without the ring term", m["sigma_gan"]))
         if "refined" in m:
             rows += [(f"{w}, coarse to fine", m["refined"][w]) for w in ("score", "sigma")]
@@ -339,8 +351,11 @@ def format_report(r: dict) -> str:
         lc = r["lens_candidates"]
         hi = [c for c in lc if c["lens_score"] >= LENS_MIN_SCORE]
         lines.append(f"  the lens stage's deflector candidates {len(lc)}, {len(hi)} of them at lens_score >= "
-                     f"{LENS_MIN_SCORE:g} (the lens term), {sum(c['true'] for c in hi)} of those on a true lens; "
-                     f"{r.get('lens_windows', '?')} windows with a lens term")
+                     f"{LENS_MIN_SCORE:g} (the lens term), {sum(c['true'] for c in hi)} of those on a true lens")
+    if "merger_candidates" in r:
+        mc = r["merger_candidates"]
+        lines.append(f"  the merger stage's candidates at merger_score >= {MERGER_MIN_SCORE:g} (the merger term) "
+                     f"{len(mc)}, {sum(c['true'] for c in mc)} of them on a true merger")
     if "ghost_window_snr" in r:
         lines.append(f"  ghosts' S/N in a window they cover (all bands): {r['ghost_window_snr']}; those at S/N >= "
                      f"{VISIBLE_SNR:g} have their own row")
