@@ -224,7 +224,7 @@ def test_anomaly_scores_and_ranked_list(run, survey):
     cut = 5.0
     assert 0 < len(top) <= 100 and list(top.anomaly_rank) == list(range(1, len(top) + 1))
     assert (np.diff(top.anomaly_sigma) <= 0).all() and (top.anomaly_sigma >= cut).all()
-    assert set(top["shape"]) <= {"ring", "lens", "point", "linear", "extended"}
+    assert set(top["shape"]) <= {"ring", "lens", "merger", "point", "linear", "extended"}
     with fits.open(paths["anomaly_stamps"]) as hdul:  # one HDU (band, y, x) with WCS each: catalogs/cutouts.py
         stamps = [hdul[f"ANOMALY_{k}"] for k in top.anomaly_rank]
         assert len(hdul) == len(top) + 2 and all(h.data.shape == (4, 64, 64) for h in stamps)
@@ -267,6 +267,13 @@ def test_anomaly_scores_and_ranked_list(run, survey):
             near = top[(top.field == t.field) & (np.hypot(top.x - t.x, top.y - t.y) <= t.theta_e / 0.2 + 5)]
             assert len(near) and near.anomaly_sigma.max() >= lens_sigma(src.lens_score.to_numpy()).max() - 1e-6, t
     assert found >= 1
+    # a candidate ranked by the merger term is one of the merger stage's candidates, placed on it
+    from deepfield.catalogs.anomaly_candidates import MERGER_MIN_SCORE
+    assert (cat.merger_score.notna() == cat.merger_candidate).all() and cat.merger_candidate.any()
+    for _, c in top[top["shape"] == "merger"].iterrows():
+        src = cat[cat.source_id == c.source_id]
+        assert len(src) == 1 and src.merger_score.iloc[0] >= MERGER_MIN_SCORE, c
+        assert abs(src.x.iloc[0] - c.x) < 1e-6 and abs(src.y.iloc[0] - c.y) < 1e-6
     labels = np.concatenate([label_sources(g, anomalies[anomalies.field == f], lenses[lenses.field == f], 32,
                                            bands) for f, g in sel.groupby("field")])
     # the simulator's astrophysical anomalies (lenses, ring galaxies, mergers) against the normal sources: the

@@ -231,7 +231,7 @@ def test_a_stage_from_a_plugin_module_runs_with_its_own_merge_step(toy, survey, 
 
 
 def test_a_field_without_a_band_a_stage_needs_stops_the_run_before_any_tile(tmp_path, prefect_harness):
-    """A g, r, i survey with the default stages: the lens and cluster networks take g, r, i, z. The run
+    """A g, r, i survey with the default stages: the lens, merger and cluster networks take g, r, i, z (or g, r, z). The run
     stops after the ingest with one line per stage naming the field and the missing band; no tile is done."""
     from deepfield.flows.run import run_flow
     from deepfield.tasks.sim.config import SimConfig
@@ -242,6 +242,6 @@ def test_a_field_without_a_band_a_stage_needs_stops_the_run_before_any_tile(tmp_
     with pytest.raises(BandError) as exc:
         run_flow(cfg)
     lines = str(exc.value).splitlines()
-    assert {line.split("'")[1] for line in lines} == {"lens", "cluster"}
+    assert {line.split("'")[1] for line in lines} == {"lens", "merger", "cluster"}
     assert all("field 'field000' has g, r, i (missing z)" in line for line in lines)
     assert not (tmp_path / "run" / "ledger").exists() and not (tmp_path / "run" / "tiles").exists()

@@ -16,18 +16,19 @@ from deepfield.tasks.sim.survey import simulate_survey
 
 ALL_BANDS = ("u", "g", "r", "i", "z", "y")
 # band set -> (the stages with models that run, with the weights variant they take; those left out) with the
-# shipped weights: lens and cluster have g,r,i,z and g,r,z weights, anomaly g,r,i, g,r,i,z and g,r,z, the detector
+# shipped weights: lens, merger and cluster have g,r,i,z and g,r,z weights, anomaly g,r,i, g,r,i,z and g,r,z, the detector
 # any of g,r,i,z, the photo-z reference set any two of g,r,i,z (u,g,r,i and u,g,r,i,z,y: their own sets); the deblender (symmetric templates) any bands
 CASES = {
-    "grz": (["g", "r", "z"], {"detect": "", "deblend": "", "photoz": "", "lens": "grz", "cluster": "grz",
-                              "anomaly": "grz"}, set()),
-    "ugri": (["u", "g", "r", "i"], {"detect": "", "deblend": "", "photoz": "ugri", "anomaly": ""}, {"lens", "cluster"}),
-    "grizy": (["g", "r", "i", "z", "y"], {"detect": "", "deblend": "", "photoz": "", "lens": "", "cluster": "",
-                                          "anomaly": "griz"}, set()),
-    "r": (["r"], {"detect": "", "deblend": ""}, {"photoz", "lens", "cluster", "anomaly"}),
+    "grz": (["g", "r", "z"], {"detect": "", "deblend": "", "photoz": "", "lens": "grz", "merger": "grz",
+                              "cluster": "grz", "anomaly": "grz"}, set()),
+    "ugri": (["u", "g", "r", "i"], {"detect": "", "deblend": "", "photoz": "ugri", "anomaly": ""},
+             {"lens", "merger", "cluster"}),
+    "grizy": (["g", "r", "i", "z", "y"], {"detect": "", "deblend": "", "photoz": "", "lens": "", "merger": "",
+                                          "cluster": "", "anomaly": "griz"}, set()),
+    "r": (["r"], {"detect": "", "deblend": ""}, {"photoz", "lens", "merger", "cluster", "anomaly"}),
 }
 # a column each learned stage adds to the source catalog
-ADDS = {"deblend": "flux_deblend_{b}", "lens": "lens_score", "anomaly": "anomaly_score", "detect": "blend_id",
+ADDS = {"deblend": "flux_deblend_{b}", "lens": "lens_score", "merger": "merger_score", "anomaly": "anomaly_score", "detect": "blend_id",
         "photoz": "z_phot"}
 
 

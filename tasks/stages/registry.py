@@ -35,7 +35,8 @@ STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (
     AnomalyStage)}
 
 # the order the runner uses when the configuration names no stages (the merge steps run in this order too)
-DEFAULT_STAGES: list[str] = ["background", "detect", "measure", "deblend", "photoz", "lens", "cluster", "anomaly"]
+DEFAULT_STAGES: list[str] = ["background", "detect", "measure", "deblend", "photoz", "lens", "merger", "cluster",
+                             "anomaly"]
 
 _PLUGINS: dict[str, str] = {}  # plugin as named -> module name it was loaded as
 
