@@ -18,6 +18,7 @@ from .cli_common import (VerboseGroup, console, errors, fail, rel, run_log, show
 from . import cli_anomaly  # noqa: F401  (registers train anomaly and eval anomaly)
 from . import cli_detect  # noqa: F401  (registers train library, train detect and eval detect)
 from . import cli_inspect
+from . import cli_lens  # noqa: F401  (registers train lens, train merger, eval lens and eval merger)
 from . import cli_photoz  # noqa: F401  (registers train photoz and eval photoz)
 from .cli_models import eval_app, train_app
 from .cli_report import output_lines, print_ingest_notes, print_run

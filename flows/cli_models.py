@@ -2,8 +2,8 @@
 simulated data. A `train` command makes its data with a training-set builder (tasks/trainsets/) and hands
 the arrays to the model's training loop (models/train_*.py); an `eval` command runs an evaluation flow
 (flows/evaluate/). The learned detector's commands (train library, train detect, eval detect) are in
-flows/cli_detect.py, the anomaly scorer's in flows/cli_anomaly.py and the photo-z's in flows/cli_photoz.py, on
-the same command groups. Registered on the main command line by flows/cli.py; the
+flows/cli_detect.py, the lens and merger finders' in flows/cli_lens.py, the anomaly scorer's in
+flows/cli_anomaly.py and the photo-z's in flows/cli_photoz.py, on the same command groups. Registered on the main command line by flows/cli.py; the
 README's command reference mirrors every option."""
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import typer
 
 from deepfield.models.progress import say
@@ -20,8 +19,7 @@ from deepfield.tasks.atomic import atomic_path, write_text
 
 from .cli_common import console, fail
 
-LIBRARY_DIR = Path(".cache") / "library"
-FIELD_TRAIN_OFFSET, FIELD_VAL_OFFSET = 11, 12  # `train merger --seed S`: its fields' seeds S*1000 + these  # the rendered galaxy library (`train library`), relative to the cwd
+LIBRARY_DIR = Path(".cache") / "library"  # the rendered galaxy library (`train library`), relative to the cwd
 train_app = typer.Typer(no_args_is_help=True, help="Train a model on simulated data; writes weights and a record.")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a model on held-out simulated data.")
 
@@ -92,155 +90,6 @@ def _evaluate(evaluate, format_report, weights: Path | None, out: Path | None, *
     if out:
         _save_json(r, out)
         console.print(f"figures: {out}")
-
-
-@train_app.command("lens")
-def train_lens(
-    out: Path = typer.Option(None, "--out", "-o", help="weights file (default: the shipped models/weights/lens_resnet.pt)"),
-    n_train: int = typer.Option(16000, "--n-train", min=64, help="training stamps (half lenses)"),
-    n_val: int = typer.Option(2000, "--n-val", min=64, help="validation stamps (half lenses)"),
-    epochs: int = typer.Option(10, min=1, help="passes over the training stamps"),
-    batch: int = typer.Option(128, min=1, help="stamps per optimisation step"),
-    lr: float = typer.Option(2e-3, help="peak learning rate (one-cycle schedule)"),
-    seed: int = typer.Option(0, min=0, help="seed of the stamps, initialisation and batch order"),
-    workers: int = typer.Option(2, min=1, help="processes simulating stamps"),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0"),
-    bands: str = typer.Option(None, help="bands of the stamps, comma-separated (default g,r,i,z); other bands "
-                              "write the band-set variant models/weights/lens_resnet.<bands>.pt"),
-) -> None:
-    """Train the strong-lens CNN (models/lens_cnn.py) on simulated lenses and hard negatives."""
-    from deepfield.models.train_lens import MODEL, train
-    from deepfield.tasks.trainsets.lens_stamps import StampConfig, training_sets
-    band_list = _bands(bands)
-    out = _variant_out(out, MODEL, band_list, StampConfig().bands)
-
-    def fit(command: str):
-        cfg = StampConfig(**({"bands": band_list} if band_list else {}))
-        tr, va, seconds = training_sets(n_train, n_val, seed, cfg, workers, say)
-        return train(tr, va, epochs=epochs, batch=batch, lr=lr, seed=seed, device=device,
-                     record=dict(stamp_config=cfg.model_dump(mode="json"), n_train=n_train, n_val=n_val,
-                                 command=command, data_seconds=round(seconds, 1)))
-    rec = _train("lens", MODEL, fit, out)
-    last = rec["history"][-1]
-    console.print(f"final val loss {last['val_loss']:.4f}, val AUROC {last['val_auroc']:.4f}")
-
-
-@train_app.command("merger")
-def train_merger(
-    out: Path = typer.Option(None, "--out", "-o", help="weights file (default: the shipped "
-                             "models/weights/merger_resnet.pt)"),
-    n_train: int = typer.Option(10000, "--n-train", min=64, help="training stamps (half mergers)"),
-    n_val: int = typer.Option(1200, "--n-val", min=64, help="validation stamps (half mergers)"),
-    epochs: int = typer.Option(10, min=1, help="passes over the training stamps"),
-    batch: int = typer.Option(128, min=1, help="stamps per optimisation step"),
-    lr: float = typer.Option(2e-3, help="peak learning rate (one-cycle schedule)"),
-    seed: int = typer.Option(0, min=0, help="seed of the stamps, initialisation and batch order"),
-    workers: int = typer.Option(2, min=1, help="processes simulating stamps"),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0"),
-    bands: str = typer.Option(None, help="bands of the stamps, comma-separated (default g,r,i,z); other bands "
-                              "write the band-set variant models/weights/merger_resnet.<bands>.pt"),
-    fields: int = typer.Option(6, min=0, help="simulated 2048^2 fields whose merger-stage candidates join the "
-                               "training stamps (0: composed stamps only)"),
-    val_fields: int = typer.Option(1, min=0, help="simulated fields whose candidates join the validation stamps"),
-    cache: Path = typer.Option(Path(".cache") / "merger_fields", help="directory keeping the field stamps for "
-                               "later runs"),
-) -> None:
-    """Train the merger classifier (the lens CNN's network, models/lens_cnn.py) on simulated mergers with tidal
-    tails against close pairs without tails and other look-alikes (tasks/trainsets/lens_stamps.py), and on the
-    merger stage's candidates cut from simulated fields (tasks/trainsets/merger_fields.py)."""
-    import time
-
-    from deepfield.models.train_lens import MERGER_MODEL, train
-    from deepfield.tasks.trainsets.lens_stamps import merger_config, training_sets
-    from deepfield.tasks.trainsets.merger_fields import field_stamps
-    band_list = _bands(bands)
-    out = _variant_out(out, MERGER_MODEL, band_list, merger_config().bands)
-
-    def join(a: dict, b: dict) -> dict:
-        import pandas as pd
-        return dict(images=np.concatenate([a["images"], b["images"]]), sigma=np.concatenate([a["sigma"], b["sigma"]]),
-                    label=np.concatenate([a["label"], b["label"]]),
-                    meta=pd.concat([a["meta"], b["meta"]], ignore_index=True))
-
-    def fit(command: str):
-        cfg = merger_config(**({"bands": band_list} if band_list else {}))
-        tr, va, seconds = training_sets(n_train, n_val, seed, cfg, workers, say)
-        t0 = time.perf_counter()
-        counts = {}
-        for name, n, offset in (("train", fields, FIELD_TRAIN_OFFSET), ("val", val_fields, FIELD_VAL_OFFSET)):
-            if n:
-                f = field_stamps(n, seed * 1000 + offset, cfg.bands, cache, workers=workers, say=say)
-                counts[name] = dict(fields=n, seed=seed * 1000 + offset, candidates=int(len(f["label"])),
-                                    on_mergers=int(f["label"].sum()))
-                if name == "train":
-                    tr = join(tr, f)
-                else:
-                    va = join(va, f)
-        return train(tr, va, epochs=epochs, batch=batch, lr=lr, seed=seed, device=device, model_name=MERGER_MODEL,
-                     record=dict(stamp_config=cfg.model_dump(mode="json"), n_train=n_train, n_val=n_val,
-                                 field_stamps=counts, command=command, data_seconds=round(seconds, 1),
-                                 field_seconds=round(time.perf_counter() - t0, 1)))
-    rec = _train("merger", MERGER_MODEL, fit, out)
-    last = rec["history"][-1]
-    console.print(f"final val loss {last['val_loss']:.4f}, val AUROC {last['val_auroc']:.4f}")
-
-
-@eval_app.command("lens")
-def eval_lens(
-    weights: Path = typer.Option(None, help="weights file (default: the shipped weights)"),
-    n: int = typer.Option(10000, min=100, help="stamps per evaluation set"),
-    lens_fraction: float = typer.Option(0.02, min=0.001, max=0.5, help="fraction of lenses in each set"),
-    seed: int = typer.Option(20261123, min=0, help="seed of the held-out sets (training uses seed*1000+1, +2)"),
-    shifted: bool = typer.Option(True, "--shifted/--no-shifted", help="also evaluate the shifted configuration "
-                                 "(PSF 30% wider, 0.7 mag shallower)"),
-    workers: int = typer.Option(2, min=1, help="processes simulating stamps"),
-    device: str = typer.Option("cpu", help="torch device"),
-    batch: int = typer.Option(256, min=1, help="stamps per inference batch"),
-    precision: str = typer.Option("auto", help="the lens stage's `precision` on a CPU: auto (bfloat16 where the "
-                                  "CPU computes it natively), float32 or bfloat16"),
-    out: Path = typer.Option(None, help="write the figures as JSON here"),
-) -> None:
-    """AUROC, TPR0, TPR10 (Metcalf et al. 2019), completeness and throughput of the lens CNN."""
-    from deepfield.flows.evaluate.lens import evaluate, format_report
-
-    def both(weights):  # the same configuration, then the shifted one
-        return [evaluate(weights, n, lens_fraction, seed, s, workers, device, batch, precision)
-                for s in (False, True)[:1 + shifted]]
-    _evaluate(both, lambda results: "\n".join(format_report(r) for r in results), weights, out)
-
-
-@eval_app.command("merger")
-def eval_merger(
-    weights: Path = typer.Option(None, help="weights file (default: the shipped weights)"),
-    n: int = typer.Option(4000, min=100, help="stamps per evaluation set"),
-    merger_fraction: float = typer.Option(0.1, min=0.001, max=0.5, help="fraction of mergers in each set"),
-    seed: int = typer.Option(20261206, min=0, help="seed of the held-out sets (training uses seed*1000+1, +2)"),
-    shifted: bool = typer.Option(True, "--shifted/--no-shifted", help="also evaluate the shifted configuration "
-                                 "(PSF 30% wider, 0.7 mag shallower)"),
-    workers: int = typer.Option(2, min=1, help="processes simulating stamps"),
-    device: str = typer.Option("cpu", help="torch device"),
-    batch: int = typer.Option(256, min=1, help="stamps per inference batch"),
-    precision: str = typer.Option("auto", help="the merger stage's `precision` on a CPU: auto (bfloat16 where the "
-                                  "CPU computes it natively), float32 or bfloat16"),
-    fields: int = typer.Option(2, min=0, help="held-out simulated 2048^2 fields whose merger-stage candidates are "
-                               "scored too (0: none)"),
-    field_seed: int = typer.Option(20261208, min=0, help="seed of those fields"),
-    cache: Path = typer.Option(Path(".cache") / "merger_fields", help="directory keeping the fields' stamps"),
-    out: Path = typer.Option(None, help="write the figures as JSON here"),
-) -> None:
-    """AUROC, TPR0, TPR10, completeness against magnitude and separation, false positives by kind (close pairs
-    without tails among them) and throughput of the merger CNN on composed stamps, and its figures on the merger
-    stage's own candidates in simulated fields."""
-    from deepfield.flows.evaluate.lens import evaluate, evaluate_fields, format_fields, format_report
-
-    def both(weights):  # the same configuration, then the shifted one, then the fields' candidates
-        out = [evaluate(weights, n, merger_fraction, seed, s, workers, device, batch, precision, target="merger")
-               for s in (False, True)[:1 + shifted]]
-        if fields:
-            out.append(evaluate_fields(weights, fields, field_seed, cache, workers, device, batch, precision))
-        return out
-    _evaluate(both, lambda results: "\n".join(format_fields(r) if r["config"] == "fields" else format_report(r)
-                                               for r in results), weights, out)
 
 
 @train_app.command("deblend")

@@ -77,7 +77,7 @@ def test_models_import_only_models():
 
 SIMULATING = ("deepfield.tasks.sim", "deepfield.tasks.trainsets", "deepfield.flows.evaluate",
               "deepfield.flows.cli", "deepfield.flows.cli_models", "deepfield.flows.cli_detect",
-              "deepfield.flows.cli_photoz", "deepfield.flows.cli_anomaly")
+              "deepfield.flows.cli_photoz", "deepfield.flows.cli_anomaly", "deepfield.flows.cli_lens")
 
 
 def test_only_simulating_code_imports_the_simulator_or_the_training_sets():
