@@ -1,4 +1,4 @@
-"""The anomaly candidates' lens and merger terms (catalogs/anomaly_candidates.py): the lens and merger stages'
+"""The anomaly candidates' lens and merger terms (catalogs/score_terms.py): the lens and merger stages'
 candidates ranked among the grid's windows, checked on hand-made window grids and catalogs whose answer is
 known."""
 from __future__ import annotations
@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from deepfield.catalogs.anomaly_candidates import (LENS_MIN_SCORE, LENS_SIGMA, MERGER_MIN_SCORE, MERGER_TERM,
-                                                   build_candidates, lens_sigma, lens_term, score_term)
+from deepfield.catalogs.anomaly_candidates import build_candidates
+from deepfield.catalogs.score_terms import (LENS_MIN_SCORE, LENS_SIGMA, MERGER_MIN_SCORE, MERGER_TERM, lens_sigma,
+                                            lens_term, score_term)
 
 
 def _windows(n: int = 20, field: str = "f", seed: int = 1) -> pd.DataFrame:

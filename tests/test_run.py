@@ -251,7 +251,7 @@ def test_anomaly_scores_and_ranked_list(run, survey):
     # a candidate ranked by the lens term is one of the lens stage's candidates, placed on it; and each of the
     # simulator's lenses that the lens stage found (a source of lens_score >= 0.5 within 4 px of its deflector) is
     # listed there, at least as high as its lens term (6 of 6 lenses in this survey)
-    from deepfield.catalogs.anomaly_candidates import LENS_MIN_SCORE, lens_sigma
+    from deepfield.catalogs.score_terms import LENS_MIN_SCORE, lens_sigma
     on_lens = top[top["shape"] == "lens"]
     for _, c in on_lens.iterrows():
         src = cat[cat.source_id == c.source_id]
@@ -268,7 +268,7 @@ def test_anomaly_scores_and_ranked_list(run, survey):
             assert len(near) and near.anomaly_sigma.max() >= lens_sigma(src.lens_score.to_numpy()).max() - 1e-6, t
     assert found >= 1
     # a candidate ranked by the merger term is one of the merger stage's candidates, placed on it
-    from deepfield.catalogs.anomaly_candidates import MERGER_MIN_SCORE
+    from deepfield.catalogs.score_terms import MERGER_MIN_SCORE
     assert (cat.merger_score.notna() == cat.merger_candidate).all() and cat.merger_candidate.any()
     for _, c in top[top["shape"] == "merger"].iterrows():
         src = cat[cat.source_id == c.source_id]

@@ -33,7 +33,7 @@ subject of at least one window), a trail passing as close, a ghost's annulus as 
 - the lens stage's deflector candidates (`lens_candidates`: position, score, whether a true lens lies within 4
   px), the merger stage's candidates at merger_score >= 0.5 (`merger_candidates`: whether a true merger's
   centre lies within 12 px, its nuclei being up to 3" apart) and the normal windows' sigma quantiles
-  (`normal_sigma_quantiles`), the score terms' calibration (catalogs/anomaly_candidates.py);
+  (`normal_sigma_quantiles`), the score terms' calibration (catalogs/score_terms.py);
 - throughput in windows per second (one torch thread) and the fast mode's speed-up over the full mode;
 - a row of its own for the ghosts bright enough to be seen in a window, S/N >= VISIBLE_SNR (5) in a window
   their annulus covers (`ghost_window_snr`: amplitude over the sky noise in each of the scorer's bands, added
@@ -51,8 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
-from deepfield.catalogs.anomaly_candidates import (LENS_MIN_SCORE, MERGER_MIN_SCORE, SCORE_TERMS, ranked_sigma,
-                                                   score_term, window_sigma, with_lens_term)
+from deepfield.catalogs.anomaly_candidates import ranked_sigma, window_sigma
+from deepfield.catalogs.score_terms import LENS_MIN_SCORE, MERGER_MIN_SCORE, SCORE_TERMS, score_term, with_lens_term
 from deepfield.models.progress import say
 from deepfield.tasks.sim.config import SimConfig
 from deepfield.tasks.stages.anomaly import AnomalyStage
@@ -284,7 +284,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
         ringed = ranked_sigma(gan, ring)[0]
         sigma = with_terms(ringed, windows, found, stage.stride)
         gan, ringed, sigma = (np.where(np.isfinite(v), v, np.nanmin(v) - 1.0) for v in (gan, ringed, sigma))
-        normal = ringed[label == "normal"]  # the score terms' calibration (catalogs/anomaly_candidates.py)
+        normal = ringed[label == "normal"]  # the score terms' calibration (catalogs/score_terms.py)
         out["modes"][mode] = {"windows_per_second": float(len(x) / dt),
                               "score": figures(r["score"], label, subjects, groups, unseen, seen),
                               "paper": figures(r["paper"], label, subjects, groups, unseen, seen),
