@@ -90,23 +90,26 @@ class LensStage(ModelStage):
         self.size = int(cfg.get("size", 48))
         self.bands = list(cfg.get("bands", ["g", "r", "i", "z"]))
 
-    def candidates(self, tile, sources: pd.DataFrame) -> np.ndarray:
-        """Boolean mask of the rows that pass the deflector cuts (see the module docstring)."""
-        n = len(sources)
-        if n == 0:
-            return np.zeros(0, bool)
-        ref_band, blue_band = self.cut_bands()
-        ref, blue = f"mag_auto_{ref_band}", f"mag_auto_{blue_band}"
-        self.require(sources, [blue_band, ref_band])
+    def bright_resolved(self, tile, sources: pd.DataFrame, ref_band: str) -> np.ndarray:
+        """The cuts the lens and merger stages share: AUTO magnitude in `ref_band` below max_mag (finite), a above
+        min_size PSF sigmas, primary, not saturated."""
         sigma_px = fwhm_pixels(tile, DEFAULT_FWHM_PX) / 2.3548
-        m = sources[ref].to_numpy(float)
-        colour = sources[blue].to_numpy(float) - m
-        ok = (m < self.max_mag) & (colour > self.min_colour) & (sources["a"].to_numpy(float) > self.min_size * sigma_px)
+        m = sources[f"mag_auto_{ref_band}"].to_numpy(float)
+        ok = (m < self.max_mag) & (sources["a"].to_numpy(float) > self.min_size * sigma_px)
         if "is_primary" in sources.columns:
             ok &= sources["is_primary"].to_numpy(bool)
         if "flag_saturated" in sources.columns:
             ok &= ~sources["flag_saturated"].to_numpy(bool)
-        return ok & np.isfinite(m) & np.isfinite(colour)
+        return ok & np.isfinite(m)
+
+    def candidates(self, tile, sources: pd.DataFrame) -> np.ndarray:
+        """Boolean mask of the rows that pass the deflector cuts (see the module docstring)."""
+        if len(sources) == 0:
+            return np.zeros(0, bool)
+        ref_band, blue_band = self.cut_bands()
+        self.require(sources, [blue_band, ref_band])
+        colour = sources[f"mag_auto_{blue_band}"].to_numpy(float) - sources[f"mag_auto_{ref_band}"].to_numpy(float)
+        return self.bright_resolved(tile, sources, ref_band) & (colour > self.min_colour) & np.isfinite(colour)
 
     def stamps(self, tile, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, bands, S, S) stamps centred on the nearest pixels to (x, y) (tile-array pixel coordinates)

@@ -6,7 +6,7 @@ galaxies and a faint tail look like any close pair to a per-pixel residual (abov
 percentile 0.00-0.31 of the simulated mergers, `deepfield eval anomaly`). A classifier trained to tell a merger
 from a close pair without tails, field galaxies, spirals, ring galaxies, red galaxies with companions and
 lenses sees them; its scores rank candidates among the anomaly windows in the anomaly merge (the merger term of
-catalogs/anomaly_candidates.py).
+catalogs/score_terms.py).
 
 Candidates are the detected sources that could be a merger or one of its nuclei:
 - AUTO magnitude in the reference band `ref_band` (i, or the reddest band of the weights without i) brighter
@@ -28,7 +28,6 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from ._pixels import DEFAULT_FWHM_PX, fwhm_pixels
 from .base import StageConfig
 from .lens import CandidateStampConfig, LensStage
 
@@ -47,7 +46,7 @@ class MergerStage(LensStage):
     models: ClassVar[tuple[str, ...]] = ("merger_resnet",)
     reads: ClassVar[tuple[str, ...]] = ("mag_auto_{band}", "a", "x_tile", "y_tile")
     adds: ClassVar[tuple[str, ...]] = ("merger_candidate", "merger_score")
-    merge_step: ClassVar[str | None] = None  # its scores rank in the anomaly merge (catalogs/anomaly_candidates.py)
+    merge_step: ClassVar[str | None] = None  # its scores rank in the anomaly merge (catalogs/score_terms.py)
     columns: ClassVar[tuple[str, str]] = ("merger_candidate", "merger_score")
 
     def cut_bands(self) -> tuple[str, str]:
@@ -62,16 +61,8 @@ class MergerStage(LensStage):
 
     def candidates(self, tile, sources: pd.DataFrame) -> np.ndarray:
         """Boolean mask of the rows that pass the candidate cuts (see the module docstring)."""
-        n = len(sources)
-        if n == 0:
+        if len(sources) == 0:
             return np.zeros(0, bool)
         ref_band = self.cut_bands()[0]
         self.require(sources, [ref_band])
-        sigma_px = fwhm_pixels(tile, DEFAULT_FWHM_PX) / 2.3548
-        m = sources[f"mag_auto_{ref_band}"].to_numpy(float)
-        ok = (m < self.max_mag) & (sources["a"].to_numpy(float) > self.min_size * sigma_px)
-        if "is_primary" in sources.columns:
-            ok &= sources["is_primary"].to_numpy(bool)
-        if "flag_saturated" in sources.columns:
-            ok &= ~sources["flag_saturated"].to_numpy(bool)
-        return ok & np.isfinite(m)
+        return self.bright_resolved(tile, sources, ref_band)

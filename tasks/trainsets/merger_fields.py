@@ -28,29 +28,17 @@ import pandas as pd
 
 from ..atomic import atomic_path
 from ..sim.config import SimConfig
-from ..stages._pixels import DEFAULT_FWHM_PX, UNUSABLE, centred_stamps, fwhm_pixels
+from ..stages._pixels import UNUSABLE, centred_stamps
 from ..stages.background import BackgroundStage
 from ..stages.detect import DetectStage
 from ..stages.measure import MeasureStage
-from ..stages.merger import MergerConfig
+from ..stages.merger import MergerStage
 from .fields import simulate_fields
 
 __all__ = ["field_stamps", "MATCH_PX"]
 
 MATCH_PX = 12.0  # a candidate within this of a simulated merger's centre is that merger (module docstring)
 SIM_BANDS = ["g", "r", "i", "z"]  # the fields are simulated in these; a stamp set takes the bands it needs
-
-
-def _cut(sources: pd.DataFrame, tile, ref: str) -> np.ndarray:
-    """The merger stage's candidate cut (tasks/stages/merger.py, its defaults) with reference band `ref`."""
-    d = MergerConfig()
-    sigma_px = fwhm_pixels(tile, DEFAULT_FWHM_PX) / 2.3548
-    m = sources[f"mag_auto_{ref}"].to_numpy(float)
-    ok = (m < d.max_mag) & (sources["a"].to_numpy(float) > d.min_size * sigma_px) & np.isfinite(m)
-    ok &= sources["is_primary"].to_numpy(bool)
-    if "flag_saturated" in sources.columns:
-        ok &= ~sources["flag_saturated"].to_numpy(bool)
-    return ok
 
 
 def field_stamps(n_fields: int, seed: int, bands: list[str], cache: Path, size: int = 2048, mergers: int = 12,
@@ -92,6 +80,7 @@ def _simulate(n_fields, seed, size, mergers, stamp, workers, path: Path, say) ->
         truth = pd.read_parquet(work / "sim" / "truth" / "anomalies.parquet")
         truth = truth[truth.type == "merger"]
         stages = [BackgroundStage(), DetectStage(), MeasureStage()]
+        cuts = {b: MergerStage(ref_band=b) for b in ("i", "z")}
         for s in stages:
             s.setup("cpu")
         parts = []
@@ -100,7 +89,7 @@ def _simulate(n_fields, seed, size, mergers, stamp, workers, path: Path, say) ->
             src = pd.DataFrame()
             for s in stages:
                 src = s.run(tile, src)
-            cut = {b: _cut(src, tile, b) for b in ("i", "z")}  # i for g, r, i, z; z for g, r, z
+            cut = {b: cuts[b].candidates(tile, src) for b in cuts}  # the stage's cut: i for g, r, i, z; z for g, r, z
             any_cut = cut["i"] | cut["z"]
             if not any_cut.any():
                 continue
