@@ -122,7 +122,7 @@ class AnomalyMergeConfig(MergeStepConfig):
 class AnomalyMerge(MergeStep):
     stage: ClassVar[str] = "anomaly"
     Config: ClassVar[type[MergeStepConfig]] = AnomalyMergeConfig
-    version: ClassVar[str] = "3"  # 2: the lens term; 3: the merger term (catalogs/score_terms.py)
+    version: ClassVar[str] = "4"  # 2: the lens term; 3: the merger term (catalogs/score_terms.py); 4: the line term
 
     stats: dict | None = None
 

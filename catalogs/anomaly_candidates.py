@@ -26,6 +26,21 @@ high-scoring windows, each listed once however many windows, tiles or fields cov
   (`ranked_sigma`), its position the ring's centre; the noise's depressions stay below RING_OFFSET, a ring
   galaxy's went 12 to 171 deep on the simulator's fields, where the sigma-score had none above the normal windows'
   99th percentile. A candidate whose peak window is ranked by its ring has the shape hint "ring".
+- the line term (models/anomaly_gan.line_terms; the `line` column, since stage version 7): a window whose line
+  S/N less LINE_OFFSET (2), at most LINE_SIGMA_MAX (8), is more than its sigma-score (and ring term) is ranked by
+  that instead (`line_sigma`), its position the line's point nearest the window's centre and its band the line's:
+  a faint satellite trail. On `deepfield eval anomaly`'s two pairs of fields (seeds 20261125 and 20261201) the
+  normal windows' line S/N has its 99th, 99.9th and 99.99th percentiles at 1.8-1.9, 2.8-3.2 and 3.9-5.2 (at most
+  4.7 and 8.0), and the normal windows above a sigma of 4.1 (their 99th percentile), 5 and 6.6 were 0-0.4 %,
+  0-1.2 % and 0 % more with the line term (the same with an offset of 3), while the one trail that no window ranked above the 99th
+  percentile (4 sigma on its axis in r, along the field's edge: 3.7) went to 6.8. The cap: beyond the normal
+  windows' own line S/N there is no measured rate of false alarms to rank a line by, and a bright trail's windows
+  have sigma-scores of their own (7.6-11.7 at the best); without it a bright trail's 200-1,000 windows, ranked at
+  up to 85, filled the top 1 % of those fields' windows (the injected anomalies in it 0.55 -> 0.26 and
+  0.58 -> 0.12; with it 0.55 and 0.58, every figure against the normal windows the same).
+- trails in pieces: a trail that faint dips under sigma_grow here and there along its length and broke into
+  several regions; regions ranked by their line term whose line points lie on one straight line are one
+  (`_join_lines`).
 - the score terms (catalogs/score_terms.py): the lens and merger stages' candidates, strong lenses and mergers
   the generator's residual hardly sees, each lift the window nearest it to a sigma calibrated on the stage's
   false alarms per window, at the source, with the shape hint "lens" or "merger".
@@ -47,6 +62,7 @@ high-scoring windows, each listed once however many windows, tiles or fields cov
   injected anomalies with a window above sigma_cut (35 of the 180 cosmic rays, 6 lenses, 3 ring galaxies, 2
   trails) were listed under another feature's peak before; now 157 of the cosmic rays are candidates (131),
   all three trails (1), 9 of 12 ring galaxies (7), and the first 100 candidates are all true anomalies (95).
+- bands: those of the region's windows at sigma >= sigma_cut (each window's worst pixel's band, or its line's).
 - across fields: regions of overlapping fields within (extent_a + extent_b) / 2 + `match_arcsec` of each other
   on the sky are one candidate (the highest sigma kept, bands and window counts joined).
 - shape hint: "ring", "lens" and "merger" (above); "point" when the windows' worst pixels all lie within 3 px of the peak's (one
@@ -63,11 +79,12 @@ import pandas as pd
 from scipy.spatial import cKDTree
 
 from deepfield.tasks.astro import unit_vectors
+from deepfield.tasks.stages._anomaly_grid import LINE_OFFSET, LINE_SIGMA_MAX
 from deepfield.tasks.stages._rings import RING_OFFSET
 
 from .score_terms import SCORE_TERMS, ScoreTerm, score_term, with_lens_term
 
-__all__ = ["CANDIDATE_COLUMNS", "build_candidates", "ranked_sigma", "window_sigma"]
+__all__ = ["CANDIDATE_COLUMNS", "build_candidates", "line_sigma", "ranked_sigma", "window_sigma"]
 
 CANDIDATE_COLUMNS = ("anomaly_rank", "field", "ra", "dec", "x", "y", "anomaly_sigma", "score", "score_paper",
                      "extent_arcsec", "n_windows", "bands", "shape", "source_id", "source_anomaly_sigma")
@@ -132,6 +149,18 @@ def ranked_sigma(sigma: np.ndarray, ring: np.ndarray | None) -> tuple[np.ndarray
     return np.where(wins, r, sigma), wins
 
 
+def line_sigma(sigma: np.ndarray, line: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The windows' ranking sigma with the line term (module docstring): the larger of `sigma` and the line S/N
+    less LINE_OFFSET (at most LINE_SIGMA_MAX), and where the line term is the larger (bool). line None (windows
+    of a stage version before 7): `sigma` unchanged."""
+    sigma = np.asarray(sigma, np.float64)
+    if line is None:
+        return sigma, np.zeros(len(sigma), bool)
+    r = np.minimum(np.nan_to_num(np.asarray(line, np.float64), nan=0.0) - LINE_OFFSET, LINE_SIGMA_MAX)
+    wins = (r > 0) & ~(sigma >= r)
+    return np.where(wins, r, sigma), wins
+
+
 def _arcsec(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.degrees(2 * np.arcsin(np.clip(np.linalg.norm(u - v, axis=-1) / 2, 0, 1))) * 3600.0
 
@@ -154,8 +183,9 @@ POINT_WINDOWS = 4  # windows that must see a group's peak pixel as their worst f
 
 
 def _watershed(ky: np.ndarray, kx: np.ndarray, px: np.ndarray, py: np.ndarray, sigma: np.ndarray, cut: float,
-               grow: float) -> np.ndarray:
-    """Region label of every window of one field (0: none), points split out (module docstring). Written
+               grow: float, seeded: bool = True) -> np.ndarray:
+    """Region label of every window of one field (0: none), points split out (module docstring); seeded=False:
+    of the groups without a window at `cut` too (to be joined before the cut: _regions). Written
     here rather than taken from scikit-image's watershed: that one splits at every local maximum (a trail's
     bumps) unless given markers, and which groups stay apart is only known as they grow."""
     label = np.zeros(len(sigma), np.int64)
@@ -213,10 +243,58 @@ def _watershed(ky: np.ndarray, kx: np.ndarray, px: np.ndarray, py: np.ndarray, s
         for r in side[1:]:
             parent[r] = side[0]
     roots = np.array([find(i) for i in warm])
-    seeded = {r for r in set(roots.tolist()) if sigma[peak[r]] >= cut}
-    ids = {r: k + 1 for k, r in enumerate(sorted(seeded))}
+    kept_roots = {r for r in set(roots.tolist()) if sigma[peak[r]] >= cut or not seeded}
+    ids = {r: k + 1 for k, r in enumerate(sorted(kept_roots))}
     label[warm] = [ids.get(r, 0) for r in roots]
     return label
+
+
+LINE_JOIN_PX = 6.0  # px: regions ranked by their line term whose line points all lie this close to one line are one
+LINE_JOIN_DEG = 12.0  # degrees: ... and whose directions lie this close to that line's (about one of line_terms')
+
+
+def _join_lines(region: np.ndarray, px: np.ndarray, py: np.ndarray, angle: np.ndarray, sigma: np.ndarray,
+                lined: np.ndarray) -> np.ndarray:
+    """`region` with the regions that hold windows ranked by their line term (`lined`; px, py their line points,
+    `angle` their lines' directions in degrees) made one where they lie on one straight line: a satellite trail is
+    straight across the field, and one faint enough for the line term to find dips under sigma_grow here and
+    there along its length (or passes under a bright star), which broke it into pieces. Two groups join when a
+    line fitted to all their line points (the principal axis) passes within LINE_JOIN_PX of every one and within
+    LINE_JOIN_DEG of the direction of each group's best line; groups are joined from the highest sigma down, over
+    and over until no two join (the anomaly stage takes the line term on its coarse windows, two grid steps apart,
+    and on their neighbours only next to a line: a faint trail's windows are often regions of their own).
+    Written here: a handful of regions per field, whose test is this fit."""
+    heads = [r for r in np.unique(region[region > 0]) if (lined & (region == r)).any()]
+    if len(heads) < 2:
+        return region
+    pts = {r: np.flatnonzero(lined & (region == r)) for r in heads}
+    top = {r: pts[r][int(np.argmax(sigma[pts[r]]))] for r in heads}
+
+    def straight(ix: np.ndarray, ends: list[int]) -> bool:
+        xy = np.column_stack([px[ix], py[ix]])
+        xy = xy - xy.mean(0)
+        _, vec = np.linalg.eigh(xy.T @ xy)
+        d = vec[:, -1]  # the principal axis
+        if np.abs(xy @ np.array([-d[1], d[0]])).max() > LINE_JOIN_PX:
+            return False
+        fit = np.degrees(np.arctan2(d[1], d[0])) % 180.0
+        return all(abs((angle[e] - fit + 90.0) % 180.0 - 90.0) <= LINE_JOIN_DEG for e in ends)
+
+    groups = {r: [r] for r in sorted(heads, key=lambda h: -sigma[top[h]])}  # the highest first
+    joined = True
+    while joined:  # until no two groups lie on one line
+        joined = False
+        for r in list(groups):
+            for q in [h for h in groups if h != r and r in groups and h in groups]:
+                both = groups[r] + groups[q]
+                if straight(np.concatenate([pts[h] for h in both]), [top[h] for h in both]):
+                    groups[r] = both
+                    del groups[q]
+                    joined = True
+    out = region.copy()
+    for r, members in groups.items():
+        out[np.isin(region, members)] = r
+    return out
 
 
 def _regions(w: pd.DataFrame, sigma: np.ndarray, cut: float, grow: float, stride: float) -> list[dict]:
@@ -225,7 +303,13 @@ def _regions(w: pd.DataFrame, sigma: np.ndarray, cut: float, grow: float, stride
         return []
     px, py = w.peak_x.to_numpy(float), w.peak_y.to_numpy(float)
     hint = w._hint.to_numpy() if "_hint" in w.columns else np.full(len(w), "")
-    region = _watershed(w.ky.to_numpy(), w.kx.to_numpy(), px, py, sigma, cut, min(grow, cut))
+    if "_line" in w.columns and w._line.any():  # the groups on one line joined, then those without a window at cut
+        region = _watershed(w.ky.to_numpy(), w.kx.to_numpy(), px, py, sigma, cut, min(grow, cut), seeded=False)
+        region = _join_lines(region, px, py, w.line_angle.to_numpy(float), sigma, w._line.to_numpy(bool))
+        low = [r for r in np.unique(region[region > 0]) if sigma[region == r].max() < cut]
+        region[np.isin(region, low)] = 0
+    else:
+        region = _watershed(w.ky.to_numpy(), w.kx.to_numpy(), px, py, sigma, cut, min(grow, cut))
     out = []
     for r in np.unique(region[region > 0]):
         ix = np.flatnonzero(region == r)
@@ -242,7 +326,8 @@ def _regions(w: pd.DataFrame, sigma: np.ndarray, cut: float, grow: float, stride
                         x=float(px[at]), y=float(py[at]), anomaly_sigma=float(sigma[p]),
                         score=float(w.score.iloc[p]), score_paper=float(w.score_paper.iloc[p]),
                         extent_arcsec=extent, n_windows=int(len(ix)),
-                        bands=",".join(sorted(set(w.band.to_numpy()[ix].astype(str)))), shape=shape))
+                        bands=",".join(sorted(set(w.band.to_numpy()[ix[sigma[ix] >= cut]].astype(str)))),
+                        shape=shape))
     return out
 
 
@@ -285,6 +370,8 @@ def build_candidates(maps: pd.DataFrame, sigma_cut: float, stride: float, source
                                 maps["model_peak"].to_numpy() if "model_peak" in maps.columns else None,
                                 maps["coarse"].to_numpy(bool) if "coarse" in maps.columns else None)
     sigma, ringed = ranked_sigma(sigma, maps["ring"].to_numpy() if "ring" in maps.columns else None)
+    sigma, lined = line_sigma(sigma, maps["line"].to_numpy() if "line" in maps.columns else None)
+    ringed &= ~lined
     hint = np.where(ringed, "ring", "").astype(object)  # the term that ranks each window ("" the sigma-score)
     at = np.full(len(maps), -1, np.int64)  # the source a score term's window is placed at
     for term in terms:  # each a larger sigma than all before it takes the window
@@ -292,19 +379,25 @@ def build_candidates(maps: pd.DataFrame, sigma_cut: float, stride: float, source
         sigma, won = with_lens_term(sigma, t)
         hint[won], at[won] = term.hint, src[won]
     ringed, scored = hint == "ring", at >= 0
-    stats["ring_windows"] = int(ringed.sum())
+    lined &= ~scored
+    stats["ring_windows"], stats["line_windows"] = int(ringed.sum()), int(lined.sum())
     stats.update({f"{term.hint}_windows": int((hint == term.hint).sum()) for term in terms})
-    if ringed.any() or scored.any():  # one copy of the windows for both placements
+    if ringed.any() or lined.any() or scored.any():  # one copy of the windows for every placement
         maps = maps.copy()
         for c in ("peak_x", "peak_y", "ra", "dec"):
-            # a window ranked by its ring term is placed at its ring's centre, one ranked by a score term at its
-            # source (a lens's deflector, a merger's nucleus); windows without a ring term have no ring columns
+            # a window ranked by its ring term is placed at its ring's centre, one ranked by its line term on the
+            # line (and given the line's band), one ranked by a score term at its source (a lens's deflector, a
+            # merger's nucleus); windows without a ring or line term have no such columns
             if ringed.any():
                 maps.loc[ringed, c] = maps.loc[ringed, f"ring_{c.removeprefix('peak_')}"].to_numpy()
+            if lined.any():
+                maps.loc[lined, c] = maps.loc[lined, f"line_{c.removeprefix('peak_')}"].to_numpy()
             if scored.any():
                 maps.loc[scored, c] = sources[c.removeprefix("peak_")].to_numpy(float)[at[scored]]
+        if lined.any():
+            maps.loc[lined, "band"] = maps.loc[lined, "line_band"].to_numpy()
     rows = []
-    for _, w in maps.assign(_sigma=sigma, _hint=hint).groupby("field", sort=True):
+    for _, w in maps.assign(_sigma=sigma, _hint=hint, _line=lined).groupby("field", sort=True):
         rows += _regions(w.reset_index(drop=True), w._sigma.to_numpy(), sigma_cut, grow, stride)
     c = pd.DataFrame(rows, columns=[k for k in CANDIDATE_COLUMNS if k not in
                                     ("anomaly_rank", "source_id", "source_anomaly_sigma")])

@@ -310,3 +310,40 @@ def test_local_terms_match_their_plain_form_to_the_bit(reach):
         v.backward()
         grads.append((v.detach(), gg.grad))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_line_term_finds_a_faint_line_and_not_noise_blobs_or_slopes():
+    """line_terms on residuals in noise units (4 bands, 32 px): white noise alone stays under 2.5 (the merge's
+    offset is 3); a trail 4 sigma on its axis (Gaussian profile, sigma 1.3 px) in one band at 30 degrees, 5 px off
+    the centre, reaches 4.5 and more, with its band, its direction within one step (11.25 degrees) and its point
+    within 3 px of the trail; a compact source's residual of total S/N 60 and a sky slope of 0.1 sigma per px
+    (3 sigma per pixel across the window) stay under 2.5; a window that is not sky gives 0."""
+    from deepfield.models.anomaly_gan import line_terms
+    rng = np.random.default_rng(5)
+    n, nb, s = 64, 4, 32
+    noise = rng.normal(size=(n, nb, s, s)).astype(np.float32)
+    sky = torch.ones(n, nb, s, s)
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float64)
+    c, th = (s - 1) / 2, np.radians(30.0)
+    d = -(xx - c) * np.sin(th) + (yy - c) * np.cos(th) - 5.0  # distance from the trail
+    trail = (4.0 * np.exp(-0.5 * (d / 1.3) ** 2)).astype(np.float32)
+    blob = np.exp(-0.5 * ((xx - 20) ** 2 + (yy - 12) ** 2) / 1.5 ** 2)
+    blob = (60 * blob / np.sqrt((blob ** 2).sum())).astype(np.float32)  # matched-filter S/N 60
+    slope = (0.1 * (xx - c)).astype(np.float32)
+    base = line_terms(torch.as_tensor(noise), sky).numpy()
+    assert base[:, 0].max() < 2.5, base[:, 0].max()  # 1.3
+    out = {}
+    for name, add in (("trail", trail), ("blob", blob), ("slope", slope)):
+        x = noise.copy()
+        x[:, 2] += add
+        out[name] = line_terms(torch.as_tensor(x), sky).numpy()
+    t = out["trail"]
+    assert np.median(t[:, 0]) > 4.5 and (t[:, 3] == 2).mean() > 0.9, np.median(t[:, 0])  # 5.3
+    assert np.median(np.abs((t[:, 4] - 30.0 + 90) % 180 - 90)) <= 11.25
+    py, px = t[:, 1], t[:, 2]
+    dist = np.abs(-(px - c) * np.sin(th) + (py - c) * np.cos(th) - 5.0)
+    assert np.median(dist) < 3, np.median(dist)
+    assert np.median(out["blob"][:, 0]) < 2.5 and np.median(out["slope"][:, 0]) < 2.5, (  # 1.0, 2.0
+        np.median(out["blob"][:, 0]), np.median(out["slope"][:, 0]))
+    none = line_terms(torch.as_tensor(noise[:2] + trail), torch.zeros(2, nb, s, s)).numpy()
+    assert (none[:, 0] == 0).all()

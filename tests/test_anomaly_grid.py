@@ -10,7 +10,8 @@ import pytest
 
 from deepfield.catalogs.anomaly_candidates import build_candidates, window_sigma
 from deepfield.tasks.sim.artefacts import add_ghost, add_satellite_trail
-from deepfield.tasks.stages._anomaly_grid import extract, grid_starts, refined, tile_windows
+from deepfield.tasks.stages._anomaly_grid import (LINE_OFFSET, LINE_SIGMA_MAX, extract, grid_starts, refined,
+                                                  tile_windows)
 from deepfield.tasks.stages._pixels import forget_pixel_products
 from deepfield.tasks.stages.anomaly import AnomalyStage
 from deepfield.tasks.stages.background import BackgroundStage
@@ -173,6 +174,39 @@ def test_artefacts_score_above_the_99th_percentile_of_normal_windows(field):
     assert on_trail.n_windows.iloc[0] >= 8
 
 
+def test_a_faint_trail_is_one_linear_candidate_by_its_line_term(field):
+    """A satellite trail 4 sky sigma on its axis in r alone (the simulator draws 2-50), across the tile boundary
+    x = 512: no pixel of it stands much above the noise, but its windows' line term does (the best 7.4, every
+    normal window's 4.0 or less); it is one candidate (its pieces on one line joined), shape "linear", in r, placed on the
+    trail. The normal windows' line term stays below LINE_OFFSET + 2 (the merge's sigma 2) but for a few in a
+    thousand."""
+    stage, clean = field["stage"], field["clean"]
+    x0, y0, x1, y1 = 150.0, 380.0, 900.0, 470.0
+    maps = []
+    for tile in field["tiles"]:
+        t = _copy(tile)
+        r = t.bands.index("r")
+        add_satellite_trail(t.image[r], x0 - t.box.x0, y0 - t.box.y0, x1 - t.box.x0, y1 - t.box.y0, 1.2,
+                            4 * _sky_sigma(t, "r"))
+        maps.append(stage.windows(t))
+    w = pd.concat(maps, ignore_index=True)
+    dist = np.abs((w.y - y0) * (x1 - x0) - (w.x - x0) * (y1 - y0)) / np.hypot(x1 - x0, y1 - y0)
+    on = w[(dist < 16) & w.x.between(x0 + 16, x1 - 16) & w.coarse]  # the line term is taken on the coarse windows
+    assert (w.line[~w.coarse] > 0).any() and (clean.line[~clean.coarse] > 0).sum() < 0.1 * len(clean)  # by lines
+    assert on.line.median() > LINE_OFFSET + 1, on[["x", "y", "line", "score"]]  # 4.9; the normal windows' 99th 1.9
+    assert (on.line_band[on.line > LINE_OFFSET] == "r").all()
+    assert (clean.line > LINE_OFFSET + 2).mean() < 0.005 and clean.line.max() < on.line.max()
+    both = pd.concat([clean[~clean.set_index(["ky", "kx"]).index.isin(w.set_index(["ky", "kx"]).index)], w],
+                     ignore_index=True)
+    cand, stats = build_candidates(both, 4.0, stage.stride)
+    assert stats["line_windows"] >= len(on) // 2
+    near = cand[np.abs((cand.y - y0) * (x1 - x0) - (cand.x - x0) * (y1 - y0)) / np.hypot(x1 - x0, y1 - y0) < 3]
+    trail = near[near.x.between(x0, x1)]
+    assert len(trail) == 1, cand.head(10)
+    # most of its windows: 23 coarse ones and their neighbours
+    assert trail["shape"].iloc[0] == "linear" and "r" in trail.bands.iloc[0] and trail.n_windows.iloc[0] >= 20
+
+
 def test_a_ring_galaxy_is_a_ring_candidate_and_normal_light_none(field):
     """The simulator's ring galaxy (i = 21, ring radius 2", two knots, a nucleus 2.5 mag fainter) drawn into a
     tile of the normal field: the windows about it carry the ring term, many times the noise, and the merge lists
@@ -299,6 +333,42 @@ def test_a_cosmic_ray_on_a_trail_is_its_own_candidate_and_the_trail_stays_whole(
     assert (ray_row.x, ray_row.y) == (8 * 16 + 15.5 + 8, 10 * 16 + 15.5 + 8)
     assert trail_row["shape"] == "linear" and trail_row.n_windows == 28  # both sides of the ray, one piece
     assert abs(trail_row.x - (2 + 7.5) * 16 - 15.5) <= 16  # the middle of the trail, not one end
+
+
+def test_pieces_of_a_trail_on_one_line_are_one_candidate_and_crossing_trails_two():
+    """Hand-made grid with the line term: a trail y = 0.25 x + 100 whose windows' line term (S/N 12, sigma 9)
+    falls to nothing over two gaps of three windows, and a steeper trail in two pieces, whose line would cross the
+    first's, each window's line point on its trail and its direction the line term's nearest (11.25 and 112.5
+    degrees against 14.0 and 116.6): two candidates, each of all its pieces' windows, linear, in r, placed on its
+    trail."""
+    w = _grid("f", 64, 10.0, {})
+    for c, v in (("line", 0.0), ("line_angle", 0.0), ("line_band", "g")):
+        w[c] = v
+    w["line_x"], w["line_y"] = w.x, w.y
+
+    def paint(xs, ys, angle) -> set:
+        ks = set()
+        for x, y in zip(xs, ys):
+            k = int(np.rint((y - 15.5) / 16)) * 64 + int(np.rint((x - 15.5) / 16))
+            w.loc[k, ["line", "line_x", "line_y", "line_angle", "line_band"]] = [12.0, x, y, angle, "r"]
+            ks.add(k)
+        return ks
+
+    xa = np.array([16 * k + 15.5 for k in range(64) if not (10 <= k < 13 or 30 <= k < 33)])
+    a = paint(xa, 0.25 * xa + 100, 11.25)
+    yb = np.array([16 * k + 15.5 for k in range(25, 60) if not (40 <= k < 44)])
+    b = paint(600 - 0.5 * yb, yb, 112.5)
+    w["line_ra"], w["line_dec"] = 10.0 + w.line_x * 0.2 / 3600, w.line_y * 0.2 / 3600
+    cand, stats = build_candidates(w, 5.0, 16)
+    assert stats["line_windows"] == len(a | b)
+    assert len(cand) == 2, cand
+    n = sorted(cand.n_windows)  # every painted window, and a window of the noise beside it maybe
+    assert sorted([len(a), len(b)]) <= n and n[0] <= len(b) + 2 and n[1] <= len(a) + 2, n
+    assert (cand["shape"] == "linear").all() and (cand.bands == "r").all()
+    assert np.allclose(cand.anomaly_sigma, min(12.0 - LINE_OFFSET, LINE_SIGMA_MAX))
+    on_a = np.abs(cand.y - (0.25 * cand.x + 100)) < 2
+    on_b = np.abs(cand.x - (600 - 0.5 * cand.y)) < 2
+    assert (on_a ^ on_b).all() and on_a.sum() == 1
 
 
 def test_window_sigma_compares_a_window_with_those_as_bright():

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepfield.catalogs.anomaly_candidates import ranked_sigma, window_sigma
+from deepfield.catalogs.anomaly_candidates import line_sigma, ranked_sigma, window_sigma
 from deepfield.catalogs.score_terms import LENS_MIN_SCORE, MERGER_MIN_SCORE, SCORE_TERMS, score_term, with_lens_term
 from deepfield.models.progress import say
 from deepfield.tasks.sim.config import SimConfig
@@ -169,6 +169,17 @@ def with_terms(sigma: np.ndarray, windows, found, stride: float) -> np.ndarray:
     return sigma
 
 
+def line_next(windows, line: np.ndarray) -> np.ndarray:
+    """Which of the dense grid's `windows` (tile, ky, kx, coarse) the stage gives the line term besides the coarse
+    ones (tasks/stages/_anomaly_grid.line_neighbours), given the coarse windows' `line`."""
+    from deepfield.tasks.stages._anomaly_grid import line_neighbours
+    out = np.zeros(len(windows), bool)
+    for _, w in windows.groupby("tile", sort=False):
+        ix = w.index.to_numpy()
+        out[ix] = line_neighbours(w.ky.to_numpy(), w.kx.to_numpy(), w.coarse.to_numpy(bool), line[ix])
+    return out
+
+
 def scored_windows(windows, score: np.ndarray, fraction: float, above: float) -> np.ndarray:
     """Which of the dense grid's `windows` (tile, ky, kx, coarse) the stage's coarse-to-fine pass scores with
     `refine` = fraction and `refine_above` = above, given every window's score (the stage computes only the
@@ -190,7 +201,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
 
     from deepfield.models.anomaly_gan import grid_scores
     from deepfield.models.registry import choose_variant
-    from deepfield.tasks.stages._anomaly_grid import extract, tile_inputs, tile_windows
+    from deepfield.tasks.stages._anomaly_grid import extract, refine_scores, tile_inputs, tile_windows
     from deepfield.tasks.stages.background import BackgroundStage
     from deepfield.tasks.stages.registry import make_stage
     from deepfield.tasks.trainsets.fields import simulate_fields
@@ -280,8 +291,9 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
         t = time.perf_counter()
         r = grid_scores(stage.model, x, noise, steps=k, batch=batch, device=device)
         dt = time.perf_counter() - t
+        r["line"] = np.where(coarse | line_next(windows, r["line"]), r["line"], 0.0)  # as the stage takes it
         gan = window_sigma(r["score"], r["model_peak"])[0]
-        ringed = ranked_sigma(gan, ring)[0]
+        ringed = line_sigma(ranked_sigma(gan, ring)[0], r["line"])[0]
         sigma = with_terms(ringed, windows, found, stage.stride)
         gan, ringed, sigma = (np.where(np.isfinite(v), v, np.nanmin(v) - 1.0) for v in (gan, ringed, sigma))
         normal = ringed[label == "normal"]  # the score terms' calibration (catalogs/score_terms.py)
@@ -293,11 +305,14 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
                               "sigma_gan": figures(gan, label, subjects, groups, unseen, seen),
                               "normal_sigma_quantiles": {str(q): float(np.quantile(normal, q)) for q in
                                                          (0.99, 0.995, 0.998, 0.999, 0.9995, 0.9998, 0.9999,
-                                                          0.99995, 0.99999)}}
+                                                          0.99995, 0.99999)},
+                              "normal_line_quantiles": {str(q): float(np.quantile(r["line"][label == "normal"], q))
+                                                        for q in (0.5, 0.9, 0.99, 0.999, 0.9999, 1.0)}}
         # the grid as the stage scores it, coarse to fine: the windows it leaves out ranked last
-        keep = scored_windows(windows, r["score"], refine, refine_above)
+        keep = scored_windows(windows, refine_scores(r["score"], r["line"]), refine, refine_above)
         low = float(np.min(r["score"])) - 1.0
         sig = ranked_sigma(window_sigma(np.where(keep, r["score"], np.nan), r["model_peak"], coarse)[0], ring)[0]
+        sig = line_sigma(sig, np.where(keep, r["line"], np.nan))[0]
         kept = np.flatnonzero(keep)  # the score terms go to the nearest window the stage scored
         sig[kept] = with_terms(sig[kept], windows.iloc[kept].reset_index(drop=True), found, stage.stride)
         sig = np.where(np.isfinite(sig), sig, np.nanmin(sig) - 1.0)

@@ -22,8 +22,10 @@ centre) and peak_x, peak_y (its worst pixel; field pixels), ra, dec (of the peak
 degrees), score, score_paper, local_pixel, local_feature, model_peak (the reconstruction's brightest pixel, sky
 sigmas), band (of the peak), mode, coarse (on the coarse grid: the merge's sigma-scores are taken against those,
 a uniform sample of the grid), and the ring term's ring (depth, S/N; 0 for none), ring_x, ring_y (field pixels)
-and ring_ra, ring_dec (NaN for none): the ring's centre, the mean of its rim (_rings.rims). The merge step
-(catalogs/anomalies.py) turns high-scoring windows into anomaly candidates.
+and ring_ra, ring_dec (NaN for none): the ring's centre, the mean of its rim (_rings.rims), and the line term's
+line (S/N), line_x, line_y, line_ra, line_dec (the line's point nearest the window's centre), line_band and
+line_angle (its direction, degrees from +x towards +y). The
+merge step (catalogs/anomalies.py) turns high-scoring windows into anomaly candidates.
 
 Ring term (`ring`, default on; tasks/stages/_rings.py): the deepest depression of the light enclosed all round by
 a rim of at least `ring_rim` (8) times the noise, in each window, on the detection image of every band filtered by
@@ -31,6 +33,19 @@ the PSF (the detect stage's S/N map where it ran): a ring galaxy's ring about it
 generator's residual hardly sees (a smooth blob drawn where the ring is, and bright galaxies' residuals large
 anyway). The merge ranks a window by the larger of its sigma-score and the depth less RING_OFFSET (4). On the
 simulator's fields the ring galaxies' depressions are 12 to 171 times the noise, everything else's at most 4.4.
+
+Line term (models/anomaly_gan.line_terms, always on): the S/N of the best straight strip across the window's sky
+residual (x - G(z) over the pixels the generator calls sky, in units of their noise), summed in 4 x 4 px cells along
+16 directions and 9 offsets from the centre, less the cells beside the strip, held by all four pieces along it:
+a faint satellite trail in one band, which no pixel of shows above the noise's worst in a window (a trail 4 sigma
+on its axis scored under the normal windows' 99th percentile, `deepfield eval anomaly` seed 20261125) and which
+summed along its length stands far out. The merge ranks a window by the larger of its sigma-score and the line S/N
+less LINE_OFFSET (2), at most LINE_SIGMA_MAX (8; tasks/stages/_anomaly_grid.py), placed on the line. It is taken
+on the coarse windows (lines up to 16 px from a window's centre: the coarse windows, which hold every pixel, see
+every line), and where a coarse window's is above LINE_REFINE (3) its neighbours are scored too (refine_scores) and
+take it as well (line_neighbours); the other windows' line is 0. For every scored window it cost 0.04-0.05
+core-s per Mpx on the evaluation's fields, so about 0.02 (and the merge joins the pieces of a trail on one line,
+catalogs/anomaly_candidates._join_lines).
 
 Sources (as before), for the rows of the tile that
 - are primary (the core owns them) and not saturated (saturated stars are bright, normal and masked);
@@ -77,7 +92,7 @@ import pandas as pd
 from pydantic import Field
 
 from .. import maskbits
-from ._anomaly_grid import extract, refined, tile_inputs, tile_windows, window_stamps
+from ._anomaly_grid import extract, line_neighbours, refine_scores, refined, tile_inputs, tile_windows, window_stamps
 from ._pixels import DEFAULT_FWHM_PX, filtered_snr, fwhm_pixels, gaussian_kernel, tile_detection_image
 from ._rings import rims, ring_depth, ring_search
 from .base import ModelStage, ModelStageConfig, StageConfig
@@ -123,8 +138,9 @@ class AnomalyConfig(ModelStageConfig):
 class AnomalyStage(ModelStage):
     name: ClassVar[str] = "anomaly"
     # 3: the grid's model_peak (the merge's sigma-scores by brightness); 4: coarse to fine; 5: bfloat16 on CPUs
-    # that compute it (precision); 6: the ring term, the sources' stamps scaled by the tile's sky sigma
-    version: ClassVar[str] = "6"
+    # that compute it (precision); 6: the ring term, the sources' stamps scaled by the tile's sky sigma; 7: the line
+    # term
+    version: ClassVar[str] = "7"
     Config: ClassVar[type[StageConfig]] = AnomalyConfig
     models: ClassVar[tuple[str, ...]] = ("anomaly_wgan",)
     reads: ClassVar[tuple[str, ...]] = ("flux_auto_{band}", "fluxerr_auto_{band}", "a", "x_tile", "y_tile")
@@ -202,28 +218,30 @@ class AnomalyStage(ModelStage):
         noise *= extract([counted.astype(np.float32)], y0, x0, self.size)[0]  # saturated, bleeding: not scored
         return scale_stamps(stamps, sig), noise
 
-    def _score(self, x: np.ndarray, noise: np.ndarray, rescore: bool = True) -> dict:
+    def _score(self, x: np.ndarray, noise: np.ndarray, rescore: bool = True, lines: bool = True) -> dict:
         """Scores in the configured mode, with `rescore` the `rescore` best again in the full mode; adds `mode`
         (str)."""
         from deepfield.models.anomaly_gan import grid_scores
         full = self.mode == "full"
-        r = grid_scores(self.model, x, noise, steps=self.steps if full else 0, batch=self.inference_batch(), device=self.device)
+        r = grid_scores(self.model, x, noise, steps=self.steps if full else 0, batch=self.inference_batch(),
+                        device=self.device, lines=lines)
         r["mode"] = np.full(len(x), self.mode, object)
         if rescore:
-            self._rescore(r, lambda ix: (x[ix], noise[ix]))
+            self._rescore(r, lambda ix: (x[ix], noise[ix]), lines)
         return r
 
-    def _rescore(self, r: dict, stamps) -> None:
+    def _rescore(self, r: dict, stamps, lines: bool = True) -> None:
         """The `rescore` highest of the scores `r` again in the full mode, in place; stamps(ix) gives their
-        inputs (x, noise)."""
+        inputs (x, noise); `lines`: with the line term (grid_scores)."""
         from deepfield.models.anomaly_gan import grid_scores
         if self.mode == "full" or not self.rescore or not len(r["score"]):
             return
         best = np.argsort(-r["score"], kind="stable")[:self.rescore]
         again = grid_scores(self.model, *stamps(best), steps=self.steps, batch=self.inference_batch(),
-                            device=self.device)
+                            device=self.device, lines=lines)
         for k, v in again.items():
-            r[k][best] = v
+            if lines or not k.startswith("line"):  # without lines: the line term stays the fast mode's
+                r[k][best] = v
         r["mode"][best] = "full"
 
     def ring_terms(self, tile, y0: np.ndarray, x0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -263,32 +281,40 @@ class AnomalyStage(ModelStage):
         def stamps(ix: np.ndarray) -> list[np.ndarray]:
             return extract(inputs, y0[ix], x0[ix], self.size)
 
-        def score(ix: np.ndarray) -> dict:
-            return self._score(*stamps(ix), rescore=False)
+        def score(ix: np.ndarray, lines: bool) -> dict:
+            return self._score(*stamps(ix), rescore=False, lines=lines)
 
-        coarse = w.coarse.to_numpy(bool)
-        if self.refine >= 1:  # every window in one pass
+        # the coarse windows first, with the line term, then the others, with it next to a line (module docstring)
+        coarse, ky, kx = w.coarse.to_numpy(bool), w.ky.to_numpy(), w.kx.to_numpy()
+        first = np.flatnonzero(coarse)
+        r0 = score(first, True)
+        line = np.full(len(w), np.nan)
+        line[first] = r0["line"]
+        if self.refine >= 1:  # every window
             keep = np.arange(len(w))
-            r = score(keep)
         else:
-            first = np.flatnonzero(coarse)
-            r0 = score(first)
             s = np.full(len(w), np.nan)
-            s[first] = r0["score"]
-            keep = np.flatnonzero(refined(w.ky.to_numpy(), w.kx.to_numpy(), coarse, s, self.refine,
-                                          self.refine_above))
-            more = keep[~coarse[keep]]
-            r1 = score(more)
-            order = np.argsort(np.concatenate([first, more]), kind="stable")  # back in grid order
-            r = {k: np.concatenate([r0[k], r1[k]])[order] for k in r0}
-            w = w.iloc[keep].reset_index(drop=True)
-        self._rescore(r, lambda ix: stamps(keep[ix]))
+            s[first] = refine_scores(r0["score"], r0["line"])
+            keep = np.flatnonzero(refined(ky, kx, coarse, s, self.refine, self.refine_above))
+        near = line_neighbours(ky, kx, coarse, line)
+        more = keep[~coarse[keep]]
+        lined, plain = more[near[more]], more[~near[more]]
+        r1, r2 = score(lined, True), score(plain, False)
+        order = np.argsort(np.concatenate([first, lined, plain]), kind="stable")  # back in grid order
+        r = {k: np.concatenate([r0[k], r1[k], r2[k]])[order] for k in r0}
+        w = w.iloc[keep].reset_index(drop=True)
+        self._rescore(r, lambda ix: stamps(keep[ix]), lines=False)
         w0 = w.y0.to_numpy(), w.x0.to_numpy()
         py, px = w0[0] + r["peak"][:, 0], w0[1] + r["peak"][:, 1]
         if len(w):
             ra, dec = tile.wcs.pixel_to_world_values(px - tile.box.x0, py - tile.box.y0)
         else:
             ra = dec = np.zeros(0)
+        ly, lx = w0[0] + r["line_peak"][:, 0], w0[1] + r["line_peak"][:, 1]  # the line's point, field pixels
+        if len(w):
+            lra, ldec = tile.wcs.pixel_to_world_values(lx - tile.box.x0, ly - tile.box.y0)
+        else:
+            lra = ldec = np.zeros(0)
         ring = np.zeros(len(w), np.float32)
         rx, ry, rra, rdec = (np.full(len(w), np.nan) for _ in range(4))
         if self.ring and len(w):
@@ -306,7 +332,11 @@ class AnomalyStage(ModelStage):
             "model_peak": r["model_peak"].astype(np.float32),
             "band": pd.array([self.bands[int(b)] for b in r["band"]], dtype="string"),
             "mode": pd.array(r["mode"].astype(str), dtype="string"), "coarse": w.coarse.to_numpy(bool),
-            "ring": ring.astype(np.float32), "ring_x": rx, "ring_y": ry, "ring_ra": rra, "ring_dec": rdec})
+            "ring": ring.astype(np.float32), "ring_x": rx, "ring_y": ry, "ring_ra": rra, "ring_dec": rdec,
+            "line": r["line"].astype(np.float32), "line_x": lx.astype(float), "line_y": ly.astype(float),
+            "line_ra": np.asarray(lra, float), "line_dec": np.asarray(ldec, float),
+            "line_band": pd.array([self.bands[int(b)] for b in r["line_band"]], dtype="string"),
+            "line_angle": r["line_angle"].astype(np.float32)})
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
         self.ensure_setup()
@@ -320,7 +350,7 @@ class AnomalyStage(ModelStage):
             c = (self.size - 1) / 2.0
             y0 = np.rint(sources["y_tile"].to_numpy(float)[sel] - c).astype(int)
             x0 = np.rint(sources["x_tile"].to_numpy(float)[sel] - c).astype(int)
-            r = self._score(*extract(inputs, y0, x0, self.size))
+            r = self._score(*extract(inputs, y0, x0, self.size), lines=False)  # the line term is the grid's
             for k in cols:
                 cols[k][sel] = r[k]
         out["anomaly_selected"] = sel
