@@ -7,9 +7,11 @@ grid windows (tasks/stages/_anomaly_grid.py, the anomaly stage's stride) are sco
 only) and in the full mode (`steps` Adam steps on z), with the local score (the stage's `score`), the paper's
 sum (`score_paper`) and the local score's sigma-score as the merge ranks the candidates by it (`sigma`: against
 the windows as bright, catalogs/anomaly_candidates.window_sigma, over the evaluation's windows as over a run's,
-with the stage's ring term beside it, ranked_sigma, and the merge's score terms, score_term and with_lens_term:
-the lens and merger stages' candidates, for which the fields go through the pipeline's detect, measure, lens and
-merger stages as in a run; `sigma_ring` without the score terms, `sigma_gan` without them and the ring term).
+with the stage's ring and line terms beside it, ranked_sigma and line_sigma (the line term where the stage takes
+it: on the coarse windows and next to a line, line_next), and the merge's score terms, score_term and
+with_lens_term: the lens and merger stages' candidates, for which the fields go through the pipeline's detect,
+measure, lens and merger stages as in a run; `sigma_ring` without the score terms, `sigma_gan` without them and
+the ring and line terms).
 
 Truth: a window is *anomalous* (of a type) when an anomaly is its subject: a point-like one (cosmic ray, hot
 pixels, ring galaxy, merger, lens) within 0.75 stride of its centre (so that every point of the field is the
@@ -33,7 +35,8 @@ subject of at least one window), a trail passing as close, a ghost's annulus as 
 - the lens stage's deflector candidates (`lens_candidates`: position, score, whether a true lens lies within 4
   px), the merger stage's candidates at merger_score >= 0.5 (`merger_candidates`: whether a true merger's
   centre lies within 12 px, its nuclei being up to 3" apart) and the normal windows' sigma quantiles
-  (`normal_sigma_quantiles`), the score terms' calibration (catalogs/score_terms.py);
+  (`normal_sigma_quantiles`), the score terms' calibration (catalogs/score_terms.py), and the normal windows'
+  line S/N quantiles (`normal_line_quantiles`), the line term's (catalogs/anomaly_candidates.py);
 - throughput in windows per second (one torch thread) and the fast mode's speed-up over the full mode;
 - a row of its own for the ghosts bright enough to be seen in a window, S/N >= VISIBLE_SNR (5) in a window
   their annulus covers (`ghost_window_snr`: amplitude over the sky noise in each of the scorer's bands, added
@@ -357,6 +360,10 @@ def format_report(r: dict) -> str:
                 lines.append(f"       {t:16s} windows {v['windows']:5d}  AUROC {v['auroc']:.3f}  injected "
                              f"{v['injected']:3d}  in top 1% {top1}{top1n}")
         lines.append(f"  {mode:4s} {m['windows_per_second']:.0f} windows/s")
+        if "normal_line_quantiles" in m:  # not in an older record
+            q = m["normal_line_quantiles"]
+            lines.append(f"  {mode:4s} the normal windows' line S/N: 99th, 99.9th, 99.99th percentile "
+                         f"{q['0.99']:.2f}, {q['0.999']:.2f}, {q['0.9999']:.2f}, at most {q['1.0']:.2f}")
         if "refined" in m:
             lines.append(f"  {mode:4s} coarse to fine (refine {r['refine']:g}, refine_above {r['refine_above']:g}): "
                          f"{m['refined']['fraction_scored']:.3f} of the windows scored, the others ranked last")
