@@ -26,7 +26,7 @@ high-scoring windows, each listed once however many windows, tiles or fields cov
   (`ranked_sigma`), its position the ring's centre; the noise's depressions stay below RING_OFFSET, a ring
   galaxy's went 12 to 171 deep on the simulator's fields, where the sigma-score had none above the normal windows'
   99th percentile. A candidate whose peak window is ranked by its ring has the shape hint "ring".
-- the line term (models/anomaly_gan.line_terms; the `line` column, since stage version 7): a window whose line
+- the line term (models/anomaly_lines.line_terms; the `line` column, since stage version 7): a window whose line
   S/N less LINE_OFFSET (2), at most LINE_SIGMA_MAX (8), is more than its sigma-score (and ring term) is ranked by
   that instead (`line_sigma`), its position the line's point nearest the window's centre and its band the line's:
   a faint satellite trail. On `deepfield eval anomaly`'s two pairs of fields (seeds 20261125 and 20261201) the

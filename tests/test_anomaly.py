@@ -318,7 +318,7 @@ def test_line_term_finds_a_faint_line_and_not_noise_blobs_or_slopes():
     the centre, reaches 4.5 and more, with its band, its direction within one step (11.25 degrees) and its point
     within 3 px of the trail; a compact source's residual of total S/N 60 and a sky slope of 0.1 sigma per px
     (3 sigma per pixel across the window) stay under 2.5; a window that is not sky gives 0."""
-    from deepfield.models.anomaly_gan import line_terms
+    from deepfield.models.anomaly_lines import line_terms
     rng = np.random.default_rng(5)
     n, nb, s = 64, 4, 32
     noise = rng.normal(size=(n, nb, s, s)).astype(np.float32)

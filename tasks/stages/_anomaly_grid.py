@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-# the line term (models/anomaly_gan.line_terms): the merge ranks a window by its line S/N less LINE_OFFSET, at most
+# the line term (models/anomaly_lines.line_terms): the merge ranks a window by its line S/N less LINE_OFFSET, at most
 # LINE_SIGMA_MAX, where that is more than its sigma-score (catalogs/anomaly_candidates.line_sigma; the calibration
 # in its docstring)
 LINE_OFFSET = 2.0

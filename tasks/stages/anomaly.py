@@ -34,7 +34,7 @@ generator's residual hardly sees (a smooth blob drawn where the ring is, and bri
 anyway). The merge ranks a window by the larger of its sigma-score and the depth less RING_OFFSET (4). On the
 simulator's fields the ring galaxies' depressions are 12 to 171 times the noise, everything else's at most 4.4.
 
-Line term (models/anomaly_gan.line_terms, always on): the S/N of the best straight strip across the window's sky
+Line term (models/anomaly_lines.line_terms, always on): the S/N of the best straight strip across the window's sky
 residual (x - G(z) over the pixels the generator calls sky, in units of their noise), summed in 4 x 4 px cells along
 16 directions and 9 offsets from the centre, less the cells beside the strip, held by all four pieces along it:
 a faint satellite trail in one band, which no pixel of shows above the noise's worst in a window (a trail 4 sigma
