@@ -324,7 +324,7 @@ def local_terms(x: torch.Tensor, g: torch.Tensor, fx: torch.Tensor, fg: torch.Te
     n = torch.nn.functional.avg_pool2d(sky, q) * q * q
     diffuse = torch.where(n >= MIN_SKY, total.abs() / n.clamp_min(1).sqrt(), torch.zeros_like(n)).flatten(1).max(1).values
     out = (top.mean(1), cells, band0, torch.stack([cy, cx], 1), diffuse, ug.flatten(1).amax(1))
-    return out + (line_terms(signed * sky, sky),) if lines else out
+    return out + (line_terms(signed, sky),) if lines else out  # line_terms keeps the sky of every band
 
 
 def grid_scores(model: AnomalyGAN, x: np.ndarray, noise: np.ndarray, steps: int = 0, lr: float = 0.05,

@@ -176,10 +176,16 @@ def line_next(windows, line: np.ndarray) -> np.ndarray:
     """Which of the dense grid's `windows` (tile, ky, kx, coarse) the stage gives the line term besides the coarse
     ones (tasks/stages/_anomaly_grid.line_neighbours), given the coarse windows' `line`."""
     from deepfield.tasks.stages._anomaly_grid import line_neighbours
+    return _per_tile(windows, lambda w, ix: line_neighbours(w.ky.to_numpy(), w.kx.to_numpy(),
+                                                            w.coarse.to_numpy(bool), line[ix]))
+
+
+def _per_tile(windows, mask) -> np.ndarray:
+    """A boolean per window of the dense grid's `windows`, mask(w, ix) of each tile's windows w (positions ix)."""
     out = np.zeros(len(windows), bool)
     for _, w in windows.groupby("tile", sort=False):
         ix = w.index.to_numpy()
-        out[ix] = line_neighbours(w.ky.to_numpy(), w.kx.to_numpy(), w.coarse.to_numpy(bool), line[ix])
+        out[ix] = mask(w, ix)
     return out
 
 
@@ -188,11 +194,8 @@ def scored_windows(windows, score: np.ndarray, fraction: float, above: float) ->
     `refine` = fraction and `refine_above` = above, given every window's score (the stage computes only the
     coarse ones' first: the same values, windows are scored one by one)."""
     from deepfield.tasks.stages._anomaly_grid import refined
-    keep = np.zeros(len(windows), bool)
-    for _, w in windows.groupby("tile", sort=False):
-        ix = w.index.to_numpy()
-        keep[ix] = refined(w.ky.to_numpy(), w.kx.to_numpy(), w.coarse.to_numpy(bool), score[ix], fraction, above)
-    return keep
+    return _per_tile(windows, lambda w, ix: refined(w.ky.to_numpy(), w.kx.to_numpy(), w.coarse.to_numpy(bool),
+                                                    score[ix], fraction, above))
 
 
 def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, seed: int = EVAL_SEED,

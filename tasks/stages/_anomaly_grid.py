@@ -73,11 +73,19 @@ def refined(ky: np.ndarray, kx: np.ndarray, coarse: np.ndarray, score: np.ndarra
     if n_top:
         flagged[np.argsort(-np.nan_to_num(s, nan=-np.inf), kind="stable")[:n_top]] = True
     flagged |= s >= above
+    flag = np.zeros(len(ky), bool)
+    flag[np.flatnonzero(coarse)[flagged]] = True
+    return coarse | _next_to(ky, kx, flag)
+
+
+def _next_to(ky: np.ndarray, kx: np.ndarray, flag: np.ndarray) -> np.ndarray:
+    """Which of a tile's windows (grid indices ky, kx) are `flag`ged or one grid step (of the eight around) from a
+    flagged one."""
     from scipy.ndimage import binary_dilation
     y, x = ky - ky.min(), kx - kx.min()
     grid = np.zeros((y.max() + 1, x.max() + 1), bool)
-    grid[y[coarse][flagged], x[coarse][flagged]] = True
-    return coarse | binary_dilation(grid, np.ones((3, 3), bool))[y, x]
+    grid[y[flag], x[flag]] = True
+    return binary_dilation(grid, np.ones((3, 3), bool))[y, x]
 
 
 def refine_scores(score: np.ndarray, line: np.ndarray) -> np.ndarray:
@@ -93,11 +101,7 @@ def line_neighbours(ky: np.ndarray, kx: np.ndarray, coarse: np.ndarray, line: np
     flag = coarse & (np.nan_to_num(np.asarray(line, np.float64)) > LINE_REFINE)
     if not flag.any():
         return np.zeros(len(ky), bool)
-    from scipy.ndimage import binary_dilation
-    y, x = ky - ky.min(), kx - kx.min()
-    grid = np.zeros((y.max() + 1, x.max() + 1), bool)
-    grid[y[flag], x[flag]] = True
-    return binary_dilation(grid, np.ones((3, 3), bool))[y, x] & ~coarse
+    return _next_to(ky, kx, flag) & ~coarse
 
 
 def window_stamps(image: np.ndarray, invvar: np.ndarray, usable: np.ndarray, y0: np.ndarray, x0: np.ndarray,
