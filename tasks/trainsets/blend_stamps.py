@@ -15,7 +15,6 @@ Reproducible: blend k depends only on (seed, k // CHUNK) and the configuration.
 """
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
 
 import galsim
@@ -26,6 +25,7 @@ from pydantic import Field
 from ..sim.config import SimConfig
 from ..sim.population import make_galaxy, sample_redshift, red_fraction
 from ..sim.sources import mag_to_flux
+from .chunks import map_chunks
 from .stamp_survey import StampSurvey
 
 CHUNK = 64
@@ -106,18 +106,7 @@ def simulate_blends(n: int, seed: int, cfg: BlendConfig | None = None, workers: 
     cfg = cfg or BlendConfig()
     cfg.check_bands()
     jobs = [(seed, k, min(CHUNK, n - k * CHUNK), cfg.model_dump_json()) for k in range((n + CHUNK - 1) // CHUNK)]
-    out: list[tuple] = []
-    if workers <= 1:
-        for j in jobs:
-            out += _chunk(j)
-            if progress:
-                progress(len(out), n)
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            for part in pool.map(_chunk, jobs):
-                out += part
-                if progress:
-                    progress(len(out), n)
+    out = [r for part in map_chunks(_chunk, jobs, workers, progress, n) for r in part]
     rows = [dict(r, blend=i) for i, o in enumerate(out) for r in o[4]]
     return dict(images=np.stack([o[0] for o in out]), sigma=np.stack([o[1] for o in out]),
                 psf=np.stack([o[2] for o in out]), truth=[o[3] for o in out],

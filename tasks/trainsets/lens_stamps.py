@@ -38,7 +38,6 @@ number of worker processes.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
 
 import galsim
@@ -53,6 +52,7 @@ from ..sim.config import SimConfig
 from ..sim.lensing import LensParams, LensSystem, lenstronomy_models, sample_lens, unlensed_source_sum
 from ..sim.population import make_galaxy
 from ..sim.sources import mag_to_flux, pa_to_beta
+from .chunks import map_chunks
 from .stamp_survey import StampSurvey
 
 CHUNK = 64  # stamps per random stream: the unit of reproducibility and of work per process
@@ -313,18 +313,7 @@ def simulate_stamps(n: int, positive_fraction: float, seed: int, cfg: StampConfi
     cfg.check_bands()
     jobs = [(seed, k, min(CHUNK, n - k * CHUNK), positive_fraction, cfg.model_dump_json())
             for k in range((n + CHUNK - 1) // CHUNK)]
-    parts = []
-    if workers <= 1:
-        for j in jobs:
-            parts.append(_chunk(j))
-            if progress:
-                progress(sum(len(p[2]) for p in parts), n)
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            for part in pool.map(_chunk, jobs):
-                parts.append(part)
-                if progress:
-                    progress(sum(len(p[2]) for p in parts), n)
+    parts = map_chunks(_chunk, jobs, workers, progress, n, size=lambda p: len(p[2]))
     meta = pd.DataFrame([m for p in parts for m in p[2]])
     return dict(images=np.concatenate([p[0] for p in parts]), sigma=np.concatenate([p[1] for p in parts]),
                 label=meta["label"].to_numpy(np.int8), meta=meta)

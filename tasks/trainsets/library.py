@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +43,7 @@ from ..atomic import atomic_path
 from ..sim.config import SimConfig
 from ..sim.sources import pa_to_beta
 from ..sim.population import make_galaxy, red_fraction, sample_power_law_mags, sample_redshift
+from .chunks import map_chunks
 from .stamp_survey import StampSurvey
 
 __all__ = ["LibraryConfig", "Library", "build_library", "load_library"]
@@ -187,18 +187,7 @@ def build_library(cfg: LibraryConfig, out: Path, workers: int = 2,
     jobs = [(k, min(CHUNK, cfg.galaxies - k * CHUNK), cfg.model_dump_json()) for k in range(first_giant)]
     jobs += [(first_giant + k, min(CHUNK, cfg.giants - k * CHUNK), cfg.model_dump_json())
              for k in range((cfg.giants + CHUNK - 1) // CHUNK)]
-    rendered: list[tuple] = []
-    if workers <= 1:
-        for j in jobs:
-            rendered += _render_chunk(j)
-            if progress:
-                progress(len(rendered), n)
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            for part in pool.map(_render_chunk, jobs):
-                rendered += part
-                if progress:
-                    progress(len(rendered), n)
+    rendered = [r for part in map_chunks(_render_chunk, jobs, workers, progress, n) for r in part]
     sim = SimConfig(bands=cfg.bands, reference_band=cfg.reference_band)
     med = {b: sim.band_specs[b].psf_fwhm * cfg.psf_scale for b in cfg.bands}
     arrays: dict[str, np.ndarray] = {}
