@@ -135,6 +135,50 @@ def test_one_pixel_defects_are_interpolated_before_detection():
     assert unusable[0, 6:9].all() and (img[0, 6:9] == -99.0).all() and unusable[2, 5]
 
 
+def test_peaks_outside_every_footprint_share_their_discs_by_distance():
+    """_outside_sources: two peaks outside every footprint, 3.6 px apart with discs of 3.4 px, each keep their
+    own pixel and every shared pixel goes to the nearer peak (the earlier at equal distance); a pixel another
+    source has is nobody's. Before, the earlier disc took the later peak's centre, whose Kron circle then held no
+    pixel of its own (its fluxes NaN)."""
+    from deepfield.tasks.stages._learned_split import _outside_sources
+    det = np.ones((20, 24))
+    seg = np.zeros((20, 24), np.int32)
+    seg[10, 13] = 7  # another source's pixel, within both discs
+    peaks = np.array([[10.0, 10.0], [13.6, 10.0], [3.0, 3.0]])
+    px, py = np.rint(peaks[:, 0]).astype(int), np.rint(peaks[:, 1]).astype(int)
+    rows, idx = _outside_sources(det, seg, peaks, px, py, np.array([0, 1]), 3.4, None, 7)
+    assert list(idx) == [0, 1] and list(rows["x"]) == [10.0, 13.6]
+    assert seg[10, 10] == 8 and seg[10, 14] == 9 and seg[10, 13] == 7
+    yy, xx = np.mgrid[0:20, 0:24]
+    d0, d1 = np.hypot(xx - 10.0, yy - 10.0), np.hypot(xx - 13.6, yy - 10.0)
+    both = (d0 <= 3.4) & (d1 <= 3.4) & (seg != 7)
+    assert both.sum() >= 8
+    assert (seg[both] == np.where(d1[both] < d0[both], 9, 8)).all()
+    assert (seg[(d0 <= 3.4) & (d1 > 3.4)] == 8).all() and (seg[(d1 <= 3.4) & (d0 > 3.4) & (seg != 7)] == 9).all()
+    assert rows["npix"].sum() == ((d0 <= 3.4) | (d1 <= 3.4)).sum() - 1
+    taken = np.full((20, 24), 3, np.int32)  # every pixel another source's: no source, nothing written
+    rows, idx = _outside_sources(det, taken, peaks, px, py, np.array([0]), 3.4, None, 7)
+    assert len(rows) == 0 and len(idx) == 0 and (taken == 3).all()
+
+
+def test_a_kron_aperture_wholly_in_other_segments_is_summed_without_them():
+    """The measure stage leaves other detections' segments out of the Kron sums; where they cover the whole
+    aperture (SEP's sum is then NaN with only APER_HASMASKED set) the aperture is summed without them, not left
+    NaN: the same fluxes as with `mask_neighbours` off."""
+    from deepfield.tasks.stages.detect import DetectStage
+    from deepfield.tasks.stages.measure import MeasureStage
+    tile = _scene_tile([_galaxy(22.0, 0.3, 0.0, 0.0)], 48, 3)
+    t = DetectStage(method="sep").run(tile, pd.DataFrame())
+    assert len(t) == 1
+    plain = MeasureStage(mask_neighbours=False).run(tile, t)
+    tile.meta["segmap"] = np.full(tile.image.shape[1:], int(t.seg_id.iloc[0]) + 1, np.int32)  # not its own
+    masked = MeasureStage().run(tile, t)
+    for b in tile.bands:
+        f = masked[f"flux_auto_{b}"].to_numpy()
+        assert np.isfinite(f).all() and np.allclose(f, plain[f"flux_auto_{b}"].to_numpy())
+    assert masked.flux_auto_i.iloc[0] == pytest.approx(10 ** (-0.4 * (22.0 - 27.0)), rel=0.2)
+
+
 def test_thin_defects_do_not_keep_a_footprint_from_its_peak():
     """The detect stage's unusable plane for peak_centres (DetectStage._mask_planes): a bad column the network saw
     interpolated does not count; a wide defect, a saturated pixel, a pixel without inverse variance and the

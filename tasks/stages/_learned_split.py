@@ -303,9 +303,14 @@ def peak_centres(rows: np.ndarray, whole: np.ndarray, owner: np.ndarray, npeak: 
 
 def _outside_sources(det, seg, peaks, px, py, idx, r: float, bad, n0: int) -> tuple[np.ndarray, np.ndarray]:
     """Sources of the peaks `idx` outside every footprint: each takes the pixels within `r` of its centre that
-    no source has, and of those that two such discs share, the earlier peak's (as if they took their pixels one
-    after the other); written into `seg` (values from n0 + 1, in the peaks' order); none on a `bad` pixel.
-    Returns their records and peak indices."""
+    no source has, and of those that two such discs share, the nearer peak's (the earlier one's at equal
+    distance); written into `seg` (values from n0 + 1, in the peaks' order); none on a `bad` pixel.
+    Returns their records and peak indices.
+
+    The nearer peak's, not the earlier's: two faint peaks closer than `r` (3.6 px apart, r 3.4) had the earlier
+    one's disc take the later one's centre, whose Kron aperture (1.75 px, the other detections' segments
+    masked) then held no pixel of its own, and its fluxes came out NaN (one source in 9,000 on two held-out
+    2048^2 fields, three with a PSF of heavier wings)."""
     ny, nx = seg.shape
     if bad is not None:
         idx = idx[~bad[py[idx], px[idx]]]
@@ -316,11 +321,13 @@ def _outside_sources(det, seg, peaks, px, py, idx, r: float, bad, n0: int) -> tu
     take &= np.hypot(xx - peaks[idx, 0, None], yy - peaks[idx, 1, None]) <= r
     q = np.broadcast_to(np.arange(len(idx))[:, None], take.shape)[take]
     pix = yy[take] * nx + xx[take]
+    dist = np.hypot(xx - peaks[idx, 0, None], yy - peaks[idx, 1, None])[take]
     free = seg.ravel()[pix] == 0
-    q, pix = q[free], pix[free]
-    first = np.full(ny * nx, len(idx))
-    np.minimum.at(first, pix, q)
-    mine = first[pix] == q
+    q, pix, dist = q[free], pix[free], dist[free]
+    order = np.lexsort((q, dist, pix))  # per pixel: the nearest peak first, then the earliest
+    q, pix = q[order], pix[order]
+    mine = np.ones(len(pix), bool)
+    mine[1:] = pix[1:] != pix[:-1]
     q, pix = q[mine], pix[mine]
     rec = _records(pix, q, det, len(idx))
     has = rec["npix"] > 0

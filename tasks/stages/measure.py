@@ -14,10 +14,11 @@ For each detection (the `detect` stage's table) and band b, on the background-su
   default), the pixels of the other detections' segments (the detect stage's segmentation map, which it
   leaves in `tile.meta["segmap"]`, row k's pixels valued seg_id) are left out of the Kron radius and the
   Kron sums, and the sum is scaled up by the aperture's area over its unmasked area (SEP's segmentation
-  masking): a neighbour's light does not enter a source's Kron flux. The ellipse's semi-major axis is at
-  most `kron_max_footprint` (2.5) footprint radii, sqrt(npix / pi): the Kron radius of a source near the
-  noise is itself mostly noise, and unbounded it summed a faint galaxy's neighbourhood into a flux 3-4 mag
-  too bright.
+  masking): a neighbour's light does not enter a source's Kron flux. Where those segments cover the whole
+  ellipse (SEP's radius or sum is then NaN or wholly masked), it is measured without them. The ellipse's
+  semi-major axis is at most `kron_max_footprint` (2.5) footprint radii, sqrt(npix / pi): the Kron radius of a
+  source near the noise is itself mostly noise, and unbounded it summed a faint galaxy's neighbourhood into a
+  flux 3-4 mag too bright.
 - Gaussian-aperture photometry (GAaP-like, after KiDS; for colours that a band's seeing does not change): the
   band's pixels weighted by a circular Gaussian of sigma_b = sqrt(sigma_g^2 - sigma_psf,b^2) about the source,
   with sigma_g = `gaap_sigma_psf` (1.5) x the widest band's PSF sigma (FWHM / 2.355); for a Gaussian PSF this is
@@ -161,7 +162,7 @@ class MeasureStage(Stage):
     MeasureConfig)."""
 
     name: ClassVar[str] = "measure"
-    version: ClassVar[str] = "10"
+    version: ClassVar[str] = "11"  # 11: an aperture that other detections' segments cover wholly, summed without them
     # bump (with `version`) when the values of flux_gaap/aper/auto change, not for new columns: the photo-z
     # weights' records keep it (tasks/stages/photoz.py: photometry_settings) and a run refuses weights made on
     # another photometry. 2: Gaussian apertures normalised for a Moffat PSF (version 7); 3: its index measured
@@ -170,7 +171,8 @@ class MeasureStage(Stage):
     # sharper than a Moffat of index 60, which before got gaap_psf_beta; the simulator's (the photo-z training
     # fields') index 3.5 is measured as before. Version 10 (the Moffat's response integrated without scipy's
     # hyperu, _gaap._moffat_integral) keeps 3 likewise: the responses change by 1e-12 but at indices of about 54-167,
-    # where hyperu gave nonsense, so only fields of nearly Gaussian stars change
+    # where hyperu gave nonsense, so only fields of nearly Gaussian stars change. Version 11 keeps 3: it changes only
+    # the Kron radii and sums that were NaN or wholly masked
     photometry_version: ClassVar[str] = "3"
     Config: ClassVar[type[StageConfig]] = MeasureConfig
     reads: ClassVar[tuple[str, ...]] = _NEEDS
@@ -262,6 +264,11 @@ class MeasureStage(Stage):
         if n:
             kron, kf = sep.kron_radius(det, x, y, a, b, theta, self.kron_rmax, mask=det_bad, **neighbours)
             kron, kflag = np.asarray(kron, float), np.asarray(kf, np.int64)
+            lost = ~np.isfinite(kron) | ((kflag & sep.APER_ALLMASKED) != 0)
+            if neighbours and lost.any():  # other detections' segments over all of its ellipse: without them
+                kr, kf = sep.kron_radius(det, x[lost], y[lost], a[lost], b[lost], theta[lost], self.kron_rmax,
+                                         mask=det_bad)
+                kron[lost], kflag[lost] = kr, kf
         kron = np.where(np.isfinite(kron), kron, 0.0)
         if "npix" in out.columns:  # a noise-inflated Kron radius of a faint source must not sum half the sky
             rmax_fp = self.kron_max_footprint * np.sqrt(out["npix"].to_numpy(float) / np.pi)
@@ -290,6 +297,11 @@ class MeasureStage(Stage):
             if circle.any():
                 f[circle], e[circle], fl[circle] = sep.sum_circle(img, x[circle], y[circle], self.min_radius,
                                                                   err=err, mask=mask, subpix=1, **sub(circle))
+            lost = np.isnan(f)
+            if nb and lost.any():  # every pixel of the aperture in other detections' segments (SEP's sum is then
+                # NaN with only APER_HASMASKED set): summed without the segments, as the Gaussian apertures are
+                redo = auto_sum(img, err, mask)
+                f[lost], e[lost], fl[lost] = redo[0][lost], redo[1][lost], redo[2][lost]
             return f, e, fl
 
         phot_flag = kflag.copy()
