@@ -93,3 +93,37 @@ def test_mirror_images_beyond_the_stamp_come_from_the_grown_stamp():
     # smoothed as the stage does, the same
     flux = (template_fractions(stamp, centres, smooth=0.5, grown=grown) * stamp[None]).sum(axis=(1, 2, 3))
     np.testing.assert_allclose(flux, true, rtol=0.02)
+
+
+def test_a_saturated_core_constrains_no_template():
+    """A bright star (Moffat, index 3, FWHM 4 px, flux 10^6) whose 5 x 5 px core is saturated (masked: 0 in the
+    stamp, as the deblend stage cuts it) and a faint Gaussian galaxy (sigma 2 px, flux 2,000) 14 px from it,
+    noiseless, in two bands. Told which pixels are unknown, each member gets what it gets when the core is
+    measured (within 1 %): the star its light outside the core, the galaxy its own within 10 %, smoothed as the
+    stage does; a masked pixel on the galaxy (a cosmic ray) costs it that pixel's light only. With the core
+    counted as 0, as before 2026-12-06, the star's template was all but empty (it kept 17 % of its light) and
+    the galaxy took its wing: 46-92 times its flux."""
+    s = 48
+    yy, xx = np.mgrid[0:s, 0:s]
+    alpha = 4.0 / (2 * np.sqrt(2 ** (1 / 3.0) - 1))
+    star = 1e6 * (3.0 - 1) / (np.pi * alpha ** 2) * (1 + ((yy - 20) ** 2 + (xx - 20) ** 2) / alpha ** 2) ** -3.0
+    gal = 2000 * np.exp(-((yy - 20) ** 2 + (xx - 34) ** 2) / (2 * 2.0 ** 2)) / (2 * np.pi * 2.0 ** 2)
+    centres = np.array([(20.0, 20.0), (20.0, 34.0)])
+    core = (np.abs(yy - 20) <= 2) & (np.abs(xx - 20) <= 2)
+    full = np.stack([star + gal, 0.5 * star + gal]).astype(np.float32)
+    image = full.copy()
+    image[:, core] = 0.0
+    for smooth in (0.0, 0.5):
+        measured = (template_fractions(full, centres, smooth=smooth) * full[None]).sum(axis=(2, 3))
+        flux = (template_fractions(image, centres, smooth=smooth, unknown=core) * image[None]).sum(axis=(2, 3))
+        np.testing.assert_allclose(flux[0], [star[~core].sum(), 0.5 * star[~core].sum()], rtol=0.01)
+        np.testing.assert_allclose(flux[1], measured[1], rtol=0.01)
+        np.testing.assert_allclose(flux[1], gal.sum(), rtol=0.10)
+    hit = core.copy()
+    hit[20, 35] = True  # a masked pixel on the galaxy
+    image_hit = image.copy()
+    image_hit[:, 20, 35] = 0.0
+    flux = (template_fractions(image_hit, centres, smooth=0.5, unknown=hit) * image_hit[None]).sum(axis=(2, 3))
+    np.testing.assert_allclose(flux[1], measured[1] - gal[20, 35], rtol=0.02)
+    before = (template_fractions(image, centres, smooth=0.5) * image[None]).sum(axis=(2, 3))
+    assert (before[1] > 40 * gal.sum()).all() and (before[0] < 0.2 * star[~core].sum()).all()

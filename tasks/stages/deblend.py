@@ -11,7 +11,7 @@ per band:
 - `templates: symmetric` (default): in proportion to the members' symmetric, monotonic templates, made from the
   stamp smoothed by `template_smooth` (0.5 px), made again from the stamp less the other members' templates,
   weighted by how much brighter they are (tasks/stages/_templates.py; the classical SDSS and scarlet priors,
-  no training);
+  no training); masked pixels (a saturated core, a bad pixel) constrain no template;
 - `templates: unet`: the network, given the stamp, the member's centroid and the other members' centroids,
   returns the fraction of each pixel's light that is the member's; the members' fractions are renormalised to
   add up to one wherever they add up to more than 0.05 (models.deblend_unet.share).
@@ -129,8 +129,10 @@ class DeblendConfig(ModelStageConfig):
 
 class DeblendStage(ModelStage):
     name: ClassVar[str] = "deblend"
-    # 7: mirror images beyond the stamp read from the tile; 6: stamps grow to hold the members (max_stamp); 5: symmetric templates by default; 4: bfloat16 on CPUs
-    version: ClassVar[str] = "7"
+    # 8: masked pixels constrain no symmetric template (a saturated star's template was empty); 7: mirror images
+    # beyond the stamp read from the tile; 6: stamps grow to hold the members (max_stamp); 5: symmetric templates by
+    # default; 4: bfloat16 on CPUs
+    version: ClassVar[str] = "8"
     Config: ClassVar[type[StageConfig]] = DeblendConfig
     models: ClassVar[tuple[str, ...]] = ("deblend_unet",)
     reads: ClassVar[tuple[str, ...]] = ("x_tile", "y_tile", "blend_id", "n_blend")
@@ -249,7 +251,8 @@ class DeblendStage(ModelStage):
             stamp = np.ascontiguousarray(grown[(slice(None),) + inner])
             if self.templates == "unet":
                 inputs.append(member_inputs(stamp, sigma, centres))
-            jobs.append((rows, measured, stamp, vstamp, centres, grown if pad else None))
+            unknown = cut_stamp(bad, y0 - pad, x0 - pad, size + 2 * pad) if self.templates == "symmetric" else None
+            jobs.append((rows, measured, stamp, vstamp, centres, grown if pad else None, unknown, pad))
             method[measured] = self.templates
 
         for bid, members in out.loc[groups].groupby("blend_id").groups.items():
@@ -277,9 +280,11 @@ class DeblendStage(ModelStage):
                                     device=self.device)
             image_head = self.templates == "unet" and getattr(self.model, "output", "fraction") == "image"
             k0 = 0
-            for rows, measured, stamp, vstamp, centres, grown in jobs:
-                if self.templates == "symmetric":
-                    frac = template_fractions(stamp, centres, self.template_smooth, grown)
+            for rows, measured, stamp, vstamp, centres, grown, unknown, pad in jobs:
+                if self.templates == "symmetric":  # masked pixels: no measurement, no constraint on the templates
+                    inner = unknown[:, pad:pad + stamp.shape[-1], pad:pad + stamp.shape[-1]]
+                    frac = template_fractions(stamp, centres, self.template_smooth, grown, unknown=inner,
+                                              unknown_grown=unknown if pad else None)
                 else:
                     net = out_all[k0:k0 + len(rows)]
                     k0 += len(rows)
