@@ -19,7 +19,7 @@ from . import maskbits
 from .fits_align import resample_band, same_grid
 from .fits_files import IMAGE_HDUS, FitsFiles, InputError, file_digest, sha256_file  # noqa: F401  (re-exported)
 from .fits_headers import FWHM_KEYS, celestial_wcs, header_value, zeropoint
-from .fits_noise import check_pixels
+from .fits_noise import block_noise, check_pixels
 from .ingest_config import FieldSpec
 from .psf_measure import measure_fwhms
 
@@ -186,16 +186,25 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
         invvar[good] = (1.0 / v[good]).astype(np.float32)
         notes.append(f"band {band}: invvar = 1 / variance")
     else:
-        sky = image[(mask == 0)]
-        if sky.size > 2_000_000:
-            sky = sky[:: sky.size // 1_000_000]
-        sigma = 1.4826 * float(np.median(np.abs(sky - np.median(sky)))) if sky.size else 0.0
+        # the noise on the scale of apertures (tasks/fits_noise.block_noise: differences of 4 x 4-pixel sums two
+        # blocks apart, sources left out), which a smooth sky, an amplifier's offset and the sources do not
+        # inflate, and which a resampled coadd's correlated noise does not shrink: the image's own 1.4826 MAD,
+        # used before (2026-12-06), read 1.06-1.62 times the simulator's noise (an amplifier offset in one band),
+        # and photo-z outliers went from 9.6 to 16.3 % on those fields. The MAD where the image is too small
+        usable = mask == 0
+        sigma = block_noise(image, usable)
+        how = "noise of 4x4-pixel sums (sources left out)"
+        if sigma is None or not (math.isfinite(sigma) and sigma > 0):
+            sky = image[usable]
+            if sky.size > 2_000_000:
+                sky = sky[:: sky.size // 1_000_000]
+            sigma = 1.4826 * float(np.median(np.abs(sky - np.median(sky)))) if sky.size else 0.0
+            how = "robust sky noise 1.4826*MAD"
         if not (math.isfinite(sigma) and sigma > 0):
             raise InputError(path, f"no invvar or variance given and the sky noise of band {band} cannot be "
                                    f"estimated (robust sigma {sigma}); all pixels masked or constant")
         invvar[:] = np.float32(1.0 / sigma ** 2)
-        notes.append(f"band {band}: no invvar/variance file, constant invvar from robust sky noise "
-                     f"1.4826*MAD = {sigma:.6g}")
+        notes.append(f"band {band}: no invvar/variance file, constant invvar from the {how} = {sigma:.6g}")
     if good is None:
         with np.errstate(invalid="ignore"):
             good = (invvar > 0) & (invvar < np.inf)  # NaN compares False: not good

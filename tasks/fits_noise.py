@@ -1,7 +1,7 @@
 """The checks of one band's pixels at ingest (tasks/fits_input.py): enough usable pixels, not empty or
 constant, and an inverse variance that agrees with the image's own noise: refused when it is off by more than
 NOISE_RATIO at the pixel scale, rescaled (with a note) when it is off by more than RESCALE_RATIO on the scale
-of apertures (`_block_noise`), where a resampled coadd keeps its full noise.
+of apertures (`block_noise`), where a resampled coadd keeps its full noise.
 
 Cost. These checks were the largest part of an ingest's CPU time (0.53 s of the 1.46 s of one 2048^2 field in
 g, r, i, z; 0.16 s, then 0.07 s with SAMPLE pixels picked by stride; tests/benchmarks/bench_ingest.py): the
@@ -17,7 +17,7 @@ import numpy as np
 
 from .fits_files import InputError
 
-__all__ = ["check_pixels", "MIN_USABLE", "NOISE_RATIO", "BLOCK", "RESCALE_RATIO", "MAX_BLOCKS"]
+__all__ = ["check_pixels", "block_noise", "MIN_USABLE", "NOISE_RATIO", "BLOCK", "RESCALE_RATIO", "MAX_BLOCKS"]
 
 MIN_USABLE = 0.01  # a band with fewer usable pixels than this fraction is refused
 NOISE_RATIO = 3.0  # the image's pixel scatter and the invvar's noise may differ by this factor at most
@@ -105,7 +105,7 @@ def check_pixels(b, notes: list[str]) -> None:
     # the noise on the scale of apertures: scatter of BLOCK x BLOCK sums over usable blocks, per pixel. Equal to
     # the pixel scatter for independent pixels; for a resampled coadd the pixel scatter is smaller (neighbours
     # share their noise) while sums over apertures keep the full noise, which is what flux errors need
-    block = _block_noise(b.image, usable)
+    block = block_noise(b.image, usable)
     if block is None:
         return
     bratio = block / expected
@@ -123,7 +123,7 @@ def check_pixels(b, notes: list[str]) -> None:
                         "the filtered image" if ratio < 1 and 1 / RESCALE_RATIO <= bratio else "crowding?"))
 
 
-def _block_noise(image: np.ndarray, usable: np.ndarray) -> float | None:
+def block_noise(image: np.ndarray, usable: np.ndarray) -> float | None:
     """The noise per pixel on the scale of apertures: the robust scatter (1.4826 MAD) of the differences of
     BLOCK x BLOCK pixel sums two blocks apart along x, over sqrt(2) BLOCK; the pixel noise for independent
     pixels. Differences two blocks apart are independent for noise correlated over fewer than BLOCK pixels,
@@ -156,7 +156,7 @@ def _block_sums(image: np.ndarray, usable: np.ndarray, r0: int, r1: int, nx: int
 
 
 def _block_noise_stripes(image: np.ndarray, usable: np.ndarray, step: int, offset: int) -> float | None:
-    """_block_noise from the stripes offset, offset + step, ... of STRIPE rows of blocks (all rows: step 1)."""
+    """block_noise from the stripes offset, offset + step, ... of STRIPE rows of blocks (all rows: step 1)."""
     from scipy import ndimage
     ny, nx = (n - n % BLOCK for n in image.shape)
     nby, pad = ny // BLOCK, 2  # the exclusion reaches two blocks

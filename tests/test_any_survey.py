@@ -132,7 +132,7 @@ def test_tile_compressed_fits_through_ingest_and_the_classical_stages(tmp_path):
     cfg.write_text(yaml.safe_dump({"fields": [{"name": "m13", "bands": {"r": {"image": fz.name, "zeropoint": 25.0}}}]}))
     r = _ingest(cfg, tmp_path / "m13.zarr")
     notes = " | ".join(r["notes"])
-    assert "constant invvar from robust sky noise" in notes and "PSF FWHM" in notes, notes
+    assert "no invvar/variance file, constant invvar from the" in notes and "PSF FWHM" in notes, notes
     g = open_store(tmp_path / "m13.zarr")["fields"]["m13"]
     assert g.attrs["bands"] == ["r"] and g.attrs["zeropoints"] == [25.0]
     with fits.open(fz) as h:
