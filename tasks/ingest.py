@@ -19,6 +19,11 @@ next time. Records of an older deepfield (a bare sha256 per file) are compared b
 The input fingerprint of the run ledger (tasks.zarr_store.input_fingerprint) is made of the digests, not of
 sizes and mtimes, so a touched input changes nothing downstream.
 
+What the ingest makes of its inputs. The record also keeps INGEST_VERSION, the version of what this code stores
+from given inputs (bumped when that changes, as a stage's version is): a field ingested by another version is
+ingested again, and, its input fingerprint changing, its tiles are processed again. A record without one is of
+version 1.
+
 The field's completion record names its input files relative to the directory holding the store (the run
 directory, for `deepfield run`), so that a run directory moved or shared whole keeps its store valid and
 holds no absolute path.
@@ -40,6 +45,9 @@ __all__ = ["input_files", "ingest_one"]
 
 ALGORITHMS = {"xxh3": "xxh3_128", "sha256": "sha256"}  # StoreSpec.checksum -> the hash a record names
 RACY_NS = 2_000_000_000  # an mtime this close to the hashing cannot vouch for the content (coarse file clocks)
+# what this code stores from given inputs (module docstring): 2: without a noise map, the constant inverse variance
+# from the noise of 4 x 4-pixel sums, not the image's MAD (tasks/fits_input.py)
+INGEST_VERSION = "2"
 
 
 def input_files(spec: FieldSpec) -> list[Path]:
@@ -143,7 +151,8 @@ def ingest_one(spec: FieldSpec, store: str, store_spec: StoreSpec, consolidated:
         recorded = recorded if isinstance(recorded, dict) else {}
         entries: dict[str, dict] = {}
         if old is not None and set(recorded) == set(rel.values()) and old.get("store") == layout \
-                and old.get("spec") == rel_spec and _intact(group, spec.name):
+                and old.get("spec") == rel_spec and old.get("ingest", "1") == INGEST_VERSION \
+                and _intact(group, spec.name):
             entries = _entries(paths, rel, recorded, algorithm, store_spec.read_always)
             if all(_same(e, recorded[rel[p]]) for p, e in entries.items()):
                 now = {rel[p]: e for p, e in entries.items()}
@@ -160,7 +169,8 @@ def ingest_one(spec: FieldSpec, store: str, store_spec: StoreSpec, consolidated:
         entries.update(_entries([p for p in paths if str(p) not in entries], rel, vouched, algorithm,
                                 store_spec.read_always))
         fimg = load_field(spec, {p: e["digest"] for p, e in entries.items()})
-        record = dict(checksums={rel[str(p)]: entries[str(p)] for p in paths}, store=layout, spec=rel_spec)
+        record = dict(checksums={rel[str(p)]: entries[str(p)] for p in paths}, store=layout, spec=rel_spec,
+                      ingest=INGEST_VERSION)
         stats = write_field(root, fimg, store_spec, record, consolidated=consolidated)
         summary.update(status="ingested", notes=list(fimg.notes), bands=list(fimg.bands),
                        shape=list(fimg.image.shape), **stats)

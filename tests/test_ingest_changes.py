@@ -216,3 +216,24 @@ def test_sync_flushes_the_shards_and_is_not_layout(one_field, monkeypatch):
     assert shards() == written
     assert {k: v for k, v in field_record(open_store(store), "f").items() if k != "completed_at"} == \
         {k: v for k, v in rec.items() if k != "completed_at"}
+
+
+def test_a_field_ingested_by_another_ingest_version_is_ingested_again(one_field, monkeypatch):
+    """The completion record keeps INGEST_VERSION (what the ingest stores from given inputs): a field whose record
+    has another (or none, as before 2026-12-06) is ingested again from the same inputs, and its input fingerprint
+    changes, so the ledger redoes its tiles; with the same version it is skipped."""
+    import deepfield.tasks.ingest as ingest
+    from deepfield.tasks.zarr_store import input_fingerprint, update_record
+    spec, store = one_field
+    assert _ingest(spec, store) == "ingested"
+    rec = field_record(open_store(store), "f")
+    assert rec["ingest"] == ingest.INGEST_VERSION
+    fp = input_fingerprint(open_store(store), "f")
+    assert _ingest(spec, store) == "skipped"
+    monkeypatch.setattr(ingest, "INGEST_VERSION", "99")
+    assert _ingest(spec, store) == "ingested"
+    assert field_record(open_store(store), "f")["ingest"] == "99" and input_fingerprint(open_store(store), "f") != fp
+    assert _ingest(spec, store) == "skipped"
+    monkeypatch.undo()
+    update_record(open_store(store, mode="a"), "f", ingest=None)  # a record without one: version 1
+    assert _ingest(spec, store) == "ingested"
