@@ -126,11 +126,12 @@ def test_a_one_peak_footprint_is_centred_on_its_peak():
     assert centre(6.0, far) == (20.2, 19.9)
 
 
-def test_footprints_are_split_at_their_ridges_and_outside_peaks_share_by_order():
+def test_footprints_are_split_at_their_ridges_and_outside_peaks_share_by_distance():
     """Two footprints, each holding two equal blobs 6 px apart, and two peaks outside both, 3 px apart with
     discs of radius 3: each footprint's pixels go to its own two peaks, split at the ridge between them (x = 18
-    and x = 43, equidistant, to either), each half of the light (the ridge's column to one); the two outside peaks' discs share pixels,
-    which the first takes; the segmentation map gives every row exactly its pixels."""
+    and x = 43, equidistant, to either), each half of the light (the ridge's column to one); the two outside
+    peaks' discs share pixels, each to the nearer peak (x <= 11 to the first, x >= 12 to the second); the
+    segmentation map gives every row exactly its pixels."""
     from deepfield.tasks.stages._learned_split import OBJ_FIELDS, split_by_peaks
     from deepfield.tasks.stages._pixels import gaussian_kernel
     yy, xx = np.mgrid[0:60, 0:60]
@@ -157,7 +158,11 @@ def test_footprints_are_split_at_their_ridges_and_outside_peaks_share_by_order()
         assert xx[mine].min() >= lo and xx[mine].max() <= hi
         assert objs["flux"][k] == pytest.approx(det[pseg == 1 + k // 2].sum() / 2, rel=0.05)  # the ridge: one
     assert ((seg == 1) | (seg == 2)).sum() == (pseg == 1).sum()  # every pixel of the footprint to a member
-    disc = [np.hypot(xx - cx, yy - 50) <= 3 for cx in (10, 13)]
-    assert objs["npix"][4] == disc[0].sum()  # 29 pixels: a disc of radius 3
-    assert objs["npix"][5] == (disc[1] & ~disc[0]).sum()
-    assert np.all(seg[disc[0]] == 5)
+    dist = [np.hypot(xx - cx, yy - 50) for cx in (10, 13)]
+    disc = [d <= 3 for d in dist]
+    first = disc[0] & ~(disc[1] & (dist[1] < dist[0]))
+    second = disc[1] & ~(disc[0] & (dist[0] <= dist[1]))
+    assert disc[0].sum() == 29 and (disc[0] & disc[1]).sum() > 0 and not (first & second).any()
+    assert objs["npix"][4] == first.sum() and np.all(seg[first] == 5)
+    assert objs["npix"][5] == second.sum() and np.all(seg[second] == 6)
+    assert np.all(xx[first & disc[1]] <= 11) and np.all(xx[second & disc[0]] >= 12)
