@@ -44,6 +44,9 @@ def eval_detect(
     workers: int = typer.Option(2, min=1, help="processes simulating the fields"),
     work: Path = typer.Option(None, help="keep the simulated fields and their store here and reuse them next time"),
     device: str = typer.Option("cpu", help="torch device"),
+    shifted: bool = typer.Option(False, "--shifted/--no-shifted", help="fields unlike the simulator's defaults, as "
+                                 "another survey or generator might make them: Moffat PSFs of index 2.5, seeing "
+                                 "x1.25, PSF ellipticity up to 0.08, 0.3 mag shallower"),
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """Completeness (blended and isolated galaxies), close pairs, blended-galaxy flux error, purity and CPU time
@@ -55,7 +58,7 @@ def eval_detect(
     except ValueError as exc:
         fail(str(exc))
     _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=size, seed=seed, detect_params=params,
-              workers=workers, work=work, device=device)
+              workers=workers, work=work, device=device, shifted=shifted)
 
 
 @train_app.command("library")

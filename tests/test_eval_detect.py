@@ -196,3 +196,17 @@ def test_the_command_on_a_small_field(tmp_path):
     sep_, net = fig["methods"]["sep"], fig["methods"]["deepfield"]
     assert {k: v["n"] for k, v in sep_["completeness"].items()} == {k: v["n"] for k, v in net["completeness"].items()}
     assert sep_["flux_blended"]["n"] == net["flux_blended"]["n"] and sep_["close_pairs"]["n"] == net["close_pairs"]["n"]
+
+
+def test_the_shifted_fields():
+    """`eval detect --shifted`: the simulator's configuration with Moffat index 2.5, every band's seeing 1.25
+    times wider and 0.3 mag shallower, PSF ellipticity up to 0.08, all else as given."""
+    from deepfield.flows.evaluate.detection import shifted_fields
+    from deepfield.tasks.sim.config import SimConfig
+    cfg = SimConfig(seed=3, size=512, fields=2)
+    s = shifted_fields(cfg)
+    assert (s.psf_beta, s.psf_ellipticity) == (2.5, 0.08) and (cfg.psf_beta, cfg.psf_ellipticity) == (3.5, 0.03)
+    for b, spec in cfg.band_specs.items():
+        assert s.band_specs[b].psf_fwhm == pytest.approx(1.25 * spec.psf_fwhm)
+        assert s.band_specs[b].m5 == pytest.approx(spec.m5 - 0.3) and s.band_specs[b].sky_mag == spec.sky_mag
+    assert (s.seed, s.size, s.fields, s.bands) == (cfg.seed, cfg.size, cfg.fields, cfg.bands)
