@@ -7,18 +7,14 @@ For each detection (the `detect` stage's table) and band b, on the background-su
   `flux_aper_<b>`; each further radius gets `flux_aper_<tag>_<b>`, tag "<r>fwhm" or "<r>as" for
   `radii_arcsec` (dots as "p": 1.5" -> "1p5as"). Defaults: 1.0 FWHM and 1.0 arcsec.
 - Kron (AUTO) flux: the Kron radius is measured once on the detection image within `kron_rmax`
-  (6) isophotal radii (`sep.kron_radius`); every band sums the ellipse of `kron_k` (3.5) Kron
-  radii (`sep.sum_ellipse`; 3.5 rather than Source Extractor's 2.5, which misses 3-6 % of a star's light in
-  g and r with the simulated PSFs); where kron_radius * sqrt(a b) < `min_radius` (1.75 px, Source
-  Extractor's 3.5 px minimum diameter) a circle of that radius is used instead. With `mask_neighbours` (the
-  default), the pixels of the other detections' segments (the detect stage's segmentation map, which it
-  leaves in `tile.meta["segmap"]`, row k's pixels valued seg_id) are left out of the Kron radius and the
-  Kron sums, and the sum is scaled up by the aperture's area over its unmasked area (SEP's segmentation
-  masking): a neighbour's light does not enter a source's Kron flux. Where those segments cover the whole
-  ellipse (SEP's radius or sum is then NaN or wholly masked), it is measured without them. The ellipse's
-  semi-major axis is at most `kron_max_footprint` (2.5) footprint radii, sqrt(npix / pi): the Kron radius of a
-  source near the noise is itself mostly noise, and unbounded it summed a faint galaxy's neighbourhood into a
-  flux 3-4 mag too bright.
+  (6) isophotal radii; every band sums the ellipse of `kron_k` (3.5) Kron radii (3.5 rather than Source
+  Extractor's 2.5, which misses 3-6 % of a star's light in g and r with the simulated PSFs), or a circle of
+  `min_radius` (1.75 px, Source Extractor's 3.5 px minimum diameter) where kron_radius * sqrt(a b) is smaller.
+  With `mask_neighbours` (the default) the pixels of the other detections' segments (the detect stage's
+  segmentation map, which it leaves in `tile.meta["segmap"]`, row k's pixels valued seg_id) are left out of
+  the radius and the sums, so that a neighbour's light does not enter a source's Kron flux; the ellipse's
+  semi-major axis is at most `kron_max_footprint` (2.5) footprint radii (tasks/stages/_kron.py says why, and
+  what is done where the segments cover a whole aperture).
 - Gaussian-aperture photometry (GAaP-like, after KiDS; for colours that a band's seeing does not change): the
   band's pixels weighted by a circular Gaussian of sigma_b = sqrt(sigma_g^2 - sigma_psf,b^2) about the source,
   with sigma_g = `gaap_sigma_psf` (1.5) x the widest band's PSF sigma (FWHM / 2.355); for a Gaussian PSF this is
@@ -72,6 +68,7 @@ from pydantic import Field, field_validator
 from .. import maskbits
 from ._gaap import FWHM_SIGMA as _FWHM_SIGMA
 from ._gaap import PIXEL_VAR, gaussian_aperture, moffat_weight, point_response  # noqa: F401 - re-exported
+from ._kron import kron_aperture
 from ._pixels import (DEFAULT_FWHM_PX, band_fwhm_pixels, band_pixels, configure_sep, fwhm_pixels,
                       tile_detection_image)
 from .base import Stage, StageConfig
@@ -259,23 +256,9 @@ class MeasureStage(Stage):
         if self.mask_neighbours and seg is not None and seg.shape == det.shape and "seg_id" in out.columns:
             neighbours = dict(segmap=np.ascontiguousarray(seg, np.int32),
                               seg_id=np.ascontiguousarray(out["seg_id"].to_numpy(), np.int32))
-        kron = np.zeros(n)
-        kflag = np.zeros(n, dtype=np.int64)
-        if n:
-            kron, kf = sep.kron_radius(det, x, y, a, b, theta, self.kron_rmax, mask=det_bad, **neighbours)
-            kron, kflag = np.asarray(kron, float), np.asarray(kf, np.int64)
-            lost = ~np.isfinite(kron) | ((kflag & sep.APER_ALLMASKED) != 0)
-            if neighbours and lost.any():  # other detections' segments over all of its ellipse: without them
-                kr, kf = sep.kron_radius(det, x[lost], y[lost], a[lost], b[lost], theta[lost], self.kron_rmax,
-                                         mask=det_bad)
-                kron[lost], kflag[lost] = kr, kf
-        kron = np.where(np.isfinite(kron), kron, 0.0)
-        if "npix" in out.columns:  # a noise-inflated Kron radius of a faint source must not sum half the sky
-            rmax_fp = self.kron_max_footprint * np.sqrt(out["npix"].to_numpy(float) / np.pi)
-            kron = np.minimum(kron, rmax_fp / (self.kron_k * a))
-        circle = kron * np.sqrt(a * b) < self.min_radius
-        ell = ~circle
-        r_kron = self.kron_k * kron
+        npix = out["npix"].to_numpy(float) if "npix" in out.columns else None
+        kron_ap, kron, kflag = kron_aperture(det, det_bad, x, y, a, b, theta, npix, neighbours, self.kron_k,
+                                             self.kron_rmax, self.kron_max_footprint, self.min_radius)
         cols["kron_radius"] = kron
 
         # indicator images of masked and saturated pixels, any band
@@ -285,24 +268,6 @@ class MeasureStage(Stage):
         for ib in range(len(tile.bands)):
             anymask += pixels[ib][2]
             satmask += (np.asarray(tile.mask[ib]) & (maskbits.SAT | maskbits.BLEED)) != 0
-
-        def auto_sum(img, err=None, mask=None, nb=None):
-            f, e = np.zeros(n), np.zeros(n)
-            fl = np.zeros(n, dtype=np.int64)
-            nb = nb or {}
-            sub = (lambda sel: dict(segmap=nb["segmap"], seg_id=nb["seg_id"][sel])) if nb else (lambda sel: {})
-            if ell.any():
-                f[ell], e[ell], fl[ell] = sep.sum_ellipse(img, x[ell], y[ell], a[ell], b[ell], theta[ell],
-                                                          r_kron[ell], err=err, mask=mask, subpix=1, **sub(ell))
-            if circle.any():
-                f[circle], e[circle], fl[circle] = sep.sum_circle(img, x[circle], y[circle], self.min_radius,
-                                                                  err=err, mask=mask, subpix=1, **sub(circle))
-            lost = np.isnan(f)
-            if nb and lost.any():  # every pixel of the aperture in other detections' segments (SEP's sum is then
-                # NaN with only APER_HASMASKED set): summed without the segments, as the Gaussian apertures are
-                redo = auto_sum(img, err, mask)
-                f[lost], e[lost], fl[lost] = redo[0][lost], redo[1][lost], redo[2][lost]
-            return f, e, fl
 
         phot_flag = kflag.copy()
         fwhm_b = [f or self.default_fwhm_px for f in band_fwhm_pixels(tile)]
@@ -328,7 +293,7 @@ class MeasureStage(Stage):
                 norm = point_response(float(fwhm_b[ib]), float(sig_b), float(beta_b[ib]))
                 cols[f"flux_{infix}_{band}"] = f / norm
                 cols[f"fluxerr_{infix}_{band}"] = e / norm
-            f, e, fl = auto_sum(data, err, bad, neighbours)
+            f, e, fl = kron_ap.sum(data, err, bad, masked=True)
             cols[f"flux_auto_{band}"], cols[f"fluxerr_auto_{band}"] = f, e
             cols[f"mag_auto_{band}"], cols[f"magerr_auto_{band}"] = magnitudes(f, e, zp)
             cols[f"zeropoint_{band}"] = np.full(n, zp)
@@ -341,9 +306,9 @@ class MeasureStage(Stage):
             in_circ_s = sep.sum_circle(satmask, x, y, rmax, subpix=1)[0]
         else:
             in_circ_m = in_circ_s = np.zeros(0)
-        cols["flag_masked"] = (in_circ_m > 0) | (auto_sum(anymask)[0] > 0)
-        cols["flag_saturated"] = (in_circ_s > 0) | (auto_sum(satmask)[0] > 0)
-        reach = np.maximum(rmax, np.where(circle, self.min_radius, r_kron * a))
+        cols["flag_masked"] = (in_circ_m > 0) | (kron_ap.sum(anymask)[0] > 0)
+        cols["flag_saturated"] = (in_circ_s > 0) | (kron_ap.sum(satmask)[0] > 0)
+        reach = np.maximum(rmax, kron_ap.reach())
         cols["flag_edge"] = self._edge(tile, out, x, y, reach, det.shape)
         cols["flag_blended"] = (out["is_blended"].to_numpy(bool) if "is_blended" in out.columns
                                 else np.zeros(n, dtype=bool))
