@@ -40,24 +40,30 @@ class KronAperture:
     def sum(self, img, err=None, mask=None, masked: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(flux, error, SEP flags) of every aperture on `img`; `masked`: the other detections' segments
         (`neighbours`) left out, and an aperture that they cover wholly (SEP's sum NaN) summed without them."""
-        n = len(self.x)
-        f, e = np.zeros(n), np.zeros(n)
-        fl = np.zeros(n, dtype=np.int64)
         nb = self.neighbours if masked else {}
-        sub = (lambda sel: dict(segmap=nb["segmap"], seg_id=nb["seg_id"][sel])) if nb else (lambda sel: {})
-        ell, circle = ~self.circle, self.circle
-        if ell.any():
-            f[ell], e[ell], fl[ell] = sep.sum_ellipse(img, self.x[ell], self.y[ell], self.a[ell], self.b[ell],
-                                                      self.theta[ell], self.r_kron[ell], err=err, mask=mask,
-                                                      subpix=1, **sub(ell))
-        if circle.any():
-            f[circle], e[circle], fl[circle] = sep.sum_circle(img, self.x[circle], self.y[circle], self.min_radius,
-                                                              err=err, mask=mask, subpix=1, **sub(circle))
-        lost = np.isnan(f)
-        if nb and lost.any():  # every pixel of the aperture in other detections' segments (SEP's sum is then
+        f, e, fl = self._sums(img, err, mask, np.arange(len(self.x)), nb)
+        lost = np.flatnonzero(np.isnan(f))
+        if nb and len(lost):  # every pixel of the aperture in other detections' segments (SEP's sum is then
             # NaN with only APER_HASMASKED set): summed without the segments, as the Gaussian apertures are
-            redo = self.sum(img, err, mask)
-            f[lost], e[lost], fl[lost] = redo[0][lost], redo[1][lost], redo[2][lost]
+            f[lost], e[lost], fl[lost] = self._sums(img, err, mask, lost, {})
+        return f, e, fl
+
+    def _sums(self, img, err, mask, rows: np.ndarray, nb: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """sum's figures of the apertures `rows` (indices), the segments of `nb` (segmap, seg_id; or none) out."""
+        f, e = np.zeros(len(rows)), np.zeros(len(rows))
+        fl = np.zeros(len(rows), dtype=np.int64)
+        for part, circle in ((~self.circle[rows], False), (self.circle[rows], True)):
+            if not part.any():
+                continue
+            r = rows[part]
+            sub = dict(segmap=nb["segmap"], seg_id=nb["seg_id"][r]) if nb else {}
+            if circle:
+                f[part], e[part], fl[part] = sep.sum_circle(img, self.x[r], self.y[r], self.min_radius, err=err,
+                                                            mask=mask, subpix=1, **sub)
+            else:
+                f[part], e[part], fl[part] = sep.sum_ellipse(img, self.x[r], self.y[r], self.a[r], self.b[r],
+                                                             self.theta[r], self.r_kron[r], err=err, mask=mask,
+                                                             subpix=1, **sub)
         return f, e, fl
 
 
