@@ -198,8 +198,7 @@ def _smoothed_known(img: np.ndarray, unknown: np.ndarray | None, smooth: float) 
 
 
 def blend_templates(stamp: np.ndarray, centres: np.ndarray, smooth: float = 0.5, passes: int = PASSES,
-                    grown: np.ndarray | None = None, unknown: np.ndarray | None = None,
-                    unknown_grown: np.ndarray | None = None) -> np.ndarray:
+                    grown: np.ndarray | None = None, unknown: np.ndarray | None = None) -> np.ndarray:
     """Templates (K, B, S, S) float32 >= 0 of the K members at `centres` ((K, 2) as (y, x), stamp pixels) of one
     blend stamp (B, S, S) (module docstring): from the blend smoothed by `smooth` px, then `passes` times from
     the smoothed blend less the other members' templates, each weighted by how much brighter it is.
@@ -209,7 +208,7 @@ def blend_templates(stamp: np.ndarray, centres: np.ndarray, smooth: float = 0.5,
     centre had no template on the far side of the stamp, and a bright galaxy's wing there went to the faint
     members it held. Beyond the stamp the other members' templates are not subtracted.
 
-    `unknown` ((H, W) or (B, H, W) bool, the stamp's; `unknown_grown` the same on `grown`): pixels without a
+    `unknown` ((H, W) or (B, H, W) bool, on `grown` when it is given, else on the stamp): pixels without a
     measurement, which constrain no template (_smoothed_known); the templates are 0 there (the stamp has no light
     to share there) and the members' brightness weights count the known pixels only."""
     c = np.asarray(centres, np.float64).reshape(-1, 2)
@@ -217,11 +216,10 @@ def blend_templates(stamp: np.ndarray, centres: np.ndarray, smooth: float = 0.5,
     pad = 0 if grown is None else (np.shape(grown)[-1] - size) // 2
     holes = None  # (band, y, x) of the stamp's unknown pixels
     if unknown is not None and np.any(unknown):
-        holes = np.nonzero(np.broadcast_to(unknown, np.shape(stamp)))
-        if pad > 0 and unknown_grown is None:
-            raise ValueError("blend_templates: unknown pixels with a grown stamp need unknown_grown too")
+        inner = np.asarray(unknown)[..., pad:pad + size, pad:pad + size]
+        holes = np.nonzero(np.broadcast_to(inner, np.shape(stamp))) if inner.any() else None
     if pad > 0:
-        big = _smoothed_known(grown, None if holes is None else unknown_grown, smooth)
+        big = _smoothed_known(grown, None if holes is None else unknown, smooth)
         img = np.ascontiguousarray(big[:, pad:pad + size, pad:pad + size])
     else:
         img = _smoothed_known(stamp, None if holes is None else unknown, smooth)
@@ -250,11 +248,9 @@ def blend_templates(stamp: np.ndarray, centres: np.ndarray, smooth: float = 0.5,
 
 
 def template_fractions(stamp: np.ndarray, centres: np.ndarray, smooth: float = 0.5,
-                       grown: np.ndarray | None = None, unknown: np.ndarray | None = None,
-                       unknown_grown: np.ndarray | None = None) -> np.ndarray:
+                       grown: np.ndarray | None = None, unknown: np.ndarray | None = None) -> np.ndarray:
     """Each member's share (K, B, S, S) of each pixel's light: its template over the sum of the members'
     templates wherever they have light, 0 elsewhere (what the deblend stage multiplies the pixels by); `grown`
     and the unknown pixels as for blend_templates."""
     from deepfield.models.deblend_unet import share
-    return share(blend_templates(stamp, centres, smooth, grown=grown, unknown=unknown, unknown_grown=unknown_grown),
-                 floor=0.0)
+    return share(blend_templates(stamp, centres, smooth, grown=grown, unknown=unknown), floor=0.0)

@@ -252,7 +252,7 @@ class DeblendStage(ModelStage):
             if self.templates == "unet":
                 inputs.append(member_inputs(stamp, sigma, centres))
             unknown = cut_stamp(bad, y0 - pad, x0 - pad, size + 2 * pad) if self.templates == "symmetric" else None
-            jobs.append((rows, measured, stamp, vstamp, centres, grown if pad else None, unknown, pad))
+            jobs.append((rows, measured, stamp, vstamp, centres, grown if pad else None, unknown))
             method[measured] = self.templates
 
         for bid, members in out.loc[groups].groupby("blend_id").groups.items():
@@ -280,11 +280,9 @@ class DeblendStage(ModelStage):
                                     device=self.device)
             image_head = self.templates == "unet" and getattr(self.model, "output", "fraction") == "image"
             k0 = 0
-            for rows, measured, stamp, vstamp, centres, grown, unknown, pad in jobs:
+            for rows, measured, stamp, vstamp, centres, grown, unknown in jobs:
                 if self.templates == "symmetric":  # masked pixels: no measurement, no constraint on the templates
-                    inner = unknown[:, pad:pad + stamp.shape[-1], pad:pad + stamp.shape[-1]]
-                    frac = template_fractions(stamp, centres, self.template_smooth, grown, unknown=inner,
-                                              unknown_grown=unknown if pad else None)
+                    frac = template_fractions(stamp, centres, self.template_smooth, grown, unknown=unknown)
                 else:
                     net = out_all[k0:k0 + len(rows)]
                     k0 += len(rows)
