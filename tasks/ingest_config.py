@@ -26,8 +26,10 @@ class BandFiles(BaseModel):
     invvar_hdu: Optional[HDU] = None
     variance: Optional[Path] = Field(None, description="variance FITS file, used when no invvar is given")
     variance_hdu: Optional[HDU] = None
-    mask: Optional[Path] = Field(None, description="integer mask FITS file: bits declared by MP<NAME> header "
-                                 "keywords are kept (translated to deepfield's planes), other nonzero bits become BAD")
+    mask: Optional[Path] = Field(None, description="integer mask FITS file: planes declared by MP<NAME> "
+                                 "(deepfield) or MP_<NAME> (Rubin/HSC afw) header keywords are translated to "
+                                 "deepfield's planes, informational ones (DETECTED, INTRP, ...) mask nothing; other "
+                                 "nonzero bits become BAD unless listed in mask_ignore")
     mask_hdu: Optional[HDU] = None
     zeropoint: Optional[float] = Field(None, description="AB zero point; default: MAGZERO/ZEROPNT/MAGZPT in the header")
     psf_fwhm: Optional[float] = Field(None, description="PSF FWHM, arcsec; default: PSF_FWHM/SEEING/FWHM header keyword")
@@ -55,6 +57,19 @@ class FieldSpec(BaseModel):
                                        "band it is (e.g. Z: z, HSC-I: i, VIS: VIS); the store and the catalogs use the "
                                        "physical names, and the learned stages match their bands by them (default: the "
                                        "ingest configuration's band_names)")
+
+    mask_ignore: list[Union[str, int]] = Field(
+        default_factory=list, description="mask planes that mark measured pixels and mask nothing: plane names as "
+        "the masks' MP<NAME>/MP_<NAME> keywords declare them, or bit indices (for masks without keywords); added "
+        "to the ingest configuration's mask_ignore and to the afw planes known to be informational")
+
+    @field_validator("mask_ignore")
+    @classmethod
+    def _planes_ok(cls, v: list) -> list:
+        for x in v:
+            if not isinstance(x, str) and not 0 <= x < 63:
+                raise ValueError(f"mask_ignore: bit index {x} is not in 0..62")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -148,6 +163,8 @@ class IngestConfig(BaseModel):
     fields: list[FieldSpec]
     band_names: dict[str, str] = Field(default_factory=dict, description="the inputs' band name -> the physical band "
                                        "it is, for every field (a field's own band_names add to it)")
+    mask_ignore: list[Union[str, int]] = Field(default_factory=list, description="mask planes (names or bit "
+                                               "indices) that mask nothing, for every field (a field's own add to it)")
     store: StoreSpec = Field(default_factory=StoreSpec)
     source: Optional[Path] = Field(None, description="the file this configuration was read from")
 
@@ -193,6 +210,10 @@ def load_ingest_config(path: str | Path, store: StoreSpec | None = None) -> Inge
     base = path.resolve().parent  # absolute: the same inputs are the same whatever the working directory
     fields = [f.model_copy(update={"band_names": {**cfg.band_names, **f.band_names}}) if cfg.band_names else f
               for f in cfg.fields]
+    if cfg.mask_ignore:
+        fields = [f.model_copy(update={"mask_ignore": [*cfg.mask_ignore, *(x for x in f.mask_ignore
+                                                                           if x not in cfg.mask_ignore)]})
+                  for f in fields]
     update = {"fields": [_resolve(f, base) for f in fields]}
     if store is not None:
         update["store"] = store

@@ -3,6 +3,11 @@
 The FITS mask files carry one header keyword per plane, ``MP<NAME> = bit index``, as Rubin's
 afw mask planes do, so that a reader can check the meaning of each bit; the Zarr store's `mask` arrays carry
 the same meanings as attributes (`zarr_attributes`: CF `flag_masks`/`flag_meanings` and a readable table).
+
+Input masks of other pipelines are translated by the planes they declare (`FOREIGN`): Rubin's and HSC's afw
+masks write ``MP_<NAME> = bit index`` and set informational planes as well as bad ones, above all DETECTED on
+every pixel of every detected source's footprint. Read as bad pixels, those planes masked the sources
+themselves (a Rubin-style mask on the simulator's fields: 6 % of the galaxies at i < 24 found, exit 0).
 """
 from __future__ import annotations
 
@@ -22,6 +27,21 @@ MEANINGS: dict[str, str] = {
     "BLEED": "charge bleed trail of a saturated star",
     "NODATA": "no measurement: NaN, infinite or huge (>= 1e30) input value, or no input coverage after resampling",
     "ZEROWT": "zero weight: inverse variance <= 0 or not finite",
+}
+
+
+# Planes that other pipelines declare (lsst.afw.image.Mask, as written by Rubin's and HSC's pipelines with
+# MP_<NAME> keywords; names compared in upper case): the plane of ours their pixels get, or None for a plane
+# that says something about a measured pixel (a detection footprint, an interpolated or clipped value, a
+# streak) and masks nothing. A declared plane in neither table is BAD, with a note naming it (`mask_ignore`
+# in the ingest configuration lists the informational ones this table lacks).
+FOREIGN: dict[str, str | None] = {
+    "BAD": "BAD", "SAT": "SAT", "BLEED": "BLEED", "NODATA": "NODATA", "NO_DATA": "NODATA",
+    "UNMASKEDNAN": "NODATA", "ZEROWT": "ZEROWT", "CR": "BAD", "EDGE": "BAD", "VIGNETTED": "BAD",
+    "DETECTED": None, "DETECTED_NEGATIVE": None, "INTRP": None, "SUSPECT": None, "CLIPPED": None,
+    "CROSSTALK": None, "INEXACT_PSF": None, "REJECTED": None, "SENSOR_EDGE": None, "STREAK": None,
+    "NOT_DEBLENDED": None, "BRIGHT_OBJECT": None, "SAT_TEMPLATE": None, "INJECTED": None,
+    "INJECTED_TEMPLATE": None, "FAKE": None, "ITL_DIP": None,
 }
 
 

@@ -158,6 +158,67 @@ def test_foreign_mask_planes_translated_by_their_mp_keywords(tmp_path):
     assert any("translated by their MP keywords; 2 pixels with undeclared bits set BAD" in n for n in f.notes)
 
 
+def _afw_mask(tmp_path, m, planes):
+    """A band whose mask declares its planes as Rubin's and HSC's afw masks do (MP_<NAME>, HIERARCH cards)."""
+    files = {"i": write_band(tmp_path, "i", np.random.default_rng(0).normal(size=(NY, NX)).astype(np.float32),
+                             make_wcs(), invvar=np.ones((NY, NX), np.float32), mask=m, mask_cards=False)}
+    with fits.open(files["i"]["mask"], mode="update") as h:
+        for name, bit in planes.items():
+            h[0].header[f"HIERARCH MP_{name}"] = bit
+    return files
+
+
+AFW = dict(BAD=0, SAT=1, INTRP=2, CR=3, EDGE=4, DETECTED=5, DETECTED_NEGATIVE=6, SUSPECT=7, NO_DATA=8, FOO=16)
+
+
+def test_afw_mask_planes(tmp_path):
+    """An afw mask (MP_<NAME> keywords): DETECTED, which covers every source's footprint, and the other
+    informational planes mask nothing; SAT, NO_DATA, CR and EDGE become ours; a plane deepfield does not know
+    is BAD, named in the note, and masks nothing once listed in mask_ignore (a name or its bit)."""
+    m = np.zeros((NY, NX), np.int32)
+    m[10:30, 10:30] = 1 << 5  # a source's footprint
+    m[12, 12] |= (1 << 2) | (1 << 7)  # interpolated and suspect, inside it
+    m[1, 1], m[2, 2], m[3, 3], m[4, 4], m[5, 5], m[6, 6] = 1 << 1, 1 << 8, 1 << 3, 1 << 4, 1 << 16, (1 << 5) | (1 << 1)
+    m[7, 7] = 1 << 20  # undeclared
+    files = _afw_mask(tmp_path, m, AFW)
+    f = load_field(spec(files))
+    want = np.zeros((NY, NX), np.uint16)
+    want[1, 1] = want[6, 6] = maskbits.SAT
+    want[2, 2] = maskbits.NO_DATA
+    want[3, 3] = want[4, 4] = want[5, 5] = want[7, 7] = maskbits.BAD
+    assert np.array_equal(f.mask[0], want)
+    note = next(n for n in f.notes if "translated by their MP keywords" in n)
+    assert "DETECTED (" in note and "FOO (bit 16, 1 pixels)" in note and "1 pixels with undeclared bits set BAD" in note
+    for ignore in (["foo"], ["MP_FOO"], [16]):
+        f = load_field(spec(files, mask_ignore=ignore))
+        assert f.mask[0, 5, 5] == 0 and np.count_nonzero(f.mask[0]) == np.count_nonzero(want) - 1
+        assert not any("FOO (bit" in n for n in f.notes)
+
+
+def test_mask_ignore_bits_without_keywords(tmp_path):
+    """A mask without MP keywords: bits listed in mask_ignore mask nothing, every other nonzero bit BAD."""
+    m = np.zeros((NY, NX), np.int32)
+    m[1, 1], m[2, 2], m[3, 3] = 1 << 5, 1, (1 << 5) | 2
+    files = {"i": write_band(tmp_path, "i", np.random.default_rng(0).normal(size=(NY, NX)).astype(np.float32),
+                             make_wcs(), invvar=np.ones((NY, NX), np.float32), mask=m, mask_cards=False)}
+    f = load_field(spec(files, mask_ignore=[5]))
+    assert f.mask[0, 1, 1] == 0 and f.mask[0, 2, 2] == f.mask[0, 3, 3] == maskbits.BAD
+    assert np.count_nonzero(f.mask[0]) == 2
+    assert any("2 nonzero pixels set BAD; bits [5] masking nothing (mask_ignore)" in n for n in f.notes)
+
+
+def test_mask_ignore_in_the_configuration(tmp_path):
+    """The configuration's mask_ignore adds to every field's; a bit index beyond 62 is refused."""
+    from deepfield.tasks.ingest_config import ConfigError, load_ingest_config
+    cfg = tmp_path / "fields.yaml"
+    cfg.write_text("mask_ignore: [STREAK2]\nfields:\n  - name: a\n    mask_ignore: [7]\n    bands: {i: {image: a.fits}}\n"
+                   "  - name: b\n    bands: {i: {image: b.fits}}\n")
+    assert [f.mask_ignore for f in load_ingest_config(cfg).fields] == [["STREAK2", 7], ["STREAK2"]]
+    cfg.write_text("fields:\n  - name: a\n    mask_ignore: [70]\n    bands: {i: {image: a.fits}}\n")
+    with pytest.raises(ConfigError, match="bit index 70"):
+        load_ingest_config(cfg)
+
+
 def test_resampled_band(tmp_path):
     wi = make_wcs()
     wg = make_wcs(crpix=(38.2, 35.7), rot_deg=17.0)
