@@ -13,6 +13,7 @@ from astropy.wcs import WCS
 from deepfield.tasks import maskbits
 from deepfield.tasks.fits_files import file_digest
 from deepfield.tasks.fits_input import load_field, sha256_file
+from deepfield.tasks.fits_noise import LAG
 from deepfield.tasks.ingest_config import FieldSpec
 
 from _fits_inputs import NX, NY, SCALE, header, make_field, make_wcs, mef, raises, smooth_sky, spec, write_band
@@ -219,12 +220,32 @@ def test_mask_ignore_in_the_configuration(tmp_path):
         load_ingest_config(cfg)
 
 
+def test_sky_left_in_the_image_is_not_noise(tmp_path):
+    """An image with its sky left in (a level of 30 sigma, a gradient of 20 sigma across, a ripple of 10): its
+    noise map agrees with its noise, which the pixels' own MAD (5.9 sigma here) had taken the sky for, refusing
+    the field as if the noise map were in other units. Accepted now, its inverse variance kept; an inverse
+    variance 10 times too large is still refused."""
+    n = 256
+    yy, xx = np.mgrid[0:n, 0:n]
+    img = (np.random.default_rng(3).normal(0, 2.0, (n, n)) + 2.0 * (30 + 20 * xx / n + 10 * np.sin(3 * yy / n)))
+    files = {"i": write_band(tmp_path, "i", img.astype(np.float32), make_wcs(),
+                             invvar=np.full((n, n), 0.25, np.float32))}
+    f = load_field(spec(files))
+    assert np.all(f.invvar[0] == np.float32(0.25))
+    assert not any("rescaled" in note or "scatter" in note for note in f.notes), f.notes
+    (tmp_path / "bad").mkdir()
+    files = {"i": write_band(tmp_path / "bad", "i", img.astype(np.float32), make_wcs(),
+                             invvar=np.full((n, n), 25.0, np.float32))}
+    raises(spec(files), files["i"]["invvar"], "a variance or sigma map given as invvar")
+
+
 def test_resampled_band(tmp_path):
     wi = make_wcs()
     wg = make_wcs(crpix=(38.2, 35.7), rot_deg=17.0)
 
-    def iv(img):  # the invvar that matches the (noiseless) image's own scatter, as the ingest checks
-        return np.full((NY, NX), 1 / (1.4826 * np.median(np.abs(img - np.median(img)))) ** 2, np.float32)
+    def iv(img):  # the invvar that matches the (noiseless) image's own scatter, as the ingest checks it
+        d = (img[:, :-LAG] - img[:, LAG:]).ravel() / np.sqrt(2)
+        return np.full((NY, NX), 1 / (1.4826 * np.median(np.abs(d - np.median(d)))) ** 2, np.float32)
     ivg = iv(smooth_sky(wg, (NY, NX)))
     files = {
         "i": write_band(tmp_path, "i", smooth_sky(wi, (NY, NX)), wi, invvar=iv(smooth_sky(wi, (NY, NX)))),
