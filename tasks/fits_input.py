@@ -117,8 +117,9 @@ def _mask_bits(raw: np.ndarray, header: fits.Header, path, band: str, notes: lis
     if not planes:
         nz = (wide & ~_bits(ignore_bits)) != 0 if ignore_bits else m != 0
         out[nz] = maskbits.BAD
+        count = int(nz.sum())
         notes.append(f"band {band}: mask {Path(path).name} has no MP<NAME> keywords (foreign bit meanings): "
-                     f"{int(nz.sum())} nonzero pixels set BAD{ignored}")
+                     f"{count} nonzero pixels set BAD{_share(count, m.size)}{ignored}")
         return out
     declared = _bits(meaning)
     other = (wide & ~declared) != 0 if m.dtype.itemsize > 2 or m.dtype.kind == "i" \
@@ -143,9 +144,22 @@ def _mask_bits(raw: np.ndarray, header: fits.Header, path, band: str, notes: lis
             f"{name} (bit {bit}, {np.count_nonzero((wide >> bit) & 1)} pixels)" for name, bit in unknown)
             + " (list those that mark measured pixels in the configuration's mask_ignore)")
     if undeclared:
-        parts.append(f"{int(other.sum())} pixels with undeclared bits set BAD")
+        count = int(other.sum())
+        parts.append(f"{count} pixels with undeclared bits set BAD{_share(count, m.size)}")
     notes.append("; ".join(parts))
     return out
+
+
+SHARE_WARN = 0.05  # a foreign mask's bits setting BAD on more of the pixels than this get a warning in the note
+
+
+def _share(count: int, size: int) -> str:
+    """The note's warning when a mask's foreign bits set BAD on more than SHARE_WARN of the pixels: a detection
+    footprint or a bright-star mask read as bad pixels would mask the very sources."""
+    if count <= SHARE_WARN * size:
+        return ""
+    return (f" ({100 * count / size:.1f} % of the pixels: if those bits mark measured pixels, a detection "
+            f"footprint or a bright-star mask, list them in mask_ignore)")
 
 
 def _bits(bits) -> int:

@@ -197,11 +197,17 @@ def test_afw_mask_planes(tmp_path):
 
 
 def test_mask_ignore_bits_without_keywords(tmp_path):
-    """A mask without MP keywords: bits listed in mask_ignore mask nothing, every other nonzero bit BAD."""
+    """A mask without MP keywords: bits listed in mask_ignore mask nothing, every other nonzero bit BAD; a bit
+    that sets BAD on more than 5 % of the pixels (a detection footprint here) is pointed out in the note."""
     m = np.zeros((NY, NX), np.int32)
+    m[10:40, 10:40] = 1 << 5
     m[1, 1], m[2, 2], m[3, 3] = 1 << 5, 1, (1 << 5) | 2
     files = {"i": write_band(tmp_path, "i", np.random.default_rng(0).normal(size=(NY, NX)).astype(np.float32),
                              make_wcs(), invvar=np.ones((NY, NX), np.float32), mask=m, mask_cards=False)}
+    f = load_field(spec(files))
+    assert np.count_nonzero(f.mask[0]) == 903
+    assert any(f"903 nonzero pixels set BAD ({100 * 903 / (NY * NX):.1f} % of the pixels: if those bits mark "
+               "measured pixels" in n for n in f.notes), f.notes
     f = load_field(spec(files, mask_ignore=[5]))
     assert f.mask[0, 1, 1] == 0 and f.mask[0, 2, 2] == f.mask[0, 3, 3] == maskbits.BAD
     assert np.count_nonzero(f.mask[0]) == 2
