@@ -306,12 +306,15 @@ def _sources(spec: FieldSpec, files: FitsFiles, notes: list[str]) -> list[tuple]
         name = str(h.header.get("EXTNAME", "")).strip()
         if not name or (i == 0 and name.upper() == "PRIMARY"):
             continue
-        band, kind = name, "image"
-        for suffix, k in MEF_KINDS.items():
-            if name.upper().endswith("_" + suffix) and len(name) > len(suffix) + 1:
-                band, kind = name[: -len(suffix) - 1], k
-                break
+        band, kind, upper = name, "image", name.upper()
+        if upper in MEF_KINDS:  # a one-band exposure (Rubin's, HSC's: IMAGE, MASK, VARIANCE HDUs)
+            band, kind = _exposure_band(path, i, name, h.header, hdul[0].header), MEF_KINDS[upper]
         else:
+            for suffix, k in MEF_KINDS.items():
+                if upper.endswith("_" + suffix) and len(name) > len(suffix) + 1:
+                    band, kind = name[: -len(suffix) - 1], k
+                    break
+        if band == name and kind == "image":
             if not isinstance(h, IMAGE_HDUS) or not h.header.get("NAXIS"):
                 notes.append(f"{path.name}: HDU {i} ({name}) is not a band image, ignored")
                 continue
@@ -334,6 +337,20 @@ def _sources(spec: FieldSpec, files: FitsFiles, notes: list[str]) -> list[tuple]
     src = lambda e, k: (path, e[k][0]) if k in e else None  # noqa: E731
     return [(e["image"][2], src(e, "image"), src(e, "invvar"), src(e, "variance"), src(e, "mask"), None, None)
             for e in bands]
+
+
+def _exposure_band(path, i: int, name: str, header: fits.Header, primary: fits.Header) -> str:
+    """The band of an HDU named for what it holds alone (IMAGE, MASK, VARIANCE, ...: a one-band exposure file, as
+    Rubin's and HSC's pipelines write them): the HDU's or the primary header's BAND, else FILTER keyword. Read as
+    band names, those HDUs had made bands "IMAGE", "MASK" and "VARIANCE" of one band's image, mask and noise."""
+    for h in (header, primary):
+        for key in ("BAND", "FILTER"):
+            val = h.get(key)
+            if isinstance(val, str) and val.strip():
+                return val.strip()
+    raise InputError(path, f"HDU {i} ({name}) names no band, and neither it nor the primary header has a BAND or "
+                           f"FILTER keyword: name the HDUs <band>_{name.upper()}, or give the file under `bands:` "
+                           f"with its HDUs (hdu, mask_hdu, variance_hdu)")
 
 
 KNOWN_BANDS = ("u", "g", "r", "i", "z", "y", "Y", "J", "H", "K", "VIS", "NUV", "FUV")

@@ -275,4 +275,5 @@ def test_the_example_configurations_are_valid(tmp_path):
     cfg = load_run_config(REPO / "examples" / "survey.yaml")
     assert cfg.missing_bands == "skip" and [s.name for s in cfg.stages][:3] == ["background", "detect", "measure"]
     ing = load_ingest_config(REPO / "examples" / "fields.yaml")
-    assert ing.fields[0].band_names == {"Z": "z", "HSC-I": "i"} and ing.fields[1].mef is not None
+    assert ing.fields[0].band_names == {"Z": "z", "HSC-I": "i", "HSC-R": "r"} and ing.fields[1].mef is not None
+    assert ing.fields[2].bands["HSC-R"].variance_hdu == "VARIANCE"

@@ -297,6 +297,32 @@ def test_mef(tmp_path):
     assert np.all(f.invvar == 1) and np.all(f.mask == 0)
 
 
+def test_mef_one_band_exposure(tmp_path):
+    """A one-band exposure file as Rubin's and HSC's pipelines write it (HDUs IMAGE, MASK with MP_<NAME>
+    keywords, VARIANCE; the band in the primary header): one band, named by BAND, its mask's DETECTED plane
+    masking nothing, its invvar 1 / VARIANCE. Those HDUs had been read as three bands IMAGE, MASK, VARIANCE.
+    Without a BAND or FILTER keyword the file is refused."""
+    w = make_wcs()
+    img = np.random.default_rng(2).normal(0, 2.0, (NY, NX)).astype(np.float32)
+    m = np.zeros((NY, NX), np.int32)
+    m[20:40, 20:40], m[3, 3] = 1 << 5, 1 << 1
+    mh = header(EXTNAME="MASK")
+    for name, bit in AFW.items():
+        mh[f"HIERARCH MP_{name}"] = bit
+    hdus = [fits.ImageHDU(img, header(w, EXTNAME="IMAGE", PSF_FWHM=0.9)), fits.ImageHDU(m, mh),
+            fits.ImageHDU(np.full((NY, NX), 4.0, np.float32), header(EXTNAME="VARIANCE")),
+            fits.BinTableHDU.from_columns([fits.Column("a", "E", array=np.zeros(3))], name="ARCHIVE_INDEX")]
+    p = tmp_path / "calexp.fits"
+    fits.HDUList([fits.PrimaryHDU(header=header(MAGZERO=27.0, BAND="i"))] + hdus).writeto(p)
+    f = load_field(FieldSpec(name="x", mef=p))
+    assert f.bands == ["i"] and f.image.shape == (1, NY, NX)
+    assert np.array_equal(f.image[0], img) and np.all(f.invvar[0] == np.float32(0.25))
+    assert f.mask[0, 3, 3] == maskbits.SAT and np.count_nonzero(f.mask[0]) == 1
+    q = tmp_path / "noband.fits"
+    fits.HDUList([fits.PrimaryHDU(header=header(MAGZERO=27.0))] + hdus).writeto(q)
+    raises(FieldSpec(name="x", mef=q), q, "HDU 1 (IMAGE) names no band")
+
+
 def test_mef_duplicate_band(tmp_path):
     w = make_wcs()
     img = np.ones((NY, NX), np.float32)
