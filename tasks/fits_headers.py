@@ -5,6 +5,7 @@ field from them."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 from astropy.io import fits
@@ -12,7 +13,7 @@ from astropy.wcs import WCS
 
 from .fits_files import InputError
 
-__all__ = ["ZP_KEYS", "BUNIT_ZP", "FWHM_KEYS", "celestial_wcs", "header_value", "zeropoint"]
+__all__ = ["ZP_KEYS", "BUNIT_ZP", "FWHM_KEYS", "celestial_wcs", "fwhm_in_pixels", "header_value", "zeropoint"]
 
 ZP_KEYS = ("MAGZERO", "ZEROPNT", "MAGZPT", "PHOTZP")  # AB magnitude of one image unit
 # BUNIT of calibrated images -> the AB zero point of one such unit (m = ZP - 2.5 log10 flux)
@@ -59,6 +60,18 @@ def header_value(headers, keys, path, what):
                     raise InputError(path, f"invalid {what} {k} = {h[k]!r}")
                 return v
     return None
+
+
+def fwhm_in_pixels(headers, keys=FWHM_KEYS) -> bool:
+    """Whether the first of `keys` present in `headers` says, in its card's comment, that it is in pixels
+    ("[pixel]", "FWHM in pix", ...; and not in arcsec): some pipelines write the seeing so, and read as arcsec
+    such a value made every PSF-scaled aperture several times too wide."""
+    for h in headers:
+        for k in keys:
+            if k in h and h[k] is not None and str(h[k]).strip() != "":
+                comment = str(h.comments[k]).lower()
+                return bool(re.search(r"pix|\bpx\b", comment)) and "arcsec" not in comment
+    return False
 
 
 def zeropoint(headers, path, where: str, band: str, notes: list[str]) -> float:

@@ -18,7 +18,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from . import maskbits
 from .fits_align import resample_band, same_grid
 from .fits_files import IMAGE_HDUS, FitsFiles, InputError, file_digest, sha256_file  # noqa: F401  (re-exported)
-from .fits_headers import FWHM_KEYS, celestial_wcs, header_value, zeropoint
+from .fits_headers import FWHM_KEYS, celestial_wcs, fwhm_in_pixels, header_value, zeropoint
 from .fits_noise import block_noise, check_pixels
 from .ingest_config import FieldSpec
 from .psf_measure import measure_fwhms
@@ -55,6 +55,7 @@ class _Band:
     wcs: WCS | None
     zeropoint: float
     psf_fwhm: float | None
+    fwhm_px: float | None = None  # the header's PSF FWHM when its comment says pixels
     noise_path: Path | None = None  # the invvar or variance file, when given
     mask_path: Path | None = None
 
@@ -192,11 +193,19 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
     wcs = celestial_wcs(path, header, where)
     if zp is None:
         zp = zeropoint(headers, path, where, band, notes)
+    fwhm_px = None  # a header's FWHM in pixels of a band without a WCS, made arcsec in load_field
     if fwhm is None:
         fwhm = header_value(headers, FWHM_KEYS, path, "PSF FWHM")
         if fwhm is not None and fwhm <= 0:
             notes.append(f"band {band}: ignored non-positive PSF FWHM {fwhm}")
             fwhm = None
+        elif fwhm is not None and fwhm_in_pixels(headers):
+            if wcs is None:  # assumed on the reference grid: its pixels (load_field)
+                fwhm, fwhm_px = None, fwhm
+            else:
+                px, fwhm = fwhm, fwhm * float(np.mean(proj_plane_pixel_scales(wcs))) * 3600.0
+                notes.append(f"band {band}: PSF FWHM from the header in pixels ({px:g} px, as its comment says): "
+                             f"{fwhm:.3f}\"")
 
     def aux(src: tuple, what: str) -> tuple[fits.Header, np.ndarray]:
         h, d = files.read(src[0], files.select(*src), f"{what} of band {band}")
@@ -283,7 +292,7 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
     if nodata is not None:
         invvar[nodata] = 0
     noise = inv[0] if inv is not None else (var[0] if var is not None else None)
-    return _Band(band, path, image, invvar, mask, wcs, float(zp), fwhm, noise_path=noise,
+    return _Band(band, path, image, invvar, mask, wcs, float(zp), fwhm, fwhm_px=fwhm_px, noise_path=noise,
                  mask_path=msk[0] if msk is not None else None)
 
 
@@ -451,6 +460,11 @@ def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> Fiel
         if not np.shares_memory(b.image, image[k]):  # resampled or on another grid: copy in
             image[k], invvar[k], mask[k] = b.image, b.invvar, b.mask
     scales = proj_plane_pixel_scales(rb.wcs) * 3600.0
+    for b in bands:
+        if b.fwhm_px is not None:  # a band without a WCS, assumed on the reference grid
+            b.psf_fwhm = b.fwhm_px * float(np.mean(scales))
+            notes.append(f"band {b.name}: PSF FWHM from the header in pixels ({b.fwhm_px:g} px, as its comment "
+                         f"says): {b.psf_fwhm:.3f}\"")
     missing = [b for b in bands if b.psf_fwhm is None]  # neither header nor configuration: from the stars
     measured = measure_fwhms([b.image for b in missing], [b.invvar for b in missing], [b.mask for b in missing]) \
         if missing else []

@@ -245,6 +245,20 @@ def test_sky_left_in_the_image_is_not_noise(tmp_path):
     raises(spec(files), files["i"]["invvar"], "a variance or sigma map given as invvar")
 
 
+def test_psf_fwhm_in_pixels_by_its_comment(tmp_path):
+    """A header FWHM whose comment says pixels ("[pixel]", as some pipelines write the seeing) is made arcsec by
+    the band's pixel scale, with a note; one that says arcsec, or nothing, is taken as arcsec."""
+    rng = np.random.default_rng(0)
+    files = {b: write_band(tmp_path, b, rng.normal(size=(NY, NX)).astype(np.float32), make_wcs(),
+                           invvar=np.ones((NY, NX), np.float32), fwhm=None) for b in "gri"}
+    for b, comment in zip("gri", ("[pixel] median FWHM", "FWHM, arcsec", "")):
+        with fits.open(files[b]["image"], mode="update") as h:
+            h[0].header["FWHM"] = (4.0, comment)
+    f = load_field(spec(files))
+    assert f.psf_fwhm[0] == pytest.approx(4.0 * SCALE) and f.psf_fwhm[1] == f.psf_fwhm[2] == 4.0
+    assert any("PSF FWHM from the header in pixels (4 px" in n for n in f.notes), f.notes
+
+
 def test_resampled_band(tmp_path):
     wi = make_wcs()
     wg = make_wcs(crpix=(38.2, 35.7), rot_deg=17.0)
