@@ -253,3 +253,22 @@ def test_measure_writes_gaussian_aperture_fluxes(scene):
         assert all(src[f"fluxerr_gaap_{b}"].iloc[k] > 0 for b in BANDS)
     with pytest.raises(ValueError, match="gaap_sigma_psf"):
         MeasureStage(gaap_sigma_psf=(0.9,))
+
+
+def test_the_catalog_does_not_depend_on_the_bands_units():
+    """Band g stored in units 100 times smaller (zero point 5 mag fainter: the image times 100, the inverse
+    variance over 10^4) and band i in units 10 times larger: the same sources, positions and AB magnitudes, as a
+    survey must give whatever units its bands come in. The detection image had weighed each band in its own unit,
+    g then 100 times more than r, and its detections and apertures followed g alone."""
+    import copy
+    tile, _, _ = make_tile(SCENE, seed=1)
+    other = copy.deepcopy(tile)
+    for b, k in ((0, 100.0), (2, 0.1)):
+        other.image[b] *= np.float32(k)
+        other.invvar[b] /= np.float32(k * k)
+        other.zeropoints[b] += 2.5 * np.log10(k)
+    a, b = run_chain(tile), run_chain(other)
+    assert len(a) == len(b) == len(SCENE)
+    assert np.allclose(a["x"], b["x"], atol=1e-3) and np.allclose(a["y"], b["y"], atol=1e-3)
+    for band in BANDS:
+        assert np.allclose(a[f"mag_auto_{band}"], b[f"mag_auto_{band}"], atol=2e-4), band

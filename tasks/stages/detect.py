@@ -153,13 +153,14 @@ class DetectStage(ModelStage):
     """
 
     name: ClassVar[str] = "detect"
-    # 12: the pixels that two peaks outside every footprint share go to the nearer one (_outside_sources);
+    # 13: the detection image in one flux unit (bands of other zero points weighed by their noise in it,
+    # _pixels.detection_image); 12: the pixels that two peaks outside every footprint share go to the nearer one (_outside_sources);
     # 11: a ring galaxy's detections joined (merge_rings); 10: the network over the part of the tile the core
     # needs (the primary sources as before, the halo's own footprints kept whole); 9: a thin defect (interpolated
     # for the network) no longer keeps a footprint from its peak's centre; 8: masked cores with bleed trails;
     # 7: saturated regions seed sources; 6: a peak in a saturated star's masked core, ringed by its footprint, is
     # the star's; 5: peak_centres
-    version: ClassVar[str] = "12"
+    version: ClassVar[str] = "13"
     Config: ClassVar[type[StageConfig]] = DetectConfig
     models: ClassVar[tuple[str, ...]] = ("detect_net",)
     adds: ClassVar[tuple[str, ...]] = tuple(COLUMNS)
