@@ -257,18 +257,26 @@ def test_measure_writes_gaussian_aperture_fluxes(scene):
 
 def test_the_catalog_does_not_depend_on_the_bands_units():
     """Band g stored in units 100 times smaller (zero point 5 mag fainter: the image times 100, the inverse
-    variance over 10^4) and band i in units 10 times larger: the same sources, positions and AB magnitudes, as a
-    survey must give whatever units its bands come in. The detection image had weighed each band in its own unit,
-    g then 100 times more than r, and its detections and apertures followed g alone."""
+    variance over 10^4) and band i in units 10 times larger: the same sources, positions and AB magnitudes, Kron
+    and deblended, as a survey must give whatever units its bands come in. The detection image had weighed each
+    band in its own unit, g then 100 times more than r, and its detections and apertures followed g alone; the
+    deblender's templates had weighed the members' brightness by their light summed in the bands' own units."""
     import copy
-    tile, _, _ = make_tile(SCENE, seed=1)
+
+    from deepfield.tasks.stages.deblend import DeblendStage
+    # the scene and a blend of a blue and a red galaxy, which the deblender's templates share
+    scene = SCENE + [galaxy(120.0, 138.0, [9000, 5000, 2000], hlr=0.5), galaxy(131.0, 141.0, [1500, 4000, 9000], hlr=0.5)]
+    tile, _, _ = make_tile(scene, seed=1)
     other = copy.deepcopy(tile)
     for b, k in ((0, 100.0), (2, 0.1)):
         other.image[b] *= np.float32(k)
         other.invvar[b] /= np.float32(k * k)
         other.zeropoints[b] += 2.5 * np.log10(k)
-    a, b = run_chain(tile), run_chain(other)
-    assert len(a) == len(b) == len(SCENE)
+    deblend = DeblendStage()
+    deblend.setup("cpu")
+    a, b = (deblend.run(t, run_chain(t)) for t in (tile, other))
+    assert len(a) == len(b) == len(scene) and (a["n_blend"] == 2).sum() == 2
     assert np.allclose(a["x"], b["x"], atol=1e-3) and np.allclose(a["y"], b["y"], atol=1e-3)
     for band in BANDS:
         assert np.allclose(a[f"mag_auto_{band}"], b[f"mag_auto_{band}"], atol=2e-4), band
+        assert np.allclose(a[f"mag_deblend_{band}"], b[f"mag_deblend_{band}"], atol=2e-4), band

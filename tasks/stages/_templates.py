@@ -198,7 +198,8 @@ def _smoothed_known(img: np.ndarray, unknown: np.ndarray | None, smooth: float) 
 
 
 def blend_templates(stamp: np.ndarray, centres: np.ndarray, smooth: float = 0.5, passes: int = PASSES,
-                    grown: np.ndarray | None = None, unknown: np.ndarray | None = None) -> np.ndarray:
+                    grown: np.ndarray | None = None, unknown: np.ndarray | None = None,
+                    band_scale: np.ndarray | None = None) -> np.ndarray:
     """Templates (K, B, S, S) float32 >= 0 of the K members at `centres` ((K, 2) as (y, x), stamp pixels) of one
     blend stamp (B, S, S) (module docstring): from the blend smoothed by `smooth` px, then `passes` times from
     the smoothed blend less the other members' templates, each weighted by how much brighter it is.
@@ -210,7 +211,12 @@ def blend_templates(stamp: np.ndarray, centres: np.ndarray, smooth: float = 0.5,
 
     `unknown` ((H, W) or (B, H, W) bool, on `grown` when it is given, else on the stamp): pixels without a
     measurement, which constrain no template (_smoothed_known); the templates are 0 there (the stamp has no light
-    to share there) and the members' brightness weights count the known pixels only."""
+    to share there) and the members' brightness weights count the known pixels only.
+
+    `band_scale` (B,): each band's image unit in one flux unit (the deblend stage's, by the bands' zero points), in
+    which the members' light is summed over the bands for their brightness weights; None: the bands share one
+    unit. Summed in each band's own unit, a band stored in units 10 times smaller counted 10 times more, and the
+    deblended fluxes of 170-250 of 2,454 sources moved by up to 28 of their errors with the bands' units."""
     c = np.asarray(centres, np.float64).reshape(-1, 2)
     size = np.shape(stamp)[-1]
     pad = 0 if grown is None else (np.shape(grown)[-1] - size) // 2
@@ -232,7 +238,10 @@ def blend_templates(stamp: np.ndarray, centres: np.ndarray, smooth: float = 0.5,
         t[(slice(None),) + holes] = 0.0
     if len(c) < 2:
         return t
-    light = t.sum(axis=(1, 2, 3), dtype=np.float64) + 1e-30
+    if band_scale is None:
+        light = t.sum(axis=(1, 2, 3), dtype=np.float64) + 1e-30
+    else:
+        light = t.sum(axis=(2, 3), dtype=np.float64) @ np.asarray(band_scale, np.float64) + 1e-30
     # w[j, k]: the weight of member j's template in what member k's is made from
     w = np.clip(0.5 + np.log10(light[:, None] / light[None, :]) / np.log10(FULL_RATIO), 0.0, 1.0)
     np.fill_diagonal(w, 0.0)
@@ -248,9 +257,11 @@ def blend_templates(stamp: np.ndarray, centres: np.ndarray, smooth: float = 0.5,
 
 
 def template_fractions(stamp: np.ndarray, centres: np.ndarray, smooth: float = 0.5,
-                       grown: np.ndarray | None = None, unknown: np.ndarray | None = None) -> np.ndarray:
+                       grown: np.ndarray | None = None, unknown: np.ndarray | None = None,
+                       band_scale: np.ndarray | None = None) -> np.ndarray:
     """Each member's share (K, B, S, S) of each pixel's light: its template over the sum of the members'
     templates wherever they have light, 0 elsewhere (what the deblend stage multiplies the pixels by); `grown`
-    and the unknown pixels as for blend_templates."""
+    the unknown pixels and `band_scale` as for blend_templates."""
     from deepfield.models.deblend_unet import share
-    return share(blend_templates(stamp, centres, smooth, grown=grown, unknown=unknown), floor=0.0)
+    return share(blend_templates(stamp, centres, smooth, grown=grown, unknown=unknown, band_scale=band_scale),
+                 floor=0.0)

@@ -129,10 +129,11 @@ class DeblendConfig(ModelStageConfig):
 
 class DeblendStage(ModelStage):
     name: ClassVar[str] = "deblend"
+    # 9: the symmetric templates' brightness weights sum the bands in one flux unit (by their zero points);
     # 8: masked pixels constrain no symmetric template (a saturated star's template was empty); 7: mirror images
     # beyond the stamp read from the tile; 6: stamps grow to hold the members (max_stamp); 5: symmetric templates by
     # default; 4: bfloat16 on CPUs
-    version: ClassVar[str] = "8"
+    version: ClassVar[str] = "9"
     Config: ClassVar[type[StageConfig]] = DeblendConfig
     models: ClassVar[tuple[str, ...]] = ("deblend_unet",)
     reads: ClassVar[tuple[str, ...]] = ("x_tile", "y_tile", "blend_id", "n_blend")
@@ -279,10 +280,15 @@ class DeblendStage(ModelStage):
                 out_all = fractions(self.model, np.concatenate(inputs), batch=self.inference_batch(),
                                     device=self.device)
             image_head = self.templates == "unet" and getattr(self.model, "output", "fraction") == "image"
+            # the bands' units in the first band's, by their zero points: the templates' brightness weights sum
+            # the members' light over the bands in one unit (None where the bands share one)
+            zps = np.asarray(getattr(tile, "zeropoints", None) or [0.0] * tile.image.shape[0], np.float64)
+            scale = 10.0 ** (-0.4 * (zps - zps[0])) if np.any(zps != zps[0]) else None
             k0 = 0
             for rows, measured, stamp, vstamp, centres, grown, unknown in jobs:
                 if self.templates == "symmetric":  # masked pixels: no measurement, no constraint on the templates
-                    frac = template_fractions(stamp, centres, self.template_smooth, grown, unknown=unknown)
+                    frac = template_fractions(stamp, centres, self.template_smooth, grown, unknown=unknown,
+                                              band_scale=scale)
                 else:
                     net = out_all[k0:k0 + len(rows)]
                     k0 += len(rows)
