@@ -129,10 +129,10 @@ def _ratios(data: np.ndarray, good: np.ndarray, yy: np.ndarray, xx: np.ndarray, 
     return out, usable
 
 
-def _stars(data: np.ndarray, good: np.ndarray, sky: float, sigma: float, fwhm: float
+def _stars(data: np.ndarray, good: np.ndarray, sky: float, sigma: float, fwhm: float, min_stars: int = MIN_STARS
            ) -> tuple[np.ndarray, np.ndarray]:
     """(yy, xx) peak pixels of one band's stars: isolated local maxima above PEAK_SNR sigma on the stellar locus of
-    the concentration (module docstring)."""
+    the concentration (module docstring); none when fewer than `min_stars`."""
     yy, xx = np.nonzero((data > sky + PEAK_SNR * sigma)[1:-1, 1:-1])  # the few pixels above the threshold only
     yy, xx = yy + 1, xx + 1
     v = data[yy, xx]
@@ -143,7 +143,7 @@ def _stars(data: np.ndarray, good: np.ndarray, sky: float, sigma: float, fwhm: f
                 peak &= v >= data[yy + dy, xx + dx]
     yy, xx = yy[peak], xx[peak]
     none = np.zeros(0, np.int64)
-    if len(yy) < MIN_STARS:
+    if len(yy) < min_stars:
         return none, none
     from scipy.spatial import cKDTree
     d, _ = cKDTree(np.column_stack([xx, yy])).query(np.column_stack([xx, yy]), k=2)
@@ -164,7 +164,7 @@ def _stars(data: np.ndarray, good: np.ndarray, sky: float, sigma: float, fwhm: f
         return none, none
     level = float(np.median(top[seed[0]:lo[seed[0]]]))
     star = ok & (np.abs(conc - level) <= LOCUS)
-    if star.sum() < MIN_STARS:
+    if star.sum() < min_stars:
         return none, none
     return yy[star], xx[star]
 
@@ -234,15 +234,15 @@ def band_betas(images: np.ndarray, masks: np.ndarray, fwhms: list[float | None])
 FWHM_FACTORS = np.geomspace(0.8, 1.25, 91)  # fwhms_from_stars: the FWHM's candidates about the estimate, 0.5 % apart
 
 
-def fwhms_from_stars(images: list[np.ndarray], masks: list[np.ndarray], fwhm0: list[float]
-                     ) -> tuple[list[float | None], float | None, list[int]]:
+def fwhms_from_stars(images: list[np.ndarray], masks: list[np.ndarray], fwhm0: list[float],
+                     min_stars: int = MIN_STARS) -> tuple[list[float | None], float | None, list[int]]:
     """(each band's FWHM in px or None, the Moffat index or None, stars used per band) of the PSFs of bands of one
     field from their stars, found and measured in each band as band_betas does but with the band's estimate
     `fwhm0` (px) for the weights and radii: the FWHMs (FWHM_FACTORS times each estimate) and one index for all the
     bands (BETAS) of the Moffats whose ratios (moffat_ratios with psf_fwhm) are nearest the stars' medians, each
     band's squared residuals weighted by its stars. One index: alone, a band's FWHM and index trade against each
     other along a valley of the fit (a wider PSF of sharper wings), and its stars' noise picks the point. A band
-    with fewer than MIN_STARS stars or a FWHM at either end of FWHM_FACTORS gets None; all get None with the index
+    with fewer than `min_stars` stars or a FWHM at either end of FWHM_FACTORS gets None; all get None with the index
     at the first of BETAS. `images` and `masks` as for band_betas (any mask bit excludes a pixel).
 
     For the ingest (tasks/psf_measure.py), where bands have no FWHM in their headers or configuration: on the
@@ -256,10 +256,10 @@ def fwhms_from_stars(images: list[np.ndarray], masks: list[np.ndarray], fwhm0: l
         p = _prepare(images[k], masks[k]) if fwhm0[k] and fwhm0[k] > 0 else None
         if p is None:
             continue
-        yy, xx = _stars(*p, fwhm0[k])
+        yy, xx = _stars(*p, fwhm0[k], min_stars)
         rat, ok = _ratios(p[0], p[1], yy, xx, fwhm0[k])
         counts[k] = int(ok.sum())
-        if counts[k] >= MIN_STARS:
+        if counts[k] >= min_stars:
             meds[k] = np.median(rat[ok], axis=0)
     use = [k for k in range(nb) if meds[k] is not None]
     if not use:
