@@ -257,6 +257,29 @@ def merge_catalog(run_dir: Path, fields: list[SkyField], out_dir: Path | None = 
     return summary
 
 
+def _read_tile_tables(files: list[Path]) -> dd.DataFrame:
+    """The tile tables as one Dask frame, FILES_PER_PARTITION tables a partition. Fields of one survey may have
+    different bands (a band not taken over part of the footprint): when the first tables of the fields (one per
+    field: a field's tiles share its bands) differ in their columns, every table is read in the union of them,
+    the columns of bands a field lacks null (NaN), where a frame made from the first table had stopped the merge
+    at the first field without its columns (KeyError: 'flux_aper_z', ...)."""
+    firsts: dict[Path, Path] = {}
+    for f in files:
+        firsts.setdefault(Path(f).parent, Path(f))
+    schemas = [pq.read_schema(f) for f in firsts.values()]
+    if len({tuple(sc.names) for sc in schemas}) <= 1:
+        tiles = dd.read_parquet([str(f) for f in files])
+        return tiles.repartition(npartitions=max(1, -(-tiles.npartitions // FILES_PER_PARTITION)))
+    unified = pa.unify_schemas([sc.remove_metadata() for sc in schemas])
+    groups = [[str(f) for f in files[i:i + FILES_PER_PARTITION]] for i in range(0, len(files), FILES_PER_PARTITION)]
+    return dd.from_map(_read_in_schema, groups, schema=unified, meta=unified.empty_table().to_pandas())
+
+
+def _read_in_schema(paths: list[str], schema: pa.Schema) -> pd.DataFrame:
+    """Parquet files read into one frame in `schema` (columns a file lacks null)."""
+    return pads.dataset(paths, schema=schema, format="parquet").to_table().to_pandas()
+
+
 def _merge_into(staging: Path, out_dir: Path, run_dir: Path, files: list[Path], ownership: FieldOwnership,
                 steps: tuple[MergeStep, ...], store_path, highest_healpix_order: int, pixel_threshold,
                 keep_field_duplicates: bool, client, n_threads, write_fits: bool, plugins, missing_tiles,
@@ -269,8 +292,7 @@ def _merge_into(staging: Path, out_dir: Path, run_dir: Path, files: list[Path], 
     elif plugins:
         client.register_plugin(LoadPlugins(plugins), name="deepfield-plugins")
     try:
-        tiles = dd.read_parquet([str(f) for f in files])
-        tiles = tiles.repartition(npartitions=max(1, -(-tiles.npartitions // FILES_PER_PARTITION)))
+        tiles = _read_tile_tables(files)
         primary = tiles[tiles["is_primary"]]
         ctx = MergeContext(run_dir=run_dir, tile_tables=files, columns=list(primary.columns),
                            store_path=Path(store_path) if store_path is not None else None)

@@ -313,3 +313,29 @@ def test_the_fields_wcs_travel_as_header_text_with_the_same_sky():
                            np.array(f.wcs.pixel_to_world_values(x, y)), rtol=0, atol=1e-10)
     assert set(got._made) == {"field000", "field001"}
     assert tokenize(got) == tokenize(FieldWCS.of(fields)) != tokenize(FieldWCS.of(fields[:1]))
+
+
+def test_fields_with_different_bands_merge_into_one_catalog(tmp_path):
+    """A survey whose second field lacks band r (a band not taken over part of the footprint): every truth source
+    once, the r columns null exactly for the sources the second field owns and the others as measured; the merge
+    had stopped at the first table without them (KeyError: 'flux_auto_r', ...)."""
+    cfg = SimConfig(size=512, fields=2, overlap=20, pixel_scale=1.0)
+    truth = _truth(cfg, np.random.default_rng(7))
+    grid = TileGrid(cfg.size, cfg.size, tile=256, halo=32)
+    fields = []
+    for lay in survey_layout(cfg):
+        fields.append(SkyField(lay.name, field_wcs(lay.ra, lay.dec, lay.size, lay.pixel_scale), cfg.size, cfg.size))
+        _write_tiles(tmp_path, fields[-1], truth, grid)
+    for path in (tmp_path / "tiles" / fields[1].name).glob("*.parquet"):
+        df = pd.read_parquet(path)
+        df.drop(columns=[c for c in df.columns if c.endswith("_r")]).to_parquet(path, index=False)
+    summary = merge_catalog(tmp_path, fields, highest_healpix_order=HIGHEST_ORDER)
+    cat = pd.read_parquet(summary["paths"]["parquet"])
+    assert len(cat) == N_TRUTH and set(cat["truth_id"]) == set(truth["truth_id"])
+    second = (cat["field"] == fields[1].name).to_numpy()
+    assert 0 < second.sum() < len(cat)
+    for col in ("flux_auto_r", "mag_aper_r", "zeropoint_r"):
+        assert cat.loc[second, col].isna().all() and cat.loc[~second, col].notna().all(), col
+    flux = truth.set_index("truth_id")["flux"] * 10 ** (-0.4 * (27.0 - 31.4))  # the catalog's nJy
+    assert np.allclose(cat.loc[~second, "flux_auto_r"], flux[cat.loc[~second, "truth_id"]].to_numpy())
+    assert np.allclose(cat["flux_auto_g"], flux[cat["truth_id"]].to_numpy())
