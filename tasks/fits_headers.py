@@ -48,30 +48,38 @@ def celestial_wcs(path, header: fits.Header, where: str) -> WCS | None:
     return c
 
 
-def header_value(headers, keys, path, what):
+def _first_card(headers, keys) -> tuple[fits.Header, str] | None:
+    """(header, keyword) of the first of `keys` with a value in the first of `headers` that has one."""
     for h in headers:
         for k in keys:
             if k in h and h[k] is not None and str(h[k]).strip() != "":
-                try:
-                    v = float(h[k])
-                except (TypeError, ValueError):
-                    raise InputError(path, f"invalid {what} {k} = {h[k]!r}") from None
-                if not math.isfinite(v):
-                    raise InputError(path, f"invalid {what} {k} = {h[k]!r}")
-                return v
+                return h, k
     return None
 
 
+def header_value(headers, keys, path, what):
+    card = _first_card(headers, keys)
+    if card is None:
+        return None
+    h, k = card
+    try:
+        v = float(h[k])
+    except (TypeError, ValueError):
+        raise InputError(path, f"invalid {what} {k} = {h[k]!r}") from None
+    if not math.isfinite(v):
+        raise InputError(path, f"invalid {what} {k} = {h[k]!r}")
+    return v
+
+
 def fwhm_in_pixels(headers, keys=FWHM_KEYS) -> bool:
-    """Whether the first of `keys` present in `headers` says, in its card's comment, that it is in pixels
-    ("[pixel]", "FWHM in pix", ...; and not in arcsec): some pipelines write the seeing so, and read as arcsec
-    such a value made every PSF-scaled aperture several times too wide."""
-    for h in headers:
-        for k in keys:
-            if k in h and h[k] is not None and str(h[k]).strip() != "":
-                comment = str(h.comments[k]).lower()
-                return bool(re.search(r"pix|\bpx\b", comment)) and "arcsec" not in comment
-    return False
+    """Whether the card header_value reads the FWHM from says, in its comment, that it is in pixels ("[pixel]",
+    "FWHM in pix", ...; and not in arcsec): some pipelines write the seeing so, and read as arcsec such a value
+    made every PSF-scaled aperture several times too wide."""
+    card = _first_card(headers, keys)
+    if card is None:
+        return False
+    comment = str(card[0].comments[card[1]]).lower()
+    return bool(re.search(r"pix|\bpx\b", comment)) and "arcsec" not in comment
 
 
 def zeropoint(headers, path, where: str, band: str, notes: list[str]) -> float:

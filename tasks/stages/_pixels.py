@@ -51,6 +51,16 @@ def band_pixels(tile, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return data, err, bad
 
 
+def band_unit_scales(tile) -> np.ndarray | None:
+    """Each band's image unit in the first band's, by their zero points: 10^(-0.4 (zp_b - zp_0)) (B,), or None
+    where the bands share one zero point (or the tile carries none), so that their pixels need no scaling."""
+    zps = getattr(tile, "zeropoints", None)
+    if zps is None or len(zps) < tile.image.shape[0]:
+        return None
+    zps = np.asarray(zps[:tile.image.shape[0]], np.float64)
+    return 10.0 ** (-0.4 * (zps - zps[0])) if np.any(zps != zps[0]) else None
+
+
 def detection_image(tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inverse-variance weighted mean of the bands: (det, noise, bad), each (y, x) float64/bool.
 
@@ -66,11 +76,11 @@ def detection_image(tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     0.8 of their errors, 2,470 sources against 2,454)."""
     num = np.zeros(tile.image.shape[1:], dtype=np.float64)
     wsum = np.zeros_like(num)
-    zps = getattr(tile, "zeropoints", None)
+    scale = band_unit_scales(tile)
     for b in range(tile.image.shape[0]):
         data, _err, bad = band_pixels(tile, b)
         w = np.where(bad, 0.0, np.asarray(tile.invvar[b], dtype=np.float64))
-        c = 10.0 ** (-0.4 * (float(zps[b]) - float(zps[0]))) if zps is not None and len(zps) > b else 1.0
+        c = 1.0 if scale is None else float(scale[b])
         if c != 1.0:
             w /= c
             num += w * data

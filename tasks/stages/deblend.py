@@ -79,7 +79,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from ._pixels import UNUSABLE, cut_stamp
+from ._pixels import UNUSABLE, band_unit_scales, cut_stamp
 from ._templates import mirror_pad, template_fractions
 from .base import ModelStage, ModelStageConfig, StageConfig
 from .measure import magnitudes
@@ -280,10 +280,8 @@ class DeblendStage(ModelStage):
                 out_all = fractions(self.model, np.concatenate(inputs), batch=self.inference_batch(),
                                     device=self.device)
             image_head = self.templates == "unet" and getattr(self.model, "output", "fraction") == "image"
-            # the bands' units in the first band's, by their zero points: the templates' brightness weights sum
-            # the members' light over the bands in one unit (None where the bands share one)
-            zps = np.asarray(getattr(tile, "zeropoints", None) or [0.0] * tile.image.shape[0], np.float64)
-            scale = 10.0 ** (-0.4 * (zps - zps[0])) if np.any(zps != zps[0]) else None
+            # the templates' brightness weights sum the members' light over the bands in one unit
+            scale = band_unit_scales(tile)
             k0 = 0
             for rows, measured, stamp, vstamp, centres, grown, unknown in jobs:
                 if self.templates == "symmetric":  # masked pixels: no measurement, no constraint on the templates
