@@ -115,6 +115,8 @@ def test_stopped_and_cancelled_jobs_resume_to_the_same_catalog(job_a, survey, tm
     subprocess.run(["scancel", job], check=True, timeout=30)
     state, _ = wait_job(job)
     assert state == "CANCELLED"
+    # its node-local scratch (Ray's and Dask's, DEEPFIELD_JOB_TMP's default) goes with it
+    wait_for(lambda: not Path(f"/tmp/deepfield-{job}").exists(), 30, f"/tmp/deepfield-{job} removed")
     after_cancel = ledger(run_dir)  # the cancel may land after the last tile, but before the merge ends
     assert len(after_cancel) > len(after_stop) and not (run_dir / "catalogs" / "sources").exists()
     assert all(after_cancel[t].finished_at == r.finished_at for t, r in after_stop.items())
