@@ -32,6 +32,7 @@ class KronAperture:
     circle: np.ndarray
     min_radius: float
     neighbours: dict = field(default_factory=dict)
+    _pixels: dict = field(default_factory=dict, repr=False, compare=False)  # _aperture_pixels' for every band
 
     def reach(self) -> np.ndarray:
         """How far each aperture reaches from its centre, px."""
@@ -46,7 +47,61 @@ class KronAperture:
         if nb and len(lost):  # every pixel of the aperture in other detections' segments (SEP's sum is then
             # NaN with only APER_HASMASKED set): summed without the segments, as the Gaussian apertures are
             f[lost], e[lost], fl[lost] = self._sums(img, err, mask, lost, {})
+        if err is not None:  # SEP's error is that of the whole aperture unmasked (_pixels.masked_sum_error_scale)
+            scale = self._masked_error_scale(mask, fl, nb, np.arange(len(self.x)))
+            if nb and len(lost):
+                scale[lost] = self._masked_error_scale(mask, fl[lost], {}, lost)
+            e = e * scale
         return f, e, fl
+
+    def _masked_error_scale(self, mask, flags: np.ndarray, nb: dict, which: np.ndarray) -> np.ndarray:
+        """sqrt(A / (A - A_masked)) of the apertures `which` (indices; `flags` theirs) that SEP flagged
+        APER_HASMASKED (1 for the others): A_masked their pixels (SEP's sub-pixel sampling of 1 counts a pixel
+        whose centre lies inside) in `mask` or, with `nb`, in another detection's segment. Counted here rather
+        than by SEP's sums of indicator images, as those cannot leave out each row's own segment."""
+        scale = np.ones(len(which))
+        pick = np.flatnonzero((flags & sep.APER_HASMASKED) != 0)
+        if len(pick) == 0:
+            return scale
+        shape = (mask if mask is not None else nb["segmap"]).shape
+        parts = [self._aperture_pixels(int(i), nb, shape) for i in which[pick]]
+        idx = np.concatenate([p[0] for p in parts])
+        out = np.concatenate([p[1] for p in parts])
+        label = np.repeat(np.arange(len(parts)), [len(p[0]) for p in parts])
+        if mask is not None:
+            out = out | (np.asarray(mask).ravel()[idx] != 0)
+        area = np.bincount(label, minlength=len(parts))
+        left = np.bincount(label, weights=~out, minlength=len(parts))
+        ok = left > 0
+        scale[pick[ok]] = np.sqrt(area[ok] / left[ok])
+        return scale
+
+    def _aperture_pixels(self, i: int, nb: dict, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(flat indices of the pixels of aperture `i` on an image of `shape`, whether each lies in another
+        detection's segment of `nb`), the same for every band: kept for the next band's sums."""
+        key = (i, bool(nb))
+        if key in self._pixels:
+            return self._pixels[key]
+        ny, nx = shape
+        circle = bool(self.circle[i])
+        reach = self.min_radius if circle else self.r_kron[i] * self.a[i]
+        x0, x1 = max(int(np.floor(self.x[i] - reach)), 0), min(int(np.ceil(self.x[i] + reach)) + 1, nx)
+        y0, y1 = max(int(np.floor(self.y[i] - reach)), 0), min(int(np.ceil(self.y[i] + reach)) + 1, ny)
+        dx = np.arange(x0, x1) - self.x[i]
+        dy = (np.arange(y0, y1) - self.y[i])[:, None]
+        if circle:
+            inside = dx * dx + dy * dy <= self.min_radius ** 2
+        else:
+            cxx, cyy, cxy = sep.ellipse_coeffs(self.a[i], self.b[i], self.theta[i])
+            inside = cxx * dx * dx + cyy * dy * dy + cxy * dx * dy <= self.r_kron[i] ** 2
+        yy, xx = np.nonzero(inside)
+        yy, xx = yy + y0, xx + x0
+        out = np.zeros(len(yy), bool)
+        if nb:
+            seg = nb["segmap"][yy, xx]
+            out = (seg != 0) & (seg != nb["seg_id"][i])
+        self._pixels[key] = (yy * nx + xx, out)
+        return self._pixels[key]
 
     def _sums(self, img, err, mask, rows: np.ndarray, nb: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """sum's figures of the apertures `rows` (indices), the segments of `nb` (segmap, seg_id; or none) out."""

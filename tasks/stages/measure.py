@@ -70,7 +70,7 @@ from ._gaap import FWHM_SIGMA as _FWHM_SIGMA
 from ._gaap import PIXEL_VAR, gaussian_aperture, moffat_weight, point_response  # noqa: F401 - re-exported
 from ._kron import kron_aperture
 from ._pixels import (DEFAULT_FWHM_PX, band_fwhm_pixels, band_pixels, configure_sep, fwhm_pixels,
-                      tile_detection_image)
+                      masked_sum_error_scale, tile_detection_image)
 from .base import Stage, StageConfig
 
 __all__ = ["MeasureStage", "MeasureConfig", "magnitudes", "moffat_weight", "point_response"]
@@ -159,7 +159,7 @@ class MeasureStage(Stage):
     MeasureConfig)."""
 
     name: ClassVar[str] = "measure"
-    version: ClassVar[str] = "11"  # 11: an aperture that other detections' segments cover wholly, summed without them
+    version: ClassVar[str] = "12"  # 12: errors of partly masked circular and Kron sums (SEP's are of no mask)
     # bump (with `version`) when the values of flux_gaap/aper/auto change, not for new columns: the photo-z
     # weights' records keep it (tasks/stages/photoz.py: photometry_settings) and a run refuses weights made on
     # another photometry. 2: Gaussian apertures normalised for a Moffat PSF (version 7); 3: its index measured
@@ -169,7 +169,7 @@ class MeasureStage(Stage):
     # fields') index 3.5 is measured as before. Version 10 (the Moffat's response integrated without scipy's
     # hyperu, _gaap._moffat_integral) keeps 3 likewise: the responses change by 1e-12 but at indices of about 54-167,
     # where hyperu gave nonsense, so only fields of nearly Gaussian stars change. Version 11 keeps 3: it changes only
-    # the Kron radii and sums that were NaN or wholly masked
+    # the Kron radii and sums that were NaN or wholly masked. Version 12 keeps 3: only errors change
     photometry_version: ClassVar[str] = "3"
     Config: ClassVar[type[StageConfig]] = MeasureConfig
     reads: ClassVar[tuple[str, ...]] = _NEEDS
@@ -281,6 +281,7 @@ class MeasureStage(Stage):
             for infix, r in apers:
                 f, e, fl = (np.zeros(n), np.zeros(n), np.zeros(n, np.int64)) if n == 0 else \
                     sep.sum_circle(data, x, y, r, err=err, mask=bad, subpix=self.subpix)
+                e = e * masked_sum_error_scale(bad, x, y, r, fl, self.subpix)  # SEP's is that of no mask
                 cols[f"flux_{infix}_{band}"], cols[f"fluxerr_{infix}_{band}"] = f, e
                 cols[f"mag_{infix}_{band}"], cols[f"magerr_{infix}_{band}"] = magnitudes(f, e, zp)
                 phot_flag |= np.asarray(fl, np.int64)
