@@ -102,3 +102,45 @@ def zeropoint(headers, path, where: str, band: str, notes: list[str]) -> float:
             return BUNIT_ZP[unit]
     raise InputError(path, f"no zero point in header{where} ({', '.join(ZP_KEYS)}, FLUXMAG0 or a calibrated "
                            "BUNIT such as nanomaggy) and none configured (zeropoint:)")
+
+
+# Keywords that name an exposure's filter, in the order read: BAND (Rubin, deepfield's simulator), FILTER (most
+# cameras: HSC 'HSC-I2', DECam 'g DECam SDSS c0001 4720.0 1520.0', MegaCam 'r.MP9602', OmegaCAM 'OCAM_r_SDSS',
+# Rubin 'r_57'), then less common spellings and Pan-STARRS' HIERARCH FPA.FILTER ('r.00000').
+FILTER_KEYS = ("BAND", "FILTER", "FILTNAME", "FILTNAM", "FILTER1", "FPA.FILTER")
+_FILTER_LETTER = re.compile(r"^([ugrizy])(?:'|\d{1,5})?$", re.IGNORECASE)
+
+
+def filter_band(headers) -> tuple[str, str, str] | None:
+    """(keyword, value, band letter) of the first filter keyword (FILTER_KEYS) in `headers` whose value names one
+    of u g r i z y, or None: a value names a band when exactly one of its words (split at spaces and . _ - / , : ;
+    ( )) is that letter, alone or followed by a prime or digits ('HSC-I2', "r'", 'r_57'); narrow bands, other
+    systems' names ('F814W', 'VR', 'VIS') and values with two letters ('g+r') name none. Written here: the
+    cameras' own conventions, which no library maps."""
+    for h in headers:
+        for k in FILTER_KEYS:
+            try:
+                val = h.get(k)
+            except (KeyError, ValueError):
+                val = None
+            if not isinstance(val, str) or not val.strip():
+                continue
+            letters = {m.group(1).lower() for w in re.split(r"[\s._\-/,:;()]+", val.strip())
+                       if (m := _FILTER_LETTER.match(w))}
+            if len(letters) == 1:
+                return k, val.strip(), letters.pop()
+    return None
+
+
+def check_filter(headers, band: str, path, what: str) -> None:
+    """Refuse a file given as band `band` whose header's filter keyword (filter_band) names another of u g r i z y:
+    a file listed under the wrong band would make a catalog with that band's fluxes swapped, exit 0. A band
+    outside u g r i z y (VIS, J, NUV, ...) or a header that names none is not checked."""
+    if band.lower() not in "ugrizy" or len(band) != 1:
+        return
+    found = filter_band(headers)
+    if found is not None and found[2] != band.lower():
+        k, val, letter = found
+        raise InputError(path, f"given as the {what} of band {band}, but its header's {k} = {val!r} is band "
+                               f"{letter}: a file listed under the wrong band? (if the header is wrong, set "
+                               f"check_filter: false for this field)")

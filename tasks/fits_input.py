@@ -7,6 +7,7 @@ Bands on another WCS grid than the reference band are resampled onto it with rep
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from . import maskbits
 from .fits_align import resample_band, same_grid
 from .fits_files import IMAGE_HDUS, FitsFiles, InputError, file_digest, sha256_file  # noqa: F401  (re-exported)
-from .fits_headers import FWHM_KEYS, celestial_wcs, fwhm_in_pixels, header_value, zeropoint
+from .fits_headers import FWHM_KEYS, celestial_wcs, check_filter, fwhm_in_pixels, header_value, zeropoint
 from .fits_masks import mask_bits
 from .fits_noise import block_noise, check_pixels
 from .ingest_config import FieldSpec
@@ -65,16 +66,21 @@ HUGE = 1e30  # |pixel| at or above this is no measurement (float32 tops out at 3
 
 
 def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: tuple | None, msk: tuple | None,
-               zp: float | None, fwhm: float | None, notes: list[str], dest=None, mask_ignore: tuple = ()) -> _Band:
+               zp: float | None, fwhm: float | None, notes: list[str], dest=None, mask_ignore: tuple = (),
+               filters: bool | str = "file") -> _Band:
     """One band on its own grid; the file arguments are (path, hdu) with hdu an index, EXTNAME or None.
 
     dest: a function of the image shape returning (image, invvar, mask) arrays of that shape to fill
-    (views into the field's cubes, so that no second copy is made), or None for new arrays."""
+    (views into the field's cubes, so that no second copy is made), or None for new arrays. `filters`: each
+    file's filter keyword checked against `band` (fits_headers.check_filter), in the HDU's header ("hdu") or,
+    for a file of this band alone ("file"), also in the primary header; False: not checked."""
     path, hdu = img
     idx = files.select(path, hdu)
     where = "" if hdu is None else f" in HDU {hdu!r}"
     header, raw = files.read(path, idx, f"image of band {band}")
     headers = [header] + ([files.hdul(path)[0].header] if idx else [])
+    if filters:  # the primary header only of a file that holds no other band (a MEF's names its first band, or none)
+        check_filter(headers if filters == "file" else [header], band, path, "image")
     slots = dest(raw.shape) if dest is not None else None
     if slots is None:
         slots = (np.empty(raw.shape, np.float32), np.empty(raw.shape, np.float32), np.empty(raw.shape, np.uint16))
@@ -101,7 +107,11 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
                              f"{fwhm:.3f}\"")
 
     def aux(src: tuple, what: str) -> tuple[fits.Header, np.ndarray]:
-        h, d = files.read(src[0], files.select(*src), f"{what} of band {band}")
+        i = files.select(*src)
+        h, d = files.read(src[0], i, f"{what} of band {band}")
+        if filters:
+            check_filter([h] + ([files.hdul(src[0])[0].header] if i and filters == "file" else []), band, src[0],
+                         what)
         if d.shape != shape:
             raise InputError(src[0], f"{what} shape {d.shape} differs from the image shape {shape} of band {band}")
         return h, d
@@ -322,7 +332,9 @@ def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> Fiel
 
         def slot(k):
             return lambda shp: (image[k], invvar[k], mask[k]) if tuple(shp) == shape0 else None
-        bands = [_load_band(files, *s, notes, dest=slot(k), mask_ignore=tuple(spec.mask_ignore))
+        shared = {p for p, n in Counter(Path(s[1][0]) for s in srcs).items() if n > 1}  # a MEF of several bands
+        bands = [_load_band(files, *s, notes, dest=slot(k), mask_ignore=tuple(spec.mask_ignore),
+                            filters=spec.check_filter is not False and ("hdu" if Path(s[1][0]) in shared else "file"))
                  for k, s in enumerate(srcs)]
         paths = list(files.open)
     finally:

@@ -63,6 +63,11 @@ class FieldSpec(BaseModel):
         "the masks' MP<NAME>/MP_<NAME> keywords declare them, or bit indices (for masks without keywords); added "
         "to the ingest configuration's mask_ignore and to the afw planes known to be informational")
 
+    check_filter: Optional[bool] = Field(
+        None, description="refuse a file given as band u, g, r, i, z or y whose header's filter keyword (BAND, "
+        "FILTER, ...) names another of them (a file listed under the wrong band); false: no check, for headers "
+        "known to be wrong (default: the ingest configuration's check_filter, true)")
+
     @field_validator("mask_ignore")
     @classmethod
     def _planes_ok(cls, v: list) -> list:
@@ -165,6 +170,8 @@ class IngestConfig(BaseModel):
                                        "it is, for every field (a field's own band_names add to it)")
     mask_ignore: list[Union[str, int]] = Field(default_factory=list, description="mask planes (names or bit "
                                                "indices) that mask nothing, for every field (a field's own add to it)")
+    check_filter: bool = Field(True, description="check each file's filter keyword against the band it is given "
+                               "as, for every field without its own check_filter")
     store: StoreSpec = Field(default_factory=StoreSpec)
     source: Optional[Path] = Field(None, description="the file this configuration was read from")
 
@@ -214,6 +221,8 @@ def load_ingest_config(path: str | Path, store: StoreSpec | None = None) -> Inge
         fields = [f.model_copy(update={"mask_ignore": [*cfg.mask_ignore, *(x for x in f.mask_ignore
                                                                            if x not in cfg.mask_ignore)]})
                   for f in fields]
+    fields = [f if f.check_filter is not None else f.model_copy(update={"check_filter": cfg.check_filter})
+              for f in fields]
     update = {"fields": [_resolve(f, base) for f in fields]}
     if store is not None:
         update["store"] = store

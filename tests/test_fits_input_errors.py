@@ -115,3 +115,38 @@ def test_float_mask(field):
     _d, files, _ = field
     fits.PrimaryHDU(np.zeros((NY, NX), np.float32)).writeto(files["i"]["mask"], overwrite=True)
     raises(spec(files), files["i"]["mask"], "not an integer image")
+
+
+def test_a_band_listed_under_another_bands_name_is_refused(field):
+    """g's and r's images swapped in the configuration (their headers say BAND = 'g' and 'r'): refused naming the
+    file, the band it was given as and the header's, where the catalog would have carried the two bands' fluxes
+    swapped; a noise map from another band likewise. With check_filter: false the field loads, swapped."""
+    d, files, data = field
+    files["g"]["image"], files["r"]["image"] = files["r"]["image"], files["g"]["image"]
+    err = raises(spec(files), files["g"]["image"], "given as the image of band g, but its header's BAND = 'r'")
+    assert "check_filter: false" in err.problem
+    loaded = load_field(spec(files, check_filter=False))
+    assert np.array_equal(loaded.image[loaded.bands.index("g")], data["r"]["image"])
+
+    (d / "again").mkdir()
+    _, files, _ = make_field(d / "again")
+    with fits.open(files["i"]["invvar"], mode="update") as h:
+        h[0].header["FILTER"] = "HSC-R2"
+    raises(spec(files), files["i"]["invvar"], "given as the invvar of band i, but its header's FILTER = 'HSC-R2'")
+
+
+def test_filter_keywords_of_other_cameras_name_the_bands(field):
+    """The cameras' FILTER values are read as their bands (HSC, DECam, MegaCam, OmegaCAM, Rubin, a primed SDSS
+    name); a value naming no single u g r i z y (HST's F814W, DECam's VR, narrow bands, g+r) is not checked."""
+    from deepfield.tasks.fits_headers import filter_band
+    named = {"HSC-I2": "i", "g DECam SDSS c0001 4720.0 1520.0": "g", "r.MP9602": "r", "OCAM_r_SDSS": "r",
+             "r_57": "r", "i'": "i", "HSC-Y": "y", "z": "z"}
+    for value, band in named.items():
+        assert filter_band([header(FILTER=value)])[2] == band, value
+    for value in ("F814W", "VR DECam c0007 6300.0 2600.0", "NB0921", "g+r", "open", "VIS"):
+        assert filter_band([header(FILTER=value)]) is None, value
+    d, files, _ = field
+    with fits.open(files["r"]["image"], mode="update") as h:
+        del h[0].header["BAND"]
+        h[0].header["FILTER"] = "VR DECam c0007 6300.0 2600.0"
+    assert load_field(spec(files)).bands == ["g", "r", "i"]
