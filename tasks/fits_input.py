@@ -353,6 +353,8 @@ def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> Fiel
                                          f"band {ref} and the image has no celestial WCS to align it")
             notes.append(f"band {b.name} has no WCS: assumed on the {ref} grid (same shape)")
         elif not same_grid(b.wcs, b.image.shape, rb.wcs, shape):
+            if _any_usable(b.mask, b.invvar):  # its noise checked on its own pixels, which the resampling correlates
+                check_pixels(b, notes)
             resample_band(b, rb.wcs, shape, ref, notes)
             resampled.append(b.name)
     for b in bands:
@@ -360,7 +362,8 @@ def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> Fiel
             blame = b.mask_path if b.mask_path is not None and bool(np.all(b.mask != 0)) else b.path
             raise InputError(blame, f"all pixels masked in band {b.name}"
                                     + (f" (after resampling onto the {ref} grid)" if b.name in resampled else ""))
-        check_pixels(b, notes)
+        if b.name not in resampled:
+            check_pixels(b, notes)
     for k, b in enumerate(bands):
         if not np.shares_memory(b.image, image[k]):  # resampled or on another grid: copy in
             image[k], invvar[k], mask[k] = b.image, b.invvar, b.mask

@@ -290,6 +290,32 @@ def test_resampled_band(tmp_path):
     assert np.array_equal(f.image[0], smooth_sky(wi, (NY, NX)))  # the reference band is untouched
 
 
+def test_a_band_of_coarser_pixels_keeps_its_noise_and_its_psf_width(tmp_path):
+    """White noise of sigma 2 on 0.4" pixels (its invvar 1/4) resampled onto an i grid of 0.2" pixels: each input
+    pixel's noise is shared by the four output pixels within it, so sums over blocks of output pixels scatter as
+    the invvar (1/4 / area = 1) says, where taken per pixel (1/4 / area^2 = 4) it gave errors of half the scatter;
+    the header's PSF FWHM of 0.8" is widened by the bilinear interpolation (a triangle 0.4" wide, variance
+    0.4^2 / 6) to sqrt(0.8^2 + 2.3548^2 0.4^2 / 6) = 0.8876"; the noise check runs on the band's own pixels."""
+    big = (256, 256)
+    wi = make_wcs(crpix=(128.5, 128.5), shape=big)
+    wg = make_wcs(crpix=(64.5, 64.5), scale=2 * SCALE, shape=(128, 128))
+    rng = np.random.default_rng(3)
+    files = {"i": write_band(tmp_path, "i", rng.normal(0, 1, big).astype(np.float32), wi,
+                             invvar=np.ones(big, np.float32)),
+             "g": write_band(tmp_path, "g", rng.normal(0, 2, (128, 128)).astype(np.float32), wg,
+                             invvar=np.full((128, 128), 0.25, np.float32), fwhm=0.8)}
+    f = load_field(spec(files))
+    k = f.bands.index("g")
+    assert f.resampled == ["g"] and f.psf_fwhm[k] == pytest.approx(np.sqrt(0.8 ** 2 + 2.3548 ** 2 * 0.16 / 6), rel=1e-4)
+    inner = f.image[k][16:-16, 16:-16]
+    assert np.allclose(f.invvar[k][16:-16, 16:-16], 1.0)
+    for n in (8, 16):  # sums over n x n output pixels: their error from the invvar is n, their scatter n too
+        sums = inner[: inner.shape[0] // n * n, : inner.shape[1] // n * n]
+        sums = sums.reshape(inner.shape[0] // n, n, -1, n).sum(axis=(1, 3))
+        assert 0.85 < sums.std() / n < 1.1, (n, sums.std() / n)
+    assert not any("scatter" in note or "rescaled" in note for note in f.notes), f.notes
+
+
 def test_mef(tmp_path):
     rng = np.random.default_rng(5)
     w = make_wcs()
