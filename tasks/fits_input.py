@@ -22,6 +22,7 @@ from .fits_files import IMAGE_HDUS, FitsFiles, InputError, file_digest, sha256_f
 from .fits_headers import FWHM_KEYS, celestial_wcs, check_filter, fwhm_in_pixels, header_value, zeropoint
 from .fits_masks import mask_bits
 from .fits_noise import block_noise, check_pixels
+from .fits_register import register_band
 from .ingest_config import FieldSpec
 from .psf_measure import measure_fwhms
 
@@ -355,6 +356,7 @@ def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> Fiel
         elif not same_grid(b.wcs, b.image.shape, rb.wcs, shape):
             if _any_usable(b.mask, b.invvar):  # its noise checked on its own pixels, which the resampling correlates
                 check_pixels(b, notes)
+            register_band(b, rb, notes)  # its WCS shifted onto the reference band's sources where it is off
             resample_band(b, rb.wcs, shape, ref, notes)
             resampled.append(b.name)
     for b in bands:

@@ -49,7 +49,8 @@ RACY_NS = 2_000_000_000  # an mtime this close to the hashing cannot vouch for t
 # from the noise of 4 x 4-pixel sums, not the image's MAD (tasks/fits_input.py); 3: masks' planes declared by
 # MP_<NAME> keywords (Rubin's and HSC's afw masks) translated by their names, their informational planes
 # (DETECTED, ...) masking nothing, where every plane without deepfield's MP<NAME> keyword had been BAD; 4: a resampled
-# band's PSF FWHM widened by the bilinear interpolation's kernel (tasks/fits_align.py)
+# band's PSF FWHM widened by the bilinear interpolation's kernel, its noise per unit area kept (tasks/fits_align.py),
+# its WCS shifted onto the reference band's sources where they disagree (tasks/fits_register.py)
 INGEST_VERSION = "4"
 
 

@@ -51,7 +51,7 @@ FIT_MIN_STARS = 5
 PIXEL_TERM = 8.0 * math.log(2.0) / 12.0  # FWHM^2 that integrating over a pixel adds to a Gaussian, px^2
 
 
-def _central(shape: tuple[int, int], side: int) -> tuple[slice, slice]:
+def central(shape: tuple[int, int], side: int) -> tuple[slice, slice]:
     """The slices of the central (at most) side x side pixels of an image of `shape`."""
     y0, x0 = max(0, (shape[0] - side) // 2), max(0, (shape[1] - side) // 2)
     return slice(y0, y0 + side), slice(x0, x0 + side)
@@ -63,7 +63,7 @@ def _candidates(image: np.ndarray, invvar: np.ndarray, mask: np.ndarray, max_sid
     for an image too small or too pathological to measure."""
     import sep
 
-    sl = _central(image.shape, max_side)
+    sl = central(image.shape, max_side)
     data = np.ascontiguousarray(image[sl], dtype=np.float64)
     iv = np.asarray(invvar[sl], dtype=np.float64)
     bad = np.ascontiguousarray((np.asarray(mask[sl]) != 0) | ~(iv > 0) | ~np.isfinite(data))
@@ -233,7 +233,7 @@ def measure_fwhms(images: list[np.ndarray], invvars: list[np.ndarray], masks: li
         first.append(out if out[0] is not None else _band_fwhm(data, x, y, r50))
     if not any(f for f, _ in first):
         return [(f, n, "core", None) for f, n in first]
-    sl = _central(images[0].shape, max_side)
+    sl = central(images[0].shape, max_side)
     fitted, beta, counts = fwhms_from_stars([im[sl] for im in images], [m[sl] for m in masks],
                                             [f or 0.0 for f, _ in first], min_stars=FIT_MIN_STARS)
     return [(f, c, f"Moffat fit, index {beta:.2f}", beta) if f is not None else (f0, n0, "core", None)
