@@ -68,20 +68,20 @@ HUGE = 1e30  # |pixel| at or above this is no measurement (float32 tops out at 3
 
 def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: tuple | None, msk: tuple | None,
                zp: float | None, fwhm: float | None, notes: list[str], dest=None, mask_ignore: tuple = (),
-               filters: bool | str = "file") -> _Band:
+               filters: bool = True, shared: frozenset = frozenset()) -> _Band:
     """One band on its own grid; the file arguments are (path, hdu) with hdu an index, EXTNAME or None.
 
     dest: a function of the image shape returning (image, invvar, mask) arrays of that shape to fill
     (views into the field's cubes, so that no second copy is made), or None for new arrays. `filters`: each
-    file's filter keyword checked against `band` (fits_headers.check_filter), in the HDU's header ("hdu") or,
-    for a file of this band alone ("file"), also in the primary header; False: not checked."""
+    file's filter keyword checked against `band` (fits_headers.check_filter), in the HDU's header and, for a file
+    not in `shared` (the files that hold other bands too), in the primary header."""
     path, hdu = img
     idx = files.select(path, hdu)
     where = "" if hdu is None else f" in HDU {hdu!r}"
     header, raw = files.read(path, idx, f"image of band {band}")
     headers = [header] + ([files.hdul(path)[0].header] if idx else [])
     if filters:  # the primary header only of a file that holds no other band (a MEF's names its first band, or none)
-        check_filter(headers if filters == "file" else [header], band, path, "image")
+        check_filter(headers if Path(path) not in shared else [header], band, path, "image")
     slots = dest(raw.shape) if dest is not None else None
     if slots is None:
         slots = (np.empty(raw.shape, np.float32), np.empty(raw.shape, np.float32), np.empty(raw.shape, np.uint16))
@@ -111,8 +111,8 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
         i = files.select(*src)
         h, d = files.read(src[0], i, f"{what} of band {band}")
         if filters:
-            check_filter([h] + ([files.hdul(src[0])[0].header] if i and filters == "file" else []), band, src[0],
-                         what)
+            check_filter([h] + ([files.hdul(src[0])[0].header] if i and Path(src[0]) not in shared else []), band,
+                         src[0], what)
         if d.shape != shape:
             raise InputError(src[0], f"{what} shape {d.shape} differs from the image shape {shape} of band {band}")
         return h, d
@@ -333,9 +333,11 @@ def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> Fiel
 
         def slot(k):
             return lambda shp: (image[k], invvar[k], mask[k]) if tuple(shp) == shape0 else None
-        shared = {p for p, n in Counter(Path(s[1][0]) for s in srcs).items() if n > 1}  # a MEF of several bands
+        # the files that hold several bands (a MEF; one mask file for all), whose primary header names none of them
+        uses = Counter(p for s in srcs for p in {Path(f[0]) for f in s[1:5] if f is not None})
+        shared = frozenset(p for p, n in uses.items() if n > 1)
         bands = [_load_band(files, *s, notes, dest=slot(k), mask_ignore=tuple(spec.mask_ignore),
-                            filters=spec.check_filter is not False and ("hdu" if Path(s[1][0]) in shared else "file"))
+                            filters=spec.check_filter is not False, shared=shared)
                  for k, s in enumerate(srcs)]
         paths = list(files.open)
     finally:

@@ -150,3 +150,10 @@ def test_filter_keywords_of_other_cameras_name_the_bands(field):
         del h[0].header["BAND"]
         h[0].header["FILTER"] = "VR DECam c0007 6300.0 2600.0"
     assert load_field(spec(files)).bands == ["g", "r", "i"]
+    # one mask file for every band, its primary header naming the first: not a band's own header, not checked
+    hdus = [fits.PrimaryHDU(header=header(FILTER="g"))]
+    for k, b in enumerate("gri"):
+        hdus.append(fits.ImageHDU(fits.getdata(files[b]["mask"]), header(EXTNAME=f"M{b}")))
+        files[b].update(mask=str(d / "masks.fits"), mask_hdu=k + 1)
+    fits.HDUList(hdus).writeto(d / "masks.fits")
+    assert load_field(spec(files)).bands == ["g", "r", "i"]
