@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .psf_measure import central
+from .psf_measure import central, extract_sources
 
 __all__ = ["register_band"]
 
@@ -38,24 +38,19 @@ def _compact_sources(image: np.ndarray, invvar: np.ndarray, mask: np.ndarray, sl
     image[sl] away from masked pixels; empty where SEP cannot run on it."""
     import sep
 
-    data = np.ascontiguousarray(image[sl], dtype=np.float64)
-    iv = np.asarray(invvar[sl], dtype=np.float64)
-    bad = np.ascontiguousarray((np.asarray(mask[sl]) != 0) | ~(iv > 0) | ~np.isfinite(data))
     empty = (np.zeros(0), np.zeros(0))
-    if data.size < 64 * 64 or (~bad).sum() < 0.5 * data.size:
+    size = image[sl].size  # a view: central() may reach past the image
+    if size < 64 * 64:
         return empty
-    data[bad] = 0.0
+    found = extract_sources(image, invvar, mask, sl, DETECT_SNR, 0.5 * size, minarea=5, clean=False)
+    if found is None:
+        return empty
+    data, bad, obj = found
+    obj = obj[obj["a"] < 4.0]
+    if len(obj) == 0:
+        return empty
     try:
-        data = data - sep.Background(data, mask=bad).back()
-        err = np.ascontiguousarray(np.where(bad, 0.0, 1.0 / np.sqrt(np.where(bad, 1.0, iv))))
-        if sep.get_extract_pixstack() < data.size:
-            sep.set_extract_pixstack(data.size)
-        obj = sep.extract(data, DETECT_SNR, err=err, mask=bad, minarea=5, clean=False)
-        obj = obj[(obj["flag"] == 0) & (obj["a"] < 4.0)]
-        if len(obj) == 0:
-            return empty
-        sig = np.clip(obj["a"], 0.7, 3.0)
-        x, y, flag = sep.winpos(data, obj["x"], obj["y"], sig, mask=bad, subpix=0)
+        x, y, flag = sep.winpos(data, obj["x"], obj["y"], np.clip(obj["a"], 0.7, 3.0), mask=bad, subpix=0)
     except Exception:  # SEP's buffer limits on a pathological image: no measurement
         return empty
     h, w = data.shape

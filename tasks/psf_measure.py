@@ -57,28 +57,41 @@ def central(shape: tuple[int, int], side: int) -> tuple[slice, slice]:
     return slice(y0, y0 + side), slice(x0, x0 + side)
 
 
-def _candidates(image: np.ndarray, invvar: np.ndarray, mask: np.ndarray, max_side: int = 2048) -> tuple | None:
-    """(background-subtracted pixels, x, y, half-light radius) of the star candidates of one band's central
-    `max_side`^2 pixels (module docstring: S/N >= 30, unflagged, isolated, unsaturated, r50 >= MIN_R50), or None
-    for an image too small or too pathological to measure."""
+def extract_sources(image: np.ndarray, invvar: np.ndarray, mask: np.ndarray, sl: tuple[slice, slice], thresh: float,
+                    min_good: float, **extract_kw) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(background-subtracted pixels, bad pixels, SEP's unflagged objects) of image[sl] at S/N >= `thresh`, its
+    masked, weightless and non-finite pixels left out (and 0); None with fewer than `min_good` usable pixels or
+    where SEP cannot run (its buffer limits on a pathological image). `extract_kw` go to sep.extract."""
     import sep
 
-    sl = central(image.shape, max_side)
     data = np.ascontiguousarray(image[sl], dtype=np.float64)
     iv = np.asarray(invvar[sl], dtype=np.float64)
     bad = np.ascontiguousarray((np.asarray(mask[sl]) != 0) | ~(iv > 0) | ~np.isfinite(data))
     data[bad] = 0.0
-    if (~bad).sum() < 10_000:
+    if (~bad).sum() < min_good:
         return None
     try:
         data = data - sep.Background(data, mask=bad).back()
         err = np.ascontiguousarray(np.where(bad, 0.0, 1.0 / np.sqrt(np.where(bad, 1.0, iv))))
         if sep.get_extract_pixstack() < data.size:
             sep.set_extract_pixstack(data.size)
-        obj = sep.extract(data, 30.0, err=err, mask=bad, minarea=5, deblend_cont=1.0, clean=False)
-    except Exception:  # SEP's buffer limits on a pathological image: no measurement rather than a crash
+        obj = sep.extract(data, thresh, err=err, mask=bad, **extract_kw)
+    except Exception:  # no measurement rather than a crash
         return None
-    obj = obj[obj["flag"] == 0]
+    return data, bad, obj[obj["flag"] == 0]
+
+
+def _candidates(image: np.ndarray, invvar: np.ndarray, mask: np.ndarray, max_side: int = 2048) -> tuple | None:
+    """(background-subtracted pixels, x, y, half-light radius) of the star candidates of one band's central
+    `max_side`^2 pixels (module docstring: S/N >= 30, unflagged, isolated, unsaturated, r50 >= MIN_R50), or None
+    for an image too small or too pathological to measure."""
+    import sep
+
+    found = extract_sources(image, invvar, mask, central(image.shape, max_side), 30.0, 10_000, minarea=5,
+                            deblend_cont=1.0, clean=False)
+    if found is None:
+        return None
+    data, bad, obj = found
     if len(obj) < MIN_STARS:
         return None
     x, y = obj["x"], obj["y"]
