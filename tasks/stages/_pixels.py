@@ -104,13 +104,10 @@ def detection_image(tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         data, _err, bad = band_pixels(tile, b)
         w = np.where(bad, 0.0, np.asarray(tile.invvar[b], dtype=np.float64))
         c = 1.0 if scale is None else float(scale[b])
-        if c != 1.0:
+        if c != 1.0:  # img_b c_b weighed by invvar_b / c_b^2
             w /= c
-            num += w * data
-            wsum += w / c
-        else:
-            num += w * data
-            wsum += w
+        num += w * data
+        wsum += w if c == 1.0 else w / c
     bad = ~(wsum > 0)
     safe = np.where(bad, 1.0, wsum)
     det = np.ascontiguousarray(np.where(bad, 0.0, num / safe))
