@@ -66,6 +66,13 @@ class _Band:
 HUGE = 1e30  # |pixel| at or above this is no measurement (float32 tops out at 3.4e38): masked NO_DATA
 
 
+def _fwhm_from_pixels(band: str, px: float, scale: float, notes: list[str]) -> float:
+    """A header's PSF FWHM in pixels (its card comment says so) in arcsec at `scale` arcsec per pixel, noted."""
+    fwhm = px * scale
+    notes.append(f"band {band}: PSF FWHM from the header in pixels ({px:g} px, as its comment says): {fwhm:.3f}\"")
+    return fwhm
+
+
 def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: tuple | None, msk: tuple | None,
                zp: float | None, fwhm: float | None, notes: list[str], dest=None, mask_ignore: tuple = (),
                filters: bool = True, shared: frozenset = frozenset()) -> _Band:
@@ -103,9 +110,7 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
             if wcs is None:  # assumed on the reference grid: its pixels (load_field)
                 fwhm, fwhm_px = None, fwhm
             else:
-                px, fwhm = fwhm, fwhm * float(np.mean(proj_plane_pixel_scales(wcs))) * 3600.0
-                notes.append(f"band {band}: PSF FWHM from the header in pixels ({px:g} px, as its comment says): "
-                             f"{fwhm:.3f}\"")
+                fwhm = _fwhm_from_pixels(band, fwhm, float(np.mean(proj_plane_pixel_scales(wcs))) * 3600.0, notes)
 
     def aux(src: tuple, what: str) -> tuple[fits.Header, np.ndarray]:
         i = files.select(*src)
@@ -374,9 +379,7 @@ def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> Fiel
     scales = proj_plane_pixel_scales(rb.wcs) * 3600.0
     for b in bands:
         if b.fwhm_px is not None:  # a band without a WCS, assumed on the reference grid
-            b.psf_fwhm = b.fwhm_px * float(np.mean(scales))
-            notes.append(f"band {b.name}: PSF FWHM from the header in pixels ({b.fwhm_px:g} px, as its comment "
-                         f"says): {b.psf_fwhm:.3f}\"")
+            b.psf_fwhm = _fwhm_from_pixels(b.name, b.fwhm_px, float(np.mean(scales)), notes)
     missing = [b for b in bands if b.psf_fwhm is None]  # neither header nor configuration: from the stars
     measured = measure_fwhms([b.image for b in missing], [b.invvar for b in missing], [b.mask for b in missing]) \
         if missing else []
