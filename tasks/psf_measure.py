@@ -167,18 +167,23 @@ def measure_fwhm(image: np.ndarray, invvar: np.ndarray, mask: np.ndarray, max_si
     return _band_fwhm(*c)
 
 
-def _seen(cands: list, k: int) -> np.ndarray:
-    """Which of band k's candidates are candidates of another band too (within MATCH px)."""
+def _trees(cands: list) -> list:
+    """A k-d tree of each band's candidates (None for a band without any), built once for every query."""
     from scipy.spatial import cKDTree
-    x, y = cands[k][1], cands[k][2]
-    seen = np.zeros(len(x), bool)
-    for o, c in enumerate(cands):
-        if o != k and c is not None and len(c[1]):
-            seen |= cKDTree(np.column_stack([c[1], c[2]])).query(np.column_stack([x, y]))[0] < MATCH
+    return [cKDTree(np.column_stack([c[1], c[2]])) if c is not None and len(c[1]) else None for c in cands]
+
+
+def _seen(cands: list, trees: list, k: int) -> np.ndarray:
+    """Which of band k's candidates are candidates of another band too (within MATCH px)."""
+    xy = np.column_stack([cands[k][1], cands[k][2]])
+    seen = np.zeros(len(xy), bool)
+    for o, t in enumerate(trees):
+        if o != k and t is not None:
+            seen |= t.query(xy)[0] < MATCH
     return seen
 
 
-def _voted_stars(cands: list) -> np.ndarray:
+def _voted_stars(cands: list, trees: list) -> np.ndarray:
     """(n, 2) x, y of the stars of a field's bands (on one grid): each band's stellar locus (_locus) among its
     candidates that another band has too (cosmic rays, hot pixels and the like are in one band only, and at
     S/N 30 they made the locus of every band of a field with a heavier PSF: FWHMs 25-45 % low), then the
@@ -190,7 +195,7 @@ def _voted_stars(cands: list) -> np.ndarray:
         if c is None or len(c[1]) < MIN_STARS:
             loci.append(np.zeros(0 if c is None else len(c[1]), bool))
             continue
-        seen = _seen(cands, k)
+        seen = _seen(cands, trees, k)
         locus = np.zeros(len(seen), bool)
         if seen.sum() >= MIN_STARS:
             locus[seen] = _locus(c[3][seen])
@@ -206,10 +211,10 @@ def _voted_stars(cands: list) -> np.ndarray:
             uniq.append(pos[group].mean(axis=0))
     uniq = np.array(uniq)
     votes, have = np.zeros(len(uniq), int), np.zeros(len(uniq), int)
-    for c, m in zip(cands, loci):
-        if c is None or not len(c[1]):
+    for t, m in zip(trees, loci):
+        if t is None:
             continue
-        d, i = cKDTree(np.column_stack([c[1], c[2]])).query(uniq)
+        d, i = t.query(uniq)
         near = d < MATCH
         have += near
         votes += near & m[np.minimum(i, len(m) - 1)]
@@ -226,20 +231,19 @@ def measure_fwhms(images: list[np.ndarray], invvars: list[np.ndarray], masks: li
     On the simulator's Moffat stars the fit is within 1 % of the true FWHMs, the core's estimate 3-9 % above. The
     fit's index (the same for every band it fitted, None for the others) goes into the store beside the FWHMs, and
     the measure stage takes it rather than fitting the same stars again (MeasureStage.psf_betas)."""
-    from scipy.spatial import cKDTree
-
     from .stages._psf_shape import fwhms_from_stars
     cands = [_candidates(im, iv, m, max_side) for im, iv, m in zip(images, invvars, masks)]
-    stars = _voted_stars(cands) if len(cands) > 1 else np.zeros((0, 2))
+    trees = _trees(cands)
+    stars = _voted_stars(cands, trees) if len(cands) > 1 else np.zeros((0, 2))
     first = []
-    for c in cands:
+    for c, t in zip(cands, trees):
         if c is None:
             first.append((None, 0))
             continue
         data, x, y, r50 = c
         out = (None, 0)
         if len(stars) >= MIN_STARS:  # the field's stars, at this band's own centres where it has them
-            d, i = cKDTree(np.column_stack([x, y])).query(stars) if len(x) else (np.full(len(stars), np.inf), None)
+            d, i = t.query(stars) if t is not None else (np.full(len(stars), np.inf), None)
             near = d < MATCH
             out = (_core_fwhm(data, x[i[near]], y[i[near]]) if near.sum() >= MIN_STARS
                    else _core_fwhm(data, stars[:, 0], stars[:, 1]))
