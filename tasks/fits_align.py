@@ -61,7 +61,7 @@ def resample_band(b, wref: WCS, shape_ref, ref: str, notes: list[str]) -> None:
     notes.append(f"band {b.name} resampled onto the {ref} grid with reproject_interp (bilinear)"
                  + (f", flux scaled by pixel area ratio {area:.6g}" if area != 1 else "")
                  + f"; {int((~cover).sum())} pixels without coverage masked NO_DATA")
-    if getattr(b, "psf_fwhm", None) is not None:
+    if b.psf_fwhm is not None:
         # bilinear interpolation convolves the image with a triangle of the input pixel's width along each axis
         # (variance p^2 / 6, averaged over the sub-pixel offsets): the resampled stars are that much wider than
         # the FWHM the header (or configuration) gives for the input grid. Left as it was, the Gaussian apertures'
