@@ -75,13 +75,14 @@ def _fwhm_from_pixels(band: str, px: float, scale: float, notes: list[str]) -> f
 
 def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: tuple | None, msk: tuple | None,
                zp: float | None, fwhm: float | None, notes: list[str], dest=None, mask_ignore: tuple = (),
-               filters: bool = True, shared: frozenset = frozenset()) -> _Band:
+               filters: bool = True, shared: frozenset = frozenset(), saturation: float | None = None) -> _Band:
     """One band on its own grid; the file arguments are (path, hdu) with hdu an index, EXTNAME or None.
 
     dest: a function of the image shape returning (image, invvar, mask) arrays of that shape to fill
     (views into the field's cubes, so that no second copy is made), or None for new arrays. `filters`: each
     file's filter keyword checked against `band` (fits_headers.check_filter), in the HDU's header and, for a file
-    not in `shared` (the files that hold other bands too), in the primary header."""
+    not in `shared` (the files that hold other bands too), in the primary header. `saturation`: the configured
+    saturation level (image units), else the header's where no mask is given (_saturated)."""
     path, hdu = img
     idx = files.select(path, hdu)
     where = "" if hdu is None else f" in HDU {hdu!r}"
@@ -148,6 +149,7 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
             mask[huge] |= maskbits.NO_DATA
             nodata |= huge
             notes.append(f"band {band}: {int(huge.sum())} pixels with |value| >= {HUGE:g} masked NO_DATA")
+    _saturated(image, mask, headers, path, band, saturation, msk is None, notes)
     invvar = slots[1]
     good = None  # positive and finite inverse variance
     if inv is not None:
@@ -205,8 +207,47 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
                  mask_path=msk[0] if msk is not None else None)
 
 
+SAT_KEYS = ("SATURATE", "SATLEVEL")  # the saturation level's keywords (SExtractor's SATUR_KEY default first)
+SAT_SHARE = 0.02  # a header level that more of the pixels reach than this is no saturation level: not used
+SAT_RTOL = 1e-5  # pixels within this fraction below the level count as saturated (a level rounded in the header)
+
+
+def _saturated(image: np.ndarray, mask: np.ndarray, headers, path, band: str, level: float | None,
+               unmasked: bool, notes: list[str]) -> None:
+    """Mask SAT the pixels at or above the band's saturation level: the configured `level`, else, where the band
+    has no mask file (`unmasked`), its header's SATURATE or SATLEVEL. A mask marks saturation itself, and a coadd's
+    header may carry one exposure's level, which its pixels exceed unsaturated. Without a mask a saturated star's
+    flat top was measured as a star (its flux short by up to the light above the level), neither flagged nor
+    seeding a detection, and its clipped core in one band only made colours of its neighbours; a bleed trail,
+    at the level too, is masked with it. A header level reached by more than SAT_SHARE of the pixels is not a
+    saturation level (a note says so, and `saturation:` sets one)."""
+    configured = level is not None
+    if not configured:
+        if not unmasked:
+            return
+        level = header_value(headers, SAT_KEYS, path, "saturation level")
+        if level is None:
+            return
+    if not level > 0:
+        if configured:
+            raise InputError(path, f"saturation level of band {band} is {level!r}: it must be positive")
+        notes.append(f"band {band}: header saturation level {level!r} is not positive; not used")
+        return
+    sat = image >= np.float32(level * (1 - SAT_RTOL))
+    n = int(np.count_nonzero(sat))
+    if not n:
+        return
+    if not configured and n > SAT_SHARE * image.size:
+        notes.append(f"band {band}: {100 * n / image.size:.1f} % of the pixels reach the header's saturation level "
+                     f"{level:g}: not a saturation level, not used (set saturation: for this band to mask them)")
+        return
+    mask[sat] |= maskbits.SAT
+    notes.append(f"band {band}: {n} pixels at or above the saturation level {level:g} "
+                 f"({'configured' if configured else 'header'}) masked SAT")
+
+
 def _sources(spec: FieldSpec, files: FitsFiles, notes: list[str]) -> list[tuple]:
-    """(band, image, invvar, variance, mask, zeropoint, psf_fwhm) for each band, in order."""
+    """(band, image, invvar, variance, mask, zeropoint, psf_fwhm, saturation) for each band, in order."""
     if spec.mef is None:
         out, seen = [], {}
         for band, f in spec.bands.items():
@@ -215,7 +256,7 @@ def _sources(spec: FieldSpec, files: FitsFiles, notes: list[str]) -> list[tuple]
             seen[band.lower()] = band
             src = lambda p, h: None if p is None else (p, h)  # noqa: E731
             out.append((band, (f.image, f.hdu), src(f.invvar, f.invvar_hdu), src(f.variance, f.variance_hdu),
-                        src(f.mask, f.mask_hdu), f.zeropoint, f.psf_fwhm))
+                        src(f.mask, f.mask_hdu), f.zeropoint, f.psf_fwhm, f.saturation))
         return out
     path = spec.mef
     hdul = files.hdul(path)
@@ -253,7 +294,7 @@ def _sources(spec: FieldSpec, files: FitsFiles, notes: list[str]) -> list[tuple]
         raise InputError(path, "no band image HDUs (named <band> or <band>_IMAGE)")
     bands.sort(key=lambda e: e["image"][0])
     src = lambda e, k: (path, e[k][0]) if k in e else None  # noqa: E731
-    return [(e["image"][2], src(e, "image"), src(e, "invvar"), src(e, "variance"), src(e, "mask"), None, None)
+    return [(e["image"][2], src(e, "image"), src(e, "invvar"), src(e, "variance"), src(e, "mask"), None, None, None)
             for e in bands]
 
 
@@ -341,8 +382,8 @@ def load_field(spec: FieldSpec, checksums: dict[str, str] | None = None) -> Fiel
         # the files that hold several bands (a MEF; one mask file for all), whose primary header names none of them
         uses = Counter(p for s in srcs for p in {Path(f[0]) for f in s[1:5] if f is not None})
         shared = frozenset(p for p, n in uses.items() if n > 1)
-        bands = [_load_band(files, *s, notes, dest=slot(k), mask_ignore=tuple(spec.mask_ignore),
-                            filters=spec.check_filter is not False, shared=shared)
+        bands = [_load_band(files, *s[:7], notes, dest=slot(k), mask_ignore=tuple(spec.mask_ignore),
+                            filters=spec.check_filter is not False, shared=shared, saturation=s[7])
                  for k, s in enumerate(srcs)]
         paths = list(files.open)
     finally:

@@ -50,8 +50,9 @@ RACY_NS = 2_000_000_000  # an mtime this close to the hashing cannot vouch for t
 # MP_<NAME> keywords (Rubin's and HSC's afw masks) translated by their names, their informational planes
 # (DETECTED, ...) masking nothing, where every plane without deepfield's MP<NAME> keyword had been BAD; 4: a resampled
 # band's PSF FWHM widened by the bilinear interpolation's kernel, its noise per unit area kept (tasks/fits_align.py),
-# its WCS shifted onto the reference band's sources where they disagree (tasks/fits_register.py)
-INGEST_VERSION = "4"
+# its WCS shifted onto the reference band's sources where they disagree (tasks/fits_register.py); 5: a band without a
+# mask file gets its pixels at or above the header's saturation level masked SAT (tasks/fits_input.py: _saturated)
+INGEST_VERSION = "5"
 
 
 def input_files(spec: FieldSpec) -> list[Path]:

@@ -33,6 +33,8 @@ class BandFiles(BaseModel):
     mask_hdu: Optional[HDU] = None
     zeropoint: Optional[float] = Field(None, description="AB zero point; default: MAGZERO/ZEROPNT/MAGZPT in the header")
     psf_fwhm: Optional[float] = Field(None, description="PSF FWHM, arcsec; default: PSF_FWHM/SEEING/FWHM header keyword")
+    saturation: Optional[float] = Field(None, description="saturation level in image units: pixels at or above it "
+                                        "are masked SAT; default: the header's SATURATE/SATLEVEL where no mask is given")
 
     @model_validator(mode="after")
     def _one_noise_map(self) -> "BandFiles":
