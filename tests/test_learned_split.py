@@ -73,6 +73,47 @@ def test_a_saturated_star_ringed_by_its_footprint_keeps_its_centre():
     assert len(objs) == 2 and (objs["x"][star], objs["y"][star]) == (20.2, 19.9) and seg[20, 20] == star + 1
 
 
+def test_a_star_whose_bleed_trail_cuts_its_halo_in_two_is_one_source():
+    """A bright star's bleed trail, masked in every band, runs across its whole footprint and cuts its halo in
+    two footprints, each holding about half of its masked core's border; a galaxy with its own peak sits in the
+    right half. The halves are joined: the star is one source at its centre with the light of both (each half
+    had been a source of its own, 9 px off, and the star, whose core no single footprint rang, was lost), and
+    the galaxy stays a source. With a narrower left half, under half the border, the core (outside the right
+    footprint's box) is still the star's and the left half is joined too: the star's member had been left with
+    a few masked pixels and no light, the left half a second source 7 px away."""
+    from deepfield.tasks.stages._learned_split import OBJ_FIELDS, split_by_peaks
+    from deepfield.tasks.stages._pixels import gaussian_kernel
+    n = 64
+    yy, xx = np.mgrid[0:n, 0:n]
+    r = np.hypot(xx - 30, yy - 32)
+    g = np.hypot(xx - 44, yy - 40)
+    light = 400 * np.exp(-r / 4) + 25 * np.exp(-g / 1.5)
+    kern = gaussian_kernel(3.0)
+    for half in (4, (2, 5)):  # the trail's half-width; (left, right): the core off-centre in the trail
+        lo, hi = (half, half) if isinstance(half, int) else half
+        trail = (xx >= 30 - lo) & (xx <= 30 + hi)  # top to bottom: the core (r < 4) lies inside it
+        det = np.where(trail, 0.0, light)
+        foot = (light > 0.5) & ~trail
+        pseg = np.where(foot & (xx < 30), 1, np.where(foot & (xx > 30), 2, 0)).astype(np.int32)
+        parents = np.zeros(2, [(f, "f8") for f in OBJ_FIELDS])
+        for k in (1, 2):
+            m = pseg == k
+            w = det * m
+            parents[k - 1] = ((w * xx).sum() / w.sum(), (w * yy).sum() / w.sum(), 5, 4, 0, m.sum(), xx[m].min(),
+                              xx[m].max(), yy[m].min(), yy[m].max(), w.sum(), det[m].max(), 0)
+        peaks = np.array([[44.1, 40.0, 0.9], [30.0, 32.0, 0.1]])  # the galaxy's; the star's, a saturated seed
+        objs, blend, seg = split_by_peaks(det, kern, parents, pseg, peaks, np.zeros(det.shape), 0.3, 50.0, 3.0,
+                                          trail, 6.0)
+        d = np.hypot(objs["x"] - 30, objs["y"] - 32)
+        star = int(np.argmin(d))
+        assert (objs["x"][star], objs["y"][star]) == (30.0, 32.0)
+        assert objs["flux"][star] > 0.7 * det[(r < 12) & ~trail].sum(), (half, objs["flux"][star])
+        assert np.all((d[np.arange(len(objs)) != star] > 12)), objs[["x", "y", "flux"]]  # no second source of it
+        gal = int(np.argmin(np.hypot(objs["x"] - 44, objs["y"] - 40)))
+        assert gal != star and abs(objs["x"][gal] - 44.1) < 0.01
+        assert len(objs) == 2 and len(set(blend)) == 1 and seg[32, 30] == star + 1
+
+
 def test_saturated_regions_seed_a_source_at_their_core():
     """saturated_seeds: a saturated core of radius 3 at (20, 30) with an unflagged bleed trail one pixel wide
     running 30 px up from it gets a peak at the core (its centroid would lie 5 px up the trail); a second region

@@ -16,6 +16,8 @@ __all__ = ["NET_REACH", "OBJ_FIELDS", "fill_thin_defects", "network_box", "peak_
 NET_REACH = 24
 OBJ_FIELDS = ("x", "y", "a", "b", "theta", "npix", "xmin", "xmax", "ymin", "ymax", "flux", "peak", "flag")
 CORE_NEAR = 12.0  # px: how far from a peak in a masked core its region is looked at (_masked_cores)
+CORE_NEAR_MAX = 96.0  # px: the furthest, for the widest cores
+CUT_SHARE = 0.15  # of a masked core's border: a footprint holding this much is a piece of its star's halo
 
 
 def thin_defects(unusable: np.ndarray, defect: np.ndarray) -> np.ndarray | None:
@@ -146,8 +148,9 @@ def split_by_peaks(det: np.ndarray, kernel: np.ndarray, parents, pseg: np.ndarra
     owner = pseg[py, px].astype(np.int64) - 1  # -1: outside every footprint
     cored = np.zeros(len(peaks), bool)  # peaks in a masked core that a footprint rings (saturated stars)
     ws_det = det  # the image the watershed floods: a masked core as high as its footprint's brightest pixel
+    joined = np.zeros((0, 2), np.int64)  # (footprint, the one it was joined into) (_masked_cores)
     if bad is not None and np.any((owner < 0) & bad[py, px]):
-        pseg, cored, ws_det = _masked_cores(det, pseg, bad, px, py, owner)
+        pseg, cored, ws_det, joined = _masked_cores(det, pseg, bad, px, py, owner)
         owner = pseg[py, px].astype(np.int64) - 1
     npeak = np.bincount(owner[owner >= 0], minlength=npar)
     hmax = np.full(npar + 1, -np.inf)  # the heat map's maximum over each footprint without a peak
@@ -156,9 +159,23 @@ def split_by_peaks(det: np.ndarray, kernel: np.ndarray, parents, pseg: np.ndarra
     kept = (npeak > 0) | (hmax[1:] >= confirm) | (parents["npix"] >= keep_npix)
     if known is not None:  # footprints the heat map does not cover: kept whole, as SEP found them
         kept |= np.bincount(pseg[~known], minlength=npar + 1)[1:] > 0
-    whole = np.flatnonzero(kept & (npeak <= 1))
+    grown = np.zeros(npar, bool)  # a footprint that others were joined into: its record made from its pixels
+    if len(joined):
+        kept[joined[:, 0] - 1] = False
+        grown[joined[:, 1] - 1] = True
+    if cored.any():
+        # the box of a footprint given a masked core holds the core and the pieces joined into it: the watershed
+        # smooths and floods within the boxes, and a core outside its footprint's box (a footprint on one side of
+        # a bleed trail) was flooded last, at height 0, the star's member left with a few of its pixels (15 px and
+        # no light for an i 11.4 star of a simulated field, its halo given to a galaxy 17 px away)
+        parents = parents.copy()
+        for f in np.unique(owner[cored]):
+            ys, xs = np.nonzero(pseg == f + 1)
+            parents["xmin"][f], parents["xmax"][f] = xs.min(), xs.max()
+            parents["ymin"][f], parents["ymax"][f] = ys.min(), ys.max()
+    whole = np.flatnonzero(kept & (npeak <= 1) & ~grown)
     split = np.zeros(npar + 1, bool)
-    split[1:] = kept & (npeak >= 2)
+    split[1:] = kept & ((npeak >= 2) | (grown & (npeak >= 1)))
     mem = np.flatnonzero((owner >= 0) & split[owner + 1])  # the split footprints' members, in peak order
     dtype = [(f, "f8") for f in OBJ_FIELDS]
     rows = np.zeros(len(whole) + len(mem), dtype)
@@ -232,39 +249,62 @@ def saturated_seeds(peaks: np.ndarray, heat: np.ndarray, saturated: np.ndarray, 
 
 
 def _masked_cores(det: np.ndarray, pseg: np.ndarray, bad: np.ndarray, px: np.ndarray, py: np.ndarray,
-                  owner: np.ndarray, near: float = CORE_NEAR) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  owner: np.ndarray, near: float = CORE_NEAR) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Peaks on `bad` pixels (no usable band) outside every footprint, in a masked region that one footprint
     rings: a saturated star's masked core. The region is the peak's connected `bad` pixels outside every
     footprint, within `near` px of the peak (a bleed trail, masked too, can run from the core out of the
-    footprint); it is the footprint's that holds most of its border there, if that is more than half the border
-    (the rest sky or other footprints). The detector marks the star's centre there; left out, the star was lost
-    whenever the ring held other peaks (the footprint split among its neighbouring galaxies) or was reported at
-    the barycentre of a footprint that a bleed trail cut: four stars at i 14.5-16.6 on one held-out pair of
-    fields. Returns the segmentation with each such region given to its footprint, which peaks are in such
-    regions, and the image for the watershed with the regions at their footprint's brightest."""
+    footprint), or as much further as the core is wide (doubled until the region has a border there); it is the
+    footprint's that holds most of its border there, if that is more than half the border (the rest sky or other
+    footprints). The detector marks the star's centre there; left out, the star was lost whenever the ring held
+    other peaks (the footprint split among its neighbouring galaxies) or was reported at the barycentre of a
+    footprint that a bleed trail cut: four stars at i 14.5-16.6 on one held-out pair of fields.
+
+    A star bright enough for its bleed trail to run across its whole halo has the halo cut in footprints on either
+    side: the footprints holding at least CUT_SHARE of the border each, together more than half of it, are joined
+    into the one holding most (the star's light is one source; a galaxy among them stays a peak of its own): on a
+    simulated field an i 9.7 star whose two halves held about half the border each was missing from the catalog,
+    its light given to detections on either side of its trail, 36 and 46 px off, and an i 11.4 star's other half
+    was a second source 7 px from it.
+
+    Returns the segmentation with each such region given to its footprint, which peaks are in such regions, the
+    image for the watershed with the regions at their footprint's brightest, and the footprints joined into
+    another ((n, 2) segmap values: the footprint, the one that now holds its pixels)."""
     from scipy import ndimage
     ny, nx = pseg.shape
     masked, _ = ndimage.label(bad & (pseg == 0), structure=np.ones((3, 3)))
     pseg, ws_det = pseg.copy(), det
     cored = np.zeros(len(px), bool)
-    r = int(np.ceil(near))
+    joined: list[tuple[int, int]] = []
     for k in np.flatnonzero((owner < 0) & bad[py, px]):
-        y0, y1, x0, x1 = max(py[k] - r - 1, 0), min(py[k] + r + 2, ny), max(px[k] - r - 1, 0), min(px[k] + r + 2, nx)
-        yy, xx = np.mgrid[y0:y1, x0:x1]
-        close = np.hypot(yy - py[k], xx - px[k]) <= near
-        region = (masked[y0:y1, x0:x1] == masked[py[k], px[k]]) & close
-        ring = ndimage.binary_dilation(region, structure=np.ones((3, 3))) & ~region & close
+        reach = float(near)
+        while True:
+            r = int(np.ceil(reach))
+            y0, y1, x0, x1 = max(py[k] - r - 1, 0), min(py[k] + r + 2, ny), max(px[k] - r - 1, 0), min(px[k] + r + 2, nx)
+            yy, xx = np.mgrid[y0:y1, x0:x1]
+            close = np.hypot(yy - py[k], xx - px[k]) <= reach
+            region = (masked[y0:y1, x0:x1] == masked[py[k], px[k]]) & close
+            ring = ndimage.binary_dilation(region, structure=np.ones((3, 3))) & ~region & close
+            if ring.any() or reach >= CORE_NEAR_MAX:
+                break
+            reach *= 2  # a core wider than `near`: look as far again
         around, count = np.unique(pseg[y0:y1, x0:x1][ring], return_counts=True)
         count = np.where(around > 0, count, 0)
-        if not count.size or count.max() <= 0.5 * ring.sum():
+        if not count.size or count.max() <= 0:
             continue
         f = int(around[np.argmax(count)])
+        cut = (count >= CUT_SHARE * ring.sum()) & (around > 0)
+        if count[cut].sum() <= 0.5 * ring.sum():
+            continue
+        for g in around[cut]:  # the halo's pieces, cut by the trail: one footprint
+            if int(g) != f:
+                pseg[pseg == g] = f
+                joined.append((int(g), f))
         if ws_det is det:
             ws_det = det.copy()
         ws_det[y0:y1, x0:x1][region] = det[pseg == f].max()
         pseg[y0:y1, x0:x1][region] = f
         cored[k] = True
-    return pseg, cored, ws_det
+    return pseg, cored, ws_det, np.array(joined, np.int64).reshape(-1, 2)
 
 
 def peak_centres(rows: np.ndarray, whole: np.ndarray, owner: np.ndarray, npeak: np.ndarray, peaks: np.ndarray,
