@@ -184,3 +184,24 @@ def test_gaussian_aperture_colours_do_not_follow_each_bands_seeing():
         assert np.all(np.abs(star - 1) < 0.005) and np.all(np.abs(gal - 1) < 0.01), (star, gal)
         old = gaussian / gaussian.mean(axis=1, keepdims=True)
         assert np.ptp(old, axis=1).min() > 0.05, old
+
+
+def test_concentration_tells_a_star_from_a_small_galaxy():
+    """Star/galaxy separation (`concentration`, `extendedness`): the Gaussian-aperture flux over a wider Gaussian
+    weight's, both normalised to a point source, is 1 for the star whatever each band's seeing (1.0000 measured)
+    and below extended_below (0.93) for a disk galaxy of half-light radius 0.35", the lower the sharper the
+    seeing (0.907 with the widest band at 0.9", 0.857 with every band at 0.6"): extendedness 0 and 1. A wider
+    weight that is not wider than the Gaussian aperture's is refused."""
+    conc = {}
+    for fwhms in ([0.60, 0.62, 0.80, 0.90], [0.90, 0.85, 0.58, 0.68], [0.60] * 4):
+        tile = _seeing_tile(fwhms)
+        det = pd.DataFrame({"x_tile": [30.0, 66.0], "y_tile": [48.0, 48.0], "a": [2.0, 2.5], "b": [2.0, 2.0],
+                            "theta": [0.0, 0.0], "npix": [40, 60]})
+        src = MeasureStage().run(tile, det)
+        c, e = src["concentration"].to_numpy(), src["extendedness"].to_numpy()
+        assert abs(c[0] - 1) < 0.005 and c[1] < 0.92, c
+        assert e.tolist() == [0.0, 1.0]
+        conc[max(fwhms)] = c[1]
+    assert conc[0.6] < conc[0.9] - 0.03, conc
+    with pytest.raises(ValueError, match="extended_sigma_psf"):
+        MeasureStage(extended_sigma_psf=1.4)

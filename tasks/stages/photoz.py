@@ -20,7 +20,7 @@ Columns added: `z_phot` (median of p(z)), `z_phot_err` (half the 16-84 % width),
 `z_phot_q025`, `z_phot_q16`, `z_phot_q50`, `z_phot_q84`, `z_phot_q975` (its quantiles; p(z) is uniform between
 them, models.photoz.pdf) and `z_phot_flag` (bits: 1 reference-band S/N < 5, 2 broad: half-width >
 0.15 (1 + z), 4 a band's flux missing, estimated from the others, 8 no estimate: fewer than two usable bands).
-Every row gets them, stars too (the estimate assumes a galaxy: filter on the catalog's star/galaxy columns).
+Every row gets them, stars too (the estimate assumes a galaxy: select galaxies with the measure stage's `extendedness`).
 """
 from __future__ import annotations
 
