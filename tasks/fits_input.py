@@ -210,6 +210,8 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
 SAT_KEYS = ("SATURATE", "SATLEVEL")  # the saturation level's keywords (SExtractor's SATUR_KEY default first)
 SAT_SHARE = 0.02  # a header level that more of the pixels reach than this is no saturation level: not used
 SAT_RTOL = 1e-5  # pixels within this fraction below the level count as saturated (a level rounded in the header)
+SAT_OVER = 4.0  # a header level that pixels exceed this many times over is not theirs (a saturated pixel reads
+# about the level: the full well, or a linearity limit a little below it)
 
 
 def _saturated(image: np.ndarray, mask: np.ndarray, headers, path, band: str, level: float | None,
@@ -219,8 +221,9 @@ def _saturated(image: np.ndarray, mask: np.ndarray, headers, path, band: str, le
     header may carry one exposure's level, which its pixels exceed unsaturated. Without a mask a saturated star's
     flat top was measured as a star (its flux short by up to the light above the level), neither flagged nor
     seeding a detection, and its clipped core in one band only made colours of its neighbours; a bleed trail,
-    at the level too, is masked with it. A header level reached by more than SAT_SHARE of the pixels is not a
-    saturation level (a note says so, and `saturation:` sets one)."""
+    at the level too, is masked with it. A header level reached by more than SAT_SHARE of the pixels, or exceeded
+    SAT_OVER times over (an image rescaled after its header's level was written: a stale level would mask every
+    bright star's core), is not the pixels' saturation level (a note says so, and `saturation:` sets one)."""
     configured = level is not None
     if not configured:
         if not unmasked:
@@ -240,6 +243,12 @@ def _saturated(image: np.ndarray, mask: np.ndarray, headers, path, band: str, le
     if not configured and n > SAT_SHARE * image.size:
         notes.append(f"band {band}: {100 * n / image.size:.1f} % of the pixels reach the header's saturation level "
                      f"{level:g}: not a saturation level, not used (set saturation: for this band to mask them)")
+        return
+    top = float(image[sat].max())
+    if not configured and top > SAT_OVER * level:
+        notes.append(f"band {band}: pixels reach {top / level:.1f} times the header's saturation level {level:g}, "
+                     f"which does not describe them (an image rescaled after the level was written?): not used "
+                     f"(set saturation: for this band in its units to mask saturated pixels)")
         return
     mask[sat] |= maskbits.SAT
     notes.append(f"band {band}: {n} pixels at or above the saturation level {level:g} "

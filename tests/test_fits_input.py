@@ -391,6 +391,12 @@ def test_saturation_level_masks_sat_without_a_mask(tmp_path):
     assert np.array_equal((f.mask[0] & maskbits.SAT) != 0, img >= 100.0)
     mfiles["i"]["saturation"] = -1.0
     raises(spec(mfiles), mfiles["i"]["image"], "saturation level of band i is -1.0")
+    # an image rescaled after its header's level was written: its stars exceed the level many times over
+    with fits.open(files["i"]["image"], mode="update") as h:
+        h[0].data = h[0].data * np.float32(10.0)
+    f = load_field(spec(files))
+    assert not np.any(f.mask[0] & maskbits.SAT)
+    assert any("10.0 times the header's saturation level" in n for n in f.notes)
     # a header level under the sky noise is no saturation level
     with fits.open(files["i"]["image"], mode="update") as h:
         h[0].header["SATURATE"] = 0.5
