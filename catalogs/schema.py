@@ -89,6 +89,8 @@ _SOURCES = [
     Column("phot_flag", "int64", "", "meta.code.qual", "SEP aperture flags OR-ed over bands and apertures (16 APER_TRUNC, 32 APER_HASMASKED, 64 APER_ALLMASKED, 128 APER_NONPOSITIVE)"),
     Column("concentration", "float64", "", "src.morph;arith.ratio", "star/galaxy separation: the Gaussian-aperture flux over that of a wider Gaussian weight (measure.extended_sigma_psf, 2.0 x the widest PSF sigma), both normalised to a point source's total and summed over the bands in nJy: 1 for a point source, less for a galaxy; NaN where undefined"),
     Column("extendedness", "float64", "", "src.class.starGalaxy", "1: extended, a galaxy (concentration below measure.extended_below, 0.93); 0: point-like, a star or an unresolved galaxy; NaN where concentration is undefined"),
+    Column("flux_wing_{band}", "float64", "nJy", "phot.flux.density", "saturated sources only (a saturated pixel within a pixel of the centre in some band): the flux of the band's PSF model (a Moffat of its FWHM and index) fitted to the unmasked pixels about the saturated core, band {band}; NaN for other sources"),
+    Column("fluxerr_wing_{band}", "float64", "nJy", "stat.error;phot.flux.density", "1-sigma error of flux_wing_{band} (from the inverse variance; not the PSF model's error)"),
     Column("flux_deblend_{band}", "float64", "nJy", "phot.flux.density", "flux of the member alone (deblend stage), band {band}; the Kron flux for isolated sources"),
     Column("fluxerr_deblend_{band}", "float64", "nJy", "stat.error;phot.flux.density", "1-sigma error of flux_deblend_{band}"),
     Column("mag_deblend_{band}", "float64", "mag", "phot.mag", "AB magnitude of the member alone, band {band}"),

@@ -205,3 +205,28 @@ def test_concentration_tells_a_star_from_a_small_galaxy():
     assert conc[0.6] < conc[0.9] - 0.03, conc
     with pytest.raises(ValueError, match="extended_sigma_psf"):
         MeasureStage(extended_sigma_psf=1.4)
+
+
+def test_a_saturated_stars_flux_from_its_wings():
+    """A star of flux 5000 whose core (within 2.5 px) reads a saturation level and is masked SAT in every band, and
+    a bleed trail masked down its column: the PSF fitted to its unmasked wings (`flux_wing_<b>`) gives its flux
+    within 3 % in every band whatever its seeing, where the Kron flux (SEP's fill of the masked core with the mean
+    of the rest) is far below it; the unsaturated galaxy beside it gets none (NaN)."""
+    for fwhms in ([0.60, 0.62, 0.80, 0.90], [0.90, 0.85, 0.58, 0.68]):
+        tile = _seeing_tile(fwhms)
+        yy, xx = np.mgrid[:96, :96]
+        core = np.hypot(xx - 30, yy - 48) <= 2.5
+        trail = (xx == 30) & (yy > 48) & (yy < 70)
+        for j in range(4):
+            level = np.float32(0.3 * tile.image[j][48, 30])
+            tile.image[j][core | trail] = level
+            tile.mask[j][core] = maskbits.SAT
+            tile.mask[j][trail] = maskbits.SAT | maskbits.BLEED
+        det = pd.DataFrame({"x_tile": [30.0, 66.0], "y_tile": [48.0, 48.0], "a": [2.0, 2.5], "b": [2.0, 2.0],
+                            "theta": [0.0, 0.0], "npix": [40, 60]})
+        src = MeasureStage().run(tile, det)
+        wing = src[[f"flux_wing_{b}" for b in tile.bands]].to_numpy(float)
+        auto = src[[f"flux_auto_{b}" for b in tile.bands]].to_numpy(float)
+        assert np.all(np.abs(wing[0] / 5000.0 - 1) < 0.03), wing[0]
+        assert np.all(auto[0] < 0.8 * 5000.0), auto[0]
+        assert np.all(np.isnan(wing[1])) and bool(src["flag_saturated"].iloc[0])
