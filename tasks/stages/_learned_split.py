@@ -279,7 +279,8 @@ def _masked_cores(det: np.ndarray, pseg: np.ndarray, bad: np.ndarray, px: np.nda
         reach = float(near)
         while True:
             r = int(np.ceil(reach))
-            y0, y1, x0, x1 = max(py[k] - r - 1, 0), min(py[k] + r + 2, ny), max(px[k] - r - 1, 0), min(px[k] + r + 2, nx)
+            y0, y1 = max(py[k] - r - 1, 0), min(py[k] + r + 2, ny)
+            x0, x1 = max(px[k] - r - 1, 0), min(px[k] + r + 2, nx)
             yy, xx = np.mgrid[y0:y1, x0:x1]
             close = np.hypot(yy - py[k], xx - px[k]) <= reach
             region = (masked[y0:y1, x0:x1] == masked[py[k], px[k]]) & close

@@ -3,8 +3,8 @@ band's PSF model (a circular Moffat of the band's FWHM and index, of unit total 
 fitted by inverse-variance weighted least squares to the usable pixels about the source, so that the masked
 (saturated) core and bleed trail, which hold most of a bright star's light, are left out and the rest of its
 profile gives the total. The apertures fill a masked core with the mean of the rest of the aperture, which for a
-star's core is far too little: an i 9.7 star's Kron flux came out at 0.003 of its truth, i 13.4-15.8 stars' at
-0.02-0.24. Written here: SEP and photutils fit PSFs to unmasked stars (photutils' PSFPhotometry takes a mask,
+star's core is far too little: an i 9.7 star's Kron flux came out at 0.003 of its truth in i, i 13.4-17.3 stars'
+at 0.04-0.80. Written here: SEP and photutils fit PSFs to unmasked stars (photutils' PSFPhotometry takes a mask,
 but wants a fitted model grid per star and runs a non-linear fit of position and flux; here the position is the
 detection's and only the flux, a linear parameter, is fitted, one source at a time for the few saturated ones)."""
 from __future__ import annotations

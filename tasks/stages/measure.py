@@ -61,7 +61,7 @@ For each detection (the `detect` stage's table) and band b, on the background-su
 - saturated sources (a SAT pixel, not a bleed trail's, within a pixel of the centre in some band): `flux_wing_<b>`,
   `fluxerr_wing_<b>`, the band's PSF model (a circular Moffat of its FWHM and index) fitted to the unmasked pixels
   within 6 FWHM of the saturated core's edge, other detections' segments left out (tasks/stages/_wing.py: the
-  apertures' fill of a masked core gave 0.003-0.24 of an i 9.7-15.8 star's flux); NaN for other sources.
+  apertures' fill of a masked core gave 0.003-0.80 of an i 9.7-17.3 star's flux in i); NaN for other sources.
 - zeropoint_<b>: the band's AB zero point (the magnitude of one image unit) in every row, so that the merge
   can calibrate the fluxes to nJy (catalogs/calibrate.py) and a user can undo it.
 
@@ -174,8 +174,9 @@ class MeasureConfig(StageConfig):
     @model_validator(mode="after")
     def _wider_than_gaap(self) -> "MeasureConfig":
         if not self.extended_sigma_psf > self.gaap_sigma_psf[0]:
-            raise ValueError(f"extended_sigma_psf ({self.extended_sigma_psf}) must exceed gaap_sigma_psf's first factor "
-                             f"({self.gaap_sigma_psf[0]}): concentration is the narrower weight's flux over the wider's")
+            raise ValueError(f"extended_sigma_psf ({self.extended_sigma_psf}) must exceed gaap_sigma_psf's first "
+                             f"factor ({self.gaap_sigma_psf[0]}): concentration is the narrower weight's flux over "
+                             f"the wider's")
         return self
 
 
@@ -184,8 +185,9 @@ class MeasureStage(Stage):
     MeasureConfig)."""
 
     name: ClassVar[str] = "measure"
-    version: ClassVar[str] = "13"  # 13: concentration and extendedness, saturated sources' flux_wing; 12: errors of partly masked circular and
+    # 13: concentration and extendedness, saturated sources' flux_wing; 12: errors of partly masked circular and
     # Kron sums (SEP's are of no mask)
+    version: ClassVar[str] = "13"
     # bump (with `version`) when the values of flux_gaap/aper/auto change, not for new columns: the photo-z
     # weights' records keep it (tasks/stages/photoz.py: photometry_settings) and a run refuses weights made on
     # another photometry. 2: Gaussian apertures normalised for a Moffat PSF (version 7); 3: its index measured
