@@ -51,7 +51,8 @@ For each detection (the `detect` stage's table) and band b, on the background-su
   there, or, when the tile has no halo on any side, on every side), flag_blended (= is_blended).
 
 - star/galaxy separation: `concentration`, the Gaussian-aperture flux (the first `gaap_sigma_psf`) over that of a
-  wider pre-seeing Gaussian weight (`extended_sigma_psf`, 2.0 x the widest PSF sigma), both normalised to a point
+  wider pre-seeing Gaussian weight (`extended_sigma_psf`, by default 4/3 of the first `gaap_sigma_psf`: 2.0 x the
+  widest PSF sigma), both normalised to a point
   source's total flux and summed over the bands in nJy (the bands where both are measured): 1 for a point source,
   less for a galaxy, whose light the wider weight takes more of; `extendedness` 1 where it is below
   `extended_below` (0.93), else 0 (NaN where the wider flux is not positive). A ratio of two weights of the same
@@ -71,7 +72,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import numpy as np
 import pandas as pd
@@ -149,9 +150,10 @@ class MeasureConfig(StageConfig):
                                  "from the bright isolated stars of the field's central 2048^2 pixels, one for all "
                                  "its bands (tasks/stages/_psf_shape.py), once per field; a field with fewer than 8 "
                                  "such stars gets gaap_psf_beta")
-    extended_sigma_psf: float = Field(2.0, gt=1.0, description="star/galaxy separation: the wider Gaussian weight "
-                                      "(sigma in units of the widest band's PSF sigma, above gaap_sigma_psf's first) "
-                                      "whose flux, with the Gaussian aperture's, makes `concentration`")
+    extended_sigma_psf: Optional[float] = Field(None, gt=1.0, description="star/galaxy separation: the wider "
+                                                "Gaussian weight (sigma in units of the widest band's PSF sigma, above "
+                                                "gaap_sigma_psf's first) whose flux, with the Gaussian aperture's, "
+                                                "makes `concentration` (default: 4/3 of gaap_sigma_psf's first, 2.0)")
     extended_below: float = Field(0.93, gt=0, description="star/galaxy separation: `extendedness` 1 (extended, a "
                                   "galaxy) where `concentration` is below this, 0 (point-like) where it is not")
     default_fwhm_px: float = Field(DEFAULT_FWHM_PX, gt=0, description="PSF FWHM (pixels) assumed when the tile gives "
@@ -173,7 +175,7 @@ class MeasureConfig(StageConfig):
 
     @model_validator(mode="after")
     def _wider_than_gaap(self) -> "MeasureConfig":
-        if not self.extended_sigma_psf > self.gaap_sigma_psf[0]:
+        if self.extended_sigma_psf is not None and not self.extended_sigma_psf > self.gaap_sigma_psf[0]:
             raise ValueError(f"extended_sigma_psf ({self.extended_sigma_psf}) must exceed gaap_sigma_psf's first "
                              f"factor ({self.gaap_sigma_psf[0]}): concentration is the narrower weight's flux over "
                              f"the wider's")
@@ -304,7 +306,8 @@ class MeasureStage(Stage):
         sig_psf = np.asarray(fwhm_b, float) / _FWHM_SIGMA
         gaap = [("gaap" if k == 0 else f"gaap_{_tag(g, '')}", g * float(sig_psf.max()))
                 for k, g in enumerate(self.gaap_sigma_psf)]
-        gaap.append((None, self.extended_sigma_psf * float(sig_psf.max())))  # the wider weight: concentration
+        wider = self.extended_sigma_psf or 4.0 / 3.0 * self.gaap_sigma_psf[0]
+        gaap.append((None, wider * float(sig_psf.max())))  # the wider weight: concentration
         narrow, wide = np.zeros(n), np.zeros(n)  # the two weights' fluxes summed over the bands, nJy
         for ib, band in enumerate(tile.bands):
             data, err, bad = pixels[ib]
