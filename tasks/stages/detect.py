@@ -23,10 +23,10 @@ pixel scatter), so the threshold means the same false-detection rate on any imag
   with no peak is kept as one source when the heat map reaches `confirm_threshold` inside it or when it covers
   at least `keep_area` PSF FWHM^2 (a large object is never dropped), and dropped otherwise (noise and
   artefacts the network was taught to ignore). A peak on pixels with no usable band outside every footprint, in a
-  region that one footprint rings (a saturated star's masked core, with or without a bleed trail: _learned_split.py,
-  `_masked_cores`; footprints on either side of a trail that cuts the star's halo, each holding a good share of
-  the core's border, are joined into one) is that footprint's peak, at the star's centre, the region flooded as the footprint's brightest in
-  the watershed. A region of saturated pixels (any band, bleed trails left out) with no peak within two PSF FWHM
+  region that one footprint rings (a saturated star's masked core, with or without a bleed trail:
+  _saturated_cores.py, `masked_cores`; footprints on either side of a trail that cuts the star's halo, each
+  holding a good share of the core's border, are joined into one) is that footprint's peak, at the star's centre,
+  the region flooded as the footprint's brightest in the watershed. A region of saturated pixels (any band, bleed trails left out) with no peak within two PSF FWHM
   gets one at its core (`saturated_seeds`: a star saturated in some bands only leaves holes in some of the
   detector's channels and can stay under its threshold). With `outside_peaks`, a peak outside every footprint is a
   source of its own (footprint: the pixels within one PSF FWHM of the peak, its own blend group). The network runs
@@ -155,8 +155,9 @@ class DetectStage(ModelStage):
 
     name: ClassVar[str] = "detect"
     # 14: a saturated star's halo cut in pieces by its bleed trail is one footprint, the masked core inside its
-    # footprint's box (_masked_cores); 13: the detection image in one flux unit (bands of other zero points weighed by their noise in it,
-    # _pixels.detection_image); 12: the pixels that two peaks outside every footprint share go to the nearer one (_outside_sources);
+    # footprint's box (masked_cores); 13: the detection image in one flux unit (bands of other zero points weighed
+    # by their noise in it, _pixels.detection_image); 12: the pixels that two peaks outside every footprint share
+    # go to the nearer one (_outside_sources);
     # 11: a ring galaxy's detections joined (merge_rings); 10: the network over the part of the tile the core
     # needs (the primary sources as before, the halo's own footprints kept whole); 9: a thin defect (interpolated
     # for the network) no longer keeps a footprint from its peak's centre; 8: masked cores with bleed trails;
