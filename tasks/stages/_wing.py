@@ -13,7 +13,9 @@ import math
 
 import numpy as np
 
-__all__ = ["moffat_pixels", "wing_flux"]
+from .. import maskbits
+
+__all__ = ["moffat_pixels", "wing_flux", "wing_fluxes"]
 
 SUB = 4  # sub-pixel samples per axis integrating the model over each pixel
 WING_FWHM = 6.0  # the fit's radius in PSF FWHM beyond the masked core's edge
@@ -58,3 +60,41 @@ def wing_flux(data: np.ndarray, err: np.ndarray, bad: np.ndarray, x: float, y: f
     if not smm > 0:
         return math.nan, math.nan
     return float(np.sum(w * data[y0:y1, x0:x1][use] * m)) / smm, 1.0 / math.sqrt(smm)
+
+
+def wing_fluxes(tile, pixels, x, y, fwhm_b, beta_b, neighbours: dict) -> dict[str, np.ndarray]:
+    """{flux_wing_<b>, fluxerr_wing_<b>: values} (wing_flux) of a tile's sources (tile-frame x, y; `pixels` the
+    bands' (data, err, bad) of band_pixels; `neighbours` the measure stage's segmap and seg_id, or empty): for the
+    saturated sources (a SAT pixel, not a bleed trail's, within a pixel of the centre in some band), NaN for the
+    others; the fit reaches WING_FWHM FWHM beyond the band's saturated core about the source (its equivalent
+    radius)."""
+    from scipy import ndimage
+
+    n = len(x)
+    cols = {}
+    cx = np.clip(np.floor(x + 0.5).astype(np.int64), 0, max(tile.image.shape[2] - 1, 0))
+    cy = np.clip(np.floor(y + 0.5).astype(np.int64), 0, max(tile.image.shape[1] - 1, 0))
+    cores = []  # per band: the saturated cores' labels and sizes
+    hit = np.zeros(n, bool)
+    for ib in range(len(tile.bands)):
+        m = np.asarray(tile.mask[ib])
+        sat = ((m & maskbits.SAT) != 0) & ((m & maskbits.BLEED) == 0)
+        lab, nlab = ndimage.label(sat) if sat.any() else (None, 0)
+        if lab is not None:
+            near = ndimage.maximum_filter(lab, size=3)[cy, cx] if n else np.zeros(0, np.int64)
+            hit |= near > 0
+            cores.append((near, np.bincount(lab.ravel(), minlength=nlab + 1)))
+        else:
+            cores.append((None, None))
+    seg = neighbours.get("segmap")
+    ids = neighbours.get("seg_id")
+    for ib, band in enumerate(tile.bands):
+        f, e = np.full(n, np.nan), np.full(n, np.nan)
+        near, size = cores[ib]
+        data, err, bad = pixels[ib]
+        for k in np.flatnonzero(hit):
+            core = math.sqrt(size[near[k]] / math.pi) if near is not None and near[k] > 0 else 0.0
+            f[k], e[k] = wing_flux(data, err, bad, float(x[k]), float(y[k]), float(fwhm_b[ib]),
+                                   float(beta_b[ib]), core, seg, int(ids[k]) if ids is not None else 0)
+        cols[f"flux_wing_{band}"], cols[f"fluxerr_wing_{band}"] = f, e
+    return cols

@@ -70,7 +70,6 @@ Units: fluxes in image units (AB magnitude `zeropoint_<b>` for 1 unit); radii in
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import ClassVar, Optional
 
@@ -82,9 +81,11 @@ from pydantic import Field, field_validator, model_validator
 from .. import maskbits
 from ._gaap import FWHM_SIGMA as _FWHM_SIGMA
 from ._gaap import PIXEL_VAR, gaussian_aperture, moffat_weight, point_response  # noqa: F401 - re-exported
+from ._edges import edge_flags
 from ._kron import kron_aperture
 from ._pixels import (DEFAULT_FWHM_PX, band_fwhm_pixels, band_pixels, configure_sep, fwhm_pixels,
                       masked_sum_error_scale, tile_detection_image)
+from ._wing import wing_fluxes
 from .base import Stage, StageConfig
 
 __all__ = ["MeasureStage", "MeasureConfig", "magnitudes", "moffat_weight", "point_response"]
@@ -105,25 +106,6 @@ def magnitudes(flux, fluxerr, zp: float) -> tuple[np.ndarray, np.ndarray]:
     mag = np.where(pos, zp - 2.5 * np.log10(safe), np.nan)
     err = np.where(pos, _MAG * fluxerr / safe, np.nan)
     return mag, err
-
-
-def field_edges(tile) -> tuple[bool, bool, bool, bool]:
-    """Which sides of the halo arrays are field edges: (low y, high y, low x, high x).
-
-    A side is a field edge where the halo box is clipped there: the halo width is the widest
-    core-to-box margin on any side, and a side with a narrower margin was clipped. A tile with no
-    margin anywhere (no halo, or a field no larger than a tile) treats every side as an edge. A tile
-    attribute `field_shape` (ny, nx), where present, decides the high sides exactly."""
-    box, core = tile.box, tile.core
-    m = (core.y0 - box.y0, box.y1 - core.y1, core.x0 - box.x0, box.x1 - core.x1)
-    halo = max(m)
-    edges = [halo == 0 or mi < halo for mi in m]
-    edges[0] = edges[0] or box.y0 == 0
-    edges[2] = edges[2] or box.x0 == 0
-    shape = getattr(tile, "field_shape", None)
-    if shape is not None and len(shape) == 2 and min(shape) > 0:  # (0, 0): unknown
-        edges = [box.y0 == 0, box.y1 >= shape[-2], box.x0 == 0, box.x1 >= shape[-1]]
-    return tuple(bool(e) for e in edges)
 
 
 class MeasureConfig(StageConfig):
@@ -350,11 +332,11 @@ class MeasureStage(Stage):
         cols["flag_masked"] = (in_circ_m > 0) | (kron_ap.sum(anymask)[0] > 0)
         cols["flag_saturated"] = (in_circ_s > 0) | (kron_ap.sum(satmask)[0] > 0)
         reach = np.maximum(rmax, kron_ap.reach())
-        cols["flag_edge"] = self._edge(tile, out, x, y, reach, det.shape)
+        cols["flag_edge"] = edge_flags(tile, out, x, y, reach, det.shape)
         cols["flag_blended"] = (out["is_blended"].to_numpy(bool) if "is_blended" in out.columns
                                 else np.zeros(n, dtype=bool))
         cols["phot_flag"] = phot_flag
-        self._wing_fluxes(tile, cols, pixels, x, y, fwhm_b, beta_b, neighbours)
+        cols.update(wing_fluxes(tile, pixels, x, y, fwhm_b, beta_b, neighbours))
         with np.errstate(divide="ignore", invalid="ignore"):
             conc = np.where(wide > 0, narrow / wide, np.nan)
         cols["concentration"] = conc
@@ -363,62 +345,6 @@ class MeasureStage(Stage):
         new = pd.DataFrame(cols, index=out.index)
         out = out.drop(columns=[c for c in new.columns if c in out.columns])
         return pd.concat([out, new], axis=1)
-
-    @staticmethod
-    def _wing_fluxes(tile, cols: dict, pixels, x, y, fwhm_b, beta_b, neighbours: dict) -> None:
-        """flux_wing_<b>, fluxerr_wing_<b> (tasks/stages/_wing.py) of the saturated sources (a SAT pixel, not a
-        bleed trail's, within a pixel of the centre in some band), NaN for the others; the fit reaches WING_FWHM
-        FWHM beyond the band's saturated core about the source (its equivalent radius)."""
-        from scipy import ndimage
-
-        from ._wing import wing_flux
-        n = len(x)
-        cx = np.clip(np.floor(x + 0.5).astype(np.int64), 0, max(tile.image.shape[2] - 1, 0))
-        cy = np.clip(np.floor(y + 0.5).astype(np.int64), 0, max(tile.image.shape[1] - 1, 0))
-        cores = []  # per band: the saturated cores' labels and sizes
-        hit = np.zeros(n, bool)
-        for ib in range(len(tile.bands)):
-            m = np.asarray(tile.mask[ib])
-            sat = ((m & maskbits.SAT) != 0) & ((m & maskbits.BLEED) == 0)
-            lab, nlab = ndimage.label(sat) if sat.any() else (None, 0)
-            if lab is not None:
-                near = ndimage.maximum_filter(lab, size=3)[cy, cx] if n else np.zeros(0, np.int64)
-                hit |= near > 0
-                cores.append((near, np.bincount(lab.ravel(), minlength=nlab + 1)))
-            else:
-                cores.append((None, None))
-        seg = neighbours.get("segmap")
-        ids = neighbours.get("seg_id")
-        for ib, band in enumerate(tile.bands):
-            f, e = np.full(n, np.nan), np.full(n, np.nan)
-            near, size = cores[ib]
-            data, err, bad = pixels[ib]
-            for k in np.flatnonzero(hit):
-                core = math.sqrt(size[near[k]] / math.pi) if near is not None and near[k] > 0 else 0.0
-                f[k], e[k] = wing_flux(data, err, bad, float(x[k]), float(y[k]), float(fwhm_b[ib]),
-                                       float(beta_b[ib]), core, seg, int(ids[k]) if ids is not None else 0)
-            cols[f"flux_wing_{band}"], cols[f"fluxerr_wing_{band}"] = f, e
-
-    @staticmethod
-    def _edge(tile, src: pd.DataFrame, x, y, reach, shape) -> np.ndarray:
-        """True where an aperture of radius `reach` (pixels) or the footprint meets a field edge."""
-        lo_y, hi_y, lo_x, hi_x = field_edges(tile)
-        ny, nx = shape
-        touch = np.zeros(len(x), dtype=bool)
-        bbox = all(c in src.columns for c in ("xmin_tile", "xmax_tile", "ymin_tile", "ymax_tile"))
-        if lo_y:
-            touch |= y - reach < -0.5
-            touch |= bbox and (src["ymin_tile"].to_numpy() <= 0)
-        if hi_y:
-            touch |= y + reach > ny - 0.5
-            touch |= bbox and (src["ymax_tile"].to_numpy() >= ny - 1)
-        if lo_x:
-            touch |= x - reach < -0.5
-            touch |= bbox and (src["xmin_tile"].to_numpy() <= 0)
-        if hi_x:
-            touch |= x + reach > nx - 0.5
-            touch |= bbox and (src["xmax_tile"].to_numpy() >= nx - 1)
-        return touch
 
     @staticmethod
     def _windowed(det, bad, x, y, a, max_sigma: float) -> tuple[np.ndarray, np.ndarray]:
