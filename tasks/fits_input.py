@@ -88,8 +88,15 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
     where = "" if hdu is None else f" in HDU {hdu!r}"
     header, raw = files.read(path, idx, f"image of band {band}")
     headers = [header] + ([files.hdul(path)[0].header] if idx else [])
-    if filters:  # the primary header only of a file that holds no other band (a MEF's names its first band, or none)
-        check_filter(headers if Path(path) not in shared else [header], band, path, "image")
+
+    def filter_checked(h: fits.Header, i, file, what: str) -> None:
+        """The file's filter keyword checked against the band: the HDU's header, and the primary header only of a
+        file that holds no other band (a MEF's names its first band, or none)."""
+        if filters:
+            check_filter([h] + ([files.hdul(file)[0].header] if i and Path(file) not in shared else []), band,
+                         file, what)
+
+    filter_checked(header, idx, path, "image")
     slots = dest(raw.shape) if dest is not None else None
     if slots is None:
         slots = (np.empty(raw.shape, np.float32), np.empty(raw.shape, np.float32), np.empty(raw.shape, np.uint16))
@@ -116,9 +123,7 @@ def _load_band(files: FitsFiles, band: str, img: tuple, inv: tuple | None, var: 
     def aux(src: tuple, what: str) -> tuple[fits.Header, np.ndarray]:
         i = files.select(*src)
         h, d = files.read(src[0], i, f"{what} of band {band}")
-        if filters:
-            check_filter([h] + ([files.hdul(src[0])[0].header] if i and Path(src[0]) not in shared else []), band,
-                         src[0], what)
+        filter_checked(h, i, src[0], what)
         if d.shape != shape:
             raise InputError(src[0], f"{what} shape {d.shape} differs from the image shape {shape} of band {band}")
         return h, d
