@@ -70,7 +70,7 @@ _SOURCES = [
     Column("n_blend", "int64", "", "meta.number", "detections in the blend group"),
     Column("is_blended", "bool", "", "meta.code", "n_blend > 1"),
     Column("is_primary", "bool", "", "meta.code", "the centroid lies in the tile core (always true in the catalog)"),
-    Column("kron_radius", "float64", "", "phys.size.radius;arith.factor", "Kron radius in units of a and b (SEP)"),
+    Column("kron_radius", "float64", "", "phys.size.radius;arith.factor", "Kron radius in units of a and b (SEP), as the AUTO ellipse (kron_k times it) takes it: at most its footprint bound, at least kron_min / kron_k"),
     Column("flux_{aper}_{band}", "float64", "nJy", "phot.flux.density", "flux in the {kind}, band {band}"),
     Column("fluxerr_{aper}_{band}", "float64", "nJy", "stat.error;phot.flux.density", "1-sigma error of flux_{aper}_{band} (from the inverse variance)"),
     Column("mag_{aper}_{band}", "float64", "mag", "phot.mag", "AB magnitude in the {kind}, band {band}; NaN where the flux <= 0"),

@@ -87,3 +87,27 @@ def test_band_pixels_match_their_plain_form_to_the_bit():
             assert got.dtype == want.dtype and got.flags["C_CONTIGUOUS"]
             assert got.tobytes() == want.tobytes()
     assert band_pixels(tile, 2)[2][30, 30] and band_pixels(tile, 2)[2][2, 2] and band_pixels(tile, 0)[1][12, 12] == 0
+
+
+def test_a_compact_sources_kron_aperture_is_never_smaller_than_its_ellipse():
+    """The AUTO aperture of a compact source (a round Gaussian of sigma 1.3 px, flux 1000, no noise; shapes a = b
+    = 1 px, as a faint detection's isophotal moments give): the Kron ellipse of kron_k = 3.5 Kron radii (about
+    1.6 for this profile, so about 5.6 px) holds the flux to 1 %. Before 2026-12-07 a Kron radius times sqrt(a b)
+    under min_radius (1.75 px) swapped the ellipse for a circle of 1.75 px, which holds 1 - exp(-1.75^2 / (2
+    1.3^2)) = 0.60 of it. With the ellipse bounded by a 5-pixel footprint (2.5 footprint radii, 3.15 px) the
+    floor of kron_min = 3.5 a holds 1 - exp(-3.5^2 / (2 1.3^2)) = 0.973 (hand-computed; SEP's sums count the
+    pixels whose centres are inside: within 2 %)."""
+    from deepfield.tasks.stages._kron import kron_aperture
+    sigma, x0, y0 = 1.3, 30.0, 31.0
+    img = _gauss_image((64, 64), x0, y0, sigma, 1000.0)
+    bad = np.zeros(img.shape, bool)
+    one = np.array([1.0])
+    args = (img, bad, np.array([x0]), np.array([y0]), one, one, np.array([0.0]))
+    ap, kron, _ = kron_aperture(*args, None, {}, k=3.5, rmax=6.0, max_footprint=2.5, min_radius=1.75,
+                                min_scale=3.5)
+    assert 1.4 < kron[0] < 1.8 and not ap.circle[0]
+    assert ap.sum(img)[0][0] == pytest.approx(1000.0, rel=0.01)
+    ap, kron, _ = kron_aperture(*args, np.array([5.0]), {}, k=3.5, rmax=6.0, max_footprint=2.5, min_radius=1.75,
+                                min_scale=3.5)
+    assert ap.reach()[0] == pytest.approx(3.5) and kron[0] == pytest.approx(1.0)
+    assert ap.sum(img)[0][0] == pytest.approx(1000.0 * (1 - np.exp(-3.5 ** 2 / (2 * sigma ** 2))), rel=0.02)

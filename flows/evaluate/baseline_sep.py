@@ -4,8 +4,8 @@ astronomer would run it by hand.
 `sep.extract` at 1.5 sigma of the pixel noise after a Gaussian filter of the band's PSF FWHM (`filter_type`
 "conv": the threshold is in units of the unfiltered noise, as in Source Extractor), SEP's defaults otherwise
 (minarea 5, 32 deblending levels, minimum contrast 0.005, cleaning). Flux: the Kron ellipse (Kron radius
-measured within `kron_rmax` isophotal radii, `kron_k` Kron radii; a circle of `min_radius` px where the ellipse
-is smaller), both the radius and the sum taken with the other objects' segmentation pixels masked (`segmap`,
+measured within `kron_rmax` isophotal radii, `kron_k` Kron radii but at least `kron_min` times a and b, Source
+Extractor's minimum; a circle of `min_radius` px where that ellipse's mean radius is smaller), both the radius and the sum taken with the other objects' segmentation pixels masked (`segmap`,
 `seg_id`). SEP scales an aperture sum by its area over its unmasked area, so a masked neighbour's pixels count
 with the mean surface brightness of the rest of the aperture: that is SEP's own neighbour masking, the one
 `deepfield eval deblend`'s SEP baseline uses too.
@@ -24,7 +24,8 @@ SEP_THRESH = 1.5
 
 
 def sep_alone(data: np.ndarray, err: np.ndarray, bad: np.ndarray, fwhm_px: float, kron_k: float,
-              kron_rmax: float = 6.0, min_radius: float = 1.75) -> tuple[pd.DataFrame, np.ndarray]:
+              kron_rmax: float = 6.0, min_radius: float = 1.75,
+              kron_min: float = 3.5) -> tuple[pd.DataFrame, np.ndarray]:
     """SEP alone on one background-subtracted band (data, err: (y, x) float64 image units; bad: (y, x) bool,
     True for pixels left out; fwhm_px: the band's PSF FWHM in pixels): see the module docstring. Returns (table with x_tile, y_tile (pixels, centres at integers), flux (image
     units) and seg_id; segmentation map (y, x) int32, object k has value k + 1)."""
@@ -40,10 +41,11 @@ def sep_alone(data: np.ndarray, err: np.ndarray, bad: np.ndarray, fwhm_px: float
         th = np.clip(objs["theta"].astype(float), -np.pi / 2, np.pi / 2)
         kron, _ = sep.kron_radius(data, x, y, a, b, th, kron_rmax, mask=bad, segmap=seg, seg_id=seg_id)
         kron = np.where(np.isfinite(kron), kron, 0.0)
-        circle = kron * np.sqrt(a * b) < min_radius
+        scale = np.maximum(kron_k * kron, kron_min)
+        circle = scale * np.sqrt(a * b) < min_radius
         e = ~circle
         if e.any():
-            flux[e] = sep.sum_ellipse(data, x[e], y[e], a[e], b[e], th[e], kron_k * kron[e], mask=bad, subpix=1,
+            flux[e] = sep.sum_ellipse(data, x[e], y[e], a[e], b[e], th[e], scale[e], mask=bad, subpix=1,
                                       segmap=seg, seg_id=seg_id[e])[0]
         if circle.any():
             flux[circle] = sep.sum_circle(data, x[circle], y[circle], min_radius, mask=bad, subpix=1, segmap=seg,

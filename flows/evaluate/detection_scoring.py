@@ -164,7 +164,8 @@ def figures(truth: pd.DataFrame, det: pd.DataFrame, pair_found: np.ndarray, ref:
     with a `label` column on the detections: label_sources' label of the unmatched ones) and, per close
     pair (close_pairs), whether both members were found. Besides the blend groups (`n_blend`), galaxies
     "overlapped" by light (truth `blendedness` > BLENDEDNESS_CUT, Bosch et al. 2018, reference band) get a
-    completeness at i 22-24 and a flux error at i < 24."""
+    completeness at i 22-24 and a flux error at i < 24; isolated galaxies a flux error at i < 24 and at 24-25
+    (where a Kron aperture meets the noise)."""
     t = truth[truth.interior.to_numpy(bool)]
     mag = t[f"mag_{ref}"].to_numpy(float)
     gal = t.kind.isin(GALAXY_KINDS).to_numpy()
@@ -183,6 +184,7 @@ def figures(truth: pd.DataFrame, det: pd.DataFrame, pair_found: np.ndarray, ref:
     return {"completeness": comp, "close_pairs": _fraction(np.asarray(pair_found, bool)),
             "flux_blended": _flux(t[bright & blended], ref), "flux_isolated": _flux(t[bright & ~blended], ref),
             "flux_overlapped": _flux(t[bright & overlapped], ref),
+            "flux_isolated_24_25": _flux(t[gal & ~blended & (mag >= FLUX_MAG_LIMIT) & (mag < 25)], ref),
             "n_detections": len(d), "purity": float((d.truth_index >= 0).mean()) if len(d) else None,
             "n_unmatched": len(unmatched), "unmatched_by_label": unmatched.label.value_counts().to_dict(),
             "shredded_truth": int((t.shredded & (t[f"mag_{ref}"] < TRUTH_MAG_LIMIT)).sum())}

@@ -8,8 +8,9 @@ For each detection (the `detect` stage's table) and band b, on the background-su
   `radii_arcsec` (dots as "p": 1.5" -> "1p5as"). Defaults: 1.0 FWHM and 1.0 arcsec.
 - Kron (AUTO) flux: the Kron radius is measured once on the detection image within `kron_rmax`
   (6) isophotal radii; every band sums the ellipse of `kron_k` (3.5) Kron radii (3.5 rather than Source
-  Extractor's 2.5, which misses 3-6 % of a star's light in g and r with the simulated PSFs), or a circle of
-  `min_radius` (1.75 px, Source Extractor's 3.5 px minimum diameter) where kron_radius * sqrt(a b) is smaller.
+  Extractor's 2.5, which misses 3-6 % of a star's light in g and r with the simulated PSFs), at least `kron_min`
+  (3.5, Source Extractor's minimum) times a and b, or a circle of `min_radius` (1.75 px) where that ellipse's
+  mean radius is smaller.
   With `mask_neighbours` (the default) the pixels of the other detections' segments (the detect stage's
   segmentation map, which it leaves in `tile.meta["segmap"]`, row k's pixels valued seg_id) are left out of
   the radius and the sums, so that a neighbour's light does not enter a source's Kron flux; the ellipse's
@@ -114,7 +115,10 @@ class MeasureConfig(StageConfig):
     radii_arcsec: tuple[float, ...] = Field((1.0,), description="further circular aperture radii, arcsec")
     kron_k: float = Field(3.5, gt=0, description="Kron factor: the AUTO ellipse is kron_k Kron radii")
     kron_rmax: float = Field(6.0, gt=0, description="Kron-radius integration limit, in isophotal radii")
-    min_radius: float = Field(1.75, gt=0, description="minimum circular radius of the AUTO aperture, pixels")
+    kron_min: float = Field(3.5, ge=0, description="the AUTO ellipse is at least this many a and b (Source "
+                            "Extractor's minimum radius, the second value of its PHOT_AUTOPARAMS)")
+    min_radius: float = Field(1.75, gt=0, description="the AUTO aperture is a circle of this radius, pixels, where "
+                              "the ellipse's mean radius is smaller")
     kron_max_footprint: float = Field(2.5, gt=0, description="the AUTO ellipse's semi-major axis is at most "
                                       "this many footprint radii sqrt(npix / pi)")
     mask_neighbours: bool = Field(True, description="leave the pixels of other detections' segments (the detect "
@@ -169,9 +173,10 @@ class MeasureStage(Stage):
     MeasureConfig)."""
 
     name: ClassVar[str] = "measure"
-    # 13: concentration and extendedness, saturated sources' flux_wing; 12: errors of partly masked circular and
-    # Kron sums (SEP's are of no mask)
-    version: ClassVar[str] = "13"
+    # 14: the AUTO aperture at least kron_min a and b, its circle only where smaller (faint sources' Kron fluxes
+    # were summed within 1.75 px); 13: concentration and extendedness, saturated sources' flux_wing; 12: errors of
+    # partly masked circular and Kron sums (SEP's are of no mask)
+    version: ClassVar[str] = "14"
     # bump (with `version`) when the values of flux_gaap/aper/auto change, not for new columns: the photo-z
     # weights' records keep it (tasks/stages/photoz.py: photometry_settings) and a run refuses weights made on
     # another photometry. 2: Gaussian apertures normalised for a Moffat PSF (version 7); 3: its index measured
@@ -181,7 +186,9 @@ class MeasureStage(Stage):
     # fields') index 3.5 is measured as before. Version 10 (the Moffat's response integrated without scipy's
     # hyperu, _gaap._moffat_integral) keeps 3 likewise: the responses change by 1e-12 but at indices of about 54-167,
     # where hyperu gave nonsense, so only fields of nearly Gaussian stars change. Version 11 keeps 3: it changes only
-    # the Kron radii and sums that were NaN or wholly masked. Version 12 keeps 3: only errors change
+    # the Kron radii and sums that were NaN or wholly masked. Version 12 keeps 3: only errors change. Version 14
+    # keeps 3: it changes flux_auto (and the deblended flux of isolated sources) only, which the photo-z weights'
+    # records name by their parameters (photoz._KRON, kron_min among them), not flux_gaap or flux_aper
     photometry_version: ClassVar[str] = "3"
     Config: ClassVar[type[StageConfig]] = MeasureConfig
     reads: ClassVar[tuple[str, ...]] = _NEEDS
@@ -271,7 +278,8 @@ class MeasureStage(Stage):
                               seg_id=np.ascontiguousarray(out["seg_id"].to_numpy(), np.int32))
         npix = out["npix"].to_numpy(float) if "npix" in out.columns else None
         kron_ap, kron, kflag = kron_aperture(det, det_bad, x, y, a, b, theta, npix, neighbours, self.kron_k,
-                                             self.kron_rmax, self.kron_max_footprint, self.min_radius)
+                                             self.kron_rmax, self.kron_max_footprint, self.min_radius,
+                                             self.kron_min)
         cols["kron_radius"] = kron
 
         # indicator images of masked and saturated pixels, any band

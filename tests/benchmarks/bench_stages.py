@@ -178,7 +178,7 @@ def main() -> None:
         if unknown:
             ap.error(f"--param: no stage {', '.join(sorted(unknown))} in the default run configuration")
         m = stage_class("measure").configure(dict(base).get("measure", {}))
-        kron = dict(kron_k=m.kron_k, kron_rmax=m.kron_rmax, min_radius=m.min_radius)
+        kron = dict(kron_k=m.kron_k, kron_rmax=m.kron_rmax, min_radius=m.min_radius, kron_min=m.kron_min)
         costs: dict[str, dict[str, float]] = {}
         sep_cost: dict[str, float] = {}
         rounds: list[dict[str, float]] = []  # each round's pipeline total per method
