@@ -1,13 +1,14 @@
-"""The classical baseline of `deepfield eval detect`: SEP alone (Barbary 2016) on one band, as a survey
-astronomer would run it by hand.
+"""The classical baseline of `deepfield eval detect`: SEP alone (Barbary 2016) on one band, as a survey astronomer
+would run it by hand.
 
-`sep.extract` at 1.5 sigma of the pixel noise after a Gaussian filter of the band's PSF FWHM (`filter_type`
-"conv": the threshold is in units of the unfiltered noise, as in Source Extractor), SEP's defaults otherwise
-(minarea 5, 32 deblending levels, minimum contrast 0.005, cleaning). Flux: the Kron ellipse (Kron radius
-measured within `kron_rmax` isophotal radii, `kron_k` Kron radii but at least `kron_min` times a and b, Source
-Extractor's minimum; a circle of `min_radius` px where that ellipse's mean radius is smaller), both the radius and the sum taken with the other objects' segmentation pixels masked (`segmap`,
-`seg_id`). SEP scales an aperture sum by its area over its unmasked area, so a masked neighbour's pixels count
-with the mean surface brightness of the rest of the aperture: that is SEP's own neighbour masking, the one
+`sep.extract` at 1.5 sigma of the pixel noise after a Gaussian filter of the band's PSF FWHM (`filter_type` "conv":
+the threshold is in units of the unfiltered noise, as in Source Extractor), SEP's defaults otherwise (minarea 5, 32
+deblending levels, minimum contrast 0.005, cleaning). Flux: the Kron ellipse (Kron radius measured within
+`kron_rmax` isophotal radii, `kron_k` Kron radii but at least `kron_min` times a and b, Source Extractor's minimum;
+a circle of `min_radius` px where that ellipse's mean radius is smaller: the measure stage's rule,
+tasks/stages/_kron.auto_scale), both the radius and the sum taken with the other objects' segmentation pixels masked
+(`segmap`, `seg_id`). SEP scales an aperture sum by its area over its unmasked area, so a masked neighbour's pixels
+count with the mean surface brightness of the rest of the aperture: that is SEP's own neighbour masking, the one
 `deepfield eval deblend`'s SEP baseline uses too.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 import sep
 
+from deepfield.tasks.stages._kron import auto_scale
 from deepfield.tasks.stages._pixels import configure_sep, gaussian_kernel
 
 __all__ = ["SEP_THRESH", "sep_alone"]
@@ -41,8 +43,7 @@ def sep_alone(data: np.ndarray, err: np.ndarray, bad: np.ndarray, fwhm_px: float
         th = np.clip(objs["theta"].astype(float), -np.pi / 2, np.pi / 2)
         kron, _ = sep.kron_radius(data, x, y, a, b, th, kron_rmax, mask=bad, segmap=seg, seg_id=seg_id)
         kron = np.where(np.isfinite(kron), kron, 0.0)
-        scale = np.maximum(kron_k * kron, kron_min)
-        circle = scale * np.sqrt(a * b) < min_radius
+        scale, circle = auto_scale(kron, a, b, kron_k, kron_min, min_radius)
         e = ~circle
         if e.any():
             flux[e] = sep.sum_ellipse(data, x[e], y[e], a[e], b[e], th[e], scale[e], mask=bad, subpix=1,

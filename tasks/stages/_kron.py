@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import sep
 
-__all__ = ["KronAperture", "kron_aperture"]
+__all__ = ["KronAperture", "auto_scale", "kron_aperture"]
 
 
 @dataclass
@@ -127,6 +127,13 @@ class KronAperture:
         return f, e, fl
 
 
+def auto_scale(kron, a, b, k: float, min_scale: float, min_radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """(the AUTO ellipse's scale in units of a and b: k Kron radii, at least `min_scale`; whether the source is
+    summed in the circle of `min_radius` px instead, where that ellipse's mean radius is smaller)."""
+    scale = np.maximum(k * np.asarray(kron, float), min_scale)
+    return scale, scale * np.sqrt(a * b) < min_radius
+
+
 def kron_aperture(det, det_bad, x, y, a, b, theta, npix, neighbours: dict, k: float, rmax: float,
                   max_footprint: float, min_radius: float,
                   min_scale: float = 0.0) -> tuple[KronAperture, np.ndarray, np.ndarray]:
@@ -147,6 +154,5 @@ def kron_aperture(det, det_bad, x, y, a, b, theta, npix, neighbours: dict, k: fl
     if npix is not None:  # a noise-inflated Kron radius of a faint source must not sum half the sky
         rmax_fp = max_footprint * np.sqrt(np.asarray(npix, float) / np.pi)
         kron = np.minimum(kron, rmax_fp / (k * a))
-    scale = np.maximum(k * kron, min_scale)  # the ellipse, in units of a and b
-    circle = scale * np.sqrt(a * b) < min_radius
+    scale, circle = auto_scale(kron, a, b, k, min_scale, min_radius)
     return KronAperture(x, y, a, b, theta, scale, circle, min_radius, neighbours), scale / k, kflag
