@@ -28,8 +28,9 @@ kinds.
 - The density summary: `QUANTILES` of the neighbours' redshifts (a library's: weighted), the interval about the
   median widened by the factor `spread` (fitted on held-out reference galaxies so that the 68 % interval covers
   68 %: a finite set of neighbours spans less than the density it samples; a library set has one per bin of
-  the reference band's S/N, `spread_snr`, as its likelihood is too narrow for faint galaxies) and clipped to
-  [0, Z_MAX]. p(z) between quantiles is
+  the reference band's S/N, `spread_snr`, as its likelihood is too narrow for faint galaxies), no narrower than a
+  Gaussian of sigma WIDTH_FLOOR (1 + z) (`floored`: where one library galaxy takes all the weight its redshift
+  was every quantile) and clipped to [0, Z_MAX]. p(z) between quantiles is
   uniform (`pdf`), so it integrates to one by construction and the PIT of a true z is the piecewise-linear CDF
   (`cdf`).
 - Point estimate `z_phot`: the median; `z_phot_err`: half the 16-84 % width.
@@ -51,11 +52,18 @@ import torch
 
 __all__ = ["Z_MAX", "QUANTILES", "QUANTILE_COLUMNS", "MAG_BINS", "PhotoZKNN", "PhotoZReference", "pdf", "cdf",
            "nmad_figures", "binned_figures", "fit_spread", "neighbour_quantiles", "weighted_quantiles", "snr_spread",
-           "widened"]
+           "widened", "floored", "WIDTH_FLOOR"]
 
 Z_MAX = 4.0  # the simulator draws galaxies at z < 3.4
 QUANTILES = (0.025, 0.16, 0.5, 0.84, 0.975)
 QUANTILE_COLUMNS = ("z_phot_q025", "z_phot_q16", "z_phot_q50", "z_phot_q84", "z_phot_q975")
+# the narrowest p(z): its 68 % interval at least +-WIDTH_FLOOR (1 + z) about the median (the others in proportion,
+# as a Gaussian's). A library's weights are likelihoods of discrete galaxies, and where one candidate fits far
+# better than the rest all quantiles were its redshift: on seed 7's held-out pair (2 x 2048^2, galaxies at i < 25)
+# 15 rows of width 0 had NMAD 0.11 and 103 of widths under 0.01 (1 + z) NMAD 0.016, their 68 % intervals covering
+# 0 and 0.43, while those of widths 0.01-0.02 (NMAD 0.013) covered 0.69
+WIDTH_FLOOR = 0.01
+_FLOOR_SIGMAS = np.array([-1.959964, -0.994458, 0.0, 0.994458, 1.959964])  # standard normal at QUANTILES
 MAG_WEIGHT = 0.25  # one magnitude of brightness counts as a quarter magnitude of colour (sets before 2026-12-04)
 NJY_AB = 31.4  # AB magnitude of 1 nJy
 # library sets (`noiseless`): a flux error floor of this fraction of the flux per band (the measured colours'
@@ -228,6 +236,7 @@ class PhotoZKNN:
                 q = self.library_quantiles(f[np.ix_(rows, sel)], ee, use)
             else:
                 q = self.quantiles(self.neighbours(f[np.ix_(rows, sel)], use))
+            q = floored(q)
             for i, c in enumerate(QUANTILE_COLUMNS):
                 out[c][rows] = q[:, i]
             ref = use.index(self.feature_band(use))
@@ -253,6 +262,15 @@ def widened(q: np.ndarray, spread) -> np.ndarray:
     weighted candidates, the CNN's binned density)."""
     med = q[:, [QUANTILES.index(0.5)]]
     return np.maximum.accumulate(np.clip(med + spread * (q - med), 0.0, Z_MAX), axis=1)
+
+
+def floored(q: np.ndarray, width: float = WIDTH_FLOOR) -> np.ndarray:
+    """Quantiles q (n, len(QUANTILES)) no narrower about their median than a Gaussian of sigma `width` (1 + z):
+    each lower quantile at most, each upper one at least, the Gaussian's; clipped to [0, Z_MAX], non-decreasing."""
+    med = q[:, [QUANTILES.index(0.5)]]
+    g = med + width * (1.0 + med) * _FLOOR_SIGMAS[None, :]
+    out = np.where(_FLOOR_SIGMAS < 0, np.minimum(q, g), np.maximum(q, g))
+    return np.maximum.accumulate(np.clip(out, 0.0, Z_MAX), axis=1)
 
 
 def snr_spread(snr: np.ndarray, spread_snr: tuple, spread: float) -> np.ndarray:

@@ -65,6 +65,26 @@ def test_neighbours_recover_a_known_colour_redshift_relation_with_calibrated_int
     assert (part["z_phot_flag"] & 4 == 4).all() and np.isfinite(part["z_phot"]).all()
 
 
+def test_no_pz_is_narrower_than_the_floor():
+    """models/photoz.floored: a point mass at z = 0.5 (every quantile 0.5, as a library galaxy that takes all the
+    weight gives) becomes a Gaussian of sigma 0.01 (1 + z): its 16-84 % half-width 0.015 x 0.9945 and 2.5-97.5 %
+    0.015 x 1.96 (hand-computed); a broad row and a point mass at z = 0 (clipped at 0) keep their order; and a
+    reference set of galaxies that all lie at one redshift gives every row that width, not 0."""
+    from deepfield.models.photoz import WIDTH_FLOOR, floored
+    q = np.array([[0.5] * 5, [0.2, 0.35, 0.5, 0.7, 0.9], [0.0] * 5])
+    out = floored(q)
+    assert WIDTH_FLOOR == 0.01
+    np.testing.assert_allclose(out[0], 0.5 + 0.015 * np.array([-1.959964, -0.994458, 0, 0.994458, 1.959964]))
+    np.testing.assert_array_equal(out[1], q[1])
+    assert out[2, 2] == 0.0 and out[2, 0] == 0.0 and out[2, 4] == pytest.approx(0.01 * 1.959964)
+    assert (np.diff(out, axis=1) >= 0).all()
+    rng = np.random.default_rng(2)
+    flux = np.exp(rng.normal(5, 0.3, (200, 4))) * np.array([0.5, 1.0, 1.5, 1.8])  # one SED, z = 0.7 for all
+    est = PhotoZKNN(["g", "r", "i", "z"], flux, np.full(200, 0.7), np.full(4, 1.0), k=16)
+    res = est.predict(flux[:20], np.ones((20, 4)), ["g", "r", "i", "z"])
+    np.testing.assert_allclose(res["z_phot_err"], 0.017 * 0.994458, rtol=1e-6)
+
+
 def test_a_band_set_without_two_reference_bands_is_reported_before_the_run():
     from deepfield.tasks.stages.registry import BandError, resolve_bands
     stages = [("background", {}), ("detect", {}), ("measure", {}), ("photoz", {})]
