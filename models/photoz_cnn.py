@@ -18,7 +18,7 @@ that structure at the size two CPU cores can train in under an hour and run at t
   and a zero flag. Training drops random bands (`band_dropout` of the examples keep only a random two or more),
   so one set of weights serves every band set, each at its own accuracy (measured by `deepfield eval photoz`).
 - Output: a softmax over `NBINS` redshift bins of width Z_MAX / NBINS. The p(z) summary is the same as the
-  colour baseline's (models/photoz.py: five quantiles, uniform between them, so it integrates to one): the
+  colour baseline's (models/photoz_pdf.py: five quantiles, uniform between them, so it integrates to one): the
   quantiles of the softmax's piecewise-linear CDF, widened about the median by `spread` (fitted on a held-out
   field so that 68 % intervals cover 68 %). z_phot is the median, z_phot_err half the 16-84 % width, and the
   flag bits are the baseline's.
@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from .inference import scaled_asinh
-from .photoz import (FLAG_BANDS_MISSING, FLAG_BROAD, FLAG_LOW_SNR, FLAG_NO_ESTIMATE, QUANTILE_COLUMNS, QUANTILES,
-                     Z_MAX, asinh_mag, band_order, widened)
+from .photoz import FLAG_BANDS_MISSING, FLAG_BROAD, FLAG_LOW_SNR, FLAG_NO_ESTIMATE, asinh_mag, band_order
+from .photoz_pdf import QUANTILE_COLUMNS, QUANTILES, Z_MAX, widened
 
 __all__ = ["NBINS", "PhotoZCNN", "network_inputs", "quantiles_from_probs", "estimates", "for_inference"]
 

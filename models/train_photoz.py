@@ -27,9 +27,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .photoz import (CANDIDATES, MAG_SIGMA, MAG_WEIGHT, NJY_AB, QUANTILE_COLUMNS, SYS_FLOOR, PhotoZKNN,
-                     binned_figures, neighbour_quantiles, nmad_figures, snr_spread, weighted_quantiles, widened)
-from .photoz import fit_spread as bisect_spread
+from .photoz import CANDIDATES, MAG_SIGMA, MAG_WEIGHT, NJY_AB, SYS_FLOOR, PhotoZKNN
+from .photoz_pdf import (QUANTILE_COLUMNS, binned_figures, neighbour_quantiles, nmad_figures, snr_spread,
+                         weighted_quantiles, widened)
+from .photoz_pdf import fit_spread as bisect_spread
 from .progress import say
 
 K_CHOICES = (16, 24, 32, 48, 64)
@@ -60,7 +61,7 @@ def estimator(t: pd.DataFrame, bands: list[str], k: int, spread: float = 1.0, ma
 
 
 def figures(est: PhotoZKNN, t: pd.DataFrame, bands: list[str]) -> dict:
-    """Held-out figures of `est` on the galaxies `t` with the bands `bands` (models.photoz.binned_figures)."""
+    """Held-out figures of `est` on the galaxies `t` with the bands `bands` (models.photoz_pdf.binned_figures)."""
     res = est.predict(t[[f"flux_{b}" for b in bands]].to_numpy(float),
                       t[[f"fluxerr_{b}" for b in bands]].to_numpy(float), bands)
     q = np.stack([res[c] for c in QUANTILE_COLUMNS], axis=1)
@@ -99,7 +100,7 @@ def cross_validation(tabs: list[pd.DataFrame], bands: list[str]) -> tuple[dict, 
 
 
 def cv_spread(oof: tuple[np.ndarray, np.ndarray, np.ndarray], k: int, target: float = 0.68) -> float:
-    """The spread (models.photoz.fit_spread) that makes the 68 % intervals of every seed's galaxies at true
+    """The spread (models.photoz_pdf.fit_spread) that makes the 68 % intervals of every seed's galaxies at true
     i < 25, each estimated from its `k` nearest in the other seeds' (`oof`: cross_validation's neighbours of the
     chosen weight, nearest first, at least k of them), cover `target`."""
     zn, z, mag = oof

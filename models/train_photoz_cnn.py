@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .photoz import QUANTILE_COLUMNS, Z_MAX, band_order, binned_figures, fit_spread
+from .photoz import band_order
+from .photoz_pdf import QUANTILE_COLUMNS, Z_MAX, binned_figures, fit_spread
 from .photoz_cnn import PhotoZCNN, estimates, network_inputs, pair_presence
 from .progress import say
 from .train_photoz import usable_mask

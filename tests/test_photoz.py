@@ -10,7 +10,8 @@ import pytest
 
 from _photoz_synthetic import synthetic_reference
 
-from deepfield.models.photoz import QUANTILES, Z_MAX, PhotoZKNN, cdf, nmad_figures, pdf
+from deepfield.models.photoz import PhotoZKNN
+from deepfield.models.photoz_pdf import QUANTILES, Z_MAX, cdf, nmad_figures, pdf
 
 
 def random_quantiles(rng, n):
@@ -40,7 +41,7 @@ def test_pz_integrates_to_one_and_its_cdf_gives_the_quantile_levels():
 
 
 def test_neighbours_recover_a_known_colour_redshift_relation_with_calibrated_intervals():
-    from deepfield.models.photoz import fit_spread
+    from deepfield.models.photoz_pdf import fit_spread
     rng = np.random.default_rng(11)
     bands = ["g", "r", "i", "z"]
     flux, err, z, _ = synthetic_reference(rng, 20000)
@@ -66,11 +67,11 @@ def test_neighbours_recover_a_known_colour_redshift_relation_with_calibrated_int
 
 
 def test_no_pz_is_narrower_than_the_floor():
-    """models/photoz.floored: a point mass at z = 0.5 (every quantile 0.5, as a library galaxy that takes all the
+    """models/photoz_pdf.floored: a point mass at z = 0.5 (every quantile 0.5, as a library galaxy that takes all the
     weight gives) becomes a Gaussian of sigma 0.01 (1 + z): its 16-84 % half-width 0.015 x 0.9945 and 2.5-97.5 %
     0.015 x 1.96 (hand-computed); a broad row and a point mass at z = 0 (clipped at 0) keep their order; and a
     reference set of galaxies that all lie at one redshift gives every row that width, not 0."""
-    from deepfield.models.photoz import WIDTH_FLOOR, floored
+    from deepfield.models.photoz_pdf import WIDTH_FLOOR, floored
     q = np.array([[0.5] * 5, [0.2, 0.35, 0.5, 0.7, 0.9], [0.0] * 5])
     out = floored(q)
     assert WIDTH_FLOOR == 0.01

@@ -134,7 +134,7 @@ def test_the_depth_floor_tells_a_photometry_at_its_noise_from_one_with_errors_of
     a photometry with 12 % errors of its own in every band (colours it does not state) is well above the floor,
     which does not change; without noise the floor is lower still."""
     from deepfield.flows.evaluate.photoz import truth_floor
-    from deepfield.models.photoz import QUANTILE_COLUMNS, binned_figures
+    from deepfield.models.photoz_pdf import QUANTILE_COLUMNS, binned_figures
     from deepfield.models.train_photoz import library_estimator
     rng = np.random.default_rng(11)
     seeds = [synthetic_seed(rng, 4000, depth=24.0) for _ in range(3)]

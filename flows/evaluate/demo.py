@@ -28,12 +28,12 @@ def demo_completeness(truth_path: Path, merge: dict, mag_limit: float = 24.0) ->
 
 
 def demo_photoz(truth_path: Path, merge: dict, mag_limit: float = 24.0) -> dict | None:
-    """sigma_NMAD, outlier fraction and bias (models.photoz.nmad_figures) of the catalog's z_phot for the primary
+    """sigma_NMAD, outlier fraction and bias (models.photoz_pdf.nmad_figures) of the catalog's z_phot for the primary
     truth galaxies brighter than mag_limit in i matched within 0.5 arcsec; None when the catalog has no z_phot
     (the photoz stage did not run)."""
     import pyarrow.dataset as ds
 
-    from deepfield.models.photoz import nmad_figures
+    from deepfield.models.photoz_pdf import nmad_figures
     path = merge["paths"]["parquet"]
     if "z_phot" not in ds.dataset(path, format="parquet").schema.names:
         return None

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from deepfield.models.photoz import MAG_WEIGHT
-from deepfield.models.photoz import QUANTILE_COLUMNS as QCOLS
-from deepfield.models.photoz import binned_figures as score
+from deepfield.models.photoz_pdf import QUANTILE_COLUMNS as QCOLS
+from deepfield.models.photoz_pdf import binned_figures as score
 from deepfield.models.progress import say
 
 from .detection import detection_stages

@@ -18,7 +18,7 @@ held-out 2048^2 field at i < 24).
 
 Columns added: `z_phot` (median of p(z)), `z_phot_err` (half the 16-84 % width), the p(z) summary
 `z_phot_q025`, `z_phot_q16`, `z_phot_q50`, `z_phot_q84`, `z_phot_q975` (its quantiles; p(z) is uniform between
-them, models.photoz.pdf) and `z_phot_flag` (bits: 1 reference-band S/N < 5, 2 broad: half-width >
+them, models.photoz_pdf.pdf) and `z_phot_flag` (bits: 1 reference-band S/N < 5, 2 broad: half-width >
 0.15 (1 + z), 4 a band's flux missing, estimated from the others, 8 no estimate: fewer than two usable bands).
 Every row gets them, stars too (the estimate assumes a galaxy: select galaxies with the measure stage's `extendedness`).
 """
