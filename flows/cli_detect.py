@@ -47,6 +47,9 @@ def eval_detect(
     shifted: bool = typer.Option(False, "--shifted/--no-shifted", help="fields unlike the simulator's defaults, as "
                                  "another survey or generator might make them: Moffat PSFs of index 2.5, seeing "
                                  "x1.25, PSF ellipticity up to 0.08, 0.3 mag shallower"),
+    pixel_scale: float = typer.Option(None, "--pixel-scale", min=0.01, help="arcsec per pixel of the fields "
+                                      "(default: the simulator's, 0.2; HSC 0.168, the Legacy Surveys 0.262): the "
+                                      "same sky, seeing and depth on another grid"),
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """Completeness (blended and isolated galaxies), close pairs, blended-galaxy flux error, purity and CPU time
@@ -58,7 +61,7 @@ def eval_detect(
     except ValueError as exc:
         fail(str(exc))
     _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=size, seed=seed, detect_params=params,
-              workers=workers, work=work, device=device, shifted=shifted)
+              workers=workers, work=work, device=device, shifted=shifted, pixel_scale=pixel_scale)
 
 
 @train_app.command("library")

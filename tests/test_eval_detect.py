@@ -210,3 +210,23 @@ def test_the_shifted_fields():
         assert s.band_specs[b].psf_fwhm == pytest.approx(1.25 * spec.psf_fwhm)
         assert s.band_specs[b].m5 == pytest.approx(spec.m5 - 0.3) and s.band_specs[b].sky_mag == spec.sky_mag
     assert (s.seed, s.size, s.fields, s.bands) == (cfg.seed, cfg.size, cfg.fields, cfg.bands)
+
+
+def test_held_out_fields_on_another_pixel_grid():
+    """`eval detect --pixel-scale`: the held-out fields sampled at HSC's 0.168" or the Legacy Surveys' 0.262" per
+    pixel, the sky, seeing and depth as the simulator's (or as --shifted makes them); a scale the simulator
+    refuses is refused."""
+    from pydantic import ValidationError
+
+    from deepfield.flows.evaluate.detection import held_out_config, shifted_fields
+    from deepfield.tasks.sim.config import SimConfig
+    base = held_out_config(3, 512, 2)
+    assert base.pixel_scale == 0.2 and base == SimConfig(seed=3, size=512, fields=2)
+    for scale in (0.168, 0.262):
+        c = held_out_config(3, 512, 2, pixel_scale=scale)
+        assert c.pixel_scale == scale
+        assert c.model_dump(exclude={"pixel_scale"}) == base.model_dump(exclude={"pixel_scale"})
+        s = held_out_config(3, 512, 2, shifted=True, pixel_scale=scale)
+        assert s.model_dump(exclude={"pixel_scale"}) == shifted_fields(base).model_dump(exclude={"pixel_scale"})
+    with pytest.raises(ValidationError):
+        held_out_config(3, 512, 2, pixel_scale=0.0)

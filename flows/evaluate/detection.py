@@ -1,7 +1,8 @@
 """Evaluation of detection and of blended-galaxy photometry on whole simulated fields against their full truth,
 the pipeline beside SEP alone (`deepfield eval detect`).
 
-Held-out fields: `deepfield simulate` defaults (galaxies, stars, deliberate close pairs, clusters, anomalies and
+Held-out fields: `deepfield simulate` defaults (or as `held_out_config` makes them: `--shifted`, `--pixel-scale`;
+galaxies, stars, deliberate close pairs, clusters, anomalies and
 artefacts) at a seed no training uses, ingested into a Zarr store (tasks.trainsets.fields.simulate_fields). Every
 tile of the store (with the default run's halo) goes in-process through:
 - deepfield: the detection stages of the default run configuration (`DETECTION_STAGES` as
@@ -207,19 +208,31 @@ def shifted_fields(cfg: SimConfig) -> SimConfig:
     return cfg.model_copy(update=dict(psf_beta=2.5, psf_ellipticity=0.08, band_specs=specs))
 
 
-def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 1024, seed: int = EVAL_SEED,
-             detect_params: dict | None = None, workers: int = 2, work: Path | None = None,
-             device: str = "cpu", shifted: bool = False) -> dict:
-    """Simulate (or reuse, under `work`) the held-out fields, run both methods on every tile and score them
-    (module docstring). weights: the deblender's (default: shipped); detect_params: detect-stage parameters
-    over the default run configuration's; shifted: the fields as `shifted_fields` makes them. Returns the figures
-    as a dict (JSON-ready)."""
-    import torch
-    torch.set_num_threads(1)  # OpenMP threads spin when other processes share the cores (README)
-    stages, halo = detection_stages(detect_params, weights)
+def held_out_config(seed: int, size: int, n_fields: int, shifted: bool = False,
+                    pixel_scale: float | None = None) -> SimConfig:
+    """The simulator's configuration of the held-out fields: its defaults at `seed`, `n_fields` fields of `size`^2
+    px; with `shifted`, as `shifted_fields` makes them; with `pixel_scale` (arcsec), sampled on that grid
+    instead of the simulator's (0.2": Rubin; HSC's is 0.168", the Legacy Surveys' 0.262"), the same sky, seeing
+    and depth."""
     cfg = SimConfig(seed=seed, size=size, fields=n_fields)
     if shifted:
         cfg = shifted_fields(cfg)
+    if pixel_scale is not None:
+        cfg = SimConfig.model_validate({**cfg.model_dump(), "pixel_scale": pixel_scale})
+    return cfg
+
+
+def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 1024, seed: int = EVAL_SEED,
+             detect_params: dict | None = None, workers: int = 2, work: Path | None = None,
+             device: str = "cpu", shifted: bool = False, pixel_scale: float | None = None) -> dict:
+    """Simulate (or reuse, under `work`) the held-out fields, run both methods on every tile and score them
+    (module docstring). weights: the deblender's (default: shipped); detect_params: detect-stage parameters
+    over the default run configuration's; shifted, pixel_scale: the fields as `held_out_config` makes them.
+    Returns the figures as a dict (JSON-ready)."""
+    import torch
+    torch.set_num_threads(1)  # OpenMP threads spin when other processes share the cores (README)
+    stages, halo = detection_stages(detect_params, weights)
+    cfg = held_out_config(seed, size, n_fields, shifted, pixel_scale)
     ref = cfg.reference_band
     tmp = work is None
     work = Path(tempfile.mkdtemp(prefix="deepfield-eval-detect-")) if tmp else Path(work)
@@ -264,7 +277,8 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 1024, s
     methods["deepfield"]["cpu_seconds_per_mpx"] = cpu.get("detect")
     methods["deepfield"]["cpu_seconds_per_mpx_detect_measure_deblend"] = sum(
         cpu.get(k, 0.0) for k in ("detect", "measure", "deblend"))
-    return {"n_fields": n_fields, "size": size, "seed": seed, "shifted": shifted, "reference_band": ref,
+    return {"n_fields": n_fields, "size": size, "seed": seed, "shifted": shifted,
+            "pixel_scale": cfg.pixel_scale, "reference_band": ref,
             "stages": stages,
             "halo": halo, "detect_params": detect_params or {}, "match_arcsec": MATCH_ARCSEC, "edge_px": EDGE_PX,
             "truth_mag_limit": TRUTH_MAG_LIMIT, "flux_column": res["flux_column"],
@@ -329,7 +343,8 @@ def format_report(r: dict) -> str:
     s, d = r["methods"]["sep"], r["methods"]["deepfield"]
     shifted = " shifted (Moffat index 2.5, seeing x1.25, PSF ellipticity <= 0.08, 0.3 mag shallower)" \
         if r.get("shifted") else ""
-    head = (f"detection on {r['n_fields']}{shifted} held-out fields of {r['size']}^2 px (seed {r['seed']}); "
+    scale = f" at {r['pixel_scale']:g}\"/px" if r.get("pixel_scale") is not None else ""
+    head = (f"detection on {r['n_fields']}{shifted} held-out fields of {r['size']}^2 px{scale} (seed {r['seed']}); "
             f"galaxies in "
             f"{r['reference_band']}, matched one-to-one within {r['match_arcsec']}\" to true objects brighter than "
             f"{r['truth_mag_limit']}; deepfield: {', '.join(n for n, _ in r['stages'])} with detect "
