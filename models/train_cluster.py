@@ -161,7 +161,7 @@ def train(source, iters: int = 6000, batch: int = 16, crop_size: int = 128, lr: 
     (the checkpoint holds the progress; the same call resumes)."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    arch = dict(dict(bands=source.bands, bin=source.bin), **(arch or {}))
+    arch = dict(dict(bands=source.bands, bin=source.bin, binned_arcsec=source.binned_arcsec), **(arch or {}))
     model = ClusterNet(**arch).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-5)
     warm = max(1, iters // 20)  # linear warm-up over 5% of the steps, then a cosine decay

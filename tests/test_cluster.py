@@ -99,6 +99,7 @@ def test_short_training_lowers_the_loss_and_resumes_identically(tiny_sky, tmp_pa
     first, last = (np.mean([r["total"] for r in part]) for part in (rec["log"][:3], rec["log"][-3:]))
     assert last < 0.7 * first  # a batch of 4 is noisy: the mean of three logged steps (measured 0.56)
     assert rec["split"] == dict(val_backgrounds=1, train_backgrounds=2, val_clusters=3, train_clusters=27)
+    assert rec["arch"]["binned_arcsec"] == pytest.approx(1.6)  # 8 x 0.2": what the stage bins other grids to
     a, b = rec["richness_cal"]
     assert np.allclose(state["richness_cal"].numpy(), [a, b])  # the calibration travels with the weights
     ck = tmp_path / "ck.pt"

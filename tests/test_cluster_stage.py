@@ -25,18 +25,19 @@ N, SCALE, BIN = 256, 0.2, 8  # field side (px), arcsec per pixel, the network's 
 SHIFT = (203, 13)  # field B's pixel (x, y) is field A's (x - 203, y - 13): B adjoins A on A's right
 
 
-def _wcs(dx: float = 0.0, dy: float = 0.0) -> WCS:
+def _wcs(dx: float = 0.0, dy: float = 0.0, scale: float = SCALE) -> WCS:
     """A TAN WCS of a field whose pixel (x, y) is pixel (x + dx, y + dy) of the field with dx = dy = 0 (one
     tangent plane, as the patches of one tract)."""
     w = WCS(naxis=2)
     w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     w.wcs.crval = [150.0, 2.0]
     w.wcs.crpix = [N / 2 + 0.5 - dx, N / 2 + 0.5 - dy]  # FITS pixels are 1-based
-    w.wcs.cdelt = [-SCALE / 3600, SCALE / 3600]
+    w.wcs.cdelt = [-scale / 3600, scale / 3600]
     return w
 
 
-def _field(name: str, wcs: WCS, seed: int, bands=BANDS, bright=None, n: int = N) -> FieldImages:
+def _field(name: str, wcs: WCS, seed: int, bands=BANDS, bright=None, n: int = N, scale: float = SCALE
+           ) -> FieldImages:
     """n x n px of unit-noise sky (invvar 1) in every band; `bright`: (y0, y1, x0, x1) pixels 30 sigma
     brighter."""
     rng = np.random.default_rng(seed)
@@ -47,7 +48,7 @@ def _field(name: str, wcs: WCS, seed: int, bands=BANDS, bright=None, n: int = N)
         image[:, y0:y1, x0:x1] += 30.0
     return FieldImages(name=name, bands=list(bands), image=image, invvar=np.ones_like(image),
                        mask=np.zeros(image.shape, np.uint16), wcs_header=wcs.to_header(), zeropoints=[27.0] * nb,
-                       psf_fwhm=[1.0] * nb, pixel_scale=SCALE)
+                       psf_fwhm=[1.0] * nb, pixel_scale=scale)
 
 
 def _store(path, *fields: FieldImages, tile: int = 64):
@@ -124,6 +125,36 @@ def test_field_level_detections_are_the_networks_on_the_field_and_tiles_partitio
         ra, dec = _wcs().all_pix2world(table.x, table.y, 0)  # the field's own WCS
         np.testing.assert_allclose(table.ra, ra, rtol=0, atol=1e-9)
         np.testing.assert_allclose(table.dec, dec, rtol=0, atol=1e-9)
+
+
+def test_a_field_on_another_grid_is_binned_to_the_training_skies_angle(tmp_path, weights, monkeypatch):
+    """The network learned clusters on 1.6" binned pixels (8 x 0.2"): a field of 0.262" per pixel (the Legacy
+    Surveys') is binned 6 x 6 (1.57"), one of 0.168" (HSC) 10 x 10; the halo is counted in those binned pixels,
+    the detections come back in the field's own pixels, and a neighbour on the other grid fills no halo."""
+    assert [cluster_net.ClusterNet().field_bin(s) for s in (0.2, 0.168, 0.262, 1.6, 5.0)] == [8, 10, 6, 1, 1]
+    n, scale, b = 384, 0.262, 6
+    root = _store(tmp_path / "store.zarr", _field("L", _wcs(scale=scale), 4, n=n, scale=scale),
+                  _field("R", _wcs(100, 0), 5, n=n), tile=128)
+    stage = _stage(weights, threshold=0.01, halo_arcsec=32.0)
+    calls = []
+    detect = cluster_net.detect
+    monkeypatch.setattr(cluster_net, "detect", lambda *a, **k: calls.append(a[1].shape) or detect(*a, **k))
+    tiles = _tiles(root, "L")
+    for t in tiles:
+        stage.run(t, pd.DataFrame())
+    halo = round(32.0 / (scale * b))  # 20 binned pixels
+    assert calls == [(5, n // b + 2 * halo, n // b + 2 * halo)]
+    planes = stage.extended_planes(tiles[0])
+    assert np.array_equal(planes[:, halo:-halo, halo:-halo], field_planes(root["fields"]["L"], BANDS, b))
+    assert stage.neighbours(root["fields"]["L"], 32.0) == ["R"]  # R covers L's halo...
+    assert not planes[:, :halo].any() and not planes[:, -halo:].any()  # ...but binned by 8 (0.2"), fills none
+    want = detect(stage.model, planes, 0.01)
+    x, y = (want["x"] - halo) * b + (b - 1) / 2, (want["y"] - halo) * b + (b - 1) / 2
+    on = (x >= -0.5) & (x < n - 0.5) & (y >= -0.5) & (y < n - 0.5)
+    got = pd.concat([t.tables["clusters"] for t in tiles], ignore_index=True)
+    assert len(got) == on.sum() > 0
+    np.testing.assert_array_equal(np.sort(got.x.to_numpy()), np.sort(x[on]))
+    np.testing.assert_array_equal(np.sort(got.y.to_numpy()), np.sort(y[on]))
 
 
 def test_halo_is_filled_from_the_neighbouring_field(two_fields, weights):

@@ -3,7 +3,8 @@
 list of sources.
 
 The network runs once per field, not once per tile: the stage bins the tile's whole field from the store
-(`field_planes`, a strip at a time), 8 x 8 (1.6" pixels) and scaled (`planes_from_sums`), extends the planes by
+(`field_planes`, a strip at a time), into binned pixels of about the network's training skies' 1.6" (8 x 8 at
+0.2" per pixel; 10 x 10 at 0.168", 6 x 6 at 0.262": `field_bin`) and scaled (`planes_from_sums`), extends the planes by
 `halo_arcsec` (128") on each side (`extend_planes`), runs the network on the whole (`detect_planes`; those four
 in tasks/stages/cluster_planes.py) and keeps the detections; each tile of the field takes those whose position
 lies in its core. The run's own halo (64 px = 13") is far smaller than a cluster, so the stage reads its pixels
@@ -84,7 +85,8 @@ class ClusterConfig(ModelStageConfig):
 
 class ClusterStage(ModelStage):
     name: ClassVar[str] = "cluster"
-    version: ClassVar[str] = "2"
+    # 3: fields binned to the training skies' angular pixel whatever their pixel scale (8 x 8 at any scale before)
+    version: ClassVar[str] = "3"
     Config: ClassVar[type[StageConfig]] = ClusterConfig
     models: ClassVar[tuple[str, ...]] = ("cluster_net",)
     side_tables: ClassVar[tuple[str, ...]] = ("clusters",)
@@ -103,7 +105,7 @@ class ClusterStage(ModelStage):
 
     def setup(self, device: str) -> None:
         super().setup(device)
-        self.bin = int(self.model.bin)
+        self.bin = int(self.model.bin)  # of the training skies; a field's own: field_bin
         self.bands = list(self.model.bands)
 
     @staticmethod
@@ -112,9 +114,18 @@ class ClusterStage(ModelStage):
         from ..zarr_store import field_key
         return field_key(group)
 
+    def field_bin(self, pixel_scale: float) -> int:
+        """The binning of a field of `pixel_scale` arcsec per pixel: its binned pixel nearest the network's
+        training skies' (models.cluster_net.ClusterNet.field_bin; 8 at 0.2")."""
+        return self.model.field_bin(pixel_scale)
+
+    def group_bin(self, group) -> int:
+        """`field_bin` of a field of the store (its group)."""
+        return self.field_bin(float(group.attrs["pixel_scale"]))
+
     def halo_bins(self, tile) -> int:
         """`halo_arcsec` in binned pixels of the tile's field."""
-        return round(self.halo_arcsec / (tile.pixel_scale * self.bin))
+        return round(self.halo_arcsec / (tile.pixel_scale * self.field_bin(tile.pixel_scale)))
 
     def binned(self, group) -> np.ndarray:
         """`field_planes` of a field of the store (its group), cached per actor: the most recently used fields',
@@ -123,7 +134,8 @@ class ClusterStage(ModelStage):
         if key in self._planes:
             self._planes.move_to_end(key)
             return self._planes[key]
-        planes = field_planes(group, self.bands, self.bin) if self.shared_dir is None else self._shared_planes(group)
+        planes = field_planes(group, self.bands, self.group_bin(group)) if self.shared_dir is None \
+            else self._shared_planes(group)
         self._planes[key] = planes
         while len(self._planes) > 1 and sum(p.nbytes for p in self._planes.values()) > PLANES_CACHE_BYTES:
             self._planes.popitem(last=False)
@@ -159,17 +171,19 @@ class ClusterStage(ModelStage):
         import zarr
 
         from ..zarr_store import COMPLETE
-        group, halo = tile.group, self.halo_bins(tile)
+        group, halo, b = tile.group, self.halo_bins(tile), self.group_bin(tile.group)
         planes = self.binned(group)
         found = []
         if halo:
             fields = zarr.open_group(store=group.store, mode="r", use_consolidated=False)["fields"]
             for n in self.neighbours(group, self.halo_arcsec):
                 g = fields[n]
-                if COMPLETE in g.attrs and set(self.bands) <= set(g.attrs["bands"]):
+                # a neighbour on another grid (binned otherwise) covers nothing: extend_planes maps binned
+                # pixels of one size
+                if COMPLETE in g.attrs and set(self.bands) <= set(g.attrs["bands"]) and self.group_bin(g) == b:
                     found.append((field_wcs(g.attrs), self.binned(g)))
             self.binned(group)  # the field's own planes stay the most recently used
-        return extend_planes(planes, field_wcs(group.attrs), self.bin, halo, found)
+        return extend_planes(planes, field_wcs(group.attrs), b, halo, found)
 
     def field_detections(self, tile) -> dict[str, np.ndarray]:
         """The network's detections over the tile's whole field and its halo (`extended_planes`,
@@ -184,7 +198,7 @@ class ClusterStage(ModelStage):
 
     def _detect(self, tile) -> dict[str, np.ndarray]:
         found = detect_planes(self.model, self.extended_planes(tile), self.threshold, device=self.device)
-        b, halo = self.bin, self.halo_bins(tile)
+        b, halo = self.field_bin(tile.pixel_scale), self.halo_bins(tile)
         found["x"] = (found["x"] - halo) * b + (b - 1) / 2.0
         found["y"] = (found["y"] - halo) * b + (b - 1) / 2.0
         return found
@@ -204,7 +218,8 @@ class ClusterStage(ModelStage):
                                                     or entry(self.model_name).weights)
         near = self.neighbours(tile.group, self.halo_arcsec) if self.halo_bins(tile) else []
         return self._digest(field=self._key(tile.group)[2], weights=self._weights_version,
-                            config=self.config.model_dump(mode="json"), bin=self.bin, halo=self.halo_bins(tile),
+                            config=self.config.model_dump(mode="json"), bin=self.field_bin(tile.pixel_scale),
+                            halo=self.halo_bins(tile),
                             neighbours={n: self._sky[1][n][0] for n in near})
 
     def _shared_detections(self, tile) -> dict[str, np.ndarray]:
@@ -222,9 +237,10 @@ class ClusterStage(ModelStage):
         them: keyed by the field's completion record, the model's bands and binning and the versions."""
         name, _, record = self._key(group)
         where = Path(self.shared_dir) / name
+        b = self.group_bin(group)
         return shared_result(where / ".planes.lock",
-                             where / f"planes.{self._digest(field=record, bands=self.bands, bin=self.bin)}.npy",
-                             lambda: field_planes(group, self.bands, self.bin),
+                             where / f"planes.{self._digest(field=record, bands=self.bands, bin=b)}.npy",
+                             lambda: field_planes(group, self.bands, b),
                              lambda p: np.load(p, allow_pickle=False), np.save)
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:

@@ -306,6 +306,10 @@ class SkySource:
     def bin(self) -> int:
         return int(self.lib.bin)
 
+    @property
+    def binned_arcsec(self) -> float:
+        return float(self.lib.pixel_arcsec)
+
     def sample(self, n: int, size: int, rng: np.random.Generator) -> list[tuple[np.ndarray, pd.DataFrame]]:
         """n training crops of size x size binned pixels (`compose`)."""
         return [compose(self.lib, size, rng, self.parts["train_backgrounds"], self.parts["train_clusters"])
