@@ -249,13 +249,16 @@ def eval_cluster(
     workers: int = typer.Option(2, min=1, help="processes simulating the fields"),
     work: Path = typer.Option(None, help="keep the fields, store and run here and reuse them next time"),
     device: str = typer.Option("cpu", help="torch device"),
+    pixel_scale: float = typer.Option(None, "--pixel-scale", min=0.01, help="arcsec per pixel of the fields "
+                                      "(default: the simulator's, 0.2; HSC 0.168, the Legacy Surveys 0.262, SDSS "
+                                      "0.396): the same sky, seeing and depth on another grid"),
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """Completeness, purity, centre offset and redshift error of the cluster finder beside the red-sequence baseline."""
     from deepfield.flows.evaluate.cluster import evaluate, format_report
     _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=field_size,
               clusters_per_field=clusters_per_field, seed=seed, threshold=threshold, workers=workers, work=work,
-              device=device)
+              device=device, pixel_scale=pixel_scale)
 
 
 @eval_app.command("cluster-render")

@@ -309,3 +309,13 @@ def test_shipped_weights_keep_two_clusters_on_one_line_of_sight():
     cfg_m = ClusterMergeConfig()
     assert len(suppress(cand, cfg_m.nms_mpc, cfg_m.nms_dz)) == 2
     assert len(suppress(cand, cfg_m.nms_mpc, 10.0)) == 1  # on the sky alone they would be one
+
+
+def test_eval_cluster_fields_on_another_grid():
+    """`eval cluster --pixel-scale`: the held-out survey on another survey's grid, all else the simulator's."""
+    from deepfield.flows.evaluate.cluster import eval_fields
+    base = eval_fields(3, 4, 512, 2.0)
+    assert base.pixel_scale == 0.2 and base.population.clusters_per_field == 2.0
+    other = eval_fields(3, 4, 512, 2.0, 0.396)
+    assert other.pixel_scale == 0.396
+    assert other.model_dump(exclude={"pixel_scale"}) == base.model_dump(exclude={"pixel_scale"})

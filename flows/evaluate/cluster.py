@@ -54,9 +54,13 @@ Z_BINS = (0.1, 0.3, 0.5, 0.65, 0.8, 1.0)
 EVAL_STAGES = ("background", "detect", "measure")
 
 
-def eval_fields(seed: int, n_fields: int, size: int = 2048, clusters_per_field: float = 1.0) -> SimConfig:
-    """The held-out survey: the simulator's defaults with `clusters_per_field` clusters per field."""
-    return SimConfig(seed=seed, size=size, fields=n_fields, population=dict(clusters_per_field=clusters_per_field))
+def eval_fields(seed: int, n_fields: int, size: int = 2048, clusters_per_field: float = 1.0,
+                pixel_scale: float | None = None) -> SimConfig:
+    """The held-out survey: the simulator's defaults with `clusters_per_field` clusters per field; with
+    `pixel_scale` (arcsec) the same sky, seeing and depth on that grid (the fields then cover more or less sky)."""
+    extra = {} if pixel_scale is None else dict(pixel_scale=pixel_scale)
+    return SimConfig(seed=seed, size=size, fields=n_fields, population=dict(clusters_per_field=clusters_per_field),
+                     **extra)
 
 
 def match_sky(det: pd.DataFrame, score: str, truth: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -160,13 +164,13 @@ def _clusters(store: Path, run_dir: Path, weights: Path | None, device: str) -> 
 
 def evaluate(weights: Path | None = None, n_fields: int = 32, size: int = 2048, clusters_per_field: float = 1.0,
              seed: int = EVAL_SEED, threshold: float = 0.3, workers: int = 2, work: Path | None = None,
-             device: str = "cpu") -> dict:
+             device: str = "cpu", pixel_scale: float | None = None) -> dict:
     import shutil
     import tempfile
 
 
     version = weights_version(weights) if weights else model_version("cluster_net")
-    cfg = eval_fields(seed, n_fields, size, clusters_per_field)
+    cfg = eval_fields(seed, n_fields, size, clusters_per_field, pixel_scale)
     tmp = work is None
     work = Path(tempfile.mkdtemp(prefix="deepfield-eval-cluster-")) if tmp else Path(work)
     try:
@@ -202,7 +206,8 @@ def evaluate(weights: Path | None = None, n_fields: int = 32, size: int = 2048, 
         net[f"{th:.2f}"] = f = figures(det, "score", truth, est_richness=True)
         zf = figures(det.assign(z=det.z_net), "score", truth, est_richness=False)  # the network's own z
         f.update({f"{k}_net": zf[k] for k in ("sigma_z_nmad", "z_bias", "dz_max")})
-    return dict(weights_version=version, n_fields=n_fields, size=size, seed=seed, threshold=threshold,
+    return dict(weights_version=version, n_fields=n_fields, size=size, pixel_scale=cfg.pixel_scale, seed=seed,
+                threshold=threshold,
                 match_mpc=MATCH_MPC, n_clusters=int(len(truth)), cluster_seconds_per_tile=round(seconds, 3),
                 n_tiles=len(tiles), baseline_seconds=round(t_base, 1),
                 network=net[f"{threshold:.2f}"], network_scan=net,
@@ -214,7 +219,8 @@ def _fmt(v, spec=".2f") -> str:
 
 
 def format_report(r: dict) -> str:
-    lines = [f"{r['n_fields']} held-out fields of {r['size']}^2 px (seed {r['seed']}), {r['n_clusters']} clusters "
+    scale = f" at {r['pixel_scale']:g}\"/px" if r.get("pixel_scale") is not None else ""
+    lines = [f"{r['n_fields']} held-out fields of {r['size']}^2 px{scale} (seed {r['seed']}), {r['n_clusters']} clusters "
              f"({r['network']['n_target']} with richness >= 30 at z <= 0.8, {r['network']['n_target_isolated']} of them isolated); "
              f"weights {r['weights_version']}; matched within {r['match_mpc']} Mpc", ""]
     lines.append(f"{'':34s}{'network':>12s}{'red sequence':>14s}")
