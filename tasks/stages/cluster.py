@@ -4,7 +4,7 @@ list of sources.
 
 The network runs once per field, not once per tile: the stage bins the tile's whole field from the store
 (`field_planes`, a strip at a time), into binned pixels of about the network's training skies' 1.6" (8 x 8 at
-0.2" per pixel; 10 x 10 at 0.168", 6 x 6 at 0.262": `field_bin`) and scaled (`planes_from_sums`), extends the planes by
+0.2" per pixel; 10 x 10 at 0.168", 6 x 6 at 0.262": `group_bin`) and scaled (`planes_from_sums`), extends the planes by
 `halo_arcsec` (128") on each side (`extend_planes`), runs the network on the whole (`detect_planes`; those four
 in tasks/stages/cluster_planes.py) and keeps the detections; each tile of the field takes those whose position
 lies in its core. The run's own halo (64 px = 13") is far smaller than a cluster, so the stage reads its pixels
@@ -105,7 +105,6 @@ class ClusterStage(ModelStage):
 
     def setup(self, device: str) -> None:
         super().setup(device)
-        self.bin = int(self.model.bin)  # of the training skies; a field's own: field_bin
         self.bands = list(self.model.bands)
 
     @staticmethod
@@ -114,18 +113,14 @@ class ClusterStage(ModelStage):
         from ..zarr_store import field_key
         return field_key(group)
 
-    def field_bin(self, pixel_scale: float) -> int:
-        """The binning of a field of `pixel_scale` arcsec per pixel: its binned pixel nearest the network's
-        training skies' (models.cluster_net.ClusterNet.field_bin; 8 at 0.2")."""
-        return self.model.field_bin(pixel_scale)
-
     def group_bin(self, group) -> int:
-        """`field_bin` of a field of the store (its group)."""
-        return self.field_bin(float(group.attrs["pixel_scale"]))
+        """The binning of a field of the store (its group): its binned pixel nearest the network's training
+        skies' (models.cluster_net.ClusterNet.field_bin; 8 at 0.2" per pixel)."""
+        return self.model.field_bin(float(group.attrs["pixel_scale"]))
 
     def halo_bins(self, tile) -> int:
         """`halo_arcsec` in binned pixels of the tile's field."""
-        return round(self.halo_arcsec / (tile.pixel_scale * self.field_bin(tile.pixel_scale)))
+        return round(self.halo_arcsec / (tile.pixel_scale * self.group_bin(tile.group)))
 
     def binned(self, group) -> np.ndarray:
         """`field_planes` of a field of the store (its group), cached per actor: the most recently used fields',
@@ -198,7 +193,7 @@ class ClusterStage(ModelStage):
 
     def _detect(self, tile) -> dict[str, np.ndarray]:
         found = detect_planes(self.model, self.extended_planes(tile), self.threshold, device=self.device)
-        b, halo = self.field_bin(tile.pixel_scale), self.halo_bins(tile)
+        b, halo = self.group_bin(tile.group), self.halo_bins(tile)
         found["x"] = (found["x"] - halo) * b + (b - 1) / 2.0
         found["y"] = (found["y"] - halo) * b + (b - 1) / 2.0
         return found
@@ -218,7 +213,7 @@ class ClusterStage(ModelStage):
                                                     or entry(self.model_name).weights)
         near = self.neighbours(tile.group, self.halo_arcsec) if self.halo_bins(tile) else []
         return self._digest(field=self._key(tile.group)[2], weights=self._weights_version,
-                            config=self.config.model_dump(mode="json"), bin=self.field_bin(tile.pixel_scale),
+                            config=self.config.model_dump(mode="json"), bin=self.group_bin(tile.group),
                             halo=self.halo_bins(tile),
                             neighbours={n: self._sky[1][n][0] for n in near})
 
