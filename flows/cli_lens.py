@@ -122,14 +122,17 @@ def eval_lens(
     batch: int = typer.Option(256, min=1, help="stamps per inference batch"),
     precision: str = typer.Option("auto", help="the lens stage's `precision` on a CPU: auto (bfloat16 where the "
                                   "CPU computes it natively), float32 or bfloat16"),
+    pixel_scale: float = typer.Option(None, "--pixel-scale", min=0.01, help="arcsec per pixel of the stamps: "
+                                      "simulated on that grid and cut as the stage cuts a field of that scale "
+                                      "(resampled onto the training grid); default: the training stamps' grid"),
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """AUROC, TPR0, TPR10 (Metcalf et al. 2019), completeness and throughput of the lens CNN."""
     from deepfield.flows.evaluate.lens import evaluate, format_report
 
     def both(weights):  # the same configuration, then the shifted one
-        return [evaluate(weights, n, lens_fraction, seed, s, workers, device, batch, precision)
-                for s in (False, True)[:1 + shifted]]
+        return [evaluate(weights, n, lens_fraction, seed, s, workers, device, batch, precision,
+                         pixel_scale=pixel_scale) for s in (False, True)[:1 + shifted]]
     _evaluate(both, lambda results: "\n".join(format_report(r) for r in results), weights, out)
 
 
@@ -150,6 +153,9 @@ def eval_merger(
                                "scored too (0: none)"),
     field_seed: int = typer.Option(20261208, min=0, help="seed of those fields"),
     cache: Path = typer.Option(Path(".cache") / "merger_fields", help="directory keeping the fields' stamps"),
+    pixel_scale: float = typer.Option(None, "--pixel-scale", min=0.01, help="arcsec per pixel of the composed "
+                                      "stamps: simulated on that grid and cut as the stage cuts a field of that "
+                                      "scale (resampled onto the training grid); not the fields'"),
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """AUROC, TPR0, TPR10, completeness against magnitude and separation, false positives by kind (close pairs
@@ -158,8 +164,8 @@ def eval_merger(
     from deepfield.flows.evaluate.lens import evaluate, evaluate_fields, format_fields, format_report
 
     def both(weights):  # the same configuration, then the shifted one, then the fields' candidates
-        out = [evaluate(weights, n, merger_fraction, seed, s, workers, device, batch, precision, target="merger")
-               for s in (False, True)[:1 + shifted]]
+        out = [evaluate(weights, n, merger_fraction, seed, s, workers, device, batch, precision, target="merger",
+                        pixel_scale=pixel_scale) for s in (False, True)[:1 + shifted]]
         if fields:
             out.append(evaluate_fields(weights, fields, field_seed, cache, workers, device, batch, precision))
         return out

@@ -7,12 +7,16 @@ record's `stamp_config`), at a seed no training run uses; with `shifted`, the sa
 PSF 30% wider and 0.7 mag shallower (StampConfig.shifted). Figures follow the strong-lens finding challenge
 (Metcalf et al. 2019, A&A 625, A119; models.train_lens.metrics): AUROC, TPR0 and TPR10, plus completeness
 at the lens merge step's default threshold (0.5) against Einstein radius and arc S/N, the false-positive
-rate by kind of non-lens, and the throughput.
+rate by kind of non-lens, and the throughput. With `pixel_scale`, the stamps are simulated on that grid (as
+large as the training stamps' sky needs) and cut as the stage cuts them from such a field (resampled onto the
+training grid, LensStage.stamps).
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -40,9 +44,10 @@ def _binned(values: np.ndarray, found: np.ndarray, edges) -> list[dict]:
 
 def evaluate(weights: Path | None = None, n: int = 10000, lens_fraction: float = 0.02, seed: int = EVAL_SEED,
              shifted: bool = False, workers: int = 2, device: str = "cpu", batch: int = 256,
-             precision: str = "auto", target: str = "lens") -> dict:
+             precision: str = "auto", target: str = "lens", pixel_scale: float | None = None) -> dict:
     """Score a held-out set and return the challenge metrics, completeness and throughput, with the network
-    as the lens (target "merger": the merger) stage runs it (its `precision`)."""
+    as the lens (target "merger": the merger) stage runs it (its `precision`); with `pixel_scale` (arcsec per
+    pixel), on stamps simulated on that grid and cut by the stage (module docstring)."""
     from deepfield.tasks.stages.lens import LensStage
     from deepfield.tasks.stages.merger import MergerStage
     if target not in ("lens", "merger"):
@@ -57,7 +62,13 @@ def evaluate(weights: Path | None = None, n: int = 10000, lens_fraction: float =
         cfg = cfg.shifted()
     say(f"simulating {n} {'shifted-configuration ' if shifted else ''}evaluation stamps "
          f"({lens_fraction:.0%} {cfg.positive}s, seed {seed}) ...")
+    size = cfg.size
+    if pixel_scale is not None:  # the training stamps' sky and a margin, on the field's grid
+        big = max(size, int(math.ceil(size * cfg.pixel_scale / pixel_scale)) + 4)
+        cfg = cfg.model_copy(update={"pixel_scale": float(pixel_scale), "size": big + big % 2})
     d = simulate_stamps(n, lens_fraction, seed + (1 if shifted else 0), cfg, workers, count_lines("evaluation", say))
+    if pixel_scale is not None:
+        d["images"], d["sigma"] = stage_stamps(stage, d["images"], d["sigma"], float(pixel_scale))
     score(model, d["images"][:batch], d["sigma"][:batch], batch=batch, device=device)  # warm-up
     t = time.perf_counter()
     s = score(model, d["images"], d["sigma"], batch=batch, device=device)
@@ -75,7 +86,7 @@ def evaluate(weights: Path | None = None, n: int = 10000, lens_fraction: float =
                    completeness_vs_separation=_binned(lenses.separation.to_numpy(), found, [0.8, 1.5, 2.2, 3.01]))
     res.update(
         target=target, config="shifted" if shifted else "same", psf_scale=cfg.psf_scale,
-        depth_offset=cfg.depth_offset, seed=seed, threshold=THRESHOLD, completeness=float(found.mean()),
+        depth_offset=cfg.depth_offset, pixel_scale=cfg.pixel_scale, pixel_scale_given=pixel_scale is not None, seed=seed, threshold=THRESHOLD, completeness=float(found.mean()),
         false_positive_rate=float((meta[meta.label == 0].score > THRESHOLD).mean()),
         false_positives_by_kind={k: float((g.score > THRESHOLD).mean())
                                  for k, g in meta[meta.label == 0].groupby("kind")},
@@ -83,6 +94,21 @@ def evaluate(weights: Path | None = None, n: int = 10000, lens_fraction: float =
         precision=arithmetic,
         weights=str(weights or entry(MODEL if target == "lens" else MERGER_MODEL).weights))
     return res
+
+
+def stage_stamps(stage, images: np.ndarray, sigma: np.ndarray, pixel_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The stage's own stamps (LensStage.stamps) of simulated stamps `images` (N, bands, S, S) with sky sigmas
+    `sigma` (N, bands) on a grid of `pixel_scale`, each centred on the stamp's centre as a field's candidate."""
+    c = np.array([(images.shape[-1] - 1) / 2.0])
+    out, sig = [], []
+    for img, s in zip(images, sigma):
+        tile = SimpleNamespace(bands=list(stage.bands), pixel_scale=pixel_scale, image=img,
+                               invvar=np.broadcast_to((1.0 / s.astype(np.float64) ** 2)[:, None, None], img.shape),
+                               mask=np.zeros(img.shape, np.int32))
+        st, sg = stage.stamps(tile, c, c)
+        out.append(st[0])
+        sig.append(sg[0])
+    return np.stack(out), np.stack(sig)
 
 
 def evaluate_fields(weights: Path | None = None, n_fields: int = 2, seed: int = 20261208, cache: Path | None = None,
@@ -127,7 +153,8 @@ def format_report(r: dict) -> str:
     merger = r.get("target") == "merger"
     what, kind = ("merger finder", "mergers") if merger else ("lens finder", "lenses")
     lines = [f"{what} on {r['n']} {r['config']}-configuration stamps, {r['n_lens']} {kind} "
-             f"({r['lens_fraction']:.1%}); PSF x{r['psf_scale']:.2f}, depth {r['depth_offset']:+.1f} mag",
+             f"({r['lens_fraction']:.1%}); PSF x{r['psf_scale']:.2f}, depth {r['depth_offset']:+.1f} mag"
+             + (f", {r['pixel_scale']:g}\" pixels (cut as the stage cuts them)" if r.get("pixel_scale_given") else ""),
              f"  AUROC {r['auroc']:.4f}   TPR0 {r['tpr0']:.3f}   TPR10 {r['tpr10']:.3f}",
              f"  at score > {r['threshold']}: completeness {r['completeness']:.3f}, "
              f"false-positive rate {r['false_positive_rate']:.4f}"]

@@ -248,3 +248,47 @@ def centred_stamps(image: np.ndarray, invvar: np.ndarray, usable: np.ndarray, x:
             v = inv[j][ok[j] & (inv[j] > 0)]
             sig[k, j] = 1.0 / np.sqrt(np.median(v)) if v.size else 1.0
     return out, sig
+
+
+def _overlaps(lo: float, step: float, n_out: int, k0: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) lengths of overlap between output pixels [lo + i step, lo + (i + 1) step) and input pixels
+    [k0 + k, k0 + k + 1) (pixel-edge coordinates, one input pixel long each)."""
+    e = lo + step * np.arange(n_out + 1)
+    k = k0 + np.arange(n_in)
+    return np.clip(np.minimum(e[1:, None], k[None, :] + 1) - np.maximum(e[:-1, None], k[None, :]), 0.0, None)
+
+
+def resampled_stamps(image: np.ndarray, invvar: np.ndarray, usable: np.ndarray, x: np.ndarray, y: np.ndarray,
+                     size: int, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """centred_stamps on another pixel grid: (N, bands, size, size) float32 stamps whose pixels are `ratio` times
+    the side of `image`'s (the networks' training pixel scale over the field's), each centred on (x, y) itself
+    (array pixel coordinates), and (N, bands) the sky sigmas a pixel of that side would have at the field's depth.
+
+    Each output pixel holds the light of the area it covers: the input pixels (0 where `usable` is False or
+    outside the array) weighted by their overlap with it, separably in y and x (exact area-weighted rebinning,
+    flux conserved, whether the output pixels are larger or smaller). Written here because the stamps are small
+    and many: two matrix products per stamp and band, where reproject's adaptive or exact resampling works on
+    whole WCS-described images. The sigma is the input's, 1 / sqrt(median invvar) over the stamp's usable pixels,
+    times `ratio` (white noise over an area ratio^2 pixels), so that each pixel's signal over it is the S/N per
+    unit area the network saw in training at the same depth; the noise's texture is not the same (averaged where
+    the output pixels are larger, spread over neighbours where they are smaller)."""
+    nb = image.shape[0]
+    out = np.zeros((len(x), nb, size, size), np.float32)
+    sig = np.ones((len(x), nb), np.float32)
+    half = size * ratio / 2.0
+    for k, (xc, yc) in enumerate(zip(np.asarray(x, float), np.asarray(y, float))):
+        # pixel-centre coordinates c -> edge coordinates c + 0.5: input pixel j spans [j, j + 1)
+        lox, loy = xc + 0.5 - half, yc + 0.5 - half
+        x0, y0 = int(math.floor(lox)), int(math.floor(loy))
+        # the field pixels the stamp covers, a square of the larger of its two spans
+        n = max(int(math.ceil(lox + 2 * half)) - x0, int(math.ceil(loy + 2 * half)) - y0)
+        ok = cut_stamp(usable, y0, x0, n, fill=False)
+        img = np.where(ok, cut_stamp(image, y0, x0, n), 0.0)
+        wy = _overlaps(loy, ratio, size, y0, n)
+        wx = _overlaps(lox, ratio, size, x0, n)
+        out[k] = np.einsum("ij,bjk,lk->bil", wy, img, wx, optimize=True)
+        inv = cut_stamp(invvar, y0, x0, n)
+        for j in range(nb):
+            v = inv[j][ok[j] & (inv[j] > 0)]
+            sig[k, j] = ratio / np.sqrt(np.median(v)) if v.size else 1.0
+    return out, sig
