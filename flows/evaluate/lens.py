@@ -63,8 +63,8 @@ def evaluate(weights: Path | None = None, n: int = 10000, lens_fraction: float =
     say(f"simulating {n} {'shifted-configuration ' if shifted else ''}evaluation stamps "
          f"({lens_fraction:.0%} {cfg.positive}s, seed {seed}) ...")
     size = cfg.size
-    if pixel_scale is not None:  # the training stamps' sky and a margin, on the field's grid
-        big = max(size, int(math.ceil(size * cfg.pixel_scale / pixel_scale)) + 4)
+    if pixel_scale is not None:  # the training stamps' sky and a margin, on the field's grid (room for 48 native px)
+        big = max(size, int(math.ceil(size * cfg.pixel_scale / pixel_scale))) + 4
         cfg = cfg.model_copy(update={"pixel_scale": float(pixel_scale), "size": big + big % 2})
     d = simulate_stamps(n, lens_fraction, seed + (1 if shifted else 0), cfg, workers, count_lines("evaluation", say))
     if pixel_scale is not None:
