@@ -94,6 +94,9 @@ def eval_anomaly(
     full: bool = typer.Option(True, "--full/--fast-only", help="also score the full mode (20x the fast mode's time)"),
     precision: str = typer.Option("auto", help="the stage's `precision` on a CPU: auto (bfloat16 where the CPU "
                                   "computes it natively), float32 or bfloat16"),
+    pixel_scale: float = typer.Option(None, "--pixel-scale", min=0.01, help="arcsec per pixel of the fields (the "
+                                      "same sky, seeing and depth on another survey's grid; default: the "
+                                      "simulator's 0.2)"),
     out: Path = typer.Option(None, help="write the figures as JSON here"),
 ) -> None:
     """AUROC by anomaly type, injected anomalies in the top 1% and 0.1%, and throughput, of the anomaly stage's
@@ -102,7 +105,7 @@ def eval_anomaly(
     from deepfield.flows.evaluate.anomaly import evaluate, format_report
     _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=field_size, seed=seed, steps=steps,
               workers=workers, device=device, refine=refine, refine_above=refine_above, full=full,
-              precision=precision)
+              precision=precision, pixel_scale=pixel_scale)
 
 
 @eval_app.command("anomaly-list")

@@ -194,3 +194,17 @@ def test_evaluation_figures_of_the_anomalies_a_window_can_show():
     assert v["auroc"] == 1.0 and v["anomalous_windows"] == 1 and v["injected"] == 1
     assert v["top1_normal"] == 1.0 and v["top1_normal_type_mean"] == 1.0
     assert "visible" not in figures(scores, label, subjects)
+
+
+def test_eval_anomaly_fields_on_another_grid():
+    """`eval anomaly --pixel-scale`: the held-out fields (6 lenses, ring galaxies and mergers and 2 trails per
+    field) on another survey's grid, all else the simulator's; the report names the grid."""
+    from deepfield.flows.evaluate.anomaly import evaluation_fields, format_report
+    base = evaluation_fields(3, 2, 512)
+    assert base.pixel_scale == 0.2 and base.population.ring_galaxies_per_field == 6
+    other = evaluation_fields(3, 2, 512, 0.262)
+    assert other.pixel_scale == 0.262
+    assert other.model_dump(exclude={"pixel_scale"}) == base.model_dump(exclude={"pixel_scale"})
+    r = dict(stride=16, bands=["g", "r"], n_fields=2, field_size=512, seed=3, labels={}, modes={}, pixel_scale=0.262)
+    assert '0.262" pixels' in format_report(r).splitlines()[0]
+    assert "pixels" not in format_report({**r, "pixel_scale": 0.2}).splitlines()[0]

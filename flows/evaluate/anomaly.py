@@ -65,13 +65,15 @@ EVAL_SEED = 20261125
 VISIBLE_SNR = 5.0  # a ghost's S/N in a window it covers (ghost_window_snr) from which it is counted as visible
 
 
-def evaluation_fields(seed: int, n_fields: int, size: int = 1024) -> SimConfig:
+def evaluation_fields(seed: int, n_fields: int, size: int = 1024, pixel_scale: float | None = None) -> SimConfig:
     """Held-out fields with the simulator's anomalies and artefacts at its default rates, except three times
     the ring galaxies, mergers and lenses (6 of each per field) and four times the satellite trails (2 per
-    field), so that every type has enough members to measure."""
+    field), so that every type has enough members to measure; on the simulator's pixel grid, or sampled at
+    `pixel_scale` (arcsec per pixel: the same sky, seeing and depth on another survey's grid)."""
     return SimConfig(seed=seed, size=size, fields=n_fields,
                      population=dict(lenses_per_field=6, ring_galaxies_per_field=6, mergers_per_field=6),
-                     artefacts=dict(satellite_trails=2.0))
+                     artefacts=dict(satellite_trails=2.0),
+                     **({} if pixel_scale is None else {"pixel_scale": float(pixel_scale)}))
 
 
 def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -201,7 +203,7 @@ def scored_windows(windows, score: np.ndarray, fraction: float, above: float) ->
 def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, seed: int = EVAL_SEED,
              steps: int = 20, workers: int = 2, batch: int = 256, device: str = "cpu", halo: int = 64,
              refine: float | None = None, refine_above: float | None = None, full: bool = True,
-             precision: str = "auto") -> dict:
+             precision: str = "auto", pixel_scale: float | None = None) -> dict:
     import pandas as pd
     import torch
 
@@ -215,7 +217,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     from deepfield.tasks.zarr_read import read_tile
 
     torch.set_num_threads(1)
-    cfg = evaluation_fields(seed, n_fields, size)
+    cfg = evaluation_fields(seed, n_fields, size, pixel_scale)
     if weights:
         stage = AnomalyStage(steps=steps, weights=str(weights), precision=precision)
     else:  # the shipped weights the pipeline would run on these fields: the band-set variant with the most bands
@@ -284,7 +286,8 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
     unseen = (label == "ghost") & ~shown
     say(f"scoring {len(x)} windows ({int(np.isin(label, ['normal', 'contaminated'], invert=True).sum())} "
         f"anomalous, {len(subjects)} injected anomalies) in the fast and full modes ...")
-    out = dict(n_fields=n_fields, field_size=size, seed=seed, steps=steps, stride=stage.stride, bands=stage.bands,
+    out = dict(n_fields=n_fields, field_size=size, pixel_scale=cfg.pixel_scale, seed=seed, steps=steps,
+               stride=stage.stride, bands=stage.bands,
                precision=stage.arithmetic,
                refine=refine, refine_above=refine_above,
                labels=pd.Series(label).value_counts().to_dict(), modes={},
@@ -334,7 +337,8 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
 
 def format_report(r: dict) -> str:
     lines = [f"anomaly scores of the dense grid (stride {r['stride']} px, bands {','.join(r.get('bands', []))}) "
-             f"on {r['n_fields']} held-out {r['field_size']}^2 fields (seed {r['seed']}): {r['labels']}"
+             f"on {r['n_fields']} held-out {r['field_size']}^2 fields (seed {r['seed']}"
+             + (f", {r['pixel_scale']:g}\" pixels" if r.get("pixel_scale", 0.2) != 0.2 else "") + f"): {r['labels']}"
              + (f"; networks in {r['precision']}" if "precision" in r else "")]
     for mode, m in r["modes"].items():
         rows = [(w, m[w]) for w in ("score", "paper", "sigma") if w in m]  # not all in an older record

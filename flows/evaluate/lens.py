@@ -86,7 +86,8 @@ def evaluate(weights: Path | None = None, n: int = 10000, lens_fraction: float =
                    completeness_vs_separation=_binned(lenses.separation.to_numpy(), found, [0.8, 1.5, 2.2, 3.01]))
     res.update(
         target=target, config="shifted" if shifted else "same", psf_scale=cfg.psf_scale,
-        depth_offset=cfg.depth_offset, pixel_scale=cfg.pixel_scale, pixel_scale_given=pixel_scale is not None, seed=seed, threshold=THRESHOLD, completeness=float(found.mean()),
+        depth_offset=cfg.depth_offset, pixel_scale=cfg.pixel_scale, pixel_scale_given=pixel_scale is not None,
+        seed=seed, threshold=THRESHOLD, completeness=float(found.mean()),
         false_positive_rate=float((meta[meta.label == 0].score > THRESHOLD).mean()),
         false_positives_by_kind={k: float((g.score > THRESHOLD).mean())
                                  for k, g in meta[meta.label == 0].groupby("kind")},

@@ -12,20 +12,20 @@ Candidate deflectors are the detected sources that look like massive early-type 
   removes stars (a point source has a = sigma);
 - primary in its tile (the core owns it) and not saturated.
 
-For each candidate the stage cuts a stamp of the model's size (48 x 48 px) centred on the nearest pixel to
-its centroid from the background-subtracted tile with halo (the halo, 64 px by default, holds a whole
-stamp around any core pixel); pixels outside the field or masked are set to 0. Each band is scaled by its
-sky noise, sigma = 1 / sqrt(median invvar) over the stamp, as in training. On a field whose pixel scale differs
-from the training stamps' (0.2" per pixel, the weights' `stamp_config`) by more than 1 %, the stamp is resampled
-onto the training grid instead, centred on the centroid (_pixels.resampled_stamps: each 0.2" pixel the light of
-the area it covers, its sigma that of a 0.2" pixel at the field's depth), so that an Einstein radius or a tidal
-tail spans the pixels it spanned in training. Measured on stamps simulated at other pixel scales (4,000 per set,
-10 % lenses or mergers, seed 20261124; native -> resampled): at 0.262" (the Legacy Surveys') the lens finder's
-AUROC 0.9971 -> 0.9983, TPR10 0.905 -> 0.956, lenses above 0.5 0.972 -> 0.981, and the merger finder's 0.9888 ->
-0.9963, 0.729 -> 0.884, 0.859 -> 0.949; at 0.168" (HSC's) 0.9988 -> 0.9993, 0.947 -> 0.965, 0.979 -> 0.981 and
-0.9917 -> 0.9957, 0.757 -> 0.847, 0.921 -> 0.951. Stamps are scored in batches on the actor's device. Columns added: `lens_candidate` (bool: passed the cuts) and `lens_score` (the
-CNN's lens probability; NaN for non-candidates). The stage's merge step (catalogs/lenses.py) writes those
-above its `threshold` to the lens-candidate table, ranked by score.
+For each candidate the stage cuts a stamp of the model's size (48 x 48 px) centred on the nearest pixel to its
+centroid from the background-subtracted tile with halo (the halo, 64 px by default, holds a whole stamp around any
+core pixel); pixels outside the field or masked are set to 0. Each band is scaled by its sky noise, sigma = 1 /
+sqrt(median invvar) over the stamp, as in training. On a field whose pixel scale differs from the training stamps'
+(0.2" per pixel, the weights' `stamp_config`) by more than 1 %, the stamp is resampled onto the training grid
+instead, centred on the centroid (_pixels.resampled_stamps: each 0.2" pixel the light of the area it covers, its
+sigma that of a 0.2" pixel at the field's depth), so that an Einstein radius or a tidal tail spans the pixels it
+spanned in training. Measured on stamps simulated at other pixel scales (4,000 per set, 10 % lenses or mergers,
+seed 20261124; native -> resampled): at 0.262" (the Legacy Surveys') the lens finder's AUROC 0.9971 -> 0.9983,
+TPR10 0.905 -> 0.956, lenses above 0.5 0.972 -> 0.981, and the merger finder's 0.9888 -> 0.9963, 0.729 -> 0.884,
+0.859 -> 0.949; at 0.168" (HSC's) 0.9988 -> 0.9993, 0.947 -> 0.965, 0.979 -> 0.981 and 0.9917 -> 0.9957, 0.757 ->
+0.847, 0.921 -> 0.951. Stamps are scored in batches on the actor's device. Columns added: `lens_candidate` (bool:
+passed the cuts) and `lens_score` (the CNN's lens probability; NaN for non-candidates). The stage's merge step
+(catalogs/lenses.py) writes those above its `threshold` to the lens-candidate table, ranked by score.
 
 The network runs with the batch normalisations that follow a convolution folded into it, channels-last
 (the same scores to 2e-7 in 0.8 of the time), and with `precision` "auto" (the default) under torch.autocast to

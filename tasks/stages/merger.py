@@ -15,12 +15,13 @@ Candidates are the detected sources that could be a merger or one of its nuclei:
 - resolved: second-moment semi-major axis `a` above `min_size` (1.3) times the PSF's sigma in pixels (no stars);
 - primary in its tile and not saturated.
 
-For each the stage cuts a stamp of the model's size (48 x 48 px) centred on the nearest pixel to its centroid,
-as the lens stage does (on a field of another pixel scale than the training stamps' 0.2", resampled onto their
-grid: completeness above 0.5 0.859 -> 0.949 at 0.262" and 0.921 -> 0.951 at 0.168", lens.py; the training stamps are centred on the pair's barycentre or on either nucleus, as a
-detection that splits the pair sees them), and scores it. Columns added: `merger_candidate` (bool: passed the
-cuts) and `merger_score` (the CNN's merger probability; NaN for non-candidates). The network runs as the lens
-stage's does (batch norms folded, channels-last, bfloat16 where the CPU computes it natively).
+For each the stage cuts a stamp of the model's size (48 x 48 px) centred on the nearest pixel to its centroid, as
+the lens stage does (on a field of another pixel scale than the training stamps' 0.2", resampled onto their grid:
+completeness above 0.5 0.859 -> 0.949 at 0.262" and 0.921 -> 0.951 at 0.168", lens.py; the training stamps are
+centred on the pair's barycentre or on either nucleus, as a detection that splits the pair sees them), and scores
+it. Columns added: `merger_candidate` (bool: passed the cuts) and `merger_score` (the CNN's merger probability; NaN
+for non-candidates). The network runs as the lens stage's does (batch norms folded, channels-last, bfloat16 where
+the CPU computes it natively).
 """
 from __future__ import annotations
 
