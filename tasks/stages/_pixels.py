@@ -286,7 +286,7 @@ def resampled_stamps(image: np.ndarray, invvar: np.ndarray, usable: np.ndarray, 
         img = np.where(ok, cut_stamp(image, y0, x0, n), 0.0)
         wy = _overlaps(loy, ratio, size, y0, n)
         wx = _overlaps(lox, ratio, size, x0, n)
-        out[k] = np.einsum("ij,bjk,lk->bil", wy, img, wx, optimize=True)
+        out[k] = wy @ img @ wx.T  # (size, n) (bands, n, n) (n, size): the bands broadcast
         inv = cut_stamp(invvar, y0, x0, n)
         for j in range(nb):
             v = inv[j][ok[j] & (inv[j] > 0)]
