@@ -243,11 +243,18 @@ def centred_stamps(image: np.ndarray, invvar: np.ndarray, usable: np.ndarray, x:
     for k, (x0, y0) in enumerate(zip(np.rint(np.asarray(x) - c).astype(int), np.rint(np.asarray(y) - c).astype(int))):
         ok = cut_stamp(usable, y0, x0, size, fill=False)
         out[k] = np.where(ok, cut_stamp(image, y0, x0, size), 0.0)
-        inv = cut_stamp(invvar, y0, x0, size)
-        for j in range(nb):
-            v = inv[j][ok[j] & (inv[j] > 0)]
-            sig[k, j] = 1.0 / np.sqrt(np.median(v)) if v.size else 1.0
+        sig[k] = _stamp_sigmas(cut_stamp(invvar, y0, x0, size), ok)
     return out, sig
+
+
+def _stamp_sigmas(inv: np.ndarray, ok: np.ndarray, scale: float = 1.0) -> list[float]:
+    """Each band's sky sigma of a stamp's inverse variance `inv` (bands, S, S) over its `ok` pixels with weight,
+    scale / sqrt(median invvar); 1 for a band without any (centred_stamps, resampled_stamps)."""
+    out = []
+    for iv, o in zip(inv, ok):
+        v = iv[o & (iv > 0)]
+        out.append(scale / np.sqrt(np.median(v)) if v.size else 1.0)
+    return out
 
 
 def _overlaps(lo: float, step: float, n_out: int, k0: int, n_in: int) -> np.ndarray:
@@ -287,8 +294,5 @@ def resampled_stamps(image: np.ndarray, invvar: np.ndarray, usable: np.ndarray, 
         wy = _overlaps(loy, ratio, size, y0, n)
         wx = _overlaps(lox, ratio, size, x0, n)
         out[k] = wy @ img @ wx.T  # (size, n) (bands, n, n) (n, size): the bands broadcast
-        inv = cut_stamp(invvar, y0, x0, n)
-        for j in range(nb):
-            v = inv[j][ok[j] & (inv[j] > 0)]
-            sig[k, j] = ratio / np.sqrt(np.median(v)) if v.size else 1.0
+        sig[k] = _stamp_sigmas(cut_stamp(invvar, y0, x0, n), ok, ratio)
     return out, sig

@@ -134,7 +134,7 @@ class LensStage(ModelStage):
     def grid_ratio(self, tile) -> float:
         """The training stamps' pixel side in the field's pixels: 1 where the field's pixel scale is unknown or
         within 1 % of the training stamps'."""
-        scale = float(getattr(tile, "pixel_scale", None) or 0)
+        scale = float(tile.pixel_scale or 0)
         ratio = self.train_pixel_scale / scale if scale > 0 else 1.0
         return 1.0 if abs(ratio - 1.0) <= 0.01 else ratio
 
