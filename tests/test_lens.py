@@ -131,3 +131,25 @@ def test_preprocess_scales_on_the_device_it_is_given():
     x = np.full((3, 2, 4, 4), 6.0, np.float32)
     out = preprocess(x, np.ones((3, 2), np.float32), device="meta")
     assert out.device.type == "meta" and out.shape == (3, 2, 4, 4) and out.dtype == torch.float32
+
+
+def test_field_stamps_are_the_lens_stage_candidates_labelled_by_truth(tmp_path):
+    """The lens stage's candidates on a small simulated field with four lenses: red (g - i > 1), brighter than
+    i 22.5; each stamp labelled 1 exactly when a simulated deflector lies within 5 px of the candidate, and
+    none kept between 5 and 15 px of one (an arc piece or a neighbour inside the arcs: neither); each stamp
+    centred on its candidate's light."""
+    from deepfield.tasks.trainsets.candidate_fields import EXCLUDE_PX, MATCH_PX, field_stamps
+    d = field_stamps(1, 5, ["g", "r", "i", "z"], tmp_path, size=640, positives=4, target="lens")
+    meta = d["meta"]
+    assert d["images"].shape == (len(meta), 4, 48, 48) and d["sigma"].shape == (len(meta), 4)
+    assert MATCH_PX["lens"] == 5.0 and EXCLUDE_PX["lens"] == 15.0
+    assert ((meta.distance <= 5.0) == (d["label"] == 1)).all() and d["label"].sum() >= 2
+    assert not ((meta.distance > 5.0) & (meta.distance <= 15.0)).any()
+    assert (meta.mag < 22.5).all() and len(meta) > 50
+    assert set(meta.kind) == {"field", "field_lens"}
+    # the stamp's middle is the candidate's own light: brighter than the stamp's edge in i
+    centre = d["images"][:, 2, 22:26, 22:26].mean(axis=(1, 2))
+    edge = np.concatenate([d["images"][:, 2, :4].reshape(len(meta), -1), d["images"][:, 2, -4:].reshape(len(meta), -1)], 1)
+    assert (centre > np.median(edge, axis=1) + 3 * d["sigma"][:, 2]).mean() > 0.95
+    with pytest.raises(ValueError, match="lens or merger"):
+        field_stamps(1, 5, ["g"], tmp_path, target="cluster")

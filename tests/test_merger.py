@@ -87,14 +87,14 @@ def test_field_stamps_are_the_stage_candidates_labelled_by_truth(tmp_path):
     """The merger stage's candidates on a small simulated field with four mergers: each stamp labelled 1 exactly
     when a simulated merger's centre lies within MATCH_PX of the candidate, at least one such; the g, r, z set
     takes the same fields' pixels from the cache (no second simulation), cut with z as the reference band."""
-    from deepfield.tasks.trainsets.merger_fields import MATCH_PX, field_stamps
-    d = field_stamps(1, 5, ["g", "r", "i", "z"], tmp_path, size=640, mergers=4)
+    from deepfield.tasks.trainsets.candidate_fields import MATCH_PX, field_stamps
+    d = field_stamps(1, 5, ["g", "r", "i", "z"], tmp_path, size=640, positives=4)
     meta = d["meta"]
     assert d["images"].shape == (len(meta), 4, 48, 48) and d["sigma"].shape == (len(meta), 4)
-    assert ((meta.merger_distance <= MATCH_PX) == (d["label"] == 1)).all() and d["label"].sum() >= 1
+    assert ((meta.distance <= MATCH_PX["merger"]) == (d["label"] == 1)).all() and d["label"].sum() >= 1
     assert (meta.mag < 22.5).all() and len(meta) > 20
     files = list(tmp_path.iterdir())
-    g = field_stamps(1, 5, ["g", "r", "z"], tmp_path, size=640, mergers=4)
+    g = field_stamps(1, 5, ["g", "r", "z"], tmp_path, size=640, positives=4)
     assert list(tmp_path.iterdir()) == files and g["images"].shape[1] == 3
     both = meta.merge(g["meta"], on=["field", "x", "y"])  # a candidate of both cuts: the same g, r, z pixels
     assert len(both)

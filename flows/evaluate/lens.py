@@ -61,7 +61,7 @@ def evaluate(weights: Path | None = None, n: int = 10000, lens_fraction: float =
     if shifted:
         cfg = cfg.shifted()
     say(f"simulating {n} {'shifted-configuration ' if shifted else ''}evaluation stamps "
-         f"({lens_fraction:.0%} {cfg.positive}s, seed {seed}) ...")
+         f"({lens_fraction:.0%} {'lenses' if cfg.positive == 'lens' else cfg.positive + 's'}, seed {seed}) ...")
     size = cfg.size
     if pixel_scale is not None:  # the training stamps' sky and a margin, on the field's grid (room for 48 native px)
         big = max(size, int(math.ceil(size * cfg.pixel_scale / pixel_scale))) + 4
@@ -113,32 +113,38 @@ def stage_stamps(stage, images: np.ndarray, sigma: np.ndarray, pixel_scale: floa
 
 
 def evaluate_fields(weights: Path | None = None, n_fields: int = 2, seed: int = 20261208, cache: Path | None = None,
-                    workers: int = 2, device: str = "cpu", batch: int = 256, precision: str = "auto") -> dict:
-    """The merger finder on the merger stage's own candidates in `n_fields` held-out simulated 2048^2 fields (12
-    mergers each; tasks.trainsets.merger_fields): AUROC, TPR0, TPR10, the mergers' completeness and the
-    candidates' false-positive rate at 0.5, and how many candidates in all score above 0.5, 0.9, 0.99, 0.999
-    (what the anomaly merge's merger term sees)."""
+                    workers: int = 2, device: str = "cpu", batch: int = 256, precision: str = "auto",
+                    target: str = "merger") -> dict:
+    """The lens or merger finder (`target`) on its stage's own candidates in `n_fields` held-out simulated 2048^2
+    fields (12 lenses or mergers each; tasks.trainsets.candidate_fields): AUROC, TPR0, TPR10, the lenses' or
+    mergers' completeness and the candidates' false-positive rate at 0.5, and how many candidates in all score
+    above 0.5, 0.9, 0.99, 0.999 (what the stage's merge and the anomaly merge's term see)."""
+    from deepfield.tasks.stages.lens import LensStage
     from deepfield.tasks.stages.merger import MergerStage
-    from deepfield.tasks.trainsets.merger_fields import field_stamps
-    stage = MergerStage(weights=None if weights is None else str(weights), precision=precision)
+    from deepfield.tasks.trainsets.candidate_fields import field_stamps
+    stage = (LensStage if target == "lens" else MergerStage)(weights=None if weights is None else str(weights),
+                                                             precision=precision)
     stage.setup(device)
-    d = field_stamps(n_fields, seed, stage.bands, cache or Path(".cache") / "merger_fields", workers=workers, say=say)
+    d = field_stamps(n_fields, seed, stage.bands, cache or Path(".cache") / f"{target}_fields", workers=workers,
+                     target=target, say=say)
     s = score(stage.model, d["images"], d["sigma"], batch=batch, device=device)
     res = metrics(s, d["label"])
     pos = d["label"] == 1
-    res.update(target="merger", config="fields", n_fields=n_fields, seed=seed, threshold=THRESHOLD,
+    res.update(target=target, config="fields", n_fields=n_fields, seed=seed, threshold=THRESHOLD,
                completeness=float((s[pos] > THRESHOLD).mean()),
                false_positive_rate=float((s[~pos] > THRESHOLD).mean()),
                above={str(t): [int((s >= t).sum()), int((s[pos] >= t).sum())] for t in (0.5, 0.9, 0.99, 0.999)},
-               precision=stage.arithmetic, weights=str(weights or entry(MERGER_MODEL).weights))
+               precision=stage.arithmetic,
+               weights=str(weights or entry(MODEL if target == "lens" else MERGER_MODEL).weights))
     return res
 
 
 def format_fields(r: dict) -> str:
-    above = ", ".join(f">= {t}: {n} ({k} on mergers)" for t, (n, k) in r["above"].items())
+    what, kind = ("lens", "lenses") if r.get("target") == "lens" else ("merger", "mergers")
+    above = ", ".join(f">= {t}: {n} ({k} on {kind})" for t, (n, k) in r["above"].items())
     return "\n".join([
-        f"merger finder on the merger stage's candidates of {r['n_fields']} held-out simulated fields (seed "
-        f"{r['seed']}): {r['n']} candidates, {r['n_lens']} on a merger",
+        f"{what} finder on the {what} stage's candidates of {r['n_fields']} held-out simulated fields (seed "
+        f"{r['seed']}): {r['n']} candidates, {r['n_lens']} on a {what}",
         f"  AUROC {r['auroc']:.4f}   TPR0 {r['tpr0']:.3f}   TPR10 {r['tpr10']:.3f}",
         f"  at score > {r['threshold']}: completeness {r['completeness']:.3f}, false-positive rate "
         f"{r['false_positive_rate']:.4f}",
