@@ -343,7 +343,8 @@ def training_sets(n_train: int, n_val: int, seed: int, cfg: StampConfig | None =
     import time
     cfg = cfg or StampConfig()
     t0 = time.perf_counter()
-    say(f"simulating {n_train} training and {n_val} validation stamps (half {cfg.positive}s) ...")
+    kind = "lenses" if cfg.positive == "lens" else cfg.positive + "s"
+    say(f"simulating {n_train} training and {n_val} validation stamps (half {kind}) ...")
     tr = simulate_stamps(n_train, 0.5, seed * 1000 + TRAIN_SEED_OFFSET, cfg, workers, count_lines("training", say))
     va = simulate_stamps(n_val, 0.5, seed * 1000 + VAL_SEED_OFFSET, cfg, workers, count_lines("validation", say))
     return tr, va, time.perf_counter() - t0
