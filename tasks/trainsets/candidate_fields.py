@@ -55,9 +55,9 @@ MATCH_PX = {"merger": 12.0, "lens": 5.0}
 EXCLUDE_PX = {"merger": 12.0, "lens": 15.0}
 DEFAULT_POSITIVES = {"merger": 12, "lens": 12}  # lenses or mergers simulated per field
 # the fields' population beyond the simulator's defaults. The lens finder's: two clusters per field at z 0.1-0.5.
-# Trained on fields with one cluster at z 0.1-1, it still scored 17 members of two clusters at z 0.10 and 0.19
+# Trained on fields with one cluster at z 0.1-1, it still scored 15 members of two clusters at z 0.10 and 0.19
 # above 0.5 (of 19 false candidates in two fields, with 11 of 12 lenses): bright, large ellipticals among red
-# neighbours, the classic false positives of lens searches, which a cluster at z 0.7 barely shows
+# neighbours, which the fields' clusters at z 0.5-1 barely show
 FIELD_POPULATION = {"merger": {}, "lens": {"clusters_per_field": 2.0, "cluster_z": (0.1, 0.5)}}
 SIM_BANDS = ["g", "r", "i", "z"]  # the fields are simulated in these; a stamp set takes the bands it needs
 
