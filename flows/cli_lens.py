@@ -153,17 +153,8 @@ def eval_lens(
 ) -> None:
     """AUROC, TPR0, TPR10 (Metcalf et al. 2019), completeness and throughput of the lens CNN on composed stamps,
     and its figures on the lens stage's own candidates in simulated fields."""
-    from deepfield.flows.evaluate.lens import evaluate, evaluate_fields, format_fields, format_report
-
-    def both(weights):  # the same configuration, then the shifted one, then the fields' candidates
-        out = [evaluate(weights, n, lens_fraction, seed, s, workers, device, batch, precision,
-                        pixel_scale=pixel_scale) for s in (False, True)[:1 + shifted]]
-        if fields:
-            out.append(evaluate_fields(weights, fields, field_seed, cache, workers, device, batch, precision,
-                                       target="lens"))
-        return out
-    _evaluate(both, lambda results: "\n".join(format_fields(r) if r["config"] == "fields" else format_report(r)
-                                               for r in results), weights, out)
+    _evaluate_finder("lens", weights, n, lens_fraction, seed, shifted, workers, device, batch, precision,
+                     pixel_scale, fields, field_seed, cache, out)
 
 
 @eval_app.command("merger")
@@ -191,14 +182,22 @@ def eval_merger(
     """AUROC, TPR0, TPR10, completeness against magnitude and separation, false positives by kind (close pairs
     without tails among them) and throughput of the merger CNN on composed stamps, and its figures on the merger
     stage's own candidates in simulated fields."""
+    _evaluate_finder("merger", weights, n, merger_fraction, seed, shifted, workers, device, batch, precision,
+                     pixel_scale, fields, field_seed, cache, out)
+
+
+def _evaluate_finder(target: str, weights, n, fraction, seed, shifted, workers, device, batch, precision, pixel_scale,
+                     fields, field_seed, cache, out) -> None:
+    """`eval lens` and `eval merger`: the `target` finder on composed stamps of the training configuration, then
+    the shifted one, then its stage's candidates in `fields` simulated fields; printed and written to `out`."""
     from deepfield.flows.evaluate.lens import evaluate, evaluate_fields, format_fields, format_report
 
-    def both(weights):  # the same configuration, then the shifted one, then the fields' candidates
-        out = [evaluate(weights, n, merger_fraction, seed, s, workers, device, batch, precision, target="merger",
+    def sets(weights):
+        res = [evaluate(weights, n, fraction, seed, s, workers, device, batch, precision, target=target,
                         pixel_scale=pixel_scale) for s in (False, True)[:1 + shifted]]
         if fields:
-            out.append(evaluate_fields(weights, fields, field_seed, cache, workers, device, batch, precision,
-                                       target="merger"))
-        return out
-    _evaluate(both, lambda results: "\n".join(format_fields(r) if r["config"] == "fields" else format_report(r)
+            res.append(evaluate_fields(weights, fields, field_seed, cache, workers, device, batch, precision,
+                                       target=target))
+        return res
+    _evaluate(sets, lambda results: "\n".join(format_fields(r) if r["config"] == "fields" else format_report(r)
                                                for r in results), weights, out)
