@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .photoz_hybrid import CNNTerm, candidate_factor
 from .photoz_pdf import QUANTILE_COLUMNS, floored, neighbour_quantiles, snr_spread, weighted_quantiles
 
 __all__ = ["PhotoZKNN", "PhotoZReference", "band_order", "asinh_mag"]
@@ -164,14 +165,19 @@ class PhotoZKNN:
         return j, out
 
     def library_quantiles(self, flux: np.ndarray, fluxerr: np.ndarray, use: list[str],
-                          spread: float | np.ndarray | None = None) -> np.ndarray:
+                          spread: float | np.ndarray | None = None, cnn: CNNTerm | None = None) -> np.ndarray:
         """(n, len(QUANTILES)) quantiles of the library's redshifts weighted by library_weights, widened about
         the median by `spread` (a number or one per row; by default the set's own: `spread_snr` by the reference
-        band's S/N where the set has it, else `spread`) and clipped to [0, Z_MAX]."""
+        band's S/N where the set has it, else `spread`) and clipped to [0, Z_MAX]. `cnn`: the CNN's p(z) of these
+        rows (NaN rows: none), which weighs their candidates too (models/photoz_hybrid.py)."""
         j, w = self.library_weights(flux, fluxerr, use)
         if spread is None:
             r = use.index(self.feature_band(use))
             spread = self.row_spread(flux[:, r] / fluxerr[:, r])[:, None]
+        if cnn is not None:
+            on = np.isfinite(cnn.probs).all(axis=1)
+            if on.any():
+                w[on] *= candidate_factor(cnn.probs[on], cnn.edges, cnn.prior, self.z[j[on]], cnn.power)
         return weighted_quantiles(self.z[j], w, spread, self._z_sorted())
 
     def row_spread(self, snr: np.ndarray) -> np.ndarray:
@@ -188,10 +194,12 @@ class PhotoZKNN:
         """neighbour_quantiles of `zn` with `spread`, else the set's own."""
         return neighbour_quantiles(zn, self.spread if spread is None else spread)
 
-    def predict(self, flux: np.ndarray, fluxerr: np.ndarray, bands: list[str]) -> dict[str, np.ndarray]:
+    def predict(self, flux: np.ndarray, fluxerr: np.ndarray, bands: list[str], cnn: CNNTerm | None = None
+                ) -> dict[str, np.ndarray]:
         """Estimates for fluxes and errors (n, len(bands)) in nJy: z_phot, z_phot_err, the quantile columns and
         z_phot_flag (module docstring). Bands not in the reference set are not used; a row whose flux is not
-        finite in a band is estimated from its other bands."""
+        finite in a band is estimated from its other bands. `cnn` (a library set only): the CNN's p(z) per row
+        (NaN rows: none) weighs the rows' candidates too (models/photoz_hybrid.py)."""
         flux = np.asarray(flux, float).reshape(len(flux), len(bands))
         fluxerr = np.asarray(fluxerr, float).reshape(flux.shape)
         n = len(flux)
@@ -216,7 +224,7 @@ class PhotoZKNN:
             if self.noiseless:
                 ee = e[np.ix_(rows, sel)]
                 ee = np.where(np.isfinite(ee) & (ee > 0), ee, self.soft[[self.bands.index(b) for b in use]])
-                q = self.library_quantiles(f[np.ix_(rows, sel)], ee, use)
+                q = self.library_quantiles(f[np.ix_(rows, sel)], ee, use, cnn=cnn.rows(rows) if cnn else None)
             else:
                 q = self.quantiles(self.neighbours(f[np.ix_(rows, sel)], use))
             q = floored(q)

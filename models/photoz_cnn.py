@@ -43,6 +43,9 @@ __all__ = ["NBINS", "PhotoZCNN", "network_inputs", "quantiles_from_probs", "esti
 NBINS = 100
 MAG_CENTRE, MAG_SCALE = 25.0, 2.0
 COLOUR_SCALE = 0.5  # a colour of 0.5 mag is 1 at the input
+# arcsec per pixel of the training stamps: `deepfield train photoz-cnn` measures fields of the simulator's default
+# grid (tasks/trainsets/photoz.py); the stage resamples the stamps of a field on another grid onto it
+TRAIN_PIXEL_SCALE = 0.2
 
 
 class PhotoZCNN(nn.Module):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .checkpoint import load_checkpoint, save_checkpoint
 from .photoz import band_order
 from .photoz_pdf import QUANTILE_COLUMNS, Z_MAX, binned_figures, fit_spread
-from .photoz_cnn import PhotoZCNN, estimates, network_inputs, pair_presence
+from .photoz_cnn import TRAIN_PIXEL_SCALE, PhotoZCNN, estimates, network_inputs, pair_presence
 from .progress import say
 from .train_photoz import usable_mask
 
@@ -182,7 +182,8 @@ def train(command: str, tables: list[pd.DataFrame], stamps: list[np.ndarray], se
               "config": {k: v for k, v in config.items() if k not in ("bands", "size", "width", "nbins", "flux_kind")},
               "data": {"fields": len(seeds), "field_size": 2048, "train_galaxies": int(len(train_t)),
                        "held_out_galaxies": int(len(held_t)), "held_out_seed": int(seeds[-1]),
-                       "photometry": f"flux_{flux_kind}_<band>", "stamps": f"{size}x{size} px, nJy"},
+                       "photometry": f"flux_{flux_kind}_<band>", "stamps": f"{size}x{size} px, nJy",
+                       "pixel_scale": TRAIN_PIXEL_SCALE},
               "history": history, "train_seconds": round(time.perf_counter() - t0, 1),
               "metrics": {"held_out": held, "held_out_band_sets_i_lt_24": by_set,
                           "colour_baseline_held_out": baseline or {}}}

@@ -44,10 +44,14 @@ def model_versions(stages: list[tuple[str, dict]]) -> dict[str, str]:
     for name, params in stages:
         cls = stage_class(name)
         cfg = cls.configure(params)
-        weights, variant = getattr(cfg, "weights", None), getattr(cfg, "variant", None)
+        variant = getattr(cfg, "variant", None)
         for k, m in enumerate(cls.used_models(cfg)):
-            if weights and k == 0:
-                out[m] = "file:" + weights_version(weights)
+            # a file the configuration names for the model (`weights` for the first; a stage's own key for
+            # another, e.g. the photoz stage's cnn_weights): its content, so a file changed in place redoes the tiles
+            given = cls.weights_given(cfg, m) if hasattr(cls, "weights_given") else \
+                (getattr(cfg, "weights", None) if k == 0 else None)
+            if given:
+                out[m] = "file:" + weights_version(given)
             elif variant and k == 0:
                 out[m] = f"{model_version(m, variant)}@{variant}"
             else:

@@ -173,6 +173,12 @@ class ModelStage(Stage):
         self.model = None
         self.device = "cpu"
 
+    @classmethod
+    def weights_given(cls, config: StageConfig, model: str) -> str | None:
+        """The weights file the configuration gives for `model` instead of the shipped weights (its `weights`,
+        which applies to the first of used_models), None for the shipped ones or a band-set variant."""
+        return config.weights if model == cls.used_models(config)[0] else None
+
     @property
     def model_name(self) -> str:
         """The registry name of the network this stage builds and runs."""
