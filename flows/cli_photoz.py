@@ -161,6 +161,8 @@ def eval_photoz(
     bands: str = typer.Option(None, help="bands of the held-out fields, comma-separated (default g,r,i,z); "
                               "without --weights the reference set is the one a run on these bands chooses "
                               "(a band-set variant that has them all, else the main one)"),
+    method: str = typer.Option(None, help="the photoz stage's method to score as its output: knn, cnn or hybrid "
+                               "(default: the default run's); knn and cnn are scored beside it on the same galaxies"),
 ) -> None:
     """sigma_NMAD, outliers, bias and the calibration of p(z) (PIT histogram, 68 % coverage) by i magnitude, for
     each method (knn, cnn) and band set, with the stage's CPU cost, on held-out simulated fields against their
@@ -171,5 +173,7 @@ def eval_photoz(
     band_list = _bands(bands)
     if band_list is not None and len(band_list) < 2:
         fail(f"--bands {bands!r}: colours need at least two bands")
+    if method is not None and method not in ("knn", "cnn", "hybrid"):
+        fail(f"--method {method!r}: one of knn, cnn, hybrid")
     _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=size, seed=seed, workers=workers,
-              work=work, device=device, cnn_weights=cnn_weights, bands=band_list)
+              work=work, device=device, cnn_weights=cnn_weights, bands=band_list, method=method)
