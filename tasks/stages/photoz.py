@@ -214,6 +214,10 @@ class PhotoZStage(ModelStage):
             from deepfield.models.photoz_hybrid import library_prior
             from deepfield.models.registry import create_model
             self.cnn = for_inference(create_model("photoz_cnn", device=device, weights=self.cnn_weights))
+            if getattr(self.cnn, "flux_kind", "aper") != self.flux:  # configure checks the records, this the weights
+                raise ValueError(f"stage 'photoz': method hybrid's CNN ({self.cnn_weights or 'photoz_cnn'}) was made "
+                                 f"with flux {self.cnn.flux_kind!r}, the reference set with {self.flux!r}: give "
+                                 f"cnn_weights made with {self.flux!r}")
             self.cnn_prior = library_prior(self.estimator.z, self.cnn.bin_edges())
 
     def run(self, tile, sources: pd.DataFrame) -> pd.DataFrame:
