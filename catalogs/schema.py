@@ -101,7 +101,7 @@ _SOURCES = [
     Column("blendedness", "float64", "", "stat.value;src.morph", "1 - sum(c^2)/sum(c t) of the deblended image c and the blend t (Bosch et al. 2018): 0 isolated, towards 1 buried; NaN for deblend_method auto_fallback"),
     Column("deblend_method", "string", "", "meta.code", "'symmetric' (shared by symmetric, monotonic templates), 'unet' (by the learned deblender), 'isolated' (alone: Kron flux), 'auto_fallback' (Kron flux kept)"),
     Column("z_phot", "float32", "", "src.redshift.phot", "photometric redshift (photoz stage): the median of p(z); NaN: no estimate (z_phot_flag 8)"),
-    Column("z_phot_err", "float32", "", "stat.error;src.redshift.phot", "half the width of p(z)'s 16-84 % interval; at least 0.0099 (1 + z_phot) with the kNN method (models/photoz_pdf.floored)"),
+    Column("z_phot_err", "float32", "", "stat.error;src.redshift.phot", "half the width of p(z)'s 16-84 % interval; at least 0.0099 (1 + z_phot) with the knn and hybrid methods (models/photoz_pdf.floored)"),
     Column("z_phot_q025", "float32", "", "stat.min;src.redshift.phot", "2.5 % quantile of p(z); p(z) is uniform between its quantiles"),
     Column("z_phot_q16", "float32", "", "stat.min;src.redshift.phot", "16 % quantile of p(z)"),
     Column("z_phot_q50", "float32", "", "stat.median;src.redshift.phot", "50 % quantile (median) of p(z)"),

@@ -165,8 +165,8 @@ def eval_photoz(
                                "(default: the default run's); knn and cnn are scored beside it on the same galaxies"),
 ) -> None:
     """sigma_NMAD, outliers, bias and the calibration of p(z) (PIT histogram, 68 % coverage) by i magnitude, for
-    each method (knn, cnn) and band set, with the stage's CPU cost, on held-out simulated fields against their
-    truth."""
+    the stage's method (hybrid by default), knn and cnn and each band set, with the stage's CPU cost, on held-out
+    simulated fields against their truth."""
     from deepfield.flows.evaluate.photoz import evaluate, format_report
     if cnn_weights is not None and not cnn_weights.exists():
         fail(f"--cnn-weights {cnn_weights}: no such file")
