@@ -57,11 +57,14 @@ def candidate_factor(probs: np.ndarray, edges: np.ndarray, prior: np.ndarray, z:
                      power: float = POWER) -> np.ndarray:
     """(n, c) weights [p_cnn(z) / prior(z)]^power of each row's candidates at redshifts z (n, c), from the CNN's
     softmax `probs` (n, bins) on `edges` and the prior (bins,); floored at 1e-30 of a row's largest, so a row's
-    candidates never all weigh 0."""
+    candidates never all weigh 0. A row whose CNN gives every candidate 0 (its float32 softmax underflows where
+    the colours put the galaxy) gets weights 1: the colours' estimate, not one of a zero total weight."""
     edges = np.asarray(edges, float)
     centres = 0.5 * (edges[1:] + edges[:-1])
     ratio = _at(np.asarray(probs, float), centres, z) / _at(np.asarray(prior, float), centres, z)
-    ratio = np.maximum(ratio, 1e-30 * ratio.max(axis=1, keepdims=True).clip(min=1e-300))
+    top = ratio.max(axis=1, keepdims=True)
+    usable = np.isfinite(top) & (top > 0)
+    ratio = np.where(usable, np.maximum(ratio, 1e-30 * np.where(usable, top, 1.0)), 1.0)
     return ratio ** float(power)
 
 

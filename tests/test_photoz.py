@@ -253,7 +253,7 @@ def test_the_cnn_method_with_the_shipped_weights_on_the_default_runs_fields(defa
 def test_the_cnns_density_weighs_a_librarys_candidates_over_its_prior():
     """models/photoz_hybrid.py: a library whose galaxies at z 0.3 and 1.0 share one colour (the colours cannot
     tell them apart: p(z) bimodal). A CNN p(z) peaked at 1.0 moves the estimate there; one equal to the library's
-    prior, or none (a row of NaN), leaves the colour estimate as it was, to the bit."""
+    prior, none (a row of NaN) or one of zeros (an underflowed softmax) leaves the colour estimate as it was."""
     from deepfield.models.photoz_hybrid import POWER, CNNTerm, library_prior
     rng = np.random.default_rng(3)
     bands = ["g", "r", "i", "z"]
@@ -262,19 +262,19 @@ def test_the_cnns_density_weighs_a_librarys_candidates_over_its_prior():
     flux = base[None, :] * rng.uniform(0.9, 1.1, (n, 1))
     z = np.where(np.arange(n) < n // 2, 0.3, 1.0) + rng.normal(0, 0.005, n)
     est = PhotoZKNN(bands, flux, z, base / 20, noiseless=True, candidates=n, spread=1.0)
-    f = np.tile(base, (3, 1))
-    e = 0.02 * f
     edges = np.linspace(0.0, Z_MAX, 101)
     prior = library_prior(z, edges)
     centres = 0.5 * (edges[1:] + edges[:-1])
     peak = np.exp(-0.5 * ((centres - 1.0) / 0.05) ** 2)
-    probs = np.stack([peak / peak.sum(), prior, np.full(100, np.nan)])
+    probs = np.stack([peak / peak.sum(), prior, np.full(100, np.nan), np.zeros(100)])
+    f, e = np.tile(base, (4, 1)), np.tile(0.02 * base, (4, 1))
     alone = est.predict(f, e, bands)
     assert alone["z_phot_q16"][0] < 0.35 and alone["z_phot_q84"][0] > 0.95  # both modes in the 68 % interval
     both = est.predict(f, e, bands, cnn=CNNTerm(probs, edges, prior, POWER))
     assert abs(both["z_phot"][0] - 1.0) < 0.02 and both["z_phot_q16"][0] > 0.95, both["z_phot_q16"][0]
     for c in ("z_phot", "z_phot_q16", "z_phot_q84", "z_phot_q025", "z_phot_q975"):
         assert both[c][1] == pytest.approx(alone[c][1], abs=1e-12) and both[c][2] == alone[c][2]
+        assert both[c][3] == alone[c][3]  # a CNN that gives every candidate 0: the colours' estimate
 
 
 def test_cnn_stamps_of_a_field_on_another_grid_are_resampled_onto_the_networks():
