@@ -48,8 +48,7 @@ def model_versions(stages: list[tuple[str, dict]]) -> dict[str, str]:
         for k, m in enumerate(cls.used_models(cfg)):
             # a file the configuration names for the model (`weights` for the first; a stage's own key for
             # another, e.g. the photoz stage's cnn_weights): its content, so a file changed in place redoes the tiles
-            given = cls.weights_given(cfg, m) if hasattr(cls, "weights_given") else \
-                (getattr(cfg, "weights", None) if k == 0 else None)
+            given = cls.weights_given(cfg, m)
             if given:
                 out[m] = "file:" + weights_version(given)
             elif variant and k == 0:

@@ -114,6 +114,13 @@ class Stage(ABC):
         return cls.models
 
     @classmethod
+    def weights_given(cls, config: StageConfig, model: str) -> str | None:
+        """The weights file the configuration gives for `model` instead of the shipped weights (its `weights`,
+        which applies to the first of used_models), None for the shipped ones or a band-set variant."""
+        models = cls.used_models(config)
+        return getattr(config, "weights", None) if models and model == models[0] else None
+
+    @classmethod
     def upstream_problem(cls, config: StageConfig, before: dict[str, StageConfig]) -> str | None:
         """Why this stage's configuration cannot follow the stages before it in a run (`before`: name -> their
         validated configurations), beyond the columns that `reads` and `adds` check: for example weights made on
@@ -172,12 +179,6 @@ class ModelStage(Stage):
         super().__init__(config, **params)
         self.model = None
         self.device = "cpu"
-
-    @classmethod
-    def weights_given(cls, config: StageConfig, model: str) -> str | None:
-        """The weights file the configuration gives for `model` instead of the shipped weights (its `weights`,
-        which applies to the first of used_models), None for the shipped ones or a band-set variant."""
-        return config.weights if model == cls.used_models(config)[0] else None
 
     @property
     def model_name(self) -> str:
