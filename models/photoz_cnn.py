@@ -38,7 +38,7 @@ from .inference import scaled_asinh
 from .photoz import FLAG_BANDS_MISSING, FLAG_BROAD, FLAG_LOW_SNR, FLAG_NO_ESTIMATE, asinh_mag, band_order
 from .photoz_pdf import QUANTILE_COLUMNS, QUANTILES, Z_MAX, widened
 
-__all__ = ["NBINS", "PhotoZCNN", "network_inputs", "quantiles_from_probs", "estimates", "for_inference"]
+__all__ = ["NBINS", "PhotoZCNN", "network_inputs", "band_probabilities", "quantiles_from_probs", "estimates", "for_inference"]
 
 NBINS = 100
 MAG_CENTRE, MAG_SCALE = 25.0, 2.0
@@ -143,40 +143,53 @@ def probabilities(model: PhotoZCNN, image: np.ndarray | torch.Tensor, phot: np.n
     return np.concatenate(out) if out else np.zeros((0, model.nbins), np.float32)
 
 
+def band_probabilities(model: PhotoZCNN, stamps: np.ndarray, flux: np.ndarray, bands: list[str], batch: int = 1024,
+                       device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(probs (n, nbins), present (n, model bands)): the softmax p(z) of galaxies with stamps (n, len(bands), size,
+    size) and aperture fluxes (n, len(bands)) in nJy, in the bands `bands` put in the model's band slots (those not
+    among the model's are ignored; a non-finite flux makes its band absent, `present` False), and a row of NaN
+    where fewer than two of the model's bands are present."""
+    n, nb = len(flux), len(model.bands)
+    st = np.zeros((n, nb, model.size, model.size), np.float32)
+    fl = np.zeros((n, nb))
+    present = np.zeros((n, nb), bool)
+    for j, b in enumerate(model.bands):
+        if b in bands:
+            k = bands.index(b)
+            st[:, j], fl[:, j] = stamps[:, k], flux[:, k]
+            present[:, j] = np.isfinite(flux[:, k])
+    fl = np.where(present, fl, 0.0)
+    ok = present.sum(axis=1) >= 2
+    probs = np.full((n, model.nbins), np.nan, np.float32)  # the softmax's own precision
+    if ok.any():
+        image, phot = network_inputs(model, st[ok], fl[ok], present[ok], device)
+        probs[ok] = probabilities(model, image, phot, batch, device)
+    return probs, present
+
+
 def estimates(model: PhotoZCNN, stamps: np.ndarray, flux: np.ndarray, fluxerr: np.ndarray, bands: list[str],
               batch: int = 1024, device: str = "cpu", spread: float | None = None) -> dict[str, np.ndarray]:
     """The photo-z columns (z_phot, z_phot_err, the quantile columns, z_phot_flag: models/photoz.py) of galaxies
     with stamps (n, len(bands), size, size) and aperture fluxes and errors (n, len(bands)) in nJy, in the bands
     `bands` (those not among the model's are ignored; a non-finite flux makes its band absent)."""
     n = len(flux)
-    nb = len(model.bands)
     out = {c: np.full(n, np.nan) for c in ("z_phot", "z_phot_err", *QUANTILE_COLUMNS)}
     flag = np.zeros(n, np.int16)
-    st = np.zeros((n, nb, model.size, model.size), np.float32)
-    fl = np.zeros((n, nb))
-    er = np.full((n, nb), np.nan)
-    present = np.zeros((n, nb), bool)
-    for j, b in enumerate(model.bands):
-        if b in bands:
-            k = bands.index(b)
-            st[:, j], fl[:, j], er[:, j] = stamps[:, k], flux[:, k], fluxerr[:, k]
-            present[:, j] = np.isfinite(flux[:, k])
+    probs, present = band_probabilities(model, stamps, flux, bands, batch, device)
     shared = [j for j, b in enumerate(model.bands) if b in bands]
     if shared:
         flag[~present[:, shared].all(axis=1)] |= FLAG_BANDS_MISSING
-    fl = np.where(present, fl, 0.0)
-    ok = present.sum(axis=1) >= 2
+    ok = np.isfinite(probs).all(axis=1)
     flag[~ok] |= FLAG_NO_ESTIMATE
     if ok.any():
-        image, phot = network_inputs(model, st[ok], fl[ok], present[ok], device)
-        probs = probabilities(model, image, phot, batch, device)
-        q = quantiles_from_probs(probs, model.bin_edges(), model.spread if spread is None else spread)
+        q = quantiles_from_probs(probs[ok], model.bin_edges(), model.spread if spread is None else spread)
         for i, c in enumerate(QUANTILE_COLUMNS):
             out[c][ok] = q[:, i]
     if shared:  # S/N in i, else the reddest band the survey shares with the model
         refj = model.bands.index("i") if "i" in bands and "i" in model.bands else shared[-1]
+        k = bands.index(model.bands[refj])
         with np.errstate(invalid="ignore", divide="ignore"):
-            snr = np.where(present[:, refj], fl[:, refj] / er[:, refj], np.nan)
+            snr = np.where(present[:, refj], flux[:, k] / fluxerr[:, k], np.nan)
     else:
         snr = np.full(n, np.nan)
     flag[ok & ~(snr >= 5)] |= FLAG_LOW_SNR

@@ -134,8 +134,9 @@ def test_preprocess_scales_on_the_device_it_is_given():
 
 
 def test_field_stamps_are_the_lens_stage_candidates_labelled_by_truth(tmp_path):
-    """The lens stage's candidates on a small simulated field with four lenses: brighter than i 22.5; each stamp labelled 1 exactly when a simulated deflector lies within 5 px of the candidate, and
-    none kept between 5 and 15 px of one (an arc piece or a neighbour inside the arcs: neither); each stamp
+    """The lens stage's candidates on a small simulated field with four lenses: brighter than i 22.5; each stamp
+    labelled 1 exactly when a simulated deflector lies within 5 px of the candidate, and none kept between 5 and
+    15 px of one (an arc piece or a neighbour inside the arcs: neither); each stamp
     centred on its candidate's light."""
     from deepfield.tasks.trainsets.candidate_fields import EXCLUDE_PX, MATCH_PX, field_stamps
     d = field_stamps(1, 5, ["g", "r", "i", "z"], tmp_path, size=640, positives=4, target="lens")

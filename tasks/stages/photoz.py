@@ -116,12 +116,12 @@ class PhotoZStage(ModelStage):
             return config.cnn_weights
         return super().weights_given(config, model)
 
-    @staticmethod
-    def _weights(config: StageConfig, model: str) -> str | None:
-        """The weights file of `model` in this configuration: hybrid's CNN from `cnn_weights`."""
-        if model == "photoz_cnn" and config.method == "hybrid":
-            return config.cnn_weights
-        return config.weights_file(model)
+    @classmethod
+    def _weights(cls, config: StageConfig, model: str) -> str | None:
+        """The weights file of `model` in this configuration (None: the shipped main weights): the one given
+        (weights_given), else for the first model its band-set variant's."""
+        given = cls.weights_given(config, model)
+        return given if given or model != cls.used_models(config)[0] else config.weights_file(model)
 
     @classmethod
     def configure(cls, params: dict | None = None) -> StageConfig:
@@ -250,7 +250,7 @@ class PhotoZStage(ModelStage):
         the other methods, a measured reference set, or fewer than two of the CNN's bands."""
         if self.cnn is None or len(bands) < 2:
             return None
-        from deepfield.models.photoz_cnn import network_inputs, probabilities
+        from deepfield.models.photoz_cnn import band_probabilities
         from deepfield.models.photoz_hybrid import CNNTerm
         mine = [b for b in bands if b in self.cnn.bands]
         if len(mine) < 2:
@@ -265,20 +265,12 @@ class PhotoZStage(ModelStage):
             sub = sources.iloc[on]
             stamps = stamps_nJy(tile, sub["x_tile"].to_numpy(float), sub["y_tile"].to_numpy(float), mine,
                                 self.cnn.size, cnn_pixel_scale(self.cnn))
-            nb = len(self.cnn.bands)
-            st = np.zeros((len(on), nb, self.cnn.size, self.cnn.size), np.float32)
-            fl, present = np.zeros((len(on), nb)), np.zeros((len(on), nb), bool)
-            for k, b in enumerate(mine):
-                j = self.cnn.bands.index(b)
-                st[:, j] = stamps[:, k]
-                fl[:, j] = nJy(sub, b, self.cnn.flux_kind)[0]
-                present[:, j] = True
-            image, phot = network_inputs(self.cnn, st, fl, present, self.device)
             batch = self.inference_batch()
             if self.device != "cpu" and "batch" not in self.config.model_fields_set:  # the CNN's GPU batch
                 from deepfield.models.registry import gpu_settings
                 batch = int(gpu_settings("photoz_cnn").batch)
-            probs[on] = probabilities(self.cnn, image, phot, batch, self.device)
+            # the rows' photometry is the CNN's own (setup: the same flux kind as the reference set's)
+            probs[on] = band_probabilities(self.cnn, stamps, flux[np.ix_(on, cols)], mine, batch, self.device)[0]
         return CNNTerm(probs, self.cnn.bin_edges(), self.cnn_prior, self.cnn_power)
 
     def flux_nJy(self, sources: pd.DataFrame, band: str) -> tuple[np.ndarray, np.ndarray]:
@@ -326,14 +318,15 @@ def stamps_nJy(tile, x: np.ndarray, y: np.ndarray, bands: list[str], size: int =
     if n == 0 or not have:
         return out
     idx = [tile.bands.index(b) for b in have]
-    scale = float(tile.pixel_scale or 0) if pixel_scale else 0.0
-    ratio = pixel_scale / scale if scale > 0 else 1.0
+    to_nJy = [10 ** (-0.4 * (float(tile.zeropoints[j]) - 31.4)) for j in idx]  # image units -> nJy, per band
+    tile_scale = float(tile.pixel_scale or 0) if pixel_scale else 0.0
+    ratio = pixel_scale / tile_scale if tile_scale > 0 else 1.0
     if abs(ratio - 1.0) > 0.01:
         good = ((tile.mask[idx] & UNUSABLE) == 0) & (tile.invvar[idx] > 0) & np.isfinite(tile.image[idx])
         st, _ = resampled_stamps(tile.image[idx], tile.invvar[idx], good, np.asarray(x, float),
                                  np.asarray(y, float), size, ratio)
-        for k, (j, b) in enumerate(zip(idx, have)):
-            out[:, bands.index(b)] = st[:, k] * np.float32(10 ** (-0.4 * (float(tile.zeropoints[j]) - 31.4)))
+        for k, b in enumerate(have):
+            out[:, bands.index(b)] = st[:, k] * np.float32(to_nJy[k])
         return out
     ny, nx = tile.image.shape[1:]
     c = (size - 1) / 2.0
@@ -348,6 +341,5 @@ def stamps_nJy(tile, x: np.ndarray, y: np.ndarray, bands: list[str], size: int =
         img = tile.image[j][yc[:, :, None], xc[:, None, :]].astype(np.float32)
         ok = inside & ((tile.mask[j][yc[:, :, None], xc[:, None, :]] & UNUSABLE) == 0) \
             & (tile.invvar[j][yc[:, :, None], xc[:, None, :]] > 0) & np.isfinite(img)
-        scale = 10 ** (-0.4 * (float(tile.zeropoints[j]) - 31.4))
-        out[:, bands.index(b)] = np.where(ok, img * scale, 0.0)
+        out[:, bands.index(b)] = np.where(ok, img * to_nJy[k], 0.0)
     return out
