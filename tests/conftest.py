@@ -34,7 +34,7 @@ HEAVY_FIRST = ("test_faults.py", "test_slurm.py", "test_run.py", "test_survey_ba
                "test_sim_reproducible.py", "test_merge.py", "test_lens.py", "test_shipped_models.py",
                "test_bad_inputs.py", "test_learned_detection.py", "test_stages.py", "test_background.py", "test_cli.py",
                "test_stage_contract.py", "test_cluster_render.py", "test_progress.py", "test_anomaly_grid.py",
-               "test_prefect_env.py", "test_catalog_product.py", "test_photoz.py")
+               "test_prefect_env.py", "test_catalog_product.py", "test_photoz.py", "test_photoz_cnn.py")
 
 
 def pytest_collection_modifyitems(config, items):
