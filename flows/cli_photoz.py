@@ -25,15 +25,16 @@ def _photometry(done, flux: str, stages: list[tuple[str, dict]]):
 
 
 def _seeds(text: str) -> list[int]:
-    """--seeds: comma-separated integers, or a range FIRST-LAST."""
+    """--seeds: comma-separated integers or ranges FIRST-LAST, in the order given (1001-1009,1014-1053,1010)."""
+    out = []
     try:
-        if "-" in text.strip("-"):
-            a, b = text.split("-", 1)
-            out = list(range(int(a), int(b) + 1))
-        else:
-            out = [int(s) for s in text.split(",") if s.strip()]
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            a, dash, b = part.partition("-")
+            out += list(range(int(a), int(b) + 1)) if dash else [int(a)]
     except ValueError:
-        fail(f"--seeds {text!r}: give seeds as 1001,1002,1003 or a range 1001-1008")
+        fail(f"--seeds {text!r}: give seeds as 1001,1002,1003, a range 1001-1008 or both, 1001-1008,1010")
     if len(out) < 2 or len(set(out)) != len(out) or min(out) < 0:
         fail(f"--seeds {text!r}: give at least two distinct non-negative seeds (the last one's field is held out)")
     return out
@@ -44,7 +45,8 @@ def train_photoz(
     out: Path = typer.Option(None, "--out", "-o", help="weights file (default: the shipped "
                              "models/weights/photoz_knn.pt, or for other --bands the band-set variant "
                              "models/weights/photoz_knn.<bands>.pt)"),
-    seeds: str = typer.Option("1001-1010", help="simulated fields, one per seed (comma-separated or FIRST-LAST); "
+    seeds: str = typer.Option("1001-1010", help="simulated fields, one per seed (comma-separated seeds or "
+                              "FIRST-LAST ranges, 1001-1009,1014-1053,1010); "
                               "the last one is held out to fit k and the intervals' spread"),
     size: int = typer.Option(2048, min=256, help="side of each field, pixels"),
     flux: str = typer.Option("gaap", help="photometry of the colours: gaap, aper, auto or deblend (the stage's "
@@ -92,7 +94,8 @@ def train_photoz(
 def train_photoz_cnn(
     out: Path = typer.Option(None, "--out", "-o", help="weights file (default: the shipped "
                              "models/weights/photoz_cnn.pt)"),
-    seeds: str = typer.Option("1001-1010", help="simulated fields, one per seed (comma-separated or FIRST-LAST); "
+    seeds: str = typer.Option("1001-1010", help="simulated fields, one per seed (comma-separated seeds or "
+                              "FIRST-LAST ranges, 1001-1009,1014-1053,1010); "
                               "the last one is held out (spread of the intervals, figures)"),
     size: int = typer.Option(2048, min=256, help="side of each field, pixels"),
     work: Path = typer.Option(Path(".cache") / "photoz", help="where the fields, each seed's measured galaxies and "

@@ -162,3 +162,16 @@ def test_the_depth_floor_tells_a_photometry_at_its_noise_from_one_with_errors_of
     assert off > 2 * noise, (off, noise)  # 0.077
     assert abs(floor2["noise"]["i_lt_24"]["sigma_nmad"] / noise - 1) < 0.1  # the floor is the depth's, not the errors'
     assert none < 0.5 * noise, (none, noise)  # 0.0016
+
+
+def test_seeds_option_takes_ranges_and_single_seeds_in_the_given_order():
+    """`--seeds` of `train photoz` and `train photoz-cnn`: ranges and seeds mixed, the last one (held out) where
+    it was given; a malformed or repeated list is refused (typer.Exit, with the message)."""
+    import typer
+
+    from deepfield.flows.cli_photoz import _seeds
+    assert _seeds("1001-1003,1007,1005-1006,1004") == [1001, 1002, 1003, 1007, 1005, 1006, 1004]
+    assert _seeds("1001-1010") == list(range(1001, 1011)) and _seeds("7, 3") == [7, 3]
+    for bad in ("1001-x", "1001", "1001-1003,1002", "5-3", ""):
+        with pytest.raises(typer.Exit):
+            _seeds(bad)
