@@ -94,9 +94,9 @@ def train_photoz(
 def train_photoz_cnn(
     out: Path = typer.Option(None, "--out", "-o", help="weights file (default: the shipped "
                              "models/weights/photoz_cnn.pt)"),
-    seeds: str = typer.Option("1001-1010", help="simulated fields, one per seed (comma-separated seeds or "
-                              "FIRST-LAST ranges, 1001-1009,1014-1053,1010); "
-                              "the last one is held out (spread of the intervals, figures)"),
+    seeds: str = typer.Option("1001-1009,1014-1053,1010", help="simulated fields, one per seed (comma-separated "
+                              "seeds or FIRST-LAST ranges); the last one is held out (spread of the intervals, "
+                              "figures); the default, the shipped weights' 50 fields"),
     size: int = typer.Option(2048, min=256, help="side of each field, pixels"),
     work: Path = typer.Option(Path(".cache") / "photoz", help="where the fields, each seed's measured galaxies and "
                               "their stamps are kept (shared with `train photoz`); a rerun reads them back"),

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .photoz_hybrid import CNNTerm, candidate_factor
+from .photoz_hybrid import CNNTerm, combined_quantiles
 from .photoz_pdf import QUANTILE_COLUMNS, floored, neighbour_quantiles, snr_spread, weighted_quantiles
 
 __all__ = ["PhotoZKNN", "PhotoZReference", "band_order", "asinh_mag"]
@@ -169,16 +169,20 @@ class PhotoZKNN:
         """(n, len(QUANTILES)) quantiles of the library's redshifts weighted by library_weights, widened about
         the median by `spread` (a number or one per row; by default the set's own: `spread_snr` by the reference
         band's S/N where the set has it, else `spread`) and clipped to [0, Z_MAX]. `cnn`: the CNN's p(z) of these
-        rows (NaN rows: none), which weighs their candidates too (models/photoz_hybrid.py)."""
+        rows (NaN rows: none): the quantiles of those rows are of the CNN's p(z) times their candidates' density,
+        tempered (models/photoz_hybrid.py: combined_quantiles; a row where that has no mass keeps these)."""
         j, w = self.library_weights(flux, fluxerr, use)
         if spread is None:
             r = use.index(self.feature_band(use))
             spread = self.row_spread(flux[:, r] / fluxerr[:, r])[:, None]
+        q = weighted_quantiles(self.z[j], w, spread, self._z_sorted())
         if cnn is not None:
-            on = np.isfinite(cnn.probs).all(axis=1)
-            if on.any():
-                w[on] *= candidate_factor(cnn.probs[on], cnn.edges, cnn.prior, self.z[j[on]], cnn.power)
-        return weighted_quantiles(self.z[j], w, spread, self._z_sorted())
+            on = np.flatnonzero(np.isfinite(cnn.probs).all(axis=1))
+            if len(on):
+                qc = combined_quantiles(cnn.probs[on], cnn.edges, cnn.prior, self.z[j[on]], w[on], cnn.power)
+                ok = np.isfinite(qc).all(axis=1)
+                q[on[ok]] = qc[ok]
+        return q
 
     def row_spread(self, snr: np.ndarray) -> np.ndarray:
         """The spread of rows with reference-band S/N `snr`: that of their `spread_snr` bin (below the first
@@ -199,7 +203,7 @@ class PhotoZKNN:
         """Estimates for fluxes and errors (n, len(bands)) in nJy: z_phot, z_phot_err, the quantile columns and
         z_phot_flag (module docstring). Bands not in the reference set are not used; a row whose flux is not
         finite in a band is estimated from its other bands. `cnn` (a library set only): the CNN's p(z) per row
-        (NaN rows: none) weighs the rows' candidates too (models/photoz_hybrid.py)."""
+        (NaN rows: none), combined with the rows' candidates (models/photoz_hybrid.py)."""
         flux = np.asarray(flux, float).reshape(len(flux), len(bands))
         fluxerr = np.asarray(fluxerr, float).reshape(flux.shape)
         n = len(flux)

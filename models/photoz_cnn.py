@@ -36,7 +36,7 @@ from torch import nn
 
 from .inference import scaled_asinh
 from .photoz import FLAG_BANDS_MISSING, FLAG_BROAD, FLAG_LOW_SNR, FLAG_NO_ESTIMATE, asinh_mag, band_order
-from .photoz_pdf import QUANTILE_COLUMNS, QUANTILES, Z_MAX, widened
+from .photoz_pdf import QUANTILE_COLUMNS, Z_MAX, quantiles_from_probs
 
 __all__ = ["NBINS", "PhotoZCNN", "network_inputs", "band_probabilities", "quantiles_from_probs", "estimates", "for_inference"]
 
@@ -110,18 +110,6 @@ def _pairs(nb: int) -> list[tuple[int, int]]:
 def photometry_width(nb: int) -> int:
     """Length of the photometry input of `nb` bands: magnitudes, colours of every pair, presence flags."""
     return 2 * nb + len(_pairs(nb))
-
-
-def quantiles_from_probs(probs: np.ndarray, edges: np.ndarray, spread: float = 1.0) -> np.ndarray:
-    """(n, len(QUANTILES)) quantiles of binned densities `probs` (n, bins) (uniform within a bin: the CDF is
-    piecewise linear through the bin edges), widened about the median by `spread`, clipped to [0, Z_MAX] and
-    kept non-decreasing."""
-    cdf = np.concatenate([np.zeros((len(probs), 1)), np.cumsum(probs, axis=1)], axis=1)
-    cdf /= cdf[:, -1:]
-    q = np.empty((len(probs), len(QUANTILES)))
-    for i, c in enumerate(cdf):
-        q[i] = np.interp(QUANTILES, c, edges)
-    return widened(q, spread)
 
 
 def for_inference(model: PhotoZCNN) -> PhotoZCNN:

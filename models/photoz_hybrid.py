@@ -1,25 +1,30 @@
-"""The photo-z stage's method `hybrid` (issue 23): the colour baseline's library candidates (models/photoz.py),
-each weighted also by the CNN's p(z) from the galaxy's stamps (models/photoz_cnn.py), tempered.
+"""The photo-z stage's method `hybrid` (issue 23): the CNN's p(z) from the galaxy's stamps and photometry
+(models/photoz_cnn.py) times the colour baseline's density from its library candidates (models/photoz.py), tempered.
 
-The library's likelihood weights w_i of a galaxy's candidates are samples of p(z | colours) with the library as
-the prior; the CNN's softmax is p(z | stamps, photometry) with its training set's redshifts as the prior. Their
-product over the prior, p(z | colours) x [p_cnn(z) / prior(z)]^power, adds what the CNN knows that the library
-does not: it learned from galaxies as this pipeline measures them (their colours' departures from the noiseless
-library's: colour gradients in the aperture, neighbours' light), and it sees the stamps. On the simulator's
-fields the stamps add little (the CNN trained and run with its stamps zeroed does as well,
-models/cards/photoz_cnn.md), so the gain is mostly the second, learned reading of the photometry. The CNN also
-sees the colours the library's likelihood counts, so the product counts them twice: `power` tempers the CNN's
-term. The prior is the library's own redshift distribution (every galaxy the simulator drew, binned on the CNN's
-bins, smoothed over three bins, one count added per bin), a property of the shipped weights, not of the sky the
-run sees.
+The CNN's softmax is p(z | stamps, photometry) with its training set's redshifts as the prior; the library's
+likelihood-weighted candidates are samples of p(z | colours) with the library as the prior. Their product over
+the prior, p_cnn(z) x [p_knn(z) / prior(z)]^power, on the CNN's bins, adds what the library's likelihood knows
+that the CNN does not (a fine grid of noiseless colours, and the row's own errors) to what the CNN learned from
+galaxies as this pipeline measures them (their colours' departures from the noiseless library's: colour gradients
+in the aperture, neighbours' light; and the stamps). The colours enter both, so the product would count them
+twice: `power` tempers the colour baseline's term. p_knn is the histogram of the row's candidates' redshifts,
+weighted by their likelihoods, on the CNN's bins, smoothed by a Gaussian of SMOOTH_BINS bins and floored (a bin
+without candidates still counts, 1e-4 of the row's mass). The prior is the library's own redshift distribution
+(every galaxy the simulator drew, binned on the CNN's bins, smoothed over three bins, one count added per bin), a
+property of the shipped weights, not of the sky the run sees. The product's quantiles are those of the binned
+density (uniform within a bin), not widened.
 
-Chosen on fields that neither set was made from (seeds 1011-1013, 3,290 galaxies at i < 24, g r i z; the rows at
-S/N >= 20): the mean CRPS of p(z) at i < 24 0.06833 (knn alone), 0.06673, 0.06675, 0.06694, 0.06727 for power
-0.25, 0.5, 0.75, 1 (sigma_NMAD 0.0392 -> 0.0380, 0.0384, 0.0376, 0.0373; 68 % coverage 0.72 -> 0.70, 0.68, 0.66,
-0.63): POWER 0.25. The prior taken as the CNN's mean p(z) over those galaxies instead of the library's changed
-sigma_NMAD by at most 0.0004. Rows under MIN_SNR in the reference band gain little (on the held-out fields of
-`deepfield eval photoz`, the CNN on every row and on those at S/N >= 20 alone gave the same sigma_NMAD at i < 24
-to 0.0003) and are most of the rows: the CNN runs only above it, which keeps the stage under its budget.
+Until 2026-12-07 (evening) the roles were the other way round: the library's candidates weighted by
+[p_cnn / prior]^0.25. With the CNN trained on five times the galaxies (50 fields, models/cards/photoz_cnn.md) the
+CNN alone gave a better CRPS than that (fields of seeds 1011-1013, 3,290 galaxies at i < 24: 0.0606 against
+0.0640 at its best power, 0.75), as it can move a galaxy to a redshift none of its candidates has. Chosen on those
+fields (neither set was made from them), by the mean CRPS of p(z) at i < 24: knn alone 0.0683, the CNN alone
+0.0606; this product with power 0.0625 / 0.125 / 0.1875 / 0.25 / 0.375 (smoothing 1 bin, rows at S/N >= 10):
+0.0604 / 0.0601 / 0.0603 / 0.0605 / 0.0611 (sigma_NMAD 0.0377 / 0.0374 / 0.0371 / 0.0366 / 0.0359; 68 % coverage
+0.71 / 0.69 / 0.68 / 0.67 / 0.65); smoothing 0.5 / 1 / 2 / 3 bins at power 0.125 0.0601 / 0.0601 / 0.0602 /
+0.0603: POWER 0.125, SMOOTH_BINS 1. Rows at S/N >= 0, 5, 10, 20 in the reference band: 0.0598, 0.0598, 0.0601,
+0.0613. Nearly every row at i < 24 is above S/N 10 (99.6 %), and the rows under it are 57 % of all: the CNN runs
+only above MIN_SNR 10, which keeps the stage near its budget; the others get the colour baseline's estimate.
 """
 from __future__ import annotations
 
@@ -27,10 +32,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CNNTerm", "library_prior", "candidate_factor", "POWER", "MIN_SNR"]
+from .photoz_pdf import QUANTILES, quantiles_from_probs
 
-POWER = 0.25  # the CNN's term tempered: it sees the colours the library's likelihood already counts
-MIN_SNR = 20.0  # the CNN weighs the candidates of rows at or above this S/N in the reference band
+__all__ = ["CNNTerm", "library_prior", "combined_quantiles", "POWER", "MIN_SNR", "SMOOTH_BINS"]
+
+POWER = 0.125  # the colour baseline's term tempered: the CNN has seen the colours already
+MIN_SNR = 10.0  # the CNN runs on the rows at or above this S/N in the reference band
+SMOOTH_BINS = 1.0  # sigma of the Gaussian smoothing the candidates' histogram, in the CNN's bins
+FLOOR = 1e-4  # the least mass of a bin of the colour baseline's smoothed histogram
 
 
 def library_prior(z_library: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -41,37 +50,41 @@ def library_prior(z_library: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return h / h.sum()
 
 
-def _at(values: np.ndarray, centres: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """Each row's binned `values` (n, bins) interpolated linearly between bin centres `centres` (uniform) at that
-    row's redshifts z (n, c); beyond the first or last centre, that bin's value."""
-    step = float(centres[1] - centres[0])
-    t = np.clip((z - centres[0]) / step, 0.0, len(centres) - 1.0)
-    i0 = np.minimum(t.astype(np.int64), len(centres) - 2)
-    f = t - i0
-    lo = np.take_along_axis(values, i0, 1) if values.ndim == 2 else values[i0]
-    hi = np.take_along_axis(values, i0 + 1, 1) if values.ndim == 2 else values[i0 + 1]
-    return lo * (1.0 - f) + hi * f
+def combined_quantiles(probs: np.ndarray, edges: np.ndarray, prior: np.ndarray, z: np.ndarray, w: np.ndarray,
+                       power: float = POWER, smooth: float = SMOOTH_BINS) -> np.ndarray:
+    """(n, len(QUANTILES)) quantiles of p_cnn(z) x [p_knn(z) / prior(z)]^power on the CNN's bins (module
+    docstring): the CNN's softmax `probs` (n, bins) on `edges` (bins + 1), the prior (bins,), each row's library
+    candidates' redshifts `z` (n, c) and likelihood weights `w` (n, c). A row whose product has no mass (its
+    float32 softmax underflows wherever the colours put the galaxy, or its weights are all 0) is NaN: the caller
+    keeps the colours' estimate for it."""
+    from scipy.ndimage import gaussian_filter1d
 
-
-def candidate_factor(probs: np.ndarray, edges: np.ndarray, prior: np.ndarray, z: np.ndarray,
-                     power: float = POWER) -> np.ndarray:
-    """(n, c) weights [p_cnn(z) / prior(z)]^power of each row's candidates at redshifts z (n, c), from the CNN's
-    softmax `probs` (n, bins) on `edges` and the prior (bins,); floored at 1e-30 of a row's largest, so a row's
-    candidates never all weigh 0. A row whose CNN gives every candidate 0 (its float32 softmax underflows where
-    the colours put the galaxy) gets weights 1: the colours' estimate, not one of a zero total weight."""
     edges = np.asarray(edges, float)
-    centres = 0.5 * (edges[1:] + edges[:-1])
-    ratio = _at(np.asarray(probs, float), centres, z) / _at(np.asarray(prior, float), centres, z)
-    top = ratio.max(axis=1, keepdims=True)
-    usable = np.isfinite(top) & (top > 0)
-    ratio = np.where(usable, np.maximum(ratio, 1e-30 * np.where(usable, top, 1.0)), 1.0)
-    return ratio ** float(power)
+    nb = len(edges) - 1
+    n = len(probs)
+    out = np.full((n, len(QUANTILES)), np.nan)
+    if n == 0:
+        return out
+    w = np.nan_to_num(np.asarray(w, float), nan=0.0)
+    idx = np.clip(np.searchsorted(edges, np.asarray(z, float), side="right") - 1, 0, nb - 1)
+    hist = np.zeros((n, nb))
+    np.add.at(hist, (np.repeat(np.arange(n), idx.shape[1]), idx.ravel()), w.ravel())
+    total = hist.sum(axis=1, keepdims=True)
+    hist = np.divide(hist, total, out=np.zeros_like(hist), where=total > 0)
+    if smooth > 0:
+        hist = gaussian_filter1d(hist, smooth, axis=1, mode="nearest")
+    p = np.asarray(probs, float) * ((hist + FLOOR) / np.asarray(prior, float)) ** float(power)
+    mass = p.sum(axis=1)
+    ok = np.isfinite(mass) & (mass > 0) & (total[:, 0] > 0)
+    if ok.any():
+        out[ok] = quantiles_from_probs(p[ok] / mass[ok, None], edges)
+    return out
 
 
 @dataclass(frozen=True)
 class CNNTerm:
     """The CNN's softmax p(z) per row, `probs` (n, bins; a row of NaN where the CNN did not run), on the bins
-    `edges`, with the prior it is divided by and the power it is raised to (candidate_factor)."""
+    `edges`, with the prior and the power of the colour baseline's term (combined_quantiles)."""
 
     probs: np.ndarray
     edges: np.ndarray

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Z_MAX", "QUANTILES", "QUANTILE_COLUMNS", "WIDTH_FLOOR", "MAG_BINS", "neighbour_quantiles", "widened",
-           "floored", "snr_spread", "weighted_quantiles", "cdf", "pdf", "fit_spread", "binned_figures",
+__all__ = ["Z_MAX", "QUANTILES", "QUANTILE_COLUMNS", "WIDTH_FLOOR", "MAG_BINS", "neighbour_quantiles",
+           "quantiles_from_probs", "widened", "floored", "snr_spread", "weighted_quantiles", "cdf", "pdf", "fit_spread", "binned_figures",
            "nmad_figures"]
 
 Z_MAX = 4.0  # the simulator draws galaxies at z < 3.4
@@ -44,6 +44,18 @@ def widened(q: np.ndarray, spread) -> np.ndarray:
     weighted candidates, the CNN's binned density)."""
     med = q[:, [QUANTILES.index(0.5)]]
     return np.maximum.accumulate(np.clip(med + spread * (q - med), 0.0, Z_MAX), axis=1)
+
+
+def quantiles_from_probs(probs: np.ndarray, edges: np.ndarray, spread: float = 1.0) -> np.ndarray:
+    """(n, len(QUANTILES)) quantiles of binned densities `probs` (n, bins) (uniform within a bin: the CDF is
+    piecewise linear through the bin edges), widened about the median by `spread`, clipped to [0, Z_MAX] and
+    kept non-decreasing."""
+    cdf = np.concatenate([np.zeros((len(probs), 1)), np.cumsum(probs, axis=1)], axis=1)
+    cdf /= cdf[:, -1:]
+    q = np.empty((len(probs), len(QUANTILES)))
+    for i, c in enumerate(cdf):
+        q[i] = np.interp(QUANTILES, c, edges)
+    return widened(q, spread)
 
 
 def floored(q: np.ndarray, width: float = WIDTH_FLOOR) -> np.ndarray:

@@ -15,7 +15,7 @@ galaxy (mutual nearest within 0.6") are scored, in bins of true i magnitude:
   on the photometry's scale, with noise drawn at their measured errors (a perfect photometry of the same depth)
   and without noise (the colours' own degeneracy).
 Methods, side by side on the same galaxies: the stage's own (`method`, default the default run's: `hybrid`, the
-colour baseline's candidates weighted also by the CNN's p(z)), as the stage wrote it into the rows; `knn`, the
+CNN's p(z) times the colour baseline's density, tempered), as the stage wrote it into the rows; `knn`, the
 colour baseline, as the stage writes it (the rows' estimates where the stage ran it, else models.photoz.PhotoZKNN
 .predict on the matched galaxies' photometry, which gives each row the same); `cnn`, the network of models/photoz_cnn.py on the stamps the stage cuts (tasks/stages/photoz.py: stamps_nJy,
 cut from the same tiles after the same stages) and the same photometry, through the same function the stage

@@ -7,11 +7,12 @@
 - `cnn`: the network of models/photoz_cnn.py (after Pasquet et al. 2019) on 32x32 px stamps of the tile's
   background-subtracted pixels in every band (`stamps_nJy`) with the catalog's photometry as extra input,
   shipped as `photoz_cnn` (`deepfield train photoz-cnn`, trained on the galaxies of the same fields);
-- `hybrid` (the default since 2026-12-07): knn's library candidates, each weighted also by the CNN's p(z) over
-  the library's redshift prior, tempered (`cnn_power`), for the rows at S/N >= `cnn_min_snr` in the reference
+- `hybrid` (the default since 2026-12-07): the CNN's p(z) times knn's density from its library candidates over
+  the library's redshift prior, tempered (`knn_power`), for the rows at S/N >= `cnn_min_snr` in the reference
   band; the others, and every row of a measured reference set (the u g r i z y and u g r i variants), get
   knn's estimate (models/photoz_hybrid.py). On the held-out fields of `deepfield eval photoz` (i < 24, g r i z)
-  sigma_NMAD 0.0418 -> 0.0396, outliers 9.0 -> 8.7 %, at i < 22 0.0217 -> 0.0184 (models/cards/photoz_knn.md).
+  sigma_NMAD 0.0418 -> 0.0370, outliers 9.0 -> 6.6 %, bias -0.0025 -> +0.0005, at i < 22 0.0217 -> 0.0184
+  and 4.3 -> 0.4 % outliers (models/cards/photoz_knn.md).
 The CNN's stamps of a field on another grid than its training fields' (0.2"/px) are resampled onto it.
 
 For every row, the fluxes `flux_<flux>_<b>` and errors of the bands that the field and the method's weights
@@ -72,7 +73,7 @@ def photometry_settings(flux: str, measure) -> dict:
 class PhotoZConfig(ModelStageConfig):
     method: Literal["knn", "cnn", "hybrid"] = Field(
         "hybrid", description="knn: the colour baseline (reference set photoz_knn); cnn: the network on stamps and "
-        "photometry (photoz_cnn); hybrid: the colour baseline's library candidates weighted also by the CNN's p(z) "
+        "photometry (photoz_cnn); hybrid: the CNN's p(z) times the colour baseline's density, tempered, "
         "for rows at S/N >= cnn_min_snr (models/photoz_hybrid.py)")
     flux: Optional[Literal["gaap", "aper", "auto", "deblend"]] = Field(
         None, description="photometry the colours come from: gaap (flux_gaap_<b>, Gaussian apertures the same "
@@ -84,19 +85,21 @@ class PhotoZConfig(ModelStageConfig):
     batch: int = Field(1024, ge=1, description="cnn, hybrid: stamps per network call on the CPU")
     cnn_weights: Optional[str] = Field(None, description="hybrid: the CNN's weights file (default: the shipped "
                                        "photoz_cnn); `weights` and `variant` are the reference set's")
-    cnn_power: float = Field(0.25, gt=0, le=1, description="hybrid: the power the CNN's p(z) over the library's "
-                             "redshift prior is raised to (1: the product of the two densities; less: the CNN's "
-                             "term tempered, as it sees the colours the reference set counts already)")
-    cnn_min_snr: float = Field(20.0, ge=0, description="hybrid: the CNN weighs the candidates of rows at or "
-                               "above this S/N in the reference band (i, else the reddest shared band); the "
-                               "others get the knn estimate")
+    knn_power: float = Field(0.125, gt=0, le=1, description="hybrid: the power the reference set's density (its "
+                             "candidates' redshifts, likelihood-weighted) over the library's redshift prior is "
+                             "raised to before it multiplies the CNN's p(z) (1: the product of the two densities; "
+                             "less: tempered, as the CNN has seen the colours the reference set counts)")
+    cnn_min_snr: float = Field(10.0, ge=0, description="hybrid: the CNN runs on the rows at or above this S/N in "
+                               "the reference band (i, else the reddest shared band); the others get the knn "
+                               "estimate")
 
 
 class PhotoZStage(ModelStage):
     name: ClassVar[str] = "photoz"
-    # 3: method hybrid (the default); the CNN's stamps resampled onto its training grid; 2: library reference sets
-    # (the shipped g, r, i, z set)
-    version: ClassVar[str] = "3"
+    # 4: hybrid the CNN's p(z) times the reference set's density (was: the candidates weighted by the CNN's), the
+    # CNN above S/N 10 (was 20); 3: method hybrid (the default); the CNN's stamps resampled onto its training grid;
+    # 2: library reference sets (the shipped g, r, i, z set)
+    version: ClassVar[str] = "4"
     Config: ClassVar[type[StageConfig]] = PhotoZConfig
     models: ClassVar[tuple[str, ...]] = ("photoz_knn", "photoz_cnn")
     reads: ClassVar[tuple[str, ...]] = ("x_tile", "y_tile", "flux_gaap_{band}", "fluxerr_gaap_{band}",
@@ -271,7 +274,7 @@ class PhotoZStage(ModelStage):
                 batch = int(gpu_settings("photoz_cnn").batch)
             # the rows' photometry is the CNN's own (setup: the same flux kind as the reference set's)
             probs[on] = band_probabilities(self.cnn, stamps, flux[np.ix_(on, cols)], mine, batch, self.device)[0]
-        return CNNTerm(probs, self.cnn.bin_edges(), self.cnn_prior, self.cnn_power)
+        return CNNTerm(probs, self.cnn.bin_edges(), self.cnn_prior, self.knn_power)
 
     def flux_nJy(self, sources: pd.DataFrame, band: str) -> tuple[np.ndarray, np.ndarray]:
         """(flux, error) in nJy of the configured photometry in `band` (nJy below)."""
