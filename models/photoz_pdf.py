@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["Z_MAX", "QUANTILES", "QUANTILE_COLUMNS", "WIDTH_FLOOR", "MAG_BINS", "neighbour_quantiles",
-           "quantiles_from_probs", "widened", "floored", "snr_spread", "weighted_quantiles", "cdf", "pdf", "fit_spread", "binned_figures",
-           "nmad_figures"]
+           "quantiles_from_probs", "widened", "floored", "snr_spread", "weighted_quantiles", "cdf", "pdf",
+           "fit_spread", "binned_figures", "nmad_figures"]
 
 Z_MAX = 4.0  # the simulator draws galaxies at z < 3.4
 QUANTILES = (0.025, 0.16, 0.5, 0.84, 0.975)
