@@ -141,7 +141,7 @@ def train_photoz_cnn(
         return _photometry(train_photoz_cnn.train(
             command, tables, stamps, seed_list, epochs=epochs, width=width, nbins=bins, batch=batch, lr=lr,
             band_dropout=band_dropout, seed=seed, checkpoint=ck, stop_after=stop_after,
-            baseline=base["metrics"]["held_out"], flux_kind=flux), flux, stages)
+            baseline=base["metrics"]["held_out"], flux_kind=flux, field_size=size), flux, stages)
     rec = _train("photoz-cnn", CNN, fit, out)
     f, b = rec["metrics"]["held_out"]["i_lt_24"], rec["metrics"]["colour_baseline_held_out"]["i_lt_24"]
     console.print(f"held out, i < 24: sigma_NMAD {f['sigma_nmad']:.4f} (colour baseline {b['sigma_nmad']:.4f}), "

@@ -86,11 +86,12 @@ def _figures(model: PhotoZCNN, t: pd.DataFrame, stamps: np.ndarray, bands: list[
 def train(command: str, tables: list[pd.DataFrame], stamps: list[np.ndarray], seeds: list[int], epochs: int = 40,
           width: int = 8, nbins: int = 100, batch: int = 128, lr: float = 2e-3, band_dropout: float = 0.2, seed: int = 0,
           checkpoint: Path | None = None, stop_after: int | None = None, baseline: dict | None = None,
-          flux_kind: str = "aper") -> tuple[dict, dict] | None:
+          flux_kind: str = "aper", field_size: int = 2048) -> tuple[dict, dict] | None:
     """(record, state) of a CNN trained on every seed's galaxies but the last one's (module docstring); None when
     stopped by `stop_after` epochs (the checkpoint holds the run). `baseline`: the colour baseline's held-out
     figures on the same field, kept in the record for the comparison. `flux_kind`: the measure stage's photometry
-    the tables' `flux_<band>` columns hold (`flux_<kind>_<band>`), recorded so the stage feeds the same."""
+    the tables' `flux_<band>` columns hold (`flux_<kind>_<band>`), recorded so the stage feeds the same.
+    `field_size`: the side of the simulated fields, for the record."""
     if len(tables) < 2:
         raise ValueError("train photoz-cnn: give at least two seeds (the last one's field is held out)")
     torch.manual_seed(seed)
@@ -180,7 +181,7 @@ def train(command: str, tables: list[pd.DataFrame], stamps: list[np.ndarray], se
             "flux_kind": flux_kind}
     record = {"arch": arch, "command": command, "seed": int(seed), "seeds": [int(s) for s in seeds],
               "config": {k: v for k, v in config.items() if k not in ("bands", "size", "width", "nbins", "flux_kind")},
-              "data": {"fields": len(seeds), "field_size": 2048, "train_galaxies": int(len(train_t)),
+              "data": {"fields": len(seeds), "field_size": int(field_size), "train_galaxies": int(len(train_t)),
                        "held_out_galaxies": int(len(held_t)), "held_out_seed": int(seeds[-1]),
                        "photometry": f"flux_{flux_kind}_<band>", "stamps": f"{size}x{size} px, nJy",
                        "pixel_scale": TRAIN_PIXEL_SCALE},
