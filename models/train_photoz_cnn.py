@@ -55,6 +55,32 @@ def pixel_noise(stamps: np.ndarray, frame: int = 3, n: int = 4000, seed: int = 0
     return np.asarray(out, np.float32)
 
 
+class _Rows:
+    """The training fields' stamps (a list of (n_i, bands, s, s) arrays) read as one (sum n_i, ...) array by
+    `len`, `shape` and indexing with an array of rows, without concatenating them (pixel_noise's sample)."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self.offsets[-1]),) + tuple(parts[0].shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.asarray(rows)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = np.empty((len(rows),) + self.shape[1:], np.float32)
+        for k in np.unique(part):
+            sel = part == k
+            out[sel] = self.parts[k][rows[sel] - self.offsets[k]]
+        return out
+
+    def chunks(self):
+        """(first row, array) of each field's stamps in order."""
+        return zip(self.offsets[:-1].tolist(), self.parts)
+
+
 def _subset_mask(rng: np.random.Generator, n: int, nb: int, dropout: float) -> np.ndarray:
     """(n, nb) bool: all bands, or for `dropout` of the rows a random subset of two or more."""
     mask = np.ones((n, nb), bool)
@@ -101,7 +127,7 @@ def train(command: str, tables: list[pd.DataFrame], stamps: list[np.ndarray], se
     order = [have.index(b) for b in bands]
     keep = [usable_mask(t, bands) for t in tables]
     train_t = pd.concat([t[k] for t, k in zip(tables[:-1], keep[:-1])], ignore_index=True)
-    train_s = np.concatenate([s[k][:, order] for s, k in zip(stamps[:-1], keep[:-1])])
+    train_s = _Rows([s[k][:, order] for s, k in zip(stamps[:-1], keep[:-1])])
     held_t = tables[-1][keep[-1]].reset_index(drop=True)
     held_s = stamps[-1][keep[-1]][:, order]
     size = train_s.shape[-1]
@@ -112,7 +138,14 @@ def train(command: str, tables: list[pd.DataFrame], stamps: list[np.ndarray], se
     model.flux_soft.copy_(torch.from_numpy(np.median(train_t[[f"fluxerr_{b}" for b in bands]].to_numpy(float),
                                                      axis=0)))
     flux = train_t[[f"flux_{b}" for b in bands]].to_numpy(float)
-    image, phot = network_inputs(model, train_s, flux, np.ones_like(flux, bool))
+    # the network's inputs seed by seed into one array: the stamps of 100 fields are 7 GB, and scaling them at
+    # once (the asinh's temporaries) ran a 24 GB machine out of memory; the values are the same row by row
+    image = np.empty((len(train_t), len(bands), size, size), np.float32)
+    phot = None
+    for start, part in train_s.chunks():
+        rows = slice(start, start + len(part))
+        image[rows], p = network_inputs(model, part, flux[rows], np.ones((len(part), len(bands)), bool))
+        phot = p if phot is None else np.concatenate([phot, p])
     del train_s
     nb = len(bands)
     target = np.clip((train_t.z.to_numpy(float) / Z_MAX * model.nbins).astype(np.int64), 0, model.nbins - 1)
