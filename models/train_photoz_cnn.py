@@ -141,12 +141,13 @@ def train(command: str, tables: list[pd.DataFrame], stamps: list[np.ndarray], se
     # the network's inputs seed by seed into one array: the stamps of 100 fields are 7 GB, and scaling them at
     # once (the asinh's temporaries) ran a 24 GB machine out of memory; the values are the same row by row
     image = np.empty((len(train_t), len(bands), size, size), np.float32)
-    phot = None
+    phots = []
     for start, part in train_s.chunks():
         rows = slice(start, start + len(part))
         image[rows], p = network_inputs(model, part, flux[rows], np.ones((len(part), len(bands)), bool))
-        phot = p if phot is None else np.concatenate([phot, p])
-    del train_s
+        phots.append(p)
+    phot = np.concatenate(phots)
+    del train_s, phots
     nb = len(bands)
     target = np.clip((train_t.z.to_numpy(float) / Z_MAX * model.nbins).astype(np.int64), 0, model.nbins - 1)
     steps_per_epoch = len(image) // batch
