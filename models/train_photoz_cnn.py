@@ -56,16 +56,22 @@ def pixel_noise(stamps: np.ndarray, frame: int = 3, n: int = 4000, seed: int = 0
 
 
 class _Rows:
-    """The training fields' stamps (a list of (n_i, bands, s, s) arrays) read as one (sum n_i, ...) array by
-    `len`, `shape` and indexing with an array of rows, without concatenating them (pixel_noise's sample)."""
+    """The usable rows of the training fields' stamps read as one (rows, bands, s, s) array by `len`, `shape`,
+    indexing with an array of rows and `chunks`, without concatenating them or holding more than one field's
+    rows in memory at a time (the fields' stamp files are memory-mapped): `stamps` (one (n_i, bands, s, s) array
+    per field), `keep` (one (n_i,) bool per field, the rows used) and `order` (the bands' order in the model)."""
 
-    def __init__(self, parts: list[np.ndarray]):
-        self.parts = parts
-        self.offsets = np.cumsum([0] + [len(p) for p in parts])
-        self.shape = (int(self.offsets[-1]),) + tuple(parts[0].shape[1:])
+    def __init__(self, stamps: list[np.ndarray], keep: list[np.ndarray], order: list[int]):
+        self.stamps, self.order = stamps, list(order)
+        self.index = [np.flatnonzero(k) for k in keep]
+        self.offsets = np.cumsum([0] + [len(i) for i in self.index])
+        self.shape = (int(self.offsets[-1]), len(self.order)) + tuple(stamps[0].shape[2:])
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    def _field(self, k: int, rows) -> np.ndarray:
+        return np.asarray(np.asarray(self.stamps[k][self.index[k][rows]])[:, self.order], np.float32)
 
     def __getitem__(self, rows) -> np.ndarray:
         rows = np.asarray(rows)
@@ -73,12 +79,13 @@ class _Rows:
         out = np.empty((len(rows),) + self.shape[1:], np.float32)
         for k in np.unique(part):
             sel = part == k
-            out[sel] = self.parts[k][rows[sel] - self.offsets[k]]
+            out[sel] = self._field(k, rows[sel] - self.offsets[k])
         return out
 
     def chunks(self):
-        """(first row, array) of each field's stamps in order."""
-        return zip(self.offsets[:-1].tolist(), self.parts)
+        """(first row, array) of each field's usable rows in order, read when asked for."""
+        for k, start in enumerate(self.offsets[:-1].tolist()):
+            yield start, self._field(k, slice(None))
 
 
 def _subset_mask(rng: np.random.Generator, n: int, nb: int, dropout: float) -> np.ndarray:
@@ -127,7 +134,7 @@ def train(command: str, tables: list[pd.DataFrame], stamps: list[np.ndarray], se
     order = [have.index(b) for b in bands]
     keep = [usable_mask(t, bands) for t in tables]
     train_t = pd.concat([t[k] for t, k in zip(tables[:-1], keep[:-1])], ignore_index=True)
-    train_s = _Rows([s[k][:, order] for s, k in zip(stamps[:-1], keep[:-1])])
+    train_s = _Rows(stamps[:-1], keep[:-1], order)
     held_t = tables[-1][keep[-1]].reset_index(drop=True)
     held_s = stamps[-1][keep[-1]][:, order]
     size = train_s.shape[-1]

@@ -25,16 +25,22 @@ def _seed(rng, n: int, size: int = 16) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def test_stamps_of_the_training_fields_read_as_one_array():
-    """_Rows: rows in any order across fields as from their concatenation, each field's first row, and
-    pixel_noise's sample the same values."""
+    """_Rows: the fields' usable rows, bands in the model's order, indexed in any order across fields as from
+    their concatenation, each field's first row, and pixel_noise's sample the same values."""
     from deepfield.models.train_photoz_cnn import _Rows, pixel_noise
     rng = np.random.default_rng(5)
-    parts = [rng.normal(size=(n, 2, 8, 8)).astype(np.float32) for n in (7, 3, 11)]
-    cat, rows = np.concatenate(parts), _Rows(parts)
-    assert len(rows) == 21 and rows.shape == cat.shape
-    pick = np.array([20, 0, 8, 7, 6, 10, 9])
+    fields = [rng.normal(size=(n, 3, 8, 8)).astype(np.float32) for n in (9, 3, 14)]
+    keep = [rng.random(len(f)) < 0.8 for f in fields]
+    keep[1][:] = [True, False, True]
+    order = [2, 0, 1]
+    cat = np.concatenate([f[k][:, order] for f, k in zip(fields, keep)])
+    rows = _Rows(fields, keep, order)
+    assert len(rows) == len(cat) and rows.shape == cat.shape
+    pick = rng.permutation(len(cat))[:9]
     assert np.array_equal(rows[pick], cat[pick])
-    assert [(start, len(p)) for start, p in rows.chunks()] == [(0, 7), (7, 3), (10, 11)]
+    starts = np.cumsum([0] + [int(k.sum()) for k in keep])
+    got = list(rows.chunks())
+    assert [s for s, _ in got] == starts[:-1].tolist() and np.array_equal(np.concatenate([p for _, p in got]), cat)
     assert np.array_equal(pixel_noise(rows, frame=2, n=15, seed=3), pixel_noise(cat, frame=2, n=15, seed=3))
 
 
