@@ -166,7 +166,7 @@ def test_the_hybrid_method_on_the_default_runs_fields_against_knn(default_run, s
     measuring stages: the rows under cnn_min_snr (10) get knn's estimate to the bit and the CNN changes the
     others; on the galaxies brighter than i = 23 matched to the truth (about 330), hybrid's sigma_NMAD and
     outliers are knn's within their sampling scatter or better (on the held-out fields' 2,183 galaxies at i < 24
-    0.0418 -> 0.0370, outliers 9.0 -> 6.6 %, models/cards/photoz_knn.md)."""
+    0.0418 -> 0.0356, outliers 9.0 -> 6.2 %, models/cards/photoz_knn.md)."""
     from deepfield.flows.evaluate.detection import detection_stages
     from deepfield.tasks.sim.config import SimConfig
     from deepfield.tasks.trainsets.photoz import matched_galaxies, process_store

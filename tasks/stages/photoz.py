@@ -11,8 +11,8 @@
   the library's redshift prior, tempered (`knn_power`), for the rows at S/N >= `cnn_min_snr` in the reference
   band; the others, and every row of a measured reference set (the u g r i z y and u g r i variants), get
   knn's estimate (models/photoz_hybrid.py). On the held-out fields of `deepfield eval photoz` (i < 24, g r i z)
-  sigma_NMAD 0.0418 -> 0.0370, outliers 9.0 -> 6.6 %, bias -0.0025 -> +0.0005, at i < 22 0.0217 -> 0.0184
-  and 4.3 -> 0.4 % outliers (models/cards/photoz_knn.md).
+  sigma_NMAD 0.0418 -> 0.0356, outliers 9.0 -> 6.2 %, bias -0.0025 -> -0.0002, at i < 22 0.0217 -> 0.0171
+  and 4.3 -> 0.0 % outliers, with the CNN of 100 fields (models/cards/photoz_knn.md).
 The CNN's stamps of a field on another grid than its training fields' (0.2"/px) are resampled onto it.
 
 For every row, the fluxes `flux_<flux>_<b>` and errors of the bands that the field and the method's weights
