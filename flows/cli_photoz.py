@@ -167,6 +167,8 @@ def eval_photoz(
                               "(a band-set variant that has them all, else the main one)"),
     method: str = typer.Option(None, help="the photoz stage's method to score as its output: knn, cnn or hybrid "
                                "(default: the default run's); knn and cnn are scored beside it on the same galaxies"),
+    precision: str = typer.Option("auto", help="the photoz stage's `precision` on a CPU (the CNN's convolutions): "
+                                  "auto (bfloat16 where the CPU computes it natively), float32 or bfloat16"),
 ) -> None:
     """sigma_NMAD, outliers, bias and the calibration of p(z) (PIT histogram, 68 % coverage) by i magnitude, for
     the stage's method (hybrid by default), knn and cnn and each band set, with the stage's CPU cost, on held-out
@@ -179,5 +181,8 @@ def eval_photoz(
         fail(f"--bands {bands!r}: colours need at least two bands")
     if method is not None and method not in ("knn", "cnn", "hybrid"):
         fail(f"--method {method!r}: one of knn, cnn, hybrid")
+    if precision not in ("auto", "float32", "bfloat16"):
+        fail(f"--precision {precision!r}: one of auto, float32, bfloat16")
     _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=size, seed=seed, workers=workers,
-              work=work, device=device, cnn_weights=cnn_weights, bands=band_list, method=method)
+              work=work, device=device, cnn_weights=cnn_weights, bands=band_list, method=method,
+              precision=precision)

@@ -51,12 +51,13 @@ TARGETS = {"sigma_nmad": 0.03, "outliers": 0.05, "abs_bias": 0.005, "coverage_68
 
 def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, seed: int = EVAL_SEED,
              workers: int = 2, work: Path | None = None, device: str = "cpu", cnn_weights: Path | None = None,
-             bands: list[str] | None = None, method: str | None = None) -> dict:
+             bands: list[str] | None = None, method: str | None = None, precision: str = "auto") -> dict:
     """Simulate (or reuse, under `work`) the held-out fields (in `bands`, default the simulator's), measure them
     with the photo-z stage (`method`, default the default run's; reference set `weights`, default the one a run on
     these bands chooses: tasks.stages.registry.resolve_bands; the CNN `cnn_weights`, default the shipped
-    photoz_cnn) and score the stage's output, the colour baseline (knn) and the CNN alone on the same galaxies
-    (module docstring). Returns the figures as a dict (JSON-ready)."""
+    photoz_cnn; its convolutions' arithmetic on a CPU the stage's `precision`) and score the stage's output, the
+    colour baseline (knn) and the CNN alone on the same galaxies (module docstring). Returns the figures as a dict
+    (JSON-ready)."""
     import torch
 
     from deepfield.models.photoz_cnn import estimates, for_inference
@@ -70,7 +71,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
         from deepfield.tasks.stages.registry import stage_class
         method = next((stage_class("photoz").configure(st.params).method
                        for st in RunConfig.model_fields["stages"].default_factory() if st.name == "photoz"), "knn")
-    params = {"method": method, **({"weights": str(weights)} if weights else {}),
+    params = {"method": method, "precision": precision, **({"weights": str(weights)} if weights else {}),
               **({"cnn_weights": str(cnn_weights)} if cnn_weights and method == "hybrid" else {})}
     field_bands = list(bands) if bands else list(SimConfig().bands)
     stages, halo = detection_stages()  # the measuring stages the reference set was made with
@@ -81,7 +82,7 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
         weights = variant_weights("photoz_knn", variant)
     model = create_model("photoz_knn", weights=weights)
     est = model.estimator()
-    cnn = for_inference(create_model("photoz_cnn", weights=cnn_weights))  # as the stage runs it
+    cnn = for_inference(create_model("photoz_cnn", weights=cnn_weights), precision, device)  # as the stage runs it
     stamps: list = []
     tmp = work is None
     work = Path(tempfile.mkdtemp(prefix="deepfield-eval-photoz-")) if tmp else Path(work)
@@ -146,7 +147,8 @@ def evaluate(weights: Path | None = None, n_fields: int = 2, size: int = 2048, s
                               "weights": str(weights) if weights else "shipped"},
             "matched_galaxies": int(len(matched)),
             "cnn": {"bands": cnn.bands, "size": cnn.size, "width": cnn.width, "spread": cnn.spread,
-                    "flux": cnn.flux_kind, "weights": str(cnn_weights) if cnn_weights else "shipped"},
+                    "flux": cnn.flux_kind, "weights": str(cnn_weights) if cnn_weights else "shipped",
+                    "arithmetic": cnn.arithmetic},
             "method": method,
             "methods": {"knn": {"stage": knn_stage, "band_sets": band_sets},
                         "cnn": {"stage": cnn_stage, "band_sets": cnn_sets},
@@ -245,6 +247,6 @@ def format_report(r: dict) -> str:
         lines.append("")
         lines.append("CPU seconds per Mpx: " + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items())
                      + f"   (photoz: the stage, method {method}; photoz_cnn: stamps and network of method cnn; target <= "
-                     f"{t['cpu_seconds_per_mpx']})")
+                     f"{t['cpu_seconds_per_mpx']}; the CNN's convolutions in {r['cnn'].get('arithmetic', 'float32')})")
     lines.append("z_phot_flag fractions: " + ", ".join(f"bit {k}: {v:.3f}" for k, v in r["flag_fractions"].items()))
     return "\n".join(lines)

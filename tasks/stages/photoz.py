@@ -92,14 +92,17 @@ class PhotoZConfig(ModelStageConfig):
     cnn_min_snr: float = Field(10.0, ge=0, description="hybrid: the CNN runs on the rows at or above this S/N in "
                                "the reference band (i, else the reddest shared band); the others get the knn "
                                "estimate")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="cnn, hybrid: the CNN's convolutions' arithmetic on a CPU: 'auto', bfloat16 "
+        "(torch.autocast) where the CPU computes it natively (AVX512-BF16 or AMX), else float32")
 
 
 class PhotoZStage(ModelStage):
     name: ClassVar[str] = "photoz"
-    # 4: hybrid the CNN's p(z) times the reference set's density (was: the candidates weighted by the CNN's), the
+    # 5: the CNN's convolutions in bfloat16 on CPUs that compute it (precision auto); 4: hybrid the CNN's p(z) times the reference set's density (was: the candidates weighted by the CNN's), the
     # CNN above S/N 10 (was 20); 3: method hybrid (the default); the CNN's stamps resampled onto its training grid;
     # 2: library reference sets (the shipped g, r, i, z set)
-    version: ClassVar[str] = "4"
+    version: ClassVar[str] = "5"
     Config: ClassVar[type[StageConfig]] = PhotoZConfig
     models: ClassVar[tuple[str, ...]] = ("photoz_knn", "photoz_cnn")
     reads: ClassVar[tuple[str, ...]] = ("x_tile", "y_tile", "flux_gaap_{band}", "fluxerr_gaap_{band}",
@@ -206,17 +209,20 @@ class PhotoZStage(ModelStage):
                              f"{trained!r}")
         if self.method == "cnn":
             from deepfield.models.photoz_cnn import for_inference
-            self.model = for_inference(self.model)
+            self.model = for_inference(self.model, self.precision, device)
         else:
             self.estimator = self.model.estimator()
             if self.k is not None:
                 self.estimator.k = self.estimator.candidates = int(self.k)
         self.cnn = None
+        self.arithmetic = self.model.arithmetic if self.method == "cnn" else None  # the CNN's, where it runs
         if self.method == "hybrid" and self.estimator.noiseless:  # a measured set's neighbours: knn's estimate
             from deepfield.models.photoz_cnn import for_inference
             from deepfield.models.photoz_hybrid import library_prior
             from deepfield.models.registry import create_model
-            self.cnn = for_inference(create_model("photoz_cnn", device=device, weights=self.cnn_weights))
+            self.cnn = for_inference(create_model("photoz_cnn", device=device, weights=self.cnn_weights),
+                                     self.precision, device)
+            self.arithmetic = self.cnn.arithmetic
             if getattr(self.cnn, "flux_kind", "aper") != self.flux:  # configure checks the records, this the weights
                 raise ValueError(f"stage 'photoz': method hybrid's CNN ({self.cnn_weights or 'photoz_cnn'}) was made "
                                  f"with flux {self.cnn.flux_kind!r}, the reference set with {self.flux!r}: give "
