@@ -100,6 +100,13 @@ def twice(x):
 
 assert twice(21) == 42  # the client reaches the server too
 assert "prefect.server.api.server" not in sys.modules  # never imported by the run's own process
+import json, urllib.request
+req = urllib.request.Request(url + "/block_types/filter", data=b"{}", headers={"Content-Type": "application/json"})
+types = json.load(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req))
+settings = prefect_env.server_settings()
+assert "PREFECT_API_BLOCKS_REGISTER_ON_START" not in os.environ  # the server's alone
+print(settings.get("PREFECT_API_BLOCKS_REGISTER_ON_START"), settings.get("PREFECT_API_DATABASE_MIGRATE_ON_START"),
+      len(types))
 print(url)
 """
 
@@ -109,7 +116,9 @@ def test_the_local_api_serves_a_flow_run_through_a_proxy_and_stops_at_exit(tmp_p
     """`deepfield run`'s own Prefect API server (reserve_local_api, then start_ephemeral_api): the port is named
     before prefect is imported, a flow runs against it with an unreachable http_proxy in the environment, the
     run's process never imports Prefect's server module, and nothing answers on the port after the process
-    exits (its server was stopped)."""
+    exits (its server was stopped). Twice: the first home is migrated by its server (no template yet) and made
+    the template; the second is copied from it and its server skips the migrations and the block types'
+    registration, the block types being there all the same."""
     import os
     import subprocess
     import sys
@@ -118,14 +127,42 @@ def test_the_local_api_serves_a_flow_run_through_a_proxy_and_stops_at_exit(tmp_p
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and "proxy" not in k.lower()}
     env.update(http_proxy="http://192.0.2.1:9", HTTP_PROXY="http://192.0.2.1:9",  # TEST-NET-1: unreachable
                DEEPFIELD_CACHE_DIR=str(tmp_path / "cache"))
-    out = subprocess.run([sys.executable, "-c", LOCAL_API_SCRIPT, str(tmp_path / "home")], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    url = out.stdout.strip().splitlines()[-1]
-    assert url.startswith("http://127.0.0.1:") and url.endswith("/api")
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with pytest.raises(urllib.error.URLError):
-        direct.open(f"{url}/health", timeout=5)
+    for home, skipped in (("home", "None None"), ("second", "false false")):
+        out = subprocess.run([sys.executable, "-c", LOCAL_API_SCRIPT, str(tmp_path / home)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        flags, url = out.stdout.strip().splitlines()[-2:]
+        assert flags.rsplit(" ", 1)[0] == skipped and int(flags.rsplit(" ", 1)[1]) > 10, flags
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/api")
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with pytest.raises(urllib.error.URLError):
+            direct.open(f"{url}/health", timeout=5)
+
+
+def test_a_home_copied_from_the_template_skips_what_the_template_has_done(cache, tmp_path, monkeypatch):
+    """The API server of a new home copied from the template gets the migrations and the block registration off;
+    of a home that is not copied (none could be, or its database was there), on (Prefect's defaults); a value the
+    environment gives is kept; and this process's environment never holds them (a process it starts would take
+    them for the user's)."""
+    keys = ("PREFECT_API_BLOCKS_REGISTER_ON_START", "PREFECT_API_DATABASE_MIGRATE_ON_START")
+    for key in ("PREFECT_HOME", "PREFECT_API_URL", *keys):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(prefect_env, "_SEEDED", set())
+    template = prefect_env.template_database()
+    make_db(template, rows=2).close()
+    prefect_env.configure(tmp_path / "a")
+    assert (tmp_path / "a" / "prefect.db").exists()
+    assert all(prefect_env.server_settings()[k] == "false" for k in keys)
+    assert not any(k in prefect_env.os.environ for k in keys)
+    monkeypatch.delenv("PREFECT_HOME")
+    template.unlink()  # the next home is not copied: its server migrates it and registers the block types
+    prefect_env.configure(tmp_path / "b")
+    assert not (tmp_path / "b" / "prefect.db").exists() and not any(k in prefect_env.server_settings() for k in keys)
+    monkeypatch.delenv("PREFECT_HOME")
+    make_db(template, rows=2).close()
+    monkeypatch.setenv(keys[0], "true")  # the user's word
+    prefect_env.configure(tmp_path / "c")
+    assert keys[0] not in prefect_env.server_settings() and prefect_env.server_settings()[keys[1]] == "false"
 
 
 def test_the_servers_flush_cancelled_at_its_shutdown_is_not_logged(tmp_path):
