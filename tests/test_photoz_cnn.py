@@ -226,7 +226,8 @@ def test_the_cnns_bfloat16_convolutions_give_float32s_redshifts():
     yy, xx = np.mgrid[:s, :s] - (s - 1) / 2
     sigma = rng.uniform(1.2, 4.0, n)
     flux = rng.uniform(300, 30000, n)[:, None] * np.array([0.5, 1.0, 1.5, 1.8]) * rng.uniform(0.6, 1.4, (n, 4))
-    prof = np.exp(-(xx ** 2 + yy ** 2)[None] / (2 * sigma[:, None, None] ** 2)) / (2 * np.pi * sigma[:, None, None] ** 2)
+    var = sigma[:, None, None] ** 2
+    prof = np.exp(-(xx ** 2 + yy ** 2)[None] / (2 * var)) / (2 * np.pi * var)
     stamps = (flux[:, :, None, None] * prof[:, None] + rng.normal(0, 6.0, (n, 4, s, s))).astype(np.float32)
     err = np.full_like(flux, 60.0)
     bands = ["g", "r", "i", "z"]

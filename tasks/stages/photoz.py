@@ -99,9 +99,10 @@ class PhotoZConfig(ModelStageConfig):
 
 class PhotoZStage(ModelStage):
     name: ClassVar[str] = "photoz"
-    # 5: the CNN's convolutions in bfloat16 on CPUs that compute it (precision auto); 4: hybrid the CNN's p(z) times the reference set's density (was: the candidates weighted by the CNN's), the
-    # CNN above S/N 10 (was 20); 3: method hybrid (the default); the CNN's stamps resampled onto its training grid;
-    # 2: library reference sets (the shipped g, r, i, z set)
+    # 5: the CNN's convolutions in bfloat16 on CPUs that compute it (precision auto); 4: hybrid the CNN's p(z)
+    # times the reference set's density (was: the candidates weighted by the CNN's), the CNN above S/N 10 (was 20);
+    # 3: method hybrid (the default); the CNN's stamps resampled onto its training grid; 2: library reference sets
+    # (the shipped g, r, i, z set)
     version: ClassVar[str] = "5"
     Config: ClassVar[type[StageConfig]] = PhotoZConfig
     models: ClassVar[tuple[str, ...]] = ("photoz_knn", "photoz_cnn")
