@@ -179,10 +179,13 @@ def eval_photoz(
     band_list = _bands(bands)
     if band_list is not None and len(band_list) < 2:
         fail(f"--bands {bands!r}: colours need at least two bands")
-    if method is not None and method not in ("knn", "cnn", "hybrid"):
-        fail(f"--method {method!r}: one of knn, cnn, hybrid")
-    if precision not in ("auto", "float32", "bfloat16"):
-        fail(f"--precision {precision!r}: one of auto, float32, bfloat16")
+    from typing import get_args
+
+    from deepfield.tasks.stages.photoz import PhotoZConfig
+    for option, value, key in (("--method", method, "method"), ("--precision", precision, "precision")):
+        choices = get_args(PhotoZConfig.model_fields[key].annotation)  # the stage's own Literal
+        if value is not None and value not in choices:
+            fail(f"{option} {value!r}: one of {', '.join(choices)}")
     _evaluate(evaluate, format_report, weights, out, n_fields=fields, size=size, seed=seed, workers=workers,
               work=work, device=device, cnn_weights=cnn_weights, bands=band_list, method=method,
               precision=precision)

@@ -175,3 +175,16 @@ def test_seeds_option_takes_ranges_and_single_seeds_in_the_given_order():
     for bad in ("1001-x", "1001", "1001-1003,1002", "5-3", ""):
         with pytest.raises(typer.Exit):
             _seeds(bad)
+
+
+def test_eval_photoz_refuses_a_method_or_precision_the_stage_does_not_take():
+    """`eval photoz --method/--precision`: a value outside the stage's own choices (PhotoZConfig's) is one line
+    naming them, before any field is simulated (exit 2)."""
+    from typer.testing import CliRunner
+
+    from deepfield.flows.cli import app
+    runner = CliRunner()
+    for option, value, choices in (("--method", "forest", "knn, cnn, hybrid"),
+                                   ("--precision", "float16", "auto, float32, bfloat16")):
+        r = runner.invoke(app, ["eval", "photoz", option, value])
+        assert r.exit_code == 2 and f"{option} '{value}': one of {choices}" in r.output, r.output
