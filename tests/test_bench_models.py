@@ -68,11 +68,15 @@ def test_autocast_only_where_asked_and_undone():
         assert torch.equal(model(x), ref)
 
 
-def test_asinh32_is_numpys_arcsinh_to_float32_steps():
+@pytest.mark.parametrize("simd", [False, True])
+def test_asinh32_is_numpys_arcsinh_to_float32_steps(simd, monkeypatch):
     """models.inference.asinh32 (the detector's and the anomaly GAN's input scaling) against np.arcsinh over
-    float32's whole range: within 2.5e-7 relative and 2e-7 absolute (near 0), the same signed zeros, infinities and
-    NaN, the overflow-safe branch above 1e18 too, in place as well."""
+    float32's whole range, by its formula and by np.arcsinh's float32 loop (the SIMD one where the CPU has it):
+    within 2.5e-7 relative and 2e-7 absolute (near 0), the same signed zeros, infinities and NaN, the formula's
+    overflow-safe branch above 1e18 too, in place as well."""
+    from deepfield.models import inference
     from deepfield.models.inference import asinh32
+    monkeypatch.setattr(inference, "SIMD_ARCSINH", simd)
     rng = np.random.default_rng(3)
     x = np.concatenate([rng.standard_normal(20000) * 3,
                         10.0 ** rng.uniform(-12, 38.5, 20000) * rng.choice([-1, 1], 20000),
