@@ -137,6 +137,9 @@ def train_detect(
     widths: str = typer.Option("16,32,48", help="channel widths at strides 1, 2 and 4, comma-separated"),
     stop_after: int = typer.Option(None, min=1, help="stop after this many steps of the schedule (checkpoint "
                                    "kept); the same command without it goes on from there"),
+    pixel_scales: str = typer.Option(None, help="LO,HI arcsec: half the training scenes on pixels of a side "
+                                     "drawn log-uniformly in this range (composed on the library's 0.2\" grid and "
+                                     "rebinned), for other surveys' grids (default: every scene on the library's)"),
     calibrate_only: bool = typer.Option(False, "--calibrate-only", help="no training: add the int8 activation "
                                         "ranges (from the validation scenes) to the weights file --out"),
 ) -> None:
@@ -151,12 +154,21 @@ def train_detect(
     w = tuple(int(v) for v in widths.split(","))
     if len(w) != 3:
         fail(f"--widths {widths}: give three widths")
+    scales = None
+    if pixel_scales is not None:
+        try:
+            scales = tuple(float(v) for v in pixel_scales.split(","))
+        except ValueError:
+            scales = ()
+        if len(scales) != 2 or not 0 < scales[0] <= scales[1]:
+            fail(f"--pixel-scales {pixel_scales!r}: give LO,HI in arcsec, 0 < LO <= HI")
 
     def fit(command: str):
         lib_cfg = LibraryConfig()
         lib = library_or_build(library, lib_cfg, say=say)
         cfg = DetectTrainConfig()
         cfg.compose.size = size
+        cfg.compose.pixel_scales = scales
         say(f"composing {val_scenes} validation scenes ...")
         val = validation_set(lib, cfg, seed, val_scenes)
         if calibrate_only:

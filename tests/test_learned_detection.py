@@ -101,6 +101,36 @@ def test_scene_sources_sit_where_the_truth_says(library):
     assert img.sum() == pytest.approx(t.flux_i, rel=0.05)
 
 
+@pytest.mark.parametrize("scale", [0.168, 0.262])
+def test_scenes_on_other_pixels_keep_positions_fluxes_and_noise_per_area(library, scale):
+    """ComposeConfig.pixel_scales: a scene on pixels of another side holds one bright star where its truth says
+    (the light centroid) with its flux, and its sky noise per pixel is the library grid's times the ratio of
+    the pixel sides (the same noise per unit area); the rebinning conserves a smooth image's light."""
+    from deepfield.tasks.trainsets.compose import rebin
+    cfg = ComposeConfig(size=64, margin=0, galaxy_density_i25=0.0, star_density_i24=0.0, bright_star_rate=1.0,
+                        depth_scatter=0.0, saturation_mag=5.0, pixel_scales=(scale, scale), pixel_scale_share=1.0)
+    plain = compose_scene(library, cfg.model_copy(update=dict(pixel_scales=None)), np.random.default_rng(1), level=0)
+    rng = np.random.default_rng(5)
+    for _ in range(400):
+        sc = compose_scene(library, cfg, rng, level=0)
+        if len(sc.truth) == 1 and 20 < sc.truth.x[0] < 44 and 20 < sc.truth.y[0] < 44:
+            break
+    else:
+        pytest.fail("no scene with one central star in 400 draws")
+    ratio = scale / library.cfg.pixel_scale
+    assert sc.image.shape[-1] == 64 and np.allclose(sc.sigma, plain.sigma * ratio, rtol=1e-5)
+    t = sc.truth.iloc[0]
+    j = library.bands.index("i")
+    img = sc.image[j]
+    yy, xx = np.mgrid[0:64, 0:64]
+    w = np.where(np.hypot(xx - t.x, yy - t.y) < 12 / ratio, img, 0.0)
+    assert (w * xx).sum() / w.sum() == pytest.approx(t.x, abs=0.1)
+    assert (w * yy).sum() / w.sum() == pytest.approx(t.y, abs=0.1)
+    assert img.sum() == pytest.approx(t.flux_i, rel=0.05)
+    smooth = np.exp(-((np.mgrid[0:80, 0:80] - 40.0) ** 2).sum(axis=0) / 200.0)[None].astype(np.float32)
+    assert rebin(smooth, ratio, int(80 / ratio)).sum() == pytest.approx(smooth.sum(), rel=1e-3)
+
+
 def test_scenes_follow_the_simulators_counts_and_separations(library):
     """Plain composed scenes against the simulator's own sky (tasks.sim.catalog, the same population model):
     galaxies per arcmin^2 in i bins and the nearest-neighbour separations of galaxies brighter than i = 25."""

@@ -257,7 +257,7 @@ def _stamp_sigmas(inv: np.ndarray, ok: np.ndarray, scale: float = 1.0) -> list[f
     return out
 
 
-def _overlaps(lo: float, step: float, n_out: int, k0: int, n_in: int) -> np.ndarray:
+def overlaps(lo: float, step: float, n_out: int, k0: int, n_in: int) -> np.ndarray:
     """(n_out, n_in) lengths of overlap between output pixels [lo + i step, lo + (i + 1) step) and input pixels
     [k0 + k, k0 + k + 1) (pixel-edge coordinates, one input pixel long each)."""
     e = lo + step * np.arange(n_out + 1)
@@ -291,8 +291,8 @@ def resampled_stamps(image: np.ndarray, invvar: np.ndarray, usable: np.ndarray, 
         n = max(int(math.ceil(lox + 2 * half)) - x0, int(math.ceil(loy + 2 * half)) - y0)
         ok = cut_stamp(usable, y0, x0, n, fill=False)
         img = np.where(ok, cut_stamp(image, y0, x0, n), 0.0)
-        wy = _overlaps(loy, ratio, size, y0, n)
-        wx = _overlaps(lox, ratio, size, x0, n)
+        wy = overlaps(loy, ratio, size, y0, n)
+        wx = overlaps(lox, ratio, size, x0, n)
         out[k] = wy @ img @ wx.T  # (size, n) (bands, n, n) (n, size): the bands broadcast
         sig[k] = _stamp_sigmas(cut_stamp(invvar, y0, x0, n), ok, ratio)
     return out, sig

@@ -23,6 +23,7 @@ it. Everything is drawn from the generator passed in, so a scene is reproducible
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -34,9 +35,10 @@ from ..sim.noise import detector_defects, noise_spec, saturate
 from ..sim.population import expected_count, sample_power_law_mags, stellar_colours
 from ..sim.psf import PSFSpec, noise_equivalent_area
 from ..sim.config import DEFAULT_BANDS
+from ..stages._pixels import overlaps
 from .library import Library
 
-__all__ = ["ComposeConfig", "Scene", "compose_scene", "transform_offset"]
+__all__ = ["ComposeConfig", "Scene", "compose_scene", "transform_offset", "rebin"]
 
 
 class ComposeConfig(BaseModel):
@@ -66,6 +68,12 @@ class ComposeConfig(BaseModel):
     bad_pixel_fraction: float = Field(0.0, ge=0, le=0.1, description="fraction of isolated bad pixels (masked)")
     depth_scatter: float = Field(0.1, ge=0, description="log-normal scatter of each band's noise per scene")
     saturation_mag: float = Field(17.5, description="point-source magnitude whose peak reaches saturation")
+    pixel_scales: Optional[tuple[float, float]] = Field(
+        None, description="arcsec: a share (`pixel_scale_share`) of the scenes on pixels of a side drawn "
+        "log-uniformly in this range, the library's sources composed on its grid and rebinned onto them before "
+        "the noise (None: every scene on the library's pixels)")
+    pixel_scale_share: float = Field(0.5, ge=0, le=1, description="with `pixel_scales`: the share of scenes on "
+                                     "other pixels")
 
 
 @dataclass
@@ -147,12 +155,37 @@ def _noise(lib: Library, level: int) -> list:
     return _ENTRY_CACHE[key]
 
 
+def rebin(model: np.ndarray, ratio: float, n: int) -> np.ndarray:
+    """A noiseless (B, N, N) image on n x n pixels `ratio` of its pixels on a side, the first pixel edges
+    together: each output pixel the light of the area it covers (exact area-weighted rebinning with the stages'
+    overlap weights, tasks.stages._pixels.overlaps; flux conserved where the output lies within the input)."""
+    w = overlaps(0.0, ratio, n, 0, model.shape[-1]).astype(np.float32)
+    return np.einsum("yi,bij,xj->byx", w, model, w, optimize=True).astype(np.float32)
+
+
+def _scene_ratio(cfg: ComposeConfig, library_scale: float, rng: np.random.Generator) -> float:
+    """The scene's pixel side in library pixels: 1 unless cfg.pixel_scales (then drawn from rng, which is not
+    touched otherwise, so that scenes without it are those of before)."""
+    if cfg.pixel_scales is None:
+        return 1.0
+    lo, hi = cfg.pixel_scales
+    if rng.uniform() >= cfg.pixel_scale_share:
+        return 1.0
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi)))) / library_scale
+
+
 def compose_scene(lib: Library, cfg: ComposeConfig, rng: np.random.Generator, level: int | None = None) -> Scene:
-    """One scene (see the module docstring) at seeing `level` (random if None)."""
+    """One scene (see the module docstring) at seeing `level` (random if None). With cfg.pixel_scales, a scene
+    on other pixels (pixels `ratio` library pixels on a side) is composed on the library's grid over the same
+    sky, rebinned onto its own pixels, and given the sky noise of pixels of that area (sigma x ratio) before
+    the artefacts, saturation (the same stars saturate: the level x ratio^2) and masks; its truth in its
+    pixels, its sources' S/N those of the library's grid (the same light and noise per unit area)."""
     lc = lib.cfg
     bands = lib.bands
-    nb, n, m = len(bands), cfg.size, cfg.margin
+    nb, n_out, m_out = len(bands), cfg.size, cfg.margin
     level = int(rng.integers(lib.levels)) if level is None else int(level)
+    ratio = _scene_ratio(cfg, lc.pixel_scale, rng)
+    n, m = (n_out, m_out) if ratio == 1.0 else (int(np.ceil(n_out * ratio)), int(np.ceil(m_out * ratio)))
     ent = _entries(lib, level)
     fwhm = lib.fwhm[level]
     area = ((n + 2 * m) * lc.pixel_scale / 60.0) ** 2
@@ -213,6 +246,12 @@ def compose_scene(lib: Library, cfg: ComposeConfig, rng: np.random.Generator, le
                          snr=float(np.sqrt(((stamp / sig[:, None, None].astype(np.float32)) ** 2).sum())),
                          **{f"flux_{b}": float(flux[j]) for j, b in enumerate(bands)}))
 
+    if ratio != 1.0:  # onto the scene's own pixels: n_out of them, `ratio` library pixels on a side
+        model = rebin(model, ratio, n_out)
+        for r in rows:
+            r["x"], r["y"] = (r["x"] + 0.5) / ratio - 0.5, (r["y"] + 0.5) / ratio - 0.5
+        sig = sig * ratio
+        n = n_out
     noise = rng.normal(size=model.shape).astype(np.float32)
     image = model + noise * np.sqrt(sig[:, None, None] ** 2 + np.clip(model, 0, None) / gain[:, None, None]
                                     ).astype(np.float32)
@@ -227,7 +266,7 @@ def compose_scene(lib: Library, cfg: ComposeConfig, rng: np.random.Generator, le
         j = int(rng.integers(nb))
         t = rng.uniform(0, n, 4)
         trail = np.zeros((n, n), np.float32)
-        add_satellite_trail(trail, t[0], -0.5, t[1], n - 0.5, float(fwhm[j] / lc.pixel_scale / 2.355),
+        add_satellite_trail(trail, t[0], -0.5, t[1], n - 0.5, float(fwhm[j] / (lc.pixel_scale * ratio) / 2.355),
                             float(np.exp(rng.uniform(np.log(2), np.log(50))) * sig[j]))
         image[j] += trail.T if rng.uniform() < 0.5 else trail  # as many horizontal trails as vertical ones
     if cfg.bad_columns or cfg.bad_pixel_fraction:
@@ -237,7 +276,8 @@ def compose_scene(lib: Library, cfg: ComposeConfig, rng: np.random.Generator, le
             invvar[j][bad] = 0.0
             mask[j][bad] |= maskbits.BAD
     for j in range(nb):
-        level_sat = 10 ** (-0.4 * (cfg.saturation_mag - lc.zeropoint)) * float(lib.star[level, 0, j].max())
+        level_sat = 10 ** (-0.4 * (cfg.saturation_mag - lc.zeropoint)) * float(lib.star[level, 0, j].max()) * \
+            ratio ** 2
         sat, bleed = saturate(model[j], level_sat)
         sat |= image[j] >= level_sat
         image[j][sat | bleed] = level_sat
