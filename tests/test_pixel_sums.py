@@ -111,3 +111,28 @@ def test_a_compact_sources_kron_aperture_is_never_smaller_than_its_ellipse():
                                 min_scale=3.5)
     assert ap.reach()[0] == pytest.approx(3.5) and kron[0] == pytest.approx(1.0)
     assert ap.sum(img)[0][0] == pytest.approx(1000.0 * (1 - np.exp(-3.5 ** 2 / (2 * sigma ** 2))), rel=0.02)
+
+
+def test_kron_sums_count_a_neighbours_segment_as_its_mirror_image():
+    """A round Gaussian (sigma 2 px, flux 1000, no noise) whose Kron aperture (a circle of 8 px) holds part of a
+    neighbour's segment: with `mirror` (the measure stage's kron_mirror, Source Extractor's MASK_TYPE CORRECT)
+    those pixels count as their mirror images about the centre, so the sum is the source's own light (the same
+    pixels unmasked) to 0.1 %, whatever the neighbour adds there; SEP's area scaling instead fills them with the
+    aperture's mean, which for a segment in the faint outskirts is too bright (hand-computed: more than 3 %)."""
+    from deepfield.tasks.stages._kron import KronAperture
+    x0, y0 = 30.0, 31.0
+    img = _gauss_image((64, 64), x0, y0, 2.0, 1000.0)
+    seg = np.ones(img.shape, np.int32)
+    seg[:, 36:] = 2  # the neighbour's segment: columns 6 px and more to the right of the centre
+    lit = img + np.where(seg == 2, 5.0, 0.0)  # the neighbour's light there
+    one = np.array([1.0])
+
+    def aperture(mirror: bool) -> KronAperture:
+        return KronAperture(np.array([x0]), np.array([y0]), one, one, np.array([0.0]), np.array([8.0]),
+                            np.array([False]), 1.75, dict(segmap=seg, seg_id=np.array([1], np.int32)), mirror=mirror)
+    whole = KronAperture(np.array([x0]), np.array([y0]), one, one, np.array([0.0]), np.array([8.0]),
+                         np.array([False]), 1.75).sum(img)[0][0]
+    none = np.zeros(img.shape, bool)  # the stage always gives SEP a mask, which turns its area scaling on
+    assert aperture(True).sum(lit, mask=none, masked=True)[0][0] == pytest.approx(whole, rel=1e-3)
+    assert aperture(False).sum(lit, mask=none, masked=True)[0][0] > 1.03 * whole
+    assert aperture(True).sum(lit, mask=none)[0][0] > whole + 50  # unmasked: the neighbour's light is in

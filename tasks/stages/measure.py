@@ -123,6 +123,9 @@ class MeasureConfig(StageConfig):
                                       "this many footprint radii sqrt(npix / pi)")
     mask_neighbours: bool = Field(True, description="leave the pixels of other detections' segments (the detect "
                                   "stage's segmentation) out of the Kron radius and the Kron sums")
+    kron_mirror: bool = Field(True, description="with `mask_neighbours`: a pixel of another detection's segment "
+                              "in the Kron aperture counts as its mirror image about the source's centre (Source "
+                              "Extractor's MASK_TYPE CORRECT) where that one is free, instead of the area scaling")
     subpix: int = Field(5, ge=0, description="SEP sub-pixel sampling of circular apertures (0: exact)")
     gaap_sigma_psf: tuple[float, ...] = Field((1.5,), min_length=1, description="Gaussian-aperture photometry: "
                                               "sigma of the pre-seeing Gaussian weight in units of the widest "
@@ -173,10 +176,12 @@ class MeasureStage(Stage):
     MeasureConfig)."""
 
     name: ClassVar[str] = "measure"
-    # 14: the AUTO aperture at least kron_min a and b, its circle only where smaller (faint sources' Kron fluxes
-    # were summed within 1.75 px); 13: concentration and extendedness, saturated sources' flux_wing; 12: errors of
-    # partly masked circular and Kron sums (SEP's are of no mask)
-    version: ClassVar[str] = "14"
+    # 15: in the Kron sums a pixel of another detection's segment counts as its mirror image where that one is
+    # free (kron_mirror; SEP's area scaling for the rest); 14: the AUTO aperture at least kron_min a and b, its
+    # circle only where smaller (faint sources' Kron fluxes were summed within 1.75 px); 13: concentration and
+    # extendedness, saturated sources' flux_wing; 12: errors of partly masked circular and Kron sums (SEP's are of
+    # no mask)
+    version: ClassVar[str] = "15"
     # bump (with `version`) when the values of flux_gaap/aper/auto change, not for new columns: the photo-z
     # weights' records keep it (tasks/stages/photoz.py: photometry_settings) and a run refuses weights made on
     # another photometry. 2: Gaussian apertures normalised for a Moffat PSF (version 7); 3: its index measured
@@ -188,7 +193,8 @@ class MeasureStage(Stage):
     # where hyperu gave nonsense, so only fields of nearly Gaussian stars change. Version 11 keeps 3: it changes only
     # the Kron radii and sums that were NaN or wholly masked. Version 12 keeps 3: only errors change. Version 14
     # keeps 3: it changes flux_auto (and the deblended flux of isolated sources) only, which the photo-z weights'
-    # records name by their parameters (photoz._KRON, kron_min among them), not flux_gaap or flux_aper
+    # records name by their parameters (photoz._KRON, kron_min among them), not flux_gaap or flux_aper; version 15
+    # keeps 3 likewise (kron_mirror, in photoz._KRON)
     photometry_version: ClassVar[str] = "3"
     Config: ClassVar[type[StageConfig]] = MeasureConfig
     reads: ClassVar[tuple[str, ...]] = _NEEDS
@@ -281,6 +287,7 @@ class MeasureStage(Stage):
                                              self.kron_rmax, self.kron_max_footprint, self.min_radius,
                                              self.kron_min)
         cols["kron_radius"] = kron
+        kron_ap.mirror = self.kron_mirror
 
         # indicator images of masked and saturated pixels, any band
         anymask = np.zeros(det.shape, dtype=np.float64)

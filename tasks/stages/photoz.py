@@ -52,7 +52,7 @@ METHOD_MODELS = {"knn": ("photoz_knn",), "cnn": ("photoz_cnn",), "hybrid": ("pho
 # (upstream_problem). Of a tuple of apertures the first makes the flux the photo-z reads (flux_gaap_<b>,
 # flux_aper_<b>). Not gaap_psf_beta: it describes the survey's PSF (the normalisation is right when it is the
 # PSF's own index), not the measurement the weights were made on.
-_KRON = ("kron_k", "kron_rmax", "kron_min", "min_radius", "kron_max_footprint", "mask_neighbours")
+_KRON = ("kron_k", "kron_rmax", "kron_min", "min_radius", "kron_max_footprint", "mask_neighbours", "kron_mirror")
 PHOTOMETRY_PARAMS = {"gaap": ("gaap_sigma_psf",), "aper": ("radii_fwhm", "subpix"),
                      "auto": _KRON, "deblend": _KRON}
 
