@@ -72,36 +72,55 @@ class KronAperture:
         return f, e, fl
 
     def _mirrored(self, f: np.ndarray, img, mask, flags: np.ndarray) -> None:
-        """Source Extractor's MASK_TYPE CORRECT, in place on `f`: in each aperture SEP flagged as masked, a pixel
-        of another detection's segment counts as its mirror image about the source's centre, where that one lies
-        in the image, in no other segment and not in `mask`; what is still missing is made up in proportion to
-        the area (as SEP does)."""
-        nb = self.neighbours
-        img = np.asarray(img)
-        ny, nx = img.shape
-        flat = img.ravel()
-        bad = None if mask is None else np.asarray(mask).ravel() != 0
-        seg, ids = nb["segmap"], nb["seg_id"]
-        for i in np.flatnonzero((flags & sep.APER_HASMASKED) != 0):
-            if not np.isfinite(f[i]):
-                continue
-            idx, out = self._aperture_pixels(int(i), nb, (ny, nx))
-            if not out.any():
-                continue
-            own = ~out if bad is None else ~out & ~bad[idx]
-            yy, xx = np.divmod(idx[out], nx)
-            my = np.rint(2 * self.y[i] - yy).astype(np.int64)
-            mx = np.rint(2 * self.x[i] - xx).astype(np.int64)
-            ok = (my >= 0) & (my < ny) & (mx >= 0) & (mx < nx)
-            m = np.clip(my, 0, ny - 1) * nx + np.clip(mx, 0, nx - 1)
-            sm = seg.ravel()[m]
-            ok &= (sm == 0) | (sm == ids[i])
-            if bad is not None:
-                ok &= ~bad[m]
-            used = int(own.sum()) + int(ok.sum())
-            if used == 0:
-                continue
-            f[i] = (flat[idx[own]].sum() + flat[m[ok]].sum()) * len(idx) / used
+        """Source Extractor's MASK_TYPE CORRECT, in place on `f`: in each aperture that SEP flagged as masked
+        and that holds pixels of another detection's segment, such a pixel counts as its mirror image about the
+        source's centre, where that one lies in the image and in no other segment (and is not in `mask`); what
+        is still missing, and the aperture's own pixels in `mask`, are made up in proportion to the area (as SEP
+        does)."""
+        shape = np.shape(img)
+        plans = [(i, self._mirror_plan(int(i), shape)) for i in np.flatnonzero((flags & sep.APER_HASMASKED) != 0)]
+        plans = [(i, p) for i, p in plans if p is not None]
+        if not plans:
+            return
+        rows = np.array([i for i, _ in plans])
+        own = np.concatenate([p[0] for _, p in plans])
+        mir = np.concatenate([p[1] for _, p in plans])
+        own_lab = np.repeat(np.arange(len(plans)), [len(p[0]) for _, p in plans])
+        mir_lab = np.repeat(np.arange(len(plans)), [len(p[1]) for _, p in plans])
+        total = np.array([p[2] for _, p in plans], np.float64)
+        flat = np.asarray(img, np.float64).ravel()
+        n = len(plans)
+        if mask is None:
+            wo, wm = np.ones(len(own)), np.ones(len(mir))
+        else:
+            bad = np.asarray(mask).ravel() != 0
+            wo, wm = (~bad[own]).astype(np.float64), (~bad[mir]).astype(np.float64)
+        light = np.bincount(own_lab, flat[own] * wo, n) + np.bincount(mir_lab, flat[mir] * wm, n)
+        used = np.bincount(own_lab, wo, n) + np.bincount(mir_lab, wm, n)
+        ok = (used > 0) & np.isfinite(f[rows])
+        f[rows[ok]] = light[ok] * total[ok] / used[ok]
+
+    def _mirror_plan(self, i: int, shape: tuple[int, int]) -> tuple | None:
+        """For _mirrored, the same for every band (kept): aperture `i`'s own pixels, the mirror images standing in
+        for its pixels of other segments (flat indices) and its number of pixels; None when it holds none of
+        those."""
+        key = ("mirror", i)
+        if key not in self._pixels:
+            nb = self.neighbours
+            ny, nx = shape
+            idx, out = self._aperture_pixels(i, nb, shape)
+            plan = None
+            if out.any():
+                seg = nb["segmap"]
+                yy, xx = np.divmod(idx[out], nx)
+                my = np.rint(2 * self.y[i] - yy).astype(np.int64)
+                mx = np.rint(2 * self.x[i] - xx).astype(np.int64)
+                inside = (my >= 0) & (my < ny) & (mx >= 0) & (mx < nx)
+                my, mx = my[inside], mx[inside]
+                free = (seg[my, mx] == 0) | (seg[my, mx] == nb["seg_id"][i])
+                plan = (idx[~out], my[free] * nx + mx[free], len(idx))
+            self._pixels[key] = plan
+        return self._pixels[key]
 
     def _masked_error_scale(self, mask, flags: np.ndarray, nb: dict, which: np.ndarray) -> np.ndarray:
         """sqrt(A / (A - A_masked)) of the apertures `which` (indices; `flags` theirs) that SEP flagged
