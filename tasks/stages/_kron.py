@@ -199,10 +199,11 @@ def auto_scale(kron, a, b, k: float, min_scale: float, min_radius: float) -> tup
 
 def kron_aperture(det, det_bad, x, y, a, b, theta, npix, neighbours: dict, k: float, rmax: float,
                   max_footprint: float, min_radius: float,
-                  min_scale: float = 0.0) -> tuple[KronAperture, np.ndarray, np.ndarray]:
+                  min_scale: float = 0.0, mirror: bool = False) -> tuple[KronAperture, np.ndarray, np.ndarray]:
     """(the apertures, Kron radii (the ellipse's scale over k), SEP flags of the radii) of sources at (x, y) with
     shapes (a, b, theta) on the detection image `det` (its `det_bad` pixels left out), footprints of `npix` pixels
-    (None: no bound); the module docstring."""
+    (None: no bound), the neighbours' pixels in the sums as their mirror images with `mirror`; the module
+    docstring."""
     n = len(x)
     kron = np.zeros(n)
     kflag = np.zeros(n, dtype=np.int64)
@@ -218,4 +219,4 @@ def kron_aperture(det, det_bad, x, y, a, b, theta, npix, neighbours: dict, k: fl
         rmax_fp = max_footprint * np.sqrt(np.asarray(npix, float) / np.pi)
         kron = np.minimum(kron, rmax_fp / (k * a))
     scale, circle = auto_scale(kron, a, b, k, min_scale, min_radius)
-    return KronAperture(x, y, a, b, theta, scale, circle, min_radius, neighbours), scale / k, kflag
+    return KronAperture(x, y, a, b, theta, scale, circle, min_radius, neighbours, mirror), scale / k, kflag

@@ -285,9 +285,8 @@ class MeasureStage(Stage):
         npix = out["npix"].to_numpy(float) if "npix" in out.columns else None
         kron_ap, kron, kflag = kron_aperture(det, det_bad, x, y, a, b, theta, npix, neighbours, self.kron_k,
                                              self.kron_rmax, self.kron_max_footprint, self.min_radius,
-                                             self.kron_min)
+                                             self.kron_min, self.kron_mirror)
         cols["kron_radius"] = kron
-        kron_ap.mirror = self.kron_mirror
 
         # indicator images of masked and saturated pixels, any band
         anymask = np.zeros(det.shape, dtype=np.float64)
